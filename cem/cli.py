@@ -1,0 +1,324 @@
+"""The `cem` command line: run a site, check its config, plan, simulate and benchmark.
+
+Each command is a thin shell: it parses options, turns user mistakes into a clear message and
+exit code 2 (never a traceback), and calls into the package that does the work. Heavy imports
+happen inside the commands so `cem --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+from cem.site.config import ConfigError, SiteConfig, check_referenced_files, load_site_config
+
+app = typer.Typer(
+    name="cem",
+    help="S2 Customer Energy Manager: plans a whole site and steers its devices over S2.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Site configuration files.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: print figures (JSON with --json).", no_args_is_help=True)
+rm_app = typer.Typer(help="Run a resource manager as its own process.", no_args_is_help=True)
+sim_app = typer.Typer(help="Run simulated devices that speak the real protocols.",
+                      no_args_is_help=True)
+congestion_app = typer.Typer(help="Congestion windows from the grid operator.",
+                             no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(bench_app, name="bench")
+app.add_typer(rm_app, name="rm")
+app.add_typer(sim_app, name="sim")
+app.add_typer(congestion_app, name="congestion")
+
+console = Console(stderr=True)
+
+DEFAULT_CONFIG = Path("specs/sites/example.toml")
+DEMO_CONFIG = Path("specs/sites/demo.toml")
+
+
+def fail(message: str, hint: str = "") -> NoReturn:
+    """Stop with a user-facing error (exit code 2), no traceback."""
+    console.print(f"[bold red]error:[/] {message}")
+    if hint:
+        console.print(f"  [dim]hint:[/] {hint}")
+    raise typer.Exit(2)
+
+
+def load_config_or_exit(path: Path) -> SiteConfig:
+    """Load a site config; on problems print them all and exit 2."""
+    try:
+        config = load_site_config(path)
+    except ConfigError as exc:
+        console.print(exc.report(), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    problems = check_referenced_files(config)
+    if problems:
+        console.print(ConfigError(path, problems).report(), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    return config
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+@config_app.command("check")
+def config_check(file: Path = typer.Argument(..., help="site config TOML file")) -> None:
+    """Validate a site config file and print every problem with its place and a hint."""
+    config = load_config_or_exit(file)
+    from cem.site.config_checks import check_site_semantics
+
+    problems = check_site_semantics(config)
+    if problems:
+        console.print(ConfigError(file, problems).report(), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    out = Console()
+    out.print(f"[green]ok[/] {file}: site '{config.site.name}', "
+              f"fuse {config.grid.fuse_a:g} A x {config.grid.phases}, "
+              f"GTV {config.grid.import_limit_kw:g} kW, "
+              f"S2 on {config.server.host}:{config.server.port}"
+              f"{' (wss)' if config.server.tls_cert else ''}, "
+              f"{len(config.server.tokens)} RM token(s), "
+              f"{len(config.charge_cards)} charge card(s), "
+              f"{len(config.modbus.devices)} Modbus device(s)")
+
+
+# --- the CEM ---------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="site config TOML"),
+    host: str | None = typer.Option(None, help="override server.host"),
+    port: int | None = typer.Option(None, help="override server.port"),
+    db: Path | None = typer.Option(None, help="override store.path"),
+    log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING"),
+) -> None:
+    """Run the CEM: accept S2 resource managers, plan the site, send instructions."""
+    site = load_config_or_exit(config)
+    if host is not None:
+        site.server.host = host
+    if port is not None:
+        site.server.port = port
+    if db is not None:
+        site.store.path = db
+    from cem.service import run_service
+
+    sys.exit(run_service(site, log_level=log_level))
+
+
+@app.command()
+def status(
+    config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="site config TOML"),
+    db: Path | None = typer.Option(None, help="override store.path"),
+) -> None:
+    """Show the resource managers the CEM knows: connected, control type, last message."""
+    site = load_config_or_exit(config)
+    from cem.status_view import print_status
+
+    print_status(db or site.store.path)
+
+
+@congestion_app.command("add")
+def congestion_add(
+    start: str = typer.Option(..., help="ISO 8601 start with offset"),
+    end: str = typer.Option(..., help="ISO 8601 end with offset"),
+    import_limit_kw: float | None = typer.Option(None, help="import limit in the window, kW"),
+    export_limit_kw: float | None = typer.Option(None, help="export limit in the window, kW"),
+    config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="site config TOML"),
+    db: Path | None = typer.Option(None, help="override store.path"),
+) -> None:
+    """Add a congestion window; a running CEM picks it up and replans."""
+    site = load_config_or_exit(config)
+    from cem.site.congestion import add_congestion_command
+
+    add_congestion_command(db or site.store.path, start, end, import_limit_kw, export_limit_kw)
+
+
+@congestion_app.command("list")
+def congestion_list(
+    config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="site config TOML"),
+    db: Path | None = typer.Option(None, help="override store.path"),
+) -> None:
+    """List congestion windows (config and run time)."""
+    site = load_config_or_exit(config)
+    from cem.site.congestion import list_congestion_command
+
+    list_congestion_command(site, db or site.store.path)
+
+
+# --- planning ----------------------------------------------------------------------------------
+
+
+@app.command()
+def plan(
+    scenario: Path = typer.Option(..., "--scenario", "-s", help="scenario JSON file"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+    plot: Path | None = typer.Option(None, help="write a PNG plot of the plan"),
+    time_limit: float = typer.Option(1.0, help="CP-SAT time limit, s"),
+) -> None:
+    """Plan a scenario file offline and print the plan."""
+    from cem.planner.scenario_cli import plan_command
+
+    plan_command(scenario, json_out=json_out, plot=plot, time_limit=time_limit)
+
+
+@bench_app.command("planner")
+def bench_planner(
+    evs: list[int] = typer.Option([10, 100, 1000], "--evs", help="EV counts (repeatable)"),
+    ptus: int = typer.Option(96, help="horizon in PTUs"),
+    instances: int = typer.Option(5, help="instances per size"),
+    time_limit: float = typer.Option(3.0, help="CP-SAT time limit, s"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Benchmark the planner on scenarios built from real ACN sessions and NL prices."""
+    from cem.planner.bench import bench_command
+
+    bench_command(evs=evs, ptus=ptus, instances=instances, time_limit=time_limit,
+                  json_out=json_out)
+
+
+@bench_app.command("s2")
+def bench_s2(
+    rms: int = typer.Option(1000, help="number of concurrent RMs"),
+    messages: int = typer.Option(20, help="messages each RM sends after the handshake"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Benchmark the S2 server: connect N RMs and measure acknowledgements."""
+    from cem.s2.bench import bench_command
+
+    bench_command(rms=rms, messages=messages, json_out=json_out)
+
+
+# --- resource managers and simulators --------------------------------------------------------
+
+
+@rm_app.command("ocpp")
+def rm_ocpp(
+    cem: str = typer.Option("ws://127.0.0.1:8765", help="CEM S2 websocket URL"),
+    port: int | None = typer.Option(None, help="OCPP port (default from config, 9000)"),
+    config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="site config TOML"),
+    token: str | None = typer.Option(None, help="bearer token for the CEM"),
+) -> None:
+    """Run the OCPP 1.6J / 2.0.1 central system as an S2 resource manager."""
+    site = load_config_or_exit(config)
+    from resource_managers.ocpp_charger.cli import run_ocpp_rm
+
+    run_ocpp_rm(site, cem_url=cem, port=port, token=token)
+
+
+@rm_app.command("modbus")
+def rm_modbus(
+    device: str = typer.Option(..., help="battery, heat-pump, pv or meter"),
+    map_file: Path = typer.Option(..., "--map", help="register map TOML"),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(5020),
+    device_id: int = typer.Option(1, help="Modbus device (unit) id"),
+    cem: str = typer.Option("ws://127.0.0.1:8765", help="CEM S2 websocket URL"),
+    token: str | None = typer.Option(None, help="bearer token for the CEM"),
+) -> None:
+    """Run a Modbus TCP device as an S2 resource manager."""
+    from resource_managers.modbus.cli import run_modbus_rm
+
+    run_modbus_rm(device=device, map_file=map_file, host=host, port=port,
+                  device_id=device_id, cem_url=cem, token=token)
+
+
+@sim_app.command("chargers")
+def sim_chargers(
+    count: int = typer.Option(4, help="number of charge points"),
+    ocpp: str = typer.Option("1.6", help="1.6 or 2.0.1"),
+    csms: str = typer.Option("ws://127.0.0.1:9000", help="central system URL"),
+    sessions: Path | None = typer.Option(None, help="sessions CSV (ACN format)"),
+    speed: float = typer.Option(1.0, help="simulated seconds per wall-clock second"),
+) -> None:
+    """Run simulated OCPP charge points with simulated EVs."""
+    from resource_managers.ocpp_charger.cli import run_charger_simulators
+
+    run_charger_simulators(count=count, ocpp=ocpp, csms=csms, sessions=sessions, speed=speed)
+
+
+@sim_app.command("modbus")
+def sim_modbus(
+    device: str = typer.Option(..., help="battery, heat-pump, pv or meter"),
+    map_file: Path = typer.Option(..., "--map", help="register map TOML"),
+    port: int = typer.Option(5020),
+    host: str = typer.Option("127.0.0.1"),
+) -> None:
+    """Run a simulated Modbus TCP device with physics."""
+    from resource_managers.modbus.cli import run_modbus_simulator
+
+    run_modbus_simulator(device=device, map_file=map_file, host=host, port=port)
+
+
+@app.command()
+def sessions(
+    config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="site config TOML"),
+    db: Path | None = typer.Option(None, help="OCPP RM database (default ocpp.database)"),
+) -> None:
+    """Show live charging sessions."""
+    site = load_config_or_exit(config)
+    from resource_managers.ocpp_charger.cli import print_sessions
+
+    print_sessions(db or site.ocpp.database)
+
+
+@app.command()
+def cdrs(
+    config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="site config TOML"),
+    db: Path | None = typer.Option(None, help="OCPP RM database (default ocpp.database)"),
+    csv: Path | None = typer.Option(None, help="write the CDRs to this CSV file"),
+) -> None:
+    """Show (or export) charge detail records."""
+    site = load_config_or_exit(config)
+    from resource_managers.ocpp_charger.cli import print_cdrs
+
+    print_cdrs(db or site.ocpp.database, csv=csv, site=site)
+
+
+# --- whole site ------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    config: Path = typer.Option(DEMO_CONFIG, "--config", "-c", help="site config TOML"),
+    duration: float | None = typer.Option(None, help="stop after this many wall-clock seconds"),
+    speed: float | None = typer.Option(None, help="simulated seconds per wall-clock second"),
+    report: Path = typer.Option(Path("demo-report"), help="folder for the report"),
+) -> None:
+    """Run a whole simulated site on loopback with the real protocols."""
+    from cem.demo import demo_command
+
+    demo_command(config=config, duration=duration, speed=speed, report=report)
+
+
+@app.command()
+def simulate(
+    site_file: Path = typer.Option(..., "--site", help="site config TOML"),
+    sessions_file: Path = typer.Option(..., "--sessions", help="sessions CSV (ACN format)"),
+    prices: Path = typer.Option(..., help="day-ahead prices CSV"),
+    pv: Path | None = typer.Option(None, help="PV per kWp CSV"),
+    start: str = typer.Option(..., help="first day, YYYY-MM-DD"),
+    days: int = typer.Option(7, min=1),
+    levels: str = typer.Option("1,2,3,4,5", help="smart-charging levels to compare"),
+    report: Path = typer.Option(Path("report"), help="folder for the report"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Digital twin: compare the five levels of smart charging on real sessions."""
+    from cem.simulation.cli import simulate_command
+
+    simulate_command(site_file=site_file, sessions_file=sessions_file, prices=prices, pv=pv,
+                     start=start, days=days, levels=levels, report=report, json_out=json_out)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

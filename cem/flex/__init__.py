@@ -1,0 +1,1 @@
+"""S2 flexibility per control type: S2 state to planner assets, plans back to instructions."""

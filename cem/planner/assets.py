@@ -1,0 +1,169 @@
+"""What the planner plans: device-neutral assets, site limits and prices, and the plan.
+
+This is the contract between `cem/flex/` (S2 state -> assets, plan -> S2 instructions), the
+scenario files (`cem plan`) and the optimisation (`cem/planner/model.py`). Units are integer
+W and Wh, time is PTU indices 0..n_ptus-1 from `Problem.start`; power is positive for
+consumption (import) and negative for production, as in S2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import numpy as np
+
+PhaseShare = tuple[float, float, float]
+"""Share of an asset's power on L1, L2, L3 (sums to 1): (1/3,1/3,1/3) or (1,0,0) etc."""
+
+THREE_PHASE: PhaseShare = (1 / 3, 1 / 3, 1 / 3)
+
+
+def single_phase(phase: str) -> PhaseShare:
+    """Phase share of a 1-phase asset on L1, L2 or L3."""
+    return {"L1": (1.0, 0.0, 0.0), "L2": (0.0, 1.0, 0.0), "L3": (0.0, 0.0, 1.0)}[phase]
+
+
+@dataclass
+class StorageAsset:
+    """Anything with a fill level: an EV, a battery, a heat pump's buffer, a generic FRBC.
+
+    Power domain per PTU while available: {0} U [charge_min_w, charge_max_w] and, when it can
+    discharge, [-discharge_max_w, -discharge_min_w]. The fill level is kept in Wh (thermal Wh
+    for a heat pump): level[t+1] = level[t] + dt_h * (charge_efficiency * charge[t]
+    - discharge[t] / discharge_efficiency) - usage_wh[t].
+    """
+
+    id: str
+    kind: str  # "ev", "battery", "heat_pump" or "storage"
+    charge_max_w: int
+    charge_min_w: int = 0
+    discharge_max_w: int = 0
+    discharge_min_w: int = 0
+    charge_efficiency: float = 1.0  # level Wh per electrical Wh (COP for a heat pump)
+    discharge_efficiency: float = 1.0
+    level_wh: int = 0  # at the start of available_from
+    level_min_wh: int = 0
+    level_max_wh: int = 10**9
+    usage_wh: np.ndarray | None = None  # per PTU, taken from the level (demand, leakage)
+    available_from: int = 0  # first PTU it can take power (EV arrival)
+    available_until: int | None = None  # first PTU it cannot (EV departure); None = horizon end
+    target_wh: int | None = None  # level wanted at available_until (EV departure target)
+    target_profile: list[tuple[int, int, int]] = field(default_factory=list)  # (ptu, lo, hi)
+    priority: int = 1  # higher is served first when limits bind
+    phase_share: PhaseShare = THREE_PHASE
+    step_w: int = 1  # power resolution (e.g. 0.1 A * 230 V * phases)
+
+
+@dataclass
+class FixedLoad:
+    """Power that is not controlled: base load, a NOT_CONTROLABLE RM's forecast."""
+
+    id: str
+    power_w: np.ndarray  # per PTU, + consumption / - production
+    phase_share: PhaseShare = THREE_PHASE
+
+
+@dataclass
+class Curtailable:
+    """Production that may be curtailed (PV behind a PEBC RM)."""
+
+    id: str
+    production_w: np.ndarray  # per PTU, >= 0, the available production
+    curtailable: bool = True
+    phase_share: PhaseShare = THREE_PHASE
+
+
+@dataclass
+class PowerMode:
+    id: str
+    min_w: int
+    max_w: int
+
+
+@dataclass
+class ModeAsset:
+    """A device with operation modes and a power range per mode (OMBC, DDBC)."""
+
+    id: str
+    modes: list[PowerMode]
+    current_mode: str | None = None
+    min_on_ptus: int = 0  # from S2 timers
+    phase_share: PhaseShare = THREE_PHASE
+
+
+@dataclass
+class ShiftableProfile:
+    """A power profile that must run once, starting in a window (PPBC)."""
+
+    id: str
+    profile_w: np.ndarray  # per PTU of the profile
+    earliest_start: int
+    latest_start: int
+    phase_share: PhaseShare = THREE_PHASE
+
+
+@dataclass
+class SiteLimits:
+    fuse_a: float
+    phases: int
+    voltage_v: float
+    import_limit_w: np.ndarray  # per PTU: GTV combined with congestion windows
+    export_limit_w: np.ndarray  # per PTU, >= 0
+    peak_price_eur_per_kw: float = 0.0
+    peak_so_far_w: int = 0
+
+    @property
+    def fuse_w_per_phase(self) -> float:
+        return self.fuse_a * self.voltage_v
+
+
+@dataclass
+class Prices:
+    import_eur_per_kwh: np.ndarray  # per PTU
+    export_eur_per_kwh: np.ndarray  # per PTU (revenue per kWh exported)
+
+
+@dataclass
+class Problem:
+    start: datetime
+    ptu_minutes: int
+    n_ptus: int
+    limits: SiteLimits
+    prices: Prices
+    storage: list[StorageAsset] = field(default_factory=list)
+    fixed: list[FixedLoad] = field(default_factory=list)
+    curtailable: list[Curtailable] = field(default_factory=list)
+    modes: list[ModeAsset] = field(default_factory=list)
+    profiles: list[ShiftableProfile] = field(default_factory=list)
+
+    def ptu_start(self, index: int) -> datetime:
+        return self.start + timedelta(minutes=self.ptu_minutes * index)
+
+
+@dataclass
+class Shortfall:
+    energy_wh: int
+    reason: str  # e.g. "window too short at max power", "site limits bind"
+
+
+@dataclass
+class Plan:
+    status: str  # OPTIMAL, FEASIBLE, FALLBACK, INFEASIBLE
+    power_w: dict[str, np.ndarray]  # asset id -> W per PTU (+ consumption)
+    grid_import_w: np.ndarray  # per PTU, + import / - export
+    curtailed_w: dict[str, np.ndarray] = field(default_factory=dict)  # PV id -> W per PTU
+    level_wh: dict[str, np.ndarray] = field(default_factory=dict)  # storage id -> level per PTU
+    mode: dict[str, list[str | None]] = field(default_factory=dict)  # ModeAsset -> mode per PTU
+    profile_start: dict[str, int] = field(default_factory=dict)  # ShiftableProfile -> start
+    shortfall: dict[str, Shortfall] = field(default_factory=dict)
+    energy_cost_eur: float = 0.0
+    peak_cost_eur: float = 0.0
+    peak_w: int = 0
+    cost_eur: float = 0.0  # energy + peak
+    lp_bound_eur: float | None = None
+    gap: float | None = None
+    build_s: float = 0.0
+    lp_solve_s: float = 0.0
+    solve_s: float = 0.0
+    notes: list[str] = field(default_factory=list)

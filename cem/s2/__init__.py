@@ -1,0 +1,1 @@
+"""S2 protocol: sans-I/O session state machine and the thin websocket server."""

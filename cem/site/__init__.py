@@ -1,0 +1,1 @@
+"""The site: grid connection, prices, congestion windows, forecasts, configuration."""

@@ -1,0 +1,52 @@
+"""Checks across settings that pydantic field rules cannot see on their own."""
+
+from __future__ import annotations
+
+import itertools
+
+from cem.site.config import ConfigProblem, SiteConfig
+
+
+def check_site_semantics(config: SiteConfig) -> list[ConfigProblem]:
+    """Return problems that make a valid-looking site config unsafe or useless."""
+    problems: list[ConfigProblem] = []
+    grid = config.grid
+    fuse_kw = grid.fuse_a * grid.voltage_v * grid.phases / 1000
+    if grid.import_limit_kw > fuse_kw * 1.0001:
+        problems.append(ConfigProblem(
+            path="grid.import_limit_kw",
+            message=f"GTV {grid.import_limit_kw:g} kW exceeds what the fuse carries "
+                    f"({grid.fuse_a:g} A x {grid.phases} x {grid.voltage_v:g} V = {fuse_kw:.1f} kW)",
+            hint="lower import_limit_kw or check fuse_a / phases",
+        ))
+    windows = sorted(config.congestion, key=lambda w: w.start)
+    for i, (a, b) in enumerate(itertools.pairwise(windows)):
+        if b.start < a.end:
+            problems.append(ConfigProblem(
+                path=f"congestion[{i + 1}]",
+                message=f"window {b.start.isoformat()}..{b.end.isoformat()} overlaps the one "
+                        f"before it",
+                hint="merge overlapping windows into one with the lower limit",
+            ))
+    if config.ocpp.safe_limit_a and 0 < config.ocpp.safe_limit_a < config.ev_defaults.min_current_a:
+        problems.append(ConfigProblem(
+            path="ocpp.safe_limit_a",
+            message=f"{config.ocpp.safe_limit_a:g} A is below the EV minimum current "
+                    f"({config.ev_defaults.min_current_a:g} A): chargers would not charge at all",
+            hint="use 0 (pause) or at least the minimum current",
+        ))
+    for i, cp in enumerate(config.ocpp.charge_points):
+        if cp.max_current_a > grid.fuse_a:
+            problems.append(ConfigProblem(
+                path=f"ocpp.charge_points[{i}].max_current_a",
+                message=f"{cp.max_current_a:g} A is more than the site fuse ({grid.fuse_a:g} A)",
+                hint="a charger cannot draw more than the main fuse",
+            ))
+    if config.server.host not in ("127.0.0.1", "localhost", "::1") and not config.server.tokens:
+        problems.append(ConfigProblem(
+            path="server.tokens",
+            message=f"the server listens on {config.server.host} without RM tokens: anyone on "
+                    "the network can connect as a resource manager",
+            hint="add [[server.tokens]] entries, or listen on 127.0.0.1",
+        ))
+    return problems

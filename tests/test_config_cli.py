@@ -1,0 +1,67 @@
+"""`cem config check`: every problem with its place and a hint, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from cem.cli import app
+
+runner = CliRunner()
+EXAMPLE = Path(__file__).parent.parent / "specs" / "sites" / "example.toml"
+
+
+def test_example_config_is_valid() -> None:
+    result = runner.invoke(app, ["config", "check", str(EXAMPLE)])
+    assert result.exit_code == 0, result.output
+    assert "fuse 25 A x 3" in result.output
+
+
+def test_every_error_is_listed_with_path_line_and_hint(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        "[grid]\nfuse_a = -3\nphases = 2\nimprot_limit_kw = 10\n\n[server]\nport = 99999\n"
+    )
+    result = runner.invoke(app, ["config", "check", str(bad)])
+    assert result.exit_code == 2
+    out = result.output
+    assert "Traceback" not in out
+    assert "grid.fuse_a (line 2)" in out
+    assert "grid.phases (line 3)" in out
+    assert "grid.improt_limit_kw (line 4)" in out
+    assert "not a known setting" in out
+    assert "server.port (line 7)" in out
+    assert "4 problem(s)" in out
+
+
+def test_broken_toml_names_the_line(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.toml"
+    bad.write_text('[grid]\nfuse_a = "25\n')
+    result = runner.invoke(app, ["config", "check", str(bad)])
+    assert result.exit_code == 2
+    assert "not valid TOML" in result.output
+    assert "line 2" in result.output
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["config", "check", str(tmp_path / "nope.toml")])
+    assert result.exit_code == 2
+    assert "file not found" in result.output
+
+
+def test_unsafe_combinations_are_reported(tmp_path: Path) -> None:
+    cfg = tmp_path / "site.toml"
+    cfg.write_text(
+        "[grid]\nfuse_a = 25\nphases = 3\nimport_limit_kw = 40\n"
+        "[server]\nhost = \"0.0.0.0\"\n"
+        "[[congestion]]\nstart = 2026-11-23T16:00:00Z\nend = 2026-11-23T18:00:00Z\n"
+        "import_limit_kw = 10\n"
+        "[[congestion]]\nstart = 2026-11-23T17:00:00Z\nend = 2026-11-23T19:00:00Z\n"
+        "import_limit_kw = 8\n"
+    )
+    result = runner.invoke(app, ["config", "check", str(cfg)])
+    assert result.exit_code == 2
+    assert "grid.import_limit_kw" in result.output and "exceeds what the fuse" in result.output
+    assert "server.tokens" in result.output
+    assert "overlaps" in result.output
