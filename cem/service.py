@@ -1,0 +1,175 @@
+"""`cem run`: the CEM as a long-running service (store + S2 server + control loop).
+
+`CemService` owns the pieces and their order: open the store, start the S2 server, start the
+controller; stop in reverse (controller, then the server closes every session with code 1001
+"CEM shutting down", then the store flushes and closes). `run_service` wraps it for the CLI:
+plain log lines, SIGINT/SIGTERM handled, exit code 0 on a clean stop, 2 with a one-line
+message (no traceback) for problems an operator can fix (address in use, unreadable TLS files,
+a store written by a newer CEM).
+
+The control loop (`cem.control`) plugs in with one call: pass a factory to `CemService(...,
+controller_factory=...)` or call `service.attach_controller(controller)` before `start()`.
+A controller is any object with `async start()` and `async stop()`; it gets the session
+registry (`service.server`: sessions(), send_instruction(), subscribe()) and the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import Callable
+from typing import Protocol
+
+from cem.site.config import SiteConfig
+
+logger = logging.getLogger("cem")
+
+
+class Controller(Protocol):
+    """What the service needs from a control loop."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+ControllerFactory = Callable[["CemService"], Controller]
+
+
+class ServiceError(Exception):
+    """A problem the operator can fix; the message says what and how."""
+
+
+class CemService:
+    """Store + S2 server (+ controller), started and stopped in the right order."""
+
+    def __init__(self, config: SiteConfig, *,
+                 controller_factory: ControllerFactory | None = None) -> None:
+        self.config = config
+        self._controller_factory = controller_factory
+        self.controller: Controller | None = None
+        self.store = None  # type: ignore[assignment]  # set in start(): cem.store.Store
+        self.server = None  # type: ignore[assignment]  # set in start(): cem.s2.server.S2Server
+        self._started = False
+
+    def attach_controller(self, controller: Controller) -> None:
+        """Plug in the control loop (before start()); it is started after the server."""
+        self.controller = controller
+
+    async def start(self) -> None:
+        """Open the store, listen for RMs, start the controller. Raises ServiceError."""
+        from cem.s2.server import S2Server
+        from cem.store import Store
+
+        cfg = self.config
+        try:
+            self.store = await Store.open(cfg.store.path, retention_days=cfg.store.retention_days)
+        except Exception as exc:
+            raise ServiceError(f"cannot open the store {cfg.store.path}: {exc}") from exc
+        self.server = S2Server(cfg, self.store)
+        try:
+            await self.server.start()
+        except ssl.SSLError as exc:
+            await self.store.close()
+            raise ServiceError(f"cannot use the TLS certificate/key: {exc}") from exc
+        except OSError as exc:
+            await self.store.close()
+            where = f"{cfg.server.host}:{cfg.server.port}"
+            if exc.errno == errno.EADDRINUSE:
+                raise ServiceError(
+                    f"cannot listen on {where}: the address is already in use (another CEM "
+                    "running?); stop it or choose another port with --port") from exc
+            raise ServiceError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+        if self.controller is None and self._controller_factory is not None:
+            self.controller = self._controller_factory(self)
+        if self.controller is not None:
+            await self.controller.start()
+        self._started = True
+        auth = self.server.authorizer.describe
+        logger.info("S2 CEM listening on %s (%s)", self.server.url, auth)
+        logger.info("store: %s (messages kept %d days)", cfg.store.path, cfg.store.retention_days)
+
+    async def stop(self, reason: str = "CEM shutting down") -> None:
+        """Stop the controller, close every session with `reason`, flush and close the store."""
+        if self.controller is not None:
+            try:
+                await self.controller.stop()
+            except Exception:
+                logger.exception("the controller did not stop cleanly")
+        if self.server is not None:
+            live = len(self.server.sessions())
+            await self.server.stop(reason)
+            if live:
+                logger.info("closed %d RM session(s): %s", live, reason)
+        if self.store is not None:
+            await self.store.close()
+            logger.info("store flushed and closed")
+        self._started = False
+
+
+def _configure_logging(log_level: str) -> None:
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        raise ServiceError(f"unknown log level {log_level!r}: use DEBUG, INFO or WARNING")
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S")
+    logging.getLogger().setLevel(level)
+    # the libraries' own per-connection lines would drown ours
+    for noisy in ("websockets", "cem.s2.websockets", "s2python", "aiosqlite"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+async def serve_until_signal(service: CemService) -> None:
+    """Run until SIGINT or SIGTERM, then stop the service cleanly."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[str] = []
+
+    def on_signal(name: str) -> None:
+        if received:
+            logger.warning("second %s: stopping harder", name)
+        received.append(name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+    await service.start()
+    try:
+        await stop.wait()
+        logger.info("%s received: shutting down", received[0] if received else "stop")
+    finally:
+        await service.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.remove_signal_handler(sig)
+
+
+def run_service(config: SiteConfig, log_level: str = "INFO") -> int:
+    """Run the CEM until SIGINT/SIGTERM; 0 on a clean stop, 2 on an operator-fixable problem."""
+    try:
+        _configure_logging(log_level)
+        service = CemService(config, controller_factory=_default_controller_factory())
+        asyncio.run(serve_until_signal(service))
+    except ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    logger.info("S2 CEM stopped")
+    return 0
+
+
+def _default_controller_factory() -> ControllerFactory | None:
+    """The control loop, once `cem.control` offers `build_controller(service)`; else None."""
+    try:
+        from cem.control import build_controller  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return build_controller  # type: ignore[no-any-return]

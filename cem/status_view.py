@@ -1,0 +1,89 @@
+"""`cem status`: the resource managers the CEM knows, read straight from its SQLite store.
+
+Read-only and synchronous (plain sqlite3): it works while the CEM runs (WAL lets readers in)
+and after it stopped.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+CONTROL_TYPE_SHORT = {
+    "FILL_RATE_BASED_CONTROL": "FRBC",
+    "POWER_PROFILE_BASED_CONTROL": "PPBC",
+    "OPERATION_MODE_BASED_CONTROL": "OMBC",
+    "DEMAND_DRIVEN_BASED_CONTROL": "DDBC",
+    "POWER_ENVELOPE_BASED_CONTROL": "PEBC",
+    "NOT_CONTROLABLE": "none",
+    "NO_SELECTION": "not selected",
+}
+
+
+def _ago(epoch: float | None, now: float) -> str:
+    if epoch is None:
+        return "never"
+    moment = datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    seconds = max(0.0, now - epoch)
+    if seconds < 120:
+        age = f"{seconds:.0f} s ago"
+    elif seconds < 7200:
+        age = f"{seconds / 60:.0f} min ago"
+    elif seconds < 172800:
+        age = f"{seconds / 3600:.0f} h ago"
+    else:
+        age = f"{seconds / 86400:.0f} days ago"
+    return f"{moment} ({age})"
+
+
+def print_status(db_path: Path, console: Console | None = None) -> None:
+    """Print a table of RMs: name/id, connected, control type, last message, messages in/out."""
+    out = console or Console()
+    db_path = Path(db_path)
+    if not db_path.exists():
+        out.print(f"No CEM store at [bold]{db_path}[/]: the CEM has not run with this database "
+                  "yet. Start it with [bold]cem run[/] (or pass --db).")
+        return
+    try:
+        db = sqlite3.connect(db_path, timeout=5)
+        try:
+            rows = db.execute(
+                "SELECT rm_id, name, control_type, connected, last_message_at, messages_in,"
+                " messages_out FROM rms ORDER BY connected DESC, name, rm_id").fetchall()
+            open_sessions = db.execute(
+                "SELECT COUNT(*) FROM sessions WHERE disconnected_at IS NULL").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        out.print(f"[red]Cannot read {db_path}:[/] {exc}. Is it a CEM store (written by "
+                  "[bold]cem run[/])?")
+        return
+    now = datetime.now(UTC).timestamp()
+    if not rows:
+        out.print(f"{db_path}: no resource manager has connected yet "
+                  f"({open_sessions} connection(s) without ResourceManagerDetails open).")
+        return
+    table = Table(title=f"Resource managers in {db_path}")
+    table.add_column("RM")
+    table.add_column("connected")
+    table.add_column("control type")
+    table.add_column("last message")
+    table.add_column("in", justify="right")
+    table.add_column("out", justify="right")
+    for rm_id, name, control_type, connected, last_at, n_in, n_out in rows:
+        label = f"{name}\n[dim]{rm_id}[/]" if name else rm_id
+        table.add_row(
+            label,
+            "[green]yes[/]" if connected else "[dim]no[/]",
+            CONTROL_TYPE_SHORT.get(control_type or "", control_type or "-"),
+            _ago(last_at, now),
+            str(n_in),
+            str(n_out),
+        )
+    out.print(table)
+    connected_count = sum(1 for r in rows if r[3])
+    out.print(f"{connected_count} of {len(rows)} RM(s) connected.")

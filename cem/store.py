@@ -1,0 +1,624 @@
+"""The CEM's memory: one SQLite file (WAL mode), one writer task, batched writes.
+
+Why this shape: a site with 1000 RMs sends thousands of S2 messages a second. Writing each one
+in its own transaction would stall the event loop and the disk. So the hot path only *appends*
+to an in-memory batch (`log_message`, `touch_rm`, `record_measurements`: plain method calls, no
+await) and one writer task flushes the batch every `flush_interval_s` in a single transaction
+(`executemany` per statement). Per-RM counters and "last message time" are coalesced in memory
+and written once per flush. Awaited methods (`add_congestion`, `record_plan`, ...) go through the
+same writer, so there is exactly one writer and writes keep their order.
+
+Message log, kept small on purpose: an incoming message is one row that also carries the
+ReceptionStatus the CEM answered with; an RM's ReceptionStatus for a CEM message updates that
+outgoing row's `reception_status` instead of adding a row. So every exchange is one row.
+
+Times are UTC. Hot tables store epoch seconds (REAL); windows, plans and instructions store
+ISO 8601 UTC text as well, so people can read them with the sqlite3 shell.
+
+The schema is created and migrated on open (`PRAGMA user_version`). On open every RM is marked
+disconnected and every session still open is closed with reason "CEM restarted": a CEM that
+died did not see those disconnects. Old messages and measurements are deleted after
+`retention_days`, at open and every hour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+logger = logging.getLogger("cem.store")
+
+MIGRATIONS: list[str] = [
+    # 1: first schema
+    """
+    CREATE TABLE rms (
+        rm_id TEXT PRIMARY KEY,
+        name TEXT,
+        control_type TEXT,
+        connected INTEGER NOT NULL DEFAULT 0,
+        first_seen REAL,
+        last_message_at REAL,
+        messages_in INTEGER NOT NULL DEFAULT 0,
+        messages_out INTEGER NOT NULL DEFAULT 0,
+        snapshot TEXT,
+        snapshot_at REAL
+    );
+    CREATE TABLE sessions (
+        session_id TEXT PRIMARY KEY,
+        rm_id TEXT,
+        peer TEXT,
+        token_name TEXT,
+        connected_at REAL NOT NULL,
+        disconnected_at REAL,
+        reason TEXT
+    );
+    CREATE INDEX sessions_rm ON sessions(rm_id, connected_at);
+    CREATE TABLE s2_messages (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        session_id TEXT,
+        rm_id TEXT,
+        direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+        message_type TEXT,
+        message_id TEXT,
+        text TEXT,
+        reception_status TEXT,
+        status_at REAL
+    );
+    CREATE INDEX s2_messages_at ON s2_messages(at);
+    CREATE INDEX s2_messages_rm ON s2_messages(rm_id, at);
+    CREATE INDEX s2_messages_out_id ON s2_messages(message_id) WHERE direction = 'out';
+    CREATE TABLE plans (
+        plan_id INTEGER PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        created_ts REAL NOT NULL,
+        horizon_start TEXT,
+        ptu_minutes INTEGER,
+        status TEXT,
+        reason TEXT,
+        objective REAL,
+        bound REAL,
+        gap REAL,
+        solve_s REAL,
+        payload TEXT
+    );
+    CREATE TABLE instructions (
+        instruction_id INTEGER PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        created_ts REAL NOT NULL,
+        rm_id TEXT,
+        plan_id INTEGER,
+        message_id TEXT,
+        message_type TEXT,
+        execution_time TEXT,
+        text TEXT,
+        reception_status TEXT,
+        status_at REAL
+    );
+    CREATE INDEX instructions_message ON instructions(message_id);
+    CREATE INDEX instructions_rm ON instructions(rm_id, created_ts);
+    CREATE TABLE measurements (
+        at REAL NOT NULL,
+        rm_id TEXT NOT NULL,
+        commodity_quantity TEXT NOT NULL,
+        value REAL NOT NULL
+    );
+    CREATE INDEX measurements_rm ON measurements(rm_id, at);
+    CREATE INDEX measurements_at ON measurements(at);
+    CREATE TABLE congestion_windows (
+        window_id INTEGER PRIMARY KEY,
+        start TEXT NOT NULL,
+        end TEXT NOT NULL,
+        import_limit_kw REAL,
+        export_limit_kw REAL,
+        source TEXT NOT NULL DEFAULT 'cli',
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX congestion_end ON congestion_windows(end);
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_INSERT_MESSAGE = (
+    "INSERT INTO s2_messages (at, session_id, rm_id, direction, message_type, message_id, text,"
+    " reception_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_OUT_STATUS = (
+    "UPDATE s2_messages SET reception_status = ?, status_at = ? "
+    "WHERE message_id = ? AND direction = 'out'"
+)
+_INSTRUCTION_STATUS = (
+    "UPDATE instructions SET reception_status = ?, status_at = ? WHERE message_id = ?"
+)
+_INSERT_MEASUREMENT = (
+    "INSERT INTO measurements (at, rm_id, commodity_quantity, value) VALUES (?, ?, ?, ?)"
+)
+_UPSERT_RM = """
+INSERT INTO rms (rm_id, name, control_type, connected, first_seen, last_message_at,
+                 messages_in, messages_out, snapshot, snapshot_at)
+VALUES (:rm_id, :name, :control_type, COALESCE(:connected, 0), :at, :last_message_at,
+        :messages_in, :messages_out, :snapshot, :snapshot_at)
+ON CONFLICT(rm_id) DO UPDATE SET
+    name = COALESCE(excluded.name, rms.name),
+    control_type = CASE WHEN :control_type_set THEN excluded.control_type ELSE rms.control_type END,
+    connected = COALESCE(:connected, rms.connected),
+    last_message_at = MAX(COALESCE(excluded.last_message_at, 0), COALESCE(rms.last_message_at, 0)),
+    messages_in = rms.messages_in + excluded.messages_in,
+    messages_out = rms.messages_out + excluded.messages_out,
+    snapshot = COALESCE(excluded.snapshot, rms.snapshot),
+    snapshot_at = COALESCE(excluded.snapshot_at, rms.snapshot_at)
+"""
+
+
+def utc_iso(moment: datetime | float | None = None) -> str:
+    """ISO 8601 UTC text for a datetime, epoch seconds or now."""
+    if moment is None:
+        moment = time.time()
+    if isinstance(moment, int | float):
+        moment = datetime.fromtimestamp(moment, UTC)
+    if moment.tzinfo is None:
+        raise ValueError("times need a timezone (UTC inside the CEM)")
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class CongestionRow:
+    """A congestion window as stored (start/end are timezone-aware UTC)."""
+
+    window_id: int
+    start: datetime
+    end: datetime
+    import_limit_kw: float | None
+    export_limit_kw: float | None
+    source: str
+    created_at: datetime
+
+
+@dataclass
+class RmRow:
+    """What the store knows about one RM."""
+
+    rm_id: str
+    name: str | None
+    control_type: str | None
+    connected: bool
+    first_seen: float | None
+    last_message_at: float | None
+    messages_in: int
+    messages_out: int
+    snapshot: dict[str, Any] | None
+
+
+@dataclass
+class _RmDelta:
+    """Changes to one RM row, coalesced in memory until the next flush."""
+
+    name: str | None = None
+    control_type: str | None = None
+    control_type_set: bool = False
+    connected: bool | None = None
+    last_message_at: float | None = None
+    messages_in: int = 0
+    messages_out: int = 0
+    snapshot: Callable[[], dict[str, Any]] | dict[str, Any] | None = None
+
+
+@dataclass
+class StoreStats:
+    """Counters for logs and the bench."""
+
+    flushes: int = 0
+    rows_written: int = 0
+    last_flush_s: float = 0.0
+    max_flush_s: float = 0.0
+    dropped: int = 0
+    errors: int = 0
+    _started: float = field(default_factory=time.monotonic)
+
+
+class Store:
+    """SQLite store with one writer task. Open with `await Store.open(path)`; `await close()`."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path, *, retention_days: int,
+                 flush_interval_s: float, max_pending: int) -> None:
+        self._db = db
+        self.path = path
+        self.retention_days = retention_days
+        self.flush_interval_s = flush_interval_s
+        self.max_pending = max_pending
+        self.stats = StoreStats()
+        self._pending: list[tuple[str, tuple[Any, ...]]] = []
+        self._rm_deltas: dict[str, _RmDelta] = {}
+        self._calls: list[tuple[Callable[[aiosqlite.Connection], Any], asyncio.Future[Any]]] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+        self._writer: asyncio.Task[None] | None = None
+        self._last_retention = 0.0
+
+    # --- opening and closing ------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: Path | str, *, retention_days: int = 30,
+                   flush_interval_s: float = 0.2, max_pending: int = 500_000) -> Store:
+        """Open (create, migrate) the database and start the writer task."""
+        path = Path(path)
+        if str(path) != ":memory:":
+            path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(str(path))
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA busy_timeout=5000")
+            await db.execute("PRAGMA foreign_keys=ON")
+            await _migrate(db, path)
+            now = time.time()
+            await db.execute("UPDATE rms SET connected = 0 WHERE connected != 0")
+            await db.execute(
+                "UPDATE sessions SET disconnected_at = ?, reason = 'CEM restarted' "
+                "WHERE disconnected_at IS NULL", (now,))
+            await db.commit()
+        except BaseException:
+            await db.close()
+            raise
+        store = cls(db, path, retention_days=retention_days, flush_interval_s=flush_interval_s,
+                    max_pending=max_pending)
+        await store.apply_retention()
+        store._writer = asyncio.get_running_loop().create_task(store._write_loop(),
+                                                               name="cem-store-writer")
+        return store
+
+    async def close(self) -> None:
+        """Flush everything still pending and close the database."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wake.set()
+        if self._writer is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        await self._flush_once()
+        await self._db.close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- hot path: no await, appended to the batch ----------------------------------------------
+
+    def log_message(self, *, direction: str, message_type: str | None, message_id: str | None,
+                    text: str | None, session_id: str | None = None, rm_id: str | None = None,
+                    reception_status: str | None = None, at: float | None = None) -> None:
+        """Log one S2 message (an incoming one with the status the CEM answered)."""
+        at = time.time() if at is None else at
+        self._append(_INSERT_MESSAGE, (at, session_id, rm_id, direction, message_type,
+                                       message_id, text, reception_status))
+        if rm_id is not None:
+            delta = self._delta(rm_id)
+            delta.last_message_at = at
+            if direction == "in":
+                delta.messages_in += 1
+            else:
+                delta.messages_out += 1
+
+    def log_reception_status(self, message_id: str, status: str, at: float | None = None) -> None:
+        """The RM answered a CEM message: put its status on the outgoing row (and instruction)."""
+        at = time.time() if at is None else at
+        self._append(_OUT_STATUS, (status, at, message_id))
+        self._append(_INSTRUCTION_STATUS, (status, at, message_id))
+
+    def touch_rm(self, rm_id: str, *, name: str | None = None,
+                 control_type: str | None = None, clear_control_type: bool = False,
+                 connected: bool | None = None,
+                 snapshot: Callable[[], dict[str, Any]] | dict[str, Any] | None = None) -> None:
+        """Update what is known about an RM (coalesced until the next flush).
+
+        `snapshot` may be a callable: it is called once, at flush time, so a busy RM costs one
+        serialisation per flush, not one per message.
+        """
+        delta = self._delta(rm_id)
+        if name is not None:
+            delta.name = name
+        if control_type is not None or clear_control_type:
+            delta.control_type = control_type
+            delta.control_type_set = True
+        if connected is not None:
+            delta.connected = connected
+        if snapshot is not None:
+            delta.snapshot = snapshot
+
+    def record_measurements(self, rm_id: str, at: float,
+                            values: Iterable[tuple[str, float]]) -> None:
+        """Power values (commodity quantity, W) measured by an RM at one moment."""
+        for quantity, value in values:
+            self._append(_INSERT_MEASUREMENT, (at, rm_id, quantity, value))
+
+    def session_opened(self, session_id: str, *, peer: str | None = None,
+                       token_name: str | None = None, at: float | None = None) -> None:
+        self._append("INSERT OR REPLACE INTO sessions (session_id, peer, token_name, connected_at)"
+                     " VALUES (?, ?, ?, ?)",
+                     (session_id, peer, token_name, time.time() if at is None else at))
+
+    def session_identified(self, session_id: str, rm_id: str) -> None:
+        self._append("UPDATE sessions SET rm_id = ? WHERE session_id = ?", (rm_id, session_id))
+
+    def session_closed(self, session_id: str, reason: str, at: float | None = None) -> None:
+        self._append("UPDATE sessions SET disconnected_at = ?, reason = ? WHERE session_id = ?",
+                     (time.time() if at is None else at, reason, session_id))
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    # --- awaited writes ---------------------------------------------------------------------------
+
+    async def add_congestion(self, start: datetime, end: datetime,
+                             import_limit_kw: float | None = None,
+                             export_limit_kw: float | None = None,
+                             source: str = "cli") -> int:
+        """Store a congestion window; returns its id."""
+        if end <= start:
+            raise ValueError("a congestion window must end after it starts")
+        if import_limit_kw is None and export_limit_kw is None:
+            raise ValueError("a congestion window needs an import or export limit")
+        row = (utc_iso(start), utc_iso(end), import_limit_kw, export_limit_kw, source, utc_iso())
+
+        async def write(db: aiosqlite.Connection) -> int:
+            cursor = await db.execute(
+                "INSERT INTO congestion_windows (start, end, import_limit_kw, export_limit_kw,"
+                " source, created_at) VALUES (?, ?, ?, ?, ?, ?)", row)
+            return int(cursor.lastrowid or 0)
+
+        return await self._call(write)
+
+    async def remove_congestion(self, window_id: int) -> bool:
+        async def write(db: aiosqlite.Connection) -> bool:
+            cursor = await db.execute("DELETE FROM congestion_windows WHERE window_id = ?",
+                                      (window_id,))
+            return cursor.rowcount > 0
+
+        return await self._call(write)
+
+    async def record_plan(self, *, horizon_start: datetime | None = None,
+                          ptu_minutes: int | None = None, status: str | None = None,
+                          reason: str | None = None, objective: float | None = None,
+                          bound: float | None = None, gap: float | None = None,
+                          solve_s: float | None = None, payload: Any = None) -> int:
+        """Store a plan (payload: anything JSON-serialisable); returns its id."""
+        now = time.time()
+        row = (utc_iso(now), now, utc_iso(horizon_start) if horizon_start else None, ptu_minutes,
+               status, reason, objective, bound, gap, solve_s,
+               None if payload is None else json.dumps(payload, default=str))
+
+        async def write(db: aiosqlite.Connection) -> int:
+            cursor = await db.execute(
+                "INSERT INTO plans (created_at, created_ts, horizon_start, ptu_minutes, status,"
+                " reason, objective, bound, gap, solve_s, payload)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            return int(cursor.lastrowid or 0)
+
+        return await self._call(write)
+
+    async def record_instruction(self, *, rm_id: str, message_id: str, message_type: str,
+                                 text: str | None = None, plan_id: int | None = None,
+                                 execution_time: datetime | None = None,
+                                 reception_status: str | None = None) -> int:
+        """Store an instruction sent to an RM; its ReceptionStatus is filled in when it arrives."""
+        now = time.time()
+        row = (utc_iso(now), now, rm_id, plan_id, message_id, message_type,
+               utc_iso(execution_time) if execution_time else None, text, reception_status)
+
+        async def write(db: aiosqlite.Connection) -> int:
+            cursor = await db.execute(
+                "INSERT INTO instructions (created_at, created_ts, rm_id, plan_id, message_id,"
+                " message_type, execution_time, text, reception_status)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            return int(cursor.lastrowid or 0)
+
+        return await self._call(write)
+
+    # --- reads (they see everything flushed; call flush() first to see the very latest) -------
+
+    async def list_congestion(self, *, ending_after: datetime | None = None) -> list[CongestionRow]:
+        """Congestion windows, earliest first (only those ending after `ending_after` if given)."""
+        sql = ("SELECT window_id, start, end, import_limit_kw, export_limit_kw, source, created_at"
+               " FROM congestion_windows")
+        params: tuple[Any, ...] = ()
+        if ending_after is not None:
+            sql += " WHERE end > ?"
+            params = (utc_iso(ending_after),)
+        sql += " ORDER BY start, window_id"
+        async with self._db.execute(sql, params) as cursor:
+            rows = await cursor.fetchall()
+        return [CongestionRow(r[0], datetime.fromisoformat(r[1]), datetime.fromisoformat(r[2]),
+                              r[3], r[4], r[5], datetime.fromisoformat(r[6])) for r in rows]
+
+    async def list_rms(self) -> list[RmRow]:
+        async with self._db.execute(
+            "SELECT rm_id, name, control_type, connected, first_seen, last_message_at,"
+            " messages_in, messages_out, snapshot FROM rms ORDER BY name, rm_id") as cursor:
+            rows = await cursor.fetchall()
+        return [RmRow(r[0], r[1], r[2], bool(r[3]), r[4], r[5], r[6], r[7],
+                      json.loads(r[8]) if r[8] else None) for r in rows]
+
+    async def messages(self, *, rm_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """The latest logged messages, newest first."""
+        sql = ("SELECT at, session_id, rm_id, direction, message_type, message_id, text,"
+               " reception_status, status_at FROM s2_messages")
+        params: tuple[Any, ...] = ()
+        if rm_id is not None:
+            sql += " WHERE rm_id = ?"
+            params = (rm_id,)
+        sql += " ORDER BY id DESC LIMIT ?"
+        async with self._db.execute(sql, (*params, limit)) as cursor:
+            cols = [d[0] for d in cursor.description]
+            return [dict(zip(cols, row, strict=True)) for row in await cursor.fetchall()]
+
+    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Read-only escape hatch for reports and tests."""
+        async with self._db.execute(sql, tuple(params)) as cursor:
+            return list(await cursor.fetchall())
+
+    async def flush(self) -> None:
+        """Wait until everything appended so far is written."""
+        if not self._pending and not self._rm_deltas and not self._calls:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._calls.append((_noop, future))
+        self._wake.set()
+        await future
+
+    async def apply_retention(self, now: float | None = None) -> int:
+        """Delete messages and measurements older than retention_days; returns rows deleted."""
+        now = time.time() if now is None else now
+        cutoff = now - self.retention_days * 86400.0
+        self._last_retention = now
+        deleted = 0
+        for table in ("s2_messages", "measurements"):
+            cursor = await self._db.execute(f"DELETE FROM {table} WHERE at < ?", (cutoff,))
+            deleted += max(cursor.rowcount, 0)
+        await self._db.commit()
+        if deleted:
+            logger.info("store: deleted %d message/measurement rows older than %d days",
+                        deleted, self.retention_days)
+        return deleted
+
+    # --- the writer ----------------------------------------------------------------------------
+
+    def _append(self, sql: str, params: tuple[Any, ...]) -> None:
+        if len(self._pending) >= self.max_pending:
+            self.stats.dropped += 1
+            if self.stats.dropped in (1, 1000, 100_000):
+                logger.warning("store: writer is behind (%d rows pending); dropping log rows",
+                               len(self._pending))
+            return
+        self._pending.append((sql, params))
+
+    def _delta(self, rm_id: str) -> _RmDelta:
+        delta = self._rm_deltas.get(rm_id)
+        if delta is None:
+            delta = self._rm_deltas[rm_id] = _RmDelta()
+        return delta
+
+    async def _call(self, write: Callable[[aiosqlite.Connection], Any]) -> Any:
+        if self._closing and self._writer is not None and self._writer.done():
+            raise RuntimeError("the store is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls.append((write, future))
+        self._wake.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.flush_interval_s)
+            if not self._calls:
+                # let a burst of appends gather for one interval before writing
+                await asyncio.sleep(0 if self._closing else self.flush_interval_s / 4)
+            self._wake.clear()
+            await self._flush_once()
+            if time.time() - self._last_retention > 3600:
+                try:
+                    await self.apply_retention()
+                except Exception:
+                    logger.exception("store: retention failed; will retry in an hour")
+
+    async def _flush_once(self) -> None:
+        pending, self._pending = self._pending, []
+        deltas, self._rm_deltas = self._rm_deltas, {}
+        calls, self._calls = self._calls, []
+        if not pending and not deltas and not calls:
+            return
+        began = time.perf_counter()
+        rm_rows = [self._rm_row(rm_id, delta) for rm_id, delta in deltas.items()]
+        try:
+            for sql, group in itertools.groupby(pending, key=lambda item: item[0]):
+                await self._db.executemany(sql, [params for _, params in group])
+            if rm_rows:
+                await self._db.executemany(_UPSERT_RM, rm_rows)
+            results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+            for write, future in calls:
+                try:
+                    results.append((future, await write(self._db), None))
+                except Exception as exc:
+                    results.append((future, None, exc))
+            await self._db.commit()
+        except Exception as exc:
+            self.stats.errors += 1
+            logger.exception("store: a batch of %d rows could not be written", len(pending))
+            with contextlib.suppress(Exception):
+                await self._db.rollback()
+            for _, future in calls:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for future, value, error in results:
+            if future.done():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(value)
+        took = time.perf_counter() - began
+        self.stats.flushes += 1
+        self.stats.rows_written += len(pending) + len(rm_rows)
+        self.stats.last_flush_s = took
+        self.stats.max_flush_s = max(self.stats.max_flush_s, took)
+
+    @staticmethod
+    def _rm_row(rm_id: str, delta: _RmDelta) -> dict[str, Any]:
+        snapshot_text = None
+        snapshot_at = None
+        if delta.snapshot is not None:
+            try:
+                value = delta.snapshot() if callable(delta.snapshot) else delta.snapshot
+                snapshot_text = json.dumps(value, default=str)
+                snapshot_at = time.time()
+            except Exception:
+                logger.exception("store: snapshot of RM %s could not be serialised", rm_id)
+        return {
+            "rm_id": rm_id,
+            "name": delta.name,
+            "control_type": delta.control_type,
+            "control_type_set": int(delta.control_type_set),
+            "connected": None if delta.connected is None else int(delta.connected),
+            "at": time.time(),
+            "last_message_at": delta.last_message_at,
+            "messages_in": delta.messages_in,
+            "messages_out": delta.messages_out,
+            "snapshot": snapshot_text,
+            "snapshot_at": snapshot_at,
+        }
+
+
+async def _noop(db: aiosqlite.Connection) -> None:
+    return None
+
+
+async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
+    async with db.execute("PRAGMA user_version") as cursor:
+        row = await cursor.fetchone()
+    version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"{path} was written by a newer CEM (schema {version}, "
+                           f"this CEM knows up to {SCHEMA_VERSION})")
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        await db.executescript(script)
+        await db.execute(f"PRAGMA user_version = {number}")
+        await db.commit()
+        logger.info("store: %s migrated to schema %d", path, number)
