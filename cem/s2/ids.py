@@ -1,0 +1,163 @@
+"""S2 identifiers: the schema pattern, and the per-session translation to UUIDs.
+
+The S2 JSON schema allows any id matching ``[a-zA-Z0-9\\-_:]{2,64}`` (the official documentation
+examples use ids such as ``"sd-1"``), but the s2-python models we validate with insist on UUIDs.
+So before validation every id that is not already a canonical UUID string is replaced by a
+deterministic ``uuid5`` (namespace chosen per session) and remembered; when the CEM sends a
+message the UUIDs are translated back, so a resource manager always sees its own ids.
+
+Which fields are ids is read from the schema itself (the generated models in
+``s2python.generated.gen_s2``), not guessed from field names: every field typed ``ID``,
+``Optional[ID]`` or ``List[ID]``, at any depth (``message_id``, ``id``, DDBC's ``Id``,
+``actuator_id``, FRBC.Instruction's ``operation_mode``, a transition's ``from``/``to``,
+``start_timers``, ``blocking_timers``, ``subject_message_id``, ``object_id``, ...).
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel, RootModel
+from s2python.generated import gen_s2
+
+ID_PATTERN = re.compile(r"[a-zA-Z0-9\-_:]{2,64}")
+NIL_UUID = "00000000-0000-0000-0000-000000000000"
+"""Subject of a ReceptionStatus for a message without a usable message_id (as s2-python does)."""
+
+
+def is_valid_id(value: object) -> bool:
+    """True if ``value`` is a string that matches the whole S2 ID pattern."""
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
+
+
+def is_canonical_uuid(value: str) -> bool:
+    """True if ``value`` is a UUID written exactly as Python writes it (lower case, hyphens)."""
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class _FieldShape:
+    key: str                               # the JSON key (alias, e.g. "from")
+    is_id: bool                            # ID, Optional[ID] or List[ID]
+    nested: type[BaseModel] | None         # a nested schema object (or a list of them)
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The concrete types inside Optional[...] / List[...] / Union[...]."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list, tuple):
+        found: list[Any] = []
+        for arg in typing.get_args(annotation):
+            found.extend(_unwrap(arg))
+        return found
+    return [annotation]
+
+
+@cache
+def _shape(model: type[BaseModel]) -> tuple[_FieldShape, ...]:
+    shapes = []
+    for name, info in model.model_fields.items():
+        inner = _unwrap(info.annotation)
+        is_id = any(t is gen_s2.ID for t in inner)
+        nested = next(
+            (t for t in inner if isinstance(t, type) and issubclass(t, BaseModel)
+             and not issubclass(t, RootModel)),
+            None,
+        )
+        if is_id or nested is not None:
+            shapes.append(_FieldShape(info.alias or name, is_id, nested))
+    return tuple(shapes)
+
+
+def generated_model(message_type: str) -> type[BaseModel] | None:
+    """The schema-faithful generated model for a message type, or None if unknown."""
+    candidate = getattr(gen_s2, message_type.replace(".", ""), None)
+    if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+        fields = candidate.model_fields
+        if "message_type" in fields and fields["message_type"].default == message_type:
+            return candidate
+    return None
+
+
+def map_ids(model: type[BaseModel], data: Any, change: Callable[[str], str]) -> Any:
+    """A copy of ``data`` (JSON of ``model``) with ``change`` applied to every id string."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for field in _shape(model):
+        if field.key not in out:
+            continue
+        value = out[field.key]
+        if field.is_id:
+            if isinstance(value, str):
+                out[field.key] = change(value)
+            elif isinstance(value, list):
+                out[field.key] = [change(v) if isinstance(v, str) else v for v in value]
+        elif field.nested is not None:
+            if isinstance(value, list):
+                out[field.key] = [map_ids(field.nested, v, change) for v in value]
+            else:
+                out[field.key] = map_ids(field.nested, value, change)
+    return out
+
+
+def iter_ids(model: type[BaseModel], data: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every (json path, value) at an id position of ``data``."""
+    if not isinstance(data, dict):
+        return
+    for field in _shape(model):
+        if field.key not in data:
+            continue
+        value = data[field.key]
+        where = f"{path}.{field.key}" if path else field.key
+        if field.is_id:
+            if isinstance(value, list):
+                for i, v in enumerate(value):
+                    yield f"{where}[{i}]", v
+            else:
+                yield where, value
+        elif field.nested is not None:
+            if isinstance(value, list):
+                for i, v in enumerate(value):
+                    yield from iter_ids(field.nested, v, f"{where}[{i}]")
+            else:
+                yield from iter_ids(field.nested, value, where)
+
+
+class IdTranslator:
+    """Maps a resource manager's own ids to UUIDs and back, for one session."""
+
+    def __init__(self, namespace: uuid.UUID | None = None) -> None:
+        self.namespace = namespace or uuid.uuid4()
+        self._to_external: dict[str, str] = {}
+
+    def to_internal(self, external: str) -> str:
+        """The UUID string the CEM uses for an id the RM sent."""
+        if is_canonical_uuid(external):
+            return external
+        internal = str(uuid.uuid5(self.namespace, external))
+        self._to_external[internal] = external
+        return internal
+
+    def to_external(self, internal: str) -> str:
+        """The id the RM knows for a UUID string the CEM uses (unchanged if never translated)."""
+        return self._to_external.get(internal, internal)
+
+    def external_of(self, value: uuid.UUID | str) -> str:
+        """``to_external`` for a UUID or a string."""
+        return self.to_external(str(value))
+
+    @property
+    def translated(self) -> dict[str, str]:
+        """internal UUID -> RM's id, for every id that was not a UUID."""
+        return dict(self._to_external)

@@ -1,0 +1,1006 @@
+"""The CEM side of one S2 session (one per resource-manager connection), without any I/O.
+
+Like ``h11`` or the protocol core of ``websockets``: the websocket server feeds every received
+text to `S2Session.receive` and sends the returned `Outgoing` texts; it calls `S2Session.expire`
+now and then, drains `S2Session.events` for the planner and the store, and closes the websocket
+when `S2Session.close` is set. Nothing here blocks, sleeps or reads the clock: ``now`` is passed in.
+
+How a received message is judged (exactly one ReceptionStatus per message, none for a
+ReceptionStatus itself):
+
+1. ``INVALID_DATA``: not UTF-8, not JSON (NaN/Infinity count as not JSON), not a JSON object, or
+   no usable ``message_id`` (missing, not a string, or not matching the S2 ID pattern). The
+   ReceptionStatus then names the nil UUID ``00000000-0000-0000-0000-000000000000`` as subject,
+   as s2-python does, because the schema requires a valid id there.
+2. ``INVALID_MESSAGE``: fails the S2 JSON schema: unknown ``message_type``, missing or extra
+   fields, wrong types, an id not fully matching ``[a-zA-Z0-9\\-_:]{2,64}``. Checked against the
+   schema-faithful generated models of s2-python (``s2python.generated.gen_s2``).
+3. ``INVALID_CONTENT``: valid JSON schema but wrong in meaning: s2-python's own consistency
+   checks (transitions naming unknown operation modes or timers, power ranges upside down, ...),
+   FRBC fill-level ranges with gaps or overlaps, unknown actuator / operation mode / timer /
+   instruction / object referenced, a commodity quantity the RM did not advertise, a control-type
+   message while that control type is not active, a message the CEM sends (not an RM), anything
+   before the RM's Handshake.
+4. ``TEMPORARY_ERROR``: the CEM cannot take it now (the session is closing, too many future
+   versions kept, an internal error).
+5. ``OK`` otherwise; the state is updated and events are emitted.
+
+A bad message never ends the session. Only "no common protocol version" and a SessionRequest
+end it (`close` is set). Ids that are not UUIDs are translated per session (see `cem.s2.ids`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+from s2python.common import (
+    ControlType,
+    EnergyManagementRole,
+    Handshake,
+    HandshakeResponse,
+    InstructionStatusUpdate,
+    NumberRange,
+    PowerForecast,
+    PowerMeasurement,
+    ReceptionStatusValues,
+    ResourceManagerDetails,
+    RevokableObjects,
+    RevokeObject,
+    SelectControlType,
+    SessionRequest,
+    SessionRequestType,
+)
+from s2python.ddbc import (
+    DDBCActuatorStatus,
+    DDBCAverageDemandRateForecast,
+    DDBCSystemDescription,
+    DDBCTimerStatus,
+)
+from s2python.frbc import (
+    FRBCActuatorStatus,
+    FRBCFillLevelTargetProfile,
+    FRBCLeakageBehaviour,
+    FRBCStorageStatus,
+    FRBCSystemDescription,
+    FRBCTimerStatus,
+    FRBCUsageForecast,
+)
+from s2python.message import S2Message
+from s2python.ombc import OMBCStatus, OMBCSystemDescription, OMBCTimerStatus
+from s2python.pebc import PEBCEnergyConstraint, PEBCPowerConstraints
+from s2python.ppbc import PPBCPowerProfileDefinition, PPBCPowerProfileStatus
+from s2python.s2_parser import TYPE_TO_MESSAGE_CLASS
+
+from cem.s2.ids import NIL_UUID, IdTranslator, generated_model, is_valid_id, iter_ids, map_ids
+from cem.s2.state import RmState
+
+logger = logging.getLogger("cem.s2")
+
+S2_VERSION = "0.0.2-beta"
+
+CONTROL_TYPE_NAMES: dict[str, ControlType] = {
+    "FRBC": ControlType.FILL_RATE_BASED_CONTROL,
+    "PPBC": ControlType.POWER_PROFILE_BASED_CONTROL,
+    "OMBC": ControlType.OPERATION_MODE_BASED_CONTROL,
+    "DDBC": ControlType.DEMAND_DRIVEN_BASED_CONTROL,
+    "PEBC": ControlType.POWER_ENVELOPE_BASED_CONTROL,
+    "NOT_CONTROLABLE": ControlType.NOT_CONTROLABLE,
+    "NO_SELECTION": ControlType.NO_SELECTION,
+}
+DEFAULT_CONTROL_TYPE_PREFERENCE: tuple[str, ...] = ("FRBC", "PPBC", "OMBC", "DDBC", "PEBC")
+_CONTROL_TYPE_OF_PREFIX = {name + ".": ct for name, ct in CONTROL_TYPE_NAMES.items()
+                           if name in DEFAULT_CONTROL_TYPE_PREFERENCE}
+
+INSTRUCTION_TYPES = frozenset({
+    "FRBC.Instruction", "PEBC.Instruction", "OMBC.Instruction", "DDBC.Instruction",
+    "PPBC.ScheduleInstruction", "PPBC.StartInterruptionInstruction",
+    "PPBC.EndInterruptionInstruction",
+})
+CEM_ONLY_TYPES = INSTRUCTION_TYPES | {"HandshakeResponse", "SelectControlType"}
+CEM_SENDABLE_TYPES = CEM_ONLY_TYPES | {"Handshake", "RevokeObject", "SessionRequest"}
+MAX_UPCOMING_VERSIONS = 100
+"""How many not-yet-valid versions of one kind (e.g. system descriptions) the CEM keeps."""
+_MAX_LABEL = 400
+
+CLOSE_NORMAL = 1000
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_POLICY = 1008
+
+
+# --- what the server sends and reads -----------------------------------------------------------
+
+
+@dataclass
+class Outgoing:
+    """One text to send on the websocket."""
+
+    text: str                 # JSON to send on the websocket
+    message_id: str | None    # None for ReceptionStatus
+    message_type: str
+    awaits_status: bool       # True if the peer must answer with a ReceptionStatus
+
+
+@dataclass
+class CloseRequest:
+    """The session must end: close the websocket with this code and reason."""
+
+    code: int                 # websocket close code (1000 normal, 1002/1008 protocol/policy)
+    reason: str               # plain-words reason, also logged
+
+
+@dataclass
+class SessionEvent:
+    """Base of everything the session reports to the rest of the CEM."""
+
+
+@dataclass
+class HandshakeDone(SessionEvent):
+    version: str
+
+
+@dataclass
+class RmDetails(SessionEvent):
+    details: ResourceManagerDetails
+
+
+@dataclass
+class ControlTypeSelected(SessionEvent):
+    control_type: str         # ControlType value, e.g. "FILL_RATE_BASED_CONTROL"
+
+
+@dataclass
+class StateChanged(SessionEvent):
+    """Something the planner plans with changed; it may replan.
+
+    kind is one of: system_description, status, forecast, target, measurement, leakage, timer,
+    power_constraints, energy_constraint, power_profile, revoked, control_type.
+    """
+
+    kind: str
+    message_type: str = ""
+
+
+@dataclass
+class InstructionStatusChanged(SessionEvent):
+    instruction_id: str       # as the RM knows it
+    status: str               # InstructionStatus value, e.g. "ACCEPTED"
+
+
+@dataclass
+class ReceptionFailed(SessionEvent):
+    """The RM rejected a CEM message, or did not answer in time (status "TIMEOUT")."""
+
+    message_id: str
+    status: str
+    diagnostic: str
+    message_type: str = ""
+
+
+@dataclass
+class MessageRejected(SessionEvent):
+    """The CEM answered a received message with a ReceptionStatus other than OK."""
+
+    message_id: str
+    message_type: str
+    status: str
+    diagnostic: str
+
+
+@dataclass
+class SessionClosed(SessionEvent):
+    reason: str
+
+
+@dataclass
+class ReconnectRequested(SessionEvent):
+    pass
+
+
+# --- internals ---------------------------------------------------------------------------------
+
+
+class _Reject(Exception):
+    """Raised by a handler: answer with this status instead of OK (state left untouched)."""
+
+    def __init__(self, status: ReceptionStatusValues, label: str) -> None:
+        super().__init__(label)
+        self.status = status
+        self.label = label
+
+
+def _content(label: str) -> _Reject:
+    return _Reject(ReceptionStatusValues.INVALID_CONTENT, label)
+
+
+@dataclass
+class _Pending:
+    message_type: str
+    sent_at: datetime
+    deadline: datetime
+    message: Any = field(repr=False)
+
+
+def _aware(now: datetime) -> datetime:
+    """Times are UTC-aware inside the CEM; a naive ``now`` is taken as UTC."""
+    return now if now.tzinfo is not None else now.replace(tzinfo=UTC)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _describe_errors(exc: BaseException) -> str:
+    """A short plain-words summary of a pydantic validation error."""
+    cause: BaseException = exc
+    if not isinstance(cause, ValidationError) and isinstance(cause.__cause__, ValidationError):
+        cause = cause.__cause__
+    if not isinstance(cause, ValidationError):
+        return str(exc)[:_MAX_LABEL]
+    parts = []
+    for err in cause.errors()[:3]:
+        where = ".".join(str(p) for p in err.get("loc", ())) or "message"
+        message = err.get("msg", "invalid")
+        inner = (err.get("ctx") or {}).get("error")
+        if isinstance(inner, ValueError) and inner.args and isinstance(inner.args[-1], str):
+            message = inner.args[-1]
+        parts.append(f"{where}: {message}")
+    more = cause.error_count() - len(parts)
+    text = "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+    return text[:_MAX_LABEL]
+
+
+def _check_contiguous(ranges: list[NumberRange], what: str) -> None:
+    """Fill-level ranges must be ordered, and together cover one interval without gaps/overlaps."""
+    for r in ranges:
+        if r.start_of_range > r.end_of_range:
+            raise _content(f"{what}: fill level range {r.start_of_range}..{r.end_of_range} "
+                           "starts after it ends")
+    ordered = sorted(ranges, key=lambda r: (r.start_of_range, r.end_of_range))
+    for a, b in itertools.pairwise(ordered):
+        if b.start_of_range < a.end_of_range or (
+                b.start_of_range == a.start_of_range and b.end_of_range == a.end_of_range):
+            raise _content(f"{what}: fill level ranges {a.start_of_range}..{a.end_of_range} and "
+                           f"{b.start_of_range}..{b.end_of_range} overlap")
+        if b.start_of_range > a.end_of_range:
+            raise _content(f"{what}: gap in fill level ranges between {a.end_of_range} and "
+                           f"{b.start_of_range}")
+
+
+def _unique(ids: list[Any], what: str) -> None:
+    seen: set[str] = set()
+    for i in ids:
+        if str(i) in seen:
+            raise _content(f"{what} id {i} is used twice")
+        seen.add(str(i))
+
+
+def _adapt_ddbc_system_description(data: dict[str, Any]) -> dict[str, Any]:
+    """s2-python 0.11.1's DDBC.OperationMode wants an extra ``id`` and a list as supply_range.
+
+    The S2 schema has ``Id`` and a single NumberRange; feed the wrapper both spellings.
+    """
+    out = dict(data)
+    actuators = []
+    for actuator in out.get("actuators", []):
+        actuator = dict(actuator)
+        modes = []
+        for mode in actuator.get("operation_modes", []):
+            mode = dict(mode)
+            mode.setdefault("id", mode.get("Id"))
+            if isinstance(mode.get("supply_range"), dict):
+                mode["supply_range"] = [mode["supply_range"]]
+            modes.append(mode)
+        actuator["operation_modes"] = modes
+        actuators.append(actuator)
+    out["actuators"] = actuators
+    return out
+
+
+# --- the session -------------------------------------------------------------------------------
+
+
+class S2Session:
+    """The CEM's S2 protocol state machine for one resource-manager connection."""
+
+    def __init__(self, *, control_type_preference: list[str] | None = None,
+                 versions: tuple[str, ...] = (S2_VERSION,), cem_name: str = "S2 CEM",
+                 reception_timeout_s: float = 10.0) -> None:
+        preference = control_type_preference or list(DEFAULT_CONTROL_TYPE_PREFERENCE)
+        self.control_type_preference: list[ControlType] = [
+            self._parse_control_type(name) for name in preference]
+        self.versions = tuple(versions)
+        self.cem_name = cem_name
+        self.reception_timeout = timedelta(seconds=reception_timeout_s)
+        self.state = RmState()
+        self.ids = IdTranslator()
+        self.events: list[SessionEvent] = []
+        self.close: CloseRequest | None = None
+        self._started = False
+        self._handshake_done = False
+        self._pending: dict[str, _Pending] = {}
+        self._handlers: dict[str, Callable[[Any, datetime], list[Outgoing]]] = {
+            "Handshake": self._on_handshake,
+            "ResourceManagerDetails": self._on_details,
+            "PowerMeasurement": self._on_measurement,
+            "PowerForecast": self._on_power_forecast,
+            "InstructionStatusUpdate": self._on_instruction_status,
+            "RevokeObject": self._on_revoke,
+            "SessionRequest": self._on_session_request,
+            "FRBC.SystemDescription": self._on_frbc_system_description,
+            "FRBC.ActuatorStatus": self._on_frbc_actuator_status,
+            "FRBC.StorageStatus": self._on_frbc_storage_status,
+            "FRBC.LeakageBehaviour": self._on_frbc_leakage,
+            "FRBC.UsageForecast": self._on_frbc_usage,
+            "FRBC.FillLevelTargetProfile": self._on_frbc_target,
+            "FRBC.TimerStatus": self._on_frbc_timer,
+            "PEBC.PowerConstraints": self._on_pebc_power_constraints,
+            "PEBC.EnergyConstraint": self._on_pebc_energy_constraint,
+            "PPBC.PowerProfileDefinition": self._on_ppbc_definition,
+            "PPBC.PowerProfileStatus": self._on_ppbc_status,
+            "OMBC.SystemDescription": self._on_ombc_system_description,
+            "OMBC.Status": self._on_ombc_status,
+            "OMBC.TimerStatus": self._on_ombc_timer,
+            "DDBC.SystemDescription": self._on_ddbc_system_description,
+            "DDBC.ActuatorStatus": self._on_ddbc_actuator_status,
+            "DDBC.TimerStatus": self._on_ddbc_timer,
+            "DDBC.AverageDemandRateForecast": self._on_ddbc_forecast,
+        }
+
+    # --- public API ----------------------------------------------------------------------------
+
+    @property
+    def handshake_done(self) -> bool:
+        return self._handshake_done
+
+    @property
+    def pending_message_ids(self) -> list[str]:
+        """Ids of CEM messages still waiting for their ReceptionStatus."""
+        return list(self._pending)
+
+    def drain_events(self) -> list[SessionEvent]:
+        """Hand over (and forget) the events gathered so far."""
+        events, self.events = self.events, []
+        return events
+
+    def start(self, now: datetime) -> list[Outgoing]:
+        """The CEM's own Handshake (role CEM), to send as soon as the websocket is open."""
+        now = _aware(now)
+        if self._started:
+            return []
+        self._started = True
+        logger.info("%s: opening S2 session, offering protocol versions %s",
+                    self.cem_name, ", ".join(self.versions))
+        return [self._out(Handshake(message_id=uuid.uuid4(), role=EnergyManagementRole.CEM,
+                                    supported_protocol_versions=list(self.versions)), now)]
+
+    def receive(self, data: str | bytes, now: datetime) -> list[Outgoing]:
+        """Judge one received websocket message; returns what to send back. Never raises."""
+        now = _aware(now)
+        self._subject = NIL_UUID
+        self._subject_type = ""
+        try:
+            return self._receive(data, now)
+        except Exception as exc:  # a bug here must not kill the connection
+            logger.exception("internal error while handling a %s message",
+                             self._subject_type or "received")
+            return [self._status(self._subject, ReceptionStatusValues.TEMPORARY_ERROR,
+                                 f"CEM could not process the message now: {type(exc).__name__}")]
+
+    def send(self, message: S2Message, now: datetime) -> Outgoing:
+        """Serialise a CEM message (ids back to the RM's own), expecting a ReceptionStatus.
+
+        Raises ValueError for messages a CEM does not send, or an instruction for a control
+        type that is not active: those are bugs of the caller, not of the RM.
+        """
+        now = _aware(now)
+        message_type = message.message_type
+        if message_type not in CEM_SENDABLE_TYPES:
+            raise ValueError(f"a CEM does not send {message_type} messages")
+        if message_type in INSTRUCTION_TYPES:
+            wanted = _CONTROL_TYPE_OF_PREFIX[message_type.split(".")[0] + "."]
+            if self.state.control_type != wanted:
+                raise ValueError(f"cannot send {message_type}: the active control type is "
+                                 f"{self._ct_name(self.state.control_type)}")
+            self.state._record_instruction(message, now)
+            logger.info("sending %s %s", message_type, self.ids.external_of(message.id))
+        elif isinstance(message, SelectControlType):
+            self._apply_selection(message.control_type)
+        elif isinstance(message, RevokeObject):
+            record = self.state.instruction(message.object_id)
+            if record is not None:
+                record.revoked = True
+            logger.info("revoking %s %s", message.object_type.value,
+                        self.ids.external_of(message.object_id))
+        elif isinstance(message, SessionRequest) and message.request == SessionRequestType.TERMINATE:
+            self._close(CLOSE_NORMAL, message.diagnostic_label or "CEM terminated the session")
+        return self._out(message, now)
+
+    def expire(self, now: datetime) -> None:
+        """Turn CEM messages whose ReceptionStatus is overdue into ReceptionFailed events."""
+        now = _aware(now)
+        for message_id, pending in list(self._pending.items()):
+            if now >= pending.deadline:
+                del self._pending[message_id]
+                waited = (now - pending.sent_at).total_seconds()
+                diagnostic = (f"no ReceptionStatus for {pending.message_type} within "
+                              f"{self.reception_timeout.total_seconds():g} s")
+                logger.warning("%s %s: %s (waited %.1f s)", pending.message_type, message_id,
+                               diagnostic, waited)
+                self.events.append(ReceptionFailed(message_id, "TIMEOUT", diagnostic,
+                                                   pending.message_type))
+
+    def select_control_type(self, control_type: str | ControlType,
+                            now: datetime) -> list[Outgoing]:
+        """Switch to another control type the RM offers, or to NO_SELECTION, on demand."""
+        now = _aware(now)
+        wanted = self._parse_control_type(control_type)
+        if wanted != ControlType.NO_SELECTION:
+            details = self.state.details
+            if details is None:
+                raise ValueError("cannot select a control type before ResourceManagerDetails")
+            if wanted not in details.available_control_types:
+                raise ValueError(f"the resource manager does not offer {wanted.value}; it offers "
+                                 + ", ".join(c.value for c in details.available_control_types))
+        if wanted == self.state.control_type:
+            return []
+        return [self._select(wanted, now, "asked for")]
+
+    def terminate(self, reason: str, now: datetime) -> list[Outgoing]:
+        """End the session: SessionRequest TERMINATE, then the server closes the websocket."""
+        now = _aware(now)
+        if self.close is not None:
+            return []
+        message = SessionRequest(message_id=uuid.uuid4(), request=SessionRequestType.TERMINATE,
+                                 diagnostic_label=reason[:_MAX_LABEL])
+        out = self._out(message, now)
+        self._close(CLOSE_NORMAL, reason)
+        return [out]
+
+    # --- receiving -----------------------------------------------------------------------------
+
+    def _receive(self, data: str | bytes, now: datetime) -> list[Outgoing]:
+        invalid_data = ReceptionStatusValues.INVALID_DATA
+        if isinstance(data, bytes | bytearray | memoryview):
+            try:
+                text = bytes(data).decode("utf-8")
+            except UnicodeDecodeError:
+                return [self._reject(NIL_UUID, "", invalid_data, "message is not UTF-8 text")]
+        elif isinstance(data, str):
+            text = data
+        else:
+            return [self._reject(NIL_UUID, "", invalid_data, "message is not text")]
+        try:
+            raw = json.loads(text, parse_constant=_no_constants)
+        except (ValueError, RecursionError) as exc:
+            return [self._reject(NIL_UUID, "", invalid_data, f"message is not JSON: {exc}"[:200])]
+        if not isinstance(raw, dict):
+            return [self._reject(NIL_UUID, "", invalid_data,
+                                 f"message is JSON but not an object ({type(raw).__name__})")]
+
+        message_type = raw.get("message_type")
+        if message_type == "ReceptionStatus":
+            self._on_reception_status(raw)
+            return []
+
+        message_id = raw.get("message_id")
+        shown_type = message_type if isinstance(message_type, str) else ""
+        if not is_valid_id(message_id):
+            return [self._reject(NIL_UUID, shown_type, invalid_data,
+                                 "no usable message_id: it must be a string matching "
+                                 "[a-zA-Z0-9-_:]{2,64}")]
+        self._subject, self._subject_type = message_id, shown_type
+
+        if self.close is not None:
+            return [self._reject(message_id, shown_type, ReceptionStatusValues.TEMPORARY_ERROR,
+                                 f"session is closing: {self.close.reason}")]
+
+        gen = generated_model(message_type) if isinstance(message_type, str) else None
+        if gen is None or message_type not in TYPE_TO_MESSAGE_CLASS:
+            return [self._reject(message_id, shown_type, ReceptionStatusValues.INVALID_MESSAGE,
+                                 f"unknown message_type {message_type!r}"[:_MAX_LABEL])]
+        try:
+            gen.model_validate(raw)
+        except (ValidationError, ValueError, TypeError, RecursionError) as exc:
+            return [self._reject(message_id, message_type, ReceptionStatusValues.INVALID_MESSAGE,
+                                 f"{message_type} does not match the S2 schema: "
+                                 f"{_describe_errors(exc)}")]
+        for path, value in iter_ids(gen, raw):
+            if not is_valid_id(value):
+                return [self._reject(message_id, message_type,
+                                     ReceptionStatusValues.INVALID_MESSAGE,
+                                     f"{path} {str(value)[:70]!r} is not an S2 id "
+                                     "([a-zA-Z0-9-_:]{2,64})")]
+
+        if message_type in CEM_ONLY_TYPES:
+            return [self._reject(message_id, message_type, ReceptionStatusValues.INVALID_CONTENT,
+                                 f"a CEM does not accept {message_type} from a resource manager")]
+        if not self._handshake_done and message_type != "Handshake":
+            return [self._reject(message_id, message_type, ReceptionStatusValues.INVALID_CONTENT,
+                                 f"{message_type} before the handshake: send Handshake first")]
+
+        translated = map_ids(gen, raw, self.ids.to_internal)
+        if message_type == "DDBC.SystemDescription":
+            translated = _adapt_ddbc_system_description(translated)
+        try:
+            message = TYPE_TO_MESSAGE_CLASS[message_type].model_validate(translated)
+        except Exception as exc:  # s2-python's semantic validators
+            return [self._reject(message_id, message_type, ReceptionStatusValues.INVALID_CONTENT,
+                                 f"{message_type} is inconsistent: {_describe_errors(exc)}")]
+
+        try:
+            follow_up = self._handlers[message_type](message, now)
+        except _Reject as rejection:
+            return [self._reject(message_id, message_type, rejection.status, rejection.label)]
+        logger.debug("accepted %s %s", message_type, message_id)
+        return [self._status(message_id, ReceptionStatusValues.OK, None), *follow_up]
+
+    def _on_reception_status(self, raw: dict[str, Any]) -> None:
+        gen = generated_model("ReceptionStatus")
+        assert gen is not None
+        try:
+            status = gen.model_validate(raw)
+        except (ValidationError, ValueError, TypeError, RecursionError) as exc:
+            logger.warning("ignoring a malformed ReceptionStatus (never answered): %s",
+                           _describe_errors(exc))
+            return
+        subject = str(status.subject_message_id.root)
+        pending = self._pending.pop(subject, None)
+        if pending is None:
+            logger.info("ReceptionStatus %s for message %s which the CEM is not waiting for",
+                        status.status.value, subject)
+            return
+        if status.status == ReceptionStatusValues.OK:
+            logger.debug("%s %s received OK", pending.message_type, subject)
+            return
+        diagnostic = status.diagnostic_label or ""
+        logger.warning("resource manager answered %s to %s %s: %s", status.status.value,
+                       pending.message_type, subject, diagnostic or "(no diagnostic)")
+        self.events.append(ReceptionFailed(subject, status.status.value, diagnostic,
+                                           pending.message_type))
+        if (isinstance(pending.message, SelectControlType)
+                and self.state.control_type == pending.message.control_type):
+            logger.warning("resource manager refused control type %s; nothing is selected now",
+                           pending.message.control_type.value)
+            self.state._set_control_type(ControlType.NO_SELECTION)
+            self.events.append(StateChanged("control_type", "SelectControlType"))
+
+    # --- handlers: session messages ------------------------------------------------------------
+
+    def _on_handshake(self, message: Handshake, now: datetime) -> list[Outgoing]:
+        if self._handshake_done:
+            raise _content("handshake already done in this session")
+        if message.role != EnergyManagementRole.RM:
+            raise _content(f"Handshake with role {message.role.value}: this peer must be an RM")
+        offered = list(message.supported_protocol_versions or [])
+        common = next((v for v in self.versions if v in offered), None)
+        if common is None:
+            reason = (f"no common S2 protocol version: the resource manager supports "
+                      f"{', '.join(offered) or 'none'}, the CEM supports {', '.join(self.versions)}")
+            self._close(CLOSE_PROTOCOL_ERROR, reason)
+            raise _content(reason)
+        out = self.start(now)  # our own Handshake, if the server did not send it yet
+        self._handshake_done = True
+        self.state.protocol_version = common
+        logger.info("handshake done: using S2 protocol version %s", common)
+        self.events.append(HandshakeDone(common))
+        response = HandshakeResponse(message_id=uuid.uuid4(), selected_protocol_version=common)
+        return [*out, self._out(response, now)]
+
+    def _on_details(self, message: ResourceManagerDetails, now: datetime) -> list[Outgoing]:
+        first = self.state.details is None
+        self.state._set_details(message)
+        logger.info("resource manager %s (%s) %s details; offers %s; measures %s",
+                    message.name or "without name", self.ids.external_of(message.resource_id),
+                    "sent its" if first else "refreshed its",
+                    ", ".join(c.value for c in message.available_control_types) or "nothing",
+                    ", ".join(q.value for q in message.provides_power_measurement_types) or "nothing")
+        self.events.append(RmDetails(message))
+        wanted = self._choose_control_type(message.available_control_types)
+        current = self.state.control_type
+        if current == wanted:
+            return []
+        if current is not None and current in message.available_control_types \
+                and current != ControlType.NO_SELECTION and wanted != current:
+            reason = f"a preferred control type became available ({wanted.value})"
+        elif current is not None:
+            reason = f"{self._ct_name(current)} is no longer offered"
+        else:
+            reason = "best match of the preference"
+        return [self._select(wanted, now, reason)]
+
+    def _on_measurement(self, message: PowerMeasurement, now: datetime) -> list[Outgoing]:
+        details = self.state.details
+        if details is None:
+            raise _content("PowerMeasurement before ResourceManagerDetails")
+        advertised = set(details.provides_power_measurement_types)
+        seen: set[Any] = set()
+        for value in message.values:
+            if value.commodity_quantity not in advertised:
+                raise _content(f"commodity quantity {value.commodity_quantity.value} was not "
+                               "advertised in provides_power_measurement_types")
+            if value.commodity_quantity in seen:
+                raise _content(f"commodity quantity {value.commodity_quantity.value} appears "
+                               "twice in one PowerMeasurement")
+            seen.add(value.commodity_quantity)
+        self.state._add_measurement(message)
+        self.events.append(StateChanged("measurement", message.message_type))
+        return []
+
+    def _on_power_forecast(self, message: PowerForecast, now: datetime) -> list[Outgoing]:
+        self.state._power_forecast = message
+        self.events.append(StateChanged("forecast", message.message_type))
+        return []
+
+    def _on_instruction_status(self, message: InstructionStatusUpdate,
+                               now: datetime) -> list[Outgoing]:
+        external = self.ids.external_of(message.instruction_id)
+        if self.state.instruction(message.instruction_id) is None:
+            raise _content(f"status for unknown instruction {external}")
+        self.state._update_instruction(message)
+        logger.info("instruction %s is now %s", external, message.status_type.value)
+        self.events.append(InstructionStatusChanged(external, message.status_type.value))
+        return []
+
+    def _on_revoke(self, message: RevokeObject, now: datetime) -> list[Outgoing]:
+        kind = message.object_type
+        object_id = message.object_id
+        external = self.ids.external_of(object_id)
+        state = self.state
+        key = str(object_id)
+        if kind.value in INSTRUCTION_TYPES:
+            raise _content(f"only the CEM revokes instructions ({kind.value} {external})")
+        removed = False
+        if kind == RevokableObjects.FRBC_SystemDescription:
+            removed = state._frbc_sd.drop(object_id)
+        elif kind == RevokableObjects.OMBC_SystemDescription:
+            removed = state._ombc_sd.drop(object_id)
+        elif kind == RevokableObjects.DDBC_SystemDescription:
+            removed = state._ddbc_sd.drop(object_id)
+        elif kind == RevokableObjects.PPBC_PowerProfileDefinition:
+            removed = state._ppbc_definitions.pop(key, None) is not None
+        elif kind == RevokableObjects.PEBC_PowerConstraints:
+            removed = state._pebc_power.pop(key, None) is not None
+        elif kind == RevokableObjects.PEBC_EnergyConstraint:
+            removed = state._pebc_energy.pop(key, None) is not None
+        if not removed:
+            raise _content(f"cannot revoke {kind.value} {external}: the CEM does not know it")
+        logger.info("resource manager revoked %s %s", kind.value, external)
+        self.events.append(StateChanged("revoked", kind.value))
+        return []
+
+    def _on_session_request(self, message: SessionRequest, now: datetime) -> list[Outgoing]:
+        label = message.diagnostic_label or "no reason given"
+        if message.request == SessionRequestType.RECONNECT:
+            self.events.append(ReconnectRequested())
+            self._close(CLOSE_NORMAL, f"resource manager asked to reconnect ({label})")
+        else:
+            self._close(CLOSE_NORMAL, f"resource manager terminated the session ({label})")
+        return []
+
+    # --- handlers: control types ---------------------------------------------------------------
+
+    def _require(self, message_type: str) -> None:
+        wanted = _CONTROL_TYPE_OF_PREFIX[message_type.split(".")[0] + "."]
+        if self.state.control_type != wanted:
+            raise _content(f"{message_type} while the active control type is "
+                           f"{self._ct_name(self.state.control_type)}")
+
+    @staticmethod
+    def _room_for_upcoming(count: int, what: str) -> None:
+        if count >= MAX_UPCOMING_VERSIONS:
+            raise _Reject(ReceptionStatusValues.TEMPORARY_ERROR,
+                          f"already {count} future {what} kept; send again when some are in force")
+
+    def _changed(self, kind: str, message_type: str) -> list[Outgoing]:
+        self.events.append(StateChanged(kind, message_type))
+        return []
+
+    def _on_frbc_system_description(self, message: FRBCSystemDescription,
+                                    now: datetime) -> list[Outgoing]:
+        self._require(message.message_type)
+        _unique([a.id for a in message.actuators], "actuator")
+        storage = message.storage.fill_level_range
+        if storage.start_of_range > storage.end_of_range:
+            raise _content("storage fill_level_range starts after it ends")
+        for actuator in message.actuators:
+            for mode in actuator.operation_modes:
+                _check_contiguous([e.fill_level_range for e in mode.elements],
+                                  f"operation mode {self.ids.external_of(mode.id)}")
+        self._room_for_upcoming(len(self.state._frbc_sd.upcoming(now)), "FRBC system descriptions")
+        self.state._frbc_sd.add(message, now)
+        when = "now" if message.valid_from <= now else f"from {message.valid_from.isoformat()}"
+        logger.info("FRBC system description with %d actuator(s), valid %s",
+                    len(message.actuators), when)
+        return self._changed("system_description", message.message_type)
+
+    def _frbc_actuator(self, actuator_id: Any, now: datetime) -> Any:
+        description = self.state._frbc_sd.in_force(now) or self.state._frbc_sd.latest()
+        if description is None:
+            raise _content("no FRBC.SystemDescription received yet")
+        for actuator in description.actuators:
+            if actuator.id == actuator_id:
+                return actuator
+        raise _content(f"unknown actuator {self.ids.external_of(actuator_id)}")
+
+    def _on_frbc_actuator_status(self, message: FRBCActuatorStatus,
+                                 now: datetime) -> list[Outgoing]:
+        self._require(message.message_type)
+        actuator = self._frbc_actuator(message.actuator_id, now)
+        modes = {m.id for m in actuator.operation_modes}
+        for mode_id in (message.active_operation_mode_id, message.previous_operation_mode_id):
+            if mode_id is not None and mode_id not in modes:
+                raise _content(f"unknown operation mode {self.ids.external_of(mode_id)} of "
+                               f"actuator {self.ids.external_of(message.actuator_id)}")
+        self.state._frbc_actuator_status[str(message.actuator_id)] = message
+        return self._changed("status", message.message_type)
+
+    def _on_frbc_storage_status(self, message: FRBCStorageStatus, now: datetime) -> list[Outgoing]:
+        self._require(message.message_type)
+        self.state._frbc_storage_status = message
+        return self._changed("status", message.message_type)
+
+    def _on_frbc_leakage(self, message: FRBCLeakageBehaviour, now: datetime) -> list[Outgoing]:
+        self._require(message.message_type)
+        _check_contiguous([e.fill_level_range for e in message.elements], "leakage behaviour")
+        self._room_for_upcoming(len(self.state._frbc_leakage.upcoming(now)), "leakage behaviours")
+        self.state._frbc_leakage.add(message, now)
+        return self._changed("leakage", message.message_type)
+
+    def _on_frbc_usage(self, message: FRBCUsageForecast, now: datetime) -> list[Outgoing]:
+        self._require(message.message_type)
+        self.state._frbc_usage = message
+        return self._changed("forecast", message.message_type)
+
+    def _on_frbc_target(self, message: FRBCFillLevelTargetProfile,
+                        now: datetime) -> list[Outgoing]:
+        self._require(message.message_type)
+        for element in message.elements:
+            r = element.fill_level_range
+            if r.start_of_range > r.end_of_range:
+                raise _content(f"target fill level range {r.start_of_range}..{r.end_of_range} "
+                               "starts after it ends")
+        self.state._frbc_target = message
+        return self._changed("target", message.message_type)
+
+    def _on_frbc_timer(self, message: FRBCTimerStatus, now: datetime) -> list[Outgoing]:
+        self._require(message.message_type)
+        actuator = self._frbc_actuator(message.actuator_id, now)
+        if message.timer_id not in {t.id for t in actuator.timers}:
+            raise _content(f"unknown timer {self.ids.external_of(message.timer_id)} of actuator "
+                           f"{self.ids.external_of(message.actuator_id)}")
+        self.state._frbc_timers[(str(message.actuator_id), str(message.timer_id))] = message
+        return self._changed("timer", message.message_type)
+
+    def _on_pebc_power_constraints(self, message: PEBCPowerConstraints,
+                                   now: datetime) -> list[Outgoing]:
+        self._require(message.message_type)
+        upcoming = sum(1 for c in self.state._pebc_power.values() if c.valid_from > now)
+        self._room_for_upcoming(upcoming, "PEBC power constraints")
+        self.state._pebc_power[str(message.id)] = message
+        return self._changed("power_constraints", message.message_type)
+
+    def _on_pebc_energy_constraint(self, message: PEBCEnergyConstraint,
+                                   now: datetime) -> list[Outgoing]:
+        self._require(message.message_type)
+        if message.valid_until <= message.valid_from:
+            raise _content("energy constraint valid_until is not after valid_from")
+        if message.upper_average_power < message.lower_average_power:
+            raise _content("upper_average_power is below lower_average_power")
+        upcoming = sum(1 for c in self.state._pebc_energy.values() if c.valid_from > now)
+        self._room_for_upcoming(upcoming, "PEBC energy constraints")
+        self.state._pebc_energy[str(message.id)] = message
+        return self._changed("energy_constraint", message.message_type)
+
+    def _on_ppbc_definition(self, message: PPBCPowerProfileDefinition,
+                            now: datetime) -> list[Outgoing]:
+        self._require(message.message_type)
+        if message.end_time <= message.start_time:
+            raise _content("power profile end_time is not after start_time")
+        _unique([c.id for c in message.power_sequences_containers], "sequence container")
+        for container in message.power_sequences_containers:
+            _unique([s.id for s in container.power_sequences], "power sequence")
+        self._room_for_upcoming(len(self.state._ppbc_definitions), "PPBC power profiles")
+        self.state._ppbc_definitions[str(message.id)] = message
+        return self._changed("power_profile", message.message_type)
+
+    def _on_ppbc_status(self, message: PPBCPowerProfileStatus, now: datetime) -> list[Outgoing]:
+        self._require(message.message_type)
+        for status in message.sequence_container_status:
+            profile = self.state.ppbc_power_profile_definition(status.power_profile_id)
+            if profile is None:
+                raise _content(f"unknown power profile "
+                               f"{self.ids.external_of(status.power_profile_id)}")
+            container = next((c for c in profile.power_sequences_containers
+                              if c.id == status.sequence_container_id), None)
+            if container is None:
+                raise _content(f"unknown sequence container "
+                               f"{self.ids.external_of(status.sequence_container_id)}")
+            if status.selected_sequence_id is not None and status.selected_sequence_id not in {
+                    s.id for s in container.power_sequences}:
+                raise _content(f"unknown power sequence "
+                               f"{self.ids.external_of(status.selected_sequence_id)}")
+        self.state._ppbc_status = message
+        return self._changed("status", message.message_type)
+
+    def _check_modes_and_transitions(self, modes: list[Any], transitions: list[Any],
+                                     timers: list[Any], where: str) -> None:
+        _unique([m.id for m in modes], f"{where} operation mode")
+        _unique([t.id for t in timers], f"{where} timer")
+        mode_ids = {m.id for m in modes}
+        timer_ids = {t.id for t in timers}
+        for transition in transitions:
+            for end in (transition.from_, transition.to):
+                if end not in mode_ids:
+                    raise _content(f"{where}: transition {self.ids.external_of(transition.id)} "
+                                   f"names unknown operation mode {self.ids.external_of(end)}")
+            for timer in [*transition.start_timers, *transition.blocking_timers]:
+                if timer not in timer_ids:
+                    raise _content(f"{where}: transition {self.ids.external_of(transition.id)} "
+                                   f"names unknown timer {self.ids.external_of(timer)}")
+
+    def _on_ombc_system_description(self, message: OMBCSystemDescription,
+                                    now: datetime) -> list[Outgoing]:
+        self._require(message.message_type)
+        self._check_modes_and_transitions(message.operation_modes, message.transitions,
+                                          message.timers, "OMBC")
+        self._room_for_upcoming(len(self.state._ombc_sd.upcoming(now)), "OMBC system descriptions")
+        self.state._ombc_sd.add(message, now)
+        return self._changed("system_description", message.message_type)
+
+    def _ombc_description(self, now: datetime) -> OMBCSystemDescription:
+        description = self.state._ombc_sd.in_force(now) or self.state._ombc_sd.latest()
+        if description is None:
+            raise _content("no OMBC.SystemDescription received yet")
+        return description
+
+    def _on_ombc_status(self, message: OMBCStatus, now: datetime) -> list[Outgoing]:
+        self._require(message.message_type)
+        modes = {m.id for m in self._ombc_description(now).operation_modes}
+        for mode_id in (message.active_operation_mode_id, message.previous_operation_mode_id):
+            if mode_id is not None and mode_id not in modes:
+                raise _content(f"unknown operation mode {self.ids.external_of(mode_id)}")
+        self.state._ombc_status = message
+        return self._changed("status", message.message_type)
+
+    def _on_ombc_timer(self, message: OMBCTimerStatus, now: datetime) -> list[Outgoing]:
+        self._require(message.message_type)
+        if message.timer_id not in {t.id for t in self._ombc_description(now).timers}:
+            raise _content(f"unknown timer {self.ids.external_of(message.timer_id)}")
+        self.state._ombc_timers[str(message.timer_id)] = message
+        return self._changed("timer", message.message_type)
+
+    def _on_ddbc_system_description(self, message: DDBCSystemDescription,
+                                    now: datetime) -> list[Outgoing]:
+        self._require(message.message_type)
+        _unique([a.id for a in message.actuators], "actuator")
+        for actuator in message.actuators:
+            self._check_modes_and_transitions(
+                actuator.operation_modes, actuator.transitions, actuator.timers,
+                f"actuator {self.ids.external_of(actuator.id)}")
+        self._room_for_upcoming(len(self.state._ddbc_sd.upcoming(now)), "DDBC system descriptions")
+        self.state._ddbc_sd.add(message, now)
+        return self._changed("system_description", message.message_type)
+
+    def _ddbc_actuator(self, actuator_id: Any, now: datetime) -> Any:
+        description = self.state._ddbc_sd.in_force(now) or self.state._ddbc_sd.latest()
+        if description is None:
+            raise _content("no DDBC.SystemDescription received yet")
+        for actuator in description.actuators:
+            if actuator.id == actuator_id:
+                return actuator
+        raise _content(f"unknown actuator {self.ids.external_of(actuator_id)}")
+
+    def _on_ddbc_actuator_status(self, message: DDBCActuatorStatus,
+                                 now: datetime) -> list[Outgoing]:
+        self._require(message.message_type)
+        actuator = self._ddbc_actuator(message.actuator_id, now)
+        modes = {m.id for m in actuator.operation_modes}
+        for mode_id in (message.active_operation_mode_id, message.previous_operation_mode_id):
+            if mode_id is not None and mode_id not in modes:
+                raise _content(f"unknown operation mode {self.ids.external_of(mode_id)} of "
+                               f"actuator {self.ids.external_of(message.actuator_id)}")
+        self.state._ddbc_actuator_status[str(message.actuator_id)] = message
+        return self._changed("status", message.message_type)
+
+    def _on_ddbc_timer(self, message: DDBCTimerStatus, now: datetime) -> list[Outgoing]:
+        self._require(message.message_type)
+        actuator = self._ddbc_actuator(message.actuator_id, now)
+        if message.timer_id not in {t.id for t in actuator.timers}:
+            raise _content(f"unknown timer {self.ids.external_of(message.timer_id)} of actuator "
+                           f"{self.ids.external_of(message.actuator_id)}")
+        self.state._ddbc_timers[(str(message.actuator_id), str(message.timer_id))] = message
+        return self._changed("timer", message.message_type)
+
+    def _on_ddbc_forecast(self, message: DDBCAverageDemandRateForecast,
+                          now: datetime) -> list[Outgoing]:
+        self._require(message.message_type)
+        self.state._ddbc_demand_forecast = message
+        return self._changed("forecast", message.message_type)
+
+    # --- control type selection ----------------------------------------------------------------
+
+    @staticmethod
+    def _parse_control_type(name: str | ControlType) -> ControlType:
+        if isinstance(name, ControlType):
+            return name
+        key = str(name).strip().upper()
+        if key in CONTROL_TYPE_NAMES:
+            return CONTROL_TYPE_NAMES[key]
+        try:
+            return ControlType(key)
+        except ValueError:
+            raise ValueError(f"unknown control type {name!r}; use one of "
+                             + ", ".join(CONTROL_TYPE_NAMES)) from None
+
+    @staticmethod
+    def _ct_name(control_type: ControlType | None) -> str:
+        return control_type.value if control_type is not None else "none (not selected yet)"
+
+    def _choose_control_type(self, available: list[ControlType]) -> ControlType:
+        for preferred in self.control_type_preference:
+            if preferred in available and preferred not in (
+                    ControlType.NOT_CONTROLABLE, ControlType.NO_SELECTION):
+                return preferred
+        if ControlType.NOT_CONTROLABLE in available:
+            return ControlType.NOT_CONTROLABLE
+        return ControlType.NO_SELECTION
+
+    def _apply_selection(self, control_type: ControlType) -> None:
+        previous = self.state.control_type
+        self.state._set_control_type(control_type)
+        if previous != control_type:
+            self.events.append(ControlTypeSelected(control_type.value))
+            self.events.append(StateChanged("control_type", "SelectControlType"))
+
+    def _select(self, control_type: ControlType, now: datetime, reason: str) -> Outgoing:
+        previous = self.state.control_type
+        if previous is not None and previous != control_type:
+            logger.info("switching control type from %s to %s (%s); state of %s dropped",
+                        previous.value, control_type.value, reason, previous.value)
+        else:
+            logger.info("selecting control type %s (%s)", control_type.value, reason)
+        message = SelectControlType(message_id=uuid.uuid4(), control_type=control_type)
+        return self.send(message, now)
+
+    # --- sending -------------------------------------------------------------------------------
+
+    def _out(self, message: Any, now: datetime) -> Outgoing:
+        data = json.loads(message.to_json())
+        gen = generated_model(message.message_type)
+        if gen is not None:
+            data = map_ids(gen, data, self.ids.to_external)
+        text = json.dumps(data, separators=(",", ":"))
+        message_id = data["message_id"]
+        self._pending[message_id] = _Pending(message.message_type, now,
+                                             now + self.reception_timeout, message)
+        return Outgoing(text, message_id, message.message_type, True)
+
+    def _status(self, subject: str, status: ReceptionStatusValues,
+                label: str | None) -> Outgoing:
+        data: dict[str, Any] = {"message_type": "ReceptionStatus",
+                                "subject_message_id": subject, "status": status.value}
+        if label:
+            data["diagnostic_label"] = label[:_MAX_LABEL]
+        return Outgoing(json.dumps(data, separators=(",", ":")), None, "ReceptionStatus", False)
+
+    def _reject(self, subject: str, message_type: str, status: ReceptionStatusValues,
+                label: str) -> Outgoing:
+        logger.warning("answered %s to %s %s: %s", status.value, message_type or "message",
+                       subject, label)
+        self.events.append(MessageRejected(subject, message_type, status.value, label))
+        return self._status(subject, status, label)
+
+    def _close(self, code: int, reason: str) -> None:
+        if self.close is not None:
+            return
+        logger.info("ending S2 session: %s", reason)
+        self.close = CloseRequest(code, reason)
+        self.events.append(SessionClosed(reason))
