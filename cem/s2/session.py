@@ -148,7 +148,11 @@ class HandshakeDone(SessionEvent):
 
 @dataclass
 class RmDetails(SessionEvent):
-    details: ResourceManagerDetails
+    """The RM sent (or refreshed) its ResourceManagerDetails."""
+
+    details: ResourceManagerDetails   # ids as UUIDs (see cem.s2.ids)
+    resource_id: str = ""             # the RM's resource_id exactly as the RM sent it
+    name: str | None = None
 
 
 @dataclass
@@ -182,6 +186,18 @@ class ReceptionFailed(SessionEvent):
     status: str
     diagnostic: str
     message_type: str = ""
+
+    @property
+    def diagnostic_label(self) -> str:
+        return self.diagnostic
+
+
+@dataclass
+class ReceptionConfirmed(SessionEvent):
+    """The RM answered OK to a CEM message."""
+
+    message_id: str
+    message_type: str
 
 
 @dataclass
@@ -559,6 +575,7 @@ class S2Session:
             return
         if status.status == ReceptionStatusValues.OK:
             logger.debug("%s %s received OK", pending.message_type, subject)
+            self.events.append(ReceptionConfirmed(subject, pending.message_type))
             return
         diagnostic = status.diagnostic_label or ""
         logger.warning("resource manager answered %s to %s %s: %s", status.status.value,
@@ -602,7 +619,8 @@ class S2Session:
                     "sent its" if first else "refreshed its",
                     ", ".join(c.value for c in message.available_control_types) or "nothing",
                     ", ".join(q.value for q in message.provides_power_measurement_types) or "nothing")
-        self.events.append(RmDetails(message))
+        self.events.append(RmDetails(message, self.ids.external_of(message.resource_id),
+                                     message.name))
         wanted = self._choose_control_type(message.available_control_types)
         current = self.state.control_type
         if current == wanted:
