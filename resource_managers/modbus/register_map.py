@@ -124,6 +124,8 @@ class Limits(_Strict):
     sg_ready_off: int = 1
     sg_ready_normal: int = 2
     sg_ready_boost: int = 3
+    phase: Literal["L1", "L2", "L3", "3-phase"] = Field(
+        "3-phase", description="where the device connects: one phase or all three")
     # pv
     rated_power_w: int | None = Field(None, gt=0)
     # meter
