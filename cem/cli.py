@@ -249,11 +249,12 @@ def sim_modbus(
     map_file: Path = typer.Option(..., "--map", help="register map TOML"),
     port: int = typer.Option(5020),
     host: str = typer.Option("127.0.0.1"),
+    speed: float = typer.Option(1.0, help="simulated seconds per wall-clock second"),
 ) -> None:
     """Run a simulated Modbus TCP device with physics."""
     from resource_managers.modbus.cli import run_modbus_simulator
 
-    run_modbus_simulator(device=device, map_file=map_file, host=host, port=port)
+    run_modbus_simulator(device=device, map_file=map_file, host=host, port=port, speed=speed)
 
 
 @app.command()

@@ -42,6 +42,7 @@ def check_site_semantics(config: SiteConfig) -> list[ConfigProblem]:
                 message=f"{cp.max_current_a:g} A is more than the site fuse ({grid.fuse_a:g} A)",
                 hint="a charger cannot draw more than the main fuse",
             ))
+    problems += _modbus_map_problems(config)
     if config.server.host not in ("127.0.0.1", "localhost", "::1") and not config.server.tokens:
         problems.append(ConfigProblem(
             path="server.tokens",
@@ -49,4 +50,19 @@ def check_site_semantics(config: SiteConfig) -> list[ConfigProblem]:
                     "the network can connect as a resource manager",
             hint="add [[server.tokens]] entries, or listen on 127.0.0.1",
         ))
+    return problems
+
+
+def _modbus_map_problems(config: SiteConfig) -> list[ConfigProblem]:
+    """Register maps of the configured Modbus devices: valid and for the right device class."""
+    from resource_managers.modbus.register_map import register_map_problems
+
+    problems: list[ConfigProblem] = []
+    for i, device in enumerate(config.modbus.devices):
+        if not device.map.exists():
+            continue  # check_referenced_files reports a missing file
+        for text in register_map_problems(device.map, device.device):
+            problems.append(ConfigProblem(path=f"modbus.devices[{i}].map",
+                                          message=f"{device.map.name}: {text}",
+                                          hint="see the register maps in specs/modbus/"))
     return problems

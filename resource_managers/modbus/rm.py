@@ -415,7 +415,7 @@ class BatteryRM(ModbusRM):
 
     @property
     def refresh_interval_s(self) -> float:
-        return max(1.0, min(20.0, self.limits.revert_timeout_s / 3))
+        return min(20.0, max(0.1, self.limits.revert_timeout_s / 3))
 
     async def prepare_device(self) -> None:
         if self.regmap.has("revert_timeout"):
@@ -670,7 +670,7 @@ class PvRM(ModbusRM):
 
     @property
     def refresh_interval_s(self) -> float:
-        return max(1.0, min(60.0, self.limits.revert_timeout_s / 3))
+        return min(60.0, max(0.1, self.limits.revert_timeout_s / 3))
 
     async def prepare_device(self) -> None:
         if self.regmap.has("limit_revert_timeout"):
