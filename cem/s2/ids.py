@@ -37,6 +37,13 @@ def is_valid_id(value: object) -> bool:
     return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
 
 
+def id_key(value: object) -> str:
+    """An id as a plain string, whatever s2-python made of it (UUID, generated ``ID``, str)."""
+    if isinstance(value, RootModel):
+        return str(value.root)
+    return str(value)
+
+
 def is_canonical_uuid(value: str) -> bool:
     """True if ``value`` is a UUID written exactly as Python writes it (lower case, hyphens)."""
     try:
@@ -153,9 +160,9 @@ class IdTranslator:
         """The id the RM knows for a UUID string the CEM uses (unchanged if never translated)."""
         return self._to_external.get(internal, internal)
 
-    def external_of(self, value: uuid.UUID | str) -> str:
-        """``to_external`` for a UUID or a string."""
-        return self.to_external(str(value))
+    def external_of(self, value: object) -> str:
+        """``to_external`` for a UUID, a generated ``ID`` or a string."""
+        return self.to_external(id_key(value))
 
     @property
     def translated(self) -> dict[str, str]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,7 +80,15 @@ from s2python.pebc import PEBCEnergyConstraint, PEBCPowerConstraints
 from s2python.ppbc import PPBCPowerProfileDefinition, PPBCPowerProfileStatus
 from s2python.s2_parser import TYPE_TO_MESSAGE_CLASS
 
-from cem.s2.ids import NIL_UUID, IdTranslator, generated_model, is_valid_id, iter_ids, map_ids
+from cem.s2.ids import (
+    NIL_UUID,
+    IdTranslator,
+    generated_model,
+    id_key,
+    is_valid_id,
+    iter_ids,
+    map_ids,
+)
 from cem.s2.state import RmState
 
 logger = logging.getLogger("cem.s2")
@@ -109,6 +118,7 @@ CEM_SENDABLE_TYPES = CEM_ONLY_TYPES | {"Handshake", "RevokeObject", "SessionRequ
 MAX_UPCOMING_VERSIONS = 100
 """How many not-yet-valid versions of one kind (e.g. system descriptions) the CEM keeps."""
 _MAX_LABEL = 400
+_UUID_IN_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 CLOSE_NORMAL = 1000
 CLOSE_PROTOCOL_ERROR = 1002
@@ -293,9 +303,31 @@ def _check_contiguous(ranges: list[NumberRange], what: str) -> None:
 def _unique(ids: list[Any], what: str) -> None:
     seen: set[str] = set()
     for i in ids:
-        if str(i) in seen:
-            raise _content(f"{what} id {i} is used twice")
-        seen.add(str(i))
+        if id_key(i) in seen:
+            raise _content(f"{what} id {id_key(i)} is used twice")
+        seen.add(id_key(i))
+
+
+def _normalise_pebc_limit_ranges(data: dict[str, Any]) -> dict[str, Any]:
+    """Write each PEBC allowed limit range low-to-high.
+
+    The official S2 PV example describes a production limit as ``0 .. -4000``; s2-python rejects
+    a range whose start is above its end. For a limit range only the interval matters, so the
+    CEM accepts both orders.
+    """
+    out = dict(data)
+    ranges = []
+    for limit_range in out.get("allowed_limit_ranges", []):
+        boundary = limit_range.get("range_boundary") if isinstance(limit_range, dict) else None
+        if isinstance(boundary, dict):
+            start, end = boundary.get("start_of_range"), boundary.get("end_of_range")
+            if isinstance(start, int | float) and isinstance(end, int | float) and start > end:
+                limit_range = {**limit_range,
+                               "range_boundary": {**boundary, "start_of_range": end,
+                                                  "end_of_range": start}}
+        ranges.append(limit_range)
+    out["allowed_limit_ranges"] = ranges
+    return out
 
 
 def _adapt_ddbc_system_description(data: dict[str, Any]) -> dict[str, Any]:
@@ -545,11 +577,14 @@ class S2Session:
         translated = map_ids(gen, raw, self.ids.to_internal)
         if message_type == "DDBC.SystemDescription":
             translated = _adapt_ddbc_system_description(translated)
+        elif message_type == "PEBC.PowerConstraints":
+            translated = _normalise_pebc_limit_ranges(translated)
         try:
             message = TYPE_TO_MESSAGE_CLASS[message_type].model_validate(translated)
         except Exception as exc:  # s2-python's semantic validators
+            label = self._external_text(_describe_errors(exc))
             return [self._reject(message_id, message_type, ReceptionStatusValues.INVALID_CONTENT,
-                                 f"{message_type} is inconsistent: {_describe_errors(exc)}")]
+                                 f"{message_type} is inconsistent: {label}")]
 
         try:
             follow_up = self._handlers[message_type](message, now)
@@ -588,6 +623,10 @@ class S2Session:
                            pending.message.control_type.value)
             self.state._set_control_type(ControlType.NO_SELECTION)
             self.events.append(StateChanged("control_type", "SelectControlType"))
+
+    def _external_text(self, text: str) -> str:
+        """Replace the CEM's UUIDs in a diagnostic text by the ids the RM knows."""
+        return _UUID_IN_TEXT.sub(lambda m: self.ids.to_external(m.group(0)), text)
 
     # --- handlers: session messages ------------------------------------------------------------
 
@@ -744,7 +783,7 @@ class S2Session:
         if description is None:
             raise _content("no FRBC.SystemDescription received yet")
         for actuator in description.actuators:
-            if actuator.id == actuator_id:
+            if id_key(actuator.id) == id_key(actuator_id):
                 return actuator
         raise _content(f"unknown actuator {self.ids.external_of(actuator_id)}")
 
@@ -752,12 +791,12 @@ class S2Session:
                                  now: datetime) -> list[Outgoing]:
         self._require(message.message_type)
         actuator = self._frbc_actuator(message.actuator_id, now)
-        modes = {m.id for m in actuator.operation_modes}
+        modes = {id_key(m.id) for m in actuator.operation_modes}
         for mode_id in (message.active_operation_mode_id, message.previous_operation_mode_id):
-            if mode_id is not None and mode_id not in modes:
+            if mode_id is not None and id_key(mode_id) not in modes:
                 raise _content(f"unknown operation mode {self.ids.external_of(mode_id)} of "
                                f"actuator {self.ids.external_of(message.actuator_id)}")
-        self.state._frbc_actuator_status[str(message.actuator_id)] = message
+        self.state._frbc_actuator_status[id_key(message.actuator_id)] = message
         return self._changed("status", message.message_type)
 
     def _on_frbc_storage_status(self, message: FRBCStorageStatus, now: datetime) -> list[Outgoing]:
@@ -791,10 +830,10 @@ class S2Session:
     def _on_frbc_timer(self, message: FRBCTimerStatus, now: datetime) -> list[Outgoing]:
         self._require(message.message_type)
         actuator = self._frbc_actuator(message.actuator_id, now)
-        if message.timer_id not in {t.id for t in actuator.timers}:
+        if id_key(message.timer_id) not in {id_key(t.id) for t in actuator.timers}:
             raise _content(f"unknown timer {self.ids.external_of(message.timer_id)} of actuator "
                            f"{self.ids.external_of(message.actuator_id)}")
-        self.state._frbc_timers[(str(message.actuator_id), str(message.timer_id))] = message
+        self.state._frbc_timers[(id_key(message.actuator_id), id_key(message.timer_id))] = message
         return self._changed("timer", message.message_type)
 
     def _on_pebc_power_constraints(self, message: PEBCPowerConstraints,
@@ -802,7 +841,7 @@ class S2Session:
         self._require(message.message_type)
         upcoming = sum(1 for c in self.state._pebc_power.values() if c.valid_from > now)
         self._room_for_upcoming(upcoming, "PEBC power constraints")
-        self.state._pebc_power[str(message.id)] = message
+        self.state._pebc_power[id_key(message.id)] = message
         return self._changed("power_constraints", message.message_type)
 
     def _on_pebc_energy_constraint(self, message: PEBCEnergyConstraint,
@@ -814,7 +853,7 @@ class S2Session:
             raise _content("upper_average_power is below lower_average_power")
         upcoming = sum(1 for c in self.state._pebc_energy.values() if c.valid_from > now)
         self._room_for_upcoming(upcoming, "PEBC energy constraints")
-        self.state._pebc_energy[str(message.id)] = message
+        self.state._pebc_energy[id_key(message.id)] = message
         return self._changed("energy_constraint", message.message_type)
 
     def _on_ppbc_definition(self, message: PPBCPowerProfileDefinition,
@@ -826,7 +865,7 @@ class S2Session:
         for container in message.power_sequences_containers:
             _unique([s.id for s in container.power_sequences], "power sequence")
         self._room_for_upcoming(len(self.state._ppbc_definitions), "PPBC power profiles")
-        self.state._ppbc_definitions[str(message.id)] = message
+        self.state._ppbc_definitions[id_key(message.id)] = message
         return self._changed("power_profile", message.message_type)
 
     def _on_ppbc_status(self, message: PPBCPowerProfileStatus, now: datetime) -> list[Outgoing]:
@@ -837,12 +876,13 @@ class S2Session:
                 raise _content(f"unknown power profile "
                                f"{self.ids.external_of(status.power_profile_id)}")
             container = next((c for c in profile.power_sequences_containers
-                              if c.id == status.sequence_container_id), None)
+                              if id_key(c.id) == id_key(status.sequence_container_id)), None)
             if container is None:
                 raise _content(f"unknown sequence container "
                                f"{self.ids.external_of(status.sequence_container_id)}")
-            if status.selected_sequence_id is not None and status.selected_sequence_id not in {
-                    s.id for s in container.power_sequences}:
+            if status.selected_sequence_id is not None and id_key(
+                    status.selected_sequence_id) not in {id_key(s.id)
+                                                         for s in container.power_sequences}:
                 raise _content(f"unknown power sequence "
                                f"{self.ids.external_of(status.selected_sequence_id)}")
         self.state._ppbc_status = message
@@ -852,15 +892,15 @@ class S2Session:
                                      timers: list[Any], where: str) -> None:
         _unique([m.id for m in modes], f"{where} operation mode")
         _unique([t.id for t in timers], f"{where} timer")
-        mode_ids = {m.id for m in modes}
-        timer_ids = {t.id for t in timers}
+        mode_ids = {id_key(m.id) for m in modes}
+        timer_ids = {id_key(t.id) for t in timers}
         for transition in transitions:
             for end in (transition.from_, transition.to):
-                if end not in mode_ids:
+                if id_key(end) not in mode_ids:
                     raise _content(f"{where}: transition {self.ids.external_of(transition.id)} "
                                    f"names unknown operation mode {self.ids.external_of(end)}")
             for timer in [*transition.start_timers, *transition.blocking_timers]:
-                if timer not in timer_ids:
+                if id_key(timer) not in timer_ids:
                     raise _content(f"{where}: transition {self.ids.external_of(transition.id)} "
                                    f"names unknown timer {self.ids.external_of(timer)}")
 
@@ -881,18 +921,19 @@ class S2Session:
 
     def _on_ombc_status(self, message: OMBCStatus, now: datetime) -> list[Outgoing]:
         self._require(message.message_type)
-        modes = {m.id for m in self._ombc_description(now).operation_modes}
+        modes = {id_key(m.id) for m in self._ombc_description(now).operation_modes}
         for mode_id in (message.active_operation_mode_id, message.previous_operation_mode_id):
-            if mode_id is not None and mode_id not in modes:
+            if mode_id is not None and id_key(mode_id) not in modes:
                 raise _content(f"unknown operation mode {self.ids.external_of(mode_id)}")
         self.state._ombc_status = message
         return self._changed("status", message.message_type)
 
     def _on_ombc_timer(self, message: OMBCTimerStatus, now: datetime) -> list[Outgoing]:
         self._require(message.message_type)
-        if message.timer_id not in {t.id for t in self._ombc_description(now).timers}:
+        if id_key(message.timer_id) not in {id_key(t.id)
+                                            for t in self._ombc_description(now).timers}:
             raise _content(f"unknown timer {self.ids.external_of(message.timer_id)}")
-        self.state._ombc_timers[str(message.timer_id)] = message
+        self.state._ombc_timers[id_key(message.timer_id)] = message
         return self._changed("timer", message.message_type)
 
     def _on_ddbc_system_description(self, message: DDBCSystemDescription,
@@ -912,7 +953,7 @@ class S2Session:
         if description is None:
             raise _content("no DDBC.SystemDescription received yet")
         for actuator in description.actuators:
-            if actuator.id == actuator_id:
+            if id_key(actuator.id) == id_key(actuator_id):
                 return actuator
         raise _content(f"unknown actuator {self.ids.external_of(actuator_id)}")
 
@@ -920,21 +961,21 @@ class S2Session:
                                  now: datetime) -> list[Outgoing]:
         self._require(message.message_type)
         actuator = self._ddbc_actuator(message.actuator_id, now)
-        modes = {m.id for m in actuator.operation_modes}
+        modes = {id_key(m.id) for m in actuator.operation_modes}
         for mode_id in (message.active_operation_mode_id, message.previous_operation_mode_id):
-            if mode_id is not None and mode_id not in modes:
+            if mode_id is not None and id_key(mode_id) not in modes:
                 raise _content(f"unknown operation mode {self.ids.external_of(mode_id)} of "
                                f"actuator {self.ids.external_of(message.actuator_id)}")
-        self.state._ddbc_actuator_status[str(message.actuator_id)] = message
+        self.state._ddbc_actuator_status[id_key(message.actuator_id)] = message
         return self._changed("status", message.message_type)
 
     def _on_ddbc_timer(self, message: DDBCTimerStatus, now: datetime) -> list[Outgoing]:
         self._require(message.message_type)
         actuator = self._ddbc_actuator(message.actuator_id, now)
-        if message.timer_id not in {t.id for t in actuator.timers}:
+        if id_key(message.timer_id) not in {id_key(t.id) for t in actuator.timers}:
             raise _content(f"unknown timer {self.ids.external_of(message.timer_id)} of actuator "
                            f"{self.ids.external_of(message.actuator_id)}")
-        self.state._ddbc_timers[(str(message.actuator_id), str(message.timer_id))] = message
+        self.state._ddbc_timers[(id_key(message.actuator_id), id_key(message.timer_id))] = message
         return self._changed("timer", message.message_type)
 
     def _on_ddbc_forecast(self, message: DDBCAverageDemandRateForecast,

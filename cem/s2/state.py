@@ -46,11 +46,13 @@ from s2python.ombc import OMBCStatus, OMBCSystemDescription, OMBCTimerStatus
 from s2python.pebc import PEBCEnergyConstraint, PEBCPowerConstraints
 from s2python.ppbc import PPBCPowerProfileDefinition, PPBCPowerProfileStatus
 
+from cem.s2.ids import id_key
+
 IdLike = uuid.UUID | str
 
 
-def _key(value: IdLike) -> str:
-    return str(value)
+def _key(value: object) -> str:
+    return id_key(value)
 
 
 class _HasValidFrom(Protocol):
