@@ -24,9 +24,9 @@ console = Console(stderr=True)
 
 
 def _fail(message: str, hint: str = "") -> NoReturn:
-    console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     if hint:
-        console.print(f"  [dim]hint:[/] {hint}", highlight=False)
+        console.print(f"  [dim]hint:[/] {hint}", highlight=False, soft_wrap=True)
     raise SystemExit(2)
 
 
@@ -36,7 +36,7 @@ def _load(device: str, map_file: Path) -> RegisterMap:
     try:
         regmap = load_register_map(map_file)
     except RegisterMapError as exc:
-        console.print(str(exc), markup=False, highlight=False)
+        console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
     if regmap.device_class != device:
         _fail(f"{map_file} is a register map for a '{regmap.device_class}', not a '{device}'",

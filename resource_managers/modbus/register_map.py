@@ -72,7 +72,7 @@ class Point(_Strict):
     unit: str = ""
     access: Literal["read", "write", "read-write"] = "read"
     invert: bool = Field(False, description="device counts the other way round than S2")
-    valid_min: float | None = Field(None, description="readings below this are faults")
+    valid_min: float | None = Field(None, description="readings below this (engineering value, S2 sign) are faults")
     valid_max: float | None = Field(None, description="readings above this are faults")
     description: str = ""
 

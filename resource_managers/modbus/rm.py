@@ -592,6 +592,9 @@ class HeatPumpRM(ModbusRM):
             raise InstructionRejected(f"unknown actuator {instruction.actuator_id}")
         if instruction.operation_mode not in s2m.HEAT_PUMP_MODE_NAMES:
             raise InstructionRejected(f"unknown operation mode {instruction.operation_mode}")
+        blocked = self._blocking_timer(instruction.operation_mode, instruction.execution_time)
+        if blocked:
+            raise InstructionRejected(blocked)
 
     def _blocking_timer(self, to_mode: uuid.UUID, at: datetime) -> str | None:
         """Which timer forbids switching to `to_mode` now (None: free to switch)."""
