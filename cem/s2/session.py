@@ -300,6 +300,18 @@ def _check_contiguous(ranges: list[NumberRange], what: str) -> None:
                            f"{b.start_of_range}")
 
 
+def _check_fill_levels(message: Any) -> None:
+    """FRBC fill-level ranges, checked in the RM's own words before s2-python's checks."""
+    if message.message_type == "FRBC.SystemDescription":
+        for actuator in message.actuators:
+            for mode in actuator.operation_modes:
+                _check_contiguous([e.fill_level_range for e in mode.elements],
+                                  f"operation mode {id_key(mode.id)} of actuator "
+                                  f"{id_key(actuator.id)}")
+    elif message.message_type == "FRBC.LeakageBehaviour":
+        _check_contiguous([e.fill_level_range for e in message.elements], "leakage behaviour")
+
+
 def _unique(ids: list[Any], what: str) -> None:
     seen: set[str] = set()
     for i in ids:
@@ -555,7 +567,7 @@ class S2Session:
             return [self._reject(message_id, shown_type, ReceptionStatusValues.INVALID_MESSAGE,
                                  f"unknown message_type {message_type!r}"[:_MAX_LABEL])]
         try:
-            gen.model_validate(raw)
+            schema_message = gen.model_validate(raw)
         except (ValidationError, ValueError, TypeError, RecursionError) as exc:
             return [self._reject(message_id, message_type, ReceptionStatusValues.INVALID_MESSAGE,
                                  f"{message_type} does not match the S2 schema: "
@@ -573,6 +585,11 @@ class S2Session:
         if not self._handshake_done and message_type != "Handshake":
             return [self._reject(message_id, message_type, ReceptionStatusValues.INVALID_CONTENT,
                                  f"{message_type} before the handshake: send Handshake first")]
+
+        try:
+            _check_fill_levels(schema_message)
+        except _Reject as rejection:
+            return [self._reject(message_id, message_type, rejection.status, rejection.label)]
 
         translated = map_ids(gen, raw, self.ids.to_internal)
         if message_type == "DDBC.SystemDescription":
