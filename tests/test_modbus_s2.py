@@ -285,3 +285,32 @@ def test_rm_classes_match_device_classes() -> None:
     assert isinstance(resource_manager_for(regmap, cem_url="ws://127.0.0.1:1"), BatteryRM)
     with pytest.raises(ValueError, match="needs a 'pv' register map"):
         PvRM(regmap, cem_url="ws://127.0.0.1:1")
+
+
+async def test_simulated_site_brings_four_rms_and_a_meter_that_sums_them(cem: S2Server
+                                                                         ) -> None:
+    from resource_managers.modbus.site import SimulatedModbusSite
+
+    site = SimulatedModbusSite.from_config(
+        SiteConfig(), cem_url=cem.url, base_load_w=600, speed=10,
+        pv_start=datetime(2019, 6, 11, 11, tzinfo=UTC),
+        rm_options={"poll_interval_s": 0.1})
+    await site.start()
+    try:
+        await eventually(lambda: len(cem.rms()) == 4 and all(
+            d.rm.described_session for d in site.devices), what="four described RMs")
+        battery = next(d for d in site.devices if d.plan.device == "battery")
+        await instruct(Site(cem, battery.simulator, battery.rm),
+                       frbc_instruction(s2m.BATTERY_ACTUATOR, s2m.BATTERY_CHARGE, 1.0))
+        meter = site.meter
+        assert meter is not None
+        others = [d.simulator for d in site.devices if d.simulator is not meter]
+
+        def summed() -> bool:
+            expected = 600 + sum(s.power_w for s in others)
+            return battery.simulator.power_w == 5000 and abs(sum(meter.phase_w) - expected) < 50
+
+        await eventually(summed, what="the meter summing the site")
+    finally:
+        await site.stop()
+    assert site.devices == []

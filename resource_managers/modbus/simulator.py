@@ -25,7 +25,7 @@ import csv
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import ClassVar
@@ -478,10 +478,15 @@ class MeterSimulator(ModbusSimulator):
         self.base_load_w = base_load_w
         self.phase_w = [0.0, 0.0, 0.0]
         self.sources: list[ModbusSimulator] = []
+        self.extra: list[Callable[[], float | Sequence[float]]] = []
+        self.following = False
         self.voltage_v = 230.0
 
     def set_site_power(self, power_w: float | Sequence[float]) -> None:
-        """Set the site's power (S2 sign): one total split over the phases, or [L1, L2, L3]."""
+        """Set the site's power (S2 sign): one total split over the phases, or [L1, L2, L3].
+
+        Stops following other simulators (see `follow`)."""
+        self.following = False
         if isinstance(power_w, int | float):
             self.phase_w = [float(power_w) / 3] * 3
         else:
@@ -490,15 +495,32 @@ class MeterSimulator(ModbusSimulator):
             self.phase_w = [float(p) for p in power_w]
         self._refresh_readings(0.0)
 
-    def follow(self, sources: Iterable[ModbusSimulator], base_load_w: float = 0.0) -> None:
-        """Sum these simulated devices (spread over three phases) plus a base load each tick."""
+    def follow(self, sources: Iterable[ModbusSimulator], base_load_w: float = 0.0,
+               extra: Iterable[Callable[[], float | Sequence[float]]] = ()) -> None:
+        """Sum these simulated devices plus a base load each tick.
+
+        A device on one phase (its map's `limits.phase`) counts on that phase, a three-phase
+        device a third on each; `extra` callables add other loads (e.g. EV chargers), as a
+        total W or [L1, L2, L3] W.
+        """
         self.sources = list(sources)
+        self.extra = list(extra)
         self.base_load_w = base_load_w
+        self.following = True
 
     def step(self, dt_s: float, dt_wall_s: float) -> None:
-        if self.sources:
-            total = self.base_load_w + sum(s.power_w for s in self.sources)
-            self.phase_w = [total / 3] * 3
+        if self.following:
+            phases = [self.base_load_w / 3] * 3
+            for source in self.sources:
+                _spread(phases, source.power_w, source.regmap.limits.phase)
+            for feed in self.extra:
+                value = feed()
+                if isinstance(value, int | float):
+                    _spread(phases, float(value), "3-phase")
+                else:
+                    for i, watts in enumerate(value):
+                        phases[i] += float(watts)
+            self.phase_w = phases
         self._refresh_readings(dt_s)
 
     def _refresh_readings(self, dt_s: float) -> None:
@@ -516,6 +538,14 @@ class MeterSimulator(ModbusSimulator):
         else:
             self.values["energy_export"] = self.values.get("energy_export", 0.0) \
                 - total * dt_s / 3600
+
+
+def _spread(phases: list[float], watts: float, phase: str) -> None:
+    if phase in ("L1", "L2", "L3"):
+        phases[int(phase[1]) - 1] += watts
+    else:
+        for i in range(3):
+            phases[i] += watts / 3
 
 
 SIMULATORS: dict[str, type[ModbusSimulator]] = {
