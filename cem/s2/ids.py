@@ -142,29 +142,51 @@ def iter_ids(model: type[BaseModel], data: Any, path: str = "") -> Iterator[tupl
 
 
 class IdTranslator:
-    """Maps a resource manager's own ids to UUIDs and back, for one session."""
+    """Maps a resource manager's own ids to UUIDs and back, for one session.
+
+    The reverse map only grows with ids of messages the CEM accepted (`begin` / `commit` /
+    `rollback` around handling one message), and message ids are remembered only when asked,
+    so a long session with millions of measurements does not grow it.
+    """
 
     def __init__(self, namespace: uuid.UUID | None = None) -> None:
         self.namespace = namespace or uuid.uuid4()
         self._to_external: dict[str, str] = {}
+        self._staged: dict[str, str] | None = None
 
-    def to_internal(self, external: str) -> str:
+    def to_internal(self, external: str, remember: bool = True) -> str:
         """The UUID string the CEM uses for an id the RM sent."""
         if is_canonical_uuid(external):
             return external
         internal = str(uuid.uuid5(self.namespace, external))
-        self._to_external[internal] = external
+        if remember:
+            target = self._staged if self._staged is not None else self._to_external
+            target[internal] = external
         return internal
 
     def to_external(self, internal: str) -> str:
         """The id the RM knows for a UUID string the CEM uses (unchanged if never translated)."""
+        if self._staged is not None and internal in self._staged:
+            return self._staged[internal]
         return self._to_external.get(internal, internal)
 
     def external_of(self, value: object) -> str:
         """``to_external`` for a UUID, a generated ``ID`` or a string."""
         return self.to_external(id_key(value))
 
+    def begin(self) -> None:
+        """Collect new ids aside until the message that carries them is accepted."""
+        self._staged = {}
+
+    def commit(self) -> None:
+        if self._staged:
+            self._to_external.update(self._staged)
+        self._staged = None
+
+    def rollback(self) -> None:
+        self._staged = None
+
     @property
     def translated(self) -> dict[str, str]:
-        """internal UUID -> RM's id, for every id that was not a UUID."""
+        """internal UUID -> RM's id, for every remembered id that was not a UUID."""
         return dict(self._to_external)

@@ -115,6 +115,9 @@ INSTRUCTION_TYPES = frozenset({
 })
 CEM_ONLY_TYPES = INSTRUCTION_TYPES | {"HandshakeResponse", "SelectControlType"}
 CEM_SENDABLE_TYPES = CEM_ONLY_TYPES | {"Handshake", "RevokeObject", "SessionRequest"}
+_REFERABLE_BY_MESSAGE_ID = frozenset({
+    "FRBC.SystemDescription", "OMBC.SystemDescription", "DDBC.SystemDescription"})
+"""Objects whose message_id is their id (RevokeObject names them by it)."""
 MAX_UPCOMING_VERSIONS = 100
 """How many not-yet-valid versions of one kind (e.g. system descriptions) the CEM keeps."""
 _MAX_LABEL = 400
@@ -372,18 +375,21 @@ class S2Session:
 
     def __init__(self, *, control_type_preference: list[str] | None = None,
                  versions: tuple[str, ...] = (S2_VERSION,), cem_name: str = "S2 CEM",
-                 reception_timeout_s: float = 10.0) -> None:
+                 reception_timeout_s: float = 10.0, handshake_timeout_s: float = 30.0) -> None:
         preference = control_type_preference or list(DEFAULT_CONTROL_TYPE_PREFERENCE)
         self.control_type_preference: list[ControlType] = [
             self._parse_control_type(name) for name in preference]
         self.versions = tuple(versions)
         self.cem_name = cem_name
         self.reception_timeout = timedelta(seconds=reception_timeout_s)
+        self.handshake_timeout = timedelta(seconds=handshake_timeout_s)
         self.state = RmState()
         self.ids = IdTranslator()
+        self.state._rm_ids = lambda: self.ids.translated
         self.events: list[SessionEvent] = []
         self.close: CloseRequest | None = None
         self._started = False
+        self._started_at: datetime | None = None
         self._handshake_done = False
         self._pending: dict[str, _Pending] = {}
         self._handlers: dict[str, Callable[[Any, datetime], list[Outgoing]]] = {
@@ -436,6 +442,7 @@ class S2Session:
         if self._started:
             return []
         self._started = True
+        self._started_at = now
         logger.info("%s: opening S2 session, offering protocol versions %s",
                     self.cem_name, ", ".join(self.versions))
         return [self._out(Handshake(message_id=uuid.uuid4(), role=EnergyManagementRole.CEM,
@@ -484,8 +491,15 @@ class S2Session:
         return self._out(message, now)
 
     def expire(self, now: datetime) -> None:
-        """Turn CEM messages whose ReceptionStatus is overdue into ReceptionFailed events."""
+        """Turn CEM messages whose ReceptionStatus is overdue into ReceptionFailed events.
+
+        Also ends a session whose RM has not sent its Handshake within handshake_timeout_s.
+        """
         now = _aware(now)
+        if (not self._handshake_done and self._started_at is not None and self.close is None
+                and now >= self._started_at + self.handshake_timeout):
+            self._close(CLOSE_POLICY, "the resource manager sent no Handshake within "
+                        f"{self.handshake_timeout.total_seconds():g} s")
         for message_id, pending in list(self._pending.items()):
             if now >= pending.deadline:
                 del self._pending[message_id]
@@ -591,7 +605,22 @@ class S2Session:
         except _Reject as rejection:
             return [self._reject(message_id, message_type, rejection.status, rejection.label)]
 
-        translated = map_ids(gen, raw, self.ids.to_internal)
+        self.ids.begin()
+        try:
+            outs, accepted = self._translate_and_handle(raw, gen, message_id, message_type, now)
+            if accepted:
+                self.ids.commit()
+            return outs
+        finally:
+            self.ids.rollback()
+
+    def _translate_and_handle(self, raw: dict[str, Any], gen: Any, message_id: str,
+                              message_type: str, now: datetime) -> tuple[list[Outgoing], bool]:
+        """Translate ids, build the s2-python model, apply it; (outgoing, accepted)."""
+        body = {k: v for k, v in raw.items() if k != "message_id"}
+        translated = map_ids(gen, body, self.ids.to_internal)
+        translated["message_id"] = self.ids.to_internal(
+            message_id, remember=message_type in _REFERABLE_BY_MESSAGE_ID)
         if message_type == "DDBC.SystemDescription":
             translated = _adapt_ddbc_system_description(translated)
         elif message_type == "PEBC.PowerConstraints":
@@ -601,14 +630,14 @@ class S2Session:
         except Exception as exc:  # s2-python's semantic validators
             label = self._external_text(_describe_errors(exc))
             return [self._reject(message_id, message_type, ReceptionStatusValues.INVALID_CONTENT,
-                                 f"{message_type} is inconsistent: {label}")]
+                                 f"{message_type} is inconsistent: {label}")], False
 
         try:
             follow_up = self._handlers[message_type](message, now)
         except _Reject as rejection:
-            return [self._reject(message_id, message_type, rejection.status, rejection.label)]
+            return [self._reject(message_id, message_type, rejection.status, rejection.label)], False
         logger.debug("accepted %s %s", message_type, message_id)
-        return [self._status(message_id, ReceptionStatusValues.OK, None), *follow_up]
+        return [self._status(message_id, ReceptionStatusValues.OK, None), *follow_up], True
 
     def _on_reception_status(self, raw: dict[str, Any]) -> None:
         gen = generated_model("ReceptionStatus")

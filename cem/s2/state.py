@@ -14,6 +14,7 @@ a newer one is in force.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
@@ -142,6 +143,7 @@ class RmState:
         self._last_measurement: PowerMeasurement | None = None
         self._power_forecast: PowerForecast | None = None
         self._instructions: dict[str, InstructionRecord] = {}
+        self._rm_ids: Callable[[], dict[str, str]] = dict
         self._clear_control_type_state()
 
     # --- changes, only by the session --------------------------------------------------------
@@ -313,7 +315,11 @@ class RmState:
     # --- for the store -----------------------------------------------------------------------
 
     def snapshot(self, now: datetime | None = None) -> dict[str, Any]:
-        """All state as plain JSON types (ids as the CEM uses them: UUID strings)."""
+        """All state as plain JSON types.
+
+        Ids are the UUID strings the CEM uses; ``rm_ids`` maps those that the RM wrote otherwise
+        back to the RM's own ids.
+        """
 
         def dump(obj: Any) -> Any:
             return obj.to_json_dict() if obj is not None else None
@@ -321,6 +327,7 @@ class RmState:
         ct = self._control_type
         return {
             "protocol_version": self.protocol_version,
+            "rm_ids": self._rm_ids(),
             "control_type": ct.value if ct is not None else None,
             "details": dump(self._details),
             "measurements": {

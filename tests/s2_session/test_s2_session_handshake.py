@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import pytest
 from s2_session_messages import (
@@ -164,3 +165,16 @@ def test_messages_before_the_handshake_are_invalid_content() -> None:
     assert session.state.details is None
     # the session goes on: the handshake still works afterwards
     assert status_of(feed(session, handshake())[:1]) == "OK"
+
+
+def test_session_without_rm_handshake_is_closed_by_expire() -> None:
+    session = S2Session(control_type_preference=["FRBC"], handshake_timeout_s=30)
+    session.start(T0)
+    session.expire(T0 + timedelta(seconds=29))
+    assert session.close is None
+    session.expire(T0 + timedelta(seconds=30))
+    assert session.close is not None and session.close.code == 1008
+    assert "no Handshake within 30 s" in session.close.reason
+    done, _ = connect([FRBC])
+    done.expire(T0 + timedelta(hours=1))
+    assert done.close is None

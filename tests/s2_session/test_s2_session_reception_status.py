@@ -270,7 +270,7 @@ def test_missing_reception_status_times_out_via_expire() -> None:
     assert len(events) == 1 and isinstance(events[0], ReceptionFailed)
     assert events[0].message_id == out.message_id and events[0].status == "TIMEOUT"
     assert events[0].message_type == "Handshake" and "5 s" in events[0].diagnostic_label
-    session.expire(T0 + timedelta(seconds=60))
+    session.expire(T0 + timedelta(seconds=20))
     assert session.drain_events() == []  # reported once
     assert ack(session, out) == []        # a late status is ignored quietly
     assert session.drain_events() == []

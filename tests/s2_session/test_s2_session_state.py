@@ -66,8 +66,9 @@ def test_system_description_in_force_is_latest_valid_from_not_after_now() -> Non
     assert in_force(T0 + HOUR) == "sd-next"
     assert [ext(d.message_id) for d in state.frbc_upcoming_system_descriptions(T0)] == ["sd-next"]
     # a description that is no longer in force is forgotten once a newer one is
-    assert "sd-past" not in json.dumps(state.snapshot())
-    assert session.ids.to_internal("sd-past") not in json.dumps(state.snapshot())
+    kept = json.dumps(state.snapshot()["frbc"]["system_descriptions"])
+    assert session.ids.to_internal("sd-past") not in kept
+    assert session.ids.to_internal("sd-now") in kept
 
 
 def test_statuses_forecasts_targets_are_kept() -> None:
@@ -243,3 +244,17 @@ def test_snapshot_is_plain_json() -> None:
     assert len(again["frbc"]["system_descriptions"]) == 1
     assert again["measurements"]["ELECTRIC.POWER.L1"]["value_w"] == 1500.0
     assert again["details"]["available_control_types"] == ["FILL_RATE_BASED_CONTROL"]
+
+
+def test_snapshot_maps_internal_ids_back_to_the_rm_ids() -> None:
+    session, _ = connect([FRBC])
+    feed(session, frbc_system_description())
+    rm_ids = session.state.snapshot()["rm_ids"]
+    assert rm_ids[session.ids.to_internal("act-1")] == "act-1"
+    assert rm_ids[session.ids.to_internal("sd-1")] == "sd-1"
+    # message ids of plain messages are not remembered (a long session must not grow)
+    feed(session, power_measurement(message_id="pm-77"))
+    assert "pm-77" not in session.state.snapshot()["rm_ids"].values()
+    # nor are ids of rejected messages
+    feed(session, frbc_actuator_status(mode="om-turbo"))
+    assert "om-turbo" not in session.state.snapshot()["rm_ids"].values()
