@@ -231,3 +231,11 @@ def test_rm_setpoints_never_leave_the_device_limits() -> None:
     assert clamped.power_w == -3000 and "clamped" in clamped.note
     assert s2m.clamp_battery_power(limits, 2000, 100).power_w == 0  # full
     assert s2m.clamp_battery_power(limits, -2000, 4).power_w == 0  # empty
+
+
+async def test_link_keeps_writes_inside_the_maps_valid_range(stack: list[object]) -> None:
+    regmap = load_register_map(SPECS / "battery_vendor_b.toml")
+    sim, link = await _open(stack, regmap)
+    await link.write("power_setpoint", -9000)
+    assert sim.values["power_setpoint"] == -3000
+    assert sim.rejected == []

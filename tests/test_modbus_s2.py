@@ -314,3 +314,24 @@ async def test_simulated_site_brings_four_rms_and_a_meter_that_sums_them(cem: S2
     finally:
         await site.stop()
     assert site.devices == []
+
+
+async def test_exception_responses_and_timeouts_withdraw_then_recover(
+        make_site: Callable[..., Any]) -> None:
+    from pymodbus.constants import ExcCodes
+
+    site = await make_site(load_register_map(SPECS / "grid_meter.toml"))
+    live = await eventually(lambda: site.live, what="meter session")
+    await eventually(lambda: site.rm.device_ok, what="meter polled")
+    site.sim.fail_with = ExcCodes.DEVICE_FAILURE
+    await eventually(lambda: not site.rm.device_ok, what="exception response noticed")
+    assert "refused" in (site.rm.fault or "")
+    site.sim.fail_with = None
+    await eventually(lambda: site.rm.device_ok, what="recovered after exceptions")
+    site.sim.answer_delay_s = 2.0  # longer than the RM's timeout
+    await eventually(lambda: not site.rm.device_ok, what="timeout noticed")
+    assert "no answer" in (site.rm.fault or "")
+    site.sim.answer_delay_s = 0.0
+    await eventually(lambda: site.rm.device_ok, within=8, what="recovered after timeouts")
+    last = live.state.latest_measurement()
+    await eventually(lambda: live.state.latest_measurement() is not last, what="measurements")

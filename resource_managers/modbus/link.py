@@ -169,6 +169,14 @@ class ModbusLink:
         if self._client is None or not self._client.connected:
             raise DeviceUnreachable(f"not connected to {self.host}:{self.port}")
         client = self._client
+        if point.valid_min is not None and value < point.valid_min:
+            log.warning("%s: %g %s is below the map's minimum %g: writing the minimum",
+                        name, value, point.unit, point.valid_min)
+            value = point.valid_min
+        if point.valid_max is not None and value > point.valid_max:
+            log.warning("%s: %g %s is above the map's maximum %g: writing the maximum",
+                        name, value, point.unit, point.valid_max)
+            value = point.valid_max
         try:
             if point.type == "bool":
                 call = client.write_coil(point.address, bool(value), device_id=self.device_id)

@@ -78,6 +78,9 @@ class ModbusSimulator:
         self.values: dict[str, float] = {}
         self.overrides: dict[str, float] = {}
         self.writes: list[tuple[str, float]] = []
+        #: fault injection: answer every request with this exception code / this late
+        self.fail_with: ExcCodes | None = None
+        self.answer_delay_s = 0.0
         self.rejected: list[tuple[str, float, str]] = []
         self.sim_time = 0.0
         self._server: ModbusTcpServer | None = None
@@ -213,7 +216,13 @@ class ModbusSimulator:
                          _registers: list[int], set_values: Sequence[int] | Sequence[bool] | None
                          ) -> ExcCodes | None:
         """pymodbus calls this on every request; validate and apply client writes."""
-        if set_values is None or self._internal:
+        if self._internal:
+            return None
+        if self.answer_delay_s:
+            await asyncio.sleep(self.answer_delay_s)
+        if self.fail_with is not None:
+            return self.fail_with
+        if set_values is None:
             return None
         table = _WRITE_CODES.get(func_code)
         if table is None:
