@@ -1,0 +1,385 @@
+"""FRBC (fill-rate based control) -> StorageAsset, and a storage plan -> FRBC.Instruction.
+
+Fill units to Wh. S2 gives a fill level in the device's own unit (% SoC, degC, litres) and per
+operation mode a fill rate (unit/s) next to a power range. The planner wants Wh. We take the
+charging mode with the highest power at the present fill level as the reference and set
+`wh_per_unit = P / (fill_rate * 3600)` there: one fill unit is "the electrical Wh that mode
+needs to raise the level by one unit". The level is kept relative to the bottom of the
+storage's fill_level_range (so it is never negative, also for degC). With that reference
+`charge_efficiency` is 1 and `discharge_efficiency` is what the best discharging mode gives
+back per normalised Wh (the round-trip efficiency of a battery).
+
+Power domain. Per actuator, each operation mode (except `abnormal_condition_only` ones, which
+are never planned nor instructed) contributes its power range at the present fill level. A
+charging range starting above 0 (an EV's 6 A minimum: [4140, 22080] W on 3 phases) next to an
+idle mode gives the planner's {0} U [charge_min, charge_max] domain. Several actuators add up.
+
+Known simplifications (replanning every PTU corrects them): the power ranges and leakage at
+the *present* fill level hold for the whole horizon; gaps between modes' ranges are planned
+as if continuous and the instruction rounds towards zero; timers only delay the start of
+charging when an idle actuator may not yet switch on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from s2python.common import Commodity
+from s2python.frbc import (
+    FRBCActuatorDescription,
+    FRBCActuatorStatus,
+    FRBCFillLevelTargetProfile,
+    FRBCInstruction,
+    FRBCLeakageBehaviour,
+    FRBCOperationMode,
+    FRBCOperationModeElement,
+    FRBCStorageStatus,
+    FRBCSystemDescription,
+    FRBCTimerStatus,
+    FRBCUsageForecast,
+)
+
+from cem.flex.modes import ModeRange, pick_mode
+from cem.flex.ptu import PtuGrid, is_electric, new_id, phase_share, sample_rate, sid
+from cem.planner.assets import PhaseShare, Plan, Problem, StorageAsset
+
+CONTROL_TYPE = "FILL_RATE_BASED_CONTROL"
+
+
+def element_at(mode: FRBCOperationMode, fill_level: float) -> FRBCOperationModeElement:
+    """The mode's element whose fill_level_range holds `fill_level` (nearest at the edges)."""
+    best = mode.elements[0]
+    best_distance = math.inf
+    for element in mode.elements:
+        lo, hi = element.fill_level_range.start_of_range, element.fill_level_range.end_of_range
+        distance = 0.0 if lo <= fill_level <= hi else min(abs(fill_level - lo), abs(fill_level - hi))
+        if distance < best_distance:
+            best, best_distance = element, distance
+    return best
+
+
+def mode_range(mode: FRBCOperationMode, fill_level: float) -> ModeRange:
+    """Electric power range (summed over phases) and fill rate of a mode at a fill level."""
+    element = element_at(mode, fill_level)
+    electric = [r for r in element.power_ranges if is_electric(r.commodity_quantity)]
+    return ModeRange(
+        mode_id=sid(mode.id),
+        power_start=sum(r.start_of_range for r in electric),
+        power_end=sum(r.end_of_range for r in electric),
+        fill_rate_start=element.fill_rate.start_of_range,
+        fill_rate_end=element.fill_rate.end_of_range,
+    )
+
+
+def normal_modes(actuator: FRBCActuatorDescription) -> list[FRBCOperationMode]:
+    """Operation modes the CEM may use in normal operation."""
+    return [m for m in actuator.operation_modes if not m.abnormal_condition_only]
+
+
+def actuator_phase_share(actuator: FRBCActuatorDescription) -> list[tuple[str, float]]:
+    pairs: list[tuple[str, float]] = []
+    for mode in normal_modes(actuator):
+        for element in mode.elements:
+            for r in element.power_ranges:
+                if is_electric(r.commodity_quantity):
+                    pairs.append((r.commodity_quantity, max(abs(r.start_of_range),
+                                                            abs(r.end_of_range))))
+    return pairs
+
+
+@dataclass
+class FrbcBinding:
+    """Ties a StorageAsset back to its FRBC RM; builds FRBC.Instructions from the plan."""
+
+    rm_id: str
+    asset_id: str
+    system_description: FRBCSystemDescription
+    fill_level: float
+    wh_per_unit: float
+    fill_offset: float
+    active_modes: dict[str, str] = field(default_factory=dict)  # actuator id -> mode id
+    priority: int = 1
+    phase_share: PhaseShare = (1 / 3, 1 / 3, 1 / 3)
+    control_type: str = CONTROL_TYPE
+
+    # -- plan -> instructions -------------------------------------------------------------
+
+    def units_from_wh(self, level_wh: float) -> float:
+        return self.fill_offset + level_wh / self.wh_per_unit
+
+    def choose_modes(self, power_w: float, fill_level: float) -> list[tuple[str, str, float]]:
+        """(actuator id, mode id, factor) per actuator realising `power_w` at most.
+
+        Power is split over actuators in proportion to what each can take; per actuator the
+        mode that covers the share is chosen (the active mode first, to avoid transitions);
+        when no mode covers it, the nearest reachable power towards zero is used, so an
+        instruction never asks for more than the plan (e.g. 3 kW for an EV with a 4.1 kW
+        minimum becomes idle).
+        """
+        actuators = self.system_description.actuators
+        ranges = {sid(a.id): [mode_range(m, fill_level) for m in normal_modes(a)]
+                  for a in actuators}
+        if power_w >= 0:
+            capacity = {a: max([r.hi for r in rs] + [0.0]) for a, rs in ranges.items()}
+        else:
+            capacity = {a: -min([r.lo for r in rs] + [0.0]) for a, rs in ranges.items()}
+        total = sum(capacity.values())
+        chosen = []
+        for actuator_id, mode_ranges in ranges.items():
+            share = power_w * capacity[actuator_id] / total if total > 0 else 0.0
+            if not mode_ranges:
+                continue
+            mode, factor = pick_mode(mode_ranges, share, self.active_modes.get(actuator_id))
+            chosen.append((actuator_id, mode.mode_id, factor))
+        return chosen
+
+    def instructions(self, plan: Plan, problem: Problem, now: datetime,
+                     until_ptu: int) -> list[FRBCInstruction]:
+        """One FRBC.Instruction per actuator per change of mode/factor in PTUs [0, until)."""
+        power = plan.power_w.get(self.asset_id)
+        if power is None:
+            return []
+        levels = plan.level_wh.get(self.asset_id)
+        last: dict[str, tuple[str, float]] = {}
+        out: list[FRBCInstruction] = []
+        for t in range(min(until_ptu, len(power))):
+            fill = self.fill_level if levels is None or t == 0 else self.units_from_wh(
+                float(levels[min(t, len(levels) - 1)]))
+            execution = now if t == 0 else max(now, problem.ptu_start(t))
+            for actuator_id, mode_id, factor in self.choose_modes(float(power[t]), fill):
+                key = (mode_id, round(factor, 4))
+                if last.get(actuator_id) == key:
+                    continue
+                last[actuator_id] = key
+                out.append(frbc_instruction(actuator_id, mode_id, factor, execution))
+        return out
+
+    def capped_instructions(self, cap_w: float, now: datetime) -> list[FRBCInstruction]:
+        """Instructions that hold this storage at or below `cap_w` from now."""
+        return [frbc_instruction(a, m, f, now) for a, m, f in self.choose_modes(cap_w,
+                                                                                 self.fill_level)]
+
+    def power_range_w(self) -> tuple[float, float]:
+        lo = hi = 0.0
+        for a in self.system_description.actuators:
+            ranges = [mode_range(m, self.fill_level) for m in normal_modes(a)]
+            if ranges:
+                lo += min(0.0, min(r.lo for r in ranges))
+                hi += max(0.0, max(r.hi for r in ranges))
+        return lo, hi
+
+
+def frbc_instruction(actuator_id: str, mode_id: str, factor: float,
+                     execution_time: datetime) -> FRBCInstruction:
+    return FRBCInstruction(
+        message_id=new_id(),
+        id=new_id(),
+        actuator_id=actuator_id,
+        operation_mode=mode_id,
+        operation_mode_factor=round(factor, 4),
+        execution_time=execution_time,
+        abnormal_condition=False,
+    )
+
+
+# -- S2 -> asset ------------------------------------------------------------------------------
+
+
+def guess_kind(system_description: FRBCSystemDescription, name: str = "") -> str:
+    """ev, battery, heat_pump or storage, from what the RM tells about itself."""
+    label = " ".join(filter(None, [name, system_description.storage.diagnostic_label,
+                                   system_description.storage.fill_level_label])).lower()
+    commodities = {c for a in system_description.actuators for c in a.supported_commodities}
+    if Commodity.HEAT in commodities or any(w in label for w in ("°c", "degc", "temp", "heat")):
+        return "heat_pump"
+    if any(w in label for w in ("ev", "car", "vehicle", "charger", "evse")):
+        return "ev"
+    can_discharge = any(mode_range(m, system_description.storage.fill_level_range.start_of_range)
+                        .lo < 0 for a in system_description.actuators for m in normal_modes(a))
+    if can_discharge:
+        return "battery"
+    if "soc" in label or "%" in label:
+        return "ev"
+    return "storage"
+
+
+def reference_wh_per_unit(ranges: list[ModeRange]) -> float:
+    """Electrical Wh per fill unit of the strongest charging (else discharging) mode."""
+    charging = [r for r in ranges if r.power_end > 0 and r.fill_rate_end > 0]
+    if charging:
+        best = max(charging, key=lambda r: r.power_end)
+        return best.power_end / (best.fill_rate_end * 3600.0)
+    discharging = [r for r in ranges if r.power_start < 0 and r.fill_rate_start < 0]
+    if discharging:
+        best = min(discharging, key=lambda r: r.power_start)
+        return best.power_start / (best.fill_rate_start * 3600.0)
+    return 1.0
+
+
+def _rate_at(elements: list[Any], fill_level: float) -> float:
+    best, best_distance = 0.0, math.inf
+    for element in elements:
+        lo, hi = element.fill_level_range.start_of_range, element.fill_level_range.end_of_range
+        distance = 0.0 if lo <= fill_level <= hi else min(abs(fill_level - lo), abs(fill_level - hi))
+        if distance < best_distance:
+            best, best_distance = element.leakage_rate, distance
+    return float(best)
+
+
+def frbc_storage_asset(
+    rm_id: str,
+    system_description: FRBCSystemDescription,
+    grid: PtuGrid,
+    now: datetime,
+    *,
+    storage_status: FRBCStorageStatus | None = None,
+    actuator_statuses: dict[str, FRBCActuatorStatus] | None = None,
+    leakage: FRBCLeakageBehaviour | None = None,
+    usage_forecast: FRBCUsageForecast | None = None,
+    target_profile: FRBCFillLevelTargetProfile | None = None,
+    timer_statuses: list[FRBCTimerStatus] | None = None,
+    kind: str | None = None,
+    name: str = "",
+    priority: int = 1,
+) -> tuple[StorageAsset, FrbcBinding]:
+    """The planner's view of an FRBC storage, and the binding that turns plans back into S2."""
+    storage = system_description.storage
+    bottom = storage.fill_level_range.start_of_range
+    top = storage.fill_level_range.end_of_range
+    fill = storage_status.present_fill_level if storage_status is not None else bottom
+    fill = min(max(fill, bottom), top)
+    actuator_statuses = actuator_statuses or {}
+    active = {k: sid(v.active_operation_mode_id) for k, v in actuator_statuses.items()}
+
+    all_ranges: list[ModeRange] = []
+    charge_min, charge_max, discharge_min, discharge_max = math.inf, 0.0, math.inf, 0.0
+    blocked_until: datetime | None = None
+    for actuator in system_description.actuators:
+        ranges = [mode_range(m, fill) for m in normal_modes(actuator)]
+        all_ranges += ranges
+        charging = [r for r in ranges if r.hi > 0]
+        discharging = [r for r in ranges if r.lo < 0]
+        if charging:
+            charge_max += max(r.hi for r in charging)
+            charge_min = min(charge_min, min(max(r.lo, 0.0) for r in charging))
+        if discharging:
+            discharge_max += -min(r.lo for r in discharging)
+            discharge_min = min(discharge_min, min(max(-r.hi, 0.0) for r in discharging))
+        until = _switch_on_blocked_until(actuator, active.get(sid(actuator.id)), ranges,
+                                         timer_statuses or [], now)
+        if until is not None:
+            blocked_until = until if blocked_until is None else min(blocked_until, until)
+    charge_min = 0.0 if math.isinf(charge_min) else charge_min
+    discharge_min = 0.0 if math.isinf(discharge_min) else discharge_min
+
+    wh_per_unit = reference_wh_per_unit(all_ranges)
+    discharge_efficiency = 1.0
+    discharging = [r for r in all_ranges if r.power_start < 0 and r.fill_rate_start < 0]
+    if discharging:
+        best = min(discharging, key=lambda r: r.power_start)
+        discharge_efficiency = min(1.0, max(0.01, abs(best.power_start) / (
+            abs(best.fill_rate_start) * 3600.0 * wh_per_unit)))
+
+    def to_wh(units: float) -> int:
+        return round((units - bottom) * wh_per_unit)
+
+    usage = np.zeros(grid.n_ptus)
+    if leakage is not None and leakage.elements:
+        usage += _rate_at(list(leakage.elements), fill) * grid.ptu_s * wh_per_unit
+    if usage_forecast is not None and usage_forecast.elements:
+        rate, _ = sample_rate(grid, usage_forecast.start_time,
+                              [e.duration.root for e in usage_forecast.elements],
+                              [e.usage_rate_expected for e in usage_forecast.elements])
+        usage += rate * grid.ptu_s * wh_per_unit
+
+    kind = kind or guess_kind(system_description, name)
+    targets: list[tuple[int, int, int]] = []
+    target_wh: int | None = None
+    available_until: int | None = None
+    if target_profile is not None:
+        moment = target_profile.start_time
+        for element in target_profile.elements:
+            moment = moment + element.duration.to_timedelta()
+            ptu = grid.index_ceil(moment)
+            if ptu <= 0:
+                continue
+            ptu = min(ptu, grid.n_ptus)
+            lo = max(element.fill_level_range.start_of_range, bottom)
+            hi = min(element.fill_level_range.end_of_range, top)
+            targets.append((ptu, to_wh(lo), to_wh(hi)))
+        if targets and kind == "ev":
+            available_until = targets[-1][0]
+            target_wh = targets[-1][1]
+
+    available_from = 0
+    if blocked_until is not None and blocked_until > now:
+        available_from = max(0, min(grid.n_ptus, grid.index_ceil(blocked_until)))
+
+    share = phase_share(p for a in system_description.actuators for p in actuator_phase_share(a))
+    asset = StorageAsset(
+        id=rm_id,
+        kind=kind,
+        charge_max_w=math.floor(charge_max),
+        charge_min_w=math.ceil(charge_min),
+        discharge_max_w=math.floor(discharge_max),
+        discharge_min_w=math.ceil(discharge_min),
+        charge_efficiency=1.0,
+        discharge_efficiency=discharge_efficiency,
+        level_wh=to_wh(fill),
+        level_min_wh=0,
+        level_max_wh=to_wh(top),
+        usage_wh=np.round(usage).astype(np.int64) if usage.any() else None,
+        available_from=available_from,
+        available_until=available_until,
+        target_wh=target_wh,
+        target_profile=targets,
+        priority=priority,
+        phase_share=share,
+    )
+    binding = FrbcBinding(
+        rm_id=rm_id,
+        asset_id=rm_id,
+        system_description=system_description,
+        fill_level=fill,
+        wh_per_unit=wh_per_unit,
+        fill_offset=bottom,
+        active_modes=active,
+        priority=priority,
+        phase_share=share,
+    )
+    return asset, binding
+
+
+def _switch_on_blocked_until(actuator: FRBCActuatorDescription, active_mode: str | None,
+                             ranges: list[ModeRange], timers: list[FRBCTimerStatus],
+                             now: datetime) -> datetime | None:
+    """When an idle actuator may switch to a consuming mode no sooner than a running timer.
+
+    Returns the earliest moment any normal transition out of the active (zero-power) mode
+    into a consuming mode is free of running blocking timers; None when nothing blocks.
+    """
+    if active_mode is None or not actuator.transitions:
+        return None
+    by_id = {r.mode_id: r for r in ranges}
+    current = by_id.get(active_mode)
+    if current is None or current.hi > 0:
+        return None
+    running = {sid(t.timer_id): t.finished_at for t in timers
+               if sid(t.actuator_id) == sid(actuator.id) and t.finished_at > now}
+    earliest: datetime | None = None
+    for transition in actuator.transitions:
+        if transition.abnormal_condition_only or sid(transition.from_) != active_mode:
+            continue
+        target = by_id.get(sid(transition.to))
+        if target is None or target.hi <= 0:
+            continue
+        blocks = [running[sid(b)] for b in transition.blocking_timers if sid(b) in running]
+        free_at = max(blocks) if blocks else now
+        earliest = free_at if earliest is None else min(earliest, free_at)
+    if earliest is None or earliest <= now:
+        return None
+    return earliest

@@ -1,0 +1,193 @@
+"""PPBC (power profile based control) -> ShiftableProfile; a planned start -> ScheduleInstructions.
+
+A PowerProfileDefinition is a chain of sequence containers, each with alternative power
+sequences; it must run between `start_time` and `end_time`. We plan it as one contiguous
+profile: per container the first normal sequence (never `abnormal_condition_only` ones, the RM
+lists its preferred one first), back to back, averaged per PTU. The plan's start becomes one
+PPBC.ScheduleInstruction per container at its offset.
+
+Running profiles: once a container is EXECUTING the rest is no longer shiftable and becomes a
+FixedLoad from now; an interruptible sequence the guard interrupted (INTERRUPTED) is planned
+again as shiftable and resumed with a PPBC.EndInterruptionInstruction. The guard may pause an
+executing interruptible sequence with a PPBC.StartInterruptionInstruction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import numpy as np
+from s2python.ppbc import (
+    PPBCEndInterruptionInstruction,
+    PPBCPowerProfileDefinition,
+    PPBCPowerProfileStatus,
+    PPBCPowerSequence,
+    PPBCScheduleInstruction,
+    PPBCStartInterruptionInstruction,
+)
+
+from cem.flex.ptu import PtuGrid, electric_total, is_electric, new_id, phase_share, sample_rate, sid
+from cem.planner.assets import FixedLoad, PhaseShare, Plan, Problem, ShiftableProfile
+
+CONTROL_TYPE = "POWER_PROFILE_BASED_CONTROL"
+DONE = {"FINISHED", "ABORTED"}
+RUNNING = {"EXECUTING"}
+
+
+@dataclass
+class Step:
+    """One container of the planned chain: which sequence and when it starts in the profile."""
+
+    container_id: str
+    sequence: PPBCPowerSequence
+    offset: timedelta
+    resume: bool = False  # INTERRUPTED: resume with EndInterruption instead of scheduling
+
+
+def sequence_duration(sequence: PPBCPowerSequence) -> timedelta:
+    return timedelta(milliseconds=sum(e.duration.root for e in sequence.elements))
+
+
+def chain_power(grid: PtuGrid, start: datetime, sequences: list[PPBCPowerSequence],
+                skip: timedelta = timedelta(0)) -> np.ndarray:
+    """Average power per PTU of sequences run back to back from `start` (minus `skip`)."""
+    durations, values = [], []
+    for sequence in sequences:
+        for element in sequence.elements:
+            durations.append(element.duration.root)
+            values.append(electric_total(element.power_values, "value_expected") or 0.0)
+    average, coverage = sample_rate(grid, start - skip, durations, values)
+    return average * coverage
+
+
+def first_normal(sequences: list[PPBCPowerSequence]) -> PPBCPowerSequence | None:
+    return next((s for s in sequences if not s.abnormal_condition_only), None)
+
+
+def _progress(progress: object) -> timedelta:
+    """How far an executing sequence is (s2-python 0.11 types `progress` wrongly: 0 then)."""
+    millis = getattr(progress, "root", progress)
+    return timedelta(milliseconds=millis) if isinstance(millis, int | float) else timedelta(0)
+
+
+@dataclass
+class PpbcBinding:
+    """Ties a ShiftableProfile to its PowerProfileDefinition; schedules the planned start."""
+
+    rm_id: str
+    asset_id: str
+    profile_id: str
+    steps: list[Step]
+    executing: tuple[str, str, bool] | None = None  # (container, sequence, interruptible)
+    priority: int = 1
+    phase_share: PhaseShare = (1 / 3, 1 / 3, 1 / 3)
+    control_type: str = CONTROL_TYPE
+    peak_w: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def instructions(self, plan: Plan, problem: Problem, now: datetime,
+                     until_ptu: int) -> list:
+        """Schedule (or resume) each container whose planned start lies before `until_ptu`."""
+        start_ptu = plan.profile_start.get(self.asset_id)
+        if start_ptu is None or not self.steps:
+            return []
+        begin = max(now, problem.ptu_start(start_ptu))
+        horizon_end = problem.ptu_start(until_ptu)
+        out: list = []
+        for step in self.steps:
+            when = max(now, begin + step.offset)
+            if when >= horizon_end:
+                break
+            kind = PPBCEndInterruptionInstruction if step.resume else PPBCScheduleInstruction
+            out.append(kind(message_id=new_id(), id=new_id(), power_profile_id=self.profile_id,
+                            sequence_container_id=step.container_id,
+                            power_sequence_id=sid(step.sequence.id), execution_time=when,
+                            abnormal_condition=False))
+        return out
+
+    def capped_instructions(self, cap_w: float, now: datetime) -> list | None:
+        """Pause an executing interruptible sequence when the cap is below its power."""
+        if self.executing is None or not self.executing[2] or cap_w >= self.peak_w:
+            return None
+        container, sequence, _ = self.executing
+        return [PPBCStartInterruptionInstruction(
+            message_id=new_id(), id=new_id(), power_profile_id=self.profile_id,
+            sequence_container_id=container, power_sequence_id=sequence, execution_time=now,
+            abnormal_condition=False)]
+
+    def power_range_w(self) -> tuple[float, float]:
+        return (0.0, self.peak_w)
+
+
+def ppbc_assets(rm_id: str, definition: PPBCPowerProfileDefinition, grid: PtuGrid,
+                now: datetime, *, status: PPBCPowerProfileStatus | None = None,
+                priority: int = 1) -> tuple[ShiftableProfile | FixedLoad | None, PpbcBinding]:
+    """The planner's view of one power profile definition, and its binding."""
+    states = {}
+    if status is not None:
+        for s in status.sequence_container_status:
+            if sid(s.power_profile_id) == sid(definition.id):
+                states[sid(s.sequence_container_id)] = s
+    asset_id = f"{rm_id}/{sid(definition.id)}"
+    pairs = [(v.commodity_quantity, v.value_expected)
+             for c in definition.power_sequences_containers for s in c.power_sequences
+             for e in s.elements for v in e.power_values if is_electric(v.commodity_quantity)]
+    share = phase_share(pairs)
+    binding = PpbcBinding(rm_id=rm_id, asset_id=asset_id, profile_id=sid(definition.id),
+                          steps=[], priority=priority, phase_share=share)
+
+    remaining: list[PPBCPowerSequence] = []
+    steps: list[Step] = []
+    running_skip: timedelta | None = None
+    offset = timedelta(0)
+    for container in definition.power_sequences_containers:
+        state = states.get(sid(container.id))
+        value = state.status.value if state is not None else "NOT_SCHEDULED"
+        if value in DONE:
+            continue
+        by_id = {sid(s.id): s for s in container.power_sequences}
+        selected = by_id.get(sid(state.selected_sequence_id)) if (
+            state is not None and state.selected_sequence_id is not None) else None
+        if value in RUNNING and selected is not None:
+            running_skip = _progress(state.progress)
+            binding.executing = (sid(container.id), sid(selected.id), selected.is_interruptible)
+            remaining.append(selected)
+            continue
+        sequence = selected if value == "INTERRUPTED" and selected is not None else first_normal(
+            list(container.power_sequences))
+        if sequence is None:
+            binding.notes.append(f"{rm_id}: container {container.id} has only abnormal sequences")
+            continue
+        if running_skip is not None:
+            remaining.append(sequence)
+            continue
+        steps.append(Step(sid(container.id), sequence, offset, resume=value == "INTERRUPTED"))
+        offset += sequence_duration(sequence)
+
+    if running_skip is not None:
+        power = chain_power(grid, now, remaining, running_skip)
+        binding.peak_w = float(power.max(initial=0.0))
+        return FixedLoad(id=asset_id, power_w=np.round(power).astype(np.int64),
+                         phase_share=share), binding
+    if not steps:
+        return None, binding
+
+    binding.steps = steps
+    sequences = [s.sequence for s in steps]
+    total = sum((sequence_duration(s) for s in sequences), timedelta(0))
+    n_profile = max(1, math.ceil(total.total_seconds() / grid.ptu_s - 1e-9))
+    profile_grid = PtuGrid(grid.start, grid.ptu_minutes, n_profile)
+    profile = chain_power(profile_grid, grid.start, sequences)
+    binding.peak_w = float(profile.max(initial=0.0))
+    earliest = max(0, grid.index_ceil(definition.start_time))
+    latest = grid.index_floor(definition.end_time - total)
+    latest = min(latest, grid.n_ptus - n_profile)
+    if latest < earliest:
+        binding.notes.append(f"{rm_id}: profile {definition.id} cannot finish by its end time; "
+                             "planned at its earliest start")
+        latest = earliest
+    asset = ShiftableProfile(id=asset_id, profile_w=np.round(profile).astype(np.int64),
+                             earliest_start=earliest, latest_start=latest, phase_share=share)
+    return asset, binding

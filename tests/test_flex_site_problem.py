@@ -1,0 +1,127 @@
+"""Real S2 sessions (sans-I/O) -> build_problem -> plan -> instructions the session can send."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+from s2python.common import (
+    CommodityQuantity,
+    ControlType,
+    EnergyManagementRole,
+    Handshake,
+    NumberRange,
+    PowerMeasurement,
+    PowerRange,
+    PowerValue,
+    ResourceManagerDetails,
+    Role,
+    RoleType,
+)
+from s2python.frbc import (
+    FRBCActuatorDescription,
+    FRBCOperationMode,
+    FRBCOperationModeElement,
+    FRBCStorageDescription,
+    FRBCStorageStatus,
+    FRBCSystemDescription,
+)
+from s2python.generated.gen_s2 import Commodity
+
+from cem.flex.site_problem import build_problem, instructions_for_plan
+from cem.planner.assets import Plan
+from cem.s2.session import S2Session
+from cem.site.config import CongestionWindow, SiteConfig
+
+NOW = datetime(2026, 11, 23, 17, 7, tzinfo=UTC)
+L = CommodityQuantity
+
+
+def uid() -> str:
+    return str(uuid.uuid4())
+
+
+def connect(name: str, control_types: list[ControlType],
+            measures: list[CommodityQuantity]) -> S2Session:
+    session = S2Session()
+    session.start(NOW)
+    feed(session, Handshake(message_id=uid(), role=EnergyManagementRole.RM,
+                            supported_protocol_versions=["0.0.2-beta"]))
+    feed(session, ResourceManagerDetails(
+        message_id=uid(), resource_id=uid(), name=name,
+        roles=[Role(role=RoleType.ENERGY_CONSUMER, commodity=Commodity.ELECTRICITY)],
+        instruction_processing_delay=100, available_control_types=control_types,
+        provides_forecast=False, provides_power_measurement_types=measures))
+    return session
+
+
+def feed(session: S2Session, message) -> None:  # type: ignore[no-untyped-def]
+    outs = session.receive(message.to_json(), NOW)
+    statuses = [json.loads(o.text) for o in outs if o.message_type == "ReceptionStatus"]
+    assert all(s["status"] == "OK" for s in statuses), statuses
+
+
+def ev_session() -> tuple[S2Session, FRBCSystemDescription]:
+    session = connect("EV charger 3", [ControlType.FILL_RATE_BASED_CONTROL],
+                      [L.ELECTRIC_POWER_3_PHASE_SYMMETRIC])
+    rate = 22080 / 60000 * 100 / 3600
+
+    def frbc_mode(power: tuple[float, float], fill_rate: tuple[float, float]) -> FRBCOperationMode:
+        return FRBCOperationMode(id=uid(), abnormal_condition_only=False, elements=[
+            FRBCOperationModeElement(
+                fill_level_range=NumberRange(start_of_range=0, end_of_range=100),
+                fill_rate=NumberRange(start_of_range=fill_rate[0], end_of_range=fill_rate[1]),
+                power_ranges=[PowerRange(start_of_range=power[0], end_of_range=power[1],
+                                         commodity_quantity=L.ELECTRIC_POWER_3_PHASE_SYMMETRIC)])])
+
+    sd = FRBCSystemDescription(
+        message_id=uid(), valid_from=NOW - timedelta(seconds=5),
+        actuators=[FRBCActuatorDescription(
+            id=uid(), supported_commodities=[Commodity.ELECTRICITY], transitions=[], timers=[],
+            operation_modes=[frbc_mode((0, 0), (0, 0)),
+                             frbc_mode((4140, 22080), (4140 / 22080 * rate, rate))])],
+        storage=FRBCStorageDescription(
+            diagnostic_label="EV", fill_level_label="SoC %", provides_leakage_behaviour=False,
+            provides_fill_level_target_profile=True, provides_usage_forecast=False,
+            fill_level_range=NumberRange(start_of_range=0, end_of_range=100)))
+    feed(session, sd)
+    feed(session, FRBCStorageStatus(message_id=uid(), present_fill_level=20))
+    feed(session, PowerMeasurement(message_id=uid(), measurement_timestamp=NOW, values=[
+        PowerValue(commodity_quantity=L.ELECTRIC_POWER_3_PHASE_SYMMETRIC, value=4140)]))
+    return session, sd
+
+
+def meter_session(grid_w: float) -> S2Session:
+    session = connect("grid meter", [ControlType.NOT_CONTROLABLE],
+                      [L.ELECTRIC_POWER_L1, L.ELECTRIC_POWER_L2, L.ELECTRIC_POWER_L3])
+    feed(session, PowerMeasurement(message_id=uid(), measurement_timestamp=NOW, values=[
+        PowerValue(commodity_quantity=q, value=grid_w / 3)
+        for q in (L.ELECTRIC_POWER_L1, L.ELECTRIC_POWER_L2, L.ELECTRIC_POWER_L3)]))
+    return session
+
+
+def test_site_problem_from_real_sessions_and_back_to_sendable_instructions() -> None:
+    config = SiteConfig.model_validate({"planner": {"horizon_ptus": 16}})
+    ev, sd = ev_session()
+    meter = meter_session(5640)  # 4140 W EV + 1500 W the meter sees and nobody explains
+    window = CongestionWindow(start=datetime(2026, 11, 23, 18, 0, tzinfo=UTC),
+                              end=datetime(2026, 11, 23, 19, 0, tzinfo=UTC), import_limit_kw=8)
+    problem, mapping = build_problem({"ev-3": ev.state, "meter": meter.state}, config, None,
+                                     [window], NOW)
+    assert problem.start == datetime(2026, 11, 23, 17, 0, tzinfo=UTC) and problem.n_ptus == 16
+    assert problem.limits.import_limit_w[3] == 17000 and problem.limits.import_limit_w[4] == 8000
+    (ev_asset,) = problem.storage
+    assert ev_asset.charge_min_w == 4140 and ev_asset.level_wh == 12000
+    assert mapping.meter_rm == "meter"
+    assert [f.id for f in problem.fixed] == ["base-load"] and problem.fixed[0].power_w[0] == 1500
+    assert mapping.summary() == "1 EV"
+
+    power = np.full(16, 11000)
+    plan = Plan(status="FEASIBLE", power_w={"ev-3": power}, grid_import_w=power + 1500)
+    instructions = instructions_for_plan(plan, problem, mapping, NOW, until_ptu=4)
+    (message,) = instructions["ev-3"]
+    assert str(message.actuator_id) == str(sd.actuators[0].id)
+    out = ev.send(message, NOW)  # the session accepts it as a valid FRBC.Instruction
+    assert out.message_type == "FRBC.Instruction" and out.awaits_status
