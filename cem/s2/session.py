@@ -391,6 +391,7 @@ class S2Session:
         self._started = False
         self._started_at: datetime | None = None
         self._handshake_done = False
+        self._pinned: ControlType | None = None   # chosen on demand, kept over details refreshes
         self._pending: dict[str, _Pending] = {}
         self._handlers: dict[str, Callable[[Any, datetime], list[Outgoing]]] = {
             "Handshake": self._on_handshake,
@@ -523,6 +524,7 @@ class S2Session:
             if wanted not in details.available_control_types:
                 raise ValueError(f"the resource manager does not offer {wanted.value}; it offers "
                                  + ", ".join(c.value for c in details.available_control_types))
+        self._pinned = wanted
         if wanted == self.state.control_type:
             return []
         return [self._select(wanted, now, "asked for")]
@@ -706,7 +708,13 @@ class S2Session:
                     ", ".join(q.value for q in message.provides_power_measurement_types) or "nothing")
         self.events.append(RmDetails(message, self.ids.external_of(message.resource_id),
                                      message.name))
-        wanted = self._choose_control_type(message.available_control_types)
+        pinned = self._pinned
+        if pinned is not None and (pinned == ControlType.NO_SELECTION
+                                   or pinned in message.available_control_types):
+            wanted = pinned
+        else:
+            self._pinned = None
+            wanted = self._choose_control_type(message.available_control_types)
         current = self.state.control_type
         if current == wanted:
             return []

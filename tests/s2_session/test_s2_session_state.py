@@ -258,3 +258,13 @@ def test_snapshot_maps_internal_ids_back_to_the_rm_ids() -> None:
     # nor are ids of rejected messages
     feed(session, frbc_actuator_status(mode="om-turbo"))
     assert "om-turbo" not in session.state.snapshot()["rm_ids"].values()
+
+
+def test_control_type_chosen_on_demand_survives_a_details_refresh() -> None:
+    session, _ = connect([FRBC, PEBC], preference=["FRBC", "PEBC"])
+    session.select_control_type("PEBC", T0)
+    outs = feed(session, details([FRBC, PEBC], message_id="rmd-2"))
+    assert sent(outs, "SelectControlType") == []
+    assert session.state.control_type == ControlType.POWER_ENVELOPE_BASED_CONTROL
+    outs = feed(session, details([FRBC], message_id="rmd-3"))  # PEBC gone: preference again
+    assert sent(outs, "SelectControlType")[0]["control_type"] == FRBC
