@@ -25,8 +25,20 @@ ReceptionStatus itself):
    versions kept, an internal error).
 5. ``OK`` otherwise; the state is updated and events are emitted.
 
-A bad message never ends the session. Only "no common protocol version" and a SessionRequest
-end it (`close` is set). Ids that are not UUIDs are translated per session (see `cem.s2.ids`).
+A bad message never ends the session. Only "no common protocol version" (close 1002), a
+SessionRequest from either side (1000) and an RM that sends no Handshake within
+``handshake_timeout_s`` (1008, noticed by `expire`) end it (`close` is set).
+
+Ids that are not UUIDs are translated per session (see `cem.s2.ids`); `send` writes them back.
+Two deliberate leniencies for interoperability, both for messages the S2 documentation itself
+shows: a PEBC limit range may be written high-to-low (``0 .. -4000``), and DDBC operation modes
+use the schema's ``Id`` (s2-python 0.11.1 wants an extra ``id`` and a list as ``supply_range``;
+the session adapts the message before handing it to s2-python).
+
+Events (drained with `S2Session.drain_events`): HandshakeDone, RmDetails, ControlTypeSelected,
+StateChanged (the planner may replan), InstructionStatusChanged, ReceptionConfirmed,
+ReceptionFailed (the RM refused a CEM message, or "TIMEOUT"), MessageRejected (the CEM refused
+an RM message), SessionClosed, ReconnectRequested.
 """
 
 from __future__ import annotations
