@@ -335,3 +335,15 @@ async def test_exception_responses_and_timeouts_withdraw_then_recover(
     await eventually(lambda: site.rm.device_ok, within=8, what="recovered after timeouts")
     last = live.state.latest_measurement()
     await eventually(lambda: live.state.latest_measurement() is not last, what="measurements")
+
+
+async def test_battery_goes_idle_when_the_cem_stays_away(cem: S2Server,
+                                                         make_site: Callable[..., Any]) -> None:
+    site = await make_site(load_register_map(SPECS / "battery_generic.toml"), cem_grace_s=0.5)
+    await site.described()
+    await instruct(site, frbc_instruction(s2m.BATTERY_ACTUATOR, s2m.BATTERY_DISCHARGE, 0.0))
+    sim = site.sim
+    assert isinstance(sim, BatterySimulator)
+    await eventually(lambda: sim.setpoint_w == -5000, what="discharging")
+    await cem.stop()
+    await eventually(lambda: sim.setpoint_w == 0, what="idle without a CEM")

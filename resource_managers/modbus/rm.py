@@ -133,7 +133,7 @@ class ModbusRM:
                  poll_interval_s: float | None = None,
                  backoff_s: tuple[float, float] = (0.5, 30.0),
                  s2_backoff_s: tuple[float, float] = (0.5, 30.0),
-                 timeout_s: float = 1.0) -> None:
+                 timeout_s: float = 1.0, cem_grace_s: float = 60.0) -> None:
         if regmap.device_class != self.device_class:
             raise ValueError(f"{type(self).__name__} needs a '{self.device_class}' register map; "
                              f"{regmap.source} describes a '{regmap.device_class}'")
@@ -157,6 +157,8 @@ class ModbusRM:
                                     control_types=self.control_types(), token=token,
                                     backoff_s=s2_backoff_s,
                                     on_control_type=self._on_control_type)
+        self.cem_grace_s = cem_grace_s
+        self.cem_seen = time.monotonic()
         self.device_ok = False
         self.fault: str | None = "not polled yet"
         self.readings: dict[str, float] = {}
@@ -272,6 +274,8 @@ class ModbusRM:
                 next_poll = time.monotonic()
                 continue
             delay = low
+            if self.s2.connected.is_set():
+                self.cem_seen = time.monotonic()
             self.readings.update(values)
             if not self.device_ok:
                 self.device_ok = True
@@ -499,6 +503,13 @@ class BatteryRM(ModbusRM):
 
     async def maintain(self) -> None:
         if self.target_w is None:
+            return
+        if time.monotonic() - self.cem_seen > self.cem_grace_s:
+            log.warning("%s: no CEM for %.0f s: no longer holding %.0f W, the battery goes "
+                        "idle", self.name, self.cem_grace_s, self.target_w)
+            self.target_w = None
+            self.mode_id, self.factor = s2m.BATTERY_IDLE, 0.0
+            await self.write_power(0.0)
             return
         clamped = s2m.clamp_battery_power(self.limits, self.target_w,
                                           self.readings.get("soc")).power_w
