@@ -844,24 +844,39 @@ class S2Session:
                     len(message.actuators), when)
         return self._changed("system_description", message.message_type)
 
-    def _frbc_actuator(self, actuator_id: Any, now: datetime) -> Any:
-        description = self.state._frbc_sd.in_force(now) or self.state._frbc_sd.latest()
-        if description is None:
-            raise _content("no FRBC.SystemDescription received yet")
-        for actuator in description.actuators:
-            if id_key(actuator.id) == id_key(actuator_id):
-                return actuator
-        raise _content(f"unknown actuator {self.ids.external_of(actuator_id)}")
+    @staticmethod
+    def _versions(history: Any, now: datetime) -> list[Any]:
+        """The version in force and the upcoming ones: a status may refer to any of them."""
+        current = history.in_force(now)
+        return ([current] if current is not None else []) + history.upcoming(now)
 
-    def _on_frbc_actuator_status(self, message: FRBCActuatorStatus,
-                                 now: datetime) -> list[Outgoing]:
-        self._require(message.message_type)
-        actuator = self._frbc_actuator(message.actuator_id, now)
-        modes = {id_key(m.id) for m in actuator.operation_modes}
+    def _actuators(self, history: Any, actuator_id: Any, now: datetime, kind: str) -> list[Any]:
+        """The descriptions of one actuator in every kept version (INVALID_CONTENT if none)."""
+        versions = self._versions(history, now)
+        if not versions:
+            raise _content(f"no {kind}.SystemDescription received yet")
+        found = [a for d in versions for a in d.actuators if id_key(a.id) == id_key(actuator_id)]
+        if not found:
+            raise _content(f"unknown actuator {self.ids.external_of(actuator_id)}")
+        return found
+
+    def _check_actuator_modes(self, actuators: list[Any], message: Any) -> None:
+        modes = {id_key(m.id) for a in actuators for m in a.operation_modes}
         for mode_id in (message.active_operation_mode_id, message.previous_operation_mode_id):
             if mode_id is not None and id_key(mode_id) not in modes:
                 raise _content(f"unknown operation mode {self.ids.external_of(mode_id)} of "
                                f"actuator {self.ids.external_of(message.actuator_id)}")
+
+    def _check_actuator_timer(self, actuators: list[Any], message: Any) -> None:
+        if id_key(message.timer_id) not in {id_key(t.id) for a in actuators for t in a.timers}:
+            raise _content(f"unknown timer {self.ids.external_of(message.timer_id)} of actuator "
+                           f"{self.ids.external_of(message.actuator_id)}")
+
+    def _on_frbc_actuator_status(self, message: FRBCActuatorStatus,
+                                 now: datetime) -> list[Outgoing]:
+        self._require(message.message_type)
+        actuators = self._actuators(self.state._frbc_sd, message.actuator_id, now, "FRBC")
+        self._check_actuator_modes(actuators, message)
         self.state._frbc_actuator_status[id_key(message.actuator_id)] = message
         return self._changed("status", message.message_type)
 
@@ -895,10 +910,8 @@ class S2Session:
 
     def _on_frbc_timer(self, message: FRBCTimerStatus, now: datetime) -> list[Outgoing]:
         self._require(message.message_type)
-        actuator = self._frbc_actuator(message.actuator_id, now)
-        if id_key(message.timer_id) not in {id_key(t.id) for t in actuator.timers}:
-            raise _content(f"unknown timer {self.ids.external_of(message.timer_id)} of actuator "
-                           f"{self.ids.external_of(message.actuator_id)}")
+        actuators = self._actuators(self.state._frbc_sd, message.actuator_id, now, "FRBC")
+        self._check_actuator_timer(actuators, message)
         self.state._frbc_timers[(id_key(message.actuator_id), id_key(message.timer_id))] = message
         return self._changed("timer", message.message_type)
 
@@ -979,15 +992,15 @@ class S2Session:
         self.state._ombc_sd.add(message, now)
         return self._changed("system_description", message.message_type)
 
-    def _ombc_description(self, now: datetime) -> OMBCSystemDescription:
-        description = self.state._ombc_sd.in_force(now) or self.state._ombc_sd.latest()
-        if description is None:
+    def _ombc_descriptions(self, now: datetime) -> list[OMBCSystemDescription]:
+        versions = self._versions(self.state._ombc_sd, now)
+        if not versions:
             raise _content("no OMBC.SystemDescription received yet")
-        return description
+        return versions
 
     def _on_ombc_status(self, message: OMBCStatus, now: datetime) -> list[Outgoing]:
         self._require(message.message_type)
-        modes = {id_key(m.id) for m in self._ombc_description(now).operation_modes}
+        modes = {id_key(m.id) for d in self._ombc_descriptions(now) for m in d.operation_modes}
         for mode_id in (message.active_operation_mode_id, message.previous_operation_mode_id):
             if mode_id is not None and id_key(mode_id) not in modes:
                 raise _content(f"unknown operation mode {self.ids.external_of(mode_id)}")
@@ -996,8 +1009,8 @@ class S2Session:
 
     def _on_ombc_timer(self, message: OMBCTimerStatus, now: datetime) -> list[Outgoing]:
         self._require(message.message_type)
-        if id_key(message.timer_id) not in {id_key(t.id)
-                                            for t in self._ombc_description(now).timers}:
+        timers = {id_key(t.id) for d in self._ombc_descriptions(now) for t in d.timers}
+        if id_key(message.timer_id) not in timers:
             raise _content(f"unknown timer {self.ids.external_of(message.timer_id)}")
         self.state._ombc_timers[id_key(message.timer_id)] = message
         return self._changed("timer", message.message_type)
@@ -1014,33 +1027,18 @@ class S2Session:
         self.state._ddbc_sd.add(message, now)
         return self._changed("system_description", message.message_type)
 
-    def _ddbc_actuator(self, actuator_id: Any, now: datetime) -> Any:
-        description = self.state._ddbc_sd.in_force(now) or self.state._ddbc_sd.latest()
-        if description is None:
-            raise _content("no DDBC.SystemDescription received yet")
-        for actuator in description.actuators:
-            if id_key(actuator.id) == id_key(actuator_id):
-                return actuator
-        raise _content(f"unknown actuator {self.ids.external_of(actuator_id)}")
-
     def _on_ddbc_actuator_status(self, message: DDBCActuatorStatus,
                                  now: datetime) -> list[Outgoing]:
         self._require(message.message_type)
-        actuator = self._ddbc_actuator(message.actuator_id, now)
-        modes = {id_key(m.id) for m in actuator.operation_modes}
-        for mode_id in (message.active_operation_mode_id, message.previous_operation_mode_id):
-            if mode_id is not None and id_key(mode_id) not in modes:
-                raise _content(f"unknown operation mode {self.ids.external_of(mode_id)} of "
-                               f"actuator {self.ids.external_of(message.actuator_id)}")
+        actuators = self._actuators(self.state._ddbc_sd, message.actuator_id, now, "DDBC")
+        self._check_actuator_modes(actuators, message)
         self.state._ddbc_actuator_status[id_key(message.actuator_id)] = message
         return self._changed("status", message.message_type)
 
     def _on_ddbc_timer(self, message: DDBCTimerStatus, now: datetime) -> list[Outgoing]:
         self._require(message.message_type)
-        actuator = self._ddbc_actuator(message.actuator_id, now)
-        if id_key(message.timer_id) not in {id_key(t.id) for t in actuator.timers}:
-            raise _content(f"unknown timer {self.ids.external_of(message.timer_id)} of actuator "
-                           f"{self.ids.external_of(message.actuator_id)}")
+        actuators = self._actuators(self.state._ddbc_sd, message.actuator_id, now, "DDBC")
+        self._check_actuator_timer(actuators, message)
         self.state._ddbc_timers[(id_key(message.actuator_id), id_key(message.timer_id))] = message
         return self._changed("timer", message.message_type)
 

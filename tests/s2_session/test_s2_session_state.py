@@ -268,3 +268,16 @@ def test_control_type_chosen_on_demand_survives_a_details_refresh() -> None:
     assert session.state.control_type == ControlType.POWER_ENVELOPE_BASED_CONTROL
     outs = feed(session, details([FRBC], message_id="rmd-3"))  # PEBC gone: preference again
     assert sent(outs, "SelectControlType")[0]["control_type"] == FRBC
+
+
+def test_status_may_refer_to_an_upcoming_system_description() -> None:
+    session, _ = connect([FRBC])
+    feed(session, frbc_system_description())
+    upcoming = frbc_system_description("sd-2", valid_from=T0 + HOUR)
+    upcoming["actuators"][0]["operation_modes"][1]["id"] = "om-eco"
+    upcoming["actuators"][0]["transitions"][0]["to"] = "om-eco"
+    upcoming["actuators"][0]["transitions"][1]["from"] = "om-eco"
+    assert status_of(feed(session, upcoming)) == "OK"
+    assert status_of(feed(session, frbc_actuator_status("om-eco"))) == "OK"
+    assert status_of(feed(session, frbc_actuator_status("om-on", "as-2"))) == "OK"
+    assert status_of(feed(session, frbc_actuator_status("om-x", "as-3"))) == "INVALID_CONTENT"
