@@ -239,3 +239,18 @@ async def test_link_keeps_writes_inside_the_maps_valid_range(stack: list[object]
     await link.write("power_setpoint", -9000)
     assert sim.values["power_setpoint"] == -3000
     assert sim.rejected == []
+
+
+def test_time_scale_describes_an_accelerated_device_in_wall_clock_time() -> None:
+    moment = datetime(2026, 1, 1, tzinfo=UTC)
+    battery = load_register_map(SPECS / "battery_generic.toml").limits
+    real = s2m.battery_system_description(battery, moment)
+    fast = s2m.battery_system_description(battery, moment, time_scale=60)
+    rate = real.actuators[0].operation_modes[0].elements[0].fill_rate.end_of_range
+    assert rate == pytest.approx(5000 * 0.95 / 10000 * 100 / 3600)  # % per second
+    assert fast.actuators[0].operation_modes[0].elements[0].fill_rate.end_of_range \
+        == pytest.approx(rate * 60)
+    heat_pump = load_register_map(SPECS / "heat_pump_sg_ready.toml").limits
+    timers = s2m.heat_pump_system_description(heat_pump, moment, time_scale=60) \
+        .actuators[0].timers
+    assert [t.duration.root for t in timers] == [10_000, 5_000]  # 600 s and 300 s / 60

@@ -133,7 +133,8 @@ class ModbusRM:
                  poll_interval_s: float | None = None,
                  backoff_s: tuple[float, float] = (0.5, 30.0),
                  s2_backoff_s: tuple[float, float] = (0.5, 30.0),
-                 timeout_s: float = 1.0, cem_grace_s: float = 60.0) -> None:
+                 timeout_s: float = 1.0, cem_grace_s: float = 60.0,
+                 time_scale: float = 1.0) -> None:
         if regmap.device_class != self.device_class:
             raise ValueError(f"{type(self).__name__} needs a '{self.device_class}' register map; "
                              f"{regmap.source} describes a '{regmap.device_class}'")
@@ -158,6 +159,7 @@ class ModbusRM:
                                     backoff_s=s2_backoff_s,
                                     on_control_type=self._on_control_type)
         self.cem_grace_s = cem_grace_s
+        self.time_scale = time_scale  # simulated s per wall s of the device behind us
         self.cem_seen = time.monotonic()
         self.device_ok = False
         self.fault: str | None = "not polled yet"
@@ -427,7 +429,7 @@ class BatteryRM(ModbusRM):
         self.written_w = None  # the device may have reverted while we were away
 
     def flexibility_messages(self, now: datetime) -> list[S2Message]:
-        description = s2m.battery_system_description(self.limits, now)
+        description = s2m.battery_system_description(self.limits, now, self.time_scale)
         self.system_description_id = description.message_id
         return [description, self._actuator_status(), self._storage_status()]
 
@@ -560,13 +562,15 @@ class HeatPumpRM(ModbusRM):
         return s2m.heat_pump_mode_of(self.limits, int(self.readings.get("sg_ready_state", 0)))
 
     def flexibility_messages(self, now: datetime) -> list[S2Message]:
-        description = s2m.heat_pump_system_description(self.limits, now)
+        description = s2m.heat_pump_system_description(self.limits, now, self.time_scale)
         self.system_description_id = description.message_id
         self.last_forecast = time.monotonic()
-        return [description, s2m.heat_pump_leakage(self.limits, now),
-                s2m.heat_pump_usage_forecast(self.limits, now,
-                                             outdoor_c=self.readings.get("outdoor_temperature")),
-                self._actuator_status(), self._storage_status()]
+        return [description, s2m.heat_pump_leakage(self.limits, now, time_scale=self.time_scale),
+                self._usage_forecast(now), self._actuator_status(), self._storage_status()]
+
+    def _usage_forecast(self, now: datetime) -> S2Message:
+        return s2m.heat_pump_usage_forecast(self.limits, now, time_scale=self.time_scale,
+                                            outdoor_c=self.readings.get("outdoor_temperature"))
 
     def withdraw_messages(self) -> list[S2Message]:
         if self.system_description_id is None:
@@ -592,8 +596,7 @@ class HeatPumpRM(ModbusRM):
             out.append(self._storage_status())
         if time.monotonic() - self.last_forecast > 900:
             self.last_forecast = time.monotonic()
-            out.append(s2m.heat_pump_usage_forecast(
-                self.limits, now, outdoor_c=self.readings.get("outdoor_temperature")))
+            out.append(self._usage_forecast(now))
         return out
 
     def check(self, instruction: Any) -> None:
@@ -642,7 +645,7 @@ class HeatPumpRM(ModbusRM):
             started.append(s2m.MIN_OFF_TIMER)
         for timer in started:
             seconds = (self.limits.min_run_s if timer == s2m.MIN_RUN_TIMER
-                       else self.limits.min_off_s)
+                       else self.limits.min_off_s) / self.time_scale
             self.timer_ends[timer] = now + timedelta(seconds=seconds)
             await self.s2.send_and_forget(FRBCTimerStatus(
                 message_id=uuid.uuid4(), timer_id=timer, actuator_id=s2m.HEAT_PUMP_ACTUATOR,
@@ -696,7 +699,8 @@ class PvRM(ModbusRM):
         self.constraints_id = constraints.id
         self.constraints_message_id = constraints.message_id
         self.last_forecast = time.monotonic()
-        return [constraints, s2m.pv_forecast(self.limits, now, self.per_kwp_by_hour)]
+        return [constraints, s2m.pv_forecast(self.limits, now, self.per_kwp_by_hour,
+                                               time_scale=self.time_scale)]
 
     def withdraw_messages(self) -> list[S2Message]:
         if self.constraints_id is None:
@@ -709,7 +713,8 @@ class PvRM(ModbusRM):
         out = super().periodic_messages(now)
         if time.monotonic() - self.last_forecast > 900:
             self.last_forecast = time.monotonic()
-            out.append(s2m.pv_forecast(self.limits, now, self.per_kwp_by_hour))
+            out.append(s2m.pv_forecast(self.limits, now, self.per_kwp_by_hour,
+                                               time_scale=self.time_scale))
         return out
 
     def check(self, instruction: Any) -> None:

@@ -10,6 +10,10 @@
 - meter     -> PowerMeasurement per phase.
 
 Every function takes what it needs and a `now`, so tests can call them directly.
+
+`time_scale` (simulated seconds per wall-clock second, 1 for real devices) lets an RM in front
+of an accelerated simulator describe the device in wall-clock time: rates are multiplied by
+it, durations (timers, forecast elements) divided by it.
 """
 
 from __future__ import annotations
@@ -121,12 +125,13 @@ def _mode(mode_id: uuid.UUID, label: str, fill: tuple[float, float],
 # --- battery ----------------------------------------------------------------------------------
 
 
-def battery_system_description(limits: Limits, now: datetime) -> FRBCSystemDescription:
+def battery_system_description(limits: Limits, now: datetime, time_scale: float = 1.0
+                               ) -> FRBCSystemDescription:
     """FRBC description of a battery: SoC in %, charge / idle / discharge with power ranges."""
     assert limits.max_charge_w and limits.max_discharge_w and limits.capacity_wh
     quantity = PHASE_QUANTITY[limits.phase]
     soc = (float(limits.soc_min_pct or 0), float(limits.soc_max_pct or 100))
-    pct_per_s_per_w = 100 / limits.capacity_wh / 3600
+    pct_per_s_per_w = 100 / limits.capacity_wh / 3600 * time_scale
     charge_rate = limits.max_charge_w * limits.charge_efficiency * pct_per_s_per_w
     discharge_rate = limits.max_discharge_w / limits.discharge_efficiency * pct_per_s_per_w
     modes = [
@@ -197,12 +202,14 @@ def clamp_battery_power(limits: Limits, asked_w: float, soc_pct: float | None) -
 # --- heat pump ---------------------------------------------------------------------------------
 
 
-def heat_pump_fill_rate(limits: Limits, power_w: float) -> float:
+def heat_pump_fill_rate(limits: Limits, power_w: float, time_scale: float = 1.0) -> float:
     """Buffer temperature rise in K/s for an electrical power (times the COP)."""
-    return power_w * limits.cop / (limits.buffer_heat_capacity_wh_per_k or 1) / 3600
+    return power_w * limits.cop / (limits.buffer_heat_capacity_wh_per_k or 1) / 3600 \
+        * time_scale
 
 
-def heat_pump_system_description(limits: Limits, now: datetime) -> FRBCSystemDescription:
+def heat_pump_system_description(limits: Limits, now: datetime, time_scale: float = 1.0
+                                 ) -> FRBCSystemDescription:
     """FRBC description of a heat pump on a buffer: off / normal / boost with timers."""
     quantity = PHASE_QUANTITY[limits.phase]
     band = (float(limits.comfort_min_c or 0), float(limits.comfort_max_c or 0))
@@ -211,14 +218,14 @@ def heat_pump_system_description(limits: Limits, now: datetime) -> FRBCSystemDes
     modes = [
         _mode(HEAT_PUMP_OFF, "off (SG-Ready blocked)", band, (0.0, 0.0), (0.0, 0.0), quantity),
         _mode(HEAT_PUMP_NORMAL, "normal (SG-Ready 2)", band,
-              (heat_pump_fill_rate(limits, normal),) * 2, (normal, normal), quantity),
+              (heat_pump_fill_rate(limits, normal, time_scale),) * 2, (normal, normal), quantity),
         _mode(HEAT_PUMP_BOOST, "boost (SG-Ready 3)", band,
-              (heat_pump_fill_rate(limits, boost),) * 2, (boost, boost), quantity),
+              (heat_pump_fill_rate(limits, boost, time_scale),) * 2, (boost, boost), quantity),
     ]
     timers = [Timer(id=MIN_RUN_TIMER, diagnostic_label="minimum run time",
-                    duration=_ms(limits.min_run_s)),
+                    duration=_ms(limits.min_run_s / time_scale)),
               Timer(id=MIN_OFF_TIMER, diagnostic_label="minimum off time",
-                    duration=_ms(limits.min_off_s))]
+                    duration=_ms(limits.min_off_s / time_scale))]
     on_modes = (HEAT_PUMP_NORMAL, HEAT_PUMP_BOOST)
     rules: dict[tuple[uuid.UUID, uuid.UUID], tuple[list[uuid.UUID], list[uuid.UUID]]] = {}
     for on in on_modes:
@@ -237,7 +244,8 @@ def heat_pump_system_description(limits: Limits, now: datetime) -> FRBCSystemDes
                                  storage=storage)
 
 
-def heat_pump_leakage(limits: Limits, now: datetime, bins: int = 3) -> FRBCLeakageBehaviour:
+def heat_pump_leakage(limits: Limits, now: datetime, bins: int = 3, time_scale: float = 1.0
+                      ) -> FRBCLeakageBehaviour:
     """Heat lost to the room, in K/s, per slice of the comfort band (warmer loses more)."""
     low, high = float(limits.comfort_min_c or 0), float(limits.comfort_max_c or 0)
     step = (high - low) / bins
@@ -246,7 +254,7 @@ def heat_pump_leakage(limits: Limits, now: datetime, bins: int = 3) -> FRBCLeaka
         start, end = low + i * step, low + (i + 1) * step
         middle = (start + end) / 2
         rate = limits.heat_loss_w_per_k * max(0.0, middle - limits.ambient_c) \
-            / (limits.buffer_heat_capacity_wh_per_k or 1) / 3600
+            / (limits.buffer_heat_capacity_wh_per_k or 1) / 3600 * time_scale
         elements.append(FRBCLeakageBehaviourElement(
             fill_level_range=NumberRange(start_of_range=start, end_of_range=end),
             leakage_rate=rate))
@@ -254,13 +262,15 @@ def heat_pump_leakage(limits: Limits, now: datetime, bins: int = 3) -> FRBCLeaka
 
 
 def heat_pump_usage_forecast(limits: Limits, now: datetime, hours: int = 24,
-                             outdoor_c: float | None = None) -> FRBCUsageForecast:
+                             outdoor_c: float | None = None, time_scale: float = 1.0
+                             ) -> FRBCUsageForecast:
     """The house's heat demand as a buffer temperature drop in K/s, hour by hour."""
     demand = limits.heat_demand_w
     if outdoor_c is not None:  # colder outside: more demand (degree-day scaling around 5 degC)
         demand *= max(0.2, min(2.5, (18.0 - outdoor_c) / 13.0))
-    rate = demand / (limits.buffer_heat_capacity_wh_per_k or 1) / 3600
-    elements = [FRBCUsageForecastElement(duration=_ms(3600), usage_rate_expected=rate,
+    rate = demand / (limits.buffer_heat_capacity_wh_per_k or 1) / 3600 * time_scale
+    elements = [FRBCUsageForecastElement(duration=_ms(3600 / time_scale),
+                                         usage_rate_expected=rate,
                                          usage_rate_upper_limit=rate * 1.3,
                                          usage_rate_lower_limit=rate * 0.7)
                 for _ in range(hours)]
@@ -343,7 +353,7 @@ def pv_limit_pct(limits: Limits, max_production_w: float) -> float:
 
 
 def pv_forecast(limits: Limits, now: datetime, per_kwp_by_hour: Sequence[float],
-                hours: int = 24) -> PowerForecast:
+                hours: int = 24, time_scale: float = 1.0) -> PowerForecast:
     """Expected production for the next hours from a per-kWp profile by UTC hour of day."""
     quantity = PHASE_QUANTITY[limits.phase]
     kwp = (limits.rated_power_w or 0) / 1000
@@ -353,7 +363,7 @@ def pv_forecast(limits: Limits, now: datetime, per_kwp_by_hour: Sequence[float],
         hour = (start + timedelta(hours=h)).hour
         expected = -per_kwp_by_hour[hour] * kwp * 1000
         elements.append(PowerForecastElement(
-            duration=_ms(3600),
+            duration=_ms(3600 / time_scale),
             power_values=[PowerForecastValue(value_expected=round(expected),
                                              value_lower_limit=round(expected * 1.3),
                                              value_upper_limit=0.0,

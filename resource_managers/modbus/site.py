@@ -1,7 +1,8 @@
 """A simulated Modbus side of a site in one process: simulators plus their S2 RMs (for the demo).
 
 `SimulatedModbusSite` starts, for each device, a simulator on loopback and the matching RM
-connected to the CEM. The grid meter follows the other simulators (plus a base load and any
+connected to the CEM. With `speed` above 1 the RMs describe the accelerated devices in
+wall-clock time (`time_scale=speed`: rates x speed, durations / speed). The grid meter follows the other simulators (plus a base load and any
 extra feeds such as EV chargers), so the CEM's fuse / kW-max guard sees the whole site.
 
     site = SimulatedModbusSite.from_config(config, cem_url=server.url, speed=60)
@@ -114,7 +115,8 @@ class SimulatedModbusSite:
             await sim.start()
             rm = resource_manager_for(regmap, cem_url=self.cem_url, host=plan.host,
                                       port=sim.port, device_id=plan.device_id,
-                                      token=self.token, name=plan.name, **self.rm_options)
+                                      token=self.token, name=plan.name,
+                                      **({"time_scale": self.speed} | self.rm_options))
             self.devices.append(SimulatedDevice(plan, regmap, sim, rm))
         meter = self.meter
         if meter is not None:
