@@ -489,6 +489,10 @@ class S2Session:
             if self.state.control_type != wanted:
                 raise ValueError(f"cannot send {message_type}: the active control type is "
                                  f"{self._ct_name(self.state.control_type)}")
+            try:
+                self._check_instruction(message, now)
+            except _Reject as problem:
+                raise ValueError(f"cannot send {message_type}: {problem.label}") from None
             self.state._record_instruction(message, now)
             logger.info("sending %s %s", message_type, self.ids.external_of(message.id))
         elif isinstance(message, SelectControlType):
@@ -1047,6 +1051,42 @@ class S2Session:
         self._require(message.message_type)
         self.state._ddbc_demand_forecast = message
         return self._changed("forecast", message.message_type)
+
+    def _check_instruction(self, message: Any, now: datetime) -> None:
+        """An instruction may only name what the RM described (in force or upcoming)."""
+        state = self.state
+        kind = message.message_type
+        if kind == "FRBC.Instruction":
+            actuators = self._actuators(state._frbc_sd, message.actuator_id, now, "FRBC")
+            modes = {id_key(m.id) for a in actuators for m in a.operation_modes}
+            if id_key(message.operation_mode) not in modes:
+                raise _content(f"unknown operation mode "
+                               f"{self.ids.external_of(message.operation_mode)}")
+        elif kind == "DDBC.Instruction":
+            actuators = self._actuators(state._ddbc_sd, message.actuator_id, now, "DDBC")
+            modes = {id_key(m.id) for a in actuators for m in a.operation_modes}
+            if id_key(message.operation_mode_id) not in modes:
+                raise _content(f"unknown operation mode "
+                               f"{self.ids.external_of(message.operation_mode_id)}")
+        elif kind == "OMBC.Instruction":
+            modes = {id_key(m.id) for d in self._ombc_descriptions(now) for m in d.operation_modes}
+            if id_key(message.operation_mode_id) not in modes:
+                raise _content(f"unknown operation mode "
+                               f"{self.ids.external_of(message.operation_mode_id)}")
+        elif kind == "PEBC.Instruction":
+            if id_key(message.power_constraints_id) not in state._pebc_power:
+                raise _content(f"unknown power constraints "
+                               f"{self.ids.external_of(message.power_constraints_id)}")
+        elif kind.startswith("PPBC."):
+            profile = state.ppbc_power_profile_definition(message.power_profile_id)
+            if profile is None:
+                raise _content(f"unknown power profile "
+                               f"{self.ids.external_of(message.power_profile_id)}")
+            container = next((c for c in profile.power_sequences_containers
+                              if id_key(c.id) == id_key(message.sequence_container_id)), None)
+            if container is None or id_key(message.power_sequence_id) not in {
+                    id_key(q.id) for q in container.power_sequences}:
+                raise _content("unknown sequence container or power sequence")
 
     # --- control type selection ----------------------------------------------------------------
 

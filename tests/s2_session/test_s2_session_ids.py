@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 from s2_session_messages import (
+    FIXTURES,
     FRBC,
     T0,
     cem_message,
@@ -101,7 +102,9 @@ def test_send_translates_ids_back_and_tracks_the_instruction() -> None:
 
 def test_instruction_with_rm_style_id_round_trips() -> None:
     """The documentation's EV example: instruction "instruction1" and its status update."""
-    session, _ = connect([FRBC])
+    session, _ = connect([FRBC], measures=["ELECTRIC.POWER.3_PHASE_SYMMETRIC"])
+    documented = (FIXTURES / "docs_ev_frbc" / "03_frbc_system_description.json").read_text()
+    assert status_of(feed(session, documented)) == "OK"
     instruction = cem_message(session, {
         "message_type": "FRBC.Instruction", "message_id": "cem-msg-1", "id": "instruction1",
         "actuator_id": "actuator1", "operation_mode": "om1", "operation_mode_factor": 1,
@@ -130,3 +133,16 @@ def test_send_refuses_what_a_cem_must_not_send() -> None:
                                                "value": 1}]})
     with pytest.raises(ValueError, match="does not send PowerMeasurement"):
         session.send(status, T0)
+
+
+def test_send_refuses_an_instruction_naming_an_unknown_operation_mode() -> None:
+    session, _ = connect([FRBC])
+    feed(session, frbc_system_description())
+    instruction = cem_message(session, {
+        "message_type": "FRBC.Instruction", "message_id": "cem-msg-1", "id": "ins-1",
+        "actuator_id": "act-1", "operation_mode": "om-turbo", "operation_mode_factor": 1,
+        "execution_time": "2026-03-01T12:00:00Z", "abnormal_condition": False})
+    with pytest.raises(ValueError, match="unknown operation mode om-turbo"):
+        session.send(instruction, T0)
+    assert session.state.instruction(instruction.id) is None
+    assert "cem-msg-1" not in session.pending_message_ids
