@@ -924,6 +924,8 @@ class S2Session:
         self._require(message.message_type)
         upcoming = sum(1 for c in self.state._pebc_power.values() if c.valid_from > now)
         self._room_for_upcoming(upcoming, "PEBC power constraints")
+        self.state._pebc_power = {k: c for k, c in self.state._pebc_power.items()
+                                  if c.valid_until is None or c.valid_until > now}
         self.state._pebc_power[id_key(message.id)] = message
         return self._changed("power_constraints", message.message_type)
 
@@ -936,6 +938,8 @@ class S2Session:
             raise _content("upper_average_power is below lower_average_power")
         upcoming = sum(1 for c in self.state._pebc_energy.values() if c.valid_from > now)
         self._room_for_upcoming(upcoming, "PEBC energy constraints")
+        self.state._pebc_energy = {k: c for k, c in self.state._pebc_energy.items()
+                                   if c.valid_until > now}
         self.state._pebc_energy[id_key(message.id)] = message
         return self._changed("energy_constraint", message.message_type)
 
@@ -947,7 +951,10 @@ class S2Session:
         _unique([c.id for c in message.power_sequences_containers], "sequence container")
         for container in message.power_sequences_containers:
             _unique([s.id for s in container.power_sequences], "power sequence")
-        self._room_for_upcoming(len(self.state._ppbc_definitions), "PPBC power profiles")
+        live = sum(1 for d in self.state._ppbc_definitions.values() if d.end_time > now)
+        self._room_for_upcoming(live, "PPBC power profiles")
+        self.state._ppbc_definitions = {k: d for k, d in self.state._ppbc_definitions.items()
+                                        if d.end_time > now}
         self.state._ppbc_definitions[id_key(message.id)] = message
         return self._changed("power_profile", message.message_type)
 

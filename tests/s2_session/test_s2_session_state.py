@@ -281,3 +281,22 @@ def test_status_may_refer_to_an_upcoming_system_description() -> None:
     assert status_of(feed(session, frbc_actuator_status("om-eco"))) == "OK"
     assert status_of(feed(session, frbc_actuator_status("om-on", "as-2"))) == "OK"
     assert status_of(feed(session, frbc_actuator_status("om-x", "as-3"))) == "INVALID_CONTENT"
+
+
+def test_expired_pebc_constraints_and_ppbc_profiles_are_forgotten() -> None:
+    session, _ = connect([PEBC])
+    first = pebc_power_constraints()
+    first["valid_until"] = "2026-03-01T13:00:00Z"
+    feed(session, first)
+    feed(session, pebc_energy_constraint())
+    later = T0 + 5 * HOUR
+    feed(session, pebc_power_constraints("pc-msg-2", "pc-2", valid_from=later), now=later)
+    feed(session, pebc_energy_constraint("ec-msg-2", "ec-2"), now=later)
+    assert [session.ids.external_of(c.id) for c in session.state.pebc_power_constraints()] == [
+        "pc-2"]
+    assert len(session.state.pebc_energy_constraints()) == 1
+    session, _ = connect([PPBC])
+    feed(session, ppbc_definition())
+    feed(session, ppbc_definition("ppd-2", "pp-2"), now=T0 + 7 * HOUR)
+    assert [session.ids.external_of(d.id)
+            for d in session.state.ppbc_power_profile_definitions()] == ["pp-2"]
