@@ -379,6 +379,22 @@ def _adapt_ddbc_system_description(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _RmLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefixes every log line with the RM it is about (name and resource id, once known)."""
+
+    def __init__(self, base: logging.Logger, session: S2Session) -> None:
+        super().__init__(base, {})
+        self.session = session
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        details = self.session.state.details
+        if details is None:
+            who = "RM (not identified yet)"
+        else:
+            who = f"RM {details.name or ''} ({self.session.ids.external_of(details.resource_id)})"
+        return f"{who}: {msg}", kwargs
+
+
 # --- the session -------------------------------------------------------------------------------
 
 
@@ -397,6 +413,7 @@ class S2Session:
         self.handshake_timeout = timedelta(seconds=handshake_timeout_s)
         self.state = RmState()
         self.ids = IdTranslator()
+        self.log = _RmLog(logger, self)
         self.state._rm_ids = lambda: self.ids.translated
         self.events: list[SessionEvent] = []
         self.close: CloseRequest | None = None
@@ -456,8 +473,8 @@ class S2Session:
             return []
         self._started = True
         self._started_at = now
-        logger.info("%s: opening S2 session, offering protocol versions %s",
-                    self.cem_name, ", ".join(self.versions))
+        self.log.info("%s opens an S2 session, offering protocol versions %s",
+                      self.cem_name, ", ".join(self.versions))
         return [self._out(Handshake(message_id=uuid.uuid4(), role=EnergyManagementRole.CEM,
                                     supported_protocol_versions=list(self.versions)), now)]
 
@@ -469,8 +486,8 @@ class S2Session:
         try:
             return self._receive(data, now)
         except Exception as exc:  # a bug here must not kill the connection
-            logger.exception("internal error while handling a %s message",
-                             self._subject_type or "received")
+            self.log.exception("internal error while handling a %s message",
+                                self._subject_type or "received")
             return [self._status(self._subject, ReceptionStatusValues.TEMPORARY_ERROR,
                                  f"CEM could not process the message now: {type(exc).__name__}")]
 
@@ -494,15 +511,15 @@ class S2Session:
             except _Reject as problem:
                 raise ValueError(f"cannot send {message_type}: {problem.label}") from None
             self.state._record_instruction(message, now)
-            logger.info("sending %s %s", message_type, self.ids.external_of(message.id))
+            self.log.info("sending %s %s", message_type, self.ids.external_of(message.id))
         elif isinstance(message, SelectControlType):
             self._apply_selection(message.control_type)
         elif isinstance(message, RevokeObject):
             record = self.state.instruction(message.object_id)
             if record is not None:
                 record.revoked = True
-            logger.info("revoking %s %s", message.object_type.value,
-                        self.ids.external_of(message.object_id))
+            self.log.info("revoking %s %s", message.object_type.value,
+                           self.ids.external_of(message.object_id))
         elif isinstance(message, SessionRequest) and message.request == SessionRequestType.TERMINATE:
             self._close(CLOSE_NORMAL, message.diagnostic_label or "CEM terminated the session")
         return self._out(message, now)
@@ -523,8 +540,8 @@ class S2Session:
                 waited = (now - pending.sent_at).total_seconds()
                 diagnostic = (f"no ReceptionStatus for {pending.message_type} within "
                               f"{self.reception_timeout.total_seconds():g} s")
-                logger.warning("%s %s: %s (waited %.1f s)", pending.message_type, message_id,
-                               diagnostic, waited)
+                self.log.warning("%s %s: %s (waited %.1f s)", pending.message_type, message_id,
+                                  diagnostic, waited)
                 self.events.append(ReceptionFailed(message_id, "TIMEOUT", diagnostic,
                                                    pending.message_type))
 
@@ -654,7 +671,7 @@ class S2Session:
             follow_up = self._handlers[message_type](message, now)
         except _Reject as rejection:
             return [self._reject(message_id, message_type, rejection.status, rejection.label)], False
-        logger.debug("accepted %s %s", message_type, message_id)
+        self.log.debug("accepted %s %s", message_type, message_id)
         return [self._status(message_id, ReceptionStatusValues.OK, None), *follow_up], True
 
     def _on_reception_status(self, raw: dict[str, Any]) -> None:
@@ -663,28 +680,28 @@ class S2Session:
         try:
             status = gen.model_validate(raw)
         except (ValidationError, ValueError, TypeError, RecursionError) as exc:
-            logger.warning("ignoring a malformed ReceptionStatus (never answered): %s",
-                           _describe_errors(exc))
+            self.log.warning("ignoring a malformed ReceptionStatus (never answered): %s",
+                              _describe_errors(exc))
             return
         subject = str(status.subject_message_id.root)
         pending = self._pending.pop(subject, None)
         if pending is None:
-            logger.info("ReceptionStatus %s for message %s which the CEM is not waiting for",
-                        status.status.value, subject)
+            self.log.info("ReceptionStatus %s for message %s which the CEM is not waiting for",
+                           status.status.value, subject)
             return
         if status.status == ReceptionStatusValues.OK:
-            logger.debug("%s %s received OK", pending.message_type, subject)
+            self.log.debug("%s %s received OK", pending.message_type, subject)
             self.events.append(ReceptionConfirmed(subject, pending.message_type))
             return
         diagnostic = status.diagnostic_label or ""
-        logger.warning("resource manager answered %s to %s %s: %s", status.status.value,
-                       pending.message_type, subject, diagnostic or "(no diagnostic)")
+        self.log.warning("answered %s to the CEM's %s %s: %s", status.status.value,
+                          pending.message_type, subject, diagnostic or "(no diagnostic)")
         self.events.append(ReceptionFailed(subject, status.status.value, diagnostic,
                                            pending.message_type))
         if (isinstance(pending.message, SelectControlType)
                 and self.state.control_type == pending.message.control_type):
-            logger.warning("resource manager refused control type %s; nothing is selected now",
-                           pending.message.control_type.value)
+            self.log.warning("refused control type %s; nothing is selected now",
+                              pending.message.control_type.value)
             self.state._set_control_type(ControlType.NO_SELECTION)
             self.events.append(StateChanged("control_type", "SelectControlType"))
 
@@ -709,7 +726,7 @@ class S2Session:
         out = self.start(now)  # our own Handshake, if the server did not send it yet
         self._handshake_done = True
         self.state.protocol_version = common
-        logger.info("handshake done: using S2 protocol version %s", common)
+        self.log.info("handshake done: using S2 protocol version %s", common)
         self.events.append(HandshakeDone(common))
         response = HandshakeResponse(message_id=uuid.uuid4(), selected_protocol_version=common)
         return [*out, self._out(response, now)]
@@ -717,11 +734,11 @@ class S2Session:
     def _on_details(self, message: ResourceManagerDetails, now: datetime) -> list[Outgoing]:
         first = self.state.details is None
         self.state._set_details(message)
-        logger.info("resource manager %s (%s) %s details; offers %s; measures %s",
-                    message.name or "without name", self.ids.external_of(message.resource_id),
-                    "sent its" if first else "refreshed its",
-                    ", ".join(c.value for c in message.available_control_types) or "nothing",
-                    ", ".join(q.value for q in message.provides_power_measurement_types) or "nothing")
+        self.log.info("%s details; offers %s; measures %s",
+                      "sent its" if first else "refreshed its",
+                      ", ".join(c.value for c in message.available_control_types) or "nothing",
+                      ", ".join(q.value for q in message.provides_power_measurement_types)
+                      or "nothing")
         self.events.append(RmDetails(message, self.ids.external_of(message.resource_id),
                                      message.name))
         pinned = self._pinned
@@ -772,7 +789,7 @@ class S2Session:
         if self.state.instruction(message.instruction_id) is None:
             raise _content(f"status for unknown instruction {external}")
         self.state._update_instruction(message)
-        logger.info("instruction %s is now %s", external, message.status_type.value)
+        self.log.info("instruction %s is now %s", external, message.status_type.value)
         self.events.append(InstructionStatusChanged(external, message.status_type.value))
         return []
 
@@ -799,7 +816,7 @@ class S2Session:
             removed = state._pebc_energy.pop(key, None) is not None
         if not removed:
             raise _content(f"cannot revoke {kind.value} {external}: the CEM does not know it")
-        logger.info("resource manager revoked %s %s", kind.value, external)
+        self.log.info("revoked %s %s", kind.value, external)
         self.events.append(StateChanged("revoked", kind.value))
         return []
 
@@ -844,8 +861,8 @@ class S2Session:
         self._room_for_upcoming(len(self.state._frbc_sd.upcoming(now)), "FRBC system descriptions")
         self.state._frbc_sd.add(message, now)
         when = "now" if message.valid_from <= now else f"from {message.valid_from.isoformat()}"
-        logger.info("FRBC system description with %d actuator(s), valid %s",
-                    len(message.actuators), when)
+        self.log.info("FRBC system description with %d actuator(s), valid %s",
+                       len(message.actuators), when)
         return self._changed("system_description", message.message_type)
 
     @staticmethod
@@ -1133,10 +1150,10 @@ class S2Session:
     def _select(self, control_type: ControlType, now: datetime, reason: str) -> Outgoing:
         previous = self.state.control_type
         if previous is not None and previous != control_type:
-            logger.info("switching control type from %s to %s (%s); state of %s dropped",
-                        previous.value, control_type.value, reason, previous.value)
+            self.log.info("switching control type from %s to %s (%s); state of %s dropped",
+                           previous.value, control_type.value, reason, previous.value)
         else:
-            logger.info("selecting control type %s (%s)", control_type.value, reason)
+            self.log.info("selecting control type %s (%s)", control_type.value, reason)
         message = SelectControlType(message_id=uuid.uuid4(), control_type=control_type)
         return self.send(message, now)
 
@@ -1163,14 +1180,14 @@ class S2Session:
 
     def _reject(self, subject: str, message_type: str, status: ReceptionStatusValues,
                 label: str) -> Outgoing:
-        logger.warning("answered %s to %s %s: %s", status.value, message_type or "message",
-                       subject, label)
+        self.log.warning("CEM answered %s to its %s %s: %s", status.value, message_type or "message",
+                          subject, label)
         self.events.append(MessageRejected(subject, message_type, status.value, label))
         return self._status(subject, status, label)
 
     def _close(self, code: int, reason: str) -> None:
         if self.close is not None:
             return
-        logger.info("ending S2 session: %s", reason)
+        self.log.info("ending S2 session: %s", reason)
         self.close = CloseRequest(code, reason)
         self.events.append(SessionClosed(reason))
