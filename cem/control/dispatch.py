@@ -1,0 +1,208 @@
+"""Sending a plan's instructions to the RMs without churn, and superseding what it replaces.
+
+The dispatcher remembers every instruction it sent. For a new plan, per RM:
+
+- an instruction that starts now and equals the one already in force (same actuator, mode,
+  factor...) is not sent again;
+- a future instruction identical to one already pending (same content and execution time) is
+  kept as it is;
+- a pending future instruction the new plan does not contain any more is revoked with a
+  RevokeObject before the new ones go out (only if it has not started: an instruction whose
+  execution time passed, or that the RM reported STARTED/SUCCEEDED, is left alone).
+
+RMs are served in parallel, the messages of one RM in order. A message the RM does not accept
+(ReceptionStatus other than OK, or no answer) is reported back, not retried here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from s2python.common import RevokableObjects, RevokeObject
+
+from cem.flex.ptu import sid
+
+logger = logging.getLogger("cem.control")
+
+DONE_STATUSES = {"STARTED", "SUCCEEDED", "REJECTED", "ABORTED", "REVOKED"}
+
+
+def channel(message: Any) -> str:
+    """What one instruction steers: an actuator, a PPBC container, or the whole RM."""
+    for attr in ("actuator_id", "sequence_container_id"):
+        value = getattr(message, attr, None)
+        if value is not None:
+            return f"{message.message_type}:{sid(value)}"
+    return message.message_type
+
+
+def content_key(message: Any, *, with_time: bool) -> str:
+    """The instruction's meaning as text: without its ids (and optionally its time)."""
+    data = message.to_json_dict()
+    for name in ("message_id", "id"):
+        data.pop(name, None)
+    if not with_time:
+        data.pop("execution_time", None)
+    for envelope in data.get("power_envelopes", []) or []:
+        envelope.pop("id", None)
+    return repr(sorted(data.items()))
+
+
+@dataclass
+class SentInstruction:
+    rm_id: str
+    message: Any
+    execution_time: datetime
+    plan_id: int | None = None
+    revoked: bool = False
+
+
+@dataclass
+class DispatchReport:
+    """What one dispatch did, for the log line."""
+
+    sent: int = 0
+    kept: int = 0
+    revoked: int = 0
+    rms: set[str] = field(default_factory=set)
+    failed: list[str] = field(default_factory=list)  # plain-words, one per refused message
+
+    def describe(self) -> str:
+        text = f"{self.sent} instruction(s) to {len(self.rms)} RM(s)"
+        if self.kept:
+            text += f", {self.kept} unchanged"
+        if self.revoked:
+            text += f", {self.revoked} revoked"
+        if self.failed:
+            text += f", {len(self.failed)} refused"
+        return text
+
+
+class Dispatcher:
+    """Keeps the instructions sent to each RM and turns a new set into sends and revokes."""
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+        self.sent: dict[str, list[SentInstruction]] = {}
+
+    def forget(self, rm_id: str) -> None:
+        """The RM is gone (its session and instructions with it)."""
+        self.sent.pop(rm_id, None)
+
+    def _status(self, rm_id: str, instruction: SentInstruction) -> str | None:
+        entry = _live(self.registry, rm_id)
+        state = getattr(entry, "state", None)
+        if state is None or not hasattr(state, "instruction_status"):
+            return None
+        status = state.instruction_status(sid(instruction.message.id))
+        return getattr(status, "value", status)
+
+    def pending(self, rm_id: str, now: datetime) -> list[SentInstruction]:
+        """Sent, not revoked, not started and still in the future."""
+        return [s for s in self.sent.get(rm_id, [])
+                if not s.revoked and s.execution_time > now
+                and self._status(rm_id, s) not in DONE_STATUSES]
+
+    def in_force(self, rm_id: str, now: datetime) -> dict[str, SentInstruction]:
+        """Per channel, the last instruction whose time has come and that was not refused."""
+        current: dict[str, SentInstruction] = {}
+        for s in self.sent.get(rm_id, []):
+            if s.revoked or s.execution_time > now:
+                continue
+            if self._status(rm_id, s) in ("REJECTED", "ABORTED", "REVOKED"):
+                continue
+            previous = current.get(channel(s.message))
+            if previous is None or previous.execution_time <= s.execution_time:
+                current[channel(s.message)] = s
+        return current
+
+    async def dispatch(self, instructions: dict[str, list[Any]], now: datetime, *,
+                       plan_id: int | None = None, replace_all_of: set[str] | None = None,
+                       ) -> DispatchReport:
+        """Bring every RM in `instructions` (and `replace_all_of`) to the new set."""
+        report = DispatchReport()
+        rms = set(instructions) | (replace_all_of or set())
+        await asyncio.gather(*(self._dispatch_rm(rm, instructions.get(rm, []), now, plan_id,
+                                                 report) for rm in sorted(rms)))
+        return report
+
+    async def _dispatch_rm(self, rm_id: str, messages: list[Any], now: datetime,
+                           plan_id: int | None, report: DispatchReport) -> None:
+        pending = self.pending(rm_id, now)
+        in_force = self.in_force(rm_id, now)
+        keep: set[int] = set()
+        to_send: list[Any] = []
+        pending_keys = {content_key(p.message, with_time=True): i for i, p in enumerate(pending)}
+        for message in messages:
+            when = message.execution_time
+            if when <= now:
+                current = in_force.get(channel(message))
+                if current is not None and content_key(current.message, with_time=False) == \
+                        content_key(message, with_time=False):
+                    report.kept += 1
+                    continue
+            else:
+                index = pending_keys.get(content_key(message, with_time=True))
+                if index is not None and index not in keep:
+                    keep.add(index)
+                    report.kept += 1
+                    continue
+            to_send.append(message)
+        for index, old in enumerate(pending):
+            if index in keep:
+                continue
+            revoke = RevokeObject(message_id=str(uuid.uuid4()),
+                                  object_type=RevokableObjects(old.message.message_type),
+                                  object_id=sid(old.message.id))
+            result = await self.registry.send_instruction(rm_id, revoke)
+            old.revoked = True  # even if refused: it is no longer part of the plan
+            if _ok(result):
+                report.revoked += 1
+            else:
+                report.failed.append(f"RM {rm_id} refused revoking {old.message.message_type}: "
+                                     f"{_describe(result)}")
+        for message in to_send:
+            result = await _send(self.registry, rm_id, message, plan_id)
+            if _ok(result):
+                report.sent += 1
+                report.rms.add(rm_id)
+                self.sent.setdefault(rm_id, []).append(
+                    SentInstruction(rm_id, message, message.execution_time, plan_id))
+            else:
+                report.failed.append(f"RM {rm_id} refused {message.message_type}: "
+                                     f"{_describe(result)}")
+        self._prune(rm_id, now)
+
+    def _prune(self, rm_id: str, now: datetime) -> None:
+        """Keep only what may still matter: pending ones and the latest in force per channel."""
+        keep_ids = {id(s) for s in self.pending(rm_id, now)}
+        keep_ids |= {id(s) for s in self.in_force(rm_id, now).values()}
+        self.sent[rm_id] = [s for s in self.sent.get(rm_id, []) if id(s) in keep_ids]
+
+
+def _live(registry: Any, rm_id: str) -> Any:
+    getter = getattr(registry, "get", None)
+    if getter is not None:
+        return getter(rm_id)
+    return registry.rms().get(rm_id)
+
+
+async def _send(registry: Any, rm_id: str, message: Any, plan_id: int | None) -> Any:
+    if plan_id is None:
+        return await registry.send_instruction(rm_id, message)
+    return await registry.send_instruction(rm_id, message, plan_id=plan_id)
+
+
+def _ok(result: Any) -> bool:
+    return bool(getattr(result, "ok", result is True or getattr(result, "status", "") == "OK"))
+
+
+def _describe(result: Any) -> str:
+    status = getattr(result, "status", result)
+    label = getattr(result, "diagnostic_label", None)
+    return f"{status}" + (f" ({label})" if label else "")

@@ -1,0 +1,520 @@
+"""The MPC loop: when to replan, a deadline-bounded solve, dispatch, and the fast guard.
+
+`SiteController` listens to the S2 server's events and replans when something the plan rests
+on changes: an RM connects (control type selected) or disconnects, sends a new system
+description, target, power constraints or profile, revokes something, or rejects/aborts an
+instruction; a congestion window is added or removed (the store's table is polled); day-ahead
+prices change (polled); an RM's measured power deviates from its planned power by more than
+`planner.deviation_threshold_w`; and at every PTU boundary. Bursts are merged: at most one
+replan per `planner.replan_min_interval_s`, with every reason in its log line.
+
+A replan builds the problem from the live RM states (`cem.flex.site_problem`), runs `plan_site`
+in a worker thread with `planner.time_limit_s`, falls back to the rule-based `safe_plan` if the
+optimiser is missing, fails, times out or finds nothing, records the plan, and dispatches the
+instructions for the next `dispatch_ptus` PTUs (superseding earlier ones, see
+`cem.control.dispatch`).
+
+The guard (`cem.control.guard`) runs on every measurement of grid power (the grid meter RM, or
+the sum of all RMs' measurements when there is none) and caps flexible loads at once when a
+phase nears the fuse or the import nears the GTV/congestion limit.
+
+Wiring (see `cem.service`): `CemService(config, controller_factory=site_controller_for)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+
+from cem.control.dispatch import Dispatcher, DispatchReport
+from cem.control.guard import FlexibleLoad, GuardDecision, GuardLimits, decide_caps, phase_power_w
+from cem.control.safe_plan import safe_plan
+from cem.flex.ptu import floor_to_ptu
+from cem.flex.site_problem import (
+    SiteMapping,
+    build_problem,
+    instructions_for_plan,
+    measured_w,
+)
+from cem.planner.assets import Plan, Prices, Problem
+from cem.site.config import SiteConfig
+
+logger = logging.getLogger("cem.control")
+
+Solver = Callable[..., Plan]
+
+SHORT = {"FILL_RATE_BASED_CONTROL": "FRBC", "POWER_ENVELOPE_BASED_CONTROL": "PEBC",
+         "POWER_PROFILE_BASED_CONTROL": "PPBC", "OPERATION_MODE_BASED_CONTROL": "OMBC",
+         "DEMAND_DRIVEN_BASED_CONTROL": "DDBC", "NOT_CONTROLABLE": "not controllable",
+         "NO_SELECTION": "no control type"}
+REPLAN_KINDS = {
+    "system_description": "sent a new system description",
+    "target": "sent a new target",
+    "power_constraints": "sent new power constraints",
+    "energy_constraint": "sent a new energy constraint",
+    "power_profile": "sent a new power profile",
+    "revoked": "revoked an object",
+    "control_type": "changed its control type",
+}
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def default_solver() -> Solver | None:
+    """`cem.planner.solve.plan_site` when the optimiser is installed, else None."""
+    try:
+        from cem.planner.solve import plan_site
+    except ImportError:
+        return None
+    return plan_site
+
+
+class SiteController:
+    """Plans the site and steers the RMs; construct, then `await run(stop)` (or start/stop)."""
+
+    def __init__(self, config: SiteConfig, registry: Any, store: Any = None,
+                 price_source: Any = None, *, solver: Solver | bool | None = True,
+                 clock: Callable[[], datetime] = utc_now, dispatch_ptus: int = 4,
+                 congestion_poll_s: float = 5.0, price_poll_s: float = 300.0,
+                 guard_hold_s: float = 5.0) -> None:
+        self.config = config
+        self.registry = registry
+        self.store = store
+        self.price_source = price_source
+        self.solver: Solver | None = default_solver() if solver is True else (solver or None)
+        self.clock = clock
+        self.dispatch_ptus = dispatch_ptus
+        self.congestion_poll_s = congestion_poll_s
+        self.price_poll_s = price_poll_s
+        self.guard_hold_s = guard_hold_s
+        self.dispatcher = Dispatcher(registry)
+        self.problem: Problem | None = None
+        self.mapping: SiteMapping | None = None
+        self.plan: Plan | None = None
+        self.plan_id: int | None = None
+        self.replans = 0
+        self.guard_actions: list[GuardDecision] = []
+        self.congestion: list[Any] = []
+        self._congestion_key: tuple[Any, ...] | None = None
+        self._reasons: list[str] = []
+        self._wake = asyncio.Event()
+        self._last_replan = -math.inf
+        self._deviating: set[str] = set()
+        self._guard_caps: dict[str, tuple[float, float]] = {}  # asset -> (cap, monotonic time)
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cem-plan")
+        self._stop_event: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._price_cache: tuple[datetime, Prices] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Run in the background (the service's Controller interface)."""
+        self._stop_event = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self.run(self._stop_event),
+                                                            name="cem-control")
+
+    async def stop(self) -> None:
+        if self._stop_event is not None:
+            self._stop_event.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Replan and guard until `stop` is set."""
+        queue = self.registry.subscribe()
+        self.request_replan("the CEM started")
+        tasks = [asyncio.create_task(self._events(queue), name="cem-control-events"),
+                 asyncio.create_task(self._replans(stop), name="cem-control-replans"),
+                 asyncio.create_task(self._poll_congestion(stop), name="cem-control-congestion"),
+                 asyncio.create_task(self._poll_prices(stop), name="cem-control-prices")]
+        try:
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            with contextlib.suppress(Exception):
+                self.registry.unsubscribe(queue)
+            logger.info("control loop stopped after %d replan(s)", self.replans)
+
+    def request_replan(self, reason: str) -> None:
+        """Ask for a replan (merged with others within the minimum interval)."""
+        if reason not in self._reasons:
+            self._reasons.append(reason)
+        self._wake.set()
+
+    # --- when -----------------------------------------------------------------------------
+
+    def _seconds_to_next_ptu(self) -> float:
+        now = self.clock()
+        start = floor_to_ptu(now, self.config.planner.ptu_minutes)
+        boundary = start + timedelta(minutes=self.config.planner.ptu_minutes)
+        return max(0.05, (boundary - now).total_seconds())
+
+    async def _replans(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if not self._reasons:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=self._seconds_to_next_ptu())
+                except TimeoutError:
+                    self.request_replan("a new PTU started")
+            wait = self._last_replan + self.config.planner.replan_min_interval_s - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            reasons, self._reasons = self._reasons, []
+            if not reasons:
+                continue
+            try:
+                await self.replan(reasons)
+            except Exception:
+                logger.exception("replan failed (%s); keeping the previous plan",
+                                 "; ".join(reasons))
+            finally:
+                self._last_replan = time.monotonic()
+
+    async def _events(self, queue: asyncio.Queue[Any]) -> None:
+        while True:
+            event = await queue.get()
+            try:
+                await self._on_server_event(event)
+            except Exception:
+                logger.exception("handling %s failed", type(event).__name__)
+
+    async def _on_server_event(self, server_event: Any) -> None:
+        kind = type(server_event).__name__
+        if kind == "Disconnected":
+            rm_id = getattr(server_event, "rm_id", None)
+            if rm_id is not None:
+                self.dispatcher.forget(rm_id)
+                self._deviating.discard(rm_id)
+                self.request_replan(f"RM {self._label(rm_id)} disconnected "
+                                    f"({getattr(server_event, 'reason', '')})")
+            return
+        if kind != "RmEvent":
+            return
+        rm_id = server_event.rm_id
+        event = server_event.event
+        name = type(event).__name__
+        if rm_id is None:
+            return
+        if name == "ControlTypeSelected":
+            control = SHORT.get(event.control_type, event.control_type)
+            self.request_replan(f"RM {self._label(rm_id)} connected ({control})")
+        elif name == "StateChanged":
+            if event.kind in REPLAN_KINDS:
+                self.request_replan(f"RM {self._label(rm_id)} {REPLAN_KINDS[event.kind]}")
+            elif event.kind == "measurement":
+                await self._on_measurement(rm_id)
+        elif name == "InstructionStatusChanged":
+            if event.status in ("REJECTED", "ABORTED"):
+                self.request_replan(f"RM {self._label(rm_id)} {event.status.lower()} "
+                                    f"instruction {event.instruction_id}")
+
+    def _label(self, rm_id: str) -> str:
+        entry = self._rms().get(rm_id)
+        name = getattr(entry, "name", None) if entry is not None else None
+        return f"{name} ({rm_id[:8]})" if name else rm_id
+
+    def _rms(self) -> dict[str, Any]:
+        if hasattr(self.registry, "rms"):
+            return dict(self.registry.rms())
+        return {s.rm_id: s for s in self.registry.sessions() if getattr(s, "rm_id", None)}
+
+    async def _poll_congestion(self, stop: asyncio.Event) -> None:
+        if self.store is None:
+            return
+        while not stop.is_set():
+            try:
+                await self.refresh_congestion()
+            except Exception:
+                logger.exception("reading congestion windows failed")
+            await asyncio.sleep(self.congestion_poll_s)
+
+    async def refresh_congestion(self) -> bool:
+        """Read the store's congestion windows; replan when they changed. True if changed."""
+        rows = await self.store.list_congestion(ending_after=self.clock())
+        key = tuple((r.window_id, r.start, r.end, r.import_limit_kw, r.export_limit_kw)
+                    for r in rows)
+        previous, self._congestion_key = self._congestion_key, key
+        self.congestion = rows
+        if previous is None:
+            if rows:
+                self.request_replan(f"{len(rows)} congestion window(s) in the store")
+            return False
+        if key == previous:
+            return False
+        known = {k[0] for k in previous}
+        added = [r for r in rows if r.window_id not in known]
+        if added:
+            w = added[0]
+            limit = (f"import {w.import_limit_kw:g} kW" if w.import_limit_kw is not None
+                     else f"export {w.export_limit_kw:g} kW")
+            self.request_replan(f"congestion window {w.start:%H:%M}-{w.end:%H:%M} UTC "
+                                f"({limit}) was added")
+        else:
+            self.request_replan("congestion windows changed")
+        return True
+
+    async def _poll_prices(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(self.price_poll_s)
+            try:
+                if self.problem is None:
+                    continue
+                fresh = self._prices(self.problem.start, self.problem.n_ptus, use_cache=False)
+                old = self.problem.prices.import_eur_per_kwh
+                if len(fresh.import_eur_per_kwh) == len(old) and not np.allclose(
+                        fresh.import_eur_per_kwh, old):
+                    self.request_replan("day-ahead prices changed")
+            except Exception:
+                logger.exception("reading prices failed")
+
+    def _prices(self, start: datetime, n_ptus: int, use_cache: bool = True) -> Prices:
+        if use_cache and self._price_cache is not None and self._price_cache[0] == start and \
+                len(self._price_cache[1].import_eur_per_kwh) == n_ptus:
+            return self._price_cache[1]
+        from cem.site.prices import PriceError, ptu_prices, tariff_prices
+
+        cfg = self.config
+        try:
+            source = self.price_source
+            if source is None and cfg.prices.csv is not None:
+                from cem.site.prices import CsvPriceSource
+
+                source = self.price_source = CsvPriceSource(cfg.prices.csv)
+            prices = ptu_prices(source, cfg.prices, start, cfg.planner.ptu_minutes, n_ptus,
+                                fill="previous").prices
+        except PriceError as exc:
+            logger.warning("prices: %s; planning with the flat import price", exc)
+            prices = tariff_prices(None, cfg.prices, n_ptus)
+        self._price_cache = (start, prices)
+        return prices
+
+    # --- the replan -------------------------------------------------------------------------
+
+    async def replan(self, reasons: list[str]) -> Plan:
+        """Build, solve (deadline-bounded, with fallback), record and dispatch one plan."""
+        began = time.monotonic()
+        now = self.clock()
+        rms = self._rms()
+        states = {rm_id: entry.state for rm_id, entry in rms.items()}
+        start = floor_to_ptu(now, self.config.planner.ptu_minutes)
+        prices = self._prices(start, self.config.planner.horizon_ptus)
+        problem, mapping = build_problem(states, self.config, prices, self.congestion, now)
+        plan = await self._solve(problem)
+        self.problem, self.mapping, self.plan = problem, mapping, plan
+        self._deviating.clear()
+        self.replans += 1
+        plan_id = await self._record(problem, plan, reasons)
+        self.plan_id = plan_id
+        instructions = instructions_for_plan(plan, problem, mapping, now,
+                                             until_ptu=min(self.dispatch_ptus, problem.n_ptus))
+        controlled = {b.rm_id for b in mapping.bindings.values()} & set(rms)
+        report = await self.dispatcher.dispatch(
+            {rm: msgs for rm, msgs in instructions.items() if rm in rms}, now,
+            plan_id=plan_id, replace_all_of=controlled)
+        self._log_plan(reasons, mapping, plan, report, time.monotonic() - began)
+        return plan
+
+    async def _solve(self, problem: Problem) -> Plan:
+        time_limit = self.config.planner.time_limit_s
+        if not (problem.storage or problem.modes or problem.profiles or problem.curtailable):
+            return safe_plan(problem, "nothing flexible to plan")
+        if self.solver is None:
+            return safe_plan(problem, "the optimiser is not available")
+        solver = self.solver
+        loop = asyncio.get_running_loop()
+        try:
+            plan = await asyncio.wait_for(
+                loop.run_in_executor(self._executor,
+                                     lambda: solver(problem, time_limit_s=time_limit, workers=2)),
+                timeout=time_limit * 2 + 2.0)
+        except TimeoutError:
+            return safe_plan(problem, f"the optimiser gave no plan within {time_limit * 2 + 2:g} s")
+        except Exception as exc:
+            logger.exception("the optimiser failed")
+            return safe_plan(problem, f"the optimiser failed ({type(exc).__name__}: {exc})")
+        if plan.status == "INFEASIBLE" or (not plan.power_w and problem.storage):
+            return safe_plan(problem, f"the optimiser found no plan ({plan.status})")
+        return plan
+
+    async def _record(self, problem: Problem, plan: Plan, reasons: list[str]) -> int | None:
+        if self.store is None:
+            return None
+        keep = min(problem.n_ptus, 8)
+        payload = {
+            "reasons": reasons,
+            "grid_import_w": [int(x) for x in plan.grid_import_w],
+            "power_w_next": {k: [int(x) for x in v[:keep]] for k, v in plan.power_w.items()},
+            "shortfall": {k: {"energy_wh": s.energy_wh, "reason": s.reason}
+                          for k, s in plan.shortfall.items()},
+            "notes": plan.notes,
+        }
+        try:
+            return int(await self.store.record_plan(
+                horizon_start=problem.start, ptu_minutes=problem.ptu_minutes, status=plan.status,
+                reason="; ".join(reasons), objective=plan.cost_eur, bound=plan.lp_bound_eur,
+                gap=plan.gap, solve_s=plan.solve_s, payload=payload))
+        except Exception:
+            logger.exception("recording the plan failed")
+            return None
+
+    def _log_plan(self, reasons: list[str], mapping: SiteMapping, plan: Plan,
+                  report: DispatchReport, took_s: float) -> None:
+        gap = f", gap {plan.gap * 100:.1f}%" if plan.gap is not None else ""
+        fallback = f" ({plan.notes[0]})" if plan.status == "FALLBACK" and plan.notes else ""
+        logger.info("replan: %s; %s; %s plan%s, cost %.2f EUR%s, %.2f s; %s",
+                    "; ".join(reasons), mapping.summary(), plan.status.lower(), fallback,
+                    plan.cost_eur, gap, took_s, report.describe())
+        for shortfall_id, shortfall in plan.shortfall.items():
+            logger.info("  %s will miss %.1f kWh: %s", shortfall_id, shortfall.energy_wh / 1000,
+                        shortfall.reason)
+        for note in mapping.notes:
+            logger.debug("  %s", note)
+        for failure in report.failed:
+            logger.warning("  %s", failure)
+
+    # --- measurements: deviation and the guard --------------------------------------------
+
+    def _current_ptu(self) -> int:
+        if self.problem is None:
+            return 0
+        seconds = (self.clock() - self.problem.start).total_seconds()
+        return max(0, min(self.problem.n_ptus - 1, int(seconds // (self.problem.ptu_minutes * 60))))
+
+    def planned_w(self, rm_id: str) -> float | None:
+        """The power the plan has for this RM in the current PTU (None: not planned)."""
+        if self.plan is None or self.mapping is None:
+            return None
+        t = self._current_ptu()
+        total, found = 0.0, False
+        for asset_id in self.mapping.rm_assets.get(rm_id, []):
+            row = self.plan.power_w.get(asset_id)
+            if row is not None and t < len(row):
+                total += float(row[t])
+                found = True
+        return total if found else None
+
+    async def _on_measurement(self, rm_id: str) -> None:
+        rms = self._rms()
+        entry = rms.get(rm_id)
+        if entry is None:
+            return
+        meter = self.mapping.meter_rm if self.mapping is not None else None
+        if rm_id == meter or meter is None:
+            await self.guard_check()
+        if rm_id == meter:
+            return
+        measured = measured_w(entry.state)
+        planned = self.planned_w(rm_id)
+        if measured is None or planned is None:
+            return
+        deviation = measured - planned
+        if abs(deviation) > self.config.planner.deviation_threshold_w:
+            if rm_id not in self._deviating:
+                self._deviating.add(rm_id)
+                self.request_replan(f"RM {self._label(rm_id)} draws {measured / 1000:.1f} kW "
+                                    f"instead of the planned {planned / 1000:.1f} kW")
+        else:
+            self._deviating.discard(rm_id)
+
+    def grid_phase_w(self) -> tuple[float, float, float] | None:
+        """Grid power per phase now: the meter RM, else the sum of every RM's measurement."""
+        rms = self._rms()
+        meter = self.mapping.meter_rm if self.mapping is not None else None
+        if meter is not None and meter in rms:
+            return phase_power_w(rms[meter].state.measured_power())
+        total = [0.0, 0.0, 0.0]
+        found = False
+        for entry in rms.values():
+            phases = phase_power_w(entry.state.measured_power())
+            if phases is not None:
+                found = True
+                total = [a + b for a, b in zip(total, phases, strict=True)]
+        return (total[0], total[1], total[2]) if found else None
+
+    def flexible_loads(self) -> list[FlexibleLoad]:
+        """What the guard may turn down, with the present power of each."""
+        if self.mapping is None or self.problem is None:
+            return []
+        rms = self._rms()
+        storage = {s.id: s for s in self.problem.storage}
+        t = self._current_ptu()
+        loads = []
+        now_mono = time.monotonic()
+        for asset_id, binding in self.mapping.bindings.items():
+            entry = rms.get(binding.rm_id)
+            if entry is None:
+                continue
+            assets_of_rm = self.mapping.rm_assets.get(binding.rm_id, [])
+            power = measured_w(entry.state) if len(assets_of_rm) == 1 else None
+            if power is None and self.plan is not None and asset_id in self.plan.power_w:
+                power = float(self.plan.power_w[asset_id][t])
+            cap = self._guard_caps.get(asset_id)
+            if cap is not None and now_mono - cap[1] < self.guard_hold_s:
+                power = min(power or 0.0, cap[0])  # the RM is still carrying it out
+            s = storage.get(asset_id)
+            loads.append(FlexibleLoad(asset_id=asset_id, rm_id=binding.rm_id,
+                                      power_w=float(power or 0.0), priority=binding.priority,
+                                      min_w=float(s.charge_min_w) if s is not None else 0.0,
+                                      phase_share=binding.phase_share))
+        return loads
+
+    def guard_limits(self) -> GuardLimits:
+        grid = self.config.grid
+        import_w = grid.import_limit_kw * 1000
+        if self.problem is not None:
+            import_w = float(self.problem.limits.import_limit_w[self._current_ptu()])
+        return GuardLimits(fuse_w_per_phase=grid.fuse_a * grid.voltage_v,
+                           import_limit_w=import_w, margin=self.config.planner.guard_margin)
+
+    async def guard_check(self) -> GuardDecision:
+        """Cap flexible loads now if the grid power is too close to a limit; then replan."""
+        phases = self.grid_phase_w()
+        if phases is None or self.mapping is None:
+            return GuardDecision()
+        decision = decide_caps(phases, self.guard_limits(), self.flexible_loads())
+        if not decision.acts:
+            return decision
+        now = self.clock()
+        now_mono = time.monotonic()
+        messages: dict[str, list[Any]] = {}
+        capped = []
+        for asset_id, cap in decision.caps.items():
+            binding = self.mapping.bindings[asset_id]
+            instructions = binding.capped_instructions(cap, now)
+            if not instructions:
+                continue
+            self._guard_caps[asset_id] = (cap, now_mono)
+            messages.setdefault(binding.rm_id, []).extend(instructions)
+            capped.append(f"{self._label(binding.rm_id)} to {cap / 1000:.1f} kW")
+        report = await self.dispatcher.dispatch(messages, now, plan_id=self.plan_id)
+        self.guard_actions.append(decision)
+        logger.warning("guard: %s; capped %s%s; %s", decision.reason, ", ".join(capped) or
+                       "nothing it could cap",
+                       f"; still {decision.excess_w:.0f} W over" if decision.excess_w > 1 else "",
+                       report.describe())
+        self.request_replan(f"the guard acted ({decision.reason})")
+        return decision
+
+
+def site_controller_for(service: Any) -> SiteController:
+    """Controller factory for `CemService(config, controller_factory=site_controller_for)`."""
+    return SiteController(service.config, service.server, service.store)
