@@ -14,11 +14,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from cem.planner.assets import Plan  # noqa: E402
-from cem.planner.scenario import BuiltScenario  # noqa: E402
+from cem.planner.assets import Plan
+from cem.planner.scenario import BuiltScenario
 
 COLOURS = {"base load": "#9e9e9e", "ev": "#1f77b4", "heat_pump": "#d62728", "battery": "#2ca02c",
            "pv": "#ffbf00"}
@@ -46,7 +46,7 @@ def plot_plan(built: BuiltScenario, plan: Plan, path: Path, *, title: str = "") 
         if np.any(power < 0):
             negative[kind] = np.clip(power, None, 0)
 
-    fig, (ax, axp) = plt.subplots(2, 1, figsize=(12, 7), sharex=True,
+    fig, (ax, axp) = plt.subplots(2, 1, figsize=(14, 7), sharex=True,
                                   gridspec_kw={"height_ratios": [3, 1]})
 
     def stack(parts: dict[str, np.ndarray], label_suffix: str) -> None:
@@ -70,10 +70,10 @@ def plot_plan(built: BuiltScenario, plan: Plan, path: Path, *, title: str = "") 
     ax.step(hours, -np.append(limits.export_limit_w, limits.export_limit_w[-1]) * kw, where="post",
             color="#ff7f0e", linestyle="--", label="export limit")
     fuse_kw = limits.fuse_a * limits.voltage_v * limits.phases / 1000
-    ax.axhline(fuse_kw, color="#7f0000", linestyle=":", label=f"fuse {limits.fuse_a:g} A ({fuse_kw:.0f} kW)")
+    ax.axhline(fuse_kw, color="#7f0000", linestyle=":", label=f"fuse {limits.fuse_a:g} A ({fuse_kw:.1f} kW)")
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_ylabel("kW (+ consumption)")
-    ax.legend(loc="upper left", fontsize=8, ncol=3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     gap = "" if plan.gap is None else f", gap {plan.gap:.1%}"
     ax.set_title(f"{title} — {plan.status}, cost {plan.cost_eur:.2f} EUR, peak {plan.peak_w / 1000:.1f} kW{gap}")
 
@@ -84,7 +84,7 @@ def plot_plan(built: BuiltScenario, plan: Plan, path: Path, *, title: str = "") 
     axp.axhline(0, color="black", linewidth=0.5)
     axp.set_ylabel("EUR/kWh")
     axp.set_xlabel(f"hours from {problem.start:%Y-%m-%d %H:%M} UTC")
-    axp.legend(loc="upper left", fontsize=8)
+    axp.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

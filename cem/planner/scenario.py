@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -85,11 +86,11 @@ class ScenarioEv(Part):
     @model_validator(mode="after")
     def _consistent(self) -> ScenarioEv:
         if self.departure <= self.arrival:
-            raise ValueError("departure must be after arrival")
+            raise ValueError("departure: must be after arrival")
         if self.min_kw is not None and self.min_kw > self.max_kw:
-            raise ValueError(f"min_kw {self.min_kw} is above max_kw {self.max_kw}")
+            raise ValueError(f"min_kw: {self.min_kw} is above max_kw {self.max_kw}")
         if self.phases == 3 and self.phase is not None:
-            raise ValueError("phase is only for 1-phase EVs (phases = 1)")
+            raise ValueError("phase: only for 1-phase EVs (phases = 1)")
         return self
 
 
@@ -107,9 +108,9 @@ class ScenarioBattery(Part):
     def _consistent(self) -> ScenarioBattery:
         top = self.capacity_kwh if self.max_soc_kwh is None else self.max_soc_kwh
         if top > self.capacity_kwh:
-            raise ValueError(f"max_soc_kwh {top} is above capacity_kwh {self.capacity_kwh}")
+            raise ValueError(f"max_soc_kwh: {top} is above capacity_kwh {self.capacity_kwh}")
         if not self.min_soc_kwh <= self.soc_kwh <= top:
-            raise ValueError(f"soc_kwh {self.soc_kwh} is outside [min_soc_kwh {self.min_soc_kwh}, "
+            raise ValueError(f"soc_kwh: {self.soc_kwh} is outside [min_soc_kwh {self.min_soc_kwh}, "
                              f"max_soc_kwh {top}]")
         return self
 
@@ -128,17 +129,26 @@ class ScenarioHeatPump(Part):
     @model_validator(mode="after")
     def _consistent(self) -> ScenarioHeatPump:
         if self.min_kw > self.max_kw:
-            raise ValueError(f"min_kw {self.min_kw} is above max_kw {self.max_kw}")
+            raise ValueError(f"min_kw: {self.min_kw} is above max_kw {self.max_kw}")
         if not self.min_level_kwh <= self.level_kwh <= self.buffer_kwh:
-            raise ValueError(f"level_kwh {self.level_kwh} is outside [min_level_kwh "
+            raise ValueError(f"level_kwh: {self.level_kwh} is outside [min_level_kwh "
                              f"{self.min_level_kwh}, buffer_kwh {self.buffer_kwh}]")
         if any(d < 0 for d in self.demand_kw):
-            raise ValueError("demand_kw values must be >= 0")
+            raise ValueError("demand_kw: values must be >= 0")
         return self
 
 
 class Scenario(Part):
-    """One site over one planning horizon."""
+    """One site over one planning horizon (S2 CEM scenario, `cem plan --scenario`).
+
+    Power in kW, positive = consumption; PV production is given positive in `pv_kw`. Times are
+    ISO 8601 with an offset. Per-PTU arrays: one value = every PTU, more than horizon_ptus are
+    clipped, fewer is an error. EV arrival before start = already plugged in; arrival mid-PTU =
+    planned from the next full PTU; departure mid-PTU = up to the last full PTU before it;
+    departure after the horizon = pro-rata target for the stay inside it. Congestion windows
+    apply to every PTU they overlap. Battery efficiency is round-trip. Heat pump levels are
+    thermal kWh, filled by electrical power x cop, emptied by demand_kw + loss_kw.
+    """
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID})
@@ -161,9 +171,9 @@ class Scenario(Part):
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
         if 60 % self.ptu_minutes:
-            raise ValueError(f"ptu_minutes {self.ptu_minutes} must divide 60 (e.g. 15, 30, 60)")
+            raise ValueError(f"ptu_minutes: {self.ptu_minutes} must divide 60 (e.g. 15, 30, 60)")
         if any(p < 0 for p in self.pv_kw):
-            raise ValueError("pv_kw values must be >= 0 (production is given as a positive number)")
+            raise ValueError("pv_kw: values must be >= 0 (production is given as a positive number)")
         return self
 
 
@@ -213,12 +223,20 @@ _MESSAGES = {
 }
 
 
+_FIELD_MESSAGE = re.compile(r"^([a-z_]+): ")
+
+
 def _problems_from(exc: ValidationError) -> list[ScenarioProblem]:
     problems = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         message = _MESSAGES.get(err["type"], err["msg"].removeprefix("Value error, "))
-        if err["type"] not in ("missing", "extra_forbidden") and "input" in err:
+        field_first = _FIELD_MESSAGE.match(message)
+        if err["type"] == "value_error" and field_first:
+            # a check across fields names the field to change first: put it in the path
+            loc = (*loc, field_first.group(1))
+            message = message[field_first.end():]
+        elif err["type"] not in ("missing", "extra_forbidden") and "input" in err:
             shown = json.dumps(err["input"], default=str)
             if len(shown) <= 60:
                 message += f" (got {shown})"

@@ -23,6 +23,7 @@ from cem.planner.assets import Plan, Problem
 from cem.planner.scenario import BuiltScenario, ScenarioError, load_scenario, scenario_to_problem
 
 console = Console(stderr=True)
+MAX_EV_ROWS = 20
 
 
 def solver_functions() -> tuple[Callable[..., Plan], Callable[[Problem, Plan], list[str]]]:
@@ -126,7 +127,13 @@ def print_summary(out: Console, name: str, built: BuiltScenario, plan: Plan, dat
         evs = Table(title="EVs", title_justify="left")
         for col in ("EV", "planned kWh", "target kWh", "requested kWh", "unmet kWh", "reason"):
             evs.add_column(col, justify="left" if col in ("EV", "reason") else "right")
-        for ev, target in built.ev_target_wh.items():
+        shown = list(built.ev_target_wh)
+        if len(shown) > MAX_EV_ROWS:
+            shown = [ev for ev in shown if data["unmet_kwh"][ev] > 0.05][:MAX_EV_ROWS]
+            evs.title = (f"EVs: {len(built.ev_target_wh)}, {sum(1 for v in data['unmet_kwh'].values() if v > 0.05)}"
+                         f" miss their target (shown, at most {MAX_EV_ROWS}); --json lists all")
+        for ev in shown:
+            target = built.ev_target_wh[ev]
             planned = data["ev_energy_kwh"][ev]["planned"]
             short = plan.shortfall.get(ev)
             unmet = data["unmet_kwh"][ev]

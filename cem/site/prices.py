@@ -69,7 +69,8 @@ class _SeriesSource:
         self._prices = [p for _, p in series]
         if resolution is None:
             gaps = [b - a for a, b in zip(self._times, self._times[1:], strict=False) if b > a]
-            resolution = min(gaps) if gaps else timedelta(hours=1)
+            # hourly unless the data is finer (15-minute day-ahead prices): a gap is missing data
+            resolution = min([*gaps, timedelta(hours=1)])
         self.resolution = resolution
 
     def day_ahead_eur_per_mwh(self, start: datetime, end: datetime) -> list[tuple[datetime, float]]:
@@ -229,8 +230,11 @@ def wholesale_per_ptu(
     if missing:
         first = missing[0].isoformat().replace("+00:00", "Z")
         if fill == "error" or not series:
-            known = (f"prices known from {times[0].isoformat()} to "
-                     f"{(times[-1] + source.resolution).isoformat()}" if times else "no prices at all")
+            first_known = times[0] if times else getattr(source, "first", None)
+            last_known = times[-1] if times else getattr(source, "last", None)
+            known = (f"prices known from {first_known.isoformat()} to "
+                     f"{(last_known + source.resolution).isoformat()}"
+                     if first_known and last_known else "the source has no prices for it")
             raise PriceError(
                 f"no day-ahead price for {len(missing)} PTU(s) of the horizon, first at {first} "
                 f"({known}); shorten the horizon or use fill='previous'"

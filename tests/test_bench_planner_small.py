@@ -1,0 +1,68 @@
+"""`cem bench planner` on a tiny size: the JSON report parses and the plans have no violations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cem.cli import app
+from cem.planner.bench import bench_scenario
+from cem.planner.scenario import scenario_to_problem
+
+runner = CliRunner()
+
+
+def _solver_ready() -> bool:
+    try:
+        from cem.planner.scenario_cli import solver_functions
+
+        solver_functions()
+    except ImportError:
+        return False
+    return True
+
+
+def test_bench_scenario_is_reproducible_and_binding() -> None:
+    a = bench_scenario(20, seed=3, ptus=96)
+    b = bench_scenario(20, seed=3, ptus=96)
+    assert a == b
+    assert bench_scenario(20, seed=4) != a
+    built = scenario_to_problem(a)
+    evs = [s for s in built.problem.storage if s.kind == "ev"]
+    assert len(evs) == 20
+    assert {s.phase_share for s in evs} - {(1 / 3, 1 / 3, 1 / 3)}, "some EVs are 1-phase"
+    assert all(s.charge_min_w in (1380, 4140) for s in evs)  # 6 A on 1 or 3 phases
+    kinds = {s.kind for s in built.problem.storage}
+    assert {"ev", "battery", "heat_pump"} <= kinds and built.problem.curtailable
+    limits = built.problem.limits
+    assert limits.import_limit_w.min() < limits.import_limit_w.max()  # a congestion window
+    # uncontrolled charging (full power from arrival) would exceed the GTV
+    uncontrolled = np.zeros(96)
+    for s in evs:
+        ptus = int(np.ceil((s.target_wh or 0) / (s.charge_max_w / 4)))
+        uncontrolled[s.available_from:min(s.available_until, s.available_from + ptus)] += s.charge_max_w
+    assert uncontrolled.max() > limits.import_limit_w.max()
+
+
+def test_bench_rejects_bad_options() -> None:
+    result = runner.invoke(app, ["bench", "planner", "--evs", "0", "--json"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(not _solver_ready(), reason="cem.planner.solve not written yet")
+def test_bench_json_on_five_evs_has_no_violations() -> None:
+    result = runner.invoke(app, ["bench", "planner", "--evs", "5", "--instances", "1", "--ptus", "48",
+                                 "--time-limit", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    (row,) = report["results"]
+    assert row["evs"] == 5 and row["instances"] == 1
+    assert row["violations"] == 0, row["violation_examples"]
+    for key in ("build_s_p50", "solve_s_p95", "total_s_p50", "cost_eur", "lp_bound_eur", "gap",
+                "lp_solve_s_p50", "status"):
+        assert key in row
+    assert set(row["status"]) <= {"OPTIMAL", "FEASIBLE", "FALLBACK"}
+    assert report["machine"]["cpus"] >= 1
