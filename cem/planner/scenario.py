@@ -49,7 +49,6 @@ from cem.planner.assets import (
 from cem.site.config import CongestionWindow, GridConfig
 from cem.site.limits import limits_from_grid
 
-SCHEMA_ID = "https://github.com/s2-cem/s2-cem/specs/scenario.schema.json"
 MIN_CURRENT_A = 6.0
 
 PerPtu = Annotated[
@@ -151,7 +150,7 @@ class Scenario(Part):
     """
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID})
+        "$schema": "https://json-schema.org/draft/2020-12/schema"})
 
     name: str = ""
     description: str = ""

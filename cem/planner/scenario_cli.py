@@ -42,6 +42,13 @@ def _kw(values: np.ndarray | None, n: int) -> list[float]:
     return [round(float(v) / 1000, 3) for v in np.asarray(values)]
 
 
+def _finite(value: float | None, digits: int) -> float | None:
+    """A number for JSON: None when unknown or not finite (JSON has no NaN)."""
+    if value is None or not np.isfinite(value):
+        return None
+    return round(float(value), digits)
+
+
 def ev_delivered_wh(built: BuiltScenario, plan: Plan) -> dict[str, float]:
     """Energy each EV receives in the plan, Wh (charging minus discharging)."""
     dt_h = built.problem.ptu_minutes / 60
@@ -64,8 +71,8 @@ def plan_to_json(built: BuiltScenario, plan: Plan, violations: list[str] | None 
         "cost_eur": round(plan.cost_eur, 4),
         "energy_cost_eur": round(plan.energy_cost_eur, 4),
         "peak_cost_eur": round(plan.peak_cost_eur, 4),
-        "lp_bound_eur": None if plan.lp_bound_eur is None else round(plan.lp_bound_eur, 4),
-        "gap": plan.gap,
+        "lp_bound_eur": _finite(plan.lp_bound_eur, 4),
+        "gap": _finite(plan.gap, 6),
         "peak_kw": round(plan.peak_w / 1000, 3),
         "unmet_kwh": unmet,
         "shortfall": {k: {"energy_kwh": round(v.energy_wh / 1000, 3), "reason": v.reason}
