@@ -120,9 +120,10 @@ def print_summary(out: Console, name: str, built: BuiltScenario, plan: Plan, dat
                          f"peak {plan.peak_cost_eur:.2f})")
     gap = "-" if plan.gap is None else f"{plan.gap:.2%}"
     head.add_row("LP bound / gap", f"{_fmt(plan.lp_bound_eur, '.2f', ' EUR')} / {gap}")
-    head.add_row("peak import", f"{plan.peak_w / 1000:.1f} kW (GTV {limits.import_limit_w.max() / 1000:g} kW, "
-                                f"lowest window limit {limits.import_limit_w.min() / 1000:g} kW, "
-                                f"fuse {limits.fuse_a:g} A = {fuse_kw:.1f} kW)")
+    low, high = limits.import_limit_w.min() / 1000, limits.import_limit_w.max() / 1000
+    congestion = f", congestion down to {low:g} kW" if low < high else ""
+    head.add_row("peak import", f"{plan.peak_w / 1000:.1f} kW (GTV {high:g} kW{congestion}, "
+                                f"fuse {limits.fuse_a:g} A x {limits.phases} = {fuse_kw:.1f} kW)")
     head.add_row("max export", f"{max(0.0, -min(data['grid_import_kw'])):.1f} kW "
                                f"(limit {limits.export_limit_w.min() / 1000:g} kW)")
     if any(data["pv_curtailed_kw"]):
