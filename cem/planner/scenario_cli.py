@@ -32,7 +32,10 @@ def solver_functions() -> tuple[Callable[..., Plan], Callable[[Problem, Plan], l
 
     check = getattr(solve, "check_plan", None)
     if check is None:
-        from cem.planner.model import check_plan as check
+        try:
+            from cem.planner.check import check_plan as check
+        except ImportError:
+            from cem.planner.model import check_plan as check
     return solve.plan_site, check
 
 
