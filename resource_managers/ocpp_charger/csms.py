@@ -1,0 +1,958 @@
+"""The OCPP central system (CSMS): chargers in, EVSE state and charging limits out.
+
+One websocket port serves OCPP 1.6J and 2.0.1 (picked by subprotocol); the charge point id is
+the last part of the URL path. Each connected charger gets a handler of its version; both keep
+the same per-EVSE state (`Evse`, with the running `EvSession`), write sessions/CDRs to SQLite
+(`records.py`) and tell listeners (the S2 side) when something changed. Listeners are plain
+callbacks that must not block: they are called from inside OCPP handlers, where awaiting a call
+to the same charger would deadlock.
+
+Safety first: every charger gets a TxDefaultProfile at the site's safe limit on boot, so it
+stays within the fuse if the CSMS or the CEM is gone. `set_current` sends a TxProfile for the
+running transaction and reports whether the charger accepted it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, time, timedelta
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+from zoneinfo import ZoneInfo
+
+from ocpp.charge_point import ChargePoint as OcppChargePoint
+from ocpp.exceptions import NotImplementedError as OcppNotImplementedError
+from ocpp.exceptions import NotSupportedError, OCPPError
+from ocpp.messages import Call, CallError, unpack
+from ocpp.routing import after, on
+from ocpp.v16 import ChargePoint as ChargePoint16
+from ocpp.v16 import call as call16
+from ocpp.v16 import call_result as result16
+from ocpp.v16.enums import Action as Action16
+from ocpp.v201 import ChargePoint as ChargePoint201
+from ocpp.v201 import call as call201
+from ocpp.v201 import call_result as result201
+from ocpp.v201.enums import Action as Action201
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, NegotiationError
+from websockets.http11 import Request, Response
+
+from cem.site.config import ChargeCard, ChargePoint, SiteConfig
+from resource_managers.ocpp_charger import limits
+from resource_managers.ocpp_charger.records import SessionRecords
+
+logger = logging.getLogger("resource_managers.ocpp")
+
+SUBPROTOCOLS = ("ocpp1.6", "ocpp2.0.1")
+PLUGGED_16 = {"Preparing", "Charging", "SuspendedEV", "SuspendedEVSE", "Finishing"}
+ENERGY = "Energy.Active.Import.Register"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _parse_time(value: str | None) -> datetime:
+    if not value:
+        return _now()
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return _now()
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class EvSession:
+    """A running transaction on one EVSE, with what is known about the EV and its driver."""
+
+    record_id: int
+    transaction_id: str
+    id_tag: str | None
+    card: ChargeCard | None
+    started_at: datetime
+    meter_start_wh: float
+    meter_wh: float
+    departure: datetime
+    energy_need_wh: float
+    priority: int
+    needs_source: str  # "site defaults", "charge card <name>", "EV (NotifyEVChargingNeeds)"
+    card_max_current_a: float | None = None
+    ev_max_current_a: float | None = None
+    ev_min_current_a: float | None = None
+    cable_max_current_a: float | None = None
+    soc: float | None = None
+    soc_first: tuple[float, float] | None = None  # (soc %, energy Wh) at the first SoC reading
+    limit_a: float | None = None
+    seq_no: int = 0
+
+    @property
+    def energy_wh(self) -> float:
+        return max(0.0, self.meter_wh - self.meter_start_wh)
+
+    @property
+    def capacity_kwh(self) -> float | None:
+        """Battery size estimated from energy per SoC percent (needs 3 points of SoC rise)."""
+        if self.soc is None or self.soc_first is None:
+            return None
+        soc0, energy0 = self.soc_first
+        if self.soc - soc0 < 3:
+            return None
+        return (self.energy_wh - energy0) / (self.soc - soc0) / 10  # Wh per % -> kWh
+
+
+@dataclass
+class Evse:
+    """One EVSE (a connector that can charge one EV) of a charge point."""
+
+    cp_id: str
+    evse_id: int
+    config: ChargePoint
+    version: str = ""
+    online: bool = False
+    status: str = "Unknown"
+    plugged: bool = False
+    power_w: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    session: EvSession | None = None
+    phases_in_use: int | None = None
+    changed_at: datetime = field(default_factory=_now)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.cp_id, self.evse_id)
+
+    @property
+    def name(self) -> str:
+        return f"{self.cp_id}/{self.evse_id}"
+
+    @property
+    def resource_id(self) -> uuid.UUID:
+        return uuid.uuid5(uuid.NAMESPACE_URL, f"ocpp-evse:{self.cp_id}:{self.evse_id}")
+
+    @property
+    def phases(self) -> int:
+        return self.phases_in_use or self.config.phases
+
+    @property
+    def max_current_a(self) -> float:
+        """The most this EVSE may take now: EVSE, card, EV and cable limits, whichever is lowest."""
+        values = [self.config.max_current_a]
+        if self.session is not None:
+            values += [v for v in (self.session.card_max_current_a, self.session.ev_max_current_a,
+                                   self.session.cable_max_current_a) if v]
+        return min(values)
+
+    @property
+    def total_power_w(self) -> float:
+        return sum(self.power_w)
+
+
+@dataclass
+class LimitResult:
+    """What became of a requested current limit."""
+
+    accepted: bool
+    amps: float
+    detail: str
+
+
+EvseListener = Callable[[Evse], None]
+
+
+class _Tariff:
+    """All-in import price per kWh for CDR costs: day-ahead CSV with the site's tariff, or flat."""
+
+    def __init__(self, site: SiteConfig) -> None:
+        self._prices = site.prices
+        self._source: Any = None
+        if site.prices.csv is not None:
+            try:
+                from cem.site.prices import CsvPriceSource
+
+                self._source = CsvPriceSource(site.prices.csv)
+            except Exception as exc:  # a price file problem must not stop charging
+                logger.warning("CDR costs use the flat price: cannot read %s (%s)",
+                               site.prices.csv, exc)
+
+    def eur_per_kwh(self, at: datetime) -> float:
+        p = self._prices
+        if self._source is not None:
+            try:
+                found = self._source.day_ahead_eur_per_mwh(at, at + timedelta(seconds=1))
+            except Exception:
+                found = []
+            if found:
+                return (found[-1][1] / 1000 + p.markup_eur_per_kwh + p.tax_eur_per_kwh) * (1 + p.vat)
+        return p.flat_import_eur_per_kwh
+
+
+def next_local_time(after_moment: datetime, at: time, timezone: str) -> datetime:
+    """The first moment after `after_moment` with local clock time `at`."""
+    zone = ZoneInfo(timezone)
+    local = after_moment.astimezone(zone)
+    candidate = datetime.combine(local.date(), at, tzinfo=zone)
+    if candidate <= local:
+        candidate = datetime.combine(local.date() + timedelta(days=1), at, tzinfo=zone)
+    return candidate.astimezone(UTC)
+
+
+class OcppCentralSystem:
+    """OCPP 1.6J + 2.0.1 central system; with `cem_url`, every EVSE is an S2 RM of that CEM.
+
+    `await start()` binds the port (`port` gives the bound one, also for port 0), `await stop()`
+    closes chargers, S2 sessions and the database.
+    """
+
+    def __init__(self, site: SiteConfig, cem_url: str | None = None, *, token: str | None = None,
+                 host: str | None = None, port: int | None = None,
+                 database: Path | None = None, response_timeout_s: float = 10.0) -> None:
+        self.site = site
+        self.cem_url = cem_url
+        self.token = token
+        self.host = host or site.ocpp.host
+        self.requested_port = site.ocpp.port if port is None else port
+        self.records = SessionRecords(database or site.ocpp.database)
+        self.response_timeout_s = response_timeout_s
+        self.evses: dict[tuple[str, int], Evse] = {}
+        self.links: dict[str, OcppChargePoint] = {}
+        self.cards = {card.id_tag: card for card in site.charge_cards}
+        self.charge_points = {cp.id: cp for cp in site.ocpp.charge_points}
+        self.tariff = _Tariff(site)
+        self._listeners: list[EvseListener] = []
+        self._server: Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._next_tx = 1
+        self.s2: Any = None  # resource_managers.ocpp_charger.s2_evse.EvseResources when cem_url
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self.requested_port
+        return self._server.sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        await self.records.open()
+        for row in await self.records.close_orphans():
+            logger.warning("session %s on %s/%s (card %s) was open when the CSMS stopped: closed "
+                           "it from its last meter value (%.2f kWh); the charger's own stop "
+                           "message will correct it", row.transaction_id, row.cp_id, row.evse_id,
+                           row.id_tag or "none", row.energy_wh / 1000)
+        async with self.records.db.execute(
+                "SELECT MAX(CAST(transaction_id AS INTEGER)) FROM sessions") as cursor:
+            row = await cursor.fetchone()
+        self._next_tx = int(row[0] or 0) + 1 if row else 1
+        for cp in self.site.ocpp.charge_points:
+            for evse_id in range(1, cp.evses + 1):
+                self._evse(cp.id, evse_id)
+        if self.cem_url is not None:
+            from resource_managers.ocpp_charger.s2_evse import EvseResources
+
+            self.s2 = EvseResources(self, self.cem_url, token=self.token)
+            self.s2.start()
+        self._server = await serve(
+            self._connection, self.host, self.requested_port,
+            subprotocols=list(SUBPROTOCOLS),  # type: ignore[arg-type]
+            select_subprotocol=self._select_subprotocol,
+            process_request=self._check_request,
+            ping_interval=30, ping_timeout=30,
+        )
+        logger.info("OCPP central system listening on ws://%s:%d (OCPP 1.6J and 2.0.1), "
+                    "%d charge point(s) configured, unknown charge points %s, unknown cards %s",
+                    self.host, self.port, len(self.charge_points),
+                    "accepted" if self.site.ocpp.accept_unknown_charge_points else "refused",
+                    self.site.ocpp.unknown_cards + "ed")
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+            self._server = None
+        if self.s2 is not None:
+            await self.s2.stop()
+            self.s2 = None
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.records.close()
+        logger.info("OCPP central system stopped")
+
+    def add_listener(self, listener: EvseListener) -> None:
+        self._listeners.append(listener)
+
+    def _changed(self, evse: Evse) -> None:
+        evse.changed_at = _now()
+        for listener in self._listeners:
+            try:
+                listener(evse)
+            except Exception:
+                logger.exception("EVSE listener failed for %s", evse.name)
+
+    def spawn(self, coro: Any, what: str) -> asyncio.Task[Any]:
+        """Run work that must not block an OCPP handler (e.g. a call back to the charger)."""
+        task = asyncio.get_running_loop().create_task(coro, name=what)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                logger.warning("%s failed: %r", what, t.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    # --- websocket handshake ---------------------------------------------------------------
+
+    @staticmethod
+    def charge_point_id(path: str) -> str:
+        return unquote(path.split("?")[0].rstrip("/").rsplit("/", 1)[-1])
+
+    def _select_subprotocol(self, connection: ServerConnection,
+                            offered: list[str]) -> str | None:
+        cp_id = self.charge_point_id(connection.request.path) if connection.request else "?"
+        for protocol in SUBPROTOCOLS:
+            if protocol in offered:
+                return protocol
+        if not offered:
+            logger.warning("charger '%s' refused: it offers no OCPP subprotocol (we speak %s)",
+                           cp_id, " and ".join(SUBPROTOCOLS))
+        else:
+            logger.warning("charger '%s' refused: it offers %s, we speak %s",
+                           cp_id, ", ".join(offered), " and ".join(SUBPROTOCOLS))
+        raise NegotiationError("unsupported OCPP version; use ocpp1.6 or ocpp2.0.1")
+
+    def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Refuse unknown charge points (per config) and wrong passwords (security profile 1)."""
+        cp_id = self.charge_point_id(request.path)
+        if not cp_id:
+            logger.warning("connection refused: no charge point id in the URL path %r", request.path)
+            return connection.respond(HTTPStatus.NOT_FOUND, "put the charge point id in the URL\n")
+        config = self.charge_points.get(cp_id)
+        if config is None and not self.site.ocpp.accept_unknown_charge_points:
+            logger.warning("charger '%s' refused: not in ocpp.charge_points and unknown charge "
+                           "points are not accepted", cp_id)
+            return connection.respond(HTTPStatus.FORBIDDEN, "unknown charge point\n")
+        if config is not None and config.password:
+            header = request.headers.get("Authorization", "")
+            user, password = None, None
+            if header.lower().startswith("basic "):
+                try:
+                    user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+                except (binascii.Error, UnicodeDecodeError):
+                    pass
+            if user != cp_id or password != config.password:
+                logger.warning("charger '%s' refused: %s", cp_id,
+                               "wrong Basic auth password" if header else "no Basic auth password")
+                response = connection.respond(HTTPStatus.UNAUTHORIZED, "charge point password needed\n")
+                response.headers["WWW-Authenticate"] = 'Basic realm="OCPP", charset="UTF-8"'
+                return response
+        return None
+
+    async def _connection(self, ws: ServerConnection) -> None:
+        cp_id = self.charge_point_id(ws.request.path if ws.request else "")
+        version = ws.subprotocol
+        handler_class = ChargePoint16Handler if version == "ocpp1.6" else ChargePoint201Handler
+        handler = handler_class(cp_id, ws, self)
+        old = self.links.get(cp_id)
+        if old is not None:
+            logger.warning("charger '%s' connected again; dropping its old connection", cp_id)
+            with contextlib.suppress(Exception):
+                await old._connection.close()
+        self.links[cp_id] = handler
+        logger.info("charger '%s' connected (%s) from %s", cp_id, version,
+                    ws.remote_address[0] if ws.remote_address else "?")
+        for evse in self.evses_of(cp_id):
+            evse.version = handler.version
+            evse.online = True
+            self._changed(evse)
+        try:
+            await handler.start()
+        except ConnectionClosed:
+            pass
+        finally:
+            if self.links.get(cp_id) is handler:
+                del self.links[cp_id]
+                for evse in self.evses_of(cp_id):
+                    evse.online = False
+                    evse.power_w = (0.0, 0.0, 0.0)
+                    if evse.session is not None:
+                        logger.warning("charger '%s' went offline during session %s on EVSE %d: "
+                                       "flexibility withdrawn, it holds its default profile; the "
+                                       "session resumes when it comes back", cp_id,
+                                       evse.session.transaction_id, evse.evse_id)
+                    self._changed(evse)
+                logger.info("charger '%s' disconnected", cp_id)
+
+    # --- EVSEs, cards, sessions ------------------------------------------------------------
+
+    def evses_of(self, cp_id: str) -> list[Evse]:
+        return [e for e in self.evses.values() if e.cp_id == cp_id]
+
+    def _evse(self, cp_id: str, evse_id: int) -> Evse:
+        key = (cp_id, evse_id)
+        evse = self.evses.get(key)
+        if evse is None:
+            config = self.charge_points.get(cp_id) or ChargePoint(id=cp_id)
+            evse = Evse(cp_id=cp_id, evse_id=evse_id, config=config)
+            link = self.links.get(cp_id)
+            if link is not None:
+                evse.online = True
+                evse.version = link.version  # type: ignore[attr-defined]
+            self.evses[key] = evse
+            logger.info("EVSE %s: %.0f A max on %d phase(s)%s, limits sent in %s", evse.name,
+                        config.max_current_a, config.phases,
+                        f" ({config.phase})" if config.phases == 1 else "", config.limit_unit)
+            if self.s2 is not None:
+                self.s2.add(evse)
+        return evse
+
+    def check_card(self, id_tag: str | None) -> tuple[str, ChargeCard | None]:
+        """OCPP authorization status for a card: Accepted, Blocked or Invalid."""
+        if not id_tag:
+            return "Accepted", None
+        card = self.cards.get(id_tag)
+        if card is not None:
+            return ("Accepted" if card.allowed else "Blocked"), card
+        if self.site.ocpp.unknown_cards == "accept":
+            return "Accepted", None
+        return "Invalid", None
+
+    def _card_words(self, id_tag: str | None, card: ChargeCard | None) -> str:
+        if card is not None:
+            return f"card {id_tag} ({card.name or 'no name'})"
+        return f"unknown card {id_tag}" if id_tag else "no card"
+
+    def _needs(self, started_at: datetime, card: ChargeCard | None) -> tuple[datetime, float, int, str]:
+        """Departure, energy need (Wh), priority and where they came from (card, else defaults)."""
+        defaults = self.site.ev_defaults
+        tz = self.site.site.timezone
+        source = "site defaults"
+        energy_kwh = defaults.energy_kwh
+        priority = defaults.priority
+        if defaults.departure is not None:
+            departure = next_local_time(started_at, defaults.departure, tz)
+        else:
+            departure = started_at + timedelta(hours=defaults.dwell_hours)
+        if card is not None:
+            source = f"charge card {card.name or card.id_tag}"
+            priority = card.priority
+            if card.energy_kwh is not None:
+                energy_kwh = card.energy_kwh
+            if card.departure is not None:
+                departure = next_local_time(started_at, card.departure, tz)
+        return departure, energy_kwh * 1000, priority, source
+
+    def new_transaction_id(self) -> int:
+        tx = self._next_tx
+        self._next_tx += 1
+        return tx
+
+    async def begin_session(self, evse: Evse, transaction_id: str, id_tag: str | None,
+                            started_at: datetime, meter_start_wh: float) -> EvSession:
+        """Start (or, after a restart or reconnect, resume) the session of a transaction."""
+        if evse.session is not None and evse.session.transaction_id == transaction_id:
+            return evse.session
+        _status, card = self.check_card(id_tag)
+        row = await self.records.find(evse.cp_id, transaction_id)
+        if row is not None:
+            if row.state == "closed":
+                await self.records.reopen(row.id)
+                logger.info("session %s on %s resumed (it had been closed at restart)",
+                            transaction_id, evse.name)
+            record_id, started_at, meter_start_wh = row.id, row.started_at, row.meter_start_wh
+            meter_wh = row.meter_last_wh
+        else:
+            record_id = await self.records.start(
+                cp_id=evse.cp_id, evse_id=evse.evse_id, transaction_id=transaction_id,
+                id_tag=id_tag, card_name=card.name if card else None, started_at=started_at,
+                meter_start_wh=meter_start_wh)
+            meter_wh = meter_start_wh
+        departure, need_wh, priority, source = self._needs(started_at, card)
+        session = EvSession(
+            record_id=record_id, transaction_id=transaction_id, id_tag=id_tag, card=card,
+            started_at=started_at, meter_start_wh=meter_start_wh, meter_wh=meter_wh,
+            departure=departure, energy_need_wh=need_wh, priority=priority, needs_source=source,
+            card_max_current_a=card.max_current_a if card else None)
+        evse.session = session
+        evse.plugged = True
+        logger.info("session %s started on %s with %s: needs %.1f kWh by %s (from %s), "
+                    "priority %d", transaction_id, evse.name, self._card_words(id_tag, card),
+                    need_wh / 1000, departure.astimezone(ZoneInfo(self.site.site.timezone))
+                    .strftime("%a %H:%M"), source, priority)
+        self._changed(evse)
+        return session
+
+    async def set_session_tag(self, evse: Evse, id_tag: str) -> None:
+        session = evse.session
+        if session is None or session.id_tag == id_tag:
+            return
+        _, card = self.check_card(id_tag)
+        session.id_tag, session.card = id_tag, card
+        session.card_max_current_a = card.max_current_a if card else None
+        if not session.needs_source.startswith("EV"):
+            departure, need, priority, source = self._needs(session.started_at, card)
+            session.departure, session.energy_need_wh = departure, need
+            session.priority, session.needs_source = priority, source
+        await self.records.set_tag(session.record_id, id_tag, card.name if card else None)
+        logger.info("session %s on %s is charged to %s", session.transaction_id, evse.name,
+                    self._card_words(id_tag, card))
+        self._changed(evse)
+
+    async def meter(self, evse: Evse, at: datetime, energy_wh: float | None,
+                    power_w: tuple[float, float, float] | None, soc: float | None) -> None:
+        """Take a meter reading: EVSE power, session energy and cost, SoC."""
+        if power_w is not None:
+            evse.power_w = power_w
+        session = evse.session
+        if session is not None:
+            if energy_wh is not None:
+                session.meter_wh = max(session.meter_wh, energy_wh)
+            if soc is not None:
+                session.soc = soc
+                if session.soc_first is None:
+                    session.soc_first = (soc, session.energy_wh)
+            await self.records.meter(session.record_id, meter_wh=energy_wh, at=at,
+                                     power_w=evse.total_power_w if power_w is not None else None,
+                                     soc=soc, price_eur_per_kwh=self.tariff.eur_per_kwh(at))
+        self._changed(evse)
+
+    async def end_session(self, evse: Evse | None, cp_id: str, transaction_id: str,
+                          meter_stop_wh: float | None, at: datetime, reason: str) -> None:
+        """Close a session: the CDR, and the charger's TxProfile for it."""
+        row = await self.records.find(cp_id, transaction_id)
+        if row is None:
+            logger.warning("charger '%s' stopped transaction %s, which we never saw start",
+                           cp_id, transaction_id)
+            return
+        if row.state == "closed":
+            await self.records.reopen(row.id)  # the charger's reading replaces ours
+        cdr = await self.records.stop(row.id, meter_stop_wh=meter_stop_wh, at=at, reason=reason,
+                                      price_eur_per_kwh=self.tariff.eur_per_kwh(at))
+        if cdr is not None:
+            logger.info("session %s on %s/%d ended (%s): %.2f kWh, EUR %.2f, peak %.1f kW, "
+                        "%s", transaction_id, cp_id, cdr.evse_id, reason, cdr.energy_wh / 1000,
+                        cdr.cost_eur, cdr.peak_w / 1000, self._card_words(cdr.id_tag, None
+                                                                          if not cdr.card_name
+                                                                          else self.cards.get(cdr.id_tag or "")))
+        if evse is not None and evse.session is not None and \
+                evse.session.transaction_id == transaction_id:
+            evse.session = None
+            evse.power_w = (0.0, 0.0, 0.0)
+            link = self.links.get(cp_id)
+            if link is not None:
+                self.spawn(self.clear_tx_profile(evse), f"clear TxProfile on {evse.name}")
+            self._changed(evse)
+
+    # --- limits to chargers ----------------------------------------------------------------
+
+    async def send_default_profile(self, cp_id: str) -> bool:
+        """TxDefaultProfile at the safe limit for all EVSEs: what holds without us."""
+        link = self.links.get(cp_id)
+        if link is None:
+            return False
+        config = self.charge_points.get(cp_id) or ChargePoint(id=cp_id)
+        amps = limits.round_down_tenth(min(self.site.ocpp.safe_limit_a, config.max_current_a))
+        limit = limits.ProfileLimit(amps, config.limit_unit, config.phases)
+        try:
+            if isinstance(link, ChargePoint16Handler):
+                response = await link.call(call16.SetChargingProfile(
+                    connector_id=0, cs_charging_profiles=limits.tx_default_profile_v16(limit)),
+                    suppress=False)
+            else:
+                response = await link.call(call201.SetChargingProfile(
+                    evse_id=0, charging_profile=limits.tx_default_profile_v201(limit)),
+                    suppress=False)
+        except (OCPPError, TimeoutError, ConnectionClosed) as exc:
+            logger.warning("charger '%s' did not take the default profile (%s): it may exceed "
+                           "the safe limit when the CEM is gone", cp_id, exc)
+            return False
+        if response.status == "Accepted":
+            logger.info("charger '%s': default profile set, %s per EVSE when nothing else is "
+                        "known (safe limit)", cp_id, limit.describe())
+            return True
+        logger.warning("charger '%s' refused the default profile (%s)", cp_id, response.status)
+        return False
+
+    async def set_current(self, cp_id: str, evse_id: int, amps: float) -> LimitResult:
+        """Send a TxProfile limiting the running session to `amps` (rounded to what works)."""
+        evse = self.evses.get((cp_id, evse_id))
+        link = self.links.get(cp_id)
+        if evse is None or link is None or not evse.online:
+            return LimitResult(False, 0.0, "charger offline")
+        session = evse.session
+        if session is None:
+            return LimitResult(False, 0.0, "no charging session on this EVSE")
+        min_a = max(self.site.ev_defaults.min_current_a, session.ev_min_current_a or 0)
+        current = limits.charging_current(amps, evse.max_current_a, min_a)
+        limit = limits.ProfileLimit(current, evse.config.limit_unit, evse.phases)
+        try:
+            if isinstance(link, ChargePoint16Handler):
+                tx = int(session.transaction_id)
+                response = await link.call(call16.SetChargingProfile(
+                    connector_id=evse_id,
+                    cs_charging_profiles=limits.tx_profile_v16(evse_id, tx, limit)), suppress=False)
+            else:
+                response = await link.call(call201.SetChargingProfile(
+                    evse_id=evse_id, charging_profile=limits.tx_profile_v201(
+                        evse_id, session.transaction_id, limit)), suppress=False)
+        except (OCPPError, TimeoutError, ConnectionClosed) as exc:
+            logger.warning("%s: limit %s not set: %s", evse.name, limit.describe(), exc)
+            return LimitResult(False, current, f"charger did not answer: {exc}")
+        if response.status != "Accepted":
+            logger.warning("%s refused the limit %s (%s)", evse.name, limit.describe(),
+                           response.status)
+            return LimitResult(False, current, f"charger answered {response.status}")
+        session.limit_a = current
+        await self.records.set_limit(session.record_id, current)
+        logger.info("%s: session %s limited to %s%s", evse.name, session.transaction_id,
+                    limit.describe(), " (paused)" if current == 0 else "")
+        self._changed(evse)
+        return LimitResult(True, current, f"charger accepted {limit.describe()}")
+
+    async def clear_tx_profile(self, evse: Evse) -> None:
+        link = self.links.get(evse.cp_id)
+        if link is None:
+            return
+        profile_id = limits.TX_PROFILE_ID_BASE + evse.evse_id
+        try:
+            if isinstance(link, ChargePoint16Handler):
+                await link.call(call16.ClearChargingProfile(id=profile_id), suppress=False)
+            else:
+                await link.call(call201.ClearChargingProfile(charging_profile_id=profile_id),
+                                suppress=False)
+        except (OCPPError, TimeoutError, ConnectionClosed) as exc:
+            logger.info("%s: could not clear the session profile (%s); the charger drops it "
+                        "with the transaction anyway", evse.name, exc)
+
+
+# --- charger handlers --------------------------------------------------------------------------
+
+
+def _frame_error(raw: str, version: str, error: OCPPError) -> str | None:
+    """A CallError for a frame that cannot be parsed, with its message id when readable."""
+    unique_id = "-1"
+    try:
+        frame = json.loads(raw)
+        if isinstance(frame, list) and len(frame) > 1 and isinstance(frame[1], str):
+            if frame[0] in (3, 4):
+                return None  # a broken answer: nothing to answer to
+            unique_id = frame[1]
+    except (json.JSONDecodeError, TypeError):
+        pass
+    if version == "2.0.1":
+        code = "RpcFrameworkError"  # OCPP-J 2.0.1 4.3: message is not a valid RPC request
+    else:
+        code = "FormationViolation" if error.code == "FormatViolation" else error.code
+    return CallError(unique_id, code, error.description, error.details or {}).to_json()
+
+
+class _CsmsSide:
+    """What both versions share: the central system and frame-level error answers."""
+
+    version = ""
+    csms: OcppCentralSystem
+
+    async def route_message(self, raw_msg: str) -> None:  # type: ignore[override]
+        try:
+            message = unpack(raw_msg)
+        except OCPPError as error:
+            logger.warning("charger '%s' sent a malformed frame (%s): %.120s",
+                           self.id, error.details.get("cause", error.code) if error.details  # type: ignore[attr-defined]
+                           else error.code, raw_msg)
+            answer = _frame_error(raw_msg, self.version, error)
+            if answer is not None:
+                await self._send(answer)  # type: ignore[attr-defined]
+            return
+        if isinstance(message, Call) and message.action not in self.route_map:  # type: ignore[attr-defined]
+            # OCPP-J (1.6 4.2.3, 2.0.1 4.3): an action we do not know is NotImplemented, a known
+            # one we do not handle is NotSupported (the ocpp library swaps the two).
+            actions = Action16 if self.version == "1.6" else Action201
+            known = message.action in {a.value for a in actions}
+            error_class = NotSupportedError if known else OcppNotImplementedError
+            error = error_class(details={"cause": f"{message.action} is "
+                                         f"{'not handled' if known else 'not an OCPP action'} "
+                                         f"by this central system (OCPP {self.version})"})
+            logger.info("charger '%s' sent %s: answered %s", self.id, message.action, error.code)
+            await self._send(message.create_call_error(error).to_json())  # type: ignore[attr-defined]
+            return
+        await super().route_message(raw_msg)  # type: ignore[misc]
+
+
+def _split_power(evse: Evse, per_phase: dict[str, float], total: float | None) -> tuple[float, float, float] | None:
+    if per_phase:
+        return (per_phase.get("L1", 0.0), per_phase.get("L2", 0.0), per_phase.get("L3", 0.0))
+    if total is None:
+        return None
+    if evse.phases == 3:
+        return (total / 3, total / 3, total / 3)
+    shares = {"L1": (total, 0.0, 0.0), "L2": (0.0, total, 0.0), "L3": (0.0, 0.0, total)}
+    return shares[evse.config.phase]
+
+
+def read_meter_values(evse: Evse, meter_values: Iterable[dict[str, Any]],
+                      ) -> tuple[datetime, float | None, tuple[float, float, float] | None, float | None]:
+    """Energy (Wh), per-phase power (W) and SoC (%) from 1.6 / 2.0.1 meter values (snake case)."""
+    at = _now()
+    energy = soc = total = None
+    per_phase: dict[str, float] = {}
+    current: dict[str, float] = {}
+    for mv in meter_values:
+        at = _parse_time(mv.get("timestamp"))
+        for sv in mv.get("sampled_value", []):
+            try:
+                value = float(sv.get("value"))
+            except (TypeError, ValueError):
+                continue
+            measurand = sv.get("measurand") or ENERGY
+            unit = (sv.get("unit") or (sv.get("unit_of_measure") or {}).get("unit") or "").lower()
+            phase = (sv.get("phase") or "")[:2]
+            if measurand == ENERGY and not phase:
+                energy = value * 1000 if unit == "kwh" else value
+            elif measurand == "Power.Active.Import":
+                watts = value * 1000 if unit == "kw" else value
+                if phase in ("L1", "L2", "L3"):
+                    per_phase[phase] = watts
+                elif not phase:
+                    total = watts
+            elif measurand == "Current.Import" and phase in ("L1", "L2", "L3"):
+                current[phase] = value
+            elif measurand == "SoC":
+                soc = value
+    if not per_phase and total is None and current:
+        per_phase = {ph: amps * limits.VOLTAGE_V for ph, amps in current.items()}
+    return at, energy, _split_power(evse, per_phase, total), soc
+
+
+class ChargePoint16Handler(_CsmsSide, ChargePoint16):
+    """An OCPP 1.6J charger as the central system sees it."""
+
+    version = "1.6"
+
+    def __init__(self, cp_id: str, connection: ServerConnection, csms: OcppCentralSystem) -> None:
+        super().__init__(cp_id, connection, response_timeout=csms.response_timeout_s)
+        self.csms = csms
+
+    @on(Action16.boot_notification)
+    async def on_boot(self, charge_point_vendor: str, charge_point_model: str,
+                      **details: Any) -> result16.BootNotification:
+        logger.info("charger '%s' booted: %s %s (OCPP 1.6J)%s", self.id, charge_point_vendor,
+                    charge_point_model, f", firmware {details['firmware_version']}"
+                    if details.get("firmware_version") else "")
+        self.csms._evse(self.id, 1)
+        return result16.BootNotification(current_time=_iso(_now()),
+                                         interval=self.csms.site.ocpp.heartbeat_interval_s,
+                                         status="Accepted")
+
+    @after(Action16.boot_notification)
+    async def after_boot(self, **_: Any) -> None:
+        self.csms.spawn(self.csms.send_default_profile(self.id), f"default profile {self.id}")
+
+    @on(Action16.heartbeat)
+    async def on_heartbeat(self) -> result16.Heartbeat:
+        return result16.Heartbeat(current_time=_iso(_now()))
+
+    @on(Action16.status_notification)
+    async def on_status(self, connector_id: int, error_code: str, status: str,
+                        **_: Any) -> result16.StatusNotification:
+        if connector_id > 0:
+            evse = self.csms._evse(self.id, connector_id)
+            if evse.status != status:
+                logger.info("%s is %s%s", evse.name, status,
+                            "" if error_code == "NoError" else f" (error {error_code})")
+            evse.status = status
+            evse.plugged = status in PLUGGED_16
+            evse.online = True
+            self.csms._changed(evse)
+        return result16.StatusNotification()
+
+    @on(Action16.authorize)
+    async def on_authorize(self, id_tag: str) -> result16.Authorize:
+        status, card = self.csms.check_card(id_tag)
+        logger.info("charger '%s': %s %s", self.id, self.csms._card_words(id_tag, card),
+                    "accepted" if status == "Accepted" else f"refused ({status})")
+        return result16.Authorize(id_tag_info={"status": status})
+
+    @on(Action16.start_transaction)
+    async def on_start(self, connector_id: int, id_tag: str, meter_start: int, timestamp: str,
+                       **_: Any) -> result16.StartTransaction:
+        status, card = self.csms.check_card(id_tag)
+        tx = self.csms.new_transaction_id()
+        if status != "Accepted":
+            logger.info("charger '%s': transaction refused for %s (%s)", self.id,
+                        self.csms._card_words(id_tag, card), status)
+            return result16.StartTransaction(transaction_id=tx, id_tag_info={"status": status})
+        evse = self.csms._evse(self.id, connector_id)
+        await self.csms.begin_session(evse, str(tx), id_tag, _parse_time(timestamp),
+                                      float(meter_start))
+        return result16.StartTransaction(transaction_id=tx, id_tag_info={"status": "Accepted"})
+
+    @on(Action16.stop_transaction)
+    async def on_stop(self, meter_stop: int, timestamp: str, transaction_id: int,
+                      reason: str | None = None, **_: Any) -> result16.StopTransaction:
+        evse = next((e for e in self.csms.evses_of(self.id) if e.session is not None
+                     and e.session.transaction_id == str(transaction_id)), None)
+        await self.csms.end_session(evse, self.id, str(transaction_id), float(meter_stop),
+                                    _parse_time(timestamp), reason or "Local")
+        return result16.StopTransaction(id_tag_info={"status": "Accepted"})
+
+    @on(Action16.meter_values)
+    async def on_meter_values(self, connector_id: int, meter_value: list[dict[str, Any]],
+                              transaction_id: int | None = None) -> result16.MeterValues:
+        if connector_id > 0:
+            evse = self.csms._evse(self.id, connector_id)
+            at, energy, power, soc = read_meter_values(evse, meter_value)
+            if transaction_id is not None and (evse.session is None or
+                                               evse.session.transaction_id != str(transaction_id)):
+                row = await self.csms.records.find(self.id, str(transaction_id))
+                if row is not None:  # a session from before a restart or a reconnect
+                    await self.csms.begin_session(evse, str(transaction_id), row.id_tag,
+                                                  row.started_at, row.meter_start_wh)
+            await self.csms.meter(evse, at, energy, power, soc)
+        return result16.MeterValues()
+
+
+class ChargePoint201Handler(_CsmsSide, ChargePoint201):
+    """An OCPP 2.0.1 charging station as the central system sees it."""
+
+    version = "2.0.1"
+
+    def __init__(self, cp_id: str, connection: ServerConnection, csms: OcppCentralSystem) -> None:
+        super().__init__(cp_id, connection, response_timeout=csms.response_timeout_s)
+        self.csms = csms
+
+    @on(Action201.boot_notification)
+    async def on_boot(self, charging_station: dict[str, Any], reason: str,
+                      **_: Any) -> result201.BootNotification:
+        logger.info("charger '%s' booted: %s %s (OCPP 2.0.1, %s)", self.id,
+                    charging_station.get("vendor_name"), charging_station.get("model"), reason)
+        self.csms._evse(self.id, 1)
+        return result201.BootNotification(current_time=_iso(_now()),
+                                          interval=self.csms.site.ocpp.heartbeat_interval_s,
+                                          status="Accepted")
+
+    @after(Action201.boot_notification)
+    async def after_boot(self, **_: Any) -> None:
+        self.csms.spawn(self.csms.send_default_profile(self.id), f"default profile {self.id}")
+
+    @on(Action201.heartbeat)
+    async def on_heartbeat(self) -> result201.Heartbeat:
+        return result201.Heartbeat(current_time=_iso(_now()))
+
+    @on(Action201.status_notification)
+    async def on_status(self, timestamp: str, connector_status: str, evse_id: int,
+                        connector_id: int, **_: Any) -> result201.StatusNotification:
+        evse = self.csms._evse(self.id, evse_id)
+        if evse.status != connector_status:
+            logger.info("%s is %s", evse.name, connector_status)
+        evse.status = connector_status
+        evse.plugged = connector_status == "Occupied"
+        evse.online = True
+        self.csms._changed(evse)
+        return result201.StatusNotification()
+
+    @on(Action201.authorize)
+    async def on_authorize(self, id_token: dict[str, Any], **_: Any) -> result201.Authorize:
+        status, card = self.csms.check_card(id_token.get("id_token"))
+        logger.info("charger '%s': %s %s", self.id,
+                    self.csms._card_words(id_token.get("id_token"), card),
+                    "accepted" if status == "Accepted" else f"refused ({status})")
+        return result201.Authorize(id_token_info={"status": status})
+
+    @on(Action201.transaction_event)
+    async def on_transaction_event(self, event_type: str, timestamp: str, trigger_reason: str,
+                                   seq_no: int, transaction_info: dict[str, Any],
+                                   meter_value: list[dict[str, Any]] | None = None,
+                                   evse: dict[str, Any] | None = None,
+                                   id_token: dict[str, Any] | None = None,
+                                   cable_max_current: int | None = None,
+                                   number_of_phases_used: int | None = None,
+                                   **_: Any) -> result201.TransactionEvent:
+        tx = str(transaction_info["transaction_id"])
+        id_tag = id_token.get("id_token") if id_token else None
+        status, card = self.csms.check_card(id_tag)
+        answer = result201.TransactionEvent(
+            id_token_info={"status": status} if id_token else None)
+        target = None
+        if evse is not None:
+            target = self.csms._evse(self.id, int(evse["id"]))
+        else:
+            target = next((e for e in self.csms.evses_of(self.id) if e.session is not None
+                           and e.session.transaction_id == tx), None)
+        at = _parse_time(timestamp)
+        energy = power = soc = None
+        if meter_value and target is not None:
+            at, energy, power, soc = read_meter_values(target, meter_value)
+        if event_type == "Ended":
+            await self.csms.end_session(target, self.id, tx, energy, at,
+                                        transaction_info.get("stopped_reason") or "Local")
+            return answer
+        if target is None:
+            logger.warning("charger '%s': transaction %s without an EVSE; ignored", self.id, tx)
+            return answer
+        if status != "Accepted":
+            logger.info("charger '%s': %s refused (%s) for transaction %s", self.id,
+                        self.csms._card_words(id_tag, card), status, tx)
+            return answer
+        if target.session is None or target.session.transaction_id != tx:
+            await self.csms.begin_session(target, tx, id_tag, at, energy or 0.0)
+        elif id_tag:
+            await self.csms.set_session_tag(target, id_tag)
+        session = target.session
+        assert session is not None
+        if cable_max_current:
+            session.cable_max_current_a = float(cable_max_current)
+        if number_of_phases_used:
+            target.phases_in_use = min(int(number_of_phases_used), target.config.phases)
+        if meter_value:
+            await self.csms.meter(target, at, energy, power, soc)
+        return answer
+
+    @on(Action201.meter_values)
+    async def on_meter_values(self, evse_id: int, meter_value: list[dict[str, Any]],
+                              **_: Any) -> result201.MeterValues:
+        if evse_id > 0:
+            evse = self.csms._evse(self.id, evse_id)
+            at, energy, power, soc = read_meter_values(evse, meter_value)
+            await self.csms.meter(evse, at, energy if evse.session else None, power, soc)
+        return result201.MeterValues()
+
+    @on(Action201.notify_ev_charging_needs)
+    async def on_charging_needs(self, charging_needs: dict[str, Any], evse_id: int,
+                                **_: Any) -> result201.NotifyEVChargingNeeds:
+        evse = self.csms._evse(self.id, evse_id)
+        session = evse.session
+        if session is None:
+            logger.info("%s: EV charging needs before a transaction; ignored", evse.name)
+            return result201.NotifyEVChargingNeeds(status="Rejected")
+        ac = charging_needs.get("ac_charging_parameters") or {}
+        if charging_needs.get("departure_time"):
+            session.departure = _parse_time(charging_needs["departure_time"])
+        if ac.get("energy_amount"):
+            session.energy_need_wh = session.energy_wh + float(ac["energy_amount"])
+        if ac.get("ev_max_current"):
+            session.ev_max_current_a = float(ac["ev_max_current"])
+        if ac.get("ev_min_current"):
+            session.ev_min_current_a = float(ac["ev_min_current"])
+        session.needs_source = "EV (NotifyEVChargingNeeds)"
+        logger.info("%s: the EV asks for %.1f kWh more by %s, %s A max", evse.name,
+                    (session.energy_need_wh - session.energy_wh) / 1000,
+                    session.departure.astimezone(ZoneInfo(self.csms.site.site.timezone))
+                    .strftime("%a %H:%M"), ac.get("ev_max_current", "?"))
+        self.csms._changed(evse)
+        return result201.NotifyEVChargingNeeds(status="Accepted")
