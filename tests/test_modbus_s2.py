@@ -348,3 +348,51 @@ async def test_battery_goes_idle_when_the_cem_stays_away(cem: S2Server,
     await eventually(lambda: sim.setpoint_w == -5000, what="discharging")
     await cem.stop()
     await eventually(lambda: sim.setpoint_w == 0, what="idle without a CEM")
+
+
+async def test_cem_flex_layer_plans_our_devices_and_its_instructions_land(cem: S2Server
+                                                                          ) -> None:
+    """build_problem sees battery, heat pump, PV and meter; a plan becomes register writes."""
+    import numpy as np
+
+    from cem.flex.site_problem import build_problem, instructions_for_plan
+    from cem.planner.assets import Plan
+    from resource_managers.modbus.site import SimulatedModbusSite
+
+    site = SimulatedModbusSite.from_config(
+        SiteConfig(), cem_url=cem.url, pv_start=datetime(2019, 6, 11, 11, tzinfo=UTC),
+        rm_options={"poll_interval_s": 0.1})
+    await site.start()
+    try:
+        await eventually(lambda: len(cem.rms()) == 4 and all(
+            d.rm.described_session for d in site.devices) and all(
+            live.state.latest_measurement() is not None for live in cem.rms().values()),
+            what="four described RMs with measurements")
+        states = {rm_id: live.state for rm_id, live in cem.rms().items()}
+        problem, mapping = build_problem(states, SiteConfig(), None, [], now())
+        kinds = sorted(s.kind for s in problem.storage)
+        assert kinds == ["battery", "heat_pump"]
+        battery = next(s for s in problem.storage if s.kind == "battery")
+        assert battery.charge_max_w == 5000 and battery.discharge_max_w == 5000
+        assert len(problem.curtailable) == 1
+        assert problem.curtailable[0].production_w[1] > 1000  # forecast on the PV's clock
+        assert mapping.meter_rm is not None
+        n = problem.n_ptus
+        pv = problem.curtailable[0]
+        plan = Plan(status="FEASIBLE", grid_import_w=np.zeros(n),
+                    power_w={s.id: np.full(n, -2000 if s.kind == "battery" else 3000)
+                             for s in problem.storage},
+                    curtailed_w={pv.id: np.maximum(pv.production_w - 1000, 0)})
+        for rm_id, messages in instructions_for_plan(plan, problem, mapping, now(),
+                                                      until_ptu=1).items():
+            for message in messages:
+                assert (await cem.send_instruction(rm_id, message)).ok
+        sims = {d.plan.device: d.simulator for d in site.devices}
+        await eventually(lambda: sims["battery"].values["power_setpoint"] == -2000,
+                         what="battery discharging 2000 W")
+        await eventually(lambda: sims["heat-pump"].values["sg_ready_state"] == 3,
+                         what="heat pump boosting")
+        await eventually(lambda: sims["pv"].values["limit_enabled"] == 1
+                         and abs(sims["pv"].power_w + 1000) < 2, what="PV capped at 1 kW")
+    finally:
+        await site.stop()

@@ -28,6 +28,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
@@ -664,8 +665,10 @@ class PvRM(ModbusRM):
     device_class = "pv"
     role = RoleType.ENERGY_PRODUCER
 
-    def __init__(self, regmap: RegisterMap, **kwargs: Any) -> None:
+    def __init__(self, regmap: RegisterMap, *,
+                 device_clock: Callable[[], datetime] | None = None, **kwargs: Any) -> None:
         super().__init__(regmap, **kwargs)
+        self.device_clock = device_clock  # a simulator replaying another day (demo)
         self.constraints_id: uuid.UUID | None = None
         self.constraints_message_id: uuid.UUID | None = None
         self.steps: list[s2m.Curtailment] = []
@@ -699,8 +702,11 @@ class PvRM(ModbusRM):
         self.constraints_id = constraints.id
         self.constraints_message_id = constraints.message_id
         self.last_forecast = time.monotonic()
-        return [constraints, s2m.pv_forecast(self.limits, now, self.per_kwp_by_hour,
-                                               time_scale=self.time_scale)]
+        return [constraints, self._forecast(now)]
+
+    def _forecast(self, now: datetime) -> S2Message:
+        return s2m.pv_forecast(self.limits, now, self.per_kwp_by_hour, time_scale=self.time_scale,
+                               device_now=self.device_clock() if self.device_clock else None)
 
     def withdraw_messages(self) -> list[S2Message]:
         if self.constraints_id is None:
@@ -713,8 +719,7 @@ class PvRM(ModbusRM):
         out = super().periodic_messages(now)
         if time.monotonic() - self.last_forecast > 900:
             self.last_forecast = time.monotonic()
-            out.append(s2m.pv_forecast(self.limits, now, self.per_kwp_by_hour,
-                                               time_scale=self.time_scale))
+            out.append(self._forecast(now))
         return out
 
     def check(self, instruction: Any) -> None:

@@ -353,14 +353,21 @@ def pv_limit_pct(limits: Limits, max_production_w: float) -> float:
 
 
 def pv_forecast(limits: Limits, now: datetime, per_kwp_by_hour: Sequence[float],
-                hours: int = 24, time_scale: float = 1.0) -> PowerForecast:
-    """Expected production for the next hours from a per-kWp profile by UTC hour of day."""
+                hours: int = 24, time_scale: float = 1.0,
+                device_now: datetime | None = None) -> PowerForecast:
+    """Expected production for the next hours from a per-kWp profile by UTC hour of day.
+
+    `device_now` is the device's own clock when it differs from `now` (a simulator replaying
+    another day); elements follow its hours, the forecast's start_time stays in wall time.
+    """
     quantity = PHASE_QUANTITY[limits.phase]
     kwp = (limits.rated_power_w or 0) / 1000
-    start = now.replace(minute=0, second=0, microsecond=0)
+    device_now = device_now or now
+    device_start = device_now.replace(minute=0, second=0, microsecond=0)
+    start = now - (device_now - device_start) / time_scale
     elements = []
     for h in range(hours):
-        hour = (start + timedelta(hours=h)).hour
+        hour = (device_start + timedelta(hours=h)).hour
         expected = -per_kwp_by_hour[hour] * kwp * 1000
         elements.append(PowerForecastElement(
             duration=_ms(3600 / time_scale),

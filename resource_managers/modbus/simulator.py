@@ -139,6 +139,7 @@ class ModbusSimulator:
         sockets = getattr(server.transport, "sockets", None)
         self._port = sockets[0].getsockname()[1] if sockets else self._requested_port
         self._requested_port = self._port
+        self.step(0.0, 0.0)  # readings consistent from the first request on
         await self.publish(all_points=True)
         self._task = asyncio.create_task(self._physics_loop(), name=f"sim-{self.device_class}")
         log.info("%s simulator (%s) listening on %s:%s", self.device_class,

@@ -113,10 +113,13 @@ class SimulatedModbusSite:
                 kwargs["start"] = self.pv_start
             sim = simulator_for(regmap, **kwargs)
             await sim.start()
+            options: dict[str, Any] = {"time_scale": self.speed}
+            if isinstance(sim, PvSimulator):
+                options["device_clock"] = lambda pv=sim: pv.now
             rm = resource_manager_for(regmap, cem_url=self.cem_url, host=plan.host,
                                       port=sim.port, device_id=plan.device_id,
                                       token=self.token, name=plan.name,
-                                      **({"time_scale": self.speed} | self.rm_options))
+                                      **(options | self.rm_options))
             self.devices.append(SimulatedDevice(plan, regmap, sim, rm))
         meter = self.meter
         if meter is not None:
