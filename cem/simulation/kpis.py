@@ -1,0 +1,121 @@
+"""KPIs of a realised run, all measured on what the physics delivered (never on a plan).
+
+- cost_eur: import x import price - export x export price, per PTU (all-in tariff of the site);
+- peak_kw: highest 15-minute average import; ptus_over_gtv: PTUs whose average import is above
+  the import limit of that PTU (GTV or a congestion window); fuse_minutes_over: minutes in which
+  some phase carried more than the fuse (per-minute physics, `engine.py`);
+- delivered_kwh vs requested_kwh (the EVs' real needs), served_sessions (got >= 99.5 % of their
+  need, or within 50 Wh);
+- self_consumption: share of the PV production used on site; pv_share_of_ev: share of the EV
+  energy covered by PV in the same PTU;
+- replan_p50_s / replan_p95_s: wall time per planning call;
+- objective_eur: the planner's own comparable objective (`cem.planner.layout.evaluate`) of the
+  realised dispatch on the perfect-foresight problem: energy cost + kW-max cost + the planner's
+  unmet-energy penalty (200 EUR/kWh for the first third of an EV's need, rising to 300 EUR/kWh,
+  so equal EVs share a shortfall) + a negligible tie-break. The optimum row minimises exactly
+  this, so by this measure it is a lower bound for every level (up to the solver's gap, which
+  `objective_bound_eur`, the LP bound of that problem, makes certain).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cem.simulation.engine import LevelRun
+from cem.simulation.inputs import SimInputs
+
+SERVED_SHARE = 0.995
+SERVED_SLACK_WH = 50.0
+FALLBACK_UNMET_EUR_PER_KWH = 200.0
+LIMIT_TOLERANCE_W = 1.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def objective_eur(inputs: SimInputs, run: LevelRun, reference: Any | None) -> float:
+    """The planner's comparable objective of the realised dispatch (see module docstring)."""
+    cost = energy_cost(inputs, run.site_w)
+    unmet_kwh = float(np.maximum(_needs(inputs) - run.delivered_wh, 0).sum()) / 1000
+    if reference is None:
+        return cost + FALLBACK_UNMET_EUR_PER_KWH * unmet_kwh
+    from cem.planner.layout import empty_dispatch, evaluate
+
+    disp = empty_dispatch(reference)
+    disp.charge[:, : inputs.n_ptus] = run.ev_w
+    return float(evaluate(reference, disp).objective)
+
+
+def reference_layout(inputs: SimInputs) -> Any | None:
+    """The perfect-foresight problem as the planner's arrays, to score every level alike."""
+    try:
+        from cem.planner.layout import build_layout
+    except ImportError:
+        return None
+    from cem.simulation.levels import ev_asset, site_problem
+
+    assets = [ev_asset(s, level_wh=0, target_wh=s.real_need_wh, available_from=s.arrival_ptu,
+                       available_until=s.departure_ptu) for s in inputs.sessions]
+    return build_layout(site_problem(inputs, 0, inputs.n_ptus, assets))
+
+
+def _needs(inputs: SimInputs) -> np.ndarray:
+    return np.array([s.real_need_wh for s in inputs.sessions], dtype=float)
+
+
+def energy_cost(inputs: SimInputs, site_w: np.ndarray) -> float:
+    n = len(site_w)
+    imp = np.maximum(site_w, 0)
+    exp = np.maximum(-site_w, 0)
+    return float(np.sum(imp * inputs.import_eur_per_kwh[:n] - exp * inputs.export_eur_per_kwh[:n])
+                 * inputs.dt_h / 1000)
+
+
+def cost_per_day(inputs: SimInputs, run: LevelRun) -> list[float]:
+    """Energy cost per simulated local day (the tail after the last day counts to the last day)."""
+    bounds = [*inputs.day_starts[1:], inputs.n_ptus]
+    out, lo = [], 0
+    for k, hi in enumerate(bounds):
+        hi = inputs.n_ptus if k == len(bounds) - 1 else hi
+        out.append(energy_cost(inputs, run.site_w[lo:hi]) if hi > lo else 0.0)
+        lo = hi
+    return out
+
+
+def level_kpis(inputs: SimInputs, run: LevelRun, reference: Any | None) -> dict[str, Any]:
+    """The KPI record of one level (the keys of `--json`)."""
+    n = inputs.n_ptus
+    dt_h = inputs.dt_h
+    site = run.site_w
+    need = _needs(inputs)
+    delivered = run.delivered_wh
+    pv = inputs.pv_w[:n].astype(float)
+    pv_total = float(pv.sum())
+    exported = float(np.maximum(-site, 0).sum())
+    ev_total = float(run.ev_total_w.sum())
+    served = int(np.count_nonzero(delivered >= np.minimum(need * SERVED_SHARE, need - SERVED_SLACK_WH)))
+    cost = energy_cost(inputs, site)
+    return {
+        "cost_eur": round(cost, 2),
+        "objective_eur": round(objective_eur(inputs, run, reference), 2),
+        "peak_kw": round(float(max(site.max(), 0.0)) / 1000, 2),
+        "ptus_over_gtv": int(np.count_nonzero(site > inputs.import_limit_w[:n] + LIMIT_TOLERANCE_W)),
+        "fuse_minutes_over": int(run.fuse_minutes.sum()),
+        "max_phase_current_a": round(float(run.max_phase_a.max()), 1),
+        "delivered_kwh": round(float(delivered.sum()) / 1000, 1),
+        "requested_kwh": round(float(need.sum()) / 1000, 1),
+        "delivered_pct": round(100 * float(delivered.sum()) / float(need.sum()), 1) if need.sum() else 100.0,
+        "served_sessions": served,
+        "sessions": len(need),
+        "self_consumption": round(1 - exported / pv_total, 4) if pv_total > 0 else None,
+        "pv_share_of_ev": round(float(np.minimum(run.ev_total_w, pv).sum()) / ev_total, 4)
+        if ev_total > 0 and pv_total > 0 else None,
+        "import_kwh": round(float(np.maximum(site, 0).sum()) * dt_h / 1000, 1),
+        "replans": len(run.replan_s),
+        "replan_p50_s": round(percentile(run.replan_s, 50), 4),
+        "replan_p95_s": round(percentile(run.replan_s, 95), 4),
+        "wall_s": round(run.wall_s, 2),
+    }

@@ -1,0 +1,349 @@
+"""The five levels of smart charging as controllers of the twin, plus the perfect-foresight optimum.
+
+Every controller sees only what a real CEM at that level would see at the start of a PTU:
+sessions that have arrived (with their believed energy and departure, `inputs.py`), the energy
+each EV has taken so far (metered), and prices and PV for the planning horizon (day-ahead
+prices and a perfect PV forecast: the twin has no forecast error). None of them sees a
+session's real departure or real need, except the optimum, which is the reference.
+
+1. uncontrolled: every EV charges at its EVSE's maximum from plug-in; nothing protects the fuse
+   but the chargers' own maximum.
+2. scheduled: a fixed cheap-hours timer, the same every day, set once like an installer would:
+   the `TIMER_HOURS` local hours of the day with the lowest mean price over the simulated days.
+   EVs charge at full power inside the timer window only.
+3. price-optimised per EV (like evcc's planner): at plug-in each EV picks the cheapest PTUs
+   before its believed departure that deliver its believed energy at full power, on its own
+   (no other EVs, no site limits); if it is still plugged in after the believed departure and
+   wants more, it charges at full power.
+4. grid-integrated: one joint day plan under every site limit (fuse per phase, GTV, congestion)
+   made by the site planner; an EV that arrives is fitted into the capacity the day plan leaves
+   (its schedule is planned jointly with the other arrivals of that moment, the schedules made
+   before are kept as they are). Nothing is re-optimised later: an EV that leaves early or is
+   full early leaves its reserved capacity unused.
+5. autonomous (MPC): the site planner re-plans every PTU (which includes every arrival and
+   departure, as sessions are snapped to PTUs) from the metered state, learning that an EV is
+   full when it takes clearly less than its setpoint and extending an overstaying EV's believed
+   departure by an hour at a time; the fast guard (`cem.control.guard.decide_caps`) checks every
+   PTU's setpoints against the fuse and the import limit before they go out.
+
+optimum: perfect foresight, every session's real arrival, departure and need known in advance,
+solved as one problem over the whole run by the same planner (a longer time limit).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from cem.planner.assets import FixedLoad, Plan, Problem, SiteLimits, StorageAsset
+from cem.planner.assets import Prices as PlannerPrices
+from cem.simulation.engine import SimState
+from cem.simulation.inputs import SimInputs, SimSession, SimulationError
+
+TIMER_HOURS = 8
+OVERSTAY_EXTENSION_PTUS = 4
+PHASE_SHARES = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+PlanFunction = Callable[..., Plan]
+
+
+MPC_GAP_TOL = 1e-4  # relative gap on the planner objective at which a replan stops early
+OPTIMUM_GAP_TOL = 0.0
+
+
+def site_planner(gap_tol: float | None = None) -> PlanFunction:
+    """The site planner (`cem.planner.solve.plan_site`), or a clear error if it is missing.
+
+    The planner's objective is dominated by its unmet-energy penalty when requests do not fit,
+    so its default relative gap tolerance would accept plans that are far from the cheapest in
+    money; the twin asks for a tighter gap (`gap_tol`) within the same time limit.
+    """
+    try:
+        from cem.planner.solve import plan_site
+    except ImportError as exc:
+        raise SimulationError(f"levels 4, 5 and the optimum need the site planner "
+                              f"(cem.planner.solve.plan_site), which cannot be imported: {exc}; "
+                              f"run only --levels 1,2,3") from None
+    if gap_tol is None or "gap_tol" not in inspect.signature(plan_site).parameters:
+        return plan_site
+    return functools.partial(plan_site, gap_tol=gap_tol)
+
+
+def ev_id(s: SimSession) -> str:
+    return f"ev{s.index}"
+
+
+def ev_asset(s: SimSession, *, level_wh: int, target_wh: int, available_from: int,
+             available_until: int) -> StorageAsset:
+    """An EV as the planner sees it: filled to `level_wh`, wants `target_wh` by `available_until`."""
+    target = max(level_wh, target_wh)
+    return StorageAsset(
+        id=ev_id(s), kind="ev", charge_max_w=s.max_w, charge_min_w=s.evse.min_w,
+        level_wh=level_wh, level_min_wh=0, level_max_wh=target, target_wh=target,
+        available_from=available_from, available_until=available_until,
+        phase_share=s.evse.phase_share)
+
+
+def site_problem(inputs: SimInputs, t: int, n: int, storage: list[StorageAsset],
+                 fixed: list[FixedLoad] | None = None, peak_so_far_w: int = 0) -> Problem:
+    """The planner's problem for PTUs t .. t+n of the run: limits, prices, PV, the given assets."""
+    grid = inputs.config.grid
+    end = t + n
+    limits = SiteLimits(
+        fuse_a=grid.fuse_a, phases=grid.phases, voltage_v=grid.voltage_v,
+        import_limit_w=inputs.import_limit_w[t:end].copy(),
+        export_limit_w=inputs.export_limit_w[t:end].copy(),
+        peak_price_eur_per_kw=grid.peak_price_eur_per_kw,
+        peak_so_far_w=max(round(grid.peak_so_far_kw * 1000), peak_so_far_w))
+    prices = PlannerPrices(import_eur_per_kwh=inputs.import_eur_per_kwh[t:end].copy(),
+                           export_eur_per_kwh=inputs.export_eur_per_kwh[t:end].copy())
+    loads = list(fixed or [])
+    if inputs.pv_w[t:end].any():
+        loads.append(FixedLoad(id="pv", power_w=-inputs.pv_w[t:end].astype(np.int64)))
+    return Problem(start=inputs.ptu_start(t), ptu_minutes=inputs.ptu_minutes, n_ptus=n,
+                   limits=limits, prices=prices, storage=storage, fixed=loads)
+
+
+class Uncontrolled:
+    """Level 1: full power from plug-in."""
+
+    name = "1"
+
+    def __init__(self, inputs: SimInputs) -> None:
+        self.max_w = np.array([s.max_w for s in inputs.sessions], dtype=float)
+        self.replan_s: list[float] = []
+        self.notes: list[str] = ["every EV at its EVSE maximum from plug-in"]
+
+    def setpoints(self, t: int, present: np.ndarray, state: SimState) -> np.ndarray:
+        return self.max_w
+
+
+def timer_hours(inputs: SimInputs, hours: int = TIMER_HOURS) -> list[int]:
+    """The `hours` local hours with the lowest mean import price over the simulated days."""
+    from zoneinfo import ZoneInfo
+
+    zone = ZoneInfo(inputs.config.site.timezone)
+    local_hour = np.array([inputs.ptu_start(i).astimezone(zone).hour for i in range(inputs.n_day_ptus)])
+    prices = inputs.import_eur_per_kwh[: inputs.n_day_ptus]
+    means = [float(prices[local_hour == h].mean()) if (local_hour == h).any() else math.inf
+             for h in range(24)]
+    return sorted(sorted(range(24), key=lambda h: (means[h], h))[:hours])
+
+
+class CheapHoursTimer:
+    """Level 2: full power inside a fixed daily window of cheap hours, nothing outside it."""
+
+    name = "2"
+
+    def __init__(self, inputs: SimInputs) -> None:
+        from zoneinfo import ZoneInfo
+
+        zone = ZoneInfo(inputs.config.site.timezone)
+        self.hours = timer_hours(inputs)
+        self.on = np.array([inputs.ptu_start(i).astimezone(zone).hour in self.hours
+                            for i in range(inputs.n_ptus)])
+        self.max_w = np.array([s.max_w for s in inputs.sessions], dtype=float)
+        self.replan_s: list[float] = []
+        self.notes = [f"timer on in local hours {', '.join(f'{h:02d}' for h in self.hours)} "
+                      f"(the {TIMER_HOURS} cheapest on average)"]
+
+    def setpoints(self, t: int, present: np.ndarray, state: SimState) -> np.ndarray:
+        return self.max_w if self.on[t] else np.zeros_like(self.max_w)
+
+
+class PerEvCheapest:
+    """Level 3: each EV on its own takes the cheapest PTUs before its believed departure."""
+
+    name = "3"
+
+    def __init__(self, inputs: SimInputs) -> None:
+        self.inputs = inputs
+        n_s = len(inputs.sessions)
+        self.schedule: dict[int, np.ndarray] = {}
+        self.max_w = np.array([s.max_w for s in inputs.sessions], dtype=float)
+        self.believed_dep = np.array([s.believed_departure_ptu for s in inputs.sessions])
+        self.believed_need = np.array([s.believed_need_wh for s in inputs.sessions], dtype=float)
+        self.arrival = np.array([s.arrival_ptu for s in inputs.sessions])
+        self.on_now = np.zeros(n_s, dtype=bool)
+        self.replan_s: list[float] = []
+        self.notes: list[str] = ["cheapest PTUs per EV at plug-in, full power; no site limits"]
+
+    def _plan(self, s: SimSession, t: int) -> None:
+        started = time.perf_counter()
+        end = min(max(s.believed_departure_ptu, t + 1), self.inputs.n_total)
+        prices = self.inputs.import_eur_per_kwh[t:end]
+        k = math.ceil(s.believed_need_wh / (s.max_w * self.inputs.dt_h) - 1e-9)
+        chosen = np.argsort(prices, kind="stable")[:k] + t
+        self.schedule[s.index] = chosen
+        self.replan_s.append(time.perf_counter() - started)
+
+    def setpoints(self, t: int, present: np.ndarray, state: SimState) -> np.ndarray:
+        for i in np.flatnonzero(present & (self.arrival == t)):
+            self._plan(self.inputs.sessions[i], t)
+        out = np.zeros(len(self.max_w))
+        for i in np.flatnonzero(present):
+            chosen = self.schedule.get(int(i))
+            wants_more = state.delivered_wh[i] < self.believed_need[i]
+            if (chosen is not None and t in chosen) or (t >= self.believed_dep[i] and wants_more):
+                out[i] = self.max_w[i]
+        return out
+
+
+class DayPlan:
+    """Level 4: one joint plan under the site limits, extended at each arrival, never revised."""
+
+    name = "4"
+
+    def __init__(self, inputs: SimInputs, plan_site: PlanFunction, time_limit_s: float,
+                 workers: int) -> None:
+        self.inputs = inputs
+        self.plan_site = plan_site
+        self.time_limit_s = time_limit_s
+        self.workers = workers
+        self.committed = np.zeros((len(inputs.sessions), inputs.n_total))
+        self.share = np.array([s.evse.phase_share for s in inputs.sessions]).reshape(-1, 3)
+        self.arrival = np.array([s.arrival_ptu for s in inputs.sessions])
+        self.replan_s: list[float] = []
+        self.statuses: dict[str, int] = {}
+        self.notes: list[str] = []
+
+    def setpoints(self, t: int, present: np.ndarray, state: SimState) -> np.ndarray:
+        new = [self.inputs.sessions[i] for i in np.flatnonzero(present & (self.arrival == t))]
+        new = [s for s in new if s.believed_need_wh > 0]
+        if new:
+            horizon = self.inputs.config.planner.horizon_ptus
+            n = max(1, min(horizon, max(s.believed_departure_ptu for s in new) - t))
+            phase_w = self.share.T @ self.committed[:, t:t + n]  # 3 x n
+            fixed = [FixedLoad(id=f"day_plan_L{p + 1}", power_w=np.rint(phase_w[p]).astype(np.int64),
+                               phase_share=PHASE_SHARES[p]) for p in range(3) if phase_w[p].any()]
+            assets = [ev_asset(s, level_wh=0, target_wh=s.believed_need_wh, available_from=0,
+                               available_until=min(n, s.believed_departure_ptu - t)) for s in new]
+            problem = site_problem(self.inputs, t, n, assets, fixed)
+            started = time.perf_counter()
+            plan = self.plan_site(problem, time_limit_s=self.time_limit_s, workers=self.workers)
+            self.replan_s.append(time.perf_counter() - started)
+            self.statuses[plan.status] = self.statuses.get(plan.status, 0) + 1
+            for s in new:
+                power = plan.power_w.get(ev_id(s))
+                if power is not None:
+                    self.committed[s.index, t:t + n] = np.maximum(np.asarray(power, dtype=float), 0)
+        return self.committed[:, t]
+
+
+class ModelPredictive:
+    """Level 5: replan every PTU from the metered state, with the fast guard on the setpoints."""
+
+    name = "5"
+
+    def __init__(self, inputs: SimInputs, plan_site: PlanFunction, time_limit_s: float,
+                 workers: int) -> None:
+        self.inputs = inputs
+        self.plan_site = plan_site
+        self.time_limit_s = time_limit_s
+        self.workers = workers
+        self.believed_dep = np.array([s.believed_departure_ptu for s in inputs.sessions])
+        self.replan_s: list[float] = []
+        self.statuses: dict[str, int] = {}
+        self.guard_actions = 0
+        self.notes: list[str] = []
+
+    def setpoints(self, t: int, present: np.ndarray, state: SimState) -> np.ndarray:
+        out = np.zeros(len(self.inputs.sessions))
+        horizon = self.inputs.config.planner.horizon_ptus
+        assets: list[StorageAsset] = []
+        for i in np.flatnonzero(present & ~state.seen_full):
+            s = self.inputs.sessions[i]
+            level = int(state.delivered_wh[i])
+            if s.believed_need_wh - level <= 0:
+                continue
+            if self.believed_dep[i] <= t:  # still here after its believed departure
+                self.believed_dep[i] = t + OVERSTAY_EXTENSION_PTUS
+            until = int(min(self.believed_dep[i] - t, horizon))
+            assets.append(ev_asset(s, level_wh=level, target_wh=s.believed_need_wh,
+                                   available_from=0, available_until=until))
+        if not assets:
+            return out
+        n = max(a.available_until or 1 for a in assets)
+        problem = site_problem(self.inputs, t, n, assets, peak_so_far_w=state.peak_so_far_w)
+        started = time.perf_counter()
+        plan = self.plan_site(problem, time_limit_s=self.time_limit_s, workers=self.workers)
+        self.replan_s.append(time.perf_counter() - started)
+        self.statuses[plan.status] = self.statuses.get(plan.status, 0) + 1
+        by_id = {a.id: int(a.id[2:]) for a in assets}
+        for asset_id, power in plan.power_w.items():
+            if asset_id in by_id:
+                out[by_id[asset_id]] = max(0.0, float(power[0]))
+        return self._guard(t, out)
+
+    def _guard(self, t: int, out: np.ndarray) -> np.ndarray:
+        """The control loop's fast guard on what is about to be sent (margin 1: no noise here)."""
+        from cem.control.guard import FlexibleLoad, GuardLimits, decide_caps
+
+        sessions = self.inputs.sessions
+        idx = np.flatnonzero(out > 0)
+        if not len(idx):
+            return out
+        share = np.array([sessions[i].evse.phase_share for i in idx]).reshape(-1, 3)
+        phase_w = out[idx] @ share - self.inputs.pv_w[t] / 3.0
+        limits = GuardLimits(fuse_w_per_phase=self.inputs.fuse_w_per_phase,
+                             import_limit_w=float(self.inputs.import_limit_w[t]), margin=1.0)
+        loads = [FlexibleLoad(asset_id=str(i), rm_id="twin", power_w=float(out[i]),
+                              min_w=float(sessions[i].evse.min_w),
+                              phase_share=sessions[i].evse.phase_share) for i in idx]
+        decision = decide_caps((float(phase_w[0]), float(phase_w[1]), float(phase_w[2])),
+                               limits, loads)
+        if decision.acts:
+            self.guard_actions += 1
+            for key, cap in decision.caps.items():
+                out[int(key)] = min(out[int(key)], cap)
+        return out
+
+
+class PerfectForesight:
+    """Reference: every session known in advance, one plan for the whole run."""
+
+    name = "optimum"
+
+    def __init__(self, inputs: SimInputs, plan_site: PlanFunction, time_limit_s: float,
+                 workers: int) -> None:
+        assets = [ev_asset(s, level_wh=0, target_wh=s.real_need_wh, available_from=s.arrival_ptu,
+                           available_until=s.departure_ptu) for s in inputs.sessions]
+        self.problem = site_problem(inputs, 0, inputs.n_ptus, assets)
+        started = time.perf_counter()
+        self.plan = plan_site(self.problem, time_limit_s=time_limit_s, workers=workers)
+        self.replan_s = [time.perf_counter() - started]
+        self.statuses = {self.plan.status: 1}
+        self.power = np.zeros((len(inputs.sessions), inputs.n_ptus))
+        for s in inputs.sessions:
+            p = self.plan.power_w.get(ev_id(s))
+            if p is not None:
+                self.power[s.index] = np.maximum(np.asarray(p, dtype=float)[: inputs.n_ptus], 0)
+        self.notes = [f"one plan of {len(assets)} sessions x {inputs.n_ptus} PTUs: "
+                      f"{self.plan.status}, {self.replan_s[0]:.1f} s"]
+
+    def setpoints(self, t: int, present: np.ndarray, state: SimState) -> np.ndarray:
+        return self.power[:, t]
+
+
+def make_controller(level: str, inputs: SimInputs, *, time_limit_s: float, optimum_time_limit_s: float,
+                    workers: int) -> Any:
+    """The controller of a level name ('1'..'5' or 'optimum')."""
+    if level == "1":
+        return Uncontrolled(inputs)
+    if level == "2":
+        return CheapHoursTimer(inputs)
+    if level == "3":
+        return PerEvCheapest(inputs)
+    if level == "4":
+        return DayPlan(inputs, site_planner(MPC_GAP_TOL), time_limit_s, workers)
+    if level == "5":
+        return ModelPredictive(inputs, site_planner(MPC_GAP_TOL), time_limit_s, workers)
+    if level == "optimum":
+        return PerfectForesight(inputs, site_planner(OPTIMUM_GAP_TOL), optimum_time_limit_s, workers)
+    raise SimulationError(f"unknown level {level!r}")
