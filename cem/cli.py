@@ -309,12 +309,14 @@ def simulate(
     levels: str = typer.Option("1,2,3,4,5", help="smart-charging levels to compare"),
     report: Path = typer.Option(Path("report"), help="folder for the report"),
     json_out: bool = typer.Option(False, "--json"),
+    pv_kwp: float | None = typer.Option(None, help="kWp of PV installed (default 100 with --pv)"),
 ) -> None:
     """Digital twin: compare the five levels of smart charging on real sessions."""
     from cem.simulation.cli import simulate_command
 
     simulate_command(site_file=site_file, sessions_file=sessions_file, prices=prices, pv=pv,
-                     start=start, days=days, levels=levels, report=report, json_out=json_out)
+                     start=start, days=days, levels=levels, report=report, json_out=json_out,
+                     pv_kwp=pv_kwp)
 
 
 def main() -> None:  # pragma: no cover - console entry
