@@ -161,9 +161,11 @@ class Plan:
     peak_cost_eur: float = 0.0
     peak_w: int = 0
     cost_eur: float = 0.0  # energy + peak
-    lp_bound_eur: float | None = None
+    lp_bound_eur: float | None = None  # LP lower bound on objective_eur
     gap: float | None = None
     build_s: float = 0.0
     lp_solve_s: float = 0.0
     solve_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # cost_eur + unmet-target penalties + tie-breaks: the objective the LP bound and gap refer to
+    objective_eur: float = 0.0

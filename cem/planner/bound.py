@@ -1,0 +1,349 @@
+"""The LP relaxation of the site plan, solved with HiGHS: a lower bound and a fractional plan.
+
+The LP has the same variables, limits and objective as the CP-SAT model (see `layout.py`),
+with the integrality dropped: an EV's {0} U [min, max] becomes [0, max], mode and start
+choices become fractions. Its optimum is therefore a lower bound on every plan's objective,
+and its solution is the starting point that `hint.py` rounds and repairs into a plan.
+The matrix is assembled from numpy index arrays (kW and kWh, for conditioning) and handed to
+HiGHS in one `passModel` call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import highspy
+import numpy as np
+
+from cem.planner.layout import SEGMENT_FACTORS, Dispatch, Layout
+
+INF = highspy.kHighsInf
+
+
+class _LpArrays:
+    """Columns, rows and coefficients collected as numpy blocks."""
+
+    def __init__(self) -> None:
+        self.col_lb: list[np.ndarray] = []
+        self.col_ub: list[np.ndarray] = []
+        self.col_cost: list[np.ndarray] = []
+        self.n_cols = 0
+        self.row_lb: list[np.ndarray] = []
+        self.row_ub: list[np.ndarray] = []
+        self.n_rows = 0
+        self.a_row: list[np.ndarray] = []
+        self.a_col: list[np.ndarray] = []
+        self.a_val: list[np.ndarray] = []
+
+    def cols(self, lb: np.ndarray | float, ub: np.ndarray | float, cost: np.ndarray | float,
+             count: int) -> np.ndarray:
+        idx = np.arange(self.n_cols, self.n_cols + count)
+        self.col_lb.append(np.broadcast_to(np.asarray(lb, dtype=float), (count,)))
+        self.col_ub.append(np.broadcast_to(np.asarray(ub, dtype=float), (count,)))
+        self.col_cost.append(np.broadcast_to(np.asarray(cost, dtype=float), (count,)))
+        self.n_cols += count
+        return idx
+
+    def rows(self, lb: np.ndarray | float, ub: np.ndarray | float, count: int) -> np.ndarray:
+        idx = np.arange(self.n_rows, self.n_rows + count)
+        self.row_lb.append(np.broadcast_to(np.asarray(lb, dtype=float), (count,)))
+        self.row_ub.append(np.broadcast_to(np.asarray(ub, dtype=float), (count,)))
+        self.n_rows += count
+        return idx
+
+    def coef(self, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray | float) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        cols = np.asarray(cols, dtype=np.int64)
+        vals = np.broadcast_to(np.asarray(vals, dtype=float), rows.shape)
+        keep = vals != 0
+        self.a_row.append(rows[keep])
+        self.a_col.append(cols[keep])
+        self.a_val.append(vals[keep])
+
+    def to_highs(self) -> highspy.HighsLp:
+        lp = highspy.HighsLp()
+        lp.num_col_ = self.n_cols
+        lp.num_row_ = self.n_rows
+        lp.col_cost_ = np.concatenate(self.col_cost) if self.col_cost else np.zeros(0)
+        lp.col_lower_ = np.concatenate(self.col_lb) if self.col_lb else np.zeros(0)
+        lp.col_upper_ = np.concatenate(self.col_ub) if self.col_ub else np.zeros(0)
+        lp.row_lower_ = np.concatenate(self.row_lb) if self.row_lb else np.zeros(0)
+        lp.row_upper_ = np.concatenate(self.row_ub) if self.row_ub else np.zeros(0)
+        r = np.concatenate(self.a_row) if self.a_row else np.zeros(0, dtype=np.int64)
+        c = np.concatenate(self.a_col) if self.a_col else np.zeros(0, dtype=np.int64)
+        v = np.concatenate(self.a_val) if self.a_val else np.zeros(0)
+        order = np.argsort(c, kind="stable")
+        counts = np.bincount(c, minlength=self.n_cols)
+        start = np.zeros(self.n_cols + 1, dtype=np.int64)
+        np.cumsum(counts, out=start[1:])
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+        lp.a_matrix_.start_ = start.astype(np.int32)
+        lp.a_matrix_.index_ = r[order].astype(np.int32)
+        lp.a_matrix_.value_ = v[order]
+        lp.a_matrix_.num_col_ = self.n_cols
+        lp.a_matrix_.num_row_ = self.n_rows
+        return lp
+
+
+@dataclass
+class LpIndex:
+    """Where each planner quantity sits among the LP columns (-1: no column)."""
+
+    charge: np.ndarray  # (S, n)
+    discharge: np.ndarray  # (S, n)
+    curtail: np.ndarray  # (K, n)
+    mode_on: list[np.ndarray] = field(default_factory=list)  # per ModeAsset (n, modes)
+    mode_power: list[np.ndarray] = field(default_factory=list)  # per ModeAsset (n, modes)
+    profile_on: list[np.ndarray] = field(default_factory=list)  # per profile: starts
+    profile_starts: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
+class LpResult:
+    status: str  # "OPTIMAL" or HiGHS's word for what happened
+    bound_eur: float | None
+    dispatch: Dispatch | None  # fractional (W)
+    mode_weight: list[np.ndarray] = field(default_factory=list)  # (n, modes) fractions
+    profile_weight: list[np.ndarray] = field(default_factory=list)
+    build_s: float = 0.0
+    solve_s: float = 0.0
+
+
+def _grid_index(mask: np.ndarray, lp: _LpArrays, lb: np.ndarray, ub: np.ndarray,
+                cost: np.ndarray) -> np.ndarray:
+    """Columns for the True cells of `mask` (row-major); bounds/cost given per cell."""
+    idx = np.full(mask.shape, -1, dtype=np.int64)
+    count = int(mask.sum())
+    idx[mask] = lp.cols(lb[mask], ub[mask], cost[mask], count)
+    return idx
+
+
+def build_lp(lay: Layout) -> tuple[_LpArrays, LpIndex]:
+    """The LP relaxation as arrays (kW, kWh, EUR)."""
+    n, S, K = lay.n, lay.s, lay.k
+    dt = lay.dt_h
+    pr = lay.problem
+    lp = _LpArrays()
+    ones = np.ones((S, n))
+    c_mask = lay.avail & (lay.cmax[:, None] > 0)
+    d_mask = lay.avail & (lay.dmax[:, None] > 0)
+    c_idx = _grid_index(c_mask, lp, 0 * ones, lay.cmax[:, None] / 1000 * ones,
+                        np.broadcast_to(lay.tie * dt, (S, n)) * ones)
+    d_idx = _grid_index(d_mask, lp, 0 * ones, lay.dmax[:, None] / 1000 * ones, 0 * ones)
+    cur_mask = lay.pv_curtailable[:, None] & (lay.pv > 0) if K else np.zeros((0, n), dtype=bool)
+    cur_idx = _grid_index(cur_mask, lp, np.zeros((K, n)), lay.pv / 1000, np.zeros((K, n)))
+    g = lp.cols(-lay.export_lim / 1000, lay.import_lim / 1000, lay.p_exp_eff * dt, n)
+    t_all = np.arange(n)
+    # g[t] = fixed - pv + sum(charge - discharge) + curtail + modes + profiles
+    gdef = lp.rows((lay.fixed_w - lay.pv.sum(axis=0)) / 1000, (lay.fixed_w - lay.pv.sum(axis=0)) / 1000, n)
+    lp.coef(gdef, g, 1.0)
+    ci, ct = np.nonzero(c_mask)
+    lp.coef(gdef[ct], c_idx[ci, ct], -1.0)
+    di, dtt = np.nonzero(d_mask)
+    lp.coef(gdef[dtt], d_idx[di, dtt], 1.0)
+    ki, kt = np.nonzero(cur_mask)
+    lp.coef(gdef[kt], cur_idx[ki, kt], -1.0)
+    # import above the export price: imp >= g
+    extra = lay.p_imp - lay.p_exp_eff
+    need_imp = extra > 0
+    if np.any(need_imp):
+        ts = t_all[need_imp]
+        imp = lp.cols(0.0, INF, extra[ts] * dt, len(ts))
+        r = lp.rows(0.0, INF, len(ts))
+        lp.coef(r, imp, 1.0)
+        lp.coef(r, g[ts], -1.0)
+    if lay.peak_price > 0:
+        peak = lp.cols(lay.peak_so_far / 1000, INF, lay.peak_price * 1000, 1)
+        r = lp.rows(0.0, INF, n)
+        lp.coef(r, np.full(n, peak[0]), 1.0)
+        lp.coef(r, g, -1.0)
+    index = LpIndex(charge=c_idx, discharge=d_idx, curtail=cur_idx)
+    # modes and shiftable profiles (relaxed choices)
+    mode_cols_g: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (t, col, coef, share)
+    for m in pr.modes:
+        nm = len(m.modes)
+        lo = np.array([pm.min_w for pm in m.modes], dtype=float) / 1000
+        hi = np.array([pm.max_w for pm in m.modes], dtype=float) / 1000
+        on = lp.cols(0.0, 1.0, 0.0, n * nm).reshape(n, nm)
+        q = lp.cols(0.0, np.tile(np.maximum(hi, 0), n), 0.0, n * nm).reshape(n, nm)
+        one = lp.rows(1.0, 1.0, n)
+        lp.coef(np.repeat(one, nm), on.ravel(), 1.0)
+        r_hi = lp.rows(-INF, 0.0, n * nm)
+        lp.coef(r_hi, q.ravel(), 1.0)
+        lp.coef(r_hi, on.ravel(), -np.tile(hi, n))
+        r_lo = lp.rows(0.0, INF, n * nm)
+        lp.coef(r_lo, q.ravel(), 1.0)
+        lp.coef(r_lo, on.ravel(), -np.tile(lo, n))
+        tt = np.repeat(t_all, nm)
+        lp.coef(gdef[tt], q.ravel(), -1.0)
+        index.mode_on.append(on)
+        index.mode_power.append(q)
+        mode_cols_g.append((tt, q.ravel(), np.ones(n * nm), np.asarray(m.phase_share, dtype=float)))
+    for p in pr.profiles:
+        prof = np.asarray(p.profile_w, dtype=float) / 1000
+        starts = np.arange(max(0, int(p.earliest_start)), min(n - 1, int(p.latest_start)) + 1)
+        if len(starts) == 0:
+            starts = np.array([min(max(0, int(p.earliest_start)), n - 1)])
+        on = lp.cols(0.0, 1.0, 0.0, len(starts))
+        one = lp.rows(1.0, 1.0, 1)
+        lp.coef(np.repeat(one, len(starts)), on, 1.0)
+        tt_l, cc_l, vv_l = [], [], []
+        for s_, col in zip(starts, on, strict=True):
+            k = min(len(prof), n - s_)
+            tt_l.append(np.arange(s_, s_ + k))
+            cc_l.append(np.full(k, col))
+            vv_l.append(prof[:k])
+        tt = np.concatenate(tt_l)
+        cc = np.concatenate(cc_l)
+        vv = np.concatenate(vv_l)
+        lp.coef(gdef[tt], cc, -vv)
+        index.profile_on.append(on)
+        index.profile_starts.append(starts)
+        mode_cols_g.append((tt, cc, vv, np.asarray(p.phase_share, dtype=float)))
+    # fuse per phase: -fuse_dn <= phase load <= fuse_up, only where it can bind
+    pv_phase = lay.pv_share.T @ lay.pv if K else np.zeros((3, n))
+    const = (lay.fixed_phase - pv_phase) / 1000
+    for ph in range(3):
+        sh = lay.share[:, ph]
+        up = const[ph] + (sh[:, None] * lay.cmax[:, None] * c_mask).sum(axis=0) / 1000
+        dn = const[ph] - (sh[:, None] * lay.dmax[:, None] * d_mask).sum(axis=0) / 1000
+        if K:
+            psh = lay.pv_share[:, ph]
+            up = up + (psh[:, None] * lay.pv * cur_mask).sum(axis=0) / 1000
+        rows_needed = (up > lay.fuse_up[ph] / 1000 + 1e-9) | (dn < -lay.fuse_dn[ph] / 1000 - 1e-9)
+        for tt, _cc, _vv, share in mode_cols_g:  # modes and profiles: keep their PTUs' rows
+            if share[ph] != 0:
+                rows_needed[tt] = True
+        if not np.any(rows_needed):
+            continue
+        ts = t_all[rows_needed]
+        rmap = np.full(n, -1, dtype=np.int64)
+        rmap[ts] = lp.rows(-lay.fuse_dn[ph, ts] / 1000 - const[ph, ts],
+                           lay.fuse_up[ph, ts] / 1000 - const[ph, ts], len(ts))
+        sel = rows_needed[ct] & (sh[ci] != 0)
+        lp.coef(rmap[ct[sel]], c_idx[ci[sel], ct[sel]], sh[ci[sel]])
+        sel = rows_needed[dtt] & (sh[di] != 0)
+        lp.coef(rmap[dtt[sel]], d_idx[di[sel], dtt[sel]], -sh[di[sel]])
+        if K:
+            psh = lay.pv_share[:, ph]
+            sel = rows_needed[kt] & (psh[ki] != 0)
+            lp.coef(rmap[kt[sel]], cur_idx[ki[sel], kt[sel]], psh[ki[sel]])
+        for tt, cc, vv, share in mode_cols_g:
+            s_ = share[ph] / share.sum() if share.sum() > 0 else 1 / 3
+            sel = rows_needed[tt]
+            if s_ != 0 and np.any(sel):
+                lp.coef(rmap[tt[sel]], cc[sel], s_ * vv[sel])
+    # energy and levels of storage assets
+    has_t = ~np.isnan(lay.target)
+    need = np.where(has_t, np.nan_to_num(lay.target) - lay.level0, 0.0)
+    mono = ~lay.needs_levels
+    e_coef = dt * lay.eta_c  # kWh level per kW charged for one PTU
+    # monotone assets: one sum row for the target, one for the level cap
+    tgt = np.flatnonzero(mono & has_t & (need > 0))
+    if len(tgt):
+        r = lp.rows((need[tgt]) / 1000, INF, len(tgt))
+        rmap = np.full(S, -1, dtype=np.int64)
+        rmap[tgt] = r
+        sel = rmap[ci] >= 0
+        lp.coef(rmap[ci[sel]], c_idx[ci[sel], ct[sel]], e_coef[ci[sel]])
+        _unmet_cols(lp, lay, r, tgt, need)
+    max_energy = (c_mask.sum(axis=1) * lay.cmax * e_coef)
+    cap = lay.lmax - lay.level0
+    capped = np.flatnonzero(mono & (max_energy > cap + 1e-6))
+    if len(capped):
+        r = lp.rows(-INF, np.maximum(cap[capped], 0) / 1000, len(capped))
+        rmap = np.full(S, -1, dtype=np.int64)
+        rmap[capped] = r
+        sel = rmap[ci] >= 0
+        lp.coef(rmap[ci[sel]], c_idx[ci[sel], ct[sel]], e_coef[ci[sel]])
+    for i in np.flatnonzero(lay.needs_levels):
+        a, b = int(lay.first[i]), int(lay.last[i])
+        w = b - a
+        if w <= 0:
+            continue
+        lv = lp.cols(-INF, lay.lmax[i] / 1000, 0.0, w)  # level after PTU a..b-1
+        rhs = -lay.usage[i, a:b] / 1000
+        rhs[0] += lay.level0[i] / 1000  # the level before PTU a is known
+        rows = lp.rows(rhs, rhs, w)
+        lp.coef(rows, lv, 1.0)
+        lp.coef(rows[1:], lv[:-1], -1.0)
+        ts = np.arange(a, b)
+        cc = c_idx[i, ts]
+        ok = cc >= 0
+        lp.coef(rows[ok], cc[ok], -dt * lay.eta_c[i])
+        dd = d_idx[i, ts]
+        ok = dd >= 0
+        lp.coef(rows[ok], dd[ok], dt / lay.eta_d[i])
+        # soft level_min
+        s_cols = lp.cols(0.0, INF, lay.weight[i] * 1000, w)
+        r = lp.rows(lay.lmin[i] / 1000, INF, w)
+        lp.coef(r, lv, 1.0)
+        lp.coef(r, s_cols, 1.0)
+        if has_t[i]:
+            r = lp.rows(lay.target[i] / 1000, INF, 1)
+            lp.coef(r, lv[-1:], 1.0)
+            _unmet_cols(lp, lay, r, np.array([i]), need)
+        for ptu, lo, hi in pr.storage[i].target_profile:
+            if a < ptu <= b:
+                col = lv[ptu - a - 1]
+                u = lp.cols(0.0, INF, lay.weight[i] * 1000, 2)
+                r = lp.rows(np.array([lo / 1000, -INF]), np.array([INF, hi / 1000]), 2)
+                lp.coef(r, np.array([col, col]), 1.0)
+                lp.coef(r, u, np.array([1.0, -1.0]))
+    return lp, index
+
+
+def _unmet_cols(lp: _LpArrays, lay: Layout, rows: np.ndarray, assets: np.ndarray,
+                need: np.ndarray) -> None:
+    """Three rising unmet-energy segments per target row."""
+    seg = np.maximum(need[assets], 0) / 3 / 1000
+    for f, ub in zip(SEGMENT_FACTORS, (seg, seg, np.full(len(assets), INF)), strict=True):
+        u = lp.cols(0.0, ub, lay.weight[assets] * 1000 * f, len(assets))
+        lp.coef(rows, u, 1.0)
+
+
+def solve_lp(lay: Layout, time_limit_s: float = 10.0, threads: int = 1) -> LpResult:
+    """Solve the LP relaxation; the bound is None when HiGHS did not prove optimality."""
+    t0 = time.perf_counter()
+    arrays, index = build_lp(lay)
+    model = arrays.to_highs()
+    build_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("time_limit", max(float(time_limit_s), 0.05))
+    h.setOptionValue("threads", max(int(threads), 1))
+    h.passModel(model)
+    h.run()
+    status = h.getModelStatus()
+    solve_s = time.perf_counter() - t1
+    if status != highspy.HighsModelStatus.kOptimal:
+        return LpResult(h.modelStatusToString(status), None, None, build_s=build_s, solve_s=solve_s)
+    x = np.asarray(h.getSolution().col_value)
+    bound = float(h.getInfo().objective_function_value)
+    disp = _dispatch_from_x(lay, index, x)
+    res = LpResult("OPTIMAL", bound, disp, build_s=build_s, solve_s=solve_s)
+    res.mode_weight = [np.clip(x[on], 0, 1) for on in index.mode_on]
+    res.profile_weight = [np.clip(x[on], 0, 1) for on in index.profile_on]
+    return res
+
+
+def _take(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    out = np.zeros(idx.shape)
+    m = idx >= 0
+    out[m] = x[idx[m]] * 1000
+    return out
+
+
+def _dispatch_from_x(lay: Layout, index: LpIndex, x: np.ndarray) -> Dispatch:
+    disp = Dispatch(np.maximum(_take(x, index.charge), 0), np.maximum(_take(x, index.discharge), 0),
+                    np.maximum(_take(x, index.curtail), 0))
+    powers = []
+    for on, q in zip(index.mode_on, index.mode_power, strict=True):
+        disp.mode_index.append(np.argmax(x[on], axis=1))
+        powers.append(x[q].sum(axis=1) * 1000)
+    disp.mode_power = np.array(powers).reshape(len(powers), lay.n)
+    for on, starts in zip(index.profile_on, index.profile_starts, strict=True):
+        disp.profile_start.append(int(starts[int(np.argmax(x[on]))]))
+    return disp

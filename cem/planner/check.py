@@ -1,0 +1,133 @@
+"""The plan checker: every hard limit and asset rule a returned plan must keep.
+
+`check_plan(problem, plan)` lists violations in words (empty list: the plan is valid): fuse
+current per phase (import and export direction), import and export limits per PTU, storage
+power outside its window or outside {0} U [min, max] (and discharge outside its range),
+levels above level_max, and levels below level_min unless the plan reports a shortfall for
+that asset. Limits that the inputs alone break (base load above the import limit) are noted in
+the plan and still reported here: they are real.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cem.planner.assets import Plan, Problem
+
+TOL_W = 1.0
+
+
+def _share(v: tuple[float, float, float]) -> np.ndarray:
+    a = np.asarray(v, dtype=float)
+    return a / a.sum() if a.sum() > 0 else np.full(3, 1 / 3)
+
+
+def check_plan(problem: Problem, plan: Plan) -> list[str]:
+    """Violations of hard limits and asset domains in `plan` (empty when it is valid)."""
+    out: list[str] = []
+    n = problem.n_ptus
+    dt = problem.ptu_minutes / 60
+    lim = problem.limits
+    g = np.zeros(n)
+    phase = np.zeros((3, n))
+
+    def add(power: np.ndarray, share: tuple[float, float, float]) -> None:
+        nonlocal g
+        g += power
+        phase[:] += np.outer(_share(share), power)
+
+    for f in problem.fixed:
+        add(np.asarray(f.power_w, dtype=float)[:n], f.phase_share)
+    for c in problem.curtailable:
+        prod = np.maximum(np.asarray(c.production_w, dtype=float)[:n], 0)
+        cur = np.asarray(plan.curtailed_w.get(c.id, np.zeros(n)), dtype=float)[:n]
+        if np.any(cur < -TOL_W) or np.any(cur > prod + TOL_W):
+            out.append(f"{c.id}: curtailment outside 0..production")
+        if not c.curtailable and np.any(cur > TOL_W):
+            out.append(f"{c.id}: curtailed but not curtailable")
+        add(-(prod - cur), c.phase_share)
+    for a in problem.storage:
+        p = plan.power_w.get(a.id)
+        if p is None:
+            out.append(f"{a.id}: no power in the plan")
+            continue
+        p = np.asarray(p, dtype=float)[:n]
+        add(p, a.phase_share)
+        first = max(a.available_from, 0)
+        last = n if a.available_until is None else min(a.available_until, n)
+        outside = np.ones(n, dtype=bool)
+        outside[first:max(last, first)] = False
+        if np.any(np.abs(p[outside]) > TOL_W):
+            t = int(np.flatnonzero(outside & (np.abs(p) > TOL_W))[0])
+            out.append(f"{a.id}: power {p[t]:.0f} W in PTU {t} outside its window {first}..{last}")
+        ch = p > TOL_W
+        bad = ch & ((p < a.charge_min_w - TOL_W) | (p > a.charge_max_w + TOL_W))
+        if np.any(bad):
+            t = int(np.flatnonzero(bad)[0])
+            out.append(f"{a.id}: charge {p[t]:.0f} W in PTU {t} outside {{0}} U "
+                       f"[{a.charge_min_w}, {a.charge_max_w}]")
+        dis = p < -TOL_W
+        bad = dis & ((-p < a.discharge_min_w - TOL_W) | (-p > a.discharge_max_w + TOL_W))
+        if np.any(bad):
+            t = int(np.flatnonzero(bad)[0])
+            out.append(f"{a.id}: discharge {-p[t]:.0f} W in PTU {t} outside {{0}} U "
+                       f"[{a.discharge_min_w}, {a.discharge_max_w}]")
+        usage = np.zeros(n)
+        if a.usage_wh is not None:
+            u = np.asarray(a.usage_wh, dtype=float)[:n]
+            usage[first:last] = u[first:last]
+        delta = dt * (a.charge_efficiency * np.maximum(p, 0) - np.maximum(-p, 0) / a.discharge_efficiency) - usage
+        lv = a.level_wh + np.cumsum(delta)
+        tol = 2.0 + 1e-4 * max(abs(a.level_max_wh), 1)
+        top = max(a.level_max_wh, a.level_wh)
+        if np.any(lv > top + tol):
+            t = int(np.argmax(lv > top + tol))
+            out.append(f"{a.id}: level {lv[t]:.0f} Wh after PTU {t} above level_max {a.level_max_wh}")
+        if np.any(lv < a.level_min_wh - tol) and a.id not in plan.shortfall:
+            t = int(np.argmax(lv < a.level_min_wh - tol))
+            out.append(f"{a.id}: level {lv[t]:.0f} Wh after PTU {t} below level_min {a.level_min_wh} "
+                       "without a reported shortfall")
+    for m in problem.modes:
+        p = np.asarray(plan.power_w.get(m.id, np.zeros(n)), dtype=float)[:n]
+        add(p, m.phase_share)
+        names = plan.mode.get(m.id)
+        if names is not None:
+            by_id = {pm.id: pm for pm in m.modes}
+            for t, name in enumerate(names[:n]):
+                pm = by_id.get(name) if name is not None else None
+                if pm is None or not (pm.min_w - TOL_W <= p[t] <= pm.max_w + TOL_W):
+                    out.append(f"{m.id}: power {p[t]:.0f} W in PTU {t} not within mode {name}")
+                    break
+    for pf in problem.profiles:
+        p = np.asarray(plan.power_w.get(pf.id, np.zeros(n)), dtype=float)[:n]
+        add(p, pf.phase_share)
+        start = plan.profile_start.get(pf.id)
+        if start is not None and not (pf.earliest_start <= start <= pf.latest_start):
+            out.append(f"{pf.id}: start {start} outside {pf.earliest_start}..{pf.latest_start}")
+    fuse = lim.fuse_w_per_phase
+    for ph in range(3):
+        bad = np.flatnonzero(phase[ph] > fuse + TOL_W)
+        if len(bad):
+            t = int(bad[0])
+            out.append(f"fuse L{ph + 1}: {phase[ph, t] / lim.voltage_v:.1f} A > {lim.fuse_a} A in PTU {t} "
+                       f"({len(bad)} PTUs)")
+        bad = np.flatnonzero(-phase[ph] > fuse + TOL_W)
+        if len(bad):
+            t = int(bad[0])
+            out.append(f"fuse L{ph + 1} (export): {-phase[ph, t] / lim.voltage_v:.1f} A > {lim.fuse_a} A "
+                       f"in PTU {t} ({len(bad)} PTUs)")
+    imp = np.asarray(lim.import_limit_w, dtype=float)[:n]
+    bad = np.flatnonzero(g > imp + TOL_W)
+    if len(bad):
+        t = int(bad[0])
+        out.append(f"import {g[t]:.0f} W > limit {imp[t]:.0f} W in PTU {t} ({len(bad)} PTUs)")
+    exp = np.asarray(lim.export_limit_w, dtype=float)[:n]
+    bad = np.flatnonzero(-g > exp + TOL_W)
+    if len(bad):
+        t = int(bad[0])
+        out.append(f"export {-g[t]:.0f} W > limit {exp[t]:.0f} W in PTU {t} ({len(bad)} PTUs)")
+    reported = np.asarray(plan.grid_import_w, dtype=float)[:n]
+    if reported.shape == g.shape and np.any(np.abs(reported - g) > TOL_W * 10):
+        t = int(np.argmax(np.abs(reported - g)))
+        out.append(f"grid_import_w {reported[t]:.0f} W differs from the sum of powers {g[t]:.0f} W in PTU {t}")
+    return out

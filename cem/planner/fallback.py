@@ -1,0 +1,34 @@
+"""The rule-based safe plan: used when the solvers return nothing usable.
+
+Deadline first within the limits: every asset starts idle (batteries stay idle, PV is not
+curtailed), then EVs and other storage are filled in order of priority and earliest departure,
+each into the earliest PTUs with spare capacity under the import limit, congestion and the fuse
+on every phase; PV is curtailed only where the export limit (or the fuse on export) needs it.
+It uses no solver, so it is always available and always keeps the hard limits.
+"""
+
+from __future__ import annotations
+
+from cem.planner.hint import refill, repair_limits
+from cem.planner.layout import Dispatch, Layout, empty_dispatch
+
+
+def fallback_dispatch(lay: Layout) -> Dispatch:
+    """Deadline-first dispatch within the hard limits."""
+    disp = empty_dispatch(lay)
+    _cheapest_modes(lay, disp)
+    repair_limits(lay, disp)
+    refill(lay, disp, by_price=False, deadline_first=True)
+    repair_limits(lay, disp)
+    return disp
+
+
+def _cheapest_modes(lay: Layout, disp: Dispatch) -> None:
+    """Modes at their lowest power mode; shiftable profiles at their earliest start."""
+    for j, m in enumerate(lay.problem.modes):
+        if not m.modes:
+            continue
+        k = min(range(len(m.modes)), key=lambda x: m.modes[x].min_w)
+        disp.mode_index[j][:] = k
+        if disp.mode_power is not None:
+            disp.mode_power[j, :] = m.modes[k].min_w

@@ -1,0 +1,304 @@
+"""Round a fractional (LP) dispatch and repair it into a plan that keeps every hard limit.
+
+Steps: snap powers to each asset's domain ({0} U [min, max] on its step grid: an EV below half
+its minimum current goes to 0, otherwise at least to the minimum); keep fill levels inside their
+bounds; cut charging where the fuse, the import limit or congestion is exceeded (lowest priority
+and most slack first, PV curtailment undone first); curtail PV / cut discharge where export is
+exceeded; then re-fill unmet energy into spare capacity, highest priority first, cheapest PTUs
+first. The result is a complete feasible plan: the hint for CP-SAT and, if CP-SAT finds nothing
+better in time, the plan itself. `refill` from an empty dispatch is also the rule-based fallback.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cem.planner.layout import Dispatch, Layout, grid_and_phases, levels
+
+EPS = 1e-6
+
+
+def snap(lay: Layout, disp: Dispatch) -> Dispatch:
+    """Powers on each asset's domain and step grid (outside its window: 0)."""
+    out = disp.copy()
+    net = out.charge - out.discharge
+    c = np.maximum(net, 0) * lay.avail
+    d = np.maximum(-net, 0) * lay.avail
+    step = lay.step[:, None].astype(float)
+    c = np.minimum(np.rint(c / step) * step, lay.cmax[:, None])
+    d = np.minimum(np.rint(d / step) * step, lay.dmax[:, None])
+    cmin = lay.cmin[:, None]
+    dmin = lay.dmin[:, None]
+    c = np.where(c < cmin / 2, 0.0, np.maximum(c, cmin))
+    d = np.where(d < dmin / 2, 0.0, np.maximum(d, dmin))
+    c = np.where(c > 0, np.maximum(c, cmin), 0.0)
+    out.charge, out.discharge = c, d
+    out.curtail = np.clip(np.rint(out.curtail), 0, lay.pv) * lay.pv_curtailable[:, None]
+    pr = lay.problem
+    if out.mode_power is not None:
+        for j, m in enumerate(pr.modes):
+            mi = out.mode_index[j]
+            lo = np.array([pm.min_w for pm in m.modes], dtype=float)[mi]
+            hi = np.array([pm.max_w for pm in m.modes], dtype=float)[mi]
+            out.mode_power[j] = np.rint(np.clip(out.mode_power[j], lo, hi))
+    return out
+
+
+def _down(value: float, step: float) -> float:
+    return float(np.floor(value / step + EPS) * step)
+
+
+def fix_levels(lay: Layout, disp: Dispatch) -> None:
+    """Keep each asset's level <= level_max and >= level_min by trimming its power (in place)."""
+    lv = levels(lay, disp)
+    over = (lv[:, 1:] > lay.lmax[:, None] + 1e-6)
+    under = (lv[:, 1:] < lay.lmin[:, None] - 1e-6) & (disp.discharge > 0)
+    bad = np.flatnonzero(over.any(axis=1) | under.any(axis=1))
+    dt = lay.dt_h
+    for i in bad:
+        level = lay.level0[i]
+        st = float(lay.step[i])
+        for t in range(lay.first[i], lay.last[i]):
+            c, d = disp.charge[i, t], disp.discharge[i, t]
+            nxt = level + dt * (lay.eta_c[i] * c - d / lay.eta_d[i]) - lay.usage[i, t]
+            if nxt > lay.lmax[i] + 1e-6 and c > 0:
+                room = lay.lmax[i] - (level - lay.usage[i, t] - dt * d / lay.eta_d[i])
+                c = max(_down(room / (dt * lay.eta_c[i]), st), 0.0)
+                if c < lay.cmin[i]:
+                    c = 0.0
+                disp.charge[i, t] = c
+            elif nxt < lay.lmin[i] - 1e-6 and d > 0:
+                room = (level - lay.usage[i, t] + dt * lay.eta_c[i] * c) - lay.lmin[i]
+                d = max(_down(room * lay.eta_d[i] / dt, st), 0.0)
+                if d < lay.dmin[i]:
+                    d = 0.0
+                disp.discharge[i, t] = d
+            level = level + dt * (lay.eta_c[i] * disp.charge[i, t] - disp.discharge[i, t] / lay.eta_d[i]) - lay.usage[i, t]
+
+
+def _slack_order(lay: Layout, disp: Dispatch) -> np.ndarray:
+    """Reduction order of assets: lowest priority first, then most room to catch up later."""
+    room = (lay.avail.sum(axis=1) * lay.cmax * lay.dt_h * lay.eta_c)
+    need = np.where(np.isnan(lay.target), 0.0, np.nan_to_num(lay.target) - lay.level0)
+    slack = room - need
+    is_hp = np.array([k == "heat_pump" for k in lay.kind], dtype=float)
+    return np.lexsort((-slack, is_hp, lay.weight))
+
+
+def _cut(values: np.ndarray, weights: np.ndarray, amount: float, mins: np.ndarray,
+         steps: np.ndarray) -> np.ndarray:
+    """Reduce `values` (in the given order) so that sum(weights * reduction) >= amount."""
+    contrib = weights * values
+    cum = np.cumsum(contrib)
+    k = int(np.searchsorted(cum, amount - EPS))
+    new = values.copy()
+    new[:k] = 0.0
+    if k < len(values):
+        before = cum[k - 1] if k > 0 else 0.0
+        rest = amount - before  # still to remove via asset k
+        red = rest / weights[k]
+        v = values[k] - red
+        v = np.floor(v / steps[k] + EPS) * steps[k]
+        new[k] = v if v >= mins[k] - EPS else 0.0
+    return new
+
+
+def repair_limits(lay: Layout, disp: Dispatch) -> None:
+    """Bring import, export and per-phase fuse within limits (in place), by priority."""
+    order = _slack_order(lay, disp)
+    for _ in range(4):
+        g, ph = grid_and_phases(lay, disp)
+        up = np.vstack([g - lay.import_lim, (ph - lay.fuse_up)])  # (4, n) excess load
+        dn = np.vstack([-g - lay.export_lim, (-ph - lay.fuse_dn)])  # (4, n) excess production
+        bad_up = np.flatnonzero((up > 0.5).any(axis=0))
+        bad_dn = np.flatnonzero((dn > 0.5).any(axis=0))
+        if len(bad_up) == 0 and len(bad_dn) == 0:
+            return
+        for t in bad_up:
+            _repair_up(lay, disp, t, order)
+        for t in bad_dn:
+            _repair_down(lay, disp, t, order)
+        fix_levels(lay, disp)
+
+
+def _excess_up(lay: Layout, disp: Dispatch, t: int) -> np.ndarray:
+    g, ph = _grid_t(lay, disp, t)
+    return np.concatenate([[g - lay.import_lim[t]], ph - lay.fuse_up[:, t]])
+
+
+def _grid_t(lay: Layout, disp: Dispatch, t: int) -> tuple[float, np.ndarray]:
+    net = disp.charge[:, t] - disp.discharge[:, t]
+    pv_out = lay.pv[:, t] - disp.curtail[:, t]
+    other = 0.0
+    other_ph = np.zeros(3)
+    if disp.mode_power is not None and len(lay.problem.modes):
+        from cem.planner.layout import _share
+
+        for j, m in enumerate(lay.problem.modes):
+            other += disp.mode_power[j, t]
+            other_ph += _share(m.phase_share) * disp.mode_power[j, t]
+    for j, p in enumerate(lay.problem.profiles):
+        from cem.planner.layout import _share, profile_power
+
+        v = profile_power(p.profile_w, disp.profile_start[j], lay.n)[t]
+        other += v
+        other_ph += _share(p.phase_share) * v
+    g = lay.fixed_w[t] + net.sum() - pv_out.sum() + other
+    ph = lay.fixed_phase[:, t] + lay.share.T @ net - lay.pv_share.T @ pv_out + other_ph
+    return float(g), ph
+
+
+def _repair_up(lay: Layout, disp: Dispatch, t: int, order: np.ndarray) -> None:
+    """Too much load in PTU t: undo curtailment, then cut charging by priority."""
+    ex = _excess_up(lay, disp, t)
+    if lay.k and np.any(disp.curtail[:, t] > 0):
+        disp.curtail[:, t] = 0.0
+        ex = _excess_up(lay, disp, t)
+    for _ in range(5):
+        worst = int(np.argmax(ex))
+        if ex[worst] <= 0.5:
+            return
+        w = np.ones(lay.s) if worst == 0 else lay.share[:, worst - 1]
+        cand = order[(disp.charge[order, t] > 0) & (w[order] > 0)]
+        if len(cand) == 0:
+            break
+        new = _cut(disp.charge[cand, t], w[cand], ex[worst], lay.cmin[cand], lay.step[cand].astype(float))
+        disp.charge[cand, t] = new
+        ex = _excess_up(lay, disp, t)
+    if disp.mode_power is not None and len(lay.problem.modes) and np.max(ex) > 0.5:
+        for j, m in enumerate(lay.problem.modes):
+            lo = m.modes[int(disp.mode_index[j][t])].min_w
+            disp.mode_power[j, t] = lo
+
+
+def _repair_down(lay: Layout, disp: Dispatch, t: int, order: np.ndarray) -> None:
+    """Too much production in PTU t: curtail PV, then cut discharge."""
+    g, ph = _grid_t(lay, disp, t)
+    ex = np.concatenate([[-g - lay.export_lim[t]], -ph - lay.fuse_dn[:, t]])
+    for _ in range(5):
+        worst = int(np.argmax(ex))
+        if ex[worst] <= 0.5:
+            return
+        if lay.k:
+            w = np.ones(lay.k) if worst == 0 else lay.pv_share[:, worst - 1]
+            room = (lay.pv[:, t] - disp.curtail[:, t]) * lay.pv_curtailable * (w > 0)
+            for j in np.flatnonzero(room > 0):
+                add = min(room[j], np.ceil(ex[worst] / w[j]))
+                disp.curtail[j, t] += add
+                ex[worst] -= add * w[j]
+                if ex[worst] <= 0.5:
+                    break
+        g, ph = _grid_t(lay, disp, t)
+        ex = np.concatenate([[-g - lay.export_lim[t]], -ph - lay.fuse_dn[:, t]])
+        if ex[worst] <= 0.5:
+            continue
+        w = np.ones(lay.s) if worst == 0 else lay.share[:, worst - 1]
+        cand = order[(disp.discharge[order, t] > 0) & (w[order] > 0)]
+        if len(cand) == 0:
+            return
+        disp.discharge[cand, t] = _cut(disp.discharge[cand, t], w[cand], ex[worst], lay.dmin[cand],
+                                       lay.step[cand].astype(float))
+        g, ph = _grid_t(lay, disp, t)
+        ex = np.concatenate([[-g - lay.export_lim[t]], -ph - lay.fuse_dn[:, t]])
+
+
+def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first: bool = False) -> None:
+    """Add charging where targets or level minimums are missed, into spare capacity (in place).
+
+    Assets in priority order (then earliest deadline); PTUs cheapest first (or earliest first
+    for the fallback); never above the import limit, the fuse on any phase, or the asset's
+    maximum level; first below the current peak, then up to the limits.
+    """
+    dt = lay.dt_h
+    g, ph = grid_and_phases(lay, disp)
+    lv = levels(lay, disp)
+    S = lay.s
+    idx = np.arange(S)
+    has_t = ~np.isnan(lay.target)
+    end_level = lv[idx, lay.last]
+    short_t = has_t & (end_level < np.nan_to_num(lay.target) - 0.5)
+    short_min = np.zeros(S, dtype=bool)
+    for i in np.flatnonzero(lay.needs_levels):
+        a, b = lay.first[i], lay.last[i]
+        short_min[i] = bool(np.any(lv[i, a + 1:b + 1] < lay.lmin[i] - 0.5))
+    todo = np.flatnonzero((short_t | short_min) & (lay.cmax > 0))
+    if len(todo) == 0:
+        return
+    deadline = lay.last[todo]
+    if deadline_first:
+        todo = todo[np.lexsort((deadline,))]
+    else:
+        todo = todo[np.lexsort((deadline, -lay.weight[todo]))]
+    price = np.where(g > 0, lay.p_imp, lay.p_exp_eff) + lay.tie
+    peak = max(lay.peak_so_far, float(g.max())) if lay.n else 0.0
+    caps = [np.minimum(lay.import_lim, peak)] if lay.peak_price > 0 else []
+    caps.append(lay.import_lim)
+    for cap in caps:
+        for i in todo:
+            _fill_asset(lay, disp, int(i), g, ph, cap, price, dt, by_price)
+
+
+def _fill_asset(lay: Layout, disp: Dispatch, i: int, g: np.ndarray, ph: np.ndarray,
+                cap: np.ndarray, price: np.ndarray, dt: float, by_price: bool) -> None:
+    a, b = int(lay.first[i]), int(lay.last[i])
+    eta = lay.eta_c[i]
+    step = float(lay.step[i])
+    share = lay.share[i]
+    for _ in range(3):
+        lvl = lay.level0[i] + np.concatenate([[0.0], np.cumsum(
+            dt * (eta * disp.charge[i] - disp.discharge[i] / lay.eta_d[i]) - lay.usage[i])])
+        # the first level index that misses: level_min (levels after a PTU) or the target
+        want = np.full(lay.n + 1, -np.inf)
+        if lay.needs_levels[i]:
+            want[a + 1:b + 1] = lay.lmin[i]
+        if not np.isnan(lay.target[i]):
+            want[b] = max(want[b], lay.target[i])
+        miss = want - lvl
+        bad = np.flatnonzero(miss > 0.5)
+        if len(bad) == 0:
+            return
+        tau = int(bad[0])
+        ts = np.arange(a, tau)
+        if len(ts) == 0:
+            return
+        ts = ts[np.argsort(price[ts], kind="stable")] if by_price else ts
+        gap = float(miss[tau])
+        changed = False
+        for t in ts:
+            c = disp.charge[i, t]
+            if c >= lay.cmax[i] or disp.discharge[i, t] > 0:
+                continue
+            head = cap[t] - g[t]
+            for p in range(3):
+                if share[p] > 0:
+                    head = min(head, (lay.fuse_up[p, t] - ph[p, t]) / share[p])
+            # never above level_max from t+1 on
+            lvl_room = float(np.min(lay.lmax[i] - lvl[t + 1:b + 1])) if b > t else 0.0
+            add = min(head, lay.cmax[i] - c, gap / (dt * eta), lvl_room / (dt * eta))
+            if c == 0 and add < lay.cmin[i]:
+                # lift to the minimum if the limits allow it even though it overshoots a little
+                add = lay.cmin[i] if min(head, lvl_room / (dt * eta)) >= lay.cmin[i] else 0.0
+            else:
+                add = min(np.ceil(add / step - EPS) * step, _down(min(head, lay.cmax[i] - c, lvl_room / (dt * eta)), step))
+            if add <= 0:
+                continue
+            disp.charge[i, t] = c + add
+            g[t] += add
+            ph[:, t] += share * add
+            lvl[t + 1:] += dt * eta * add
+            gap -= dt * eta * add
+            changed = True
+            if gap <= 0.5:
+                break
+        if not changed:
+            return
+
+
+def round_and_repair(lay: Layout, frac: Dispatch) -> Dispatch:
+    """A feasible plan near the fractional one (see module docstring)."""
+    disp = snap(lay, frac)
+    fix_levels(lay, disp)
+    repair_limits(lay, disp)
+    refill(lay, disp, by_price=True)
+    repair_limits(lay, disp)
+    return disp

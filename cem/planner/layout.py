@@ -1,0 +1,355 @@
+"""The Problem as arrays, a dispatch (powers per asset per PTU) and its evaluation.
+
+Every stage of the planner (LP bound, rounding and repair, CP-SAT, fallback, the plan checker)
+works on the same arrays and scores a dispatch with the same objective, so the LP bound and a
+plan's objective are comparable:
+
+    objective = energy cost (import at the import price, export at the export price, the
+    export price clamped to the import price where it is higher, which keeps the cost convex)
+    + peak cost (peak_price x max(peak_so_far, max import), the 15-minute kW-max)
+    + unmet-target penalties (EUR per Wh, x3 per priority step, in three rising segments of a
+    third of the need each, so equal-priority EVs share a shortfall)
+    + level_min deficits (per Wh per PTU) + a tiny tie-break that prefers earlier charging.
+
+The penalties (>= 200 EUR/kWh) are far above any price and peak cost a kWh can carry, so the
+weighted sum is lexicographic: targets first, money second, tie-breaks last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cem.planner.assets import Problem
+
+UNMET_EUR_PER_WH = 0.2  # 200 EUR/kWh for priority 1
+PRIORITY_FACTOR = 3.0
+SEGMENT_FACTORS = (1.0, 1.25, 1.5)
+TIE_EUR_PER_KWH = 1e-4  # at the horizon end; 0 at its start
+STEP_FLOOR_W = 10  # power resolution used when an asset allows finer steps
+
+
+def priority_weight(priority: int) -> float:
+    """EUR per Wh of unmet energy for an asset of this priority."""
+    return UNMET_EUR_PER_WH * PRIORITY_FACTOR ** (min(max(priority, 1), 4) - 1)
+
+
+@dataclass
+class Layout:
+    """The planning problem as numpy arrays (W, Wh, per PTU)."""
+
+    problem: Problem
+    n: int
+    dt_h: float
+    ids: list[str]
+    kind: list[str]
+    avail: np.ndarray  # (S, n) bool
+    first: np.ndarray  # (S,) int, available_from clipped
+    last: np.ndarray  # (S,) int, available_until clipped (exclusive)
+    cmax: np.ndarray  # (S,) W, on the step grid
+    cmin: np.ndarray
+    dmax: np.ndarray
+    dmin: np.ndarray
+    step: np.ndarray  # (S,) int W
+    eta_c: np.ndarray
+    eta_d: np.ndarray
+    level0: np.ndarray  # (S,) Wh
+    lmin: np.ndarray
+    lmax: np.ndarray
+    usage: np.ndarray  # (S, n) Wh, zero outside the window
+    target: np.ndarray  # (S,) Wh, nan where none
+    needs_levels: np.ndarray  # (S,) bool: level variables per PTU (else one energy sum)
+    weight: np.ndarray  # (S,) EUR per Wh unmet
+    share: np.ndarray  # (S, 3)
+    fixed_w: np.ndarray  # (n,)
+    fixed_phase: np.ndarray  # (3, n)
+    pv_ids: list[str]
+    pv: np.ndarray  # (K, n) production W
+    pv_curtailable: np.ndarray  # (K,) bool
+    pv_share: np.ndarray  # (K, 3)
+    p_imp: np.ndarray  # EUR/kWh
+    p_exp: np.ndarray  # EUR/kWh, true
+    p_exp_eff: np.ndarray  # min(p_exp, p_imp)
+    tie: np.ndarray  # EUR/kWh per PTU on charging
+    import_lim: np.ndarray  # (n,) W, effective (raised where nothing can meet it)
+    export_lim: np.ndarray
+    fuse_up: np.ndarray  # (3, n) W
+    fuse_dn: np.ndarray  # (3, n) W (as a positive bound on -phase load)
+    peak_price: float  # EUR per W
+    peak_so_far: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def s(self) -> int:
+        return len(self.ids)
+
+    @property
+    def k(self) -> int:
+        return len(self.pv_ids)
+
+
+def _share(phase_share: tuple[float, float, float]) -> np.ndarray:
+    v = np.asarray(phase_share, dtype=float)
+    total = v.sum()
+    return v / total if total > 0 else np.full(3, 1 / 3)
+
+
+def build_layout(problem: Problem) -> Layout:
+    """Turn a Problem into arrays; note where the inputs alone break a hard limit."""
+    n = problem.n_ptus
+    dt = problem.ptu_minutes / 60
+    st = problem.storage
+    S = len(st)
+    notes: list[str] = []
+    avail = np.zeros((S, n), dtype=bool)
+    first = np.zeros(S, dtype=np.int64)
+    last = np.zeros(S, dtype=np.int64)
+    step = np.ones(S, dtype=np.int64)
+    cmax = np.zeros(S)
+    cmin = np.zeros(S)
+    dmax = np.zeros(S)
+    dmin = np.zeros(S)
+    usage = np.zeros((S, n))
+    target = np.full(S, np.nan)
+    needs = np.zeros(S, dtype=bool)
+    for i, a in enumerate(st):
+        f = min(max(int(a.available_from), 0), n)
+        e = n if a.available_until is None else min(max(int(a.available_until), f), n)
+        first[i], last[i] = f, e
+        avail[i, f:e] = True
+        biggest = max(a.charge_max_w, a.discharge_max_w)
+        s_ = max(int(a.step_w), 1)
+        if s_ < STEP_FLOOR_W and biggest >= 100 * STEP_FLOOR_W:
+            s_ = STEP_FLOOR_W
+        step[i] = s_
+        cmax[i] = (max(a.charge_max_w, 0) // s_) * s_
+        cmin[i] = min(-(-max(a.charge_min_w, 0) // s_) * s_, cmax[i])
+        if cmin[i] > cmax[i] or cmax[i] <= 0:
+            cmin[i] = 0
+        dmax[i] = (max(a.discharge_max_w, 0) // s_) * s_
+        dmin[i] = min(-(-max(a.discharge_min_w, 0) // s_) * s_, dmax[i])
+        if a.usage_wh is not None:
+            u = np.asarray(a.usage_wh, dtype=float)[:n]
+            usage[i, f:e] = u[f:e] if len(u) >= e else np.pad(u, (0, n - len(u)))[f:e]
+        if a.target_wh is not None:
+            target[i] = float(a.target_wh)
+        needs[i] = (dmax[i] > 0 or bool(np.any(usage[i] != 0)) or bool(a.target_profile)
+                    or a.level_wh < a.level_min_wh)
+    eta_c = np.array([max(a.charge_efficiency, 1e-6) for a in st]) if S else np.zeros(0)
+    eta_d = np.array([max(a.discharge_efficiency, 1e-6) for a in st]) if S else np.zeros(0)
+    level0 = np.array([float(a.level_wh) for a in st]) if S else np.zeros(0)
+    lmin = np.array([float(a.level_min_wh) for a in st]) if S else np.zeros(0)
+    lmax = np.array([float(max(a.level_max_wh, a.level_wh)) for a in st]) if S else np.zeros(0)
+    for a in st:
+        if a.level_wh > a.level_max_wh:
+            notes.append(f"{a.id}: level {a.level_wh} Wh starts above its maximum {a.level_max_wh} Wh")
+    weight = np.array([priority_weight(a.priority) for a in st]) if S else np.zeros(0)
+    share = np.array([_share(a.phase_share) for a in st]).reshape(S, 3)
+
+    fixed_w = np.zeros(n)
+    fixed_phase = np.zeros((3, n))
+    for fl in problem.fixed:
+        p = np.asarray(fl.power_w, dtype=float)[:n]
+        fixed_w += p
+        fixed_phase += np.outer(_share(fl.phase_share), p)
+    pv_ids = [c.id for c in problem.curtailable]
+    K = len(pv_ids)
+    pv = np.zeros((K, n))
+    for j, c in enumerate(problem.curtailable):
+        pv[j] = np.maximum(np.asarray(c.production_w, dtype=float)[:n], 0)
+    pv_curt = np.array([c.curtailable for c in problem.curtailable], dtype=bool)
+    pv_share = np.array([_share(c.phase_share) for c in problem.curtailable]).reshape(K, 3)
+    # modes and shiftable profiles contribute their minimum as fixed in the limit check below
+    p_imp = np.asarray(problem.prices.import_eur_per_kwh, dtype=float)[:n]
+    p_exp = np.asarray(problem.prices.export_eur_per_kwh, dtype=float)[:n]
+    if np.any(p_exp > p_imp + 1e-12):
+        notes.append("export price above import price in some PTUs: planned at the import price "
+                     "there (no simultaneous import and export)")
+    p_exp_eff = np.minimum(p_exp, p_imp)
+    tie = TIE_EUR_PER_KWH * np.arange(n) / max(n, 1)
+
+    lim = problem.limits
+    fuse = float(lim.fuse_w_per_phase)
+    import_lim = np.asarray(lim.import_limit_w, dtype=float)[:n].copy()
+    export_lim = np.maximum(np.asarray(lim.export_limit_w, dtype=float)[:n], 0).copy()
+    # the least load the site can have in each PTU: flexible loads off, batteries idle, PV
+    # fully on; the most: storage idle (or discharging when it must), PV curtailed where allowed
+    min_ch = np.where(avail, 0.0, 0.0)
+    mode_min = np.zeros((3, n))
+    mode_min_total = np.zeros(n)
+    mode_max_total = np.zeros(n)
+    for m in problem.modes:
+        lo = min(pm.min_w for pm in m.modes) if m.modes else 0
+        hi = max(pm.max_w for pm in m.modes) if m.modes else 0
+        mode_min += np.outer(_share(m.phase_share), np.full(n, float(lo)))
+        mode_min_total += lo
+        mode_max_total += hi
+    del min_ch
+    pv_phase = pv_share.T @ pv if K else np.zeros((3, n))
+    pv_fixed_phase = (pv_share.T @ (pv * ~pv_curt[:, None])) if K else np.zeros((3, n))
+    g_min = fixed_w + mode_min_total - pv.sum(axis=0)
+    g_max_forced = fixed_w + mode_min_total - (pv * ~pv_curt[:, None]).sum(axis=0) if K else fixed_w + mode_min_total
+    raised = g_min > import_lim
+    if np.any(raised):
+        notes.append(f"base and fixed loads alone exceed the import limit in {int(raised.sum())} PTUs "
+                     "(first PTU " + str(int(np.argmax(raised))) + "): planned with every flexible load "
+                     "off there; the limit is broken by the inputs, not the plan")
+        import_lim = np.maximum(import_lim, g_min)
+    raised = -g_max_forced > export_lim
+    if np.any(raised):
+        notes.append(f"uncurtailable production exceeds the export limit in {int(raised.sum())} PTUs: "
+                     "planned with every flexible load on there; the limit may still be broken")
+        export_lim = np.maximum(export_lim, -g_max_forced)
+    phase_min = fixed_phase + mode_min - pv_phase
+    fuse_up = np.full((3, n), fuse)
+    fuse_dn = np.full((3, n), fuse)
+    if np.any(phase_min > fuse):
+        notes.append("base and fixed loads alone exceed the fuse on a phase: planned with every "
+                     "flexible load off there")
+        fuse_up = np.maximum(fuse_up, phase_min)
+    phase_low = fixed_phase + mode_min - pv_fixed_phase
+    if np.any(-phase_low > fuse):
+        notes.append("uncurtailable production alone exceeds the fuse on a phase")
+        fuse_dn = np.maximum(fuse_dn, -phase_low)
+    return Layout(
+        problem=problem, n=n, dt_h=dt, ids=[a.id for a in st], kind=[a.kind for a in st],
+        avail=avail, first=first, last=last, cmax=cmax, cmin=cmin, dmax=dmax, dmin=dmin,
+        step=step, eta_c=eta_c, eta_d=eta_d, level0=level0, lmin=lmin, lmax=lmax, usage=usage,
+        target=target, needs_levels=needs, weight=weight, share=share, fixed_w=fixed_w,
+        fixed_phase=fixed_phase, pv_ids=pv_ids, pv=pv, pv_curtailable=pv_curt, pv_share=pv_share,
+        p_imp=p_imp, p_exp=p_exp, p_exp_eff=p_exp_eff, tie=tie, import_lim=import_lim,
+        export_lim=export_lim, fuse_up=fuse_up, fuse_dn=fuse_dn,
+        peak_price=float(lim.peak_price_eur_per_kw) / 1000, peak_so_far=float(lim.peak_so_far_w),
+        notes=notes,
+    )
+
+
+@dataclass
+class Dispatch:
+    """Powers of every controllable asset per PTU (W); a candidate plan."""
+
+    charge: np.ndarray  # (S, n) >= 0
+    discharge: np.ndarray  # (S, n) >= 0
+    curtail: np.ndarray  # (K, n) >= 0
+    mode_index: list[np.ndarray] = field(default_factory=list)  # per ModeAsset: mode per PTU
+    mode_power: np.ndarray | None = None  # (M, n)
+    profile_start: list[int] = field(default_factory=list)
+
+    def copy(self) -> Dispatch:
+        return Dispatch(self.charge.copy(), self.discharge.copy(), self.curtail.copy(),
+                        [m.copy() for m in self.mode_index],
+                        None if self.mode_power is None else self.mode_power.copy(),
+                        list(self.profile_start))
+
+
+def empty_dispatch(lay: Layout) -> Dispatch:
+    M = len(lay.problem.modes)
+    return Dispatch(np.zeros((lay.s, lay.n)), np.zeros((lay.s, lay.n)), np.zeros((lay.k, lay.n)),
+                    [np.zeros(lay.n, dtype=np.int64) for _ in range(M)], np.zeros((M, lay.n)),
+                    [int(p.earliest_start) for p in lay.problem.profiles])
+
+
+def other_power(lay: Layout, disp: Dispatch) -> tuple[np.ndarray, np.ndarray]:
+    """Total and per-phase power of modes and shiftable profiles (W)."""
+    n = lay.n
+    total = np.zeros(n)
+    phase = np.zeros((3, n))
+    pr = lay.problem
+    if disp.mode_power is not None:
+        for j, m in enumerate(pr.modes):
+            total += disp.mode_power[j]
+            phase += np.outer(_share(m.phase_share), disp.mode_power[j])
+    for j, p in enumerate(pr.profiles):
+        prof = profile_power(p.profile_w, disp.profile_start[j], n)
+        total += prof
+        phase += np.outer(_share(p.phase_share), prof)
+    return total, phase
+
+
+def profile_power(profile_w: np.ndarray, start: int, n: int) -> np.ndarray:
+    out = np.zeros(n)
+    prof = np.asarray(profile_w, dtype=float)
+    if 0 <= start < n:
+        k = min(len(prof), n - start)
+        out[start:start + k] = prof[:k]
+    return out
+
+
+def grid_and_phases(lay: Layout, disp: Dispatch) -> tuple[np.ndarray, np.ndarray]:
+    """Grid import per PTU and load per phase (3, n), W."""
+    net = disp.charge - disp.discharge
+    pv_out = lay.pv - disp.curtail
+    o_total, o_phase = other_power(lay, disp)
+    g = lay.fixed_w + net.sum(axis=0) - pv_out.sum(axis=0) + o_total
+    ph = lay.fixed_phase + lay.share.T @ net - lay.pv_share.T @ pv_out + o_phase
+    return g, ph
+
+
+def levels(lay: Layout, disp: Dispatch) -> np.ndarray:
+    """Level per storage asset at the start of each PTU and at the end: (S, n+1), Wh."""
+    delta = lay.dt_h * (lay.eta_c[:, None] * disp.charge - disp.discharge / lay.eta_d[:, None]) - lay.usage
+    out = np.empty((lay.s, lay.n + 1))
+    out[:, 0] = lay.level0
+    out[:, 1:] = lay.level0[:, None] + np.cumsum(delta, axis=1)
+    return out
+
+
+def unmet_penalty(unmet: np.ndarray, need: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Penalty (EUR) of unmet Wh per asset in the three rising segments."""
+    seg = np.maximum(need, 0) / 3
+    u = np.maximum(unmet, 0)
+    s1 = np.minimum(u, seg)
+    s2 = np.minimum(np.maximum(u - seg, 0), seg)
+    s3 = np.maximum(u - 2 * seg, 0)
+    f1, f2, f3 = SEGMENT_FACTORS
+    return weight * (f1 * s1 + f2 * s2 + f3 * s3)
+
+
+@dataclass
+class Evaluation:
+    g: np.ndarray
+    phase: np.ndarray
+    level: np.ndarray  # (S, n+1)
+    unmet_wh: np.ndarray  # (S,) at the target
+    deficit_wh: np.ndarray  # (S,) max below level_min
+    profile_miss_wh: np.ndarray  # (S,) sum over target_profile entries
+    energy_cost: float  # true prices
+    peak_w: float
+    peak_cost: float
+    objective: float  # the comparable objective (see module docstring)
+
+
+def evaluate(lay: Layout, disp: Dispatch) -> Evaluation:
+    """Costs and the comparable objective of a dispatch."""
+    g, ph = grid_and_phases(lay, disp)
+    lv = levels(lay, disp)
+    dt = lay.dt_h
+    imp = np.maximum(g, 0)
+    exp = np.maximum(-g, 0)
+    energy_true = float(np.sum((lay.p_imp * imp - lay.p_exp * exp) * dt) / 1000)
+    energy_eff = float(np.sum((lay.p_imp * imp - lay.p_exp_eff * exp) * dt) / 1000)
+    peak_w = float(max(lay.peak_so_far, g.max() if lay.n else 0.0))
+    peak_cost = lay.peak_price * peak_w
+    S = lay.s
+    idx = np.arange(S)
+    end_level = lv[idx, lay.last] if S else np.zeros(0)
+    has_t = ~np.isnan(lay.target)
+    unmet = np.where(has_t, np.maximum(np.nan_to_num(lay.target) - end_level, 0), 0.0)
+    need = np.where(has_t, np.nan_to_num(lay.target) - lay.level0, 0.0)
+    pen = float(unmet_penalty(unmet, need, lay.weight).sum()) if S else 0.0
+    deficit = np.zeros(S)
+    miss = np.zeros(S)
+    for i in np.flatnonzero(lay.needs_levels):
+        a, b = lay.first[i], lay.last[i]
+        d = np.maximum(lay.lmin[i] - lv[i, a + 1:b + 1], 0)
+        deficit[i] = d.max() if d.size else 0.0
+        pen += lay.weight[i] * float(d.sum())
+        for ptu, lo, hi in lay.problem.storage[i].target_profile:
+            if a < ptu <= b:
+                m = max(lo - lv[i, ptu], 0) + max(lv[i, ptu] - hi, 0)
+                miss[i] += m
+                pen += lay.weight[i] * m
+    tie = float(np.sum(disp.charge * lay.tie) * dt / 1000)
+    objective = energy_eff + peak_cost + pen + tie
+    return Evaluation(g, ph, lv, unmet, deficit, miss, energy_true, peak_w, peak_cost, objective)

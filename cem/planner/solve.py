@@ -1,0 +1,172 @@
+"""`plan_site`: the planner's entry point (LP bound -> repaired LP plan -> CP-SAT -> fallback).
+
+1. `build_layout` turns the Problem into arrays (limits that the inputs alone break are raised
+   to what is achievable and noted).
+2. HiGHS solves the LP relaxation (`bound.py`): the lower bound `lp_bound_eur` and a fractional
+   plan.
+3. `hint.py` rounds and repairs it into a feasible plan (the candidate).
+4. If the candidate's gap to the bound is above `gap_tol` and time is left, CP-SAT
+   (`model.py`) improves it, starting from the candidate as a full hint; its answer replaces
+   the candidate only if it is better on the same objective.
+5. Without an LP answer the rule-based fallback (`fallback.py`) is the candidate (status
+   FALLBACK unless CP-SAT improves it).
+Every returned plan is scored by `layout.evaluate` (`objective_eur`, comparable with the bound;
+`cost_eur` is the money: energy at the true prices + peak) and keeps the hard limits
+(`check_plan`). `level_wh` holds each storage level at the end of every PTU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from cem.planner.assets import Plan, Problem, Shortfall
+from cem.planner.bound import solve_lp
+from cem.planner.check import check_plan
+from cem.planner.fallback import fallback_dispatch
+from cem.planner.hint import round_and_repair
+from cem.planner.layout import Dispatch, Layout, build_layout, evaluate
+
+__all__ = ["check_plan", "plan_site"]
+
+log = logging.getLogger(__name__)
+
+GAP_TOL = 0.005  # below this gap the repaired LP plan is returned without CP-SAT
+
+
+def _gap(objective: float, bound: float | None) -> float | None:
+    if bound is None:
+        return None
+    return max(objective - bound, 0.0) / max(abs(bound), 1e-6)
+
+
+def plan_site(problem: Problem, *, time_limit_s: float = 1.0, workers: int = 2,
+              use_lp: bool = True, use_cpsat: bool = True, gap_tol: float = GAP_TOL) -> Plan:
+    """Plan the site: never raises for infeasible inputs, never breaks a hard limit it can keep."""
+    t_start = time.perf_counter()
+    deadline = t_start + max(time_limit_s, 0.05)
+    lay = build_layout(problem)
+    build_s = time.perf_counter() - t_start
+    notes = list(lay.notes)
+    bound: float | None = None
+    lp_solve_s = 0.0
+    status = "FALLBACK"
+    candidate: Dispatch | None = None
+    if use_lp:
+        lp = solve_lp(lay, time_limit_s=max(deadline - time.perf_counter(), 0.05) + 2.0)
+        build_s += lp.build_s
+        lp_solve_s = lp.solve_s
+        if lp.dispatch is not None:
+            bound = lp.bound_eur
+            candidate = round_and_repair(lay, lp.dispatch)
+            status = "FEASIBLE"
+        else:
+            notes.append(f"LP relaxation not solved ({lp.status}): starting from the fallback plan")
+            log.warning("LP relaxation not solved (%s)", lp.status)
+    if candidate is None:
+        candidate = fallback_dispatch(lay)
+    best = evaluate(lay, candidate)
+    gap = _gap(best.objective, bound)
+    if bound is not None and gap is not None and gap <= 1e-9:
+        status = "OPTIMAL"
+    solve_s = 0.0
+    left = deadline - time.perf_counter()
+    if use_cpsat and (gap is None or gap > gap_tol) and left > 0.05:
+        from cem.planner.model import improve
+
+        t1 = time.perf_counter()
+        found, cp_status, cp_build_s = improve(lay, candidate, time_limit_s=left, workers=workers)
+        solve_s = time.perf_counter() - t1 - cp_build_s
+        build_s += cp_build_s
+        if found is not None:
+            ev = evaluate(lay, found)
+            if ev.objective < best.objective - 1e-9:
+                candidate, best = found, ev
+                status = "OPTIMAL" if cp_status == "OPTIMAL" else "FEASIBLE"
+                notes.append(f"CP-SAT improved the repaired LP plan ({cp_status})")
+            else:
+                notes.append(f"CP-SAT found nothing better than the repaired plan ({cp_status})")
+        else:
+            notes.append(f"CP-SAT returned no plan ({cp_status})")
+    if status == "FALLBACK":
+        notes.append("fallback plan: deadline first within the limits, battery idle")
+    plan = to_plan(lay, candidate, status, notes)
+    plan.lp_bound_eur = bound
+    plan.gap = _gap(plan.objective_eur, bound)
+    plan.build_s, plan.lp_solve_s, plan.solve_s = build_s, lp_solve_s, solve_s
+    violations = check_plan(problem, plan)
+    if violations and status != "FALLBACK" and not lay.notes:
+        log.error("plan breaks limits (%s); using the fallback", violations[:3])
+        fb = to_plan(lay, fallback_dispatch(lay), "FALLBACK",
+                     [*notes, "the optimised plan failed the check: fallback plan"])
+        fb.lp_bound_eur, fb.gap = bound, _gap(fb.objective_eur, bound)
+        fb.build_s, fb.lp_solve_s, fb.solve_s = build_s, lp_solve_s, solve_s
+        return fb
+    return plan
+
+
+def _reason(lay: Layout, i: int, status: str) -> str:
+    a = lay.problem.storage[i]
+    window = int(lay.avail[i].sum())
+    reachable = lay.level0[i] + window * lay.cmax[i] * lay.dt_h * lay.eta_c[i] - lay.usage[i].sum()
+    if a.target_wh is not None and a.target_wh > a.level_max_wh:
+        return f"target {a.target_wh} Wh above the maximum level {a.level_max_wh} Wh"
+    if a.target_wh is not None and reachable < a.target_wh - 1:
+        return (f"window too short at max power: at most {max(reachable, 0) / 1000:.1f} kWh "
+                f"in {window} PTUs")
+    if status == "FALLBACK":
+        return "fallback plan (deadline first) within the site limits"
+    return "site limits bind (fuse, import limit or congestion) or higher priorities come first"
+
+
+def to_plan(lay: Layout, disp: Dispatch, status: str, notes: list[str]) -> Plan:
+    """The Plan of a dispatch, with costs, levels and per-asset shortfalls."""
+    ev = evaluate(lay, disp)
+    pr = lay.problem
+    n = lay.n
+    power: dict[str, np.ndarray] = {}
+    level: dict[str, np.ndarray] = {}
+    shortfall: dict[str, Shortfall] = {}
+    net = np.rint(disp.charge - disp.discharge).astype(np.int64)
+    for i, a in enumerate(pr.storage):
+        power[a.id] = net[i]
+        level[a.id] = np.rint(ev.level[i, 1:]).astype(np.int64)
+        miss = float(ev.unmet_wh[i] + ev.profile_miss_wh[i])
+        if miss >= 1.0:
+            shortfall[a.id] = Shortfall(round(miss), _reason(lay, i, status))
+        elif ev.deficit_wh[i] >= 1.0:
+            why = ("demand above what the device can deliver"
+                   if a.kind == "heat_pump" else "usage above what the device can deliver")
+            shortfall[a.id] = Shortfall(round(ev.deficit_wh[i]),
+                                        f"level below level_min: {why} or site limits bind")
+    curtailed = {pid: np.rint(disp.curtail[j]).astype(np.int64) for j, pid in enumerate(lay.pv_ids)}
+    modes: dict[str, list[str | None]] = {}
+    for j, m in enumerate(pr.modes):
+        power[m.id] = np.rint(disp.mode_power[j]).astype(np.int64) if disp.mode_power is not None else np.zeros(n, dtype=np.int64)
+        modes[m.id] = [m.modes[int(k)].id if m.modes else None for k in disp.mode_index[j]]
+    starts: dict[str, int] = {}
+    from cem.planner.layout import profile_power
+
+    for j, p in enumerate(pr.profiles):
+        starts[p.id] = int(disp.profile_start[j])
+        power[p.id] = np.rint(profile_power(p.profile_w, starts[p.id], n)).astype(np.int64)
+    # grid from the rounded powers, so the plan adds up exactly
+    g = lay.fixed_w.copy()
+    for a in pr.storage:
+        g += power[a.id]
+    for j in range(lay.k):
+        g -= lay.pv[j] - curtailed[lay.pv_ids[j]]
+    for m in pr.modes:
+        g += power[m.id]
+    for p in pr.profiles:
+        g += power[p.id]
+    plan = Plan(
+        status=status, power_w=power, grid_import_w=np.rint(g).astype(np.int64),
+        curtailed_w=curtailed, level_wh=level, mode=modes, profile_start=starts,
+        shortfall=shortfall, energy_cost_eur=ev.energy_cost, peak_cost_eur=ev.peak_cost,
+        peak_w=round(ev.peak_w), cost_eur=ev.energy_cost + ev.peak_cost, notes=notes,
+    )
+    plan.objective_eur = ev.objective
+    return plan
