@@ -63,7 +63,6 @@ REPLAN_KINDS = {
     "energy_constraint": "sent a new energy constraint",
     "power_profile": "sent a new power profile",
     "revoked": "revoked an object",
-    "control_type": "changed its control type",
 }
 
 
@@ -321,7 +320,6 @@ class SiteController:
         plan = await self._solve(problem)
         self.problem, self.mapping, self.plan = problem, mapping, plan
         self._deviating.clear()
-        self.replans += 1
         plan_id = await self._record(problem, plan, reasons)
         self.plan_id = plan_id
         instructions = instructions_for_plan(plan, problem, mapping, now,
@@ -331,6 +329,7 @@ class SiteController:
             {rm: msgs for rm, msgs in instructions.items() if rm in rms}, now,
             plan_id=plan_id, replace_all_of=controlled)
         self._log_plan(reasons, mapping, plan, report, time.monotonic() - began)
+        self.replans += 1
         return plan
 
     async def _solve(self, problem: Problem) -> Plan:

@@ -104,7 +104,7 @@ def safe_plan(problem: Problem, reason: str = "fallback") -> Plan:
                                  energy_kwh * prices.export_eur_per_kwh[:n])))
     return Plan(status="FALLBACK", power_w=power, grid_import_w=np.round(net).astype(np.int64),
                 curtailed_w=curtailed,
-                level_wh={k: np.round(v[:n]).astype(np.int64) for k, v in levels.items()},
+                level_wh={k: np.round(v[1:]).astype(np.int64) for k, v in levels.items()},
                 mode=modes, profile_start=starts, energy_cost_eur=cost, cost_eur=cost,
                 peak_w=int(max(0, net.max(initial=0))), notes=[f"rule-based plan: {reason}"])
 

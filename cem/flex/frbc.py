@@ -147,8 +147,9 @@ class FrbcBinding:
         last: dict[str, tuple[str, float]] = {}
         out: list[FRBCInstruction] = []
         for t in range(min(until_ptu, len(power))):
+            # plan.level_wh[t] is the level at the end of PTU t: PTU t starts at [t - 1]
             fill = self.fill_level if levels is None or t == 0 else self.units_from_wh(
-                float(levels[min(t, len(levels) - 1)]))
+                float(levels[min(t - 1, len(levels) - 1)]))
             execution = now if t == 0 else max(now, problem.ptu_start(t))
             for actuator_id, mode_id, factor in self.choose_modes(float(power[t]), fill):
                 key = (mode_id, round(factor, 4))

@@ -1,0 +1,94 @@
+"""The guard's decision as a pure function, and the rule-based safe plan it falls back on."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+from s2python.common import CommodityQuantity
+
+from cem.control.guard import FlexibleLoad, GuardLimits, decide_caps, phase_power_w
+from cem.control.safe_plan import safe_plan
+from cem.planner.assets import FixedLoad, Prices, Problem, SiteLimits, StorageAsset
+
+FUSE_W = 25 * 230  # 5750 W per phase
+LIMITS = GuardLimits(fuse_w_per_phase=FUSE_W, import_limit_w=17000, margin=0.95)
+L1_ONLY = (1.0, 0.0, 0.0)
+
+
+def ev(asset_id: str, power_w: float, priority: int = 1, share=(1 / 3, 1 / 3, 1 / 3),
+       min_w: float = 4140) -> FlexibleLoad:
+    return FlexibleLoad(asset_id, f"rm-{asset_id}", power_w, priority, min_w, share)
+
+
+def test_nothing_happens_below_the_margin() -> None:
+    decision = decide_caps((5000, 5000, 5000), LIMITS, [ev("a", 11000)])
+    assert not decision.acts and decision.caps == {}
+
+
+def test_phase_near_the_fuse_sheds_the_lowest_priority_load_on_that_phase() -> None:
+    loads = [ev("vip", 3680, priority=5, share=L1_ONLY, min_w=1380),
+             ev("low", 3680, priority=1, share=L1_ONLY, min_w=1380),
+             ev("l2", 3680, priority=0, share=(0.0, 1.0, 0.0), min_w=1380)]
+    # L1 at 6000 W > 0.95 * 5750 = 5462.5: 537.5 W must go, from the low-priority L1 load
+    decision = decide_caps((6000, 3680, 0), LIMITS, loads)
+    assert set(decision.caps) == {"low"}
+    assert abs(decision.caps["low"] - (3680 - 537.5)) < 1e-6
+    assert "L1 at 104% of the fuse" in decision.reason
+
+
+def test_cap_below_the_minimum_switches_the_load_off_and_continues() -> None:
+    # import 17.5 kW vs 16.15 kW allowed: 1.35 kW must go; 3-phase EVs of 4.14 kW minimum
+    loads = [ev("a", 4500, priority=1), ev("b", 6000, priority=1), ev("c", 7000, priority=2)]
+    decision = decide_caps((5830, 5830, 5840), LIMITS, loads)
+    # largest of the lowest priority first: b 6000 -> 4650 (above its 4140 minimum)
+    assert decision.caps == {"b": 4650}
+    loads = [ev("a", 4500, priority=1), ev("c", 7000, priority=2)]
+    decision = decide_caps((5830, 5830, 5840), LIMITS, loads)
+    assert decision.caps == {"a": 0.0}  # 4500 - 1350 < 4140: off
+    assert "import 17.5 kW above 95% of the 17.0 kW limit" in decision.reason
+
+
+def test_congestion_limit_is_respected_and_leftover_excess_reported() -> None:
+    limits = GuardLimits(fuse_w_per_phase=FUSE_W, import_limit_w=8000, margin=0.95)
+    # 12 kW against 7.6 kW allowed: 4.4 kW must go
+    decision = decide_caps((4000, 4000, 4000), limits, [ev("a", 5000, min_w=0)])
+    assert decision.caps == {"a": 600.0} and decision.excess_w == 0
+    decision = decide_caps((4000, 4000, 4000), limits, [ev("a", 3000, min_w=0)])
+    assert decision.caps == {"a": 0.0} and abs(decision.excess_w - 1400) < 1e-6
+
+
+def test_phase_power_from_measurements() -> None:
+    assert phase_power_w({CommodityQuantity.ELECTRIC_POWER_L1: 100.0,
+                          CommodityQuantity.ELECTRIC_POWER_L3: 300.0}) == (100.0, 0.0, 300.0)
+    assert phase_power_w({CommodityQuantity.ELECTRIC_POWER_3_PHASE_SYMMETRIC: 900.0}) == \
+        (300.0, 300.0, 300.0)
+    assert phase_power_w({}) is None
+
+
+def test_safe_plan_respects_limits_minimum_power_and_targets() -> None:
+    n = 16
+    limits = SiteLimits(fuse_a=25, phases=3, voltage_v=230, import_limit_w=np.full(n, 17000),
+                        export_limit_w=np.full(n, 17000))
+    limits.import_limit_w[4:8] = 6000  # congestion
+    problem = Problem(
+        start=datetime(2026, 11, 23, 17, 0, tzinfo=UTC), ptu_minutes=15, n_ptus=n, limits=limits,
+        prices=Prices(np.full(n, 0.3), np.zeros(n)),
+        storage=[StorageAsset(id="ev-1", kind="ev", charge_max_w=11000, charge_min_w=4140,
+                              level_wh=0, level_max_wh=60000, target_wh=10000,
+                              available_until=12, priority=2),
+                 StorageAsset(id="ev-2", kind="ev", charge_max_w=11000, charge_min_w=4140,
+                              level_wh=0, level_max_wh=60000, target_wh=30000)],
+        fixed=[FixedLoad(id="base", power_w=np.full(n, 2000))])
+    plan = safe_plan(problem, "test")
+    total = plan.grid_import_w
+    assert plan.status == "FALLBACK" and "test" in plan.notes[0]
+    assert (total <= limits.import_limit_w).all()
+    for row in plan.power_w.values():
+        assert ((row == 0) | (row >= 4140)).all()
+    assert plan.power_w["ev-1"][:4].sum() * 0.25 >= 10000 - 1  # priority EV first, to target
+    per_phase = total / 3
+    assert (per_phase <= 25 * 230 + 1e-6).all()
+    from cem.planner.check import check_plan
+
+    assert check_plan(problem, plan) == []
