@@ -8,7 +8,8 @@ message (no traceback) for problems an operator can fix (address in use, unreada
 a store written by a newer CEM).
 
 The control loop (`cem.control`) plugs in with one call: pass a factory to `CemService(...,
-controller_factory=...)` or call `service.attach_controller(controller)` before `start()`.
+controller_factory=...)` (`cem run` passes `cem.control.mpc.site_controller_for`) or call
+`service.attach_controller(controller)` before `start()`.
 A controller is any object with `async start()` and `async stop()`; it gets the session
 registry (`service.server`: sessions(), send_instruction(), subscribe()) and the store.
 """
@@ -167,9 +168,10 @@ def run_service(config: SiteConfig, log_level: str = "INFO") -> int:
 
 
 def _default_controller_factory() -> ControllerFactory | None:
-    """The control loop, once `cem.control` offers `build_controller(service)`; else None."""
+    """The control loop (`cem.control.mpc.site_controller_for`), if it can be imported."""
     try:
-        from cem.control import build_controller  # type: ignore[attr-defined]
-    except ImportError:
+        from cem.control.mpc import site_controller_for
+    except ImportError as exc:
+        logger.warning("running without the control loop (cannot import it: %s)", exc)
         return None
-    return build_controller  # type: ignore[no-any-return]
+    return site_controller_for

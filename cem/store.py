@@ -78,6 +78,7 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX s2_messages_at ON s2_messages(at);
     CREATE INDEX s2_messages_rm ON s2_messages(rm_id, at);
+    CREATE INDEX s2_messages_session ON s2_messages(session_id);
     CREATE INDEX s2_messages_out_id ON s2_messages(message_id) WHERE direction = 'out';
     CREATE TABLE plans (
         plan_id INTEGER PRIMARY KEY,
@@ -142,6 +143,15 @@ _OUT_STATUS = (
 _INSTRUCTION_STATUS = (
     "UPDATE instructions SET reception_status = ?, status_at = ? WHERE message_id = ?"
 )
+_CLAIM_MESSAGES = "UPDATE s2_messages SET rm_id = ? WHERE session_id = ? AND rm_id IS NULL"
+_COUNT_CLAIMED = """
+UPDATE rms SET
+    messages_in = messages_in + (SELECT COUNT(*) FROM s2_messages
+                                 WHERE session_id = ? AND direction = 'in' AND rm_id IS NULL),
+    messages_out = messages_out + (SELECT COUNT(*) FROM s2_messages
+                                   WHERE session_id = ? AND direction = 'out' AND rm_id IS NULL)
+WHERE rm_id = ?
+"""
 _INSERT_MEASUREMENT = (
     "INSERT INTO measurements (at, rm_id, commodity_quantity, value) VALUES (?, ?, ?, ?)"
 )
@@ -355,7 +365,11 @@ class Store:
                      (session_id, peer, token_name, time.time() if at is None else at))
 
     def session_identified(self, session_id: str, rm_id: str) -> None:
+        """The session's RM is known: link the session and its messages logged so far to it."""
         self._append("UPDATE sessions SET rm_id = ? WHERE session_id = ?", (rm_id, session_id))
+        self._delta(rm_id)  # the RM row exists before the count below (upserts run first)
+        self._append(_COUNT_CLAIMED, (session_id, session_id, rm_id))
+        self._append(_CLAIM_MESSAGES, (rm_id, session_id))
 
     def session_closed(self, session_id: str, reason: str, at: float | None = None) -> None:
         self._append("UPDATE sessions SET disconnected_at = ?, reason = ? WHERE session_id = ?",
@@ -547,10 +561,10 @@ class Store:
         began = time.perf_counter()
         rm_rows = [self._rm_row(rm_id, delta) for rm_id, delta in deltas.items()]
         try:
-            for sql, group in itertools.groupby(pending, key=lambda item: item[0]):
-                await self._db.executemany(sql, [params for _, params in group])
             if rm_rows:
                 await self._db.executemany(_UPSERT_RM, rm_rows)
+            for sql, group in itertools.groupby(pending, key=lambda item: item[0]):
+                await self._db.executemany(sql, [params for _, params in group])
             results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
             for write, future in calls:
                 try:

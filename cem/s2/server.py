@@ -1,0 +1,739 @@
+"""The S2 websocket server: one sans-I/O `S2Session` per connection, and the live-RM registry.
+
+Thin on purpose: every S2 rule lives in `cem.s2.session`; this module only moves text between
+sockets and sessions, and keeps the books:
+
+- **auth** at the HTTP upgrade (`process_request`): with `server.tokens` configured, a request
+  without a known `Authorization: Bearer <token>` gets HTTP 401 and a log line. The decision is
+  made by an `RmAuthorizer` (see below); S2 Connect pairing plugs in there later.
+- **wss** when `tls_cert`/`tls_key` are set; **pings** with `ping_interval_s`/`ping_timeout_s`;
+  **back-pressure**: frames above `max_message_bytes` close the connection (1009), websockets'
+  incoming queue is bounded, and each connection has a bounded send queue: when an RM does not
+  read, the CEM stops reading from it too, and an instruction waits (up to its timeout) for room.
+- **isolation**: a message the session cannot handle is logged and answered by the session; an
+  exception inside one connection's code is logged and ends at most that connection.
+- **registry** of live sessions, keyed by the RM's `resource_id` once its
+  ResourceManagerDetails arrived (by a connection id before that), with the API the control
+  loop uses: `sessions()`, `get()`, `send_instruction()` (resolves when the RM's
+  ReceptionStatus arrives, or times out), `subscribe()` / `add_listener()` for session events.
+- **store**: every message is logged (incoming ones with the status the CEM answered),
+  RMs and sessions are kept up to date; all of it through `Store`'s non-blocking batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import itertools
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Any, Protocol
+
+from s2python.message import S2Message
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from cem.s2.session import CloseRequest, Outgoing, S2Session
+from cem.site.config import ServerConfig, SiteConfig
+from cem.store import Store
+
+logger = logging.getLogger("cem.s2.server")
+
+SHUTDOWN_CODE = 1001
+SHUTDOWN_REASON = "CEM shutting down"
+CONTROL_TYPE_NAMES = {
+    "FRBC": "FILL_RATE_BASED_CONTROL",
+    "PPBC": "POWER_PROFILE_BASED_CONTROL",
+    "OMBC": "OPERATION_MODE_BASED_CONTROL",
+    "DDBC": "DEMAND_DRIVEN_BASED_CONTROL",
+    "PEBC": "POWER_ENVELOPE_BASED_CONTROL",
+}
+SHORT_CONTROL_TYPE = {v: k for k, v in CONTROL_TYPE_NAMES.items()} | {
+    "NOT_CONTROLABLE": "NOT_CONTROLABLE", "NO_SELECTION": "NO_SELECTION"}
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- auth: the seam for S2 Connect pairing ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuthDecision:
+    """Whether an RM may open a websocket, and who it is (shown in logs and the store)."""
+
+    allowed: bool
+    holder: str | None = None
+    reason: str = ""
+
+
+class RmAuthorizer(Protocol):
+    """Decides at the HTTP upgrade whether a connecting RM may speak S2.
+
+    The hook for S2 Connect pairing: a pairing authorizer would look the bearer token up among
+    tokens issued during pairing (and could answer 403 for a revoked one). Give one to
+    `S2Server(authorizer=...)`.
+    """
+
+    def authorize(self, request: Request, peer: str) -> AuthDecision: ...
+
+    @property
+    def describe(self) -> str: ...
+
+
+class TokenAuthorizer:
+    """Bearer tokens from `server.tokens`; with no tokens configured, any RM may connect."""
+
+    def __init__(self, tokens: list[tuple[str, str]]) -> None:
+        self._tokens = [(name, token.encode()) for name, token in tokens]
+
+    @classmethod
+    def from_config(cls, server: ServerConfig) -> TokenAuthorizer:
+        return cls([(t.name, t.token) for t in server.tokens])
+
+    @property
+    def describe(self) -> str:
+        if not self._tokens:
+            return "no tokens: any RM may connect"
+        return f"{len(self._tokens)} bearer token(s) required"
+
+    def authorize(self, request: Request, peer: str) -> AuthDecision:
+        if not self._tokens:
+            return AuthDecision(True)
+        header = request.headers.get("Authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            return AuthDecision(False, reason="no bearer token in the Authorization header")
+        candidate = presented.strip().encode()
+        for name, token in self._tokens:
+            if hmac.compare_digest(candidate, token):
+                return AuthDecision(True, holder=name)
+        return AuthDecision(False, reason="unknown bearer token")
+
+
+# --- what the control loop sees ------------------------------------------------------------------
+
+
+@dataclass
+class Connected:
+    """A websocket opened and its S2 session started."""
+
+    connection_id: str
+    peer: str
+    holder: str | None
+
+
+@dataclass
+class Disconnected:
+    """A connection ended (its session is gone from the registry)."""
+
+    connection_id: str
+    rm_id: str | None
+    reason: str
+
+
+@dataclass
+class RmEvent:
+    """One event from a session, with the RM it belongs to (`rm_id` None before its details)."""
+
+    rm_id: str | None
+    connection_id: str
+    event: Any
+    at: datetime
+
+
+ServerEvent = RmEvent | Connected | Disconnected
+EventCallback = Callable[[ServerEvent], Awaitable[None] | None]
+
+
+@dataclass
+class InstructionResult:
+    """How an RM answered a message from the CEM.
+
+    `status` is the ReceptionStatus value ("OK", "INVALID_CONTENT", ...), or "TIMEOUT" (no answer
+    within the reception timeout), "NOT_CONNECTED" (no such live RM), "CLOSED" (the connection
+    ended before the answer), "NOT_SENT" (the session refused to send it: see diagnostic_label).
+    """
+
+    rm_id: str
+    message_id: str | None
+    status: str
+    diagnostic_label: str | None = None
+    round_trip_s: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "OK"
+
+
+@dataclass
+class LiveSession:
+    """One open connection and its S2 session (read-only for the control loop)."""
+
+    connection_id: str
+    session: S2Session
+    peer: str
+    holder: str | None
+    connected_at: datetime
+    rm_id: str | None = None
+    name: str | None = None
+    control_type: str | None = None
+    details: Any = None
+    ws: ServerConnection | None = field(default=None, repr=False)
+    send_queue: asyncio.Queue[Outgoing | CloseRequest] | None = field(default=None, repr=False)
+    waiting: dict[str, tuple[asyncio.Future[InstructionResult], float]] = field(
+        default_factory=dict, repr=False)
+    last_snapshot_at: float = 0.0
+    closing_reason: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.rm_id or self.connection_id
+
+    @property
+    def label(self) -> str:
+        return f"'{self.name}'" if self.name else (self.rm_id or self.connection_id)
+
+    @property
+    def state(self) -> Any:
+        return self.session.state
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+class S2Server:
+    """The CEM's S2 endpoint and registry of live RM sessions."""
+
+    def __init__(
+        self,
+        config: SiteConfig,
+        store: Store | None = None,
+        *,
+        authorizer: RmAuthorizer | None = None,
+        session_factory: Callable[[], S2Session] | None = None,
+        send_queue_size: int = 256,
+        snapshot_interval_s: float = 5.0,
+        tick_s: float = 0.5,
+    ) -> None:
+        self.config = config
+        self.server_config = config.server
+        self.store = store
+        self.authorizer: RmAuthorizer = authorizer or TokenAuthorizer.from_config(config.server)
+        self._session_factory = session_factory or self._new_session
+        self.send_queue_size = send_queue_size
+        self.snapshot_interval_s = snapshot_interval_s
+        self.tick_s = tick_s
+        self._live: dict[str, LiveSession] = {}
+        self._by_connection: dict[str, LiveSession] = {}
+        self._subscribers: list[asyncio.Queue[ServerEvent]] = []
+        self._listeners: list[EventCallback] = []
+        self._server: Server | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._ids = itertools.count(1)
+        self._holders: dict[int, str | None] = {}
+        self._stopping = False
+        self.messages_in = 0
+        self.messages_out = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def _new_session(self) -> S2Session:
+        return S2Session(
+            control_type_preference=list(self.config.s2.control_type_preference),
+            cem_name=self.config.site.name,
+            reception_timeout_s=self.server_config.reception_status_timeout_s,
+        )
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        cfg = self.server_config
+        if cfg.tls_cert is None or cfg.tls_key is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+        return context
+
+    async def start(self) -> None:
+        """Bind and listen (raises OSError when the address is taken)."""
+        cfg = self.server_config
+        self._server = await serve(
+            self._handle_connection,
+            cfg.host,
+            cfg.port,
+            ssl=self._ssl_context(),
+            process_request=self._process_request,
+            ping_interval=cfg.ping_interval_s,
+            ping_timeout=cfg.ping_timeout_s,
+            close_timeout=5,
+            max_size=cfg.max_message_bytes,
+            max_queue=32,
+            compression=None,  # S2 messages are small; deflate would cost CPU on every message
+            server_header="S2-CEM",
+            logger=logging.getLogger("cem.s2.websockets"),
+        )
+        self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="s2-timers")
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "start() first"
+        return int(next(iter(self._server.sockets)).getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        scheme = "wss" if self.server_config.tls_cert else "ws"
+        host = self.server_config.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{scheme}://{host}:{self.port}"
+
+    async def stop(self, reason: str = SHUTDOWN_REASON, code: int = SHUTDOWN_CODE) -> None:
+        """Stop accepting, tell every RM why (close code 1001), wait for the connections."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        if self._server is None:
+            return
+        self._server.close(close_connections=False)
+        live = list(self._by_connection.values())
+        for entry in live:
+            entry.closing_reason = reason
+            await self._terminate_session(entry, reason)
+        for entry in live:
+            if entry.ws is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(entry.ws.close(code, reason), timeout=5)
+        await self._server.wait_closed()
+        self._server = None
+
+    # --- registry API for the control loop ------------------------------------------------------
+
+    def sessions(self) -> list[LiveSession]:
+        """Every live connection (identified RMs and those still in their handshake)."""
+        return list(self._by_connection.values())
+
+    def rms(self) -> dict[str, LiveSession]:
+        """Live RMs by resource id (only those whose ResourceManagerDetails arrived)."""
+        return {key: entry for key, entry in self._live.items() if entry.rm_id is not None}
+
+    def get(self, rm_id: str) -> LiveSession | None:
+        return self._live.get(rm_id)
+
+    def subscribe(self, maxsize: int = 10_000) -> asyncio.Queue[ServerEvent]:
+        """A queue that receives every server event from now on (oldest dropped when full)."""
+        queue: asyncio.Queue[ServerEvent] = asyncio.Queue(maxsize=maxsize)
+        self._subscribers.append(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[ServerEvent]) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscribers.remove(queue)
+
+    def add_listener(self, callback: EventCallback) -> None:
+        """Call `callback(event)` for every server event (sync or async; errors are logged)."""
+        self._listeners.append(callback)
+
+    async def send_instruction(self, rm_id: str, message: S2Message, *,
+                               timeout_s: float | None = None,
+                               plan_id: int | None = None) -> InstructionResult:
+        """Send a message to a live RM; resolves with its ReceptionStatus (or TIMEOUT/CLOSED).
+
+        Instructions (message types ending in "Instruction") are also written to the store's
+        `instructions` table with `plan_id`, and their status is filled in when it arrives.
+        """
+        entry = self._live.get(rm_id)
+        timeout = timeout_s or self.server_config.reception_status_timeout_s
+        message_id = str(getattr(message, "message_id", "") or "") or None
+        if entry is None or entry.send_queue is None:
+            return InstructionResult(rm_id, message_id, "NOT_CONNECTED",
+                                     "no live session for this RM")
+        try:
+            out = entry.session.send(message, utc_now())
+        except Exception as exc:
+            logger.warning("CEM did not send %s to RM %s: %s", message.message_type,
+                           entry.label, exc)
+            return InstructionResult(rm_id, message_id, "NOT_SENT", str(exc))
+        message_id = out.message_id or message_id
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[InstructionResult] | None = None
+        began = time.monotonic()
+        if out.awaits_status and message_id is not None:
+            future = loop.create_future()
+            entry.waiting[message_id] = (future, began)
+        if self.store is not None and out.message_type.endswith("Instruction"):
+            execution_time = getattr(message, "execution_time", None)
+            await self.store.record_instruction(
+                rm_id=rm_id, message_id=message_id or "", message_type=out.message_type,
+                text=out.text, plan_id=plan_id,
+                execution_time=execution_time if isinstance(execution_time, datetime) else None)
+        try:
+            await asyncio.wait_for(self._enqueue(entry, [out]), timeout=timeout)
+        except TimeoutError:
+            if message_id:
+                entry.waiting.pop(message_id, None)
+            return InstructionResult(rm_id, message_id, "TIMEOUT",
+                                     "the RM did not read its messages in time")
+        if future is None:
+            return InstructionResult(rm_id, message_id, "OK", "sent (no status expected)")
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout=timeout)
+        except TimeoutError:
+            return InstructionResult(rm_id, message_id, "TIMEOUT",
+                                     f"no ReceptionStatus within {timeout:g} s")
+        finally:
+            if message_id:
+                entry.waiting.pop(message_id, None)
+
+    async def select_control_type(self, rm_id: str, control_type: str) -> bool:
+        """Ask an RM to switch control type (FRBC/..., NO_SELECTION); False if not live.
+
+        Raises ValueError if the RM does not offer that control type.
+        """
+        entry = self._live.get(rm_id)
+        if entry is None:
+            return False
+        outs = entry.session.select_control_type(control_type, utc_now())
+        await self._after_session_call(entry, outs)
+        return True
+
+    async def disconnect(self, rm_id: str, reason: str) -> bool:
+        """End an RM's session (S2 SessionRequest TERMINATE, then close the websocket)."""
+        entry = self._live.get(rm_id)
+        if entry is None:
+            return False
+        entry.closing_reason = reason
+        await self._terminate_session(entry, reason)
+        return True
+
+    # --- HTTP upgrade ----------------------------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        peer = _peer(connection)
+        try:
+            decision = self.authorizer.authorize(request, peer)
+        except Exception:
+            logger.exception("authorizer failed; refusing %s", peer)
+            decision = AuthDecision(False, reason="authorizer error")
+        if not decision.allowed:
+            logger.warning("refused RM connection from %s: %s (HTTP 401)", peer, decision.reason)
+            response = connection.respond(HTTPStatus.UNAUTHORIZED,
+                                          f"S2 CEM: {decision.reason}\n")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="S2 CEM"'
+            return response
+        self._holders[id(connection)] = decision.holder
+        return None
+
+    # --- one connection ---------------------------------------------------------------------------
+
+    async def _handle_connection(self, ws: ServerConnection) -> None:
+        connection_id = f"conn-{next(self._ids)}"
+        peer = _peer(ws)
+        holder = self._holders.pop(id(ws), None)
+        if self._stopping:
+            await ws.close(SHUTDOWN_CODE, SHUTDOWN_REASON)
+            return
+        try:
+            session = self._session_factory()
+        except Exception:
+            logger.exception("could not create an S2 session for %s", peer)
+            await ws.close(1011, "CEM error")
+            return
+        entry = LiveSession(connection_id=connection_id, session=session, peer=peer,
+                            holder=holder, connected_at=utc_now(), ws=ws,
+                            send_queue=asyncio.Queue(maxsize=self.send_queue_size))
+        self._by_connection[connection_id] = entry
+        self._live[connection_id] = entry
+        if self.store is not None:
+            self.store.session_opened(connection_id, peer=peer, token_name=holder)
+        logger.info("RM connection %s from %s%s", connection_id, peer,
+                    f" (token '{holder}')" if holder else "")
+        self._publish(Connected(connection_id, peer, holder))
+        writer = asyncio.get_running_loop().create_task(self._write(entry),
+                                                        name=f"s2-send-{connection_id}")
+        reason = "connection closed"
+        try:
+            await self._after_session_call(entry, session.start(utc_now()))
+            async for data in ws:
+                await self._on_data(entry, data)
+                if entry.session.close is not None:
+                    break
+            reason = _close_reason(ws, entry)
+        except ConnectionClosed:
+            reason = _close_reason(ws, entry)
+        except Exception:
+            logger.exception("S2 connection %s (%s) failed; closing only this one",
+                             connection_id, entry.label)
+            reason = "CEM error in this connection"
+            with contextlib.suppress(Exception):
+                await ws.close(1011, "CEM error")
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+            self._forget(entry, reason)
+
+    async def _on_data(self, entry: LiveSession, data: str | bytes) -> None:
+        now = utc_now()
+        self.messages_in += 1
+        try:
+            outs = entry.session.receive(data, now)
+        except Exception:
+            logger.exception("S2 session of %s could not handle a message; it stays open",
+                             entry.label)
+            outs = []
+        self._handle_events(entry)  # first: ResourceManagerDetails names the RM for the log
+        if self.store is not None:
+            self._log_incoming(entry, data, outs, now)
+        await self._after_session_call(entry, outs, log_reception_statuses=False)
+
+    async def _after_session_call(self, entry: LiveSession, outs: list[Outgoing],
+                                  *, log_reception_statuses: bool = True) -> None:
+        """Send what the session produced, then act on its events."""
+        if self.store is not None:
+            for out in outs:
+                if log_reception_statuses or out.message_type != "ReceptionStatus":
+                    self.store.log_message(direction="out", message_type=out.message_type,
+                                           message_id=out.message_id, text=out.text,
+                                           session_id=entry.connection_id, rm_id=entry.rm_id)
+        self._handle_events(entry)
+        if entry.session.close is not None:
+            await self._enqueue(entry, [*outs, entry.session.close])
+        elif outs:
+            await self._enqueue(entry, outs)
+
+    async def _enqueue(self, entry: LiveSession, items: list[Any]) -> None:
+        queue = entry.send_queue
+        if queue is None:
+            return
+        for item in items:
+            if queue.full():
+                await queue.put(item)  # back-pressure: wait until the RM reads again
+            else:
+                queue.put_nowait(item)
+
+    async def _write(self, entry: LiveSession) -> None:
+        """The connection's only writer: sends queued texts in order; a CloseRequest closes."""
+        queue = entry.send_queue
+        ws = entry.ws
+        assert queue is not None and ws is not None
+        while True:
+            item = await queue.get()
+            if isinstance(item, CloseRequest):
+                entry.closing_reason = entry.closing_reason or item.reason
+                await ws.close(item.code, item.reason)
+                return
+            try:
+                await ws.send(item.text)
+                self.messages_out += 1
+            except ConnectionClosed:
+                return
+
+    def _log_incoming(self, entry: LiveSession, data: str | bytes, outs: list[Outgoing],
+                      now: datetime) -> None:
+        assert self.store is not None
+        text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+        message_type, message_id, status = _peek(text, outs)
+        if message_type == "ReceptionStatus" and message_id is None:
+            return  # logged on the CEM message it answers (ReceptionConfirmed/Failed events)
+        self.store.log_message(direction="in", message_type=message_type,
+                               message_id=message_id, text=text,
+                               session_id=entry.connection_id, rm_id=entry.rm_id,
+                               reception_status=status, at=now.timestamp())
+
+    # --- session events ---------------------------------------------------------------------------
+
+    def _handle_events(self, entry: LiveSession) -> None:
+        try:
+            events = entry.session.drain_events()
+        except Exception:
+            logger.exception("could not read events of %s", entry.label)
+            return
+        for event in events:
+            try:
+                self._on_event(entry, event)
+            except Exception:
+                logger.exception("handling %s of %s failed", type(event).__name__, entry.label)
+            self._publish(RmEvent(entry.rm_id, entry.connection_id, event, utc_now()))
+
+    def _on_event(self, entry: LiveSession, event: Any) -> None:
+        kind = type(event).__name__
+        store = self.store
+        if kind == "RmDetails":
+            entry.details = event.details
+            entry.name = event.name or event.details.name
+            self._identify(entry, event.resource_id or str(event.details.resource_id))
+        elif kind == "ControlTypeSelected":
+            control_type = str(event.control_type)
+            entry.control_type = control_type
+            logger.info("RM %s connected, control type %s selected", entry.label,
+                        SHORT_CONTROL_TYPE.get(control_type or "", control_type))
+            if store is not None and entry.rm_id is not None:
+                store.touch_rm(entry.rm_id, control_type=control_type,
+                               snapshot=entry.session.state.snapshot)
+        elif kind == "HandshakeDone":
+            logger.debug("%s: handshake done (%s)", entry.label, event.version)
+        elif kind == "StateChanged":
+            now = time.monotonic()
+            if (store is not None and entry.rm_id is not None
+                    and now - entry.last_snapshot_at >= self.snapshot_interval_s):
+                entry.last_snapshot_at = now
+                store.touch_rm(entry.rm_id, snapshot=entry.session.state.snapshot)
+        elif kind in ("ReceptionConfirmed", "ReceptionFailed"):
+            subject = str(event.message_id)
+            status = "OK" if kind == "ReceptionConfirmed" else str(event.status)
+            label = None if kind == "ReceptionConfirmed" else event.diagnostic
+            if store is not None and status != "TIMEOUT":
+                store.log_reception_status(subject, status)
+            waiting = entry.waiting.pop(subject, None)
+            if waiting is not None and not waiting[0].done():
+                waiting[0].set_result(InstructionResult(
+                    entry.key, subject, status, label, time.monotonic() - waiting[1]))
+        elif kind == "SessionClosed":
+            entry.closing_reason = entry.closing_reason or event.reason
+        elif kind == "ReconnectRequested":
+            logger.info("RM %s asked to reconnect", entry.label)
+
+    def _identify(self, entry: LiveSession, rm_id: str) -> None:
+        """The RM told us who it is: key the registry by its resource id from now on."""
+        old = self._live.get(rm_id)
+        if old is not None and old is not entry:
+            logger.warning("RM %s connected again while its old connection %s was open; "
+                           "closing the old one", entry.label, old.connection_id)
+            old.closing_reason = "superseded by a new connection of the same RM"
+            self._live.pop(rm_id, None)
+            old.rm_id = None
+            asyncio.get_running_loop().create_task(
+                self._terminate_session(old, "superseded by a new connection"))
+        self._live.pop(entry.key, None)
+        entry.rm_id = rm_id
+        self._live[rm_id] = entry
+        if self.store is not None:
+            self.store.session_identified(entry.connection_id, rm_id)  # and its earlier messages
+            self.store.touch_rm(rm_id, name=entry.name, connected=True, clear_control_type=True)
+
+    async def _terminate_session(self, entry: LiveSession, reason: str) -> None:
+        try:
+            outs = entry.session.terminate(reason, utc_now())
+        except Exception:
+            logger.exception("terminating the session of %s failed", entry.label)
+            outs = []
+        try:
+            await asyncio.wait_for(self._after_session_call(entry, outs), timeout=2)
+        except TimeoutError:
+            if entry.ws is not None:
+                await entry.ws.close(SHUTDOWN_CODE, reason)
+
+    def _forget(self, entry: LiveSession, reason: str) -> None:
+        self._by_connection.pop(entry.connection_id, None)
+        if self._live.get(entry.key) is entry:
+            self._live.pop(entry.key, None)
+        for future, _ in entry.waiting.values():
+            if not future.done():
+                future.set_result(InstructionResult(entry.key, None, "CLOSED",
+                                                    f"connection ended: {reason}"))
+        entry.waiting.clear()
+        entry.send_queue = None
+        if self.store is not None:
+            self.store.session_closed(entry.connection_id, reason)
+            if entry.rm_id is not None:
+                self.store.touch_rm(entry.rm_id, connected=False,
+                                    snapshot=entry.session.state.snapshot)
+        logger.info("RM %s disconnected: %s", entry.label, reason)
+        self._publish(Disconnected(entry.connection_id, entry.rm_id, reason))
+
+    def _publish(self, event: ServerEvent) -> None:
+        for queue in self._subscribers:
+            if queue.full():
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()
+            queue.put_nowait(event)
+        for callback in self._listeners:
+            try:
+                result = callback(event)
+                if asyncio.iscoroutine(result):
+                    task = asyncio.get_running_loop().create_task(result)
+                    task.add_done_callback(_log_task_error)
+            except Exception:
+                logger.exception("an S2 event listener failed")
+
+    async def _tick(self) -> None:
+        """Drive the sessions' timers (ReceptionStatus timeouts) for all connections at once."""
+        while True:
+            await asyncio.sleep(self.tick_s)
+            now = utc_now()
+            for entry in list(self._by_connection.values()):
+                try:
+                    entry.session.expire(now)
+                    self._handle_events(entry)
+                    if entry.session.close is not None and entry.send_queue is not None:
+                        await self._enqueue(entry, [entry.session.close])
+                except Exception:
+                    logger.exception("timers of %s failed", entry.label)
+
+
+# --- small helpers ----------------------------------------------------------------------------------
+
+
+def _peer(connection: ServerConnection) -> str:
+    try:
+        host, port = connection.remote_address[:2]
+        return f"{host}:{port}"
+    except Exception:
+        return "unknown peer"
+
+
+def _close_reason(ws: ServerConnection, entry: LiveSession) -> str:
+    if entry.closing_reason:
+        return entry.closing_reason
+    if entry.session.close is not None:
+        return entry.session.close.reason or f"closed by the CEM ({entry.session.close.code})"
+    received = ws.protocol.close_rcvd
+    if received is not None:
+        return f"RM closed the connection ({received.code}{': ' + received.reason if received.reason else ''})"
+    sent = ws.protocol.close_sent
+    if sent is not None:
+        return f"CEM closed the connection ({sent.code}{': ' + sent.reason if sent.reason else ''})"
+    return "connection lost"
+
+
+def _json_field(text: str, name: str) -> str | None:
+    """A top-level string field of a small JSON object, without parsing it all."""
+    marker = f'"{name}"'
+    at = text.find(marker)
+    if at < 0:
+        return None
+    colon = text.find(":", at + len(marker))
+    if colon < 0:
+        return None
+    start = text.find('"', colon + 1)
+    if start < 0 or text[colon + 1:start].strip():
+        return None
+    end = text.find('"', start + 1)
+    return text[start + 1:end] if end > start else None
+
+
+def _peek(text: str, outs: list[Outgoing]) -> tuple[str | None, str | None, str | None]:
+    """Message type and id of an incoming text, and the ReceptionStatus the CEM answered."""
+    status = None
+    for out in outs:
+        if out.message_type == "ReceptionStatus":
+            status = _json_field(out.text, "status")
+            break
+    return _json_field(text, "message_type"), _json_field(text, "message_id"), status
+
+
+def _log_task_error(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("an S2 event listener failed", exc_info=task.exception())
