@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +130,13 @@ def test_summary_table_names_status_cost_and_evs() -> None:
     assert result.exit_code == 0, result.output
     for word in ("status", "cost", "LP bound", "peak import", "ev_l2", "ev_3ph", "target kWh"):
         assert word in result.stdout, word
+
+
+@needs_solver
+def test_json_stdout_is_one_object_even_with_solver_banners() -> None:
+    """A real process: C libraries print on fd 1, which CliRunner does not see."""
+    cem = Path(sys.executable).parent / "cem"
+    done = subprocess.run([str(cem), "plan", "--scenario", str(TINY), "--json", "--time-limit", "0.5"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] in ("OPTIMAL", "FEASIBLE", "FALLBACK")

@@ -9,8 +9,11 @@ for each asset that misses its target.
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,29 @@ def _kw(values: np.ndarray | None, n: int) -> list[float]:
     return [round(float(v) / 1000, 3) for v in np.asarray(values)]
 
 
+@contextmanager
+def native_stdout_to_stderr() -> Iterator[None]:
+    """Send what C libraries print on file descriptor 1 (the HiGHS banner) to stderr meanwhile.
+
+    `--json` promises one JSON object on stdout; a solver library writing its banner there
+    would break `cem plan --json | jq`.
+    """
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no real stdout (embedded): nothing to protect
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        with suppress(OSError, ValueError):
+            sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _finite(value: float | None, digits: int) -> float | None:
     """A number for JSON: None when unknown or not finite (JSON has no NaN)."""
     if value is None or not np.isfinite(value):
@@ -74,6 +100,7 @@ def plan_to_json(built: BuiltScenario, plan: Plan, violations: list[str] | None 
         "cost_eur": round(plan.cost_eur, 4),
         "energy_cost_eur": round(plan.energy_cost_eur, 4),
         "peak_cost_eur": round(plan.peak_cost_eur, 4),
+        "objective_eur": _finite(getattr(plan, "objective_eur", None), 4),
         "lp_bound_eur": _finite(plan.lp_bound_eur, 4),
         "gap": _finite(plan.gap, 6),
         "peak_kw": round(plan.peak_w / 1000, 3),
@@ -122,7 +149,9 @@ def print_summary(out: Console, name: str, built: BuiltScenario, plan: Plan, dat
     head.add_row("cost", f"{plan.cost_eur:.2f} EUR (energy {plan.energy_cost_eur:.2f}, "
                          f"peak {plan.peak_cost_eur:.2f})")
     gap = "-" if plan.gap is None else f"{plan.gap:.2%}"
-    head.add_row("LP bound / gap", f"{_fmt(plan.lp_bound_eur, '.2f', ' EUR')} / {gap}")
+    objective = getattr(plan, "objective_eur", None)
+    head.add_row("LP bound / gap", f"{_fmt(plan.lp_bound_eur, '.2f', ' EUR')} / {gap} on the objective "
+                                   f"{_fmt(objective, '.2f', ' EUR')} (cost + unmet-target penalties)")
     low, high = limits.import_limit_w.min() / 1000, limits.import_limit_w.max() / 1000
     congestion = f", congestion down to {low:g} kW" if low < high else ""
     head.add_row("peak import", f"{plan.peak_w / 1000:.1f} kW (GTV {high:g} kW{congestion}, "
@@ -173,7 +202,8 @@ def plan_command(scenario: Path, *, json_out: bool, plot: Path | None, time_limi
         raise typer.Exit(2)
     plan_site, check_plan = solver_functions()
     started = time.perf_counter()
-    plan = plan_site(built.problem, time_limit_s=time_limit)
+    with native_stdout_to_stderr():
+        plan = plan_site(built.problem, time_limit_s=time_limit)
     wall_s = time.perf_counter() - started
     violations = check_plan(built.problem, plan)
     data = plan_to_json(built, plan, violations)
