@@ -341,7 +341,7 @@ async def test_solver_failure_and_timeout_fall_back_to_the_safe_plan(tmp_path: P
         raise RuntimeError("boom")
 
     def slow(problem: Any, *, time_limit_s: float, workers: int) -> Any:
-        time.sleep(time_limit_s * 2 + 3)
+        time.sleep(time_limit_s * 2 + 2.4)
 
     for solver, words in ((broken, "the optimiser failed (RuntimeError: boom)"),
                           (slow, "gave no plan within")):
@@ -353,3 +353,40 @@ async def test_solver_failure_and_timeout_fall_back_to_the_safe_plan(tmp_path: P
         assert plan.status == "FALLBACK" and words in plan.notes[0]
         assert time.monotonic() - began < 3.0
         await controller.stop()
+
+
+class ChangingPrices:
+    """A day-ahead source whose prices the test can change (like a feed after the auction)."""
+
+    resolution = timedelta(hours=1)
+
+    def __init__(self) -> None:
+        self.eur_per_mwh = 100.0
+
+    def day_ahead_eur_per_mwh(self, start: datetime, end: datetime) -> list[tuple[datetime, float]]:
+        hour = start.replace(minute=0, second=0, microsecond=0)
+        out = []
+        while hour < end:
+            out.append((hour, self.eur_per_mwh))
+            hour += self.resolution
+        return out
+
+
+async def test_price_update_triggers_a_replan(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="cem.control")
+    registry = FakeRegistry()
+    prices = ChangingPrices()
+    controller = SiteController(config(), registry, None, prices, solver=None, price_poll_s=0.1)
+    stop = asyncio.Event()
+    task = asyncio.create_task(controller.run(stop))
+    try:
+        await until(lambda: controller.problem is not None)
+        assert abs(controller.problem.prices.import_eur_per_kwh[0] - 0.1) < 1e-9
+        before = controller.replans
+        prices.eur_per_mwh = 250.0
+        await until(lambda: controller.replans > before)
+        assert any("day-ahead prices changed" in r.message for r in caplog.records)
+        assert abs(controller.problem.prices.import_eur_per_kwh[0] - 0.25) < 1e-9
+    finally:
+        stop.set()
+        await task

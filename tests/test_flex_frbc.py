@@ -205,3 +205,17 @@ def test_heat_pump_leakage_usage_and_min_off_timer() -> None:
     plan = Plan(status="OPTIMAL", power_w={asset.id: plan_power}, grid_import_w=plan_power)
     messages = binding.instructions(plan, problem_for(), NOW, 4)
     assert len(messages) == 1 and str(messages[0].operation_mode) == str(on.id)
+
+
+def test_kind_from_names_and_labels() -> None:
+    from cem.flex.frbc import guess_kind
+
+    rate = 0.001
+    charge_only = [mode((0, 0), (0, 0)), mode((1000, 5000), (rate / 5, rate))]
+    both_ways = [mode((0, 5000), (0, rate)), mode((-5000, 0), (-rate, 0))]
+    assert guess_kind(system_description(charge_only, "kWh charged this session"),
+                      "EV charger 7") == "ev"
+    assert guess_kind(system_description(charge_only, "degC"), "heat pump") == "heat_pump"
+    assert guess_kind(system_description(both_ways, "SoC %"), "battery level") == "battery"
+    assert guess_kind(system_description(both_ways, "level"), "device") == "battery"
+    assert guess_kind(system_description(charge_only, "level"), "device") == "storage"

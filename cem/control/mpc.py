@@ -86,7 +86,7 @@ class SiteController:
                  price_source: Any = None, *, solver: Solver | bool | None = True,
                  clock: Callable[[], datetime] = utc_now, dispatch_ptus: int = 4,
                  congestion_poll_s: float = 5.0, price_poll_s: float = 300.0,
-                 guard_hold_s: float = 5.0) -> None:
+                 guard_hold_s: float = 5.0, guard_interval_s: float = 0.25) -> None:
         self.config = config
         self.registry = registry
         self.store = store
@@ -97,6 +97,8 @@ class SiteController:
         self.congestion_poll_s = congestion_poll_s
         self.price_poll_s = price_poll_s
         self.guard_hold_s = guard_hold_s
+        self.guard_interval_s = guard_interval_s
+        self._last_guard = -math.inf
         self.dispatcher = Dispatcher(registry)
         self.problem: Problem | None = None
         self.mapping: SiteMapping | None = None
@@ -417,7 +419,12 @@ class SiteController:
         if entry is None:
             return
         meter = self.mapping.meter_rm if self.mapping is not None else None
-        if rm_id == meter or meter is None:
+        if rm_id == meter:
+            await self.guard_check()
+        elif meter is None and time.monotonic() - self._last_guard >= self.guard_interval_s:
+            # no meter: the sum of all RMs, checked at most every guard_interval_s (1000 RMs
+            # measuring every second must not cost 1000 sums a second)
+            self._last_guard = time.monotonic()
             await self.guard_check()
         if rm_id == meter:
             return

@@ -23,6 +23,7 @@ charging when an idle actuator may not yet switch on.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -191,19 +192,28 @@ def frbc_instruction(actuator_id: str, mode_id: str, factor: float,
 
 
 def guess_kind(system_description: FRBCSystemDescription, name: str = "") -> str:
-    """ev, battery, heat_pump or storage, from what the RM tells about itself."""
+    """ev, battery, heat_pump or storage, from what the RM tells about itself.
+
+    Words in the RM's name and the storage labels decide ("EV", "vehicle", "charger" -> ev;
+    "degC", "temperature", "heat", "buffer" -> heat_pump; "battery" -> battery); otherwise a
+    storage that can discharge is a battery, a SoC without discharging an EV.
+    """
     label = " ".join(filter(None, [name, system_description.storage.diagnostic_label,
                                    system_description.storage.fill_level_label])).lower()
+    words = set(re.findall(r"[a-z°]+", label))
     commodities = {c for a in system_description.actuators for c in a.supported_commodities}
-    if Commodity.HEAT in commodities or any(w in label for w in ("°c", "degc", "temp", "heat")):
+    if Commodity.HEAT in commodities or "°c" in label or words & {
+            "degc", "temperature", "temp", "heat", "buffer", "thermal"}:
         return "heat_pump"
-    if any(w in label for w in ("ev", "car", "vehicle", "charger", "evse")):
+    if words & {"battery", "bess"} and not words & {"ev", "vehicle", "car"}:
+        return "battery"
+    if words & {"ev", "evse", "car", "vehicle", "charger", "charging"}:
         return "ev"
     can_discharge = any(mode_range(m, system_description.storage.fill_level_range.start_of_range)
                         .lo < 0 for a in system_description.actuators for m in normal_modes(a))
     if can_discharge:
         return "battery"
-    if "soc" in label or "%" in label:
+    if "soc" in words:
         return "ev"
     return "storage"
 
