@@ -125,3 +125,31 @@ def test_site_problem_from_real_sessions_and_back_to_sendable_instructions() -> 
     assert str(message.actuator_id) == str(sd.actuators[0].id)
     out = ev.send(message, NOW)  # the session accepts it as a valid FRBC.Instruction
     assert out.message_type == "FRBC.Instruction" and out.awaits_status
+
+
+def test_real_planner_plans_the_ev_within_the_congestion_window() -> None:
+    from cem.planner.check import check_plan
+    from cem.planner.solve import plan_site
+
+    config = SiteConfig.model_validate({"planner": {"horizon_ptus": 16}})
+    ev, sd = ev_session()
+    target = {"message_type": "FRBC.FillLevelTargetProfile", "message_id": uid(),
+              "start_time": NOW.isoformat(), "elements": [
+                  {"duration": 3 * 3600 * 1000,
+                   "fill_level_range": {"start_of_range": 60, "end_of_range": 100}}]}
+    outs = ev.receive(json.dumps(target), NOW)
+    assert json.loads(outs[0].text)["status"] == "OK"
+    window = CongestionWindow(start=datetime(2026, 11, 23, 18, 0, tzinfo=UTC),
+                              end=datetime(2026, 11, 23, 19, 0, tzinfo=UTC), import_limit_kw=5)
+    problem, mapping = build_problem({"ev-3": ev.state}, config, None, [window], NOW)
+    plan = plan_site(problem, time_limit_s=1.0)
+    assert check_plan(problem, plan) == []
+    power = plan.power_w["ev-3"]
+    assert (power[4:8] <= 5000).all()  # the window holds
+    assert ((power == 0) | (power >= 4140)).all()  # the 6 A minimum holds
+    # 40 % of 60 kWh by 20:07 (the target lands on the 20:15 boundary)
+    assert plan.level_wh["ev-3"][12] >= 36000 - 1
+    messages = instructions_for_plan(plan, problem, mapping, NOW)["ev-3"]
+    modes = {str(m.id) for m in sd.actuators[0].operation_modes}
+    assert all(str(m.operation_mode) in modes for m in messages)
+    assert len(messages) < 16  # one per change, not one per PTU
