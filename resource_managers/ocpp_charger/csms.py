@@ -464,13 +464,20 @@ class OcppCentralSystem:
         return tx
 
     async def begin_session(self, evse: Evse, transaction_id: str, id_tag: str | None,
-                            started_at: datetime, meter_start_wh: float) -> EvSession:
-        """Start (or, after a restart or reconnect, resume) the session of a transaction."""
+                            started_at: datetime, meter_start_wh: float) -> EvSession | None:
+        """Start (or, after a restart or reconnect, resume) the session of a transaction.
+
+        None when the transaction already ended (a late message must not reopen its CDR).
+        """
         if evse.session is not None and evse.session.transaction_id == transaction_id:
             return evse.session
         _status, card = self.check_card(id_tag)
         row = await self.records.find(evse.cp_id, transaction_id)
         if row is not None:
+            if not row.resumable:
+                logger.info("%s: message for transaction %s, which has ended; ignored",
+                            evse.name, transaction_id)
+                return None
             if row.state == "closed":
                 await self.records.reopen(row.id)
                 logger.info("session %s on %s resumed (it had been closed at restart)",
@@ -820,7 +827,7 @@ class ChargePoint16Handler(_CsmsSide, ChargePoint16):
             if transaction_id is not None and (evse.session is None or
                                                evse.session.transaction_id != str(transaction_id)):
                 row = await self.csms.records.find(self.id, str(transaction_id))
-                if row is not None:  # a session from before a restart or a reconnect
+                if row is not None and row.resumable:  # from before a restart or a reconnect
                     await self.csms.begin_session(evse, str(transaction_id), row.id_tag,
                                                   row.started_at, row.meter_start_wh)
             await self.csms.meter(evse, at, energy, power, soc)
@@ -910,7 +917,8 @@ class ChargePoint201Handler(_CsmsSide, ChargePoint201):
                         self.csms._card_words(id_tag, card), status, tx)
             return answer
         if target.session is None or target.session.transaction_id != tx:
-            await self.csms.begin_session(target, tx, id_tag, at, energy or 0.0)
+            if await self.csms.begin_session(target, tx, id_tag, at, energy or 0.0) is None:
+                return answer
         elif id_tag:
             await self.csms.set_session_tag(target, id_tag)
         session = target.session

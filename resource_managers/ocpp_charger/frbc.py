@@ -15,7 +15,9 @@ One actuator with two operation modes:
 
 With no EV (or the charger offline) only "idle" is offered and the storage range is 0..0: no
 flexibility. The departure target is an FRBC.FillLevelTargetProfile of two elements: from now to
-the departure any level, from the departure on at least the needed level.
+one minute before the departure any level, in the last minute at least the needed level. It
+reads the same whether a CEM takes an element's range as holding over the element (S2) or at
+its end (this project's CEM, which also takes the end of the last element as the departure).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from resource_managers.ocpp_charger import limits
 CHARGING = "charging"
 IDLE = "idle"
 KWH_RANGE_MAX = 150.0  # fill level range when the battery size is unknown (kWh charged)
-TARGET_HOLD = timedelta(minutes=15)  # length of the "at departure" target element
+TARGET_HOLD = timedelta(minutes=1)  # length of the "at departure" target element
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,7 @@ def fill_level_target(flex: EvseFlex, now: datetime) -> FRBCFillLevelTargetProfi
     if not flex.flexible or flex.departure is None or target is None:
         return None
     level_lo, level_hi = flex.level_range()
-    until = max(flex.departure - now, timedelta(seconds=1))
+    until = max(flex.departure - now - TARGET_HOLD, timedelta(seconds=1))
     target = min(max(target, flex.fill_level()), level_hi)
     return FRBCFillLevelTargetProfile(
         message_id=uuid.uuid4(), start_time=now,

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import aiosqlite
 
+RESTART_REASON = "closed at restart from the last meter value"
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id INTEGER PRIMARY KEY,
@@ -69,6 +71,11 @@ class SessionRow:
     limit_a: float | None
     stop_reason: str | None
     state: str
+
+    @property
+    def resumable(self) -> bool:
+        """Still running, or closed only because the CSMS restarted (the charger may go on)."""
+        return self.state == "open" or self.stop_reason == RESTART_REASON
 
     @classmethod
     def from_sql(cls, row: sqlite3.Row | aiosqlite.Row) -> SessionRow:
@@ -203,8 +210,7 @@ class SessionRecords:
         for row in await self.open_sessions():
             await self.db.execute(
                 "UPDATE sessions SET state = 'closed', stopped_at = last_meter_at, power_w = 0,"
-                " stop_reason = 'closed at restart from the last meter value' WHERE id = ?",
-                (row.id,))
+                " stop_reason = ? WHERE id = ?", (RESTART_REASON, row.id))
             closed.append(row)
         await self.db.commit()
         return closed

@@ -1,0 +1,245 @@
+"""OCPP RM <-> CEM over S2 on loopback: simulated chargers -> CSMS -> S2 -> the CEM's S2 server.
+
+The CEM side is the project's real S2 server (cem/s2/server.py); instructions are sent to the RM
+the way the control loop does (`server.send_instruction`), so each test controls what is asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from s2python.common import CommodityQuantity, InstructionStatus
+from s2python.frbc import FRBCInstruction
+
+from cem.s2.server import LiveSession, S2Server
+from cem.site.config import SiteConfig, parse_site_config
+from resource_managers.ocpp_charger.csms import OcppCentralSystem
+from resource_managers.ocpp_charger.frbc import CHARGING, IDLE
+from resource_managers.ocpp_charger.simulator import SimulatedChargePoint, SimulatedEv
+
+SITE = """
+[server]
+port = 0
+[ev_defaults]
+energy_kwh = 20
+dwell_hours = 5
+[ocpp]
+port = 0
+safe_limit_a = 8
+[[ocpp.charge_points]]
+id = "CP16"
+phases = 3
+max_current_a = 32
+[[ocpp.charge_points]]
+id = "CP201"
+phases = 1
+phase = "L2"
+max_current_a = 32
+limit_unit = "W"
+"""
+
+
+async def wait_for(condition: Callable[[], object], within_s: float = 8.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within_s
+    while not condition():
+        if loop.time() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def make_site(tmp_path: Path) -> SiteConfig:
+    site = parse_site_config(SITE)
+    site.ocpp.database = tmp_path / "ocpp.db"
+    site.store.path = tmp_path / "cem.db"
+    return site
+
+
+@pytest.fixture
+async def cem_and_csms(tmp_path: Path) -> AsyncIterator[tuple[S2Server, OcppCentralSystem]]:
+    site = make_site(tmp_path)
+    server = S2Server(site)
+    await server.start()
+    csms = OcppCentralSystem(site, server.url, port=0)
+    await csms.start()
+    yield server, csms
+    await csms.stop()
+    await server.stop()
+
+
+def live(server: S2Server, name: str) -> LiveSession | None:
+    return next((s for s in server.sessions() if s.name == name
+                 and s.control_type == "FILL_RATE_BASED_CONTROL"), None)
+
+
+def description(entry: LiveSession) -> Any:
+    return entry.state.frbc_system_description(datetime.now(UTC))
+
+
+def mode_ids(entry: LiveSession) -> dict[str, Any]:
+    sd = description(entry)
+    actuator = sd.actuators[0]
+    return {str(m.diagnostic_label).split(" ")[0]: m for m in actuator.operation_modes} | {
+        "actuator": actuator.id}
+
+
+def instruction(entry: LiveSession, mode: str, factor: float) -> FRBCInstruction:
+    modes = mode_ids(entry)
+    return FRBCInstruction(message_id=uuid.uuid4(), id=uuid.uuid4(),
+                           actuator_id=modes["actuator"], operation_mode=modes[mode].id,
+                           operation_mode_factor=factor, execution_time=datetime.now(UTC),
+                           abnormal_condition=False)
+
+
+def factor_for(amps: float, phases: int) -> float:
+    lo, hi = 6 * 230 * phases, 32 * 230 * phases
+    return (amps * 230 * phases - lo) / (hi - lo)
+
+
+@pytest.mark.parametrize("version, cp_id, phases", [("1.6", "CP16", 3), ("2.0.1", "CP201", 1)])
+async def test_frbc_flexibility_and_instructions_become_profiles(
+        cem_and_csms: tuple[S2Server, OcppCentralSystem], version: str, cp_id: str,
+        phases: int) -> None:
+    server, csms = cem_and_csms
+    name = f"EV charger {cp_id}/1"
+    charger = SimulatedChargePoint(cp_id, f"ws://127.0.0.1:{csms.port}", version=version,
+                                   phases=phases, phase="L2", speed=600, meter_interval_s=30)
+    await charger.connect()
+    try:
+        # the CEM selected FRBC; without an EV there is no flexibility
+        await wait_for(lambda: live(server, name) is not None and description(live(server, name)))
+        entry = live(server, name)
+        assert entry is not None
+        sd = description(entry)
+        assert [m.diagnostic_label.split(" ")[0] for m in sd.actuators[0].operation_modes] == [IDLE]
+
+        # an EV arrives: a charging mode from 6 A to 32 A on the EVSE's phases, and a target
+        await charger.plug_in(1, SimulatedEv(soc=20, phases=3), "SOMEONE", dwell_s=3 * 3600,
+                              energy_kwh=12)
+        await wait_for(lambda: CHARGING in mode_ids(entry))
+        charging = mode_ids(entry)[CHARGING]
+        power = charging.elements[0].power_ranges[0]
+        if phases == 3:
+            assert power.commodity_quantity == CommodityQuantity.ELECTRIC_POWER_3_PHASE_SYMMETRIC
+        else:
+            assert power.commodity_quantity == CommodityQuantity.ELECTRIC_POWER_L2
+        assert (power.start_of_range, power.end_of_range) == (6 * 230 * phases, 32 * 230 * phases)
+        await wait_for(lambda: entry.state.frbc_fill_level_target_profile is not None)
+        target = entry.state.frbc_fill_level_target_profile
+        expected_need = 12.0 if version == "2.0.1" else 20.0  # EV's own need, else site default
+        await wait_for(lambda: entry.state.frbc_fill_level_target_profile
+                       .elements[-1].fill_level_range.start_of_range == pytest.approx(expected_need))
+        assert target is not None
+        # measurements arrive per phase
+        await wait_for(lambda: any(m.value_w > 0 for m in entry.state.measured_power().values()))
+
+        # FRBC.Instruction charging at a factor meaning 10.37 A -> 10.3 A TxProfile, obeyed
+        charger.profile_log.clear()
+        order = instruction(entry, CHARGING, factor_for(10.37, phases))
+        result = await server.send_instruction(entry.rm_id or "", order)
+        assert result.ok
+        await wait_for(lambda: entry.state.instruction_status(order.id) == InstructionStatus.STARTED)
+        profile = charger.profile_log[-1]
+        assert profile["purpose"] == "TxProfile" and profile["phases"] == phases
+        if version == "1.6":
+            assert profile["unit"] == "A" and profile["limit"] == pytest.approx(10.3)
+        else:  # this charge point takes limits in W: 10.3 A x 230 V x 1 phase
+            assert profile["unit"] == "W" and profile["limit"] == pytest.approx(10.3 * 230)
+        await wait_for(lambda: charger.evses[1].current_a == pytest.approx(10.3))
+
+        # charging mode never goes below the 6 A minimum; idle pauses at 0 A
+        low = instruction(entry, CHARGING, 0.0)
+        await server.send_instruction(entry.rm_id or "", low)
+        await wait_for(lambda: entry.state.instruction_status(low.id) == InstructionStatus.STARTED)
+        assert charger.limit_a(charger.evses[1]) == pytest.approx(6.0)
+        pause = instruction(entry, IDLE, 0.0)
+        await server.send_instruction(entry.rm_id or "", pause)
+        await wait_for(lambda: entry.state.instruction_status(pause.id) == InstructionStatus.STARTED)
+        await wait_for(lambda: charger.evses[1].current_a == 0)
+        assert all(p["limit"] == 0 or p["limit"] >= 6 for p in charger.profile_log
+                   if p["unit"] == "A")
+        for p in charger.profile_log:  # 0.1 A resolution
+            amps = p["limit"] / (230 * p["phases"]) if p["unit"] == "W" else p["limit"]
+            assert abs(amps * 10 - round(amps * 10)) < 1e-6
+
+        # the EV leaves: no flexibility again
+        await charger.unplug(1)
+        await wait_for(lambda: CHARGING not in mode_ids(entry))
+    finally:
+        await charger.close()
+
+
+async def test_rejected_profile_becomes_rejected_instruction(
+        cem_and_csms: tuple[S2Server, OcppCentralSystem]) -> None:
+    server, csms = cem_and_csms
+    charger = SimulatedChargePoint("CP16", f"ws://127.0.0.1:{csms.port}", version="1.6",
+                                   reject_profiles=True)
+    await charger.connect()
+    try:
+        await charger.plug_in(1, SimulatedEv(), "SOMEONE")
+        await wait_for(lambda: live(server, "EV charger CP16/1") is not None
+                       and CHARGING in mode_ids(live(server, "EV charger CP16/1")))
+        entry = live(server, "EV charger CP16/1")
+        assert entry is not None
+        order = instruction(entry, CHARGING, 0.5)
+        await server.send_instruction(entry.rm_id or "", order)
+        await wait_for(lambda: entry.state.instruction_status(order.id) == InstructionStatus.REJECTED)
+        assert charger.profile_log[-1]["purpose"] == "TxProfile"
+        assert not charger.profile_log[-1]["accepted"]
+    finally:
+        await charger.close()
+
+
+async def test_offline_charger_withdraws_flexibility_and_resumes(
+        cem_and_csms: tuple[S2Server, OcppCentralSystem]) -> None:
+    server, csms = cem_and_csms
+    url = f"ws://127.0.0.1:{csms.port}"
+    charger = SimulatedChargePoint("CP16", url, version="1.6", speed=600, meter_interval_s=30)
+    await charger.connect()
+    await charger.plug_in(1, SimulatedEv(), "SOMEONE")
+    name = "EV charger CP16/1"
+    await wait_for(lambda: live(server, name) is not None and CHARGING in mode_ids(live(server, name)))
+    entry = live(server, name)
+    assert entry is not None
+    tx = csms.evses[("CP16", 1)].session.transaction_id  # type: ignore[union-attr]
+    await charger.disconnect()
+    await wait_for(lambda: CHARGING not in mode_ids(entry))
+    assert "offline" in description(entry).storage.diagnostic_label
+    await charger.connect()  # the same transaction is still running on the charger
+    try:
+        await wait_for(lambda: CHARGING in mode_ids(entry))
+        session = csms.evses[("CP16", 1)].session
+        assert session is not None and session.transaction_id == tx
+    finally:
+        await charger.close()
+
+
+async def test_losing_the_cem_falls_back_to_the_default_profile(tmp_path: Path) -> None:
+    site = make_site(tmp_path)
+    server = S2Server(site)
+    await server.start()
+    csms = OcppCentralSystem(site, server.url, port=0)
+    await csms.start()
+    charger = SimulatedChargePoint("CP16", f"ws://127.0.0.1:{csms.port}", version="1.6")
+    await charger.connect()
+    try:
+        await charger.plug_in(1, SimulatedEv(), "SOMEONE")
+        name = "EV charger CP16/1"
+        await wait_for(lambda: live(server, name) is not None
+                       and CHARGING in mode_ids(live(server, name)))
+        entry = live(server, name)
+        assert entry is not None
+        order = instruction(entry, CHARGING, 1.0)
+        await server.send_instruction(entry.rm_id or "", order)
+        await wait_for(lambda: charger.limit_a(charger.evses[1]) == pytest.approx(32))
+        await server.stop()  # the CEM goes away
+        await wait_for(lambda: charger.limit_a(charger.evses[1]) == pytest.approx(8))  # safe limit
+    finally:
+        await charger.close()
+        await csms.stop()
