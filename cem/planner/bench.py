@@ -44,7 +44,8 @@ from cem.site.sessions import Session, bundled_acn_sessions, on_local_clock
 
 SITE_TZ = "Europe/Amsterdam"
 BENCH_TARIFF = PriceConfig(markup_eur_per_kwh=0.02, tax_eur_per_kwh=0.10, vat=0.21, feed_in="day_ahead")
-WORKDAYS = [date(2019, 10, d) for d in range(1, 22) if date(2019, 10, d).weekday() < 5]
+# local midnight of 2019-10-01 is 2019-09-30 22:00 UTC, outside the bundled month: start on the 2nd
+WORKDAYS = [date(2019, 10, d) for d in range(2, 22) if date(2019, 10, d).weekday() < 5]
 
 _cache: dict[str, Any] = {}
 
@@ -77,7 +78,7 @@ def bench_scenario(n_evs: int, seed: int, ptus: int = 96, ptu_minutes: int = 15)
     start = datetime.combine(day, datetime.min.time(), tzinfo=zone).astimezone(UTC)
     # keep the horizon inside the bundled month of prices and PV
     last_start = datetime(2019, 11, 1, tzinfo=UTC) - timedelta(minutes=ptu_minutes * ptus)
-    start = min(start, last_start)
+    start = max(min(start, last_start), datetime(2019, 10, 1, tzinfo=UTC))
     n = ptus
     dt_h = ptu_minutes / 60
 
