@@ -258,3 +258,38 @@ def test_ppbc_executing_profile_is_fixed_and_the_guard_may_interrupt_it() -> Non
     assert asset.power_w[:3].tolist() == [267, 133, 0]
     (pause,) = binding.capped_instructions(0, NOW)
     assert isinstance(round_trip(pause), PPBCStartInterruptionInstruction)
+
+
+def test_real_planner_on_pv_pump_and_washer_gives_valid_instructions() -> None:
+    from cem.planner.check import check_plan
+    from cem.planner.solve import plan_site
+
+    site = problem()
+    site.limits.export_limit_w[:] = 2000  # PV must be curtailed to 2 kW export
+    definition, _ = washing_machine()
+    washer, washer_binding = ppbc_assets("washer", definition, GRID, NOW)
+    pv, pv_binding, _ = pebc_asset("pv-1", GRID, NOW, constraints=pv_constraints(),
+                                   forecast=forecast([-6000, -8000, -8000]))
+    off = OMBCOperationMode(id=uid(), power_ranges=[PowerRange(
+        start_of_range=0, end_of_range=0, commodity_quantity=SYM)], abnormal_condition_only=False)
+    low = OMBCOperationMode(id=uid(), power_ranges=[PowerRange(
+        start_of_range=1000, end_of_range=3000, commodity_quantity=SYM)],
+        abnormal_condition_only=False)
+    pump, pump_binding = ombc_mode_asset("pump", OMBCSystemDescription(
+        message_id=uid(), valid_from=START, operation_modes=[off, low], transitions=[],
+        timers=[]), GRID)
+    site.profiles.append(washer)
+    site.curtailable.append(pv)
+    site.modes.append(pump)
+    plan = plan_site(site, time_limit_s=1.0)
+    assert plan.status in ("OPTIMAL", "FEASIBLE") and check_plan(site, plan) == []
+    messages = [m for b in (washer_binding, pv_binding, pump_binding)
+                for m in b.instructions(plan, site, NOW, GRID.n_ptus)]
+    kinds = {m.message_type for m in messages}
+    assert kinds == {"PPBC.ScheduleInstruction", "PEBC.Instruction", "OMBC.Instruction"}
+    for message in messages:
+        round_trip(message)
+    (pebc,) = [m for m in messages if m.message_type == "PEBC.Instruction"]
+    # the envelope lets through at most what the plan keeps after curtailment
+    kept = -(pv.production_w[0] - plan.curtailed_w.get("pv-1", np.zeros(1))[0])
+    assert pebc.power_envelopes[0].power_envelope_elements[0].lower_limit == kept

@@ -38,6 +38,7 @@ import numpy as np
 from cem.control.dispatch import Dispatcher, DispatchReport
 from cem.control.guard import FlexibleLoad, GuardDecision, GuardLimits, decide_caps, phase_power_w
 from cem.control.safe_plan import safe_plan
+from cem.flex.ppbc import PpbcBinding
 from cem.flex.ptu import floor_to_ptu
 from cem.flex.site_problem import (
     SiteMapping,
@@ -51,6 +52,7 @@ from cem.site.config import SiteConfig
 logger = logging.getLogger("cem.control")
 
 Solver = Callable[..., Plan]
+NOTHING_FLEXIBLE = "nothing flexible to plan"
 
 SHORT = {"FILL_RATE_BASED_CONTROL": "FRBC", "POWER_ENVELOPE_BASED_CONTROL": "PEBC",
          "POWER_PROFILE_BASED_CONTROL": "PPBC", "OPERATION_MODE_BASED_CONTROL": "OMBC",
@@ -337,7 +339,7 @@ class SiteController:
     async def _solve(self, problem: Problem) -> Plan:
         time_limit = self.config.planner.time_limit_s
         if not (problem.storage or problem.modes or problem.profiles or problem.curtailable):
-            return safe_plan(problem, "nothing flexible to plan")
+            return safe_plan(problem, NOTHING_FLEXIBLE)
         if self.solver is None:
             return safe_plan(problem, "the optimiser is not available")
         solver = self.solver
@@ -380,10 +382,13 @@ class SiteController:
     def _log_plan(self, reasons: list[str], mapping: SiteMapping, plan: Plan,
                   report: DispatchReport, took_s: float) -> None:
         gap = f", gap {plan.gap * 100:.1f}%" if plan.gap is not None else ""
-        fallback = f" ({plan.notes[0]})" if plan.status == "FALLBACK" and plan.notes else ""
-        logger.info("replan: %s; %s; %s plan%s, cost %.2f EUR%s, %.2f s; %s",
-                    "; ".join(reasons), mapping.summary(), plan.status.lower(), fallback,
-                    plan.cost_eur, gap, took_s, report.describe())
+        if plan.notes and plan.notes[0].endswith(NOTHING_FLEXIBLE):
+            outcome = NOTHING_FLEXIBLE
+        else:
+            fallback = f" ({plan.notes[0]})" if plan.status == "FALLBACK" and plan.notes else ""
+            outcome = f"{plan.status.lower()} plan{fallback}, cost {plan.cost_eur:.2f} EUR{gap}"
+        logger.info("replan: %s; %s; %s, %.2f s; %s", "; ".join(reasons), mapping.summary(),
+                    outcome, took_s, report.describe())
         for shortfall_id, shortfall in plan.shortfall.items():
             logger.info("  %s will miss %.1f kWh: %s", shortfall_id, shortfall.energy_wh / 1000,
                         shortfall.reason)
@@ -467,7 +472,7 @@ class SiteController:
         now_mono = time.monotonic()
         for asset_id, binding in self.mapping.bindings.items():
             entry = rms.get(binding.rm_id)
-            if entry is None:
+            if entry is None or not can_cap(binding):
                 continue
             assets_of_rm = self.mapping.rm_assets.get(binding.rm_id, [])
             power = measured_w(entry.state) if len(assets_of_rm) == 1 else None
@@ -519,6 +524,16 @@ class SiteController:
                        report.describe())
         self.request_replan(f"the guard acted ({decision.reason})")
         return decision
+
+
+def can_cap(binding: Any) -> bool:
+    """Whether the guard can turn this RM down (PV producers and PPBC profiles that are not
+    running interruptibly cannot)."""
+    if getattr(binding, "producer", False):
+        return False
+    if isinstance(binding, PpbcBinding):
+        return binding.executing is not None and binding.executing[2]
+    return True
 
 
 def site_controller_for(service: Any) -> SiteController:
