@@ -66,3 +66,9 @@ def test_bench_json_on_five_evs_has_no_violations() -> None:
         assert key in row
     assert set(row["status"]) <= {"OPTIMAL", "FEASIBLE", "FALLBACK"}
     assert report["machine"]["cpus"] >= 1
+
+
+def test_every_instance_stays_inside_the_bundled_data() -> None:
+    for seed in range(25):
+        bench_scenario(3, seed=seed)  # raises if a day falls outside the bundled prices / PV
+    assert bench_scenario(3, seed=0, ptus=2000).horizon_ptus == 2000
