@@ -28,6 +28,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -107,7 +108,7 @@ class SiteController:
         self.plan: Plan | None = None
         self.plan_id: int | None = None
         self.replans = 0
-        self.guard_actions: list[GuardDecision] = []
+        self.guard_actions: deque[GuardDecision] = deque(maxlen=100)  # the latest ones
         self.congestion: list[Any] = []
         self._congestion_key: tuple[Any, ...] | None = None
         self._reasons: list[str] = []
@@ -373,7 +374,7 @@ class SiteController:
         try:
             return int(await self.store.record_plan(
                 horizon_start=problem.start, ptu_minutes=problem.ptu_minutes, status=plan.status,
-                reason="; ".join(reasons), objective=plan.cost_eur, bound=plan.lp_bound_eur,
+                reason=summarise(reasons, 20), objective=plan.cost_eur, bound=plan.lp_bound_eur,
                 gap=plan.gap, solve_s=plan.solve_s, payload=payload))
         except Exception:
             logger.exception("recording the plan failed")
@@ -387,7 +388,7 @@ class SiteController:
         else:
             fallback = f" ({plan.notes[0]})" if plan.status == "FALLBACK" and plan.notes else ""
             outcome = f"{plan.status.lower()} plan{fallback}, cost {plan.cost_eur:.2f} EUR{gap}"
-        logger.info("replan: %s; %s; %s, %.2f s; %s", "; ".join(reasons), mapping.summary(),
+        logger.info("replan: %s; %s; %s, %.2f s; %s", summarise(reasons), mapping.summary(),
                     outcome, took_s, report.describe())
         for shortfall_id, shortfall in plan.shortfall.items():
             logger.info("  %s will miss %.1f kWh: %s", shortfall_id, shortfall.energy_wh / 1000,
@@ -524,6 +525,13 @@ class SiteController:
                        report.describe())
         self.request_replan(f"the guard acted ({decision.reason})")
         return decision
+
+
+def summarise(reasons: list[str], keep: int = 3) -> str:
+    """Reasons for a log line: all of a few, the first `keep` and a count of many."""
+    if len(reasons) <= keep + 1:
+        return "; ".join(reasons)
+    return "; ".join(reasons[:keep]) + f"; and {len(reasons) - keep} more"
 
 
 def can_cap(binding: Any) -> bool:
