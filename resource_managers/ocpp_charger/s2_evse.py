@@ -147,8 +147,10 @@ class EvseResource:
         was_connected = False
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), timeout=MEASUREMENT_INTERVAL_S / 3)
+                await asyncio.wait_for(self.changed.wait(), timeout=1.0)  # also: CEM lost?
             self.changed.clear()
+            if stop.is_set():
+                break
             connected = self.rm.connected.is_set()
             if was_connected and not connected:
                 await self._cem_lost()
@@ -299,4 +301,6 @@ class EvseResources:
 
     async def stop(self) -> None:
         self._stop.set()
+        for resource in self.resources.values():
+            resource.changed.set()
         await asyncio.gather(*(r.stop() for r in self.resources.values()), return_exceptions=True)

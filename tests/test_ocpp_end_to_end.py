@@ -1,0 +1,101 @@
+"""The whole chain on loopback: simulated chargers -> CSMS -> S2 -> CEM (plan) -> SetChargingProfile.
+
+Two chargers (OCPP 1.6J and 2.0.1, 3 x 32 A each) behind a 3 x 16 A fuse: left alone their EVs
+would draw 64 A per phase. The CEM plans with CP-SAT and the chargers end up within the fuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cem.control.mpc import site_controller_for
+from cem.service import CemService
+from cem.site.config import parse_site_config
+from resource_managers.ocpp_charger.csms import OcppCentralSystem
+from resource_managers.ocpp_charger.simulator import SimulatedChargePoint, SimulatedEv
+
+SITE = """
+[server]
+port = 0
+[grid]
+fuse_a = 16
+phases = 3
+import_limit_kw = 11
+[planner]
+time_limit_s = 0.5
+replan_min_interval_s = 0.2
+horizon_ptus = 16
+[ev_defaults]
+energy_kwh = 30
+dwell_hours = 3
+[ocpp]
+port = 0
+safe_limit_a = 6
+[[ocpp.charge_points]]
+id = "CP-A"
+max_current_a = 32
+[[ocpp.charge_points]]
+id = "CP-B"
+max_current_a = 32
+"""
+
+
+async def wait_for(condition: Callable[[], object], within_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within_s
+    while not condition():
+        if loop.time() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+async def test_cem_plans_chargers_within_the_fuse(tmp_path: Path) -> None:
+    site = parse_site_config(SITE)
+    site.store.path = tmp_path / "cem.db"
+    site.ocpp.database = tmp_path / "ocpp.db"
+    cem = CemService(site, controller_factory=site_controller_for)
+    await cem.start()
+    assert cem.server is not None
+    csms = OcppCentralSystem(site, cem.server.url, port=0)
+    await csms.start()
+    url = f"ws://127.0.0.1:{csms.port}"
+    chargers = [SimulatedChargePoint("CP-A", url, version="1.6", meter_interval_s=2),
+                SimulatedChargePoint("CP-B", url, version="2.0.1", meter_interval_s=2)]
+    try:
+        for charger in chargers:
+            await charger.connect()
+            await charger.plug_in(1, SimulatedEv(capacity_kwh=75, soc=20, phases=3,
+                                                 max_current_a=32), f"CARD-{charger.cp_id}",
+                                  dwell_s=3 * 3600, energy_kwh=30)
+
+        def planned() -> bool:
+            limits = [c.limit_a(c.evses[1]) for c in chargers]
+            tx_profiles = [p for c in chargers for p in c.profile_log if p["purpose"] == "TxProfile"]
+            return len(tx_profiles) >= 2 and sum(limits) <= 16.0 + 1e-6 and max(limits) >= 6
+
+        await wait_for(planned, within_s=30)
+        # what the chargers were told, and what the EVs draw, fits the 16 A fuse on every phase
+        limits = [c.limit_a(c.evses[1]) for c in chargers]
+        assert sum(limits) <= 16.0 + 1e-6
+        await asyncio.sleep(0.3)
+        assert sum(c.evses[1].current_a for c in chargers) <= 16.0 + 1e-6
+        for charger in chargers:
+            for profile in charger.profile_log:
+                amps = profile["limit"]
+                assert amps == 0 or amps >= 6
+                assert abs(amps * 10 - round(amps * 10)) < 1e-6
+    finally:
+        for charger in chargers:
+            await charger.close()
+        await csms.stop()
+        await cem.stop()
+
+
+@pytest.mark.parametrize("unused", [None])
+def test_site_is_valid(unused: None) -> None:
+    """The end-to-end site above is a valid config (a typo there would fail confusingly)."""
+    assert parse_site_config(SITE).grid.fuse_a == 16
