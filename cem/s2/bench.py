@@ -82,6 +82,7 @@ class BenchResult:
     latency_max_ms: float | None = None
     cem_peak_rss_mb: float | None = None
     cem_cpu_s_message_phase: float | None = None
+    bench_cpu_s_message_phase: float | None = None
     cem_exit_code: int | None = None
     cem_shutdown_s: float | None = None
     stored_messages: int | None = None
@@ -265,7 +266,9 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
             await _connect_all(clients, result, progress, connect_concurrency)
             live = [c for c in clients if c.selected.is_set()]
             cpu_before = cem.cpu_s() if cem else None
+            own_before = time.process_time()
             await _message_phase(live, messages, rate, result, progress)
+            result.bench_cpu_s_message_phase = round(time.process_time() - own_before, 2)
             cpu_after = cem.cpu_s() if cem else None
             if cpu_before is not None and cpu_after is not None:
                 result.cem_cpu_s_message_phase = round(cpu_after - cpu_before, 2)

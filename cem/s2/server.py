@@ -29,10 +29,11 @@ import itertools
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from s2python.message import S2Message
@@ -233,6 +234,8 @@ class S2Server:
         self.snapshot_interval_s = snapshot_interval_s
         self.tick_s = tick_s
         self._live: dict[str, LiveSession] = {}
+        self._rms: dict[str, LiveSession] = {}
+        self._rms_view = MappingProxyType(self._rms)
         self._by_connection: dict[str, LiveSession] = {}
         self._subscribers: list[asyncio.Queue[ServerEvent]] = []
         self._listeners: list[EventCallback] = []
@@ -324,9 +327,12 @@ class S2Server:
         """Every live connection (identified RMs and those still in their handshake)."""
         return list(self._by_connection.values())
 
-    def rms(self) -> dict[str, LiveSession]:
-        """Live RMs by resource id (only those whose ResourceManagerDetails arrived)."""
-        return {key: entry for key, entry in self._live.items() if entry.rm_id is not None}
+    def rms(self) -> Mapping[str, LiveSession]:
+        """Live RMs by resource id (those whose ResourceManagerDetails arrived); a read-only view.
+
+        O(1): the view is kept up to date, not rebuilt; use `get(rm_id)` for one RM.
+        """
+        return self._rms_view
 
     def get(self, rm_id: str) -> LiveSession | None:
         return self._live.get(rm_id)
@@ -613,12 +619,14 @@ class S2Server:
                            "closing the old one", entry.label, old.connection_id)
             old.closing_reason = "superseded by a new connection of the same RM"
             self._live.pop(rm_id, None)
+            self._rms.pop(rm_id, None)
             old.rm_id = None
             asyncio.get_running_loop().create_task(
                 self._terminate_session(old, "superseded by a new connection"))
         self._live.pop(entry.key, None)
         entry.rm_id = rm_id
         self._live[rm_id] = entry
+        self._rms[rm_id] = entry
         if self.store is not None:
             self.store.session_identified(entry.connection_id, rm_id)  # and its earlier messages
             self.store.touch_rm(rm_id, name=entry.name, connected=True, clear_control_type=True)
@@ -639,6 +647,8 @@ class S2Server:
         self._by_connection.pop(entry.connection_id, None)
         if self._live.get(entry.key) is entry:
             self._live.pop(entry.key, None)
+        if entry.rm_id is not None and self._rms.get(entry.rm_id) is entry:
+            self._rms.pop(entry.rm_id, None)
         for future, _ in entry.waiting.values():
             if not future.done():
                 future.set_result(InstructionResult(entry.key, None, "CLOSED",
