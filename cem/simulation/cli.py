@@ -202,7 +202,7 @@ def simulate_command(*, site_file: Path, sessions_file: Path, prices: Path, pv: 
 def print_table(kpis: dict[str, Any]) -> None:
     """The KPI table on stdout."""
     table = Table(title="KPIs per level")
-    cols = [("level", "l"), ("cost EUR", "cost_eur"), ("objective EUR", "objective_eur"),
+    cols = [("level", "l"), ("cost EUR", "cost_eur"), ("EUR/kWh", "eur_per_kwh"), ("objective EUR", "objective_eur"),
             ("peak kW", "peak_kw"), ("PTUs>GTV", "ptus_over_gtv"), ("fuse min", "fuse_minutes_over"),
             ("kWh", "delivered_kwh"), ("% of need", "delivered_pct"), ("served", "served_sessions"),
             ("PV self-use", "self_consumption"), ("EV from PV", "pv_share_of_ev"),

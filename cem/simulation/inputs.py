@@ -128,7 +128,7 @@ class SimInputs:
         return len(self.import_eur_per_kwh)
 
     def ptu_start(self, index: int) -> datetime:
-        return self.t0 + timedelta(minutes=self.ptu_minutes * index)
+        return self.t0 + timedelta(minutes=self.ptu_minutes * int(index))
 
 
 def evses_from_config(config: SiteConfig, station_ids: list[str]) -> tuple[list[Evse], list[str]]:

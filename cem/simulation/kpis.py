@@ -1,6 +1,7 @@
 """KPIs of a realised run, all measured on what the physics delivered (never on a plan).
 
 - cost_eur: import x import price - export x export price, per PTU (all-in tariff of the site);
+  eur_per_kwh: that cost per kWh delivered to the EVs (levels that deliver less look cheaper);
 - peak_kw: highest 15-minute average import; ptus_over_gtv: PTUs whose average import is above
   the import limit of that PTU (GTV or a congestion window); fuse_minutes_over: minutes in which
   some phase carried more than the fuse (per-minute physics, `engine.py`);
@@ -105,6 +106,7 @@ def level_kpis(inputs: SimInputs, run: LevelRun, reference: Any | None) -> dict[
         "ptus_over_gtv": int(np.count_nonzero(site > inputs.import_limit_w[:n] + LIMIT_TOLERANCE_W)),
         "fuse_minutes_over": int(run.fuse_minutes.sum()),
         "max_phase_current_a": round(float(run.max_phase_a.max()), 1),
+        "eur_per_kwh": round(cost / (float(delivered.sum()) / 1000), 4) if delivered.sum() > 0 else None,
         "delivered_kwh": round(float(delivered.sum()) / 1000, 1),
         "requested_kwh": round(float(need.sum()) / 1000, 1),
         "delivered_pct": round(100 * float(delivered.sum()) / float(need.sum()), 1) if need.sum() else 100.0,

@@ -9,8 +9,11 @@ session's real departure or real need, except the optimum, which is the referenc
 1. uncontrolled: every EV charges at its EVSE's maximum from plug-in; nothing protects the fuse
    but the chargers' own maximum.
 2. scheduled: a fixed cheap-hours timer, the same every day, set once like an installer would:
-   the `TIMER_HOURS` local hours of the day with the lowest mean price over the simulated days.
-   EVs charge at full power inside the timer window only.
+   of the local hours in which the car park is in use (on the average day of the run at least a
+   quarter of the busiest hour's EVs are plugged in: the installer knows the opening hours),
+   the `TIMER_HOURS` with the lowest mean price over the simulated days. EVs charge at full
+   power inside the timer window only. (A night timer, the classic cheap-hours setting, would
+   give a workplace almost nothing.)
 3. price-optimised per EV (like evcc's planner): at plug-in each EV picks the cheapest PTUs
    before its believed departure that deliver its believed energy at full power, on its own
    (no other EVs, no site limits); if it is still plugged in after the believed departure and
@@ -23,7 +26,11 @@ session's real departure or real need, except the optimum, which is the referenc
 5. autonomous (MPC): the site planner re-plans every PTU (which includes every arrival and
    departure, as sessions are snapped to PTUs) from the metered state, learning that an EV is
    full when it takes clearly less than its setpoint and extending an overstaying EV's believed
-   departure by an hour at a time; the fast guard (`cem.control.guard.decide_caps`) checks every
+   departure by an hour at a time. It asks the planner to reach each EV's target an hour
+   before the stated departure (a target-profile milestone; after it the EV may still charge):
+   in the ACN data one driver in eight leaves more than an hour earlier than stated, and on a
+   real Caltech week this margin lifts the energy delivered by ~3 % for ~1 % more cost per kWh
+   than planning to the stated minute. The fast guard (`cem.control.guard.decide_caps`) checks every
    PTU's setpoints against the fuse and the import limit before they go out.
 
 optimum: perfect foresight, every session's real arrival, departure and need known in advance,
@@ -48,6 +55,7 @@ from cem.simulation.inputs import SimInputs, SimSession, SimulationError
 
 TIMER_HOURS = 8
 OVERSTAY_EXTENSION_PTUS = 4
+DEPARTURE_MARGIN_PTUS = 4  # level 5 aims to be done an hour before the stated departure
 PHASE_SHARES = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 
 PlanFunction = Callable[..., Plan]
@@ -125,15 +133,22 @@ class Uncontrolled:
 
 
 def timer_hours(inputs: SimInputs, hours: int = TIMER_HOURS) -> list[int]:
-    """The `hours` local hours with the lowest mean import price over the simulated days."""
+    """The `hours` cheapest local hours (mean price over the run) among the car park's busy hours."""
     from zoneinfo import ZoneInfo
 
     zone = ZoneInfo(inputs.config.site.timezone)
-    local_hour = np.array([inputs.ptu_start(i).astimezone(zone).hour for i in range(inputs.n_day_ptus)])
-    prices = inputs.import_eur_per_kwh[: inputs.n_day_ptus]
-    means = [float(prices[local_hour == h].mean()) if (local_hour == h).any() else math.inf
-             for h in range(24)]
-    return sorted(sorted(range(24), key=lambda h: (means[h], h))[:hours])
+    n = inputs.n_day_ptus
+    local_hour = np.array([inputs.ptu_start(i).astimezone(zone).hour for i in range(n)])
+    prices = inputs.import_eur_per_kwh[:n]
+    plugged = np.zeros(n)
+    for s in inputs.sessions:
+        plugged[s.arrival_ptu:min(s.departure_ptu, n)] += 1
+    occupancy = np.array([plugged[local_hour == h].mean() if (local_hour == h).any() else 0.0
+                          for h in range(24)])
+    busy = [h for h in range(24) if occupancy[h] >= 0.25 * occupancy.max()] or list(range(24))
+    means = {h: float(prices[local_hour == h].mean()) if (local_hour == h).any() else math.inf
+             for h in busy}
+    return sorted(sorted(busy, key=lambda h: (means[h], h))[:hours])
 
 
 class CheapHoursTimer:
@@ -151,7 +166,7 @@ class CheapHoursTimer:
         self.max_w = np.array([s.max_w for s in inputs.sessions], dtype=float)
         self.replan_s: list[float] = []
         self.notes = [f"timer on in local hours {', '.join(f'{h:02d}' for h in self.hours)} "
-                      f"(the {TIMER_HOURS} cheapest on average)"]
+                      f"(the {TIMER_HOURS} cheapest hours while the car park is in use)"]
 
     def setpoints(self, t: int, present: np.ndarray, state: SimState) -> np.ndarray:
         return self.max_w if self.on[t] else np.zeros_like(self.max_w)
@@ -265,8 +280,12 @@ class ModelPredictive:
             if self.believed_dep[i] <= t:  # still here after its believed departure
                 self.believed_dep[i] = t + OVERSTAY_EXTENSION_PTUS
             until = int(min(self.believed_dep[i] - t, horizon))
-            assets.append(ev_asset(s, level_wh=level, target_wh=s.believed_need_wh,
-                                   available_from=0, available_until=until))
+            asset = ev_asset(s, level_wh=level, target_wh=s.believed_need_wh,
+                             available_from=0, available_until=until)
+            early = until - DEPARTURE_MARGIN_PTUS
+            if DEPARTURE_MARGIN_PTUS and early >= 1 and until < horizon:
+                asset.target_profile = [(early, asset.target_wh or 0, asset.level_max_wh)]
+            assets.append(asset)
         if not assets:
             return out
         n = max(a.available_until or 1 for a in assets)

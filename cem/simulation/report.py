@@ -14,7 +14,7 @@ from cem.simulation.engine import LevelRun
 from cem.simulation.inputs import SimInputs
 
 COLUMNS = [
-    ("level", None), ("cost EUR", "cost_eur"), ("objective EUR", "objective_eur"),
+    ("level", None), ("cost EUR", "cost_eur"), ("EUR/kWh", "eur_per_kwh"), ("objective EUR", "objective_eur"),
     ("peak kW", "peak_kw"), ("PTUs > GTV", "ptus_over_gtv"), ("fuse minutes", "fuse_minutes_over"),
     ("delivered kWh", "delivered_kwh"), ("of need", "delivered_pct"), ("sessions served", "served_sessions"),
     ("PV self-consumption", "self_consumption"), ("EV energy from PV", "pv_share_of_ev"),
