@@ -132,7 +132,8 @@ async def test_frbc_instruction_ends_as_the_right_register_write(
     live = await site.described()
     description = live.state.frbc_system_description(now())
     assert description is not None and len(description.actuators[0].operation_modes) == 3
-    assert live.state.frbc_storage_status.present_fill_level == pytest.approx(50.0)
+    storage = await eventually(lambda: live.state.frbc_storage_status, what="storage status")
+    assert storage.present_fill_level == pytest.approx(50.0)
     instruction = frbc_instruction(s2m.BATTERY_ACTUATOR, mode, factor)
     await instruct(site, instruction)
     sim = site.sim

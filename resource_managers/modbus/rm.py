@@ -327,8 +327,12 @@ class ModbusRM:
                 return
             self.described_session = session
             for message in self.flexibility_messages(utc_now()):
-                status = await self.s2.send(message)
                 label = getattr(message, "message_type", type(message).__name__)
+                try:
+                    status = await self.s2.send(message)
+                except (asyncio.InvalidStateError, RuntimeError) as exc:  # session ending
+                    log.warning("%s: sending %s failed: %r", self.name, label, exc)
+                    return
                 if status is None:
                     log.warning("%s: no ReceptionStatus for %s", self.name, label)
                 elif status.status != ReceptionStatusValues.OK:
