@@ -1,0 +1,148 @@
+"""`cem run` as a real process and `cem status` as a user sees them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+from s2python.common import Commodity, CommodityQuantity, Duration, Role, RoleType
+from typer.testing import CliRunner
+
+from cem.cli import app
+from cem.store import Store
+from resource_managers.base import AssetDetails, FRBCControlType, S2ResourceManager
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "specs" / "sites" / "example.toml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_site(tmp_path: Path, port: int) -> Path:
+    config = tmp_path / "site.toml"
+    config.write_text(f'[site]\nname = "Process test"\n[server]\nhost = "127.0.0.1"\n'
+                      f'port = {port}\n[store]\npath = "{tmp_path / "cem.db"}"\n')
+    return config
+
+
+class Frbc(FRBCControlType):
+    async def handle_instruction(self, connection: object, message: object,
+                                 send_okay: object) -> None:
+        await send_okay()  # type: ignore[operator]
+
+    async def activate(self, connection: object) -> None:
+        pass
+
+    async def deactivate(self, connection: object) -> None:
+        pass
+
+
+async def start_cem(config: Path, *extra: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cem.cli", "run", "--config", str(config), *extra,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+async def read_until(process: asyncio.subprocess.Process, text: str, seen: list[str]) -> None:
+    assert process.stdout is not None
+    while True:
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        if not line:
+            raise AssertionError("cem run ended early:\n" + "".join(seen))
+        seen.append(line)
+        if text in line:
+            return
+
+
+async def test_cem_run_answers_an_rm_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_site(tmp_path, port)
+    process = await start_cem(config)
+    seen: list[str] = []
+    try:
+        await read_until(process, "S2 CEM listening on", seen)
+        assert f"ws://127.0.0.1:{port} (no tokens: any RM may connect)" in seen[-1]
+        rm = S2ResourceManager(
+            cem_url=f"ws://127.0.0.1:{port}", control_types=[Frbc()], backoff_s=(0.1, 1.0),
+            asset_details=AssetDetails(
+                resource_id=uuid.uuid4(), provides_forecast=False,
+                provides_power_measurements=[CommodityQuantity.ELECTRIC_POWER_L1],
+                instruction_processing_delay=Duration.from_milliseconds(100),
+                roles=[Role(role=RoleType.ENERGY_CONSUMER, commodity=Commodity.ELECTRICITY)],
+                name="boiler"))
+        stop = asyncio.Event()
+        task = asyncio.create_task(rm.run(stop))
+        await asyncio.wait_for(rm.connected.wait(), 20)
+        await read_until(process, "RM 'boiler' connected, control type FRBC selected", seen)
+
+        # a second CEM on the same port: a clear message, exit 2, no traceback
+        second = await start_cem(config)
+        output, _ = await asyncio.wait_for(second.communicate(), 30)
+        assert second.returncode == 2
+        assert b"already in use" in output and b"Traceback" not in output
+
+        process.send_signal(signal.SIGTERM)
+        rest, _ = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 0
+        log = "".join(seen) + rest.decode()
+        assert "SIGTERM received" in log and "closed 1 RM session(s): CEM shutting down" in log
+        assert "Traceback" not in log
+        await _wait_disconnect(rm)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    result = CliRunner().invoke(app, ["status", "--config", str(config)],
+                                env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "boiler" in result.output and "FRBC" in result.output
+    assert "0 of 1 RM(s) connected." in result.output
+
+
+async def _wait_disconnect(rm: S2ResourceManager) -> None:
+    for _ in range(200):
+        if not rm.connected.is_set():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the RM did not notice the CEM stopping")
+
+
+async def test_cem_status_lists_rms_or_says_there_is_no_store(tmp_path: Path) -> None:
+    runner = CliRunner()
+    missing = runner.invoke(app, ["status", "--config", str(EXAMPLE), "--db",
+                                  str(tmp_path / "none.db")])
+    assert missing.exit_code == 0
+    assert "No CEM store" in missing.output and "cem run" in missing.output
+    assert not (tmp_path / "none.db").exists()
+
+    db = tmp_path / "cem.db"
+    store = await Store.open(db)
+    store.touch_rm("rm-1", name="EV charger 1", connected=True,
+                   control_type="FILL_RATE_BASED_CONTROL")
+    store.touch_rm("rm-2", name="PV inverter", connected=False,
+                   control_type="POWER_ENVELOPE_BASED_CONTROL")
+    for _ in range(3):
+        store.log_message(direction="in", message_type="PowerMeasurement", message_id="x",
+                          text="{}", rm_id="rm-1")
+    await store.close()
+    listed = runner.invoke(app, ["status", "--config", str(EXAMPLE), "--db", str(db)],
+                           env={"COLUMNS": "160"})
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    charger = next(line for line in lines if "EV charger 1" in line)
+    assert "FRBC" in charger and " 3 " in charger
+    assert any("PV inverter" in line and "PEBC" in line for line in lines)
+    assert "1 of 2 RM(s) connected." in listed.output
