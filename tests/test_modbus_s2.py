@@ -397,3 +397,23 @@ async def test_cem_flex_layer_plans_our_devices_and_its_instructions_land(cem: S
                          and abs(sims["pv"].power_w + 1000) < 2, what="PV capped at 1 kW")
     finally:
         await site.stop()
+
+
+async def test_revoked_future_instruction_never_reaches_the_device(
+        make_site: Callable[..., Any]) -> None:
+    from s2python.common import RevokableObjects, RevokeObject
+
+    site = await make_site(load_register_map(SPECS / "battery_generic.toml"))
+    live = await site.described()
+    later = frbc_instruction(s2m.BATTERY_ACTUATOR, s2m.BATTERY_CHARGE, 1.0,
+                             at=now() + timedelta(seconds=1.0))
+    await instruct(site, later)
+    await eventually(lambda: live.state.instruction_status(later.id)
+                     == InstructionStatus.ACCEPTED, what="accepted")
+    await instruct(site, RevokeObject(message_id=uuid.uuid4(),
+                                      object_type=RevokableObjects.FRBC_Instruction,
+                                      object_id=later.id))
+    await eventually(lambda: live.state.instruction_status(later.id)
+                     == InstructionStatus.REVOKED, what="REVOKED")
+    await asyncio.sleep(1.2)
+    assert not any(name == "power_setpoint" for name, _ in site.sim.writes)

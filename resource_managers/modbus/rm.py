@@ -158,7 +158,8 @@ class ModbusRM:
         self.s2 = S2ResourceManager(cem_url=cem_url, asset_details=details,
                                     control_types=self.control_types(), token=token,
                                     backoff_s=s2_backoff_s,
-                                    on_control_type=self._on_control_type)
+                                    on_control_type=self._on_control_type,
+                                    on_revoke=self._on_revoke)
         self.cem_grace_s = cem_grace_s
         self.time_scale = time_scale  # simulated s per wall s of the device behind us
         self.cem_seen = time.monotonic()
@@ -171,6 +172,7 @@ class ModbusRM:
         self._stop: asyncio.Event | None = None
         self._runner: asyncio.Task[None] | None = None
         self._describe_lock = asyncio.Lock()
+        self._pending: dict[str, asyncio.Task[Any]] = {}  # instruction id -> waiting task
 
     # --- what a device class says about itself ------------------------------------------------
 
@@ -248,11 +250,12 @@ class ModbusRM:
             await self.link.close()
             log.info("%s: stopped", self.name)
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(_log_failure)
+        return task
 
     async def _wait(self, stop: asyncio.Event, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -354,7 +357,27 @@ class ModbusRM:
                                f"device unavailable: {self.fault}")
             return
         await send_okay()
-        self._spawn(self._execute(msg), f"instruction-{msg.id}")
+        key = str(msg.id)
+        task = self._spawn(self._execute(msg), f"instruction-{msg.id}")
+        self._pending[key] = task
+        task.add_done_callback(lambda _t, k=key: self._pending.pop(k, None))
+
+    async def _on_revoke(self, message: RevokeObject) -> None:
+        """The CEM takes back an instruction that has not started yet (a replan)."""
+        if message.object_type not in (RevokableObjects.FRBC_Instruction,
+                                       RevokableObjects.PEBC_Instruction):
+            return
+        task = self._pending.pop(str(message.object_id), None)
+        if task is None or task.done():
+            log.info("%s: CEM revoked instruction %s, which is not pending (any more)",
+                     self.name, message.object_id)
+            return
+        task.cancel()
+        log.info("%s: CEM revoked instruction %s before it started", self.name,
+                 message.object_id)
+        self.instructions_done.append((str(message.object_id), "revoked"))
+        self._spawn(self._status(message.object_id, InstructionStatus.REVOKED),
+                    f"revoked-{message.object_id}")
 
     async def _status(self, instruction_id: uuid.UUID, status: InstructionStatus) -> None:
         await self.s2.send_and_forget(InstructionStatusUpdate(
@@ -375,6 +398,7 @@ class ModbusRM:
             log.info("%s: instruction %s waits %.0f s for its execution time", self.name,
                      instruction.id, wait_s)
             await asyncio.sleep(wait_s)
+        self._pending.pop(str(instruction.id), None)  # started: no longer revocable
         await self._status(instruction.id, InstructionStatus.STARTED)
         try:
             note = await self.apply(instruction)
