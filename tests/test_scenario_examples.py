@@ -140,3 +140,16 @@ def test_json_stdout_is_one_object_even_with_solver_banners() -> None:
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["status"] in ("OPTIMAL", "FEASIBLE", "FALLBACK")
+
+
+@needs_solver
+def test_a_target_that_cannot_fit_is_a_reported_shortfall(tmp_path: Path) -> None:
+    data = json.loads(TINY.read_text())
+    data["evs"][0]["energy_kwh"] = 40  # 12 PTUs x 7.36 kW x 0.25 h = 22.08 kWh at most
+    path = tmp_path / "too_much.json"
+    path.write_text(json.dumps(data))
+    out = _plan_json(path)
+    _check_conventions(path, out)
+    assert out["unmet_kwh"]["ev_l2"] >= 40 - 22.08 - 0.01
+    assert out["shortfall"]["ev_l2"]["reason"]
+    assert out["ev_energy_kwh"]["ev_l2"]["planned"] <= 22.08 + 0.01

@@ -3,7 +3,8 @@
 An instance (N EVs, seed) is a workplace car park in the Netherlands on a weekday of October
 2019: N sessions drawn with a seeded RNG from the bundled ACN sessions (Caltech + JPL, their
 local wall-clock times placed on the Dutch day, +-10 min jitter so replicated sessions differ,
-the driver's requested energy as the target), 40 % 1-phase chargers (10-32 A on a random phase)
+the driver's requested energy as the target, capped at 90 % of what the drawn charger delivers
+in the stay), 40 % 1-phase chargers (10-32 A on a random phase)
 and 60 % 3-phase (16 or 32 A), 6 A minimum current; a battery, a heat pump with a thermal
 buffer and PV sized with N; an office base load; Dutch day-ahead prices of that day (bundled
 2019-10 ENTSO-E data with markup, tax and VAT) and PV per kWp of that day (Renewables.ninja).
@@ -11,7 +12,8 @@ The GTV is 60 % of the uncontrolled EV peak (every EV at full power from arrival
 energy is in) plus the base-load and heat-pump peaks, the fuse 10 % above the GTV, and a
 congestion window 09:00-11:00 local time (the morning arrival peak) caps import at 60 % of the
 GTV, so the limits bind.
-Sessions asking more than fits their stay are kept: the planner must report the shortfall.
+Shortfalls therefore come from the site limits (and from departures after the horizon end
+being planned pro rata); the scenario tests cover targets that cannot fit at all.
 
 For each instance: build the Problem (timed as `scenario_s`), call `plan_site`, check the plan
 with `check_plan` (violations are printed in red and counted), and report per N the p50/p95 of
@@ -100,9 +102,12 @@ def bench_scenario(n_evs: int, seed: int, ptus: int = 96, ptu_minutes: int = 15)
         phases = 1 if one_phase[k] else 3
         amps = int(currents_1[k]) if phases == 1 else int(currents_3[k])
         max_kw = round(amps * voltage * phases / 1000, 3)
+        # the driver's request, but no more than 90 % of what the drawn charger can deliver in
+        # the stay: a shortfall in the benchmark then comes from the site limits, not the draw
+        energy_kwh = min(moved.energy_kwh, 0.9 * max_kw * moved.dwell_h)
         ev: dict[str, Any] = {
             "id": f"ev{k:04d}", "arrival": arrival.isoformat(), "departure": departure.isoformat(),
-            "energy_kwh": round(moved.energy_kwh, 3), "max_kw": max_kw,
+            "energy_kwh": round(energy_kwh, 3), "max_kw": max_kw,
             "min_kw": round(6 * voltage * phases / 1000, 3), "phases": phases,
             "priority": int(priority[k]),
         }
@@ -112,7 +117,7 @@ def bench_scenario(n_evs: int, seed: int, ptus: int = 96, ptu_minutes: int = 15)
         # uncontrolled charging: full power from arrival until the energy is in or the EV leaves
         a = max(0, int((arrival - start).total_seconds() // (ptu_minutes * 60)))
         b = min(n, int((departure - start).total_seconds() // (ptu_minutes * 60)))
-        full_ptus = int(np.ceil(moved.energy_kwh / (max_kw * dt_h)))
+        full_ptus = int(np.ceil(energy_kwh / (max_kw * dt_h)))
         ev_load[a:min(b, a + full_ptus)] += max_kw
 
     base = base_load_w(5000 + 1500 * n_evs, start, ptu_minutes, n, profile="office") / 1000
