@@ -144,7 +144,7 @@ def print_sessions(db: Path, refresh_s: float = 2.0, once: bool | None = None) -
     from cem.site.config import SiteInfo
 
     zone = ZoneInfo(SiteInfo().timezone)
-    out = Console()
+    out = _table_console()
     if not Path(db).exists():
         console.print(f"[bold red]error:[/] no OCPP database at {db}")
         console.print("  [dim]hint:[/] start `cem rm ocpp` first, or pass --db")
@@ -162,6 +162,12 @@ def print_sessions(db: Path, refresh_s: float = 2.0, once: bool | None = None) -
                 live.update(_sessions_table(read_sessions(db, "open"), zone))
     except KeyboardInterrupt:
         pass
+
+
+def _table_console() -> Console:
+    """Stdout console; wide enough for the tables when writing to a pipe or file."""
+    out = Console()
+    return out if out.is_terminal else Console(width=160)
 
 
 CDR_COLUMNS = ("cp_id", "evse_id", "transaction_id", "id_tag", "card_name", "started_at",
@@ -203,7 +209,7 @@ def print_cdrs(db: Path, csv: Path | None = None, site: SiteConfig | None = None
         table.add_section()
         table.add_row("total", "", "", "", "", f"{sum(r.energy_wh for r in rows) / 1000:.2f}",
                       f"{sum(r.cost_eur for r in rows):.2f}", "", "")
-    Console().print(table)
+    _table_console().print(table)
 
 
 def _write_csv(path: Path, rows: list[SessionRow]) -> None:

@@ -162,7 +162,8 @@ class EvseResource:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # one bad update must not end the RM
-                logger.warning("%s: could not update the CEM: %r", self.evse.name, exc)
+                level = logging.WARNING if self.rm.connected.is_set() else logging.DEBUG
+                logger.log(level, "%s: could not update the CEM: %r", self.evse.name, exc)
 
     async def _cem_lost(self) -> None:
         session = self.evse.session
@@ -245,11 +246,17 @@ class EvseResource:
         delay = (instruction.execution_time - _now()).total_seconds()
         if delay > 1:
             await self._status(instruction, InstructionStatus.ACCEPTED)
-            logger.info("%s: instruction %s (%.1f A) runs in %.0f s", name, instruction.id,
-                        amps, delay)
+            logger.debug("%s: instruction %s (%.1f A) runs in %.0f s", name, instruction.id,
+                         amps, delay)
             await asyncio.sleep(delay)
             amps = frbc.instruction_current(self.flex(), self.ids, instruction) \
                 if self.evse.session is not None else 0.0
+        if amps == 0 and (self.evse.session is None or not self.evse.online):
+            # idle with no EV (or an offline charger on its default profile): nothing to do
+            if delay <= 1:
+                await self._status(instruction, InstructionStatus.ACCEPTED)
+            await self._status(instruction, InstructionStatus.STARTED)
+            return
         result = await self.csms.set_current(self.evse.cp_id, self.evse.evse_id, amps)
         if result.accepted:
             if delay <= 1:

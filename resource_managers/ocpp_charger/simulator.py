@@ -39,6 +39,7 @@ from ocpp.v201 import call as call201
 from ocpp.v201 import call_result as result201
 from ocpp.v201.enums import Action as Action201
 
+from cem.site.config import SiteConfig
 from resource_managers.ocpp_charger import limits
 
 logger = logging.getLogger("resource_managers.ocpp.simulator")
@@ -146,6 +147,7 @@ class SimulatedChargePoint:
         self.station_profiles: dict[int, _Profile] = {}  # EVSE 0 / connector 0
         self.link: Any = None
         self.connected = asyncio.Event()
+        self.disconnected = asyncio.Event()
         self.booted = asyncio.Event()
         self.profile_log: list[dict[str, Any]] = []  # every SetChargingProfile received
         self._ws: Any = None
@@ -170,6 +172,7 @@ class SimulatedChargePoint:
         self._tasks = [loop.create_task(self._serve()), loop.create_task(self._meter_loop())]
         if self._physics_task is None or self._physics_task.done():
             self._physics_task = loop.create_task(self._physics())
+        self.disconnected.clear()
         self.connected.set()
         await self._boot()
 
@@ -180,6 +183,7 @@ class SimulatedChargePoint:
             pass
         finally:
             self.connected.clear()
+            self.disconnected.set()
 
     async def disconnect(self) -> None:
         """Drop the connection (the EVs keep charging on the profiles the charger holds)."""
@@ -546,11 +550,48 @@ def ev_for(arrival: Arrival, seed: int) -> SimulatedEv:
                        max_current_a=rng.choice([16.0, 32.0]) if phases == 3 else 32.0)
 
 
+def stations_for_site(site: SiteConfig, csms_url: str, *, speed: float = 1.0,
+                      meter_interval_s: float = 60.0,
+                      versions: tuple[str, ...] = ("1.6", "2.0.1")) -> list[SimulatedChargePoint]:
+    """One simulated charge point per `ocpp.charge_points` entry (EVSEs, phases, maximum current,
+    password as configured), OCPP versions taken in turn from `versions`."""
+    return [SimulatedChargePoint(cp.id, csms_url, version=versions[i % len(versions)],
+                                 evses=cp.evses, max_current_a=cp.max_current_a, phases=cp.phases,
+                                 phase=cp.phase, password=cp.password, speed=speed,
+                                 meter_interval_s=meter_interval_s)
+            for i, cp in enumerate(site.ocpp.charge_points)]
+
+
+async def keep_connected(station: SimulatedChargePoint, stop: asyncio.Event) -> None:
+    """Connect, and reconnect whenever the CSMS drops us, until `stop` (like a real charger)."""
+    while not stop.is_set():
+        if not station.connected.is_set():
+            await _connect_with_retry(station, stop)
+        waiter = asyncio.ensure_future(stop.wait())
+        lost = asyncio.ensure_future(_until_disconnected(station))
+        await asyncio.wait({waiter, lost}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        lost.cancel()
+        if not stop.is_set():
+            logger.warning("charger %s lost the CSMS; reconnecting", station.cp_id)
+            await station.disconnect()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+
+
+async def _until_disconnected(station: SimulatedChargePoint) -> None:
+    await station.disconnected.wait()
+
+
 async def run_fleet(stations: list[SimulatedChargePoint], arrivals: list[Arrival],
                     stop: asyncio.Event) -> None:
-    """Play arrivals onto the charge points (a free EVSE of the station's charge point, else any)."""
-    for station in stations:
-        await _connect_with_retry(station, stop)
+    """Play arrivals onto the charge points (a free EVSE of the station's charge point, else any).
+
+    Returns when `stop` is set; the chargers reconnect by themselves when the CSMS restarts.
+    """
+    links = [asyncio.ensure_future(keep_connected(station, stop)) for station in stations]
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*(s.booted.wait() for s in stations)), 10)
     speed = stations[0].speed if stations else 1.0
     loop = asyncio.get_running_loop()
     began = loop.time()
@@ -559,8 +600,11 @@ async def run_fleet(stations: list[SimulatedChargePoint], arrivals: list[Arrival
 
     async def leave(cp: SimulatedChargePoint, evse_id: int, after_s: float) -> None:
         await asyncio.sleep(after_s / speed)
-        if cp.connected.is_set():
+        await cp.booted.wait()  # a charger keeps its stop message until it is back
+        try:
             await cp.unplug(evse_id)
+        except Exception as exc:
+            logger.warning("%s/%d: stop of the session failed: %r", cp.cp_id, evse_id, exc)
 
     for index, arrival in enumerate(arrivals):
         wait = began + arrival.at_s / speed - loop.time()
@@ -578,6 +622,8 @@ async def run_fleet(stations: list[SimulatedChargePoint], arrivals: list[Arrival
             continue
         cp, evse = free
         ev = ev_for(arrival, index)
+        if not cp.booted.is_set():
+            continue
         try:
             if await cp.plug_in(evse.evse_id, ev, arrival.id_tag, dwell_s=arrival.dwell_s,
                                 energy_kwh=arrival.energy_kwh):
@@ -585,7 +631,7 @@ async def run_fleet(stations: list[SimulatedChargePoint], arrivals: list[Arrival
         except Exception as exc:
             logger.warning("visit %s on %s failed: %r", arrival.id_tag, cp.cp_id, exc)
     await stop.wait()
-    for task in departures:
+    for task in [*departures, *links]:
         task.cancel()
     for station in stations:
         await station.close()
