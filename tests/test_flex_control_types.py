@@ -173,6 +173,13 @@ def test_ombc_modes_min_on_time_and_instructions() -> None:
     assert messages[1].execution_time == START + timedelta(minutes=15)
     for m in messages:
         assert isinstance(round_trip(m), OMBCInstruction)
+    # one PTU on is shorter than the 30 min minimum on-time: off waits for the timer
+    power[2] = 0
+    modes[2] = str(off.id)
+    messages = binding.instructions(plan, problem(), NOW, 6)
+    assert [(m.execution_time - START, str(m.operation_mode_id)) for m in messages] == [
+        (timedelta(minutes=5), str(off.id)), (timedelta(minutes=15), str(low.id)),
+        (timedelta(minutes=45), str(off.id))]
 
 
 def test_ddbc_modes_meet_the_demand_and_instruct_the_actuator() -> None:

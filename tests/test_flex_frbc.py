@@ -219,3 +219,38 @@ def test_kind_from_names_and_labels() -> None:
     assert guess_kind(system_description(both_ways, "SoC %"), "battery level") == "battery"
     assert guess_kind(system_description(both_ways, "level"), "device") == "battery"
     assert guess_kind(system_description(charge_only, "level"), "device") == "storage"
+
+
+def test_instructions_wait_for_minimum_run_and_off_timers() -> None:
+    off = mode((0, 0), (0, 0), label="off")
+    on = mode((2000, 2000), (0.002, 0.002), label="on")
+    min_run = Timer(id=uid(), diagnostic_label="min run", duration=Duration(root=30 * 60_000))
+    min_off = Timer(id=uid(), diagnostic_label="min off", duration=Duration(root=20 * 60_000))
+    to_on = Transition(id=uid(), **{"from": str(off.id)}, to=str(on.id),
+                       start_timers=[str(min_run.id)], blocking_timers=[str(min_off.id)],
+                       abnormal_condition_only=False)
+    to_off = Transition(id=uid(), **{"from": str(on.id)}, to=str(off.id),
+                        start_timers=[str(min_off.id)], blocking_timers=[str(min_run.id)],
+                        abnormal_condition_only=False)
+    sd = system_description([off, on], "buffer degC", transitions=[to_on, to_off],
+                            timers=[min_run, min_off], fill_range=(35, 55))
+    actuator_id = str(sd.actuators[0].id)
+    running = FRBCTimerStatus(message_id=uid(), timer_id=str(min_run.id), actuator_id=actuator_id,
+                              finished_at=NOW + timedelta(minutes=20))
+    status = FRBCActuatorStatus(message_id=uid(), actuator_id=actuator_id,
+                                active_operation_mode_id=str(on.id), operation_mode_factor=0)
+    asset, binding = frbc_storage_asset(
+        "hp-1", sd, GRID, NOW, storage_status=FRBCStorageStatus(message_id=uid(),
+                                                                present_fill_level=45),
+        actuator_statuses={actuator_id: status}, timer_statuses=[running])
+    power = np.zeros(GRID.n_ptus, dtype=np.int64)
+    power[3] = 2000  # on at 17:45 for one PTU only
+    plan = Plan(status="OPTIMAL", power_w={asset.id: power}, grid_import_w=power)
+    messages = binding.instructions(plan, problem_for(), NOW, 8)
+    got = [(m.execution_time - NOW, str(m.operation_mode)) for m in messages]
+    minutes = timedelta(minutes=1)
+    assert got == [(20 * minutes, str(off.id)),   # not before the minimum run time ends
+                   (45 * minutes, str(on.id)),    # the 20 min off time ended at 17:40
+                   (75 * minutes, str(off.id))]   # runs its 30 minutes: off at 18:15, not 18:00
+    (cap,) = binding.capped_instructions(0, NOW)
+    assert cap.execution_time == NOW + 20 * minutes  # even the guard waits for the timer

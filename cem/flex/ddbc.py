@@ -20,9 +20,10 @@ from s2python.ddbc import (
     DDBCAverageDemandRateForecast,
     DDBCInstruction,
     DDBCSystemDescription,
+    DDBCTimerStatus,
 )
 
-from cem.flex.modes import ModeRange
+from cem.flex.modes import ModeRange, TransitionRules
 from cem.flex.ombc import ModeBinding, power_mode_range
 from cem.flex.ptu import PtuGrid, new_id, phase_share, sid
 from cem.planner.assets import ModeAsset, PowerMode
@@ -66,6 +67,7 @@ def demand_rate(system_description: DDBCSystemDescription,
 def ddbc_mode_assets(rm_id: str, system_description: DDBCSystemDescription, grid: PtuGrid,
                      now: datetime, *, forecast: DDBCAverageDemandRateForecast | None = None,
                      statuses: dict[str, DDBCActuatorStatus] | None = None,
+                     timer_statuses: list[DDBCTimerStatus] | None = None,
                      priority: int = 1) -> list[tuple[ModeAsset, DdbcBinding]]:
     """One (ModeAsset, binding) per actuator; asset ids are `<rm_id>/<actuator_id>`."""
     actuators = list(system_description.actuators)
@@ -96,8 +98,11 @@ def ddbc_mode_assets(rm_id: str, system_description: DDBCSystemDescription, grid
             current_mode=active if active in {r.mode_id for r in usable} else None,
             phase_share=share,
         )
+        finished = {sid(t.timer_id): t.finished_at for t in timer_statuses or []
+                    if sid(t.actuator_id) == sid(actuator.id)}
+        rules = TransitionRules.of(list(actuator.transitions), list(actuator.timers), finished)
         binding = DdbcBinding(rm_id=rm_id, asset_id=asset_id, ranges=usable, active_mode=active,
                               priority=priority, phase_share=share, control_type=CONTROL_TYPE,
-                              actuator_id=sid(actuator.id))
+                              actuator_id=sid(actuator.id), rules=rules)
         out.append((asset, binding))
     return out

@@ -44,7 +44,7 @@ from s2python.frbc import (
     FRBCUsageForecast,
 )
 
-from cem.flex.modes import ModeRange, pick_mode
+from cem.flex.modes import ModeRange, TransitionRules, legal_choice, pick_mode
 from cem.flex.ptu import PtuGrid, is_electric, new_id, phase_share, sample_rate, sid
 from cem.planner.assets import PhaseShare, Plan, Problem, StorageAsset
 
@@ -103,6 +103,7 @@ class FrbcBinding:
     wh_per_unit: float
     fill_offset: float
     active_modes: dict[str, str] = field(default_factory=dict)  # actuator id -> mode id
+    rules: dict[str, TransitionRules] = field(default_factory=dict)  # actuator id -> rules
     priority: int = 1
     phase_share: PhaseShare = (1 / 3, 1 / 3, 1 / 3)
     control_type: str = CONTROL_TYPE
@@ -112,39 +113,59 @@ class FrbcBinding:
     def units_from_wh(self, level_wh: float) -> float:
         return self.fill_offset + level_wh / self.wh_per_unit
 
-    def choose_modes(self, power_w: float, fill_level: float) -> list[tuple[str, str, float]]:
-        """(actuator id, mode id, factor) per actuator realising `power_w` at most.
+    def split(self, power_w: float, fill_level: float) -> list[tuple[str, list[ModeRange], float]]:
+        """(actuator id, its normal mode ranges, its share of `power_w`) per actuator.
 
-        Power is split over actuators in proportion to what each can take; per actuator the
-        mode that covers the share is chosen (the active mode first, to avoid transitions);
-        when no mode covers it, the nearest reachable power towards zero is used, so an
-        instruction never asks for more than the plan (e.g. 3 kW for an EV with a 4.1 kW
-        minimum becomes idle).
+        Power is split over actuators in proportion to what each can take.
         """
-        actuators = self.system_description.actuators
         ranges = {sid(a.id): [mode_range(m, fill_level) for m in normal_modes(a)]
-                  for a in actuators}
+                  for a in self.system_description.actuators}
         if power_w >= 0:
             capacity = {a: max([r.hi for r in rs] + [0.0]) for a, rs in ranges.items()}
         else:
             capacity = {a: -min([r.lo for r in rs] + [0.0]) for a, rs in ranges.items()}
         total = sum(capacity.values())
+        return [(a, rs, power_w * capacity[a] / total if total > 0 else 0.0)
+                for a, rs in ranges.items() if rs]
+
+    def choose_modes(self, power_w: float, fill_level: float) -> list[tuple[str, str, float]]:
+        """(actuator id, mode id, factor) per actuator realising `power_w` at most.
+
+        Per actuator the mode that covers its share is chosen (the active mode first, to avoid
+        transitions); when no mode covers it, the nearest reachable power towards zero is used,
+        so an instruction never asks for more than the plan (3 kW for an EV with a 4.1 kW
+        minimum becomes idle). Transitions and timers are not looked at here.
+        """
         chosen = []
-        for actuator_id, mode_ranges in ranges.items():
-            share = power_w * capacity[actuator_id] / total if total > 0 else 0.0
-            if not mode_ranges:
-                continue
-            mode, factor = pick_mode(mode_ranges, share, self.active_modes.get(actuator_id))
+        for actuator_id, ranges, share in self.split(power_w, fill_level):
+            mode, factor = pick_mode(ranges, share, self.active_modes.get(actuator_id))
             chosen.append((actuator_id, mode.mode_id, factor))
         return chosen
 
+    def _legal(self, power_w: float, fill_level: float, when: datetime,
+               next_change: datetime | None, rules: dict[str, TransitionRules],
+               last_mode: dict[str, str]) -> list[tuple[str, ModeRange, float, datetime]]:
+        out = []
+        for actuator_id, ranges, share in self.split(power_w, fill_level):
+            choice = legal_choice(ranges, share, last_mode.get(actuator_id),
+                                  rules.get(actuator_id), when, next_change)
+            if choice is not None:
+                out.append((actuator_id, *choice))
+        return out
+
     def instructions(self, plan: Plan, problem: Problem, now: datetime,
                      until_ptu: int) -> list[FRBCInstruction]:
-        """One FRBC.Instruction per actuator per change of mode/factor in PTUs [0, until)."""
+        """One FRBC.Instruction per actuator per change of mode/factor in PTUs [0, until).
+
+        Moves follow the actuator's transitions and wait for blocking timers (a heat pump's
+        minimum run or off time): a move that cannot happen within its PTU is skipped.
+        """
         power = plan.power_w.get(self.asset_id)
         if power is None:
             return []
         levels = plan.level_wh.get(self.asset_id)
+        rules = {a: r.copy() for a, r in self.rules.items()}
+        last_mode = dict(self.active_modes)
         last: dict[str, tuple[str, float]] = {}
         out: list[FRBCInstruction] = []
         for t in range(min(until_ptu, len(power))):
@@ -152,18 +173,23 @@ class FrbcBinding:
             fill = self.fill_level if levels is None or t == 0 else self.units_from_wh(
                 float(levels[min(t - 1, len(levels) - 1)]))
             execution = now if t == 0 else max(now, problem.ptu_start(t))
-            for actuator_id, mode_id, factor in self.choose_modes(float(power[t]), fill):
-                key = (mode_id, round(factor, 4))
+            for actuator_id, mode, factor, moment in self._legal(
+                    float(power[t]), fill, execution, problem.ptu_start(t + 1), rules, last_mode):
+                key = (mode.mode_id, round(factor, 4))
                 if last.get(actuator_id) == key:
                     continue
                 last[actuator_id] = key
-                out.append(frbc_instruction(actuator_id, mode_id, factor, execution))
+                last_mode[actuator_id] = mode.mode_id
+                out.append(frbc_instruction(actuator_id, mode.mode_id, factor, moment))
         return out
 
     def capped_instructions(self, cap_w: float, now: datetime) -> list[FRBCInstruction]:
-        """Instructions that hold this storage at or below `cap_w` from now."""
-        return [frbc_instruction(a, m, f, now) for a, m, f in self.choose_modes(cap_w,
-                                                                                 self.fill_level)]
+        """Instructions that hold this storage at or below `cap_w` from now (or as soon as a
+        running timer allows)."""
+        rules = {a: r.copy() for a, r in self.rules.items()}
+        return [frbc_instruction(a, mode.mode_id, factor, moment)
+                for a, mode, factor, moment in self._legal(cap_w, self.fill_level, now, None,
+                                                           rules, dict(self.active_modes))]
 
     def power_range_w(self) -> tuple[float, float]:
         lo = hi = 0.0
@@ -351,8 +377,15 @@ def frbc_storage_asset(
         priority=priority,
         phase_share=share,
     )
+    finished: dict[str, dict[str, datetime]] = {}
+    for timer in timer_statuses or []:
+        finished.setdefault(sid(timer.actuator_id), {})[sid(timer.timer_id)] = timer.finished_at
+    rules = {sid(a.id): TransitionRules.of(list(a.transitions), list(a.timers),
+                                           finished.get(sid(a.id)))
+             for a in system_description.actuators}
     binding = FrbcBinding(
         rm_id=rm_id,
+        rules=rules,
         asset_id=rm_id,
         system_description=system_description,
         fill_level=fill,

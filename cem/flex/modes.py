@@ -4,12 +4,15 @@ Shared by FRBC, OMBC and DDBC: S2 maps operation_mode_factor 0..1 linearly onto 
 power range (start at 0, end at 1). Choosing a mode for a planned power prefers the active
 mode (no transition), then the narrowest covering range; when no mode covers the power, the
 nearest reachable power on the zero side is used so an instruction never asks for more than
-the plan did.
+the plan did. `legal_choice` adds the S2 transition rules: only modes reachable by a listed
+transition, and never before a blocking timer has finished.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
 
 
 @dataclass
@@ -67,3 +70,90 @@ def pick_mode(ranges: list[ModeRange], power_w: float,
     return best, best.factor_for(best.hi)
 
 
+
+
+@dataclass
+class TransitionRules:
+    """S2 transitions and timers of one actuator (or OMBC device), for legal instructions.
+
+    A move between two modes needs a normal (not abnormal_condition_only) transition when the
+    RM lists any transitions (none listed: every move is allowed); it must wait until the
+    transition's blocking timers have finished; making it starts the transition's timers.
+    `running` holds timer id -> finished_at, from the RM's TimerStatus messages and from the
+    moves this CEM instructs while building one plan's instructions.
+    """
+
+    transitions: list[Any] = field(default_factory=list)
+    durations: dict[str, timedelta] = field(default_factory=dict)
+    running: dict[str, datetime] = field(default_factory=dict)
+
+    def _find(self, from_mode: str, to_mode: str) -> Any | None:
+        for transition in self.transitions:
+            if (not transition.abnormal_condition_only and _text(transition.from_) == from_mode
+                    and _text(transition.to) == to_mode):
+                return transition
+        return None
+
+    def allowed(self, from_mode: str | None, to_mode: str) -> bool:
+        if from_mode is None or from_mode == to_mode or not self.transitions:
+            return True
+        return self._find(from_mode, to_mode) is not None
+
+    def free_at(self, from_mode: str | None, to_mode: str, when: datetime) -> datetime:
+        """Earliest moment >= `when` the move is not blocked by a running timer."""
+        if from_mode is None or from_mode == to_mode:
+            return when
+        transition = self._find(from_mode, to_mode)
+        if transition is None:
+            return when
+        ends = [self.running[_text(b)] for b in transition.blocking_timers
+                if _text(b) in self.running]
+        return max([when, *ends])
+
+    def make(self, from_mode: str | None, to_mode: str, when: datetime) -> None:
+        """Record the move: its start timers run from `when`."""
+        if from_mode is None or from_mode == to_mode:
+            return
+        transition = self._find(from_mode, to_mode)
+        if transition is None:
+            return
+        for timer in transition.start_timers:
+            duration = self.durations.get(_text(timer))
+            if duration is not None:
+                self.running[_text(timer)] = when + duration
+
+    def copy(self) -> TransitionRules:
+        return TransitionRules(self.transitions, self.durations, dict(self.running))
+
+    @staticmethod
+    def of(transitions: list[Any], timers: list[Any],
+           finished_at: dict[str, datetime] | None = None) -> TransitionRules:
+        return TransitionRules(list(transitions),
+                               {_text(t.id): timedelta(milliseconds=t.duration.root)
+                                for t in timers}, dict(finished_at or {}))
+
+
+def _text(value: Any) -> str:
+    return str(getattr(value, "root", value))
+
+
+def legal_choice(ranges: list[ModeRange], power_w: float, last_mode: str | None,
+                 rules: TransitionRules | None, when: datetime,
+                 next_change: datetime | None) -> tuple[ModeRange, float, datetime] | None:
+    """The mode, factor and moment for `power_w` that the RM will accept, or None to wait.
+
+    Only modes reachable from `last_mode` are considered. If the move is blocked by a timer,
+    it happens when the timer ends, unless that is at or after `next_change` (then it is
+    skipped and the device stays where it is).
+    """
+    if rules is not None:
+        reachable = [r for r in ranges if rules.allowed(last_mode, r.mode_id)]
+        ranges = reachable or ranges
+    mode, factor = pick_mode(ranges, power_w, last_mode)
+    moment = when
+    if rules is not None:
+        moment = rules.free_at(last_mode, mode.mode_id, when)
+        if next_change is not None and moment >= next_change:
+            return None
+        rules.make(last_mode, mode.mode_id, moment)
+    return mode, factor, moment

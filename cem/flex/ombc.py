@@ -13,9 +13,15 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 
-from s2python.ombc import OMBCInstruction, OMBCOperationMode, OMBCStatus, OMBCSystemDescription
+from s2python.ombc import (
+    OMBCInstruction,
+    OMBCOperationMode,
+    OMBCStatus,
+    OMBCSystemDescription,
+    OMBCTimerStatus,
+)
 
-from cem.flex.modes import ModeRange, pick_mode
+from cem.flex.modes import ModeRange, TransitionRules, legal_choice, pick_mode
 from cem.flex.ptu import PtuGrid, is_electric, new_id, phase_share, sid
 from cem.planner.assets import ModeAsset, PhaseShare, Plan, PowerMode, Problem
 
@@ -55,6 +61,7 @@ class ModeBinding:
     phase_share: PhaseShare = (1 / 3, 1 / 3, 1 / 3)
     control_type: str = CONTROL_TYPE
     actuator_id: str | None = None
+    rules: TransitionRules | None = None
 
     def choose(self, mode_id: str | None, power_w: float) -> tuple[ModeRange, float]:
         by_id = {r.mode_id: r for r in self.ranges}
@@ -68,29 +75,54 @@ class ModeBinding:
                                operation_mode_id=mode_id, operation_mode_factor=round(factor, 4),
                                abnormal_condition=False)
 
+    def _legal(self, mode_id: str | None, power_w: float, last_mode: str | None,
+               rules: TransitionRules | None, when: datetime,
+               next_change: datetime | None) -> tuple[ModeRange, float, datetime] | None:
+        """The planned mode if the RM allows the move (else the best reachable one), and when."""
+        chosen, factor = self.choose(mode_id, power_w)
+        if rules is None or rules.allowed(last_mode, chosen.mode_id):
+            moment = when if rules is None else rules.free_at(last_mode, chosen.mode_id, when)
+            if next_change is not None and moment >= next_change:
+                return None
+            if rules is not None:
+                rules.make(last_mode, chosen.mode_id, moment)
+            return chosen, factor, moment
+        return legal_choice(self.ranges, power_w, last_mode, rules, when, next_change)
+
     def instructions(self, plan: Plan, problem: Problem, now: datetime,
                      until_ptu: int) -> list:
-        """One instruction per change of mode or factor in PTUs [0, until)."""
+        """One instruction per change of mode or factor in PTUs [0, until), following the
+        RM's transitions and waiting for its blocking timers."""
         power = plan.power_w.get(self.asset_id)
         modes = plan.mode.get(self.asset_id)
         if power is None and modes is None:
             return []
         n = min(until_ptu, len(power) if power is not None else len(modes or []))
+        rules = self.rules.copy() if self.rules is not None else None
+        last_mode = self.active_mode
         out, last = [], None
         for t in range(n):
             mode_id = modes[t] if modes is not None and t < len(modes) else None
-            chosen, factor = self.choose(mode_id, float(power[t]) if power is not None else 0.0)
+            choice = self._legal(mode_id, float(power[t]) if power is not None else 0.0,
+                                 last_mode, rules, now if t == 0 else max(now, problem.ptu_start(t)),
+                                 problem.ptu_start(t + 1))
+            if choice is None:
+                continue
+            chosen, factor, moment = choice
             key = (chosen.mode_id, round(factor, 4))
             if key == last:
                 continue
-            last = key
-            out.append(self.make(chosen.mode_id, factor,
-                                 now if t == 0 else max(now, problem.ptu_start(t))))
+            last, last_mode = key, chosen.mode_id
+            out.append(self.make(chosen.mode_id, factor, moment))
         return out
 
     def capped_instructions(self, cap_w: float, now: datetime) -> list:
-        chosen, factor = pick_mode(self.ranges, cap_w, self.active_mode)
-        return [self.make(chosen.mode_id, factor, now)]
+        rules = self.rules.copy() if self.rules is not None else None
+        choice = legal_choice(self.ranges, cap_w, self.active_mode, rules, now, None)
+        if choice is None:
+            return []
+        chosen, factor, moment = choice
+        return [self.make(chosen.mode_id, factor, moment)]
 
     def power_range_w(self) -> tuple[float, float]:
         if not self.ranges:
@@ -104,6 +136,7 @@ def normal_modes(modes: list[OMBCOperationMode]) -> list[OMBCOperationMode]:
 
 def ombc_mode_asset(rm_id: str, system_description: OMBCSystemDescription, grid: PtuGrid, *,
                     status: OMBCStatus | None = None,
+                    timer_statuses: list[OMBCTimerStatus] | None = None,
                     priority: int = 1) -> tuple[ModeAsset, ModeBinding]:
     """The planner's view of an OMBC device, and its binding back to OMBC.Instructions."""
     modes = normal_modes(list(system_description.operation_modes))
@@ -120,6 +153,9 @@ def ombc_mode_asset(rm_id: str, system_description: OMBCSystemDescription, grid:
                                 list(system_description.timers), grid),
         phase_share=share,
     )
+    finished = {sid(t.timer_id): t.finished_at for t in timer_statuses or []}
+    rules = TransitionRules.of(list(system_description.transitions),
+                               list(system_description.timers), finished)
     binding = ModeBinding(rm_id=rm_id, asset_id=rm_id, ranges=ranges, active_mode=active,
-                          priority=priority, phase_share=share)
+                          priority=priority, phase_share=share, rules=rules)
     return asset, binding

@@ -184,7 +184,9 @@ def _add_rm(problem: Problem, mapping: SiteMapping, rm_id: str, state: Any, grid
             mapping.add(rm_id, asset.id, pebc_binding, "pv")
         return now_w
     if control == OMBC and (sd := state.ombc_system_description(now)) is not None:
-        mode_asset, mode_binding = ombc_mode_asset(rm_id, sd, grid, status=state.ombc_status)
+        mode_asset, mode_binding = ombc_mode_asset(
+            rm_id, sd, grid, status=state.ombc_status,
+            timer_statuses=list(state.ombc_timer_statuses().values()))
         problem.modes.append(mode_asset)
         mapping.add(rm_id, mode_asset.id, mode_binding, "modes")
         return now_w
@@ -193,7 +195,7 @@ def _add_rm(problem: Problem, mapping: SiteMapping, rm_id: str, state: Any, grid
                     if (s := state.ddbc_actuator_status(a.id)) is not None}
         for ddbc_asset, ddbc_binding in ddbc_mode_assets(
                 rm_id, sd, grid, now, forecast=state.ddbc_average_demand_rate_forecast,
-                statuses=statuses):
+                statuses=statuses, timer_statuses=list(state.ddbc_timer_statuses().values())):
             problem.modes.append(ddbc_asset)
             mapping.add(rm_id, ddbc_asset.id, ddbc_binding, "ddbc")
         return now_w
