@@ -14,10 +14,14 @@ are never planned nor instructed) contributes its power range at the present fil
 charging range starting above 0 (an EV's 6 A minimum: [4140, 22080] W on 3 phases) next to an
 idle mode gives the planner's {0} U [charge_min, charge_max] domain. Several actuators add up.
 
+Instructions follow the actuator's transitions and wait for running blocking timers (a heat
+pump's minimum run / off time), see `cem.flex.modes.legal_choice`.
+
 Known simplifications (replanning every PTU corrects them): the power ranges and leakage at
 the *present* fill level hold for the whole horizon; gaps between modes' ranges are planned
-as if continuous and the instruction rounds towards zero; timers only delay the start of
-charging when an idle actuator may not yet switch on.
+as if continuous and the instruction rounds towards zero; the planner sees timers only as a
+later start of an idle actuator (a running minimum run time is kept by the instructions, not
+by the plan).
 """
 
 from __future__ import annotations
