@@ -173,6 +173,7 @@ class ModbusRM:
         self._runner: asyncio.Task[None] | None = None
         self._describe_lock = asyncio.Lock()
         self._pending: dict[str, asyncio.Task[Any]] = {}  # instruction id -> waiting task
+        self._describing: asyncio.Task[None] | None = None
 
     # --- what a device class says about itself ------------------------------------------------
 
@@ -288,7 +289,7 @@ class ModbusRM:
                 self.fault = None
                 log.info("%s: device answers; offering its flexibility to the CEM", self.name)
                 self.described_session = 0  # describe again, also within the same session
-            await self._describe_if_needed()
+            self._schedule_describe()
             if self.s2.connected.is_set() and self.described_session:
                 for message in self.periodic_messages(utc_now()):
                     await self.s2.send_and_forget(message)
@@ -320,7 +321,14 @@ class ModbusRM:
     async def _on_control_type(self, control_type: ControlType) -> None:
         # called inside the s2-python handler: do the sending in a task
         self.described_session = 0
-        self._spawn(self._describe_if_needed(), f"describe-{self.name}")
+        self._schedule_describe()
+
+    def _schedule_describe(self) -> None:
+        """Describe our flexibility in the background (the CEM's answers may take a while)."""
+        if self.described_session == self.s2.sessions_started and self.described_session:
+            return
+        if self._describing is None or self._describing.done():
+            self._describing = self._spawn(self._describe_if_needed(), f"describe-{self.name}")
 
     async def _describe_if_needed(self) -> None:
         async with self._describe_lock:
