@@ -401,13 +401,25 @@ class HeatPumpSimulator(ModbusSimulator):
 
 
 def load_pv_profile(path: Path = PV_PROFILE) -> tuple[list[datetime], list[float]]:
-    """Hourly PV output per kWp (timestamps UTC, kW/kWp)."""
+    """Hourly PV output per kWp (timestamps UTC, kW/kWp): a real June week of Dutch PV.
+
+    When the file is missing (an install without package data) a clear-sky week stands in,
+    and the log says so.
+    """
     times: list[datetime] = []
     values: list[float] = []
-    with path.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            times.append(datetime.fromisoformat(row["start_utc"].replace("Z", "+00:00")))
-            values.append(float(row["pv_kw_per_kwp"]))
+    try:
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                times.append(datetime.fromisoformat(row["start_utc"].replace("Z", "+00:00")))
+                values.append(float(row["pv_kw_per_kwp"]))
+    except FileNotFoundError:
+        log.error("PV profile %s is missing: using a clear-sky week instead", path)
+        start = datetime(2019, 6, 10, tzinfo=UTC)
+        for hour in range(7 * 24):
+            times.append(start + timedelta(hours=hour))
+            sun = math.sin(math.pi * ((hour % 24) - 4) / 16)  # 04:00..20:00 UTC
+            values.append(round(max(0.0, 0.75 * sun), 3))
     return times, values
 
 

@@ -36,7 +36,18 @@ from resource_managers.modbus.simulator import (
 
 log = logging.getLogger(__name__)
 
-SPECS = Path(__file__).resolve().parent.parent.parent / "specs" / "modbus"
+
+
+def _specs_folder() -> Path:
+    """specs/modbus beside the package (source tree), else in the working directory."""
+    for candidate in (Path(__file__).resolve().parent.parent.parent / "specs" / "modbus",
+                      Path.cwd() / "specs" / "modbus", Path("/app/specs/modbus")):
+        if candidate.is_dir():
+            return candidate
+    return Path.cwd() / "specs" / "modbus"
+
+
+SPECS = _specs_folder()
 
 
 @dataclass
