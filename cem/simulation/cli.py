@@ -199,25 +199,36 @@ def simulate_command(*, site_file: Path, sessions_file: Path, prices: Path, pv: 
     console.print(f"report: {files['md']} and {files['html']} ({runtime:.0f} s)")
 
 
+SHORT_NAMES = {"1": "1 uncontrolled", "2": "2 timer", "3": "3 per-EV price", "4": "4 day plan",
+               "5": "5 MPC + guard", "optimum": "optimum"}
+
+
 def print_table(kpis: dict[str, Any]) -> None:
-    """The KPI table on stdout."""
-    table = Table(title="KPIs per level")
-    cols = [("level", "l"), ("cost EUR", "cost_eur"), ("EUR/kWh", "eur_per_kwh"), ("objective EUR", "objective_eur"),
+    """The KPI table on stdout (at least 120 columns wide, also when piped)."""
+    table = Table(title="KPIs per level (the report has them all)")
+    cols = [("level", ""), ("cost EUR", "cost_eur"), ("EUR/kWh", "eur_per_kwh"),
             ("peak kW", "peak_kw"), ("PTUs>GTV", "ptus_over_gtv"), ("fuse min", "fuse_minutes_over"),
-            ("kWh", "delivered_kwh"), ("% of need", "delivered_pct"), ("served", "served_sessions"),
+            ("kWh", "delivered_kwh"), ("of need", "delivered_pct"), ("served", "served_sessions"),
             ("PV self-use", "self_consumption"), ("EV from PV", "pv_share_of_ev"),
-            ("replan p50 s", "replan_p50_s"), ("p95 s", "replan_p95_s")]
+            ("plan p50/p95 s", "replan_p95_s")]
     for title, _ in cols:
-        table.add_column(title, justify="right")
+        table.add_column(title, justify="left" if title == "level" else "right", no_wrap=True)
     for lv, k in kpis.items():
-        row = [f"{lv} {LEVEL_NAMES[lv]}"]
+        row = [SHORT_NAMES[lv]]
         for _, key in cols[1:]:
             value = k.get(key)
             if key in ("self_consumption", "pv_share_of_ev"):
                 row.append("-" if value is None else f"{100 * value:.0f}%")
             elif key == "served_sessions":
                 row.append(f"{value}/{k['sessions']}")
+            elif key == "delivered_pct":
+                row.append(f"{value:.1f}%")
+            elif key == "replan_p95_s":
+                row.append(f"{k['replan_p50_s']:.3f}/{value:.3f}" if k.get("replans") else "-")
             else:
-                row.append("-" if value is None else str(value))
+                row.append("-" if value is None else f"{value:g}")
         table.add_row(*row)
-    Console().print(table)
+    out = Console()
+    if not out.is_terminal or out.width < 120:
+        out = Console(width=max(out.width, 150))
+    out.print(table)
