@@ -253,20 +253,31 @@ def bench_command(*, evs: list[int], ptus: int, instances: int, time_limit: floa
 
 
 def print_table(report: dict[str, Any]) -> None:
-    table = Table(title=f"cem bench planner (time limit {report['time_limit_s']} s, "
-                        f"{report['machine']['cpus']} CPUs)", title_justify="left")
-    for col in ("EVs", "status", "build s p50/p95", "LP s p50", "solve s p50/p95", "total s p50/p95",
-                "cost EUR", "LP bound", "gap", "unmet/target kWh", "violations"):
-        table.add_column(col, justify="left" if col == "status" else "right")
+    """Two narrow tables per size: times (p50/p95 s) and plan quality (means over instances)."""
+    out = Console()
+    times = Table(title=f"cem bench planner: times in s (p50/p95), time limit {report['time_limit_s']} s, "
+                        f"{report['machine']['cpus']} CPUs", title_justify="left")
+    for col in ("EVs", "status", "build", "LP", "solve", "total"):
+        times.add_column(col, justify="left" if col == "status" else "right", no_wrap=True)
+    quality = Table(title="plan quality (means over instances, EUR)", title_justify="left")
+    for col in ("EVs", "cost", "objective", "LP bound", "gap", "max gap", "unmet kWh", "viol."):
+        quality.add_column(col, justify="right", no_wrap=True)
     for r in report["results"]:
         status = ", ".join(f"{k} x{v}" for k, v in r["status"].items())
-        gap = "-" if r["gap"] is None else f"{r['gap']:.2%}"
-        bound = "-" if r["lp_bound_eur"] is None else f"{r['lp_bound_eur']:.2f}"
-        table.add_row(
-            str(r["evs"]), status, f"{r['build_s_p50']:.3f}/{r['build_s_p95']:.3f}",
-            f"{r['lp_solve_s_p50']:.3f}", f"{r['solve_s_p50']:.3f}/{r['solve_s_p95']:.3f}",
-            f"{r['total_s_p50']:.3f}/{r['total_s_p95']:.3f}", f"{r['cost_eur']:.2f}", bound, gap,
-            f"{r['unmet_kwh']:.0f}/{r['target_kwh']:.0f}",
-            f"[bold red]{r['violations']}[/]" if r["violations"] else "0",
-        )
-    Console().print(table)
+        times.add_row(str(r["evs"]), status, f"{r['build_s_p50']:.2f}/{r['build_s_p95']:.2f}",
+                      f"{r['lp_solve_s_p50']:.2f}/{r['lp_solve_s_p95']:.2f}",
+                      f"{r['solve_s_p50']:.2f}/{r['solve_s_p95']:.2f}",
+                      f"{r['total_s_p50']:.2f}/{r['total_s_p95']:.2f}")
+        gap = "-" if r["gap"] is None else f"{r['gap']:.1%}"
+        gap_max = "-" if r["gap_max"] is None else f"{r['gap_max']:.1%}"
+
+        def eur(key: str, row: dict[str, Any] = r) -> str:
+            return "-" if row[key] is None else f"{row[key]:.2f}"
+
+        quality.add_row(str(r["evs"]), eur("cost_eur"), eur("objective_eur"), eur("lp_bound_eur"), gap,
+                        gap_max, f"{r['unmet_kwh']:.1f}/{r['target_kwh']:.0f}",
+                        f"[bold red]{r['violations']}[/]" if r["violations"] else "0")
+    out.print(times)
+    out.print(quality)
+    out.print("[dim]objective = cost + unmet-target penalties: the LP bound and the gap refer to it; "
+              "unmet kWh = EV shortfall / EV target.[/]")
