@@ -41,6 +41,9 @@ def test_bad_ev_fixture_lists_each_mistake_with_its_path() -> None:
     assert "evs[1].energy_kwh" in out
     assert "evs[1].phases" in out
     assert "evs[2].maxkw: unknown key" in out
+    # checks across fields run too, so one run lists every mistake
+    assert "prices.import_eur_per_kwh: 3 values for horizon_ptus 8" in out
+    assert "evs[2].id: id 'b' is already used by evs[1]" in out
 
 
 @pytest.mark.parametrize(

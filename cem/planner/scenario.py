@@ -255,7 +255,10 @@ def parse_scenario(text: str, source: str = "<scenario>") -> Scenario:
     try:
         scenario = Scenario.model_validate(raw)
     except ValidationError as exc:
-        raise ScenarioError(source, _problems_from(exc)) from None
+        problems = _problems_from(exc)
+        seen = {p.path for p in problems}
+        problems += [p for p in _raw_problems(raw) if p.path not in seen]
+        raise ScenarioError(source, problems) from None
     problems = _semantic_problems(scenario)
     if problems:
         raise ScenarioError(source, problems)
@@ -279,6 +282,35 @@ def _array_problem(path: str, values: list[float], n: int) -> ScenarioProblem | 
         return ScenarioProblem(path, f"{len(values)} values for horizon_ptus {n}: give {n} values, "
                                      "or one value for every PTU")
     return None
+
+
+def _raw_problems(raw: dict[str, Any]) -> list[ScenarioProblem]:
+    """Array lengths and duplicate ids, checked on the raw JSON when the models already failed,
+    so that one run lists every mistake."""
+    n = raw.get("horizon_ptus", 96)
+    if not isinstance(n, int):
+        return []
+    problems: list[ScenarioProblem] = []
+    prices = raw.get("prices") if isinstance(raw.get("prices"), dict) else {}
+    arrays = [(f"prices.{key}", prices.get(key)) for key in ("import_eur_per_kwh", "export_eur_per_kwh")]
+    arrays += [(key, raw.get(key)) for key in ("base_load_kw", "pv_kw")]
+    heat_pumps = raw.get("heat_pumps") if isinstance(raw.get("heat_pumps"), list) else []
+    arrays += [(f"heat_pumps[{i}].demand_kw", hp.get("demand_kw"))
+               for i, hp in enumerate(heat_pumps) if isinstance(hp, dict)]
+    problems += [p for path, values in arrays
+                 if isinstance(values, list) and (p := _array_problem(path, values, n))]
+    seen: dict[str, str] = {}
+    for group in ("evs", "batteries", "heat_pumps"):
+        items = raw.get(group) if isinstance(raw.get(group), list) else []
+        for i, item in enumerate(items):
+            asset_id = item.get("id") if isinstance(item, dict) else None
+            if not isinstance(asset_id, str):
+                continue
+            if asset_id in seen:
+                problems.append(ScenarioProblem(f"{group}[{i}].id",
+                                                f"id {asset_id!r} is already used by {seen[asset_id]}"))
+            seen.setdefault(asset_id, f"{group}[{i}]")
+    return problems
 
 
 def _semantic_problems(s: Scenario) -> list[ScenarioProblem]:
