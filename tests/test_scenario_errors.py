@@ -134,3 +134,9 @@ def test_scenario_error_lists_all_problems() -> None:
     paths = [p.path for p in info.value.problems]
     assert paths == ["evs[0].max_kw", "batteries[0].efficiency"]
     assert info.value.report().startswith("x.json: 2 problem(s)")
+
+
+def test_plot_path_mistakes_exit_2_before_planning(tmp_path: Path) -> None:
+    for bad in (tmp_path / "no" / "such" / "plan.png", tmp_path / "plan.txt"):
+        result = runner.invoke(app, ["plan", "--scenario", str(FIXTURES / "tiny.json"), "--plot", str(bad)])
+        assert result.exit_code == 2 and "--plot" in result.output and "Traceback" not in result.output

@@ -27,6 +27,7 @@ from cem.planner.scenario import BuiltScenario, ScenarioError, load_scenario, sc
 
 console = Console(stderr=True)
 MAX_EV_ROWS = 20
+PLOT_FORMATS = (".png", ".svg", ".pdf")
 
 
 def solver_functions() -> tuple[Callable[..., Plan], Callable[[Problem, Plan], list[str]]]:
@@ -199,6 +200,10 @@ def plan_command(scenario: Path, *, json_out: bool, plot: Path | None, time_limi
         raise typer.Exit(2) from None
     if time_limit <= 0:
         console.print("error: --time-limit must be positive", markup=False)
+        raise typer.Exit(2)
+    if plot is not None and (plot.suffix.lower() not in PLOT_FORMATS or not plot.parent.is_dir()):
+        console.print(f"error: --plot {plot}: give a file in an existing folder ending in "
+                      f"{', '.join(PLOT_FORMATS)}", markup=False)
         raise typer.Exit(2)
     plan_site, check_plan = solver_functions()
     started = time.perf_counter()
