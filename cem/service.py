@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import resource
 import signal
 import ssl
 import sys
@@ -152,10 +153,24 @@ async def serve_until_signal(service: CemService) -> None:
                 loop.remove_signal_handler(sig)
 
 
+def raise_open_file_limit(wanted: int = 65536) -> int:
+    """Every RM is a socket: lift the soft open-file limit towards the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def run_service(config: SiteConfig, log_level: str = "INFO") -> int:
     """Run the CEM until SIGINT/SIGTERM; 0 on a clean stop, 2 on an operator-fixable problem."""
     try:
         _configure_logging(log_level)
+        limit = raise_open_file_limit()
+        if limit < 2048:
+            logger.warning("open-file limit is %d: at most about %d RMs can connect "
+                           "(raise it with ulimit -n)", limit, limit - 100)
         service = CemService(config, controller_factory=_default_controller_factory())
         asyncio.run(serve_until_signal(service))
     except ServiceError as exc:

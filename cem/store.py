@@ -489,8 +489,11 @@ class Store:
             return list(await cursor.fetchall())
 
     async def flush(self) -> None:
-        """Wait until everything appended so far is written."""
-        if not self._pending and not self._rm_deltas and not self._calls:
+        """Wait until everything appended so far is written (also a batch being written now)."""
+        if self._writer is None or self._writer.done():
+            if self._closing:
+                raise RuntimeError("the store is closed")
+            await self._flush_once()
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._calls.append((_noop, future))

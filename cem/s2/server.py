@@ -313,13 +313,19 @@ class S2Server:
         live = list(self._by_connection.values())
         for entry in live:
             entry.closing_reason = reason
-            await self._terminate_session(entry, reason)
-        for entry in live:
-            if entry.ws is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(entry.ws.close(code, reason), timeout=5)
+        # S2 first (SessionRequest TERMINATE with the reason), then the websocket close code
+        await asyncio.gather(*(self._terminate_session(entry, reason) for entry in live),
+                             return_exceptions=True)
+        await asyncio.gather(*(self._close_ws(entry, code, reason) for entry in live),
+                             return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
+
+    @staticmethod
+    async def _close_ws(entry: LiveSession, code: int, reason: str) -> None:
+        if entry.ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(entry.ws.close(code, reason), timeout=5)
 
     # --- registry API for the control loop ------------------------------------------------------
 
