@@ -260,6 +260,7 @@ class OcppCentralSystem:
         for cp in self.site.ocpp.charge_points:
             for evse_id in range(1, cp.evses + 1):
                 self._evse(cp.id, evse_id)
+        self._check_safe_limit()
         if self.cem_url is not None:
             from resource_managers.ocpp_charger.s2_evse import EvseResources
 
@@ -277,6 +278,18 @@ class OcppCentralSystem:
                     self.host, self.port, len(self.charge_points),
                     "accepted" if self.site.ocpp.accept_unknown_charge_points else "refused",
                     self.site.ocpp.unknown_cards + "ed")
+
+    def _check_safe_limit(self) -> None:
+        """Warn when the default profiles together could exceed the fuse (CEM gone, all busy)."""
+        fuse = self.site.grid.fuse_a
+        worst = 0.0
+        for cp in self.site.ocpp.charge_points:
+            worst += cp.evses * min(self.site.ocpp.safe_limit_a, cp.max_current_a)
+        if worst > fuse:
+            logger.warning("the safe limit of %.1f A per EVSE adds up to %.1f A on a phase when "
+                           "every configured EVSE charges without the CEM, more than the %.0f A "
+                           "fuse; lower ocpp.safe_limit_a (0 pauses EVs until the CEM decides)",
+                           self.site.ocpp.safe_limit_a, worst, fuse)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -552,11 +565,10 @@ class OcppCentralSystem:
         cdr = await self.records.stop(row.id, meter_stop_wh=meter_stop_wh, at=at, reason=reason,
                                       price_eur_per_kwh=self.tariff.eur_per_kwh(at))
         if cdr is not None:
-            logger.info("session %s on %s/%d ended (%s): %.2f kWh, EUR %.2f, peak %.1f kW, "
-                        "%s", transaction_id, cp_id, cdr.evse_id, reason, cdr.energy_wh / 1000,
-                        cdr.cost_eur, cdr.peak_w / 1000, self._card_words(cdr.id_tag, None
-                                                                          if not cdr.card_name
-                                                                          else self.cards.get(cdr.id_tag or "")))
+            card = self.cards.get(cdr.id_tag or "")
+            logger.info("session %s on %s/%d ended (%s): %.2f kWh, EUR %.2f, peak %.1f kW, %s",
+                        transaction_id, cp_id, cdr.evse_id, reason, cdr.energy_wh / 1000,
+                        cdr.cost_eur, cdr.peak_w / 1000, self._card_words(cdr.id_tag, card))
         if evse is not None and evse.session is not None and \
                 evse.session.transaction_id == transaction_id:
             evse.session = None
