@@ -188,11 +188,13 @@ def bench_s2(
     rms: int = typer.Option(1000, help="number of concurrent RMs"),
     messages: int = typer.Option(20, help="messages each RM sends after the handshake"),
     json_out: bool = typer.Option(False, "--json"),
+    rate: float = typer.Option(5000.0, min=0, help="total messages/s over all RMs; 0: as fast "
+                               "as the CEM acknowledges"),
 ) -> None:
     """Benchmark the S2 server: connect N RMs and measure acknowledgements."""
     from cem.s2.bench import bench_command
 
-    bench_command(rms=rms, messages=messages, json_out=json_out)
+    bench_command(rms=rms, messages=messages, json_out=json_out, rate=rate)
 
 
 # --- resource managers and simulators --------------------------------------------------------
