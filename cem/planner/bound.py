@@ -139,9 +139,17 @@ def build_lp(lay: Layout) -> tuple[_LpArrays, LpIndex]:
     gdef = lp.rows((lay.fixed_w - lay.pv.sum(axis=0)) / 1000, (lay.fixed_w - lay.pv.sum(axis=0)) / 1000, n)
     lp.coef(gdef, g, 1.0)
     ci, ct = np.nonzero(c_mask)
-    lp.coef(gdef[ct], c_idx[ci, ct], -1.0)
     di, dtt = np.nonzero(d_mask)
-    lp.coef(gdef[dtt], d_idx[di, dtt], 1.0)
+    # storage power summed per phase-share group and PTU (agg[grp, t]): every storage column
+    # then has two nonzeros (its group sum and its energy row), not one per phase row
+    groups, grp_of = np.unique(np.round(lay.share, 9), axis=0, return_inverse=True)
+    grp_of = np.asarray(grp_of).reshape(-1)
+    agg = lp.cols(-INF, INF, 0.0, len(groups) * n).reshape(len(groups), n)
+    agg_rows = lp.rows(0.0, 0.0, len(groups) * n).reshape(len(groups), n)
+    lp.coef(agg_rows.ravel(), agg.ravel(), 1.0)
+    lp.coef(agg_rows[grp_of[ci], ct], c_idx[ci, ct], -1.0)
+    lp.coef(agg_rows[grp_of[di], dtt], d_idx[di, dtt], 1.0)
+    lp.coef(np.tile(gdef, len(groups)), agg.ravel(), -1.0)
     ki, kt = np.nonzero(cur_mask)
     lp.coef(gdef[kt], cur_idx[ki, kt], -1.0)
     # import above the export price: imp >= g
@@ -221,10 +229,9 @@ def build_lp(lay: Layout) -> tuple[_LpArrays, LpIndex]:
         rmap = np.full(n, -1, dtype=np.int64)
         rmap[ts] = lp.rows(-lay.fuse_dn[ph, ts] / 1000 - const[ph, ts],
                            lay.fuse_up[ph, ts] / 1000 - const[ph, ts], len(ts))
-        sel = rows_needed[ct] & (sh[ci] != 0)
-        lp.coef(rmap[ct[sel]], c_idx[ci[sel], ct[sel]], sh[ci[sel]])
-        sel = rows_needed[dtt] & (sh[di] != 0)
-        lp.coef(rmap[dtt[sel]], d_idx[di[sel], dtt[sel]], -sh[di[sel]])
+        for gi, gshare in enumerate(groups):
+            if gshare[ph] != 0:
+                lp.coef(rmap[ts], agg[gi, ts], gshare[ph])
         if K:
             psh = lay.pv_share[:, ph]
             sel = rows_needed[kt] & (psh[ki] != 0)
@@ -242,7 +249,7 @@ def build_lp(lay: Layout) -> tuple[_LpArrays, LpIndex]:
     # monotone assets: one sum row for the target, one for the level cap
     tgt = np.flatnonzero(mono & has_t & (need > 0))
     if len(tgt):
-        r = lp.rows((need[tgt]) / 1000, INF, len(tgt))
+        r = lp.rows((need[tgt] - lay.tol_wh[tgt]) / 1000, INF, len(tgt))
         rmap = np.full(S, -1, dtype=np.int64)
         rmap[tgt] = r
         sel = rmap[ci] >= 0
@@ -281,7 +288,7 @@ def build_lp(lay: Layout) -> tuple[_LpArrays, LpIndex]:
         lp.coef(r, lv, 1.0)
         lp.coef(r, s_cols, 1.0)
         if has_t[i]:
-            r = lp.rows(lay.target[i] / 1000, INF, 1)
+            r = lp.rows((lay.target[i] - lay.tol_wh[i]) / 1000, INF, 1)
             lp.coef(r, lv[-1:], 1.0)
             _unmet_cols(lp, lay, r, np.array([i]), need)
         for ptu, lo, hi in pr.storage[i].target_profile:

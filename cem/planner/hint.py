@@ -25,10 +25,16 @@ def snap(lay: Layout, disp: Dispatch) -> Dispatch:
     c = np.maximum(net, 0) * lay.avail
     d = np.maximum(-net, 0) * lay.avail
     step = lay.step[:, None].astype(float)
-    c = np.minimum(np.rint(c / step) * step, lay.cmax[:, None])
+    # round the running sum, so each asset keeps its energy to within one step
+    cum = np.floor(np.cumsum(c / step, axis=1) + 1e-6)
+    c = np.minimum(np.diff(cum, axis=1, prepend=0.0) * step, lay.cmax[:, None])
     d = np.minimum(np.rint(d / step) * step, lay.dmax[:, None])
     cmin = lay.cmin[:, None]
     dmin = lay.dmin[:, None]
+    mono = ~lay.needs_levels
+    _move_below_min(lay, c, np.where(mono, cmin[:, 0], 0.0))
+    for i in np.flatnonzero(lay.needs_levels & ((lay.cmin > 0) | (lay.dmin > 0))):
+        c[i], d[i] = _sigma_delta(lay, i, c[i] - d[i])
     c = np.where(c < cmin / 2, 0.0, np.maximum(c, cmin))
     d = np.where(d < dmin / 2, 0.0, np.maximum(d, dmin))
     c = np.where(c > 0, np.maximum(c, cmin), 0.0)
@@ -44,6 +50,68 @@ def snap(lay: Layout, disp: Dispatch) -> Dispatch:
     return out
 
 
+def _sigma_delta(lay: Layout, i: int, net: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Round a level asset's net power PTU by PTU into its domain, carrying the energy error.
+
+    The rounded level then stays close to the fractional one all along (no early deficits).
+    """
+    c = np.zeros(lay.n)
+    d = np.zeros(lay.n)
+    carry = 0.0
+    st = float(lay.step[i])
+    for t in range(int(lay.first[i]), int(lay.last[i])):
+        want = net[t] + carry
+        options = [0.0]
+        if lay.cmax[i] > 0:
+            options.append(min(max(np.floor(want / st + 0.5) * st, lay.cmin[i]), lay.cmax[i]))
+        if lay.dmax[i] > 0:
+            options.append(-min(max(np.floor(-want / st + 0.5) * st, lay.dmin[i]), lay.dmax[i]))
+        above = [v for v in options if v >= want - 1e-6]  # never below the fractional level
+        pick = min(above) if above else max(options)
+        carry = want - pick
+        if pick > 0:
+            c[t] = pick
+        else:
+            d[t] = -pick
+    return c, d
+
+
+def _move_below_min(lay: Layout, c: np.ndarray, cmin: np.ndarray) -> None:
+    """Move charging that lies below an asset's minimum power into its other PTUs (in place).
+
+    Keeps the asset's energy: the pieces below the minimum go into the headroom of PTUs that
+    already charge (cheapest first); a rest that does not fit becomes one PTU at the minimum,
+    taken from a PTU that charges more than twice the minimum.
+    """
+    small = (c > 0) & (c < cmin[:, None] - EPS)
+    rows = np.flatnonzero(small.any(axis=1))
+    price = lay.p_imp
+    for i in rows:
+        sm = np.flatnonzero(small[i])
+        energy = float(c[i, sm].sum())  # W x PTU
+        best = int(sm[np.argmax(c[i, sm])])
+        c[i, sm] = 0.0
+        on = np.flatnonzero(c[i] >= cmin[i] - EPS)
+        if len(on):
+            on = on[np.argsort(price[on], kind="stable")]
+            room = lay.cmax[i] - c[i, on]
+            take = np.minimum(room, np.maximum(energy - np.concatenate([[0.0], np.cumsum(room)[:-1]]), 0))
+            c[i, on] += take
+            energy -= float(take.sum())
+        if energy <= lay.step[i] / 2:
+            continue
+        donors = np.flatnonzero(c[i] >= 2 * cmin[i] - energy - EPS)
+        if len(donors) and energy < cmin[i]:
+            u = int(donors[np.argmax(price[donors])])
+            c[i, u] -= cmin[i] - energy
+            c[i, best] = cmin[i]
+        else:
+            room = (lay.lmax[i] - lay.level0[i]) / (lay.dt_h * lay.eta_c[i]) - float(c[i].sum())
+            lift_ok = lay.needs_levels[i] or room >= cmin[i] - EPS
+            # the usual rule decides (up to the minimum or off) unless the minimum overfills
+            c[i, best] = energy if lift_ok else 0.0
+
+
 def _down(value: float, step: float) -> float:
     return float(np.floor(value / step + EPS) * step)
 
@@ -56,6 +124,9 @@ def fix_levels(lay: Layout, disp: Dispatch) -> None:
     bad = np.flatnonzero(over.any(axis=1) | under.any(axis=1))
     dt = lay.dt_h
     for i in bad:
+        if not lay.needs_levels[i]:
+            _trim_energy(lay, disp, int(i))
+            continue
         level = lay.level0[i]
         st = float(lay.step[i])
         for t in range(lay.first[i], lay.last[i]):
@@ -74,6 +145,27 @@ def fix_levels(lay: Layout, disp: Dispatch) -> None:
                     d = 0.0
                 disp.discharge[i, t] = d
             level = level + dt * (lay.eta_c[i] * disp.charge[i, t] - disp.discharge[i, t] / lay.eta_d[i]) - lay.usage[i, t]
+
+
+def _trim_energy(lay: Layout, disp: Dispatch, i: int) -> None:
+    """Charge-only asset above its level_max: take the excess from its dearest PTUs."""
+    k = lay.dt_h * lay.eta_c[i]
+    st = float(lay.step[i])
+    c = disp.charge[i]
+    excess = float(c.sum()) - (lay.lmax[i] - lay.level0[i]) / k  # W x PTU
+    on = np.flatnonzero(c > 0)
+    for t in on[np.argsort(-lay.p_imp[on], kind="stable")]:
+        if excess <= EPS:
+            return
+        cut = min(np.ceil(excess / st - EPS) * st, c[t] - lay.cmin[i])
+        if cut > 0:
+            c[t] -= cut
+            excess -= cut
+    for t in on[np.argsort(c[on], kind="stable")]:  # still too much: switch off the smallest
+        if excess <= EPS:
+            return
+        excess -= c[t]
+        c[t] = 0.0
 
 
 def _slack_order(lay: Layout, disp: Dispatch) -> np.ndarray:
@@ -103,27 +195,32 @@ def _cut(values: np.ndarray, weights: np.ndarray, amount: float, mins: np.ndarra
     return new
 
 
-def repair_limits(lay: Layout, disp: Dispatch) -> None:
-    """Bring import, export and per-phase fuse within limits (in place), by priority."""
+def repair_limits(lay: Layout, disp: Dispatch, import_cap: np.ndarray | None = None) -> None:
+    """Bring import, export and per-phase fuse within limits (in place), by priority.
+
+    `import_cap` (<= the import limit) is used instead of the import limit, e.g. the LP's
+    peak, so that rounding up does not raise the kW-max.
+    """
     order = _slack_order(lay, disp)
+    imp_lim = lay.import_lim if import_cap is None else np.minimum(lay.import_lim, import_cap)
     for _ in range(4):
         g, ph = grid_and_phases(lay, disp)
-        up = np.vstack([g - lay.import_lim, (ph - lay.fuse_up)])  # (4, n) excess load
+        up = np.vstack([g - imp_lim, (ph - lay.fuse_up)])  # (4, n) excess load
         dn = np.vstack([-g - lay.export_lim, (-ph - lay.fuse_dn)])  # (4, n) excess production
         bad_up = np.flatnonzero((up > 0.5).any(axis=0))
         bad_dn = np.flatnonzero((dn > 0.5).any(axis=0))
         if len(bad_up) == 0 and len(bad_dn) == 0:
             return
         for t in bad_up:
-            _repair_up(lay, disp, t, order)
+            _repair_up(lay, disp, t, order, imp_lim)
         for t in bad_dn:
             _repair_down(lay, disp, t, order)
         fix_levels(lay, disp)
 
 
-def _excess_up(lay: Layout, disp: Dispatch, t: int) -> np.ndarray:
+def _excess_up(lay: Layout, disp: Dispatch, t: int, imp_lim: np.ndarray) -> np.ndarray:
     g, ph = _grid_t(lay, disp, t)
-    return np.concatenate([[g - lay.import_lim[t]], ph - lay.fuse_up[:, t]])
+    return np.concatenate([[g - imp_lim[t]], ph - lay.fuse_up[:, t]])
 
 
 def _grid_t(lay: Layout, disp: Dispatch, t: int) -> tuple[float, np.ndarray]:
@@ -148,12 +245,12 @@ def _grid_t(lay: Layout, disp: Dispatch, t: int) -> tuple[float, np.ndarray]:
     return float(g), ph
 
 
-def _repair_up(lay: Layout, disp: Dispatch, t: int, order: np.ndarray) -> None:
+def _repair_up(lay: Layout, disp: Dispatch, t: int, order: np.ndarray, imp_lim: np.ndarray) -> None:
     """Too much load in PTU t: undo curtailment, then cut charging by priority."""
-    ex = _excess_up(lay, disp, t)
+    ex = _excess_up(lay, disp, t, imp_lim)
     if lay.k and np.any(disp.curtail[:, t] > 0):
         disp.curtail[:, t] = 0.0
-        ex = _excess_up(lay, disp, t)
+        ex = _excess_up(lay, disp, t, imp_lim)
     for _ in range(5):
         worst = int(np.argmax(ex))
         if ex[worst] <= 0.5:
@@ -164,7 +261,7 @@ def _repair_up(lay: Layout, disp: Dispatch, t: int, order: np.ndarray) -> None:
             break
         new = _cut(disp.charge[cand, t], w[cand], ex[worst], lay.cmin[cand], lay.step[cand].astype(float))
         disp.charge[cand, t] = new
-        ex = _excess_up(lay, disp, t)
+        ex = _excess_up(lay, disp, t, imp_lim)
     if disp.mode_power is not None and len(lay.problem.modes) and np.max(ex) > 0.5:
         for j, m in enumerate(lay.problem.modes):
             lo = m.modes[int(disp.mode_index[j][t])].min_w
@@ -202,7 +299,8 @@ def _repair_down(lay: Layout, disp: Dispatch, t: int, order: np.ndarray) -> None
         ex = np.concatenate([[-g - lay.export_lim[t]], -ph - lay.fuse_dn[:, t]])
 
 
-def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first: bool = False) -> None:
+def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first: bool = False,
+           peak_cap: float | None = None) -> None:
     """Add charging where targets or level minimums are missed, into spare capacity (in place).
 
     Assets in priority order (then earliest deadline); PTUs cheapest first (or earliest first
@@ -216,7 +314,7 @@ def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first
     idx = np.arange(S)
     has_t = ~np.isnan(lay.target)
     end_level = lv[idx, lay.last]
-    short_t = has_t & (end_level < np.nan_to_num(lay.target) - 0.5)
+    short_t = has_t & (end_level < np.nan_to_num(lay.target) - lay.tol_wh - 0.01)
     short_min = np.zeros(S, dtype=bool)
     for i in np.flatnonzero(lay.needs_levels):
         a, b = lay.first[i], lay.last[i]
@@ -231,7 +329,14 @@ def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first
         todo = todo[np.lexsort((deadline, -lay.weight[todo]))]
     price = np.where(g > 0, lay.p_imp, lay.p_exp_eff) + lay.tie
     peak = max(lay.peak_so_far, float(g.max())) if lay.n else 0.0
-    caps = [np.minimum(lay.import_lim, peak)] if lay.peak_price > 0 else []
+    if peak_cap is not None:
+        peak = max(min(peak, peak_cap), lay.peak_so_far)
+    caps = []
+    if lay.peak_price > 0:
+        # water-filling: raise the allowed peak in steps, so a kW-max increase is spread out
+        top = float(lay.import_lim.max()) if lay.n else peak
+        for f in (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4):
+            caps.append(np.minimum(lay.import_lim, peak + f * max(top - peak, 0.0)))
     caps.append(lay.import_lim)
     for cap in caps:
         for i in todo:
@@ -252,9 +357,9 @@ def _fill_asset(lay: Layout, disp: Dispatch, i: int, g: np.ndarray, ph: np.ndarr
         if lay.needs_levels[i]:
             want[a + 1:b + 1] = lay.lmin[i]
         if not np.isnan(lay.target[i]):
-            want[b] = max(want[b], lay.target[i])
+            want[b] = max(want[b], lay.target[i] - lay.tol_wh[i])
         miss = want - lvl
-        bad = np.flatnonzero(miss > 0.5)
+        bad = np.flatnonzero(miss > 0.01)
         if len(bad) == 0:
             return
         tau = int(bad[0])
@@ -296,9 +401,12 @@ def _fill_asset(lay: Layout, disp: Dispatch, i: int, g: np.ndarray, ph: np.ndarr
 
 def round_and_repair(lay: Layout, frac: Dispatch) -> Dispatch:
     """A feasible plan near the fractional one (see module docstring)."""
+    g_frac, _ = grid_and_phases(lay, frac)
+    lp_peak = max(lay.peak_so_far, float(g_frac.max()) if lay.n else 0.0) + 0.5
+    cap = np.full(lay.n, lp_peak) if lay.peak_price > 0 else None
     disp = snap(lay, frac)
     fix_levels(lay, disp)
-    repair_limits(lay, disp)
-    refill(lay, disp, by_price=True)
+    repair_limits(lay, disp, cap)
+    refill(lay, disp, by_price=True, peak_cap=lp_peak)
     repair_limits(lay, disp)
     return disp

@@ -61,6 +61,8 @@ class Layout:
     target: np.ndarray  # (S,) Wh, nan where none
     needs_levels: np.ndarray  # (S,) bool: level variables per PTU (else one energy sum)
     weight: np.ndarray  # (S,) EUR per Wh unmet
+    tol_wh: np.ndarray  # (S,) a target counts as met within one power step for one PTU
+    blocked: np.ndarray  # (S,) bool: cannot charge (minimum power overfills level_max)
     share: np.ndarray  # (S, 3)
     fixed_w: np.ndarray  # (n,)
     fixed_phase: np.ndarray  # (3, n)
@@ -145,6 +147,15 @@ def build_layout(problem: Problem) -> Layout:
         if a.level_wh > a.level_max_wh:
             notes.append(f"{a.id}: level {a.level_wh} Wh starts above its maximum {a.level_max_wh} Wh")
     weight = np.array([priority_weight(a.priority) for a in st]) if S else np.zeros(0)
+    tol_wh = dt * eta_c * step if S else np.zeros(0)
+    # a charge-only asset whose room to level_max is less than one PTU at its minimum power
+    # cannot charge at all without overfilling
+    blocked = (~needs) & (cmin > 0) & (cmin * dt * eta_c > (lmax - level0) + tol_wh)
+    for i in np.flatnonzero(blocked & (cmax > 0)):
+        notes.append(f"{st[i].id}: needs less than one PTU at its minimum power "
+                     f"({cmin[i]:.0f} W): it cannot charge without passing its maximum level")
+    cmax = np.where(blocked, 0.0, cmax)
+    cmin = np.where(blocked, 0.0, cmin)
     share = np.array([_share(a.phase_share) for a in st]).reshape(S, 3)
 
     fixed_w = np.zeros(n)
@@ -216,7 +227,7 @@ def build_layout(problem: Problem) -> Layout:
         problem=problem, n=n, dt_h=dt, ids=[a.id for a in st], kind=[a.kind for a in st],
         avail=avail, first=first, last=last, cmax=cmax, cmin=cmin, dmax=dmax, dmin=dmin,
         step=step, eta_c=eta_c, eta_d=eta_d, level0=level0, lmin=lmin, lmax=lmax, usage=usage,
-        target=target, needs_levels=needs, weight=weight, share=share, fixed_w=fixed_w,
+        target=target, needs_levels=needs, weight=weight, tol_wh=tol_wh, blocked=blocked, share=share, fixed_w=fixed_w,
         fixed_phase=fixed_phase, pv_ids=pv_ids, pv=pv, pv_curtailable=pv_curt, pv_share=pv_share,
         p_imp=p_imp, p_exp=p_exp, p_exp_eff=p_exp_eff, tie=tie, import_lim=import_lim,
         export_lim=export_lim, fuse_up=fuse_up, fuse_dn=fuse_dn,
@@ -335,7 +346,7 @@ def evaluate(lay: Layout, disp: Dispatch) -> Evaluation:
     idx = np.arange(S)
     end_level = lv[idx, lay.last] if S else np.zeros(0)
     has_t = ~np.isnan(lay.target)
-    unmet = np.where(has_t, np.maximum(np.nan_to_num(lay.target) - end_level, 0), 0.0)
+    unmet = np.where(has_t, np.maximum(np.nan_to_num(lay.target) - lay.tol_wh - end_level, 0), 0.0)
     need = np.where(has_t, np.nan_to_num(lay.target) - lay.level0, 0.0)
     pen = float(unmet_penalty(unmet, need, lay.weight).sum()) if S else 0.0
     deficit = np.zeros(S)

@@ -26,6 +26,7 @@ from cem.planner.layout import SEGMENT_FACTORS, Dispatch, Layout, _share, profil
 __all__ = ["check_plan", "improve"]
 
 UNIT_EUR = 1e-8  # objective unit
+LS = 10_000  # level unit: 0.1 mWh (integer level coefficients stay within 1e-5 of the truth)
 
 
 class _Vars:
@@ -99,7 +100,7 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
     for j in range(K):
         if lay.pv_curtailable[j]:
             for t in np.flatnonzero(lay.pv[j] > 0):
-                cur_var[j, t] = V.new(0, int(math.floor(lay.pv[j, t])), int(round(hint.curtail[j, t])))
+                cur_var[j, t] = V.new(0, math.floor(lay.pv[j, t]), round(hint.curtail[j, t]))
     # modes and profiles
     other_terms: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # t, var, coef, share
     mode_on: list[np.ndarray] = []
@@ -114,7 +115,7 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
             k_h = int(hint.mode_index[j][t]) if hint.mode_index else 0
             for k in range(nm):
                 on[t, k] = V.new_bool(k == k_h)
-            q[t] = V.new(lo_all, hi_all, int(round(hint.mode_power[j, t])) if hint.mode_power is not None else lo_all)
+            q[t] = V.new(lo_all, hi_all, round(hint.mode_power[j, t]) if hint.mode_power is not None else lo_all)
             m.add_exactly_one([V.all[x] for x in on[t]])
             for k, pm in enumerate(ma.modes):
                 m.add_linear_constraint(V.all[q[t]], pm.min_w, pm.max_w).only_enforce_if(V.all[on[t, k]])
@@ -145,7 +146,7 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
     g_hi = np.floor(lay.import_lim).astype(np.int64)
     const = np.rint(lay.fixed_w - lay.pv.sum(axis=0)).astype(np.int64)
     g_hint_disp = _hint_grid(lay, hint)
-    g_var = np.array([V.new(g_lo[t], max(g_hi[t], g_lo[t]), int(round(g_hint_disp[t]))) for t in range(n)],
+    g_var = np.array([V.new(g_lo[t], max(g_hi[t], g_lo[t]), round(g_hint_disp[t])) for t in range(n)],
                      dtype=np.int64)
     ci, ct = np.nonzero(c_var >= 0)
     di, dtt = np.nonzero(d_var >= 0)
@@ -203,7 +204,7 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
             sel = wk[ki] != 0
             scatter(kt[sel], cur_var[ki[sel], kt[sel]], wk[ki[sel]], li, lc)
         for tt, vv, cc, share in other_terms:
-            s_ = int(round(share[ph] * scale))
+            s_ = round(share[ph] * scale)
             if s_:
                 scatter(tt, vv, cc * s_, li, lc)
         for t in np.flatnonzero(need):
@@ -223,7 +224,7 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
     cost(g_var, lay.p_exp_eff * dt / 1000)
     extra = lay.p_imp - lay.p_exp_eff
     for t in np.flatnonzero((extra > 0) & (g_lo < 0)):
-        imp = V.new(0, max(int(g_hi[t]), 0), max(int(round(g_hint_disp[t])), 0))
+        imp = V.new(0, max(int(g_hi[t]), 0), max(round(g_hint_disp[t]), 0))
         m.add(V.all[imp] >= V.all[g_var[t]])
         cost(np.array([imp]), np.array([extra[t] * dt / 1000]))
     pos = (extra > 0) & (g_lo >= 0)
@@ -236,22 +237,22 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
         cost(np.array([pk]), np.array([lay.peak_price]))
     cost(c_var[ci, ct], lay.tie[ct] * dt / 1000 * step[ci])
     # storage energy: mWh per step unit of power for one PTU
-    kc = np.rint(dt * lay.eta_c * step * 1000).astype(np.int64)
-    kd = np.rint(dt / lay.eta_d * step * 1000).astype(np.int64)
+    kc = np.rint(dt * lay.eta_c * step * LS).astype(np.int64)
+    kd = np.rint(dt / lay.eta_d * step * LS).astype(np.int64)
     has_t = ~np.isnan(lay.target)
     need_wh = np.where(has_t, np.nan_to_num(lay.target) - lay.level0, 0.0)
 
     def unmet_vars(i: int, achieved_hint_wh: float) -> tuple[np.ndarray, np.ndarray]:
         """Three unmet segments (Wh) for asset i, hinted from the hint's shortfall."""
         seg = max(math.ceil(need_wh[i] / 3), 0)
-        short = max(int(math.ceil(need_wh[i] - achieved_hint_wh)), 0)
+        short = max(math.ceil(need_wh[i] - lay.tol_wh[i] - achieved_hint_wh), 0)
         h1 = min(short, seg)
         h2 = min(short - h1, seg)
         h3 = short - h1 - h2
-        top = max(int(math.ceil(need_wh[i])), 0) + 1
+        top = max(math.ceil(need_wh[i]), 0) + 1
         us = np.array([V.new(0, seg, h1), V.new(0, seg, h2), V.new(0, top, h3)], dtype=np.int64)
         cost(us, lay.weight[i] * np.array(SEGMENT_FACTORS))
-        return us, np.full(3, 1000, dtype=np.int64)
+        return us, np.full(3, LS, dtype=np.int64)
 
     mono = ~lay.needs_levels
     for i in np.flatnonzero(mono & (lay.cmax > 0)):
@@ -262,23 +263,24 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
         coef = np.full(len(ts), kc[i])
         achieved_mwh = int((hc[i, ts] * kc[i]).sum())
         if has_t[i] and need_wh[i] > 0:
-            us, uc = unmet_vars(i, achieved_mwh / 1000)
-            m.add(V.expr(np.concatenate([idx, us]), np.concatenate([coef, uc])) >= int(round(need_wh[i] * 1000)))
+            us, uc = unmet_vars(i, achieved_mwh / LS)
+            m.add(V.expr(np.concatenate([idx, us]), np.concatenate([coef, uc]))
+                  >= math.ceil((need_wh[i] - lay.tol_wh[i]) * LS))
         cap = lay.lmax[i] - lay.level0[i]
-        if len(ts) * kc[i] * (lay.cmax[i] // step[i]) > cap * 1000:
-            m.add(V.expr(idx, coef) <= int(math.floor(max(cap, 0) * 1000)))
+        if len(ts) * kc[i] * (lay.cmax[i] // step[i]) > cap * LS:
+            m.add(V.expr(idx, coef) <= math.floor(max(cap, 0) * LS))
     for i in np.flatnonzero(lay.needs_levels):
         a, b = int(lay.first[i]), int(lay.last[i])
         if b <= a:
             continue
-        usage = np.rint(lay.usage[i, a:b] * 1000).astype(np.int64)
-        l0 = int(round(lay.level0[i] * 1000))
+        usage = np.rint(lay.usage[i, a:b] * LS).astype(np.int64)
+        l0 = round(lay.level0[i] * LS)
         hint_l = l0 + np.cumsum(hc[i, a:b] * kc[i] * (c_var[i, a:b] >= 0)
                                 - hd[i, a:b] * kd[i] * (d_var[i, a:b] >= 0) - usage)
-        lo = int(min(l0, lay.lmin[i] * 1000) - usage.clip(0).sum() - (b - a) * kd[i] * (lay.dmax[i] // step[i])) - 1
-        hi = int(math.floor(lay.lmax[i] * 1000))
+        lo = int(min(l0, lay.lmin[i] * LS) - usage.clip(0).sum() - (b - a) * kd[i] * (lay.dmax[i] // step[i])) - 1
+        hi = math.floor(lay.lmax[i] * LS) + LS  # 1 Wh for the rounding of coefficients
         lv = np.array([V.new(lo, hi, int(hint_l[k])) for k in range(b - a)], dtype=np.int64)
-        lmin_m = int(math.ceil(lay.lmin[i] * 1000))
+        lmin_m = math.ceil(lay.lmin[i] * LS)
         for k, t in enumerate(range(a, b)):
             idx = [lv[k]]
             coef = [1]
@@ -297,19 +299,19 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
             if lmin_m > lo:
                 s = V.new(0, lmin_m - lo, max(lmin_m - int(hint_l[k]), 0))
                 m.add(V.all[lv[k]] + V.all[s] >= lmin_m)
-                cost(np.array([s]), np.array([lay.weight[i] / 1000]))
+                cost(np.array([s]), np.array([lay.weight[i] / LS]))
         if has_t[i]:
-            us, uc = unmet_vars(i, hint_l[-1] / 1000 - lay.level0[i])
-            m.add(V.all[lv[-1]] + V.expr(us, uc) >= int(round(lay.target[i] * 1000)))
+            us, uc = unmet_vars(i, hint_l[-1] / LS - lay.level0[i])
+            m.add(V.all[lv[-1]] + V.expr(us, uc) >= math.ceil((lay.target[i] - lay.tol_wh[i]) * LS))
         for ptu, p_lo, p_hi in pr.storage[i].target_profile:
             if a < ptu <= b:
                 x = lv[ptu - a - 1]
                 hl = int(hint_l[ptu - a - 1])
-                u_lo = V.new(0, max(p_lo * 1000 - lo, 0), max(p_lo * 1000 - hl, 0))
-                u_hi = V.new(0, max(hi - p_hi * 1000, 0), max(hl - p_hi * 1000, 0))
-                m.add(V.all[x] + V.all[u_lo] >= p_lo * 1000)
-                m.add(V.all[x] - V.all[u_hi] <= p_hi * 1000)
-                cost(np.array([u_lo, u_hi]), np.array([lay.weight[i] / 1000] * 2))
+                u_lo = V.new(0, max(p_lo * LS - lo, 0), max(p_lo * LS - hl, 0))
+                u_hi = V.new(0, max(hi - p_hi * LS, 0), max(hl - p_hi * LS, 0))
+                m.add(V.all[x] + V.all[u_lo] >= p_lo * LS)
+                m.add(V.all[x] - V.all[u_hi] <= p_hi * LS)
+                cost(np.array([u_lo, u_hi]), np.array([lay.weight[i] / LS] * 2))
     idx = np.concatenate(obj_idx)
     coef = np.concatenate(obj_coef)
     keep = coef != 0
@@ -329,11 +331,31 @@ def _hint_grid(lay: Layout, hint: Dispatch) -> np.ndarray:
     return g
 
 
-def improve(lay: Layout, hint: Dispatch, *, time_limit_s: float, workers: int = 2
+class _StopAtGap(cp_model.CpSolverSolutionCallback):
+    """Stops the search once a solution is within `gap` of the LP bound."""
+
+    def __init__(self, bound_eur: float | None, gap: float) -> None:
+        super().__init__()
+        self.bound = bound_eur
+        self.gap = gap
+
+    def on_solution_callback(self) -> None:
+        if self.bound is None:
+            return
+        value = self.objective_value * UNIT_EUR
+        if value - self.bound <= self.gap * max(abs(self.bound), 1e-6):
+            self.stop_search()
+
+
+def improve(lay: Layout, hint: Dispatch, *, time_limit_s: float, workers: int = 2,
+            bound_eur: float | None = None, gap: float = 0.0
             ) -> tuple[Dispatch | None, str, float]:
-    """Solve the CP-SAT model from the full hint; (dispatch or None, status, build seconds)."""
+    """Solve the CP-SAT model from the full hint; (dispatch or None, status, build seconds).
+
+    Stops early once a solution is within `gap` of `bound_eur` (the LP bound).
+    """
     t0 = time.perf_counter()
-    model, V, index = build_model(lay, hint)
+    model, _V, index = build_model(lay, hint)
     build_s = time.perf_counter() - t0
     left = time_limit_s - build_s
     if left <= 0.02:
@@ -343,7 +365,8 @@ def improve(lay: Layout, hint: Dispatch, *, time_limit_s: float, workers: int = 
     p.num_workers = max(int(workers), 1)
     p.max_time_in_seconds = left
     p.root_lp_iterations = 100_000
-    status = solver.solve(model)
+    p.relative_gap_limit = max(gap, 0.0)
+    status = solver.solve(model, _StopAtGap(bound_eur, gap))
     name = solver.status_name(status)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None, name, build_s

@@ -33,7 +33,7 @@ __all__ = ["check_plan", "plan_site"]
 
 log = logging.getLogger(__name__)
 
-GAP_TOL = 0.005  # below this gap the repaired LP plan is returned without CP-SAT
+GAP_TOL = 0.01  # within this gap of the LP bound a plan is good enough (no more CP-SAT)
 
 
 def _gap(objective: float, bound: float | None) -> float | None:
@@ -77,7 +77,8 @@ def plan_site(problem: Problem, *, time_limit_s: float = 1.0, workers: int = 2,
         from cem.planner.model import improve
 
         t1 = time.perf_counter()
-        found, cp_status, cp_build_s = improve(lay, candidate, time_limit_s=left, workers=workers)
+        found, cp_status, cp_build_s = improve(lay, candidate, time_limit_s=left, workers=workers,
+                                                   bound_eur=bound, gap=gap_tol)
         solve_s = time.perf_counter() - t1 - cp_build_s
         build_s += cp_build_s
         if found is not None:
@@ -111,6 +112,9 @@ def _reason(lay: Layout, i: int, status: str) -> str:
     a = lay.problem.storage[i]
     window = int(lay.avail[i].sum())
     reachable = lay.level0[i] + window * lay.cmax[i] * lay.dt_h * lay.eta_c[i] - lay.usage[i].sum()
+    if lay.blocked[i]:
+        return (f"needs less than one PTU at its minimum power ({a.charge_min_w} W): charging "
+                "would pass its maximum level")
     if a.target_wh is not None and a.target_wh > a.level_max_wh:
         return f"target {a.target_wh} Wh above the maximum level {a.level_max_wh} Wh"
     if a.target_wh is not None and reachable < a.target_wh - 1:
