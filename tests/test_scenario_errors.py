@@ -140,3 +140,11 @@ def test_plot_path_mistakes_exit_2_before_planning(tmp_path: Path) -> None:
     for bad in (tmp_path / "no" / "such" / "plan.png", tmp_path / "plan.txt"):
         result = runner.invoke(app, ["plan", "--scenario", str(FIXTURES / "tiny.json"), "--plot", str(bad)])
         assert result.exit_code == 2 and "--plot" in result.output and "Traceback" not in result.output
+
+
+def test_v2g_ev_can_discharge_what_it_charged() -> None:
+    data = tiny()
+    data["evs"][1]["v2g_max_discharge_kw"] = 5
+    ev = next(a for a in scenario_to_problem(parse_scenario(json.dumps(data))).problem.storage
+              if a.id == "ev_3ph")
+    assert (ev.discharge_max_w, ev.discharge_min_w, ev.level_min_wh) == (5000, 4140, 0)
