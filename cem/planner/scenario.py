@@ -17,6 +17,8 @@ Rules where the file and the horizon disagree (documented in the schema descript
   pro-rata share of its energy for the part of its stay inside the horizon (it may charge more,
   up to `energy_kwh`, when that is cheap); noted. Arrival at or after the horizon end: not
   planned, noted. Departure not after arrival or before `start`: error.
+- A V2G EV (`v2g_max_discharge_kw`) discharges at most what it charged inside the horizon
+  (its level starts at 0 and never goes below), with the same minimum power as charging.
 - Battery `efficiency` is the round-trip efficiency, split evenly (sqrt) over charge and
   discharge. Heat pump `level_kwh` is thermal; electrical power x `cop` fills the buffer and
   `demand_kw` + `loss_kw` (thermal) empty it.
@@ -145,7 +147,8 @@ class Scenario(Part):
     clipped, fewer is an error. EV arrival before start = already plugged in; arrival mid-PTU =
     planned from the next full PTU; departure mid-PTU = up to the last full PTU before it;
     departure after the horizon = pro-rata target for the stay inside it. Congestion windows
-    apply to every PTU they overlap. Battery efficiency is round-trip. Heat pump levels are
+    apply to every PTU they overlap. A V2G EV discharges at most what it charged in the
+    horizon. Battery efficiency is round-trip. Heat pump levels are
     thermal kWh, filled by electrical power x cop, emptied by demand_kw + loss_kw.
     """
 
