@@ -745,9 +745,17 @@ def _peek(text: str, outs: list[Outgoing]) -> tuple[str | None, str | None, str 
     status = None
     for out in outs:
         if out.message_type == "ReceptionStatus":
-            status = _json_field(out.text, "status")
+            at = out.text.rfind(_STATUS_MARK)  # the session writes compact JSON
+            if at >= 0:
+                start = at + len(_STATUS_MARK)
+                status = out.text[start:out.text.find('"', start)]
+            else:
+                status = _json_field(out.text, "status")
             break
     return _json_field(text, "message_type"), _json_field(text, "message_id"), status
+
+
+_STATUS_MARK = '"status":"'
 
 
 def _log_task_error(task: asyncio.Task[Any]) -> None:
