@@ -243,3 +243,33 @@ async def test_losing_the_cem_falls_back_to_the_default_profile(tmp_path: Path) 
     finally:
         await charger.close()
         await csms.stop()
+
+
+async def test_single_phase_ev_on_three_phase_evse_is_seen_from_the_meter(
+        cem_and_csms: tuple[S2Server, OcppCentralSystem]) -> None:
+    server, csms = cem_and_csms
+    charger = SimulatedChargePoint("CP16", f"ws://127.0.0.1:{csms.port}", version="1.6",
+                                   speed=600, meter_interval_s=30)
+    await charger.connect()
+    try:
+        await charger.plug_in(1, SimulatedEv(phases=1, max_current_a=32), "SOMEONE")
+        name = "EV charger CP16/1"
+
+        def single_phase_range() -> bool:
+            entry = live(server, name)
+            if entry is None or CHARGING not in mode_ids(entry):
+                return False
+            power = mode_ids(entry)[CHARGING].elements[0].power_ranges[0]
+            return power.commodity_quantity == CommodityQuantity.ELECTRIC_POWER_L1 and \
+                power.end_of_range == 32 * 230
+
+        await wait_for(single_phase_range)
+        entry = live(server, name)
+        assert entry is not None
+        order = instruction(entry, CHARGING, factor_for(13, 1))
+        await server.send_instruction(entry.rm_id or "", order)
+        await wait_for(lambda: charger.profile_log[-1]["purpose"] == "TxProfile")
+        assert charger.profile_log[-1]["phases"] == 1
+        assert charger.profile_log[-1]["limit"] == pytest.approx(13.0)
+    finally:
+        await charger.close()

@@ -128,7 +128,8 @@ class Evse:
     plugged: bool = False
     power_w: tuple[float, float, float] = (0.0, 0.0, 0.0)
     session: EvSession | None = None
-    phases_in_use: int | None = None
+    phases_in_use: int | None = None  # an EV may charge on fewer phases than the EVSE has
+    phase_in_use: str | None = None  # the phase a 1-phase EV charges on
     changed_at: datetime = field(default_factory=_now)
 
     @property
@@ -146,6 +147,23 @@ class Evse:
     @property
     def phases(self) -> int:
         return self.phases_in_use or self.config.phases
+
+    @property
+    def phase(self) -> str:
+        """The phase of a 1-phase EVSE, or of the 1-phase EV on a 3-phase EVSE."""
+        return self.phase_in_use or self.config.phase
+
+    def learn_phases(self, power_w: tuple[float, float, float]) -> None:
+        """Tell from the meter how many phases the EV charges on (3-phase EVSEs only)."""
+        total = sum(power_w)
+        if self.config.phases != 3 or total < 1000:
+            return
+        live = [i for i, p in enumerate(power_w) if p > 0.2 * total]
+        phases = 1 if len(live) == 1 else 3
+        if phases != self.phases:
+            logger.info("%s: the EV charges on %d phase(s)", self.name, phases)
+        self.phases_in_use = phases
+        self.phase_in_use = ("L1", "L2", "L3")[live[0]] if phases == 1 else None
 
     @property
     def max_current_a(self) -> float:
@@ -539,6 +557,8 @@ class OcppCentralSystem:
         """Take a meter reading: EVSE power, session energy and cost, SoC."""
         if power_w is not None:
             evse.power_w = power_w
+            if evse.session is not None:
+                evse.learn_phases(power_w)
         session = evse.session
         if session is not None:
             if energy_wh is not None:
@@ -573,6 +593,7 @@ class OcppCentralSystem:
                 evse.session.transaction_id == transaction_id:
             evse.session = None
             evse.power_w = (0.0, 0.0, 0.0)
+            evse.phases_in_use = evse.phase_in_use = None
             link = self.links.get(cp_id)
             if link is not None:
                 self.spawn(self.clear_tx_profile(evse), f"clear TxProfile on {evse.name}")
@@ -721,7 +742,7 @@ def _split_power(evse: Evse, per_phase: dict[str, float], total: float | None) -
     if evse.phases == 3:
         return (total / 3, total / 3, total / 3)
     shares = {"L1": (total, 0.0, 0.0), "L2": (0.0, total, 0.0), "L3": (0.0, 0.0, total)}
-    return shares[evse.config.phase]
+    return shares[evse.phase]
 
 
 def read_meter_values(evse: Evse, meter_values: Iterable[dict[str, Any]],

@@ -112,7 +112,7 @@ class EvseResource:
             min_a = max(min_a, session.ev_min_current_a)
         return frbc.EvseFlex(
             name=evse.name, online=evse.online, has_session=session is not None,
-            phases=evse.phases, phase=evse.config.phase, min_current_a=min_a,
+            phases=evse.phases, phase=evse.phase, min_current_a=min_a,
             max_current_a=evse.max_current_a,
             energy_kwh=session.energy_wh / 1000 if session else 0.0,
             need_kwh=session.energy_need_wh / 1000 if session else None,
@@ -249,8 +249,13 @@ class EvseResource:
             logger.debug("%s: instruction %s (%.1f A) runs in %.0f s", name, instruction.id,
                          amps, delay)
             await asyncio.sleep(delay)
-            amps = frbc.instruction_current(self.flex(), self.ids, instruction) \
-                if self.evse.session is not None else 0.0
+            try:  # the EV may have left or the charger gone offline meanwhile
+                amps = frbc.instruction_current(self.flex(), self.ids, instruction)
+            except frbc.InstructionProblem as exc:
+                logger.info("%s: instruction %s no longer fits at its time (%s)", name,
+                            instruction.id, exc)
+                await self._status(instruction, InstructionStatus.ABORTED)
+                return
         if amps == 0 and (self.evse.session is None or not self.evse.online):
             # idle with no EV (or an offline charger on its default profile): nothing to do
             if delay <= 1:
