@@ -72,3 +72,14 @@ def test_every_instance_stays_inside_the_bundled_data() -> None:
     for seed in range(25):
         bench_scenario(3, seed=seed)  # raises if a day falls outside the bundled prices / PV
     assert bench_scenario(3, seed=0, ptus=2000).horizon_ptus == 2000
+
+
+def test_office_example_is_the_bench_car_park_with_50_evs() -> None:
+    from pathlib import Path
+
+    from cem.planner.scenario import load_scenario
+
+    example = load_scenario(Path(__file__).parent.parent / "specs" / "scenarios" / "office_car_park.json")
+    built = bench_scenario(50, seed=1)
+    assert example.model_copy(update={"name": "", "description": ""}) == \
+        built.model_copy(update={"name": "", "description": ""})
