@@ -183,3 +183,16 @@ def test_acn_sessions_load_and_move_to_a_dutch_day(tmp_path: Path) -> None:
     bad.write_text("arrival,departure\n")
     with pytest.raises(SessionFileError, match="missing column"):
         load_acn_sessions(bad)
+
+
+def test_quarter_hour_prices_and_hourly_ptus(tmp_path: Path) -> None:
+    rows = [f"2026-11-23T00:{m:02d}:00Z,{10 * (i + 1)}" for i, m in enumerate((0, 15, 30, 45))]
+    source = CsvPriceSource(_csv(tmp_path, rows))
+    assert source.resolution == timedelta(minutes=15)
+    start = datetime(2026, 11, 23, tzinfo=UTC)
+    out = ptu_prices(source, PriceConfig(), start, 15, 4)
+    assert list(out.day_ahead_eur_per_kwh) == [0.01, 0.02, 0.03, 0.04]
+    with pytest.raises(PriceError, match="first at 2026-11-23T01:00:00Z"):
+        ptu_prices(source, PriceConfig(), start, 15, 5)
+    hourly = ptu_prices(CsvPriceSource(bundled(PRICES_2019_10)), PriceConfig(), datetime(2019, 10, 5, tzinfo=UTC), 60, 3)
+    assert len(hourly.prices.import_eur_per_kwh) == 3
