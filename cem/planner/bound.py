@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import highspy
 import numpy as np
 
-from cem.planner.layout import SEGMENT_FACTORS, Dispatch, Layout
+from cem.planner.layout import SEGMENT_FACTORS, TOL_EUR_PER_WH, Dispatch, Layout
 
 INF = highspy.kHighsInf
 
@@ -249,7 +249,7 @@ def build_lp(lay: Layout) -> tuple[_LpArrays, LpIndex]:
     # monotone assets: one sum row for the target, one for the level cap
     tgt = np.flatnonzero(mono & has_t & (need > 0))
     if len(tgt):
-        r = lp.rows((need[tgt] - lay.tol_wh[tgt]) / 1000, INF, len(tgt))
+        r = lp.rows(need[tgt] / 1000, INF, len(tgt))
         rmap = np.full(S, -1, dtype=np.int64)
         rmap[tgt] = r
         sel = rmap[ci] >= 0
@@ -288,7 +288,7 @@ def build_lp(lay: Layout) -> tuple[_LpArrays, LpIndex]:
         lp.coef(r, lv, 1.0)
         lp.coef(r, s_cols, 1.0)
         if has_t[i]:
-            r = lp.rows((lay.target[i] - lay.tol_wh[i]) / 1000, INF, 1)
+            r = lp.rows(lay.target[i] / 1000, INF, 1)
             lp.coef(r, lv[-1:], 1.0)
             _unmet_cols(lp, lay, r, np.array([i]), need)
         for ptu, lo, hi in pr.storage[i].target_profile:
@@ -305,6 +305,8 @@ def _unmet_cols(lp: _LpArrays, lay: Layout, rows: np.ndarray, assets: np.ndarray
                 need: np.ndarray) -> None:
     """Three rising unmet-energy segments per target row."""
     seg = np.maximum(need[assets], 0) / 3 / 1000
+    u0 = lp.cols(0.0, lay.tol_wh[assets] / 1000, TOL_EUR_PER_WH * 1000, len(assets))
+    lp.coef(rows, u0, 1.0)
     for f, ub in zip(SEGMENT_FACTORS, (seg, seg, np.full(len(assets), INF)), strict=True):
         u = lp.cols(0.0, ub, lay.weight[assets] * 1000 * f, len(assets))
         lp.coef(rows, u, 1.0)

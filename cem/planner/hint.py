@@ -314,7 +314,7 @@ def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first
     idx = np.arange(S)
     has_t = ~np.isnan(lay.target)
     end_level = lv[idx, lay.last]
-    short_t = has_t & (end_level < np.nan_to_num(lay.target) - lay.tol_wh - 0.01)
+    short_t = has_t & (end_level < np.nan_to_num(lay.target) - 0.01)
     short_min = np.zeros(S, dtype=bool)
     for i in np.flatnonzero(lay.needs_levels):
         a, b = lay.first[i], lay.last[i]
@@ -357,7 +357,7 @@ def _fill_asset(lay: Layout, disp: Dispatch, i: int, g: np.ndarray, ph: np.ndarr
         if lay.needs_levels[i]:
             want[a + 1:b + 1] = lay.lmin[i]
         if not np.isnan(lay.target[i]):
-            want[b] = max(want[b], lay.target[i] - lay.tol_wh[i])
+            want[b] = max(want[b], lay.target[i])
         miss = want - lvl
         bad = np.flatnonzero(miss > 0.01)
         if len(bad) == 0:
@@ -383,6 +383,20 @@ def _fill_asset(lay: Layout, disp: Dispatch, i: int, g: np.ndarray, ph: np.ndarr
             if c == 0 and add < lay.cmin[i]:
                 # lift to the minimum if the limits allow it even though it overshoots a little
                 add = lay.cmin[i] if min(head, lvl_room / (dt * eta)) >= lay.cmin[i] else 0.0
+                rest = gap / (dt * eta)
+                if add == 0 and head >= lay.cmin[i] and 0 < rest < lay.cmin[i] and not lay.needs_levels[i]:
+                    # the rest is below the minimum power: run this PTU at the minimum and take
+                    # the difference from a PTU that charges well above it
+                    over = np.ceil((lay.cmin[i] - rest) / step - EPS) * step
+                    donors = np.flatnonzero(disp.charge[i] >= lay.cmin[i] + over)
+                    if len(donors):
+                        u = int(donors[np.argmax(price[donors])])
+                        disp.charge[i, u] -= over
+                        g[u] -= over
+                        ph[:, u] -= share * over
+                        lvl[u + 1:] -= dt * eta * over
+                        gap += dt * eta * over
+                        add = lay.cmin[i]
             else:
                 add = min(np.ceil(add / step - EPS) * step, _down(min(head, lay.cmax[i] - c, lvl_room / (dt * eta)), step))
             if add <= 0:

@@ -26,6 +26,7 @@ from cem.planner.assets import Problem
 UNMET_EUR_PER_WH = 0.2  # 200 EUR/kWh for priority 1
 PRIORITY_FACTOR = 3.0
 SEGMENT_FACTORS = (1.0, 1.25, 1.5)
+TOL_EUR_PER_WH = 0.002  # 2 EUR/kWh: above any price, so met when the limits allow it
 TIE_EUR_PER_KWH = 1e-4  # at the horizon end; 0 at its start
 STEP_FLOOR_W = 10  # power resolution used when an asset allows finer steps
 
@@ -61,7 +62,7 @@ class Layout:
     target: np.ndarray  # (S,) Wh, nan where none
     needs_levels: np.ndarray  # (S,) bool: level variables per PTU (else one energy sum)
     weight: np.ndarray  # (S,) EUR per Wh unmet
-    tol_wh: np.ndarray  # (S,) a target counts as met within one power step for one PTU
+    tol_wh: np.ndarray  # (S,) the last Wh of a target (one power step for one PTU) is cheap to miss
     blocked: np.ndarray  # (S,) bool: cannot charge (minimum power overfills level_max)
     share: np.ndarray  # (S, 3)
     fixed_w: np.ndarray  # (n,)
@@ -147,7 +148,7 @@ def build_layout(problem: Problem) -> Layout:
         if a.level_wh > a.level_max_wh:
             notes.append(f"{a.id}: level {a.level_wh} Wh starts above its maximum {a.level_max_wh} Wh")
     weight = np.array([priority_weight(a.priority) for a in st]) if S else np.zeros(0)
-    tol_wh = dt * eta_c * step if S else np.zeros(0)
+    tol_wh = np.ceil(dt * eta_c * step) if S else np.zeros(0)
     # a charge-only asset whose room to level_max is less than one PTU at its minimum power
     # cannot charge at all without overfilling
     blocked = (~needs) & (cmin > 0) & (cmin * dt * eta_c > (lmax - level0) + tol_wh)
@@ -306,15 +307,18 @@ def levels(lay: Layout, disp: Dispatch) -> np.ndarray:
     return out
 
 
-def unmet_penalty(unmet: np.ndarray, need: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """Penalty (EUR) of unmet Wh per asset in the three rising segments."""
+def unmet_penalty(unmet: np.ndarray, need: np.ndarray, weight: np.ndarray,
+                  tol: np.ndarray) -> np.ndarray:
+    """Penalty (EUR) of unmet Wh per asset: the last `tol` Wh (a rounding step) at
+    TOL_EUR_PER_WH, the rest in the three rising segments."""
     seg = np.maximum(need, 0) / 3
-    u = np.maximum(unmet, 0)
+    u0 = np.minimum(np.maximum(unmet, 0), tol)
+    u = np.maximum(unmet - tol, 0)
     s1 = np.minimum(u, seg)
     s2 = np.minimum(np.maximum(u - seg, 0), seg)
     s3 = np.maximum(u - 2 * seg, 0)
     f1, f2, f3 = SEGMENT_FACTORS
-    return weight * (f1 * s1 + f2 * s2 + f3 * s3)
+    return TOL_EUR_PER_WH * u0 + weight * (f1 * s1 + f2 * s2 + f3 * s3)
 
 
 @dataclass
@@ -346,9 +350,9 @@ def evaluate(lay: Layout, disp: Dispatch) -> Evaluation:
     idx = np.arange(S)
     end_level = lv[idx, lay.last] if S else np.zeros(0)
     has_t = ~np.isnan(lay.target)
-    unmet = np.where(has_t, np.maximum(np.nan_to_num(lay.target) - lay.tol_wh - end_level, 0), 0.0)
+    unmet = np.where(has_t, np.maximum(np.nan_to_num(lay.target) - end_level, 0), 0.0)
     need = np.where(has_t, np.nan_to_num(lay.target) - lay.level0, 0.0)
-    pen = float(unmet_penalty(unmet, need, lay.weight).sum()) if S else 0.0
+    pen = float(unmet_penalty(unmet, need, lay.weight, lay.tol_wh).sum()) if S else 0.0
     deficit = np.zeros(S)
     miss = np.zeros(S)
     for i in np.flatnonzero(lay.needs_levels):

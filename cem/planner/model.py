@@ -21,7 +21,14 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from cem.planner.check import check_plan
-from cem.planner.layout import SEGMENT_FACTORS, Dispatch, Layout, _share, profile_power
+from cem.planner.layout import (
+    SEGMENT_FACTORS,
+    TOL_EUR_PER_WH,
+    Dispatch,
+    Layout,
+    _share,
+    profile_power,
+)
 
 __all__ = ["check_plan", "improve"]
 
@@ -245,14 +252,18 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
     def unmet_vars(i: int, achieved_hint_wh: float) -> tuple[np.ndarray, np.ndarray]:
         """Three unmet segments (Wh) for asset i, hinted from the hint's shortfall."""
         seg = max(math.ceil(need_wh[i] / 3), 0)
-        short = max(math.ceil(need_wh[i] - lay.tol_wh[i] - achieved_hint_wh), 0)
+        short = max(math.ceil(need_wh[i] - achieved_hint_wh), 0)
+        tol = int(lay.tol_wh[i])
+        h0 = min(short, tol)
+        short -= h0
         h1 = min(short, seg)
         h2 = min(short - h1, seg)
         h3 = short - h1 - h2
         top = max(math.ceil(need_wh[i]), 0) + 1
-        us = np.array([V.new(0, seg, h1), V.new(0, seg, h2), V.new(0, top, h3)], dtype=np.int64)
-        cost(us, lay.weight[i] * np.array(SEGMENT_FACTORS))
-        return us, np.full(3, LS, dtype=np.int64)
+        us = np.array([V.new(0, tol, h0), V.new(0, seg, h1), V.new(0, seg, h2), V.new(0, top, h3)],
+                      dtype=np.int64)
+        cost(us, np.array([TOL_EUR_PER_WH, *(lay.weight[i] * np.array(SEGMENT_FACTORS))]))
+        return us, np.full(4, LS, dtype=np.int64)
 
     mono = ~lay.needs_levels
     for i in np.flatnonzero(mono & (lay.cmax > 0)):
@@ -265,7 +276,7 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
         if has_t[i] and need_wh[i] > 0:
             us, uc = unmet_vars(i, achieved_mwh / LS)
             m.add(V.expr(np.concatenate([idx, us]), np.concatenate([coef, uc]))
-                  >= math.ceil((need_wh[i] - lay.tol_wh[i]) * LS))
+                  >= math.ceil(need_wh[i] * LS))
         cap = lay.lmax[i] - lay.level0[i]
         if len(ts) * kc[i] * (lay.cmax[i] // step[i]) > cap * LS:
             m.add(V.expr(idx, coef) <= math.floor(max(cap, 0) * LS))
@@ -302,7 +313,7 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
                 cost(np.array([s]), np.array([lay.weight[i] / LS]))
         if has_t[i]:
             us, uc = unmet_vars(i, hint_l[-1] / LS - lay.level0[i])
-            m.add(V.all[lv[-1]] + V.expr(us, uc) >= math.ceil((lay.target[i] - lay.tol_wh[i]) * LS))
+            m.add(V.all[lv[-1]] + V.expr(us, uc) >= math.ceil(lay.target[i] * LS))
         for ptu, p_lo, p_hi in pr.storage[i].target_profile:
             if a < ptu <= b:
                 x = lv[ptu - a - 1]

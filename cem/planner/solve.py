@@ -138,7 +138,7 @@ def to_plan(lay: Layout, disp: Dispatch, status: str, notes: list[str]) -> Plan:
         power[a.id] = net[i]
         level[a.id] = np.rint(ev.level[i, 1:]).astype(np.int64)
         miss = float(ev.unmet_wh[i] + ev.profile_miss_wh[i])
-        if miss >= 1.0:
+        if miss > max(float(lay.tol_wh[i]), 1.0):
             shortfall[a.id] = Shortfall(round(miss), _reason(lay, i, status))
         elif ev.deficit_wh[i] >= 1.0:
             why = ("demand above what the device can deliver"
