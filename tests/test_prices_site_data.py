@@ -194,5 +194,7 @@ def test_quarter_hour_prices_and_hourly_ptus(tmp_path: Path) -> None:
     assert list(out.day_ahead_eur_per_kwh) == [0.01, 0.02, 0.03, 0.04]
     with pytest.raises(PriceError, match="first at 2026-11-23T01:00:00Z"):
         ptu_prices(source, PriceConfig(), start, 15, 5)
+    mean = ptu_prices(source, PriceConfig(), start, 60, 1)  # an hourly PTU: the mean of its quarters
+    assert mean.day_ahead_eur_per_kwh[0] == pytest.approx(0.025)
     hourly = ptu_prices(CsvPriceSource(bundled(PRICES_2019_10)), PriceConfig(), datetime(2019, 10, 5, tzinfo=UTC), 60, 3)
     assert len(hourly.prices.import_eur_per_kwh) == 3

@@ -11,7 +11,8 @@ the planner's `Prices` with the tariff rules of `PriceConfig`:
 
 Negative prices are kept as they are (negative import prices pay the site to consume).
 A PTU takes the price of the price period that contains its start (an hour splits into four
-15-minute PTUs with the same price; 15-minute price data works the same way). A PTU whose
+15-minute PTUs with the same price; 15-minute price data works the same way); a PTU longer than
+the price period takes the mean of the periods inside it. A PTU whose
 period is missing is an error naming the first missing time, unless `fill="previous"`, which
 carries the last known price forward and says so in `PtuPrices.notes`.
 
@@ -202,7 +203,8 @@ def wholesale_per_ptu(
     *,
     fill: Literal["error", "previous"] = "error",
 ) -> tuple[np.ndarray, list[str]]:
-    """Day-ahead EUR/MWh per PTU: each PTU takes the price period containing its start."""
+    """Day-ahead EUR/MWh per PTU: the price period containing the PTU's start, or the mean of the
+    periods inside it when prices are finer than the PTU (15-minute prices, hourly PTUs)."""
     start = _aware_utc(start, "start")
     ptu = timedelta(minutes=ptu_minutes)
     end = start + n_ptus * ptu
@@ -214,11 +216,19 @@ def wholesale_per_ptu(
     last: float | None = None
     if times and times[0] <= start:
         last = series[0][1]
-    for i in range(n_ptus):
-        moment = start + i * ptu
+    steps = max(1, int(ptu // source.resolution)) if source.resolution < ptu else 1
+
+    def price_at(moment: datetime) -> float | None:
         k = bisect.bisect_right(times, moment) - 1
         if k >= 0 and moment < times[k] + source.resolution:
-            out[i] = last = series[k][1]
+            return series[k][1]
+        return None
+
+    for i in range(n_ptus):
+        moment = start + i * ptu
+        found = [price_at(moment + j * source.resolution) for j in range(steps)]
+        if all(p is not None for p in found):
+            out[i] = last = float(np.mean(found))
             continue
         missing.append(moment)
         if fill == "previous" and last is not None:
