@@ -238,11 +238,16 @@ def sim_chargers(
     csms: str = typer.Option("ws://127.0.0.1:9000", help="central system URL"),
     sessions: Path | None = typer.Option(None, help="sessions CSV (ACN format)"),
     speed: float = typer.Option(1.0, help="simulated seconds per wall-clock second"),
+    config: Path | None = typer.Option(
+        None, "--config", "-c",
+        help="site config: simulate its ocpp.charge_points (ids, phases, passwords)"),
 ) -> None:
     """Run simulated OCPP charge points with simulated EVs."""
     from resource_managers.ocpp_charger.cli import run_charger_simulators
 
-    run_charger_simulators(count=count, ocpp=ocpp, csms=csms, sessions=sessions, speed=speed)
+    site = load_config_or_exit(config) if config is not None else None
+    run_charger_simulators(count=count, ocpp=ocpp, csms=csms, sessions=sessions, speed=speed,
+                           site=site)
 
 
 @sim_app.command("modbus")

@@ -71,13 +71,18 @@ def run_ocpp_rm(site: SiteConfig, cem_url: str, port: int | None = None,
 
 
 def run_charger_simulators(count: int, ocpp: str, csms: str, sessions: Path | None,
-                           speed: float) -> None:
-    """Run `count` simulated charge points with EVs from an ACN CSV or a built-in sequence."""
+                           speed: float, site: SiteConfig | None = None) -> None:
+    """Run `count` simulated charge points with EVs from an ACN CSV or a built-in sequence.
+
+    With a site config, the first `count` of its `ocpp.charge_points` are simulated as configured
+    (ids, EVSEs, phases, maximum current, password), so ACN sessions land on their station.
+    """
     from resource_managers.ocpp_charger.simulator import (
         SimulatedChargePoint,
         built_in_arrivals,
         load_acn_arrivals,
         run_fleet,
+        stations_for_site,
     )
 
     if ocpp not in ("1.6", "2.0.1"):
@@ -105,8 +110,12 @@ def run_charger_simulators(count: int, ocpp: str, csms: str, sessions: Path | No
     async def main() -> None:
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        stations = [SimulatedChargePoint(f"SIM-CP-{i + 1:02d}", csms, version=ocpp, speed=speed,
-                                         meter_interval_s=60.0) for i in range(count)]
+        if site is not None and site.ocpp.charge_points:
+            stations = stations_for_site(site, csms, speed=speed, versions=(ocpp,))[:count]
+        else:
+            stations = [SimulatedChargePoint(f"SIM-CP-{i + 1:02d}", csms, version=ocpp,
+                                             speed=speed, meter_interval_s=60.0)
+                        for i in range(count)]
         await run_fleet(stations, arrivals, stop)
 
     try:

@@ -613,7 +613,9 @@ async def run_fleet(stations: list[SimulatedChargePoint], arrivals: list[Arrival
                 await asyncio.wait_for(stop.wait(), wait)
         if stop.is_set():
             break
-        first = station_of.setdefault(arrival.station, len(station_of) % len(stations))
+        named = next((i for i, cp in enumerate(stations) if cp.cp_id == arrival.station), None)
+        first = station_of.setdefault(arrival.station, named if named is not None
+                                      else len(station_of) % len(stations))
         order = stations[first:] + stations[:first]
         free = next(((cp, e) for cp in order if cp.connected.is_set() for e in cp.evses.values()
                      if e.ev is None), None)
