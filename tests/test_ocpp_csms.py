@@ -178,10 +178,15 @@ async def test_malformed_frames_get_call_errors(csms: OcppCentralSystem, protoco
         answer = json.loads(await ws.recv())
         assert answer[0] == 4 and answer[1] == "m1"
         assert answer[2] in ("TypeConstraintViolation", "FormationViolation", "FormatViolation")
-        # a required field missing
+        # a field the schema does not allow: each version's own name for the error
         await ws.send(json.dumps([2, "m2", "Heartbeat", {"extra": 1}]))
         answer = json.loads(await ws.recv())
-        assert answer[0] == 4 and answer[1] == "m2"
+        assert answer[:2] == [4, "m2"]
+        assert answer[2] == ("FormationViolation" if protocol == "ocpp1.6" else "FormatViolation")
+        # a required field missing
+        await ws.send(json.dumps([2, "m2b", "Authorize", {}]))
+        answer = json.loads(await ws.recv())
+        assert answer[:3] == [4, "m2b", "ProtocolError"]
         # an unknown action
         await ws.send(json.dumps([2, "m3", "MakeCoffee", {}]))
         answer = json.loads(await ws.recv())

@@ -20,6 +20,7 @@ import binascii
 import contextlib
 import json
 import logging
+import sys
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -684,6 +685,11 @@ class OcppCentralSystem:
 # --- charger handlers --------------------------------------------------------------------------
 
 
+# OCPP-J 1.6 (4.2.3) spells these differently from 2.0.1, which the ocpp library uses for both.
+ERROR_CODES_16 = {"FormatViolation": "FormationViolation",
+                  "OccurrenceConstraintViolation": "OccurenceConstraintViolation"}
+
+
 def _frame_error(raw: str, version: str, error: OCPPError) -> str | None:
     """A CallError for a frame that cannot be parsed, with its message id when readable."""
     unique_id = "-1"
@@ -698,8 +704,34 @@ def _frame_error(raw: str, version: str, error: OCPPError) -> str | None:
     if version == "2.0.1":
         code = "RpcFrameworkError"  # OCPP-J 2.0.1 4.3: message is not a valid RPC request
     else:
-        code = "FormationViolation" if error.code == "FormatViolation" else error.code
+        code = ERROR_CODES_16.get(error.code, error.code)
     return CallError(unique_id, code, error.description, error.details or {}).to_json()
+
+
+class FrameLog:
+    """The ocpp library's logger, quieter: frames at DEBUG, handler errors as one plain line.
+
+    The library logs every frame at INFO and a traceback for every malformed payload it answers
+    with a CallError; both drown the decisions this RM logs.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._logger = logging.getLogger(name)
+
+    def debug(self, msg: str, *args: Any) -> None:
+        self._logger.debug(msg, *args)
+
+    info = debug
+
+    def warning(self, msg: str, *args: Any) -> None:
+        self._logger.warning(msg, *args)
+
+    def error(self, msg: str, *args: Any, **_: Any) -> None:
+        self._logger.warning(msg, *args)
+
+    def exception(self, msg: str, *args: Any, **_: Any) -> None:
+        error = sys.exc_info()[1]
+        self._logger.warning(msg + ": %s", *args, error)
 
 
 class _CsmsSide:
@@ -707,6 +739,14 @@ class _CsmsSide:
 
     version = ""
     csms: OcppCentralSystem
+
+    async def _send(self, message: str) -> None:
+        """Send a frame; CallErrors to 1.6 chargers use the 1.6 error code names."""
+        if self.version == "1.6" and message.startswith("[4,"):
+            frame = json.loads(message)
+            frame[2] = ERROR_CODES_16.get(frame[2], frame[2])
+            message = json.dumps(frame, separators=(",", ":"))
+        await super()._send(message)  # type: ignore[misc]
 
     async def route_message(self, raw_msg: str) -> None:  # type: ignore[override]
         try:
@@ -785,7 +825,8 @@ class ChargePoint16Handler(_CsmsSide, ChargePoint16):
     version = "1.6"
 
     def __init__(self, cp_id: str, connection: ServerConnection, csms: OcppCentralSystem) -> None:
-        super().__init__(cp_id, connection, response_timeout=csms.response_timeout_s)
+        super().__init__(cp_id, connection, response_timeout=csms.response_timeout_s,
+                         logger=FrameLog("resource_managers.ocpp.frames"))
         self.csms = csms
 
     @on(Action16.boot_notification)
@@ -873,7 +914,8 @@ class ChargePoint201Handler(_CsmsSide, ChargePoint201):
     version = "2.0.1"
 
     def __init__(self, cp_id: str, connection: ServerConnection, csms: OcppCentralSystem) -> None:
-        super().__init__(cp_id, connection, response_timeout=csms.response_timeout_s)
+        super().__init__(cp_id, connection, response_timeout=csms.response_timeout_s,
+                         logger=FrameLog("resource_managers.ocpp.frames"))
         self.csms = csms
 
     @on(Action201.boot_notification)

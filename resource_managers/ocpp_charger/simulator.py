@@ -41,6 +41,7 @@ from ocpp.v201.enums import Action as Action201
 
 from cem.site.config import SiteConfig
 from resource_managers.ocpp_charger import limits
+from resource_managers.ocpp_charger.csms import FrameLog
 
 logger = logging.getLogger("resource_managers.ocpp.simulator")
 
@@ -455,7 +456,8 @@ class SimulatedChargePoint:
 
 class _Station16(ChargePoint16):
     def __init__(self, cp_id: str, ws: Any, sim: SimulatedChargePoint) -> None:
-        super().__init__(cp_id, ws, response_timeout=10)
+        super().__init__(cp_id, ws, response_timeout=10,
+                         logger=FrameLog("resource_managers.ocpp.simulator.frames"))
         self.sim = sim
 
     @on(Action16.set_charging_profile)
@@ -474,7 +476,8 @@ class _Station16(ChargePoint16):
 
 class _Station201(ChargePoint201):
     def __init__(self, cp_id: str, ws: Any, sim: SimulatedChargePoint) -> None:
-        super().__init__(cp_id, ws, response_timeout=10)
+        super().__init__(cp_id, ws, response_timeout=10,
+                         logger=FrameLog("resource_managers.ocpp.simulator.frames"))
         self.sim = sim
 
     @on(Action201.set_charging_profile)
