@@ -76,6 +76,22 @@ def _sigma_delta(lay: Layout, i: int, net: np.ndarray) -> tuple[np.ndarray, np.n
     return c, d
 
 
+def _donors(row: np.ndarray, amount: float, cmin: float, price: np.ndarray
+            ) -> list[tuple[int, float]] | None:
+    """Take `amount` W x PTU from the PTUs of `row` above `cmin`, dearest first (None: too little)."""
+    on = np.flatnonzero(row > cmin + EPS)
+    if len(on) == 0 or float((row[on] - cmin).sum()) < amount - EPS:
+        return None
+    out: list[tuple[int, float]] = []
+    for u in on[np.argsort(-price[on], kind="stable")]:
+        take = min(float(row[u] - cmin), amount)
+        out.append((int(u), take))
+        amount -= take
+        if amount <= EPS:
+            break
+    return out
+
+
 def _move_below_min(lay: Layout, c: np.ndarray, cmin: np.ndarray) -> None:
     """Move charging that lies below an asset's minimum power into its other PTUs (in place).
 
@@ -100,10 +116,10 @@ def _move_below_min(lay: Layout, c: np.ndarray, cmin: np.ndarray) -> None:
             energy -= float(take.sum())
         if energy <= lay.step[i] / 2:
             continue
-        donors = np.flatnonzero(c[i] >= 2 * cmin[i] - energy - EPS)
-        if len(donors) and energy < cmin[i]:
-            u = int(donors[np.argmax(price[donors])])
-            c[i, u] -= cmin[i] - energy
+        takes = _donors(c[i], cmin[i] - energy, cmin[i], price) if energy < cmin[i] else None
+        if takes is not None:
+            for u, amount in takes:
+                c[i, u] -= amount
             c[i, best] = cmin[i]
         else:
             room = (lay.lmax[i] - lay.level0[i]) / (lay.dt_h * lay.eta_c[i]) - float(c[i].sum())
@@ -388,14 +404,14 @@ def _fill_asset(lay: Layout, disp: Dispatch, i: int, g: np.ndarray, ph: np.ndarr
                     # the rest is below the minimum power: run this PTU at the minimum and take
                     # the difference from a PTU that charges well above it
                     over = np.ceil((lay.cmin[i] - rest) / step - EPS) * step
-                    donors = np.flatnonzero(disp.charge[i] >= lay.cmin[i] + over)
-                    if len(donors):
-                        u = int(donors[np.argmax(price[donors])])
-                        disp.charge[i, u] -= over
-                        g[u] -= over
-                        ph[:, u] -= share * over
-                        lvl[u + 1:] -= dt * eta * over
-                        gap += dt * eta * over
+                    takes = _donors(disp.charge[i], over, lay.cmin[i], price)
+                    for u, amount in takes or []:
+                        disp.charge[i, u] -= amount
+                        g[u] -= amount
+                        ph[:, u] -= share * amount
+                        lvl[u + 1:] -= dt * eta * amount
+                        gap += dt * eta * amount
+                    if takes:
                         add = lay.cmin[i]
             else:
                 add = min(np.ceil(add / step - EPS) * step, _down(min(head, lay.cmax[i] - c, lvl_room / (dt * eta)), step))
@@ -413,7 +429,105 @@ def _fill_asset(lay: Layout, disp: Dispatch, i: int, g: np.ndarray, ph: np.ndarr
             return
 
 
-def round_and_repair(lay: Layout, frac: Dispatch) -> Dispatch:
+def shave_peak(lay: Layout, disp: Dispatch, deadline: float, rounds: int = 60) -> None:
+    """Lower the kW-max by moving charging out of the peak PTUs while that pays (in place).
+
+    Each round tries to lower the peak by a step: every PTU above the new peak gives charging
+    (of charge-only assets, keeping each in {0} U [min, max]) to other PTUs of the same asset's
+    window with room under the new peak, the import limit and the fuse, cheapest first. A round
+    is kept only if the peak cost saved exceeds the energy cost added.
+    """
+    if lay.peak_price <= 0 or lay.n == 0:
+        return
+    import time as _time
+
+    mono = np.flatnonzero(~lay.needs_levels & (lay.cmax > 0))
+    if len(mono) == 0:
+        return
+    for _ in range(rounds):
+        if _time.perf_counter() > deadline:
+            return
+        g, ph = grid_and_phases(lay, disp)
+        peak = float(g.max())
+        if peak <= lay.peak_so_far + 1:
+            return
+        floor_ = max(lay.peak_so_far, float(np.sort(g)[-min(len(g), 3)]) - 1)
+        for delta in (max(peak - floor_, 1.0), max(0.02 * peak, 50.0), max(0.005 * peak, 10.0)):
+            new_peak = max(peak - delta, lay.peak_so_far)
+            trial = disp.copy()
+            ok, extra_cost = _move_out_of_peak(lay, trial, g.copy(), ph.copy(), new_peak, mono)
+            gain = lay.peak_price * (peak - new_peak)
+            if ok and extra_cost < gain - 1e-9:
+                disp.charge[:] = trial.charge
+                break
+        else:
+            return
+
+
+
+def _move_out_of_peak(lay: Layout, disp: Dispatch, g: np.ndarray, ph: np.ndarray, cap: float,
+                      mono: np.ndarray) -> tuple[bool, float]:
+    dt = lay.dt_h
+    extra = 0.0
+    lim = np.minimum(lay.import_lim, cap)
+    for t in np.flatnonzero(g > cap + 0.5):
+        excess = g[t] - cap
+        users = mono[disp.charge[mono, t] > 0]
+        users = users[np.argsort(-disp.charge[users, t], kind="stable")]
+        for i in users:
+            if excess <= 0.5:
+                break
+            a, b = int(lay.first[i]), int(lay.last[i])
+            st = float(lay.step[i])
+            c_t = disp.charge[i, t]
+            share = lay.share[i]
+            # how much t gives: down to the minimum, or all of it
+            give = min(np.ceil(excess / st - EPS) * st, c_t - lay.cmin[i]) if c_t - lay.cmin[i] >= excess else c_t
+            if give <= 0:
+                give = c_t
+            ss = np.arange(a, b)
+            ss = ss[(ss != t)]
+            ss = ss[np.argsort(lay.p_imp[ss], kind="stable")]
+            placed: list[tuple[int, float]] = []
+            left = give
+            for s in ss:
+                head = lim[s] - g[s]
+                for p in range(3):
+                    if share[p] > 0:
+                        head = min(head, (lay.fuse_up[p, s] - ph[p, s]) / share[p])
+                c_s = disp.charge[i, s]
+                room = min(head, lay.cmax[i] - c_s)
+                room = np.floor(room / st + EPS) * st
+                if room <= 0:
+                    continue
+                put = min(room, left)
+                if c_s == 0 and put < lay.cmin[i]:
+                    if room >= lay.cmin[i] and left >= lay.cmin[i]:
+                        put = lay.cmin[i]
+                    else:
+                        continue
+                placed.append((int(s), put))
+                left -= put
+                if left <= EPS:
+                    break
+            if left > EPS:
+                continue  # this asset cannot move it; try the next one
+            disp.charge[i, t] -= give
+            g[t] -= give
+            ph[:, t] -= share * give
+            extra -= lay.p_imp[t] * give * dt / 1000
+            for s, put in placed:
+                disp.charge[i, s] += put
+                g[s] += put
+                ph[:, s] += share * put
+                extra += lay.p_imp[s] * put * dt / 1000
+            excess = g[t] - cap
+        if excess > 0.5:
+            return False, extra
+    return True, extra
+
+
+def round_and_repair(lay: Layout, frac: Dispatch, deadline: float = float("inf")) -> Dispatch:
     """A feasible plan near the fractional one (see module docstring)."""
     g_frac, _ = grid_and_phases(lay, frac)
     lp_peak = max(lay.peak_so_far, float(g_frac.max()) if lay.n else 0.0) + 0.5
@@ -423,4 +537,5 @@ def round_and_repair(lay: Layout, frac: Dispatch) -> Dispatch:
     repair_limits(lay, disp, cap)
     refill(lay, disp, by_price=True, peak_cap=lp_peak)
     repair_limits(lay, disp)
+    shave_peak(lay, disp, deadline)
     return disp

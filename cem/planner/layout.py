@@ -151,7 +151,7 @@ def build_layout(problem: Problem) -> Layout:
     tol_wh = np.ceil(dt * eta_c * step) if S else np.zeros(0)
     # a charge-only asset whose room to level_max is less than one PTU at its minimum power
     # cannot charge at all without overfilling
-    blocked = (~needs) & (cmin > 0) & (cmin * dt * eta_c > (lmax - level0) + tol_wh)
+    blocked = (~needs) & (cmin > 0) & (cmin * dt * eta_c > (lmax - level0) + 1e-9)
     for i in np.flatnonzero(blocked & (cmax > 0)):
         notes.append(f"{st[i].id}: needs less than one PTU at its minimum power "
                      f"({cmin[i]:.0f} W): it cannot charge without passing its maximum level")

@@ -60,7 +60,7 @@ def plan_site(problem: Problem, *, time_limit_s: float = 1.0, workers: int = 2,
         lp_solve_s = lp.solve_s
         if lp.dispatch is not None:
             bound = lp.bound_eur
-            candidate = round_and_repair(lay, lp.dispatch)
+            candidate = round_and_repair(lay, lp.dispatch, deadline=deadline)
             status = "FEASIBLE"
         else:
             notes.append(f"LP relaxation not solved ({lp.status}): starting from the fallback plan")
