@@ -73,6 +73,7 @@ def test_frbc_power_range_rates_and_target() -> None:
     assert abs((end - state.departure).total_seconds()) < 1  # type: ignore[operator]
     assert target.elements[-1].fill_level_range.start_of_range == 20.0
     assert target.elements[0].fill_level_range.start_of_range == 0.0
+    assert "priority 1" in (sd.storage.diagnostic_label or "")
 
 
 def test_frbc_uses_soc_once_the_battery_size_is_known() -> None:

@@ -75,6 +75,7 @@ class EvseFlex:
     power_w: tuple[float, float, float] = (0.0, 0.0, 0.0)
     limit_a: float | None = None
     voltage_v: float = limits.VOLTAGE_V
+    priority: int = 1  # from the charge card; S2 has no field for it, see system_description
 
     @property
     def flexible(self) -> bool:
@@ -172,7 +173,8 @@ def system_description(flex: EvseFlex, ids: FrbcIds, now: datetime) -> FRBCSyste
         modes.insert(0, _mode(
             ids.charging, f"charging {flex.min_current_a:g}-{limits.round_down_tenth(flex.max_current_a):g} A "
             f"on {flex.phases} phase(s)", flex, round(flex.min_power_w), round(flex.max_power_w)))
-        label = "EV charging" if not flex.uses_soc else "EV charging (SoC known)"
+        # S2 has no priority field: the label carries it as "priority N" for the CEM to read
+        label = f"EV charging, priority {flex.priority}" + (", SoC known" if flex.uses_soc else "")
     elif not flex.online:
         label = "charger offline: no flexibility"
     elif not flex.has_session:

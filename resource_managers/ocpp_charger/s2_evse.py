@@ -119,7 +119,8 @@ class EvseResource:
             departure=session.departure if session else None,
             soc=session.soc if session else None,
             capacity_kwh=session.capacity_kwh if session else None,
-            power_w=evse.power_w, limit_a=session.limit_a if session else None)
+            power_w=evse.power_w, limit_a=session.limit_a if session else None,
+            priority=session.priority if session else site.ev_defaults.priority)
 
     def activated(self) -> None:
         self.active = True
@@ -190,6 +191,7 @@ class EvseResource:
         now = _now()
         session = self.evse.session
         shape = (flex.online, flex.has_session, session.transaction_id if session else None,
+                 flex.priority,
                  flex.phases, flex.min_current_a, round(flex.max_current_a, 1), flex.departure,
                  flex.need_kwh, flex.uses_soc)
         if shape != self._shape:
