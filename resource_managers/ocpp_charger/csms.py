@@ -280,18 +280,22 @@ class OcppCentralSystem:
             for evse_id in range(1, cp.evses + 1):
                 self._evse(cp.id, evse_id)
         self._check_safe_limit()
+        try:
+            self._server = await serve(
+                self._connection, self.host, self.requested_port,
+                subprotocols=list(SUBPROTOCOLS),  # type: ignore[arg-type]
+                select_subprotocol=self._select_subprotocol,
+                process_request=self._check_request,
+                ping_interval=30, ping_timeout=30,
+            )
+        except OSError:
+            await self.records.close()
+            raise
         if self.cem_url is not None:
             from resource_managers.ocpp_charger.s2_evse import EvseResources
 
             self.s2 = EvseResources(self, self.cem_url, token=self.token)
             self.s2.start()
-        self._server = await serve(
-            self._connection, self.host, self.requested_port,
-            subprotocols=list(SUBPROTOCOLS),  # type: ignore[arg-type]
-            select_subprotocol=self._select_subprotocol,
-            process_request=self._check_request,
-            ping_interval=30, ping_timeout=30,
-        )
         logger.info("OCPP central system listening on ws://%s:%d (OCPP 1.6J and 2.0.1), "
                     "%d charge point(s) configured, unknown charge points %s, unknown cards %s",
                     self.host, self.port, len(self.charge_points),
