@@ -519,6 +519,9 @@ class OcppCentralSystem:
                 logger.info("session %s on %s resumed (it had been closed at restart)",
                             transaction_id, evse.name)
             record_id, started_at, meter_start_wh = row.id, row.started_at, row.meter_start_wh
+            if id_tag is None and row.id_tag:
+                id_tag = row.id_tag
+                _status, card = self.check_card(id_tag)
             meter_wh = row.meter_last_wh
         else:
             record_id = await self.records.start(
