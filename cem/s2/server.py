@@ -29,6 +29,7 @@ import itertools
 import logging
 import ssl
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -242,7 +243,8 @@ class S2Server:
         self._server: Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
-        self._holders: dict[int, str | None] = {}
+        self._holders: weakref.WeakKeyDictionary[ServerConnection, str | None] = (
+            weakref.WeakKeyDictionary())
         self._stopping = False
         self.messages_in = 0
         self.messages_out = 0
@@ -444,7 +446,7 @@ class S2Server:
                                           f"S2 CEM: {decision.reason}\n")
             response.headers["WWW-Authenticate"] = 'Bearer realm="S2 CEM"'
             return response
-        self._holders[id(connection)] = decision.holder
+        self._holders[connection] = decision.holder
         return None
 
     # --- one connection ---------------------------------------------------------------------------
@@ -452,7 +454,7 @@ class S2Server:
     async def _handle_connection(self, ws: ServerConnection) -> None:
         connection_id = f"conn-{next(self._ids)}"
         peer = _peer(ws)
-        holder = self._holders.pop(id(ws), None)
+        holder = self._holders.pop(ws, None)
         if self._stopping:
             await ws.close(SHUTDOWN_CODE, SHUTDOWN_REASON)
             return
