@@ -175,7 +175,8 @@ async def test_cdrs_table_and_csv_export(tmp_path: Path) -> None:
     out = tmp_path / "cdrs.csv"
     exported = runner.invoke(app, ["cdrs", "-c", str(config), "--db", str(db), "--csv", str(out)])
     assert exported.exit_code == 0
-    rows = list(csv.DictReader(out.open()))
+    with out.open() as handle:
+        rows = list(csv.DictReader(handle))
     assert rows[0]["energy_kwh"] == "8.0" and float(rows[0]["cost_eur"]) == pytest.approx(2.2)
     assert float(rows[0]["peak_kw"]) == pytest.approx(7.4)
     missing = runner.invoke(app, ["sessions", "-c", str(config), "--db", str(tmp_path / "no.db")])
