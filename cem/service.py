@@ -65,10 +65,18 @@ class CemService:
 
     async def start(self) -> None:
         """Open the store, listen for RMs, start the controller. Raises ServiceError."""
-        from cem.s2.server import S2Server
+        from cem.s2.server import S2Server, tls_context
         from cem.store import Store
 
         cfg = self.config
+        try:
+            tls_context(cfg.server)
+        except (ssl.SSLError, OSError) as exc:
+            raise ServiceError(
+                f"cannot use the TLS certificate {cfg.server.tls_cert} with key "
+                f"{cfg.server.tls_key}: {exc} (both must be PEM files, the key matching the "
+                "certificate)",
+            ) from exc
         try:
             self.store = await Store.open(cfg.store.path, retention_days=cfg.store.retention_days)
         except Exception as exc:
@@ -76,9 +84,6 @@ class CemService:
         self.server = S2Server(cfg, self.store)
         try:
             await self.server.start()
-        except ssl.SSLError as exc:
-            await self.store.close()
-            raise ServiceError(f"cannot use the TLS certificate/key: {exc}") from exc
         except OSError as exc:
             await self.store.close()
             where = f"{cfg.server.host}:{cfg.server.port}"

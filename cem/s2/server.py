@@ -65,6 +65,16 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def tls_context(cfg: ServerConfig) -> ssl.SSLContext | None:
+    """The server's TLS context for wss (None for plain ws); raises ssl.SSLError/OSError."""
+    if cfg.tls_cert is None or cfg.tls_key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+    return context
+
+
 # --- auth: the seam for S2 Connect pairing ------------------------------------------------------
 
 
@@ -259,13 +269,7 @@ class S2Server:
         )
 
     def _ssl_context(self) -> ssl.SSLContext | None:
-        cfg = self.server_config
-        if cfg.tls_cert is None or cfg.tls_key is None:
-            return None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
-        return context
+        return tls_context(self.server_config)
 
     async def start(self) -> None:
         """Bind and listen (raises OSError when the address is taken)."""
