@@ -84,6 +84,12 @@ def test_optimum_objective_is_a_lower_bound_for_levels_4_and_5(run: tuple[dict[s
         assert optimum["objective_bound_eur"] <= levels[name]["objective_eur"]
 
 
+def test_cost_per_day_adds_up_to_the_cost(run: tuple[dict[str, Any], Path]) -> None:
+    for level in run[0]["levels"].values():
+        assert len(level["cost_per_day_eur"]) == 2
+        assert abs(sum(level["cost_per_day_eur"]) - level["cost_eur"]) < 0.05
+
+
 def test_infeasible_requests_are_a_reported_shortfall(run: tuple[dict[str, Any], Path]) -> None:
     for level in run[0]["levels"].values():
         assert level["delivered_kwh"] <= level["requested_kwh"] + 1e-6

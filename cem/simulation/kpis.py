@@ -67,12 +67,13 @@ def _needs(inputs: SimInputs) -> np.ndarray:
     return np.array([s.real_need_wh for s in inputs.sessions], dtype=float)
 
 
-def energy_cost(inputs: SimInputs, site_w: np.ndarray) -> float:
-    n = len(site_w)
+def energy_cost(inputs: SimInputs, site_w: np.ndarray, first_ptu: int = 0) -> float:
+    """EUR for site power `site_w` over the PTUs from `first_ptu` on."""
+    end = first_ptu + len(site_w)
     imp = np.maximum(site_w, 0)
     exp = np.maximum(-site_w, 0)
-    return float(np.sum(imp * inputs.import_eur_per_kwh[:n] - exp * inputs.export_eur_per_kwh[:n])
-                 * inputs.dt_h / 1000)
+    return float(np.sum(imp * inputs.import_eur_per_kwh[first_ptu:end]
+                        - exp * inputs.export_eur_per_kwh[first_ptu:end]) * inputs.dt_h / 1000)
 
 
 def cost_per_day(inputs: SimInputs, run: LevelRun) -> list[float]:
@@ -81,7 +82,7 @@ def cost_per_day(inputs: SimInputs, run: LevelRun) -> list[float]:
     out, lo = [], 0
     for k, hi in enumerate(bounds):
         hi = inputs.n_ptus if k == len(bounds) - 1 else hi
-        out.append(energy_cost(inputs, run.site_w[lo:hi]) if hi > lo else 0.0)
+        out.append(energy_cost(inputs, run.site_w[lo:hi], lo) if hi > lo else 0.0)
         lo = hi
     return out
 
