@@ -26,7 +26,6 @@ def check_plan(problem: Problem, plan: Plan) -> list[str]:
     """Violations of hard limits and asset domains in `plan` (empty when it is valid)."""
     out: list[str] = []
     n = problem.n_ptus
-    dt = problem.ptu_minutes / 60
     lim = problem.limits
     g = np.zeros(n)
     phase = np.zeros((3, n))
@@ -46,47 +45,7 @@ def check_plan(problem: Problem, plan: Plan) -> list[str]:
         if not c.curtailable and np.any(cur > TOL_W):
             out.append(f"{c.id}: curtailed but not curtailable")
         add(-(prod - cur), c.phase_share)
-    for a in problem.storage:
-        p = plan.power_w.get(a.id)
-        if p is None:
-            out.append(f"{a.id}: no power in the plan")
-            continue
-        p = np.asarray(p, dtype=float)[:n]
-        add(p, a.phase_share)
-        first = max(a.available_from, 0)
-        last = n if a.available_until is None else min(a.available_until, n)
-        outside = np.ones(n, dtype=bool)
-        outside[first:max(last, first)] = False
-        if np.any(np.abs(p[outside]) > TOL_W):
-            t = int(np.flatnonzero(outside & (np.abs(p) > TOL_W))[0])
-            out.append(f"{a.id}: power {p[t]:.0f} W in PTU {t} outside its window {first}..{last}")
-        ch = p > TOL_W
-        bad = ch & ((p < a.charge_min_w - TOL_W) | (p > a.charge_max_w + TOL_W))
-        if np.any(bad):
-            t = int(np.flatnonzero(bad)[0])
-            out.append(f"{a.id}: charge {p[t]:.0f} W in PTU {t} outside {{0}} U "
-                       f"[{a.charge_min_w}, {a.charge_max_w}]")
-        dis = p < -TOL_W
-        bad = dis & ((-p < a.discharge_min_w - TOL_W) | (-p > a.discharge_max_w + TOL_W))
-        if np.any(bad):
-            t = int(np.flatnonzero(bad)[0])
-            out.append(f"{a.id}: discharge {-p[t]:.0f} W in PTU {t} outside {{0}} U "
-                       f"[{a.discharge_min_w}, {a.discharge_max_w}]")
-        usage = np.zeros(n)
-        if a.usage_wh is not None:
-            u = np.asarray(a.usage_wh, dtype=float)[:n]
-            usage[first:last] = u[first:last]
-        delta = dt * (a.charge_efficiency * np.maximum(p, 0) - np.maximum(-p, 0) / a.discharge_efficiency) - usage
-        lv = a.level_wh + np.cumsum(delta)
-        tol = 2.0 + 1e-4 * max(abs(a.level_max_wh), 1)
-        top = max(a.level_max_wh, a.level_wh)
-        if np.any(lv > top + tol):
-            t = int(np.argmax(lv > top + tol))
-            out.append(f"{a.id}: level {lv[t]:.0f} Wh after PTU {t} above level_max {a.level_max_wh}")
-        if np.any(lv < a.level_min_wh - tol) and a.id not in plan.shortfall:
-            t = int(np.argmax(lv < a.level_min_wh - tol))
-            out.append(f"{a.id}: level {lv[t]:.0f} Wh after PTU {t} below level_min {a.level_min_wh} "
-                       "without a reported shortfall")
+    _check_storage(problem, plan, out, g, phase)
     for m in problem.modes:
         p = np.asarray(plan.power_w.get(m.id, np.zeros(n)), dtype=float)[:n]
         add(p, m.phase_share)
@@ -131,3 +90,67 @@ def check_plan(problem: Problem, plan: Plan) -> list[str]:
         t = int(np.argmax(np.abs(reported - g)))
         out.append(f"grid_import_w {reported[t]:.0f} W differs from the sum of powers {g[t]:.0f} W in PTU {t}")
     return out
+
+
+def _check_storage(problem: Problem, plan: Plan, out: list[str], g: np.ndarray, phase: np.ndarray) -> None:
+    """Windows, power domains and levels of every storage asset, checked as arrays."""
+    n = problem.n_ptus
+    dt = problem.ptu_minutes / 60
+    assets = [a for a in problem.storage if plan.power_w.get(a.id) is not None]
+    out.extend(f"{a.id}: no power in the plan" for a in problem.storage if plan.power_w.get(a.id) is None)
+    if not assets:
+        return
+    P = np.array([np.asarray(plan.power_w[a.id], dtype=float)[:n] for a in assets]).reshape(len(assets), n)
+    share = np.array([_share(a.phase_share) for a in assets])
+    g += P.sum(axis=0)
+    phase += share.T @ P
+    first = np.array([max(a.available_from, 0) for a in assets])
+    last = np.array([n if a.available_until is None else min(a.available_until, n) for a in assets])
+    t = np.arange(n)
+    inside = (t[None, :] >= first[:, None]) & (t[None, :] < last[:, None])
+    cmin = np.array([a.charge_min_w for a in assets], dtype=float)[:, None]
+    cmax = np.array([a.charge_max_w for a in assets], dtype=float)[:, None]
+    dmin = np.array([a.discharge_min_w for a in assets], dtype=float)[:, None]
+    dmax = np.array([a.discharge_max_w for a in assets], dtype=float)[:, None]
+    outside = ~inside & (np.abs(P) > TOL_W)
+    ch = P > TOL_W
+    bad_c = ch & ((P < cmin - TOL_W) | (P > cmax + TOL_W))
+    dis = P < -TOL_W
+    bad_d = dis & ((-P < dmin - TOL_W) | (-P > dmax + TOL_W))
+    usage = np.zeros((len(assets), n))
+    for k, a in enumerate(assets):
+        if a.usage_wh is not None:
+            u = np.asarray(a.usage_wh, dtype=float)[:n]
+            usage[k, first[k]:last[k]] = u[first[k]:last[k]]
+    eta_c = np.array([a.charge_efficiency for a in assets])[:, None]
+    eta_d = np.array([a.discharge_efficiency for a in assets])[:, None]
+    level0 = np.array([a.level_wh for a in assets], dtype=float)[:, None]
+    lmax = np.array([a.level_max_wh for a in assets], dtype=float)[:, None]
+    lmin = np.array([a.level_min_wh for a in assets], dtype=float)[:, None]
+    lv = level0 + np.cumsum(dt * (eta_c * np.maximum(P, 0) - np.maximum(-P, 0) / eta_d) - usage, axis=1)
+    tol = 2.0 + 1e-4 * np.maximum(np.abs(lmax), 1)
+    over = lv > np.maximum(lmax, level0) + tol
+    under = lv < lmin - tol
+    rows = np.flatnonzero(outside.any(axis=1) | bad_c.any(axis=1) | bad_d.any(axis=1)
+                          | over.any(axis=1) | under.any(axis=1))
+    for k in rows:
+        a = assets[k]
+        p = P[k]
+        if outside[k].any():
+            x = int(np.argmax(outside[k]))
+            out.append(f"{a.id}: power {p[x]:.0f} W in PTU {x} outside its window {first[k]}..{last[k]}")
+        if bad_c[k].any():
+            x = int(np.argmax(bad_c[k]))
+            out.append(f"{a.id}: charge {p[x]:.0f} W in PTU {x} outside {{0}} U "
+                       f"[{a.charge_min_w}, {a.charge_max_w}]")
+        if bad_d[k].any():
+            x = int(np.argmax(bad_d[k]))
+            out.append(f"{a.id}: discharge {-p[x]:.0f} W in PTU {x} outside {{0}} U "
+                       f"[{a.discharge_min_w}, {a.discharge_max_w}]")
+        if over[k].any():
+            x = int(np.argmax(over[k]))
+            out.append(f"{a.id}: level {lv[k, x]:.0f} Wh after PTU {x} above level_max {a.level_max_wh}")
+        if under[k].any() and a.id not in plan.shortfall:
+            x = int(np.argmax(under[k]))
+            out.append(f"{a.id}: level {lv[k, x]:.0f} Wh after PTU {x} below level_min {a.level_min_wh} "
+                       "without a reported shortfall")

@@ -354,13 +354,35 @@ def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first
         for f in (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4):
             caps.append(np.minimum(lay.import_lim, peak + f * max(top - peak, 0.0)))
     caps.append(lay.import_lim)
+    active = np.asarray(todo)
     for cap in caps:
-        for i in todo:
-            _fill_asset(lay, disp, int(i), g, ph, cap, price, dt, by_price)
+        active = active[_can_take(lay, disp, active, g, ph, cap)]
+        done = [bool(_fill_asset(lay, disp, int(i), g, ph, cap, price, dt, by_price)) for i in active]
+        active = active[~np.asarray(done, dtype=bool)] if len(active) else active
+        if len(active) == 0:
+            return
+
+
+def _can_take(lay: Layout, disp: Dispatch, assets: np.ndarray, g: np.ndarray, ph: np.ndarray,
+              cap: np.ndarray) -> np.ndarray:
+    """Which of `assets` have a PTU in their window with room for at least one more step."""
+    if len(assets) == 0:
+        return np.zeros(0, dtype=bool)
+    head = np.broadcast_to(cap - g, (len(assets), lay.n)).copy()
+    sh = lay.share[assets]
+    for p in range(3):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            hp = np.where(sh[:, p:p + 1] > 0, (lay.fuse_up[p] - ph[p])[None, :] / sh[:, p:p + 1], np.inf)
+        head = np.minimum(head, hp)
+    c = disp.charge[assets]
+    need = np.where(c > 0, lay.step[assets, None], np.maximum(lay.cmin[assets, None], lay.step[assets, None]))
+    ok = lay.avail[assets] & (c < lay.cmax[assets, None]) & (disp.discharge[assets] <= 0) & (head >= need)
+    return ok.any(axis=1)
 
 
 def _fill_asset(lay: Layout, disp: Dispatch, i: int, g: np.ndarray, ph: np.ndarray,
-                cap: np.ndarray, price: np.ndarray, dt: float, by_price: bool) -> None:
+                cap: np.ndarray, price: np.ndarray, dt: float, by_price: bool) -> bool:
+    """Fill asset i under `cap`; True when it is done (met, or no PTU can take more)."""
     a, b = int(lay.first[i]), int(lay.last[i])
     eta = lay.eta_c[i]
     step = float(lay.step[i])
@@ -377,11 +399,20 @@ def _fill_asset(lay: Layout, disp: Dispatch, i: int, g: np.ndarray, ph: np.ndarr
         miss = want - lvl
         bad = np.flatnonzero(miss > 0.01)
         if len(bad) == 0:
-            return
+            return True
         tau = int(bad[0])
         ts = np.arange(a, tau)
+        ts = ts[(disp.charge[i, ts] < lay.cmax[i]) & (disp.discharge[i, ts] <= 0)]
         if len(ts) == 0:
-            return
+            return True
+        head_v = cap[ts] - g[ts]
+        for p in range(3):
+            if share[p] > 0:
+                head_v = np.minimum(head_v, (lay.fuse_up[p, ts] - ph[p, ts]) / share[p])
+        on_v = disp.charge[i, ts] > 0
+        ts = ts[(head_v >= step) & (on_v | (head_v >= lay.cmin[i]))]
+        if len(ts) == 0:
+            return False
         ts = ts[np.argsort(price[ts], kind="stable")] if by_price else ts
         gap = float(miss[tau])
         changed = False
@@ -426,7 +457,7 @@ def _fill_asset(lay: Layout, disp: Dispatch, i: int, g: np.ndarray, ph: np.ndarr
             if gap <= 0.5:
                 break
         if not changed:
-            return
+            return False
 
 
 def shave_peak(lay: Layout, disp: Dispatch, deadline: float, rounds: int = 60) -> None:
