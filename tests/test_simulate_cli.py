@@ -152,3 +152,22 @@ def test_prices_of_another_year_map_by_day_of_year() -> None:
     assert mapper(date(2019, 7, 8)) == date(2023, 7, 8)
     assert mapper(date(2023, 7, 9)) == date(2023, 7, 9)
     assert "day of year" in mapper.describe()
+
+
+def test_level_5_keeps_the_limits_when_the_planner_fails() -> None:
+    from cem.simulation.engine import run_level
+    from cem.simulation.inputs import load_inputs
+    from cem.simulation.kpis import level_kpis
+    from cem.simulation.levels import ModelPredictive
+    from cem.site.config import load_site_config
+
+    inputs = load_inputs(load_site_config(SITE), SESSIONS, PRICES, None, date(2019, 10, 8), 2, 0.0)
+
+    def broken_planner(problem: Any, **_: Any) -> Any:
+        raise RuntimeError("solver crashed")
+
+    controller = ModelPredictive(inputs, broken_planner, 0.1, 1)
+    kpis = level_kpis(inputs, run_level(inputs, controller), None)
+    assert kpis["ptus_over_gtv"] == 0 and kpis["fuse_minutes_over"] == 0
+    assert kpis["delivered_kwh"] > 0.5 * kpis["requested_kwh"]
+    assert "safe plan" in controller.notes[0]

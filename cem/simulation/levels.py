@@ -83,6 +83,20 @@ def site_planner(gap_tol: float | None = None) -> PlanFunction:
     return functools.partial(plan_site, gap_tol=gap_tol)
 
 
+def never_without_plan(plan_site: PlanFunction, problem: Problem, time_limit_s: float, workers: int,
+                       notes: list[str]) -> Plan:
+    """The planner's plan, or the control loop's rule-based safe plan if the planner fails."""
+    try:
+        return plan_site(problem, time_limit_s=time_limit_s, workers=workers)
+    except Exception as exc:  # a planner bug must not stop the site
+        from cem.control.safe_plan import safe_plan
+
+        if len(notes) < 20:
+            notes.append(f"planner failed at {problem.start.isoformat()} ({type(exc).__name__}: "
+                         f"{exc}); the safe plan was used")
+        return safe_plan(problem, reason=f"planner failed: {exc}")
+
+
 def ev_id(s: SimSession) -> str:
     return f"ev{s.index}"
 
@@ -241,7 +255,7 @@ class DayPlan:
                                available_until=min(n, s.believed_departure_ptu - t)) for s in new]
             problem = site_problem(self.inputs, t, n, assets, fixed)
             started = time.perf_counter()
-            plan = self.plan_site(problem, time_limit_s=self.time_limit_s, workers=self.workers)
+            plan = never_without_plan(self.plan_site, problem, self.time_limit_s, self.workers, self.notes)
             self.replan_s.append(time.perf_counter() - started)
             self.statuses[plan.status] = self.statuses.get(plan.status, 0) + 1
             for s in new:
@@ -291,7 +305,7 @@ class ModelPredictive:
         n = max(a.available_until or 1 for a in assets)
         problem = site_problem(self.inputs, t, n, assets, peak_so_far_w=state.peak_so_far_w)
         started = time.perf_counter()
-        plan = self.plan_site(problem, time_limit_s=self.time_limit_s, workers=self.workers)
+        plan = never_without_plan(self.plan_site, problem, self.time_limit_s, self.workers, self.notes)
         self.replan_s.append(time.perf_counter() - started)
         self.statuses[plan.status] = self.statuses.get(plan.status, 0) + 1
         by_id = {a.id: int(a.id[2:]) for a in assets}
@@ -335,7 +349,7 @@ class PerfectForesight:
                            available_until=s.departure_ptu) for s in inputs.sessions]
         self.problem = site_problem(inputs, 0, inputs.n_ptus, assets)
         started = time.perf_counter()
-        self.plan = plan_site(self.problem, time_limit_s=time_limit_s, workers=workers)
+        self.plan = never_without_plan(plan_site, self.problem, time_limit_s, workers, [])
         self.replan_s = [time.perf_counter() - started]
         self.statuses = {self.plan.status: 1}
         self.power = np.zeros((len(inputs.sessions), inputs.n_ptus))
