@@ -356,9 +356,11 @@ def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first
     caps.append(lay.import_lim)
     active = np.asarray(todo)
     for cap in caps:
-        active = active[_can_take(lay, disp, active, g, ph, cap)]
-        done = [bool(_fill_asset(lay, disp, int(i), g, ph, cap, price, dt, by_price)) for i in active]
-        active = active[~np.asarray(done, dtype=bool)] if len(active) else active
+        room = _can_take(lay, disp, active, g, ph, cap)
+        done = np.zeros(len(active), dtype=bool)
+        for k in np.flatnonzero(room):
+            done[k] = bool(_fill_asset(lay, disp, int(active[k]), g, ph, cap, price, dt, by_price))
+        active = active[~done]
         if len(active) == 0:
             return
 
