@@ -7,6 +7,8 @@ would draw 64 A per phase. The CEM plans with CP-SAT and the chargers end up wit
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,3 +101,61 @@ async def test_cem_plans_chargers_within_the_fuse(tmp_path: Path) -> None:
 def test_site_is_valid(unused: None) -> None:
     """The end-to-end site above is a valid config (a typo there would fail confusingly)."""
     assert parse_site_config(SITE).grid.fuse_a == 16
+
+
+async def test_card_priority_decides_who_charges_when_the_fuse_binds(tmp_path: Path) -> None:
+    """Both drivers need more than the fuse gives; the VIP card's EV is served first."""
+    site = parse_site_config(SITE + """
+[[charge_cards]]
+id_tag = "VIP"
+priority = 5
+[[charge_cards]]
+id_tag = "STAFF"
+priority = 1
+""")
+    site.store.path = tmp_path / "cem.db"
+    site.ocpp.database = tmp_path / "ocpp.db"
+    cem = CemService(site, controller_factory=site_controller_for)
+    await cem.start()
+    assert cem.server is not None
+    csms = OcppCentralSystem(site, cem.server.url, port=0)
+    await csms.start()
+    url = f"ws://127.0.0.1:{csms.port}"
+    staff = SimulatedChargePoint("CP-A", url, version="1.6", meter_interval_s=2)
+    vip = SimulatedChargePoint("CP-B", url, version="2.0.1", meter_interval_s=2)
+    try:
+        for charger, card in ((staff, "STAFF"), (vip, "VIP")):
+            await charger.connect()
+            await charger.plug_in(1, SimulatedEv(capacity_kwh=75, soc=20, phases=3,
+                                                 max_current_a=32), card,
+                                  dwell_s=3 * 3600, energy_kwh=30)
+
+        db = sqlite3.connect(site.store.path)
+
+        def short_of(charger_id: str) -> int | None:
+            """Energy the latest plan leaves the named charger's EV short of, Wh."""
+            rows = db.execute("SELECT rm_id FROM rms WHERE name LIKE ?",
+                              (f"%{charger_id}/%",)).fetchall()
+            plan = db.execute("SELECT payload FROM plans WHERE payload LIKE '%shortfall%'"
+                              " ORDER BY plan_id DESC LIMIT 1").fetchone()
+            if not rows or plan is None:
+                return None
+            shortfall = json.loads(plan[0])["shortfall"]
+            return sum(s["energy_wh"] for k, s in shortfall.items() if k.startswith(rows[0][0]))
+
+        def planned_both() -> bool:
+            return short_of("CP-A") is not None and short_of("CP-B") is not None \
+                and (short_of("CP-A") or 0) > 0
+
+        await wait_for(planned_both, within_s=30)
+        # the fuse (16 A, 11 kW) cannot give both 30 kWh in 3 h: the staff EV takes the shortfall
+        assert (short_of("CP-A") or 0) > 5000
+        assert short_of("CP-B") == 0
+        db.close()
+        limits = [c.limit_a(c.evses[1]) for c in (staff, vip)]
+        assert sum(limits) <= 16.0 + 1e-6
+    finally:
+        for charger in (staff, vip):
+            await charger.close()
+        await csms.stop()
+        await cem.stop()

@@ -14,6 +14,7 @@ as a load; instead the part of its measurement that no other RM explains becomes
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -147,6 +148,21 @@ def build_problem(states: Mapping[str, Any], config: SiteConfig, prices: Any,
     return problem, mapping
 
 
+_PRIORITY_LABEL = re.compile(r"\bpriority[ =:]*(\d{1,2})\b", re.IGNORECASE)
+
+
+def label_priority(system_description: Any) -> int | None:
+    """Priority an RM states in its storage's diagnostic label ("..., priority 3").
+
+    S2 has no priority field; the OCPP RM carries the charge card's priority this way
+    (docs/adr/0002-ev-priority-in-s2.md). None when the label says nothing.
+    """
+    storage = getattr(system_description, "storage", None)
+    label = getattr(storage, "diagnostic_label", None) or ""
+    match = _PRIORITY_LABEL.search(label)
+    return int(match.group(1)) if match else None
+
+
 def _add_rm(problem: Problem, mapping: SiteMapping, rm_id: str, state: Any, grid: PtuGrid,
             now: datetime, config: SiteConfig) -> float:
     """Add one RM's assets; returns the power it draws now (W) as far as it is known."""
@@ -155,7 +171,7 @@ def _add_rm(problem: Problem, mapping: SiteMapping, rm_id: str, state: Any, grid
     name = state.details.name if state.details is not None and state.details.name else ""
     if control == FRBC and (sd := state.frbc_system_description(now)) is not None:
         kind = guess_kind(sd, name)
-        priority = config.ev_defaults.priority if kind == "ev" else 1
+        priority = label_priority(sd) or (config.ev_defaults.priority if kind == "ev" else 1)
         asset, binding = frbc_storage_asset(
             rm_id, sd, grid, now,
             storage_status=state.frbc_storage_status,
