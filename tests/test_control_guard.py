@@ -26,6 +26,14 @@ def test_nothing_happens_below_the_margin() -> None:
     assert not decision.acts and decision.caps == {}
 
 
+def test_nothing_happens_between_the_margin_and_the_limit() -> None:
+    # a plan that uses the fuse to 99% on purpose is left alone (no churn against the planner)
+    decision = decide_caps((0.99 * FUSE_W, 0.99 * FUSE_W, 0.99 * FUSE_W),
+                           GuardLimits(fuse_w_per_phase=FUSE_W, import_limit_w=3 * FUSE_W),
+                           [ev("a", 11000)])
+    assert not decision.acts
+
+
 def test_phase_near_the_fuse_sheds_the_lowest_priority_load_on_that_phase() -> None:
     loads = [ev("vip", 3680, priority=5, share=L1_ONLY, min_w=1380),
              ev("low", 3680, priority=1, share=L1_ONLY, min_w=1380),

@@ -1,11 +1,14 @@
 """The fast guard: between plans, keep the fuse and the import limit safe on every measurement.
 
 `decide_caps` is the whole decision, as a pure function: given the grid power per phase now,
-the limits now and the flexible loads (with priority and present power), it returns the new
-power caps that bring every phase below `guard_margin` x fuse and the total import below
-`guard_margin` x the import limit (GTV or congestion window). Loads are shed lowest priority
+the limits now and the flexible loads (with priority and present power), it acts when a phase
+reaches the fuse or the import reaches its limit (GTV or congestion window), and returns the
+new power caps that bring every phase below `guard_margin` x fuse and the total import below
+`guard_margin` x the import limit, so the site has headroom until the replan. It does not act
+between the margin and the limit: plans use the limits to the full on purpose, and a guard that
+fought them would churn instructions on every measurement. Loads are shed lowest priority
 first, within one priority the largest first; a load that would end below its minimum power
-(an EV's 6 A) is switched off instead. Nothing happens while everything is below the margin.
+(an EV's 6 A) is switched off instead.
 The control loop sends the caps as instructions at once and asks for a replan.
 """
 
@@ -32,7 +35,8 @@ class GuardLimits:
 
     fuse_w_per_phase: float  # fuse A x voltage
     import_limit_w: float  # GTV or the congestion window in force
-    margin: float = 0.95
+    margin: float = 0.95  # shed down to this share of the limits
+    trigger: float = 1.0  # act when a limit reaches this share
 
 
 @dataclass
@@ -65,10 +69,12 @@ def decide_caps(phase_w: tuple[float, float, float], limits: GuardLimits,
     """Caps that bring the grid power within margin x limits, shedding by priority."""
     phase_limit = limits.fuse_w_per_phase * limits.margin
     total_limit = limits.import_limit_w * limits.margin
+    fuse_trigger = limits.fuse_w_per_phase * limits.trigger
+    import_trigger = limits.import_limit_w * limits.trigger
+    if all(w <= fuse_trigger for w in phase_w) and sum(phase_w) <= import_trigger:
+        return GuardDecision()
     over_phase = [max(0.0, w - phase_limit) for w in phase_w]
     over_total = max(0.0, sum(phase_w) - total_limit)
-    if not any(over_phase) and over_total <= 0:
-        return GuardDecision()
     reasons = []
     for p, excess in enumerate(over_phase):
         if excess > 0:

@@ -115,7 +115,7 @@ class PlannerConfig(Section):
     time_limit_s: float = Field(1.0, gt=0)
     replan_min_interval_s: float = Field(5.0, ge=0)
     deviation_threshold_w: int = Field(2000, ge=0)
-    guard_margin: float = Field(0.95, gt=0, le=1, description="guard acts above this share")
+    guard_margin: float = Field(0.95, gt=0, le=1, description="guard sheds down to this share")
 
 
 class EvDefaults(Section):
