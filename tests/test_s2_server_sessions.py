@@ -489,3 +489,16 @@ async def test_wss_with_a_token(tmp_path: Path, self_signed: tuple[Path, Path]) 
                               ssl_context=trust) as rm:
             assert rm.control_type == ControlType.FILL_RATE_BASED_CONTROL
             assert server.get(str(rm.asset_details.resource_id)).holder == "battery"
+
+
+async def test_shutdown_tells_the_rm_why_and_closes_with_1001(tmp_path: Path) -> None:
+    async with running_cem(site(tmp_path)) as (server, _store):
+        raw = await RawRm().open(server.url)
+        await server.stop()
+        messages = [raw.received.get_nowait() for _ in range(raw.received.qsize())]
+        assert messages[-1]["message_type"] == "SessionRequest"
+        assert messages[-1]["request"] == "TERMINATE"
+        assert messages[-1]["diagnostic_label"] == "CEM shutting down"
+        assert raw.ws is not None
+        await raw.close()
+        assert (raw.ws.close_code, raw.ws.close_reason) == (1001, "CEM shutting down")

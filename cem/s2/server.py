@@ -323,7 +323,7 @@ class S2Server:
         for entry in live:
             entry.closing_reason = reason
         # S2 first (SessionRequest TERMINATE with the reason), then the websocket close code
-        await asyncio.gather(*(self._terminate_session(entry, reason) for entry in live),
+        await asyncio.gather(*(self._terminate_session(entry, reason, code) for entry in live),
                              return_exceptions=True)
         await asyncio.gather(*(self._close_ws(entry, code, reason) for entry in live),
                              return_exceptions=True)
@@ -635,17 +635,31 @@ class S2Server:
             self.store.session_identified(entry.connection_id, rm_id)  # and its earlier messages
             self.store.touch_rm(rm_id, name=entry.name, connected=True, clear_control_type=True)
 
-    async def _terminate_session(self, entry: LiveSession, reason: str) -> None:
+    async def _terminate_session(self, entry: LiveSession, reason: str,
+                                 code: int | None = None) -> None:
+        """S2 SessionRequest TERMINATE with `reason`, then close the websocket with `code`.
+
+        `code` None: the session's own close code (1000, a normal end).
+        """
         try:
             outs = entry.session.terminate(reason, utc_now())
         except Exception:
             logger.exception("terminating the session of %s failed", entry.label)
             outs = []
+        if self.store is not None:
+            for out in outs:
+                self.store.log_message(direction="out", message_type=out.message_type,
+                                       message_id=out.message_id, text=out.text,
+                                       session_id=entry.connection_id, rm_id=entry.rm_id)
+        self._handle_events(entry)
+        close = entry.session.close
+        close_code = code or (close.code if close is not None else 1000)
         try:
-            await asyncio.wait_for(self._after_session_call(entry, outs), timeout=2)
+            await asyncio.wait_for(self._send(entry, [*outs, CloseRequest(close_code, reason)]),
+                                   timeout=2)
         except TimeoutError:
             if entry.ws is not None:
-                await entry.ws.close(SHUTDOWN_CODE, reason)
+                await entry.ws.close(close_code, reason)
 
     def _forget(self, entry: LiveSession, reason: str) -> None:
         self._by_connection.pop(entry.connection_id, None)
