@@ -97,6 +97,11 @@ class LpIndex:
     mode_power: list[np.ndarray] = field(default_factory=list)  # per ModeAsset (n, modes)
     profile_on: list[np.ndarray] = field(default_factory=list)  # per profile: starts
     profile_starts: list[np.ndarray] = field(default_factory=list)
+    agg_rows: np.ndarray | None = None  # (groups, n) row of the per-phase-group power sum
+    grp_of: np.ndarray | None = None  # (S,) group of each storage asset
+    energy_row: np.ndarray | None = None  # (S,) target row of charge-only assets (-1: none)
+    cap_row: np.ndarray | None = None  # (S,) level_max row of charge-only assets (-1: none)
+    full_charge: np.ndarray | None = None  # (S, n) every possible charge column
 
 
 @dataclass
@@ -119,14 +124,16 @@ def _grid_index(mask: np.ndarray, lp: _LpArrays, lb: np.ndarray, ub: np.ndarray,
     return idx
 
 
-def build_lp(lay: Layout) -> tuple[_LpArrays, LpIndex]:
-    """The LP relaxation as arrays (kW, kWh, EUR)."""
+def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, LpIndex]:
+    """The LP relaxation as arrays (kW, kWh, EUR); `keep` (S, n) limits the charge columns of
+    charge-only assets to a subset (the rest is priced in later by `solve_lp`)."""
     n, S, K = lay.n, lay.s, lay.k
     dt = lay.dt_h
     pr = lay.problem
     lp = _LpArrays()
     ones = np.ones((S, n))
-    c_mask = lay.avail & (lay.cmax[:, None] > 0)
+    full_c = lay.avail & (lay.cmax[:, None] > 0)
+    c_mask = full_c if keep is None else full_c & (keep | lay.needs_levels[:, None])
     d_mask = lay.avail & (lay.dmax[:, None] > 0)
     c_idx = _grid_index(c_mask, lp, 0 * ones, lay.cmax[:, None] / 1000 * ones,
                         np.broadcast_to(lay.tie * dt, (S, n)) * ones)
@@ -166,7 +173,9 @@ def build_lp(lay: Layout) -> tuple[_LpArrays, LpIndex]:
         r = lp.rows(0.0, INF, n)
         lp.coef(r, np.full(n, peak[0]), 1.0)
         lp.coef(r, g, -1.0)
-    index = LpIndex(charge=c_idx, discharge=d_idx, curtail=cur_idx)
+    index = LpIndex(charge=c_idx, discharge=d_idx, curtail=cur_idx, agg_rows=agg_rows, grp_of=grp_of,
+                    energy_row=np.full(S, -1, dtype=np.int64), cap_row=np.full(S, -1, dtype=np.int64),
+                    full_charge=full_c)
     # modes and shiftable profiles (relaxed choices)
     mode_cols_g: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (t, col, coef, share)
     for m in pr.modes:
@@ -214,7 +223,7 @@ def build_lp(lay: Layout) -> tuple[_LpArrays, LpIndex]:
     const = (lay.fixed_phase - pv_phase) / 1000
     for ph in range(3):
         sh = lay.share[:, ph]
-        up = const[ph] + (sh[:, None] * lay.cmax[:, None] * c_mask).sum(axis=0) / 1000
+        up = const[ph] + (sh[:, None] * lay.cmax[:, None] * full_c).sum(axis=0) / 1000
         dn = const[ph] - (sh[:, None] * lay.dmax[:, None] * d_mask).sum(axis=0) / 1000
         if K:
             psh = lay.pv_share[:, ph]
@@ -252,16 +261,18 @@ def build_lp(lay: Layout) -> tuple[_LpArrays, LpIndex]:
         r = lp.rows(need[tgt] / 1000, INF, len(tgt))
         rmap = np.full(S, -1, dtype=np.int64)
         rmap[tgt] = r
+        index.energy_row[tgt] = r
         sel = rmap[ci] >= 0
         lp.coef(rmap[ci[sel]], c_idx[ci[sel], ct[sel]], e_coef[ci[sel]])
         _unmet_cols(lp, lay, r, tgt, need)
-    max_energy = (c_mask.sum(axis=1) * lay.cmax * e_coef)
+    max_energy = (full_c.sum(axis=1) * lay.cmax * e_coef)
     cap = lay.lmax - lay.level0
     capped = np.flatnonzero(mono & (max_energy > cap + 1e-6))
     if len(capped):
         r = lp.rows(-INF, np.maximum(cap[capped], 0) / 1000, len(capped))
         rmap = np.full(S, -1, dtype=np.int64)
         rmap[capped] = r
+        index.cap_row[capped] = r
         sel = rmap[ci] >= 0
         lp.coef(rmap[ci[sel]], c_idx[ci[sel], ct[sel]], e_coef[ci[sel]])
     for i in np.flatnonzero(lay.needs_levels):
