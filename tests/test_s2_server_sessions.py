@@ -430,6 +430,8 @@ async def test_restart_keeps_the_store_and_the_rm_comes_back(tmp_path: Path) -> 
         assert (row.rm_id, row.name, row.connected, row.control_type) == (
             rm_id, "battery", False, FRBC)
         assert row.messages_in >= 3 and row.messages_out >= 3
+        measured = await store.query("SELECT rm_id, commodity_quantity, value FROM measurements")
+        assert measured == [(rm_id, "ELECTRIC.POWER.L1", 1500.0)]
         closed = await store.query("SELECT reason FROM sessions")
         assert closed == [("CEM shutting down",)]
         assert any(m["message_type"] == "PowerMeasurement" for m in await store.messages())

@@ -595,6 +595,12 @@ class S2Server:
         elif kind == "HandshakeDone":
             logger.debug("%s: handshake done (%s)", entry.label, event.version)
         elif kind == "StateChanged":
+            if event.kind == "measurement" and store is not None and entry.rm_id is not None:
+                measurement = entry.session.state.latest_measurement()
+                if measurement is not None:
+                    store.record_measurements(
+                        entry.rm_id, measurement.measurement_timestamp.timestamp(),
+                        [(v.commodity_quantity.value, v.value) for v in measurement.values])
             now = time.monotonic()
             if (store is not None and entry.rm_id is not None
                     and now - entry.last_snapshot_at >= self.snapshot_interval_s):
