@@ -1,27 +1,684 @@
-"""`cem demo`: until the whole-site demo lands, run the CEM with the example site config."""
+"""`cem demo`: a whole simulated site in one process, on loopback, with the real protocols.
+
+One process runs the real parts, each as it runs in production, only connected on 127.0.0.1:
+
+- the CEM (`cem.service.CemService` with the MPC `SiteController`), S2 over websockets;
+- the OCPP central system as S2 RMs (one per EVSE), with simulated OCPP 1.6J and 2.0.1 charge
+  points (`resource_managers.ocpp_charger.simulator`) and EVs arriving as on a real day at the
+  Caltech car park (bundled ACN-Data extract, moved to the site's local clock);
+- the Modbus RMs of a battery, a heat pump, PV and the grid meter with their simulators
+  (`resource_managers.modbus.site.SimulatedModbusSite`); the meter also counts the chargers.
+
+Time runs `speed` times faster than the wall clock on one process clock (`cem.clock`, see
+docs/adr/0001-demo-clock.md): the demo switches it to a `ScaledClock` that starts at 06:00 local
+time on the day of the site's first congestion window. A `Recorder` samples the simulated
+meter and devices (the ground truth, not what the CEM believes) for the live view
+(`cem.demo_view`), the summary and the report (PNG plots + summary.md + summary.json).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import math
+import signal
 import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as clock_time
 from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
 
-from rich.console import Console
+import numpy as np
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "specs" / "sites" / "example.toml"
+from cem import clock
+from cem.site.config import SiteConfig
+
+logger = logging.getLogger("cem.demo")
+
+DEFAULT_SPEED = 1440.0  # a simulated day in one wall-clock minute
+DAY_START = clock_time(6, 0)  # local time the simulated day starts
+FALLBACK_DAY = date(2019, 10, 8)  # a Tuesday inside the bundled ACN and price extracts
+ACN_FIRST, ACN_LAST = date(2019, 10, 1), date(2019, 10, 21)
+BASE_LOAD_W = 3000.0
+HANDSHAKE_TIMEOUT_S = 30.0
+SAMPLE_WALL_S = 0.05
+#: module-level clocks of parts whose areas were still being written when the demo landed;
+#: the demo points them at `cem.clock.now` while it runs (see the ADR)
+CLOCK_HOOKS = (
+    ("cem.s2.server", "utc_now"),
+    ("resource_managers.ocpp_charger.csms", "_now"),
+    ("resource_managers.ocpp_charger.s2_evse", "_now"),
+    ("resource_managers.ocpp_charger.simulator", "_now"),
+)
+
+
+class DemoError(Exception):
+    """A problem the user can fix (bad option, busy port); the message says what."""
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoSettings:
+    """What one demo run does: the simulated day, the speed, when to stop, where to report."""
+
+    start: datetime  # UTC, PTU-aligned
+    speed: float
+    sim_seconds: float  # how much simulated time the run covers (for the report's axes)
+    wall_seconds: float  # when the run stops on its own
+    report: Path
+    timezone: str
+
+    @property
+    def day(self) -> date:
+        return self.start.astimezone(ZoneInfo(self.timezone)).date()
+
+    @property
+    def n_ptus(self) -> int:
+        return max(1, math.ceil(self.sim_seconds / 900))
+
+
+def demo_day(site: SiteConfig) -> date:
+    """The day the demo replays: that of the first congestion window, else a bundled data day."""
+    if site.congestion:
+        first = min(site.congestion, key=lambda w: w.start)
+        return first.start.astimezone(ZoneInfo(site.site.timezone)).date()
+    return FALLBACK_DAY
+
+
+def settings_for(site: SiteConfig, *, duration: float | None, speed: float | None,
+                 report: Path) -> DemoSettings:
+    """Resolve the options: default speed 1440, default length one simulated day."""
+    speed = DEFAULT_SPEED if speed is None else speed
+    if not speed > 0 or not math.isfinite(speed):
+        raise DemoError(f"--speed {speed:g}: use a number above 0 (1440 runs a day in a minute)")
+    if duration is not None and not duration > 0:
+        raise DemoError(f"--duration {duration:g}: use a number of seconds above 0")
+    zone = ZoneInfo(site.site.timezone)
+    start = datetime.combine(demo_day(site), DAY_START, tzinfo=zone).astimezone(UTC)
+    wall = duration if duration is not None else 86400.0 / speed
+    return DemoSettings(start=start, speed=speed, sim_seconds=wall * speed, wall_seconds=wall,
+                        report=report, timezone=site.site.timezone)
+
+
+# --- EV visits -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Visit:
+    """One EV visit of the day (from ACN-Data), on the site's clock."""
+
+    id_tag: str
+    arrival: datetime
+    departure: datetime
+    energy_kwh: float
+    source: str
+
+
+@dataclass
+class VisitOutcome:
+    """What happened to a visit: where it charged and how much it got."""
+
+    visit: Visit
+    where: str = ""  # "CP/EVSE", or "" when every EVSE was busy
+    version: str = ""
+    need_kwh: float | None = None  # what the CEM was told (EV's request, or site defaults)
+    room_kwh: float = 0.0  # what the battery could take
+    feasible_kwh: float = 0.0  # what the EVSE could deliver at full power in the stay
+    delivered_kwh: float = 0.0
+    left: bool = False
+
+    @property
+    def target_kwh(self) -> float:
+        """The energy that counts as met: the need, capped by battery room and full power."""
+        need = self.need_kwh if self.need_kwh is not None else self.visit.energy_kwh
+        return min(need, self.room_kwh, self.feasible_kwh)
+
+    @property
+    def met(self) -> bool:
+        return self.delivered_kwh >= self.target_kwh * 0.98 - 0.05
+
+
+def demo_visits(settings: DemoSettings) -> list[Visit]:
+    """The day's EV visits at the Caltech car park, on the same local clock times at the site."""
+    from cem.site.sessions import bundled_acn_sessions, on_local_clock
+
+    acn_zone = ZoneInfo("America/Los_Angeles")
+    day = settings.day
+    source_day = day if ACN_FIRST <= day <= ACN_LAST else FALLBACK_DAY
+    sessions = [s for s in bundled_acn_sessions("caltech")
+                if s.arrival.astimezone(acn_zone).date() == source_day]
+    moved = on_local_clock(sessions, day, settings.timezone)
+    end = settings.start + timedelta(seconds=settings.sim_seconds)
+    visits = [Visit(id_tag=f"ACN-{i + 1:03d}", arrival=s.arrival, departure=s.departure,
+                    energy_kwh=round(s.energy_kwh, 2), source=s.session_id)
+              for i, s in enumerate(sorted(moved, key=lambda s: s.arrival))
+              if settings.start <= s.arrival < end and s.energy_kwh > 0]
+    return visits
+
+
+# --- sampling the simulated site ----------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """The simulated site at one moment (W, + consumption)."""
+
+    at: datetime
+    phase_w: tuple[float, float, float]
+    devices_w: dict[str, float]
+    evse_w: dict[str, float]
+    soc_pct: float | None
+    buffer_c: float | None
+
+
+@dataclass
+class Recorder:
+    """Samples the simulators (ground truth) and keeps per-PTU energy, peaks and prices."""
+
+    settings: DemoSettings
+    import_price: np.ndarray  # EUR/kWh per PTU
+    export_price: np.ndarray
+    import_limit_w: np.ndarray  # GTV or congestion limit per PTU
+    fuse_a: float
+    voltage_v: float
+    samples: list[Sample] = field(default_factory=list)
+    energy_wh: dict[str, np.ndarray] = field(default_factory=dict)  # series -> Wh per PTU
+    import_wh: np.ndarray | None = None
+    export_wh: np.ndarray | None = None
+    covered_s: np.ndarray | None = None
+    max_phase_a: np.ndarray | None = None
+    _last: datetime | None = None
+
+    def __post_init__(self) -> None:
+        n = self.settings.n_ptus
+        self.import_wh = np.zeros(n)
+        self.export_wh = np.zeros(n)
+        self.covered_s = np.zeros(n)
+        self.max_phase_a = np.zeros(n)
+
+    def ptu_of(self, moment: datetime) -> int:
+        return int((moment - self.settings.start).total_seconds() // 900)
+
+    def add(self, sample: Sample) -> None:
+        previous, self._last = self._last, sample.at
+        self.samples.append(sample)
+        t = self.ptu_of(sample.at)
+        if not 0 <= t < self.settings.n_ptus:
+            return
+        amps = max(abs(p) for p in sample.phase_w) / self.voltage_v
+        self.max_phase_a[t] = max(self.max_phase_a[t], amps)  # type: ignore[index]
+        if previous is None:
+            return
+        dt = (sample.at - previous).total_seconds()
+        if dt <= 0:
+            return
+        grid = sum(sample.phase_w)
+        self.covered_s[t] += dt  # type: ignore[index]
+        if grid >= 0:
+            self.import_wh[t] += grid * dt / 3600  # type: ignore[index]
+        else:
+            self.export_wh[t] += -grid * dt / 3600  # type: ignore[index]
+        for name, watts in {"grid": grid, **sample.devices_w}.items():
+            series = self.energy_wh.setdefault(name, np.zeros(self.settings.n_ptus))
+            series[t] += watts * dt / 3600
+
+    # --- figures --------------------------------------------------------------------------
+
+    def complete_ptus(self) -> int:
+        """PTUs fully covered by samples (the last one may be cut off)."""
+        covered = self.covered_s if self.covered_s is not None else np.zeros(0)
+        full = np.nonzero(covered >= 900 * 0.9)[0]
+        return int(full[-1]) + 1 if len(full) else 0
+
+    def average_kw(self, name: str) -> np.ndarray:
+        """Mean power per PTU (kW) of a series over the covered part of each PTU."""
+        wh = self.energy_wh.get(name, np.zeros(self.settings.n_ptus))
+        covered = np.maximum(self.covered_s, 1e-9)  # type: ignore[arg-type]
+        return np.where(self.covered_s > 0, wh * 3.6 / covered, np.nan)  # type: ignore[operator]
+
+    def totals(self) -> dict[str, float]:
+        """Energy, cost, peak and how close the site came to its limits."""
+        imp = self.import_wh / 1000  # type: ignore[operator]
+        exp = self.export_wh / 1000  # type: ignore[operator]
+        cost = float(np.sum(imp * self.import_price) - np.sum(exp * self.export_price))
+        n_full = self.complete_ptus()
+        mean_kw = np.where(self.covered_s > 0, (self.import_wh - self.export_wh) * 3.6  # type: ignore[operator]
+                           / np.maximum(self.covered_s, 1e-9), 0.0)  # type: ignore[arg-type]
+        full = mean_kw[:n_full] if n_full else mean_kw[:0]
+        limits = self.import_limit_w[:n_full] / 1000
+        over = [i for i in range(len(full)) if full[i] > limits[i] + 1e-6]
+        peak_ptu = int(np.argmax(full)) if len(full) else -1
+        headroom = [limits[i] - full[i] for i in range(len(full))]
+        return {
+            "import_kwh": float(np.sum(imp)),
+            "export_kwh": float(np.sum(exp)),
+            "cost_eur": cost,
+            "peak_kw": float(full[peak_ptu]) if peak_ptu >= 0 else 0.0,
+            "peak_limit_kw": float(limits[peak_ptu]) if peak_ptu >= 0 else 0.0,
+            "min_headroom_kw": float(min(headroom)) if headroom else 0.0,
+            "ptus_over_limit": float(len(over)),
+            "max_phase_a": float(np.max(self.max_phase_a)) if self.samples else 0.0,  # type: ignore[arg-type]
+            "fuse_a": self.fuse_a,
+            "ptus": float(n_full),
+        }
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def process_clock(settings: DemoSettings) -> Iterator[clock.ScaledClock]:
+    """Switch the process to the demo's simulated clock (and every part's hook to it)."""
+    import importlib
+
+    scaled = clock.ScaledClock(settings.start, settings.speed)
+    previous = clock.use(scaled)
+    patched: list[tuple[Any, str, Any]] = []
+    for module_name, attribute in CLOCK_HOOKS:
+        module = importlib.import_module(module_name)
+        original = getattr(module, attribute, None)
+        if original is None or original is clock.now:
+            continue
+        patched.append((module, attribute, original))
+        setattr(module, attribute, clock.now)
+    try:
+        yield scaled
+    finally:
+        for module, attribute, original in patched:
+            setattr(module, attribute, original)
+        clock.use(previous)
+
+
+class DemoSite:
+    """Every part of the demo, started and stopped in order."""
+
+    def __init__(self, site: SiteConfig, settings: DemoSettings) -> None:
+        self.site = site
+        self.settings = settings
+        self.service: Any = None
+        self.csms: Any = None
+        self.stations: list[Any] = []
+        self.modbus: Any = None
+        self.visits = demo_visits(settings)
+        self.outcomes: list[VisitOutcome] = []
+        self.recorder = self._recorder()
+        self.stop_event = asyncio.Event()
+        self.stopped_by: str = ""
+        self.max_rms = 0  # RMs connected at once, at most
+        self.started_wall = time.monotonic()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def _recorder(self) -> Recorder:
+        from cem.site.limits import site_limits
+        from cem.site.prices import CsvPriceSource, ptu_prices
+
+        cfg = self.site
+        n = self.settings.n_ptus
+        source = CsvPriceSource(cfg.prices.csv) if cfg.prices.csv is not None else None
+        prices = ptu_prices(source, cfg.prices, self.settings.start, 15, n, fill="previous").prices
+        limits = site_limits(cfg, self.settings.start, n)
+        return Recorder(self.settings, np.asarray(prices.import_eur_per_kwh, dtype=float),
+                        np.asarray(prices.export_eur_per_kwh, dtype=float),
+                        np.asarray(limits.import_limit_w, dtype=float), cfg.grid.fuse_a,
+                        cfg.grid.voltage_v)
+
+    # --- parts ------------------------------------------------------------------------------
+
+    @property
+    def controller(self) -> Any:
+        return self.service.controller if self.service is not None else None
+
+    def charger_phase_w(self) -> tuple[float, float, float]:
+        """All EV chargers together, per phase (W): an extra load on the grid meter."""
+        total = [0.0, 0.0, 0.0]
+        for station in self.stations:
+            for evse in station.evses.values():
+                for i, watts in enumerate(evse.power_per_phase()):
+                    total[i] += watts
+        return (total[0], total[1], total[2])
+
+    async def start(self) -> None:
+        from cem.control.mpc import SiteController
+        from cem.s2.session import S2Session
+        from cem.service import CemService, ServiceError
+        from resource_managers.modbus.simulator import load_pv_profile
+        from resource_managers.modbus.site import SimulatedModbusSite
+        from resource_managers.ocpp_charger.csms import OcppCentralSystem
+        from resource_managers.ocpp_charger.simulator import stations_for_site
+
+        cfg = self.site
+        speed = self.settings.speed
+
+        def controller(service: Any) -> SiteController:
+            return SiteController(service.config, service.server, service.store,
+                                  clock=clock.now, guard_hold_s=1.0, congestion_poll_s=2.0)
+
+        self.service = CemService(cfg, controller_factory=controller)
+        try:
+            await self.service.start()
+        except ServiceError as exc:
+            raise DemoError(str(exc)) from None
+        server = self.service.server
+
+        def session() -> S2Session:
+            # protocol timeouts are compared with the (simulated) `now`: keep their wall length
+            return S2Session(control_type_preference=list(cfg.s2.control_type_preference),
+                             cem_name=cfg.site.name,
+                             reception_timeout_s=cfg.server.reception_status_timeout_s * speed,
+                             handshake_timeout_s=HANDSHAKE_TIMEOUT_S * speed)
+
+        server._session_factory = session  # no public hook yet (see the ADR)
+        url = server.url
+        logger.info("demo: CEM on %s, simulated day %s from %s local, speed %gx", url,
+                    self.settings.day, DAY_START.strftime("%H:%M"), speed)
+
+        self.csms = OcppCentralSystem(cfg, url, port=0 if cfg.ocpp.port == 0 else None)
+        try:
+            await self.csms.start()
+        except OSError as exc:
+            raise DemoError(f"cannot start the OCPP central system on {cfg.ocpp.host}:"
+                            f"{cfg.ocpp.port}: {exc.strerror or exc}") from None
+        ocpp_url = f"ws://{cfg.ocpp.host}:{self.csms.port}"
+        self.stations = stations_for_site(cfg, ocpp_url, speed=speed, meter_interval_s=300.0)
+
+        times, _ = load_pv_profile()
+        local = self.settings.start
+        pv_start = times[0] + timedelta(hours=local.hour, minutes=local.minute)
+        self.modbus = SimulatedModbusSite.from_config(
+            cfg, cem_url=url, speed=speed, base_load_w=BASE_LOAD_W, pv_start=pv_start,
+            extra_loads=[self.charger_phase_w],
+            rm_options={"time_scale": 1.0, "poll_interval_s": 0.25})
+        try:
+            await self.modbus.start()
+        except OSError as exc:
+            raise DemoError(f"cannot start the simulated Modbus devices: "
+                            f"{exc.strerror or exc}") from None
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._fleet(), name="demo-fleet"),
+                       loop.create_task(self._sample(), name="demo-sampler")]
+
+    async def stop(self) -> None:
+        """Chargers first, then the RMs (sessions closed from their side), then the CEM."""
+        self.stop_event.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 10)
+        if self.csms is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.csms.stop(), 10)
+        if self.modbus is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.modbus.stop(), 10)
+        if self.service is not None:
+            reason = f"demo ended ({self.stopped_by or 'stopped'})"
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.service.stop(reason), 15)
+
+    # --- EVs ----------------------------------------------------------------------------------
+
+    def _free_evse(self, start_index: int) -> tuple[Any, Any] | None:
+        order = self.stations[start_index:] + self.stations[:start_index]
+        for station in order:
+            if not station.booted.is_set():
+                continue
+            for evse in station.evses.values():
+                if evse.ev is None:
+                    return station, evse
+        return None
+
+    async def _wait(self, sim_seconds: float) -> bool:
+        """Wait simulated seconds; False when the demo stops meanwhile."""
+        if sim_seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), clock.to_wall(sim_seconds))
+        return not self.stop_event.is_set()
+
+    async def _fleet(self) -> None:
+        from resource_managers.ocpp_charger.simulator import Arrival, ev_for, keep_connected
+
+        links = [asyncio.ensure_future(keep_connected(s, self.stop_event)) for s in self.stations]
+        leaving: list[asyncio.Task[None]] = []
+        try:
+            for index, visit in enumerate(self.visits):
+                if not await self._wait((visit.arrival - clock.now()).total_seconds()):
+                    break
+                free = self._free_evse(index % max(1, len(self.stations)))
+                outcome = VisitOutcome(visit)
+                self.outcomes.append(outcome)
+                if free is None:
+                    logger.info("demo: EV %s arrives, every EVSE is busy: it drives on",
+                                visit.id_tag)
+                    outcome.left = True
+                    continue
+                station, evse = free
+                dwell = (visit.departure - visit.arrival).total_seconds()
+                ev = ev_for(Arrival(0.0, dwell, visit.energy_kwh, "", visit.id_tag), index)
+                outcome.where = f"{station.cp_id}/{evse.evse_id}"
+                outcome.version = station.version
+                outcome.room_kwh = ev.capacity_kwh * (100 - ev.soc) / 100
+                phases = min(ev.phases, evse.phases)
+                amps = min(ev.max_current_a, evse.max_current_a)
+                outcome.feasible_kwh = amps * 230 * phases * dwell / 3600 / 1000
+                try:
+                    # the simulator divides the dwell by its speed (it was written for a CEM on
+                    # the wall clock); multiplied back, the departure it reports is simulated
+                    ok = await station.plug_in(evse.evse_id, ev, visit.id_tag,
+                                               dwell_s=dwell * station.speed,
+                                               energy_kwh=visit.energy_kwh)
+                except Exception as exc:  # a charger mid-reconnect: the EV drives on
+                    logger.warning("demo: EV %s could not start on %s: %r", visit.id_tag,
+                                   outcome.where, exc)
+                    ok = False
+                if not ok:
+                    outcome.where, outcome.left = "", True
+                    with contextlib.suppress(Exception):
+                        await station.unplug(evse.evse_id)
+                    continue
+                leaving.append(asyncio.ensure_future(self._leave(station, evse, dwell, outcome)))
+            await self.stop_event.wait()
+        finally:
+            for task in [*leaving, *links]:
+                task.cancel()
+            await asyncio.gather(*leaving, *links, return_exceptions=True)
+            for station in self.stations:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(station.close(), 5)
+
+    def session_of(self, station: Any, evse: Any) -> Any:
+        if self.csms is None:
+            return None
+        state = self.csms.evses.get((station.cp_id, evse.evse_id))
+        return state.session if state is not None else None
+
+    def _note_progress(self, station: Any, evse: Any, outcome: VisitOutcome) -> None:
+        outcome.delivered_kwh = max(0.0, evse.meter_wh - evse.meter_start_wh) / 1000
+        session = self.session_of(station, evse)
+        if session is not None:
+            outcome.need_kwh = session.energy_need_wh / 1000
+
+    async def _leave(self, station: Any, evse: Any, dwell_s: float, outcome: VisitOutcome) -> None:
+        waited = 0.0
+        while waited < dwell_s:  # note progress while it charges (the view shows it)
+            step = min(900.0, dwell_s - waited)
+            if not await self._wait(step):
+                self._note_progress(station, evse, outcome)
+                return
+            waited += step
+            self._note_progress(station, evse, outcome)
+        self._note_progress(station, evse, outcome)
+        outcome.left = True
+        await station.booted.wait()
+        try:
+            await station.unplug(evse.evse_id)
+        except Exception as exc:
+            logger.warning("demo: %s/%d: the EV left but the stop failed: %r", station.cp_id,
+                           evse.evse_id, exc)
+
+    # --- sampling --------------------------------------------------------------------------------
+
+    def sample(self) -> Sample:
+        meter = self.modbus.meter if self.modbus is not None else None
+        devices: dict[str, float] = {}
+        soc = buffer = None
+        if self.modbus is not None:
+            for device in self.modbus.devices:
+                sim = device.simulator
+                if device.plan.device == "meter":
+                    continue
+                devices[device.plan.name] = float(sim.power_w)
+                if device.plan.device == "battery":
+                    soc = float(getattr(sim, "soc_pct", 0.0))
+                if device.plan.device == "heat-pump":
+                    buffer = float(getattr(sim, "buffer_c", 0.0))
+        evse_w = {f"{s.cp_id}/{e.evse_id}": float(e.power_w)
+                  for s in self.stations for e in s.evses.values()}
+        devices["EV chargers"] = sum(evse_w.values())
+        devices["base load"] = BASE_LOAD_W
+        phases = tuple(meter.phase_w) if meter is not None else self.charger_phase_w()
+        return Sample(clock.now(), (float(phases[0]), float(phases[1]), float(phases[2])),
+                      devices, evse_w, soc, buffer)
+
+    async def _sample(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.recorder.add(self.sample())
+            except Exception:
+                logger.exception("demo: sampling the site failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), SAMPLE_WALL_S)
+
+    # --- what the view needs ------------------------------------------------------------------
+
+    def rm_rows(self) -> list[tuple[str, str]]:
+        """(name, control type) of every RM connected to the CEM."""
+        server = self.service.server if self.service is not None else None
+        if server is None:
+            return []
+        rows = []
+        for entry in server.rms().values():
+            control = entry.control_type or getattr(entry.session.state, "control_type", None)
+            control = getattr(control, "value", control) or "-"
+            rows.append((entry.name or entry.rm_id or "?", str(control)))
+        return sorted(rows)
+
+    def live_visits(self) -> list[tuple[VisitOutcome, Any, Any]]:
+        """Visits plugged in now, with their station and EVSE."""
+        out = []
+        for outcome in self.outcomes:
+            if outcome.left or not outcome.where:
+                continue
+            cp_id, evse_id = outcome.where.split("/")
+            station = next((s for s in self.stations if s.cp_id == cp_id), None)
+            if station is None:
+                continue
+            evse = station.evses[int(evse_id)]
+            self._note_progress(station, evse, outcome)
+            out.append((outcome, station, evse))
+        return out
+
+
+# --- entry point ---------------------------------------------------------------------------------
+
+
+def _configure_logging(report: Path) -> Path:
+    log_file = report / "demo.log"
+    handler = logging.FileHandler(log_file, mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    for noisy in ("websockets", "ocpp", "s2python", "aiosqlite", "pymodbus", "matplotlib",
+                  "cem.s2.websockets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return log_file
+
+
+def _prepare_report(report: Path) -> None:
+    try:
+        report.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DemoError(f"cannot create the report folder {report}: {exc.strerror or exc}") from None
+    for name in ("cem-demo.db", "ocpp-demo.db"):
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                (report / f"{name}{suffix}").unlink()
+
+
+async def run_demo(site: SiteConfig, settings: DemoSettings,
+                   on_tick: Callable[[DemoSite], None] | None = None,
+                   tick_wall_s: float = 0.25) -> DemoSite:
+    """Run the whole site until the time is up or SIGINT/SIGTERM; returns it for the summary."""
+    demo = DemoSite(site, settings)
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def on_signal(name: str) -> None:
+        if not demo.stopped_by:
+            demo.stopped_by = f"{name} received"
+        demo.stop_event.set()
+
+    for sig in signals:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        await demo.start()
+        deadline = demo.started_wall + settings.wall_seconds
+        while not demo.stop_event.is_set():
+            demo.max_rms = max(demo.max_rms, len(demo.rm_rows()))
+            if on_tick is not None:
+                on_tick(demo)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                demo.stopped_by = f"{settings.wall_seconds:g} s of wall time are up"
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(demo.stop_event.wait(), min(tick_wall_s, left))
+    finally:
+        await demo.stop()
+        for sig in signals:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+    return demo
 
 
 def demo_command(*, config: Path, duration: float | None, speed: float | None,
                  report: Path) -> None:
-    """Run the CEM on the example site and say that the simulated devices come later."""
-    from cem.cli import load_config_or_exit
-    from cem.service import run_service
+    """`cem demo`: run the simulated site, show it live, then the summary and the report."""
+    from rich.console import Console
 
-    console = Console(stderr=True)
-    chosen = config if config.exists() else EXAMPLE
-    console.print(
-        "[bold]cem demo[/]: the simulated whole site (chargers, battery, heat pump, PV) is not "
-        f"here yet; running the CEM with [cyan]{chosen}[/] instead. Connect S2 resource "
-        "managers to it; Ctrl-C stops it."
-    )
-    site = load_config_or_exit(chosen)
-    sys.exit(run_service(site, log_level="INFO"))
+    from cem import demo_view
+    from cem.cli import fail, load_config_or_exit
+
+    site = load_config_or_exit(config)
+    try:
+        settings = settings_for(site, duration=duration, speed=speed, report=report)
+        _prepare_report(report)
+    except DemoError as exc:
+        fail(str(exc))
+    site.store.path = report / "cem-demo.db"
+    site.ocpp.database = report / "ocpp-demo.db"
+    log_file = _configure_logging(report)
+    out = Console()
+    view = demo_view.LiveView(out, settings) if out.is_terminal else demo_view.ProgressLines(
+        out, settings)
+    view.intro(site, settings, log_file)
+    try:
+        with process_clock(settings), view:
+            demo = asyncio.run(run_demo(site, settings, on_tick=view.update))
+    except DemoError as exc:
+        fail(str(exc), f"details in {log_file}")
+    except KeyboardInterrupt:  # a second Ctrl-C during the shutdown
+        Console(stderr=True).print("stopped")
+        sys.exit(130)
+    summary = demo_view.summarise(demo)
+    demo_view.print_summary(out, summary)
+    try:
+        written = demo_view.write_report(demo, summary)
+    except OSError as exc:
+        fail(f"cannot write the report to {report}: {exc.strerror or exc}")
+    out.print(f"report: {', '.join(str(p) for p in written)}; log: {log_file}",
+              highlight=False, soft_wrap=True)

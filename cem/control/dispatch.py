@@ -94,6 +94,12 @@ class Dispatcher:
         """The RM is gone (its session and instructions with it)."""
         self.sent.pop(rm_id, None)
 
+    def forget_in_force(self, rm_id: str, now: datetime) -> None:
+        """The RM described itself afresh: what was in force may no longer hold (an EV charger
+        that idled without an EV runs on its default profile once one arrives), so the next plan
+        sends the instruction for now again instead of keeping it as unchanged."""
+        self.sent[rm_id] = [s for s in self.sent.get(rm_id, []) if s.execution_time > now]
+
     def _status(self, rm_id: str, instruction: SentInstruction) -> str | None:
         entry = _live(self.registry, rm_id)
         state = getattr(entry, "state", None)

@@ -31,11 +31,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
 
+from cem import clock as process_clock
 from cem.control.dispatch import Dispatcher, DispatchReport
 from cem.control.guard import FlexibleLoad, GuardDecision, GuardLimits, decide_caps, phase_power_w
 from cem.control.safe_plan import safe_plan
@@ -70,7 +71,8 @@ REPLAN_KINDS = {
 
 
 def utc_now() -> datetime:
-    return datetime.now(UTC)
+    """The process clock (`cem.clock`: real time, or the demo's simulated time)."""
+    return process_clock.now()
 
 
 def default_solver() -> Solver | None:
@@ -176,7 +178,8 @@ class SiteController:
             if not self._reasons:
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=self._seconds_to_next_ptu())
+                    await asyncio.wait_for(self._wake.wait(), timeout=process_clock.to_wall(
+                        self._seconds_to_next_ptu()))
                 except TimeoutError:
                     self.request_replan("a new PTU started")
             wait = self._last_replan + self.config.planner.replan_min_interval_s - time.monotonic()
@@ -222,6 +225,8 @@ class SiteController:
             control = SHORT.get(event.control_type, event.control_type)
             self.request_replan(f"RM {self._label(rm_id)} connected ({control})")
         elif name == "StateChanged":
+            if event.kind == "system_description":
+                self.dispatcher.forget_in_force(rm_id, self.clock())
             if event.kind in REPLAN_KINDS:
                 self.request_replan(f"RM {self._label(rm_id)} {REPLAN_KINDS[event.kind]}")
             elif event.kind == "measurement":

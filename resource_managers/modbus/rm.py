@@ -29,7 +29,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from s2python.common import (
@@ -56,6 +56,7 @@ from s2python.generated.gen_s2 import Commodity
 from s2python.message import S2Message
 from s2python.pebc import PEBCInstruction
 
+from cem import clock
 from resource_managers.base import (
     AssetDetails,
     FRBCControlType,
@@ -74,7 +75,8 @@ log = logging.getLogger("resource_managers.modbus")
 
 
 def utc_now() -> datetime:
-    return datetime.now(UTC)
+    """The process clock (`cem.clock`: real time, or the demo's simulated time)."""
+    return clock.now()
 
 
 class _Frbc(FRBCControlType):
@@ -405,7 +407,7 @@ class ModbusRM:
         if wait_s > 0:
             log.info("%s: instruction %s waits %.0f s for its execution time", self.name,
                      instruction.id, wait_s)
-            await asyncio.sleep(wait_s)
+            await clock.sleep(wait_s)
         self._pending.pop(str(instruction.id), None)  # started: no longer revocable
         await self._status(instruction.id, InstructionStatus.STARTED)
         try:
@@ -601,7 +603,7 @@ class HeatPumpRM(ModbusRM):
     def flexibility_messages(self, now: datetime) -> list[S2Message]:
         description = s2m.heat_pump_system_description(self.limits, now, self.time_scale)
         self.system_description_id = description.message_id
-        self.last_forecast = time.monotonic()
+        self.last_forecast = clock.monotonic()
         return [description, s2m.heat_pump_leakage(self.limits, now, time_scale=self.time_scale),
                 self._usage_forecast(now), self._actuator_status(), self._storage_status()]
 
@@ -631,8 +633,8 @@ class HeatPumpRM(ModbusRM):
         temp = self.readings["buffer_temperature"]
         if self.last_temp_sent is None or abs(temp - self.last_temp_sent) >= 0.1:
             out.append(self._storage_status())
-        if time.monotonic() - self.last_forecast > 900:
-            self.last_forecast = time.monotonic()
+        if clock.monotonic() - self.last_forecast > 900:
+            self.last_forecast = clock.monotonic()
             out.append(self._usage_forecast(now))
         return out
 
@@ -737,7 +739,7 @@ class PvRM(ModbusRM):
         constraints = s2m.pv_power_constraints(self.limits, now)
         self.constraints_id = constraints.id
         self.constraints_message_id = constraints.message_id
-        self.last_forecast = time.monotonic()
+        self.last_forecast = clock.monotonic()
         return [constraints, self._forecast(now)]
 
     def _forecast(self, now: datetime) -> S2Message:
@@ -753,8 +755,8 @@ class PvRM(ModbusRM):
 
     def periodic_messages(self, now: datetime) -> list[S2Message]:
         out = super().periodic_messages(now)
-        if time.monotonic() - self.last_forecast > 900:
-            self.last_forecast = time.monotonic()
+        if clock.monotonic() - self.last_forecast > 900:
+            self.last_forecast = clock.monotonic()
             out.append(self._forecast(now))
         return out
 

@@ -1,0 +1,436 @@
+"""What `cem demo` shows: a live terminal view (rich Live), plain progress lines when stdout is
+not a terminal, the closing summary, and the report folder (PNG plots, summary.md, summary.json).
+
+Every figure here is measured on the simulated devices (the grid meter simulator, the
+chargers' EVs), not taken from what the CEM believes, so the summary checks the CEM.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+import numpy as np
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from cem import clock
+
+if TYPE_CHECKING:
+    from cem.demo import DemoSettings, DemoSite
+    from cem.site.config import SiteConfig
+
+BARS = " ▁▂▃▄▅▆▇█"
+
+
+def _local(moment: datetime, settings: DemoSettings) -> datetime:
+    return moment.astimezone(ZoneInfo(settings.timezone))
+
+
+def sparkline(values: list[float], top: float) -> str:
+    """One character per value, scaled to `top`."""
+    if top <= 0:
+        return ""
+    out = []
+    for value in values:
+        share = min(1.0, max(0.0, value / top))
+        out.append(BARS[round(share * (len(BARS) - 1))])
+    return "".join(out)
+
+
+@dataclass
+class Now:
+    """The site at this moment, as the view shows it."""
+
+    at: datetime
+    grid_kw: float
+    phase_a: float
+    fuse_a: float
+    limit_kw: float
+    limit_name: str
+    avg_kw: float  # this PTU so far
+    price: float
+    devices: dict[str, float] = field(default_factory=dict)
+    soc: float | None = None
+    buffer_c: float | None = None
+
+
+def current(demo: DemoSite) -> Now | None:
+    """What the view needs from the latest sample."""
+    rec = demo.recorder
+    if not rec.samples:
+        return None
+    sample = rec.samples[-1]
+    t = min(max(rec.ptu_of(sample.at), 0), demo.settings.n_ptus - 1)
+    limit_w = float(rec.import_limit_w[t])
+    gtv = demo.site.grid.import_limit_kw * 1000
+    covered = float(rec.covered_s[t]) if rec.covered_s is not None else 0.0
+    net_wh = float(rec.import_wh[t] - rec.export_wh[t])  # type: ignore[index]
+    return Now(at=sample.at, grid_kw=sum(sample.phase_w) / 1000,
+               phase_a=max(abs(p) for p in sample.phase_w) / rec.voltage_v, fuse_a=rec.fuse_a,
+               limit_kw=limit_w / 1000, limit_name="congestion" if limit_w < gtv else "GTV",
+               avg_kw=net_wh * 3.6 / covered if covered > 0 else sum(sample.phase_w) / 1000,
+               price=float(rec.import_price[t]), devices=dict(sample.devices_w),
+               soc=sample.soc_pct, buffer_c=sample.buffer_c)
+
+
+def plan_words(demo: DemoSite) -> str:
+    controller = demo.controller
+    plan = getattr(controller, "plan", None)
+    if plan is None:
+        return "no plan yet"
+    gap = f", gap {plan.gap * 100:.1f}%" if plan.gap is not None else ""
+    return (f"{plan.status.lower()}{gap}, solved in {plan.solve_s:.2f} s, "
+            f"{controller.replans} replans, {len(controller.guard_actions)} guard actions")
+
+
+class LiveView:
+    """rich Live: RMs, site power against the limits, price, EVs, the plan."""
+
+    def __init__(self, console: Console, settings: DemoSettings) -> None:
+        self.console = console
+        self.settings = settings
+        self.live = Live(console=console, auto_refresh=False, transient=False)
+        self._last = 0.0
+
+    def intro(self, site: SiteConfig, settings: DemoSettings, log_file: Path) -> None:
+        self.console.print(intro_text(site, settings, log_file), highlight=False)
+
+    def __enter__(self) -> LiveView:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.live.__exit__(None, None, None)
+
+    def update(self, demo: DemoSite) -> None:
+        if time.monotonic() - self._last < 0.2:
+            return
+        self._last = time.monotonic()
+        self.live.update(render(demo), refresh=True)
+
+
+class ProgressLines:
+    """One plain line per simulated hour (for logs, pipes and CI)."""
+
+    def __init__(self, console: Console, settings: DemoSettings) -> None:
+        self.console = console
+        self.settings = settings
+        self._next: datetime | None = None
+
+    def intro(self, site: SiteConfig, settings: DemoSettings, log_file: Path) -> None:
+        self.console.print(intro_text(site, settings, log_file), highlight=False, soft_wrap=True)
+
+    def __enter__(self) -> ProgressLines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, demo: DemoSite) -> None:
+        state = current(demo)
+        if state is None:
+            return
+        if self._next is None:
+            self._next = state.at
+        if state.at < self._next:
+            return
+        self._next = state.at.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+        self.console.print(progress_line(demo, state), highlight=False, soft_wrap=True)
+
+
+def intro_text(site: SiteConfig, settings: DemoSettings, log_file: Path) -> str:
+    start = _local(settings.start, settings)
+    return (f"cem demo: {site.site.name}, {start:%a %d %b %Y} from {start:%H:%M} "
+            f"({settings.timezone}), {settings.speed:g}x real time, "
+            f"{settings.wall_seconds:.0f} s of wall time ({settings.sim_seconds / 3600:.1f} h "
+            f"simulated). Ctrl-C stops. Log: {log_file}")
+
+
+def progress_line(demo: DemoSite, state: Now) -> str:
+    live = demo.live_visits()
+    delivered = sum(o.delivered_kwh for o, _, _ in live)
+    need = sum(o.target_kwh for o, _, _ in live)
+    soc = f", battery {state.soc:.0f}%" if state.soc is not None else ""
+    return (f"{_local(state.at, demo.settings):%H:%M} site {state.grid_kw:6.1f} kW "
+            f"(PTU avg {state.avg_kw:5.1f} / {state.limit_name} {state.limit_kw:.0f} kW, "
+            f"phase {state.phase_a:4.1f}/{state.fuse_a:.0f} A), "
+            f"price {state.price:.3f} EUR/kWh, {len(live)} EV(s) {delivered:.0f}/{need:.0f} kWh"
+            f"{soc}; {len(demo.rm_rows())} RMs; plan: {plan_words(demo)}")
+
+
+def render(demo: DemoSite) -> Any:
+    """The live view as one rich renderable."""
+    settings = demo.settings
+    state = current(demo)
+    if state is None:
+        return Text("starting the CEM, the OCPP central system, the chargers and the Modbus "
+                    "devices ...")
+    head = Text()
+    head.append(f"{_local(state.at, settings):%a %H:%M}", style="bold")
+    head.append(f"  {settings.speed:g}x  ")
+    head.append(f"site {state.grid_kw:5.1f} kW", style="bold")
+    head.append(f"  PTU avg {state.avg_kw:5.1f} kW / {state.limit_name} {state.limit_kw:.0f} kW")
+    style = "red" if state.phase_a > state.fuse_a else "green"
+    head.append(f"  phase max {state.phase_a:4.1f} A / fuse {state.fuse_a:.0f} A", style=style)
+    head.append(f"  price {state.price:.3f} EUR/kWh")
+
+    rms = Table(title="resource managers", title_justify="left", expand=False)
+    rms.add_column("RM")
+    rms.add_column("control")
+    rm_rows = demo.rm_rows()
+    for name, control in rm_rows[:16]:
+        rms.add_row(name, control.replace("_BASED_CONTROL", "").replace("_", " "))
+    if len(rm_rows) > 16:
+        rms.add_row(f"... {len(rm_rows) - 16} more", "")
+
+    devices = Table(title="devices (measured)", title_justify="left")
+    devices.add_column("device")
+    devices.add_column("kW", justify="right")
+    for name, watts in state.devices.items():
+        devices.add_row(name, f"{watts / 1000:.1f}")
+    if state.soc is not None:
+        devices.add_row("battery SoC", f"{state.soc:.0f} %")
+    if state.buffer_c is not None:
+        devices.add_row("heat buffer", f"{state.buffer_c:.1f} °C")
+
+    evs = Table(title="EVs", title_justify="left")
+    for column in ("EVSE", "OCPP", "EV", "kW", "kWh / target", "leaves"):
+        evs.add_column(column)
+    for outcome, _station, evse in demo.live_visits():
+        bar = sparkline([outcome.delivered_kwh], max(outcome.target_kwh, 0.1))
+        evs.add_row(outcome.where, outcome.version, outcome.visit.id_tag,
+                    f"{evse.power_w / 1000:.1f}",
+                    f"{outcome.delivered_kwh:5.1f} / {outcome.target_kwh:4.1f} {bar}",
+                    f"{_local(outcome.visit.departure, settings):%H:%M}")
+    done = [o for o in demo.outcomes if o.left and o.where]
+    away = [o for o in demo.outcomes if o.left and not o.where]
+    foot = Text(f"{len(done)} EV(s) left ({sum(o.met for o in done)} with their target), "
+                f"{len(away)} drove on (all EVSEs busy)")
+
+    plan_text = Text(f"plan: {plan_words(demo)}")
+    controller = demo.controller
+    plan = getattr(controller, "plan", None)
+    problem = getattr(controller, "problem", None)
+    if plan is not None and problem is not None:
+        now_t = max(0, int((clock.now() - problem.start).total_seconds() // 900))
+        grid = [float(x) / 1000 for x in plan.grid_import_w[now_t:now_t + 48]]
+        limits = [float(x) / 1000 for x in problem.limits.import_limit_w[now_t:now_t + 48]]
+        top = max([*limits, *grid, 1.0])
+        plan_text.append("\nplanned grid import, next 12 h: ")
+        plan_text.append(sparkline(grid, top), style="cyan")
+        plan_text.append("\nimport limit:                   ")
+        plan_text.append(sparkline(limits, top), style="yellow")
+    return Panel(Group(head, Text(""), _side_by_side(rms, devices), evs, foot, plan_text),
+                 title="cem demo", subtitle="Ctrl-C stops")
+
+
+def _side_by_side(*tables: Table) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    for _ in tables:
+        grid.add_column()
+    grid.add_row(*tables)
+    return grid
+
+
+# --- the summary and the report -----------------------------------------------------------------
+
+
+def summarise(demo: DemoSite) -> dict[str, Any]:
+    """Energy, cost, peak, EV targets and limits, measured on the simulated site."""
+    totals = demo.recorder.totals()
+    controller = demo.controller
+    visits = [o for o in demo.outcomes if o.where]
+    left = [o for o in visits if o.left]
+    profiles = charging_profiles(demo)
+    over_max = [p for p in profiles if p["unit"] == "A" and p["limit"] > p["max_current_a"] + 0.01]
+    plan = getattr(controller, "plan", None)
+    simulated_s = (demo.recorder.samples[-1].at - demo.settings.start).total_seconds() \
+        if demo.recorder.samples else 0.0
+    return {
+        "site": demo.site.site.name,
+        "day": demo.settings.day.isoformat(),
+        "speed": demo.settings.speed,
+        "stopped_by": demo.stopped_by,
+        "wall_s": round(time.monotonic() - demo.started_wall, 1),
+        "simulated_h": round(simulated_s / 3600, 2),
+        "rms_connected": demo.max_rms,
+        "rms_expected": sum(cp.evses for cp in demo.site.ocpp.charge_points)
+        + len(demo.site.modbus.devices or [1, 2, 3, 4]),
+        "replans": int(getattr(controller, "replans", 0) or 0),
+        "guard_actions": len(getattr(controller, "guard_actions", []) or []),
+        "last_plan_status": plan.status if plan is not None else None,
+        "import_kwh": round(totals["import_kwh"], 2),
+        "export_kwh": round(totals["export_kwh"], 2),
+        "cost_eur": round(totals["cost_eur"], 2),
+        "peak_kw": round(totals["peak_kw"], 2),
+        "peak_limit_kw": round(totals["peak_limit_kw"], 2),
+        "min_headroom_kw": round(totals["min_headroom_kw"], 2),
+        "ptus": int(totals["ptus"]),
+        "ptus_over_limit": int(totals["ptus_over_limit"]),
+        "max_phase_a": round(totals["max_phase_a"], 1),
+        "fuse_a": totals["fuse_a"],
+        "fuse_never_exceeded": totals["max_phase_a"] <= totals["fuse_a"] + 1e-6,
+        "limits_never_exceeded": totals["ptus_over_limit"] == 0,
+        "ev_visits": len(demo.outcomes),
+        "ev_charged": len(visits),
+        "ev_drove_on": len(demo.outcomes) - len(visits),
+        "ev_left": len(left),
+        "ev_targets_met": sum(o.met for o in left),
+        "ev_energy_kwh": round(sum(o.delivered_kwh for o in visits), 2),
+        "charging_profiles": len(profiles),
+        "charging_profiles_over_max": len(over_max),
+        "max_profile_limit_a": max((p["limit"] for p in profiles if p["unit"] == "A"),
+                                   default=0.0),
+    }
+
+
+def charging_profiles(demo: DemoSite) -> list[dict[str, Any]]:
+    """Every charging profile the simulated chargers received, with their EVSE's maximum."""
+    out = []
+    for station in demo.stations:
+        for entry in station.profile_log:
+            evse = station.evses.get(entry["evse_id"])
+            out.append({**entry, "cp_id": station.cp_id, "version": station.version,
+                        "max_current_a": evse.max_current_a if evse else
+                        max(e.max_current_a for e in station.evses.values())})
+    return out
+
+
+def print_summary(console: Console, summary: dict[str, Any]) -> None:
+    ok = "[green]yes[/]" if summary["fuse_never_exceeded"] else "[red]NO[/]"
+    ok_limit = "[green]yes[/]" if summary["limits_never_exceeded"] else "[red]NO[/]"
+    table = Table(title=f"demo summary: {summary['site']}, {summary['day']} "
+                        f"({summary['simulated_h']:.1f} h simulated in {summary['wall_s']:.0f} s; "
+                        f"{summary['stopped_by']})", title_justify="left")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rows = [
+        ("RMs connected", f"{summary['rms_connected']} of {summary['rms_expected']}"),
+        ("replans / guard actions", f"{summary['replans']} / {summary['guard_actions']}"),
+        ("energy imported / exported", f"{summary['import_kwh']:.1f} / "
+                                       f"{summary['export_kwh']:.1f} kWh"),
+        ("energy cost", f"{summary['cost_eur']:.2f} EUR"),
+        ("peak (15-min average)", f"{summary['peak_kw']:.1f} kW (limit then "
+                                  f"{summary['peak_limit_kw']:.0f} kW)"),
+        ("import limit kept in every PTU", f"{ok_limit} ({summary['ptus_over_limit']} of "
+                                           f"{summary['ptus']} PTUs over)"),
+        ("fuse never exceeded", f"{ok} (max {summary['max_phase_a']:.1f} A of "
+                                f"{summary['fuse_a']:g} A)"),
+        ("EVs charged / drove on", f"{summary['ev_charged']} / {summary['ev_drove_on']}"),
+        ("EVs left with their target", f"{summary['ev_targets_met']} of {summary['ev_left']}"),
+        ("EV energy delivered", f"{summary['ev_energy_kwh']:.1f} kWh"),
+        ("charging profiles sent", f"{summary['charging_profiles']} (max "
+                                   f"{summary['max_profile_limit_a']:g} A, "
+                                   f"{summary['charging_profiles_over_max']} above the EVSE)"),
+    ]
+    for what, value in rows:
+        table.add_row(what, value)
+    console.print(table)
+
+
+def write_report(demo: DemoSite, summary: dict[str, Any]) -> list[Path]:
+    """PNG plots, summary.md and summary.json in the report folder; returns the files."""
+    folder = demo.settings.report
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [*plot_report(demo, folder)]
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    written.append(folder / "summary.json")
+    lines = [f"# cem demo: {summary['site']}", "",
+             f"Simulated {summary['simulated_h']:.1f} h of {summary['day']} at "
+             f"{summary['speed']:g}x in {summary['wall_s']:.0f} s of wall time "
+             f"({summary['stopped_by']}). Figures are measured on the simulated grid meter and "
+             "EVs.", "", "| what | value |", "|---|---|"]
+    for key, value in summary.items():
+        if key in ("site", "day"):
+            continue
+        lines.append(f"| {key.replace('_', ' ')} | {value} |")
+    lines += ["", "Plots: " + ", ".join(f"![{p.stem}]({p.name})" for p in written
+                                        if p.suffix == ".png"), ""]
+    (folder / "summary.md").write_text("\n".join(lines), encoding="utf-8")
+    written.append(folder / "summary.md")
+    return written
+
+
+def plot_report(demo: DemoSite, folder: Path) -> list[Path]:
+    """Power per device against the limits, and prices, per PTU."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rec = demo.recorder
+    settings = demo.settings
+    n = max(1, min(settings.n_ptus, rec.ptu_of(rec.samples[-1].at) + 1 if rec.samples else 1))
+    zone = ZoneInfo(settings.timezone)
+    times = [(settings.start + timedelta(minutes=15 * i)).astimezone(zone) for i in range(n)]
+    fig, (ax, ax_price) = plt.subplots(2, 1, figsize=(11, 7), sharex=True,
+                                       gridspec_kw={"height_ratios": [3, 1]})
+    for name in [k for k in rec.energy_wh if k != "grid"]:
+        ax.step(times, rec.average_kw(name)[:n], where="post", label=name, linewidth=1)
+    ax.step(times, rec.average_kw("grid")[:n], where="post", label="grid (meter)", color="black",
+            linewidth=2)
+    ax.step(times, rec.import_limit_w[:n] / 1000, where="post", label="import limit (GTV / "
+            "congestion)", color="red", linestyle="--")
+    fuse_kw = demo.site.grid.fuse_a * demo.site.grid.voltage_v * demo.site.grid.phases / 1000
+    ax.axhline(fuse_kw, color="darkred", linestyle=":", label=f"fuse ({fuse_kw:.0f} kW)")
+    ax.axhline(-demo.site.grid.export_limit_kw, color="purple", linestyle="--", linewidth=0.8,
+               label="export limit")
+    ax.set_ylabel("kW (15-min average)")
+    ax.set_title(f"{demo.site.site.name}: {settings.day} at {settings.speed:g}x")
+    ax.legend(loc="upper left", fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    ax_price.step(times, rec.import_price[:n], where="post", color="tab:green",
+                  label="import price")
+    ax_price.set_ylabel("EUR/kWh")
+    ax_price.grid(alpha=0.3)
+    ax_price.legend(loc="upper left", fontsize=8)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    power = folder / "power.png"
+    fig.savefig(power, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(11, 4))
+    phase_a = rec.max_phase_a[:n]  # type: ignore[index]
+    ax.step(times, phase_a, where="post", label="highest phase current (max per PTU)")
+    ax.axhline(demo.site.grid.fuse_a, color="darkred", linestyle=":", label="fuse")
+    ax.set_ylabel("A")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fuse = folder / "phase_current.png"
+    fig.savefig(fuse, dpi=110)
+    plt.close(fig)
+
+    visits = [o for o in demo.outcomes if o.where]
+    out = [power, fuse]
+    if visits:
+        fig, ax = plt.subplots(figsize=(11, max(3, 0.3 * len(visits) + 1)))
+        labels = [f"{o.visit.id_tag} {o.where}" for o in visits]
+        y = np.arange(len(visits))
+        ax.barh(y, [o.target_kwh for o in visits], color="lightgray", label="target")
+        ax.barh(y, [o.delivered_kwh for o in visits], height=0.5,
+                color=["tab:green" if o.met else "tab:orange" for o in visits],
+                label="delivered")
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.set_xlabel("kWh")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        evs = folder / "ev_energy.png"
+        fig.savefig(evs, dpi=110)
+        plt.close(fig)
+        out.append(evs)
+    if not math.isfinite(float(np.nansum(rec.import_price))):
+        return out
+    return out
