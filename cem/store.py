@@ -231,6 +231,7 @@ class StoreStats:
 
     flushes: int = 0
     rows_written: int = 0
+    statements: int = 0
     last_flush_s: float = 0.0
     max_flush_s: float = 0.0
     dropped: int = 0
@@ -249,7 +250,9 @@ class Store:
         self.flush_interval_s = flush_interval_s
         self.max_pending = max_pending
         self.stats = StoreStats()
-        self._pending: list[tuple[str, tuple[Any, ...]]] = []
+        self._inserts: dict[str, list[tuple[Any, ...]]] = {}   # per statement, in order
+        self._pending: list[tuple[str, tuple[Any, ...]]] = []   # updates, in order, after inserts
+        self._pending_rows = 0
         self._rm_deltas: dict[str, _RmDelta] = {}
         self._calls: list[tuple[Callable[[aiosqlite.Connection], Any], asyncio.Future[Any]]] = []
         self._wake = asyncio.Event()
@@ -377,7 +380,7 @@ class Store:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return self._pending_rows
 
     # --- awaited writes ---------------------------------------------------------------------------
 
@@ -518,13 +521,23 @@ class Store:
     # --- the writer ----------------------------------------------------------------------------
 
     def _append(self, sql: str, params: tuple[Any, ...]) -> None:
-        if len(self._pending) >= self.max_pending:
+        """Queue a statement. INSERTs are grouped per statement (one executemany each, however
+        they interleave); UPDATEs run after them, in order, so they see the rows inserted."""
+        if self._pending_rows >= self.max_pending:
             self.stats.dropped += 1
             if self.stats.dropped in (1, 1000, 100_000):
                 logger.warning("store: writer is behind (%d rows pending); dropping log rows",
-                               len(self._pending))
+                               self._pending_rows)
             return
-        self._pending.append((sql, params))
+        self._pending_rows += 1
+        if sql.startswith("INSERT"):
+            rows = self._inserts.get(sql)
+            if rows is None:
+                self._inserts[sql] = [params]
+            else:
+                rows.append(params)
+        else:
+            self._pending.append((sql, params))
 
     def _delta(self, rm_id: str) -> _RmDelta:
         delta = self._rm_deltas.get(rm_id)
@@ -556,18 +569,24 @@ class Store:
                     logger.exception("store: retention failed; will retry in an hour")
 
     async def _flush_once(self) -> None:
+        inserts, self._inserts = self._inserts, {}
         pending, self._pending = self._pending, []
+        rows_count, self._pending_rows = self._pending_rows, 0
         deltas, self._rm_deltas = self._rm_deltas, {}
         calls, self._calls = self._calls, []
-        if not pending and not deltas and not calls:
+        if not inserts and not pending and not deltas and not calls:
             return
         began = time.perf_counter()
         rm_rows = [self._rm_row(rm_id, delta) for rm_id, delta in deltas.items()]
         try:
             if rm_rows:
                 await self._db.executemany(_UPSERT_RM, rm_rows)
+            for sql, rows in inserts.items():
+                await self._db.executemany(sql, rows)
+                self.stats.statements += 1
             for sql, group in itertools.groupby(pending, key=lambda item: item[0]):
                 await self._db.executemany(sql, [params for _, params in group])
+                self.stats.statements += 1
             results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
             for write, future in calls:
                 try:
@@ -577,7 +596,7 @@ class Store:
             await self._db.commit()
         except Exception as exc:
             self.stats.errors += 1
-            logger.exception("store: a batch of %d rows could not be written", len(pending))
+            logger.exception("store: a batch of %d rows could not be written", rows_count)
             with contextlib.suppress(Exception):
                 await self._db.rollback()
             for _, future in calls:
@@ -593,7 +612,7 @@ class Store:
                 future.set_result(value)
         took = time.perf_counter() - began
         self.stats.flushes += 1
-        self.stats.rows_written += len(pending) + len(rm_rows)
+        self.stats.rows_written += rows_count + len(rm_rows)
         self.stats.last_flush_s = took
         self.stats.max_flush_s = max(self.stats.max_flush_s, took)
 

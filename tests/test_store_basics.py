@@ -112,6 +112,7 @@ async def test_hot_path_is_batched_and_fast(tmp_path: Path) -> None:
                               message_id=f"id-{n}", text='{"message_type":"PowerMeasurement"}',
                               rm_id=rm, reception_status="OK")
             store.touch_rm(rm, snapshot=lambda: {"x": 1})
+            store.record_measurements(rm, time.time(), [("ELECTRIC.POWER.L1", 230.0)])
         appended = time.perf_counter() - began
         await store.flush()
         total = time.perf_counter() - began
@@ -120,6 +121,9 @@ async def test_hot_path_is_batched_and_fast(tmp_path: Path) -> None:
         count = await store.query("SELECT COUNT(*), SUM(messages_in) FROM rms")
         assert count == [(1000, 20_000)]
         assert store.stats.flushes < 50  # batches, not one transaction per message
+        # messages and measurements interleave, yet each flush runs one statement per table
+        assert store.stats.statements <= 2 * store.stats.flushes
+        assert await store.query("SELECT COUNT(*) FROM measurements") == [(20_000,)]
     finally:
         await store.close()
 
