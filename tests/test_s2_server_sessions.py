@@ -504,3 +504,15 @@ async def test_shutdown_tells_the_rm_why_and_closes_with_1001(tmp_path: Path) ->
         assert raw.ws is not None
         await raw.close()
         assert (raw.ws.close_code, raw.ws.close_reason) == (1001, "CEM shutting down")
+
+
+async def test_an_oversized_frame_closes_only_that_connection(tmp_path: Path) -> None:
+    async with running_cem(site(tmp_path, max_message_bytes=1024)) as (server, _store):
+        raw = await RawRm().open(server.url)
+        async with running_rm(server.url, [implementation(FRBCControlType)]) as rm:
+            assert raw.ws is not None
+            await raw.ws.send("x" * 5000)
+            await raw.close()
+            assert raw.ws.close_code == 1009  # message too big
+            await until(lambda: server.get("raw-rm-1") is None)
+            assert rm.connected.is_set() and len(server.rms()) == 1
