@@ -209,3 +209,15 @@ def test_modes_and_shiftable_profile_pick_cheap_hours() -> None:
     assert plan.profile_start["washer"] == 2
     assert plan.mode["boiler"] == ["off"] * 6  # no reason to run it
     assert list(plan.power_w["washer"]) == [0, 0, 2_000, 1_000, 0, 0]
+
+
+def test_a_site_without_flexibility_and_odd_inputs_still_get_a_plan() -> None:
+    pr = site(n=4)
+    pr.fixed = [FixedLoad("base", np.full(4, 1_000))]
+    plan = plan_site(pr)
+    assert list(plan.grid_import_w) == [1_000] * 4
+    odd = site(n=4)
+    odd.storage = [ev("gone", target=5_000, arrive=4, leave=4), ev("late", target=5_000, arrive=3, leave=2)]
+    plan = plan_site(odd)
+    assert check_plan(odd, plan) == []
+    assert set(plan.shortfall) == {"gone", "late"}

@@ -257,8 +257,13 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
     e_coef = dt * lay.eta_c  # kWh level per kW charged for one PTU
     # monotone assets: one sum row for the target, one for the level cap
     tgt = np.flatnonzero(mono & has_t & (need > 0))
+    cap = lay.lmax - lay.level0
+    # target == level_max (an EV asking to be full): the target row is an equality and
+    # stands for the level cap too (unmet >= 0), one row fewer per EV
+    exact = np.zeros(S, dtype=bool)
+    exact[tgt] = np.abs(cap[tgt] - need[tgt]) < 1e-6
     if len(tgt):
-        r = lp.rows(need[tgt] / 1000, INF, len(tgt))
+        r = lp.rows(need[tgt] / 1000, np.where(exact[tgt], need[tgt] / 1000, INF), len(tgt))
         rmap = np.full(S, -1, dtype=np.int64)
         rmap[tgt] = r
         index.energy_row[tgt] = r
@@ -266,8 +271,7 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
         lp.coef(rmap[ci[sel]], c_idx[ci[sel], ct[sel]], e_coef[ci[sel]])
         _unmet_cols(lp, lay, r, tgt, need)
     max_energy = (full_c.sum(axis=1) * lay.cmax * e_coef)
-    cap = lay.lmax - lay.level0
-    capped = np.flatnonzero(mono & (max_energy > cap + 1e-6))
+    capped = np.flatnonzero(mono & ~exact & (max_energy > cap + 1e-6))
     if len(capped):
         r = lp.rows(-INF, np.maximum(cap[capped], 0) / 1000, len(capped))
         rmap = np.full(S, -1, dtype=np.int64)
@@ -334,6 +338,7 @@ def solve_lp(lay: Layout, time_limit_s: float = 10.0, threads: int = 1) -> LpRes
     h.setOptionValue("output_flag", False)
     h.setOptionValue("time_limit", max(float(time_limit_s), 0.05))
     h.setOptionValue("threads", max(int(threads), 1))
+    h.setOptionValue("presolve", "off")  # measured: presolve finds little here and costs time
     h.passModel(model)
     h.run()
     status = h.getModelStatus()

@@ -104,6 +104,7 @@ def _move_below_min(lay: Layout, c: np.ndarray, cmin: np.ndarray) -> None:
     price = lay.p_imp
     for i in rows:
         sm = np.flatnonzero(small[i])
+        orig = c[i].copy()
         energy = float(c[i, sm].sum())  # W x PTU
         best = int(sm[np.argmax(c[i, sm])])
         c[i, sm] = 0.0
@@ -125,7 +126,12 @@ def _move_below_min(lay: Layout, c: np.ndarray, cmin: np.ndarray) -> None:
             room = (lay.lmax[i] - lay.level0[i]) / (lay.dt_h * lay.eta_c[i]) - float(c[i].sum())
             lift_ok = lay.needs_levels[i] or room >= cmin[i] - EPS
             # the usual rule decides (up to the minimum or off) unless the minimum overfills
-            c[i, best] = energy if lift_ok else 0.0
+            if lift_ok:  # put the rest back into the PTUs it came from, largest first
+                for t in sorted(sm, key=lambda x: -orig[x]):
+                    c[i, t] = min(energy, lay.cmax[i])
+                    energy -= c[i, t]
+                    if energy <= EPS:
+                        break
 
 
 def _down(value: float, step: float) -> float:
@@ -316,8 +322,10 @@ def _repair_down(lay: Layout, disp: Dispatch, t: int, order: np.ndarray) -> None
 
 
 def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first: bool = False,
-           peak_cap: float | None = None) -> None:
+           peak_cap: float | None = None, allowed_wh: np.ndarray | None = None) -> None:
     """Add charging where targets or level minimums are missed, into spare capacity (in place).
+
+    `allowed_wh` (per asset) is a shortfall to accept, e.g. what the LP itself could not meet.
 
     Assets in priority order (then earliest deadline); PTUs cheapest first (or earliest first
     for the fallback); never above the import limit, the fuse on any phase, or the asset's
@@ -330,7 +338,8 @@ def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first
     idx = np.arange(S)
     has_t = ~np.isnan(lay.target)
     end_level = lv[idx, lay.last]
-    short_t = has_t & (end_level < np.nan_to_num(lay.target) - 0.01)
+    goal = np.nan_to_num(lay.target) - (0.0 if allowed_wh is None else np.maximum(allowed_wh, 0.0))
+    short_t = has_t & (end_level < goal - 0.01)
     short_min = np.zeros(S, dtype=bool)
     for i in np.flatnonzero(lay.needs_levels):
         a, b = lay.first[i], lay.last[i]
@@ -359,7 +368,7 @@ def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first
         room = _can_take(lay, disp, active, g, ph, cap)
         done = np.zeros(len(active), dtype=bool)
         for k in np.flatnonzero(room):
-            done[k] = bool(_fill_asset(lay, disp, int(active[k]), g, ph, cap, price, dt, by_price))
+            done[k] = bool(_fill_asset(lay, disp, int(active[k]), g, ph, cap, price, dt, by_price, goal))
         active = active[~done]
         if len(active) == 0:
             return
@@ -383,7 +392,7 @@ def _can_take(lay: Layout, disp: Dispatch, assets: np.ndarray, g: np.ndarray, ph
 
 
 def _fill_asset(lay: Layout, disp: Dispatch, i: int, g: np.ndarray, ph: np.ndarray,
-                cap: np.ndarray, price: np.ndarray, dt: float, by_price: bool) -> bool:
+                cap: np.ndarray, price: np.ndarray, dt: float, by_price: bool, goal: np.ndarray) -> bool:
     """Fill asset i under `cap`; True when it is done (met, or no PTU can take more)."""
     a, b = int(lay.first[i]), int(lay.last[i])
     eta = lay.eta_c[i]
@@ -397,7 +406,7 @@ def _fill_asset(lay: Layout, disp: Dispatch, i: int, g: np.ndarray, ph: np.ndarr
         if lay.needs_levels[i]:
             want[a + 1:b + 1] = lay.lmin[i]
         if not np.isnan(lay.target[i]):
-            want[b] = max(want[b], lay.target[i])
+            want[b] = max(want[b], goal[i])
         miss = want - lvl
         bad = np.flatnonzero(miss > 0.01)
         if len(bad) == 0:
@@ -568,7 +577,9 @@ def round_and_repair(lay: Layout, frac: Dispatch, deadline: float = float("inf")
     disp = snap(lay, frac)
     fix_levels(lay, disp)
     repair_limits(lay, disp, cap)
-    refill(lay, disp, by_price=True, peak_cap=lp_peak)
+    lp_unmet = np.where(np.isnan(lay.target), 0.0,
+                        np.nan_to_num(lay.target) - levels(lay, frac)[np.arange(lay.s), lay.last])
+    refill(lay, disp, by_price=True, peak_cap=lp_peak, allowed_wh=lp_unmet + lay.tol_wh)
     repair_limits(lay, disp)
     shave_peak(lay, disp, deadline)
     return disp

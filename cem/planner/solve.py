@@ -44,7 +44,41 @@ def _gap(objective: float, bound: float | None) -> float | None:
 
 def plan_site(problem: Problem, *, time_limit_s: float = 1.0, workers: int = 2,
               use_lp: bool = True, use_cpsat: bool = True, gap_tol: float = GAP_TOL) -> Plan:
-    """Plan the site: never raises for infeasible inputs, never breaks a hard limit it can keep."""
+    """Plan the site within about `time_limit_s` (LP, repair and CP-SAT together).
+
+    Never raises for infeasible inputs (unmeetable targets become shortfalls, limits the inputs
+    alone break are noted) and never breaks a hard limit it can keep. Should the optimisation
+    itself fail, the fallback plan is returned; should even that fail, a plan with every
+    controllable asset off.
+    """
+    try:
+        return _plan_site(problem, time_limit_s=time_limit_s, workers=workers, use_lp=use_lp,
+                          use_cpsat=use_cpsat, gap_tol=gap_tol)
+    except Exception as exc:  # the control loop must never be without a plan
+        log.exception("planner failed; falling back")
+        note = f"planner error ({type(exc).__name__}: {exc}): "
+        try:
+            lay = build_layout(problem)
+            return to_plan(lay, fallback_dispatch(lay), "FALLBACK", [note + "fallback plan"])
+        except Exception:
+            log.exception("fallback failed too; everything controllable off")
+            return _all_off(problem, note + "every controllable asset off")
+
+
+def _all_off(problem: Problem, note: str) -> Plan:
+    n = problem.n_ptus
+    zeros = {a.id: np.zeros(n, dtype=np.int64) for a in [*problem.storage, *problem.modes, *problem.profiles]}
+    g = np.zeros(n)
+    for f in problem.fixed:
+        g += np.asarray(f.power_w, dtype=float)[:n]
+    for c in problem.curtailable:
+        g -= np.maximum(np.asarray(c.production_w, dtype=float)[:n], 0)
+    return Plan(status="FALLBACK", power_w=zeros, grid_import_w=np.rint(g).astype(np.int64),
+                curtailed_w={c.id: np.zeros(n, dtype=np.int64) for c in problem.curtailable}, notes=[note])
+
+
+def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: bool,
+               use_cpsat: bool, gap_tol: float) -> Plan:
     t_start = time.perf_counter()
     deadline = t_start + max(time_limit_s, 0.05)
     lay = build_layout(problem)
@@ -73,7 +107,9 @@ def plan_site(problem: Problem, *, time_limit_s: float = 1.0, workers: int = 2,
         status = "OPTIMAL"
     solve_s = 0.0
     left = deadline - time.perf_counter()
-    if use_cpsat and (gap is None or gap > gap_tol) and left > 0.05:
+    # CP-SAT builds at roughly 20 us per variable: only start it when it can also search
+    cp_build_estimate = 2e-5 * (int(lay.avail.sum()) * 2 + lay.n * 4)
+    if use_cpsat and (gap is None or gap > gap_tol) and left > 0.05 + 2 * cp_build_estimate:
         from cem.planner.model import improve
 
         t1 = time.perf_counter()
@@ -98,13 +134,14 @@ def plan_site(problem: Problem, *, time_limit_s: float = 1.0, workers: int = 2,
     plan.gap = _gap(plan.objective_eur, bound)
     plan.build_s, plan.lp_solve_s, plan.solve_s = build_s, lp_solve_s, solve_s
     violations = check_plan(problem, plan)
-    if violations and status != "FALLBACK" and not lay.notes:
-        log.error("plan breaks limits (%s); using the fallback", violations[:3])
+    if violations and status != "FALLBACK":
         fb = to_plan(lay, fallback_dispatch(lay), "FALLBACK",
                      [*notes, "the optimised plan failed the check: fallback plan"])
-        fb.lp_bound_eur, fb.gap = bound, _gap(fb.objective_eur, bound)
-        fb.build_s, fb.lp_solve_s, fb.solve_s = build_s, lp_solve_s, solve_s
-        return fb
+        if len(check_plan(problem, fb)) < len(violations):
+            log.error("plan breaks limits (%s); using the fallback", violations[:3])
+            fb.lp_bound_eur, fb.gap = bound, _gap(fb.objective_eur, bound)
+            fb.build_s, fb.lp_solve_s, fb.solve_s = build_s, lp_solve_s, solve_s
+            return fb
     return plan
 
 
