@@ -78,7 +78,8 @@ class CemService:
                 "certificate)",
             ) from exc
         try:
-            self.store = await Store.open(cfg.store.path, retention_days=cfg.store.retention_days)
+            self.store = await Store.open(cfg.store.path, retention_days=cfg.store.retention_days,
+                                          for_cem=True)
         except Exception as exc:
             raise ServiceError(f"cannot open the store {cfg.store.path}: {exc}") from exc
         self.server = S2Server(cfg, self.store)

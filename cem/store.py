@@ -15,10 +15,11 @@ outgoing row's `reception_status` instead of adding a row. So every exchange is 
 Times are UTC. Hot tables store epoch seconds (REAL); windows, plans and instructions store
 ISO 8601 UTC text as well, so people can read them with the sqlite3 shell.
 
-The schema is created and migrated on open (`PRAGMA user_version`). On open every RM is marked
-disconnected and every session still open is closed with reason "CEM restarted": a CEM that
-died did not see those disconnects. Old messages and measurements are deleted after
-`retention_days`, at open and every hour.
+The schema is created and migrated on open (`PRAGMA user_version`). When the CEM opens it
+(`for_cem=True`) every RM is marked disconnected and every session still open is closed with
+reason "CEM restarted": a CEM that died did not see those disconnects; and old messages and
+measurements are deleted after `retention_days`, at open and every hour. Other processes
+(`cem congestion add`) open it without touching that, since a CEM may be running.
 """
 
 from __future__ import annotations
@@ -261,13 +262,21 @@ class Store:
         self._closing = False
         self._writer: asyncio.Task[None] | None = None
         self._last_retention = 0.0
+        self.for_cem = False
 
     # --- opening and closing ------------------------------------------------------------------
 
     @classmethod
     async def open(cls, path: Path | str, *, retention_days: int = 30,
-                   flush_interval_s: float = 0.2, max_pending: int = 500_000) -> Store:
-        """Open (create, migrate) the database and start the writer task."""
+                   flush_interval_s: float = 0.2, max_pending: int = 500_000,
+                   for_cem: bool = False) -> Store:
+        """Open (create, migrate) the database and start the writer task.
+
+        `for_cem=True` is for the CEM process itself: a CEM that starts knows no RM is connected
+        yet, so it marks every RM disconnected and closes sessions left open by a crash, and it
+        applies retention (now and hourly). Other users (`cem congestion add`, reports) leave
+        that alone: they may run next to a live CEM.
+        """
         path = Path(path)
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -278,18 +287,22 @@ class Store:
             await db.execute("PRAGMA busy_timeout=5000")
             await db.execute("PRAGMA foreign_keys=ON")
             await _migrate(db, path)
-            now = time.time()
-            await db.execute("UPDATE rms SET connected = 0 WHERE connected != 0")
-            await db.execute(
-                "UPDATE sessions SET disconnected_at = ?, reason = 'CEM restarted' "
-                "WHERE disconnected_at IS NULL", (now,))
-            await db.commit()
+            if for_cem:
+                await db.execute("UPDATE rms SET connected = 0 WHERE connected != 0")
+                await db.execute(
+                    "UPDATE sessions SET disconnected_at = ?, reason = 'CEM restarted' "
+                    "WHERE disconnected_at IS NULL", (time.time(),))
+                await db.commit()
         except BaseException:
             await db.close()
             raise
         store = cls(db, path, retention_days=retention_days, flush_interval_s=flush_interval_s,
                     max_pending=max_pending)
-        await store.apply_retention()
+        store.for_cem = for_cem
+        if for_cem:
+            await store.apply_retention()
+        else:
+            store._last_retention = float("inf")  # retention is the CEM's job
         store._writer = asyncio.get_running_loop().create_task(store._write_loop(),
                                                                name="cem-store-writer")
         return store

@@ -425,7 +425,7 @@ async def test_restart_keeps_the_store_and_the_rm_comes_back(tmp_path: Path) -> 
         await store.close()
         await until(lambda: not rm.connected.is_set())
 
-        store = await Store.open(config.store.path, flush_interval_s=0.05)
+        store = await Store.open(config.store.path, flush_interval_s=0.05, for_cem=True)
         [row] = await store.list_rms()
         assert (row.rm_id, row.name, row.connected, row.control_type) == (
             rm_id, "battery", False, FRBC)

@@ -27,7 +27,7 @@ async def test_restart_keeps_messages_and_rms_marks_them_disconnected(tmp_path: 
     store.log_reception_status("i1", "INVALID_CONTENT")
     await store.close()  # a crash would leave connected=1 and the session open
 
-    store = await Store.open(db)
+    store = await Store.open(db, for_cem=True)
     try:
         rms = await store.list_rms()
         assert [(r.rm_id, r.name, r.connected, r.messages_in, r.messages_out) for r in rms] == [
@@ -53,7 +53,13 @@ async def test_reopen_after_a_crash_marks_rms_disconnected(tmp_path: Path) -> No
     assert sqlite3.connect(db).execute("SELECT connected FROM rms").fetchone() == (1,)
     await store.close()
     sqlite3.connect(db).execute("UPDATE rms SET connected = 1").connection.commit()
+    # another process (cem congestion add) next to a live CEM changes nothing
     store = await Store.open(db)
+    try:
+        assert [r.connected for r in await store.list_rms()] == [True]
+    finally:
+        await store.close()
+    store = await Store.open(db, for_cem=True)
     try:
         assert [r.connected for r in await store.list_rms()] == [False]
     finally:
