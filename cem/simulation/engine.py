@@ -11,6 +11,7 @@ average. Nothing is clipped: a level that overloads the fuse is recorded doing s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -64,9 +65,7 @@ class LevelRun:
 def run_level(inputs: SimInputs, controller: Controller,
               progress: Callable[[int], None] | None = None) -> LevelRun:
     """Run a controller over the whole simulated span through the shared physics."""
-    import time as _time
-
-    started = _time.perf_counter()
+    started = time.perf_counter()
     sessions = inputs.sessions
     n_s, n_t = len(sessions), inputs.n_ptus
     dt_h = inputs.dt_h
@@ -115,4 +114,4 @@ def run_level(inputs: SimInputs, controller: Controller,
     return LevelRun(name=controller.name, ev_w=ev_w, site_w=site_w, ev_total_w=ev_w.sum(axis=0),
                     fuse_minutes=fuse_minutes, max_phase_a=max_phase_a,
                     delivered_wh=state.delivered_wh.copy(), replan_s=list(controller.replan_s),
-                    notes=list(controller.notes), wall_s=_time.perf_counter() - started)
+                    notes=list(controller.notes), wall_s=time.perf_counter() - started)

@@ -35,7 +35,6 @@ free EVSE; a session finding no free EVSE is left out and counted in the notes.
 from __future__ import annotations
 
 import bisect
-import math
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -378,7 +377,3 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
         export_limit_w=np.asarray(limits.export_limit_w, dtype=np.int64),
         fuse_w_per_phase=config.grid.fuse_a * config.grid.voltage_v,
         pv_kwp=pv_kwp, files=files, notes=notes)
-
-
-def ceil_div(a: float, b: float) -> int:
-    return math.ceil(a / b - 1e-9)
