@@ -49,12 +49,7 @@ HANDSHAKE_TIMEOUT_S = 30.0
 SAMPLE_WALL_S = 0.05
 #: module-level clocks of parts whose areas were still being written when the demo landed;
 #: the demo points them at `cem.clock.now` while it runs (see the ADR)
-CLOCK_HOOKS = (
-    ("cem.s2.server", "utc_now"),
-    ("resource_managers.ocpp_charger.csms", "_now"),
-    ("resource_managers.ocpp_charger.s2_evse", "_now"),
-    ("resource_managers.ocpp_charger.simulator", "_now"),
-)
+CLOCK_HOOKS = (("cem.s2.server", "utc_now"),)
 
 
 class DemoError(Exception):
@@ -274,6 +269,33 @@ class Recorder:
 
 
 @contextlib.contextmanager
+def solver_leaves_ctrl_c_alone() -> Iterator[None]:
+    """CP-SAT catches SIGINT during a solve by default and leaves it at SIG_DFL afterwards, so
+    the next Ctrl-C would kill the process without a clean stop. Until the planner sets
+    `catch_sigint_signal = False` itself, every solve in this process does."""
+    try:
+        from ortools.sat.python import cp_model
+    except ImportError:
+        yield
+        return
+    original = cp_model.CpSolver.solve
+    if getattr(original, "leaves_ctrl_c_alone", False):
+        yield
+        return
+
+    def solve(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self.parameters.catch_sigint_signal = False
+        return original(self, *args, **kwargs)
+
+    solve.leaves_ctrl_c_alone = True  # type: ignore[attr-defined]
+    cp_model.CpSolver.solve = solve  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        cp_model.CpSolver.solve = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
 def process_clock(settings: DemoSettings) -> Iterator[clock.ScaledClock]:
     """Switch the process to the demo's simulated clock (and every part's hook to it)."""
     import importlib
@@ -405,20 +427,21 @@ class DemoSite:
                        loop.create_task(self._sample(), name="demo-sampler")]
 
     async def stop(self) -> None:
-        """Chargers first, then the RMs (sessions closed from their side), then the CEM."""
+        """Chargers and EVs first, then the CEM (it closes every S2 session with the reason),
+        then the RMs and the simulated devices."""
         self.stop_event.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 10)
+        if self.service is not None:
+            reason = f"demo ended: {self.stopped_by or 'stopped'}"
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.service.stop(reason), 15)
         if self.csms is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.csms.stop(), 10)
         if self.modbus is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.modbus.stop(), 10)
-        if self.service is not None:
-            reason = f"demo ended ({self.stopped_by or 'stopped'})"
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.service.stop(reason), 15)
 
     # --- EVs ----------------------------------------------------------------------------------
 
@@ -466,10 +489,7 @@ class DemoSite:
                 amps = min(ev.max_current_a, evse.max_current_a)
                 outcome.feasible_kwh = amps * 230 * phases * dwell / 3600 / 1000
                 try:
-                    # the simulator divides the dwell by its speed (it was written for a CEM on
-                    # the wall clock); multiplied back, the departure it reports is simulated
-                    ok = await station.plug_in(evse.evse_id, ev, visit.id_tag,
-                                               dwell_s=dwell * station.speed,
+                    ok = await station.plug_in(evse.evse_id, ev, visit.id_tag, dwell_s=dwell,
                                                energy_kwh=visit.energy_kwh)
                 except Exception as exc:  # a charger mid-reconnect: the EV drives on
                     logger.warning("demo: EV %s could not start on %s: %r", visit.id_tag,
@@ -597,6 +617,30 @@ def _configure_logging(report: Path) -> Path:
     return log_file
 
 
+def _quiet_solver_banner() -> None:
+    """HiGHS prints a banner on stdout when the first model is made: make it before the view
+    starts, with stdout pointed at /dev/null, so it never tears the live view."""
+    try:
+        import highspy
+    except ImportError:
+        return
+    import ctypes
+    import os
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        highspy.Highs()
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None).fflush(None)
+    finally:
+        os.dup2(saved, 1)
+        os.close(devnull)
+        os.close(saved)
+
+
 def _prepare_report(report: Path) -> None:
     try:
         report.mkdir(parents=True, exist_ok=True)
@@ -662,12 +706,13 @@ def demo_command(*, config: Path, duration: float | None, speed: float | None,
     site.store.path = report / "cem-demo.db"
     site.ocpp.database = report / "ocpp-demo.db"
     log_file = _configure_logging(report)
+    _quiet_solver_banner()
     out = Console()
     view = demo_view.LiveView(out, settings) if out.is_terminal else demo_view.ProgressLines(
         out, settings)
     view.intro(site, settings, log_file)
     try:
-        with process_clock(settings), view:
+        with solver_leaves_ctrl_c_alone(), process_clock(settings), view:
             demo = asyncio.run(run_demo(site, settings, on_tick=view.update))
     except DemoError as exc:
         fail(str(exc), f"details in {log_file}")

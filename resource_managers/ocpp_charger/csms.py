@@ -48,6 +48,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, NegotiationError
 from websockets.http11 import Request, Response
 
+from cem import clock
 from cem.site.config import ChargeCard, ChargePoint, SiteConfig
 from resource_managers.ocpp_charger import limits
 from resource_managers.ocpp_charger.records import SessionRecords
@@ -60,7 +61,8 @@ ENERGY = "Energy.Active.Import.Register"
 
 
 def _now() -> datetime:
-    return datetime.now(UTC)
+    """The process clock (`cem.clock`: real time, or the demo's simulated time)."""
+    return clock.now()
 
 
 def _parse_time(value: str | None) -> datetime:

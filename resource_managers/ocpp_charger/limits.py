@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from cem import clock
+
 VOLTAGE_V = 230.0
 MIN_CURRENT_A = 6.0
 
@@ -91,7 +93,7 @@ def tx_default_profile_v16(limit: ProfileLimit) -> dict[str, Any]:
 def tx_profile_v16(evse_id: int, transaction_id: int, limit: ProfileLimit,
                    now: datetime | None = None) -> dict[str, Any]:
     """OCPP 1.6 TxProfile for one running transaction, valid from now on."""
-    start = (now or datetime.now(UTC)) - timedelta(seconds=5)  # tolerate a charger clock behind
+    start = (now or clock.now()) - timedelta(seconds=5)  # tolerate a charger clock behind
     return {
         "charging_profile_id": TX_PROFILE_ID_BASE + evse_id,
         "transaction_id": transaction_id,
@@ -118,7 +120,7 @@ def tx_default_profile_v201(limit: ProfileLimit) -> dict[str, Any]:
 def tx_profile_v201(evse_id: int, transaction_id: str, limit: ProfileLimit,
                     now: datetime | None = None) -> dict[str, Any]:
     """OCPP 2.0.1 TxProfile bound to a transaction id."""
-    start = (now or datetime.now(UTC)) - timedelta(seconds=5)
+    start = (now or clock.now()) - timedelta(seconds=5)
     profile_id = TX_PROFILE_ID_BASE + evse_id
     return {
         "id": profile_id,

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from s2python.common import (
@@ -35,6 +35,7 @@ from s2python.connection.types import S2ConnectionEventsAndMessages, SendOkayRun
 from s2python.frbc import FRBCInstruction
 from s2python.message import S2Message
 
+from cem import clock
 from resource_managers.base import FRBCControlType, S2ResourceManager
 from resource_managers.ocpp_charger import frbc
 
@@ -47,7 +48,8 @@ MEASUREMENT_INTERVAL_S = 15.0
 
 
 def _now() -> datetime:
-    return datetime.now(UTC)
+    """The process clock (`cem.clock`: real time, or the demo's simulated time)."""
+    return clock.now()
 
 
 class EvseFrbcControl(FRBCControlType):
@@ -250,7 +252,7 @@ class EvseResource:
             await self._status(instruction, InstructionStatus.ACCEPTED)
             logger.debug("%s: instruction %s (%.1f A) runs in %.0f s", name, instruction.id,
                          amps, delay)
-            await asyncio.sleep(delay)
+            await clock.sleep(delay)
             try:  # the EV may have left or the charger gone offline meanwhile
                 amps = frbc.instruction_current(self.flex(), self.ids, instruction)
             except frbc.InstructionProblem as exc:

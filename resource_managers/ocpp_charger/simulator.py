@@ -10,7 +10,8 @@ phases; below the 6 A minimum it pauses.
 The EV (`SimulatedEv`) has a battery size, a SoC, a per-phase maximum current, 1 or 3 phases and
 tapers above 80 % SoC. `speed` compresses time: energy and SoC move `speed` times faster than
 the wall clock and dwell times shrink by the same factor; the timestamps and the departure time
-sent to the CSMS are wall-clock times, so the CSMS and CEM see a consistent (fast) world.
+sent to the CSMS are on the process clock (`cem.clock`): wall-clock times next to a real-time
+CEM, simulated times in `cem demo`, whose clock runs at the same speed (docs/adr/0001-demo-clock.md).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ocpp.v201 import call as call201
 from ocpp.v201 import call_result as result201
 from ocpp.v201.enums import Action as Action201
 
+from cem import clock
 from cem.site.config import SiteConfig
 from resource_managers.ocpp_charger import limits
 from resource_managers.ocpp_charger.csms import FrameLog
@@ -53,7 +55,8 @@ def _iso(moment: datetime) -> str:
 
 
 def _now() -> datetime:
-    return datetime.now(UTC)
+    """The process clock (`cem.clock`: real time, or the demo's simulated time)."""
+    return clock.now()
 
 
 @dataclass
@@ -245,7 +248,8 @@ class SimulatedChargePoint:
         evse.ev = ev
         evse.phases_used = min(ev.phases, evse.phases)
         if dwell_s is not None:
-            evse.departure = _now() + timedelta(seconds=dwell_s / self.speed)
+            # our physics runs `speed` x the wall clock, the process clock `clock.speed()` x
+            evse.departure = _now() + timedelta(seconds=dwell_s * clock.speed() / self.speed)
         evse.energy_request_wh = energy_kwh * 1000 if energy_kwh else None
         await self._status(evse)
         if self.version == "1.6":
