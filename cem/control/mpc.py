@@ -237,9 +237,15 @@ class SiteController:
                                     f"instruction {event.instruction_id}")
 
     def _label(self, rm_id: str) -> str:
-        entry = self._rms().get(rm_id)
+        entry = self._rm(rm_id)
         name = getattr(entry, "name", None) if entry is not None else None
         return f"{name} ({rm_id[:8]})" if name else rm_id
+
+    def _rm(self, rm_id: str) -> Any:
+        """One live RM, without copying the registry (this runs on every measurement)."""
+        if hasattr(self.registry, "rms"):
+            return self.registry.rms().get(rm_id)
+        return self._rms().get(rm_id)
 
     def _rms(self) -> dict[str, Any]:
         if hasattr(self.registry, "rms"):
@@ -425,8 +431,7 @@ class SiteController:
         return total if found else None
 
     async def _on_measurement(self, rm_id: str) -> None:
-        rms = self._rms()
-        entry = rms.get(rm_id)
+        entry = self._rm(rm_id)
         if entry is None:
             return
         meter = self.mapping.meter_rm if self.mapping is not None else None
