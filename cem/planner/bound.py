@@ -113,6 +113,8 @@ class LpResult:
     profile_weight: list[np.ndarray] = field(default_factory=list)
     build_s: float = 0.0
     solve_s: float = 0.0
+    highs: highspy.Highs | None = None  # the solved model, for `polish` (warm start)
+    index: LpIndex | None = None
 
 
 def _grid_index(mask: np.ndarray, lp: _LpArrays, lb: np.ndarray, ub: np.ndarray,
@@ -348,7 +350,7 @@ def solve_lp(lay: Layout, time_limit_s: float = 10.0, threads: int = 1) -> LpRes
     x = np.asarray(h.getSolution().col_value)
     bound = float(h.getInfo().objective_function_value)
     disp = _dispatch_from_x(lay, index, x)
-    res = LpResult("OPTIMAL", bound, disp, build_s=build_s, solve_s=solve_s)
+    res = LpResult("OPTIMAL", bound, disp, build_s=build_s, solve_s=solve_s, highs=h, index=index)
     res.mode_weight = [np.clip(x[on], 0, 1) for on in index.mode_on]
     res.profile_weight = [np.clip(x[on], 0, 1) for on in index.profile_on]
     return res
@@ -372,3 +374,52 @@ def _dispatch_from_x(lay: Layout, index: LpIndex, x: np.ndarray) -> Dispatch:
     for on, starts in zip(index.profile_on, index.profile_starts, strict=True):
         disp.profile_start.append(int(starts[int(np.argmax(x[on]))]))
     return disp
+
+
+def polish(lay: Layout, lp: LpResult, disp: Dispatch) -> Dispatch | None:
+    """Re-solve the LP with every on/off choice of `disp` fixed, powers free within the domain.
+
+    A charging PTU stays in [min, max], an idle one at 0, modes and profile starts as chosen:
+    the LP then re-balances the powers around the peak, the fuse and the prices. Its solution
+    keeps the integer pattern of `disp`, so it is a plan (after snapping to the power steps).
+    Warm-started from the relaxation's basis; None if HiGHS does not finish.
+    """
+    h, index = lp.highs, lp.index
+    if h is None or index is None:
+        return None
+    cols: list[np.ndarray] = []
+    lows: list[np.ndarray] = []
+    ups: list[np.ndarray] = []
+    c_on = disp.charge > 0
+    d_on = disp.discharge > 0
+    for idx, on, lo, hi, other_on in ((index.charge, c_on, lay.cmin, lay.cmax, d_on),
+                                      (index.discharge, d_on, lay.dmin, lay.dmax, c_on)):
+        m = idx >= 0
+        if not np.any(m):
+            continue
+        ii, tt = np.nonzero(m)
+        on_v = on[ii, tt]
+        free = (lo[ii] <= 0) & ~other_on[ii, tt]  # no minimum: may still change (batteries)
+        cols.append(idx[ii, tt])
+        lows.append(np.where(on_v, lo[ii], 0.0) / 1000)
+        ups.append(np.where(on_v | free, hi[ii], 0.0) / 1000)
+    for on, k in zip(index.mode_on, disp.mode_index, strict=True):
+        chosen = np.zeros(on.shape, dtype=bool)
+        chosen[np.arange(on.shape[0]), k] = True
+        cols.append(on.ravel())
+        lows.append(chosen.ravel().astype(float))
+        ups.append(chosen.ravel().astype(float))
+    for on, starts, start in zip(index.profile_on, index.profile_starts, disp.profile_start, strict=True):
+        chosen = (starts == start).astype(float)
+        cols.append(on)
+        lows.append(chosen)
+        ups.append(chosen)
+    if not cols:
+        return None
+    c = np.concatenate(cols).astype(np.int32)
+    h.changeColsBounds(len(c), c, np.concatenate(lows), np.concatenate(ups))
+    h.run()
+    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        return None
+    x = np.asarray(h.getSolution().col_value)
+    return _dispatch_from_x(lay, index, x)

@@ -32,7 +32,10 @@ def snap(lay: Layout, disp: Dispatch) -> Dispatch:
     cmin = lay.cmin[:, None]
     dmin = lay.dmin[:, None]
     mono = ~lay.needs_levels
-    _move_below_min(lay, c, np.where(mono, cmin[:, 0], 0.0))
+    g_frac, _ = grid_and_phases(lay, disp)
+    peak = max(lay.peak_so_far, float(g_frac.max())) if lay.n else 0.0
+    busy = (g_frac >= peak - 1.0) if lay.peak_price > 0 else np.zeros(lay.n, dtype=bool)
+    _move_below_min(lay, c, np.where(mono, cmin[:, 0], 0.0), busy)
     for i in np.flatnonzero(lay.needs_levels & ((lay.cmin > 0) | (lay.dmin > 0))):
         c[i], d[i] = _sigma_delta(lay, i, c[i] - d[i])
     c = np.where(c < cmin / 2, 0.0, np.maximum(c, cmin))
@@ -92,21 +95,21 @@ def _donors(row: np.ndarray, amount: float, cmin: float, price: np.ndarray
     return out
 
 
-def _move_below_min(lay: Layout, c: np.ndarray, cmin: np.ndarray) -> None:
+def _move_below_min(lay: Layout, c: np.ndarray, cmin: np.ndarray, busy: np.ndarray) -> None:
     """Move charging that lies below an asset's minimum power into its other PTUs (in place).
 
     Keeps the asset's energy: the pieces below the minimum go into the headroom of PTUs that
-    already charge (cheapest first); a rest that does not fit becomes one PTU at the minimum,
-    taken from a PTU that charges more than twice the minimum.
+    already charge (cheapest first, PTUs at the LP's peak last); a rest that does not fit becomes
+    one PTU at the minimum, taken from PTUs that charge above it (at the peak first).
     """
     small = (c > 0) & (c < cmin[:, None] - EPS)
     rows = np.flatnonzero(small.any(axis=1))
-    price = lay.p_imp
+    price = lay.p_imp + np.where(busy, 1e3, 0.0)
     for i in rows:
         sm = np.flatnonzero(small[i])
         orig = c[i].copy()
         energy = float(c[i, sm].sum())  # W x PTU
-        best = int(sm[np.argmax(c[i, sm])])
+        best = int(sm[np.argmax(c[i, sm] - np.where(busy[sm], 1e9, 0.0))])
         c[i, sm] = 0.0
         on = np.flatnonzero(c[i] >= cmin[i] - EPS)
         if len(on):
@@ -127,7 +130,7 @@ def _move_below_min(lay: Layout, c: np.ndarray, cmin: np.ndarray) -> None:
             lift_ok = lay.needs_levels[i] or room >= cmin[i] - EPS
             # the usual rule decides (up to the minimum or off) unless the minimum overfills
             if lift_ok:  # put the rest back into the PTUs it came from, largest first
-                for t in sorted(sm, key=lambda x: -orig[x]):
+                for t in sorted(sm, key=lambda x: (busy[x], -orig[x])):
                     c[i, t] = min(energy, lay.cmax[i])
                     energy -= c[i, t]
                     if energy <= EPS:
@@ -583,3 +586,42 @@ def round_and_repair(lay: Layout, frac: Dispatch, deadline: float = float("inf")
     repair_limits(lay, disp)
     shave_peak(lay, disp, deadline)
     return disp
+
+
+def polish_plan(lay: Layout, lp: object, disp: Dispatch) -> Dispatch | None:
+    """`bound.polish` (powers re-optimised with the on/off pattern fixed), snapped and checked."""
+    from cem.planner.bound import polish
+
+    frac = polish(lay, lp, disp)  # type: ignore[arg-type]
+    if frac is None:
+        return None
+    out = frac.copy()
+    step = lay.step[:, None].astype(float)
+    # assets without a minimum power (batteries) were left free: their pattern is the LP's
+    net = frac.charge - frac.discharge
+    free_c = (lay.cmin[:, None] <= 0) & lay.avail
+    free_d = (lay.dmin[:, None] <= 0) & lay.avail
+    frac.charge = np.where(free_c & free_d, np.maximum(net, 0), frac.charge)
+    frac.discharge = np.where(free_c & free_d, np.maximum(-net, 0), frac.discharge)
+    on_c = np.where(free_c, frac.charge > 0.5, disp.charge > 0)
+    on_d = np.where(free_d, frac.discharge > 0.5, disp.discharge > 0)
+    # round the running sums (each asset keeps its energy to within one step), then the domain
+    cum = np.cumsum(frac.charge / step * on_c, axis=1)  # off PTUs add nothing to the sums
+    # level assets round up (their level stays at or above the LP's, so above level_min)
+    cum = np.where(lay.needs_levels[:, None], np.ceil(cum - 1e-6), np.floor(cum + 1e-6))
+    c = np.diff(cum, axis=1, prepend=0.0) * step
+    d = np.diff(np.floor(np.cumsum(frac.discharge / step * on_d, axis=1) + 1e-6), axis=1, prepend=0.0) * step
+    out.charge = np.where(on_c, np.clip(c, lay.cmin[:, None], lay.cmax[:, None]), 0.0)
+    out.discharge = np.where(on_d & ~on_c, np.clip(d, lay.dmin[:, None], lay.dmax[:, None]), 0.0)
+    out.curtail = np.clip(np.ceil(frac.curtail), 0, lay.pv) * lay.pv_curtailable[:, None]
+    out.mode_index = [m.copy() for m in disp.mode_index]
+    out.profile_start = list(disp.profile_start)
+    if out.mode_power is not None and disp.mode_power is not None:
+        for j, m in enumerate(lay.problem.modes):
+            mi = out.mode_index[j]
+            lo = np.array([pm.min_w for pm in m.modes], dtype=float)[mi]
+            hi = np.array([pm.max_w for pm in m.modes], dtype=float)[mi]
+            out.mode_power[j] = np.clip(np.floor(out.mode_power[j]), lo, hi)
+    fix_levels(lay, out)
+    repair_limits(lay, out)
+    return out

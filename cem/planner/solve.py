@@ -26,7 +26,7 @@ from cem.planner.assets import Plan, Problem, Shortfall
 from cem.planner.bound import solve_lp
 from cem.planner.check import check_plan
 from cem.planner.fallback import fallback_dispatch
-from cem.planner.hint import round_and_repair
+from cem.planner.hint import polish_plan, round_and_repair
 from cem.planner.layout import Dispatch, Layout, build_layout, evaluate
 
 __all__ = ["check_plan", "plan_site"]
@@ -96,6 +96,10 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             bound = lp.bound_eur
             candidate = round_and_repair(lay, lp.dispatch, deadline=deadline)
             status = "FEASIBLE"
+            if time.perf_counter() < deadline:
+                polished = polish_plan(lay, lp, candidate)
+                if polished is not None and evaluate(lay, polished).objective < evaluate(lay, candidate).objective:
+                    candidate = polished
         else:
             notes.append(f"LP relaxation not solved ({lp.status}): starting from the fallback plan")
             log.warning("LP relaxation not solved (%s)", lp.status)
@@ -133,6 +137,10 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     plan.lp_bound_eur = bound
     plan.gap = _gap(plan.objective_eur, bound)
     plan.build_s, plan.lp_solve_s, plan.solve_s = build_s, lp_solve_s, solve_s
+    log.info("plan %s: cost %.2f EUR, objective %.2f EUR, LP bound %s, gap %s; %d shortfalls; "
+             "build %.3f s, LP %.3f s, CP-SAT %.3f s", plan.status, plan.cost_eur, plan.objective_eur,
+             "-" if bound is None else f"{bound:.2f}", "-" if plan.gap is None else f"{plan.gap:.2%}",
+             len(plan.shortfall), build_s, lp_solve_s, solve_s)
     violations = check_plan(problem, plan)
     if violations and status != "FALLBACK":
         fb = to_plan(lay, fallback_dispatch(lay), "FALLBACK",
