@@ -624,4 +624,9 @@ def polish_plan(lay: Layout, lp: object, disp: Dispatch) -> Dispatch | None:
             out.mode_power[j] = np.clip(np.floor(out.mode_power[j]), lo, hi)
     fix_levels(lay, out)
     repair_limits(lay, out)
+    # rounding can leave a level asset a few Wh under its minimum: top it up (EVs as they are)
+    end = levels(lay, out)[np.arange(lay.s), lay.last]
+    allowed = np.where(lay.needs_levels, 0.0, np.nan_to_num(lay.target) - end + lay.tol_wh)
+    refill(lay, out, by_price=True, allowed_wh=allowed)
+    repair_limits(lay, out)
     return out
