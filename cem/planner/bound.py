@@ -320,11 +320,13 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
 
 def _unmet_cols(lp: _LpArrays, lay: Layout, rows: np.ndarray, assets: np.ndarray,
                 need: np.ndarray) -> None:
-    """Three rising unmet-energy segments per target row."""
-    seg = np.maximum(need[assets], 0) / 3 / 1000
+    """The rising unmet-energy segments (and the cheap last step) of each target row."""
+    k = len(SEGMENT_FACTORS)
+    seg = np.maximum(need[assets], 0) / k / 1000
     u0 = lp.cols(0.0, lay.tol_wh[assets] / 1000, TOL_EUR_PER_WH * 1000, len(assets))
     lp.coef(rows, u0, 1.0)
-    for f, ub in zip(SEGMENT_FACTORS, (seg, seg, np.full(len(assets), INF)), strict=True):
+    for j, f in enumerate(SEGMENT_FACTORS):
+        ub = seg if j < k - 1 else np.full(len(assets), INF)
         u = lp.cols(0.0, ub, lay.weight[assets] * 1000 * f, len(assets))
         lp.coef(rows, u, 1.0)
 

@@ -7,8 +7,8 @@ plan's objective are comparable:
     objective = energy cost (import at the import price, export at the export price, the
     export price clamped to the import price where it is higher, which keeps the cost convex)
     + peak cost (peak_price x max(peak_so_far, max import), the 15-minute kW-max)
-    + unmet-target penalties (EUR per Wh, x3 per priority step, in three rising segments of a
-    third of the need each, so equal-priority EVs share a shortfall)
+    + unmet-target penalties (EUR per Wh, x3 per priority step, in four rising segments of a
+    quarter of the need each, so equal-priority EVs share a shortfall)
     + level_min deficits (per Wh per PTU) + a tiny tie-break that prefers earlier charging.
 
 The penalties (>= 200 EUR/kWh) are far above any price and peak cost a kWh can carry, so the
@@ -25,7 +25,7 @@ from cem.planner.assets import Problem
 
 UNMET_EUR_PER_WH = 0.2  # 200 EUR/kWh for priority 1
 PRIORITY_FACTOR = 3.0
-SEGMENT_FACTORS = (1.0, 1.25, 1.5)
+SEGMENT_FACTORS = (1.0, 1.15, 1.3, 1.5)  # rising cost per quarter of the need missed
 TOL_EUR_PER_WH = 0.002  # 2 EUR/kWh: above any price, so met when the limits allow it
 TIE_EUR_PER_KWH = 1e-4  # at the horizon end; 0 at its start
 STEP_FLOOR_W = 10  # power resolution used when an asset allows finer steps
@@ -310,15 +310,16 @@ def levels(lay: Layout, disp: Dispatch) -> np.ndarray:
 def unmet_penalty(unmet: np.ndarray, need: np.ndarray, weight: np.ndarray,
                   tol: np.ndarray) -> np.ndarray:
     """Penalty (EUR) of unmet Wh per asset: the last `tol` Wh (a rounding step) at
-    TOL_EUR_PER_WH, the rest in the three rising segments."""
-    seg = np.maximum(need, 0) / 3
+    TOL_EUR_PER_WH, the rest in rising segments (SEGMENT_FACTORS, one per share of the need)."""
+    k = len(SEGMENT_FACTORS)
+    seg = np.maximum(need, 0) / k
     u0 = np.minimum(np.maximum(unmet, 0), tol)
     u = np.maximum(unmet - tol, 0)
-    s1 = np.minimum(u, seg)
-    s2 = np.minimum(np.maximum(u - seg, 0), seg)
-    s3 = np.maximum(u - 2 * seg, 0)
-    f1, f2, f3 = SEGMENT_FACTORS
-    return TOL_EUR_PER_WH * u0 + weight * (f1 * s1 + f2 * s2 + f3 * s3)
+    total = TOL_EUR_PER_WH * u0
+    for j, f in enumerate(SEGMENT_FACTORS):
+        part = np.maximum(u - j * seg, 0)
+        total = total + weight * f * (part if j == k - 1 else np.minimum(part, seg))
+    return total
 
 
 @dataclass

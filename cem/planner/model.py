@@ -250,20 +250,22 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
     need_wh = np.where(has_t, np.nan_to_num(lay.target) - lay.level0, 0.0)
 
     def unmet_vars(i: int, achieved_hint_wh: float) -> tuple[np.ndarray, np.ndarray]:
-        """Three unmet segments (Wh) for asset i, hinted from the hint's shortfall."""
-        seg = max(math.ceil(need_wh[i] / 3), 0)
+        """Unmet segments (Wh) for asset i, hinted from the hint's shortfall."""
+        k = len(SEGMENT_FACTORS)
+        seg = max(math.ceil(need_wh[i] / k), 0)
         short = max(math.ceil(need_wh[i] - achieved_hint_wh), 0)
         tol = int(lay.tol_wh[i])
-        h0 = min(short, tol)
-        short -= h0
-        h1 = min(short, seg)
-        h2 = min(short - h1, seg)
-        h3 = short - h1 - h2
-        top = max(math.ceil(need_wh[i]), 0) + 1
-        us = np.array([V.new(0, tol, h0), V.new(0, seg, h1), V.new(0, seg, h2), V.new(0, top, h3)],
-                      dtype=np.int64)
+        h = min(short, tol)
+        short -= h
+        ids = [V.new(0, tol, h)]
+        for j in range(k):
+            top = seg if j < k - 1 else max(math.ceil(need_wh[i]), 0) + 1
+            h = min(short, top)
+            short -= h
+            ids.append(V.new(0, top, h))
+        us = np.array(ids, dtype=np.int64)
         cost(us, np.array([TOL_EUR_PER_WH, *(lay.weight[i] * np.array(SEGMENT_FACTORS))]))
-        return us, np.full(4, LS, dtype=np.int64)
+        return us, np.full(len(ids), LS, dtype=np.int64)
 
     mono = ~lay.needs_levels
     for i in np.flatnonzero(mono & (lay.cmax > 0)):
