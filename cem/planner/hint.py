@@ -35,7 +35,13 @@ def snap(lay: Layout, disp: Dispatch) -> Dispatch:
     g_frac, _ = grid_and_phases(lay, disp)
     peak = max(lay.peak_so_far, float(g_frac.max())) if lay.n else 0.0
     busy = (g_frac >= peak - 1.0) if lay.peak_price > 0 else np.zeros(lay.n, dtype=bool)
-    _move_below_min(lay, c, np.where(mono, cmin[:, 0], 0.0), busy)
+    # room under the import limit and the fuse, as the rounded powers stand (pieces below the
+    # minimum taken out), so moving them does not overload a PTU
+    g_now, ph_now = grid_and_phases(lay, Dispatch(np.where(c >= cmin, c, 0.0), d, out.curtail,
+                                                   out.mode_index, out.mode_power, out.profile_start))
+    head_imp = lay.import_lim - g_now
+    head_ph = lay.fuse_up - ph_now
+    _move_below_min(lay, c, np.where(mono, cmin[:, 0], 0.0), busy, head_imp, head_ph)
     for i in np.flatnonzero(lay.needs_levels & ((lay.cmin > 0) | (lay.dmin > 0))):
         c[i], d[i] = _sigma_delta(lay, i, c[i] - d[i])
     c = np.where(c < cmin / 2, 0.0, np.maximum(c, cmin))
@@ -95,7 +101,8 @@ def _donors(row: np.ndarray, amount: float, cmin: float, price: np.ndarray
     return out
 
 
-def _move_below_min(lay: Layout, c: np.ndarray, cmin: np.ndarray, busy: np.ndarray) -> None:
+def _move_below_min(lay: Layout, c: np.ndarray, cmin: np.ndarray, busy: np.ndarray,
+                    head_imp: np.ndarray, head_ph: np.ndarray) -> None:
     """Move charging that lies below an asset's minimum power into its other PTUs (in place).
 
     Keeps the asset's energy: the pieces below the minimum go into the headroom of PTUs that
@@ -114,9 +121,16 @@ def _move_below_min(lay: Layout, c: np.ndarray, cmin: np.ndarray, busy: np.ndarr
         on = np.flatnonzero(c[i] >= cmin[i] - EPS)
         if len(on):
             on = on[np.argsort(price[on], kind="stable")]
-            room = lay.cmax[i] - c[i, on]
+            share = lay.share[i]
+            site = head_imp[on].copy()
+            for p in range(3):
+                if share[p] > 0:
+                    site = np.minimum(site, head_ph[p, on] / share[p])
+            room = np.maximum(np.minimum(lay.cmax[i] - c[i, on], np.floor(site / lay.step[i]) * lay.step[i]), 0)
             take = np.minimum(room, np.maximum(energy - np.concatenate([[0.0], np.cumsum(room)[:-1]]), 0))
             c[i, on] += take
+            head_imp[on] -= take
+            head_ph[:, on] -= np.outer(share, take)
             energy -= float(take.sum())
         if energy <= lay.step[i] / 2:
             continue
