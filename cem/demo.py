@@ -45,11 +45,8 @@ DAY_START = clock_time(6, 0)  # local time the simulated day starts
 FALLBACK_DAY = date(2019, 10, 8)  # a Tuesday inside the bundled ACN and price extracts
 ACN_FIRST, ACN_LAST = date(2019, 10, 1), date(2019, 10, 21)
 BASE_LOAD_W = 3000.0
-HANDSHAKE_TIMEOUT_S = 30.0
 SAMPLE_WALL_S = 0.05
-#: module-level clocks of parts whose areas were still being written when the demo landed;
-#: the demo points them at `cem.clock.now` while it runs (see the ADR)
-CLOCK_HOOKS = (("cem.s2.server", "utc_now"),)
+
 
 
 class DemoError(Exception):
@@ -124,6 +121,7 @@ class VisitOutcome:
     where: str = ""  # "CP/EVSE", or "" when every EVSE was busy
     version: str = ""
     need_kwh: float | None = None  # what the CEM was told (EV's request, or site defaults)
+    cem_departure: datetime | None = None  # the departure the CEM plans for
     room_kwh: float = 0.0  # what the battery could take
     feasible_kwh: float = 0.0  # what the EVSE could deliver at full power in the stay
     delivered_kwh: float = 0.0
@@ -189,6 +187,7 @@ class Recorder:
     export_wh: np.ndarray | None = None
     covered_s: np.ndarray | None = None
     max_phase_a: np.ndarray | None = None
+    worst: Sample | None = None  # the sample with the highest phase current
     _last: datetime | None = None
 
     def __post_init__(self) -> None:
@@ -208,6 +207,8 @@ class Recorder:
         if not 0 <= t < self.settings.n_ptus:
             return
         amps = max(abs(p) for p in sample.phase_w) / self.voltage_v
+        if self.worst is None or amps > max(abs(p) for p in self.worst.phase_w) / self.voltage_v:
+            self.worst = sample
         self.max_phase_a[t] = max(self.max_phase_a[t], amps)  # type: ignore[index]
         if previous is None:
             return
@@ -297,24 +298,12 @@ def solver_leaves_ctrl_c_alone() -> Iterator[None]:
 
 @contextlib.contextmanager
 def process_clock(settings: DemoSettings) -> Iterator[clock.ScaledClock]:
-    """Switch the process to the demo's simulated clock (and every part's hook to it)."""
-    import importlib
-
+    """Switch the process to the demo's simulated clock."""
     scaled = clock.ScaledClock(settings.start, settings.speed)
     previous = clock.use(scaled)
-    patched: list[tuple[Any, str, Any]] = []
-    for module_name, attribute in CLOCK_HOOKS:
-        module = importlib.import_module(module_name)
-        original = getattr(module, attribute, None)
-        if original is None or original is clock.now:
-            continue
-        patched.append((module, attribute, original))
-        setattr(module, attribute, clock.now)
     try:
         yield scaled
     finally:
-        for module, attribute, original in patched:
-            setattr(module, attribute, original)
         clock.use(previous)
 
 
@@ -368,7 +357,6 @@ class DemoSite:
 
     async def start(self) -> None:
         from cem.control.mpc import SiteController
-        from cem.s2.session import S2Session
         from cem.service import CemService, ServiceError
         from resource_managers.modbus.simulator import load_pv_profile
         from resource_managers.modbus.site import SimulatedModbusSite
@@ -387,17 +375,7 @@ class DemoSite:
             await self.service.start()
         except ServiceError as exc:
             raise DemoError(str(exc)) from None
-        server = self.service.server
-
-        def session() -> S2Session:
-            # protocol timeouts are compared with the (simulated) `now`: keep their wall length
-            return S2Session(control_type_preference=list(cfg.s2.control_type_preference),
-                             cem_name=cfg.site.name,
-                             reception_timeout_s=cfg.server.reception_status_timeout_s * speed,
-                             handshake_timeout_s=HANDSHAKE_TIMEOUT_S * speed)
-
-        server._session_factory = session  # no public hook yet (see the ADR)
-        url = server.url
+        url = self.service.server.url
         logger.info("demo: CEM on %s, simulated day %s from %s local, speed %gx", url,
                     self.settings.day, DAY_START.strftime("%H:%M"), speed)
 
@@ -521,6 +499,7 @@ class DemoSite:
         session = self.session_of(station, evse)
         if session is not None:
             outcome.need_kwh = session.energy_need_wh / 1000
+            outcome.cem_departure = session.departure
 
     async def _leave(self, station: Any, evse: Any, dwell_s: float, outcome: VisitOutcome) -> None:
         waited = 0.0

@@ -7,6 +7,7 @@ chargers' EVs), not taken from what the CEM believes, so the summary checks the 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import time
@@ -280,6 +281,7 @@ def summarise(demo: DemoSite) -> dict[str, Any]:
         "max_phase_a": round(totals["max_phase_a"], 1),
         "fuse_a": totals["fuse_a"],
         "fuse_never_exceeded": totals["max_phase_a"] <= totals["fuse_a"] + 1e-6,
+        "highest_phase_current_at": _worst(demo),
         "limits_never_exceeded": totals["ptus_over_limit"] == 0,
         "ev_visits": len(demo.outcomes),
         "ev_charged": len(visits),
@@ -292,6 +294,17 @@ def summarise(demo: DemoSite) -> dict[str, Any]:
         "max_profile_limit_a": max((p["limit"] for p in profiles if p["unit"] == "A"),
                                    default=0.0),
     }
+
+
+def _worst(demo: DemoSite) -> dict[str, Any] | None:
+    """When the highest phase current was measured, and what drew it."""
+    worst = demo.recorder.worst
+    if worst is None:
+        return None
+    return {"at": _local(worst.at, demo.settings).isoformat(timespec="seconds"),
+            "phase_a": [round(p / demo.recorder.voltage_v, 1) for p in worst.phase_w],
+            "devices_kw": {k: round(v / 1000, 2) for k, v in worst.devices_w.items()},
+            "evse_kw": {k: round(v / 1000, 2) for k, v in worst.evse_w.items() if v}}
 
 
 def charging_profiles(demo: DemoSite) -> list[dict[str, Any]]:
@@ -345,6 +358,31 @@ def write_report(demo: DemoSite, summary: dict[str, Any]) -> list[Path]:
     written = [*plot_report(demo, folder)]
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     written.append(folder / "summary.json")
+    profiles = folder / "charging_profiles.csv"
+    with profiles.open("w", newline="", encoding="utf-8") as handle:
+        columns = ["cp_id", "version", "evse_id", "purpose", "limit", "unit", "phases",
+                   "max_current_a", "transaction_id", "accepted"]
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(charging_profiles(demo))
+    written.append(profiles)
+    visits = folder / "ev_visits.csv"
+    with visits.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ev", "evse", "ocpp", "arrival", "departure", "requested_kwh",
+                         "cem_need_kwh", "cem_departure", "battery_room_kwh", "target_kwh",
+                         "delivered_kwh", "met", "left"])
+        for o in demo.outcomes:
+            writer.writerow([
+                o.visit.id_tag, o.where or "drove on", o.version,
+                _local(o.visit.arrival, demo.settings).isoformat(timespec="minutes"),
+                _local(o.visit.departure, demo.settings).isoformat(timespec="minutes"),
+                o.visit.energy_kwh, "" if o.need_kwh is None else round(o.need_kwh, 2),
+                "" if o.cem_departure is None else
+                _local(o.cem_departure, demo.settings).isoformat(timespec="minutes"),
+                round(o.room_kwh, 2), round(o.target_kwh, 2) if o.where else "",
+                round(o.delivered_kwh, 2), o.met if o.where else "", o.left])
+    written.append(visits)
     lines = [f"# cem demo: {summary['site']}", "",
              f"Simulated {summary['simulated_h']:.1f} h of {summary['day']} at "
              f"{summary['speed']:g}x in {summary['wall_s']:.0f} s of wall time "

@@ -34,7 +34,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from http import HTTPStatus
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -44,6 +44,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from cem import clock
 from cem.s2.session import CloseRequest, Outgoing, S2Session
 from cem.site.config import ServerConfig, SiteConfig
 from cem.store import Store
@@ -63,8 +64,12 @@ SHORT_CONTROL_TYPE = {v: k for k, v in CONTROL_TYPE_NAMES.items()} | {
     "NOT_CONTROLABLE": "NOT_CONTROLABLE", "NO_SELECTION": "NO_SELECTION"}
 
 
+HANDSHAKE_TIMEOUT_S = 30.0  # wall-clock seconds an RM has for its Handshake
+
+
 def utc_now() -> datetime:
-    return datetime.now(UTC)
+    """The process clock (`cem.clock`: real time, or the demo's simulated time)."""
+    return clock.now()
 
 
 def tls_context(cfg: ServerConfig) -> ssl.SSLContext | None:
@@ -264,10 +269,14 @@ class S2Server:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def _new_session(self) -> S2Session:
+        # the session compares its protocol timeouts with the process clock's `now`: on a
+        # simulated clock (cem demo) they keep their wall-clock length (docs/adr/0001-demo-clock.md)
+        speed = clock.speed()
         return S2Session(
             control_type_preference=list(self.config.s2.control_type_preference),
             cem_name=self.config.site.name,
-            reception_timeout_s=self.server_config.reception_status_timeout_s,
+            reception_timeout_s=self.server_config.reception_status_timeout_s * speed,
+            handshake_timeout_s=HANDSHAKE_TIMEOUT_S * speed,
         )
 
     def _ssl_context(self) -> ssl.SSLContext | None:
