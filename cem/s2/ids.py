@@ -44,12 +44,16 @@ def id_key(value: object) -> str:
     return str(value)
 
 
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def is_canonical_uuid(value: str) -> bool:
-    """True if ``value`` is a UUID written exactly as Python writes it (lower case, hyphens)."""
-    try:
-        return str(uuid.UUID(value)) == value
-    except ValueError:
-        return False
+    """True if ``value`` is a UUID written exactly as Python writes it (lower case, hyphens).
+
+    The same answer as ``str(uuid.UUID(value)) == value``, without building a UUID (this runs
+    for every id of every message).
+    """
+    return _CANONICAL_UUID.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)
@@ -86,8 +90,31 @@ def _shape(model: type[BaseModel]) -> tuple[_FieldShape, ...]:
     return tuple(shapes)
 
 
+@cache
+def _id_fields(model: type[BaseModel]) -> tuple[_FieldShape, ...]:
+    """The fields of ``model`` that hold ids, themselves or deeper down; the rest is skipped.
+
+    A PowerMeasurement's ``values``, for instance, hold no ids: walking them on every message
+    would only cost time.
+    """
+    return tuple(f for f in _shape(model)
+                 if f.is_id or (f.nested is not None and _id_fields(f.nested)))
+
+
 def generated_model(message_type: str) -> type[BaseModel] | None:
     """The schema-faithful generated model for a message type, or None if unknown."""
+    found = _GENERATED.get(message_type)
+    if found is None:
+        found = _find_generated_model(message_type)
+        if found is not None:  # unknown names are not kept: an RM chooses them
+            _GENERATED[message_type] = found
+    return found
+
+
+_GENERATED: dict[str, type[BaseModel]] = {}
+
+
+def _find_generated_model(message_type: str) -> type[BaseModel] | None:
     candidate = getattr(gen_s2, message_type.replace(".", ""), None)
     if isinstance(candidate, type) and issubclass(candidate, BaseModel):
         fields = candidate.model_fields
@@ -101,7 +128,7 @@ def map_ids(model: type[BaseModel], data: Any, change: Callable[[str], str]) -> 
     if not isinstance(data, dict):
         return data
     out = dict(data)
-    for field in _shape(model):
+    for field in _id_fields(model):
         if field.key not in out:
             continue
         value = out[field.key]
@@ -122,7 +149,7 @@ def iter_ids(model: type[BaseModel], data: Any, path: str = "") -> Iterator[tupl
     """Every (json path, value) at an id position of ``data``."""
     if not isinstance(data, dict):
         return
-    for field in _shape(model):
+    for field in _id_fields(model):
         if field.key not in data:
             continue
         value = data[field.key]

@@ -278,6 +278,20 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+_JSON = json.JSONDecoder(parse_constant=_no_constants)
+
+
+def _parse_json(text: str) -> Any:
+    """``json.loads(text, parse_constant=_no_constants)`` without a new decoder per message."""
+    if text.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    return _JSON.decode(text)
+
+
+_OK_STATUS = '{"message_type":"ReceptionStatus","subject_message_id":"%s","status":"OK"}'
+"""The OK ReceptionStatus exactly as json.dumps writes it, for ids that need no escaping."""
+
+
 def _describe_errors(exc: BaseException) -> str:
     """A short plain-words summary of a pydantic validation error."""
     cause: BaseException = exc
@@ -587,7 +601,7 @@ class S2Session:
         else:
             return [self._reject(NIL_UUID, "", invalid_data, "message is not text")]
         try:
-            raw = json.loads(text, parse_constant=_no_constants)
+            raw = _parse_json(text)
         except (ValueError, RecursionError) as exc:
             return [self._reject(NIL_UUID, "", invalid_data, f"message is not JSON: {exc}"[:200])]
         if not isinstance(raw, dict):
@@ -671,7 +685,8 @@ class S2Session:
             follow_up = self._handlers[message_type](message, now)
         except _Reject as rejection:
             return [self._reject(message_id, message_type, rejection.status, rejection.label)], False
-        self.log.debug("accepted %s %s", message_type, message_id)
+        if logger.isEnabledFor(logging.DEBUG):
+            self.log.debug("accepted %s %s", message_type, message_id)
         return [self._status(message_id, ReceptionStatusValues.OK, None), *follow_up], True
 
     def _on_reception_status(self, raw: dict[str, Any]) -> None:
@@ -1172,6 +1187,8 @@ class S2Session:
 
     def _status(self, subject: str, status: ReceptionStatusValues,
                 label: str | None) -> Outgoing:
+        if status is ReceptionStatusValues.OK and not label and is_valid_id(subject):
+            return Outgoing(_OK_STATUS % subject, None, "ReceptionStatus", False)
         data: dict[str, Any] = {"message_type": "ReceptionStatus",
                                 "subject_message_id": subject, "status": status.value}
         if label:
