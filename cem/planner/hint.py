@@ -16,6 +16,7 @@ import numpy as np
 from cem.planner.layout import Dispatch, Layout, grid_and_phases, levels
 
 EPS = 1e-6
+LIMIT_TOL_W = 1e-3  # a hard limit counts as kept within a milliwatt (float noise only)
 
 
 def snap(lay: Layout, disp: Dispatch) -> Dispatch:
@@ -246,8 +247,8 @@ def repair_limits(lay: Layout, disp: Dispatch, import_cap: np.ndarray | None = N
         g, ph = grid_and_phases(lay, disp)
         up = np.vstack([g - imp_lim, (ph - lay.fuse_up)])  # (4, n) excess load
         dn = np.vstack([-g - lay.export_lim, (-ph - lay.fuse_dn)])  # (4, n) excess production
-        bad_up = np.flatnonzero((up > 0.5).any(axis=0))
-        bad_dn = np.flatnonzero((dn > 0.5).any(axis=0))
+        bad_up = np.flatnonzero((up > LIMIT_TOL_W).any(axis=0))
+        bad_dn = np.flatnonzero((dn > LIMIT_TOL_W).any(axis=0))
         if len(bad_up) == 0 and len(bad_dn) == 0:
             return
         for t in bad_up:
@@ -292,7 +293,7 @@ def _repair_up(lay: Layout, disp: Dispatch, t: int, order: np.ndarray, imp_lim: 
         ex = _excess_up(lay, disp, t, imp_lim)
     for _ in range(5):
         worst = int(np.argmax(ex))
-        if ex[worst] <= 0.5:
+        if ex[worst] <= LIMIT_TOL_W:
             return
         w = np.ones(lay.s) if worst == 0 else lay.share[:, worst - 1]
         cand = order[(disp.charge[order, t] > 0) & (w[order] > 0)]
@@ -301,7 +302,7 @@ def _repair_up(lay: Layout, disp: Dispatch, t: int, order: np.ndarray, imp_lim: 
         new = _cut(disp.charge[cand, t], w[cand], ex[worst], lay.cmin[cand], lay.step[cand].astype(float))
         disp.charge[cand, t] = new
         ex = _excess_up(lay, disp, t, imp_lim)
-    if disp.mode_power is not None and len(lay.problem.modes) and np.max(ex) > 0.5:
+    if disp.mode_power is not None and len(lay.problem.modes) and np.max(ex) > LIMIT_TOL_W:
         for j, m in enumerate(lay.problem.modes):
             lo = m.modes[int(disp.mode_index[j][t])].min_w
             disp.mode_power[j, t] = lo
@@ -313,7 +314,7 @@ def _repair_down(lay: Layout, disp: Dispatch, t: int, order: np.ndarray) -> None
     ex = np.concatenate([[-g - lay.export_lim[t]], -ph - lay.fuse_dn[:, t]])
     for _ in range(5):
         worst = int(np.argmax(ex))
-        if ex[worst] <= 0.5:
+        if ex[worst] <= LIMIT_TOL_W:
             return
         if lay.k:
             w = np.ones(lay.k) if worst == 0 else lay.pv_share[:, worst - 1]
@@ -322,11 +323,11 @@ def _repair_down(lay: Layout, disp: Dispatch, t: int, order: np.ndarray) -> None
                 add = min(room[j], np.ceil(ex[worst] / w[j]))
                 disp.curtail[j, t] += add
                 ex[worst] -= add * w[j]
-                if ex[worst] <= 0.5:
+                if ex[worst] <= LIMIT_TOL_W:
                     break
         g, ph = _grid_t(lay, disp, t)
         ex = np.concatenate([[-g - lay.export_lim[t]], -ph - lay.fuse_dn[:, t]])
-        if ex[worst] <= 0.5:
+        if ex[worst] <= LIMIT_TOL_W:
             continue
         w = np.ones(lay.s) if worst == 0 else lay.share[:, worst - 1]
         cand = order[(disp.discharge[order, t] > 0) & (w[order] > 0)]
