@@ -45,6 +45,7 @@ DAY_START = clock_time(6, 0)  # local time the simulated day starts
 FALLBACK_DAY = date(2019, 10, 8)  # a Tuesday inside the bundled ACN and price extracts
 ACN_FIRST, ACN_LAST = date(2019, 10, 1), date(2019, 10, 21)
 BASE_LOAD_W = 3000.0
+SOURCE_DEMO = Path(__file__).resolve().parent.parent / "specs" / "sites" / "demo.toml"
 SAMPLE_WALL_S = 0.05
 
 
@@ -676,6 +677,8 @@ def demo_command(*, config: Path, duration: float | None, speed: float | None,
     from cem import demo_view
     from cem.cli import fail, load_config_or_exit
 
+    if not config.exists() and config == Path("specs/sites/demo.toml") and SOURCE_DEMO.exists():
+        config = SOURCE_DEMO  # run from another folder: the demo site of this source tree
     site = load_config_or_exit(config)
     try:
         settings = settings_for(site, duration=duration, speed=speed, report=report)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
@@ -117,7 +118,7 @@ class LiveView:
         if time.monotonic() - self._last < 0.2:
             return
         self._last = time.monotonic()
-        self.live.update(render(demo), refresh=True)
+        self.live.update(render(demo, self.console.width), refresh=True)
 
 
 class ProgressLines:
@@ -169,54 +170,72 @@ def progress_line(demo: DemoSite, state: Now) -> str:
             f"{soc}; {len(demo.rm_rows())} RMs; plan: {plan_words(demo)}")
 
 
-def render(demo: DemoSite) -> Any:
-    """The live view as one rich renderable."""
+CONTROL_SHORT = {"FILL_RATE_BASED_CONTROL": "FRBC", "POWER_ENVELOPE_BASED_CONTROL": "PEBC",
+                 "POWER_PROFILE_BASED_CONTROL": "PPBC", "OPERATION_MODE_BASED_CONTROL": "OMBC",
+                 "DEMAND_DRIVEN_BASED_CONTROL": "DDBC", "NOT_CONTROLABLE": "not controllable",
+                 "NO_SELECTION": "none yet"}
+
+
+def render(demo: DemoSite, width: int = 160) -> Any:
+    """The live view as one rich renderable (about 20 lines; tables stacked when narrow)."""
     settings = demo.settings
     state = current(demo)
     if state is None:
         return Text("starting the CEM, the OCPP central system, the chargers and the Modbus "
                     "devices ...")
     head = Text()
-    head.append(f"{_local(state.at, settings):%a %H:%M}", style="bold")
-    head.append(f"  {settings.speed:g}x  ")
+    head.append(f"{_local(state.at, settings):%a %d %b %H:%M}", style="bold")
+    head.append(f"  ({settings.speed:g}x)   ")
+    over = state.avg_kw > state.limit_kw
     head.append(f"site {state.grid_kw:5.1f} kW", style="bold")
-    head.append(f"  PTU avg {state.avg_kw:5.1f} kW / {state.limit_name} {state.limit_kw:.0f} kW")
-    style = "red" if state.phase_a > state.fuse_a else "green"
-    head.append(f"  phase max {state.phase_a:4.1f} A / fuse {state.fuse_a:.0f} A", style=style)
-    head.append(f"  price {state.price:.3f} EUR/kWh")
+    head.append(f", this PTU {state.avg_kw:5.1f} kW of {state.limit_kw:.0f} kW "
+                f"{state.limit_name}", style="red" if over else "green")
+    head.append("   ")
+    head.append(f"phase max {state.phase_a:4.1f} A of {state.fuse_a:.0f} A fuse",
+                style="red" if state.phase_a > state.fuse_a else "green")
+    head.append(f"   price {state.price:.3f} EUR/kWh")
 
-    rms = Table(title="resource managers", title_justify="left", expand=False)
-    rms.add_column("RM")
-    rms.add_column("control")
-    rm_rows = demo.rm_rows()
-    for name, control in rm_rows[:16]:
-        rms.add_row(name, control.replace("_BASED_CONTROL", "").replace("_", " "))
-    if len(rm_rows) > 16:
-        rms.add_row(f"... {len(rm_rows) - 16} more", "")
-
-    devices = Table(title="devices (measured)", title_justify="left")
-    devices.add_column("device")
-    devices.add_column("kW", justify="right")
+    controls = {name: CONTROL_SHORT.get(control, control) for name, control in demo.rm_rows()}
+    rms = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="resource managers (measured)",
+                title_justify="left")
+    for column, justify in (("RM", "left"), ("S2", "left"), ("kW", "right"), ("", "left")):
+        rms.add_column(column, justify=justify)  # type: ignore[arg-type]
+    notes = {"battery": f"SoC {state.soc:.0f} %" if state.soc is not None else "",
+             "heat pump": f"buffer {state.buffer_c:.1f} °C" if state.buffer_c is not None
+             else ""}
     for name, watts in state.devices.items():
-        devices.add_row(name, f"{watts / 1000:.1f}")
-    if state.soc is not None:
-        devices.add_row("battery SoC", f"{state.soc:.0f} %")
-    if state.buffer_c is not None:
-        devices.add_row("heat buffer", f"{state.buffer_c:.1f} °C")
+        if name in ("EV chargers", "base load"):
+            continue
+        rms.add_row(name, controls.get(name, "-"), f"{watts / 1000:.1f}", notes.get(name, ""))
+    meter = next((n for n in controls if "meter" in n), None)
+    if meter is not None:
+        rms.add_row(meter, controls[meter], f"{state.grid_kw:.1f}", "whole site")
+    rms.add_row("(base load)", "", f"{state.devices.get('base load', 0) / 1000:.1f}", "no RM")
 
-    evs = Table(title="EVs", title_justify="left")
-    for column in ("EVSE", "OCPP", "EV", "kW", "kWh / target", "leaves"):
-        evs.add_column(column)
-    for outcome, _station, evse in demo.live_visits():
-        bar = sparkline([outcome.delivered_kwh], max(outcome.target_kwh, 0.1))
-        evs.add_row(outcome.where, outcome.version, outcome.visit.id_tag,
-                    f"{evse.power_w / 1000:.1f}",
-                    f"{outcome.delivered_kwh:5.1f} / {outcome.target_kwh:4.1f} {bar}",
-                    f"{_local(outcome.visit.departure, settings):%H:%M}")
+    evs = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="EV chargers (OCPP -> S2 RM per EVSE)",
+                title_justify="left")
+    for column in ("EVSE", "OCPP", "S2", "EV", "kW", "kWh of target", "leaves"):
+        evs.add_column(column, justify="right" if column in ("kW",) else "left")
+    plugged = {o.where: (o, evse) for o, _station, evse in demo.live_visits()}
+    for station in demo.stations:
+        for evse in station.evses.values():
+            where = f"{station.cp_id}/{evse.evse_id}"
+            control = controls.get(f"EV charger {where}", "-")
+            entry = plugged.get(where)
+            if entry is None:
+                evs.add_row(where, station.version, control, "", "", "", "")
+                continue
+            outcome, _ = entry
+            share = outcome.delivered_kwh / outcome.target_kwh if outcome.target_kwh > 0 else 1
+            bar = "█" * round(min(1.0, share) * 10) + "·" * (10 - round(min(1.0, share) * 10))
+            evs.add_row(where, station.version, control, outcome.visit.id_tag,
+                        f"{evse.power_w / 1000:.1f}",
+                        f"{bar} {outcome.delivered_kwh:4.1f}/{outcome.target_kwh:4.1f}",
+                        f"{_local(outcome.visit.departure, settings):%H:%M}")
     done = [o for o in demo.outcomes if o.left and o.where]
     away = [o for o in demo.outcomes if o.left and not o.where]
-    foot = Text(f"{len(done)} EV(s) left ({sum(o.met for o in done)} with their target), "
-                f"{len(away)} drove on (all EVSEs busy)")
+    foot = Text(f"{len(done)} EV(s) left, {sum(o.met for o in done)} with their target; "
+                f"{len(away)} drove on (every EVSE busy)", style="dim")
 
     plan_text = Text(f"plan: {plan_words(demo)}")
     controller = demo.controller
@@ -226,13 +245,31 @@ def render(demo: DemoSite) -> Any:
         now_t = max(0, int((clock.now() - problem.start).total_seconds() // 900))
         grid = [float(x) / 1000 for x in plan.grid_import_w[now_t:now_t + 48]]
         limits = [float(x) / 1000 for x in problem.limits.import_limit_w[now_t:now_t + 48]]
+        prices = [float(x) for x in problem.prices.import_eur_per_kwh[now_t:now_t + 48]]
         top = max([*limits, *grid, 1.0])
-        plan_text.append("\nplanned grid import, next 12 h: ")
+        plan_text.append("\nnext 12 h  planned import ")
         plan_text.append(sparkline(grid, top), style="cyan")
-        plan_text.append("\nimport limit:                   ")
+        plan_text.append("\n           import limit   ")
         plan_text.append(sparkline(limits, top), style="yellow")
-    return Panel(Group(head, Text(""), _side_by_side(rms, devices), evs, foot, plan_text),
-                 title="cem demo", subtitle="Ctrl-C stops")
+        if prices:
+            low, high = min(prices), max(prices)
+            plan_text.append("\n           price          ")
+            plan_text.append(sparkline([p - low + (high - low) * 0.1 for p in prices],
+                                       (high - low) * 1.1 or 1.0), style="green")
+    if width >= 140:
+        tables: Any = _side_by_side(rms, evs)
+    else:  # an 80 x 24 terminal: the RMs as two lines, the EV table without its title
+        parts = [f"{name} {controls.get(name, '-')} {watts / 1000:.1f} kW"
+                 + (f" ({notes[name]})" if notes.get(name) else "")
+                 for name, watts in state.devices.items()
+                 if name not in ("EV chargers", "base load")]
+        if meter is not None:
+            parts.append(f"{meter} {controls[meter]}")
+        evs.title = None
+        tables = Group(Text("RMs: " + " · ".join(parts), style="dim"), evs)
+    return Panel(Group(head, tables, foot, plan_text),
+                 title=f"cem demo: {demo.site.site.name}", subtitle="Ctrl-C stops",
+                 expand=False)
 
 
 def _side_by_side(*tables: Table) -> Table:
