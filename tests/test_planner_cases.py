@@ -258,3 +258,17 @@ def test_plan_reports_bound_gap_and_timings() -> None:
     assert plan.cost_eur == pytest.approx(plan.energy_cost_eur + plan.peak_cost_eur)
     assert plan.objective_eur >= plan.cost_eur - 1e-9
     assert plan.build_s > 0 and plan.lp_solve_s > 0
+
+
+def test_a_mode_switched_on_stays_on_for_its_minimum_time() -> None:
+    # a generator that pays in the dear hours and costs in the cheap ones would flip every hour
+    pr = site(n=6, price=[0.5, -0.2, 0.5, -0.2, 0.5, 0.5])
+    pr.fixed = [FixedLoad("base", np.full(6, 4_000))]
+    pr.modes = [ModeAsset("chp", [PowerMode("off", 0, 0), PowerMode("run", -3_000, -2_000)],
+                          min_on_ptus=3)]
+    plan = plan_ok(pr)
+    names = plan.mode["chp"]
+    assert "run" in names
+    for t in range(1, 6):
+        if names[t] != names[t - 1]:
+            assert all(x == names[t] for x in names[t:t + 3])

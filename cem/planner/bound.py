@@ -185,7 +185,7 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
         lo = np.array([pm.min_w for pm in m.modes], dtype=float) / 1000
         hi = np.array([pm.max_w for pm in m.modes], dtype=float) / 1000
         on = lp.cols(0.0, 1.0, 0.0, n * nm).reshape(n, nm)
-        q = lp.cols(0.0, np.tile(np.maximum(hi, 0), n), 0.0, n * nm).reshape(n, nm)
+        q = lp.cols(np.tile(np.minimum(lo, 0), n), np.tile(np.maximum(hi, 0), n), 0.0, n * nm).reshape(n, nm)
         one = lp.rows(1.0, 1.0, n)
         lp.coef(np.repeat(one, nm), on.ravel(), 1.0)
         r_hi = lp.rows(-INF, 0.0, n * nm)

@@ -50,6 +50,14 @@ def check_plan(problem: Problem, plan: Plan) -> list[str]:
         p = np.asarray(plan.power_w.get(m.id, np.zeros(n)), dtype=float)[:n]
         add(p, m.phase_share)
         names = plan.mode.get(m.id)
+        if names is not None and m.min_on_ptus > 1:
+            for t in range(1, len(names)):
+                if names[t] != names[t - 1]:
+                    run = names[t:t + m.min_on_ptus]
+                    if any(x != names[t] for x in run):
+                        out.append(f"{m.id}: mode {names[t]} from PTU {t} held less than "
+                                   f"{m.min_on_ptus} PTUs")
+                        break
         if names is not None:
             by_id = {pm.id: pm for pm in m.modes}
             for t, name in enumerate(names[:n]):

@@ -53,10 +53,26 @@ def snap(lay: Layout, disp: Dispatch) -> Dispatch:
     pr = lay.problem
     if out.mode_power is not None:
         for j, m in enumerate(pr.modes):
+            out.mode_index[j] = hold_min_on(out.mode_index[j], m.min_on_ptus)
             mi = out.mode_index[j]
             lo = np.array([pm.min_w for pm in m.modes], dtype=float)[mi]
             hi = np.array([pm.max_w for pm in m.modes], dtype=float)[mi]
             out.mode_power[j] = np.rint(np.clip(out.mode_power[j], lo, hi))
+    return out
+
+
+def hold_min_on(mode_index: np.ndarray, min_on: int) -> np.ndarray:
+    """Modes per PTU where every switch to a mode holds it for at least `min_on` PTUs."""
+    out = np.asarray(mode_index).copy()
+    if min_on <= 1:
+        return out
+    t = 1
+    while t < len(out):
+        if out[t] != out[t - 1]:
+            out[t:t + min_on] = out[t]
+            t += min_on
+        else:
+            t += 1
     return out
 
 

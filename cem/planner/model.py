@@ -126,6 +126,11 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
             m.add_exactly_one([V.all[x] for x in on[t]])
             for k, pm in enumerate(ma.modes):
                 m.add_linear_constraint(V.all[q[t]], pm.min_w, pm.max_w).only_enforce_if(V.all[on[t, k]])
+        if ma.min_on_ptus > 1:  # a mode switched on stays on for min_on_ptus PTUs
+            for t in range(1, n):
+                for k in range(nm):
+                    for j in range(1, min(ma.min_on_ptus, n - t)):
+                        m.add(V.all[on[t, k]] - V.all[on[t - 1, k]] <= V.all[on[t + j, k]])
         mode_on.append(on)
         mode_q.append(q)
         other_terms.append((np.arange(n), q, np.ones(n, dtype=np.int64), _share(ma.phase_share)))
