@@ -138,6 +138,13 @@ class VisitOutcome:
     def met(self) -> bool:
         return self.delivered_kwh >= self.target_kwh * 0.98 - 0.05
 
+    @property
+    def left_early(self) -> bool:
+        """The EV left before the departure the CEM planned for (an OCPP 1.6 EV does not say
+        when it leaves: the CEM assumes the site's default dwell time)."""
+        return self.cem_departure is not None and \
+            self.visit.departure < self.cem_departure - timedelta(minutes=1)
+
 
 def demo_visits(settings: DemoSettings) -> list[Visit]:
     """The day's EV visits at the Caltech car park, on the same local clock times at the site."""

@@ -325,6 +325,8 @@ def summarise(demo: DemoSite) -> dict[str, Any]:
         "ev_drove_on": len(demo.outcomes) - len(visits),
         "ev_left": len(left),
         "ev_targets_met": sum(o.met for o in left),
+        "ev_left_before_known_departure": sum(o.left_early for o in left),
+        "ev_targets_met_when_departure_known": sum(o.met for o in left if not o.left_early),
         "ev_energy_kwh": round(sum(o.delivered_kwh for o in visits), 2),
         "charging_profiles": len(profiles),
         "charging_profiles_over_max": len(over_max),
@@ -378,6 +380,9 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
                                 f"{summary['fuse_a']:g} A)"),
         ("EVs charged / drove on", f"{summary['ev_charged']} / {summary['ev_drove_on']}"),
         ("EVs left with their target", f"{summary['ev_targets_met']} of {summary['ev_left']}"),
+        ("... of those staying as long as the CEM knew",
+         f"{summary['ev_targets_met_when_departure_known']} of "
+         f"{summary['ev_left'] - summary['ev_left_before_known_departure']}"),
         ("EV energy delivered", f"{summary['ev_energy_kwh']:.1f} kWh"),
         ("charging profiles sent", f"{summary['charging_profiles']} (max "
                                    f"{summary['max_profile_limit_a']:g} A, "
@@ -408,7 +413,7 @@ def write_report(demo: DemoSite, summary: dict[str, Any]) -> list[Path]:
         writer = csv.writer(handle)
         writer.writerow(["ev", "evse", "ocpp", "arrival", "departure", "requested_kwh",
                          "cem_need_kwh", "cem_departure", "battery_room_kwh", "target_kwh",
-                         "delivered_kwh", "met", "left"])
+                         "delivered_kwh", "met", "left", "left_before_cem_departure"])
         for o in demo.outcomes:
             writer.writerow([
                 o.visit.id_tag, o.where or "drove on", o.version,
@@ -418,7 +423,7 @@ def write_report(demo: DemoSite, summary: dict[str, Any]) -> list[Path]:
                 "" if o.cem_departure is None else
                 _local(o.cem_departure, demo.settings).isoformat(timespec="minutes"),
                 round(o.room_kwh, 2), round(o.target_kwh, 2) if o.where else "",
-                round(o.delivered_kwh, 2), o.met if o.where else "", o.left])
+                round(o.delivered_kwh, 2), o.met if o.where else "", o.left, o.left_early])
     written.append(visits)
     lines = [f"# cem demo: {summary['site']}", "",
              f"Simulated {summary['simulated_h']:.1f} h of {summary['day']} at "
