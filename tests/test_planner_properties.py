@@ -12,8 +12,11 @@ from cem.planner.assets import (
     THREE_PHASE,
     Curtailable,
     FixedLoad,
+    ModeAsset,
+    PowerMode,
     Prices,
     Problem,
+    ShiftableProfile,
     SiteLimits,
     StorageAsset,
     single_phase,
@@ -66,6 +69,14 @@ def small_sites(draw: st.DrawFn) -> Problem:
     if draw(st.booleans()):
         pv = np.array(draw(st.lists(st.integers(0, 12_000), min_size=N, max_size=N)))
         pr.curtailable.append(Curtailable("pv", pv, curtailable=True))
+    if draw(st.booleans()):  # an OMBC/DDBC device: off or a power range, maybe producing
+        run = draw(st.sampled_from([(500, 2_000), (-2_000, -500)]))
+        pr.modes.append(ModeAsset("dev", [PowerMode("off", 0, 0), PowerMode("run", *run)],
+                                  min_on_ptus=draw(st.integers(0, 3))))
+    if draw(st.booleans()):  # a PPBC profile that must run once
+        first = draw(st.integers(0, N - 3))
+        pr.profiles.append(ShiftableProfile("washer", np.array([1_000, 500]), earliest_start=first,
+                                            latest_start=draw(st.integers(first, N - 2))))
     return pr
 
 

@@ -16,19 +16,20 @@ from cem.planner.layout import Dispatch, Layout, empty_dispatch
 def fallback_dispatch(lay: Layout) -> Dispatch:
     """Deadline-first dispatch within the hard limits."""
     disp = empty_dispatch(lay)
-    _cheapest_modes(lay, disp)
+    _idle_modes(lay, disp)
     repair_limits(lay, disp)
     refill(lay, disp, by_price=False, deadline_first=True)
     repair_limits(lay, disp)
     return disp
 
 
-def _cheapest_modes(lay: Layout, disp: Dispatch) -> None:
-    """Modes at their lowest power mode; shiftable profiles at their earliest start."""
+def _idle_modes(lay: Layout, disp: Dispatch) -> None:
+    """Mode devices held in the mode nearest to idle (0 W) all horizon; profiles at their
+    earliest start (as `empty_dispatch` sets them)."""
     for j, m in enumerate(lay.problem.modes):
         if not m.modes:
             continue
-        k = min(range(len(m.modes)), key=lambda x: m.modes[x].min_w)
+        k = min(range(len(m.modes)), key=lambda x: max(m.modes[x].min_w, 0, -m.modes[x].max_w))
         disp.mode_index[j][:] = k
         if disp.mode_power is not None:
-            disp.mode_power[j, :] = m.modes[k].min_w
+            disp.mode_power[j, :] = min(max(0, m.modes[k].min_w), m.modes[k].max_w)

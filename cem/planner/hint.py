@@ -49,7 +49,7 @@ def snap(lay: Layout, disp: Dispatch) -> Dispatch:
     d = np.where(d < dmin / 2, 0.0, np.maximum(d, dmin))
     c = np.where(c > 0, np.maximum(c, cmin), 0.0)
     out.charge, out.discharge = c, d
-    out.curtail = np.clip(np.rint(out.curtail), 0, lay.pv) * lay.pv_curtailable[:, None]
+    out.curtail = np.clip(np.ceil(out.curtail - 1e-6), 0, lay.pv) * lay.pv_curtailable[:, None]
     pr = lay.problem
     if out.mode_power is not None:
         for j, m in enumerate(pr.modes):
@@ -319,9 +319,30 @@ def _repair_up(lay: Layout, disp: Dispatch, t: int, order: np.ndarray, imp_lim: 
         disp.charge[cand, t] = new
         ex = _excess_up(lay, disp, t, imp_lim)
     if disp.mode_power is not None and len(lay.problem.modes) and np.max(ex) > LIMIT_TOL_W:
-        for j, m in enumerate(lay.problem.modes):
-            lo = m.modes[int(disp.mode_index[j][t])].min_w
-            disp.mode_power[j, t] = lo
+        _modes_to(lay, disp, t, lowest=True, switch=False)
+        if np.max(_excess_up(lay, disp, t, imp_lim)) > LIMIT_TOL_W:
+            _modes_to(lay, disp, t, lowest=True, switch=True)
+
+
+def _modes_to(lay: Layout, disp: Dispatch, t: int, lowest: bool, switch: bool) -> None:
+    """Every mode device in PTU t to its least (lowest) or most load: the chosen mode's end
+    of its range first, another mode if that one reaches further (the limit beats min_on)."""
+    if disp.mode_power is None:
+        return
+    for j, m in enumerate(lay.problem.modes):
+        if not m.modes:
+            continue
+        cur = m.modes[int(disp.mode_index[j][t])]
+        if lowest:
+            k = min(range(len(m.modes)), key=lambda x: m.modes[x].min_w)
+            if switch and m.modes[k].min_w < cur.min_w:
+                disp.mode_index[j][t] = k
+            disp.mode_power[j, t] = m.modes[int(disp.mode_index[j][t])].min_w
+        else:
+            k = max(range(len(m.modes)), key=lambda x: m.modes[x].max_w)
+            if switch and m.modes[k].max_w > cur.max_w:
+                disp.mode_index[j][t] = k
+            disp.mode_power[j, t] = m.modes[int(disp.mode_index[j][t])].max_w
 
 
 def _repair_down(lay: Layout, disp: Dispatch, t: int, order: np.ndarray) -> None:
@@ -348,6 +369,10 @@ def _repair_down(lay: Layout, disp: Dispatch, t: int, order: np.ndarray) -> None
         w = np.ones(lay.s) if worst == 0 else lay.share[:, worst - 1]
         cand = order[(disp.discharge[order, t] > 0) & (w[order] > 0)]
         if len(cand) == 0:
+            _modes_to(lay, disp, t, lowest=False, switch=False)
+            g, ph = _grid_t(lay, disp, t)
+            if max(-g - lay.export_lim[t], *(-ph - lay.fuse_dn[:, t])) > LIMIT_TOL_W:
+                _modes_to(lay, disp, t, lowest=False, switch=True)
             return
         disp.discharge[cand, t] = _cut(disp.discharge[cand, t], w[cand], ex[worst], lay.dmin[cand],
                                        lay.step[cand].astype(float))

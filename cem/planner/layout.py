@@ -189,19 +189,21 @@ def build_layout(problem: Problem) -> Layout:
     # fully on; the most: storage idle (or discharging when it must), PV curtailed where allowed
     min_ch = np.where(avail, 0.0, 0.0)
     mode_min = np.zeros((3, n))
+    mode_max = np.zeros((3, n))
     mode_min_total = np.zeros(n)
     mode_max_total = np.zeros(n)
     for m in problem.modes:
         lo = min(pm.min_w for pm in m.modes) if m.modes else 0
         hi = max(pm.max_w for pm in m.modes) if m.modes else 0
         mode_min += np.outer(_share(m.phase_share), np.full(n, float(lo)))
+        mode_max += np.outer(_share(m.phase_share), np.full(n, float(hi)))
         mode_min_total += lo
         mode_max_total += hi
     del min_ch
     pv_phase = pv_share.T @ pv if K else np.zeros((3, n))
     pv_fixed_phase = (pv_share.T @ (pv * ~pv_curt[:, None])) if K else np.zeros((3, n))
     g_min = fixed_w + mode_min_total - pv.sum(axis=0)
-    g_max_forced = fixed_w + mode_min_total - (pv * ~pv_curt[:, None]).sum(axis=0) if K else fixed_w + mode_min_total
+    g_max_forced = fixed_w + mode_max_total - ((pv * ~pv_curt[:, None]).sum(axis=0) if K else 0.0)
     raised = g_min > import_lim
     if np.any(raised):
         notes.append(f"base and fixed loads alone exceed the import limit in {int(raised.sum())} PTUs "
@@ -220,7 +222,7 @@ def build_layout(problem: Problem) -> Layout:
         notes.append("base and fixed loads alone exceed the fuse on a phase: planned with every "
                      "flexible load off there")
         fuse_up = np.maximum(fuse_up, phase_min)
-    phase_low = fixed_phase + mode_min - pv_fixed_phase
+    phase_low = fixed_phase + mode_max - pv_fixed_phase
     if np.any(-phase_low > fuse):
         notes.append("uncurtailable production alone exceeds the fuse on a phase")
         fuse_dn = np.maximum(fuse_dn, -phase_low)
