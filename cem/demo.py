@@ -394,7 +394,9 @@ class DemoSite:
             raise DemoError(f"cannot start the OCPP central system on {cfg.ocpp.host}:"
                             f"{cfg.ocpp.port}: {exc.strerror or exc}") from None
         ocpp_url = f"ws://{cfg.ocpp.host}:{self.csms.port}"
-        self.stations = stations_for_site(cfg, ocpp_url, speed=speed, meter_interval_s=300.0)
+        # meter values about 5 times per wall second at most, at least every 5 simulated minutes
+        meter_s = min(300.0, max(30.0, speed * 0.2))
+        self.stations = stations_for_site(cfg, ocpp_url, speed=speed, meter_interval_s=meter_s)
 
         times, _ = load_pv_profile()
         local = self.settings.start
