@@ -84,3 +84,31 @@ def test_ctrl_c_stops_the_demo_cleanly(tmp_path: Path) -> None:
     log = (report / "demo.log").read_text()
     assert "ending S2 session: demo ended: SIGINT received" in log
     assert "store flushed and closed" in log
+
+
+def test_the_live_view_runs_in_a_terminal(tmp_path: Path) -> None:
+    import os
+    import pty
+
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "COLUMNS": "100", "LINES": "30", "TERM": "xterm-256color"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from cem.cli import app; app()", "demo", "--config",
+         str(DEMO_TOML), "--report", str(tmp_path / "report"), "--duration", "6"],
+        cwd=ROOT, stdout=terminal, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closed: the demo ended
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
+    text = shown.decode("utf-8", "replace")
+    assert "EVSE" in text and "kWh of target" in text  # the live EV table
+    assert "FRBC" in text and "PEBC" in text  # RMs with their control types
+    assert "demo summary" in text
