@@ -191,10 +191,10 @@ class Recorder:
     voltage_v: float
     samples: list[Sample] = field(default_factory=list)
     energy_wh: dict[str, np.ndarray] = field(default_factory=dict)  # series -> Wh per PTU
-    import_wh: np.ndarray | None = None
-    export_wh: np.ndarray | None = None
-    covered_s: np.ndarray | None = None
-    max_phase_a: np.ndarray | None = None
+    import_wh: np.ndarray = field(init=False)  # Wh per PTU
+    export_wh: np.ndarray = field(init=False)
+    covered_s: np.ndarray = field(init=False)  # simulated seconds of each PTU sampled
+    max_phase_a: np.ndarray = field(init=False)
     worst: Sample | None = None  # the sample with the highest phase current
     _last: datetime | None = None
 
@@ -217,18 +217,18 @@ class Recorder:
         amps = max(abs(p) for p in sample.phase_w) / self.voltage_v
         if self.worst is None or amps > max(abs(p) for p in self.worst.phase_w) / self.voltage_v:
             self.worst = sample
-        self.max_phase_a[t] = max(self.max_phase_a[t], amps)  # type: ignore[index]
+        self.max_phase_a[t] = max(self.max_phase_a[t], amps)
         if previous is None:
             return
         dt = (sample.at - previous).total_seconds()
         if dt <= 0:
             return
         grid = sum(sample.phase_w)
-        self.covered_s[t] += dt  # type: ignore[index]
+        self.covered_s[t] += dt
         if grid >= 0:
-            self.import_wh[t] += grid * dt / 3600  # type: ignore[index]
+            self.import_wh[t] += grid * dt / 3600
         else:
-            self.export_wh[t] += -grid * dt / 3600  # type: ignore[index]
+            self.export_wh[t] += -grid * dt / 3600
         for name, watts in {"grid": grid, **sample.devices_w}.items():
             series = self.energy_wh.setdefault(name, np.zeros(self.settings.n_ptus))
             series[t] += watts * dt / 3600
@@ -237,24 +237,23 @@ class Recorder:
 
     def complete_ptus(self) -> int:
         """PTUs fully covered by samples (the last one may be cut off)."""
-        covered = self.covered_s if self.covered_s is not None else np.zeros(0)
-        full = np.nonzero(covered >= 900 * 0.9)[0]
+        full = np.nonzero(self.covered_s >= 900 * 0.9)[0]
         return int(full[-1]) + 1 if len(full) else 0
 
     def average_kw(self, name: str) -> np.ndarray:
         """Mean power per PTU (kW) of a series over the covered part of each PTU."""
         wh = self.energy_wh.get(name, np.zeros(self.settings.n_ptus))
-        covered = np.maximum(self.covered_s, 1e-9)  # type: ignore[arg-type]
-        return np.where(self.covered_s > 0, wh * 3.6 / covered, np.nan)  # type: ignore[operator]
+        covered = np.maximum(self.covered_s, 1e-9)
+        return np.where(self.covered_s > 0, wh * 3.6 / covered, np.nan)
 
     def totals(self) -> dict[str, float]:
         """Energy, cost, peak and how close the site came to its limits."""
-        imp = self.import_wh / 1000  # type: ignore[operator]
-        exp = self.export_wh / 1000  # type: ignore[operator]
+        imp = self.import_wh / 1000
+        exp = self.export_wh / 1000
         cost = float(np.sum(imp * self.import_price) - np.sum(exp * self.export_price))
         n_full = self.complete_ptus()
-        mean_kw = np.where(self.covered_s > 0, (self.import_wh - self.export_wh) * 3.6  # type: ignore[operator]
-                           / np.maximum(self.covered_s, 1e-9), 0.0)  # type: ignore[arg-type]
+        mean_kw = np.where(self.covered_s > 0, (self.import_wh - self.export_wh) * 3.6
+                           / np.maximum(self.covered_s, 1e-9), 0.0)
         full = mean_kw[:n_full] if n_full else mean_kw[:0]
         limits = self.import_limit_w[:n_full] / 1000
         over = [i for i in range(len(full)) if full[i] > limits[i] + 1e-6]
@@ -268,7 +267,7 @@ class Recorder:
             "peak_limit_kw": float(limits[peak_ptu]) if peak_ptu >= 0 else 0.0,
             "min_headroom_kw": float(min(headroom)) if headroom else 0.0,
             "ptus_over_limit": float(len(over)),
-            "max_phase_a": float(np.max(self.max_phase_a)) if self.samples else 0.0,  # type: ignore[arg-type]
+            "max_phase_a": float(np.max(self.max_phase_a)) if self.samples else 0.0,
             "fuse_a": self.fuse_a,
             "ptus": float(n_full),
         }

@@ -75,8 +75,8 @@ def current(demo: DemoSite) -> Now | None:
     t = min(max(rec.ptu_of(sample.at), 0), demo.settings.n_ptus - 1)
     limit_w = float(rec.import_limit_w[t])
     gtv = demo.site.grid.import_limit_kw * 1000
-    covered = float(rec.covered_s[t]) if rec.covered_s is not None else 0.0
-    net_wh = float(rec.import_wh[t] - rec.export_wh[t])  # type: ignore[index]
+    covered = float(rec.covered_s[t])
+    net_wh = float(rec.import_wh[t] - rec.export_wh[t])
     return Now(at=sample.at, grid_kw=sum(sample.phase_w) / 1000,
                phase_a=max(abs(p) for p in sample.phase_w) / rec.voltage_v, fuse_a=rec.fuse_a,
                limit_kw=limit_w / 1000, limit_name="congestion" if limit_w < gtv else "GTV",
@@ -481,7 +481,7 @@ def plot_report(demo: DemoSite, folder: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(11, 4))
-    phase_a = rec.max_phase_a[:n]  # type: ignore[index]
+    phase_a = rec.max_phase_a[:n]
     ax.step(times, phase_a, where="post", label="highest phase current (max per PTU)")
     ax.axhline(demo.site.grid.fuse_a, color="darkred", linestyle=":", label="fuse")
     ax.set_ylabel("A")
