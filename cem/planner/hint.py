@@ -302,10 +302,16 @@ def _grid_t(lay: Layout, disp: Dispatch, t: int) -> tuple[float, np.ndarray]:
 
 
 def _repair_up(lay: Layout, disp: Dispatch, t: int, order: np.ndarray, imp_lim: np.ndarray) -> None:
-    """Too much load in PTU t: undo curtailment, then cut charging by priority."""
+    """Too much load in PTU t: undo curtailment (as much as needed), then cut charging by
+    priority."""
     ex = _excess_up(lay, disp, t, imp_lim)
-    if lay.k and np.any(disp.curtail[:, t] > 0):
-        disp.curtail[:, t] = 0.0
+    for j in np.flatnonzero(disp.curtail[:, t] > 0) if lay.k else []:
+        if np.max(ex) <= LIMIT_TOL_W:
+            break
+        w = np.concatenate([[1.0], lay.pv_share[j]])
+        need = max(float(ex[k] / w[k]) for k in range(4) if ex[k] > LIMIT_TOL_W and w[k] > 0) \
+            if any(ex[k] > LIMIT_TOL_W and w[k] > 0 for k in range(4)) else 0.0
+        disp.curtail[j, t] -= min(disp.curtail[j, t], np.ceil(need))
         ex = _excess_up(lay, disp, t, imp_lim)
     for _ in range(5):
         worst = int(np.argmax(ex))
