@@ -332,6 +332,7 @@ class DemoSite:
         self.max_rms = 0  # RMs connected at once, at most
         self.started_wall = time.monotonic()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._congestion_key: tuple[Any, ...] = ()
 
     def _recorder(self) -> Recorder:
         from cem.site.limits import site_limits
@@ -552,9 +553,23 @@ class DemoSite:
         return Sample(clock.now(), (float(phases[0]), float(phases[1]), float(phases[2])),
                       devices, evse_w, soc, buffer)
 
+    def _follow_congestion(self) -> None:
+        """Windows added while the demo runs (`cem congestion add --db <report>/cem-demo.db`)
+        count in the limits the report checks, as they do for the CEM."""
+        from cem.site.limits import site_limits
+
+        rows = list(getattr(self.controller, "congestion", None) or [])
+        key = tuple((r.window_id, r.start, r.end, r.import_limit_kw) for r in rows)
+        if key == self._congestion_key:
+            return
+        self._congestion_key = key
+        limits = site_limits(self.site, self.settings.start, self.settings.n_ptus, rows)
+        self.recorder.import_limit_w = np.asarray(limits.import_limit_w, dtype=float)
+
     async def _sample(self) -> None:
         while not self.stop_event.is_set():
             try:
+                self._follow_congestion()
                 self.recorder.add(self.sample())
             except Exception:
                 logger.exception("demo: sampling the site failed")
