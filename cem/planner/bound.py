@@ -179,7 +179,7 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
                     energy_row=np.full(S, -1, dtype=np.int64), cap_row=np.full(S, -1, dtype=np.int64),
                     full_charge=full_c)
     # modes and shiftable profiles (relaxed choices)
-    mode_cols_g: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (t, col, coef, share)
+    mode_cols_g: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # t, col, coef, share
     for m in pr.modes:
         nm = len(m.modes)
         lo = np.array([pm.min_w for pm in m.modes], dtype=float) / 1000

@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from cem.planner.layout import Dispatch, Layout, grid_and_phases, levels
+from cem.planner.bound import LpResult, polish
+from cem.planner.layout import (
+    Dispatch,
+    Layout,
+    grid_and_phases,
+    levels,
+    profile_power,
+    share_vector,
+)
 
 EPS = 1e-6
 LIMIT_TOL_W = 1e-3  # a hard limit counts as kept within a milliwatt (float noise only)
@@ -285,17 +293,13 @@ def _grid_t(lay: Layout, disp: Dispatch, t: int) -> tuple[float, np.ndarray]:
     other = 0.0
     other_ph = np.zeros(3)
     if disp.mode_power is not None and len(lay.problem.modes):
-        from cem.planner.layout import _share
-
         for j, m in enumerate(lay.problem.modes):
             other += disp.mode_power[j, t]
-            other_ph += _share(m.phase_share) * disp.mode_power[j, t]
+            other_ph += share_vector(m.phase_share) * disp.mode_power[j, t]
     for j, p in enumerate(lay.problem.profiles):
-        from cem.planner.layout import _share, profile_power
-
         v = profile_power(p.profile_w, disp.profile_start[j], lay.n)[t]
         other += v
-        other_ph += _share(p.phase_share) * v
+        other_ph += share_vector(p.phase_share) * v
     g = lay.fixed_w[t] + net.sum() - pv_out.sum() + other
     ph = lay.fixed_phase[:, t] + lay.share.T @ net - lay.pv_share.T @ pv_out + other_ph
     return float(g), ph
@@ -650,11 +654,9 @@ def round_and_repair(lay: Layout, frac: Dispatch, deadline: float = float("inf")
     return disp
 
 
-def polish_plan(lay: Layout, lp: object, disp: Dispatch) -> Dispatch | None:
+def polish_plan(lay: Layout, lp: LpResult, disp: Dispatch) -> Dispatch | None:
     """`bound.polish` (powers re-optimised with the on/off pattern fixed), snapped and checked."""
-    from cem.planner.bound import polish
-
-    frac = polish(lay, lp, disp)  # type: ignore[arg-type]
+    frac = polish(lay, lp, disp)
     if frac is None:
         return None
     out = frac.copy()

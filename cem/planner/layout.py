@@ -92,7 +92,7 @@ class Layout:
         return len(self.pv_ids)
 
 
-def _share(phase_share: tuple[float, float, float]) -> np.ndarray:
+def share_vector(phase_share: tuple[float, float, float]) -> np.ndarray:
     v = np.asarray(phase_share, dtype=float)
     total = v.sum()
     return v / total if total > 0 else np.full(3, 1 / 3)
@@ -157,21 +157,21 @@ def build_layout(problem: Problem) -> Layout:
                      f"({cmin[i]:.0f} W): it cannot charge without passing its maximum level")
     cmax = np.where(blocked, 0.0, cmax)
     cmin = np.where(blocked, 0.0, cmin)
-    share = np.array([_share(a.phase_share) for a in st]).reshape(S, 3)
+    share = np.array([share_vector(a.phase_share) for a in st]).reshape(S, 3)
 
     fixed_w = np.zeros(n)
     fixed_phase = np.zeros((3, n))
     for fl in problem.fixed:
         p = np.asarray(fl.power_w, dtype=float)[:n]
         fixed_w += p
-        fixed_phase += np.outer(_share(fl.phase_share), p)
+        fixed_phase += np.outer(share_vector(fl.phase_share), p)
     pv_ids = [c.id for c in problem.curtailable]
     K = len(pv_ids)
     pv = np.zeros((K, n))
     for j, c in enumerate(problem.curtailable):
         pv[j] = np.maximum(np.asarray(c.production_w, dtype=float)[:n], 0)
     pv_curt = np.array([c.curtailable for c in problem.curtailable], dtype=bool)
-    pv_share = np.array([_share(c.phase_share) for c in problem.curtailable]).reshape(K, 3)
+    pv_share = np.array([share_vector(c.phase_share) for c in problem.curtailable]).reshape(K, 3)
     # modes and shiftable profiles contribute their minimum as fixed in the limit check below
     p_imp = np.asarray(problem.prices.import_eur_per_kwh, dtype=float)[:n]
     p_exp = np.asarray(problem.prices.export_eur_per_kwh, dtype=float)[:n]
@@ -195,8 +195,8 @@ def build_layout(problem: Problem) -> Layout:
     for m in problem.modes:
         lo = min(pm.min_w for pm in m.modes) if m.modes else 0
         hi = max(pm.max_w for pm in m.modes) if m.modes else 0
-        mode_min += np.outer(_share(m.phase_share), np.full(n, float(lo)))
-        mode_max += np.outer(_share(m.phase_share), np.full(n, float(hi)))
+        mode_min += np.outer(share_vector(m.phase_share), np.full(n, float(lo)))
+        mode_max += np.outer(share_vector(m.phase_share), np.full(n, float(hi)))
         mode_min_total += lo
         mode_max_total += hi
     del min_ch
@@ -273,11 +273,11 @@ def other_power(lay: Layout, disp: Dispatch) -> tuple[np.ndarray, np.ndarray]:
     if disp.mode_power is not None:
         for j, m in enumerate(pr.modes):
             total += disp.mode_power[j]
-            phase += np.outer(_share(m.phase_share), disp.mode_power[j])
+            phase += np.outer(share_vector(m.phase_share), disp.mode_power[j])
     for j, p in enumerate(pr.profiles):
         prof = profile_power(p.profile_w, disp.profile_start[j], n)
         total += prof
-        phase += np.outer(_share(p.phase_share), prof)
+        phase += np.outer(share_vector(p.phase_share), prof)
     return total, phase
 
 

@@ -26,11 +26,11 @@ from cem.planner.layout import (
     TOL_EUR_PER_WH,
     Dispatch,
     Layout,
-    _share,
-    profile_power,
+    grid_and_phases,
+    share_vector,
 )
 
-__all__ = ["check_plan", "improve"]
+__all__ = ["build_model", "check_plan", "improve"]
 
 UNIT_EUR = 1e-8  # objective unit
 LS = 10_000  # level unit: 0.1 mWh (integer level coefficients stay within 1e-5 of the truth)
@@ -69,8 +69,8 @@ class _Vars:
 def _phase_scale(lay: Layout) -> int:
     """Integer factor making the phase shares (almost) integral: 3 for 1/3 splits, else 1000."""
     shares = [lay.share.ravel(), lay.pv_share.ravel()]
-    shares += [_share(m.phase_share) for m in lay.problem.modes]
-    shares += [_share(p.phase_share) for p in lay.problem.profiles]
+    shares += [share_vector(m.phase_share) for m in lay.problem.modes]
+    shares += [share_vector(p.phase_share) for p in lay.problem.profiles]
     allv = np.concatenate(shares) if shares else np.zeros(0)
     return 3 if np.allclose(allv * 3, np.rint(allv * 3), atol=1e-9) else 1000
 
@@ -133,7 +133,7 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
                         m.add(V.all[on[t, k]] - V.all[on[t - 1, k]] <= V.all[on[t + j, k]])
         mode_on.append(on)
         mode_q.append(q)
-        other_terms.append((np.arange(n), q, np.ones(n, dtype=np.int64), _share(ma.phase_share)))
+        other_terms.append((np.arange(n), q, np.ones(n, dtype=np.int64), share_vector(ma.phase_share)))
     prof_on: list[np.ndarray] = []
     prof_starts: list[np.ndarray] = []
     for j, p in enumerate(pr.profiles):
@@ -152,7 +152,7 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
             cc.append(prof[:k])
         prof_on.append(on)
         prof_starts.append(starts)
-        other_terms.append((np.concatenate(tt), np.concatenate(vv), np.concatenate(cc), _share(p.phase_share)))
+        other_terms.append((np.concatenate(tt), np.concatenate(vv), np.concatenate(cc), share_vector(p.phase_share)))
     # grid import per PTU: g = fixed - pv + charge - discharge + curtail + others
     g_lo = np.ceil(-lay.export_lim).astype(np.int64)
     g_hi = np.floor(lay.import_lim).astype(np.int64)
@@ -343,8 +343,6 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
 
 
 def _hint_grid(lay: Layout, hint: Dispatch) -> np.ndarray:
-    from cem.planner.layout import grid_and_phases
-
     g, _ = grid_and_phases(lay, hint)
     return g
 
@@ -409,4 +407,3 @@ def _dispatch(lay: Layout, index: dict, x: np.ndarray) -> Dispatch:
     return disp
 
 
-__all__ += ["build_model", "profile_power"]

@@ -30,7 +30,7 @@ from cem.planner.bound import solve_lp
 from cem.planner.check import check_plan
 from cem.planner.fallback import fallback_dispatch
 from cem.planner.hint import polish_plan, round_and_repair
-from cem.planner.layout import Dispatch, Layout, build_layout, evaluate
+from cem.planner.layout import Dispatch, Layout, build_layout, evaluate, profile_power
 
 __all__ = ["check_plan", "plan_site"]
 
@@ -201,8 +201,6 @@ def to_plan(lay: Layout, disp: Dispatch, status: str, notes: list[str]) -> Plan:
         power[m.id] = np.rint(disp.mode_power[j]).astype(np.int64) if disp.mode_power is not None else np.zeros(n, dtype=np.int64)
         modes[m.id] = [m.modes[int(k)].id if m.modes else None for k in disp.mode_index[j]]
     starts: dict[str, int] = {}
-    from cem.planner.layout import profile_power
-
     for j, p in enumerate(pr.profiles):
         starts[p.id] = int(disp.profile_start[j])
         power[p.id] = np.rint(profile_power(p.profile_w, starts[p.id], n)).astype(np.int64)
