@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import resource
 import signal
@@ -178,6 +179,7 @@ def run_service(config: SiteConfig, log_level: str = "INFO") -> int:
             logger.warning("open-file limit is %d: at most about %d RMs can connect "
                            "(raise it with ulimit -n)", limit, limit - 100)
         service = CemService(config, controller_factory=_default_controller_factory())
+        _tune_garbage_collector()
         asyncio.run(serve_until_signal(service))
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -186,6 +188,21 @@ def run_service(config: SiteConfig, log_level: str = "INFO") -> int:
         return 0
     logger.info("S2 CEM stopped")
     return 0
+
+
+def _tune_garbage_collector() -> None:
+    """Fewer, cheaper garbage collections for a process that keeps 1000 RM sessions.
+
+    The CEM makes almost no cyclic garbage, so collections only cost time: with Python's
+    default (a young collection every 700 allocations, full ones walking every object) they
+    took ~0.8 s of CPU and paused the loop up to ~100 ms per 40 000 messages in
+    `cem bench s2` (1000 RMs). Objects alive now (modules, schemas) are frozen, so full
+    collections skip them, and young collections run every 5000 allocations: ~0.4 s, pauses
+    up to ~30 ms.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(5000, 5, 10)
 
 
 def _default_controller_factory() -> ControllerFactory | None:
