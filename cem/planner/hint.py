@@ -638,7 +638,7 @@ def _move_out_of_peak(lay: Layout, disp: Dispatch, g: np.ndarray, ph: np.ndarray
     return True, extra
 
 
-def round_and_repair(lay: Layout, frac: Dispatch, deadline: float = float("inf")) -> Dispatch:
+def round_and_repair(lay: Layout, frac: Dispatch) -> Dispatch:
     """A feasible plan near the fractional one (see module docstring)."""
     g_frac, _ = grid_and_phases(lay, frac)
     lp_peak = max(lay.peak_so_far, float(g_frac.max()) if lay.n else 0.0) + 0.5
@@ -650,7 +650,6 @@ def round_and_repair(lay: Layout, frac: Dispatch, deadline: float = float("inf")
                         np.nan_to_num(lay.target) - levels(lay, frac)[np.arange(lay.s), lay.last])
     refill(lay, disp, by_price=True, peak_cap=lp_peak, allowed_wh=lp_unmet + lay.tol_wh)
     repair_limits(lay, disp)
-    shave_peak(lay, disp, deadline)
     return disp
 
 

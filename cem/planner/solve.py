@@ -29,7 +29,7 @@ from cem.planner.assets import Plan, Problem, Shortfall
 from cem.planner.bound import solve_lp
 from cem.planner.check import check_plan
 from cem.planner.fallback import fallback_dispatch
-from cem.planner.hint import polish_plan, round_and_repair
+from cem.planner.hint import polish_plan, round_and_repair, shave_peak
 from cem.planner.layout import Dispatch, Layout, build_layout, evaluate, profile_power
 
 __all__ = ["check_plan", "plan_site"]
@@ -97,12 +97,13 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         lp_solve_s = lp.solve_s
         if lp.dispatch is not None:
             bound = lp.bound_eur
-            candidate = round_and_repair(lay, lp.dispatch, deadline=deadline)
+            candidate = round_and_repair(lay, lp.dispatch)
             status = "FEASIBLE"
-            if time.perf_counter() < deadline:
-                polished = polish_plan(lay, lp, candidate)
-                if polished is not None and evaluate(lay, polished).objective < evaluate(lay, candidate).objective:
-                    candidate = polished
+            polished = polish_plan(lay, lp, candidate) if time.perf_counter() < deadline else None
+            if polished is not None and evaluate(lay, polished).objective < evaluate(lay, candidate).objective:
+                candidate = polished
+            else:  # no polish: at least take charging out of the kW-max PTUs where that pays
+                shave_peak(lay, candidate, deadline)
         else:
             notes.append(f"LP relaxation not solved ({lp.status}): starting from the fallback plan")
             log.warning("LP relaxation not solved (%s)", lp.status)
