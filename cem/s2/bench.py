@@ -1,12 +1,13 @@
 """`cem bench s2`: how many RMs and messages the S2 server takes, and how fast it answers.
 
 The CEM runs as it does in production: a `cem run` subprocess on a free port with a temporary
-database (so its peak memory, VmHWM from /proc, is its own and not the bench's). The RMs are
-lightweight raw websocket clients in this process that speak valid S2 JSON (s2-python's
-`S2AsyncConnection` costs ~1 MB and several tasks per RM, which would make the *bench* the
-bottleneck at 1000 RMs): each does the full handshake (Handshake, HandshakeResponse,
-ResourceManagerDetails, SelectControlType, every message answered with a ReceptionStatus) and
-then sends `messages` PowerMeasurements.
+database (so its peak memory, VmHWM from /proc, and its CPU time are its own, not the bench's).
+The RMs live in this process and must be cheap, since they share the CPUs with the CEM: each is
+a minimal RFC 6455 client on an `asyncio.Protocol` (`BenchRm`: ~60 us of CPU per message,
+mostly the kernel's socket work, against ~85 us with websockets' client; s2-python's
+`S2AsyncConnection` costs ~1 MB and several tasks per RM) speaking valid S2 JSON: the full handshake (Handshake, HandshakeResponse,
+ResourceManagerDetails, SelectControlType, every message answered with a ReceptionStatus),
+then `messages` PowerMeasurements.
 
 Messages are paced (open loop) at `rate` messages/s over all RMs, like a site whose RMs report
 on their own clocks; latency is from sending a measurement to receiving its ReceptionStatus.
@@ -16,6 +17,7 @@ on their own clocks; latency is from sending a measurement to receiving its Rece
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -29,11 +31,13 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.frames import apply_mask
 
 CLIENT_KIND = "raw websocket clients speaking S2 JSON (full handshake, every message acknowledged)"
 
@@ -83,6 +87,9 @@ class BenchResult:
     cem_peak_rss_mb: float | None = None
     cem_cpu_s_message_phase: float | None = None
     bench_cpu_s_message_phase: float | None = None
+    cem_cpu_us_per_message: float | None = None
+    """CEM CPU time (user + system) in the message phase per acknowledged message: the figure
+    least disturbed by other load on the machine."""
     cem_exit_code: int | None = None
     cem_shutdown_s: float | None = None
     stored_messages: int | None = None
@@ -91,70 +98,193 @@ class BenchResult:
     errors: list[str] = field(default_factory=list)
 
 
-class BenchRm:
-    """One raw S2 resource manager."""
+class BenchRm(asyncio.Protocol):
+    """One raw S2 resource manager: a minimal RFC 6455 client on an `asyncio.Protocol`.
+
+    The bench shares the CPUs with the CEM, so its RMs must cost little: websockets' asyncio
+    client has a reader task per RM, an assembler and an await per send. This one frames its
+    texts itself: messages are pre-serialised templates, ids are
+    UUIDs made from a per-RM prefix and a counter, replies are written from `data_received`.
+    Every frame is masked (random key), pings are answered, close frames are echoed.
+    """
 
     def __init__(self, number: int, url: str) -> None:
         self.number = number
         self.url = url
+        parts = urlsplit(url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 80
+        self.path = parts.path or "/"
         self.resource_id = str(uuid.uuid4())
-        self.ws: ClientConnection | None = None
+        self.transport: asyncio.Transport | None = None
         self.selected = asyncio.Event()
         self.sent_at: dict[str, float] = {}
         self.latencies: list[float] = []
         self.not_ok = 0
         self.acked = asyncio.Event()
-        self.reader: asyncio.Task[None] | None = None
+        self.on_ack: Callable[[BenchRm], None] | None = None
+        self._buffer = bytearray()
+        self._fragments: list[bytes] = []
+        self._upgraded: asyncio.Future[None] | None = None
+        self._lost: asyncio.Future[None] | None = None
+        self._id_prefix = str(uuid.uuid4())[:24]   # + 12 hex digits: a canonical UUID
+        self._count = 0
+
+    # --- connection ----------------------------------------------------------------------
 
     async def open(self) -> None:
-        self.ws = await connect(self.url, ping_interval=None, compression=None, open_timeout=120,
-                                max_queue=None, close_timeout=5)
-        self.reader = asyncio.get_running_loop().create_task(self._read())
-        await self.ws.send(_HANDSHAKE % uuid.uuid4())
+        loop = asyncio.get_running_loop()
+        self._upgraded = loop.create_future()
+        self._lost = loop.create_future()
+        await loop.create_connection(lambda: self, self.host, self.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        assert self.transport is not None
+        self.transport.write(
+            f"GET {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        await self._upgraded
+        self.send_text(_HANDSHAKE % uuid.uuid4())
         await self.selected.wait()
 
-    async def _read(self) -> None:
-        assert self.ws is not None
-        ws = self.ws
-        with contextlib.suppress(Exception):
-            async for text in ws:
-                assert isinstance(text, str)
-                now = time.perf_counter()
-                kind = _field(text, "message_type")
-                if kind == "ReceptionStatus":
-                    subject = _field(text, "subject_message_id")
-                    began = self.sent_at.pop(subject or "", None)
-                    if began is not None:
-                        self.latencies.append(now - began)
-                        if _field(text, "status") != "OK":
-                            self.not_ok += 1
-                        self.acked.set()
-                    continue
-                message_id = _field(text, "message_id")
-                if message_id:
-                    await ws.send(_STATUS % message_id)
-                if kind == "HandshakeResponse":
-                    await ws.send(_DETAILS % (uuid.uuid4(), self.resource_id, self.number,
-                                              "FILL_RATE_BASED_CONTROL"))
-                elif kind == "SelectControlType":
-                    self.selected.set()
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
 
-    async def send_measurement(self, value: int) -> None:
-        assert self.ws is not None
-        message_id = str(uuid.uuid4())
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.acked.clear()
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._upgraded is not None and not self._upgraded.done():
+            self._upgraded.set_exception(ConnectionError(f"connection lost: {exc}"))
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        upgraded = self._upgraded
+        if upgraded is not None and not upgraded.done():
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status_line = bytes(self._buffer[:self._buffer.find(b"\r\n")])
+            del self._buffer[:end + 4]
+            if status_line.split(b" ")[1:2] != [b"101"]:
+                upgraded.set_exception(ConnectionError(
+                    f"no websocket upgrade: {status_line.decode(errors='replace')}"))
+                return
+            upgraded.set_result(None)
+        self._read_frames()
+
+    def _read_frames(self) -> None:
+        buffer = self._buffer
+        while len(buffer) >= 2:
+            first, second = buffer[0], buffer[1]
+            length, at = second & 0x7F, 2
+            if length == 126:
+                if len(buffer) < 4:
+                    return
+                length, at = int.from_bytes(buffer[2:4], "big"), 4
+            elif length == 127:
+                if len(buffer) < 10:
+                    return
+                length, at = int.from_bytes(buffer[2:10], "big"), 10
+            mask = b""
+            if second & 0x80:  # servers do not mask, but read it right if one does
+                mask, at = bytes(buffer[at:at + 4]), at + 4
+            if len(buffer) < at + length:
+                return
+            payload = bytes(buffer[at:at + length])
+            del buffer[:at + length]
+            if mask:
+                payload = apply_mask(payload, mask)
+            self._on_frame(first & 0x80 != 0, first & 0x0F, payload)
+
+    def _on_frame(self, fin: bool, opcode: int, payload: bytes) -> None:
+        if opcode in (0x0, 0x1):
+            self._fragments.append(payload)
+            if fin:
+                text = b"".join(self._fragments).decode()
+                self._fragments = []
+                self._on_text(text)
+        elif opcode == 0x9:
+            self._send_frame(0xA, payload)  # pong
+        elif opcode == 0x8:
+            self._send_frame(0x8, payload[:2])
+            if self.transport is not None:
+                self.transport.close()
+
+    def _send_frame(self, opcode: int, payload: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        length = len(payload)
+        if length < 126:
+            header = bytes((0x80 | opcode, 0x80 | length))
+        elif length < 65536:
+            header = bytes((0x80 | opcode, 0x80 | 126)) + length.to_bytes(2, "big")
+        else:
+            header = bytes((0x80 | opcode, 0x80 | 127)) + length.to_bytes(8, "big")
+        mask = random.getrandbits(32).to_bytes(4, "big")
+        transport.write(header + mask + apply_mask(payload, mask))
+
+    def send_text(self, text: str) -> None:
+        self._send_frame(0x1, text.encode())
+
+    # --- S2 ------------------------------------------------------------------------------
+
+    def _on_text(self, text: str) -> None:
+        now = time.perf_counter()
+        kind = _field(text, "message_type")
+        if kind == "ReceptionStatus":
+            subject = _field(text, "subject_message_id")
+            began = self.sent_at.pop(subject or "", None)
+            if began is not None:
+                self.latencies.append(now - began)
+                if _field(text, "status") != "OK":
+                    self.not_ok += 1
+                self.acked.set()
+                if self.on_ack is not None:
+                    self.on_ack(self)
+            return
+        message_id = _field(text, "message_id")
+        if message_id:
+            self.send_text(_STATUS % message_id)
+        if kind == "HandshakeResponse":
+            self.send_text(_DETAILS % (uuid.uuid4(), self.resource_id, self.number,
+                                       "FILL_RATE_BASED_CONTROL"))
+        elif kind == "SelectControlType":
+            self.selected.set()
+
+    def send_measurement(self, value: int, stamp: str) -> None:
+        """One PowerMeasurement, timed from now until its ReceptionStatus."""
+        self._count += 1
+        message_id = f"{self._id_prefix}{self._count:012x}"
         self.sent_at[message_id] = time.perf_counter()
-        await self.ws.send(_MEASUREMENT % (message_id, stamp, value))
+        self.send_text(_MEASUREMENT % (message_id, stamp, value))
 
     async def close(self) -> None:
-        if self.ws is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.ws.close(), 5)
-        if self.reader is not None:
-            self.reader.cancel()
-            with contextlib.suppress(BaseException):
-                await self.reader
+        if self.transport is None:
+            return
+        self._send_frame(0x8, (1000).to_bytes(2, "big"))
+        with contextlib.suppress(Exception):
+            if self._lost is not None:
+                await asyncio.wait_for(asyncio.shield(self._lost), 5)
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Stamp:
+    """measurement_timestamp text, made once per second rather than once per message."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def now(self) -> str:
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+        return self._text
 
 
 def raise_open_file_limit(wanted: int) -> int:
@@ -272,6 +402,9 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
             cpu_after = cem.cpu_s() if cem else None
             if cpu_before is not None and cpu_after is not None:
                 result.cem_cpu_s_message_phase = round(cpu_after - cpu_before, 2)
+                if result.messages_acknowledged:
+                    result.cem_cpu_us_per_message = round(
+                        (cpu_after - cpu_before) / result.messages_acknowledged * 1e6, 1)
         finally:
             if cem is not None:
                 result.cem_peak_rss_mb = cem.peak_rss_mb()
@@ -319,46 +452,54 @@ async def _message_phase(clients: list[BenchRm], messages: int, rate: float,
         return
     total = len(clients) * messages
     task_id = progress.add_task("messages acknowledged", total=total) if progress else None
-    interval = len(clients) / rate if rate > 0 else 0.0
-    began = time.perf_counter()
-    done_count = 0
+    stamp = _Stamp()
+    loop = asyncio.get_running_loop()
+    all_acked = loop.create_future()
+    acked = 0
 
-    async def paced(client: BenchRm) -> None:
-        nonlocal done_count
-        start = began + random.random() * interval
-        for k in range(messages):
-            delay = start + k * interval - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await client.send_measurement(1000 + k)
+    def on_ack(client: BenchRm) -> None:
+        nonlocal acked
+        acked += 1
+        if rate <= 0 and client._count < messages:  # closed loop: the next one at once
+            client.send_measurement(1000 + client._count, stamp.now())
             result.messages_sent += 1
-        deadline = time.perf_counter() + 60
-        while client.sent_at and time.perf_counter() < deadline:
-            client.acked.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(client.acked.wait(), 1.0)
-        done_count += messages
+        if acked >= total and not all_acked.done():
+            all_acked.set_result(None)
 
-    async def closed_loop(client: BenchRm) -> None:
-        for k in range(messages):
-            await client.send_measurement(1000 + k)
-            result.messages_sent += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(client.acked.wait(), 30)
-            if progress is not None:
-                progress.advance(task_id)
+    for client in clients:
+        client.on_ack = on_ack
 
     async def report() -> None:
         while progress is not None:
             await asyncio.sleep(0.25)
-            acked = sum(len(c.latencies) for c in clients)
             progress.update(task_id, completed=acked)
 
-    reporter = asyncio.get_running_loop().create_task(report())
+    reporter = loop.create_task(report())
+    began = time.perf_counter()
     try:
-        await asyncio.gather(*((paced if rate > 0 else closed_loop)(c) for c in clients))
+        if rate > 0:
+            # open loop: RM i sends message k at offset_i + k * interval; one pacing loop for
+            # all RMs (a timer per RM and message would cost the bench more than the CEM)
+            interval = len(clients) / rate
+            offsets = [random.random() * interval for _ in clients]
+            due = sorted((offsets[i] + k * interval, i, k)
+                         for i in range(len(clients)) for k in range(messages))
+            for at, i, k in due:
+                delay = began + at - time.perf_counter()
+                if delay > 0.0005:
+                    await asyncio.sleep(delay)
+                clients[i].send_measurement(1000 + k, stamp.now())
+                result.messages_sent += 1
+        else:
+            for client in clients:
+                client.send_measurement(1000, stamp.now())
+                result.messages_sent += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(all_acked), 60)
     finally:
         reporter.cancel()
+        for client in clients:
+            client.on_ack = None
     phase = time.perf_counter() - began
     latencies = sorted(x for c in clients for x in c.latencies)
     result.message_phase_s = round(phase, 3)
@@ -409,7 +550,9 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0)
         ("ReceptionStatus latency max", _ms(result.latency_max_ms)),
         ("CEM peak memory (VmHWM)", f"{result.cem_peak_rss_mb:.0f} MB"
          if result.cem_peak_rss_mb else "-"),
-        ("CEM CPU in message phase", f"{result.cem_cpu_s_message_phase} s"),
+        ("CEM CPU in message phase", f"{result.cem_cpu_s_message_phase} s"
+                                     + (f" ({result.cem_cpu_us_per_message:.0f} us/message)"
+                                        if result.cem_cpu_us_per_message else "")),
         ("messages in the store", str(result.stored_messages)),
         ("CEM exit on SIGTERM", f"{result.cem_exit_code} after {result.cem_shutdown_s} s"),
         ("machine", f"{result.cpu_count} CPUs, load {result.load_average_1m:.1f}"),
