@@ -36,6 +36,7 @@ __all__ = ["check_plan", "plan_site"]
 
 log = logging.getLogger(__name__)
 
+SHAVE_BEFORE_POLISH_COLUMNS = 5_000  # below this many storage-PTUs the kW-max shaving runs first
 GAP_TOL = 0.01  # within this gap of the LP bound a plan is good enough (no more CP-SAT)
 
 
@@ -99,10 +100,13 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             bound = lp.bound_eur
             candidate = round_and_repair(lay, lp.dispatch)
             status = "FEASIBLE"
+            small = int(lay.avail.sum()) <= SHAVE_BEFORE_POLISH_COLUMNS
+            if small:  # cheap here, and a shaved on/off pattern polishes better
+                shave_peak(lay, candidate, deadline)
             polished = polish_plan(lay, lp, candidate) if time.perf_counter() < deadline else None
             if polished is not None and evaluate(lay, polished).objective < evaluate(lay, candidate).objective:
                 candidate = polished
-            else:  # no polish: at least take charging out of the kW-max PTUs where that pays
+            elif not small:  # no polish: at least take charging out of the kW-max PTUs
                 shave_peak(lay, candidate, deadline)
         else:
             notes.append(f"LP relaxation not solved ({lp.status}): starting from the fallback plan")
