@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from cem.planner.assets import Plan, Problem
+from cem.planner.layout import per_ptu
 
 TOL_W = 1.0
 
@@ -36,9 +37,9 @@ def check_plan(problem: Problem, plan: Plan) -> list[str]:
         phase[:] += np.outer(_share(share), power)
 
     for f in problem.fixed:
-        add(np.asarray(f.power_w, dtype=float)[:n], f.phase_share)
+        add(per_ptu(f.power_w, n), f.phase_share)
     for c in problem.curtailable:
-        prod = np.maximum(np.asarray(c.production_w, dtype=float)[:n], 0)
+        prod = np.maximum(per_ptu(c.production_w, n), 0)
         cur = np.asarray(plan.curtailed_w.get(c.id, np.zeros(n)), dtype=float)[:n]
         if np.any(cur < -TOL_W) or np.any(cur > prod + TOL_W):
             out.append(f"{c.id}: curtailment outside 0..production")
@@ -83,17 +84,17 @@ def check_plan(problem: Problem, plan: Plan) -> list[str]:
             t = int(bad[0])
             out.append(f"fuse L{ph + 1} (export): {-phase[ph, t] / lim.voltage_v:.1f} A > {lim.fuse_a} A "
                        f"in PTU {t} ({len(bad)} PTUs)")
-    imp = np.asarray(lim.import_limit_w, dtype=float)[:n]
+    imp = per_ptu(lim.import_limit_w, n)
     bad = np.flatnonzero(g > imp + TOL_W)
     if len(bad):
         t = int(bad[0])
         out.append(f"import {g[t]:.0f} W > limit {imp[t]:.0f} W in PTU {t} ({len(bad)} PTUs)")
-    exp = np.asarray(lim.export_limit_w, dtype=float)[:n]
+    exp = per_ptu(lim.export_limit_w, n)
     bad = np.flatnonzero(-g > exp + TOL_W)
     if len(bad):
         t = int(bad[0])
         out.append(f"export {-g[t]:.0f} W > limit {exp[t]:.0f} W in PTU {t} ({len(bad)} PTUs)")
-    reported = np.asarray(plan.grid_import_w, dtype=float)[:n]
+    reported = per_ptu(plan.grid_import_w, n)
     if reported.shape == g.shape and np.any(np.abs(reported - g) > TOL_W * 10):
         t = int(np.argmax(np.abs(reported - g)))
         out.append(f"grid_import_w {reported[t]:.0f} W differs from the sum of powers {g[t]:.0f} W in PTU {t}")
@@ -108,7 +109,7 @@ def _check_storage(problem: Problem, plan: Plan, out: list[str], g: np.ndarray, 
     out.extend(f"{a.id}: no power in the plan" for a in problem.storage if plan.power_w.get(a.id) is None)
     if not assets:
         return
-    P = np.array([np.asarray(plan.power_w[a.id], dtype=float)[:n] for a in assets]).reshape(len(assets), n)
+    P = np.array([per_ptu(plan.power_w[a.id], n) for a in assets]).reshape(len(assets), n)
     share = np.array([_share(a.phase_share) for a in assets])
     g += P.sum(axis=0)
     phase += share.T @ P
@@ -128,7 +129,7 @@ def _check_storage(problem: Problem, plan: Plan, out: list[str], g: np.ndarray, 
     usage = np.zeros((len(assets), n))
     for k, a in enumerate(assets):
         if a.usage_wh is not None:
-            u = np.asarray(a.usage_wh, dtype=float)[:n]
+            u = per_ptu(a.usage_wh, n)
             usage[k, first[k]:last[k]] = u[first[k]:last[k]]
     eta_c = np.array([a.charge_efficiency for a in assets])[:, None]
     eta_d = np.array([a.discharge_efficiency for a in assets])[:, None]

@@ -31,6 +31,15 @@ TIE_EUR_PER_KWH = 1e-4  # at the horizon end; 0 at its start
 STEP_FLOOR_W = 10  # power resolution used when an asset allows finer steps
 
 
+def per_ptu(values: object, n: int) -> np.ndarray:
+    """A float array of exactly n PTUs: longer input is cut, shorter input is padded with its
+    last value (0 when empty), so a wrong-length forecast never stops the planner."""
+    v = np.asarray(values if values is not None else [], dtype=float).reshape(-1)[:n]
+    if len(v) < n:
+        v = np.concatenate([v, np.full(n - len(v), v[-1] if len(v) else 0.0)])
+    return v
+
+
 def priority_weight(priority: int) -> float:
     """EUR per Wh of unmet energy for an asset of this priority."""
     return UNMET_EUR_PER_WH * PRIORITY_FACTOR ** (min(max(priority, 1), 4) - 1)
@@ -133,7 +142,7 @@ def build_layout(problem: Problem) -> Layout:
         dmax[i] = (max(a.discharge_max_w, 0) // s_) * s_
         dmin[i] = min(-(-max(a.discharge_min_w, 0) // s_) * s_, dmax[i])
         if a.usage_wh is not None:
-            u = np.asarray(a.usage_wh, dtype=float)[:n]
+            u = per_ptu(a.usage_wh, n)
             usage[i, f:e] = u[f:e] if len(u) >= e else np.pad(u, (0, n - len(u)))[f:e]
         if a.target_wh is not None:
             target[i] = float(a.target_wh)
@@ -162,19 +171,19 @@ def build_layout(problem: Problem) -> Layout:
     fixed_w = np.zeros(n)
     fixed_phase = np.zeros((3, n))
     for fl in problem.fixed:
-        p = np.asarray(fl.power_w, dtype=float)[:n]
+        p = per_ptu(fl.power_w, n)
         fixed_w += p
         fixed_phase += np.outer(share_vector(fl.phase_share), p)
     pv_ids = [c.id for c in problem.curtailable]
     K = len(pv_ids)
     pv = np.zeros((K, n))
     for j, c in enumerate(problem.curtailable):
-        pv[j] = np.maximum(np.asarray(c.production_w, dtype=float)[:n], 0)
+        pv[j] = np.maximum(per_ptu(c.production_w, n), 0)
     pv_curt = np.array([c.curtailable for c in problem.curtailable], dtype=bool)
     pv_share = np.array([share_vector(c.phase_share) for c in problem.curtailable]).reshape(K, 3)
     # modes and shiftable profiles contribute their minimum as fixed in the limit check below
-    p_imp = np.asarray(problem.prices.import_eur_per_kwh, dtype=float)[:n]
-    p_exp = np.asarray(problem.prices.export_eur_per_kwh, dtype=float)[:n]
+    p_imp = per_ptu(problem.prices.import_eur_per_kwh, n)
+    p_exp = per_ptu(problem.prices.export_eur_per_kwh, n)
     if np.any(p_exp > p_imp + 1e-12):
         notes.append("export price above import price in some PTUs: planned at the import price "
                      "there (no simultaneous import and export)")
@@ -183,8 +192,8 @@ def build_layout(problem: Problem) -> Layout:
 
     lim = problem.limits
     fuse = float(lim.fuse_w_per_phase)
-    import_lim = np.asarray(lim.import_limit_w, dtype=float)[:n].copy()
-    export_lim = np.maximum(np.asarray(lim.export_limit_w, dtype=float)[:n], 0).copy()
+    import_lim = per_ptu(lim.import_limit_w, n).copy()
+    export_lim = np.maximum(per_ptu(lim.export_limit_w, n), 0).copy()
     # the least load the site can have in each PTU: flexible loads off, batteries idle, PV
     # fully on; the most: storage idle (or discharging when it must), PV curtailed where allowed
     min_ch = np.where(avail, 0.0, 0.0)

@@ -30,7 +30,7 @@ from cem.planner.bound import solve_lp
 from cem.planner.check import check_plan
 from cem.planner.fallback import fallback_dispatch
 from cem.planner.hint import polish_plan, round_and_repair, shave_peak
-from cem.planner.layout import Dispatch, Layout, build_layout, evaluate, profile_power
+from cem.planner.layout import Dispatch, Layout, build_layout, evaluate, per_ptu, profile_power
 
 __all__ = ["check_plan", "plan_site"]
 
@@ -74,9 +74,9 @@ def _all_off(problem: Problem, note: str) -> Plan:
     zeros = {a.id: np.zeros(n, dtype=np.int64) for a in [*problem.storage, *problem.modes, *problem.profiles]}
     g = np.zeros(n)
     for f in problem.fixed:
-        g += np.asarray(f.power_w, dtype=float)[:n]
+        g += per_ptu(f.power_w, n)
     for c in problem.curtailable:
-        g -= np.maximum(np.asarray(c.production_w, dtype=float)[:n], 0)
+        g -= np.maximum(per_ptu(c.production_w, n), 0)
     return Plan(status="FALLBACK", power_w=zeros, grid_import_w=np.rint(g).astype(np.int64),
                 curtailed_w={c.id: np.zeros(n, dtype=np.int64) for c in problem.curtailable}, notes=[note])
 
