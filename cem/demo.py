@@ -277,33 +277,6 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def solver_leaves_ctrl_c_alone() -> Iterator[None]:
-    """CP-SAT catches SIGINT during a solve by default and leaves it at SIG_DFL afterwards, so
-    the next Ctrl-C would kill the process without a clean stop. Until the planner sets
-    `catch_sigint_signal = False` itself, every solve in this process does."""
-    try:
-        from ortools.sat.python import cp_model
-    except ImportError:
-        yield
-        return
-    original = cp_model.CpSolver.solve
-    if getattr(original, "leaves_ctrl_c_alone", False):
-        yield
-        return
-
-    def solve(self: Any, *args: Any, **kwargs: Any) -> Any:
-        self.parameters.catch_sigint_signal = False
-        return original(self, *args, **kwargs)
-
-    solve.leaves_ctrl_c_alone = True  # type: ignore[attr-defined]
-    cp_model.CpSolver.solve = solve  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        cp_model.CpSolver.solve = original  # type: ignore[method-assign]
-
-
-@contextlib.contextmanager
 def process_clock(settings: DemoSettings) -> Iterator[clock.ScaledClock]:
     """Switch the process to the demo's simulated clock."""
     scaled = clock.ScaledClock(settings.start, settings.speed)
@@ -717,7 +690,7 @@ def demo_command(*, config: Path, duration: float | None, speed: float | None,
         out, settings)
     view.intro(site, settings, log_file)
     try:
-        with solver_leaves_ctrl_c_alone(), process_clock(settings), view:
+        with process_clock(settings), view:
             demo = asyncio.run(run_demo(site, settings, on_tick=view.update))
     except DemoError as exc:
         fail(str(exc), f"details in {log_file}")

@@ -382,6 +382,9 @@ def improve(lay: Layout, hint: Dispatch, *, time_limit_s: float, workers: int = 
     p.max_time_in_seconds = left
     p.root_lp_iterations = 100_000
     p.relative_gap_limit = max(gap, 0.0)
+    # CP-SAT would catch Ctrl-C and leave SIGINT at SIG_DFL after the solve: the next Ctrl-C
+    # would kill `cem run` / `cem demo` without their clean shutdown
+    p.catch_sigint_signal = False
     status = solver.solve(model, _StopAtGap(bound_eur, gap))
     name = solver.status_name(status)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
