@@ -272,3 +272,29 @@ def test_a_mode_switched_on_stays_on_for_its_minimum_time() -> None:
     for t in range(1, 6):
         if names[t] != names[t - 1]:
             assert all(x == names[t] for x in names[t:t + 3])
+
+
+def l1_consumption(problem, plan) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return sum(plan.power_w[a.id] * a.phase_share[0] for a in problem.storage)
+
+
+def test_forecast_pv_is_fuse_headroom_only_when_trusted() -> None:
+    # 3 x 16 A (3680 W a phase); two 1-phase EVs on L1 want 7.4 kW each; 6 kW of PV forecast
+    def problem(credit: float):  # type: ignore[no-untyped-def]
+        p = site(4, fuse_a=16.0)
+        p.limits.fuse_production_credit = credit
+        p.storage = [ev("a", max_w=7_360, min_w=1_380, target=20_000, phase="L1"),
+                     ev("b", max_w=7_360, min_w=1_380, target=20_000, phase="L1")]
+        p.curtailable = [Curtailable("pv", np.full(4, 6_000), curtailable=False,
+                                     phase_share=single_phase("L1"))]
+        return p
+
+    trusted = problem(1.0)
+    plan = plan_ok(trusted)
+    # with the forecast trusted, the EVs take the PV on top of the fuse
+    assert l1_consumption(trusted, plan).max() > 3_680 + 1_000
+    live = problem(0.0)
+    plan = plan_site(live, time_limit_s=0.5)
+    # live, consumption alone stays within the fuse: a cloud cannot trip it
+    assert l1_consumption(live, plan).max() <= 3_680 + 1e-6
+    assert plan.shortfall  # and the drivers are told what they will miss

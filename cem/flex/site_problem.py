@@ -126,6 +126,8 @@ def build_problem(states: Mapping[str, Any], config: SiteConfig, prices: Any,
     start = floor_to_ptu(now, ptu_minutes)
     grid = PtuGrid(start, ptu_minutes, config.planner.horizon_ptus)
     limits = site_limits(config, start, grid.n_ptus, _windows(congestion))
+    # live, PV is a forecast: the fuse must hold even when the sun is not there
+    limits.fuse_production_credit = 0.0
     problem = Problem(start=start, ptu_minutes=ptu_minutes, n_ptus=grid.n_ptus, limits=limits,
                       prices=_prices(prices, config, grid))
     mapping = SiteMapping()

@@ -112,6 +112,9 @@ class SiteLimits:
     export_limit_w: np.ndarray  # per PTU, >= 0
     peak_price_eur_per_kw: float = 0.0
     peak_so_far_w: int = 0
+    # share of forecast production the fuse may count on as headroom: 1.0 for a known profile
+    # (offline scenarios), 0.0 live, where a cloud must never push a phase over its fuse
+    fuse_production_credit: float = 1.0
 
     @property
     def fuse_w_per_phase(self) -> float:

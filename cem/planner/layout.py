@@ -225,9 +225,10 @@ def build_layout(problem: Problem) -> Layout:
                      "planned with every flexible load on there; the limit may still be broken")
         export_lim = np.maximum(export_lim, -g_max_forced)
     phase_min = fixed_phase + mode_min - pv_phase
-    fuse_up = np.full((3, n), fuse)
+    credit = min(1.0, max(0.0, float(lim.fuse_production_credit)))
+    fuse_up = np.full((3, n), fuse) - (1.0 - credit) * pv_phase
     fuse_dn = np.full((3, n), fuse)
-    if np.any(phase_min > fuse):
+    if np.any(phase_min > fuse_up):
         notes.append("base and fixed loads alone exceed the fuse on a phase: planned with every "
                      "flexible load off there")
         fuse_up = np.maximum(fuse_up, phase_min)
