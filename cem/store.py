@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -284,6 +285,7 @@ class Store:
         try:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA temp_store=MEMORY")  # multi-row INSERTs' statement journal
             await db.execute("PRAGMA busy_timeout=5000")
             await db.execute("PRAGMA foreign_keys=ON")
             await _migrate(db, path)
@@ -595,7 +597,7 @@ class Store:
             if rm_rows:
                 await self._db.executemany(_UPSERT_RM, rm_rows)
             for sql, rows in inserts.items():
-                await self._db.executemany(sql, rows)
+                await _insert_rows(self._db, sql, rows)
                 self.stats.statements += 1
             for sql, group in itertools.groupby(pending, key=lambda item: item[0]):
                 await self._db.executemany(sql, [params for _, params in group])
@@ -653,6 +655,41 @@ class Store:
             "snapshot": snapshot_text,
             "snapshot_at": snapshot_at,
         }
+
+
+ROWS_PER_INSERT = 64
+"""Rows per multi-row INSERT (64 x 8 columns stays under SQLite's oldest 999-variable limit)."""
+
+
+@functools.cache
+def _multi_row(sql: str, rows: int) -> str | None:
+    """``INSERT ... VALUES (?, ?)`` made into one statement inserting `rows` rows.
+
+    None for any other shape (e.g. a clause after VALUES): such statements run row by row.
+    """
+    head, _, values = sql.partition(" VALUES ")
+    values = values.strip()
+    if not (values.startswith("(") and values.endswith(")") and values.count("(") == 1):
+        return None
+    return head + " VALUES " + ",".join([values] * rows)
+
+
+async def _insert_rows(db: aiosqlite.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    """Insert `rows` in order, ROWS_PER_INSERT per statement.
+
+    The same rows as ``executemany(sql, rows)``, with ~64x fewer statement steps: sqlite3
+    releases and retakes the GIL around every step, and while the event loop is busy each of
+    those handovers costs both threads a futex wait and a context switch (~5 per S2 message
+    in the bench).
+    """
+    k = ROWS_PER_INSERT
+    multi = _multi_row(sql, k)
+    full = len(rows) // k * k if multi is not None else 0
+    if full:
+        await db.executemany(multi,
+                             [[x for row in rows[i:i + k] for x in row] for i in range(0, full, k)])
+    if full < len(rows):
+        await db.executemany(sql, rows[full:])
 
 
 async def _noop(db: aiosqlite.Connection) -> None:
