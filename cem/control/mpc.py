@@ -503,7 +503,9 @@ class SiteController:
         grid = self.config.grid
         import_w = grid.import_limit_kw * 1000
         if self.problem is not None:
-            import_w = float(self.problem.limits.import_limit_w[self._current_ptu()])
+            # the plan used limit_share of the limit; the guard protects the limit itself
+            import_w = float(self.problem.limits.import_limit_w[self._current_ptu()]) \
+                / self.config.planner.limit_share
         return GuardLimits(fuse_w_per_phase=grid.fuse_a * grid.voltage_v,
                            import_limit_w=import_w, margin=self.config.planner.guard_margin)
 

@@ -128,6 +128,10 @@ def build_problem(states: Mapping[str, Any], config: SiteConfig, prices: Any,
     limits = site_limits(config, start, grid.n_ptus, _windows(congestion))
     # live, PV is a forecast: the fuse must hold even when the sun is not there
     limits.fuse_production_credit = 0.0
+    # and measurements drift from plans between replans: plan inside the limits, not on them
+    share = config.planner.limit_share
+    limits.import_limit_w = np.floor(np.asarray(limits.import_limit_w) * share).astype(np.int64)
+    limits.fuse_a = limits.fuse_a * share
     problem = Problem(start=start, ptu_minutes=ptu_minutes, n_ptus=grid.n_ptus, limits=limits,
                       prices=_prices(prices, config, grid))
     mapping = SiteMapping()
