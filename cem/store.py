@@ -264,6 +264,7 @@ class Store:
         self._writer: asyncio.Task[None] | None = None
         self._last_retention = 0.0
         self.for_cem = False
+        self.snapshots_per_flush = 100
 
     # --- opening and closing ------------------------------------------------------------------
 
@@ -576,14 +577,21 @@ class Store:
                 # let a burst of appends gather for one interval before writing
                 await asyncio.sleep(0 if self._closing else self.flush_interval_s / 4)
             self._wake.clear()
-            await self._flush_once()
+            await self._flush_once(snapshot_budget=self.snapshots_per_flush)
             if time.time() - self._last_retention > 3600:
                 try:
                     await self.apply_retention()
                 except Exception:
                     logger.exception("store: retention failed; will retry in an hour")
 
-    async def _flush_once(self) -> None:
+    async def _flush_once(self, snapshot_budget: int | None = None) -> None:
+        """Write everything pending in one transaction.
+
+        `snapshot_budget`: serialise at most this many RM snapshots now (they are made on the
+        event loop); the others wait for the next flush. 1000 RMs that connected together
+        would otherwise stall the loop for all their snapshots at once, every 5 s. Ignored
+        when someone awaits this flush (`flush()`, awaited writes).
+        """
         inserts, self._inserts = self._inserts, {}
         pending, self._pending = self._pending, []
         rows_count, self._pending_rows = self._pending_rows, 0
@@ -592,7 +600,19 @@ class Store:
         if not inserts and not pending and not deltas and not calls:
             return
         began = time.perf_counter()
-        rm_rows = [self._rm_row(rm_id, delta) for rm_id, delta in deltas.items()]
+        if calls:
+            snapshot_budget = None
+        rm_rows = []
+        for rm_id, delta in deltas.items():
+            if delta.snapshot is not None and snapshot_budget is not None:
+                if snapshot_budget <= 0:
+                    later = self._delta(rm_id)
+                    if later.snapshot is None:
+                        later.snapshot = delta.snapshot
+                    delta.snapshot = None
+                else:
+                    snapshot_budget -= 1
+            rm_rows.append(self._rm_row(rm_id, delta))
         try:
             if rm_rows:
                 await self._db.executemany(_UPSERT_RM, rm_rows)
