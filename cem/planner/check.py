@@ -137,7 +137,7 @@ def _check_storage(problem: Problem, plan: Plan, out: list[str], g: np.ndarray, 
     lmax = np.array([a.level_max_wh for a in assets], dtype=float)[:, None]
     lmin = np.array([a.level_min_wh for a in assets], dtype=float)[:, None]
     lv = level0 + np.cumsum(dt * (eta_c * np.maximum(P, 0) - np.maximum(-P, 0) / eta_d) - usage, axis=1)
-    tol = 2.0 + 1e-4 * np.maximum(np.abs(lmax), 1)
+    tol = 10.0 + 1e-4 * np.maximum(np.abs(lmax), 1)  # within metering accuracy
     over = lv > np.maximum(lmax, level0) + tol
     under = lv < lmin - tol
     rows = np.flatnonzero(outside.any(axis=1) | bad_c.any(axis=1) | bad_d.any(axis=1)
