@@ -4,8 +4,9 @@ Why this shape: a site with 1000 RMs sends thousands of S2 messages a second. Wr
 in its own transaction would stall the event loop and the disk. So the hot path only *appends*
 to an in-memory batch (`log_message`, `touch_rm`, `record_measurements`: plain method calls, no
 await) and one writer task flushes the batch every `flush_interval_s` in a single transaction
-(`executemany` per statement). Per-RM counters and "last message time" are coalesced in memory
-and written once per flush. Awaited methods (`add_congestion`, `record_plan`, ...) go through the
+(`executemany` per statement, INSERTs 64 rows per statement). Per-RM counters and "last message
+time" are coalesced in memory and written once per flush; RM snapshots, serialised on the event
+loop, at most `snapshots_per_flush` per flush. Awaited methods (`add_congestion`, `record_plan`, ...) go through the
 same writer, so there is exactly one writer and writes keep their order.
 
 Message log, kept small on purpose: an incoming message is one row that also carries the
