@@ -26,7 +26,8 @@ session's real departure or real need, except the optimum, which is the referenc
 5. autonomous (MPC): the site planner re-plans every PTU (which includes every arrival and
    departure, as sessions are snapped to PTUs) from the metered state, learning that an EV is
    full when it takes clearly less than its setpoint and extending an overstaying EV's believed
-   departure by an hour at a time. It asks the planner to reach each EV's target an hour
+   departure by an hour at a time. Like `cem run` it plans inside `planner.limit_share` (98 %)
+   of the fuse and the import limit (levels 4 and 5 alike). It asks the planner to reach each EV's target an hour
    before the stated departure (a target-profile milestone; after it the EV may still charge):
    in the ACN data one driver in eight leaves more than an hour earlier than stated, and on a
    real Caltech week this margin lifts the energy delivered by ~3 % for ~1 % more cost per kWh
@@ -112,14 +113,24 @@ def ev_asset(s: SimSession, *, level_wh: int, target_wh: int, available_from: in
         phase_share=s.evse.phase_share)
 
 
+def live_limit_share(inputs: SimInputs) -> float:
+    """The share of the fuse and import limit live plans use (`planner.limit_share`, as cem run)."""
+    return float(getattr(inputs.config.planner, "limit_share", 1.0))
+
+
 def site_problem(inputs: SimInputs, t: int, n: int, storage: list[StorageAsset],
-                 fixed: list[FixedLoad] | None = None, peak_so_far_w: int = 0) -> Problem:
-    """The planner's problem for PTUs t .. t+n of the run: limits, prices, PV, the given assets."""
+                 fixed: list[FixedLoad] | None = None, peak_so_far_w: int = 0,
+                 limit_share: float = 1.0) -> Problem:
+    """The planner's problem for PTUs t .. t+n of the run: limits, prices, PV, the given assets.
+
+    `limit_share` < 1 plans inside the fuse and import limit as the live control loop does
+    (levels 4 and 5); the optimum and the KPIs use the limits themselves.
+    """
     grid = inputs.config.grid
     end = t + n
     limits = SiteLimits(
-        fuse_a=grid.fuse_a, phases=grid.phases, voltage_v=grid.voltage_v,
-        import_limit_w=inputs.import_limit_w[t:end].copy(),
+        fuse_a=grid.fuse_a * limit_share, phases=grid.phases, voltage_v=grid.voltage_v,
+        import_limit_w=np.floor(inputs.import_limit_w[t:end] * limit_share).astype(np.int64),
         export_limit_w=inputs.export_limit_w[t:end].copy(),
         peak_price_eur_per_kw=grid.peak_price_eur_per_kw,
         peak_so_far_w=max(round(grid.peak_so_far_kw * 1000), peak_so_far_w))
@@ -253,7 +264,8 @@ class DayPlan:
                                phase_share=PHASE_SHARES[p]) for p in range(3) if phase_w[p].any()]
             assets = [ev_asset(s, level_wh=0, target_wh=s.believed_need_wh, available_from=0,
                                available_until=min(n, s.believed_departure_ptu - t)) for s in new]
-            problem = site_problem(self.inputs, t, n, assets, fixed)
+            problem = site_problem(self.inputs, t, n, assets, fixed,
+                                   limit_share=live_limit_share(self.inputs))
             started = time.perf_counter()
             plan = never_without_plan(self.plan_site, problem, self.time_limit_s, self.workers, self.notes)
             self.replan_s.append(time.perf_counter() - started)
@@ -303,7 +315,8 @@ class ModelPredictive:
         if not assets:
             return out
         n = max(a.available_until or 1 for a in assets)
-        problem = site_problem(self.inputs, t, n, assets, peak_so_far_w=state.peak_so_far_w)
+        problem = site_problem(self.inputs, t, n, assets, peak_so_far_w=state.peak_so_far_w,
+                               limit_share=live_limit_share(self.inputs))
         started = time.perf_counter()
         plan = never_without_plan(self.plan_site, problem, self.time_limit_s, self.workers, self.notes)
         self.replan_s.append(time.perf_counter() - started)
