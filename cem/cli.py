@@ -38,7 +38,6 @@ app.add_typer(congestion_app, name="congestion")
 
 console = Console(stderr=True)
 
-DEFAULT_CONFIG = Path("specs/sites/example.toml")
 DEMO_CONFIG = Path("specs/sites/demo.toml")
 
 
@@ -50,8 +49,10 @@ def fail(message: str, hint: str = "") -> NoReturn:
     raise typer.Exit(2)
 
 
-def load_config_or_exit(path: Path) -> SiteConfig:
-    """Load a site config; on problems print them all and exit 2."""
+def load_config_or_exit(path: Path | None) -> SiteConfig:
+    """Load a site config (None: the built-in defaults); on problems print them all, exit 2."""
+    if path is None:
+        return SiteConfig()
     try:
         config = load_site_config(path)
     except ConfigError as exc:
@@ -93,9 +94,10 @@ def config_check(file: Path = typer.Argument(..., help="site config TOML file"))
 
 @app.command()
 def run(
-    config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="site config TOML"),
+    config: Path | None = typer.Option(None, "--config", "-c",
+                                       help="site config TOML (default: built-in defaults)"),
     host: str | None = typer.Option(None, help="override server.host"),
-    port: int | None = typer.Option(None, help="override server.port"),
+    port: int | None = typer.Option(None, min=0, max=65535, help="override server.port"),
     db: Path | None = typer.Option(None, help="override store.path"),
     log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING"),
 ) -> None:
@@ -114,7 +116,8 @@ def run(
 
 @app.command()
 def status(
-    config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="site config TOML"),
+    config: Path | None = typer.Option(None, "--config", "-c",
+                                       help="site config TOML (default: built-in defaults)"),
     db: Path | None = typer.Option(None, help="override store.path"),
 ) -> None:
     """Show the resource managers the CEM knows: connected, control type, last message."""
@@ -130,7 +133,8 @@ def congestion_add(
     end: str = typer.Option(..., help="ISO 8601 end with offset"),
     import_limit_kw: float | None = typer.Option(None, help="import limit in the window, kW"),
     export_limit_kw: float | None = typer.Option(None, help="export limit in the window, kW"),
-    config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="site config TOML"),
+    config: Path | None = typer.Option(None, "--config", "-c",
+                                       help="site config TOML (default: built-in defaults)"),
     db: Path | None = typer.Option(None, help="override store.path"),
 ) -> None:
     """Add a congestion window; a running CEM picks it up and replans."""
@@ -142,7 +146,8 @@ def congestion_add(
 
 @congestion_app.command("list")
 def congestion_list(
-    config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="site config TOML"),
+    config: Path | None = typer.Option(None, "--config", "-c",
+                                       help="site config TOML (default: built-in defaults)"),
     db: Path | None = typer.Option(None, help="override store.path"),
 ) -> None:
     """List congestion windows (config and run time)."""
@@ -203,8 +208,10 @@ def bench_s2(
 @rm_app.command("ocpp")
 def rm_ocpp(
     cem: str = typer.Option("ws://127.0.0.1:8765", help="CEM S2 websocket URL"),
-    port: int | None = typer.Option(None, help="OCPP port (default from config, 9000)"),
-    config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="site config TOML"),
+    port: int | None = typer.Option(None, min=0, max=65535,
+                                    help="OCPP port (default from config, 9000)"),
+    config: Path | None = typer.Option(None, "--config", "-c",
+                                       help="site config TOML (default: built-in defaults)"),
     token: str | None = typer.Option(None, help="bearer token for the CEM"),
 ) -> None:
     """Run the OCPP 1.6J / 2.0.1 central system as an S2 resource manager."""
@@ -219,7 +226,7 @@ def rm_modbus(
     device: str = typer.Option(..., help="battery, heat-pump, pv or meter"),
     map_file: Path = typer.Option(..., "--map", help="register map TOML"),
     host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(5020),
+    port: int = typer.Option(5020, min=0, max=65535),
     device_id: int = typer.Option(1, help="Modbus device (unit) id"),
     cem: str = typer.Option("ws://127.0.0.1:8765", help="CEM S2 websocket URL"),
     token: str | None = typer.Option(None, help="bearer token for the CEM"),
@@ -254,7 +261,7 @@ def sim_chargers(
 def sim_modbus(
     device: str = typer.Option(..., help="battery, heat-pump, pv or meter"),
     map_file: Path = typer.Option(..., "--map", help="register map TOML"),
-    port: int = typer.Option(5020),
+    port: int = typer.Option(5020, min=0, max=65535),
     host: str = typer.Option("127.0.0.1"),
     speed: float = typer.Option(1.0, help="simulated seconds per wall-clock second"),
 ) -> None:
@@ -266,7 +273,8 @@ def sim_modbus(
 
 @app.command()
 def sessions(
-    config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="site config TOML"),
+    config: Path | None = typer.Option(None, "--config", "-c",
+                                       help="site config TOML (default: built-in defaults)"),
     db: Path | None = typer.Option(None, help="OCPP RM database (default ocpp.database)"),
 ) -> None:
     """Show live charging sessions."""
@@ -278,7 +286,8 @@ def sessions(
 
 @app.command()
 def cdrs(
-    config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="site config TOML"),
+    config: Path | None = typer.Option(None, "--config", "-c",
+                                       help="site config TOML (default: built-in defaults)"),
     db: Path | None = typer.Option(None, help="OCPP RM database (default ocpp.database)"),
     csv: Path | None = typer.Option(None, help="write the CDRs to this CSV file"),
 ) -> None:

@@ -65,3 +65,18 @@ def test_unsafe_combinations_are_reported(tmp_path: Path) -> None:
     assert "grid.import_limit_kw" in result.output and "exceeds what the fuse" in result.output
     assert "server.tokens" in result.output
     assert "overlaps" in result.output
+
+
+def test_commands_work_outside_the_repository_with_built_in_defaults(tmp_path: Path,
+                                                                    monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["status", "--db", str(tmp_path / "none.db")])
+    assert "Traceback" not in result.output
+    assert "specs/sites/example.toml" not in result.output  # no hidden dependency on a checkout
+
+
+def test_out_of_range_port_is_a_usage_error_not_a_traceback() -> None:
+    result = runner.invoke(app, ["run", "--config", str(EXAMPLE), "--port", "99999"])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert "--port" in result.output and "65535" in result.output
