@@ -155,3 +155,28 @@ def test_real_planner_plans_the_ev_within_the_congestion_window() -> None:
     modes = {str(m.id) for m in sd.actuators[0].operation_modes}
     assert all(str(m.operation_mode) in modes for m in messages)
     assert len(messages) < 16  # one per change, not one per PTU
+
+
+def test_live_plans_finish_ev_targets_before_the_departure() -> None:
+    """Prices fall towards the departure: without a margin the EV finishes on the last PTU."""
+    from cem.planner.assets import Prices
+    from cem.planner.solve import plan_site
+
+    ev, _ = ev_session()
+    target = {"message_type": "FRBC.FillLevelTargetProfile", "message_id": uid(),
+              "start_time": NOW.isoformat(), "elements": [
+                  {"duration": 3 * 3600 * 1000,
+                   "fill_level_range": {"start_of_range": 60, "end_of_range": 100}}]}
+    assert json.loads(ev.receive(json.dumps(target), NOW)[0].text)["status"] == "OK"
+    falling = np.linspace(0.40, 0.10, 16)
+    ends = {}
+    for margin in (0, 30):
+        config = SiteConfig.model_validate(
+            {"planner": {"horizon_ptus": 16, "ev_finish_margin_minutes": margin}})
+        problem, _ = build_problem({"ev-3": ev.state}, config, Prices(falling, falling * 0),
+                                   [], NOW)
+        plan = plan_site(problem, time_limit_s=1.0)
+        level = plan.level_wh["ev-3"]
+        ends[margin] = int(np.argmax(level >= 36000 - 1))  # first PTU that ends on target
+        assert level[12] >= 36000 - 1  # the departure target is met either way
+    assert ends[30] <= 10 < ends[0]  # 30 minutes early: done by the end of PTU 10 (19:45)

@@ -169,6 +169,21 @@ def label_priority(system_description: Any) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def finish_early(asset: StorageAsset, margin_minutes: int, ptu_minutes: int) -> None:
+    """Aim to reach an EV's target `margin_minutes` before its departure.
+
+    Live, the last PTUs of a plan meet reality (a slow taper, an instruction that lands late,
+    a replan that comes a little after the PTU starts): a plan that finishes exactly at the
+    departure leaves drivers a few hundred Wh short. The EV may still charge until it leaves.
+    """
+    if margin_minutes <= 0 or asset.target_wh is None or asset.available_until is None:
+        return
+    early = asset.available_until - -(-margin_minutes // ptu_minutes)
+    if early <= asset.available_from + 1 or asset.target_wh <= asset.level_wh:
+        return
+    asset.target_profile.append((early, asset.target_wh, asset.level_max_wh))
+
+
 def _add_rm(problem: Problem, mapping: SiteMapping, rm_id: str, state: Any, grid: PtuGrid,
             now: datetime, config: SiteConfig) -> float:
     """Add one RM's assets; returns the power it draws now (W) as far as it is known."""
@@ -187,6 +202,8 @@ def _add_rm(problem: Problem, mapping: SiteMapping, rm_id: str, state: Any, grid
             target_profile=state.frbc_fill_level_target_profile,
             timer_statuses=list(state.frbc_timer_statuses().values()),
             kind=kind, priority=priority)
+        if asset.kind == "ev":
+            finish_early(asset, config.planner.ev_finish_margin_minutes, problem.ptu_minutes)
         problem.storage.append(asset)
         mapping.add(rm_id, asset.id, binding, asset.kind)
         return now_w

@@ -115,6 +115,8 @@ class PlannerConfig(Section):
     time_limit_s: float = Field(1.0, gt=0)
     replan_min_interval_s: float = Field(5.0, ge=0)
     deviation_threshold_w: int = Field(2000, ge=0)
+    ev_finish_margin_minutes: int = Field(15, ge=0, le=240,
+                                          description="aim to reach EV targets this early")
     limit_share: float = Field(0.98, gt=0.5, le=1,
                                description="share of fuse and import limit plans may use")
     guard_margin: float = Field(0.95, gt=0, le=1, description="guard sheds down to this share")
