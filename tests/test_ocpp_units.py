@@ -76,6 +76,18 @@ def test_frbc_power_range_rates_and_target() -> None:
     assert "priority 1" in (sd.storage.diagnostic_label or "")
 
 
+def test_a_late_driver_gets_an_hour_more_not_a_one_minute_sprint() -> None:
+    state = flex()
+    ids = frbc.FrbcIds.for_resource(uuid.uuid4())
+    assert state.departure is not None
+    late = state.departure + timedelta(minutes=20)  # still plugged in after the departure
+    target = frbc.fill_level_target(state, late)
+    assert target is not None
+    end = late + sum((e.duration.to_timedelta() for e in target.elements), timedelta())
+    assert abs((end - (late + frbc.OVERSTAY)).total_seconds()) < 1
+    assert frbc.system_description(state, ids, late) is not None
+
+
 def test_frbc_uses_soc_once_the_battery_size_is_known() -> None:
     state = flex(soc=50.0, capacity_kwh=60.0, energy_kwh=6.0, need_kwh=18.0)
     ids = frbc.FrbcIds.for_resource(uuid.uuid4())

@@ -54,6 +54,7 @@ CHARGING = "charging"
 IDLE = "idle"
 KWH_RANGE_MAX = 150.0  # fill level range when the battery size is unknown (kWh charged)
 TARGET_HOLD = timedelta(minutes=1)  # length of the "at departure" target element
+OVERSTAY = timedelta(hours=1)  # an EV still plugged in after its departure: assume this more
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,10 @@ def fill_level_target(flex: EvseFlex, now: datetime) -> FRBCFillLevelTargetProfi
     if not flex.flexible or flex.departure is None or target is None:
         return None
     level_lo, level_hi = flex.level_range()
-    until = max(flex.departure - now - TARGET_HOLD, timedelta(seconds=1))
+    # past the departure and still plugged in: the driver is late, not gone; keep charging
+    # towards the need over the next hour rather than squeezing it into one minute
+    departure = flex.departure if flex.departure > now + TARGET_HOLD else now + OVERSTAY
+    until = max(departure - now - TARGET_HOLD, timedelta(seconds=1))
     target = min(max(target, flex.fill_level()), level_hi)
     return FRBCFillLevelTargetProfile(
         message_id=uuid.uuid4(), start_time=now,
