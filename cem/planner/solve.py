@@ -41,9 +41,15 @@ GAP_TOL = 0.01  # within this gap of the LP bound a plan is good enough (no more
 
 
 def _gap(objective: float, bound: float | None) -> float | None:
+    """Relative gap as MIP solvers report it: (objective - bound) / |objective|.
+
+    Divided by the plan's own objective (not the bound), so a weak bound near zero shows as
+    a gap below 100 % rather than thousands of percent; objectives under 1 EUR count as 1 EUR,
+    so cents on an almost free plan do not look like a bad plan.
+    """
     if bound is None:
         return None
-    return max(objective - bound, 0.0) / max(abs(bound), 1e-6)
+    return max(objective - bound, 0.0) / max(abs(objective), 1.0)
 
 
 def plan_site(problem: Problem, *, time_limit_s: float = 1.0, workers: int = 2,
