@@ -48,7 +48,7 @@ from cem.planner.assets import (
     StorageAsset,
     single_phase,
 )
-from cem.site.config import CongestionWindow, GridConfig
+from cem.site.config import CongestionWindow, GridConfig, dotted_path
 from cem.site.limits import limits_from_grid
 
 MIN_CURRENT_A = 6.0
@@ -207,17 +207,6 @@ class ScenarioError(Exception):
         return "\n".join(lines)
 
 
-def json_path(loc: tuple[int | str, ...]) -> str:
-    """pydantic loc -> `evs[1].departure`."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
 _MESSAGES = {
     "extra_forbidden": "unknown key (check the spelling against specs/scenario.schema.json)",
     "missing": "required",
@@ -242,7 +231,7 @@ def _problems_from(exc: ValidationError) -> list[ScenarioProblem]:
             shown = json.dumps(err["input"], default=str)
             if len(shown) <= 60:
                 message += f" (got {shown})"
-        problems.append(ScenarioProblem(json_path(loc), message))
+        problems.append(ScenarioProblem(dotted_path(loc), message))
     return problems
 
 

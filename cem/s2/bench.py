@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import random
-import resource
 import signal
 import socket
 import statistics
@@ -38,6 +37,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.frames import apply_mask
+
+from cem.service import raise_open_file_limit
 
 CLIENT_KIND = "raw websocket clients speaking S2 JSON (full handshake, every message acknowledged)"
 
@@ -285,16 +286,6 @@ class _Stamp:
             self._second = second
             self._text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
         return self._text
-
-
-def raise_open_file_limit(wanted: int) -> int:
-    """Raise this process's open-file limit towards `wanted` (children inherit it)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft < target:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _free_port() -> int:

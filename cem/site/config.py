@@ -246,7 +246,8 @@ _HINTS = {
 }
 
 
-def _dotted(loc: tuple[int | str, ...]) -> str:
+def dotted_path(loc: tuple[int | str, ...]) -> str:
+    """pydantic loc -> `grid.fuse_a`, `evs[1].departure`."""
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -299,7 +300,7 @@ def parse_site_config(text: str, file: Path = Path("<string>")) -> SiteConfig:
                 message = f"got {err.get('input')!r}, expected {err['ctx']['expected']}"
             problems.append(
                 ConfigProblem(
-                    path=_dotted(loc),
+                    path=dotted_path(loc),
                     message=message,
                     hint=_HINTS.get(err["type"], ""),
                     line=_find_line(text, loc),

@@ -79,7 +79,9 @@ def utc_now() -> datetime:
     return clock.now()
 
 
-class _Frbc(FRBCControlType):
+class _ToDevice:
+    """What every controlled Modbus RM does with its control type: instructions go to the RM."""
+
     def __init__(self, rm: ModbusRM) -> None:
         self.rm = rm
 
@@ -95,20 +97,12 @@ class _Frbc(FRBCControlType):
         return None
 
 
-class _Pebc(PEBCControlType):
-    def __init__(self, rm: ModbusRM) -> None:
-        self.rm = rm
+class _Frbc(_ToDevice, FRBCControlType):
+    pass
 
-    async def handle_instruction(self, connection: S2AsyncConnection,
-                                 msg: S2ConnectionEventsAndMessages,
-                                 send_okay: SendOkayRunAsync) -> None:
-        await self.rm._receive_instruction(connection, msg, send_okay)
 
-    async def activate(self, connection: S2AsyncConnection) -> None:
-        return None
-
-    async def deactivate(self, connection: S2AsyncConnection) -> None:
-        return None
+class _Pebc(_ToDevice, PEBCControlType):
+    pass
 
 
 class _NoControl(NoControlControlType):
