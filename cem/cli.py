@@ -86,7 +86,7 @@ def config_check(file: Path = typer.Argument(..., help="site config TOML file"))
               f"{' (wss)' if config.server.tls_cert else ''}, "
               f"{len(config.server.tokens)} RM token(s), "
               f"{len(config.charge_cards)} charge card(s), "
-              f"{len(config.modbus.devices)} Modbus device(s)")
+              f"{len(config.modbus.devices)} Modbus device(s)", soft_wrap=True)
 
 
 # --- the CEM ---------------------------------------------------------------------------------

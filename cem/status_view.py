@@ -46,7 +46,7 @@ def print_status(db_path: Path, console: Console | None = None) -> None:
     db_path = Path(db_path)
     if not db_path.exists():
         out.print(f"No CEM store at [bold]{db_path}[/]: the CEM has not run with this database "
-                  "yet. Start it with [bold]cem run[/] (or pass --db).")
+                  "yet. Start it with [bold]cem run[/] (or pass --db).", soft_wrap=True)
         return
     try:
         db = sqlite3.connect(db_path, timeout=5)
@@ -60,12 +60,12 @@ def print_status(db_path: Path, console: Console | None = None) -> None:
             db.close()
     except sqlite3.DatabaseError as exc:
         out.print(f"[red]Cannot read {db_path}:[/] {exc}. Is it a CEM store (written by "
-                  "[bold]cem run[/])?")
+                  "[bold]cem run[/])?", soft_wrap=True)
         return
     now = datetime.now(UTC).timestamp()
     if not rows:
         out.print(f"{db_path}: no resource manager has connected yet "
-                  f"({open_sessions} connection(s) without ResourceManagerDetails open).")
+                  f"({open_sessions} connection(s) without ResourceManagerDetails open).", soft_wrap=True)
         return
     table = Table(title=f"Resource managers in {db_path}")
     table.add_column("RM")

@@ -182,9 +182,9 @@ def print_summary(out: Console, name: str, built: BuiltScenario, plan: Plan, dat
                         f"[red]{unmet:.1f}[/]" if unmet > 0.05 else "0.0", short.reason if short else "")
         out.print(evs)
     for note in data["notes"]:
-        out.print(f"[dim]note:[/] {note}", highlight=False)
+        out.print(f"[dim]note:[/] {note}", highlight=False, soft_wrap=True)
     for violation in data["violations"]:
-        out.print(f"[bold red]violation:[/] {violation}", highlight=False)
+        out.print(f"[bold red]violation:[/] {violation}", highlight=False, soft_wrap=True)
 
 
 def plan_command(scenario: Path, *, json_out: bool, plot: Path | None, time_limit: float) -> None:
@@ -222,6 +222,6 @@ def plan_command(scenario: Path, *, json_out: bool, plot: Path | None, time_limi
     else:
         print_summary(Console(), parsed.name or scenario.name, built, plan, data)
         if plot is not None:
-            Console().print(f"plot written to {plot}")
+            Console().print(f"plot written to {plot}", soft_wrap=True)
     if violations:
         raise typer.Exit(1)

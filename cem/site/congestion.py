@@ -98,7 +98,7 @@ def add_congestion_command(db_path: Path, start: str, end: str, import_limit_kw:
     Console().print(f"congestion window {window_id}: {start_at.astimezone(UTC):%Y-%m-%d %H:%M} - "
                     f"{end_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC, {', '.join(limits)} "
                     f"(stored in {db_path}; a running CEM replans within seconds)",
-                    highlight=False)
+                    highlight=False, soft_wrap=True)
     return window_id
 
 
@@ -116,7 +116,7 @@ def list_congestion_command(site: SiteConfig, db_path: Path) -> None:
                   f"{r.source} #{r.window_id}") for r in stored]
     out = Console()
     if not rows:
-        out.print("no congestion windows (config or store)")
+        out.print("no congestion windows (config or store)", soft_wrap=True)
         return
     now = datetime.now(UTC)
     table = Table(title=f"congestion windows ({site.site.name})")
