@@ -150,10 +150,14 @@ async def serve_until_signal(service: CemService) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, on_signal, sig.name)
     await service.start()
+    tenure = asyncio.create_task(tenure_long_lived(stop), name="cem-gc-tenure")
     try:
         await stop.wait()
         logger.info("%s received: shutting down", received[0] if received else "stop")
     finally:
+        tenure.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await tenure
         await service.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
@@ -203,6 +207,29 @@ def _tune_garbage_collector() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(5000, 5, 10)
+
+
+async def tenure_long_lived(stop: asyncio.Event, every_s: float = 5.0,
+                            reclaim_every: int = 720) -> None:
+    """Freeze what has lived `every_s` (RM sessions, their states) out of full collections.
+
+    A full collection walks every tracked object: with 1000 RM sessions alive that paused the
+    event loop for 60-270 ms, longer than every ReceptionStatus should wait. Frozen objects are
+    skipped; every `reclaim_every` rounds (an hour by default) they are thawed and collected
+    once, so cycles left by closed sessions are still freed.
+    """
+    rounds = 0
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=every_s)
+        if stop.is_set():
+            return
+        rounds += 1
+        if rounds % reclaim_every == 0:
+            gc.unfreeze()
+            freed = gc.collect()
+            logger.debug("garbage collector: %d objects freed from closed sessions", freed)
+        gc.freeze()
 
 
 def _default_controller_factory() -> ControllerFactory | None:

@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -68,6 +68,8 @@ REPLAN_KINDS = {
     "power_profile": "sent a new power profile",
     "revoked": "revoked an object",
 }
+
+T = TypeVar("T")
 
 
 def utc_now() -> datetime:
@@ -332,14 +334,16 @@ class SiteController:
         states = {rm_id: entry.state for rm_id, entry in rms.items()}
         start = floor_to_ptu(now, self.config.planner.ptu_minutes)
         prices = self._prices(start, self.config.planner.horizon_ptus)
-        problem, mapping = build_problem(states, self.config, prices, self.congestion, now)
+        problem, mapping = await self._off_loop(
+            build_problem, states, self.config, prices, self.congestion, now)
         plan = await self._solve(problem)
         self.problem, self.mapping, self.plan = problem, mapping, plan
         self._deviating.clear()
         plan_id = await self._record(problem, plan, reasons)
         self.plan_id = plan_id
-        instructions = instructions_for_plan(plan, problem, mapping, now,
-                                             until_ptu=min(self.dispatch_ptus, problem.n_ptus))
+        instructions = await self._off_loop(
+            instructions_for_plan, plan, problem, mapping, now,
+            until_ptu=min(self.dispatch_ptus, problem.n_ptus))
         controlled = {b.rm_id for b in mapping.bindings.values()} & set(rms)
         report = await self.dispatcher.dispatch(
             {rm: msgs for rm, msgs in instructions.items() if rm in rms}, now,
@@ -348,12 +352,28 @@ class SiteController:
         self.replans += 1
         return plan
 
+    async def _off_loop(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `work` in the planning thread so S2 sessions stay answered meanwhile.
+
+        Building a 1000-RM problem or its instructions takes 50-100 ms of Python; on the event
+        loop that would hold every ReceptionStatus back as long. RM states change only by
+        replacing objects or C-level dict copies, so a thread can read them; should a state
+        still change under it (RuntimeError), the work is redone on the loop.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, lambda: work(*args, **kwargs))
+        except RuntimeError as exc:
+            logger.debug("%s raced with an RM update (%s); redone on the event loop",
+                         getattr(work, "__name__", work), exc)
+            return work(*args, **kwargs)
+
     async def _solve(self, problem: Problem) -> Plan:
         time_limit = self.config.planner.time_limit_s
         if not (problem.storage or problem.modes or problem.profiles or problem.curtailable):
-            return safe_plan(problem, NOTHING_FLEXIBLE)
+            return await self._off_loop(safe_plan, problem, NOTHING_FLEXIBLE)
         if self.solver is None:
-            return safe_plan(problem, "the optimiser is not available")
+            return await self._off_loop(safe_plan, problem, "the optimiser is not available")
         solver = self.solver
         loop = asyncio.get_running_loop()
         try:
@@ -362,12 +382,12 @@ class SiteController:
                                      lambda: solver(problem, time_limit_s=time_limit, workers=2)),
                 timeout=time_limit * 2 + 2.0)
         except TimeoutError:
-            return safe_plan(problem, f"the optimiser gave no plan within {time_limit * 2 + 2:g} s")
+            return await self._off_loop(safe_plan, problem, f"the optimiser gave no plan within {time_limit * 2 + 2:g} s")
         except Exception as exc:
             logger.exception("the optimiser failed")
-            return safe_plan(problem, f"the optimiser failed ({type(exc).__name__}: {exc})")
+            return await self._off_loop(safe_plan, problem, f"the optimiser failed ({type(exc).__name__}: {exc})")
         if plan.status == "INFEASIBLE" or (not plan.power_w and problem.storage):
-            return safe_plan(problem, f"the optimiser found no plan ({plan.status})")
+            return await self._off_loop(safe_plan, problem, f"the optimiser found no plan ({plan.status})")
         return plan
 
     async def _record(self, problem: Problem, plan: Plan, reasons: list[str]) -> int | None:
