@@ -5,14 +5,15 @@ fuse, per phase, minus fixed loads and profiles) is shared out to storages by pr
 earliest departure; each takes what it still needs up to its maximum, or nothing when its share
 falls below its minimum (the EV 6 A rule). Profiles start as early as allowed, mode devices stay
 in their current (else lowest) mode at minimum power, PV is only curtailed when export would
-exceed the export limit. Not optimal, never unsafe given the forecast.
+exceed the export limit. Targets it cannot meet are reported as shortfalls. Not optimal, never
+unsafe given the forecast.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from cem.planner.assets import Plan, Problem, StorageAsset
+from cem.planner.assets import Plan, Problem, Shortfall, StorageAsset
 
 
 def safe_plan(problem: Problem, reason: str = "fallback") -> Plan:
@@ -85,8 +86,14 @@ def safe_plan(problem: Problem, reason: str = "fallback") -> Plan:
             level_now[s.id] = min(float(s.level_max_wh), max(
                 float(s.level_min_wh), level_now[s.id] + dt_h * s.charge_efficiency * w - usage))
             levels[s.id][t + 1] = level_now[s.id]
+    shortfall: dict[str, Shortfall] = {}
     for s in order:
         power[s.id] = np.round(storage_power[s.id]).astype(np.int64)
+        until = min(s.available_until if s.available_until is not None else n, n)
+        missed = (s.target_wh or 0) - levels[s.id][max(until, 0)]
+        if s.target_wh is not None and missed > 1.0:
+            shortfall[s.id] = Shortfall(round(missed), f"rule-based plan ({reason}) within the "
+                                        "site limits")
 
     curtailed: dict[str, np.ndarray] = {}
     export_excess = np.maximum(-net - limits.export_limit_w[:n], 0)
@@ -105,7 +112,8 @@ def safe_plan(problem: Problem, reason: str = "fallback") -> Plan:
     return Plan(status="FALLBACK", power_w=power, grid_import_w=np.round(net).astype(np.int64),
                 curtailed_w=curtailed,
                 level_wh={k: np.round(v[1:]).astype(np.int64) for k, v in levels.items()},
-                mode=modes, profile_start=starts, energy_cost_eur=cost, cost_eur=cost,
+                mode=modes, profile_start=starts, shortfall=shortfall,
+                energy_cost_eur=cost, cost_eur=cost,
                 peak_w=int(max(0, net.max(initial=0))), notes=[f"rule-based plan: {reason}"])
 
 

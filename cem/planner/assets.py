@@ -93,14 +93,35 @@ class ModeAsset:
 
 
 @dataclass
+class ProfileOption:
+    """One shape a ShiftableProfile may run, with the start window that shape allows."""
+
+    profile_w: np.ndarray  # per PTU of the profile
+    earliest_start: int
+    latest_start: int
+
+
+@dataclass
 class ShiftableProfile:
-    """A power profile that must run once, starting in a window (PPBC)."""
+    """A power profile that must run once, starting in a window (PPBC).
+
+    `alternatives` are other shapes it may run instead (a PPBC profile's alternative power
+    sequences), each with its own start window, since a longer shape must start earlier to
+    finish in time. The planner runs exactly one shape once: option 0 is `profile_w` in
+    [earliest_start, latest_start], option k is `alternatives[k - 1]` (`Plan.profile_choice`).
+    """
 
     id: str
     profile_w: np.ndarray  # per PTU of the profile
     earliest_start: int
     latest_start: int
     phase_share: PhaseShare = THREE_PHASE
+    alternatives: list[ProfileOption] = field(default_factory=list)
+
+    def options(self) -> list[ProfileOption]:
+        """Every shape it may run: option 0 (its own) first, then the alternatives."""
+        return [ProfileOption(self.profile_w, self.earliest_start, self.latest_start),
+                *self.alternatives]
 
 
 @dataclass
@@ -159,6 +180,7 @@ class Plan:
     level_wh: dict[str, np.ndarray] = field(default_factory=dict)  # storage id -> level per PTU
     mode: dict[str, list[str | None]] = field(default_factory=dict)  # ModeAsset -> mode per PTU
     profile_start: dict[str, int] = field(default_factory=dict)  # ShiftableProfile -> start
+    profile_choice: dict[str, int] = field(default_factory=dict)  # ShiftableProfile -> option
     shortfall: dict[str, Shortfall] = field(default_factory=dict)
     energy_cost_eur: float = 0.0
     peak_cost_eur: float = 0.0

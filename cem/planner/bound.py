@@ -1,9 +1,10 @@
 """The LP relaxation of the site plan, solved with HiGHS: a lower bound and a fractional plan.
 
 The LP has the same variables, limits and objective as the CP-SAT model (see `layout.py`),
-with the integrality dropped: an EV's {0} U [min, max] becomes [0, max], mode and start
-choices become fractions. Its optimum is therefore a lower bound on every plan's objective,
-and its solution is the starting point that `hint.py` rounds and repairs into a plan.
+with the integrality dropped: an EV's {0} U [min, max] becomes [0, max], mode choices and a
+profile's (shape, start) choice become fractions. Its optimum is therefore a lower bound on
+every plan's objective, and its solution is the starting point that `hint.py` rounds and
+repairs into a plan.
 The matrix is assembled from numpy index arrays (kW and kWh, for conditioning) and handed to
 HiGHS in one `passModel` call.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import highspy
 import numpy as np
 
-from cem.planner.layout import SEGMENT_FACTORS, TOL_EUR_PER_WH, Dispatch, Layout
+from cem.planner.layout import SEGMENT_FACTORS, TOL_EUR_PER_WH, Dispatch, Layout, start_options
 
 INF = highspy.kHighsInf
 
@@ -95,8 +96,9 @@ class LpIndex:
     curtail: np.ndarray  # (K, n)
     mode_on: list[np.ndarray] = field(default_factory=list)  # per ModeAsset (n, modes)
     mode_power: list[np.ndarray] = field(default_factory=list)  # per ModeAsset (n, modes)
-    profile_on: list[np.ndarray] = field(default_factory=list)  # per profile: starts
-    profile_starts: list[np.ndarray] = field(default_factory=list)
+    profile_on: list[np.ndarray] = field(default_factory=list)  # per profile: (shape, start)s
+    profile_starts: list[np.ndarray] = field(default_factory=list)  # start of each column
+    profile_alts: list[np.ndarray] = field(default_factory=list)  # shape (option) of each column
     agg_rows: np.ndarray | None = None  # (groups, n) row of the per-phase-group power sum
     grp_of: np.ndarray | None = None  # (S,) group of each storage asset
     energy_row: np.ndarray | None = None  # (S,) target row of charge-only assets (-1: none)
@@ -200,25 +202,30 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
         index.mode_power.append(q)
         mode_cols_g.append((tt, q.ravel(), np.ones(n * nm), np.asarray(m.phase_share, dtype=float)))
     for p in pr.profiles:
-        prof = np.asarray(p.profile_w, dtype=float) / 1000
-        starts = np.arange(max(0, int(p.earliest_start)), min(n - 1, int(p.latest_start)) + 1)
-        if len(starts) == 0:
-            starts = np.array([min(max(0, int(p.earliest_start)), n - 1)])
+        # one column per (shape, start): exactly one of them runs
+        options = start_options(p, n)
+        starts = np.concatenate([st for _k, _shape, st in options])
+        alts = np.concatenate([np.full(len(st), k) for k, _shape, st in options])
         on = lp.cols(0.0, 1.0, 0.0, len(starts))
         one = lp.rows(1.0, 1.0, 1)
         lp.coef(np.repeat(one, len(starts)), on, 1.0)
         tt_l, cc_l, vv_l = [], [], []
-        for s_, col in zip(starts, on, strict=True):
-            k = min(len(prof), n - s_)
-            tt_l.append(np.arange(s_, s_ + k))
-            cc_l.append(np.full(k, col))
-            vv_l.append(prof[:k])
+        col_at = iter(on)
+        for _k, shape, st in options:
+            prof = shape / 1000
+            for s_ in st:
+                col = next(col_at)
+                k = min(len(prof), n - s_)
+                tt_l.append(np.arange(s_, s_ + k))
+                cc_l.append(np.full(k, col))
+                vv_l.append(prof[:k])
         tt = np.concatenate(tt_l)
         cc = np.concatenate(cc_l)
         vv = np.concatenate(vv_l)
         lp.coef(gdef[tt], cc, -vv)
         index.profile_on.append(on)
         index.profile_starts.append(starts)
+        index.profile_alts.append(alts)
         mode_cols_g.append((tt, cc, vv, np.asarray(p.phase_share, dtype=float)))
     # fuse per phase: -fuse_dn <= phase load <= fuse_up, only where it can bind
     pv_phase = lay.pv_share.T @ lay.pv if K else np.zeros((3, n))
@@ -373,8 +380,11 @@ def _dispatch_from_x(lay: Layout, index: LpIndex, x: np.ndarray) -> Dispatch:
         disp.mode_index.append(np.argmax(x[on], axis=1))
         powers.append(x[q].sum(axis=1) * 1000)
     disp.mode_power = np.array(powers).reshape(len(powers), lay.n)
-    for on, starts in zip(index.profile_on, index.profile_starts, strict=True):
-        disp.profile_start.append(int(starts[int(np.argmax(x[on]))]))
+    for on, starts, alts in zip(index.profile_on, index.profile_starts, index.profile_alts,
+                                strict=True):
+        best = int(np.argmax(x[on]))
+        disp.profile_start.append(int(starts[best]))
+        disp.profile_choice.append(int(alts[best]))
     return disp
 
 
@@ -411,8 +421,10 @@ def polish(lay: Layout, lp: LpResult, disp: Dispatch) -> Dispatch | None:
         cols.append(on.ravel())
         lows.append(chosen.ravel().astype(float))
         ups.append(chosen.ravel().astype(float))
-    for on, starts, start in zip(index.profile_on, index.profile_starts, disp.profile_start, strict=True):
-        chosen = (starts == start).astype(float)
+    for j, (on, starts, alts) in enumerate(zip(index.profile_on, index.profile_starts,
+                                               index.profile_alts, strict=True)):
+        choice = disp.profile_choice[j] if j < len(disp.profile_choice) else 0
+        chosen = ((starts == disp.profile_start[j]) & (alts == choice)).astype(float)
         cols.append(on)
         lows.append(chosen)
         ups.append(chosen)

@@ -3,8 +3,9 @@
 `check_plan(problem, plan)` lists violations in words (empty list: the plan is valid): fuse
 current per phase (import and export direction), import and export limits per PTU, storage
 power outside its window or outside {0} U [min, max] (and discharge outside its range),
-levels above level_max, and levels below level_min unless the plan reports a shortfall for
-that asset. Limits that the inputs alone break (base load above the import limit) are noted in
+levels above level_max, levels below level_min and targets missed (an EV's departure target, a
+PEBC energy window's lower bound) unless the plan reports a shortfall for that asset, and
+shiftable profiles that do not run one of their shapes from a start in that shape's window. Limits that the inputs alone break (base load above the import limit) are noted in
 the plan and still reported here: they are real.
 """
 
@@ -12,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cem.planner.assets import Plan, Problem
-from cem.planner.layout import per_ptu
+from cem.planner.assets import Plan, Problem, ShiftableProfile
+from cem.planner.layout import per_ptu, profile_power
 
 TOL_W = 1.0
 
@@ -69,9 +70,7 @@ def check_plan(problem: Problem, plan: Plan) -> list[str]:
     for pf in problem.profiles:
         p = np.asarray(plan.power_w.get(pf.id, np.zeros(n)), dtype=float)[:n]
         add(p, pf.phase_share)
-        start = plan.profile_start.get(pf.id)
-        if start is not None and not (pf.earliest_start <= start <= pf.latest_start):
-            out.append(f"{pf.id}: start {start} outside {pf.earliest_start}..{pf.latest_start}")
+        _check_profile(pf, plan, p, n, out)
     fuse = lim.fuse_w_per_phase
     for ph in range(3):
         bad = np.flatnonzero(phase[ph] > fuse + TOL_W)
@@ -140,8 +139,13 @@ def _check_storage(problem: Problem, plan: Plan, out: list[str], g: np.ndarray, 
     tol = 10.0 + 1e-4 * np.maximum(np.abs(lmax), 1)  # within metering accuracy
     over = lv > np.maximum(lmax, level0) + tol
     under = lv < lmin - tol
+    # the level at the end of the window against the target (a PEBC energy window's lower bound)
+    target = np.array([np.nan if a.target_wh is None else float(a.target_wh) for a in assets])
+    end = np.where(last > first, lv[np.arange(len(assets)), np.maximum(last - 1, 0)], level0[:, 0])
+    short = ~np.isnan(target) & (end < np.nan_to_num(target) - tol[:, 0])
+    short &= np.array([a.id not in plan.shortfall for a in assets])
     rows = np.flatnonzero(outside.any(axis=1) | bad_c.any(axis=1) | bad_d.any(axis=1)
-                          | over.any(axis=1) | under.any(axis=1))
+                          | over.any(axis=1) | under.any(axis=1) | short)
     for k in rows:
         a = assets[k]
         p = P[k]
@@ -159,7 +163,31 @@ def _check_storage(problem: Problem, plan: Plan, out: list[str], g: np.ndarray, 
         if over[k].any():
             x = int(np.argmax(over[k]))
             out.append(f"{a.id}: level {lv[k, x]:.0f} Wh after PTU {x} above level_max {a.level_max_wh}")
+        if short[k]:
+            out.append(f"{a.id}: level {end[k]:.0f} Wh at PTU {last[k]} below its target "
+                       f"{a.target_wh} Wh without a reported shortfall")
         if under[k].any() and a.id not in plan.shortfall:
             x = int(np.argmax(under[k]))
             out.append(f"{a.id}: level {lv[k, x]:.0f} Wh after PTU {x} below level_min {a.level_min_wh} "
                        "without a reported shortfall")
+
+
+def _check_profile(pf: ShiftableProfile, plan: Plan, p: np.ndarray, n: int, out: list[str]) -> None:
+    """A profile runs one of its shapes, from a start inside that shape's window."""
+    start = plan.profile_start.get(pf.id)
+    if start is None:
+        return
+    options = pf.options()
+    choice = plan.profile_choice.get(pf.id, 0)
+    if not 0 <= choice < len(options):
+        out.append(f"{pf.id}: option {choice} does not exist ({len(options)} shapes)")
+        return
+    opt = options[choice]
+    if not (opt.earliest_start <= start <= opt.latest_start):
+        out.append(f"{pf.id}: start {start} outside {opt.earliest_start}..{opt.latest_start}"
+                   + (f" (option {choice})" if choice else ""))
+    expected = np.rint(profile_power(opt.profile_w, start, n))
+    if np.any(np.abs(p - expected) > TOL_W):
+        t = int(np.argmax(np.abs(p - expected)))
+        out.append(f"{pf.id}: power {p[t]:.0f} W in PTU {t} is not its shape {choice} "
+                   f"started at PTU {start} ({expected[t]:.0f} W)")

@@ -19,7 +19,7 @@ from cem.planner.layout import (
     Layout,
     grid_and_phases,
     levels,
-    profile_power,
+    profile_row,
     share_vector,
 )
 
@@ -47,7 +47,8 @@ def snap(lay: Layout, disp: Dispatch) -> Dispatch:
     # room under the import limit and the fuse, as the rounded powers stand (pieces below the
     # minimum taken out), so moving them does not overload a PTU
     g_now, ph_now = grid_and_phases(lay, Dispatch(np.where(c >= cmin, c, 0.0), d, out.curtail,
-                                                   out.mode_index, out.mode_power, out.profile_start))
+                                                   out.mode_index, out.mode_power, out.profile_start,
+                                                   out.profile_choice))
     head_imp = lay.import_lim - g_now
     head_ph = lay.fuse_up - ph_now
     _move_below_min(lay, c, np.where(mono, cmin[:, 0], 0.0), busy, head_imp, head_ph)
@@ -297,7 +298,7 @@ def _grid_t(lay: Layout, disp: Dispatch, t: int) -> tuple[float, np.ndarray]:
             other += disp.mode_power[j, t]
             other_ph += share_vector(m.phase_share) * disp.mode_power[j, t]
     for j, p in enumerate(lay.problem.profiles):
-        v = profile_power(p.profile_w, disp.profile_start[j], lay.n)[t]
+        v = profile_row(lay, disp, j)[t]
         other += v
         other_ph += share_vector(p.phase_share) * v
     g = lay.fixed_w[t] + net.sum() - pv_out.sum() + other
@@ -679,6 +680,7 @@ def polish_plan(lay: Layout, lp: LpResult, disp: Dispatch) -> Dispatch | None:
     out.curtail = np.clip(np.ceil(frac.curtail), 0, lay.pv) * lay.pv_curtailable[:, None]
     out.mode_index = [m.copy() for m in disp.mode_index]
     out.profile_start = list(disp.profile_start)
+    out.profile_choice = list(disp.profile_choice)
     if out.mode_power is not None and disp.mode_power is not None:
         for j, m in enumerate(lay.problem.modes):
             mi = out.mode_index[j]

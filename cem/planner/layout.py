@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cem.planner.assets import Problem
+from cem.planner.assets import Problem, ShiftableProfile
 
 UNMET_EUR_PER_WH = 0.2  # 200 EUR/kWh for priority 1
 PRIORITY_FACTOR = 3.0
@@ -259,19 +259,52 @@ class Dispatch:
     mode_index: list[np.ndarray] = field(default_factory=list)  # per ModeAsset: mode per PTU
     mode_power: np.ndarray | None = None  # (M, n)
     profile_start: list[int] = field(default_factory=list)
+    profile_choice: list[int] = field(default_factory=list)  # per profile: option index
 
     def copy(self) -> Dispatch:
         return Dispatch(self.charge.copy(), self.discharge.copy(), self.curtail.copy(),
                         [m.copy() for m in self.mode_index],
                         None if self.mode_power is None else self.mode_power.copy(),
-                        list(self.profile_start))
+                        list(self.profile_start), list(self.profile_choice))
 
 
 def empty_dispatch(lay: Layout) -> Dispatch:
     M = len(lay.problem.modes)
     return Dispatch(np.zeros((lay.s, lay.n)), np.zeros((lay.s, lay.n)), np.zeros((lay.k, lay.n)),
                     [np.zeros(lay.n, dtype=np.int64) for _ in range(M)], np.zeros((M, lay.n)),
-                    [int(p.earliest_start) for p in lay.problem.profiles])
+                    [int(p.earliest_start) for p in lay.problem.profiles],
+                    [0 for _ in lay.problem.profiles])
+
+
+def start_options(profile: ShiftableProfile, n: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(option index, shape W, allowed starts) of each shape a profile may run.
+
+    An alternative whose window is empty is left out (it can never run in time); option 0
+    keeps its earliest start even then, so every profile has at least one way to run.
+    """
+    out = []
+    for k, opt in enumerate(profile.options()):
+        starts = np.arange(max(0, int(opt.earliest_start)), min(n - 1, int(opt.latest_start)) + 1)
+        if len(starts) == 0:
+            if k > 0:
+                continue
+            starts = np.array([min(max(0, int(opt.earliest_start)), n - 1)])
+        out.append((k, np.asarray(opt.profile_w, dtype=float), starts))
+    return out
+
+
+def chosen_shape(profile: ShiftableProfile, choice: int) -> np.ndarray:
+    """The shape (W per PTU) of option `choice` of a profile (0: its own profile_w)."""
+    if choice <= 0 or choice > len(profile.alternatives):
+        return np.asarray(profile.profile_w, dtype=float)
+    return np.asarray(profile.alternatives[choice - 1].profile_w, dtype=float)
+
+
+def profile_row(lay: Layout, disp: Dispatch, j: int) -> np.ndarray:
+    """Power per PTU (W) of profile j as the dispatch runs it (its chosen shape and start)."""
+    p = lay.problem.profiles[j]
+    choice = disp.profile_choice[j] if j < len(disp.profile_choice) else 0
+    return profile_power(chosen_shape(p, choice), disp.profile_start[j], lay.n)
 
 
 def other_power(lay: Layout, disp: Dispatch) -> tuple[np.ndarray, np.ndarray]:
@@ -285,7 +318,7 @@ def other_power(lay: Layout, disp: Dispatch) -> tuple[np.ndarray, np.ndarray]:
             total += disp.mode_power[j]
             phase += np.outer(share_vector(m.phase_share), disp.mode_power[j])
     for j, p in enumerate(pr.profiles):
-        prof = profile_power(p.profile_w, disp.profile_start[j], n)
+        prof = profile_row(lay, disp, j)
         total += prof
         phase += np.outer(share_vector(p.phase_share), prof)
     return total, phase

@@ -28,6 +28,7 @@ from cem.planner.layout import (
     Layout,
     grid_and_phases,
     share_vector,
+    start_options,
 )
 
 __all__ = ["build_model", "check_plan", "improve"]
@@ -136,22 +137,30 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
         other_terms.append((np.arange(n), q, np.ones(n, dtype=np.int64), share_vector(ma.phase_share)))
     prof_on: list[np.ndarray] = []
     prof_starts: list[np.ndarray] = []
+    prof_alts: list[np.ndarray] = []
     for j, p in enumerate(pr.profiles):
-        prof = np.rint(np.asarray(p.profile_w, dtype=float)).astype(np.int64)
-        starts = np.arange(max(0, int(p.earliest_start)), min(n - 1, int(p.latest_start)) + 1)
-        if len(starts) == 0:
-            starts = np.array([min(max(0, int(p.earliest_start)), n - 1)])
+        # one boolean per (shape, start), exactly one true
+        options = start_options(p, n)
+        starts = np.concatenate([st for _k, _shape, st in options])
+        alts = np.concatenate([np.full(len(st), k) for k, _shape, st in options])
         h_start = hint.profile_start[j] if j < len(hint.profile_start) else int(starts[0])
-        on = np.array([V.new_bool(int(s) == h_start) for s in starts], dtype=np.int64)
+        h_alt = hint.profile_choice[j] if j < len(hint.profile_choice) else int(alts[0])
+        on = np.array([V.new_bool(int(s) == h_start and int(a) == h_alt)
+                       for s, a in zip(starts, alts, strict=True)], dtype=np.int64)
         m.add_exactly_one([V.all[x] for x in on])
         tt, vv, cc = [], [], []
-        for s, b in zip(starts, on, strict=True):
-            k = min(len(prof), n - int(s))
-            tt.append(np.arange(s, s + k))
-            vv.append(np.full(k, b))
-            cc.append(prof[:k])
+        col_at = iter(on)
+        for _k, shape, st in options:
+            prof = np.rint(shape).astype(np.int64)
+            for s in st:
+                b = next(col_at)
+                k = min(len(prof), n - int(s))
+                tt.append(np.arange(s, s + k))
+                vv.append(np.full(k, b))
+                cc.append(prof[:k])
         prof_on.append(on)
         prof_starts.append(starts)
+        prof_alts.append(alts)
         other_terms.append((np.concatenate(tt), np.concatenate(vv), np.concatenate(cc), share_vector(p.phase_share)))
     # grid import per PTU: g = fixed - pv + charge - discharge + curtail + others
     g_lo = np.ceil(-lay.export_lim).astype(np.int64)
@@ -338,7 +347,8 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
     h.vars.extend(range(len(V.all)))
     h.values.extend(V.hint)
     index = {"charge": c_var, "discharge": d_var, "curtail": cur_var, "mode_on": mode_on,
-             "mode_q": mode_q, "profile_on": prof_on, "profile_starts": prof_starts}
+             "mode_q": mode_q, "profile_on": prof_on, "profile_starts": prof_starts,
+             "profile_alts": prof_alts}
     return m, V, index
 
 
@@ -405,8 +415,11 @@ def _dispatch(lay: Layout, index: dict, x: np.ndarray) -> Dispatch:
     disp = Dispatch(take(index["charge"]) * step, take(index["discharge"]) * step, take(index["curtail"]))
     disp.mode_index = [np.argmax(x[on], axis=1) for on in index["mode_on"]]
     disp.mode_power = np.array([x[q] for q in index["mode_q"]], dtype=float).reshape(len(index["mode_q"]), lay.n)
-    disp.profile_start = [int(starts[int(np.argmax(x[on]))])
-                          for on, starts in zip(index["profile_on"], index["profile_starts"], strict=True)]
+    for on, starts, alts in zip(index["profile_on"], index["profile_starts"], index["profile_alts"],
+                                strict=True):
+        best = int(np.argmax(x[on]))
+        disp.profile_start.append(int(starts[best]))
+        disp.profile_choice.append(int(alts[best]))
     return disp
 
 

@@ -30,7 +30,7 @@ from cem.planner.bound import solve_lp
 from cem.planner.check import check_plan
 from cem.planner.fallback import fallback_dispatch
 from cem.planner.hint import polish_plan, round_and_repair, shave_peak
-from cem.planner.layout import Dispatch, Layout, build_layout, evaluate, per_ptu, profile_power
+from cem.planner.layout import Dispatch, Layout, build_layout, evaluate, per_ptu, profile_row
 
 __all__ = ["check_plan", "plan_site"]
 
@@ -212,9 +212,11 @@ def to_plan(lay: Layout, disp: Dispatch, status: str, notes: list[str]) -> Plan:
         power[m.id] = np.rint(disp.mode_power[j]).astype(np.int64) if disp.mode_power is not None else np.zeros(n, dtype=np.int64)
         modes[m.id] = [m.modes[int(k)].id if m.modes else None for k in disp.mode_index[j]]
     starts: dict[str, int] = {}
+    choices: dict[str, int] = {}
     for j, p in enumerate(pr.profiles):
         starts[p.id] = int(disp.profile_start[j])
-        power[p.id] = np.rint(profile_power(p.profile_w, starts[p.id], n)).astype(np.int64)
+        choices[p.id] = int(disp.profile_choice[j]) if j < len(disp.profile_choice) else 0
+        power[p.id] = np.rint(profile_row(lay, disp, j)).astype(np.int64)
     # grid from the rounded powers, so the plan adds up exactly
     g = lay.fixed_w.copy()
     for a in pr.storage:
@@ -228,6 +230,7 @@ def to_plan(lay: Layout, disp: Dispatch, status: str, notes: list[str]) -> Plan:
     plan = Plan(
         status=status, power_w=power, grid_import_w=np.rint(g).astype(np.int64),
         curtailed_w=curtailed, level_wh=level, mode=modes, profile_start=starts,
+        profile_choice=choices,
         shortfall=shortfall, energy_cost_eur=ev.energy_cost, peak_cost_eur=ev.peak_cost,
         peak_w=round(ev.peak_w), cost_eur=ev.energy_cost + ev.peak_cost, notes=notes,
     )
