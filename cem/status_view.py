@@ -6,12 +6,16 @@ and after it stopped.
 
 from __future__ import annotations
 
+import os
+import socket
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from cem.store import HEARTBEAT_S
 
 CONTROL_TYPE_SHORT = {
     "FILL_RATE_BASED_CONTROL": "FRBC",
@@ -40,6 +44,47 @@ def _ago(epoch: float | None, now: float) -> str:
     return f"{moment} ({age})"
 
 
+def _cem_process(db: sqlite3.Connection) -> tuple[int, str, float, float, float | None] | None:
+    """The store's CEM process row (pid, host, started, heartbeat, stopped), if it has one."""
+    try:
+        row = db.execute("SELECT pid, host, started_at, heartbeat_at, stopped_at "
+                         "FROM cem_process WHERE id = 1").fetchone()
+    except sqlite3.OperationalError:  # a store from before the table existed
+        return None
+    return tuple(row) if row else None  # type: ignore[return-value]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cem_liveness(process: tuple[int, str, float, float, float | None] | None,
+                 now: float) -> tuple[bool, str]:
+    """Whether the CEM that writes this store is running, and a line saying so.
+
+    A CEM that was killed never marked its RMs disconnected: without this, `cem status` would
+    show them connected until the next start. Dead means: it stopped (clean), its process is
+    gone (same host), or its heartbeat is older than three heartbeats.
+    """
+    if process is None:
+        return True, ""
+    pid, host, started_at, heartbeat_at, stopped_at = process
+    if stopped_at is not None:
+        return False, f"The CEM is not running: it stopped cleanly at {_ago(stopped_at, now)}."
+    gone = host == socket.gethostname() and not _pid_alive(pid)
+    if gone or now - heartbeat_at > 3 * HEARTBEAT_S:
+        why = f"process {pid} is gone" if gone else f"no heartbeat since {_ago(heartbeat_at, now)}"
+        return False, (f"[yellow]The CEM is not running[/] ({why}): it did not stop cleanly. "
+                       "Connections below are as it last knew them.")
+    return True, f"CEM running (pid {pid} on {host}, started {_ago(started_at, now)})."
+
+
 def print_status(db_path: Path, console: Console | None = None) -> None:
     """Print a table of RMs: name/id, connected, control type, last message, messages in/out."""
     out = console or Console()
@@ -56,6 +101,7 @@ def print_status(db_path: Path, console: Console | None = None) -> None:
                 " messages_out FROM rms ORDER BY connected DESC, name, rm_id").fetchall()
             open_sessions = db.execute(
                 "SELECT COUNT(*) FROM sessions WHERE disconnected_at IS NULL").fetchone()[0]
+            process = _cem_process(db)
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
@@ -63,6 +109,9 @@ def print_status(db_path: Path, console: Console | None = None) -> None:
                   "[bold]cem run[/])?", soft_wrap=True)
         return
     now = datetime.now(UTC).timestamp()
+    running, line = cem_liveness(process, now)
+    if line:
+        out.print(line, soft_wrap=True)
     if not rows:
         out.print(f"{db_path}: no resource manager has connected yet "
                   f"({open_sessions} connection(s) without ResourceManagerDetails open).", soft_wrap=True)
@@ -78,7 +127,7 @@ def print_status(db_path: Path, console: Console | None = None) -> None:
         label = f"{name}\n[dim]{rm_id}[/]" if name else rm_id
         table.add_row(
             label,
-            "[green]yes[/]" if connected else "[dim]no[/]",
+            ("[green]yes[/]" if running else "[yellow]unknown[/]") if connected else "[dim]no[/]",
             CONTROL_TYPE_SHORT.get(control_type or "", control_type or "-"),
             _ago(last_at, now),
             str(n_in),
@@ -86,4 +135,8 @@ def print_status(db_path: Path, console: Console | None = None) -> None:
         )
     out.print(table)
     connected_count = sum(1 for r in rows if r[3])
-    out.print(f"{connected_count} of {len(rows)} RM(s) connected.")
+    if running:
+        out.print(f"{connected_count} of {len(rows)} RM(s) connected.")
+    else:
+        out.print(f"{connected_count} of {len(rows)} RM(s) were connected when the CEM was last "
+                  "heard of; they reconnect when it starts again.", soft_wrap=True)

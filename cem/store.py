@@ -20,7 +20,9 @@ The schema is created and migrated on open (`PRAGMA user_version`). When the CEM
 (`for_cem=True`) every RM is marked disconnected and every session still open is closed with
 reason "CEM restarted": a CEM that died did not see those disconnects; and old messages and
 measurements are deleted after `retention_days`, at open and every hour. Other processes
-(`cem congestion add`) open it without touching that, since a CEM may be running.
+(`cem congestion add`) open it without touching that, since a CEM may be running. The CEM
+also stamps `cem_process` (pid, host, a heartbeat every `HEARTBEAT_S`, the time of a clean
+stop), so `cem status` can tell a running CEM from one that was killed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import functools
 import itertools
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -131,7 +135,20 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX congestion_end ON congestion_windows(end);
     """,
+    # 2: the CEM process that owns the store, so readers can tell a live CEM from a dead one
+    """
+    CREATE TABLE cem_process (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        pid INTEGER NOT NULL,
+        host TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL,
+        stopped_at REAL
+    );
+    """,
 ]
+
+HEARTBEAT_S = 10.0  # how often a running CEM stamps cem_process.heartbeat_at
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -264,6 +281,7 @@ class Store:
         self._closing = False
         self._writer: asyncio.Task[None] | None = None
         self._last_retention = 0.0
+        self._last_heartbeat = time.time()
         self.for_cem = False
         self.snapshots_per_flush = 100
 
@@ -292,6 +310,13 @@ class Store:
             await db.execute("PRAGMA foreign_keys=ON")
             await _migrate(db, path)
             if for_cem:
+                now = time.time()
+                await db.execute(
+                    "INSERT INTO cem_process (id, pid, host, started_at, heartbeat_at, stopped_at)"
+                    " VALUES (1, ?, ?, ?, ?, NULL) ON CONFLICT(id) DO UPDATE SET pid = excluded.pid,"
+                    " host = excluded.host, started_at = excluded.started_at,"
+                    " heartbeat_at = excluded.heartbeat_at, stopped_at = NULL",
+                    (os.getpid(), socket.gethostname(), now, now))
                 await db.execute("UPDATE rms SET connected = 0 WHERE connected != 0")
                 await db.execute(
                     "UPDATE sessions SET disconnected_at = ?, reason = 'CEM restarted' "
@@ -321,6 +346,11 @@ class Store:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
         await self._flush_once()
+        if self.for_cem:
+            with contextlib.suppress(Exception):
+                await self._db.execute("UPDATE cem_process SET stopped_at = ? WHERE pid = ?",
+                                       (time.time(), os.getpid()))
+                await self._db.commit()
         await self._db.close()
 
     async def __aenter__(self) -> Store:
@@ -579,6 +609,10 @@ class Store:
                 await asyncio.sleep(0 if self._closing else self.flush_interval_s / 4)
             self._wake.clear()
             await self._flush_once(snapshot_budget=self.snapshots_per_flush)
+            if self.for_cem and time.time() - self._last_heartbeat >= HEARTBEAT_S:
+                self._last_heartbeat = time.time()
+                self._append("UPDATE cem_process SET heartbeat_at = ? WHERE pid = ?",
+                             (self._last_heartbeat, os.getpid()))
             if time.time() - self._last_retention > 3600:
                 try:
                     await self.apply_retention()

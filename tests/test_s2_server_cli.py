@@ -109,7 +109,56 @@ async def test_cem_run_answers_an_rm_and_stops_cleanly_on_sigterm(tmp_path: Path
                                 env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
     assert "boiler" in result.output and "FRBC" in result.output
-    assert "0 of 1 RM(s) connected." in result.output
+    assert "0 of 1 RM(s) connected." not in result.output  # the CEM is not running
+    assert "The CEM is not running: it stopped cleanly" in result.output
+    assert "0 of 1 RM(s) were connected" in result.output
+
+
+def boiler_rm(port: int) -> S2ResourceManager:
+    return S2ResourceManager(
+        cem_url=f"ws://127.0.0.1:{port}", control_types=[Frbc()], backoff_s=(0.1, 1.0),
+        asset_details=AssetDetails(
+            resource_id=uuid.uuid4(), provides_forecast=False,
+            provides_power_measurements=[CommodityQuantity.ELECTRIC_POWER_L1],
+            instruction_processing_delay=Duration.from_milliseconds(100),
+            roles=[Role(role=RoleType.ENERGY_CONSUMER, commodity=Commodity.ELECTRICITY)],
+            name="boiler"))
+
+
+async def test_cem_status_after_a_crash_does_not_claim_rms_are_connected(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_site(tmp_path, port)
+    process = await start_cem(config)
+    seen: list[str] = []
+    rm = boiler_rm(port)
+    stop = asyncio.Event()
+    task = asyncio.create_task(rm.run(stop))
+    try:
+        await read_until(process, "S2 CEM listening on", seen)
+        await read_until(process, "RM 'boiler' connected", seen)
+        await asyncio.sleep(0.6)  # the store writes the RM as connected
+        running = CliRunner().invoke(app, ["status", "--config", str(config)],
+                                     env={"COLUMNS": "160"})
+        assert f"CEM running (pid {process.pid}" in running.output, running.output
+        assert "1 of 1 RM(s) connected." in running.output
+        boiler = next(line for line in running.output.splitlines() if "boiler" in line)
+        assert "yes" in boiler
+
+        process.kill()  # a crash: nothing is marked disconnected
+        await process.wait()
+        crashed = CliRunner().invoke(app, ["status", "--config", str(config)],
+                                     env={"COLUMNS": "160"})
+        assert crashed.exit_code == 0, crashed.output
+        assert f"The CEM is not running (process {process.pid} is gone)" in crashed.output
+        boiler = next(line for line in crashed.output.splitlines() if "boiler" in line)
+        assert "unknown" in boiler and "yes" not in boiler
+        assert "1 of 1 RM(s) were connected when the CEM was last heard of" in crashed.output
+    finally:
+        stop.set()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await asyncio.wait_for(task, 10)
 
 
 async def _wait_disconnect(rm: S2ResourceManager) -> None:
