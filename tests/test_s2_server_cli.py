@@ -72,14 +72,7 @@ async def test_cem_run_answers_an_rm_and_stops_cleanly_on_sigterm(tmp_path: Path
     try:
         await read_until(process, "S2 CEM listening on", seen)
         assert f"ws://127.0.0.1:{port} (no tokens: any RM may connect)" in seen[-1]
-        rm = S2ResourceManager(
-            cem_url=f"ws://127.0.0.1:{port}", control_types=[Frbc()], backoff_s=(0.1, 1.0),
-            asset_details=AssetDetails(
-                resource_id=uuid.uuid4(), provides_forecast=False,
-                provides_power_measurements=[CommodityQuantity.ELECTRIC_POWER_L1],
-                instruction_processing_delay=Duration.from_milliseconds(100),
-                roles=[Role(role=RoleType.ENERGY_CONSUMER, commodity=Commodity.ELECTRICITY)],
-                name="boiler"))
+        rm = boiler_rm(port)
         stop = asyncio.Event()
         task = asyncio.create_task(rm.run(stop))
         await asyncio.wait_for(rm.connected.wait(), 20)
