@@ -16,6 +16,7 @@ from cem.planner.assets import (
     PowerMode,
     Prices,
     Problem,
+    ProfileOption,
     ShiftableProfile,
     SiteLimits,
     StorageAsset,
@@ -75,8 +76,12 @@ def small_sites(draw: st.DrawFn) -> Problem:
                                   min_on_ptus=draw(st.integers(0, 3))))
     if draw(st.booleans()):  # a PPBC profile that must run once
         first = draw(st.integers(0, N - 3))
+        latest = draw(st.integers(first, N - 2))
+        # maybe an alternative shape (a longer, flatter sequence) with its own, later window
+        alternatives = [ProfileOption(np.array([400, 400, 400]), first + 1, latest - 1)] \
+            if draw(st.booleans()) else []
         pr.profiles.append(ShiftableProfile("washer", np.array([1_000, 500]), earliest_start=first,
-                                            latest_start=draw(st.integers(first, N - 2))))
+                                            latest_start=latest, alternatives=alternatives))
     return pr
 
 

@@ -2,9 +2,14 @@
 
 A PowerProfileDefinition is a chain of sequence containers, each with alternative power
 sequences; it must run between `start_time` and `end_time`. We plan it as one contiguous
-profile: per container the first normal sequence (never `abnormal_condition_only` ones, the RM
-lists its preferred one first), back to back, averaged per PTU. The plan's start becomes one
-PPBC.ScheduleInstruction per container at its offset.
+profile: containers in their order, back to back (no pause is always allowed), averaged per
+PTU. Each chain of one normal sequence per container (never `abnormal_condition_only` ones) is
+one shape of the ShiftableProfile with its own start window (a longer chain must start earlier
+to finish by `end_time`); a chain that cannot finish in time is never offered. The planner picks
+the shape and start (cheapest within the site limits); the RM's preferred sequences (listed
+first) make option 0. Up to MAX_CHAINS chains: all combinations, or else the preferred chain
+and each single swap. The chosen chain becomes one PPBC.ScheduleInstruction per container at
+its offset.
 
 Running profiles: once a container is EXECUTING the rest is no longer shiftable and becomes a
 FixedLoad from now; an interruptible sequence the guard interrupted (INTERRUPTED) is planned
@@ -14,6 +19,7 @@ executing interruptible sequence with a PPBC.StartInterruptionInstruction.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -29,11 +35,19 @@ from s2python.ppbc import (
 )
 
 from cem.flex.ptu import PtuGrid, electric_total, is_electric, new_id, phase_share, sample_rate, sid
-from cem.planner.assets import FixedLoad, PhaseShare, Plan, Problem, ShiftableProfile
+from cem.planner.assets import (
+    FixedLoad,
+    PhaseShare,
+    Plan,
+    Problem,
+    ProfileOption,
+    ShiftableProfile,
+)
 
 CONTROL_TYPE = "POWER_PROFILE_BASED_CONTROL"
 DONE = {"FINISHED", "ABORTED"}
 RUNNING = {"EXECUTING"}
+MAX_CHAINS = 24  # sequence chains per profile the planner chooses from
 
 
 @dataclass
@@ -62,10 +76,6 @@ def chain_power(grid: PtuGrid, start: datetime, sequences: list[PPBCPowerSequenc
     return average * coverage
 
 
-def first_normal(sequences: list[PPBCPowerSequence]) -> PPBCPowerSequence | None:
-    return next((s for s in sequences if not s.abnormal_condition_only), None)
-
-
 def _progress(progress: object) -> timedelta:
     """How far an executing sequence is (s2-python 0.11 types `progress` wrongly: 0 then)."""
     millis = getattr(progress, "root", progress)
@@ -79,7 +89,8 @@ class PpbcBinding:
     rm_id: str
     asset_id: str
     profile_id: str
-    steps: list[Step]
+    steps: list[Step]  # the chain of the asset's option 0
+    options: list[list[Step]] = field(default_factory=list)  # per ProfileOption: its chain
     executing: tuple[str, str, bool] | None = None  # (container, sequence, interruptible)
     priority: int = 1
     phase_share: PhaseShare = (1 / 3, 1 / 3, 1 / 3)
@@ -89,14 +100,17 @@ class PpbcBinding:
 
     def instructions(self, plan: Plan, problem: Problem, now: datetime,
                      until_ptu: int) -> list:
-        """Schedule (or resume) each container whose planned start lies before `until_ptu`."""
+        """Schedule (or resume) each container whose planned start lies before `until_ptu`,
+        with the sequences of the chain the plan chose."""
         start_ptu = plan.profile_start.get(self.asset_id)
-        if start_ptu is None or not self.steps:
+        choice = plan.profile_choice.get(self.asset_id, 0)
+        steps = self.options[choice] if 0 <= choice < len(self.options) else self.steps
+        if start_ptu is None or not steps:
             return []
         begin = max(now, problem.ptu_start(start_ptu))
         horizon_end = problem.ptu_start(until_ptu)
         out: list = []
-        for step in self.steps:
+        for step in steps:
             when = max(now, begin + step.offset)
             if when >= horizon_end:
                 break
@@ -121,6 +135,24 @@ class PpbcBinding:
         return (0.0, self.peak_w)
 
 
+def _chains(choices: list[list[PPBCPowerSequence]]) -> tuple[list[list[PPBCPowerSequence]], bool]:
+    """The sequence chains the planner may choose from, the RM's preferred one first.
+
+    Every combination of the containers' alternatives while there are at most MAX_CHAINS;
+    beyond that the preferred chain and each single swap of one container's sequence (True:
+    cut down so).
+    """
+    count = math.prod(len(c) for c in choices)
+    if count <= MAX_CHAINS:
+        return [list(chain) for chain in itertools.product(*choices)], False
+    preferred = [c[0] for c in choices]
+    out = [preferred]
+    for i, alternatives in enumerate(choices):
+        for sequence in alternatives[1:]:
+            out.append([*preferred[:i], sequence, *preferred[i + 1:]])
+    return out[:MAX_CHAINS], True
+
+
 def ppbc_assets(rm_id: str, definition: PPBCPowerProfileDefinition, grid: PtuGrid,
                 now: datetime, *, status: PPBCPowerProfileStatus | None = None,
                 priority: int = 1) -> tuple[ShiftableProfile | FixedLoad | None, PpbcBinding]:
@@ -139,9 +171,8 @@ def ppbc_assets(rm_id: str, definition: PPBCPowerProfileDefinition, grid: PtuGri
                           steps=[], priority=priority, phase_share=share)
 
     remaining: list[PPBCPowerSequence] = []
-    steps: list[Step] = []
+    containers: list[tuple[str, list[PPBCPowerSequence], bool]] = []  # id, choices, resume
     running_skip: timedelta | None = None
-    offset = timedelta(0)
     for container in definition.power_sequences_containers:
         state = states.get(sid(container.id))
         value = state.status.value if state is not None else "NOT_SCHEDULED"
@@ -155,39 +186,53 @@ def ppbc_assets(rm_id: str, definition: PPBCPowerProfileDefinition, grid: PtuGri
             binding.executing = (sid(container.id), sid(selected.id), selected.is_interruptible)
             remaining.append(selected)
             continue
-        sequence = selected if value == "INTERRUPTED" and selected is not None else first_normal(
-            list(container.power_sequences))
-        if sequence is None:
+        if value == "INTERRUPTED" and selected is not None:
+            choices = [selected]  # resumed as it was selected: no other choice
+        else:
+            choices = [s for s in container.power_sequences if not s.abnormal_condition_only]
+        if not choices:
             binding.notes.append(f"{rm_id}: container {container.id} has only abnormal sequences")
             continue
         if running_skip is not None:
-            remaining.append(sequence)
+            remaining.append(choices[0])
             continue
-        steps.append(Step(sid(container.id), sequence, offset, resume=value == "INTERRUPTED"))
-        offset += sequence_duration(sequence)
+        containers.append((sid(container.id), choices, value == "INTERRUPTED"))
 
     if running_skip is not None:
         power = chain_power(grid, now, remaining, running_skip)
         binding.peak_w = float(power.max(initial=0.0))
         return FixedLoad(id=asset_id, power_w=np.round(power).astype(np.int64),
                          phase_share=share), binding
-    if not steps:
+    if not containers:
         return None, binding
 
-    binding.steps = steps
-    sequences = [s.sequence for s in steps]
-    total = sum((sequence_duration(s) for s in sequences), timedelta(0))
-    n_profile = max(1, math.ceil(total.total_seconds() / grid.ptu_s - 1e-9))
-    profile_grid = PtuGrid(grid.start, grid.ptu_minutes, n_profile)
-    profile = chain_power(profile_grid, grid.start, sequences)
-    binding.peak_w = float(profile.max(initial=0.0))
-    earliest = max(0, grid.index_ceil(definition.start_time))
-    latest = grid.index_floor(definition.end_time - total)
-    latest = min(latest, grid.n_ptus - n_profile)
-    if latest < earliest:
+    chains, cut = _chains([choices for _id, choices, _resume in containers])
+    if cut:
+        binding.notes.append(f"{rm_id}: profile {definition.id} has too many sequence "
+                             f"combinations; planned with {len(chains)} of them")
+    options: list[tuple[list[Step], ProfileOption]] = []
+    for chain in chains:
+        steps, offset = [], timedelta(0)
+        for (container_id, _choices, resume), sequence in zip(containers, chain, strict=True):
+            steps.append(Step(container_id, sequence, offset, resume=resume))
+            offset += sequence_duration(sequence)
+        n_profile = max(1, math.ceil(offset.total_seconds() / grid.ptu_s - 1e-9))
+        profile = chain_power(PtuGrid(grid.start, grid.ptu_minutes, n_profile), grid.start, chain)
+        earliest = max(0, grid.index_ceil(definition.start_time))
+        latest = min(grid.index_floor(definition.end_time - offset), grid.n_ptus - n_profile)
+        options.append((steps, ProfileOption(np.round(profile).astype(np.int64), earliest, latest)))
+    feasible = [o for o in options if o[1].latest_start >= o[1].earliest_start]
+    if not feasible:  # nothing fits: the RM's preferred chain, as early as it may start
         binding.notes.append(f"{rm_id}: profile {definition.id} cannot finish by its end time; "
                              "planned at its earliest start")
-        latest = earliest
-    asset = ShiftableProfile(id=asset_id, profile_w=np.round(profile).astype(np.int64),
-                             earliest_start=earliest, latest_start=latest, phase_share=share)
+        steps, option = options[0]
+        option.latest_start = option.earliest_start
+        feasible = [(steps, option)]
+    binding.options = [steps for steps, _option in feasible]
+    binding.steps = binding.options[0]
+    binding.peak_w = max(float(o.profile_w.max(initial=0)) for _steps, o in feasible)
+    first = feasible[0][1]
+    asset = ShiftableProfile(id=asset_id, profile_w=first.profile_w,
+                             earliest_start=first.earliest_start, latest_start=first.latest_start,
+                             phase_share=share, alternatives=[o for _steps, o in feasible[1:]])
     return asset, binding
