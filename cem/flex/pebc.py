@@ -1,4 +1,4 @@
-"""PEBC (power envelope based control) -> Curtailable PV or a FixedLoad; plan -> PEBC.Instruction.
+"""PEBC (power envelope based control) -> PV, a fixed load, energy windows; plan -> PEBC.Instruction.
 
 The RM's expected power (PowerForecast, else the last measurement) is the baseline. A producer
 (baseline <= 0, e.g. PV) becomes a `Curtailable` when its PowerConstraints allow a LOWER_LIMIT
@@ -6,14 +6,27 @@ the CEM may raise; the plan's curtailment is sent back as a lower limit of -(all
 production) per PTU, clamped to the allowed ranges. A consumer becomes a `FixedLoad` (the planner
 cannot move it), and its envelope is left wide open, except when the guard caps its UPPER_LIMIT.
 
+Energy constraints (PEBC.EnergyConstraint: the average power between `valid_from` and
+`valid_until` lies in [lower, upper]) of a consumer are planned: each window becomes a
+charge-only `StorageAsset` ("level" = energy consumed in the window, target = lower x duration,
+level_max = upper x duration, power 0..the highest UPPER_LIMIT allowed) that replaces the
+baseline inside the window, so the planner moves the energy to cheap PTUs within the site
+limits. The instruction pins the envelope to the planned power in those PTUs (UPPER_LIMIT, and
+LOWER_LIMIT where the allowed ranges let it rise), so the RM can, and need only, consume the
+planned energy. Windows are taken in whole PTUs (ends rounded to the nearest PTU boundary; the
+current PTU counts whole, as everywhere in the planner) and clipped to the horizon. S2 tells the
+CEM nothing of what was consumed in a window so far, so the part of a window still ahead is held
+to the same average. Energy constraints with a negative bound (production) are not planned:
+they are passed over with a note.
+
 Limits per commodity quantity: an envelope is sent for every electric quantity the constraints
-name; a limit on the total is split over them by the asset's phase share. Energy constraints
-(average power over a window) are not planned yet: they are passed over with a note.
+name; a limit on the total is split over them by the asset's phase share.
 `abnormal_condition_only` limit ranges are never used.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,6 +34,7 @@ from typing import Any
 import numpy as np
 from s2python.common import Duration, NumberRange
 from s2python.pebc import (
+    PEBCEnergyConstraint,
     PEBCInstruction,
     PEBCPowerConstraints,
     PEBCPowerEnvelope,
@@ -30,10 +44,11 @@ from s2python.pebc import (
 
 from cem.flex.not_controlable import forecast_power_w
 from cem.flex.ptu import PtuGrid, is_electric, new_id, sid
-from cem.planner.assets import Curtailable, FixedLoad, PhaseShare, Plan, Problem
+from cem.planner.assets import Curtailable, FixedLoad, PhaseShare, Plan, Problem, StorageAsset
 
 CONTROL_TYPE = "POWER_ENVELOPE_BASED_CONTROL"
 MAX_ELEMENTS = 288
+TARGET_MARGIN_WH = 3  # aim this far above a window's lower energy: the planner may round it off
 
 
 def _bounds(constraints: PEBCPowerConstraints, limit_type: PEBCPowerEnvelopeLimitType,
@@ -67,6 +82,8 @@ class PebcBinding:
     phase_share: PhaseShare = (1 / 3, 1 / 3, 1 / 3)
     control_type: str = CONTROL_TYPE
     quantities: list[str] = field(default_factory=list)
+    windows: list[tuple[str, int, int]] = field(default_factory=list)  # energy asset, PTUs [a, b)
+    max_w: float = 0.0  # highest total power the UPPER_LIMIT ranges allow
 
     def _quantity_share(self, quantity: str) -> float:
         index = {"ELECTRIC.POWER.L1": 0, "ELECTRIC.POWER.L2": 1, "ELECTRIC.POWER.L3": 2}
@@ -122,6 +139,12 @@ class PebcBinding:
         else:
             lower = [-wide] * n
         upper = [wide] * n
+        for asset_id, first, last in self.windows:  # energy windows: the planned power
+            planned = plan.power_w.get(asset_id)
+            if planned is None:
+                continue
+            for t in range(first, min(last, n)):
+                lower[t] = upper[t] = float(planned[t])
         return [self._instruction(self._envelopes(lower, upper, durations), now)]
 
     def capped_instructions(self, cap_w: float, now: datetime) -> list[PEBCInstruction] | None:
@@ -133,7 +156,19 @@ class PebcBinding:
 
     def power_range_w(self) -> tuple[float, float]:
         now_w = float(self.baseline_w[0]) if len(self.baseline_w) else 0.0
+        if self.windows:
+            return (min(now_w, 0.0), max(now_w, self.max_w))
         return (min(now_w, 0.0), max(now_w, 0.0))
+
+    def upper_max_w(self) -> float:
+        """The highest total power the normal UPPER_LIMIT ranges allow (0: none allowed)."""
+        totals = []
+        for quantity in self.quantities:
+            hi = _bounds(self.constraints, PEBCPowerEnvelopeLimitType.UPPER_LIMIT, quantity)
+            share = self._quantity_share(quantity)
+            if hi is not None and share > 0:
+                totals.append(hi.end_of_range / share)
+        return max(min(totals), 0.0) if totals else 0.0
 
 
 def pebc_asset(rm_id: str, grid: PtuGrid, now: datetime, *,
@@ -162,3 +197,67 @@ def pebc_asset(rm_id: str, grid: PtuGrid, now: datetime, *,
     else:
         asset = FixedLoad(id=rm_id, power_w=np.round(baseline).astype(np.int64), phase_share=share)
     return asset, binding, notes
+
+
+def _window_ptus(grid: PtuGrid, now: datetime, constraint: PEBCEnergyConstraint) -> tuple[int, int]:
+    """PTUs [a, b) of the part of an energy window still ahead, ends at the nearest boundary."""
+    def nearest(moment: datetime) -> int:
+        return round((moment - grid.start).total_seconds() / grid.ptu_s)
+
+    first = 0 if constraint.valid_from <= now else nearest(constraint.valid_from)
+    return max(first, 0), min(nearest(constraint.valid_until), grid.n_ptus)
+
+
+def pebc_assets(rm_id: str, grid: PtuGrid, now: datetime, *,
+                constraints: PEBCPowerConstraints | None,
+                energy_constraints: list[PEBCEnergyConstraint] | None = None,
+                forecast: Any = None, measurement: Any = None, priority: int = 0
+                ) -> tuple[list[Curtailable | FixedLoad | StorageAsset], PebcBinding | None,
+                           list[str]]:
+    """`pebc_asset`, plus one StorageAsset per energy window of a consumer (see the module
+    docstring); the binding then pins the envelope to the plan in those windows."""
+    asset, binding, notes = pebc_asset(rm_id, grid, now, constraints=constraints,
+                                       forecast=forecast, measurement=measurement,
+                                       priority=priority)
+    pending = [c for c in energy_constraints or [] if c.valid_until > now
+               and c.valid_from < grid.end and is_electric(c.commodity_quantity)]
+    if not pending:
+        return [asset], binding, notes
+    if binding is None or binding.producer or not isinstance(asset, FixedLoad):
+        notes.append(f"{rm_id}: PEBC energy constraints of a producer or without power "
+                     "constraints in force are not planned")
+        return [asset], binding, notes
+    binding.max_w = binding.upper_max_w()
+    baseline = asset.power_w.copy()
+    windows: list[StorageAsset] = []
+    dt_h = grid.ptu_minutes / 60
+    end = 0
+    for constraint in sorted(pending, key=lambda c: c.valid_from):
+        lower, upper = constraint.lower_average_power, constraint.upper_average_power
+        if lower < 0 or upper < lower:
+            notes.append(f"{rm_id}: PEBC energy constraint {constraint.id} "
+                         f"({lower:.0f}..{upper:.0f} W) is not planned (production or no range)")
+            continue
+        first, last = _window_ptus(grid, now, constraint)
+        if first < end:
+            notes.append(f"{rm_id}: PEBC energy constraint {constraint.id} overlaps an earlier "
+                         "one; not planned")
+            continue
+        if last <= first:
+            continue
+        hours = (last - first) * dt_h
+        top = math.floor(upper * hours)
+        window = StorageAsset(
+            id=f"{rm_id}/energy-{len(windows)}", kind="storage",
+            charge_max_w=math.floor(binding.max_w), level_wh=0, level_max_wh=top,
+            target_wh=min(math.ceil(lower * hours) + TARGET_MARGIN_WH, top),
+            available_from=first, available_until=last, priority=max(priority, 1),
+            phase_share=binding.phase_share)
+        windows.append(window)
+        binding.windows.append((window.id, first, last))
+        baseline[first:last] = 0
+        end = last
+    if not windows:
+        return [asset], binding, notes
+    asset.power_w = baseline
+    return [asset, *windows], binding, notes

@@ -27,7 +27,7 @@ from cem.flex.ddbc import ddbc_mode_assets
 from cem.flex.frbc import frbc_storage_asset, guess_kind
 from cem.flex.not_controlable import fixed_load
 from cem.flex.ombc import ombc_mode_asset
-from cem.flex.pebc import pebc_asset
+from cem.flex.pebc import pebc_assets
 from cem.flex.ppbc import ppbc_assets
 from cem.flex.ptu import FlexBinding, PtuGrid, electric_total, floor_to_ptu, sid
 from cem.planner.assets import FixedLoad, Plan, Prices, Problem, StorageAsset
@@ -209,18 +209,25 @@ def _add_rm(problem: Problem, mapping: SiteMapping, rm_id: str, state: Any, grid
         return now_w
     if control == PEBC:
         constraints = state.pebc_power_constraints(now)
-        asset, pebc_binding, notes = pebc_asset(
+        assets, pebc_binding, notes = pebc_assets(
             rm_id, grid, now, constraints=constraints[-1] if constraints else None,
+            energy_constraints=state.pebc_energy_constraints(),
             forecast=state.power_forecast(), measurement=state.latest_measurement())
         mapping.notes += notes
-        if state.pebc_energy_constraints():
-            mapping.notes.append(f"{rm_id}: PEBC energy constraints are not planned yet")
-        if isinstance(asset, FixedLoad):
-            problem.fixed.append(asset)
-            mapping.add(rm_id, asset.id, pebc_binding, "load")
-        else:
-            problem.curtailable.append(asset)
-            mapping.add(rm_id, asset.id, pebc_binding, "pv")
+        # the binding once, under the energy window when there is one (its instructions pin
+        # the envelope to that asset's plan) and else under the only asset
+        bound_to = assets[1].id if len(assets) > 1 else assets[0].id
+        for asset in assets:
+            binding = pebc_binding if asset.id == bound_to else None
+            if isinstance(asset, StorageAsset):
+                problem.storage.append(asset)
+                mapping.add(rm_id, asset.id, binding, "flexible load")
+            elif isinstance(asset, FixedLoad):
+                problem.fixed.append(asset)
+                mapping.add(rm_id, asset.id, binding, "load")
+            else:
+                problem.curtailable.append(asset)
+                mapping.add(rm_id, asset.id, binding, "pv")
         return now_w
     if control == OMBC and (sd := state.ombc_system_description(now)) is not None:
         mode_asset, mode_binding = ombc_mode_asset(
