@@ -211,3 +211,10 @@ def test_constraints_on_production_are_noted_and_not_planned() -> None:
     problem, mapping = build_problem({"boiler": session.state}, CONFIG, DEAR_CHEAP_DEAR, [], NOW)
     assert problem.storage == []
     assert any("not planned" in note for note in mapping.notes)
+
+
+def test_a_window_without_a_lower_bound_asks_for_nothing() -> None:
+    session = boiler_session(lower_w=0, upper_w=2000)
+    problem, _mapping, plan = plan_for(session, DEAR_CHEAP_DEAR)
+    assert (window_power(plan, problem) == 0).all()  # positive prices: nothing to consume
+    assert plan.shortfall == {}

@@ -45,10 +45,10 @@ from s2python.pebc import (
 from cem.flex.not_controlable import forecast_power_w
 from cem.flex.ptu import PtuGrid, is_electric, new_id, sid
 from cem.planner.assets import Curtailable, FixedLoad, PhaseShare, Plan, Problem, StorageAsset
+from cem.planner.layout import STEP_FLOOR_W
 
 CONTROL_TYPE = "POWER_ENVELOPE_BASED_CONTROL"
 MAX_ELEMENTS = 288
-TARGET_MARGIN_WH = 3  # aim this far above a window's lower energy: the planner may round it off
 
 
 def _bounds(constraints: PEBCPowerConstraints, limit_type: PEBCPowerEnvelopeLimitType,
@@ -247,10 +247,14 @@ def pebc_assets(rm_id: str, grid: PtuGrid, now: datetime, *,
             continue
         hours = (last - first) * dt_h
         top = math.floor(upper * hours)
+        # aim one planner power step (10 W for a PTU) above the lower energy: the plan's powers
+        # are rounded to that step and must not land below it
+        need = math.ceil(lower * hours)
+        target = min(need + math.ceil(STEP_FLOOR_W * dt_h), top) if need > 0 else None
         window = StorageAsset(
             id=f"{rm_id}/energy-{len(windows)}", kind="storage",
             charge_max_w=math.floor(binding.max_w), level_wh=0, level_max_wh=top,
-            target_wh=min(math.ceil(lower * hours) + TARGET_MARGIN_WH, top),
+            target_wh=target,
             available_from=first, available_until=last, priority=max(priority, 1),
             phase_share=binding.phase_share)
         windows.append(window)
