@@ -115,6 +115,15 @@ class SimulatedEvse:
     seq_no: int = 0
     meter_start_wh: float = 0.0
     profiles: dict[int, _Profile] = field(default_factory=dict)
+    # what the charger offered the EV in this session (its profiles' limit, or 0 below the
+    # 6 A minimum) and what of that the EV itself did not take (taper, full battery): who
+    # limited the charging, measured on the physics
+    offered_a: float = 0.0
+    offered_wh: float = 0.0
+    refused_wh: float = 0.0
+    held_wh: float = 0.0  # after the first offer: below the EVSE's and EV's full current
+    plugged_at: datetime | None = None
+    first_offer_at: datetime | None = None  # when the charger first let the EV charge
 
     @property
     def power_w(self) -> float:
@@ -247,6 +256,8 @@ class SimulatedChargePoint:
         evse = self.evses[evse_id]
         evse.ev = ev
         evse.phases_used = min(ev.phases, evse.phases)
+        evse.offered_wh = evse.refused_wh = evse.held_wh = 0.0
+        evse.plugged_at, evse.first_offer_at = _now(), None
         if dwell_s is not None:
             # our physics runs `speed` x the wall clock, the process clock `clock.speed()` x
             evse.departure = _now() + timedelta(seconds=dwell_s * clock.speed() / self.speed)
@@ -401,11 +412,22 @@ class SimulatedChargePoint:
         """Advance one EVSE by dt simulated seconds."""
         ev = evse.ev
         if ev is None or evse.transaction_id is None:
-            evse.current_a = 0.0
+            evse.current_a = evse.offered_a = 0.0
             return
-        amps = min(self.limit_a(evse), ev.current_limit_a(), evse.max_current_a)
+        offered = min(self.limit_a(evse), evse.max_current_a)
+        evse.offered_a = round(offered, 1) if offered >= ev.min_current_a else 0.0
+        amps = min(offered, ev.current_limit_a())
         evse.current_a = round(amps, 1) if amps >= ev.min_current_a else 0.0
         energy = evse.power_w * dt_s / 3600
+        offered_wh = limits.amps_to_watts(evse.offered_a, evse.phases_used) * dt_s / 3600
+        evse.offered_wh += offered_wh
+        evse.refused_wh += max(0.0, offered_wh - energy)
+        if evse.offered_a > 0 and evse.first_offer_at is None:
+            evse.first_offer_at = _now()
+        if evse.first_offer_at is not None:
+            full_a = min(evse.max_current_a, ev.max_current_a)
+            evse.held_wh += max(0.0, limits.amps_to_watts(full_a, evse.phases_used) * dt_s
+                                / 3600 - offered_wh)
         evse.meter_wh += energy
         ev.take(energy)
 
