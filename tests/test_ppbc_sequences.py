@@ -199,3 +199,42 @@ def test_an_interrupted_wash_resumes_its_own_sequence_not_an_alternative() -> No
     assert isinstance(resume, PPBCEndInterruptionInstruction)
     assert str(resume.power_sequence_id) == str(ECO.id)
     assert spin.execution_time - resume.execution_time == timedelta(minutes=90)
+
+
+def test_the_whole_chain_is_scheduled_once_its_start_is_due() -> None:
+    # the spin starts 90 minutes after the eco wash, beyond a one-hour dispatch: it is sent
+    # with the wash all the same (once the wash runs, the rest is no longer planned)
+    session = washer_session(definition(NOW, NOW + timedelta(hours=4)))
+    problem, mapping = build_problem({"washer": session.state}, CONFIG, prices([0.30] * N), [],
+                                     NOW)
+    plan = plan_site(problem, time_limit_s=1.0)
+    (profile,) = problem.profiles
+    start = plan.profile_start[profile.id] = 1  # flat prices: any start is as good
+    messages = instructions_for_plan(plan, problem, mapping, NOW, until_ptu=4)["washer"]
+    assert chosen(messages) == [str(ECO.id), str(SPIN.id)]
+    assert messages[1].execution_time == NOW + timedelta(minutes=15 * start + 90)
+    # a start beyond the dispatch sends nothing yet
+    plan.profile_start[profile.id] = 5
+    assert instructions_for_plan(plan, problem, mapping, NOW, until_ptu=4) == {}
+
+
+def test_a_running_wash_is_followed_by_the_sequence_scheduled_after_it() -> None:
+    from s2python.ppbc import PPBCPowerProfileStatus, PPBCPowerSequenceContainerStatus
+
+    long_spin = sequence(30, 600)
+    spinning = PPBCPowerSequenceContainer(id=uid(), power_sequences=[SPIN, long_spin])
+    profile = PPBCPowerProfileDefinition(
+        message_id=uid(), id=uid(), start_time=NOW, end_time=NOW + timedelta(hours=4),
+        power_sequences_containers=[WASH, spinning])
+    status = PPBCPowerProfileStatus(message_id=uid(), sequence_container_status=[
+        PPBCPowerSequenceContainerStatus(power_profile_id=str(profile.id),
+                                         sequence_container_id=str(WASH.id),
+                                         selected_sequence_id=str(QUICK.id), progress=None,
+                                         status="EXECUTING"),
+        PPBCPowerSequenceContainerStatus(power_profile_id=str(profile.id),
+                                         sequence_container_id=str(spinning.id),
+                                         selected_sequence_id=str(long_spin.id), progress=None,
+                                         status="SCHEDULED")])
+    asset, _binding = ppbc_assets("washer", profile, PtuGrid(NOW, 15, N), NOW, status=status)
+    # quick wash from now, then the 30 min spin that was scheduled (not the preferred 15 min)
+    assert asset is not None and asset.power_w[:5].tolist() == [2000, 2000, 600, 600, 0]

@@ -8,8 +8,8 @@ one shape of the ShiftableProfile with its own start window (a longer chain must
 to finish by `end_time`); a chain that cannot finish in time is never offered. The planner picks
 the shape and start (cheapest within the site limits); the RM's preferred sequences (listed
 first) make option 0. Up to MAX_CHAINS chains: all combinations, or else the preferred chain
-and each single swap. The chosen chain becomes one PPBC.ScheduleInstruction per container at
-its offset.
+and each single swap. Once its start is due, the chosen chain becomes one
+PPBC.ScheduleInstruction per container at its offset, all containers at once.
 
 Running profiles: once a container is EXECUTING the rest is no longer shiftable and becomes a
 FixedLoad from now; an interruptible sequence the guard interrupted (INTERRUPTED) is planned
@@ -100,20 +100,23 @@ class PpbcBinding:
 
     def instructions(self, plan: Plan, problem: Problem, now: datetime,
                      until_ptu: int) -> list:
-        """Schedule (or resume) each container whose planned start lies before `until_ptu`,
-        with the sequences of the chain the plan chose."""
+        """Schedule (or resume) every container of the chain the plan chose once its first
+        container starts before `until_ptu`.
+
+        The whole chain at once: once a container runs the rest is no longer planned (it is a
+        FixedLoad then), so a later container left for a later dispatch would never be sent.
+        """
         start_ptu = plan.profile_start.get(self.asset_id)
         choice = plan.profile_choice.get(self.asset_id, 0)
         steps = self.options[choice] if 0 <= choice < len(self.options) else self.steps
         if start_ptu is None or not steps:
             return []
         begin = max(now, problem.ptu_start(start_ptu))
-        horizon_end = problem.ptu_start(until_ptu)
+        if max(now, begin + steps[0].offset) >= problem.ptu_start(until_ptu):
+            return []  # not due yet: a later plan schedules it
         out: list = []
         for step in steps:
             when = max(now, begin + step.offset)
-            if when >= horizon_end:
-                break
             kind = PPBCEndInterruptionInstruction if step.resume else PPBCScheduleInstruction
             out.append(kind(message_id=new_id(), id=new_id(), power_profile_id=self.profile_id,
                             sequence_container_id=step.container_id,
@@ -193,8 +196,8 @@ def ppbc_assets(rm_id: str, definition: PPBCPowerProfileDefinition, grid: PtuGri
         if not choices:
             binding.notes.append(f"{rm_id}: container {container.id} has only abnormal sequences")
             continue
-        if running_skip is not None:
-            remaining.append(choices[0])
+        if running_skip is not None:  # after the running one: as scheduled, else preferred
+            remaining.append(selected if selected is not None else choices[0])
             continue
         containers.append((sid(container.id), choices, value == "INTERRUPTED"))
 
