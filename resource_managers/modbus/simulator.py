@@ -88,6 +88,7 @@ class ModbusSimulator:
         self._internal = False
         self._pending_publish = False
         self._port: int | None = None
+        self._last_step: float | None = None  # monotonic time the physics ran up to
         for name, point in regmap.points.items():
             if name in CONSTANTS:
                 self.values[name] = CONSTANTS[name]
@@ -160,18 +161,23 @@ class ModbusSimulator:
             log.info("%s simulator on port %s stopped", self.device_class, self.port)
 
     async def _physics_loop(self) -> None:
-        last = time.monotonic()
+        self._last_step = time.monotonic()
         while True:
             await asyncio.sleep(self.tick_s)
-            now = time.monotonic()
-            dt_wall = now - last
-            last = now
-            self.sim_time += dt_wall * self.speed
             try:
-                self.step(dt_wall * self.speed, dt_wall)
+                self.advance()
                 await self.publish()
             except Exception:  # a physics bug must not kill the server silently
                 log.exception("%s simulator step failed", self.device_class)
+
+    def advance(self) -> None:
+        """Run the physics up to now (with the setpoints in force until now)."""
+        now = time.monotonic()
+        last = self._last_step if self._last_step is not None else now
+        dt_wall = max(0.0, now - last)
+        self._last_step = now
+        self.sim_time += dt_wall * self.speed
+        self.step(dt_wall * self.speed, dt_wall)
 
     # -- register access --------------------------------------------------------------------
 
@@ -254,11 +260,25 @@ class ModbusSimulator:
                             point.name, value, point.unit, reason)
                 self.rejected.append((point.name, value, reason))
                 return ExcCodes.ILLEGAL_VALUE
+        # a device follows a new setpoint within a second or so: run the physics up to the
+        # write with the old one, then at once with the new one (not at the next tick, which
+        # is minutes of simulated time in `cem demo`)
+        running = self._last_step is not None
+        if running:
+            self._advance_quietly()
         for point, value in changes:
             self.values[point.name] = value
             self.writes.append((point.name, value))
             self.on_write(point.name, value)
+        if running:
+            self._advance_quietly()
         return None
+
+    def _advance_quietly(self) -> None:
+        try:
+            self.advance()
+        except Exception:
+            log.exception("%s simulator step failed", self.device_class)
 
     # -- device behaviour (override) ------------------------------------------------------------
 

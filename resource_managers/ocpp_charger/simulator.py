@@ -166,6 +166,7 @@ class SimulatedChargePoint:
         self._ws: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._physics_task: asyncio.Task[None] | None = None
+        self._last_tick: float | None = None  # loop time the physics ran up to
         self._tx_counter = 0
 
     # --- connection ------------------------------------------------------------------------
@@ -286,6 +287,7 @@ class SimulatedChargePoint:
             await self._transaction_event(evse, "Started", "Authorized", id_tag=id_tag)
         evse.id_tag = id_tag
         evse.meter_start_wh = evse.meter_wh
+        self._follow_limits()  # the charger applies its profiles to the new session at once
         logger.info("%s/%d: EV plugged in (card %s, %.0f kWh battery at %.0f %%)", self.cp_id,
                     evse_id, id_tag, ev.capacity_kwh, ev.soc)
         if self.version == "2.0.1":
@@ -327,7 +329,8 @@ class SimulatedChargePoint:
         """The EV leaves: stop the transaction and free the EVSE."""
         evse = self.evses[evse_id]
         if evse.transaction_id is not None:
-            evse.current_a = 0.0
+            self._follow_limits()  # charged until now
+            evse.current_a = evse.offered_a = 0.0
             if self.version == "1.6":
                 await self.link.call(call16.StopTransaction(
                     meter_stop=int(evse.meter_wh), timestamp=_iso(_now()),
@@ -409,42 +412,66 @@ class SimulatedChargePoint:
         return evse.max_current_a
 
     def step(self, evse: SimulatedEvse, dt_s: float) -> None:
-        """Advance one EVSE by dt simulated seconds."""
+        """Advance one EVSE by dt simulated seconds at the current drawn until now, then set
+        the current for what follows from the limits and the EV (dt 0: only that)."""
         ev = evse.ev
         if ev is None or evse.transaction_id is None:
             evse.current_a = evse.offered_a = 0.0
             return
-        offered = min(self.limit_a(evse), evse.max_current_a)
-        evse.offered_a = round(offered, 1) if offered >= ev.min_current_a else 0.0
-        amps = min(offered, ev.current_limit_a())
-        evse.current_a = round(amps, 1) if amps >= ev.min_current_a else 0.0
         energy = evse.power_w * dt_s / 3600
         offered_wh = limits.amps_to_watts(evse.offered_a, evse.phases_used) * dt_s / 3600
         evse.offered_wh += offered_wh
         evse.refused_wh += max(0.0, offered_wh - energy)
-        if evse.offered_a > 0 and evse.first_offer_at is None:
-            evse.first_offer_at = _now()
         if evse.first_offer_at is not None:
             full_a = min(evse.max_current_a, ev.max_current_a)
             evse.held_wh += max(0.0, limits.amps_to_watts(full_a, evse.phases_used) * dt_s
                                 / 3600 - offered_wh)
         evse.meter_wh += energy
         ev.take(energy)
+        offered = min(self.limit_a(evse), evse.max_current_a)
+        evse.offered_a = round(offered, 1) if offered >= ev.min_current_a else 0.0
+        amps = min(offered, ev.current_limit_a())
+        evse.current_a = round(amps, 1) if amps >= ev.min_current_a else 0.0
+        if evse.offered_a > 0 and evse.first_offer_at is None:
+            evse.first_offer_at = _now()
+
+    def advance(self) -> None:
+        """Run every EVSE's physics up to now."""
+        now = asyncio.get_running_loop().time()
+        last = self._last_tick if self._last_tick is not None else now
+        self._last_tick = now
+        for evse in self.evses.values():
+            self.step(evse, max(0.0, now - last) * self.speed)
+
+    def _follow_limits(self) -> None:
+        """A new or cleared profile: the EV follows within a second or so (IEC 61851 allows
+        5 s), so up to now at the old limit, from now on at the new one: not at the next
+        physics tick, which is minutes of simulated time in `cem demo`."""
+        if self._last_tick is None:
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop (a unit test)
+            self.advance()
 
     async def _physics(self) -> None:
-        loop = asyncio.get_running_loop()
-        last = loop.time()
-        while True:
-            await asyncio.sleep(TICK_S)
-            now = loop.time()
-            for evse in self.evses.values():
-                self.step(evse, (now - last) * self.speed)
-            last = now
+        self._last_tick = asyncio.get_running_loop().time()
+        try:
+            while True:
+                await asyncio.sleep(TICK_S)
+                self.advance()
+        finally:
+            self._last_tick = None
 
     # --- profiles from the CSMS ------------------------------------------------------------
 
     def store_profile(self, evse_id: int, profile: dict[str, Any], schedule: dict[str, Any],
                       profile_id: int, transaction_id: str | None) -> str:
+        self._follow_limits()
+        status = self._store_profile(evse_id, profile, schedule, profile_id, transaction_id)
+        self._follow_limits()
+        return status
+
+    def _store_profile(self, evse_id: int, profile: dict[str, Any], schedule: dict[str, Any],
+                       profile_id: int, transaction_id: str | None) -> str:
         period = schedule["charging_schedule_period"][0]
         stored = _Profile(purpose=profile["charging_profile_purpose"],
                           stack_level=int(profile["stack_level"]), limit=float(period["limit"]),
@@ -471,12 +498,14 @@ class SimulatedChargePoint:
         return "Accepted"
 
     def clear_profile(self, profile_id: int | None) -> str:
+        self._follow_limits()
         found = False
         for holder in [self.station_profiles, *(e.profiles for e in self.evses.values())]:
             for key in list(holder):
                 if profile_id is None or key == profile_id:
                     del holder[key]
                     found = True
+        self._follow_limits()
         return "Accepted" if found else "Unknown"
 
 
