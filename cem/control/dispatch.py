@@ -60,6 +60,15 @@ class SentInstruction:
     execution_time: datetime
     plan_id: int | None = None
     revoked: bool = False
+    # when the RM starts it: its execution time, but one whose time had passed when it was
+    # sent starts on receipt, after what was in force then (which may have started later
+    # than the dispatch's `now`, see Dispatcher.in_force)
+    starts_at: datetime | None = None
+    seq: int = 0  # send order: of two starting at once, the later one is in force
+
+    @property
+    def order(self) -> tuple[datetime, int]:
+        return (self.starts_at or self.execution_time, self.seq)
 
 
 @dataclass
@@ -89,6 +98,7 @@ class Dispatcher:
     def __init__(self, registry: Any) -> None:
         self.registry = registry
         self.sent: dict[str, list[SentInstruction]] = {}
+        self._seq = 0
 
     def forget(self, rm_id: str) -> None:
         """The RM is gone (its session and instructions with it)."""
@@ -115,15 +125,25 @@ class Dispatcher:
                 and self._status(rm_id, s) not in DONE_STATUSES]
 
     def in_force(self, rm_id: str, now: datetime) -> dict[str, SentInstruction]:
-        """Per channel, the last instruction whose time has come and that was not refused."""
+        """Per channel, the last instruction whose time has come and that was not refused.
+
+        One the RM reports STARTED or SUCCEEDED has come, whatever `now` says: a replan
+        dispatches with the time it began at, and an instruction of the previous plan may
+        have started while it solved (a PTU boundary passed). Taking that one for pending
+        would neither revoke it (it runs) nor count it in force: the new plan's instruction
+        for now would look unchanged and stay unsent while the RM carries out the old one.
+        """
         current: dict[str, SentInstruction] = {}
         for s in self.sent.get(rm_id, []):
-            if s.revoked or s.execution_time > now:
+            if s.revoked:
                 continue
-            if self._status(rm_id, s) in ("REJECTED", "ABORTED", "REVOKED"):
+            status = self._status(rm_id, s)
+            if s.execution_time > now and status not in ("STARTED", "SUCCEEDED"):
+                continue
+            if status in ("REJECTED", "ABORTED", "REVOKED"):
                 continue
             previous = current.get(channel(s.message))
-            if previous is None or previous.execution_time <= s.execution_time:
+            if previous is None or previous.order <= s.order:
                 current[channel(s.message)] = s
         return current
 
@@ -177,8 +197,14 @@ class Dispatcher:
             if _ok(result):
                 report.sent += 1
                 report.rms.add(rm_id)
+                starts_at = message.execution_time
+                current = in_force.get(channel(message))
+                if starts_at <= now and current is not None:
+                    starts_at = max(starts_at, current.order[0])
+                self._seq += 1
                 self.sent.setdefault(rm_id, []).append(
-                    SentInstruction(rm_id, message, message.execution_time, plan_id))
+                    SentInstruction(rm_id, message, message.execution_time, plan_id,
+                                    starts_at=starts_at, seq=self._seq))
             else:
                 report.failed.append(f"RM {rm_id} refused {message.message_type}: "
                                      f"{_describe(result)}")

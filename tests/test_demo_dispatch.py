@@ -1,0 +1,73 @@
+"""The dispatcher when a replan's solve outlasts a PTU boundary, as it does in `cem demo`.
+
+At 1440x a 0.1 s solve is 2.4 simulated minutes: the previous plan's instruction for the next
+PTU may start while the new plan is solved, and the new plan is dispatched with the time its
+replan began at. The new plan's instruction for "now" must still go out.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cem.control.dispatch import Dispatcher
+from cem.flex.frbc import frbc_instruction
+
+T0 = datetime(2019, 10, 8, 10, 0, tzinfo=UTC)
+ACTUATOR, CHARGING, IDLE = (str(uuid.uuid4()) for _ in range(3))
+
+
+@dataclass
+class _State:
+    status: dict[str, str] = field(default_factory=dict)
+
+    def instruction_status(self, instruction_id: str) -> str | None:
+        return self.status.get(instruction_id)
+
+
+@dataclass
+class _Entry:
+    state: _State
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self.entry = _Entry(_State())
+        self.sent: list[Any] = []
+
+    def get(self, rm_id: str) -> _Entry:
+        return self.entry
+
+    async def send_instruction(self, rm_id: str, message: Any, **_: Any) -> bool:
+        self.sent.append(message)
+        return True
+
+
+async def test_an_instruction_that_started_during_the_solve_counts_as_in_force() -> None:
+    registry = _Registry()
+    dispatcher = Dispatcher(registry)
+    idle_now = frbc_instruction(ACTUATOR, IDLE, 0.0, T0)
+    charge_next = frbc_instruction(ACTUATOR, CHARGING, 1.0, T0 + timedelta(minutes=15))
+    await dispatcher.dispatch({"ev": [idle_now, charge_next]}, T0)
+    assert len(registry.sent) == 2
+    # the PTU boundary passes and the EV charges at full power ...
+    registry.entry.state.status[str(idle_now.id)] = "SUCCEEDED"
+    registry.entry.state.status[str(charge_next.id)] = "STARTED"
+    # ... while the next plan, begun at 10:14, solves: it wants the EV idle from now on
+    began = T0 + timedelta(minutes=14)
+    assert str(charge_next.id) in {str(s.message.id) for s in
+                                   dispatcher.in_force("ev", began).values()}
+    registry.sent.clear()
+    report = await dispatcher.dispatch({"ev": [frbc_instruction(ACTUATOR, IDLE, 0.0, began)]},
+                                       began)
+    assert report.sent == 1 and report.kept == 0 and report.revoked == 0
+    assert [str(m.operation_mode) for m in registry.sent] == [IDLE]
+    # and the fast guard right after knows the EV is idle now (nothing to send again)
+    registry.entry.state.status[str(registry.sent[0].id)] = "SUCCEEDED"
+    registry.sent.clear()
+    later = T0 + timedelta(minutes=16)
+    report = await dispatcher.dispatch({"ev": [frbc_instruction(ACTUATOR, IDLE, 0.0, later)]},
+                                       later)
+    assert report.sent == 0 and report.kept == 1
