@@ -71,3 +71,59 @@ async def test_an_instruction_that_started_during_the_solve_counts_as_in_force()
     report = await dispatcher.dispatch({"ev": [frbc_instruction(ACTUATOR, IDLE, 0.0, later)]},
                                        later)
     assert report.sent == 0 and report.kept == 1
+
+
+class _EvState(_State):
+    def __init__(self, description: Any) -> None:
+        super().__init__()
+        self.description = description
+        self.frbc_storage_status = None
+
+    def frbc_system_description(self, now: datetime) -> Any:
+        return self.description
+
+
+class _TwoEvs(_Registry):
+    def __init__(self) -> None:
+        from resource_managers.ocpp_charger import frbc
+
+        super().__init__()
+        flex = frbc.EvseFlex(name="x", online=True, has_session=True, phases=3, phase="L1",
+                             min_current_a=6, max_current_a=16)
+        self.ids = {rm: frbc.FrbcIds.for_resource(uuid.uuid4()) for rm in ("a", "b")}
+        self.entries = {rm: _Entry(_EvState(frbc.system_description(flex, ids, T0)))
+                        for rm, ids in self.ids.items()}
+        self.order: list[str] = []
+
+    def get(self, rm_id: str) -> _Entry:
+        return self.entries[rm_id]
+
+    async def send_instruction(self, rm_id: str, message: Any, **_: Any) -> bool:
+        self.order.append(rm_id)
+        return True
+
+    def charge(self, rm: str, factor: float, at: datetime) -> Any:
+        return frbc_instruction(self.ids[rm].actuator, self.ids[rm].charging, factor, at)
+
+    def idle(self, rm: str, at: datetime) -> Any:
+        return frbc_instruction(self.ids[rm].actuator, self.ids[rm].idle, 0.0, at)
+
+
+async def test_power_moves_from_one_ev_to_another_down_first() -> None:
+    registry = _TwoEvs()
+    dispatcher = Dispatcher(registry)
+    await dispatcher.dispatch({"a": [registry.idle("a", T0)],
+                               "b": [registry.charge("b", 1.0, T0)]}, T0)
+    assert sorted(registry.order) == ["a", "b"]
+    registry.order.clear()
+    later = T0 + timedelta(minutes=5)
+    # the plan gives b's 11 kW to a: b is turned down before a is turned up
+    await dispatcher.dispatch({"a": [registry.charge("a", 1.0, later)],
+                               "b": [registry.idle("b", later)]}, later)
+    assert registry.order == ["b", "a"]
+    registry.order.clear()
+    # and back, partly: a down to its minimum first, then b up
+    latest = later + timedelta(minutes=5)
+    await dispatcher.dispatch({"a": [registry.charge("a", 0.0, latest)],
+                               "b": [registry.charge("b", 0.5, latest)]}, latest)
+    assert registry.order == ["a", "b"]

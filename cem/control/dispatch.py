@@ -153,9 +153,51 @@ class Dispatcher:
         """Bring every RM in `instructions` (and `replace_all_of`) to the new set."""
         report = DispatchReport()
         rms = set(instructions) | (replace_all_of or set())
-        await asyncio.gather(*(self._dispatch_rm(rm, instructions.get(rm, []), now, plan_id,
-                                                 report) for rm in sorted(rms)))
+        # RMs that go up wait until those that go down have theirs: sent together, an EV
+        # turned up could draw before another one is turned down, above the fuse for the
+        # moment in between (a plan moving power from one EV to another, a guard's cap)
+        rising = {rm for rm in rms if self._rises(rm, instructions.get(rm, []), now)}
+        for group in (sorted(rms - rising), sorted(rising)):
+            await asyncio.gather(*(self._dispatch_rm(rm, instructions.get(rm, []), now,
+                                                     plan_id, report) for rm in group))
         return report
+
+    def _rises(self, rm_id: str, messages: list[Any], now: datetime) -> bool:
+        """Whether the RM's instructions for now ask for more power than the one in force."""
+        due = [m for m in messages if m.execution_time <= now]
+        if not due:
+            return False
+        new = due[-1]
+        current = self.in_force(rm_id, now).get(channel(new))
+        new_w = self._power_w(rm_id, new, now)
+        old_w = self._power_w(rm_id, current.message, now) if current is not None else 0.0
+        return new_w is not None and old_w is not None and new_w > old_w + 1.0
+
+    def _power_w(self, rm_id: str, message: Any, now: datetime) -> float | None:
+        """The electric power an FRBC instruction asks for (None: not known here)."""
+        if getattr(message, "message_type", "") != "FRBC.Instruction":
+            return None
+        state = getattr(_live(self.registry, rm_id), "state", None)
+        describe = getattr(state, "frbc_system_description", None)
+        if describe is None:
+            return None
+        try:
+            from cem.flex.frbc import mode_range
+
+            description = describe(now)
+            status = getattr(state, "frbc_storage_status", None)
+            fill = float(getattr(status, "present_fill_level", 0.0) or 0.0)
+            for actuator in getattr(description, "actuators", None) or []:
+                if sid(actuator.id) != sid(message.actuator_id):
+                    continue
+                for mode in actuator.operation_modes:
+                    if sid(mode.id) == sid(message.operation_mode):
+                        r = mode_range(mode, fill)
+                        factor = float(message.operation_mode_factor)
+                        return r.power_start + factor * (r.power_end - r.power_start)
+        except Exception:  # an odd description: no ordering, not a failed dispatch
+            return None
+        return None
 
     async def _dispatch_rm(self, rm_id: str, messages: list[Any], now: datetime,
                            plan_id: int | None, report: DispatchReport) -> None:
