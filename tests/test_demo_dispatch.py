@@ -127,3 +127,29 @@ async def test_power_moves_from_one_ev_to_another_down_first() -> None:
     await dispatcher.dispatch({"a": [registry.charge("a", 0.0, latest)],
                                "b": [registry.charge("b", 0.5, latest)]}, latest)
     assert registry.order == ["a", "b"]
+
+
+async def test_at_a_ptu_boundary_what_goes_up_starts_after_what_goes_down() -> None:
+    from cem.control.dispatch import RISE_DELAY
+
+    registry = _TwoEvs()
+    dispatcher = Dispatcher(registry)
+    boundary = T0 + timedelta(minutes=15)
+    sent: list[Any] = []
+
+    async def record(rm_id: str, message: Any, **_: Any) -> bool:
+        sent.append((rm_id, message))
+        return True
+
+    registry.send_instruction = record  # type: ignore[method-assign]
+    await dispatcher.dispatch(
+        {"a": [registry.idle("a", T0), registry.charge("a", 1.0, boundary)],
+         "b": [registry.charge("b", 1.0, T0), registry.idle("b", boundary)]}, T0)
+    at = {(rm, str(m.operation_mode)): m.execution_time for rm, m in sent}
+    assert at[("b", registry.ids["b"].idle)] == boundary
+    assert at[("a", registry.ids["a"].charging)] == boundary + RISE_DELAY
+    # the same plan again changes nothing: kept, not revoked and sent anew
+    report = await dispatcher.dispatch(
+        {"a": [registry.idle("a", T0), registry.charge("a", 1.0, boundary)],
+         "b": [registry.charge("b", 1.0, T0), registry.idle("b", boundary)]}, T0)
+    assert report.sent == 0 and report.revoked == 0 and report.kept == 4

@@ -10,7 +10,12 @@ The dispatcher remembers every instruction it sent. For a new plan, per RM:
   RevokeObject before the new ones go out (only if it has not started: an instruction whose
   execution time passed, or that the RM reported STARTED/SUCCEEDED, is left alone).
 
-RMs are served in parallel, the messages of one RM in order. A message the RM does not accept
+Break before make: RMs whose instruction for now lowers their power get it before those it
+raises, and a future instruction that raises an RM's power starts RISE_DELAY after its time,
+so at a PTU boundary what goes down has gone down first (an FRBC instruction's power is read
+from the RM's system description; others keep their order and time).
+
+RMs are served in parallel (within those two groups), the messages of one RM in order. A message the RM does not accept
 (ReceptionStatus other than OK, or no answer) is reported back, not retried here.
 """
 
@@ -20,7 +25,7 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from s2python.common import RevokableObjects, RevokeObject
@@ -30,6 +35,9 @@ from cem.flex.ptu import sid
 logger = logging.getLogger("cem.control")
 
 DONE_STATUSES = {"STARTED", "SUCCEEDED", "REJECTED", "ABORTED", "REVOKED"}
+# a future instruction that raises an RM's power starts this much after its time (break
+# before make at PTU boundaries); 15 s of a 900 s PTU, 10 ms of wall time in `cem demo`
+RISE_DELAY = timedelta(seconds=15)
 
 
 def channel(message: Any) -> str:
@@ -153,6 +161,7 @@ class Dispatcher:
         """Bring every RM in `instructions` (and `replace_all_of`) to the new set."""
         report = DispatchReport()
         rms = set(instructions) | (replace_all_of or set())
+        instructions = {rm: self._rises_later(rm, msgs, now) for rm, msgs in instructions.items()}
         # RMs that go up wait until those that go down have theirs: sent together, an EV
         # turned up could draw before another one is turned down, above the fuse for the
         # moment in between (a plan moving power from one EV to another, a guard's cap)
@@ -161,6 +170,28 @@ class Dispatcher:
             await asyncio.gather(*(self._dispatch_rm(rm, instructions.get(rm, []), now,
                                                      plan_id, report) for rm in group))
         return report
+
+    def _rises_later(self, rm_id: str, messages: list[Any], now: datetime) -> list[Any]:
+        """Future instructions that raise the RM's power start RISE_DELAY after their time.
+
+        At a PTU boundary every RM carries out its next instruction at the same moment, in no
+        particular order: break before make, so what goes down has gone down first."""
+        out: list[Any] = []
+        previous: float | None = None
+        current = None
+        for message in sorted(messages, key=lambda m: m.execution_time):
+            power = self._power_w(rm_id, message, now)
+            if message.execution_time > now and power is not None:
+                if previous is None and current is None:
+                    current = self.in_force(rm_id, now).get(channel(message))
+                    previous = self._power_w(rm_id, current.message, now) \
+                        if current is not None else 0.0
+                if previous is not None and power > previous + 1.0:
+                    message = message.model_copy(
+                        update={"execution_time": message.execution_time + RISE_DELAY})
+            previous = power
+            out.append(message)
+        return out
 
     def _rises(self, rm_id: str, messages: list[Any], now: datetime) -> bool:
         """Whether the RM's instructions for now ask for more power than the one in force."""
