@@ -47,6 +47,7 @@ ACN_FIRST, ACN_LAST = date(2019, 10, 1), date(2019, 10, 21)
 BASE_LOAD_W = 3000.0
 SOURCE_DEMO = Path(__file__).resolve().parent.parent / "specs" / "sites" / "demo.toml"
 SAMPLE_WALL_S = 0.05
+METER_WALL_S = 0.05  # grid meter: simulator tick and RM poll (wall seconds)
 
 
 
@@ -126,6 +127,10 @@ class VisitOutcome:
     room_kwh: float = 0.0  # what the battery could take
     feasible_kwh: float = 0.0  # what the EVSE could deliver at full power in the stay
     delivered_kwh: float = 0.0
+    offered_kwh: float = 0.0  # what the charger allowed in the stay (its current limits)
+    refused_kwh: float = 0.0  # of that, what the EV did not take (taper, battery full)
+    held_kwh: float = 0.0  # after the first offer: what full current would have added
+    waited_s: float | None = None  # simulated seconds from plug-in to the first offer
     left: bool = False
 
     @property
@@ -144,6 +149,61 @@ class VisitOutcome:
         when it leaves: the CEM assumes the site's default dwell time)."""
         return self.cem_departure is not None and \
             self.visit.departure < self.cem_departure - timedelta(minutes=1)
+
+    @property
+    def ev_limited(self) -> bool:
+        """Missed, but the charger offered enough: had the EV taken all it was offered, the
+        target would have been met. The EV itself held back (its charger tapers near a full
+        battery, or the battery was full), not the CEM."""
+        return not self.met and self.delivered_kwh + self.refused_kwh >= self._met_at
+
+    @property
+    def stay_limited(self) -> bool:
+        """Missed a need that full power for the whole stay could not give, although the
+        charger offered full current from its first instruction to the departure: what was
+        lost is only the wait for that first instruction (`waited_s`)."""
+        need = self.need_kwh if self.need_kwh is not None else self.visit.energy_kwh
+        return (not self.met and min(need, self.room_kwh) > self.feasible_kwh
+                and self.held_kwh <= 0.02 * self.feasible_kwh + 0.05)
+
+    @property
+    def _met_at(self) -> float:
+        return self.target_kwh * 0.98 - 0.05
+
+    @property
+    def outcome(self) -> str:
+        """Why the visit ended as it did: met; left-early (before the departure the CEM
+        knew); ev-limited (the EV took less than offered); stay-limited (the need was more
+        than full power for the stay gives, and full power was offered); missed (the CEM)."""
+        if self.met:
+            return "met"
+        if self.left_early:
+            return "left-early"
+        if self.ev_limited:
+            return "ev-limited"
+        if self.stay_limited:
+            return "stay-limited"
+        return "missed"
+
+    def reason(self, speed: float) -> str:
+        """The outcome in plain words, with the figures it rests on."""
+        wait = ""
+        if self.waited_s is not None:
+            wait = (f"first charging instruction {self.waited_s / 60:.0f} min after plug-in "
+                    f"({self.waited_s / speed:.2f} s of wall time)")
+        kind = self.outcome
+        if kind == "met":
+            return ""
+        if kind == "left-early":
+            return "left before the departure the CEM planned for (OCPP 1.6 EVs do not say)"
+        if kind == "ev-limited":
+            return (f"the EV took {self.delivered_kwh:.2f} of the {self.offered_kwh:.2f} kWh "
+                    "offered (it tapers above 80 % SoC)")
+        if kind == "stay-limited":
+            return (f"full power for the whole stay gives {self.feasible_kwh:.2f} kWh, less "
+                    f"than the need; full current was offered from the {wait}")
+        return (f"offered {self.offered_kwh:.2f} kWh, {self.held_kwh:.2f} kWh below full "
+                f"current after the {wait or 'first instruction'}")
 
 
 def demo_visits(settings: DemoSettings) -> list[Visit]:
@@ -195,6 +255,7 @@ class Recorder:
     export_wh: np.ndarray = field(init=False)
     covered_s: np.ndarray = field(init=False)  # simulated seconds of each PTU sampled
     max_phase_a: np.ndarray = field(init=False)
+    over_fuse_s: float = 0.0  # simulated seconds with a phase above the fuse
     worst: Sample | None = None  # the sample with the highest phase current
     _last: datetime | None = None
 
@@ -212,26 +273,35 @@ class Recorder:
         previous, self._last = self._last, sample.at
         self.samples.append(sample)
         t = self.ptu_of(sample.at)
-        if not 0 <= t < self.settings.n_ptus:
-            return
         amps = max(abs(p) for p in sample.phase_w) / self.voltage_v
-        if self.worst is None or amps > max(abs(p) for p in self.worst.phase_w) / self.voltage_v:
-            self.worst = sample
-        self.max_phase_a[t] = max(self.max_phase_a[t], amps)
-        if previous is None:
+        if 0 <= t < self.settings.n_ptus:
+            if self.worst is None or \
+                    amps > max(abs(p) for p in self.worst.phase_w) / self.voltage_v:
+                self.worst = sample
+            self.max_phase_a[t] = max(self.max_phase_a[t], amps)
+        if previous is None or sample.at <= previous:
             return
-        dt = (sample.at - previous).total_seconds()
-        if dt <= 0:
-            return
+        if amps > self.fuse_a + 1e-6:
+            self.over_fuse_s += (sample.at - previous).total_seconds()
         grid = sum(sample.phase_w)
-        self.covered_s[t] += dt
-        if grid >= 0:
-            self.import_wh[t] += grid * dt / 3600
-        else:
-            self.export_wh[t] += -grid * dt / 3600
-        for name, watts in {"grid": grid, **sample.devices_w}.items():
-            series = self.energy_wh.setdefault(name, np.zeros(self.settings.n_ptus))
-            series[t] += watts * dt / 3600
+        # the sample stands for the interval since the previous one; an interval across a
+        # PTU boundary counts in both PTUs, each its part (the settled 15-minute averages)
+        begin = previous
+        while begin < sample.at:
+            p = self.ptu_of(begin)
+            end = min(sample.at, self.settings.start + timedelta(seconds=900 * (p + 1)))
+            dt = (end - begin).total_seconds()
+            begin = end
+            if not 0 <= p < self.settings.n_ptus:
+                continue
+            self.covered_s[p] += dt
+            if grid >= 0:
+                self.import_wh[p] += grid * dt / 3600
+            else:
+                self.export_wh[p] += -grid * dt / 3600
+            for name, watts in {"grid": grid, **sample.devices_w}.items():
+                series = self.energy_wh.setdefault(name, np.zeros(self.settings.n_ptus))
+                series[p] += watts * dt / 3600
 
     # --- figures --------------------------------------------------------------------------
 
@@ -268,6 +338,7 @@ class Recorder:
             "min_headroom_kw": float(min(headroom)) if headroom else 0.0,
             "ptus_over_limit": float(len(over)),
             "max_phase_a": float(np.max(self.max_phase_a)) if self.samples else 0.0,
+            "over_fuse_minutes": self.over_fuse_s / 60,
             "fuse_a": self.fuse_a,
             "ptus": float(n_full),
         }
@@ -383,6 +454,13 @@ class DemoSite:
         except OSError as exc:
             raise DemoError(f"cannot start the simulated Modbus devices: "
                             f"{exc.strerror or exc}") from None
+        for device in self.modbus.devices:
+            if device.plan.device == "meter":
+                # the guard acts on every grid meter reading: at 1440x a 0.25 s poll is six
+                # simulated minutes between readings, so the meter sums the site and is read
+                # every METER_WALL_S (72 simulated seconds), as a real meter's 1-5 s would be
+                device.simulator.tick_s = METER_WALL_S
+                device.rm.poll_interval_s = METER_WALL_S
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._fleet(), name="demo-fleet"),
                        loop.create_task(self._sample(), name="demo-sampler")]
@@ -479,6 +557,11 @@ class DemoSite:
 
     def _note_progress(self, station: Any, evse: Any, outcome: VisitOutcome) -> None:
         outcome.delivered_kwh = max(0.0, evse.meter_wh - evse.meter_start_wh) / 1000
+        outcome.offered_kwh = evse.offered_wh / 1000
+        outcome.refused_kwh = evse.refused_wh / 1000
+        outcome.held_kwh = evse.held_wh / 1000
+        if evse.plugged_at is not None and evse.first_offer_at is not None:
+            outcome.waited_s = (evse.first_offer_at - evse.plugged_at).total_seconds()
         session = self.session_of(station, evse)
         if session is not None:
             outcome.need_kwh = session.energy_need_wh / 1000

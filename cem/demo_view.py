@@ -318,6 +318,7 @@ def summarise(demo: DemoSite) -> dict[str, Any]:
         "max_phase_a": round(totals["max_phase_a"], 1),
         "fuse_a": totals["fuse_a"],
         "fuse_never_exceeded": totals["max_phase_a"] <= totals["fuse_a"] + 1e-6,
+        "minutes_over_fuse": round(totals["over_fuse_minutes"], 1),
         "highest_phase_current_at": _worst(demo),
         "limits_never_exceeded": totals["ptus_over_limit"] == 0,
         "ev_visits": len(demo.outcomes),
@@ -327,6 +328,12 @@ def summarise(demo: DemoSite) -> dict[str, Any]:
         "ev_targets_met": sum(o.met for o in left),
         "ev_left_before_known_departure": sum(o.left_early for o in left),
         "ev_targets_met_when_departure_known": sum(o.met for o in left if not o.left_early),
+        # why the others did not get their target (see VisitOutcome.outcome)
+        "ev_ev_limited": sum(o.outcome == "ev-limited" for o in left),
+        "ev_stay_limited": sum(o.outcome == "stay-limited" for o in left),
+        "ev_missed": sum(o.outcome == "missed" for o in left),
+        "ev_missed_by_cem": [f"{o.visit.id_tag}: {o.reason(demo.settings.speed)}"
+                             for o in left if o.outcome == "missed"],
         "ev_energy_kwh": round(sum(o.delivered_kwh for o in visits), 2),
         "charging_profiles": len(profiles),
         "charging_profiles_over_max": len(over_max),
@@ -377,12 +384,17 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
         ("import limit kept in every PTU", f"{ok_limit} ({summary['ptus_over_limit']} of "
                                            f"{summary['ptus']} PTUs over)"),
         ("fuse never exceeded", f"{ok} (max {summary['max_phase_a']:.1f} A of "
-                                f"{summary['fuse_a']:g} A)"),
+                                f"{summary['fuse_a']:g} A, {summary['minutes_over_fuse']:g} "
+                                "min over)"),
         ("EVs charged / drove on", f"{summary['ev_charged']} / {summary['ev_drove_on']}"),
         ("EVs left with their target", f"{summary['ev_targets_met']} of {summary['ev_left']}"),
         ("... of those staying as long as the CEM knew",
          f"{summary['ev_targets_met_when_departure_known']} of "
          f"{summary['ev_left'] - summary['ev_left_before_known_departure']}"),
+        ("... the others: why", f"{summary['ev_left_before_known_departure']} left before the "
+                                f"CEM's departure, {summary['ev_ev_limited']} EV-limited, "
+                                f"{summary['ev_stay_limited']} stay too short, "
+                                f"{summary['ev_missed']} missed by the CEM"),
         ("EV energy delivered", f"{summary['ev_energy_kwh']:.1f} kWh"),
         ("charging profiles sent", f"{summary['charging_profiles']} (max "
                                    f"{summary['max_profile_limit_a']:g} A, "
@@ -391,6 +403,8 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
     for what, value in rows:
         table.add_row(what, value)
     console.print(table)
+    for line in summary["ev_missed_by_cem"]:
+        console.print(f"missed by the CEM: {line}", highlight=False, soft_wrap=True)
 
 
 def write_report(demo: DemoSite, summary: dict[str, Any]) -> list[Path]:
@@ -413,7 +427,9 @@ def write_report(demo: DemoSite, summary: dict[str, Any]) -> list[Path]:
         writer = csv.writer(handle)
         writer.writerow(["ev", "evse", "ocpp", "arrival", "departure", "requested_kwh",
                          "cem_need_kwh", "cem_departure", "battery_room_kwh", "target_kwh",
-                         "delivered_kwh", "met", "left", "left_before_cem_departure"])
+                         "delivered_kwh", "met", "left", "left_before_cem_departure",
+                         "offered_kwh", "ev_refused_kwh", "below_full_kwh", "waited_min",
+                         "outcome", "reason"])
         for o in demo.outcomes:
             writer.writerow([
                 o.visit.id_tag, o.where or "drove on", o.version,
@@ -423,7 +439,11 @@ def write_report(demo: DemoSite, summary: dict[str, Any]) -> list[Path]:
                 "" if o.cem_departure is None else
                 _local(o.cem_departure, demo.settings).isoformat(timespec="minutes"),
                 round(o.room_kwh, 2), round(o.target_kwh, 2) if o.where else "",
-                round(o.delivered_kwh, 2), o.met if o.where else "", o.left, o.left_early])
+                round(o.delivered_kwh, 2), o.met if o.where else "", o.left, o.left_early,
+                round(o.offered_kwh, 2), round(o.refused_kwh, 2), round(o.held_kwh, 2),
+                "" if o.waited_s is None else round(o.waited_s / 60, 1),
+                o.outcome if o.where and o.left else "",
+                o.reason(demo.settings.speed) if o.where and o.left else ""])
     written.append(visits)
     lines = [f"# cem demo: {summary['site']}", "",
              f"Simulated {summary['simulated_h']:.1f} h of {summary['day']} at "
@@ -433,6 +453,8 @@ def write_report(demo: DemoSite, summary: dict[str, Any]) -> list[Path]:
     for key, value in summary.items():
         if key in ("site", "day"):
             continue
+        if isinstance(value, list):
+            value = "; ".join(str(v) for v in value) or "none"
         lines.append(f"| {key.replace('_', ' ')} | {value} |")
     lines += ["", "Plots: " + ", ".join(f"![{p.stem}]({p.name})" for p in written
                                         if p.suffix == ".png"), ""]

@@ -1,0 +1,122 @@
+"""How the demo's summary judges a run: limits on settled 15-minute averages and on the fuse per
+phase, and why an EV that did not get its target did not (the EV, the stay, or the CEM)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cem.demo import DemoSettings, Recorder, Sample, Visit, VisitOutcome
+from resource_managers.ocpp_charger.simulator import SimulatedChargePoint, SimulatedEv
+
+START = datetime(2019, 10, 8, 4, 0, tzinfo=UTC)
+
+
+def _recorder(n_ptus: int = 4, limit_w: float = 30000) -> Recorder:
+    settings = DemoSettings(start=START, speed=1440, sim_seconds=n_ptus * 900,
+                            wall_seconds=n_ptus * 900 / 1440, report=Path("."),
+                            timezone="Europe/Amsterdam")
+    return Recorder(settings, np.full(n_ptus, 0.2), np.full(n_ptus, 0.05),
+                    np.full(n_ptus, limit_w), fuse_a=50, voltage_v=230)
+
+
+def _feed(rec: Recorder, phase_w: tuple[float, float, float], seconds: float,
+          step: float = 60) -> None:
+    at = rec._last or START
+    for _ in range(int(seconds // step)):
+        at += timedelta(seconds=step)
+        rec.add(Sample(at, phase_w, {}, {}, None, None))
+
+
+def test_a_ptu_counts_over_the_limit_on_its_15_minute_average() -> None:
+    rec = _recorder()
+    rec.add(Sample(START, (0, 0, 0), {}, {}, None, None))
+    # PTU 0: 5 minutes at 36 kW, 10 at 24 kW: 28 kW on average, within the 30 kW GTV
+    _feed(rec, (12000, 12000, 12000), 300)
+    _feed(rec, (8000, 8000, 8000), 600)
+    # PTU 1: 31 kW all along: over
+    _feed(rec, (10334, 10333, 10333), 900)
+    totals = rec.totals()
+    assert totals["ptus"] == 2
+    assert totals["ptus_over_limit"] == 1
+    assert totals["peak_kw"] == pytest.approx(31, abs=0.01)
+
+
+def test_the_fuse_counts_every_simulated_minute_a_phase_is_above_it() -> None:
+    rec = _recorder()
+    rec.add(Sample(START, (0, 0, 0), {}, {}, None, None))
+    _feed(rec, (49 * 230, 10000, 10000), 600)
+    assert rec.totals()["over_fuse_minutes"] == 0
+    assert rec.totals()["max_phase_a"] == pytest.approx(49)
+    _feed(rec, (10000, 50.5 * 230, 10000), 120)  # two simulated minutes at 50.5 A on L2
+    totals = rec.totals()
+    assert totals["over_fuse_minutes"] == pytest.approx(2)
+    assert totals["max_phase_a"] == pytest.approx(50.5)
+
+
+def _outcome(need: float, delivered: float, *, offered: float | None = None,
+             refused: float = 0.0, held: float = 0.0, feasible: float = 50.0,
+             room: float = 40.0, stay_h: float = 4.0, cem_stay_h: float | None = None,
+             ) -> VisitOutcome:
+    arrival = START + timedelta(hours=2)
+    visit = Visit("ACN-001", arrival, arrival + timedelta(hours=stay_h), need, "s")
+    cem_departure = arrival + timedelta(hours=cem_stay_h if cem_stay_h is not None else stay_h)
+    return VisitOutcome(visit, where="CP/1", version="2.0.1", need_kwh=need,
+                        cem_departure=cem_departure, room_kwh=room, feasible_kwh=feasible,
+                        delivered_kwh=delivered,
+                        offered_kwh=delivered + refused if offered is None else offered,
+                        refused_kwh=refused, held_kwh=held, waited_s=600, left=True)
+
+
+def test_outcome_met() -> None:
+    assert _outcome(10, 10.0).outcome == "met"
+    assert _outcome(10, 9.8).outcome == "met"  # 2 % for meter rounding
+    assert _outcome(10, 9.0).outcome == "missed"
+
+
+def test_a_miss_is_the_evs_only_when_the_charger_offered_enough() -> None:
+    tapered = _outcome(10, 9.0, refused=1.2)
+    assert tapered.outcome == "ev-limited"
+    assert "tapers" in tapered.reason(1440)
+    held_back = _outcome(10, 9.0, refused=0.3, held=2.0)
+    assert held_back.outcome == "missed"
+    assert "below full current" in held_back.reason(1440)
+
+
+def test_a_stay_too_short_counts_only_with_full_current_from_the_first_offer() -> None:
+    short = _outcome(20, 4.9, feasible=5.2)
+    assert short.target_kwh == 5.2
+    assert short.outcome == "stay-limited"
+    assert "10 min after plug-in" in short.reason(1440)
+    assert _outcome(20, 4.0, feasible=5.2, held=1.0).outcome == "missed"
+    assert _outcome(4, 3.0, feasible=5.2).outcome == "missed"  # the need was reachable
+
+
+def test_leaving_before_the_departure_the_cem_knew_is_said_as_such() -> None:
+    early = _outcome(20, 2.0, stay_h=2, cem_stay_h=8)
+    assert early.left_early and early.outcome == "left-early"
+
+
+async def test_the_simulated_charger_tells_offered_from_taken() -> None:
+    station = SimulatedChargePoint("CP", "ws://unused", evses=1, max_current_a=16, phases=3)
+    evse = station.evses[1]
+    ev = SimulatedEv(capacity_kwh=40, soc=90, max_current_a=16, phases=3)
+    evse.ev, evse.phases_used, evse.transaction_id = ev, 3, "1"
+    evse.plugged_at = START
+    station.step(evse, 0)  # no profile: the EVSE's 16 A; the EV tapers to 8 A at 90 %
+    station.step(evse, 60)
+    assert evse.offered_a == 16 and evse.current_a == pytest.approx(8, abs=0.3)
+    assert evse.offered_wh == pytest.approx(16 * 690 / 60)
+    assert evse.refused_wh == pytest.approx(8 * 690 / 60, rel=0.02)
+    assert evse.held_wh == 0
+    station.store_profile(1, {"charging_profile_purpose": "TxProfile", "stack_level": 1},
+                          {"charging_rate_unit": "A",
+                           "charging_schedule_period": [{"limit": 0}]}, 7, "1")
+    ev.soc = 50
+    station.step(evse, 0)  # paused by the CEM: held back, not refused
+    station.step(evse, 60)
+    assert evse.offered_a == 0 and evse.current_a == 0
+    assert evse.held_wh == pytest.approx(16 * 690 / 60)
