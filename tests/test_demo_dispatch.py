@@ -153,3 +153,25 @@ async def test_at_a_ptu_boundary_what_goes_up_starts_after_what_goes_down() -> N
         {"a": [registry.idle("a", T0), registry.charge("a", 1.0, boundary)],
          "b": [registry.charge("b", 1.0, T0), registry.idle("b", boundary)]}, T0)
     assert report.sent == 0 and report.revoked == 0 and report.kept == 4
+
+
+async def test_with_a_clock_what_a_late_dispatch_would_replace_at_once_is_not_sent() -> None:
+    registry = _TwoEvs()
+    sent: list[Any] = []
+
+    async def record(rm_id: str, message: Any, **_: Any) -> bool:
+        sent.append(message)
+        return True
+
+    registry.send_instruction = record  # type: ignore[method-assign]
+    boundary = T0 + timedelta(minutes=15)
+    actual = boundary + timedelta(minutes=2)  # the solve took minutes of simulated time
+    plan = [registry.charge("a", 1.0, T0 + timedelta(minutes=10)), registry.idle("a", boundary),
+            registry.charge("a", 0.5, boundary + timedelta(minutes=15))]
+    await Dispatcher(registry, clock=lambda: actual).dispatch({"a": plan}, T0)
+    assert [str(m.operation_mode) for m in sent] == [registry.ids["a"].idle,
+                                                     registry.ids["a"].charging]
+    assert sent[1].execution_time >= boundary + timedelta(minutes=15)
+    sent.clear()
+    await Dispatcher(registry).dispatch({"a": plan}, T0)  # no clock: as told
+    assert len(sent) == 3

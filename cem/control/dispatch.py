@@ -15,8 +15,9 @@ raises, and a future instruction that raises an RM's power starts RISE_DELAY aft
 so at a PTU boundary what goes down has gone down first (an FRBC instruction's power is read
 from the RM's system description; others keep their order and time).
 
-RMs are served in parallel (within those two groups), the messages of one RM in order. A message the RM does not accept
-(ReceptionStatus other than OK, or no answer) is reported back, not retried here.
+RMs are served in parallel (within those two groups), the messages of one RM in order. A
+message the RM does not accept (ReceptionStatus other than OK, or no answer) is reported
+back, not retried here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -103,8 +105,11 @@ class DispatchReport:
 class Dispatcher:
     """Keeps the instructions sent to each RM and turns a new set into sends and revokes."""
 
-    def __init__(self, registry: Any) -> None:
+    def __init__(self, registry: Any, clock: Callable[[], datetime] | None = None) -> None:
         self.registry = registry
+        # the time at sending, when the caller's `now` may be old (a replan passes the time
+        # it began at, before its solve): None trusts `now`
+        self.clock = clock
         self.sent: dict[str, list[SentInstruction]] = {}
         self._seq = 0
 
@@ -158,9 +163,18 @@ class Dispatcher:
     async def dispatch(self, instructions: dict[str, list[Any]], now: datetime, *,
                        plan_id: int | None = None, replace_all_of: set[str] | None = None,
                        ) -> DispatchReport:
-        """Bring every RM in `instructions` (and `replace_all_of`) to the new set."""
+        """Bring every RM in `instructions` (and `replace_all_of`) to the new set.
+
+        With a clock, what is due is judged at the time of sending: of the instructions of
+        one channel whose time has come by then only the last is sent (the earlier ones
+        would run for a moment and be replaced at once: a plan that outlasted a PTU boundary
+        would switch an EV on for its first PTU and off for the second in the same breath).
+        """
         report = DispatchReport()
         rms = set(instructions) | (replace_all_of or set())
+        if self.clock is not None:
+            now = max(now, self.clock())
+            instructions = {rm: _last_due(msgs, now) for rm, msgs in instructions.items()}
         instructions = {rm: self._rises_later(rm, msgs, now) for rm, msgs in instructions.items()}
         # RMs that go up wait until those that go down have theirs: sent together, an EV
         # turned up could draw before another one is turned down, above the fuse for the
@@ -288,6 +302,18 @@ class Dispatcher:
         keep_ids = {id(s) for s in self.pending(rm_id, now)}
         keep_ids |= {id(s) for s in self.in_force(rm_id, now).values()}
         self.sent[rm_id] = [s for s in self.sent.get(rm_id, []) if id(s) in keep_ids]
+
+
+def _last_due(messages: list[Any], now: datetime) -> list[Any]:
+    """The messages without those a later one of the same channel replaces by `now`."""
+    last: dict[str, Any] = {}
+    for message in messages:
+        if message.execution_time <= now:
+            held = last.get(channel(message))
+            if held is None or held.execution_time <= message.execution_time:
+                last[channel(message)] = message
+    return [m for m in messages
+            if m.execution_time > now or last.get(channel(m)) is m]
 
 
 def _live(registry: Any, rm_id: str) -> Any:
