@@ -285,6 +285,7 @@ def _side_by_side(*tables: Table) -> Table:
 
 def summarise(demo: DemoSite) -> dict[str, Any]:
     """Energy, cost, peak, EV targets and limits, measured on the simulated site."""
+    demo.judge_visits()
     totals = demo.recorder.totals()
     controller = demo.controller
     visits = [o for o in demo.outcomes if o.where]
@@ -428,7 +429,8 @@ def write_report(demo: DemoSite, summary: dict[str, Any]) -> list[Path]:
         writer.writerow(["ev", "evse", "ocpp", "arrival", "departure", "requested_kwh",
                          "cem_need_kwh", "cem_departure", "battery_room_kwh", "target_kwh",
                          "delivered_kwh", "met", "left", "left_before_cem_departure",
-                         "offered_kwh", "ev_refused_kwh", "below_full_kwh", "waited_min",
+                         "offered_kwh", "ev_refused_kwh", "below_full_kwh",
+                         "below_full_at_limits_kwh", "waited_min",
                          "outcome", "reason"])
         for o in demo.outcomes:
             writer.writerow([
@@ -441,6 +443,7 @@ def write_report(demo: DemoSite, summary: dict[str, Any]) -> list[Path]:
                 round(o.room_kwh, 2), round(o.target_kwh, 2) if o.where else "",
                 round(o.delivered_kwh, 2), o.met if o.where else "", o.left, o.left_early,
                 round(o.offered_kwh, 2), round(o.refused_kwh, 2), round(o.held_kwh, 2),
+                round(o.held_at_limit_kwh, 2),
                 "" if o.waited_s is None else round(o.waited_s / 60, 1),
                 o.outcome if o.where and o.left else "",
                 o.reason(demo.settings.speed) if o.where and o.left else ""])

@@ -92,6 +92,10 @@ def test_a_stay_too_short_counts_only_with_full_current_from_the_first_offer() -
     assert short.outcome == "stay-limited"
     assert "10 min after plug-in" in short.reason(1440)
     assert _outcome(20, 4.0, feasible=5.2, held=1.0).outcome == "missed"
+    congested = _outcome(20, 4.3, feasible=5.2, held=0.7)
+    congested.held_at_limit_kwh = 0.6  # held back only while the site ran at its limits
+    assert congested.outcome == "stay-limited"
+    assert "0.60 kWh while the site ran at its limits" in congested.reason(1440)
     assert _outcome(4, 3.0, feasible=5.2).outcome == "missed"  # the need was reachable
 
 
@@ -120,3 +124,12 @@ async def test_the_simulated_charger_tells_offered_from_taken() -> None:
     station.step(evse, 60)
     assert evse.offered_a == 0 and evse.current_a == 0
     assert evse.held_wh == pytest.approx(16 * 690 / 60)
+
+
+def test_a_ptu_is_at_the_limit_from_85_percent_of_the_import_limit_or_the_fuse() -> None:
+    rec = _recorder(limit_w=30000)
+    rec.add(Sample(START, (0, 0, 0), {}, {}, None, None))
+    _feed(rec, (8600, 8600, 8600), 900)  # 25.8 kW: 86 % of the GTV
+    _feed(rec, (7000, 7000, 7000), 900)  # 21 kW, 30.4 A
+    _feed(rec, (10000, 1000, 1000), 900)  # 12 kW, but L1 at 43.5 A: 87 % of the fuse
+    assert [rec.at_limit(t) for t in range(3)] == [True, False, True]
