@@ -24,8 +24,9 @@ def _demo(report: Path, *options: str) -> subprocess.Popen[str]:
 
 def test_demo_runs_the_whole_site_within_its_limits(tmp_path: Path) -> None:
     report = tmp_path / "report"
-    proc = _demo(report, "--duration", "16", "--speed", "2000")
-    out, err = proc.communicate(timeout=90)
+    # the default speed (1440x), 06:00 to 18:00: the morning EVs have left by then
+    proc = _demo(report, "--duration", "30")
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err + out
     assert "Traceback" not in err + out
     assert "site" in out and "plan:" in out  # plain progress lines (stdout is not a terminal)
@@ -36,7 +37,7 @@ def test_demo_runs_the_whole_site_within_its_limits(tmp_path: Path) -> None:
     # every RM connected: 8 EVSEs (OCPP 1.6 and 2.0.1) + battery, heat pump, PV, meter
     assert summary["rms_connected"] == summary["rms_expected"] == 12
     assert summary["replans"] >= 1 and summary["ev_charged"] >= 4
-    assert summary["simulated_h"] > 7
+    assert summary["simulated_h"] > 11
 
     with sqlite3.connect(report / "cem-demo.db") as db:
         plans = db.execute("SELECT COUNT(*) FROM plans").fetchone()[0]
@@ -54,13 +55,35 @@ def test_demo_runs_the_whole_site_within_its_limits(tmp_path: Path) -> None:
         if profile["unit"] == "A":
             assert limit <= float(profile["max_current_a"]) + 0.01
             assert limit <= summary["fuse_a"]
-    # measured on the simulated meter and reported as such (the planner counts forecast PV as
-    # fuse headroom, so a cloudier hour than forecast can lift a phase over the fuse until the
-    # guard caps the EVs: the summary must say so, not hide it)
+    # measured on the simulated meter: no settled 15-minute average above the GTV or the
+    # congestion limit, no phase above the fuse for a single sample
     assert summary["fuse_never_exceeded"] == (summary["max_phase_a"] <= summary["fuse_a"])
     assert summary["limits_never_exceeded"] == (summary["ptus_over_limit"] == 0)
-    if not summary["fuse_never_exceeded"]:
-        assert summary["guard_actions"] >= 1
+    assert summary["ptus_over_limit"] == 0, summary
+    assert summary["fuse_never_exceeded"] and summary["minutes_over_fuse"] == 0, \
+        summary["highest_phase_current_at"]
+    # every EV that left got its target, or the summary says truly why not: it left before
+    # the departure the CEM knew, the EV took less than offered, its stay was too short even
+    # at full power, or the CEM missed it. Plans still count their whole first PTU while at
+    # 1440x a replan takes minutes of it: an EV whose last PTUs are tight can miss by a few
+    # hundred Wh. At most two such misses, by at most 10 %, said as such with their figures.
+    assert summary["ev_left"] >= 5
+    assert summary["ev_missed"] <= 2, summary["ev_missed_by_cem"]
+    assert summary["ev_targets_met"] + summary["ev_left_before_known_departure"] \
+        + summary["ev_ev_limited"] + summary["ev_stay_limited"] + summary["ev_missed"] \
+        == summary["ev_left"]
+    with (report / "ev_visits.csv").open() as handle:
+        visits = [v for v in csv.DictReader(handle) if v["left"] == "True" and v["ocpp"]]
+    assert len(visits) == summary["ev_left"]
+    assert sum(v["outcome"] == "met" for v in visits) == summary["ev_targets_met"]
+    for visit in visits:
+        assert visit["outcome"] in ("met", "left-early", "ev-limited", "stay-limited",
+                                    "missed"), visit
+        assert (visit["outcome"] == "met") == (visit["reason"] == ""), visit
+        if visit["outcome"] == "missed":
+            assert float(visit["delivered_kwh"]) >= 0.9 * float(visit["target_kwh"]), visit
+            assert any(line.startswith(visit["ev"] + ": offered")
+                       for line in summary["ev_missed_by_cem"]), summary["ev_missed_by_cem"]
 
 
 def test_ctrl_c_stops_the_demo_cleanly(tmp_path: Path) -> None:
