@@ -7,6 +7,7 @@ replan began at. The new plan's instruction for "now" must still go out.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -100,7 +101,12 @@ class _TwoEvs(_Registry):
 
     async def send_instruction(self, rm_id: str, message: Any, **_: Any) -> bool:
         self.order.append(rm_id)
+        if self.carry_out:  # the RM starts it a moment after its ReceptionStatus
+            asyncio.get_running_loop().call_later(
+                0.02, self.entries[rm_id].state.status.__setitem__, str(message.id), "STARTED")
         return True
+
+    carry_out = True
 
     def charge(self, rm: str, factor: float, at: datetime) -> Any:
         return frbc_instruction(self.ids[rm].actuator, self.ids[rm].charging, factor, at)
@@ -127,6 +133,27 @@ async def test_power_moves_from_one_ev_to_another_down_first() -> None:
     await dispatcher.dispatch({"a": [registry.charge("a", 0.0, latest)],
                                "b": [registry.charge("b", 0.5, latest)]}, latest)
     assert registry.order == ["a", "b"]
+
+
+async def test_a_raise_waits_until_the_cut_has_started_at_most_break_wait() -> None:
+    from cem.control.dispatch import BREAK_WAIT_S
+
+    registry = _TwoEvs()
+    dispatcher = Dispatcher(registry)
+    await dispatcher.dispatch({"a": [registry.idle("a", T0)],
+                               "b": [registry.charge("b", 1.0, T0)]}, T0)
+    loop = asyncio.get_running_loop()
+    later = T0 + timedelta(minutes=5)
+    began = loop.time()
+    await dispatcher.dispatch({"a": [registry.charge("a", 1.0, later)],
+                               "b": [registry.idle("b", later)]}, later)
+    assert 0.015 <= loop.time() - began < BREAK_WAIT_S  # waited for b's cut to start
+    registry.carry_out = False  # an RM that never reports: the raise goes out anyway
+    latest = later + timedelta(minutes=5)
+    began = loop.time()
+    await dispatcher.dispatch({"a": [registry.idle("a", latest)],
+                               "b": [registry.charge("b", 1.0, latest)]}, latest)
+    assert loop.time() - began >= BREAK_WAIT_S - 0.01
 
 
 async def test_at_a_ptu_boundary_what_goes_up_starts_after_what_goes_down() -> None:

@@ -11,7 +11,8 @@ The dispatcher remembers every instruction it sent. For a new plan, per RM:
   execution time passed, or that the RM reported STARTED/SUCCEEDED, is left alone).
 
 Break before make: RMs whose instruction for now lowers their power get it before those it
-raises, and a future instruction that raises an RM's power starts RISE_DELAY after its time,
+raises (which wait until the RMs report the cuts started, at most BREAK_WAIT_S), and a future
+instruction that raises an RM's power starts RISE_DELAY after its time,
 so at a PTU boundary what goes down has gone down first (an FRBC instruction's power is read
 from the RM's system description; others keep their order and time).
 
@@ -40,6 +41,8 @@ DONE_STATUSES = {"STARTED", "SUCCEEDED", "REJECTED", "ABORTED", "REVOKED"}
 # a future instruction that raises an RM's power starts this much after its time (break
 # before make at PTU boundaries); 15 s of a 900 s PTU, 10 ms of wall time in `cem demo`
 RISE_DELAY = timedelta(seconds=15)
+# raises for now wait at most this long (wall seconds) for the cuts sent with them to start
+BREAK_WAIT_S = 0.5
 
 
 def channel(message: Any) -> str:
@@ -180,10 +183,26 @@ class Dispatcher:
         # turned up could draw before another one is turned down, above the fuse for the
         # moment in between (a plan moving power from one EV to another, a guard's cap)
         rising = {rm for rm in rms if self._rises(rm, instructions.get(rm, []), now)}
-        for group in (sorted(rms - rising), sorted(rising)):
+        first_seq = self._seq
+        await asyncio.gather(*(self._dispatch_rm(rm, instructions.get(rm, []), now, plan_id,
+                                                 report) for rm in sorted(rms - rising)))
+        if rising:
+            # an RM acknowledges an instruction before it carries it out: the raises wait
+            # until the cuts have started (a few ms; at most BREAK_WAIT_S)
+            cuts = [(rm, s) for rm in rms - rising for s in self.sent.get(rm, [])
+                    if s.seq > first_seq and s.execution_time <= now]
+            await self._until_started(cuts)
             await asyncio.gather(*(self._dispatch_rm(rm, instructions.get(rm, []), now,
-                                                     plan_id, report) for rm in group))
+                                                     plan_id, report) for rm in sorted(rising)))
         return report
+
+    async def _until_started(self, sent: list[tuple[str, SentInstruction]]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BREAK_WAIT_S
+        while sent and loop.time() < deadline:
+            sent = [(rm, s) for rm, s in sent if self._status(rm, s) not in DONE_STATUSES]
+            if sent:
+                await asyncio.sleep(0.005)
 
     def _rises_later(self, rm_id: str, messages: list[Any], now: datetime) -> list[Any]:
         """Future instructions that raise the RM's power start RISE_DELAY after their time.
