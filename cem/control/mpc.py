@@ -19,6 +19,9 @@ the sum of all RMs' measurements when there is none) and caps flexible loads at 
 phase nears the fuse or the import nears the GTV/congestion limit.
 
 Wiring (see `cem.service`): `CemService(config, controller_factory=site_controller_for)`.
+Driven from outside instead of `run` (the digital twin, `cem.simulation.twin`): feed it the
+server events with `handle_event`, then `await replan(take_reasons() + ...)`; its `clock` and
+`monotonic` are injectable, so it runs in virtual time.
 """
 
 from __future__ import annotations
@@ -91,7 +94,8 @@ class SiteController:
 
     def __init__(self, config: SiteConfig, registry: Any, store: Any = None,
                  price_source: Any = None, *, solver: Solver | bool | None = True,
-                 clock: Callable[[], datetime] = utc_now, dispatch_ptus: int = 4,
+                 clock: Callable[[], datetime] = utc_now,
+                 monotonic: Callable[[], float] = time.monotonic, dispatch_ptus: int = 4,
                  congestion_poll_s: float = 5.0, price_poll_s: float = 300.0,
                  guard_hold_s: float = 5.0, guard_interval_s: float = 0.25) -> None:
         self.config = config
@@ -100,6 +104,7 @@ class SiteController:
         self.price_source = price_source
         self.solver: Solver | None = default_solver() if solver is True else (solver or None)
         self.clock = clock
+        self.monotonic = monotonic  # seconds for the guard's hold and the replan interval
         self.dispatch_ptus = dispatch_ptus
         self.congestion_poll_s = congestion_poll_s
         self.price_poll_s = price_poll_s
@@ -113,6 +118,7 @@ class SiteController:
         self.plan_id: int | None = None
         self.replans = 0
         self.guard_actions: deque[GuardDecision] = deque(maxlen=100)  # the latest ones
+        self.guard_count = 0  # how often the guard acted
         self.congestion: list[Any] = []
         self._congestion_key: tuple[Any, ...] | None = None
         self._reasons: list[str] = []
@@ -184,7 +190,7 @@ class SiteController:
                         self._seconds_to_next_ptu()))
                 except TimeoutError:
                     self.request_replan("a new PTU started")
-            wait = self._last_replan + self.config.planner.replan_min_interval_s - time.monotonic()
+            wait = self._last_replan + self.config.planner.replan_min_interval_s - self.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
             reasons, self._reasons = self._reasons, []
@@ -196,15 +202,23 @@ class SiteController:
                 logger.exception("replan failed (%s); keeping the previous plan",
                                  "; ".join(reasons))
             finally:
-                self._last_replan = time.monotonic()
+                self._last_replan = self.monotonic()
 
     async def _events(self, queue: asyncio.Queue[Any]) -> None:
         while True:
-            event = await queue.get()
-            try:
-                await self._on_server_event(event)
-            except Exception:
-                logger.exception("handling %s failed", type(event).__name__)
+            await self.handle_event(await queue.get())
+
+    async def handle_event(self, server_event: Any) -> None:
+        """React to one server event as the running loop does (replan requests, the guard)."""
+        try:
+            await self._on_server_event(server_event)
+        except Exception:
+            logger.exception("handling %s failed", type(server_event).__name__)
+
+    def take_reasons(self) -> list[str]:
+        """The replan reasons requested since the last replan, handed over (and forgotten)."""
+        reasons, self._reasons = self._reasons, []
+        return reasons
 
     async def _on_server_event(self, server_event: Any) -> None:
         kind = type(server_event).__name__
@@ -457,10 +471,10 @@ class SiteController:
         meter = self.mapping.meter_rm if self.mapping is not None else None
         if rm_id == meter:
             await self.guard_check()
-        elif meter is None and time.monotonic() - self._last_guard >= self.guard_interval_s:
+        elif meter is None and self.monotonic() - self._last_guard >= self.guard_interval_s:
             # no meter: the sum of all RMs, checked at most every guard_interval_s (1000 RMs
             # measuring every second must not cost 1000 sums a second)
-            self._last_guard = time.monotonic()
+            self._last_guard = self.monotonic()
             await self.guard_check()
         if rm_id == meter:
             return
@@ -500,7 +514,7 @@ class SiteController:
         storage = {s.id: s for s in self.problem.storage}
         t = self._current_ptu()
         loads = []
-        now_mono = time.monotonic()
+        now_mono = self.monotonic()
         for asset_id, binding in self.mapping.bindings.items():
             entry = rms.get(binding.rm_id)
             if entry is None or not can_cap(binding):
@@ -538,7 +552,7 @@ class SiteController:
         if not decision.acts:
             return decision
         now = self.clock()
-        now_mono = time.monotonic()
+        now_mono = self.monotonic()
         messages: dict[str, list[Any]] = {}
         capped = []
         for asset_id, cap in decision.caps.items():
@@ -551,6 +565,7 @@ class SiteController:
             capped.append(f"{self._label(binding.rm_id)} to {cap / 1000:.1f} kW")
         report = await self.dispatcher.dispatch(messages, now, plan_id=self.plan_id)
         self.guard_actions.append(decision)
+        self.guard_count += 1
         logger.warning("guard: %s; capped %s%s; %s", decision.reason, ", ".join(capped) or
                        "nothing it could cap",
                        f"; still {decision.excess_w:.0f} W over" if decision.excess_w > 1 else "",

@@ -111,6 +111,9 @@ def run_level(inputs: SimInputs, controller: Controller,
         state.peak_so_far_w = max(state.peak_so_far_w, int(site_w[t]))
         if progress is not None:
             progress(1)
+    close = getattr(controller, "close", None)
+    if close is not None:
+        close()  # level 5 stops the control loop's threads
     return LevelRun(name=controller.name, ev_w=ev_w, site_w=site_w, ev_total_w=ev_w.sum(axis=0),
                     fuse_minutes=fuse_minutes, max_phase_a=max_phase_a,
                     delivered_wh=state.delivered_wh.copy(), replan_s=list(controller.replan_s),

@@ -117,6 +117,7 @@ class SimInputs:
     pv_kwp: float
     files: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    wholesale_eur_per_mwh: np.ndarray | None = None  # n_ptus + look-ahead, before the tariff
 
     @property
     def dt_h(self) -> float:
@@ -376,4 +377,5 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
         pv_w=pv_w, import_limit_w=np.asarray(limits.import_limit_w, dtype=np.int64),
         export_limit_w=np.asarray(limits.export_limit_w, dtype=np.int64),
         fuse_w_per_phase=config.grid.fuse_a * config.grid.voltage_v,
-        pv_kwp=pv_kwp, files=files, notes=notes)
+        pv_kwp=pv_kwp, files=files, notes=notes,
+        wholesale_eur_per_mwh=np.asarray(wholesale, dtype=float))

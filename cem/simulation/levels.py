@@ -23,16 +23,16 @@ session's real departure or real need, except the optimum, which is the referenc
    (its schedule is planned jointly with the other arrivals of that moment, the schedules made
    before are kept as they are). Nothing is re-optimised later: an EV that leaves early or is
    full early leaves its reserved capacity unused.
-5. autonomous (MPC): the site planner re-plans every PTU (which includes every arrival and
-   departure, as sessions are snapped to PTUs) from the metered state, learning that an EV is
-   full when it takes clearly less than its setpoint and extending an overstaying EV's believed
-   departure by an hour at a time. Like `cem run` it plans inside `planner.limit_share` (98 %)
-   of the fuse and the import limit (levels 4 and 5 alike). It asks the planner to reach each EV's target an hour
-   before the stated departure (a target-profile milestone; after it the EV may still charge):
-   in the ACN data one driver in eight leaves more than an hour earlier than stated, and on a
-   real Caltech week this margin lifts the energy delivered by ~3 % for ~1 % more cost per kWh
-   than planning to the stated minute. The fast guard (`cem.control.guard.decide_caps`) checks every
-   PTU's setpoints against the fuse and the import limit before they go out.
+5. autonomous: the CEM's own control loop, not a model of it. `cem.simulation.twin` puts one
+   simulated S2 resource manager per EVSE (the OCPP charger RM's FRBC functions), a grid meter
+   and a PV RM behind real `S2Session`s, and drives `cem.control.mpc.SiteController` in virtual
+   time: each PTU it hands the controller the server events and calls `replan` (arrivals,
+   departures, the new PTU); the plan goes out as FRBC.Instructions through the `Dispatcher`
+   and the RMs turn them into each EV's current. The guard runs on the meter's measurement as
+   live. So the live knobs apply: `planner.limit_share` of the fuse and import limit,
+   `planner.ev_finish_margin_minutes` (the ACN sites aim an hour before the stated departure:
+   one ACN driver in eight leaves more than an hour earlier than stated), the live RM's hour
+   more for an overstaying EV, and "full" learned from the EV's SoC.
 
 optimum: perfect foresight, every session's real arrival, departure and need known in advance,
 solved as one problem over the whole run by the same planner (a longer time limit).
@@ -55,8 +55,6 @@ from cem.simulation.engine import SimState
 from cem.simulation.inputs import SimInputs, SimSession, SimulationError
 
 TIMER_HOURS = 8
-OVERSTAY_EXTENSION_PTUS = 4
-DEPARTURE_MARGIN_PTUS = 4  # level 5 aims to be done an hour before the stated departure
 PHASE_SHARES = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 
 PlanFunction = Callable[..., Plan]
@@ -124,7 +122,8 @@ def site_problem(inputs: SimInputs, t: int, n: int, storage: list[StorageAsset],
     """The planner's problem for PTUs t .. t+n of the run: limits, prices, PV, the given assets.
 
     `limit_share` < 1 plans inside the fuse and import limit as the live control loop does
-    (levels 4 and 5); the optimum and the KPIs use the limits themselves.
+    (level 4; level 5 plans through `cem.flex.site_problem` as `cem run` does); the optimum and
+    the KPIs use the limits themselves.
     """
     grid = inputs.config.grid
     end = t + n
@@ -277,80 +276,6 @@ class DayPlan:
         return self.committed[:, t]
 
 
-class ModelPredictive:
-    """Level 5: replan every PTU from the metered state, with the fast guard on the setpoints."""
-
-    name = "5"
-
-    def __init__(self, inputs: SimInputs, plan_site: PlanFunction, time_limit_s: float,
-                 workers: int) -> None:
-        self.inputs = inputs
-        self.plan_site = plan_site
-        self.time_limit_s = time_limit_s
-        self.workers = workers
-        self.believed_dep = np.array([s.believed_departure_ptu for s in inputs.sessions])
-        self.replan_s: list[float] = []
-        self.statuses: dict[str, int] = {}
-        self.guard_actions = 0
-        self.notes: list[str] = []
-
-    def setpoints(self, t: int, present: np.ndarray, state: SimState) -> np.ndarray:
-        out = np.zeros(len(self.inputs.sessions))
-        horizon = self.inputs.config.planner.horizon_ptus
-        assets: list[StorageAsset] = []
-        for i in np.flatnonzero(present & ~state.seen_full):
-            s = self.inputs.sessions[i]
-            level = int(state.delivered_wh[i])
-            if s.believed_need_wh - level <= 0:
-                continue
-            if self.believed_dep[i] <= t:  # still here after its believed departure
-                self.believed_dep[i] = t + OVERSTAY_EXTENSION_PTUS
-            until = int(min(self.believed_dep[i] - t, horizon))
-            asset = ev_asset(s, level_wh=level, target_wh=s.believed_need_wh,
-                             available_from=0, available_until=until)
-            early = until - DEPARTURE_MARGIN_PTUS
-            if DEPARTURE_MARGIN_PTUS and early >= 1 and until < horizon:
-                asset.target_profile = [(early, asset.target_wh or 0, asset.level_max_wh)]
-            assets.append(asset)
-        if not assets:
-            return out
-        n = max(a.available_until or 1 for a in assets)
-        problem = site_problem(self.inputs, t, n, assets, peak_so_far_w=state.peak_so_far_w,
-                               limit_share=live_limit_share(self.inputs))
-        started = time.perf_counter()
-        plan = never_without_plan(self.plan_site, problem, self.time_limit_s, self.workers, self.notes)
-        self.replan_s.append(time.perf_counter() - started)
-        self.statuses[plan.status] = self.statuses.get(plan.status, 0) + 1
-        by_id = {a.id: int(a.id[2:]) for a in assets}
-        for asset_id, power in plan.power_w.items():
-            if asset_id in by_id:
-                out[by_id[asset_id]] = max(0.0, float(power[0]))
-        return self._guard(t, out)
-
-    def _guard(self, t: int, out: np.ndarray) -> np.ndarray:
-        """The control loop's fast guard on what is about to be sent (margin 1: no noise here)."""
-        from cem.control.guard import FlexibleLoad, GuardLimits, decide_caps
-
-        sessions = self.inputs.sessions
-        idx = np.flatnonzero(out > 0)
-        if not len(idx):
-            return out
-        share = np.array([sessions[i].evse.phase_share for i in idx]).reshape(-1, 3)
-        phase_w = out[idx] @ share - self.inputs.pv_w[t] / 3.0
-        limits = GuardLimits(fuse_w_per_phase=self.inputs.fuse_w_per_phase,
-                             import_limit_w=float(self.inputs.import_limit_w[t]), margin=1.0)
-        loads = [FlexibleLoad(asset_id=str(i), rm_id="twin", power_w=float(out[i]),
-                              min_w=float(sessions[i].evse.min_w),
-                              phase_share=sessions[i].evse.phase_share) for i in idx]
-        decision = decide_caps((float(phase_w[0]), float(phase_w[1]), float(phase_w[2])),
-                               limits, loads)
-        if decision.acts:
-            self.guard_actions += 1
-            for key, cap in decision.caps.items():
-                out[int(key)] = min(out[int(key)], cap)
-        return out
-
-
 class PerfectForesight:
     """Reference: every session known in advance, one plan for the whole run."""
 
@@ -389,7 +314,9 @@ def make_controller(level: str, inputs: SimInputs, *, time_limit_s: float, optim
     if level == "4":
         return DayPlan(inputs, site_planner(MPC_GAP_TOL), time_limit_s, workers)
     if level == "5":
-        return ModelPredictive(inputs, site_planner(MPC_GAP_TOL), time_limit_s, workers)
+        from cem.simulation.twin import LiveControlLoop
+
+        return LiveControlLoop(inputs, site_planner(MPC_GAP_TOL), time_limit_s, workers)
     if level == "optimum":
         return PerfectForesight(inputs, site_planner(OPTIMUM_GAP_TOL), optimum_time_limit_s, workers)
     raise SimulationError(f"unknown level {level!r}")

@@ -1,0 +1,119 @@
+"""Level 5 of `cem simulate` is the live control loop: SiteController, Dispatcher, S2 sessions.
+
+Runs the twin's level 5 on the bundled two-day extract (21 ACN stations on a 22-EVSE test site
+whose GTV and fuse bind) and checks that every setpoint went through S2: FRBC.Instructions with
+the RM's own ids, each answered OK and carried out, and that the limits held.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cem.simulation.engine import SimState, run_level
+from cem.simulation.inputs import SimInputs, load_inputs
+from cem.simulation.kpis import level_kpis
+from cem.simulation.levels import MPC_GAP_TOL, Uncontrolled, site_planner
+from cem.simulation.twin import LiveControlLoop, TwinPrices
+from cem.site.config import load_site_config
+from cem.site.prices import ptu_prices
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "simulation"
+SITE = FIXTURES / "site_22_evses.toml"
+SESSIONS = FIXTURES / "acn_caltech_2019-10-08_09_21stations.csv"
+PRICES = ROOT / "cem" / "data" / "nl_day_ahead_2019-10.csv"
+PV = ROOT / "cem" / "data" / "nl_pv_per_kwp_2019-10.csv"
+
+
+def inputs() -> SimInputs:
+    return load_inputs(load_site_config(SITE), SESSIONS, PRICES, PV, date(2019, 10, 8), 2, 30.0)
+
+
+@pytest.fixture(scope="module")
+def run() -> tuple[SimInputs, LiveControlLoop, dict[str, Any]]:
+    data = inputs()
+    loop = LiveControlLoop(data, site_planner(MPC_GAP_TOL), 0.2, 2)
+    kpis = level_kpis(data, run_level(data, loop), None)
+    return data, loop, kpis
+
+
+def test_level_5_keeps_the_limits_that_uncontrolled_charging_breaks(
+        run: tuple[SimInputs, LiveControlLoop, dict[str, Any]]) -> None:
+    data, _, kpis = run
+    assert kpis["ptus_over_gtv"] == 0 and kpis["fuse_minutes_over"] == 0
+    assert kpis["delivered_kwh"] > 0.7 * kpis["requested_kwh"]
+    uncontrolled = level_kpis(data, run_level(data, Uncontrolled(data)), None)
+    assert uncontrolled["ptus_over_gtv"] > 0 and uncontrolled["fuse_minutes_over"] > 0
+
+
+def test_every_setpoint_came_as_an_frbc_instruction_through_an_s2_session(
+        run: tuple[SimInputs, LiveControlLoop, dict[str, Any]]) -> None:
+    data, loop, _ = run
+    registry = loop.registry
+    assert registry.cem_refusals == [] and registry.rm_refusals == []
+    assert loop.controller.replans >= 100
+    charged = {s.evse.id for s in data.sessions}
+    for evse_id, device in loop.evses.items():
+        entry = registry.get(device.rm_id)
+        assert entry is not None and entry.state.control_type.value == "FILL_RATE_BASED_CONTROL"
+        if evse_id not in charged:
+            continue
+        assert device.received, f"{evse_id} got no instruction"
+        reported = {i for i, _ in device.statuses}
+        for instruction in device.received:
+            assert str(instruction.actuator_id) == device.ids.actuator
+            assert str(instruction.operation_mode) in (device.ids.charging, device.ids.idle)
+            record = entry.state.instruction(instruction.id)  # the CEM's session sent it
+            assert record is not None
+            assert str(instruction.id) in reported or record.revoked
+        assert {s for _, s in device.statuses} <= {"ACCEPTED", "STARTED", "ABORTED", "REJECTED"}
+        assert any(s == "STARTED" for _, s in device.statuses)
+        assert any(str(i.operation_mode) == device.ids.charging and i.operation_mode_factor > 0
+                   for i in device.received)
+
+
+def test_overstaying_evs_get_the_live_rms_next_hour_target(
+        run: tuple[SimInputs, LiveControlLoop, dict[str, Any]]) -> None:
+    data, loop, _ = run
+    late = [s for s in data.sessions if s.departure_ptu > s.believed_departure_ptu + 1]
+    assert late
+    for s in late:
+        when = data.ptu_start(s.believed_departure_ptu)
+        assert when in loop.evses[s.evse.id].targets, s.session_id
+
+
+def test_the_controller_plans_on_the_runs_prices() -> None:
+    data = inputs()
+    start, n = 37, 96
+    got = ptu_prices(TwinPrices(data), data.config.prices, data.ptu_start(start),
+                     data.ptu_minutes, n, fill="previous").prices
+    assert np.allclose(got.import_eur_per_kwh, data.import_eur_per_kwh[start:start + n])
+    assert np.allclose(got.export_eur_per_kwh, data.export_eur_per_kwh[start:start + n])
+
+
+def test_the_guard_caps_chargers_through_s2_when_the_sun_goes() -> None:
+    data = inputs()
+    loop = LiveControlLoop(data, site_planner(MPC_GAP_TOL), 0.2, 2)
+    n_s = len(data.sessions)
+    state = SimState(delivered_wh=np.zeros(n_s), last_setpoint_w=np.zeros(n_s),
+                     last_energy_wh=np.zeros(n_s), seen_full=np.zeros(n_s, dtype=bool))
+    t = 52  # Tuesday 13:00 local: the plan counts on ~20 kW of PV to charge more
+    present = np.array([s.arrival_ptu <= t < s.departure_ptu for s in data.sessions])
+    assert present.sum() > 5 and data.pv_w[t] > 10_000
+    loop.setpoints(t, present, state)
+    ev_w = sum(np.array(d.power_w()) for d in loop.evses.values())
+    assert ev_w.sum() > data.import_limit_w[t]  # only fine with the sun
+    before = {d.rm_id: len(d.received) for d in loop.evses.values()}
+    loop.meter.measure(list(ev_w), loop.now)  # a cloud: the meter sees the EVs alone
+    loop.loop.run_until_complete(loop._pump())
+    assert loop.controller.guard_count == 1
+    capped = [d for d in loop.evses.values() if len(d.received) > before[d.rm_id]]
+    assert capped and all(d.received[-1].execution_time == loop.now for d in capped)
+    ev_w = sum(np.array(d.power_w()) for d in loop.evses.values())
+    assert ev_w.sum() <= data.import_limit_w[t] and max(ev_w) <= data.fuse_w_per_phase
+    loop.close()
