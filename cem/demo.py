@@ -440,9 +440,6 @@ class DemoSite:
             site_controller = SiteController(service.config, service.server, service.store,
                                              clock=clock.now, guard_hold_s=1.0,
                                              congestion_poll_s=2.0)
-            # a replan dispatches with the time it began at; at 1440x its solve is minutes of
-            # simulated time: judge what is due when sending (see Dispatcher.dispatch)
-            site_controller.dispatcher.clock = clock.now
             return site_controller
 
         self.service = CemService(cfg, controller_factory=controller)

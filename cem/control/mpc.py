@@ -111,7 +111,7 @@ class SiteController:
         self.guard_hold_s = guard_hold_s
         self.guard_interval_s = guard_interval_s
         self._last_guard = -math.inf
-        self.dispatcher = Dispatcher(registry)
+        self.dispatcher = Dispatcher(registry, clock=clock)
         self.problem: Problem | None = None
         self.mapping: SiteMapping | None = None
         self.plan: Plan | None = None
@@ -355,12 +355,17 @@ class SiteController:
         self._deviating.clear()
         plan_id = await self._record(problem, plan, reasons)
         self.plan_id = plan_id
+        # the solve took time: instructions start from the moment they are sent, not from
+        # when the replan began (at 1440x a 0.4 s solve is ten minutes of a PTU)
+        sent_at = self.clock()
+        if floor_to_ptu(sent_at, self.config.planner.ptu_minutes) != start:
+            self.request_replan("a new PTU started while the plan was being made")
         instructions = await self._off_loop(
-            instructions_for_plan, plan, problem, mapping, now,
+            instructions_for_plan, plan, problem, mapping, max(now, sent_at),
             until_ptu=min(self.dispatch_ptus, problem.n_ptus))
         controlled = {b.rm_id for b in mapping.bindings.values()} & set(rms)
         report = await self.dispatcher.dispatch(
-            {rm: msgs for rm, msgs in instructions.items() if rm in rms}, now,
+            {rm: msgs for rm, msgs in instructions.items() if rm in rms}, max(now, sent_at),
             plan_id=plan_id, replace_all_of=controlled)
         self._log_plan(reasons, mapping, plan, report, time.monotonic() - began)
         self.replans += 1
