@@ -188,6 +188,20 @@ def bench_planner(
                   json_out=json_out)
 
 
+@bench_app.command("replan")
+def bench_replan(
+    evs: int = typer.Option(1000, min=1, help="EV chargers (S2 FRBC RMs) on the site"),
+    replans: int = typer.Option(3, min=1, help="replans to time"),
+    time_limit: float | None = typer.Option(None, min=0.1, help="planner.time_limit_s "
+                                            "(default: the config default)"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Benchmark a live replan: its time and how long S2 sessions wait meanwhile."""
+    from cem.control.bench import bench_command
+
+    bench_command(evs=evs, replans=replans, json_out=json_out, time_limit_s=time_limit)
+
+
 @bench_app.command("s2")
 def bench_s2(
     rms: int = typer.Option(1000, help="number of concurrent RMs"),

@@ -715,30 +715,6 @@ def _configure_logging(report: Path) -> Path:
     return log_file
 
 
-def _quiet_solver_banner() -> None:
-    """HiGHS prints a banner on stdout when the first model is made: make it before the view
-    starts, with stdout pointed at /dev/null, so it never tears the live view."""
-    try:
-        import highspy
-    except ImportError:
-        return
-    import ctypes
-    import os
-
-    sys.stdout.flush()
-    saved = os.dup(1)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        highspy.Highs()
-        with contextlib.suppress(Exception):
-            ctypes.CDLL(None).fflush(None)
-    finally:
-        os.dup2(saved, 1)
-        os.close(devnull)
-        os.close(saved)
-
-
 def _prepare_report(report: Path) -> None:
     try:
         report.mkdir(parents=True, exist_ok=True)
@@ -806,7 +782,12 @@ def demo_command(*, config: Path, duration: float | None, speed: float | None,
     site.store.path = report / "cem-demo.db"
     site.ocpp.database = report / "ocpp-demo.db"
     log_file = _configure_logging(report)
-    _quiet_solver_banner()
+    try:  # HiGHS prints a banner with its first model: before the view starts, not into it
+        from cem.planner.bound import silence_highs_banner
+    except ImportError:
+        pass
+    else:
+        silence_highs_banner()
     out = Console()
     view = demo_view.LiveView(out, settings) if out.is_terminal else demo_view.ProgressLines(
         out, settings)

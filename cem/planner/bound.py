@@ -11,6 +11,9 @@ HiGHS in one `passModel` call.
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -338,6 +341,38 @@ def _unmet_cols(lp: _LpArrays, lay: Layout, rows: np.ndarray, assets: np.ndarray
         lp.coef(rows, u, 1.0)
 
 
+_BANNER_LOCK = threading.Lock()
+_banner_shown = False
+
+
+def silence_highs_banner() -> None:
+    """Make the process's first HiGHS instance with stdout closed off.
+
+    HiGHS prints its banner on file descriptor 1 when the first instance is made; in a live view,
+    a log or `--json` output that line is noise or breaks the format. Later instances print
+    nothing (output_flag is off).
+    """
+    global _banner_shown
+    with _BANNER_LOCK:
+        if _banner_shown:
+            return
+        _banner_shown = True
+        try:
+            sys.stdout.flush()
+            saved = os.dup(1)
+        except (OSError, ValueError):  # no real stdout: nothing to protect
+            highspy.Highs()
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 1)
+            highspy.Highs()
+        finally:
+            os.dup2(saved, 1)
+            os.close(devnull)
+            os.close(saved)
+
+
 def solve_lp(lay: Layout, time_limit_s: float = 10.0, threads: int = 1) -> LpResult:
     """Solve the LP relaxation; the bound is None when HiGHS did not prove optimality."""
     t0 = time.perf_counter()
@@ -345,6 +380,7 @@ def solve_lp(lay: Layout, time_limit_s: float = 10.0, threads: int = 1) -> LpRes
     model = arrays.to_highs()
     build_s = time.perf_counter() - t0
     t1 = time.perf_counter()
+    silence_highs_banner()
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("time_limit", max(float(time_limit_s), 0.05))

@@ -1,0 +1,24 @@
+"""`cem bench replan`: a live replan over S2 sessions, timed, with the loop's lag."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from cem.cli import app
+
+
+def test_bench_replan_plans_every_charger_through_s2_and_reports_figures() -> None:
+    result = CliRunner().invoke(app, ["bench", "replan", "--evs", "20", "--replans", "2",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    runs = json.loads(result.stdout)["runs"]
+    assert [r["gc_freeze"] for r in runs] == [True, False]
+    for run in runs:
+        assert run["evs"] == 20 and run["replans"] == 2
+        assert run["cem_refused_rm_messages"] == 0 and run["rm_refusals"] == 0
+        assert run["plan_status"] == ["FEASIBLE"]  # the real planner, not the fallback
+        assert run["s2_messages_during_replans"] >= 20  # instructions went out over S2
+        assert 0 < run["replan_p50_s"] <= run["replan_max_s"]
+        assert run["loop_lag_max_ms"] is not None and run["loop_lag_max_ms"] >= 0
