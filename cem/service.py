@@ -213,7 +213,7 @@ async def tenure_long_lived(stop: asyncio.Event, every_s: float = 5.0,
                             reclaim_every: int = 720) -> None:
     """Freeze what has lived `every_s` (RM sessions, their states) out of full collections.
 
-    A full collection walks every tracked object: with 1000 RM sessions alive that paused the
+    A full collection walks every tracked object: with 1000 FRBC RM states alive it paused the
     event loop for 60-270 ms, longer than every ReceptionStatus should wait. Frozen objects are
     skipped; every `reclaim_every` rounds (an hour by default) they are thawed and collected
     once, so cycles left by closed sessions are still freed.

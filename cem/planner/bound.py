@@ -140,7 +140,8 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
     lp = _LpArrays()
     ones = np.ones((S, n))
     full_c = lay.avail & (lay.cmax[:, None] > 0)
-    c_mask = full_c if keep is None else full_c & (keep | lay.needs_levels[:, None])
+    levels = lp_level_assets(lay)
+    c_mask = full_c if keep is None else full_c & (keep | levels[:, None])
     d_mask = lay.avail & (lay.dmax[:, None] > 0)
     c_idx = _grid_index(c_mask, lp, 0 * ones, lay.cmax[:, None] / 1000 * ones,
                         np.broadcast_to(lay.tie * dt, (S, n)) * ones)
@@ -265,7 +266,7 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
     # energy and levels of storage assets
     has_t = ~np.isnan(lay.target)
     need = np.where(has_t, np.nan_to_num(lay.target) - lay.level0, 0.0)
-    mono = ~lay.needs_levels
+    mono = ~levels
     e_coef = dt * lay.eta_c  # kWh level per kW charged for one PTU
     # monotone assets: one sum row for the target, one for the level cap
     tgt = np.flatnonzero(mono & has_t & (need > 0))
@@ -291,7 +292,22 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
         index.cap_row[capped] = r
         sel = rmap[ci] >= 0
         lp.coef(rmap[ci[sel]], c_idx[ci[sel], ct[sel]], e_coef[ci[sel]])
-    for i in np.flatnonzero(lay.needs_levels):
+    # milestones of monotone assets (an EV's target before its departure): partial sums
+    for i in np.flatnonzero(mono & lay.needs_levels):
+        a, b = int(lay.first[i]), int(lay.last[i])
+        for ptu, lo, hi in pr.storage[i].target_profile:
+            if not a < ptu <= b:
+                continue
+            ts = np.arange(a, ptu)
+            cc = c_idx[i, ts]
+            cc = cc[cc >= 0]
+            u = lp.cols(0.0, INF, lay.weight[i] * 1000, 2)
+            r = lp.rows(np.array([(lo - lay.level0[i]) / 1000, -INF]),
+                        np.array([INF, (hi - lay.level0[i]) / 1000]), 2)
+            for row in r:
+                lp.coef(np.full(len(cc), row), cc, e_coef[i])
+            lp.coef(r, u, np.array([1.0, -1.0]))
+    for i in np.flatnonzero(levels):
         a, b = int(lay.first[i]), int(lay.last[i])
         w = b - a
         if w <= 0:
@@ -326,6 +342,18 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
                 lp.coef(r, np.array([col, col]), 1.0)
                 lp.coef(r, u, np.array([1.0, -1.0]))
     return lp, index
+
+
+def lp_level_assets(lay: Layout) -> np.ndarray:
+    """Assets whose level the LP must follow per PTU (S,) bool.
+
+    A charge-only asset without usage that starts at or above its minimum only ever fills up:
+    its level cap and target are sums, and a target-profile milestone is a partial sum. Giving
+    such an asset per-PTU level rows (as `needs_levels` does for the repair and CP-SAT) made a
+    1000-EV LP with departure milestones four times slower (3 s instead of 0.75 s).
+    """
+    monotone = (lay.dmax <= 0) & ~np.any(lay.usage != 0, axis=1) & (lay.level0 >= lay.lmin)
+    return lay.needs_levels & ~monotone
 
 
 def _unmet_cols(lp: _LpArrays, lay: Layout, rows: np.ndarray, assets: np.ndarray,
