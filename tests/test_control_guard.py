@@ -57,6 +57,23 @@ def test_cap_below_the_minimum_switches_the_load_off_and_continues() -> None:
     assert "import 17.5 kW above 95% of the 17.0 kW limit" in decision.reason
 
 
+def test_within_one_priority_the_ev_that_can_best_wait_is_shed_first() -> None:
+    # import 17.5 kW vs 16.15 kW allowed: 1.35 kW must go. The urgent EV draws the most, but
+    # the one leaving in five hours with little left to charge gives way (it can catch up)
+    urgent = FlexibleLoad("urgent", "rm-urgent", 7000, 1, 4140, slack_h=0.25)
+    relaxed = FlexibleLoad("relaxed", "rm-relaxed", 6000, 1, 4140, slack_h=4.0)
+    decision = decide_caps((5830, 5830, 5840), LIMITS, [urgent, relaxed])
+    assert decision.caps == {"relaxed": 4650}
+    # without deadlines (a battery, a heat pump) a load gives way before any EV with one
+    battery = FlexibleLoad("battery", "rm-battery", 3000, 1, 0)
+    decision = decide_caps((5830, 5830, 5840), LIMITS, [urgent, relaxed, battery])
+    assert decision.caps == {"battery": 1650}
+    # priority still comes first: a higher-priority relaxed EV is not shed before a lower one
+    vip = FlexibleLoad("vip", "rm-vip", 6000, 5, 4140, slack_h=9.0)
+    decision = decide_caps((5830, 5830, 5840), LIMITS, [urgent, vip])
+    assert set(decision.caps) == {"urgent"}
+
+
 def test_congestion_limit_is_respected_and_leftover_excess_reported() -> None:
     limits = GuardLimits(fuse_w_per_phase=FUSE_W, import_limit_w=8000, margin=0.95)
     # 12 kW against 7.6 kW allowed: 4.4 kW must go

@@ -7,13 +7,15 @@ new power caps that bring every phase below `guard_margin` x fuse and the total 
 `guard_margin` x the import limit, so the site has headroom until the replan. It does not act
 between the margin and the limit: plans use the limits to the full on purpose, and a guard that
 fought them would churn instructions on every measurement. Loads are shed lowest priority
-first, within one priority the largest first; a load that would end below its minimum power
+first; within one priority those that can best wait first (no deadline, then the most slack
+to their target), then the largest; a load that would end below its minimum power
 (an EV's 6 A) is switched off instead.
 The control loop sends the caps as instructions at once and asks for a replan.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +51,8 @@ class FlexibleLoad:
     priority: int = 1
     min_w: float = 0.0  # below this it must be off (e.g. 6 A)
     phase_share: PhaseShare = (1 / 3, 1 / 3, 1 / 3)
+    # hours it could still wait and reach its target at full power (inf: no deadline)
+    slack_h: float = math.inf
 
 
 @dataclass
@@ -84,7 +88,7 @@ def decide_caps(phase_w: tuple[float, float, float], limits: GuardLimits,
         reasons.append(f"import {sum(phase_w) / 1000:.1f} kW above {limits.margin:.0%} of the "
                        f"{limits.import_limit_w / 1000:.1f} kW limit")
     candidates = sorted((x for x in loads if x.power_w > 0),
-                        key=lambda x: (x.priority, -x.power_w))
+                        key=lambda x: (x.priority, -x.slack_h, -x.power_w))
     caps: dict[str, float] = {}
     for load in candidates:
         if not any(e > 1e-6 for e in over_phase) and over_total <= 1e-6:

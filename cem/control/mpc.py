@@ -535,8 +535,22 @@ class SiteController:
             loads.append(FlexibleLoad(asset_id=asset_id, rm_id=binding.rm_id,
                                       power_w=float(power or 0.0), priority=binding.priority,
                                       min_w=float(s.charge_min_w) if s is not None else 0.0,
-                                      phase_share=binding.phase_share))
+                                      phase_share=binding.phase_share,
+                                      slack_h=self._slack_h(s, t)))
         return loads
+
+    def _slack_h(self, asset: Any, t: int) -> float:
+        """Hours a storage asset could still wait and reach its target at full power."""
+        if asset is None or asset.target_wh is None or asset.available_until is None \
+                or asset.charge_max_w <= 0:
+            return math.inf
+        done_wh = 0.0
+        if self.plan is not None and asset.id in self.plan.power_w:
+            done_wh = float(np.sum(self.plan.power_w[asset.id][:t])) * self.problem.ptu_minutes / 60 \
+                if self.problem is not None else 0.0
+        missing_wh = max(0.0, asset.target_wh - asset.level_wh - done_wh)
+        left_h = (asset.available_until - t) * (self.config.planner.ptu_minutes / 60)
+        return left_h - missing_wh / asset.charge_max_w
 
     def guard_limits(self) -> GuardLimits:
         grid = self.config.grid
