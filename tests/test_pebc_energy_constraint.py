@@ -7,11 +7,10 @@ so the RM can (and need only) consume that energy.
 
 from __future__ import annotations
 
-import json
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+from s2_feed import feeder, uid
 from s2python.common import (
     CommodityQuantity,
     ControlType,
@@ -50,14 +49,7 @@ N = 16
 CONFIG = SiteConfig.model_validate({"planner": {"horizon_ptus": N}})
 
 
-def uid() -> str:
-    return str(uuid.uuid4())
-
-
-def feed(session: S2Session, message) -> None:  # type: ignore[no-untyped-def]
-    outs = session.receive(message.to_json(), NOW)
-    statuses = [json.loads(o.text) for o in outs if o.message_type == "ReceptionStatus"]
-    assert all(s["status"] == "OK" for s in statuses), statuses
+feed = feeder(NOW)
 
 
 def boiler_session(lower_w: float, upper_w: float, *, max_w: float = 4000,

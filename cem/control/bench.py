@@ -23,16 +23,9 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from s2python.common import (
-    Commodity,
-    ControlType,
-    Duration,
-    ResourceManagerDetails,
-    Role,
-    RoleType,
-)
+from s2python.common import ResourceManagerDetails
 
-from cem.simulation.twin import TwinDevice, TwinRegistry
+from cem.simulation.twin import TwinDevice, TwinRegistry, evse_details
 from cem.site.config import SiteConfig
 from resource_managers.ocpp_charger import frbc
 
@@ -55,13 +48,7 @@ class BenchCharger(TwinDevice):
             power_w=(3680.0, 3680.0, 3680.0), limit_a=16.0, voltage_v=VOLTAGE_V)
 
     def details(self) -> ResourceManagerDetails:
-        return ResourceManagerDetails(
-            message_id=uuid.uuid4(), resource_id=self.resource_id, name=self.name,
-            roles=[Role(role=RoleType.ENERGY_CONSUMER, commodity=Commodity.ELECTRICITY)],
-            instruction_processing_delay=Duration.from_milliseconds(2000),
-            available_control_types=[ControlType.FILL_RATE_BASED_CONTROL],
-            provides_forecast=False,
-            provides_power_measurement_types=frbc.measured_quantities(3, "L1"))
+        return evse_details(self.resource_id, self.name, 3, "L1")
 
     def tell(self, registry: TwinRegistry, now: datetime) -> None:
         feed = registry.feed

@@ -244,6 +244,19 @@ def _resource_id(what: str) -> uuid.UUID:
     return uuid.uuid5(TWIN_NAMESPACE, what)
 
 
+def evse_details(resource_id: uuid.UUID, name: str, phases: int,
+                 phase: str) -> ResourceManagerDetails:
+    """What an EVSE of the OCPP charger RM tells the CEM about itself (FRBC, per-phase power)."""
+    return ResourceManagerDetails(
+        message_id=uuid.uuid4(), resource_id=resource_id, name=name,
+        roles=[Role(role=RoleType.ENERGY_CONSUMER, commodity=Commodity.ELECTRICITY)],
+        instruction_processing_delay=Duration.from_milliseconds(2000),
+        available_control_types=[ControlType.FILL_RATE_BASED_CONTROL],
+        provides_forecast=False,
+        provides_power_measurement_types=frbc.measured_quantities(phases, phase),
+        manufacturer="OCPP", model="simulated charge point")
+
+
 class TwinEvse(TwinDevice):
     """One EVSE as the OCPP charger RM presents it over S2 (FRBC), with the EV it charges."""
 
@@ -282,14 +295,7 @@ class TwinEvse(TwinDevice):
         self._measured_at = datetime.min.replace(tzinfo=inputs.t0.tzinfo)
 
     def details(self) -> ResourceManagerDetails:
-        return ResourceManagerDetails(
-            message_id=uuid.uuid4(), resource_id=self.resource_id, name=self.name,
-            roles=[Role(role=RoleType.ENERGY_CONSUMER, commodity=Commodity.ELECTRICITY)],
-            instruction_processing_delay=Duration.from_milliseconds(2000),
-            available_control_types=[ControlType.FILL_RATE_BASED_CONTROL],
-            provides_forecast=False,
-            provides_power_measurement_types=frbc.measured_quantities(self.evse.phases, self.phase),
-            manufacturer="OCPP", model="simulated charge point")
+        return evse_details(self.resource_id, self.name, self.evse.phases, self.phase)
 
     # --- the EV ---------------------------------------------------------------------------------
 
