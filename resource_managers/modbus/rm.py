@@ -196,6 +196,14 @@ class ModbusRM:
         """Messages that take our flexibility back from the CEM."""
         return []
 
+    @staticmethod
+    def _revoke(object_type: RevokableObjects, object_id: uuid.UUID | None) -> list[S2Message]:
+        """A RevokeObject for what we told the CEM last (nothing if we told it nothing)."""
+        if object_id is None:
+            return []
+        return [RevokeObject(message_id=uuid.uuid4(), object_type=object_type,
+                             object_id=object_id)]
+
     def periodic_messages(self, now: datetime) -> list[S2Message]:
         """Measurements and status after a successful poll."""
         return [s2m.device_power_measurement(self.limits, self.readings["power"], now)]
@@ -467,11 +475,7 @@ class BatteryRM(ModbusRM):
         return [description, self._actuator_status(), self._storage_status()]
 
     def withdraw_messages(self) -> list[S2Message]:
-        if self.system_description_id is None:
-            return []
-        return [RevokeObject(message_id=uuid.uuid4(),
-                             object_type=RevokableObjects.FRBC_SystemDescription,
-                             object_id=self.system_description_id)]
+        return self._revoke(RevokableObjects.FRBC_SystemDescription, self.system_description_id)
 
     def _actuator_status(self) -> FRBCActuatorStatus:
         return FRBCActuatorStatus(message_id=uuid.uuid4(), actuator_id=s2m.BATTERY_ACTUATOR,
@@ -606,11 +610,7 @@ class HeatPumpRM(ModbusRM):
                                             outdoor_c=self.readings.get("outdoor_temperature"))
 
     def withdraw_messages(self) -> list[S2Message]:
-        if self.system_description_id is None:
-            return []
-        return [RevokeObject(message_id=uuid.uuid4(),
-                             object_type=RevokableObjects.FRBC_SystemDescription,
-                             object_id=self.system_description_id)]
+        return self._revoke(RevokableObjects.FRBC_SystemDescription, self.system_description_id)
 
     def _actuator_status(self) -> FRBCActuatorStatus:
         return FRBCActuatorStatus(message_id=uuid.uuid4(), actuator_id=s2m.HEAT_PUMP_ACTUATOR,
@@ -741,11 +741,7 @@ class PvRM(ModbusRM):
                                device_now=self.device_clock() if self.device_clock else None)
 
     def withdraw_messages(self) -> list[S2Message]:
-        if self.constraints_id is None:
-            return []
-        return [RevokeObject(message_id=uuid.uuid4(),
-                             object_type=RevokableObjects.PEBC_PowerConstraints,
-                             object_id=self.constraints_id)]
+        return self._revoke(RevokableObjects.PEBC_PowerConstraints, self.constraints_id)
 
     def periodic_messages(self, now: datetime) -> list[S2Message]:
         out = super().periodic_messages(now)
