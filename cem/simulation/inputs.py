@@ -35,9 +35,11 @@ free EVSE; a session finding no free EVSE is left out and counted in the notes.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
+from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -47,6 +49,8 @@ from cem.site.forecast import ForecastError, load_pv_per_kwp
 from cem.site.limits import limits_from_grid
 from cem.site.prices import CsvPriceSource, PriceError, tariff_prices
 from cem.site.sessions import Session, SessionFileError, load_acn_sessions, on_local_clock
+
+T = TypeVar("T")
 
 MIN_CURRENT_A_DEFAULT = 6.0
 
@@ -240,6 +244,16 @@ def _snap(moment: datetime, t0: datetime, ptu_s: float) -> int:
     return round((moment - t0).total_seconds() / ptu_s)
 
 
+def _read(path: Path, loader: Callable[[Path], T], format_error: type[Exception], what: str) -> T:
+    """`loader(path)`; a bad or unreadable file becomes a SimulationError that says which."""
+    try:
+        return loader(path)
+    except format_error as exc:
+        raise SimulationError(str(exc)) from None
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise SimulationError(f"{path}: cannot read the {what}: {exc}") from None
+
+
 def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_file: Path | None,
                 start: date, days: int, pv_kwp: float) -> SimInputs:
     """Read and map every input of a run; raise SimulationError on any user mistake."""
@@ -249,28 +263,13 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
     horizon = config.planner.horizon_ptus
     notes: list[str] = []
 
-    try:
-        raw_sessions = load_acn_sessions(sessions_file)
-    except SessionFileError as exc:
-        raise SimulationError(str(exc)) from None
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise SimulationError(f"{sessions_file}: cannot read the sessions file: {exc}") from None
+    raw_sessions = _read(sessions_file, load_acn_sessions, SessionFileError, "sessions file")
     if not raw_sessions:
         raise SimulationError(f"{sessions_file}: no sessions in the file")
-    try:
-        price_source = CsvPriceSource(prices_file)
-    except PriceError as exc:
-        raise SimulationError(str(exc)) from None
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise SimulationError(f"{prices_file}: cannot read the price file: {exc}") from None
+    price_source = _read(prices_file, CsvPriceSource, PriceError, "price file")
     pv_series: dict[datetime, float] | None = None
     if pv_file is not None:
-        try:
-            pv_series = load_pv_per_kwp(pv_file)
-        except ForecastError as exc:
-            raise SimulationError(str(exc)) from None
-        except (OSError, EOFError, UnicodeDecodeError) as exc:
-            raise SimulationError(f"{pv_file}: cannot read the PV file: {exc}") from None
+        pv_series = _read(pv_file, load_pv_per_kwp, ForecastError, "PV file")
         if not pv_series:
             raise SimulationError(f"{pv_file}: no PV values in the file")
 
