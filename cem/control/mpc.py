@@ -544,13 +544,11 @@ class SiteController:
         if asset is None or asset.target_wh is None or asset.available_until is None \
                 or asset.charge_max_w <= 0:
             return math.inf
-        done_wh = 0.0
-        if self.plan is not None and asset.id in self.plan.power_w:
-            done_wh = float(np.sum(self.plan.power_w[asset.id][:t])) * self.problem.ptu_minutes / 60 \
-                if self.problem is not None else 0.0
+        ptu_h = self.config.planner.ptu_minutes / 60
+        planned = self.plan.power_w.get(asset.id) if self.plan is not None else None
+        done_wh = float(np.sum(planned[:t])) * ptu_h if planned is not None else 0.0
         missing_wh = max(0.0, asset.target_wh - asset.level_wh - done_wh)
-        left_h = (asset.available_until - t) * (self.config.planner.ptu_minutes / 60)
-        return left_h - missing_wh / asset.charge_max_w
+        return (asset.available_until - t) * ptu_h - missing_wh / asset.charge_max_w
 
     def guard_limits(self) -> GuardLimits:
         grid = self.config.grid
