@@ -71,7 +71,8 @@ def test_demo_runs_the_whole_site_within_its_limits(tmp_path: Path) -> None:
     # the departure the CEM knew, the EV took less than offered, its stay was too short even
     # at full power, or the CEM missed it. Plans still count their whole first PTU while at
     # 1440x a replan takes minutes of it: an EV whose last PTUs are tight can miss by a few
-    # hundred Wh. At most two such misses, by at most 10 %, said as such with their figures.
+    # hundred Wh. At most two such misses, by at most 10 % (0.2 kWh for a small target: a
+    # minute at 11 kW, 0.04 s of wall time), said as such with their figures.
     assert summary["ev_left"] >= 5
     assert summary["ev_missed"] <= 2, summary["ev_missed_by_cem"]
     assert summary["ev_targets_met"] + summary["ev_left_before_known_departure"] \
@@ -86,7 +87,8 @@ def test_demo_runs_the_whole_site_within_its_limits(tmp_path: Path) -> None:
                                     "missed"), visit
         assert (visit["outcome"] == "met") == (visit["reason"] == ""), visit
         if visit["outcome"] == "missed":
-            assert float(visit["delivered_kwh"]) >= 0.9 * float(visit["target_kwh"]), visit
+            shortfall = float(visit["target_kwh"]) - float(visit["delivered_kwh"])
+            assert shortfall <= max(0.1 * float(visit["target_kwh"]), 0.2), visit
             assert any(line.startswith(visit["ev"] + ": offered")
                        for line in summary["ev_missed_by_cem"]), summary["ev_missed_by_cem"]
 

@@ -180,3 +180,27 @@ def test_live_plans_finish_ev_targets_before_the_departure() -> None:
         ends[margin] = int(np.argmax(level >= 36000 - 1))  # first PTU that ends on target
         assert level[12] >= 36000 - 1  # the departure target is met either way
     assert ends[30] <= 10 < ends[0]  # 30 minutes early: done by the end of PTU 10 (19:45)
+
+
+def test_the_finish_margin_shrinks_but_stays_when_the_departure_is_near() -> None:
+    """30 minutes before a departure a 30-minute margin no longer fits: the EV still finishes a
+    PTU early (the first PTU a replan counts whole while part of it has passed)."""
+    from cem.planner.assets import Prices
+    from cem.planner.solve import plan_site
+
+    ev, _ = ev_session()
+    target = {"message_type": "FRBC.FillLevelTargetProfile", "message_id": uid(),
+              "start_time": NOW.isoformat(), "elements": [
+                  {"duration": 30 * 60 * 1000,  # leaves at 17:37: PTUs 17:00, 17:15, 17:30
+                   "fill_level_range": {"start_of_range": 25, "end_of_range": 100}}]}
+    assert json.loads(ev.receive(json.dumps(target), NOW)[0].text)["status"] == "OK"
+    falling = np.linspace(0.40, 0.10, 8)
+    ends = {}
+    for margin in (0, 30):
+        config = SiteConfig.model_validate(
+            {"planner": {"horizon_ptus": 8, "ev_finish_margin_minutes": margin}})
+        problem, _ = build_problem({"ev-3": ev.state}, config, Prices(falling, falling * 0),
+                                   [], NOW)
+        plan = plan_site(problem, time_limit_s=1.0)
+        ends[margin] = int(np.argmax(plan.level_wh["ev-3"] >= 15000 - 1))
+    assert ends == {0: 2, 30: 0}  # cheapest last PTU without a margin; the first PTU with one

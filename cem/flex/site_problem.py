@@ -175,11 +175,14 @@ def finish_early(asset: StorageAsset, margin_minutes: int, ptu_minutes: int) -> 
     Live, the last PTUs of a plan meet reality (a slow taper, an instruction that lands late,
     a replan that comes a little after the PTU starts): a plan that finishes exactly at the
     departure leaves drivers a few hundred Wh short. The EV may still charge until it leaves.
+    Close to the departure the margin shrinks to the end of the first PTU the EV can use, but
+    never to nothing: the last plans before a departure are the ones reality upsets most.
     """
     if margin_minutes <= 0 or asset.target_wh is None or asset.available_until is None:
         return
-    early = asset.available_until - -(-margin_minutes // ptu_minutes)
-    if early <= asset.available_from + 1 or asset.target_wh <= asset.level_wh:
+    early = max(asset.available_until - -(-margin_minutes // ptu_minutes),
+                asset.available_from + 1)
+    if early >= asset.available_until or asset.target_wh <= asset.level_wh:
         return
     asset.target_profile.append((early, asset.target_wh, asset.level_max_wh))
 
