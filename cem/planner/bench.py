@@ -162,14 +162,15 @@ def _pct(values: list[float], q: float) -> float:
 
 def run_instance(n_evs: int, seed: int, ptus: int, time_limit: float) -> dict[str, Any]:
     """Build, plan and check one instance; return its figures."""
-    from cem.planner.scenario_cli import native_stdout_to_stderr, solver_functions
+    from cem.json_stdout import prints_to_stderr
+    from cem.planner.scenario_cli import solver_functions
 
     plan_site, check_plan = solver_functions()
     t0 = time.perf_counter()
     built = scenario_to_problem(bench_scenario(n_evs, seed, ptus))
     scenario_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    with native_stdout_to_stderr():
+    with prints_to_stderr():
         plan = plan_site(built.problem, time_limit_s=time_limit)
     total_s = time.perf_counter() - t1
     violations = check_plan(built.problem, plan)

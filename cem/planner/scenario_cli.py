@@ -9,11 +9,8 @@ for each asset that misses its target.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cem.json_stdout import prints_to_stderr
 from cem.planner.assets import Plan, Problem
 from cem.planner.scenario import BuiltScenario, ScenarioError, load_scenario, scenario_to_problem
 
@@ -47,29 +45,6 @@ def _kw(values: np.ndarray | None, n: int) -> list[float]:
     if values is None:
         return [0.0] * n
     return [round(float(v) / 1000, 3) for v in np.asarray(values)]
-
-
-@contextmanager
-def native_stdout_to_stderr() -> Iterator[None]:
-    """Send what C libraries print on file descriptor 1 (the HiGHS banner) to stderr meanwhile.
-
-    `--json` promises one JSON object on stdout; a solver library writing its banner there
-    would break `cem plan --json | jq`.
-    """
-    sys.stdout.flush()
-    try:
-        saved = os.dup(1)
-    except OSError:  # no real stdout (embedded): nothing to protect
-        yield
-        return
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        with suppress(OSError, ValueError):
-            sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _finite(value: float | None, digits: int) -> float | None:
@@ -207,7 +182,7 @@ def plan_command(scenario: Path, *, json_out: bool, plot: Path | None, time_limi
         raise typer.Exit(2)
     plan_site, check_plan = solver_functions()
     started = time.perf_counter()
-    with native_stdout_to_stderr():
+    with prints_to_stderr():
         plan = plan_site(built.problem, time_limit_s=time_limit)
     wall_s = time.perf_counter() - started
     violations = check_plan(built.problem, plan)

@@ -8,12 +8,9 @@ stderr; with `--json` stdout carries exactly one JSON object.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cem.json_stdout import prints_to_stderr
 from cem.simulation.engine import LevelRun, run_level
 from cem.simulation.inputs import SimInputs, SimulationError, load_inputs, parse_start
 from cem.simulation.kpis import cost_per_day, level_kpis, reference_layout
@@ -56,28 +54,6 @@ def _fail(message: str, hint: str = "") -> typer.Exit:
     if hint:
         console.print(f"  [dim]hint:[/] {hint}")
     return typer.Exit(2)
-
-
-@contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[None]:
-    """Keep stdout for the JSON: solver libraries print banners on file descriptor 1."""
-    try:
-        out_fd = sys.__stdout__.fileno() if sys.__stdout__ else None
-        err_fd = sys.__stderr__.fileno() if sys.__stderr__ else None
-    except (OSError, ValueError):
-        out_fd = err_fd = None
-    saved = None
-    if out_fd is not None and err_fd is not None:
-        sys.__stdout__.flush()
-        saved = os.dup(out_fd)
-        os.dup2(err_fd, out_fd)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        if saved is not None and out_fd is not None:
-            os.dup2(saved, out_fd)
-            os.close(saved)
 
 
 def parse_levels(text: str) -> list[str]:
@@ -177,7 +153,7 @@ def simulate_command(*, site_file: Path, sessions_file: Path, prices: Path, pv: 
         console.print(f"[bold]cem simulate[/] {config.site.name}: {len(inputs.sessions)} sessions, "
                       f"{len(inputs.evses)} EVSEs, {days} day(s) from {first_day} "
                       f"({inputs.n_ptus} PTUs), levels {', '.join(wanted)}", highlight=False)
-        with stdout_to_stderr():
+        with prints_to_stderr():
             runs, controllers = run_simulation(inputs, wanted)
             kpis = summarise(inputs, runs, controllers)
     except SimulationError as exc:
