@@ -273,3 +273,44 @@ async def test_single_phase_ev_on_three_phase_evse_is_seen_from_the_meter(
         assert charger.profile_log[-1]["limit"] == pytest.approx(13.0)
     finally:
         await charger.close()
+
+
+@pytest.mark.parametrize("version, cp_id, phases", [("1.6", "CP16", 3), ("2.0.1", "CP201", 1)])
+async def test_an_ev_that_stops_drawing_while_offered_current_is_full(
+        cem_and_csms: tuple[S2Server, OcppCentralSystem], version: str, cp_id: str,
+        phases: int) -> None:
+    """SuspendedEV (1.6 StatusNotification, 2.0.1 TransactionEvent charging state): the EV
+    takes no more, so the RM withdraws its flexibility and the CEM stops holding power for it."""
+    server, csms = cem_and_csms
+    name = f"EV charger {cp_id}/1"
+    charger = SimulatedChargePoint(cp_id, f"ws://127.0.0.1:{csms.port}", version=version,
+                                   phases=phases, phase="L2", speed=600, meter_interval_s=30)
+    await charger.connect()
+    try:
+        await wait_for(lambda: live(server, name) is not None and description(live(server, name)))
+        entry = live(server, name)
+        assert entry is not None
+        # nearly full: 0.3 % of 10 kWh is 30 Wh, a few simulated seconds at 8 A or more
+        await charger.plug_in(1, SimulatedEv(capacity_kwh=10, soc=99.7, phases=3), "SOMEONE",
+                              dwell_s=3 * 3600, energy_kwh=12)
+        await wait_for(lambda: CHARGING in mode_ids(entry))
+        order = instruction(entry, CHARGING, factor_for(16, phases))
+        await server.send_instruction(entry.rm_id or "", order)
+        # the EV fills up and stops drawing while 16 A is offered: the charger says so ...
+        await wait_for(lambda: charger.evses[1].state_told == "SuspendedEV")
+        evse = next(e for e in csms.evses_of(cp_id) if e.evse_id == 1)
+        await wait_for(lambda: evse.session is not None and evse.session.ev_full)
+        # ... and the CEM is offered nothing more to plan for it, while the session goes on
+        await wait_for(lambda: CHARGING not in mode_ids(entry))
+        storage = description(entry).storage.fill_level_range
+        assert storage.start_of_range == storage.end_of_range
+        assert evse.session is not None and evse.session.energy_wh > 0
+        # the CEM pauses it: the charger now offers nothing (SuspendedEVSE); still full
+        pause = instruction(entry, IDLE, 0.0)
+        await server.send_instruction(entry.rm_id or "", pause)
+        await wait_for(lambda: charger.evses[1].state_told == "SuspendedEVSE")
+        await asyncio.sleep(0.2)
+        assert evse.session is not None and evse.session.ev_full
+        assert CHARGING not in mode_ids(entry)
+    finally:
+        await charger.close()

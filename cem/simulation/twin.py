@@ -12,7 +12,9 @@ Nothing of the CEM is re-implemented here. What is simulated is what sits outsid
   REJECTED / ABORTED) like the live RM does; a RevokeObject cancels a pending one;
 - the EV reports its state of charge (finely) from a battery of `BATTERY_KWH` (or its need,
   if larger) that its real need fills: once the SoC has risen 3 points the RM knows the battery
-  size and plans in SoC, so a full EV (100 %) is learned from the EV itself, as live;
+  size and plans in SoC, so a full EV (100 %) is learned from the EV itself, as live; an EV
+  that stops drawing while its charger offers current (its real need delivered) is taken as
+  full, as the live RM learns from the charger's SuspendedEV;
 - an EV still plugged in at its stated departure gets the live RM's target for an overstayer
   (`fill_level_target`: its need within the next hour), again each hour it stays. The live RM
   computes that target but sends targets only when the shape changes, so there an overstayer
@@ -282,6 +284,7 @@ class TwinEvse(TwinDevice):
         self.soc: float | None = None
         self.soc_first: tuple[float, float] | None = None
         self.limit_a: float | None = None
+        self.ev_full = False  # stopped drawing while offered current (the charger's SuspendedEV)
         self.pending: dict[str, FRBCInstruction] = {}
         self.received: list[FRBCInstruction] = []  # every FRBC.Instruction, as parsed
         self.statuses: list[tuple[str, str]] = []  # (instruction id, status) as reported
@@ -307,6 +310,7 @@ class TwinEvse(TwinDevice):
         self.energy_wh = 0.0
         self.soc = self.soc_first = None
         self.limit_a = None  # a new transaction runs on the charger's default profile
+        self.ev_full = False
         self._target_due = None
         self.meter(0.0)
 
@@ -315,6 +319,7 @@ class TwinEvse(TwinDevice):
         self.energy_wh = 0.0
         self.soc = self.soc_first = None
         self.limit_a = None
+        self.ev_full = False
         self._target_due = None
 
     def meter(self, energy_wh: float) -> None:
@@ -373,17 +378,20 @@ class TwinEvse(TwinDevice):
             departure=departure, soc=self.soc if session else None,
             capacity_kwh=self.capacity_kwh if session else None,
             power_w=self.power_w(), limit_a=self.limit_a if session else None,
-            voltage_v=self.voltage, priority=self.priority)
+            voltage_v=self.voltage, priority=self.priority, ev_full=self.ev_full)
 
     # --- S2, as resource_managers.ocpp_charger.s2_evse.EvseResource._tell_cem -------------------
 
     def tell(self, now: datetime) -> None:
         """Send what changed: description and target, storage and actuator status, power."""
+        if self.session is not None and not self.ev_full and self.remaining_wh() <= 0.5 \
+                and self.setpoint_w() + 1e-6 >= self.evse.min_w:
+            self.ev_full = True  # as the OCPP RM learns from SuspendedEV
         flex = self.flex()
         session = self.session
         shape = (flex.has_session, session.index if session else None, flex.priority,
                  flex.phases, flex.min_current_a, round(flex.max_current_a, 1), flex.departure,
-                 flex.need_kwh, flex.uses_soc)
+                 flex.need_kwh, flex.uses_soc, flex.ev_full)
         feed = self.registry.feed
         if shape != self._shape:
             self._shape = shape

@@ -102,6 +102,7 @@ class EvSession:
     soc_first: tuple[float, float] | None = None  # (soc %, energy Wh) at the first SoC reading
     limit_a: float | None = None
     seq_no: int = 0
+    ev_full: bool = False  # the EV stopped drawing while offered current (SuspendedEV)
 
     @property
     def energy_wh(self) -> float:
@@ -562,6 +563,29 @@ class OcppCentralSystem:
                     self._card_words(id_tag, card))
         self._changed(evse)
 
+    def charging_state(self, evse: Evse, state: str) -> None:
+        """Learn from the charger's state whether the EV still takes power.
+
+        SuspendedEV means the charger offers current and the EV draws none: its battery is
+        full (or it takes no more for its own reasons). Its power is then of more use to the
+        other EVs, so the EV is taken as full: the CEM pauses it for the rest of the session
+        (should it draw again, under a default profile, it is planned again).
+        """
+        session = evse.session
+        if session is None:
+            return
+        if state == "SuspendedEV" and not session.ev_full:
+            session.ev_full = True
+            logger.info("%s: the EV stopped drawing at %s A offered, %.2f kWh charged: taken "
+                        "as full", evse.name,
+                        "?" if session.limit_a is None else f"{session.limit_a:.1f}",
+                        session.energy_wh / 1000)
+            self._changed(evse)
+        elif state == "Charging" and session.ev_full:
+            session.ev_full = False
+            logger.info("%s: the EV draws power again", evse.name)
+            self._changed(evse)
+
     async def meter(self, evse: Evse, at: datetime, energy_wh: float | None,
                     power_w: tuple[float, float, float] | None, soc: float | None) -> None:
         """Take a meter reading: EVSE power, session energy and cost, SoC."""
@@ -868,6 +892,7 @@ class ChargePoint16Handler(_CsmsSide, ChargePoint16):
             evse.status = status
             evse.plugged = status in PLUGGED_16
             evse.online = True
+            self.csms.charging_state(evse, status)
             self.csms._changed(evse)
         return result16.StatusNotification()
 
@@ -1011,6 +1036,8 @@ class ChargePoint201Handler(_CsmsSide, ChargePoint201):
             session.cable_max_current_a = float(cable_max_current)
         if number_of_phases_used:
             target.phases_in_use = min(int(number_of_phases_used), target.config.phases)
+        if transaction_info.get("charging_state"):
+            self.csms.charging_state(target, str(transaction_info["charging_state"]))
         if meter_value:
             await self.csms.meter(target, at, energy, power, soc)
         return answer

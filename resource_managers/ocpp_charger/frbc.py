@@ -13,8 +13,8 @@ One actuator with two operation modes:
   operation mode factor 0..1 picks a power linearly in that range.
 - "idle": 0 W (the charger pauses at 0 A).
 
-With no EV (or the charger offline) only "idle" is offered and the storage range is 0..0: no
-flexibility. The departure target is an FRBC.FillLevelTargetProfile of two elements: from now to
+With no EV, an EV that stopped drawing while offered current (full), or the charger offline,
+only "idle" is offered and the storage range is the level itself: no flexibility. The departure target is an FRBC.FillLevelTargetProfile of two elements: from now to
 one minute before the departure any level, in the last minute at least the needed level. It
 reads the same whether a CEM takes an element's range as holding over the element (S2) or at
 its end (this project's CEM, which also takes the end of the last element as the departure).
@@ -77,10 +77,14 @@ class EvseFlex:
     limit_a: float | None = None
     voltage_v: float = limits.VOLTAGE_V
     priority: int = 1  # from the charge card; S2 has no field for it, see system_description
+    # the EV stopped drawing while the charger offered current (OCPP SuspendedEV): it is full,
+    # or takes no more for its own reasons, so the CEM must not hold power back for it
+    ev_full: bool = False
 
     @property
     def flexible(self) -> bool:
-        return self.online and self.has_session and self.max_current_a >= self.min_current_a
+        return (self.online and self.has_session and not self.ev_full
+                and self.max_current_a >= self.min_current_a)
 
     @property
     def uses_soc(self) -> bool:
@@ -115,8 +119,9 @@ class EvseFlex:
         return self.need_kwh
 
     def level_range(self) -> tuple[float, float]:
-        if not self.flexible:
-            return (0.0, 0.0) if not self.uses_soc else (float(self.soc), float(self.soc))  # type: ignore[arg-type]
+        if not self.flexible:  # the level stays where it is (0 without an EV)
+            level = self.fill_level()
+            return (level, level)
         if self.uses_soc:
             return (0.0, 100.0)
         top = max(KWH_RANGE_MAX, self.energy_kwh, self.need_kwh or 0.0)

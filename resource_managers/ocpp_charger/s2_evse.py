@@ -122,7 +122,8 @@ class EvseResource:
             soc=session.soc if session else None,
             capacity_kwh=session.capacity_kwh if session else None,
             power_w=evse.power_w, limit_a=session.limit_a if session else None,
-            priority=session.priority if session else site.ev_defaults.priority)
+            priority=session.priority if session else site.ev_defaults.priority,
+            ev_full=session.ev_full if session else False)
 
     def activated(self) -> None:
         self.active = True
@@ -195,7 +196,7 @@ class EvseResource:
         shape = (flex.online, flex.has_session, session.transaction_id if session else None,
                  flex.priority,
                  flex.phases, flex.min_current_a, round(flex.max_current_a, 1), flex.departure,
-                 flex.need_kwh, flex.uses_soc)
+                 flex.need_kwh, flex.uses_soc, flex.ev_full)
         if shape != self._shape:
             self._shape = shape
             await self._send(frbc.system_description(flex, self.ids, now), wait=True)
@@ -209,8 +210,10 @@ class EvseResource:
                             flex.energy_kwh, flex.need_kwh or 0,
                             flex.departure.strftime("%H:%M UTC") if flex.departure else "?")
             else:
-                logger.info("%s: told the CEM it has no flexibility (%s)", self.evse.name,
-                            "offline" if not flex.online else "no EV")
+                why = "offline" if not flex.online else (
+                    "the EV is full: it stopped drawing while offered current" if flex.ev_full
+                    else "no EV")
+                logger.info("%s: told the CEM it has no flexibility (%s)", self.evse.name, why)
         level = round(flex.fill_level(), 3)
         if level != self._sent_level:
             self._sent_level = level

@@ -124,6 +124,16 @@ class SimulatedEvse:
     held_wh: float = 0.0  # after the first offer: below the EVSE's and EV's full current
     plugged_at: datetime | None = None
     first_offer_at: datetime | None = None  # when the charger first let the EV charge
+    state_told: str = ""  # the charging state last reported to the central system
+
+    def charging_state(self) -> str:
+        """OCPP's charging state: Charging, SuspendedEV (offered current, the EV draws none:
+        full), SuspendedEVSE (nothing offered); "" without a transaction."""
+        if self.ev is None or self.transaction_id is None:
+            return ""
+        if self.current_a > 0:
+            return "Charging"
+        return "SuspendedEV" if self.offered_a > 0 else "SuspendedEVSE"
 
     @property
     def power_w(self) -> float:
@@ -165,6 +175,7 @@ class SimulatedChargePoint:
         self.profile_log: list[dict[str, Any]] = []  # every SetChargingProfile received
         self._ws: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._telling: set[asyncio.Task[Any]] = set()  # charging state reports under way
         self._physics_task: asyncio.Task[None] | None = None
         self._last_tick: float | None = None  # loop time the physics ran up to
         self._tx_counter = 0
@@ -240,7 +251,8 @@ class SimulatedChargePoint:
             elif evse.transaction_id is None:
                 status = "Preparing"
             else:
-                status = "Charging" if evse.current_a > 0 else "SuspendedEVSE"
+                status = evse.charging_state()
+                evse.state_told = status
             await self.link.call(call16.StatusNotification(
                 connector_id=evse.evse_id, error_code="NoError", status=status,
                 timestamp=_iso(_now())))
@@ -259,6 +271,7 @@ class SimulatedChargePoint:
         evse.phases_used = min(ev.phases, evse.phases)
         evse.offered_wh = evse.refused_wh = evse.held_wh = 0.0
         evse.plugged_at, evse.first_offer_at = _now(), None
+        evse.state_told = ""
         if dwell_s is not None:
             # our physics runs `speed` x the wall clock, the process clock `clock.speed()` x
             evse.departure = _now() + timedelta(seconds=dwell_s * clock.speed() / self.speed)
@@ -311,13 +324,16 @@ class SimulatedChargePoint:
                                                             evse_id=evse.evse_id))
 
     async def _transaction_event(self, evse: SimulatedEvse, event_type: str, trigger: str,
-                                 id_tag: str | None = None, stopped_reason: str | None = None) -> Any:
+                                 id_tag: str | None = None, stopped_reason: str | None = None,
+                                 charging_state: str | None = None) -> Any:
         evse.seq_no += 1
         info: dict[str, Any] = {"transaction_id": evse.transaction_id}
         if stopped_reason:
             info["stopped_reason"] = stopped_reason
         if event_type == "Started":
             info["charging_state"] = "EVConnected"
+        elif charging_state:
+            info["charging_state"] = charging_state
         return await self.link.call(call201.TransactionEvent(
             event_type=event_type, timestamp=_iso(_now()), trigger_reason=trigger,
             seq_no=evse.seq_no, transaction_info=info, meter_value=[self._meter_value(evse)],
@@ -458,8 +474,33 @@ class SimulatedChargePoint:
             while True:
                 await asyncio.sleep(TICK_S)
                 self.advance()
+                if self.booted.is_set():
+                    for evse in self.evses.values():
+                        state = evse.charging_state()
+                        if state and state != evse.state_told:
+                            evse.state_told = state
+                            task = asyncio.get_running_loop().create_task(
+                                self._tell_state(evse, state))
+                            self._telling.add(task)
+                            task.add_done_callback(self._telling.discard)
         finally:
             self._last_tick = None
+
+    async def _tell_state(self, evse: SimulatedEvse, state: str) -> None:
+        """A charging state change, as a real charger reports it (1.6: StatusNotification;
+        2.0.1: TransactionEvent Updated, ChargingStateChanged). Offline, it is lost: the
+        next change or a reboot's StatusNotification tells the state again."""
+        with contextlib.suppress(Exception):
+            await self._send_state(evse, state)
+
+    async def _send_state(self, evse: SimulatedEvse, state: str) -> None:
+        if self.version == "1.6":
+            await self.link.call(call16.StatusNotification(
+                connector_id=evse.evse_id, error_code="NoError", status=state,
+                timestamp=_iso(_now())))
+        else:
+            await self._transaction_event(evse, "Updated", "ChargingStateChanged",
+                                          charging_state=state)
 
     # --- profiles from the CSMS ------------------------------------------------------------
 
