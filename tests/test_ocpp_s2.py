@@ -314,3 +314,30 @@ async def test_an_ev_that_stops_drawing_while_offered_current_is_full(
         assert CHARGING not in mode_ids(entry)
     finally:
         await charger.close()
+
+
+async def test_an_ev_suspended_before_it_charged_is_not_taken_as_full(
+        cem_and_csms: tuple[S2Server, OcppCentralSystem]) -> None:
+    """Many EVs say SuspendedEV for a while after plug-in, before they draw: not full."""
+    from ocpp.v16 import call as call16
+
+    server, csms = cem_and_csms
+    charger = SimulatedChargePoint("CP16", f"ws://127.0.0.1:{csms.port}", version="1.6",
+                                   speed=1, meter_interval_s=3600)
+    await charger.connect()
+    try:
+        await charger.plug_in(1, SimulatedEv(), "SOMEONE")
+        await wait_for(lambda: live(server, "EV charger CP16/1") is not None
+                       and CHARGING in mode_ids(live(server, "EV charger CP16/1")))
+        entry = live(server, "EV charger CP16/1")
+        assert entry is not None
+        await charger.link.call(call16.StatusNotification(
+            connector_id=1, error_code="NoError", status="SuspendedEV",
+            timestamp=datetime.now(UTC).isoformat()))
+        evse = next(e for e in csms.evses_of("CP16") if e.evse_id == 1)
+        await wait_for(lambda: evse.status == "SuspendedEV")
+        await asyncio.sleep(0.2)
+        assert evse.session is not None and not evse.session.ev_full
+        assert CHARGING in mode_ids(entry)
+    finally:
+        await charger.close()

@@ -569,12 +569,14 @@ class OcppCentralSystem:
         SuspendedEV means the charger offers current and the EV draws none: its battery is
         full (or it takes no more for its own reasons). Its power is then of more use to the
         other EVs, so the EV is taken as full: the CEM pauses it for the rest of the session
-        (should it draw again, under a default profile, it is planned again).
+        (should it draw again, under a default profile, it is planned again). Only after the
+        EV has charged: many EVs are SuspendedEV for a while after plug-in, before their
+        battery management starts drawing.
         """
         session = evse.session
         if session is None:
             return
-        if state == "SuspendedEV" and not session.ev_full:
+        if state == "SuspendedEV" and not session.ev_full and session.energy_wh > 0:
             session.ev_full = True
             logger.info("%s: the EV stopped drawing at %s A offered, %.2f kWh charged: taken "
                         "as full", evse.name,
