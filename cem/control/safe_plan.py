@@ -14,12 +14,14 @@ from __future__ import annotations
 import numpy as np
 
 from cem.planner.assets import Plan, Problem, Shortfall, StorageAsset
+from cem.planner.layout import first_ptu_share, ptu_hours
 
 
 def safe_plan(problem: Problem, reason: str = "fallback") -> Plan:
     """A feasible-by-construction plan for `problem` (status FALLBACK)."""
     n = problem.n_ptus
-    dt_h = problem.ptu_minutes / 60
+    hours = ptu_hours(problem)  # PTU 0 only the share still ahead of the plan's start
+    first_share = first_ptu_share(problem)
     limits = problem.limits
     phase_w = np.zeros((3, n))
     net = np.zeros(n)
@@ -67,7 +69,10 @@ def safe_plan(problem: Problem, reason: str = "fallback") -> Plan:
     for t in range(n):
         for s in order:
             usage = float(s.usage_wh[t]) if s.usage_wh is not None and t < len(s.usage_wh) else 0
+            if t == 0:
+                usage *= first_share  # given per whole PTU
             until = s.available_until if s.available_until is not None else n
+            dt_h = float(hours[t])
             want = _wanted_w(s, level_now[s.id], usage, t, dt_h) if s.available_from <= t < until \
                 else 0.0
             headroom = float(limits.import_limit_w[t]) - net[t]
@@ -106,7 +111,7 @@ def safe_plan(problem: Problem, reason: str = "fallback") -> Plan:
         export_excess = export_excess - cut
 
     prices = problem.prices
-    energy_kwh = net * dt_h / 1000
+    energy_kwh = net * hours / 1000
     cost = float(np.sum(np.where(energy_kwh > 0, energy_kwh * prices.import_eur_per_kwh[:n],
                                  energy_kwh * prices.export_eur_per_kwh[:n])))
     return Plan(status="FALLBACK", power_w=power, grid_import_w=np.round(net).astype(np.int64),
@@ -118,7 +123,8 @@ def safe_plan(problem: Problem, reason: str = "fallback") -> Plan:
 
 
 def _wanted_w(s: StorageAsset, level: float, usage: float, t: int, dt_h: float) -> float:
-    """Power that brings the storage towards its target (or its top) in this PTU."""
+    """Power that brings the storage towards its target (or its top) in this PTU (of dt_h
+    hours)."""
     goal = float(s.level_max_wh)
     if s.kind in ("heat_pump", "battery"):
         # keep a heat buffer / battery at its floor or the next target, no more

@@ -18,6 +18,10 @@ PhaseShare = tuple[float, float, float]
 
 THREE_PHASE: PhaseShare = (1 / 3, 1 / 3, 1 / 3)
 
+MIN_FIRST_PTU_SHARE = 0.05
+"""The least share of PTU 0 a plan counts on: a replan in the last seconds of a PTU must not
+make PTU 0 last (almost) nothing."""
+
 
 def single_phase(phase: str) -> PhaseShare:
     """Phase share of a 1-phase asset on L1, L2 or L3."""
@@ -30,8 +34,9 @@ class StorageAsset:
 
     Power domain per PTU while available: {0} U [charge_min_w, charge_max_w] and, when it can
     discharge, [-discharge_max_w, -discharge_min_w]. The fill level is kept in Wh (thermal Wh
-    for a heat pump): level[t+1] = level[t] + dt_h * (charge_efficiency * charge[t]
-    - discharge[t] / discharge_efficiency) - usage_wh[t].
+    for a heat pump): level[t+1] = level[t] + h[t] * (charge_efficiency * charge[t]
+    - discharge[t] / discharge_efficiency) - usage_wh[t], where h[t] is the PTU's length in
+    hours (PTU 0 only its `Problem.first_ptu_share`, which also scales usage_wh[0]).
     """
 
     id: str
@@ -160,6 +165,10 @@ class Problem:
     curtailable: list[Curtailable] = field(default_factory=list)
     modes: list[ModeAsset] = field(default_factory=list)
     profiles: list[ShiftableProfile] = field(default_factory=list)
+    # share of PTU 0 still ahead (0 < share <= 1): a live replan at `now` starts part-way
+    # through PTU 0, so only that part of it can still move energy; 1.0 for a plan that
+    # starts on a PTU boundary (scenarios, the simulator)
+    first_ptu_share: float = 1.0
 
     def ptu_start(self, index: int) -> datetime:
         return self.start + timedelta(minutes=self.ptu_minutes * index)

@@ -135,7 +135,7 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
     """The LP relaxation as arrays (kW, kWh, EUR); `keep` (S, n) limits the charge columns of
     charge-only assets to a subset (the rest is priced in later by `solve_lp`)."""
     n, S, K = lay.n, lay.s, lay.k
-    dt = lay.dt_h
+    hours = lay.ptu_h
     pr = lay.problem
     lp = _LpArrays()
     ones = np.ones((S, n))
@@ -144,11 +144,11 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
     c_mask = full_c if keep is None else full_c & (keep | levels[:, None])
     d_mask = lay.avail & (lay.dmax[:, None] > 0)
     c_idx = _grid_index(c_mask, lp, 0 * ones, lay.cmax[:, None] / 1000 * ones,
-                        np.broadcast_to(lay.tie * dt, (S, n)) * ones)
+                        np.broadcast_to(lay.tie * hours, (S, n)) * ones)
     d_idx = _grid_index(d_mask, lp, 0 * ones, lay.dmax[:, None] / 1000 * ones, 0 * ones)
     cur_mask = lay.pv_curtailable[:, None] & (lay.pv > 0) if K else np.zeros((0, n), dtype=bool)
     cur_idx = _grid_index(cur_mask, lp, np.zeros((K, n)), lay.pv / 1000, np.zeros((K, n)))
-    g = lp.cols(-lay.export_lim / 1000, lay.import_lim / 1000, lay.p_exp_eff * dt, n)
+    g = lp.cols(-lay.export_lim / 1000, lay.import_lim / 1000, lay.p_exp_eff * hours, n)
     t_all = np.arange(n)
     # g[t] = fixed - pv + sum(charge - discharge) + curtail + modes + profiles
     gdef = lp.rows((lay.fixed_w - lay.pv.sum(axis=0)) / 1000, (lay.fixed_w - lay.pv.sum(axis=0)) / 1000, n)
@@ -172,7 +172,7 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
     need_imp = extra > 0
     if np.any(need_imp):
         ts = t_all[need_imp]
-        imp = lp.cols(0.0, INF, extra[ts] * dt, len(ts))
+        imp = lp.cols(0.0, INF, extra[ts] * hours[ts], len(ts))
         r = lp.rows(0.0, INF, len(ts))
         lp.coef(r, imp, 1.0)
         lp.coef(r, g[ts], -1.0)
@@ -267,7 +267,7 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
     has_t = ~np.isnan(lay.target)
     need = np.where(has_t, np.nan_to_num(lay.target) - lay.level0, 0.0)
     mono = ~levels
-    e_coef = dt * lay.eta_c  # kWh level per kW charged for one PTU
+    e_coef = hours * lay.eta_c[:, None]  # (S, n) kWh level per kW charged in each PTU
     # monotone assets: one sum row for the target, one for the level cap
     tgt = np.flatnonzero(mono & has_t & (need > 0))
     cap = lay.lmax - lay.level0
@@ -281,9 +281,10 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
         rmap[tgt] = r
         index.energy_row[tgt] = r
         sel = rmap[ci] >= 0
-        lp.coef(rmap[ci[sel]], c_idx[ci[sel], ct[sel]], e_coef[ci[sel]])
+        lp.coef(rmap[ci[sel]], c_idx[ci[sel], ct[sel]], e_coef[ci[sel], ct[sel]])
         _unmet_cols(lp, lay, r, tgt, need)
-    max_energy = (full_c.sum(axis=1) * lay.cmax * e_coef)
+    # every PTU of the window at full power (PTU 0 counts for its share)
+    max_energy = (full_c * lay.part).sum(axis=1) * lay.cmax * (lay.dt_h * lay.eta_c)
     capped = np.flatnonzero(mono & ~exact & (max_energy > cap + 1e-6))
     if len(capped):
         r = lp.rows(-INF, np.maximum(cap[capped], 0) / 1000, len(capped))
@@ -291,7 +292,7 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
         rmap[capped] = r
         index.cap_row[capped] = r
         sel = rmap[ci] >= 0
-        lp.coef(rmap[ci[sel]], c_idx[ci[sel], ct[sel]], e_coef[ci[sel]])
+        lp.coef(rmap[ci[sel]], c_idx[ci[sel], ct[sel]], e_coef[ci[sel], ct[sel]])
     # milestones of monotone assets (an EV's target before its departure): partial sums
     for i in np.flatnonzero(mono & lay.needs_levels):
         a, b = int(lay.first[i]), int(lay.last[i])
@@ -300,12 +301,13 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
                 continue
             ts = np.arange(a, ptu)
             cc = c_idx[i, ts]
+            ts = ts[cc >= 0]
             cc = cc[cc >= 0]
             u = lp.cols(0.0, INF, lay.weight[i] * 1000, 2)
             r = lp.rows(np.array([(lo - lay.level0[i]) / 1000, -INF]),
                         np.array([INF, (hi - lay.level0[i]) / 1000]), 2)
             for row in r:
-                lp.coef(np.full(len(cc), row), cc, e_coef[i])
+                lp.coef(np.full(len(cc), row), cc, e_coef[i, ts])
             lp.coef(r, u, np.array([1.0, -1.0]))
     for i in np.flatnonzero(levels):
         a, b = int(lay.first[i]), int(lay.last[i])
@@ -321,10 +323,10 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
         ts = np.arange(a, b)
         cc = c_idx[i, ts]
         ok = cc >= 0
-        lp.coef(rows[ok], cc[ok], -dt * lay.eta_c[i])
+        lp.coef(rows[ok], cc[ok], -hours[ts[ok]] * lay.eta_c[i])
         dd = d_idx[i, ts]
         ok = dd >= 0
-        lp.coef(rows[ok], dd[ok], dt / lay.eta_d[i])
+        lp.coef(rows[ok], dd[ok], hours[ts[ok]] / lay.eta_d[i])
         # soft level_min
         s_cols = lp.cols(0.0, INF, lay.weight[i] * 1000, w)
         r = lp.rows(lay.lmin[i] / 1000, INF, w)

@@ -3,10 +3,11 @@
 `check_plan(problem, plan)` lists violations in words (empty list: the plan is valid): fuse
 current per phase (import and export direction), import and export limits per PTU, storage
 power outside its window or outside {0} U [min, max] (and discharge outside its range),
-levels above level_max, levels below level_min and targets missed (an EV's departure target, a
-PEBC energy window's lower bound) unless the plan reports a shortfall for that asset, and
-shiftable profiles that do not run one of their shapes from a start in that shape's window. Limits that the inputs alone break (base load above the import limit) are noted in
-the plan and still reported here: they are real.
+levels above level_max (PTU 0 lasting only `Problem.first_ptu_share`), levels below level_min
+and targets missed (an EV's departure target, a PEBC energy window's lower bound) unless the
+plan reports a shortfall for that asset, and shiftable profiles that do not run one of their
+shapes from a start in that shape's window. Limits that the inputs alone break (base load above
+the import limit) are noted in the plan and still reported here: they are real.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from cem.planner.assets import Plan, Problem, ShiftableProfile
-from cem.planner.layout import per_ptu, profile_power
+from cem.planner.layout import first_ptu_share, per_ptu, profile_power, ptu_hours
 
 TOL_W = 1.0
 
@@ -104,6 +105,7 @@ def _check_storage(problem: Problem, plan: Plan, out: list[str], g: np.ndarray, 
     """Windows, power domains and levels of every storage asset, checked as arrays."""
     n = problem.n_ptus
     dt = problem.ptu_minutes / 60
+    hours = ptu_hours(problem)  # PTU 0 only the share still ahead of the plan's start
     assets = [a for a in problem.storage if plan.power_w.get(a.id) is not None]
     out.extend(f"{a.id}: no power in the plan" for a in problem.storage if plan.power_w.get(a.id) is None)
     if not assets:
@@ -130,12 +132,14 @@ def _check_storage(problem: Problem, plan: Plan, out: list[str], g: np.ndarray, 
         if a.usage_wh is not None:
             u = per_ptu(a.usage_wh, n)
             usage[k, first[k]:last[k]] = u[first[k]:last[k]]
+    if n:
+        usage[:, 0] *= first_ptu_share(problem)  # given per whole PTU
     eta_c = np.array([a.charge_efficiency for a in assets])[:, None]
     eta_d = np.array([a.discharge_efficiency for a in assets])[:, None]
     level0 = np.array([a.level_wh for a in assets], dtype=float)[:, None]
     lmax = np.array([a.level_max_wh for a in assets], dtype=float)[:, None]
     lmin = np.array([a.level_min_wh for a in assets], dtype=float)[:, None]
-    lv = level0 + np.cumsum(dt * (eta_c * np.maximum(P, 0) - np.maximum(-P, 0) / eta_d) - usage, axis=1)
+    lv = level0 + np.cumsum(hours * (eta_c * np.maximum(P, 0) - np.maximum(-P, 0) / eta_d) - usage, axis=1)
     tol = 10.0 + 1e-4 * np.maximum(np.abs(lmax), 1)  # within metering accuracy
     over = lv > np.maximum(lmax, level0) + tol
     under = lv < lmin - tol

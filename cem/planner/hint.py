@@ -92,10 +92,11 @@ def _sigma_delta(lay: Layout, i: int, net: np.ndarray) -> tuple[np.ndarray, np.n
     """
     c = np.zeros(lay.n)
     d = np.zeros(lay.n)
-    carry = 0.0
+    carry = 0.0  # W x (whole) PTU
     st = float(lay.step[i])
+    part = lay.part
     for t in range(int(lay.first[i]), int(lay.last[i])):
-        want = net[t] + carry
+        want = net[t] + carry / part[t]
         options = [0.0]
         if lay.cmax[i] > 0:
             options.append(min(max(np.floor(want / st + 0.5) * st, lay.cmin[i]), lay.cmax[i]))
@@ -103,7 +104,7 @@ def _sigma_delta(lay: Layout, i: int, net: np.ndarray) -> tuple[np.ndarray, np.n
             options.append(-min(max(np.floor(-want / st + 0.5) * st, lay.dmin[i]), lay.dmax[i]))
         above = [v for v in options if v >= want - 1e-6]  # never below the fractional level
         pick = min(above) if above else max(options)
-        carry = want - pick
+        carry = (want - pick) * part[t]
         if pick > 0:
             c[t] = pick
         else:
@@ -138,10 +139,12 @@ def _move_below_min(lay: Layout, c: np.ndarray, cmin: np.ndarray, busy: np.ndarr
     small = (c > 0) & (c < cmin[:, None] - EPS)
     rows = np.flatnonzero(small.any(axis=1))
     price = lay.p_imp + np.where(busy, 1e3, 0.0)
+    part = lay.part
+    partial = part < 1.0  # a partial PTU 0 gives no donors (its W are not whole-PTU energy)
     for i in rows:
         sm = np.flatnonzero(small[i])
         orig = c[i].copy()
-        energy = float(c[i, sm].sum())  # W x PTU
+        energy = float((c[i, sm] * part[sm]).sum())  # W x (whole) PTU
         best = int(sm[np.argmax(c[i, sm] - np.where(busy[sm], 1e9, 0.0))])
         c[i, sm] = 0.0
         on = np.flatnonzero(c[i] >= cmin[i] - EPS)
@@ -153,26 +156,34 @@ def _move_below_min(lay: Layout, c: np.ndarray, cmin: np.ndarray, busy: np.ndarr
                 if share[p] > 0:
                     site = np.minimum(site, head_ph[p, on] / share[p])
             room = np.maximum(np.minimum(lay.cmax[i] - c[i, on], np.floor(site / lay.step[i]) * lay.step[i]), 0)
-            take = np.minimum(room, np.maximum(energy - np.concatenate([[0.0], np.cumsum(room)[:-1]]), 0))
+            room_e = room * part[on]
+            take = np.minimum(room_e, np.maximum(energy - np.concatenate([[0.0], np.cumsum(room_e)[:-1]]), 0))
+            take = take / part[on]
+            short = partial[on]
+            st = float(lay.step[i])
+            take[short] = np.minimum(np.ceil(take[short] / st - EPS) * st, room[short])
             c[i, on] += take
             head_imp[on] -= take
             head_ph[:, on] -= np.outer(share, take)
-            energy -= float(take.sum())
+            energy -= float((take * part[on]).sum())
         if energy <= lay.step[i] / 2:
             continue
-        takes = _donors(c[i], cmin[i] - energy, cmin[i], price) if energy < cmin[i] else None
+        at_min = cmin[i] * part[best]  # energy of the minimum in PTU `best`
+        takes = _donors(np.where(partial, 0.0, c[i]), at_min - energy, cmin[i], price) \
+            if energy < at_min else None
         if takes is not None:
             for u, amount in takes:
                 c[i, u] -= amount
             c[i, best] = cmin[i]
         else:
-            room = (lay.lmax[i] - lay.level0[i]) / (lay.dt_h * lay.eta_c[i]) - float(c[i].sum())
+            room = (lay.lmax[i] - lay.level0[i]) / (lay.dt_h * lay.eta_c[i]) - float((c[i] * part).sum())
             lift_ok = lay.needs_levels[i] or room >= cmin[i] - EPS
             # the usual rule decides (up to the minimum or off) unless the minimum overfills
             if lift_ok:  # put the rest back into the PTUs it came from, largest first
                 for t in sorted(sm, key=lambda x: (busy[x], -orig[x])):
-                    c[i, t] = min(energy, lay.cmax[i])
-                    energy -= c[i, t]
+                    w = energy / part[t]
+                    c[i, t] = min(_up(w, float(lay.step[i])) if partial[t] else w, lay.cmax[i])
+                    energy -= c[i, t] * part[t]
                     if energy <= EPS:
                         break
 
@@ -181,13 +192,17 @@ def _down(value: float, step: float) -> float:
     return float(np.floor(value / step + EPS) * step)
 
 
+def _up(value: float, step: float) -> float:
+    """`value` rounded up to the step grid (W in a partial PTU that carry a whole-PTU amount)."""
+    return float(np.ceil(value / step - EPS) * step)
+
+
 def fix_levels(lay: Layout, disp: Dispatch) -> None:
     """Keep each asset's level <= level_max and >= level_min by trimming its power (in place)."""
     lv = levels(lay, disp)
     over = (lv[:, 1:] > lay.lmax[:, None] + 1e-6)
     under = (lv[:, 1:] < lay.lmin[:, None] - 1e-6) & (disp.discharge > 0)
     bad = np.flatnonzero(over.any(axis=1) | under.any(axis=1))
-    dt = lay.dt_h
     for i in bad:
         if not lay.needs_levels[i]:
             _trim_energy(lay, disp, int(i))
@@ -195,6 +210,7 @@ def fix_levels(lay: Layout, disp: Dispatch) -> None:
         level = lay.level0[i]
         st = float(lay.step[i])
         for t in range(lay.first[i], lay.last[i]):
+            dt = float(lay.ptu_h[t])
             c, d = disp.charge[i, t], disp.discharge[i, t]
             nxt = level + dt * (lay.eta_c[i] * c - d / lay.eta_d[i]) - lay.usage[i, t]
             if nxt > lay.lmax[i] + 1e-6 and c > 0:
@@ -217,25 +233,26 @@ def _trim_energy(lay: Layout, disp: Dispatch, i: int) -> None:
     k = lay.dt_h * lay.eta_c[i]
     st = float(lay.step[i])
     c = disp.charge[i]
-    excess = float(c.sum()) - (lay.lmax[i] - lay.level0[i]) / k  # W x PTU
+    part = lay.part
+    excess = float((c * part).sum()) - (lay.lmax[i] - lay.level0[i]) / k  # W x (whole) PTU
     on = np.flatnonzero(c > 0)
     for t in on[np.argsort(-lay.p_imp[on], kind="stable")]:
         if excess <= EPS:
             return
-        cut = min(np.ceil(excess / st - EPS) * st, c[t] - lay.cmin[i])
+        cut = min(np.ceil(excess / part[t] / st - EPS) * st, c[t] - lay.cmin[i])
         if cut > 0:
             c[t] -= cut
-            excess -= cut
+            excess -= cut * part[t]
     for t in on[np.argsort(c[on], kind="stable")]:  # still too much: switch off the smallest
         if excess <= EPS:
             return
-        excess -= c[t]
+        excess -= c[t] * part[t]
         c[t] = 0.0
 
 
 def _slack_order(lay: Layout, disp: Dispatch) -> np.ndarray:
     """Reduction order of assets: lowest priority first, then most room to catch up later."""
-    room = (lay.avail.sum(axis=1) * lay.cmax * lay.dt_h * lay.eta_c)
+    room = ((lay.avail * lay.part).sum(axis=1) * lay.cmax * lay.dt_h * lay.eta_c)
     need = np.where(np.isnan(lay.target), 0.0, np.nan_to_num(lay.target) - lay.level0)
     slack = room - need
     is_hp = np.array([k == "heat_pump" for k in lay.kind], dtype=float)
@@ -401,7 +418,6 @@ def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first
     for the fallback); never above the import limit, the fuse on any phase, or the asset's
     maximum level; first below the current peak, then up to the limits.
     """
-    dt = lay.dt_h
     g, ph = grid_and_phases(lay, disp)
     lv = levels(lay, disp)
     S = lay.s
@@ -438,7 +454,7 @@ def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first
         room = _can_take(lay, disp, active, g, ph, cap)
         done = np.zeros(len(active), dtype=bool)
         for k in np.flatnonzero(room):
-            done[k] = bool(_fill_asset(lay, disp, int(active[k]), g, ph, cap, price, dt, by_price, goal))
+            done[k] = bool(_fill_asset(lay, disp, int(active[k]), g, ph, cap, price, by_price, goal))
         active = active[~done]
         if len(active) == 0:
             return
@@ -462,15 +478,18 @@ def _can_take(lay: Layout, disp: Dispatch, assets: np.ndarray, g: np.ndarray, ph
 
 
 def _fill_asset(lay: Layout, disp: Dispatch, i: int, g: np.ndarray, ph: np.ndarray,
-                cap: np.ndarray, price: np.ndarray, dt: float, by_price: bool, goal: np.ndarray) -> bool:
+                cap: np.ndarray, price: np.ndarray, by_price: bool, goal: np.ndarray) -> bool:
     """Fill asset i under `cap`; True when it is done (met, or no PTU can take more)."""
     a, b = int(lay.first[i]), int(lay.last[i])
     eta = lay.eta_c[i]
     step = float(lay.step[i])
     share = lay.share[i]
+    hours = lay.ptu_h
+    part = lay.part
+    donor_row = part >= 1.0  # a partial PTU 0 gives no donors (its W are not whole-PTU energy)
     for _ in range(3):
         lvl = lay.level0[i] + np.concatenate([[0.0], np.cumsum(
-            dt * (eta * disp.charge[i] - disp.discharge[i] / lay.eta_d[i]) - lay.usage[i])])
+            hours * (eta * disp.charge[i] - disp.discharge[i] / lay.eta_d[i]) - lay.usage[i])])
         # the first level index that misses: level_min (levels after a PTU) or the target
         want = np.full(lay.n + 1, -np.inf)
         if lay.needs_levels[i]:
@@ -501,6 +520,7 @@ def _fill_asset(lay: Layout, disp: Dispatch, i: int, g: np.ndarray, ph: np.ndarr
             c = disp.charge[i, t]
             if c >= lay.cmax[i] or disp.discharge[i, t] > 0:
                 continue
+            dt = float(hours[t])
             head = cap[t] - g[t]
             for p in range(3):
                 if share[p] > 0:
@@ -515,14 +535,15 @@ def _fill_asset(lay: Layout, disp: Dispatch, i: int, g: np.ndarray, ph: np.ndarr
                 if add == 0 and head >= lay.cmin[i] and 0 < rest < lay.cmin[i] and not lay.needs_levels[i]:
                     # the rest is below the minimum power: run this PTU at the minimum and take
                     # the difference from a PTU that charges well above it
-                    over = np.ceil((lay.cmin[i] - rest) / step - EPS) * step
-                    takes = _donors(disp.charge[i], over, lay.cmin[i], price)
+                    over = np.ceil((lay.cmin[i] - rest) * part[t] / step - EPS) * step
+                    takes = _donors(np.where(donor_row, disp.charge[i], 0.0), over, lay.cmin[i],
+                                    price)
                     for u, amount in takes or []:
                         disp.charge[i, u] -= amount
                         g[u] -= amount
                         ph[:, u] -= share * amount
-                        lvl[u + 1:] -= dt * eta * amount
-                        gap += dt * eta * amount
+                        lvl[u + 1:] -= hours[u] * eta * amount
+                        gap += hours[u] * eta * amount
                     if takes:
                         add = lay.cmin[i]
             else:
@@ -579,10 +600,14 @@ def shave_peak(lay: Layout, disp: Dispatch, deadline: float, rounds: int = 60) -
 
 def _move_out_of_peak(lay: Layout, disp: Dispatch, g: np.ndarray, ph: np.ndarray, cap: float,
                       mono: np.ndarray) -> tuple[bool, float]:
-    dt = lay.dt_h
+    hours = lay.ptu_h
+    # charging moves between whole PTUs only: W in a partial PTU 0 carry less energy
+    whole = lay.part >= 1.0
     extra = 0.0
     lim = np.minimum(lay.import_lim, cap)
     for t in np.flatnonzero(g > cap + 0.5):
+        if not whole[t]:
+            return False, extra
         excess = g[t] - cap
         users = mono[disp.charge[mono, t] > 0]
         users = users[np.argsort(-disp.charge[users, t], kind="stable")]
@@ -598,7 +623,7 @@ def _move_out_of_peak(lay: Layout, disp: Dispatch, g: np.ndarray, ph: np.ndarray
             if give <= 0:
                 give = c_t
             ss = np.arange(a, b)
-            ss = ss[(ss != t)]
+            ss = ss[(ss != t) & whole[ss]]
             ss = ss[np.argsort(lay.p_imp[ss], kind="stable")]
             placed: list[tuple[int, float]] = []
             left = give
@@ -627,12 +652,12 @@ def _move_out_of_peak(lay: Layout, disp: Dispatch, g: np.ndarray, ph: np.ndarray
             disp.charge[i, t] -= give
             g[t] -= give
             ph[:, t] -= share * give
-            extra -= lay.p_imp[t] * give * dt / 1000
+            extra -= lay.p_imp[t] * give * hours[t] / 1000
             for s, put in placed:
                 disp.charge[i, s] += put
                 g[s] += put
                 ph[:, s] += share * put
-                extra += lay.p_imp[s] * put * dt / 1000
+                extra += lay.p_imp[s] * put * hours[s] / 1000
             excess = g[t] - cap
         if excess > 0.5:
             return False, extra

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cem.planner.assets import Problem, ShiftableProfile
+from cem.planner.assets import MIN_FIRST_PTU_SHARE, Problem, ShiftableProfile
 
 UNMET_EUR_PER_WH = 0.2  # 200 EUR/kWh for priority 1
 PRIORITY_FACTOR = 3.0
@@ -40,6 +40,23 @@ def per_ptu(values: object, n: int) -> np.ndarray:
     return v
 
 
+def first_ptu_share(problem: Problem) -> float:
+    """The share of PTU 0 the plan still has (`Problem.first_ptu_share`, kept in
+    [MIN_FIRST_PTU_SHARE, 1])."""
+    return min(max(float(problem.first_ptu_share), MIN_FIRST_PTU_SHARE), 1.0)
+
+
+def ptu_hours(problem: Problem) -> np.ndarray:
+    """Hours each PTU lasts from the plan's start (n,): PTU 0 only the share still ahead.
+
+    Every power-to-energy step (levels, energy cost) uses these; power limits do not.
+    """
+    hours = np.full(problem.n_ptus, problem.ptu_minutes / 60)
+    if len(hours):
+        hours[0] *= first_ptu_share(problem)
+    return hours
+
+
 def priority_weight(priority: int) -> float:
     """EUR per Wh of unmet energy for an asset of this priority."""
     return UNMET_EUR_PER_WH * PRIORITY_FACTOR ** (min(max(priority, 1), 4) - 1)
@@ -51,7 +68,8 @@ class Layout:
 
     problem: Problem
     n: int
-    dt_h: float
+    dt_h: float  # the nominal PTU length (h)
+    ptu_h: np.ndarray  # (n,) hours each PTU lasts from the plan's start: PTU 0 only its share
     ids: list[str]
     kind: list[str]
     avail: np.ndarray  # (S, n) bool
@@ -67,7 +85,7 @@ class Layout:
     level0: np.ndarray  # (S,) Wh
     lmin: np.ndarray
     lmax: np.ndarray
-    usage: np.ndarray  # (S, n) Wh, zero outside the window
+    usage: np.ndarray  # (S, n) Wh, zero outside the window; PTU 0's scaled by its share
     target: np.ndarray  # (S,) Wh, nan where none
     needs_levels: np.ndarray  # (S,) bool: level variables per PTU (else one energy sum)
     weight: np.ndarray  # (S,) EUR per Wh unmet
@@ -97,6 +115,11 @@ class Layout:
         return len(self.ids)
 
     @property
+    def part(self) -> np.ndarray:
+        """(n,) share of each PTU the plan has (ptu_h / dt_h): 1 but for a partial PTU 0."""
+        return self.ptu_h / self.dt_h
+
+    @property
     def k(self) -> int:
         return len(self.pv_ids)
 
@@ -111,6 +134,7 @@ def build_layout(problem: Problem) -> Layout:
     """Turn a Problem into arrays; note where the inputs alone break a hard limit."""
     n = problem.n_ptus
     dt = problem.ptu_minutes / 60
+    ptu_h = ptu_hours(problem)
     st = problem.storage
     S = len(st)
     notes: list[str] = []
@@ -148,6 +172,8 @@ def build_layout(problem: Problem) -> Layout:
             target[i] = float(a.target_wh)
         needs[i] = (dmax[i] > 0 or bool(np.any(usage[i] != 0)) or bool(a.target_profile)
                     or a.level_wh < a.level_min_wh)
+    if n:
+        usage[:, 0] *= first_ptu_share(problem)  # given per whole PTU
     eta_c = np.array([max(a.charge_efficiency, 1e-6) for a in st]) if S else np.zeros(0)
     eta_d = np.array([max(a.discharge_efficiency, 1e-6) for a in st]) if S else np.zeros(0)
     level0 = np.array([float(a.level_wh) for a in st]) if S else np.zeros(0)
@@ -237,7 +263,7 @@ def build_layout(problem: Problem) -> Layout:
         notes.append("uncurtailable production alone exceeds the fuse on a phase")
         fuse_dn = np.maximum(fuse_dn, -phase_low)
     return Layout(
-        problem=problem, n=n, dt_h=dt, ids=[a.id for a in st], kind=[a.kind for a in st],
+        problem=problem, n=n, dt_h=dt, ptu_h=ptu_h, ids=[a.id for a in st], kind=[a.kind for a in st],
         avail=avail, first=first, last=last, cmax=cmax, cmin=cmin, dmax=dmax, dmin=dmin,
         step=step, eta_c=eta_c, eta_d=eta_d, level0=level0, lmin=lmin, lmax=lmax, usage=usage,
         target=target, needs_levels=needs, weight=weight, tol_wh=tol_wh, blocked=blocked, share=share, fixed_w=fixed_w,
@@ -345,7 +371,7 @@ def grid_and_phases(lay: Layout, disp: Dispatch) -> tuple[np.ndarray, np.ndarray
 
 def levels(lay: Layout, disp: Dispatch) -> np.ndarray:
     """Level per storage asset at the start of each PTU and at the end: (S, n+1), Wh."""
-    delta = lay.dt_h * (lay.eta_c[:, None] * disp.charge - disp.discharge / lay.eta_d[:, None]) - lay.usage
+    delta = lay.ptu_h * (lay.eta_c[:, None] * disp.charge - disp.discharge / lay.eta_d[:, None]) - lay.usage
     out = np.empty((lay.s, lay.n + 1))
     out[:, 0] = lay.level0
     out[:, 1:] = lay.level0[:, None] + np.cumsum(delta, axis=1)
@@ -385,11 +411,11 @@ def evaluate(lay: Layout, disp: Dispatch) -> Evaluation:
     """Costs and the comparable objective of a dispatch."""
     g, ph = grid_and_phases(lay, disp)
     lv = levels(lay, disp)
-    dt = lay.dt_h
+    hours = lay.ptu_h
     imp = np.maximum(g, 0)
     exp = np.maximum(-g, 0)
-    energy_true = float(np.sum((lay.p_imp * imp - lay.p_exp * exp) * dt) / 1000)
-    energy_eff = float(np.sum((lay.p_imp * imp - lay.p_exp_eff * exp) * dt) / 1000)
+    energy_true = float(np.sum((lay.p_imp * imp - lay.p_exp * exp) * hours) / 1000)
+    energy_eff = float(np.sum((lay.p_imp * imp - lay.p_exp_eff * exp) * hours) / 1000)
     peak_w = float(max(lay.peak_so_far, g.max() if lay.n else 0.0))
     peak_cost = lay.peak_price * peak_w
     S = lay.s
@@ -411,6 +437,6 @@ def evaluate(lay: Layout, disp: Dispatch) -> Evaluation:
                 m = max(lo - lv[i, ptu], 0) + max(lv[i, ptu] - hi, 0)
                 miss[i] += m
                 pen += lay.weight[i] * m
-    tie = float(np.sum(disp.charge * lay.tie) * dt / 1000)
+    tie = float(np.sum(disp.charge * lay.tie * lay.part) * lay.dt_h / 1000)
     objective = energy_eff + peak_cost + pen + tie
     return Evaluation(g, ph, lv, unmet, deficit, miss, energy_true, peak_w, peak_cost, objective)

@@ -1,8 +1,10 @@
 """The CP-SAT model of the site plan, built from the layout arrays, solved from a full hint.
 
 Integer variables per asset per PTU in units of the asset's power step (an EV's domain is
-{0} U [min, max] as a domain with a hole, no extra booleans); levels in mWh with integer
-coefficients (dt x efficiency x step x 1000, rounded); grid import g[t] in W with the import
+{0} U [min, max] as a domain with a hole, no extra booleans); levels in 0.1 mWh with integer
+coefficients per asset and PTU (the PTU's hours x efficiency x step x 10^4, rounded; for a
+partial PTU 0 rounded so that the model never counts more energy into a level than it gets, nor
+less out, which keeps a hint at level_max feasible); grid import g[t] in W with the import
 and export limits as its domain; the fuse per phase as one linear row per phase and PTU where it
 can bind; the peak as an epigraph variable floored at the peak so far. The objective is the
 same as `layout.evaluate` (energy, peak, unmet-target segments, level deficits, tie-break) in
@@ -79,7 +81,7 @@ def _phase_scale(lay: Layout) -> int:
 def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, dict]:
     """The CP-SAT model with `hint` as a complete hint; returns the index arrays to read back."""
     n, S, K = lay.n, lay.s, lay.k
-    dt = lay.dt_h
+    hours = lay.ptu_h
     pr = lay.problem
     m = cp_model.CpModel()
     V = _Vars(m)
@@ -242,24 +244,22 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
         obj_idx.append(np.asarray(idx, dtype=np.int64))
         obj_coef.append(np.rint(np.asarray(eur, dtype=float) / UNIT_EUR).astype(np.int64))
 
-    cost(g_var, lay.p_exp_eff * dt / 1000)
+    cost(g_var, lay.p_exp_eff * hours / 1000)
     extra = lay.p_imp - lay.p_exp_eff
     for t in np.flatnonzero((extra > 0) & (g_lo < 0)):
         imp = V.new(0, max(int(g_hi[t]), 0), max(round(g_hint_disp[t]), 0))
         m.add(V.all[imp] >= V.all[g_var[t]])
-        cost(np.array([imp]), np.array([extra[t] * dt / 1000]))
+        cost(np.array([imp]), np.array([extra[t] * hours[t] / 1000]))
     pos = (extra > 0) & (g_lo >= 0)
-    cost(g_var[pos], extra[pos] * dt / 1000)
+    cost(g_var[pos], extra[pos] * hours[pos] / 1000)
     if lay.peak_price > 0:
         top = int(max(g_hi.max(), math.ceil(lay.peak_so_far)))
         pk = V.new(math.ceil(lay.peak_so_far), top, int(max(lay.peak_so_far, g_hint_disp.max())) + 1)
         for t in range(n):
             m.add(V.all[pk] >= V.all[g_var[t]])
         cost(np.array([pk]), np.array([lay.peak_price]))
-    cost(c_var[ci, ct], lay.tie[ct] * dt / 1000 * step[ci])
-    # storage energy: mWh per step unit of power for one PTU
-    kc = np.rint(dt * lay.eta_c * step * LS).astype(np.int64)
-    kd = np.rint(dt / lay.eta_d * step * LS).astype(np.int64)
+    cost(c_var[ci, ct], lay.tie[ct] * hours[ct] / 1000 * step[ci])
+    kc, kd = _level_coefficients(lay)
     has_t = ~np.isnan(lay.target)
     need_wh = np.where(has_t, np.nan_to_num(lay.target) - lay.level0, 0.0)
 
@@ -287,14 +287,14 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
         if len(ts) == 0:
             continue
         idx = c_var[i, ts]
-        coef = np.full(len(ts), kc[i])
-        achieved_mwh = int((hc[i, ts] * kc[i]).sum())
+        coef = kc[i, ts]
+        achieved_mwh = int((hc[i, ts] * coef).sum())
         if has_t[i] and need_wh[i] > 0:
             us, uc = unmet_vars(i, achieved_mwh / LS)
             m.add(V.expr(np.concatenate([idx, us]), np.concatenate([coef, uc]))
                   >= math.ceil(need_wh[i] * LS))
         cap = lay.lmax[i] - lay.level0[i]
-        if len(ts) * kc[i] * (lay.cmax[i] // step[i]) > cap * LS:
+        if int(coef.sum()) * (lay.cmax[i] // step[i]) > cap * LS:
             m.add(V.expr(idx, coef) <= math.floor(max(cap, 0) * LS))
     for i in np.flatnonzero(lay.needs_levels):
         a, b = int(lay.first[i]), int(lay.last[i])
@@ -302,9 +302,10 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
             continue
         usage = np.rint(lay.usage[i, a:b] * LS).astype(np.int64)
         l0 = round(lay.level0[i] * LS)
-        hint_l = l0 + np.cumsum(hc[i, a:b] * kc[i] * (c_var[i, a:b] >= 0)
-                                - hd[i, a:b] * kd[i] * (d_var[i, a:b] >= 0) - usage)
-        lo = int(min(l0, lay.lmin[i] * LS) - usage.clip(0).sum() - (b - a) * kd[i] * (lay.dmax[i] // step[i])) - 1
+        hint_l = l0 + np.cumsum(hc[i, a:b] * kc[i, a:b] * (c_var[i, a:b] >= 0)
+                                - hd[i, a:b] * kd[i, a:b] * (d_var[i, a:b] >= 0) - usage)
+        lo = int(min(l0, lay.lmin[i] * LS) - usage.clip(0).sum()
+                 - int(kd[i, a:b].sum()) * (lay.dmax[i] // step[i])) - 1
         hi = math.floor(lay.lmax[i] * LS) + LS  # 1 Wh for the rounding of coefficients
         lv = np.array([V.new(lo, hi, int(hint_l[k])) for k in range(b - a)], dtype=np.int64)
         lmin_m = math.ceil(lay.lmin[i] * LS)
@@ -316,10 +317,10 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
                 coef.append(-1)
             if c_var[i, t] >= 0:
                 idx.append(c_var[i, t])
-                coef.append(-int(kc[i]))
+                coef.append(-int(kc[i, t]))
             if d_var[i, t] >= 0:
                 idx.append(d_var[i, t])
-                coef.append(int(kd[i]))
+                coef.append(int(kd[i, t]))
             rhs = -int(usage[k]) + (l0 if k == 0 else 0)
             m.add(V.expr(np.array(idx), np.array(coef)) == rhs)
             # soft level_min: deficit in mWh
@@ -350,6 +351,24 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
              "mode_q": mode_q, "profile_on": prof_on, "profile_starts": prof_starts,
              "profile_alts": prof_alts}
     return m, V, index
+
+
+def _level_coefficients(lay: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """Level change (units of 1/LS Wh) per power step charged / discharged, per asset and PTU.
+
+    Whole PTUs round to the nearest unit. A partial PTU 0 has no round coefficient: there the
+    charge coefficient rounds down and the discharge one up, so the model's level never runs
+    ahead of the true one and a hint filled exactly to level_max keeps its cap row.
+    """
+    step = lay.step.astype(float)[:, None]
+    kc_f = lay.ptu_h * lay.eta_c[:, None] * step * LS
+    kd_f = lay.ptu_h / lay.eta_d[:, None] * step * LS
+    kc = np.rint(kc_f)
+    kd = np.rint(kd_f)
+    partial = lay.part < 1.0
+    kc[:, partial] = np.floor(kc_f[:, partial] + 1e-9)
+    kd[:, partial] = np.ceil(kd_f[:, partial] - 1e-9)
+    return kc.astype(np.int64), kd.astype(np.int64)
 
 
 def _hint_grid(lay: Layout, hint: Dispatch) -> np.ndarray:

@@ -172,7 +172,8 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
 def _reason(lay: Layout, i: int, status: str) -> str:
     a = lay.problem.storage[i]
     window = int(lay.avail[i].sum())
-    reachable = lay.level0[i] + window * lay.cmax[i] * lay.dt_h * lay.eta_c[i] - lay.usage[i].sum()
+    whole_ptus = float((lay.avail[i] * lay.part).sum())  # a partial PTU 0 counts its share
+    reachable = lay.level0[i] + whole_ptus * lay.cmax[i] * lay.dt_h * lay.eta_c[i] - lay.usage[i].sum()
     if lay.blocked[i]:
         return (f"needs less than one PTU at its minimum power ({a.charge_min_w} W): charging "
                 "would pass its maximum level")
