@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
+from test_flex_site_problem import NOW, ev_session
 
 from cem.control.safe_plan import safe_plan
+from cem.flex.site_problem import build_problem
 from cem.planner.assets import (
     FixedLoad,
     Plan,
@@ -18,6 +20,7 @@ from cem.planner.assets import (
 )
 from cem.planner.check import check_plan
 from cem.planner.solve import plan_site
+from cem.site.config import SiteConfig
 
 N = 4
 DT_H = 0.25
@@ -120,3 +123,18 @@ def test_safe_plan_levels_count_the_share_of_ptu_0() -> None:
     assert plan.level_wh["ev"][0] == round(0.4 * PTU_WH)
     assert plan.level_wh["ev"][2] >= 5_500 - 1 and not plan.shortfall
     assert check_plan(pr, plan) == []
+
+
+@pytest.mark.parametrize(("now", "share"), [
+    (NOW, 8 / 15),  # 17:07: 8 of the 15 minutes of the 17:00 PTU are left
+    (datetime(2026, 11, 23, 17, 14, 59, 900_000, tzinfo=UTC), 0.05),  # clamped, not ~0
+    (datetime(2026, 11, 23, 17, 15, tzinfo=UTC), 1.0),  # on the boundary: a whole PTU
+])
+def test_build_problem_sets_the_share_of_ptu_0_from_now(now: datetime, share: float) -> None:
+    config = SiteConfig.model_validate({"planner": {"horizon_ptus": 8}})
+    ev, _ = ev_session()
+    problem, _ = build_problem({"ev-3": ev.state}, config, None, [], now)
+    assert problem.start <= now < problem.start + timedelta(minutes=15)
+    assert problem.first_ptu_share == pytest.approx(share)
+    plan = plan_site(problem, time_limit_s=1.0)
+    assert check_plan(problem, plan) == []
