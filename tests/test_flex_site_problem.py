@@ -192,7 +192,7 @@ def test_the_finish_margin_shrinks_but_stays_when_the_departure_is_near() -> Non
     target = {"message_type": "FRBC.FillLevelTargetProfile", "message_id": uid(),
               "start_time": NOW.isoformat(), "elements": [
                   {"duration": 30 * 60 * 1000,  # leaves at 17:37: PTUs 17:00, 17:15, 17:30
-                   "fill_level_range": {"start_of_range": 25, "end_of_range": 100}}]}
+                   "fill_level_range": {"start_of_range": 23, "end_of_range": 100}}]}
     assert json.loads(ev.receive(json.dumps(target), NOW)[0].text)["status"] == "OK"
     falling = np.linspace(0.40, 0.10, 8)
     ends = {}
@@ -202,5 +202,7 @@ def test_the_finish_margin_shrinks_but_stays_when_the_departure_is_near() -> Non
         problem, _ = build_problem({"ev-3": ev.state}, config, Prices(falling, falling * 0),
                                    [], NOW)
         plan = plan_site(problem, time_limit_s=1.0)
-        ends[margin] = int(np.argmax(plan.level_wh["ev-3"] >= 15000 - 1))
-    assert ends == {0: 2, 30: 0}  # cheapest last PTU without a margin; the first PTU with one
+        ends[margin] = int(np.argmax(plan.level_wh["ev-3"] >= 13800 - 1))
+    # cheapest last PTU without a margin; with one, the first PTU (1.8 kWh fit in its 8
+    # minutes left at the 16.7 kW import limit)
+    assert ends == {0: 2, 30: 0}
