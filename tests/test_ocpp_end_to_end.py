@@ -128,7 +128,7 @@ priority = 1
             await charger.connect()
             await charger.plug_in(1, SimulatedEv(capacity_kwh=75, soc=20, phases=3,
                                                  max_current_a=32), card,
-                                  dwell_s=3 * 3600, energy_kwh=30)
+                                  dwell_s=4 * 3600, energy_kwh=30)
 
         db = sqlite3.connect(site.store.path)
 
@@ -148,7 +148,8 @@ priority = 1
                 and (short_of("CP-A") or 0) > 0
 
         await wait_for(planned_both, within_s=30)
-        # the fuse (16 A, 11 kW) cannot give both 30 kWh in 3 h: the staff EV takes the shortfall
+        # the fuse (16 A, 11 kW) cannot give both 30 kWh in 4 h: the staff EV takes the shortfall
+        # (the VIP's 30 kWh take 2.8 h, whatever minute of its PTU the test starts in)
         assert (short_of("CP-A") or 0) > 5000
         assert short_of("CP-B") == 0
         db.close()

@@ -187,6 +187,12 @@ def _reason(lay: Layout, i: int, status: str) -> str:
     return "site limits bind (fuse, import limit or congestion) or higher priorities come first"
 
 
+# a target missed by less than this is rounding, not a shortfall worth a log line: about a
+# second of an EV charger, and the room CP-SAT's gap-based early stop leaves when the
+# objective carries large unmet penalties of other assets
+NOISE_WH = 10.0
+
+
 def to_plan(lay: Layout, disp: Dispatch, status: str, notes: list[str]) -> Plan:
     """The Plan of a dispatch, with costs, levels and per-asset shortfalls."""
     ev = evaluate(lay, disp)
@@ -200,7 +206,7 @@ def to_plan(lay: Layout, disp: Dispatch, status: str, notes: list[str]) -> Plan:
         power[a.id] = net[i]
         level[a.id] = np.rint(ev.level[i, 1:]).astype(np.int64)
         miss = float(ev.unmet_wh[i] + ev.profile_miss_wh[i])
-        if miss > max(float(lay.tol_wh[i]), 1.0):
+        if miss > max(float(lay.tol_wh[i]), NOISE_WH):
             shortfall[a.id] = Shortfall(round(miss), _reason(lay, i, status))
         elif ev.deficit_wh[i] > max(float(lay.tol_wh[i]), 1.0):
             why = ("demand above what the device can deliver"
