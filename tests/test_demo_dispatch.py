@@ -156,9 +156,9 @@ async def test_a_raise_waits_until_the_cut_has_started_at_most_break_wait() -> N
     assert loop.time() - began >= BREAK_WAIT_S - 0.01
 
 
-async def test_at_a_ptu_boundary_what_goes_up_starts_after_what_goes_down() -> None:
-    from cem.control.dispatch import RISE_DELAY
-
+async def test_raises_are_held_for_their_boundary_and_cuts_are_sent_ahead() -> None:
+    """A raise of a plan must not fire at a PTU boundary on its own (a newer plan may be
+    solving, the CEM may be gone): it is held and sent when due; a cut goes out ahead."""
     registry = _TwoEvs()
     dispatcher = Dispatcher(registry)
     boundary = T0 + timedelta(minutes=15)
@@ -166,20 +166,39 @@ async def test_at_a_ptu_boundary_what_goes_up_starts_after_what_goes_down() -> N
 
     async def record(rm_id: str, message: Any, **_: Any) -> bool:
         sent.append((rm_id, message))
+        registry.entries[rm_id].state.status[str(message.id)] = \
+            "STARTED" if message.execution_time <= now else "ACCEPTED"
         return True
 
     registry.send_instruction = record  # type: ignore[method-assign]
-    await dispatcher.dispatch(
-        {"a": [registry.idle("a", T0), registry.charge("a", 1.0, boundary)],
-         "b": [registry.charge("b", 1.0, T0), registry.idle("b", boundary)]}, T0)
+    now = T0
+    plan = {"a": [registry.idle("a", T0), registry.charge("a", 1.0, boundary)],
+            "b": [registry.charge("b", 1.0, T0), registry.idle("b", boundary),
+                  registry.charge("b", 0.5, boundary + timedelta(minutes=15))]}
+    await dispatcher.dispatch(plan, T0)
     at = {(rm, str(m.operation_mode)): m.execution_time for rm, m in sent}
-    assert at[("b", registry.ids["b"].idle)] == boundary
-    assert at[("a", registry.ids["a"].charging)] == boundary + RISE_DELAY
-    # the same plan again changes nothing: kept, not revoked and sent anew
-    report = await dispatcher.dispatch(
-        {"a": [registry.idle("a", T0), registry.charge("a", 1.0, boundary)],
-         "b": [registry.charge("b", 1.0, T0), registry.idle("b", boundary)]}, T0)
-    assert report.sent == 0 and report.revoked == 0 and report.kept == 4
+    assert at == {("a", registry.ids["a"].idle): T0, ("b", registry.ids["b"].charging): T0,
+                  ("b", registry.ids["b"].idle): boundary}  # b's cut ahead, no raise
+    assert dispatcher.due_raises(T0 + timedelta(minutes=14)) == {}
+    # the same plan again changes nothing: kept, not revoked, raises still held
+    sent.clear()
+    report = await dispatcher.dispatch(plan, T0)
+    assert report.sent == 0 and report.revoked == 0 and report.kept == 3 and not sent
+    # at the boundary the loop sends a's raise (b's cut, sent ahead, has started); b's raise
+    # of the PTU after stays held
+    now = boundary
+    registry.entries["b"].state.status[str(plan["b"][1].id)] = "STARTED"
+    due = dispatcher.due_raises(boundary)
+    assert set(due) == {"a"}
+    report = await dispatcher.dispatch(due, boundary)
+    assert [(rm, str(m.operation_mode)) for rm, m in sent] == [("a", registry.ids["a"].charging)]
+    assert report.sent == 1 and report.revoked == 0
+    assert dispatcher.due_raises(boundary) == {}
+    assert set(dispatcher.due_raises(boundary + timedelta(minutes=15))) == {"b"}
+    # a new plan replaces what was held: nothing of the old one is due any more
+    await dispatcher.dispatch({"b": [registry.idle("b", boundary + timedelta(minutes=1))]},
+                              boundary + timedelta(minutes=1))
+    assert dispatcher.due_raises(boundary + timedelta(minutes=15)) == {}
 
 
 async def test_with_a_clock_what_a_late_dispatch_would_replace_at_once_is_not_sent() -> None:
@@ -196,9 +215,9 @@ async def test_with_a_clock_what_a_late_dispatch_would_replace_at_once_is_not_se
     plan = [registry.charge("a", 1.0, T0 + timedelta(minutes=10)), registry.idle("a", boundary),
             registry.charge("a", 0.5, boundary + timedelta(minutes=15))]
     await Dispatcher(registry, clock=lambda: actual).dispatch({"a": plan}, T0)
-    assert [str(m.operation_mode) for m in sent] == [registry.ids["a"].idle,
-                                                     registry.ids["a"].charging]
-    assert sent[1].execution_time >= boundary + timedelta(minutes=15)
+    # the idle one is due at the actual time; the charging one after it, a raise, is held
+    assert [str(m.operation_mode) for m in sent] == [registry.ids["a"].idle]
     sent.clear()
-    await Dispatcher(registry).dispatch({"a": plan}, T0)  # no clock: as told
-    assert len(sent) == 3
+    await Dispatcher(registry).dispatch({"a": plan}, T0)  # no clock: as told, at 10:00
+    # both charging instructions are future raises (held); the idle one goes ahead
+    assert [str(m.operation_mode) for m in sent] == [registry.ids["a"].idle]

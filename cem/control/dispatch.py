@@ -11,10 +11,13 @@ The dispatcher remembers every instruction it sent. For a new plan, per RM:
   execution time passed, or that the RM reported STARTED/SUCCEEDED, is left alone).
 
 Break before make: RMs whose instruction for now lowers their power get it before those it
-raises (which wait until the RMs report the cuts started, at most BREAK_WAIT_S), and a future
-instruction that raises an RM's power starts RISE_DELAY after its time,
-so at a PTU boundary what goes down has gone down first (an FRBC instruction's power is read
-from the RM's system description; others keep their order and time).
+raises (which wait until the RMs report the cuts started, at most BREAK_WAIT_S). A future
+instruction that raises an RM's power is not sent ahead: it is held, and the control loop
+sends it when its time comes (`due_raises`) if nothing changed meanwhile, after the cuts due
+then have started; otherwise the next plan decides. So a raise of an older plan never fires
+at a PTU boundary while a newer plan is being made, nor after the CEM is gone; cuts are sent
+ahead and happen on time either way (an FRBC instruction's power is read from the RM's
+system description; other instructions are sent ahead in their order).
 
 RMs are served in parallel (within those two groups), the messages of one RM in order. A
 message the RM does not accept (ReceptionStatus other than OK, or no answer) is reported
@@ -28,7 +31,7 @@ import logging
 import uuid
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from s2python.common import RevokableObjects, RevokeObject
@@ -38,10 +41,7 @@ from cem.flex.ptu import sid
 logger = logging.getLogger("cem.control")
 
 DONE_STATUSES = {"STARTED", "SUCCEEDED", "REJECTED", "ABORTED", "REVOKED"}
-# a future instruction that raises an RM's power starts this much after its time (break
-# before make at PTU boundaries); 15 s of a 900 s PTU, 10 ms of wall time in `cem demo`
-RISE_DELAY = timedelta(seconds=15)
-# raises for now wait at most this long (wall seconds) for the cuts sent with them to start
+# raises for now wait at most this long (wall seconds) for the cuts due with them to start
 BREAK_WAIT_S = 0.5
 
 
@@ -114,11 +114,29 @@ class Dispatcher:
         # it began at, before its solve): None trusts `now`
         self.clock = clock
         self.sent: dict[str, list[SentInstruction]] = {}
+        # per RM: the instructions of its last dispatch, and when those held back (future
+        # raises, not sent ahead) are due
+        self.planned: dict[str, list[Any]] = {}
+        self.held: dict[str, list[datetime]] = {}
         self._seq = 0
 
     def forget(self, rm_id: str) -> None:
         """The RM is gone (its session and instructions with it)."""
         self.sent.pop(rm_id, None)
+        self.planned.pop(rm_id, None)
+        self.held.pop(rm_id, None)
+
+    def due_raises(self, now: datetime) -> dict[str, list[Any]]:
+        """Per RM with a held raise due by `now`: its last dispatch's instructions, to dispatch
+        again (what is in force or pending is kept, the raise goes out)."""
+        return {rm: list(self.planned.get(rm, [])) for rm, times in self.held.items()
+                if any(t <= now for t in times)}
+
+    async def until_started(self, now: datetime) -> None:
+        """Wait (at most BREAK_WAIT_S) until every instruction sent for `now` or before has
+        started at its RM: at a PTU boundary the cuts sent ahead go first."""
+        await self._until_started([(rm, s) for rm, sent in self.sent.items() for s in sent
+                                   if not s.revoked and s.execution_time <= now])
 
     def forget_in_force(self, rm_id: str, now: datetime) -> None:
         """The RM described itself afresh: what was in force may no longer hold (an EV charger
@@ -175,10 +193,16 @@ class Dispatcher:
         """
         report = DispatchReport()
         rms = set(instructions) | (replace_all_of or set())
+        instructions = {rm: list(instructions.get(rm, [])) for rm in rms}  # the caller's stay
+        for rm in rms:
+            self.planned[rm] = list(instructions[rm])
         if self.clock is not None:
             now = max(now, self.clock())
             instructions = {rm: _last_due(msgs, now) for rm, msgs in instructions.items()}
-        instructions = {rm: self._rises_later(rm, msgs, now) for rm, msgs in instructions.items()}
+        for rm in rms:
+            instructions[rm], self.held[rm] = self._hold_raises(rm, instructions.get(rm, []), now)
+            if not self.held[rm]:
+                del self.held[rm]
         # RMs that go up wait until those that go down have theirs: sent together, an EV
         # turned up could draw before another one is turned down, above the fuse for the
         # moment in between (a plan moving power from one EV to another, a guard's cap)
@@ -204,27 +228,31 @@ class Dispatcher:
             if sent:
                 await asyncio.sleep(0.005)
 
-    def _rises_later(self, rm_id: str, messages: list[Any], now: datetime) -> list[Any]:
-        """Future instructions that raise the RM's power start RISE_DELAY after their time.
+    def _hold_raises(self, rm_id: str, messages: list[Any], now: datetime
+                     ) -> tuple[list[Any], list[datetime]]:
+        """The messages to send now, and the times of the future raises held back.
 
-        At a PTU boundary every RM carries out its next instruction at the same moment, in no
-        particular order: break before make, so what goes down has gone down first."""
+        A future instruction is a raise when it asks for more power than the RM would run
+        at by what is sent: a held raise leaves the power where it was, so what follows it
+        is judged against that, and never goes up ahead of the control loop either."""
         out: list[Any] = []
-        previous: float | None = None
-        current = None
+        held: list[datetime] = []
+        previous: dict[str, float | None] = {}
         for message in sorted(messages, key=lambda m: m.execution_time):
             power = self._power_w(rm_id, message, now)
-            if message.execution_time > now and power is not None:
-                if previous is None and current is None:
-                    current = self.in_force(rm_id, now).get(channel(message))
-                    previous = self._power_w(rm_id, current.message, now) \
-                        if current is not None else 0.0
-                if previous is not None and power > previous + 1.0:
-                    message = message.model_copy(
-                        update={"execution_time": message.execution_time + RISE_DELAY})
-            previous = power
+            key = channel(message)
+            if key not in previous:
+                current = self.in_force(rm_id, now).get(key)
+                previous[key] = self._power_w(rm_id, current.message, now) \
+                    if current is not None else 0.0
+            before = previous[key]
+            if message.execution_time > now and power is not None and before is not None \
+                    and power > before + 1.0:
+                held.append(message.execution_time)
+                continue
+            previous[key] = power
             out.append(message)
-        return out
+        return out, held
 
     def _rises(self, rm_id: str, messages: list[Any], now: datetime) -> bool:
         """Whether the RM's instructions for now ask for more power than the one in force."""

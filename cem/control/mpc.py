@@ -185,10 +185,12 @@ class SiteController:
         while not stop.is_set():
             if not self._reasons:
                 self._wake.clear()
+                boundary = self.clock() + timedelta(seconds=self._seconds_to_next_ptu())
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=process_clock.to_wall(
                         self._seconds_to_next_ptu()))
                 except TimeoutError:
+                    await self._release_raises(boundary)
                     self.request_replan("a new PTU started")
             wait = self._last_replan + self.config.planner.replan_min_interval_s - self.monotonic()
             if wait > 0:
@@ -203,6 +205,26 @@ class SiteController:
                                  "; ".join(reasons))
             finally:
                 self._last_replan = self.monotonic()
+
+    async def _release_raises(self, boundary: datetime) -> None:
+        """A PTU started and nothing new came in: send the raises of the plan in force that
+        were held for it, once the cuts due at the boundary have started. Had anything come
+        in, the next plan decides instead (the dispatcher never sends raises ahead)."""
+        lag = (boundary - self.clock()).total_seconds()
+        if lag > 0:  # the timer woke a moment early
+            await asyncio.sleep(process_clock.to_wall(lag))
+        if self._reasons:
+            return
+        now = self.clock()
+        due = self.dispatcher.due_raises(now)
+        if not due:
+            return
+        await self.dispatcher.until_started(now)
+        report = await self.dispatcher.dispatch(due, now, plan_id=self.plan_id)
+        logger.info("PTU %s: the plan's raises for it: %s", now.strftime("%H:%M"),
+                    report.describe())
+        for line in report.failed:
+            logger.warning("%s", line)
 
     async def _events(self, queue: asyncio.Queue[Any]) -> None:
         while True:
