@@ -157,52 +157,42 @@ def test_real_planner_plans_the_ev_within_the_congestion_window() -> None:
     assert len(messages) < 16  # one per change, not one per PTU
 
 
-def test_live_plans_finish_ev_targets_before_the_departure() -> None:
-    """Prices fall towards the departure: without a margin the EV finishes on the last PTU."""
+def _planned_levels(stay_minutes: int, target_soc: float, ptus: int) -> dict[int, np.ndarray]:
+    """Planned EV levels (Wh) per finish margin (0 and 30 min) at prices falling towards the
+    departure: an EV at 20 % of 60 kWh that wants `target_soc` % after `stay_minutes`."""
     from cem.planner.assets import Prices
     from cem.planner.solve import plan_site
 
     ev, _ = ev_session()
     target = {"message_type": "FRBC.FillLevelTargetProfile", "message_id": uid(),
               "start_time": NOW.isoformat(), "elements": [
-                  {"duration": 3 * 3600 * 1000,
-                   "fill_level_range": {"start_of_range": 60, "end_of_range": 100}}]}
+                  {"duration": stay_minutes * 60 * 1000,
+                   "fill_level_range": {"start_of_range": target_soc, "end_of_range": 100}}]}
     assert json.loads(ev.receive(json.dumps(target), NOW)[0].text)["status"] == "OK"
-    falling = np.linspace(0.40, 0.10, 16)
-    ends = {}
+    falling = np.linspace(0.40, 0.10, ptus)
+    levels = {}
     for margin in (0, 30):
         config = SiteConfig.model_validate(
-            {"planner": {"horizon_ptus": 16, "ev_finish_margin_minutes": margin}})
+            {"planner": {"horizon_ptus": ptus, "ev_finish_margin_minutes": margin}})
         problem, _ = build_problem({"ev-3": ev.state}, config, Prices(falling, falling * 0),
                                    [], NOW)
-        plan = plan_site(problem, time_limit_s=1.0)
-        level = plan.level_wh["ev-3"]
-        ends[margin] = int(np.argmax(level >= 36000 - 1))  # first PTU that ends on target
-        assert level[12] >= 36000 - 1  # the departure target is met either way
+        levels[margin] = plan_site(problem, time_limit_s=1.0).level_wh["ev-3"]
+    return levels
+
+
+def test_live_plans_finish_ev_targets_before_the_departure() -> None:
+    """Prices fall towards the departure: without a margin the EV finishes on the last PTU."""
+    levels = _planned_levels(3 * 60, 60, 16)
+    ends = {m: int(np.argmax(lv >= 36000 - 1)) for m, lv in levels.items()}  # first PTU on target
+    assert all(lv[12] >= 36000 - 1 for lv in levels.values())  # the departure target is met
     assert ends[30] <= 10 < ends[0]  # 30 minutes early: done by the end of PTU 10 (19:45)
 
 
 def test_the_finish_margin_shrinks_but_stays_when_the_departure_is_near() -> None:
     """30 minutes before a departure a 30-minute margin no longer fits: the EV still finishes a
-    PTU early (the first PTU a replan counts whole while part of it has passed)."""
-    from cem.planner.assets import Prices
-    from cem.planner.solve import plan_site
-
-    ev, _ = ev_session()
-    target = {"message_type": "FRBC.FillLevelTargetProfile", "message_id": uid(),
-              "start_time": NOW.isoformat(), "elements": [
-                  {"duration": 30 * 60 * 1000,  # leaves at 17:37: PTUs 17:00, 17:15, 17:30
-                   "fill_level_range": {"start_of_range": 23, "end_of_range": 100}}]}
-    assert json.loads(ev.receive(json.dumps(target), NOW)[0].text)["status"] == "OK"
-    falling = np.linspace(0.40, 0.10, 8)
-    ends = {}
-    for margin in (0, 30):
-        config = SiteConfig.model_validate(
-            {"planner": {"horizon_ptus": 8, "ev_finish_margin_minutes": margin}})
-        problem, _ = build_problem({"ev-3": ev.state}, config, Prices(falling, falling * 0),
-                                   [], NOW)
-        plan = plan_site(problem, time_limit_s=1.0)
-        ends[margin] = int(np.argmax(plan.level_wh["ev-3"] >= 13800 - 1))
+    PTU early (the last plans before a departure are the ones reality upsets most)."""
+    levels = _planned_levels(30, 23, 8)  # leaves at 17:37: PTUs 17:00, 17:15, 17:30
+    ends = {m: int(np.argmax(lv >= 13800 - 1)) for m, lv in levels.items()}
     # cheapest last PTU without a margin; with one, the first PTU (1.8 kWh fit in its 8
     # minutes left at the 16.7 kW import limit)
     assert ends == {0: 2, 30: 0}
