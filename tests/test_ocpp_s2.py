@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -341,3 +341,42 @@ async def test_an_ev_suspended_before_it_charged_is_not_taken_as_full(
         assert CHARGING in mode_ids(entry)
     finally:
         await charger.close()
+
+
+async def test_an_ev_still_plugged_in_after_its_departure_gets_a_new_target_each_hour(
+        cem_and_csms: tuple[S2Server, OcppCentralSystem]) -> None:
+    """The driver is late, not gone: when the departure target runs out, the RM tells the CEM
+    the need again, for the next hour (and again after that hour)."""
+    from cem import clock
+    from resource_managers.ocpp_charger.frbc import OVERSTAY
+
+    server, csms = cem_and_csms
+    previous = clock.use(clock.ScaledClock(datetime.now(UTC), speed=1200))
+    charger = SimulatedChargePoint("CP201", f"ws://127.0.0.1:{csms.port}", version="2.0.1",
+                                   phases=1, phase="L2", speed=1200, meter_interval_s=60)
+    await charger.connect()
+    try:
+        await charger.plug_in(1, SimulatedEv(capacity_kwh=75, soc=10, phases=1), "SOMEONE",
+                              dwell_s=600, energy_kwh=50)  # leaves in 10 minutes, it says
+        name = "EV charger CP201/1"
+        await wait_for(lambda: live(server, name) is not None and
+                       live(server, name).state.frbc_fill_level_target_profile is not None)
+        entry = live(server, name)
+        assert entry is not None
+        first = entry.state.frbc_fill_level_target_profile
+        departure = first.start_time + sum((e.duration.to_timedelta() for e in first.elements),
+                                           timedelta())
+        # 10 simulated minutes later the EV is still there: a target for the next hour
+        await wait_for(lambda: entry.state.frbc_fill_level_target_profile.start_time
+                       >= departure - timedelta(minutes=2), within_s=10)
+        second = entry.state.frbc_fill_level_target_profile
+        span = sum((e.duration.to_timedelta() for e in second.elements), timedelta())
+        assert abs(span - OVERSTAY) < timedelta(minutes=2)
+        assert second.elements[-1].fill_level_range.start_of_range > \
+            entry.state.frbc_storage_status.present_fill_level  # still the need, not met
+        # and once that hour has run out, again
+        await wait_for(lambda: entry.state.frbc_fill_level_target_profile.start_time
+                       >= second.start_time + OVERSTAY - timedelta(minutes=2), within_s=15)
+    finally:
+        await charger.close()
+        clock.use(previous)

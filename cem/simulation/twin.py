@@ -16,9 +16,8 @@ Nothing of the CEM is re-implemented here. What is simulated is what sits outsid
   that stops drawing while its charger offers current (its real need delivered) is taken as
   full, as the live RM learns from the charger's SuspendedEV;
 - an EV still plugged in at its stated departure gets the live RM's target for an overstayer
-  (`fill_level_target`: its need within the next hour), again each hour it stays. The live RM
-  computes that target but sends targets only when the shape changes, so there an overstayer
-  keeps no target; the twin's RM sends it when the previous one ran out;
+  (`fill_level_target`: its need within the next hour), again each hour it stays, as the live
+  RM sends it when the previous target runs out (`target_runs_out`);
 - a grid meter RM (NOT_CONTROLABLE) measuring the projected power per phase (EVs minus PV) at
   the start of each PTU, which runs the controller's guard as live, and a PV RM
   (NOT_CONTROLABLE) with its measurement and a perfect PowerForecast of the horizon;
@@ -422,8 +421,7 @@ class TwinEvse(TwinDevice):
             return
         self.registry.feed(self.rm_id, target)
         self.targets.append(now)
-        span = sum((e.duration.to_timedelta() for e in target.elements), timedelta())
-        self._target_due = now + span - frbc.TARGET_HOLD
+        self._target_due = frbc.target_runs_out(target)
 
     # --- instructions, as EvseResource._carry_out ----------------------------------------------
 

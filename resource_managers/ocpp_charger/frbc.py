@@ -227,6 +227,13 @@ def fill_level_target(flex: EvseFlex, now: datetime) -> FRBCFillLevelTargetProfi
         ])
 
 
+def target_runs_out(target: FRBCFillLevelTargetProfile) -> datetime:
+    """When the target's "at departure" element starts: an EV still plugged in then is
+    overstaying, and the RM tells the CEM its need again (for the next hour)."""
+    span = sum((e.duration.to_timedelta() for e in target.elements), timedelta())
+    return target.start_time + span - TARGET_HOLD
+
+
 def storage_status(flex: EvseFlex) -> FRBCStorageStatus:
     return FRBCStorageStatus(message_id=uuid.uuid4(), present_fill_level=flex.fill_level())
 

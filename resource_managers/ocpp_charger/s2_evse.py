@@ -95,6 +95,7 @@ class EvseResource:
         self.active = False
         self.changed = asyncio.Event()
         self._shape: tuple[Any, ...] | None = None
+        self._target_due: datetime | None = None  # when the target sent runs out
         self._sent_level: float | None = None
         self._sent_limit: float | None = None
         self._sent_power: tuple[float, ...] | None = None
@@ -200,9 +201,7 @@ class EvseResource:
         if shape != self._shape:
             self._shape = shape
             await self._send(frbc.system_description(flex, self.ids, now), wait=True)
-            target = frbc.fill_level_target(flex, now)
-            if target is not None:
-                await self._send(target, wait=True)
+            await self._send_target(flex, now)
             self._sent_level = self._sent_limit = self._sent_power = None
             if flex.flexible:
                 logger.info("%s: told the CEM %.1f-%.1f kW, %.1f of %.1f kWh, departure %s",
@@ -214,6 +213,11 @@ class EvseResource:
                     "the EV is full: it stopped drawing while offered current" if flex.ev_full
                     else "no EV")
                 logger.info("%s: told the CEM it has no flexibility (%s)", self.evse.name, why)
+        elif self._target_due is not None and now >= self._target_due:
+            # still plugged in at the departure: the driver is late, not gone
+            await self._send_target(flex, now)
+            logger.info("%s: still plugged in after the departure; told the CEM its need of "
+                        "%.1f kWh again, for the next hour", self.evse.name, flex.need_kwh or 0)
         level = round(flex.fill_level(), 3)
         if level != self._sent_level:
             self._sent_level = level
@@ -227,6 +231,12 @@ class EvseResource:
             self._sent_power = power
             self._measured_at = loop_time
             await self._send(frbc.power_measurement(flex, now))
+
+    async def _send_target(self, flex: frbc.EvseFlex, now: datetime) -> None:
+        target = frbc.fill_level_target(flex, now)
+        self._target_due = None if target is None else frbc.target_runs_out(target)
+        if target is not None:
+            await self._send(target, wait=True)
 
     # --- instructions ----------------------------------------------------------------------
 
