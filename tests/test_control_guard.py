@@ -117,3 +117,28 @@ def test_safe_plan_respects_limits_minimum_power_and_targets() -> None:
     from cem.planner.check import check_plan
 
     assert check_plan(problem, plan) == []
+
+
+def test_safe_plan_reports_a_heat_buffer_it_cannot_keep_warm() -> None:
+    """Heat demand above what a congested connection lets in: the level falls below its
+    minimum, and the fallback plan says so instead of pretending it holds."""
+    n = 8
+    limits = SiteLimits(fuse_a=25, phases=3, voltage_v=230, import_limit_w=np.full(n, 17000),
+                        export_limit_w=np.full(n, 17000))
+    limits.import_limit_w[2:6] = 500  # congestion: the heat pump (1 kW minimum) cannot run
+    problem = Problem(
+        start=datetime(2026, 11, 23, 17, 0, tzinfo=UTC), ptu_minutes=15, n_ptus=n, limits=limits,
+        prices=Prices(np.full(n, 0.3), np.zeros(n)),
+        storage=[StorageAsset(id="hp", kind="heat_pump", charge_max_w=3000, charge_min_w=1000,
+                              charge_efficiency=3.0, level_wh=3000, level_min_wh=2000,
+                              level_max_wh=6000, usage_wh=np.full(n, 1500))])
+    plan = safe_plan(problem, "test")
+    assert (plan.power_w["hp"][2:6] == 0).all()
+    # before the congestion it runs at its minimum where less would do: at its floor, not under
+    assert (plan.level_wh["hp"][:2] >= 2000 - 1).all()
+    assert plan.level_wh["hp"].min() < 2000  # the buffer cools below its floor ...
+    assert plan.shortfall["hp"].energy_wh >= 2000 - plan.level_wh["hp"].min() - 1  # ... said
+    assert "level below level_min" in plan.shortfall["hp"].reason
+    from cem.planner.check import check_plan
+
+    assert check_plan(problem, plan) == []

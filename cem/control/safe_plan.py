@@ -15,6 +15,7 @@ import numpy as np
 
 from cem.planner.assets import Plan, Problem, Shortfall, StorageAsset
 from cem.planner.layout import first_ptu_share, ptu_hours
+from cem.planner.solve import NOISE_WH
 
 
 def safe_plan(problem: Problem, reason: str = "fallback") -> Plan:
@@ -80,25 +81,36 @@ def safe_plan(problem: Problem, reason: str = "fallback") -> Plan:
                 if s.phase_share[p] > 0:
                     headroom = min(headroom, (fuse_w - phase_w[p][t]) / s.phase_share[p])
             w = max(0.0, min(want, headroom, float(s.charge_max_w)))
-            if w < s.charge_min_w:
-                w = 0.0
+            if 0 < w < s.charge_min_w:
+                # less than its minimum is wanted: the minimum where the limits and the
+                # level's room allow it (a heat buffer stays at its floor), else nothing
+                room = float(s.level_max_wh) - level_now[s.id] + usage
+                fits = s.charge_min_w * dt_h * s.charge_efficiency <= room
+                w = float(s.charge_min_w) if s.charge_min_w <= headroom and fits else 0.0
             if s.step_w > 1:
                 w = (w // s.step_w) * s.step_w
             storage_power[s.id][t] = w
             net[t] += w
             for p in range(3):
                 phase_w[p][t] += w * s.phase_share[p]
-            level_now[s.id] = min(float(s.level_max_wh), max(
-                float(s.level_min_wh), level_now[s.id] + dt_h * s.charge_efficiency * w - usage))
+            # below level_min is what happens when usage outruns what the limits let in (a
+            # heat buffer cooling down): kept, and reported below, not hidden
+            level_now[s.id] = min(float(s.level_max_wh),
+                                  level_now[s.id] + dt_h * s.charge_efficiency * w - usage)
             levels[s.id][t + 1] = level_now[s.id]
     shortfall: dict[str, Shortfall] = {}
     for s in order:
         power[s.id] = np.round(storage_power[s.id]).astype(np.int64)
         until = min(s.available_until if s.available_until is not None else n, n)
         missed = (s.target_wh or 0) - levels[s.id][max(until, 0)]
+        below = float(s.level_min_wh) - float(levels[s.id][1:].min(initial=s.level_min_wh))
         if s.target_wh is not None and missed > 1.0:
             shortfall[s.id] = Shortfall(round(missed), f"rule-based plan ({reason}) within the "
                                         "site limits")
+        elif below > NOISE_WH:
+            shortfall[s.id] = Shortfall(round(below), f"level below level_min: usage above what "
+                                        f"the rule-based plan ({reason}) lets in within the site "
+                                        "limits")
 
     curtailed: dict[str, np.ndarray] = {}
     export_excess = np.maximum(-net - limits.export_limit_w[:n], 0)
