@@ -14,8 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from cem.planner.assets import Plan, Problem, Shortfall, StorageAsset
-from cem.planner.layout import first_ptu_share, ptu_hours
-from cem.planner.solve import NOISE_WH
+from cem.planner.layout import NOISE_WH, first_ptu_share, ptu_hours
 
 
 def safe_plan(problem: Problem, reason: str = "fallback") -> Plan:

@@ -30,7 +30,15 @@ from cem.planner.bound import solve_lp
 from cem.planner.check import check_plan
 from cem.planner.fallback import fallback_dispatch
 from cem.planner.hint import polish_plan, round_and_repair, shave_peak
-from cem.planner.layout import Dispatch, Layout, build_layout, evaluate, per_ptu, profile_row
+from cem.planner.layout import (
+    NOISE_WH,
+    Dispatch,
+    Layout,
+    build_layout,
+    evaluate,
+    per_ptu,
+    profile_row,
+)
 
 __all__ = ["check_plan", "plan_site"]
 
@@ -185,12 +193,6 @@ def _reason(lay: Layout, i: int, status: str) -> str:
     if status == "FALLBACK":
         return "fallback plan (deadline first) within the site limits"
     return "site limits bind (fuse, import limit or congestion) or higher priorities come first"
-
-
-# a target missed by less than this is rounding, not a shortfall worth a log line: about a
-# second of an EV charger, and the room CP-SAT's gap-based early stop leaves when the
-# objective carries large unmet penalties of other assets
-NOISE_WH = 10.0
 
 
 def to_plan(lay: Layout, disp: Dispatch, status: str, notes: list[str]) -> Plan:
