@@ -254,3 +254,49 @@ def test_instructions_wait_for_minimum_run_and_off_timers() -> None:
                    (75 * minutes, str(off.id))]   # runs its 30 minutes: off at 18:15, not 18:00
     (cap,) = binding.capped_instructions(0, NOW)
     assert cap.execution_time == NOW + 20 * minutes  # even the guard waits for the timer
+
+
+def test_a_heat_pump_kept_on_by_its_minimum_run_time_is_planned_on_until_then() -> None:
+    """The plan must not count on switching a heat pump off that its RM will not switch off
+    yet: until the PTU after its minimum run time ends it is a fixed load, and the storage
+    enters the plan from then on at the level that run brings it to."""
+    from cem.planner.check import check_plan
+    from cem.planner.solve import plan_site
+
+    off = mode((0, 0), (0, 0), label="off")
+    on = mode((2000, 2000), (0.002, 0.002), label="on")
+    min_run = Timer(id=uid(), diagnostic_label="min run", duration=Duration(root=30 * 60_000))
+    to_off = Transition(id=uid(), **{"from": str(on.id)}, to=str(off.id), start_timers=[],
+                        blocking_timers=[str(min_run.id)], abnormal_condition_only=False)
+    to_on = Transition(id=uid(), **{"from": str(off.id)}, to=str(on.id),
+                       start_timers=[str(min_run.id)], blocking_timers=[],
+                       abnormal_condition_only=False)
+    sd = system_description([off, on], "buffer degC", transitions=[to_on, to_off],
+                            timers=[min_run], fill_range=(35, 55))
+    actuator_id = str(sd.actuators[0].id)
+    running = FRBCTimerStatus(message_id=uid(), timer_id=str(min_run.id), actuator_id=actuator_id,
+                              finished_at=NOW + timedelta(minutes=20))
+    status = FRBCActuatorStatus(message_id=uid(), actuator_id=actuator_id,
+                                active_operation_mode_id=str(on.id), operation_mode_factor=0)
+    usage = FRBCUsageForecast(message_id=uid(), start_time=NOW, elements=[
+        FRBCUsageForecastElement(duration=Duration(root=4 * 3600 * 1000),
+                                 usage_rate_expected=0.001)])
+    asset, binding = frbc_storage_asset(
+        "hp-1", sd, GRID, NOW, storage_status=FRBCStorageStatus(message_id=uid(),
+                                                                present_fill_level=45),
+        actuator_statuses={actuator_id: status}, usage_forecast=usage, timer_statuses=[running])
+    wh_per_degc = 2000 / (0.002 * 3600)
+    assert asset.available_from == 2  # the run time ends at 17:20: planned from 17:30
+    held = binding.held_load
+    assert held is not None and list(held.power_w[:3]) == [2000, 2000, 0]
+    # 30 minutes on (+3.6 degC) and 30 minutes of usage (-1.8 degC) from 45 degC
+    assert abs(asset.level_wh - (10 + 3.6 - 1.8) * wh_per_degc) <= 2
+    # heat is cheapest now: the plan still cannot have more than the heat pump's 2 kW in PTU 0,
+    # and what it plans for PTU 0 and 1 is the held run, within the limits
+    problem = problem_for()
+    problem.prices.import_eur_per_kwh[:] = np.linspace(0.1, 0.5, GRID.n_ptus)
+    problem.storage, problem.fixed = [asset], [held]
+    plan = plan_site(problem, time_limit_s=1.0)
+    assert list(plan.grid_import_w[:2]) == [2000, 2000]
+    assert (plan.power_w["hp-1"][:2] == 0).all()
+    assert check_plan(problem, plan) == []

@@ -484,8 +484,11 @@ class SiteController:
             return None
         t = self._current_ptu()
         total, found = 0.0, False
+        fixed = {f.id: f.power_w for f in self.problem.fixed} if self.problem is not None else {}
         for asset_id in self.mapping.rm_assets.get(rm_id, []):
             row = self.plan.power_w.get(asset_id)
+            if row is None:  # a part of the RM the plan takes as given (held on by a timer)
+                row = fixed.get(asset_id)
             if row is not None and t < len(row):
                 total += float(row[t])
                 found = True

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -50,7 +50,14 @@ from s2python.frbc import (
 
 from cem.flex.modes import ModeRange, TransitionRules, legal_choice, pick_mode
 from cem.flex.ptu import PtuGrid, is_electric, new_id, phase_share, sample_rate, sid
-from cem.planner.assets import PhaseShare, Plan, Problem, StorageAsset
+from cem.planner.assets import (
+    MIN_FIRST_PTU_SHARE,
+    FixedLoad,
+    PhaseShare,
+    Plan,
+    Problem,
+    StorageAsset,
+)
 
 CONTROL_TYPE = "FILL_RATE_BASED_CONTROL"
 
@@ -111,6 +118,9 @@ class FrbcBinding:
     priority: int = 1
     phase_share: PhaseShare = (1 / 3, 1 / 3, 1 / 3)
     control_type: str = CONTROL_TYPE
+    # what a running timer keeps it drawing in the first PTUs (minimum run time): planned as
+    # a fixed load, the storage itself from the PTU after (see frbc_storage_asset)
+    held_load: FixedLoad | None = None
 
     # -- plan -> instructions -------------------------------------------------------------
 
@@ -299,6 +309,7 @@ def frbc_storage_asset(
     all_ranges: list[ModeRange] = []
     charge_min, charge_max, discharge_min, discharge_max = math.inf, 0.0, math.inf, 0.0
     blocked_until: datetime | None = None
+    held: list[tuple[datetime, ModeRange, float]] = []  # kept on until, mode, factor
     for actuator in system_description.actuators:
         ranges = [mode_range(m, fill) for m in normal_modes(actuator)]
         all_ranges += ranges
@@ -314,6 +325,11 @@ def frbc_storage_asset(
                                          timer_statuses or [], now)
         if until is not None:
             blocked_until = until if blocked_until is None else min(blocked_until, until)
+        status = actuator_statuses.get(sid(actuator.id))
+        kept = _switch_off_blocked_until(actuator, active.get(sid(actuator.id)), ranges,
+                                         timer_statuses or [], now)
+        if kept is not None and status is not None:
+            held.append((kept[0], kept[1], float(status.operation_mode_factor or 0.0)))
     charge_min = 0.0 if math.isinf(charge_min) else charge_min
     discharge_min = 0.0 if math.isinf(discharge_min) else discharge_min
 
@@ -361,6 +377,29 @@ def frbc_storage_asset(
         available_from = max(0, min(grid.n_ptus, grid.index_ceil(blocked_until)))
 
     share = phase_share(p for a in system_description.actuators for p in actuator_phase_share(a))
+    held_load: FixedLoad | None = None
+    level_at_start = float(to_wh(fill))
+    if held:
+        # a minimum run time keeps it on: what it draws until the PTU after the timer ends is
+        # not the planner's to choose. That part is a fixed load, and the storage enters the
+        # plan from then on, at the level the held run brings it to (usage included)
+        until = max(t for t, _, _ in held)
+        k = max(0, min(grid.n_ptus, grid.index_ceil(until)))
+        draw_w = sum(r.power_start + f * (r.power_end - r.power_start) for _, r, f in held)
+        rate = sum(r.fill_rate_start + f * (r.fill_rate_end - r.fill_rate_start)
+                   for _, r, f in held)
+        ptu = timedelta(minutes=grid.ptu_minutes)
+        first_share = min(max((grid.start + ptu - now) / ptu, MIN_FIRST_PTU_SHARE), 1.0)
+        seconds = np.full(k, grid.ptu_s)
+        if k:
+            seconds[0] *= first_share
+        used = float(usage[:k] @ (seconds / grid.ptu_s)) if k else 0.0
+        level_at_start = min(max(level_at_start + rate * wh_per_unit * float(seconds.sum())
+                                 - used, 0.0), float(to_wh(top)))
+        available_from = max(available_from, k)
+        power = np.zeros(grid.n_ptus, dtype=np.int64)
+        power[:k] = round(draw_w)
+        held_load = FixedLoad(id=f"{rm_id}:held-on", power_w=power, phase_share=share)
     asset = StorageAsset(
         id=rm_id,
         kind=kind,
@@ -370,7 +409,7 @@ def frbc_storage_asset(
         discharge_min_w=math.ceil(discharge_min),
         charge_efficiency=1.0,
         discharge_efficiency=discharge_efficiency,
-        level_wh=to_wh(fill),
+        level_wh=round(level_at_start),  # at the start of available_from
         level_min_wh=0,
         level_max_wh=to_wh(top),
         usage_wh=np.round(usage).astype(np.int64) if usage.any() else None,
@@ -398,8 +437,40 @@ def frbc_storage_asset(
         active_modes=active,
         priority=priority,
         phase_share=share,
+        held_load=held_load,
     )
     return asset, binding
+
+
+def _switch_off_blocked_until(actuator: FRBCActuatorDescription, active_mode: str | None,
+                              ranges: list[ModeRange], timers: list[FRBCTimerStatus],
+                              now: datetime) -> tuple[datetime, ModeRange] | None:
+    """Until when a running timer (a minimum run time) keeps a consuming actuator in its mode.
+
+    Returns (the earliest moment any normal transition to a mode that can draw less is free of
+    running blocking timers, the active mode), or None when it may go down now.
+    """
+    if active_mode is None or not actuator.transitions:
+        return None
+    by_id = {r.mode_id: r for r in ranges}
+    current = by_id.get(active_mode)
+    if current is None or current.lo <= 0:
+        return None
+    running = {sid(t.timer_id): t.finished_at for t in timers
+               if sid(t.actuator_id) == sid(actuator.id) and t.finished_at > now}
+    earliest: datetime | None = None
+    for transition in actuator.transitions:
+        if transition.abnormal_condition_only or sid(transition.from_) != active_mode:
+            continue
+        target = by_id.get(sid(transition.to))
+        if target is None or target.lo >= current.lo:
+            continue
+        blocks = [running[sid(b)] for b in transition.blocking_timers if sid(b) in running]
+        free_at = max(blocks) if blocks else now
+        earliest = free_at if earliest is None else min(earliest, free_at)
+    if earliest is None or earliest <= now:
+        return None
+    return earliest, current
 
 
 def _switch_on_blocked_until(actuator: FRBCActuatorDescription, active_mode: str | None,

@@ -211,6 +211,11 @@ def _add_rm(problem: Problem, mapping: SiteMapping, rm_id: str, state: Any, grid
             finish_early(asset, config.planner.ev_finish_margin_minutes, problem.ptu_minutes)
         problem.storage.append(asset)
         mapping.add(rm_id, asset.id, binding, asset.kind)
+        if binding.held_load is not None:  # kept on by a minimum run time: not to plan
+            problem.fixed.append(binding.held_load)
+            mapping.rm_assets[rm_id].append(binding.held_load.id)
+            mapping.notes.append(f"{name or rm_id}: kept on until PTU "
+                                 f"{int(asset.available_from)} by a running timer")
         return now_w
     if control == PEBC:
         constraints = state.pebc_power_constraints(now)
