@@ -47,6 +47,7 @@ from s2python.ppbc import (
 from s2python.s2_parser import S2Parser
 
 from cem.flex.ddbc import ddbc_mode_assets
+from cem.flex.modes import TIMER_MARGIN
 from cem.flex.not_controlable import fixed_load
 from cem.flex.ombc import ombc_mode_asset
 from cem.flex.pebc import pebc_asset
@@ -179,7 +180,7 @@ def test_ombc_modes_min_on_time_and_instructions() -> None:
     messages = binding.instructions(plan, problem(), NOW, 6)
     assert [(m.execution_time - START, str(m.operation_mode_id)) for m in messages] == [
         (timedelta(minutes=5), str(off.id)), (timedelta(minutes=15), str(low.id)),
-        (timedelta(minutes=45), str(off.id))]
+        (timedelta(minutes=45) + TIMER_MARGIN, str(off.id))]  # just after the on-time ends
 
 
 def test_ddbc_modes_meet_the_demand_and_instruct_the_actuator() -> None:

@@ -35,6 +35,7 @@ from s2python.generated.gen_s2 import Commodity
 from s2python.s2_parser import S2Parser
 
 from cem.flex.frbc import frbc_storage_asset
+from cem.flex.modes import TIMER_MARGIN
 from cem.flex.ptu import PtuGrid
 from cem.planner.assets import Plan, Prices, Problem, SiteLimits
 
@@ -249,11 +250,13 @@ def test_instructions_wait_for_minimum_run_and_off_timers() -> None:
     messages = binding.instructions(plan, problem_for(), NOW, 8)
     got = [(m.execution_time - NOW, str(m.operation_mode)) for m in messages]
     minutes = timedelta(minutes=1)
-    assert got == [(20 * minutes, str(off.id)),   # not before the minimum run time ends
-                   (45 * minutes, str(on.id)),    # the 20 min off time ended at 17:40
-                   (75 * minutes, str(off.id))]   # runs its 30 minutes: off at 18:15, not 18:00
+    # not before the minimum run time ends (TIMER_MARGIN after it, as the RM's timer may have
+    # started a moment later); the 20 min off time ended at 17:40:30; then it runs its 30
+    # minutes: off at 18:15:30, not 18:00
+    assert got == [(20 * minutes + TIMER_MARGIN, str(off.id)), (45 * minutes, str(on.id)),
+                   (75 * minutes + TIMER_MARGIN, str(off.id))]
     (cap,) = binding.capped_instructions(0, NOW)
-    assert cap.execution_time == NOW + 20 * minutes  # even the guard waits for the timer
+    assert cap.execution_time == NOW + 20 * minutes + TIMER_MARGIN  # the guard waits too
 
 
 def test_a_heat_pump_kept_on_by_its_minimum_run_time_is_planned_on_until_then() -> None:

@@ -72,6 +72,12 @@ def pick_mode(ranges: list[ModeRange], power_w: float,
 
 
 
+# a move that waits for a timer goes this long after the timer's end as the CEM knows it: the
+# RM started the timer when it carried out the move (its processing delay and the network
+# later), and a move a moment early is refused. Against minimum run and off times of minutes.
+TIMER_MARGIN = timedelta(seconds=30)
+
+
 @dataclass
 class TransitionRules:
     """S2 transitions and timers of one actuator (or OMBC device), for legal instructions.
@@ -100,13 +106,14 @@ class TransitionRules:
         return self._find(from_mode, to_mode) is not None
 
     def free_at(self, from_mode: str | None, to_mode: str, when: datetime) -> datetime:
-        """Earliest moment >= `when` the move is not blocked by a running timer."""
+        """Earliest moment >= `when` the move is not blocked by a running timer (with
+        TIMER_MARGIN after its end: the RM's timer started when it carried the move out)."""
         if from_mode is None or from_mode == to_mode:
             return when
         transition = self._find(from_mode, to_mode)
         if transition is None:
             return when
-        ends = [self.running[_text(b)] for b in transition.blocking_timers
+        ends = [self.running[_text(b)] + TIMER_MARGIN for b in transition.blocking_timers
                 if _text(b) in self.running]
         return max([when, *ends])
 
