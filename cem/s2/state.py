@@ -192,6 +192,23 @@ class RmState:
         record = self._instructions[_key(update.instruction_id)]
         record.status = update.status_type
         record.status_at = update.timestamp
+        instruction = record.instruction
+        if (getattr(instruction, "message_type", "") == "FRBC.Instruction"
+                and update.status_type in (InstructionStatus.STARTED,
+                                           InstructionStatus.SUCCEEDED)):
+            # what the RM says it carried out is the actuator's mode until its next
+            # ActuatorStatus: a plan made in between must not take it for the old mode (a
+            # heat pump just switched on, whose minimum run time then holds it on)
+            key = _key(instruction.actuator_id)
+            old = self._frbc_actuator_status.get(key)
+            if old is None or old.active_operation_mode_id != instruction.operation_mode or \
+                    old.operation_mode_factor != instruction.operation_mode_factor:
+                self._frbc_actuator_status[key] = FRBCActuatorStatus(
+                    message_id=uuid.uuid4(), actuator_id=instruction.actuator_id,
+                    active_operation_mode_id=instruction.operation_mode,
+                    operation_mode_factor=instruction.operation_mode_factor,
+                    previous_operation_mode_id=old.active_operation_mode_id if old else None,
+                    transition_timestamp=update.timestamp)
 
     # --- read-only view ----------------------------------------------------------------------
 

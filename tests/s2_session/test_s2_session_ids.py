@@ -146,3 +146,31 @@ def test_send_refuses_an_instruction_naming_an_unknown_operation_mode() -> None:
         session.send(instruction, T0)
     assert session.state.instruction(instruction.id) is None
     assert "cem-msg-1" not in session.pending_message_ids
+
+
+def test_an_instruction_the_rm_started_is_the_actuators_mode_until_its_next_status() -> None:
+    """A plan made between the RM's STARTED and its next ActuatorStatus must see the new mode
+    (a heat pump just switched on, held on by its minimum on time), not the old one."""
+    session, _ = connect([FRBC])
+    feed(session, frbc_system_description())
+    assert status_of(feed(session, frbc_actuator_status("om-off"))) == "OK"
+    actuator = session.state.frbc_system_description(T0).actuators[0]
+    on_mode = next(m for m in actuator.operation_modes
+                   if session.ids.external_of(m.id) == "om-on")
+    instruction = FRBCInstruction(message_id=uuid.uuid4(), id=uuid.uuid4(), actuator_id=actuator.id,
+                                  operation_mode=on_mode.id, operation_mode_factor=0.7,
+                                  execution_time=T0, abnormal_condition=False)
+    session.send(instruction, T0)
+    feed(session, instruction_status(str(instruction.id), "ACCEPTED"))
+    status = session.state.frbc_actuator_status(actuator.id)
+    assert status is not None and session.ids.external_of(status.active_operation_mode_id) == \
+        "om-off"  # accepted is not carried out
+    feed(session, instruction_status(str(instruction.id), "STARTED", "isu-2"))
+    status = session.state.frbc_actuator_status(actuator.id)
+    assert status is not None and str(status.active_operation_mode_id) == str(on_mode.id)
+    assert status.operation_mode_factor == 0.7
+    # the RM's own next status has the last word
+    feed(session, frbc_actuator_status("om-off", message_id="as-2"))
+    status = session.state.frbc_actuator_status(actuator.id)
+    assert status is not None and session.ids.external_of(status.active_operation_mode_id) == \
+        "om-off"
