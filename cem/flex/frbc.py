@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -442,59 +443,20 @@ def frbc_storage_asset(
     return asset, binding
 
 
-def _switch_off_blocked_until(actuator: FRBCActuatorDescription, active_mode: str | None,
-                              ranges: list[ModeRange], timers: list[FRBCTimerStatus],
-                              now: datetime) -> tuple[datetime, ModeRange] | None:
-    """Until when a running timer (a minimum run time) keeps a consuming actuator in its mode.
-
-    Returns (the earliest moment any normal transition to a mode that can draw less is free of
-    running blocking timers, the active mode), or None when it may go down now.
-    """
-    if active_mode is None or not actuator.transitions:
-        return None
+def _moves_blocked_until(actuator: FRBCActuatorDescription, current: ModeRange,
+                         ranges: list[ModeRange], timers: list[FRBCTimerStatus], now: datetime,
+                         wanted: Callable[[ModeRange], bool]) -> datetime | None:
+    """The earliest moment any normal transition from `current` to a `wanted` mode is free of
+    running blocking timers; None when one is free now (or there is none)."""
     by_id = {r.mode_id: r for r in ranges}
-    current = by_id.get(active_mode)
-    if current is None or current.lo <= 0:
-        return None
     running = {sid(t.timer_id): t.finished_at for t in timers
                if sid(t.actuator_id) == sid(actuator.id) and t.finished_at > now}
     earliest: datetime | None = None
     for transition in actuator.transitions:
-        if transition.abnormal_condition_only or sid(transition.from_) != active_mode:
+        if transition.abnormal_condition_only or sid(transition.from_) != current.mode_id:
             continue
         target = by_id.get(sid(transition.to))
-        if target is None or target.lo >= current.lo:
-            continue
-        blocks = [running[sid(b)] for b in transition.blocking_timers if sid(b) in running]
-        free_at = max(blocks) if blocks else now
-        earliest = free_at if earliest is None else min(earliest, free_at)
-    if earliest is None or earliest <= now:
-        return None
-    return earliest, current
-
-
-def _switch_on_blocked_until(actuator: FRBCActuatorDescription, active_mode: str | None,
-                             ranges: list[ModeRange], timers: list[FRBCTimerStatus],
-                             now: datetime) -> datetime | None:
-    """When an idle actuator may switch to a consuming mode no sooner than a running timer.
-
-    Returns the earliest moment any normal transition out of the active (zero-power) mode
-    into a consuming mode is free of running blocking timers; None when nothing blocks.
-    """
-    if active_mode is None or not actuator.transitions:
-        return None
-    by_id = {r.mode_id: r for r in ranges}
-    current = by_id.get(active_mode)
-    if current is None or current.hi > 0:
-        return None
-    running = {sid(t.timer_id): t.finished_at for t in timers
-               if sid(t.actuator_id) == sid(actuator.id) and t.finished_at > now}
-    earliest: datetime | None = None
-    for transition in actuator.transitions:
-        if transition.abnormal_condition_only or sid(transition.from_) != active_mode:
-            continue
-        target = by_id.get(sid(transition.to))
-        if target is None or target.hi <= 0:
+        if target is None or not wanted(target):
             continue
         blocks = [running[sid(b)] for b in transition.blocking_timers if sid(b) in running]
         free_at = max(blocks) if blocks else now
@@ -502,3 +464,35 @@ def _switch_on_blocked_until(actuator: FRBCActuatorDescription, active_mode: str
     if earliest is None or earliest <= now:
         return None
     return earliest
+
+
+def _active_range(actuator: FRBCActuatorDescription, active_mode: str | None,
+                  ranges: list[ModeRange]) -> ModeRange | None:
+    if active_mode is None or not actuator.transitions:
+        return None
+    return next((r for r in ranges if r.mode_id == active_mode), None)
+
+
+def _switch_off_blocked_until(actuator: FRBCActuatorDescription, active_mode: str | None,
+                              ranges: list[ModeRange], timers: list[FRBCTimerStatus],
+                              now: datetime) -> tuple[datetime, ModeRange] | None:
+    """Until when a running timer (a minimum run time) keeps a consuming actuator in its mode,
+    and that mode; None when it may go down now."""
+    current = _active_range(actuator, active_mode, ranges)
+    if current is None or current.lo <= 0:
+        return None
+    until = _moves_blocked_until(actuator, current, ranges, timers, now,
+                                 lambda target: target.lo < current.lo)
+    return None if until is None else (until, current)
+
+
+def _switch_on_blocked_until(actuator: FRBCActuatorDescription, active_mode: str | None,
+                             ranges: list[ModeRange], timers: list[FRBCTimerStatus],
+                             now: datetime) -> datetime | None:
+    """When an idle actuator may switch to a consuming mode no sooner than a running timer
+    (a minimum off time); None when nothing blocks."""
+    current = _active_range(actuator, active_mode, ranges)
+    if current is None or current.hi > 0:
+        return None
+    return _moves_blocked_until(actuator, current, ranges, timers, now,
+                                lambda target: target.hi > 0)
