@@ -329,7 +329,9 @@ def summarise(demo: DemoSite) -> dict[str, Any]:
         "ev_targets_met": sum(o.met for o in left),
         "ev_left_before_known_departure": sum(o.left_early for o in left),
         "ev_targets_met_when_departure_known": sum(o.met for o in left if not o.left_early),
-        # why the others did not get their target (see VisitOutcome.outcome)
+        # why the others did not get their target (see VisitOutcome.outcome): these and
+        # ev_targets_met add up to ev_left (an EV that left early with its target is met)
+        "ev_left_early": sum(o.outcome == "left-early" for o in left),
         "ev_ev_limited": sum(o.outcome == "ev-limited" for o in left),
         "ev_stay_limited": sum(o.outcome == "stay-limited" for o in left),
         "ev_missed": sum(o.outcome == "missed" for o in left),
@@ -392,7 +394,7 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
         ("... of those staying as long as the CEM knew",
          f"{summary['ev_targets_met_when_departure_known']} of "
          f"{summary['ev_left'] - summary['ev_left_before_known_departure']}"),
-        ("... the others: why", f"{summary['ev_left_before_known_departure']} left before the "
+        ("... the others: why", f"{summary['ev_left_early']} left before the "
                                 f"CEM's departure, {summary['ev_ev_limited']} EV-limited, "
                                 f"{summary['ev_stay_limited']} stay too short, "
                                 f"{summary['ev_missed']} missed by the CEM"),

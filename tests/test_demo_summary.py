@@ -102,6 +102,9 @@ def test_a_stay_too_short_counts_only_with_full_current_from_the_first_offer() -
 def test_leaving_before_the_departure_the_cem_knew_is_said_as_such() -> None:
     early = _outcome(20, 2.0, stay_h=2, cem_stay_h=8)
     assert early.left_early and early.outcome == "left-early"
+    # one that got its target all the same is met (the summary's reasons add up per visit)
+    served = _outcome(20, 20.0, stay_h=2, cem_stay_h=8)
+    assert served.left_early and served.outcome == "met"
 
 
 async def test_the_simulated_charger_tells_offered_from_taken() -> None:
