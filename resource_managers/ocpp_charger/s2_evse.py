@@ -144,9 +144,11 @@ class EvseResource:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=3.0)
-        for task in self._tasks:
+        # an instruction that came in meanwhile waits for its execution time: cancelled too
+        left = [*self._tasks, *self._pending.values()]
+        for task in left:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._pending.values(), return_exceptions=True)
+        await asyncio.gather(*left, return_exceptions=True)
 
     async def _updates(self, stop: asyncio.Event) -> None:
         was_connected = False
