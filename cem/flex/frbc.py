@@ -30,7 +30,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -52,7 +52,6 @@ from s2python.frbc import (
 from cem.flex.modes import ModeRange, TransitionRules, legal_choice, pick_mode
 from cem.flex.ptu import PtuGrid, is_electric, new_id, phase_share, sample_rate, sid
 from cem.planner.assets import (
-    MIN_FIRST_PTU_SHARE,
     FixedLoad,
     PhaseShare,
     Plan,
@@ -389,11 +388,9 @@ def frbc_storage_asset(
         draw_w = sum(r.power_start + f * (r.power_end - r.power_start) for _, r, f in held)
         rate = sum(r.fill_rate_start + f * (r.fill_rate_end - r.fill_rate_start)
                    for _, r, f in held)
-        ptu = timedelta(minutes=grid.ptu_minutes)
-        first_share = min(max((grid.start + ptu - now) / ptu, MIN_FIRST_PTU_SHARE), 1.0)
         seconds = np.full(k, grid.ptu_s)
         if k:
-            seconds[0] *= first_share
+            seconds[0] *= grid.share_ahead(now)
         used = float(usage[:k] @ (seconds / grid.ptu_s)) if k else 0.0
         level_at_start = min(max(level_at_start + rate * wh_per_unit * float(seconds.sum())
                                  - used, 0.0), float(to_wh(top)))

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 from s2python.common import CommodityQuantity
 
-from cem.planner.assets import THREE_PHASE, PhaseShare, Plan, Problem
+from cem.planner.assets import MIN_FIRST_PTU_SHARE, THREE_PHASE, PhaseShare, Plan, Problem
 
 ELECTRIC = {
     CommodityQuantity.ELECTRIC_POWER_L1: (1.0, 0.0, 0.0),
@@ -47,6 +47,12 @@ class PtuGrid:
 
     def ptu_start(self, index: int) -> datetime:
         return self.start + timedelta(minutes=self.ptu_minutes * index)
+
+    def share_ahead(self, now: datetime) -> float:
+        """The share of PTU 0 still ahead of `now` (`Problem.first_ptu_share`), kept in
+        [MIN_FIRST_PTU_SHARE, 1]: a replan in the last seconds of a PTU still plans it."""
+        ptu = timedelta(minutes=self.ptu_minutes)
+        return min(max((self.start + ptu - now) / ptu, MIN_FIRST_PTU_SHARE), 1.0)
 
     def index_floor(self, moment: datetime) -> int:
         """PTU that contains `moment` (may be <0 or >=n_ptus)."""

@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from cem.flex.ombc import ombc_mode_asset
 from cem.flex.pebc import pebc_assets
 from cem.flex.ppbc import ppbc_assets
 from cem.flex.ptu import FlexBinding, PtuGrid, electric_total, floor_to_ptu, sid
-from cem.planner.assets import MIN_FIRST_PTU_SHARE, FixedLoad, Plan, Prices, Problem, StorageAsset
+from cem.planner.assets import FixedLoad, Plan, Prices, Problem, StorageAsset
 from cem.site.config import CongestionWindow, SiteConfig
 from cem.site.limits import site_limits
 
@@ -134,8 +134,7 @@ def build_problem(states: Mapping[str, Any], config: SiteConfig, prices: Any,
     limits.fuse_a = limits.fuse_a * share
     problem = Problem(start=start, ptu_minutes=ptu_minutes, n_ptus=grid.n_ptus, limits=limits,
                       prices=_prices(prices, config, grid))
-    ptu = timedelta(minutes=ptu_minutes)  # the part of PTU 0 still ahead of `now` (Problem)
-    problem.first_ptu_share = min(max((start + ptu - now) / ptu, MIN_FIRST_PTU_SHARE), 1.0)
+    problem.first_ptu_share = grid.share_ahead(now)
     mapping = SiteMapping()
     explained_w = 0.0
     for rm_id, state in states.items():
