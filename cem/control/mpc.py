@@ -185,10 +185,11 @@ class SiteController:
         while not stop.is_set():
             if not self._reasons:
                 self._wake.clear()
-                boundary = self.clock() + timedelta(seconds=self._seconds_to_next_ptu())
+                ahead = self._seconds_to_next_ptu()
+                boundary = self.clock() + timedelta(seconds=ahead)
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=process_clock.to_wall(
-                        self._seconds_to_next_ptu()))
+                    await asyncio.wait_for(self._wake.wait(),
+                                           timeout=process_clock.to_wall(ahead))
                 except TimeoutError:
                     await self._release_raises(boundary)
                     self.request_replan("a new PTU started")
@@ -484,14 +485,15 @@ class SiteController:
             return None
         t = self._current_ptu()
         total, found = 0.0, False
-        fixed = {f.id: f.power_w for f in self.problem.fixed} if self.problem is not None else {}
         for asset_id in self.mapping.rm_assets.get(rm_id, []):
             row = self.plan.power_w.get(asset_id)
-            if row is None:  # a part of the RM the plan takes as given (held on by a timer)
-                row = fixed.get(asset_id)
             if row is not None and t < len(row):
                 total += float(row[t])
                 found = True
+            # what a running timer holds it at is planned as a fixed load, not in its row
+            held = getattr(self.mapping.bindings.get(asset_id), "held_load", None)
+            if held is not None and t < len(held.power_w):
+                total += float(held.power_w[t])
         return total if found else None
 
     async def _on_measurement(self, rm_id: str) -> None:
