@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from s2python.frbc import (
 )
 from s2python.generated.gen_s2 import Commodity
 
+from cem import clock as process_clock
 from cem.control.mpc import SiteController
 from cem.s2.server import Disconnected, RmEvent
 from cem.s2.session import S2Session
@@ -60,7 +61,8 @@ def uid() -> str:
 
 
 def now() -> datetime:
-    return datetime.now(UTC)
+    """Now on the process clock, which the CEM also reads (a test may run it simulated)."""
+    return process_clock.now()
 
 
 @dataclass
