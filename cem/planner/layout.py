@@ -409,6 +409,12 @@ class Evaluation:
     peak_w: float
     peak_cost: float
     objective: float  # the comparable objective (see module docstring)
+    penalty: float = 0.0  # the part of the objective that is unmet targets and levels
+
+    @property
+    def cost_part(self) -> float:
+        """The objective without its penalties: what the plan costs (EUR, with tie-breaks)."""
+        return self.objective - self.penalty
 
 
 def evaluate(lay: Layout, disp: Dispatch) -> Evaluation:
@@ -443,4 +449,5 @@ def evaluate(lay: Layout, disp: Dispatch) -> Evaluation:
                 pen += lay.weight[i] * m
     tie = float(np.sum(disp.charge * lay.tie * lay.part) * lay.dt_h / 1000)
     objective = energy_eff + peak_cost + pen + tie
-    return Evaluation(g, ph, lv, unmet, deficit, miss, energy_true, peak_w, peak_cost, objective)
+    return Evaluation(g, ph, lv, unmet, deficit, miss, energy_true, peak_w, peak_cost, objective,
+                      pen)

@@ -377,27 +377,27 @@ def _hint_grid(lay: Layout, hint: Dispatch) -> np.ndarray:
 
 
 class _StopAtGap(cp_model.CpSolverSolutionCallback):
-    """Stops the search once a solution is within `gap` of the LP bound."""
+    """Stops the search once a solution is within `slack_eur` of the LP bound."""
 
-    def __init__(self, bound_eur: float | None, gap: float) -> None:
+    def __init__(self, bound_eur: float | None, slack_eur: float) -> None:
         super().__init__()
         self.bound = bound_eur
-        self.gap = gap
+        self.slack = slack_eur
 
     def on_solution_callback(self) -> None:
         if self.bound is None:
             return
-        value = self.objective_value * UNIT_EUR
-        if value - self.bound <= self.gap * max(abs(self.bound), 1e-6):
+        if self.objective_value * UNIT_EUR - self.bound <= self.slack:
             self.stop_search()
 
 
 def improve(lay: Layout, hint: Dispatch, *, time_limit_s: float, workers: int = 2,
-            bound_eur: float | None = None, gap: float = 0.0
+            bound_eur: float | None = None, slack_eur: float = 0.0
             ) -> tuple[Dispatch | None, str, float]:
     """Solve the CP-SAT model from the full hint; (dispatch or None, status, build seconds).
 
-    Stops early once a solution is within `gap` of `bound_eur` (the LP bound).
+    Stops early once a solution is within `slack_eur` of `bound_eur` (the LP bound) or of
+    CP-SAT's own bound.
     """
     t0 = time.perf_counter()
     model, _V, index = build_model(lay, hint)
@@ -410,16 +410,24 @@ def improve(lay: Layout, hint: Dispatch, *, time_limit_s: float, workers: int = 
     p.num_workers = max(int(workers), 1)
     p.max_time_in_seconds = left
     p.root_lp_iterations = 100_000
-    p.relative_gap_limit = max(gap, 0.0)
+    p.absolute_gap_limit = max(slack_eur, 0.0) / UNIT_EUR
     # CP-SAT would catch Ctrl-C and leave SIGINT at SIG_DFL after the solve: the next Ctrl-C
     # would kill `cem run` / `cem demo` without their clean shutdown
     p.catch_sigint_signal = False
-    status = solver.solve(model, _StopAtGap(bound_eur, gap))
+    status = solver.solve(model, _StopAtGap(bound_eur, slack_eur))
     name = solver.status_name(status)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None, name, build_s
+    if status == cp_model.OPTIMAL and not _proved(solver):
+        name = "FEASIBLE"  # CP-SAT says OPTIMAL once within absolute_gap_limit: not a proof
     x = np.asarray(list(solver.response_proto.solution), dtype=np.int64)
     return _dispatch(lay, index, x), name, build_s
+
+
+def _proved(solver: cp_model.CpSolver) -> bool:
+    """Whether the solution is optimal, not just within the gap limit of its bound."""
+    objective, bound = solver.objective_value, solver.best_objective_bound
+    return objective - bound <= max(1e-9 * abs(objective), 1.0)
 
 
 def _dispatch(lay: Layout, index: dict, x: np.ndarray) -> Dispatch:

@@ -33,6 +33,7 @@ from cem.planner.hint import polish_plan, round_and_repair, shave_peak
 from cem.planner.layout import (
     NOISE_WH,
     Dispatch,
+    Evaluation,
     Layout,
     build_layout,
     evaluate,
@@ -45,7 +46,7 @@ __all__ = ["check_plan", "plan_site"]
 log = logging.getLogger(__name__)
 
 SHAVE_BEFORE_POLISH_COLUMNS = 5_000  # below this many storage-PTUs the kW-max shaving runs first
-GAP_TOL = 0.01  # within this gap of the LP bound a plan is good enough (no more CP-SAT)
+GAP_TOL = 0.01  # within this share of its cost above the LP bound a plan is good enough
 
 
 def _gap(objective: float, bound: float | None) -> float | None:
@@ -58,6 +59,15 @@ def _gap(objective: float, bound: float | None) -> float | None:
     if bound is None:
         return None
     return max(objective - bound, 0.0) / max(abs(objective), 1.0)
+
+
+def _good_enough_eur(best: Evaluation, gap_tol: float) -> float:
+    """How far above the LP bound a plan may stay (EUR): `gap_tol` of what the plan costs.
+
+    Of its cost, not of its whole objective: an unavoidable shortfall's penalty (hundreds of
+    EUR) would otherwise let a higher-priority EV end short by what is a mere 1 % of it.
+    """
+    return gap_tol * max(abs(best.cost_part), 1.0)
 
 
 def plan_site(problem: Problem, *, time_limit_s: float = 1.0, workers: int = 2,
@@ -131,18 +141,20 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     gap = _gap(best.objective, bound)
     if bound is not None and gap is not None and gap <= 1e-9:
         status = "OPTIMAL"
+    slack = _good_enough_eur(best, gap_tol)
     solve_s = 0.0
     left = deadline - time.perf_counter()
     # CP-SAT's model builds at roughly 10 us per variable (measured): start it only when it
     # can also search
     cp_build_estimate = 1.2e-5 * (int(lay.avail.sum()) + lay.n * 4)
-    if use_cpsat and (gap is None or gap > gap_tol) and left > 0.05 + 2 * cp_build_estimate:
+    if use_cpsat and (bound is None or best.objective - bound > slack) \
+            and left > 0.05 + 2 * cp_build_estimate:
         from cem.planner.model import improve
 
         start = "fallback" if status == "FALLBACK" else "repaired LP"
         t1 = time.perf_counter()
         found, cp_status, cp_build_s = improve(lay, candidate, time_limit_s=left, workers=workers,
-                                                   bound_eur=bound, gap=gap_tol)
+                                                   bound_eur=bound, slack_eur=slack)
         solve_s = time.perf_counter() - t1 - cp_build_s
         build_s += cp_build_s
         if found is not None:

@@ -60,16 +60,15 @@ PHASE_SHARES = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 PlanFunction = Callable[..., Plan]
 
 
-MPC_GAP_TOL = 1e-4  # relative gap on the planner objective at which a replan stops early
+MPC_GAP_TOL = 1e-4  # share of the plan's cost above the LP bound at which a replan stops early
 OPTIMUM_GAP_TOL = 0.0
 
 
 def site_planner(gap_tol: float | None = None) -> PlanFunction:
     """The site planner (`cem.planner.solve.plan_site`), or a clear error if it is missing.
 
-    The planner's objective is dominated by its unmet-energy penalty when requests do not fit,
-    so its default relative gap tolerance would accept plans that are far from the cheapest in
-    money; the twin asks for a tighter gap (`gap_tol`) within the same time limit.
+    The planner stops within 1 % of a plan's cost of the LP bound; the twin, which compares
+    levels on cost, asks for a tighter tolerance (`gap_tol`) within the same time limit.
     """
     try:
         from cem.planner.solve import plan_site
