@@ -17,9 +17,10 @@ import pytest
 from s2python.common import CommodityQuantity, InstructionStatus
 from s2python.frbc import FRBCInstruction
 
+from cem import clock
 from cem.s2.server import LiveSession, S2Server
 from cem.site.config import SiteConfig, parse_site_config
-from resource_managers.ocpp_charger.csms import OcppCentralSystem
+from resource_managers.ocpp_charger.csms import ENERGY, OcppCentralSystem
 from resource_managers.ocpp_charger.frbc import CHARGING, IDLE
 from resource_managers.ocpp_charger.simulator import SimulatedChargePoint, SimulatedEv
 
@@ -79,7 +80,7 @@ def live(server: S2Server, name: str) -> LiveSession | None:
 
 
 def description(entry: LiveSession) -> Any:
-    return entry.state.frbc_system_description(datetime.now(UTC))
+    return entry.state.frbc_system_description(clock.now())  # the RMs' clock, maybe simulated
 
 
 def mode_ids(entry: LiveSession) -> dict[str, Any]:
@@ -316,9 +317,62 @@ async def test_an_ev_that_stops_drawing_while_offered_current_is_full(
         await charger.close()
 
 
+async def test_an_ev_that_only_paused_is_offered_power_again(
+        cem_and_csms: tuple[S2Server, OcppCentralSystem]) -> None:
+    """A car that stops drawing on its own (its timer, battery conditioning) looks full and the
+    CEM pauses it. Half an hour later, its need not met, the RM offers it to the CEM again and
+    it charges; once it says it is full (SoC), it is never offered again."""
+    from resource_managers.ocpp_charger.csms import RETRY_FULL_AFTER
+
+    server, csms = cem_and_csms
+    previous = clock.use(clock.ScaledClock(datetime.now(UTC), speed=1200))
+    charger = SimulatedChargePoint("CP301", f"ws://127.0.0.1:{csms.port}", version="2.0.1",
+                                   phases=3, speed=1200, meter_interval_s=30)
+    await charger.connect()
+    try:
+        name = "EV charger CP301/1"
+        await wait_for(lambda: live(server, name) is not None and description(live(server, name)))
+        entry = live(server, name)
+        assert entry is not None
+        car = SimulatedEv(capacity_kwh=60, soc=40, phases=3)
+        await charger.plug_in(1, car, "SOMEONE", dwell_s=8 * 3600, energy_kwh=30)
+        evse = next(e for e in csms.evses_of("CP301") if e.evse_id == 1)
+        await wait_for(lambda: CHARGING in mode_ids(entry))
+        charge = instruction(entry, CHARGING, factor_for(16, 3))
+        await server.send_instruction(entry.rm_id or "", charge)
+        await wait_for(lambda: charger.evses[1].state_told == "Charging")
+        await wait_for(lambda: evse.session is not None and evse.session.energy_wh > 0)
+        car.paused = True  # the car stops drawing: taken as full, and the CEM pauses it
+        await wait_for(lambda: evse.session is not None and evse.session.ev_full)
+        taken_full_at = evse.session.full_since
+        assert taken_full_at is not None
+        await wait_for(lambda: CHARGING not in mode_ids(entry))
+        await server.send_instruction(entry.rm_id or "", instruction(entry, IDLE, 0.0))
+        await wait_for(lambda: charger.evses[1].state_told == "SuspendedEVSE")
+        car.paused = False  # ready again, but offered nothing: only the RM can change that
+        await wait_for(lambda: CHARGING in mode_ids(entry), within_s=10)
+        assert clock.now() - taken_full_at >= RETRY_FULL_AFTER
+        assert evse.session is not None and not evse.session.ev_full
+        charge = instruction(entry, CHARGING, factor_for(16, 3))
+        await server.send_instruction(entry.rm_id or "", charge)
+        await wait_for(lambda: charger.evses[1].state_told == "Charging")
+        # now it is full and says so: taken as full for good
+        car.soc = 100.0
+        await wait_for(lambda: evse.session is not None and evse.session.ev_full)
+        full_at = clock.now()
+        await wait_for(lambda: clock.now() - full_at > RETRY_FULL_AFTER + timedelta(minutes=5),
+                       within_s=10)
+        assert evse.session is not None and evse.session.ev_full
+        assert CHARGING not in mode_ids(entry)
+    finally:
+        await charger.close()
+        clock.use(previous)
+
+
 async def test_an_ev_suspended_before_it_charged_is_not_taken_as_full(
         cem_and_csms: tuple[S2Server, OcppCentralSystem]) -> None:
-    """Many EVs say SuspendedEV for a while after plug-in, before they draw: not full."""
+    """Many EVs say SuspendedEV for a while after plug-in, before they draw: not full. But
+    when the charger's meter reading comes after the state and shows the EV had charged, it is."""
     from ocpp.v16 import call as call16
 
     server, csms = cem_and_csms
@@ -339,6 +393,16 @@ async def test_an_ev_suspended_before_it_charged_is_not_taken_as_full(
         await asyncio.sleep(0.2)
         assert evse.session is not None and not evse.session.ev_full
         assert CHARGING in mode_ids(entry)
+        # a reading after the state shows that it had charged after all: full
+        sim = charger.evses[1]
+        assert sim.transaction_id is not None
+        await charger.link.call(call16.MeterValues(
+            connector_id=1, transaction_id=int(sim.transaction_id), meter_value=[{
+                "timestamp": datetime.now(UTC).isoformat(), "sampled_value": [{
+                    "value": f"{sim.meter_start_wh + 40:.0f}", "measurand": ENERGY,
+                    "unit": "Wh"}]}]))
+        await wait_for(lambda: evse.session is not None and evse.session.ev_full)
+        await wait_for(lambda: CHARGING not in mode_ids(entry))
     finally:
         await charger.close()
 
@@ -347,7 +411,6 @@ async def test_an_ev_still_plugged_in_after_its_departure_gets_a_new_target_each
         cem_and_csms: tuple[S2Server, OcppCentralSystem]) -> None:
     """The driver is late, not gone: when the departure target runs out, the RM tells the CEM
     the need again, for the next hour (and again after that hour)."""
-    from cem import clock
     from resource_managers.ocpp_charger.frbc import OVERSTAY
 
     server, csms = cem_and_csms

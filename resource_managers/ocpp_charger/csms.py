@@ -58,6 +58,10 @@ logger = logging.getLogger("resource_managers.ocpp")
 SUBPROTOCOLS = ("ocpp1.6", "ocpp2.0.1")
 PLUGGED_16 = {"Preparing", "Charging", "SuspendedEV", "SuspendedEVSE", "Finishing"}
 ENERGY = "Energy.Active.Import.Register"
+#: an EV taken as full is offered to the CEM again after this long, if it may only have paused
+RETRY_FULL_AFTER = timedelta(minutes=30)
+FULL_SOC_PCT = 99.0  # an EV that says this SoC is full: never offered again
+NEED_MET_MARGIN_WH = 100.0  # within this of its need, an EV that stopped is done
 
 
 def _now() -> datetime:
@@ -103,6 +107,8 @@ class EvSession:
     limit_a: float | None = None
     seq_no: int = 0
     ev_full: bool = False  # the EV stopped drawing while offered current (SuspendedEV)
+    full_since: datetime | None = None  # when it was taken as full (process clock)
+    charging_state: str = ""  # the charger's last word: Charging, SuspendedEV, ...
 
     @property
     def energy_wh(self) -> float:
@@ -568,25 +574,48 @@ class OcppCentralSystem:
 
         SuspendedEV means the charger offers current and the EV draws none: its battery is
         full (or it takes no more for its own reasons). Its power is then of more use to the
-        other EVs, so the EV is taken as full: the CEM pauses it for the rest of the session
-        (should it draw again, under a default profile, it is planned again). Only after the
-        EV has charged: many EVs are SuspendedEV for a while after plug-in, before their
-        battery management starts drawing.
+        other EVs, so the EV is taken as full and the CEM pauses it; `offer_again` gives an EV
+        that may only have paused its power back later. Only after the EV has charged: many
+        EVs are SuspendedEV for a while after plug-in, before their battery management starts
+        drawing. (A meter reading that shows the energy after the state counts too: see `meter`.)
         """
         session = evse.session
         if session is None:
             return
+        session.charging_state = state
         if state == "SuspendedEV" and not session.ev_full and session.energy_wh > 0:
-            session.ev_full = True
+            session.ev_full, session.full_since = True, _now()
             logger.info("%s: the EV stopped drawing at %s A offered, %.2f kWh charged: taken "
                         "as full", evse.name,
                         "?" if session.limit_a is None else f"{session.limit_a:.1f}",
                         session.energy_wh / 1000)
             self._changed(evse)
         elif state == "Charging" and session.ev_full:
-            session.ev_full = False
+            session.ev_full, session.full_since = False, None
             logger.info("%s: the EV draws power again", evse.name)
             self._changed(evse)
+
+    def offer_again(self, evse: Evse, now: datetime) -> bool:
+        """Plan an EV taken as full again once `RETRY_FULL_AFTER` has passed, if it may only
+        have paused (a car's own timer, battery conditioning): its need is not met and its SoC,
+        if it tells one, is below `FULL_SOC_PCT`. Paused by the CEM, it could never show that
+        it draws again. If it is full after all, the next SuspendedEV says so within a minute.
+        """
+        session = evse.session
+        if session is None or not session.ev_full or session.full_since is None \
+                or now - session.full_since < RETRY_FULL_AFTER:
+            return False
+        if session.soc is not None and session.soc >= FULL_SOC_PCT:
+            return False
+        if session.energy_wh >= session.energy_need_wh - NEED_MET_MARGIN_WH:
+            return False
+        session.ev_full, session.full_since = False, None
+        logger.info("%s: the EV has drawn nothing for %d min with %.1f of %.1f kWh charged; "
+                    "offering it to the CEM again in case it only paused", evse.name,
+                    RETRY_FULL_AFTER.total_seconds() // 60, session.energy_wh / 1000,
+                    session.energy_need_wh / 1000)
+        self._changed(evse)
+        return True
 
     async def meter(self, evse: Evse, at: datetime, energy_wh: float | None,
                     power_w: tuple[float, float, float] | None, soc: float | None) -> None:
@@ -606,6 +635,8 @@ class OcppCentralSystem:
             await self.records.meter(session.record_id, meter_wh=energy_wh, at=at,
                                      power_w=evse.total_power_w if power_w is not None else None,
                                      soc=soc, price_eur_per_kwh=self.tariff.eur_per_kwh(at))
+            if session.charging_state == "SuspendedEV" and not session.ev_full:
+                self.charging_state(evse, "SuspendedEV")  # the energy came after the state
         self._changed(evse)
 
     async def end_session(self, evse: Evse | None, cp_id: str, transaction_id: str,

@@ -165,6 +165,7 @@ class EvseResource:
             if not connected or not self.active:
                 continue
             try:
+                self.csms.offer_again(self.evse, _now())  # an EV that only paused
                 await self._tell_cem()
             except asyncio.CancelledError:
                 raise

@@ -68,10 +68,11 @@ class SimulatedEv:
     max_current_a: float = 32.0
     phases: int = 3
     min_current_a: float = 6.0
+    paused: bool = False  # the car itself takes nothing for now (its timer, conditioning)
 
     def current_limit_a(self) -> float:
         """What the EV itself accepts now (its charger's taper above 80 % SoC)."""
-        if self.soc >= 100:
+        if self.soc >= 100 or self.paused:
             return 0.0
         if self.soc <= 80:
             return self.max_current_a
