@@ -136,12 +136,15 @@ def test_pv_surplus_charges_the_ev_and_curtails_only_what_export_needs() -> None
 
 def test_unmeetable_target_is_a_shortfall_with_a_reason() -> None:
     pr = site(n=4)
-    pr.storage = [ev("a", target=50_000, arrive=1, leave=3)]
+    pr.storage = [ev("a", target=50_000, arrive=1, leave=3),
+                  ev("soc", level=51_000, target=67_200, level_max=75_000, arrive=1, leave=2)]
     plan = plan_ok(pr)
     assert np.all(plan.power_w["a"][1:3] == 11_040)
     short = plan.shortfall["a"]
     assert short.energy_wh == pytest.approx(50_000 - 2 * 11_040, abs=20)
-    assert "window too short" in short.reason
+    assert "window too short" in short.reason and "at most 22.1 kWh more" in short.reason
+    # an EV whose level is its battery's charge (SoC): the reason counts what it can get more
+    assert "at most 11.0 kWh more in 1 PTUs (needs 16.2)" in plan.shortfall["soc"].reason
 
 
 def test_higher_priority_is_served_first_when_limits_bind() -> None:

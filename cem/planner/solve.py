@@ -200,8 +200,9 @@ def _reason(lay: Layout, i: int, status: str) -> str:
     if a.target_wh is not None and a.target_wh > a.level_max_wh:
         return f"target {a.target_wh} Wh above the maximum level {a.level_max_wh} Wh"
     if a.target_wh is not None and reachable < a.target_wh - 1:
-        return (f"window too short at max power: at most {max(reachable, 0) / 1000:.1f} kWh "
-                f"in {window} PTUs")
+        more = max(reachable - lay.level0[i], 0) / 1000  # not the level: an EV's may be its SoC
+        return (f"window too short at max power: at most {more:.1f} kWh more in {window} PTUs "
+                f"(needs {(a.target_wh - lay.level0[i]) / 1000:.1f})")
     if status == "FALLBACK":
         return "fallback plan (deadline first) within the site limits"
     return "site limits bind (fuse, import limit or congestion) or higher priorities come first"
