@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import numpy as np
+import pytest
 from s2python.common import CommodityQuantity
 
 from cem.control.guard import FlexibleLoad, GuardLimits, decide_caps, phase_power_w
@@ -142,3 +143,32 @@ def test_safe_plan_reports_a_heat_buffer_it_cannot_keep_warm() -> None:
     from cem.planner.check import check_plan
 
     assert check_plan(problem, plan) == []
+
+
+def test_the_guard_ranks_an_ev_by_the_minutes_really_left() -> None:
+    """Slack (hours an EV could still wait) from the plan made part-way through its first PTU:
+    only the plan's energy since then counts as done, and the minutes of the current PTU that
+    are gone count as gone."""
+    from datetime import timedelta
+
+    from cem.control.mpc import SiteController
+    from cem.planner.assets import Plan
+    from cem.site.config import SiteConfig
+
+    start = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
+    n = 8
+    limits = SiteLimits(63, 3, 230, np.full(n, 40_000), np.full(n, 40_000))
+    car = StorageAsset(id="car", kind="ev", charge_max_w=22_080, charge_min_w=4_140,
+                       level_wh=2_000, target_wh=20_000, available_until=4)
+    problem = Problem(start, 15, n, limits, Prices(np.full(n, 0.2), np.full(n, 0.1)),
+                      storage=[car], first_ptu_share=1 / 3)  # made at 08:10
+    now = start + timedelta(minutes=20)  # 08:20, five minutes into PTU 1
+    controller = SiteController(SiteConfig.model_validate({"grid": {"fuse_a": 63}}), None,
+                                solver=None, clock=lambda: now)
+    controller.problem = problem
+    controller.plan = Plan(status="FEASIBLE", power_w={"car": np.full(n, 12_000)},
+                           grid_import_w=np.full(n, 12_000))
+    done_wh = 12_000 * (10 / 60)  # 08:10-08:20 at 12 kW
+    left_h = 40 / 60  # 08:20 until the departure at 09:00
+    expected = left_h - (20_000 - 2_000 - done_wh) / 22_080
+    assert controller._slack_h(car) == pytest.approx(expected, abs=1e-9)

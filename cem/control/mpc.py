@@ -52,6 +52,7 @@ from cem.flex.site_problem import (
     measured_w,
 )
 from cem.planner.assets import Plan, Prices, Problem
+from cem.planner.layout import ptu_hours
 from cem.site.config import SiteConfig
 
 logger = logging.getLogger("cem.control")
@@ -563,19 +564,32 @@ class SiteController:
                                       power_w=float(power or 0.0), priority=binding.priority,
                                       min_w=float(s.charge_min_w) if s is not None else 0.0,
                                       phase_share=binding.phase_share,
-                                      slack_h=self._slack_h(s, t)))
+                                      slack_h=self._slack_h(s)))
         return loads
 
-    def _slack_h(self, asset: Any, t: int) -> float:
-        """Hours a storage asset could still wait and reach its target at full power."""
+    def _slack_h(self, asset: Any) -> float:
+        """Hours a storage asset could still wait and reach its target at full power, now.
+
+        From the plan's levels (at the moment it was made, part-way through PTU 0) plus what
+        the plan had it take since, to its departure: the minutes of the current PTU that are
+        gone count as gone.
+        """
         if asset is None or asset.target_wh is None or asset.available_until is None \
-                or asset.charge_max_w <= 0:
+                or asset.charge_max_w <= 0 or self.problem is None:
             return math.inf
-        ptu_h = self.config.planner.ptu_minutes / 60
+        problem = self.problem
+        hours = ptu_hours(problem)
+        ends = np.cumsum(hours)  # end of each PTU, hours after the plan was made
+        made = problem.ptu_start(0) + timedelta(hours=problem.ptu_minutes / 60 - float(hours[0]))
+        elapsed_h = max(0.0, (self.clock() - made).total_seconds() / 3600)
         planned = self.plan.power_w.get(asset.id) if self.plan is not None else None
-        done_wh = float(np.sum(planned[:t])) * ptu_h if planned is not None else 0.0
+        done_wh = 0.0
+        if planned is not None:
+            taken_h = np.clip(elapsed_h - (ends - hours), 0.0, hours)  # of each PTU, so far
+            done_wh = float(np.sum(np.asarray(planned, dtype=float) * taken_h))
         missing_wh = max(0.0, asset.target_wh - asset.level_wh - done_wh)
-        return (asset.available_until - t) * ptu_h - missing_wh / asset.charge_max_w
+        left_h = (problem.ptu_start(asset.available_until) - self.clock()).total_seconds() / 3600
+        return left_h - missing_wh / asset.charge_max_w
 
     def guard_limits(self) -> GuardLimits:
         grid = self.config.grid
