@@ -14,7 +14,8 @@ Nothing of the CEM is re-implemented here. What is simulated is what sits outsid
   if larger) that its real need fills: once the SoC has risen 3 points the RM knows the battery
   size and plans in SoC, so a full EV (100 %) is learned from the EV itself, as live; an EV
   that stops drawing while its charger offers current (its real need delivered) is taken as
-  full, as the live RM learns from the charger's SuspendedEV;
+  full, as the live RM learns from the charger's SuspendedEV (the live RM's offer again after
+  30 minutes, for an EV that may only have paused, never applies: a twin EV stops at 100 %);
 - an EV still plugged in at its stated departure gets the live RM's target for an overstayer
   (`fill_level_target`: its need within the next hour), again each hour it stays, as the live
   RM sends it when the previous target runs out (`target_runs_out`);
