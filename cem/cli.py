@@ -262,13 +262,15 @@ def sim_chargers(
     config: Path | None = typer.Option(
         None, "--config", "-c",
         help="site config: simulate its ocpp.charge_points (ids, phases, passwords)"),
+    ca: Path | None = typer.Option(
+        None, help="for a wss:// central system: the certificate (PEM) to trust"),
 ) -> None:
     """Run simulated OCPP charge points with simulated EVs."""
     from resource_managers.ocpp_charger.cli import run_charger_simulators
 
     site = load_config_or_exit(config) if config is not None else None
     run_charger_simulators(count=count, ocpp=ocpp, csms=csms, sessions=sessions, speed=speed,
-                           site=site)
+                           site=site, ca=ca)
 
 
 @sim_app.command("modbus")

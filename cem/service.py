@@ -66,12 +66,12 @@ class CemService:
 
     async def start(self) -> None:
         """Open the store, listen for RMs, start the controller. Raises ServiceError."""
-        from cem.s2.server import S2Server, tls_context
+        from cem.s2.server import S2Server
         from cem.store import Store
 
         cfg = self.config
         try:
-            tls_context(cfg.server)
+            cfg.server.tls_context()
         except (ssl.SSLError, OSError) as exc:
             raise ServiceError(
                 f"cannot use the TLS certificate {cfg.server.tls_cert} with key "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
+import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -158,6 +160,70 @@ async def test_basic_auth_and_unknown_charge_points(csms: OcppCentralSystem) -> 
         await wait_for(lambda: good.station_profiles)
     finally:
         await good.close()
+
+
+async def test_tls_with_basic_auth_is_security_profile_2(
+        tmp_path: Path, self_signed: tuple[Path, Path], caplog: pytest.LogCaptureFixture) -> None:
+    """With ocpp.tls_cert / tls_key the central system serves wss only; the charge point's
+    password still decides who gets in."""
+    caplog.set_level(logging.INFO, logger="resource_managers.ocpp")
+    cert, key = self_signed
+    site = make_site(tmp_path)
+    site.ocpp.tls_cert, site.ocpp.tls_key = cert, key
+    system = OcppCentralSystem(site, port=0)
+    await system.start()
+    try:
+        assert system.scheme == "wss" and "listening on wss://" in caplog.text
+        trust = ssl.create_default_context(cafile=str(cert))
+        secure = f"wss://127.0.0.1:{system.port}"
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await SimulatedChargePoint("LOCKED", secure, password="wrong",
+                                       ssl_context=trust).connect()
+        assert refused.value.response.status_code == 401
+        with pytest.raises((websockets.InvalidMessage, websockets.InvalidHandshake, OSError,
+                            EOFError)):
+            await SimulatedChargePoint("LOCKED", f"ws://127.0.0.1:{system.port}",
+                                       password="s3cret-password").connect()  # no TLS
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await SimulatedChargePoint("LOCKED", secure, password="s3cret-password").connect()
+        good = SimulatedChargePoint("LOCKED", secure, password="s3cret-password",
+                                    ssl_context=trust)
+        await good.connect()
+        try:
+            await wait_for(lambda: good.station_profiles)  # booted, default profile set
+        finally:
+            await good.close()
+    finally:
+        await system.stop()
+
+
+def test_tls_files_for_the_central_system_are_checked(tmp_path: Path) -> None:
+    """A certificate without its key is a config error with its path; `cem rm ocpp` with a
+    file that is no certificate ends with a clear message, not a traceback."""
+    from typer.testing import CliRunner
+
+    from cem.cli import app
+    from cem.site.config import ConfigError
+
+    with pytest.raises(ConfigError) as half:
+        parse_site_config("[ocpp]\ntls_cert = 'ocpp.crt'\n")
+    assert "tls_cert and tls_key go together" in half.value.report() and "ocpp" in half.value.report()
+    config = tmp_path / "site.toml"
+    (tmp_path / "ocpp.crt").write_text("not a certificate")
+    (tmp_path / "ocpp.key").write_text("not a key")
+    config.write_text("[ocpp]\nport = 0\ntls_cert = 'ocpp.crt'\ntls_key = 'ocpp.key'\n"
+                      f"database = '{tmp_path / 'ocpp.db'}'\n")
+    result = CliRunner().invoke(app, ["rm", "ocpp", "-c", str(config), "--cem",
+                                      "ws://127.0.0.1:9"])
+    assert result.exit_code == 2, result.output
+    assert "cannot use the TLS certificate" in result.output and "Traceback" not in result.output
+    missing = tmp_path / "missing.toml"
+    missing.write_text("[ocpp]\ntls_cert = 'nope.crt'\ntls_key = 'nope.key'\n")
+    checked = CliRunner().invoke(app, ["config", "check", str(missing)])
+    assert checked.exit_code != 0 and "ocpp.tls_cert" in checked.output
+    simulated = CliRunner().invoke(app, ["sim", "chargers", "--csms", "wss://127.0.0.1:9",
+                                         "--ca", str(tmp_path / "ocpp.crt")])
+    assert simulated.exit_code == 2 and "cannot use --ca" in simulated.output
 
 
 async def test_unknown_subprotocol_is_refused(csms: OcppCentralSystem,

@@ -72,16 +72,6 @@ def utc_now() -> datetime:
     return clock.now()
 
 
-def tls_context(cfg: ServerConfig) -> ssl.SSLContext | None:
-    """The server's TLS context for wss (None for plain ws); raises ssl.SSLError/OSError."""
-    if cfg.tls_cert is None or cfg.tls_key is None:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
-    return context
-
-
 # --- auth: the seam for S2 Connect pairing ------------------------------------------------------
 
 
@@ -280,7 +270,7 @@ class S2Server:
         )
 
     def _ssl_context(self) -> ssl.SSLContext | None:
-        return tls_context(self.server_config)
+        return self.server_config.tls_context()
 
     async def start(self) -> None:
         """Bind and listen (raises OSError when the address is taken)."""

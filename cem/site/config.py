@@ -9,6 +9,7 @@ errors (a typo must not silently fall back to a default).
 from __future__ import annotations
 
 import re
+import ssl
 import tomllib
 from datetime import datetime, time
 from pathlib import Path
@@ -35,22 +36,36 @@ class RmToken(Section):
     token: str = Field(..., min_length=16, description="bearer token, at least 16 characters")
 
 
-class ServerConfig(Section):
+class TlsFiles(Section):
+    """A server's certificate and key (PEM) for wss; both or neither."""
+
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> TlsFiles:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both for wss, or neither")
+        return self
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context for wss (None for plain ws); raises ssl.SSLError / OSError."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(str(self.tls_cert), str(self.tls_key))
+        return context
+
+
+class ServerConfig(TlsFiles):
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=0, le=65535)
     tokens: list[RmToken] = Field(default_factory=list)
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
     ping_interval_s: float = Field(20.0, gt=0)
     ping_timeout_s: float = Field(20.0, gt=0)
     reception_status_timeout_s: float = Field(10.0, gt=0)
     max_message_bytes: int = Field(1_048_576, ge=1024)
-
-    @model_validator(mode="after")
-    def _tls_pair(self) -> ServerConfig:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together: set both for wss, or neither")
-        return self
 
 
 class S2Config(Section):
@@ -150,7 +165,9 @@ class ChargePoint(Section):
     limit_unit: Literal["A", "W"] = "A"
 
 
-class OcppConfig(Section):
+class OcppConfig(TlsFiles):
+    """The OCPP central system; with tls_cert / tls_key it serves wss (security profile 2)."""
+
     host: str = "127.0.0.1"
     port: int = Field(9000, ge=0, le=65535)
     accept_unknown_charge_points: bool = True
@@ -317,10 +334,11 @@ def _resolve_paths(config: SiteConfig, base: Path) -> SiteConfig:
     for device in config.modbus.devices:
         if not device.map.is_absolute():
             device.map = base / device.map
-    for attr in ("tls_cert", "tls_key"):
-        value = getattr(config.server, attr)
-        if value is not None and not value.is_absolute():
-            setattr(config.server, attr, base / value)
+    for section in (config.server, config.ocpp):
+        for attr in ("tls_cert", "tls_key"):
+            value = getattr(section, attr)
+            if value is not None and not value.is_absolute():
+                setattr(section, attr, base / value)
     return config
 
 
@@ -347,12 +365,13 @@ def check_referenced_files(config: SiteConfig) -> list[ConfigProblem]:
             ConfigProblem(path="prices.csv", message=f"file not found: {config.prices.csv}",
                           hint="paths are relative to the config file")
         )
-    for attr in ("tls_cert", "tls_key"):
-        value = getattr(config.server, attr)
-        if value is not None and not value.exists():
-            problems.append(
-                ConfigProblem(path=f"server.{attr}", message=f"file not found: {value}")
-            )
+    for name, section in (("server", config.server), ("ocpp", config.ocpp)):
+        for attr in ("tls_cert", "tls_key"):
+            value = getattr(section, attr)
+            if value is not None and not value.exists():
+                problems.append(
+                    ConfigProblem(path=f"{name}.{attr}", message=f"file not found: {value}")
+                )
     for index, device in enumerate(config.modbus.devices):
         if not device.map.exists():
             problems.append(

@@ -7,6 +7,7 @@ import contextlib
 import csv
 import logging
 import signal
+import ssl
 import sys
 import time
 from datetime import UTC, datetime
@@ -52,6 +53,14 @@ def run_ocpp_rm(site: SiteConfig, cem_url: str, port: int | None = None,
         _stop_on_signals(stop)
         csms = OcppCentralSystem(site, cem_url, token=token, port=port)
         try:
+            site.ocpp.tls_context()
+        except (ssl.SSLError, OSError) as exc:
+            console.print(f"[bold red]error:[/] cannot use the TLS certificate "
+                          f"{site.ocpp.tls_cert} with key {site.ocpp.tls_key}: {exc}")
+            console.print("  [dim]hint:[/] both must be PEM files, the key matching the "
+                          "certificate (ocpp.tls_cert, ocpp.tls_key)")
+            raise typer.Exit(2) from None
+        try:
             await csms.start()
         except OSError as exc:
             console.print(f"[bold red]error:[/] cannot listen on {csms.host}:{csms.requested_port}: "
@@ -71,7 +80,8 @@ def run_ocpp_rm(site: SiteConfig, cem_url: str, port: int | None = None,
 
 
 def run_charger_simulators(count: int, ocpp: str, csms: str, sessions: Path | None,
-                           speed: float, site: SiteConfig | None = None) -> None:
+                           speed: float, site: SiteConfig | None = None,
+                           ca: Path | None = None) -> None:
     """Run `count` simulated charge points with EVs from an ACN CSV or a built-in sequence.
 
     With a site config, the first `count` of its `ocpp.charge_points` are simulated as configured
@@ -94,6 +104,14 @@ def run_charger_simulators(count: int, ocpp: str, csms: str, sessions: Path | No
     if not csms.startswith(("ws://", "wss://")):
         console.print(f"[bold red]error:[/] --csms {csms!r} is not a websocket URL (ws://host:port)")
         raise typer.Exit(2)
+    trust: ssl.SSLContext | None = None
+    if ca is not None:
+        try:
+            trust = ssl.create_default_context(cafile=str(ca))
+        except (ssl.SSLError, OSError) as exc:
+            console.print(f"[bold red]error:[/] cannot use --ca {ca}: {exc}")
+            console.print("  [dim]hint:[/] give the central system's certificate as a PEM file")
+            raise typer.Exit(2) from None
     if sessions is not None:
         try:
             arrivals = load_acn_arrivals(sessions)
@@ -111,10 +129,12 @@ def run_charger_simulators(count: int, ocpp: str, csms: str, sessions: Path | No
         stop = asyncio.Event()
         _stop_on_signals(stop)
         if site is not None and site.ocpp.charge_points:
-            stations = stations_for_site(site, csms, speed=speed, versions=(ocpp,))[:count]
+            stations = stations_for_site(site, csms, speed=speed, versions=(ocpp,),
+                                         ssl_context=trust)[:count]
         else:
             stations = [SimulatedChargePoint(f"SIM-CP-{i + 1:02d}", csms, version=ocpp,
-                                             speed=speed, meter_interval_s=60.0)
+                                             speed=speed, meter_interval_s=60.0,
+                                             ssl_context=trust)
                         for i in range(count)]
         await run_fleet(stations, arrivals, stop)
 

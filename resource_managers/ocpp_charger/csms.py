@@ -262,6 +262,7 @@ class OcppCentralSystem:
         self.tariff = _Tariff(site)
         self._listeners: list[EvseListener] = []
         self._server: Server | None = None
+        self.scheme = "ws"  # "wss" once started with a certificate (security profile 2)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._next_tx = 1
         self.s2: Any = None  # resource_managers.ocpp_charger.s2_evse.EvseResources when cem_url
@@ -290,24 +291,26 @@ class OcppCentralSystem:
                 self._evse(cp.id, evse_id)
         self._check_safe_limit()
         try:
+            tls = self.site.ocpp.tls_context()  # security profile 2: TLS + Basic auth
             self._server = await serve(
                 self._connection, self.host, self.requested_port,
                 subprotocols=list(SUBPROTOCOLS),  # type: ignore[arg-type]
                 select_subprotocol=self._select_subprotocol,
                 process_request=self._check_request,
-                ping_interval=30, ping_timeout=30,
+                ping_interval=30, ping_timeout=30, ssl=tls,
             )
-        except OSError:
+        except OSError:  # ssl.SSLError too
             await self.records.close()
             raise
+        self.scheme = "wss" if tls is not None else "ws"
         if self.cem_url is not None:
             from resource_managers.ocpp_charger.s2_evse import EvseResources
 
             self.s2 = EvseResources(self, self.cem_url, token=self.token)
             self.s2.start()
-        logger.info("OCPP central system listening on ws://%s:%d (OCPP 1.6J and 2.0.1), "
+        logger.info("OCPP central system listening on %s://%s:%d (OCPP 1.6J and 2.0.1), "
                     "%d charge point(s) configured, unknown charge points %s, unknown cards %s",
-                    self.host, self.port, len(self.charge_points),
+                    self.scheme, self.host, self.port, len(self.charge_points),
                     "accepted" if self.site.ocpp.accept_unknown_charge_points else "refused",
                     self.site.ocpp.unknown_cards + "ed")
 

@@ -24,6 +24,7 @@ import gzip
 import io
 import logging
 import random
+import ssl
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -156,13 +157,15 @@ class SimulatedChargePoint:
     def __init__(self, cp_id: str, csms_url: str, *, version: str = "1.6", evses: int = 1,
                  max_current_a: float = 32.0, phases: int = 3, phase: str = "L1",
                  password: str | None = None, speed: float = 1.0, meter_interval_s: float = 60.0,
-                 reject_profiles: bool = False, subprotocol: str | None = None) -> None:
+                 reject_profiles: bool = False, subprotocol: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         if version not in ("1.6", "2.0.1"):
             raise ValueError(f"OCPP version {version!r}: use 1.6 or 2.0.1")
         self.cp_id = cp_id
         self.csms_url = csms_url.rstrip("/")
         self.version = version
         self.password = password
+        self.ssl_context = ssl_context  # whom to trust on wss:// (None: the system's CAs)
         self.speed = speed
         self.meter_interval_s = meter_interval_s
         self.reject_profiles = reject_profiles
@@ -189,9 +192,11 @@ class SimulatedChargePoint:
         if self.password is not None:
             token = base64.b64encode(f"{self.cp_id}:{self.password}".encode()).decode()
             headers["Authorization"] = f"Basic {token}"
+        tls = {"ssl": self.ssl_context} if self.csms_url.startswith("wss://") \
+            and self.ssl_context is not None else {}
         self._ws = await websockets.connect(f"{self.csms_url}/{self.cp_id}",
                                             subprotocols=[self.subprotocol],  # type: ignore[list-item]
-                                            additional_headers=headers, open_timeout=5)
+                                            additional_headers=headers, open_timeout=5, **tls)
         link_class = _Station16 if self.version == "1.6" else _Station201
         self.link = link_class(self.cp_id, self._ws, self)
         loop = asyncio.get_running_loop()
@@ -652,13 +657,14 @@ def ev_for(arrival: Arrival, seed: int) -> SimulatedEv:
 
 def stations_for_site(site: SiteConfig, csms_url: str, *, speed: float = 1.0,
                       meter_interval_s: float = 60.0,
-                      versions: tuple[str, ...] = ("1.6", "2.0.1")) -> list[SimulatedChargePoint]:
+                      versions: tuple[str, ...] = ("1.6", "2.0.1"),
+                      ssl_context: ssl.SSLContext | None = None) -> list[SimulatedChargePoint]:
     """One simulated charge point per `ocpp.charge_points` entry (EVSEs, phases, maximum current,
     password as configured), OCPP versions taken in turn from `versions`."""
     return [SimulatedChargePoint(cp.id, csms_url, version=versions[i % len(versions)],
                                  evses=cp.evses, max_current_a=cp.max_current_a, phases=cp.phases,
                                  phase=cp.phase, password=cp.password, speed=speed,
-                                 meter_interval_s=meter_interval_s)
+                                 meter_interval_s=meter_interval_s, ssl_context=ssl_context)
             for i, cp in enumerate(site.ocpp.charge_points)]
 
 
