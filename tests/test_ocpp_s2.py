@@ -369,6 +369,48 @@ async def test_an_ev_that_only_paused_is_offered_power_again(
         clock.use(previous)
 
 
+async def test_a_car_that_stays_paused_is_offered_again_less_and_less_often(
+        cem_and_csms: tuple[S2Server, OcppCentralSystem]) -> None:
+    """Each offer a paused car turns down doubles the wait for the next: 30 min, then 1 h."""
+    from resource_managers.ocpp_charger.csms import RETRY_FULL_AFTER
+
+    server, csms = cem_and_csms
+    previous = clock.use(clock.ScaledClock(datetime.now(UTC), speed=2400))
+    charger = SimulatedChargePoint("CP302", f"ws://127.0.0.1:{csms.port}", version="2.0.1",
+                                   phases=3, speed=2400, meter_interval_s=30)
+    await charger.connect()
+    try:
+        name = "EV charger CP302/1"
+        await wait_for(lambda: live(server, name) is not None and description(live(server, name)))
+        entry = live(server, name)
+        assert entry is not None
+        car = SimulatedEv(capacity_kwh=60, soc=40, phases=3)
+        await charger.plug_in(1, car, "SOMEONE", dwell_s=12 * 3600, energy_kwh=30)
+        evse = next(e for e in csms.evses_of("CP302") if e.evse_id == 1)
+        offers: list[datetime] = []
+        fulls: list[datetime] = []
+        for _ in range(2):  # charged a little, then paused; offered again; still paused
+            await wait_for(lambda: CHARGING in mode_ids(entry), within_s=10)
+            offers.append(clock.now())
+            charge = instruction(entry, CHARGING, factor_for(16, 3))
+            await server.send_instruction(entry.rm_id or "", charge)
+            await wait_for(lambda: evse.session is not None and evse.session.energy_wh > 0)
+            car.paused = True
+            await wait_for(lambda: evse.session is not None and evse.session.ev_full)
+            assert evse.session is not None and evse.session.full_since is not None
+            fulls.append(evse.session.full_since)
+            await wait_for(lambda: CHARGING not in mode_ids(entry))
+            await server.send_instruction(entry.rm_id or "", instruction(entry, IDLE, 0.0))
+        await wait_for(lambda: CHARGING in mode_ids(entry), within_s=10)
+        offers.append(clock.now())
+        assert offers[1] - fulls[0] >= RETRY_FULL_AFTER
+        assert offers[2] - fulls[1] >= 2 * RETRY_FULL_AFTER  # turned down once: twice as long
+        assert offers[2] - fulls[1] < 3 * RETRY_FULL_AFTER
+    finally:
+        await charger.close()
+        clock.use(previous)
+
+
 async def test_an_ev_suspended_before_it_charged_is_not_taken_as_full(
         cem_and_csms: tuple[S2Server, OcppCentralSystem]) -> None:
     """Many EVs say SuspendedEV for a while after plug-in, before they draw: not full. But

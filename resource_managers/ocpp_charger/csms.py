@@ -108,6 +108,7 @@ class EvSession:
     seq_no: int = 0
     ev_full: bool = False  # the EV stopped drawing while offered current (SuspendedEV)
     full_since: datetime | None = None  # when it was taken as full (process clock)
+    times_full: int = 0  # taken as full since it last drew: each offer again waits longer
     charging_state: str = ""  # the charger's last word: Charging, SuspendedEV, ...
 
     @property
@@ -586,8 +587,11 @@ class OcppCentralSystem:
         if session is None:
             return
         session.charging_state = state
+        if state == "Charging":
+            session.times_full = 0
         if state == "SuspendedEV" and not session.ev_full and session.energy_wh > 0:
             session.ev_full, session.full_since = True, _now()
+            session.times_full += 1
             logger.info("%s: the EV stopped drawing at %s A offered, %.2f kWh charged: taken "
                         "as full", evse.name,
                         "?" if session.limit_a is None else f"{session.limit_a:.1f}",
@@ -602,11 +606,14 @@ class OcppCentralSystem:
         """Plan an EV taken as full again once `RETRY_FULL_AFTER` has passed, if it may only
         have paused (a car's own timer, battery conditioning): its need is not met and its SoC,
         if it tells one, is below `FULL_SOC_PCT`. Paused by the CEM, it could never show that
-        it draws again. If it is full after all, the next SuspendedEV says so within a minute.
+        it draws again. If it is full after all, the next SuspendedEV says so within a minute,
+        and the next offer waits twice as long (30 min, 1 h, 2 h, then every 4 h).
         """
         session = evse.session
-        if session is None or not session.ev_full or session.full_since is None \
-                or now - session.full_since < RETRY_FULL_AFTER:
+        if session is None or not session.ev_full or session.full_since is None:
+            return False
+        wait = RETRY_FULL_AFTER * 2 ** min(max(session.times_full - 1, 0), 3)
+        if now - session.full_since < wait:
             return False
         if session.soc is not None and session.soc >= FULL_SOC_PCT:
             return False
@@ -615,7 +622,7 @@ class OcppCentralSystem:
         session.ev_full, session.full_since = False, None
         logger.info("%s: the EV has drawn nothing for %d min with %.1f of %.1f kWh charged; "
                     "offering it to the CEM again in case it only paused", evse.name,
-                    RETRY_FULL_AFTER.total_seconds() // 60, session.energy_wh / 1000,
+                    wait.total_seconds() // 60, session.energy_wh / 1000,
                     session.energy_need_wh / 1000)
         self._changed(evse)
         return True
