@@ -64,7 +64,8 @@ async def _open(stack: list[object], regmap: RegisterMap, **kwargs: object
 
 @pytest.mark.parametrize("name", [
     "battery_generic.toml", "battery_vendor_b.toml", "sunspec_storage.toml",
-    "heat_pump_sg_ready.toml", "sunspec_pv_inverter.toml", "grid_meter.toml",
+    "heat_pump_sg_ready.toml", "heat_pump_sg_ready_relays.toml", "sunspec_pv_inverter.toml",
+    "grid_meter.toml",
 ])
 async def test_every_point_reads_and_every_written_point_reads_back(
         stack: list[object], name: str) -> None:

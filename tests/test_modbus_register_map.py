@@ -51,6 +51,7 @@ access = "read-write"
     ("battery_vendor_b.toml", "battery"),
     ("sunspec_storage.toml", "battery"),
     ("heat_pump_sg_ready.toml", "heat-pump"),
+    ("heat_pump_sg_ready_relays.toml", "heat-pump"),
     ("sunspec_pv_inverter.toml", "pv"),
     ("grid_meter.toml", "meter"),
 ])
@@ -180,3 +181,12 @@ def test_rm_command_reports_a_wrong_map_without_traceback() -> None:
                                  str(SPECS / "grid_meter.toml")])
     assert result.exit_code == 2
     assert "unknown device 'toaster'" in result.output
+
+
+def test_a_relay_heat_pump_without_its_second_relay_is_told_what_is_missing() -> None:
+    src = (SPECS / "heat_pump_sg_ready_relays.toml").read_text()
+    start = src.index("[points.sg_ready_relay_2]")
+    bad = src[:start] + src[src.index("[points.setpoint_temperature]"):]
+    with pytest.raises(RegisterMapError) as error:
+        parse_register_map(bad, Path("relays.toml"))
+    assert "needs the point(s) sg_ready_relay_2" in str(error.value.problems)

@@ -27,6 +27,7 @@ from resource_managers.modbus.register_map import RegisterMap, load_register_map
 from resource_managers.modbus.rm import BatteryRM, HeatPumpRM, ModbusRM, PvRM, resource_manager_for
 from resource_managers.modbus.simulator import (
     BatterySimulator,
+    HeatPumpSimulator,
     ModbusSimulator,
     PvSimulator,
     simulator_for,
@@ -205,9 +206,12 @@ async def test_out_of_range_reading_is_a_fault(make_site: Callable[..., Any]) ->
                      what="flexibility back")
 
 
-async def test_heat_pump_modes_timers_and_forecasts(make_site: Callable[..., Any]) -> None:
-    site = await make_site(load_register_map(SPECS / "heat_pump_sg_ready.toml"),
-                           {"buffer_c": 45.0})
+@pytest.mark.parametrize("map_name", ["heat_pump_sg_ready.toml",
+                                      "heat_pump_sg_ready_relays.toml"])
+async def test_heat_pump_modes_timers_and_forecasts(make_site: Callable[..., Any],
+                                                    map_name: str) -> None:
+    """SG-Ready as a state register or as two relays: the same modes, timers and forecasts."""
+    site = await make_site(load_register_map(SPECS / map_name), {"buffer_c": 45.0})
     live = await site.described()
     state = live.state
     await eventually(lambda: state.frbc_usage_forecast is not None, what="usage forecast")
@@ -219,16 +223,21 @@ async def test_heat_pump_modes_timers_and_forecasts(make_site: Callable[..., Any
     rm = site.rm
     assert isinstance(rm, HeatPumpRM)
     boost = frbc_instruction(s2m.HEAT_PUMP_ACTUATOR, s2m.HEAT_PUMP_BOOST)
+    assert isinstance(site.sim, HeatPumpSimulator)
+    sim = site.sim
     await instruct(site, boost)  # normal -> boost: no timer involved
-    await eventually(lambda: site.sim.values["sg_ready_state"] == 3, what="SG-Ready 3")
+    await eventually(lambda: sim.sg_state() == 3, what="SG-Ready 3")
     await instruct(site, frbc_instruction(s2m.HEAT_PUMP_ACTUATOR, s2m.HEAT_PUMP_OFF))
-    await eventually(lambda: site.sim.values["sg_ready_state"] == 1, what="SG-Ready 1")
+    await eventually(lambda: sim.sg_state() == 1, what="SG-Ready 1")
+    if map_name.endswith("relays.toml"):  # boost -> off opened relay 2 before closing relay 1
+        relays = [(n, v) for n, v in sim.writes if n.startswith("sg_ready_relay")]
+        assert relays[-2:] == [("sg_ready_relay_2", 0.0), ("sg_ready_relay_1", 1.0)], relays
     await eventually(lambda: state.frbc_timer_statuses(), what="the minimum off timer")
     too_soon = frbc_instruction(s2m.HEAT_PUMP_ACTUATOR, s2m.HEAT_PUMP_NORMAL)
     await instruct(site, too_soon)
     await eventually(lambda: state.instruction_status(too_soon.id)
                      == InstructionStatus.REJECTED, what="on again rejected (minimum off time)")
-    assert site.sim.values["sg_ready_state"] == 1
+    assert sim.sg_state() == 1
     later = frbc_instruction(s2m.HEAT_PUMP_ACTUATOR, s2m.HEAT_PUMP_NORMAL,
                              at=now() + timedelta(seconds=400))
     await instruct(site, later)

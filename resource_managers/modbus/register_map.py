@@ -37,13 +37,15 @@ REQUIRED_POINTS: dict[str, tuple[tuple[str, ...], ...]] = {
     "battery": (("soc", "power", "power_setpoint"),
                 ("soc", "power", "storage_control_mode", "charge_rate_pct",
                  "discharge_rate_pct")),
-    "heat-pump": (("sg_ready_state", "power", "buffer_temperature"),),
+    "heat-pump": (("sg_ready_state", "power", "buffer_temperature"),
+                  ("sg_ready_relay_1", "sg_ready_relay_2", "power", "buffer_temperature")),
     "pv": (("power", "active_power_limit_pct"),),
     "meter": (("power_l1", "power_l2", "power_l3"),),
 }
 #: points the RM writes, so the map must make them writable when present
 WRITTEN_POINTS = ("power_setpoint", "storage_control_mode", "charge_rate_pct",
                   "discharge_rate_pct", "revert_timeout", "sg_ready_state",
+                  "sg_ready_relay_1", "sg_ready_relay_2",
                   "setpoint_temperature", "active_power_limit_pct", "limit_enabled",
                   "limit_revert_timeout")
 REQUIRED_LIMITS: dict[str, tuple[str, ...]] = {
@@ -232,7 +234,9 @@ def check_register_map(regmap: RegisterMap) -> list[str]:
                     f"{first.address + first.count - 1})")
     options = REQUIRED_POINTS[regmap.device_class]
     if not any(all(p in points for p in option) for option in options):
-        best = min(options, key=lambda o: sum(p not in points for p in o))
+        # the set the map is closest to: fewest missing, then most already there
+        best = min(options, key=lambda o: (sum(p not in points for p in o),
+                                           -sum(p in points for p in o)))
         missing = [p for p in best if p not in points]
         alternatives = " or ".join("{" + ", ".join(o) + "}" for o in options)
         problems.append(f"points: a {regmap.device_class} map needs the point(s) "

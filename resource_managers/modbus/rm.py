@@ -585,8 +585,14 @@ class HeatPumpRM(ModbusRM):
     def provides_forecast(self) -> bool:
         return True
 
+    @property
+    def relays(self) -> bool:
+        """SG-Ready as two relay inputs (coils) rather than one state register."""
+        return not self.regmap.has("sg_ready_state")
+
     def points_to_poll(self) -> list[str]:
-        names = ["buffer_temperature", "power", "sg_ready_state"]
+        names = ["buffer_temperature", "power"]
+        names += ["sg_ready_relay_1", "sg_ready_relay_2"] if self.relays else ["sg_ready_state"]
         return names + (["outdoor_temperature"] if self.regmap.has("outdoor_temperature") else [])
 
     async def prepare_device(self) -> None:
@@ -596,6 +602,9 @@ class HeatPumpRM(ModbusRM):
     def _current_mode(self) -> uuid.UUID:
         if self.mode_id is not None:
             return self.mode_id
+        if self.relays:
+            return s2m.heat_pump_mode_of_relays(bool(self.readings.get("sg_ready_relay_1")),
+                                                bool(self.readings.get("sg_ready_relay_2")))
         return s2m.heat_pump_mode_of(self.limits, int(self.readings.get("sg_ready_state", 0)))
 
     def flexibility_messages(self, now: datetime) -> list[S2Message]:
@@ -661,6 +670,15 @@ class HeatPumpRM(ModbusRM):
             return f"{label} runs until {end.isoformat(timespec='seconds')}"
         return None
 
+    async def _switch_relays(self, wanted: tuple[bool, bool]) -> None:
+        """Open before closing: between the two writes the pump sees normal (both open), never
+        forced on (both closed)."""
+        names = ("sg_ready_relay_1", "sg_ready_relay_2")
+        for opening in (True, False):
+            for name, closed in zip(names, wanted, strict=True):
+                if closed != opening:
+                    await self.link.write(name, 1.0 if closed else 0.0)
+
     async def apply(self, instruction: Any) -> str:
         assert isinstance(instruction, FRBCInstruction)
         now = utc_now()
@@ -669,7 +687,10 @@ class HeatPumpRM(ModbusRM):
             raise InstructionRejected(blocked)
         previous = self._current_mode()
         target = instruction.operation_mode
-        await self.link.write("sg_ready_state", s2m.heat_pump_sg_state(self.limits, target))
+        if self.relays:
+            await self._switch_relays(s2m.SG_READY_RELAYS[target])
+        else:
+            await self.link.write("sg_ready_state", s2m.heat_pump_sg_state(self.limits, target))
         self.mode_id = target
         started: list[uuid.UUID] = []
         if previous == s2m.HEAT_PUMP_OFF and target != s2m.HEAT_PUMP_OFF:

@@ -288,6 +288,22 @@ def heat_pump_sg_state(limits: Limits, mode_id: uuid.UUID) -> int:
     raise ValueError(f"unknown heat pump operation mode {mode_id}")
 
 
+#: SG-Ready's two relay inputs (relay 1, relay 2) per operation mode, as the BWP label defines
+#: them: (1, 0) blocked, (0, 0) normal, (0, 1) switch-on recommended; (1, 1) is forced on
+SG_READY_RELAYS: dict[uuid.UUID, tuple[bool, bool]] = {
+    HEAT_PUMP_OFF: (True, False), HEAT_PUMP_NORMAL: (False, False),
+    HEAT_PUMP_BOOST: (False, True)}
+
+
+def heat_pump_mode_of_relays(relay_1: bool, relay_2: bool) -> uuid.UUID:
+    """SG-Ready relays read back -> FRBC operation mode (forced on counts as boost)."""
+    if relay_1 and not relay_2:
+        return HEAT_PUMP_OFF
+    if not relay_1 and not relay_2:
+        return HEAT_PUMP_NORMAL
+    return HEAT_PUMP_BOOST
+
+
 def heat_pump_mode_of(limits: Limits, sg_state: int) -> uuid.UUID:
     """SG-Ready state read back -> FRBC operation mode (4 = forced on counts as boost)."""
     if sg_state == limits.sg_ready_off:

@@ -402,9 +402,19 @@ class HeatPumpSimulator(ModbusSimulator):
                 return f"setpoint outside {low:g}..{high:g} degC"
         return None
 
+    def sg_state(self) -> int:
+        """The SG-Ready state in force: the state register's, or the two relays' (1..4)."""
+        lim = self.regmap.limits
+        if not self.regmap.has("sg_ready_relay_1"):
+            return int(self.values.get("sg_ready_state", lim.sg_ready_normal))
+        relays = (bool(self.values.get("sg_ready_relay_1")),
+                  bool(self.values.get("sg_ready_relay_2")))
+        return {(True, False): lim.sg_ready_off, (False, False): lim.sg_ready_normal,
+                (False, True): lim.sg_ready_boost}.get(relays, 4)  # both closed: forced on
+
     def step(self, dt_s: float, dt_wall_s: float) -> None:
         lim = self.regmap.limits
-        state = int(self.values.get("sg_ready_state", lim.sg_ready_normal))
+        state = self.sg_state()
         setpoint = self.values.get("setpoint_temperature", lim.comfort_max_c or 55)
         if state == lim.sg_ready_off:
             power = 0.0
