@@ -7,6 +7,7 @@ the way the control loop does (`server.send_instruction`), so each test controls
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -317,6 +318,31 @@ async def test_an_ev_that_stops_drawing_while_offered_current_is_full(
         await charger.close()
 
 
+@contextlib.asynccontextmanager
+async def a_car_on_a_simulated_clock(
+        csms_pair: tuple[S2Server, OcppCentralSystem], cp_id: str, speed: float, stay_h: float
+        ) -> AsyncIterator[tuple[SimulatedChargePoint, LiveSession, SimulatedEv, Any]]:
+    """A 2.0.1 charger whose EV (60 kWh at 40 %, 30 kWh wanted) plugs in; the process clock
+    and the charger run `speed` times faster than real time meanwhile."""
+    server, csms = csms_pair
+    previous = clock.use(clock.ScaledClock(datetime.now(UTC), speed=speed))
+    charger = SimulatedChargePoint(cp_id, f"ws://127.0.0.1:{csms.port}", version="2.0.1",
+                                   phases=3, speed=speed, meter_interval_s=30)
+    await charger.connect()
+    try:
+        name = f"EV charger {cp_id}/1"
+        await wait_for(lambda: live(server, name) is not None and description(live(server, name)))
+        entry = live(server, name)
+        assert entry is not None
+        car = SimulatedEv(capacity_kwh=60, soc=40, phases=3)
+        await charger.plug_in(1, car, "SOMEONE", dwell_s=stay_h * 3600, energy_kwh=30)
+        evse = next(e for e in csms.evses_of(cp_id) if e.evse_id == 1)
+        yield charger, entry, car, evse
+    finally:
+        await charger.close()
+        clock.use(previous)
+
+
 async def test_an_ev_that_only_paused_is_offered_power_again(
         cem_and_csms: tuple[S2Server, OcppCentralSystem]) -> None:
     """A car that stops drawing on its own (its timer, battery conditioning) looks full and the
@@ -324,19 +350,9 @@ async def test_an_ev_that_only_paused_is_offered_power_again(
     it charges; once it says it is full (SoC), it is never offered again."""
     from resource_managers.ocpp_charger.csms import RETRY_FULL_AFTER
 
-    server, csms = cem_and_csms
-    previous = clock.use(clock.ScaledClock(datetime.now(UTC), speed=1200))
-    charger = SimulatedChargePoint("CP301", f"ws://127.0.0.1:{csms.port}", version="2.0.1",
-                                   phases=3, speed=1200, meter_interval_s=30)
-    await charger.connect()
-    try:
-        name = "EV charger CP301/1"
-        await wait_for(lambda: live(server, name) is not None and description(live(server, name)))
-        entry = live(server, name)
-        assert entry is not None
-        car = SimulatedEv(capacity_kwh=60, soc=40, phases=3)
-        await charger.plug_in(1, car, "SOMEONE", dwell_s=8 * 3600, energy_kwh=30)
-        evse = next(e for e in csms.evses_of("CP301") if e.evse_id == 1)
+    server = cem_and_csms[0]
+    async with a_car_on_a_simulated_clock(cem_and_csms, "CP301", 1200, 8) as (
+            charger, entry, car, evse):
         await wait_for(lambda: CHARGING in mode_ids(entry))
         charge = instruction(entry, CHARGING, factor_for(16, 3))
         await server.send_instruction(entry.rm_id or "", charge)
@@ -364,9 +380,6 @@ async def test_an_ev_that_only_paused_is_offered_power_again(
                        within_s=10)
         assert evse.session is not None and evse.session.ev_full
         assert CHARGING not in mode_ids(entry)
-    finally:
-        await charger.close()
-        clock.use(previous)
 
 
 async def test_a_car_that_stays_paused_is_offered_again_less_and_less_often(
@@ -374,19 +387,9 @@ async def test_a_car_that_stays_paused_is_offered_again_less_and_less_often(
     """Each offer a paused car turns down doubles the wait for the next: 30 min, then 1 h."""
     from resource_managers.ocpp_charger.csms import RETRY_FULL_AFTER
 
-    server, csms = cem_and_csms
-    previous = clock.use(clock.ScaledClock(datetime.now(UTC), speed=2400))
-    charger = SimulatedChargePoint("CP302", f"ws://127.0.0.1:{csms.port}", version="2.0.1",
-                                   phases=3, speed=2400, meter_interval_s=30)
-    await charger.connect()
-    try:
-        name = "EV charger CP302/1"
-        await wait_for(lambda: live(server, name) is not None and description(live(server, name)))
-        entry = live(server, name)
-        assert entry is not None
-        car = SimulatedEv(capacity_kwh=60, soc=40, phases=3)
-        await charger.plug_in(1, car, "SOMEONE", dwell_s=12 * 3600, energy_kwh=30)
-        evse = next(e for e in csms.evses_of("CP302") if e.evse_id == 1)
+    server = cem_and_csms[0]
+    async with a_car_on_a_simulated_clock(cem_and_csms, "CP302", 2400, 12) as (
+            _charger, entry, car, evse):
         offers: list[datetime] = []
         fulls: list[datetime] = []
         for _ in range(2):  # charged a little, then paused; offered again; still paused
@@ -406,9 +409,6 @@ async def test_a_car_that_stays_paused_is_offered_again_less_and_less_often(
         assert offers[1] - fulls[0] >= RETRY_FULL_AFTER
         assert offers[2] - fulls[1] >= 2 * RETRY_FULL_AFTER  # turned down once: twice as long
         assert offers[2] - fulls[1] < 3 * RETRY_FULL_AFTER
-    finally:
-        await charger.close()
-        clock.use(previous)
 
 
 async def test_an_ev_suspended_before_it_charged_is_not_taken_as_full(
