@@ -104,20 +104,32 @@ def factor_for(amps: float, phases: int) -> float:
     return (amps * 230 * phases - lo) / (hi - lo)
 
 
+@contextlib.asynccontextmanager
+async def described_charger(csms_pair: tuple[S2Server, OcppCentralSystem], cp_id: str,
+                            **charger: Any) -> AsyncIterator[tuple[SimulatedChargePoint,
+                                                                   LiveSession]]:
+    """A simulated charger, connected, once the CEM holds its EVSE 1's FRBC description."""
+    server, csms = csms_pair
+    station = SimulatedChargePoint(cp_id, f"ws://127.0.0.1:{csms.port}", **charger)
+    await station.connect()
+    try:
+        name = f"EV charger {cp_id}/1"
+        await wait_for(lambda: live(server, name) is not None and description(live(server, name)))
+        entry = live(server, name)
+        assert entry is not None
+        yield station, entry
+    finally:
+        await station.close()
+
+
 @pytest.mark.parametrize("version, cp_id, phases", [("1.6", "CP16", 3), ("2.0.1", "CP201", 1)])
 async def test_frbc_flexibility_and_instructions_become_profiles(
         cem_and_csms: tuple[S2Server, OcppCentralSystem], version: str, cp_id: str,
         phases: int) -> None:
-    server, csms = cem_and_csms
-    name = f"EV charger {cp_id}/1"
-    charger = SimulatedChargePoint(cp_id, f"ws://127.0.0.1:{csms.port}", version=version,
-                                   phases=phases, phase="L2", speed=600, meter_interval_s=30)
-    await charger.connect()
-    try:
-        # the CEM selected FRBC; without an EV there is no flexibility
-        await wait_for(lambda: live(server, name) is not None and description(live(server, name)))
-        entry = live(server, name)
-        assert entry is not None
+    server = cem_and_csms[0]
+    # the CEM selected FRBC; without an EV there is no flexibility
+    async with described_charger(cem_and_csms, cp_id, version=version, phases=phases,
+                                 phase="L2", speed=600, meter_interval_s=30) as (charger, entry):
         sd = description(entry)
         assert [m.diagnostic_label.split(" ")[0] for m in sd.actuators[0].operation_modes] == [IDLE]
 
@@ -173,8 +185,6 @@ async def test_frbc_flexibility_and_instructions_become_profiles(
         # the EV leaves: no flexibility again
         await charger.unplug(1)
         await wait_for(lambda: CHARGING not in mode_ids(entry))
-    finally:
-        await charger.close()
 
 
 async def test_rejected_profile_becomes_rejected_instruction(
@@ -284,14 +294,8 @@ async def test_an_ev_that_stops_drawing_while_offered_current_is_full(
     """SuspendedEV (1.6 StatusNotification, 2.0.1 TransactionEvent charging state): the EV
     takes no more, so the RM withdraws its flexibility and the CEM stops holding power for it."""
     server, csms = cem_and_csms
-    name = f"EV charger {cp_id}/1"
-    charger = SimulatedChargePoint(cp_id, f"ws://127.0.0.1:{csms.port}", version=version,
-                                   phases=phases, phase="L2", speed=600, meter_interval_s=30)
-    await charger.connect()
-    try:
-        await wait_for(lambda: live(server, name) is not None and description(live(server, name)))
-        entry = live(server, name)
-        assert entry is not None
+    async with described_charger(cem_and_csms, cp_id, version=version, phases=phases,
+                                 phase="L2", speed=600, meter_interval_s=30) as (charger, entry):
         # nearly full: 0.3 % of 10 kWh is 30 Wh, a few simulated seconds at 8 A or more
         await charger.plug_in(1, SimulatedEv(capacity_kwh=10, soc=99.7, phases=3), "SOMEONE",
                               dwell_s=3 * 3600, energy_kwh=12)
@@ -314,8 +318,6 @@ async def test_an_ev_that_stops_drawing_while_offered_current_is_full(
         await asyncio.sleep(0.2)
         assert evse.session is not None and evse.session.ev_full
         assert CHARGING not in mode_ids(entry)
-    finally:
-        await charger.close()
 
 
 @contextlib.asynccontextmanager
@@ -324,22 +326,16 @@ async def a_car_on_a_simulated_clock(
         ) -> AsyncIterator[tuple[SimulatedChargePoint, LiveSession, SimulatedEv, Any]]:
     """A 2.0.1 charger whose EV (60 kWh at 40 %, 30 kWh wanted) plugs in; the process clock
     and the charger run `speed` times faster than real time meanwhile."""
-    server, csms = csms_pair
+    csms = csms_pair[1]
     previous = clock.use(clock.ScaledClock(datetime.now(UTC), speed=speed))
-    charger = SimulatedChargePoint(cp_id, f"ws://127.0.0.1:{csms.port}", version="2.0.1",
-                                   phases=3, speed=speed, meter_interval_s=30)
-    await charger.connect()
     try:
-        name = f"EV charger {cp_id}/1"
-        await wait_for(lambda: live(server, name) is not None and description(live(server, name)))
-        entry = live(server, name)
-        assert entry is not None
-        car = SimulatedEv(capacity_kwh=60, soc=40, phases=3)
-        await charger.plug_in(1, car, "SOMEONE", dwell_s=stay_h * 3600, energy_kwh=30)
-        evse = next(e for e in csms.evses_of(cp_id) if e.evse_id == 1)
-        yield charger, entry, car, evse
+        async with described_charger(csms_pair, cp_id, version="2.0.1", phases=3, speed=speed,
+                                     meter_interval_s=30) as (charger, entry):
+            car = SimulatedEv(capacity_kwh=60, soc=40, phases=3)
+            await charger.plug_in(1, car, "SOMEONE", dwell_s=stay_h * 3600, energy_kwh=30)
+            evse = next(e for e in csms.evses_of(cp_id) if e.evse_id == 1)
+            yield charger, entry, car, evse
     finally:
-        await charger.close()
         clock.use(previous)
 
 
