@@ -204,10 +204,12 @@ class Dispatcher:
         # moment in between (a plan moving power from one EV to another, a guard's cap)
         rising: set[str] = set()
         for number, rm in enumerate(rms, start=1):
-            instructions[rm], self.held[rm] = self._hold_raises(rm, instructions.get(rm, []), now)
+            in_force = self.in_force(rm, now)  # once per RM: both judgements below read it
+            instructions[rm], self.held[rm] = self._hold_raises(
+                rm, instructions.get(rm, []), now, in_force)
             if not self.held[rm]:
                 del self.held[rm]
-            if self._rises(rm, instructions.get(rm, []), now):
+            if self._rises(rm, instructions.get(rm, []), now, in_force):
                 rising.add(rm)
             if number % DECIDE_PACE == 0:  # 1000 RMs take ~0.2 s: S2 sessions get turns
                 await asyncio.sleep(0)
@@ -232,8 +234,8 @@ class Dispatcher:
             if sent:
                 await asyncio.sleep(0.005)
 
-    def _hold_raises(self, rm_id: str, messages: list[Any], now: datetime
-                     ) -> tuple[list[Any], list[datetime]]:
+    def _hold_raises(self, rm_id: str, messages: list[Any], now: datetime,
+                     in_force: dict[str, SentInstruction]) -> tuple[list[Any], list[datetime]]:
         """The messages to send now, and the times of the future raises held back.
 
         A future instruction is a raise when it asks for more power than the RM would run
@@ -246,7 +248,7 @@ class Dispatcher:
             power = self._power_w(rm_id, message, now)
             key = channel(message)
             if key not in previous:
-                current = self.in_force(rm_id, now).get(key)
+                current = in_force.get(key)
                 previous[key] = self._power_w(rm_id, current.message, now) \
                     if current is not None else 0.0
             before = previous[key]
@@ -258,13 +260,14 @@ class Dispatcher:
             out.append(message)
         return out, held
 
-    def _rises(self, rm_id: str, messages: list[Any], now: datetime) -> bool:
+    def _rises(self, rm_id: str, messages: list[Any], now: datetime,
+               in_force: dict[str, SentInstruction]) -> bool:
         """Whether the RM's instructions for now ask for more power than the one in force."""
         due = [m for m in messages if m.execution_time <= now]
         if not due:
             return False
         new = due[-1]
-        current = self.in_force(rm_id, now).get(channel(new))
+        current = in_force.get(channel(new))
         new_w = self._power_w(rm_id, new, now)
         old_w = self._power_w(rm_id, current.message, now) if current is not None else 0.0
         return new_w is not None and old_w is not None and new_w > old_w + 1.0
