@@ -171,4 +171,5 @@ def test_the_guard_ranks_an_ev_by_the_minutes_really_left() -> None:
     done_wh = 12_000 * (10 / 60)  # 08:10-08:20 at 12 kW
     left_h = 40 / 60  # 08:20 until the departure at 09:00
     expected = left_h - (20_000 - 2_000 - done_wh) / 22_080
-    assert controller._slack_h(car) == pytest.approx(expected, abs=1e-9)
+    assert controller._slack_h(car, controller._taken_h(now), now) == \
+        pytest.approx(expected, abs=1e-9)

@@ -548,6 +548,8 @@ class SiteController:
         t = self._current_ptu()
         loads = []
         now_mono = self.monotonic()
+        now = self.clock()
+        taken_h = self._taken_h(now)  # once for all loads
         for asset_id, binding in self.mapping.bindings.items():
             entry = rms.get(binding.rm_id)
             if entry is None or not can_cap(binding):
@@ -564,31 +566,36 @@ class SiteController:
                                       power_w=float(power or 0.0), priority=binding.priority,
                                       min_w=float(s.charge_min_w) if s is not None else 0.0,
                                       phase_share=binding.phase_share,
-                                      slack_h=self._slack_h(s)))
+                                      slack_h=self._slack_h(s, taken_h, now)))
         return loads
 
-    def _slack_h(self, asset: Any) -> float:
-        """Hours a storage asset could still wait and reach its target at full power, now.
-
-        From the plan's levels (at the moment it was made, part-way through PTU 0) plus what
-        the plan had it take since, to its departure: the minutes of the current PTU that are
-        gone count as gone.
-        """
-        if asset is None or asset.target_wh is None or asset.available_until is None \
-                or asset.charge_max_w <= 0 or self.problem is None:
-            return math.inf
+    def _taken_h(self, now: datetime) -> np.ndarray:
+        """Hours of each PTU that have passed since the plan was made (part-way through PTU 0),
+        until `now`: what of its power the plan has had each asset take so far."""
+        if self.problem is None:
+            return np.zeros(0)
         problem = self.problem
         hours = ptu_hours(problem)
         ends = np.cumsum(hours)  # end of each PTU, hours after the plan was made
         made = problem.ptu_start(0) + timedelta(hours=problem.ptu_minutes / 60 - float(hours[0]))
-        elapsed_h = max(0.0, (self.clock() - made).total_seconds() / 3600)
+        elapsed_h = max(0.0, (now - made).total_seconds() / 3600)
+        return np.clip(elapsed_h - (ends - hours), 0.0, hours)
+
+    def _slack_h(self, asset: Any, taken_h: np.ndarray, now: datetime) -> float:
+        """Hours a storage asset could still wait at `now` and reach its target at full power.
+
+        From the plan's levels (at the moment it was made) plus what the plan had it take
+        since (`taken_h`), to its departure: the minutes of the current PTU that are gone
+        count as gone.
+        """
+        if asset is None or asset.target_wh is None or asset.available_until is None \
+                or asset.charge_max_w <= 0 or self.problem is None:
+            return math.inf
         planned = self.plan.power_w.get(asset.id) if self.plan is not None else None
-        done_wh = 0.0
-        if planned is not None:
-            taken_h = np.clip(elapsed_h - (ends - hours), 0.0, hours)  # of each PTU, so far
-            done_wh = float(np.sum(np.asarray(planned, dtype=float) * taken_h))
+        done_wh = float(np.sum(np.asarray(planned, dtype=float) * taken_h)) \
+            if planned is not None else 0.0
         missing_wh = max(0.0, asset.target_wh - asset.level_wh - done_wh)
-        left_h = (problem.ptu_start(asset.available_until) - self.clock()).total_seconds() / 3600
+        left_h = (self.problem.ptu_start(asset.available_until) - now).total_seconds() / 3600
         return left_h - missing_wh / asset.charge_max_w
 
     def guard_limits(self) -> GuardLimits:
