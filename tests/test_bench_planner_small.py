@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cem.cli import app
-from cem.planner.bench import bench_scenario
-from cem.planner.scenario import scenario_to_problem
+from cem.app.bench_planner import bench_scenario
+from cem.app.cli import app
+from cem.app.scenario import scenario_to_problem
 
 runner = CliRunner()
 
 
 def _solver_ready() -> bool:
     try:
-        from cem.planner.scenario_cli import solver_functions
+        from cem.app.plan_cli import solver_functions
 
         solver_functions()
     except ImportError:
@@ -77,7 +77,7 @@ def test_every_instance_stays_inside_the_bundled_data() -> None:
 def test_office_example_is_the_bench_car_park_with_50_evs() -> None:
     from pathlib import Path
 
-    from cem.planner.scenario import load_scenario
+    from cem.app.scenario import load_scenario
 
     example = load_scenario(Path(__file__).parent.parent / "specs" / "scenarios" / "office_car_park.json")
     built = bench_scenario(50, seed=1)

@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from cem.cli import app
+from cem.app.cli import app
 
 
 def test_bench_replan_plans_every_charger_through_s2_and_reports_figures() -> None:

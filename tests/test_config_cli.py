@@ -6,7 +6,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from cem.cli import app
+from cem.app.cli import app
 
 runner = CliRunner()
 EXAMPLE = Path(__file__).parent.parent / "specs" / "sites" / "example.toml"

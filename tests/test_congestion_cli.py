@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from cem.cli import app
+from cem.app.cli import app
 from cem.store import Store
 
 runner = CliRunner()

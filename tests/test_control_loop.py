@@ -44,13 +44,13 @@ from s2python.frbc import (
 )
 from s2python.generated.gen_s2 import Commodity
 
-from cem import clock as process_clock
+from cem.app.congestion_cli import add_congestion_command
 from cem.control.mpc import SiteController
-from cem.s2.server import Disconnected, RmEvent
+from cem.ports import Disconnected, InstructionResult, RmEvent
 from cem.s2.session import S2Session
 from cem.site.config import SiteConfig
-from cem.site.congestion import add_congestion_command
 from cem.store import Store
+from sitekit import clock as process_clock
 
 L = CommodityQuantity
 SYM = L.ELECTRIC_POWER_3_PHASE_SYMMETRIC
@@ -63,16 +63,6 @@ def uid() -> str:
 def now() -> datetime:
     """Now on the process clock, which the CEM also reads (a test may run it simulated)."""
     return process_clock.now()
-
-
-@dataclass
-class Result:
-    status: str = "OK"
-    diagnostic_label: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "OK"
 
 
 @dataclass
@@ -109,13 +99,15 @@ class FakeRegistry:
         self.queue = None
 
     async def send_instruction(self, rm_id: str, message: Any, *, plan_id: int | None = None,
-                               timeout_s: float | None = None) -> Result:
+                               timeout_s: float | None = None) -> InstructionResult:
         entry = self.entries.get(rm_id)
         if entry is None:
-            return Result("NOT_CONNECTED")
+            return InstructionResult(rm_id, None, "NOT_CONNECTED")
         entry.session.send(message, now())  # raises if the session would not send it
         self.sent.append((rm_id, message, time.monotonic()))
-        return Result("INVALID_CONTENT", "test refusal") if rm_id in self.refuse else Result()
+        status = "INVALID_CONTENT" if rm_id in self.refuse else "OK"
+        return InstructionResult(rm_id, str(message.message_id), status,
+                                 "test refusal" if rm_id in self.refuse else None)
 
     def feed(self, rm_id: str, message: Any) -> None:
         entry = self.entries[rm_id]

@@ -1,4 +1,4 @@
-"""The process clock (`cem.clock`) and the demo's choice of day, visits and settings."""
+"""The process clock (`sitekit.clock`) and the demo's choice of day, visits and settings."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cem import clock
-from cem.demo import DemoError, demo_visits, settings_for
+from cem.app.demo import DemoError, demo_visits, settings_for
 from cem.site.config import load_site_config
+from sitekit import clock
 
 DEMO_TOML = Path(__file__).resolve().parent.parent / "specs" / "sites" / "demo.toml"
 

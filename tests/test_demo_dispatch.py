@@ -15,6 +15,7 @@ from typing import Any
 
 from cem.control.dispatch import Dispatcher
 from cem.flex.frbc import frbc_instruction
+from cem.ports import InstructionResult
 
 T0 = datetime(2019, 10, 8, 10, 0, tzinfo=UTC)
 ACTUATOR, CHARGING, IDLE = (str(uuid.uuid4()) for _ in range(3))
@@ -41,9 +42,9 @@ class _Registry:
     def get(self, rm_id: str) -> _Entry:
         return self.entry
 
-    async def send_instruction(self, rm_id: str, message: Any, **_: Any) -> bool:
+    async def send_instruction(self, rm_id: str, message: Any, **_: Any) -> InstructionResult:
         self.sent.append(message)
-        return True
+        return InstructionResult(rm_id, str(message.message_id), "OK")
 
 
 async def test_an_instruction_that_started_during_the_solve_counts_as_in_force() -> None:
@@ -99,12 +100,12 @@ class _TwoEvs(_Registry):
     def get(self, rm_id: str) -> _Entry:
         return self.entries[rm_id]
 
-    async def send_instruction(self, rm_id: str, message: Any, **_: Any) -> bool:
+    async def send_instruction(self, rm_id: str, message: Any, **_: Any) -> InstructionResult:
         self.order.append(rm_id)
         if self.carry_out:  # the RM starts it a moment after its ReceptionStatus
             asyncio.get_running_loop().call_later(
                 0.02, self.entries[rm_id].state.status.__setitem__, str(message.id), "STARTED")
-        return True
+        return InstructionResult(rm_id, str(message.message_id), "OK")
 
     carry_out = True
 
@@ -164,11 +165,11 @@ async def test_raises_are_held_for_their_boundary_and_cuts_are_sent_ahead() -> N
     boundary = T0 + timedelta(minutes=15)
     sent: list[Any] = []
 
-    async def record(rm_id: str, message: Any, **_: Any) -> bool:
+    async def record(rm_id: str, message: Any, **_: Any) -> InstructionResult:
         sent.append((rm_id, message))
         registry.entries[rm_id].state.status[str(message.id)] = \
             "STARTED" if message.execution_time <= now else "ACCEPTED"
-        return True
+        return InstructionResult(rm_id, str(message.message_id), "OK")
 
     registry.send_instruction = record  # type: ignore[method-assign]
     now = T0
@@ -205,9 +206,9 @@ async def test_with_a_clock_what_a_late_dispatch_would_replace_at_once_is_not_se
     registry = _TwoEvs()
     sent: list[Any] = []
 
-    async def record(rm_id: str, message: Any, **_: Any) -> bool:
+    async def record(rm_id: str, message: Any, **_: Any) -> InstructionResult:
         sent.append(message)
-        return True
+        return InstructionResult(rm_id, str(message.message_id), "OK")
 
     registry.send_instruction = record  # type: ignore[method-assign]
     boundary = T0 + timedelta(minutes=15)

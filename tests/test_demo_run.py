@@ -17,7 +17,7 @@ DEMO_TOML = ROOT / "specs" / "sites" / "demo.toml"
 
 def _demo(report: Path, *options: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", "from cem.cli import app; app()", "demo", "--config",
+        [sys.executable, "-c", "from cem.app.cli import app; app()", "demo", "--config",
          str(DEMO_TOML), "--report", str(report), *options],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -125,7 +125,7 @@ def test_the_live_view_runs_in_a_terminal(tmp_path: Path) -> None:
     controller, terminal = pty.openpty()
     env = {**os.environ, "COLUMNS": "100", "LINES": "30", "TERM": "xterm-256color"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from cem.cli import app; app()", "demo", "--config",
+        [sys.executable, "-c", "from cem.app.cli import app; app()", "demo", "--config",
          str(DEMO_TOML), "--report", str(tmp_path / "report"), "--duration", "6"],
         cwd=ROOT, stdout=terminal, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
     os.close(terminal)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cem.demo import DemoSettings, Recorder, Sample, Visit, VisitOutcome
+from cem.app.demo import DemoSettings, Recorder, Sample, Visit, VisitOutcome
 from resource_managers.ocpp_charger.simulator import SimulatedChargePoint, SimulatedEv
 
 START = datetime(2019, 10, 8, 4, 0, tzinfo=UTC)

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 from test_control_loop import EvRm, FakeRegistry, config, until
 
-from cem import clock as process_clock
+from cem.app.congestion_cli import add_congestion_command
 from cem.control.mpc import SiteController
 from cem.flex.ptu import floor_to_ptu
-from cem.site.congestion import add_congestion_command
 from cem.store import Store
+from sitekit import clock as process_clock
 
 
 async def test_a_raise_is_sent_at_its_boundary_not_ahead(

@@ -15,7 +15,7 @@ from cem.s2.server import S2Server
 from cem.site.config import SiteConfig
 
 SPECS = Path(__file__).parent.parent / "specs" / "modbus"
-CEM = [sys.executable, "-c", "from cem.cli import main; main()"]
+CEM = [sys.executable, "-c", "from cem.app.cli import main; main()"]
 
 
 def free_port() -> int:

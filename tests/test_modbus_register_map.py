@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cem.cli import app
+from cem.app.cli import app
 from resource_managers.modbus.register_map import (
     RegisterMapError,
     load_register_map,

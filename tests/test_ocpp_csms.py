@@ -202,7 +202,7 @@ def test_tls_files_for_the_central_system_are_checked(tmp_path: Path) -> None:
     file that is no certificate ends with a clear message, not a traceback."""
     from typer.testing import CliRunner
 
-    from cem.cli import app
+    from cem.app.cli import app
     from cem.site.config import ConfigError
 
     with pytest.raises(ConfigError) as half:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from cem.app.service import CemService
 from cem.control.mpc import site_controller_for
-from cem.service import CemService
 from cem.site.config import parse_site_config
 from resource_managers.ocpp_charger.csms import OcppCentralSystem
 from resource_managers.ocpp_charger.simulator import SimulatedChargePoint, SimulatedEv

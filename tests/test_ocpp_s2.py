@@ -18,12 +18,12 @@ import pytest
 from s2python.common import CommodityQuantity, InstructionStatus
 from s2python.frbc import FRBCInstruction
 
-from cem import clock
 from cem.s2.server import LiveSession, S2Server
 from cem.site.config import SiteConfig, parse_site_config
 from resource_managers.ocpp_charger.csms import ENERGY, OcppCentralSystem
 from resource_managers.ocpp_charger.frbc import CHARGING, IDLE
 from resource_managers.ocpp_charger.simulator import SimulatedChargePoint, SimulatedEv
+from sitekit import clock
 
 SITE = """
 [server]

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from s2python.frbc import FRBCInstruction
 from typer.testing import CliRunner
 
-from cem.cli import app
+from cem.app.cli import app
 from cem.site.config import parse_site_config
 from resource_managers.ocpp_charger import frbc, limits
 from resource_managers.ocpp_charger.csms import OcppCentralSystem, next_local_time
@@ -199,7 +199,7 @@ def test_rm_process_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     config = tmp_path / "site.toml"
     config.write_text(f"[ocpp]\nport = 0\ndatabase = '{tmp_path / 'ocpp.db'}'\n")
     process = subprocess.Popen(
-        [sys.executable, "-c", "from cem.cli import main; main()", "rm", "ocpp", "-c", str(config),
+        [sys.executable, "-c", "from cem.app.cli import main; main()", "rm", "ocpp", "-c", str(config),
          "--cem", "ws://127.0.0.1:9"], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:

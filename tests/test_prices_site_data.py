@@ -10,23 +10,17 @@ import numpy as np
 import pytest
 
 from cem.data import PRICES_2019_10, PRICES_2023_07, PV_2019_10, acn_file, bundled
+from cem.flex.limits import limits_from_grid, site_limits
+from cem.flex.prices import prices_from_config, ptu_prices
 from cem.site.config import CongestionWindow, GridConfig, PriceConfig, parse_site_config
 from cem.site.forecast import ForecastError, base_load_w, load_pv_per_kwp, pv_forecast_w
-from cem.site.limits import limits_from_grid, site_limits
-from cem.site.prices import (
-    CsvPriceSource,
-    MockDayAheadFeed,
-    PriceError,
-    PriceSource,
-    prices_from_config,
-    ptu_prices,
-)
 from cem.site.sessions import (
     SessionFileError,
     bundled_acn_sessions,
     load_acn_sessions,
     on_local_clock,
 )
+from sitekit.prices import CsvPriceSource, MockDayAheadFeed, PriceError, PriceSource
 
 T0 = datetime(2023, 7, 2, 10, tzinfo=UTC)
 

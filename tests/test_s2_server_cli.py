@@ -13,7 +13,7 @@ from pathlib import Path
 from s2python.common import Commodity, CommodityQuantity, Duration, Role, RoleType
 from typer.testing import CliRunner
 
-from cem.cli import app
+from cem.app.cli import app
 from cem.store import Store
 from resource_managers.base import AssetDetails, FRBCControlType, S2ResourceManager
 
@@ -48,7 +48,7 @@ class Frbc(FRBCControlType):
 
 async def start_cem(config: Path, *extra: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cem.cli", "run", "--config", str(config), *extra,
+        sys.executable, "-m", "cem.app.cli", "run", "--config", str(config), *extra,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
 

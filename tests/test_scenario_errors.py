@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cem.cli import app
-from cem.planner.scenario import ScenarioError, parse_scenario, scenario_to_problem
+from cem.app.cli import app
+from cem.app.scenario import ScenarioError, parse_scenario, scenario_to_problem
 
 FIXTURES = Path(__file__).parent / "fixtures" / "scenarios"
 runner = CliRunner()

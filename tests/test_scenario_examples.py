@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cem.cli import app
-from cem.planner.scenario import Scenario, load_scenario, scenario_to_problem, schema
+from cem.app.cli import app
+from cem.app.scenario import Scenario, load_scenario, scenario_to_problem, schema
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = sorted((ROOT / "specs" / "scenarios").glob("*.json"))
@@ -22,7 +22,7 @@ runner = CliRunner()
 
 def _solver_ready() -> bool:
     try:
-        from cem.planner.scenario_cli import solver_functions
+        from cem.app.plan_cli import solver_functions
 
         solver_functions()
     except ImportError:
@@ -40,7 +40,7 @@ def test_the_three_example_sites_exist() -> None:
 
 def test_committed_schema_is_generated_from_the_models() -> None:
     committed = json.loads((ROOT / "specs" / "scenario.schema.json").read_text())
-    assert committed == schema(), "regenerate: python -m cem.planner.scenario --schema > specs/scenario.schema.json"
+    assert committed == schema(), "regenerate: python -m cem.app.scenario --schema > specs/scenario.schema.json"
     assert committed["$schema"] == "https://json-schema.org/draft/2020-12/schema"
 
 

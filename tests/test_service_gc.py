@@ -6,7 +6,7 @@ import asyncio
 import gc
 import weakref
 
-from cem.service import tenure_long_lived
+from cem.app.service import tenure_long_lived
 
 
 class _Session:

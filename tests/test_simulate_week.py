@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cem.cli import app
+from cem.app.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "cem" / "data"

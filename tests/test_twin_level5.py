@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cem.flex.prices import ptu_prices
 from cem.simulation.engine import SimState, run_level
 from cem.simulation.inputs import SimInputs, load_inputs
 from cem.simulation.kpis import level_kpis
 from cem.simulation.levels import MPC_GAP_TOL, Uncontrolled, site_planner
 from cem.simulation.twin import LiveControlLoop, TwinPrices
 from cem.site.config import load_site_config
-from cem.site.prices import ptu_prices
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "simulation"

@@ -37,6 +37,7 @@ from typing import Any
 from s2python.common import RevokableObjects, RevokeObject
 
 from cem.flex.ptu import sid
+from cem.ports import RmRegistry
 
 logger = logging.getLogger("cem.control")
 
@@ -108,7 +109,7 @@ class DispatchReport:
 class Dispatcher:
     """Keeps the instructions sent to each RM and turns a new set into sends and revokes."""
 
-    def __init__(self, registry: Any, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(self, registry: RmRegistry, clock: Callable[[], datetime] | None = None) -> None:
         self.registry = registry
         # the time at sending, when the caller's `now` may be old (a replan passes the time
         # it began at, before its solve): None trusts `now`
@@ -145,12 +146,11 @@ class Dispatcher:
         self.sent[rm_id] = [s for s in self.sent.get(rm_id, []) if s.execution_time > now]
 
     def _status(self, rm_id: str, instruction: SentInstruction) -> str | None:
-        entry = _live(self.registry, rm_id)
-        state = getattr(entry, "state", None)
-        if state is None or not hasattr(state, "instruction_status"):
+        entry = self.registry.get(rm_id)
+        if entry is None:
             return None
-        status = state.instruction_status(sid(instruction.message.id))
-        return getattr(status, "value", status)
+        status = entry.state.instruction_status(sid(instruction.message.id))
+        return getattr(status, "value", status)  # an InstructionStatus, or its value
 
     def pending(self, rm_id: str, now: datetime) -> list[SentInstruction]:
         """Sent, not revoked, not started and still in the future."""
@@ -276,15 +276,15 @@ class Dispatcher:
         """The electric power an FRBC instruction asks for (None: not known here)."""
         if getattr(message, "message_type", "") != "FRBC.Instruction":
             return None
-        state = getattr(_live(self.registry, rm_id), "state", None)
-        describe = getattr(state, "frbc_system_description", None)
+        entry = self.registry.get(rm_id)
+        describe = getattr(entry.state, "frbc_system_description", None) if entry else None
         if describe is None:
             return None
         try:
             from cem.flex.frbc import mode_range
 
             description = describe(now)
-            status = getattr(state, "frbc_storage_status", None)
+            status = getattr(entry.state, "frbc_storage_status", None) if entry else None
             fill = float(getattr(status, "present_fill_level", 0.0) or 0.0)
             for actuator in getattr(description, "actuators", None) or []:
                 if sid(actuator.id) != sid(message.actuator_id):
@@ -328,14 +328,14 @@ class Dispatcher:
                                   object_id=sid(old.message.id))
             result = await self.registry.send_instruction(rm_id, revoke)
             old.revoked = True  # even if refused: it is no longer part of the plan
-            if _ok(result):
+            if result.ok:
                 report.revoked += 1
             else:
                 report.failed.append(f"RM {rm_id} refused revoking {old.message.message_type}: "
-                                     f"{_describe(result)}")
+                                     f"{result.describe()}")
         for message in to_send:
-            result = await _send(self.registry, rm_id, message, plan_id)
-            if _ok(result):
+            result = await self.registry.send_instruction(rm_id, message, plan_id=plan_id)
+            if result.ok:
                 report.sent += 1
                 report.rms.add(rm_id)
                 starts_at = message.execution_time
@@ -348,7 +348,7 @@ class Dispatcher:
                                     starts_at=starts_at, seq=self._seq))
             else:
                 report.failed.append(f"RM {rm_id} refused {message.message_type}: "
-                                     f"{_describe(result)}")
+                                     f"{result.describe()}")
         self._prune(rm_id, now)
 
     def _prune(self, rm_id: str, now: datetime) -> None:
@@ -387,26 +387,3 @@ async def _paced(coros: Iterable[Coroutine[Any, Any, None]]) -> None:
             await asyncio.sleep(0)
     if tasks:
         await asyncio.gather(*tasks)
-
-
-def _live(registry: Any, rm_id: str) -> Any:
-    getter = getattr(registry, "get", None)
-    if getter is not None:
-        return getter(rm_id)
-    return registry.rms().get(rm_id)
-
-
-async def _send(registry: Any, rm_id: str, message: Any, plan_id: int | None) -> Any:
-    if plan_id is None:
-        return await registry.send_instruction(rm_id, message)
-    return await registry.send_instruction(rm_id, message, plan_id=plan_id)
-
-
-def _ok(result: Any) -> bool:
-    return bool(getattr(result, "ok", result is True or getattr(result, "status", "") == "OK"))
-
-
-def _describe(result: Any) -> str:
-    status = getattr(result, "status", result)
-    label = getattr(result, "diagnostic_label", None)
-    return f"{status}" + (f" ({label})" if label else "")

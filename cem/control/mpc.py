@@ -18,7 +18,7 @@ The guard (`cem.control.guard`) runs on every measurement of grid power (the gri
 the sum of all RMs' measurements when there is none) and caps flexible loads at once when a
 phase nears the fuse or the import nears the GTV/congestion limit.
 
-Wiring (see `cem.service`): `CemService(config, controller_factory=site_controller_for)`.
+Wiring (see `cem.app.service`): `CemService(config, controller_factory=site_controller_for)`.
 Driven from outside instead of `run` (the digital twin, `cem.simulation.twin`): feed it the
 server events with `handle_event`, then `await replan(take_reasons() + ...)`; its `clock` and
 `monotonic` are injectable, so it runs in virtual time.
@@ -39,7 +39,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from cem import clock as process_clock
 from cem.control.dispatch import Dispatcher, DispatchReport
 from cem.control.guard import FlexibleLoad, GuardDecision, GuardLimits, decide_caps, phase_power_w
 from cem.control.safe_plan import safe_plan
@@ -53,7 +52,17 @@ from cem.flex.site_problem import (
 )
 from cem.planner.assets import Plan, Prices, Problem
 from cem.planner.layout import ptu_hours
+from cem.ports import (
+    ControlTypeSelected,
+    Disconnected,
+    InstructionStatusChanged,
+    RegistryEvent,
+    RmEvent,
+    RmRegistry,
+    StateChanged,
+)
 from cem.site.config import SiteConfig
+from sitekit import clock as process_clock
 
 logger = logging.getLogger("cem.control")
 
@@ -77,7 +86,7 @@ T = TypeVar("T")
 
 
 def utc_now() -> datetime:
-    """The process clock (`cem.clock`: real time, or the demo's simulated time)."""
+    """The process clock (`sitekit.clock`: real time, or the demo's simulated time)."""
     return process_clock.now()
 
 
@@ -93,7 +102,7 @@ def default_solver() -> Solver | None:
 class SiteController:
     """Plans the site and steers the RMs; construct, then `await run(stop)` (or start/stop)."""
 
-    def __init__(self, config: SiteConfig, registry: Any, store: Any = None,
+    def __init__(self, config: SiteConfig, registry: RmRegistry, store: Any = None,
                  price_source: Any = None, *, solver: Solver | bool | None = True,
                  clock: Callable[[], datetime] = utc_now,
                  monotonic: Callable[[], float] = time.monotonic, dispatch_ptus: int = 4,
@@ -228,11 +237,11 @@ class SiteController:
         for line in report.failed:
             logger.warning("%s", line)
 
-    async def _events(self, queue: asyncio.Queue[Any]) -> None:
+    async def _events(self, queue: asyncio.Queue[RegistryEvent]) -> None:
         while True:
             await self.handle_event(await queue.get())
 
-    async def handle_event(self, server_event: Any) -> None:
+    async def handle_event(self, server_event: RegistryEvent) -> None:
         """React to one server event as the running loop does (replan requests, the guard)."""
         try:
             await self._on_server_event(server_event)
@@ -244,53 +253,38 @@ class SiteController:
         reasons, self._reasons = self._reasons, []
         return reasons
 
-    async def _on_server_event(self, server_event: Any) -> None:
-        kind = type(server_event).__name__
-        if kind == "Disconnected":
-            rm_id = getattr(server_event, "rm_id", None)
+    async def _on_server_event(self, server_event: RegistryEvent) -> None:
+        if isinstance(server_event, Disconnected):
+            rm_id = server_event.rm_id
             if rm_id is not None:
                 self.dispatcher.forget(rm_id)
                 self._deviating.discard(rm_id)
                 self.request_replan(f"RM {self._label(rm_id)} disconnected "
-                                    f"({getattr(server_event, 'reason', '')})")
+                                    f"({server_event.reason})")
             return
-        if kind != "RmEvent":
+        if not isinstance(server_event, RmEvent) or server_event.rm_id is None:
             return
         rm_id = server_event.rm_id
         event = server_event.event
-        name = type(event).__name__
-        if rm_id is None:
-            return
-        if name == "ControlTypeSelected":
+        if isinstance(event, ControlTypeSelected):
             control = SHORT.get(event.control_type, event.control_type)
             self.request_replan(f"RM {self._label(rm_id)} connected ({control})")
-        elif name == "StateChanged":
+        elif isinstance(event, StateChanged):
             if event.kind == "system_description":
                 self.dispatcher.forget_in_force(rm_id, self.clock())
             if event.kind in REPLAN_KINDS:
                 self.request_replan(f"RM {self._label(rm_id)} {REPLAN_KINDS[event.kind]}")
             elif event.kind == "measurement":
                 await self._on_measurement(rm_id)
-        elif name == "InstructionStatusChanged":
+        elif isinstance(event, InstructionStatusChanged):
             if event.status in ("REJECTED", "ABORTED"):
                 self.request_replan(f"RM {self._label(rm_id)} {event.status.lower()} "
                                     f"instruction {event.instruction_id}")
 
     def _label(self, rm_id: str) -> str:
-        entry = self._rm(rm_id)
-        name = getattr(entry, "name", None) if entry is not None else None
+        entry = self.registry.get(rm_id)
+        name = entry.name if entry is not None else None
         return f"{name} ({rm_id[:8]})" if name else rm_id
-
-    def _rm(self, rm_id: str) -> Any:
-        """One live RM, without copying the registry (this runs on every measurement)."""
-        if hasattr(self.registry, "rms"):
-            return self.registry.rms().get(rm_id)
-        return self._rms().get(rm_id)
-
-    def _rms(self) -> dict[str, Any]:
-        if hasattr(self.registry, "rms"):
-            return dict(self.registry.rms())
-        return {s.rm_id: s for s in self.registry.sessions() if getattr(s, "rm_id", None)}
 
     async def _poll_congestion(self, stop: asyncio.Event) -> None:
         if self.store is None:
@@ -345,13 +339,14 @@ class SiteController:
         if use_cache and self._price_cache is not None and self._price_cache[0] == start and \
                 len(self._price_cache[1].import_eur_per_kwh) == n_ptus:
             return self._price_cache[1]
-        from cem.site.prices import PriceError, ptu_prices, tariff_prices
+        from cem.flex.prices import ptu_prices, tariff_prices
+        from sitekit.prices import PriceError
 
         cfg = self.config
         try:
             source = self.price_source
             if source is None and cfg.prices.csv is not None:
-                from cem.site.prices import CsvPriceSource
+                from sitekit.prices import CsvPriceSource
 
                 source = self.price_source = CsvPriceSource(cfg.prices.csv)
             prices = ptu_prices(source, cfg.prices, start, cfg.planner.ptu_minutes, n_ptus,
@@ -368,7 +363,7 @@ class SiteController:
         """Build, solve (deadline-bounded, with fallback), record and dispatch one plan."""
         began = time.monotonic()
         now = self.clock()
-        rms = self._rms()
+        rms = dict(self.registry.rms())  # the RMs this plan is for, whatever happens meanwhile
         states = {rm_id: entry.state for rm_id, entry in rms.items()}
         start = floor_to_ptu(now, self.config.planner.ptu_minutes)
         prices = self._prices(start, self.config.planner.horizon_ptus)
@@ -498,7 +493,7 @@ class SiteController:
         return total if found else None
 
     async def _on_measurement(self, rm_id: str) -> None:
-        entry = self._rm(rm_id)
+        entry = self.registry.get(rm_id)
         if entry is None:
             return
         meter = self.mapping.meter_rm if self.mapping is not None else None
@@ -526,7 +521,7 @@ class SiteController:
 
     def grid_phase_w(self) -> tuple[float, float, float] | None:
         """Grid power per phase now: the meter RM, else the sum of every RM's measurement."""
-        rms = self._rms()
+        rms = self.registry.rms()
         meter = self.mapping.meter_rm if self.mapping is not None else None
         if meter is not None and meter in rms:
             return phase_power_w(rms[meter].state.measured_power())
@@ -543,7 +538,7 @@ class SiteController:
         """What the guard may turn down, with the present power of each."""
         if self.mapping is None or self.problem is None:
             return []
-        rms = self._rms()
+        rms = self.registry.rms()
         storage = {s.id: s for s in self.problem.storage}
         t = self._current_ptu()
         loads = []

@@ -25,6 +25,7 @@ import numpy as np
 
 from cem.flex.ddbc import ddbc_mode_assets
 from cem.flex.frbc import frbc_storage_asset, guess_kind
+from cem.flex.limits import site_limits
 from cem.flex.not_controlable import fixed_load
 from cem.flex.ombc import ombc_mode_asset
 from cem.flex.pebc import pebc_assets
@@ -32,7 +33,6 @@ from cem.flex.ppbc import ppbc_assets
 from cem.flex.ptu import FlexBinding, PtuGrid, electric_total, floor_to_ptu, sid
 from cem.planner.assets import FixedLoad, Plan, Prices, Problem, StorageAsset
 from cem.site.config import CongestionWindow, SiteConfig
-from cem.site.limits import site_limits
 
 FRBC = "FILL_RATE_BASED_CONTROL"
 PEBC = "POWER_ENVELOPE_BASED_CONTROL"
@@ -105,7 +105,7 @@ def _windows(congestion: Iterable[Any]) -> list[CongestionWindow]:
 
 def _prices(prices: Any, config: SiteConfig, grid: PtuGrid) -> Prices:
     if prices is None:
-        from cem.site.prices import prices_from_config
+        from cem.flex.prices import prices_from_config
 
         return prices_from_config(config.prices, grid.start, grid.ptu_minutes, grid.n_ptus,
                                   fill="previous").prices

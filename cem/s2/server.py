@@ -44,10 +44,11 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from cem import clock
+from cem.ports import Connected, Disconnected, InstructionResult, RegistryEvent, RmEvent
 from cem.s2.session import CloseRequest, Outgoing, S2Session
 from cem.site.config import ServerConfig, SiteConfig
 from cem.store import Store
+from sitekit import clock
 
 logger = logging.getLogger("cem.s2.server")
 
@@ -68,7 +69,7 @@ HANDSHAKE_TIMEOUT_S = 30.0  # wall-clock seconds an RM has for its Handshake
 
 
 def utc_now() -> datetime:
-    """The process clock (`cem.clock`: real time, or the demo's simulated time)."""
+    """The process clock (`sitekit.clock`: real time, or the demo's simulated time)."""
     return clock.now()
 
 
@@ -132,58 +133,6 @@ class TokenAuthorizer:
 
 
 @dataclass
-class Connected:
-    """A websocket opened and its S2 session started."""
-
-    connection_id: str
-    peer: str
-    holder: str | None
-
-
-@dataclass
-class Disconnected:
-    """A connection ended (its session is gone from the registry)."""
-
-    connection_id: str
-    rm_id: str | None
-    reason: str
-
-
-@dataclass
-class RmEvent:
-    """One event from a session, with the RM it belongs to (`rm_id` None before its details)."""
-
-    rm_id: str | None
-    connection_id: str
-    event: Any
-    at: datetime
-
-
-ServerEvent = RmEvent | Connected | Disconnected
-EventCallback = Callable[[ServerEvent], Awaitable[None] | None]
-
-
-@dataclass
-class InstructionResult:
-    """How an RM answered a message from the CEM.
-
-    `status` is the ReceptionStatus value ("OK", "INVALID_CONTENT", ...), or "TIMEOUT" (no answer
-    within the reception timeout), "NOT_CONNECTED" (no such live RM), "CLOSED" (the connection
-    ended before the answer), "NOT_SENT" (the session refused to send it: see diagnostic_label).
-    """
-
-    rm_id: str
-    message_id: str | None
-    status: str
-    diagnostic_label: str | None = None
-    round_trip_s: float | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "OK"
-
-
-@dataclass
 class LiveSession:
     """One open connection and its S2 session (read-only for the control loop)."""
 
@@ -216,6 +165,9 @@ class LiveSession:
         return self.session.state
 
 
+EventCallback = Callable[[RegistryEvent], Awaitable[None] | None]
+
+
 # --- the server ---------------------------------------------------------------------------------
 
 
@@ -245,7 +197,7 @@ class S2Server:
         self._rms: dict[str, LiveSession] = {}
         self._rms_view = MappingProxyType(self._rms)
         self._by_connection: dict[str, LiveSession] = {}
-        self._subscribers: list[asyncio.Queue[ServerEvent]] = []
+        self._subscribers: list[asyncio.Queue[RegistryEvent]] = []
         self._listeners: list[EventCallback] = []
         self._server: Server | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -351,13 +303,13 @@ class S2Server:
     def get(self, rm_id: str) -> LiveSession | None:
         return self._live.get(rm_id)
 
-    def subscribe(self, maxsize: int = 10_000) -> asyncio.Queue[ServerEvent]:
+    def subscribe(self, maxsize: int = 10_000) -> asyncio.Queue[RegistryEvent]:
         """A queue that receives every server event from now on (oldest dropped when full)."""
-        queue: asyncio.Queue[ServerEvent] = asyncio.Queue(maxsize=maxsize)
+        queue: asyncio.Queue[RegistryEvent] = asyncio.Queue(maxsize=maxsize)
         self._subscribers.append(queue)
         return queue
 
-    def unsubscribe(self, queue: asyncio.Queue[ServerEvent]) -> None:
+    def unsubscribe(self, queue: asyncio.Queue[RegistryEvent]) -> None:
         with contextlib.suppress(ValueError):
             self._subscribers.remove(queue)
 
@@ -686,7 +638,7 @@ class S2Server:
         logger.info("RM %s disconnected: %s", entry.label, reason)
         self._publish(Disconnected(entry.connection_id, entry.rm_id, reason))
 
-    def _publish(self, event: ServerEvent) -> None:
+    def _publish(self, event: RegistryEvent) -> None:
         for queue in self._subscribers:
             if queue.full():
                 with contextlib.suppress(asyncio.QueueEmpty):

@@ -92,6 +92,19 @@ from s2python.pebc import PEBCEnergyConstraint, PEBCPowerConstraints
 from s2python.ppbc import PPBCPowerProfileDefinition, PPBCPowerProfileStatus
 from s2python.s2_parser import TYPE_TO_MESSAGE_CLASS
 
+from cem.ports import (
+    ControlTypeSelected,
+    HandshakeDone,
+    InstructionStatusChanged,
+    MessageRejected,
+    ReceptionConfirmed,
+    ReceptionFailed,
+    ReconnectRequested,
+    RmDetails,
+    SessionClosed,
+    SessionEvent,
+    StateChanged,
+)
 from cem.s2.ids import (
     NIL_UUID,
     IdTranslator,
@@ -159,90 +172,6 @@ class CloseRequest:
 
     code: int                 # websocket close code (1000 normal, 1002/1008 protocol/policy)
     reason: str               # plain-words reason, also logged
-
-
-@dataclass
-class SessionEvent:
-    """Base of everything the session reports to the rest of the CEM."""
-
-
-@dataclass
-class HandshakeDone(SessionEvent):
-    version: str
-
-
-@dataclass
-class RmDetails(SessionEvent):
-    """The RM sent (or refreshed) its ResourceManagerDetails."""
-
-    details: ResourceManagerDetails   # ids as UUIDs (see cem.s2.ids)
-    resource_id: str = ""             # the RM's resource_id exactly as the RM sent it
-    name: str | None = None
-
-
-@dataclass
-class ControlTypeSelected(SessionEvent):
-    control_type: str         # ControlType value, e.g. "FILL_RATE_BASED_CONTROL"
-
-
-@dataclass
-class StateChanged(SessionEvent):
-    """Something the planner plans with changed; it may replan.
-
-    kind is one of: system_description, status, forecast, target, measurement, leakage, timer,
-    power_constraints, energy_constraint, power_profile, revoked, control_type.
-    """
-
-    kind: str
-    message_type: str = ""
-
-
-@dataclass
-class InstructionStatusChanged(SessionEvent):
-    instruction_id: str       # as the RM knows it
-    status: str               # InstructionStatus value, e.g. "ACCEPTED"
-
-
-@dataclass
-class ReceptionFailed(SessionEvent):
-    """The RM rejected a CEM message, or did not answer in time (status "TIMEOUT")."""
-
-    message_id: str
-    status: str
-    diagnostic: str
-    message_type: str = ""
-
-    @property
-    def diagnostic_label(self) -> str:
-        return self.diagnostic
-
-
-@dataclass
-class ReceptionConfirmed(SessionEvent):
-    """The RM answered OK to a CEM message."""
-
-    message_id: str
-    message_type: str
-
-
-@dataclass
-class MessageRejected(SessionEvent):
-    """The CEM answered a received message with a ReceptionStatus other than OK."""
-
-    message_id: str
-    message_type: str
-    status: str
-    diagnostic: str
-
-
-@dataclass
-class SessionClosed(SessionEvent):
-    reason: str
-
-
-@dataclass
-class ReconnectRequested(SessionEvent):
-    pass
 
 
 # --- internals ---------------------------------------------------------------------------------

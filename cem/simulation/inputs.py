@@ -44,11 +44,12 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
+from cem.flex.limits import limits_from_grid
+from cem.flex.prices import tariff_prices
 from cem.site.config import SiteConfig
 from cem.site.forecast import ForecastError, load_pv_per_kwp
-from cem.site.limits import limits_from_grid
-from cem.site.prices import CsvPriceSource, PriceError, tariff_prices
 from cem.site.sessions import Session, SessionFileError, load_acn_sessions, on_local_clock
+from sitekit.prices import CsvPriceSource, PriceError
 
 T = TypeVar("T")
 

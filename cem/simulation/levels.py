@@ -54,6 +54,16 @@ from cem.planner.assets import Prices as PlannerPrices
 from cem.simulation.engine import SimState
 from cem.simulation.inputs import SimInputs, SimSession, SimulationError
 
+LEVEL_NAMES = {
+    "1": "uncontrolled",
+    "2": "scheduled (cheap-hours timer)",
+    "3": "price-optimised per EV",
+    "4": "grid-integrated day plan",
+    "5": "autonomous (MPC + guard)",
+    "optimum": "perfect foresight",
+}
+
+
 TIMER_HOURS = 8
 PHASE_SHARES = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 

@@ -73,7 +73,7 @@ from s2python.message import S2Message
 from s2python.s2_parser import S2Parser
 
 from cem.control.mpc import SiteController
-from cem.s2.server import RmEvent
+from cem.ports import InstructionResult, RegistryEvent, RmEvent
 from cem.s2.session import S2_VERSION, S2Session
 from cem.simulation.engine import SimState
 from cem.simulation.inputs import Evse, SimInputs, SimSession
@@ -90,18 +90,6 @@ SYM = CommodityQuantity.ELECTRIC_POWER_3_PHASE_SYMMETRIC
 PHASES = (CommodityQuantity.ELECTRIC_POWER_L1, CommodityQuantity.ELECTRIC_POWER_L2,
           CommodityQuantity.ELECTRIC_POWER_L3)
 QUIET_LOGGERS = ("cem.control", "cem.s2")
-
-
-@dataclass
-class Answer:
-    """How an RM answered a CEM message (the server's InstructionResult, without sockets)."""
-
-    status: str
-    diagnostic_label: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "OK"
 
 
 @dataclass
@@ -133,7 +121,7 @@ class TwinRegistry:
         self.clock = clock
         self.entries: dict[str, TwinEntry] = {}
         self.devices: dict[str, TwinDevice] = {}
-        self._queues: list[asyncio.Queue[Any]] = []
+        self._queues: list[asyncio.Queue[RegistryEvent]] = []
         self.cem_refusals: list[str] = []  # RM messages the CEM did not answer OK
         self.rm_refusals: list[str] = []  # CEM messages the RM did not answer OK
         self.messages = 0
@@ -149,27 +137,27 @@ class TwinRegistry:
     def sessions(self) -> list[TwinEntry]:
         return list(self.entries.values())
 
-    def subscribe(self, maxsize: int = 0) -> asyncio.Queue[Any]:
-        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=maxsize)
+    def subscribe(self, maxsize: int = 0) -> asyncio.Queue[RegistryEvent]:
+        queue: asyncio.Queue[RegistryEvent] = asyncio.Queue(maxsize=maxsize)
         self._queues.append(queue)
         return queue
 
-    def unsubscribe(self, queue: asyncio.Queue[Any]) -> None:
+    def unsubscribe(self, queue: asyncio.Queue[RegistryEvent]) -> None:
         with contextlib.suppress(ValueError):
             self._queues.remove(queue)
 
     async def send_instruction(self, rm_id: str, message: S2Message, *,
                                timeout_s: float | None = None,
-                               plan_id: int | None = None) -> Answer:
+                               plan_id: int | None = None) -> InstructionResult:
         """Send through the RM's session; the RM answers (ReceptionStatus) and acts on it."""
         entry = self.entries.get(rm_id)
         if entry is None:
-            return Answer("NOT_CONNECTED", "no live session for this RM")
+            return InstructionResult(rm_id, None, "NOT_CONNECTED", "no live session for this RM")
         now = self.clock()
         try:
             out = entry.session.send(message, now)
         except ValueError as exc:
-            return Answer("NOT_SENT", str(exc))
+            return InstructionResult(rm_id, None, "NOT_SENT", str(exc))
         return self._deliver(entry, out.text, out.message_id)
 
     # --- the wire, in process ---------------------------------------------------------------------
@@ -200,7 +188,8 @@ class TwinRegistry:
                 self._deliver(entry, out.text, out.message_id)
         self._publish(entry)
 
-    def _deliver(self, entry: TwinEntry, text: str, message_id: str | None) -> Answer:
+    def _deliver(self, entry: TwinEntry, text: str,
+                 message_id: str | None) -> InstructionResult:
         """A CEM message reaches the RM: it answers with a ReceptionStatus, then acts."""
         device = self.devices[entry.rm_id]
         self.messages += 1
@@ -212,7 +201,7 @@ class TwinRegistry:
         self._publish(entry)
         for message in follow_up:
             self.feed(entry.rm_id, message)
-        return Answer(status, label)
+        return InstructionResult(entry.rm_id, message_id, status, label)
 
     def _publish(self, entry: TwinEntry) -> None:
         events = entry.session.drain_events()
@@ -510,7 +499,7 @@ class TwinMeter(TwinDevice):
 
 
 class TwinPrices:
-    """The run's day-ahead prices as a price source for the controller (`cem.site.prices`)."""
+    """The run's day-ahead prices as a price source for the controller (`sitekit.prices`)."""
 
     def __init__(self, inputs: SimInputs) -> None:
         self.inputs = inputs

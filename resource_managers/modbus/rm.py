@@ -56,7 +56,6 @@ from s2python.generated.gen_s2 import Commodity
 from s2python.message import S2Message
 from s2python.pebc import PEBCInstruction
 
-from cem import clock
 from resource_managers.base import (
     AssetDetails,
     FRBCControlType,
@@ -70,12 +69,13 @@ from resource_managers.modbus import s2_mapping as s2m
 from resource_managers.modbus.link import DeviceFault, DeviceUnreachable, ModbusLink
 from resource_managers.modbus.register_map import RegisterMap
 from resource_managers.modbus.simulator import load_pv_profile
+from sitekit import clock
 
 log = logging.getLogger("resource_managers.modbus")
 
 
 def utc_now() -> datetime:
-    """The process clock (`cem.clock`: real time, or the demo's simulated time)."""
+    """The process clock (`sitekit.clock`: real time, or the demo's simulated time)."""
     return clock.now()
 
 

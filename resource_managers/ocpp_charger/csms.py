@@ -21,9 +21,7 @@ import contextlib
 import json
 import logging
 import sys
-import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from http import HTTPStatus
 from pathlib import Path
@@ -48,10 +46,12 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, NegotiationError
 from websockets.http11 import Request, Response
 
-from cem import clock
 from cem.site.config import ChargeCard, ChargePoint, SiteConfig
 from resource_managers.ocpp_charger import limits
+from resource_managers.ocpp_charger.evse import Evse, EvSession, LimitResult
 from resource_managers.ocpp_charger.records import SessionRecords
+from sitekit import clock
+from sitekit.prices import retail_import_eur_per_kwh
 
 logger = logging.getLogger("resource_managers.ocpp")
 
@@ -65,7 +65,7 @@ NEED_MET_MARGIN_WH = 100.0  # within this of its need, an EV that stopped is don
 
 
 def _now() -> datetime:
-    """The process clock (`cem.clock`: real time, or the demo's simulated time)."""
+    """The process clock (`sitekit.clock`: real time, or the demo's simulated time)."""
     return clock.now()
 
 
@@ -83,122 +83,6 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-@dataclass
-class EvSession:
-    """A running transaction on one EVSE, with what is known about the EV and its driver."""
-
-    record_id: int
-    transaction_id: str
-    id_tag: str | None
-    card: ChargeCard | None
-    started_at: datetime
-    meter_start_wh: float
-    meter_wh: float
-    departure: datetime
-    energy_need_wh: float
-    priority: int
-    needs_source: str  # "site defaults", "charge card <name>", "EV (NotifyEVChargingNeeds)"
-    card_max_current_a: float | None = None
-    ev_max_current_a: float | None = None
-    ev_min_current_a: float | None = None
-    cable_max_current_a: float | None = None
-    soc: float | None = None
-    soc_first: tuple[float, float] | None = None  # (soc %, energy Wh) at the first SoC reading
-    limit_a: float | None = None
-    seq_no: int = 0
-    ev_full: bool = False  # the EV stopped drawing while offered current (SuspendedEV)
-    full_since: datetime | None = None  # when it was taken as full (process clock)
-    times_full: int = 0  # taken as full since it last drew: each offer again waits longer
-    charging_state: str = ""  # the charger's last word: Charging, SuspendedEV, ...
-
-    @property
-    def energy_wh(self) -> float:
-        return max(0.0, self.meter_wh - self.meter_start_wh)
-
-    @property
-    def capacity_kwh(self) -> float | None:
-        """Battery size estimated from energy per SoC percent (needs 3 points of SoC rise)."""
-        if self.soc is None or self.soc_first is None:
-            return None
-        soc0, energy0 = self.soc_first
-        if self.soc - soc0 < 3:
-            return None
-        return (self.energy_wh - energy0) / (self.soc - soc0) / 10  # Wh per % -> kWh
-
-
-@dataclass
-class Evse:
-    """One EVSE (a connector that can charge one EV) of a charge point."""
-
-    cp_id: str
-    evse_id: int
-    config: ChargePoint
-    version: str = ""
-    online: bool = False
-    status: str = "Unknown"
-    plugged: bool = False
-    power_w: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    session: EvSession | None = None
-    phases_in_use: int | None = None  # an EV may charge on fewer phases than the EVSE has
-    phase_in_use: str | None = None  # the phase a 1-phase EV charges on
-    changed_at: datetime = field(default_factory=_now)
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.cp_id, self.evse_id)
-
-    @property
-    def name(self) -> str:
-        return f"{self.cp_id}/{self.evse_id}"
-
-    @property
-    def resource_id(self) -> uuid.UUID:
-        return uuid.uuid5(uuid.NAMESPACE_URL, f"ocpp-evse:{self.cp_id}:{self.evse_id}")
-
-    @property
-    def phases(self) -> int:
-        return self.phases_in_use or self.config.phases
-
-    @property
-    def phase(self) -> str:
-        """The phase of a 1-phase EVSE, or of the 1-phase EV on a 3-phase EVSE."""
-        return self.phase_in_use or self.config.phase
-
-    def learn_phases(self, power_w: tuple[float, float, float]) -> None:
-        """Tell from the meter how many phases the EV charges on (3-phase EVSEs only)."""
-        total = sum(power_w)
-        if self.config.phases != 3 or total < 1000:
-            return
-        live = [i for i, p in enumerate(power_w) if p > 0.2 * total]
-        phases = 1 if len(live) == 1 else 3
-        if phases != self.phases:
-            logger.info("%s: the EV charges on %d phase(s)", self.name, phases)
-        self.phases_in_use = phases
-        self.phase_in_use = ("L1", "L2", "L3")[live[0]] if phases == 1 else None
-
-    @property
-    def max_current_a(self) -> float:
-        """The most this EVSE may take now: EVSE, card, EV and cable limits, whichever is lowest."""
-        values = [self.config.max_current_a]
-        if self.session is not None:
-            values += [v for v in (self.session.card_max_current_a, self.session.ev_max_current_a,
-                                   self.session.cable_max_current_a) if v]
-        return min(values)
-
-    @property
-    def total_power_w(self) -> float:
-        return sum(self.power_w)
-
-
-@dataclass
-class LimitResult:
-    """What became of a requested current limit."""
-
-    accepted: bool
-    amps: float
-    detail: str
-
-
 EvseListener = Callable[[Evse], None]
 
 
@@ -210,7 +94,7 @@ class _Tariff:
         self._source: Any = None
         if site.prices.csv is not None:
             try:
-                from cem.site.prices import CsvPriceSource
+                from sitekit.prices import CsvPriceSource
 
                 self._source = CsvPriceSource(site.prices.csv)
             except Exception as exc:  # a price file problem must not stop charging
@@ -225,7 +109,9 @@ class _Tariff:
             except Exception:
                 found = []
             if found:
-                return (found[-1][1] / 1000 + p.markup_eur_per_kwh + p.tax_eur_per_kwh) * (1 + p.vat)
+                return float(retail_import_eur_per_kwh(
+                    found[-1][1], markup_eur_per_kwh=p.markup_eur_per_kwh,
+                    tax_eur_per_kwh=p.tax_eur_per_kwh, vat=p.vat))
         return p.flat_import_eur_per_kwh
 
 

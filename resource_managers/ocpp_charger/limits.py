@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from cem import clock
+from sitekit import clock
 
 VOLTAGE_V = 230.0
 MIN_CURRENT_A = 6.0

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import uuid
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from s2python.common import (
     Commodity,
@@ -35,12 +35,10 @@ from s2python.connection.types import S2ConnectionEventsAndMessages, SendOkayRun
 from s2python.frbc import FRBCInstruction
 from s2python.message import S2Message
 
-from cem import clock
 from resource_managers.base import FRBCControlType, S2ResourceManager
 from resource_managers.ocpp_charger import frbc
-
-if TYPE_CHECKING:
-    from resource_managers.ocpp_charger.csms import Evse, OcppCentralSystem
+from resource_managers.ocpp_charger.evse import CentralSystem, Evse
+from sitekit import clock
 
 logger = logging.getLogger("resource_managers.ocpp.s2")
 
@@ -48,7 +46,7 @@ MEASUREMENT_INTERVAL_S = 15.0
 
 
 def _now() -> datetime:
-    """The process clock (`cem.clock`: real time, or the demo's simulated time)."""
+    """The process clock (`sitekit.clock`: real time, or the demo's simulated time)."""
     return clock.now()
 
 
@@ -75,7 +73,7 @@ class EvseFrbcControl(FRBCControlType):
 class EvseResource:
     """The S2 side of one EVSE: its RM session and what it has told the CEM."""
 
-    def __init__(self, csms: OcppCentralSystem, evse: Evse, cem_url: str, token: str | None) -> None:
+    def __init__(self, csms: CentralSystem, evse: Evse, cem_url: str, token: str | None) -> None:
         self.csms = csms
         self.evse = evse
         self.ids = frbc.FrbcIds.for_resource(evse.resource_id)
@@ -305,7 +303,7 @@ class EvseResource:
 class EvseResources:
     """All EVSEs of the central system as S2 RMs of one CEM."""
 
-    def __init__(self, csms: OcppCentralSystem, cem_url: str, token: str | None = None) -> None:
+    def __init__(self, csms: CentralSystem, cem_url: str, token: str | None = None) -> None:
         self.csms = csms
         self.cem_url = cem_url
         self.token = token

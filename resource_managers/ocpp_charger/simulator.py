@@ -10,7 +10,7 @@ phases; below the 6 A minimum it pauses.
 The EV (`SimulatedEv`) has a battery size, a SoC, a per-phase maximum current, 1 or 3 phases and
 tapers above 80 % SoC. `speed` compresses time: energy and SoC move `speed` times faster than
 the wall clock and dwell times shrink by the same factor; the timestamps and the departure time
-sent to the CSMS are on the process clock (`cem.clock`): wall-clock times next to a real-time
+sent to the CSMS are on the process clock (`sitekit.clock`): wall-clock times next to a real-time
 CEM, simulated times in `cem demo`, whose clock runs at the same speed (docs/adr/0001-demo-clock.md).
 """
 
@@ -41,10 +41,10 @@ from ocpp.v201 import call as call201
 from ocpp.v201 import call_result as result201
 from ocpp.v201.enums import Action as Action201
 
-from cem import clock
 from cem.site.config import SiteConfig
 from resource_managers.ocpp_charger import limits
 from resource_managers.ocpp_charger.csms import FrameLog
+from sitekit import clock
 
 logger = logging.getLogger("resource_managers.ocpp.simulator")
 
@@ -56,7 +56,7 @@ def _iso(moment: datetime) -> str:
 
 
 def _now() -> datetime:
-    """The process clock (`cem.clock`: real time, or the demo's simulated time)."""
+    """The process clock (`sitekit.clock`: real time, or the demo's simulated time)."""
     return clock.now()
 
 

@@ -27,22 +27,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from cem.json_stdout import prints_to_stderr
+from cem.app.json_stdout import prints_to_stderr
 from cem.simulation.engine import LevelRun, run_level
 from cem.simulation.inputs import SimInputs, SimulationError, load_inputs, parse_start
 from cem.simulation.kpis import cost_per_day, level_kpis, reference_layout
-from cem.simulation.levels import make_controller
+from cem.simulation.levels import LEVEL_NAMES, make_controller
 from cem.site.config import ConfigError, load_site_config
 
 LEVELS = ("1", "2", "3", "4", "5")
-LEVEL_NAMES = {
-    "1": "uncontrolled",
-    "2": "scheduled (cheap-hours timer)",
-    "3": "price-optimised per EV",
-    "4": "grid-integrated day plan",
-    "5": "autonomous (MPC + guard)",
-    "optimum": "perfect foresight",
-}
 DEFAULT_PV_KWP = 100.0
 WORKERS = 2
 
@@ -159,7 +151,7 @@ def simulate_command(*, site_file: Path, sessions_file: Path, prices: Path, pv: 
     except SimulationError as exc:
         raise _fail(str(exc)) from None
     runtime = time.perf_counter() - started
-    from cem.simulation.report import write_report
+    from cem.app.simulate_report import write_report
 
     try:
         files = write_report(report, inputs, runs, kpis, controllers, runtime_s=runtime,

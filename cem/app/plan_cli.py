@@ -19,9 +19,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cem.json_stdout import prints_to_stderr
+from cem.app.json_stdout import prints_to_stderr
+from cem.app.scenario import BuiltScenario, ScenarioError, load_scenario, scenario_to_problem
 from cem.planner.assets import Plan, Problem
-from cem.planner.scenario import BuiltScenario, ScenarioError, load_scenario, scenario_to_problem
 
 console = Console(stderr=True)
 MAX_EV_ROWS = 20
@@ -189,7 +189,7 @@ def plan_command(scenario: Path, *, json_out: bool, plot: Path | None, time_limi
     data = plan_to_json(built, plan, violations)
     data["wall_s"] = round(wall_s, 4)
     if plot is not None:
-        from cem.planner.plot import plot_plan
+        from cem.app.plan_plot import plot_plan
 
         plot_plan(built, plan, plot, title=parsed.name or scenario.stem)
     if json_out:

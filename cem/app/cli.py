@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import typer
 from rich.console import Console
 
-from cem.site.config import ConfigError, SiteConfig, check_referenced_files, load_site_config
+from cem.app.common import console, load_config_or_exit
+from cem.site.config import ConfigError
 
 app = typer.Typer(
     name="cem",
@@ -36,33 +36,7 @@ app.add_typer(rm_app, name="rm")
 app.add_typer(sim_app, name="sim")
 app.add_typer(congestion_app, name="congestion")
 
-console = Console(stderr=True)
-
 DEMO_CONFIG = Path("specs/sites/demo.toml")
-
-
-def fail(message: str, hint: str = "") -> NoReturn:
-    """Stop with a user-facing error (exit code 2), no traceback."""
-    console.print(f"[bold red]error:[/] {message}")
-    if hint:
-        console.print(f"  [dim]hint:[/] {hint}")
-    raise typer.Exit(2)
-
-
-def load_config_or_exit(path: Path | None) -> SiteConfig:
-    """Load a site config (None: the built-in defaults); on problems print them all, exit 2."""
-    if path is None:
-        return SiteConfig()
-    try:
-        config = load_site_config(path)
-    except ConfigError as exc:
-        console.print(exc.report(), markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    problems = check_referenced_files(config)
-    if problems:
-        console.print(ConfigError(path, problems).report(), markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
-    return config
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -72,7 +46,7 @@ def load_config_or_exit(path: Path | None) -> SiteConfig:
 def config_check(file: Path = typer.Argument(..., help="site config TOML file")) -> None:
     """Validate a site config file and print every problem with its place and a hint."""
     config = load_config_or_exit(file)
-    from cem.site.config_checks import check_site_semantics
+    from cem.app.config_checks import check_site_semantics
 
     problems = check_site_semantics(config)
     if problems:
@@ -109,7 +83,7 @@ def run(
         site.server.port = port
     if db is not None:
         site.store.path = db
-    from cem.service import run_service
+    from cem.app.service import run_service
 
     sys.exit(run_service(site, log_level=log_level))
 
@@ -122,7 +96,7 @@ def status(
 ) -> None:
     """Show the resource managers the CEM knows: connected, control type, last message."""
     site = load_config_or_exit(config)
-    from cem.status_view import print_status
+    from cem.app.status_view import print_status
 
     print_status(db or site.store.path)
 
@@ -139,7 +113,7 @@ def congestion_add(
 ) -> None:
     """Add a congestion window; a running CEM picks it up and replans."""
     site = load_config_or_exit(config)
-    from cem.site.congestion import add_congestion_command
+    from cem.app.congestion_cli import add_congestion_command
 
     add_congestion_command(db or site.store.path, start, end, import_limit_kw, export_limit_kw)
 
@@ -152,7 +126,7 @@ def congestion_list(
 ) -> None:
     """List congestion windows (config and run time)."""
     site = load_config_or_exit(config)
-    from cem.site.congestion import list_congestion_command
+    from cem.app.congestion_cli import list_congestion_command
 
     list_congestion_command(site, db or site.store.path)
 
@@ -168,7 +142,7 @@ def plan(
     time_limit: float = typer.Option(1.0, help="CP-SAT time limit, s"),
 ) -> None:
     """Plan a scenario file offline and print the plan."""
-    from cem.planner.scenario_cli import plan_command
+    from cem.app.plan_cli import plan_command
 
     plan_command(scenario, json_out=json_out, plot=plot, time_limit=time_limit)
 
@@ -182,7 +156,7 @@ def bench_planner(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Benchmark the planner on scenarios built from real ACN sessions and NL prices."""
-    from cem.planner.bench import bench_command
+    from cem.app.bench_planner import bench_command
 
     bench_command(evs=evs, ptus=ptus, instances=instances, time_limit=time_limit,
                   json_out=json_out)
@@ -197,7 +171,7 @@ def bench_replan(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Benchmark a live replan: its time and how long S2 sessions wait meanwhile."""
-    from cem.control.bench import bench_command
+    from cem.app.bench_replan import bench_command
 
     bench_command(evs=evs, replans=replans, json_out=json_out, time_limit_s=time_limit)
 
@@ -211,7 +185,7 @@ def bench_s2(
                                "as the CEM acknowledges"),
 ) -> None:
     """Benchmark the S2 server: connect N RMs and measure acknowledgements."""
-    from cem.s2.bench import bench_command
+    from cem.app.bench_s2 import bench_command
 
     bench_command(rms=rms, messages=messages, json_out=json_out, rate=rate)
 
@@ -325,7 +299,7 @@ def demo(
     report: Path = typer.Option(Path("demo-report"), help="folder for the report"),
 ) -> None:
     """Run a whole simulated site on loopback with the real protocols."""
-    from cem.demo import demo_command
+    from cem.app.demo_view import demo_command
 
     demo_command(config=config, duration=duration, speed=speed, report=report)
 
@@ -344,7 +318,7 @@ def simulate(
     pv_kwp: float | None = typer.Option(None, help="kWp of PV installed (default 100 with --pv)"),
 ) -> None:
     """Digital twin: compare the five levels of smart charging on real sessions."""
-    from cem.simulation.cli import simulate_command
+    from cem.app.simulate_cli import simulate_command
 
     simulate_command(site_file=site_file, sessions_file=sessions_file, prices=prices, pv=pv,
                      start=start, days=days, levels=levels, report=report, json_out=json_out,

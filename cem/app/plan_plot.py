@@ -17,8 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from cem.app.scenario import BuiltScenario
 from cem.planner.assets import Plan
-from cem.planner.scenario import BuiltScenario
 
 COLOURS = {"base load": "#9e9e9e", "ev": "#1f77b4", "heat_pump": "#d62728", "battery": "#2ca02c",
            "pv": "#ffbf00"}

@@ -5,7 +5,7 @@ boundaries, execution times, timers, forecasts, EV departures) asks this module,
 `datetime.now` directly, so a demo can run a day in a minute without two parts disagreeing on
 what time it is (see docs/adr/0001-demo-clock.md):
 
-    from cem import clock
+    from sitekit import clock
     clock.now()                 # aware UTC datetime on the process clock
     await clock.sleep(900)      # one simulated PTU (0.625 s of wall time at speed 1440)
     clock.to_wall(900)          # how long that is on the wall clock

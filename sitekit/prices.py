@@ -1,7 +1,7 @@
-"""Day-ahead prices -> per-PTU import and export prices in EUR/kWh.
+"""Day-ahead price sources (EUR/MWh) and the retail formula, shared by the CEM and the RMs.
 
-A `PriceSource` gives wholesale prices (EUR/MWh) for a time range; `ptu_prices` turns them into
-the planner's `Prices` with the tariff rules of `PriceConfig`:
+A `PriceSource` gives wholesale prices (EUR/MWh) for a time range; `wholesale_per_ptu` puts them
+on a PTU grid; `cem.flex.prices` turns that into the planner's prices with the site's tariff:
 
 - import = (day_ahead / 1000 + markup + tax) * (1 + vat)  (the all-in price a household pays);
 - export: `day_ahead` -> day_ahead / 1000 (no tax, no VAT: feed-in revenue), `fixed` ->
@@ -29,16 +29,12 @@ import gzip
 import io
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 from zoneinfo import ZoneInfo
 
 import numpy as np
-
-from cem.planner.assets import Prices
-from cem.site.config import PriceConfig
 
 
 class PriceError(ValueError):
@@ -186,15 +182,6 @@ class MockDayAheadFeed(_SeriesSource):
         return out
 
 
-@dataclass
-class PtuPrices:
-    """Per-PTU prices and what was done to get them."""
-
-    prices: Prices
-    day_ahead_eur_per_kwh: np.ndarray | None = None
-    notes: list[str] = field(default_factory=list)
-
-
 def wholesale_per_ptu(
     source: PriceSource,
     start: datetime,
@@ -254,44 +241,12 @@ def wholesale_per_ptu(
     return out, notes
 
 
-def tariff_prices(day_ahead_eur_per_mwh: np.ndarray | None, config: PriceConfig, n_ptus: int) -> Prices:
-    """Apply markup, tax, VAT and the feed-in rule to wholesale prices (or to the flat tariff)."""
-    if day_ahead_eur_per_mwh is None:
-        import_price = np.full(n_ptus, config.flat_import_eur_per_kwh, dtype=float)
-        wholesale = np.zeros(n_ptus, dtype=float)
-    else:
-        wholesale = np.asarray(day_ahead_eur_per_mwh, dtype=float) / 1000.0
-        import_price = (wholesale + config.markup_eur_per_kwh + config.tax_eur_per_kwh) * (1 + config.vat)
-    if config.feed_in == "day_ahead":
-        export_price = wholesale.copy()
-    elif config.feed_in == "fixed":
-        export_price = np.full(n_ptus, config.feed_in_eur_per_kwh, dtype=float)
-    else:
-        export_price = np.zeros(n_ptus, dtype=float)
-    return Prices(import_eur_per_kwh=import_price, export_eur_per_kwh=export_price)
 
 
-def ptu_prices(
-    source: PriceSource | None,
-    config: PriceConfig,
-    start: datetime,
-    ptu_minutes: int,
-    n_ptus: int,
-    *,
-    fill: Literal["error", "previous"] = "error",
-) -> PtuPrices:
-    """Per-PTU import/export prices for the horizon from a source and the tariff rules."""
-    if source is None:
-        return PtuPrices(tariff_prices(None, config, n_ptus),
-                         notes=[f"no price source: flat import price {config.flat_import_eur_per_kwh} EUR/kWh"])
-    wholesale, notes = wholesale_per_ptu(source, start, ptu_minutes, n_ptus, fill=fill)
-    return PtuPrices(tariff_prices(wholesale, config, n_ptus), wholesale / 1000.0, notes)
+def retail_import_eur_per_kwh(day_ahead_eur_per_mwh: Any, *, markup_eur_per_kwh: float,
+                              tax_eur_per_kwh: float, vat: float) -> Any:
+    """The all-in import price, EUR/kWh: (day-ahead / 1000 + markup + tax) x (1 + VAT).
 
-
-def prices_from_config(
-    config: PriceConfig, start: datetime, ptu_minutes: int, n_ptus: int,
-    *, fill: Literal["error", "previous"] = "error",
-) -> PtuPrices:
-    """Prices for a site config: its CSV if set, else the flat tariff."""
-    source = CsvPriceSource(config.csv) if config.csv is not None else None
-    return ptu_prices(source, config, start, ptu_minutes, n_ptus, fill=fill)
+    For one price (float) or many (numpy array), the same type back.
+    """
+    return (day_ahead_eur_per_mwh / 1000.0 + markup_eur_per_kwh + tax_eur_per_kwh) * (1 + vat)

@@ -2,18 +2,18 @@
 
 One process runs the real parts, each as it runs in production, only connected on 127.0.0.1:
 
-- the CEM (`cem.service.CemService` with the MPC `SiteController`), S2 over websockets;
+- the CEM (`cem.app.service.CemService` with the MPC `SiteController`), S2 over websockets;
 - the OCPP central system as S2 RMs (one per EVSE), with simulated OCPP 1.6J and 2.0.1 charge
   points (`resource_managers.ocpp_charger.simulator`) and EVs arriving as on a real day at the
   Caltech car park (bundled ACN-Data extract, moved to the site's local clock);
 - the Modbus RMs of a battery, a heat pump, PV and the grid meter with their simulators
   (`resource_managers.modbus.site.SimulatedModbusSite`); the meter also counts the chargers.
 
-Time runs `speed` times faster than the wall clock on one process clock (`cem.clock`, see
+Time runs `speed` times faster than the wall clock on one process clock (`sitekit.clock`, see
 docs/adr/0001-demo-clock.md): the demo switches it to a `ScaledClock` that starts at 06:00 local
 time on the day of the site's first congestion window. A `Recorder` samples the simulated
 meter and devices (the ground truth, not what the CEM believes) for the live view
-(`cem.demo_view`), the summary and the report (PNG plots + summary.md + summary.json).
+(`cem.app.demo_view`), the summary and the report (PNG plots + summary.md + summary.json).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import contextlib
 import logging
 import math
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,17 +34,17 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from cem import clock
 from cem.site.config import SiteConfig
+from sitekit import clock
 
-logger = logging.getLogger("cem.demo")
+logger = logging.getLogger("cem.app.demo")
 
 DEFAULT_SPEED = 1440.0  # a simulated day in one wall-clock minute
 DAY_START = clock_time(6, 0)  # local time the simulated day starts
 FALLBACK_DAY = date(2019, 10, 8)  # a Tuesday inside the bundled ACN and price extracts
 ACN_FIRST, ACN_LAST = date(2019, 10, 1), date(2019, 10, 21)
 BASE_LOAD_W = 3000.0
-SOURCE_DEMO = Path(__file__).resolve().parent.parent / "specs" / "sites" / "demo.toml"
+SOURCE_DEMO = Path(__file__).resolve().parents[2] / "specs" / "sites" / "demo.toml"
 SAMPLE_WALL_S = 0.05
 METER_WALL_S = 0.05  # grid meter: simulator tick and RM poll (wall seconds)
 
@@ -397,8 +396,9 @@ class DemoSite:
         self._congestion_key: tuple[Any, ...] = ()
 
     def _recorder(self) -> Recorder:
-        from cem.site.limits import site_limits
-        from cem.site.prices import CsvPriceSource, ptu_prices
+        from cem.flex.limits import site_limits
+        from cem.flex.prices import ptu_prices
+        from sitekit.prices import CsvPriceSource
 
         cfg = self.site
         n = self.settings.n_ptus
@@ -426,8 +426,8 @@ class DemoSite:
         return (total[0], total[1], total[2])
 
     async def start(self) -> None:
+        from cem.app.service import CemService, ServiceError
         from cem.control.mpc import SiteController
-        from cem.service import CemService, ServiceError
         from resource_managers.modbus.simulator import load_pv_profile
         from resource_managers.modbus.site import SimulatedModbusSite
         from resource_managers.ocpp_charger.csms import OcppCentralSystem
@@ -636,7 +636,7 @@ class DemoSite:
     def _follow_congestion(self) -> None:
         """Windows added while the demo runs (`cem congestion add --db <report>/cem-demo.db`)
         count in the limits the report checks, as they do for the CEM."""
-        from cem.site.limits import site_limits
+        from cem.flex.limits import site_limits
 
         rows = list(getattr(self.controller, "congestion", None) or [])
         key = tuple((r.window_id, r.start, r.end, r.import_limit_kw) for r in rows)
@@ -761,50 +761,3 @@ async def run_demo(site: SiteConfig, settings: DemoSettings,
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
     return demo
-
-
-def demo_command(*, config: Path, duration: float | None, speed: float | None,
-                 report: Path) -> None:
-    """`cem demo`: run the simulated site, show it live, then the summary and the report."""
-    from rich.console import Console
-
-    from cem import demo_view
-    from cem.cli import fail, load_config_or_exit
-
-    if not config.exists() and config == Path("specs/sites/demo.toml") and SOURCE_DEMO.exists():
-        config = SOURCE_DEMO  # run from another folder: the demo site of this source tree
-    site = load_config_or_exit(config)
-    try:
-        settings = settings_for(site, duration=duration, speed=speed, report=report)
-        _prepare_report(report)
-    except DemoError as exc:
-        fail(str(exc))
-    site.store.path = report / "cem-demo.db"
-    site.ocpp.database = report / "ocpp-demo.db"
-    log_file = _configure_logging(report)
-    try:  # HiGHS prints a banner with its first model: before the view starts, not into it
-        from cem.planner.bound import silence_highs_banner
-    except ImportError:
-        pass
-    else:
-        silence_highs_banner()
-    out = Console()
-    view = demo_view.LiveView(out, settings) if out.is_terminal else demo_view.ProgressLines(
-        out, settings)
-    view.intro(site, settings, log_file)
-    try:
-        with process_clock(settings), view:
-            demo = asyncio.run(run_demo(site, settings, on_tick=view.update))
-    except DemoError as exc:
-        fail(str(exc), f"details in {log_file}")
-    except KeyboardInterrupt:  # a second Ctrl-C during the shutdown
-        Console(stderr=True).print("stopped")
-        sys.exit(130)
-    summary = demo_view.summarise(demo)
-    demo_view.print_summary(out, summary)
-    try:
-        written = demo_view.write_report(demo, summary)
-    except OSError as exc:
-        fail(f"cannot write the report to {report}: {exc.strerror or exc}")
-    out.print(f"report: {', '.join(str(p) for p in written)}; log: {log_file}",
-              highlight=False, soft_wrap=True)

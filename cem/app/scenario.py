@@ -1,7 +1,7 @@
 """Scenario files: a whole site for one planning horizon in JSON, checked and turned into a Problem.
 
 The format is defined by the pydantic models below; `specs/scenario.schema.json` is generated
-from them (`python -m cem.planner.scenario --schema`) and a test keeps the two equal. Examples
+from them (`python -m cem.app.scenario --schema`) and a test keeps the two equal. Examples
 live in `specs/scenarios/`. Every user mistake becomes a `ScenarioError` listing each problem
 with its JSON path (e.g. `evs[1].departure`), never a traceback.
 
@@ -39,6 +39,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cem.flex.limits import limits_from_grid
 from cem.planner.assets import (
     THREE_PHASE,
     Curtailable,
@@ -49,7 +50,6 @@ from cem.planner.assets import (
     single_phase,
 )
 from cem.site.config import CongestionWindow, GridConfig, dotted_path
-from cem.site.limits import limits_from_grid
 
 MIN_CURRENT_A = 6.0
 

@@ -8,7 +8,7 @@ event loop's lag while it runs, which is how long a ReceptionStatus could be hel
 The RMs are the OCPP charger RM's own FRBC messages (`resource_managers.ocpp_charger.frbc`)
 through real sans-I/O S2 sessions in process (`cem.simulation.twin.TwinRegistry`): no
 sockets, so the figure is the CEM's own work. `gc_freeze` mirrors `cem run`, which freezes
-long-lived objects out of full garbage collections (`cem.service.tenure_long_lived`).
+long-lived objects out of full garbage collections (`cem.app.service.tenure_long_lived`).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 
 from websockets.frames import apply_mask
 
-from cem.service import raise_open_file_limit
+from cem.app.service import raise_open_file_limit
 
 CLIENT_KIND = "raw websocket clients speaking S2 JSON (full handshake, every message acknowledged)"
 
@@ -335,7 +335,7 @@ class CemProcess:
     async def start(self, timeout_s: float = 60.0) -> None:
         with self.log.open("wb") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "cem.cli", "run", "--config", str(self.config),
+                sys.executable, "-m", "cem.app.cli", "run", "--config", str(self.config),
                 "--log-level", "WARNING", stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

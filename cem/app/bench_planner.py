@@ -37,12 +37,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from cem.app.scenario import Scenario, scenario_to_problem
 from cem.data import PRICES_2019_10, PV_2019_10, bundled
-from cem.planner.scenario import Scenario, scenario_to_problem
+from cem.flex.prices import ptu_prices
 from cem.site.config import PriceConfig
 from cem.site.forecast import base_load_w, load_pv_per_kwp, pv_forecast_w
-from cem.site.prices import CsvPriceSource, ptu_prices
 from cem.site.sessions import Session, bundled_acn_sessions, on_local_clock
+from sitekit.prices import CsvPriceSource
 
 SITE_TZ = "Europe/Amsterdam"
 BENCH_TARIFF = PriceConfig(markup_eur_per_kwh=0.02, tax_eur_per_kwh=0.10, vat=0.21, feed_in="day_ahead")
@@ -162,8 +163,8 @@ def _pct(values: list[float], q: float) -> float:
 
 def run_instance(n_evs: int, seed: int, ptus: int, time_limit: float) -> dict[str, Any]:
     """Build, plan and check one instance; return its figures."""
-    from cem.json_stdout import prints_to_stderr
-    from cem.planner.scenario_cli import solver_functions
+    from cem.app.json_stdout import prints_to_stderr
+    from cem.app.plan_cli import solver_functions
 
     plan_site, check_plan = solver_functions()
     t0 = time.perf_counter()

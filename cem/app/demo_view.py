@@ -7,14 +7,16 @@ chargers' EVs), not taken from what the CEM believes, so the summary checks the 
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -25,11 +27,20 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from cem import clock
-
-if TYPE_CHECKING:
-    from cem.demo import DemoSettings, DemoSite
-    from cem.site.config import SiteConfig
+from cem.app.common import fail, load_config_or_exit
+from cem.app.demo import (
+    SOURCE_DEMO,
+    DemoError,
+    DemoSettings,
+    DemoSite,
+    _configure_logging,
+    _prepare_report,
+    process_clock,
+    run_demo,
+    settings_for,
+)
+from cem.site.config import SiteConfig
+from sitekit import clock
 
 BARS = " ▁▂▃▄▅▆▇█"
 
@@ -541,3 +552,48 @@ def plot_report(demo: DemoSite, folder: Path) -> list[Path]:
     if not math.isfinite(float(np.nansum(rec.import_price))):
         return out
     return out
+
+
+def demo_command(*, config: Path, duration: float | None, speed: float | None,
+                 report: Path) -> None:
+    """`cem demo`: run the simulated site, show it live, then the summary and the report."""
+    from rich.console import Console
+
+
+    if not config.exists() and config == Path("specs/sites/demo.toml") and SOURCE_DEMO.exists():
+        config = SOURCE_DEMO  # run from another folder: the demo site of this source tree
+    site = load_config_or_exit(config)
+    try:
+        settings = settings_for(site, duration=duration, speed=speed, report=report)
+        _prepare_report(report)
+    except DemoError as exc:
+        fail(str(exc))
+    site.store.path = report / "cem-demo.db"
+    site.ocpp.database = report / "ocpp-demo.db"
+    log_file = _configure_logging(report)
+    try:  # HiGHS prints a banner with its first model: before the view starts, not into it
+        from cem.planner.bound import silence_highs_banner
+    except ImportError:
+        pass
+    else:
+        silence_highs_banner()
+    out = Console()
+    view = LiveView(out, settings) if out.is_terminal else ProgressLines(
+        out, settings)
+    view.intro(site, settings, log_file)
+    try:
+        with process_clock(settings), view:
+            demo = asyncio.run(run_demo(site, settings, on_tick=view.update))
+    except DemoError as exc:
+        fail(str(exc), f"details in {log_file}")
+    except KeyboardInterrupt:  # a second Ctrl-C during the shutdown
+        Console(stderr=True).print("stopped")
+        sys.exit(130)
+    summary = summarise(demo)
+    print_summary(out, summary)
+    try:
+        written = write_report(demo, summary)
+    except OSError as exc:
+        fail(f"cannot write the report to {report}: {exc.strerror or exc}")
+    out.print(f"report: {', '.join(str(p) for p in written)}; log: {log_file}",
+              highlight=False, soft_wrap=True)

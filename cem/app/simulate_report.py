@@ -23,7 +23,7 @@ COLUMNS = [
 
 
 def _level_title(lv: str) -> str:
-    from cem.simulation.cli import LEVEL_NAMES
+    from cem.simulation.levels import LEVEL_NAMES
 
     return f"{lv}: {LEVEL_NAMES[lv]}" if lv != "optimum" else "optimum: perfect foresight"
 
