@@ -112,8 +112,12 @@ def test_site_problem_from_real_sessions_and_back_to_sendable_instructions() -> 
                                      [window], NOW)
     assert problem.start == datetime(2026, 11, 23, 17, 0, tzinfo=UTC) and problem.n_ptus == 16
     # live plans keep planner.limit_share (98 %) of the GTV and the congestion limit
-    assert problem.limits.import_limit_w[3] == 16660 and problem.limits.import_limit_w[4] == 7840
-    assert abs(problem.limits.fuse_a - 25 * 0.98) < 1e-9
+    limits = problem.limits
+    assert limits.planned_import_limit_w[3] == 16660 and limits.planned_import_limit_w[4] == 7840
+    assert abs(limits.planned_fuse_a - 25 * 0.98) < 1e-9
+    # and the limits themselves stay what the guard protects
+    assert limits.import_limit_w[3] == 17000 and limits.import_limit_w[4] == 8000
+    assert limits.fuse_a == 25
     (ev_asset,) = problem.storage
     assert ev_asset.charge_min_w == 4140 and ev_asset.level_wh == 12000
     assert mapping.meter_rm == "meter"

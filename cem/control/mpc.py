@@ -594,14 +594,17 @@ class SiteController:
         return left_h - missing_wh / asset.charge_max_w
 
     def guard_limits(self) -> GuardLimits:
-        grid = self.config.grid
-        import_w = grid.import_limit_kw * 1000
-        if self.problem is not None:
-            # the plan used limit_share of the limit; the guard protects the limit itself
-            import_w = float(self.problem.limits.import_limit_w[self._current_ptu()]) \
-                / self.config.planner.limit_share
-        return GuardLimits(fuse_w_per_phase=grid.fuse_a * grid.voltage_v,
-                           import_limit_w=import_w, margin=self.config.planner.guard_margin)
+        """The hard limits now: the fuse, and the GTV or the congestion window in force (the
+        plan used `planner.limit_share` of them; the guard protects the limits themselves)."""
+        if self.problem is None:
+            grid = self.config.grid
+            return GuardLimits(fuse_w_per_phase=grid.fuse_a * grid.voltage_v,
+                               import_limit_w=grid.import_limit_kw * 1000,
+                               margin=self.config.planner.guard_margin)
+        limits = self.problem.limits
+        return GuardLimits(fuse_w_per_phase=limits.fuse_w_per_phase,
+                           import_limit_w=float(limits.import_limit_w[self._current_ptu()]),
+                           margin=self.config.planner.guard_margin)
 
     async def guard_check(self) -> GuardDecision:
         """Cap flexible loads now if the grid power is too close to a limit; then replan."""

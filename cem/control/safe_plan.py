@@ -56,7 +56,8 @@ def safe_plan(problem: Problem, reason: str = "fallback") -> Plan:
         power[asset.id] = values.astype(np.int64)
         add(values, asset.phase_share)
 
-    fuse_w = limits.fuse_w_per_phase
+    fuse_w = limits.planned_fuse_w_per_phase
+    import_w = limits.planned_import_limit_w
     order = sorted(problem.storage, key=lambda s: (-s.priority,
                                                    s.available_until if s.available_until
                                                    is not None else n))
@@ -75,7 +76,7 @@ def safe_plan(problem: Problem, reason: str = "fallback") -> Plan:
             dt_h = float(hours[t])
             want = _wanted_w(s, level_now[s.id], usage, t, dt_h) if s.available_from <= t < until \
                 else 0.0
-            headroom = float(limits.import_limit_w[t]) - net[t]
+            headroom = float(import_w[t]) - net[t]
             for p in range(3):
                 if s.phase_share[p] > 0:
                     headroom = min(headroom, (fuse_w - phase_w[p][t]) / s.phase_share[p])

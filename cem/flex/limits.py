@@ -34,8 +34,15 @@ def limits_from_grid(
     start: datetime,
     ptu_minutes: int,
     n_ptus: int,
+    *,
+    planning_share: float = 1.0,
+    fuse_production_credit: float = 1.0,
 ) -> SiteLimits:
-    """Per-PTU import/export limits (W) from the grid connection and congestion windows."""
+    """Per-PTU import/export limits (W) from the grid connection and congestion windows.
+
+    The values are the hard limits; `planning_share` is the part of the fuse and the import
+    limit a plan may use (see `SiteLimits.planning_share`).
+    """
     if start.tzinfo is None:
         raise ValueError("start needs a timezone")
     import_w = np.full(n_ptus, round(grid.import_limit_kw * 1000), dtype=np.int64)
@@ -56,6 +63,8 @@ def limits_from_grid(
         export_limit_w=export_w,
         peak_price_eur_per_kw=grid.peak_price_eur_per_kw,
         peak_so_far_w=round(grid.peak_so_far_kw * 1000),
+        fuse_production_credit=fuse_production_credit,
+        planning_share=planning_share,
     )
 
 
@@ -64,6 +73,9 @@ def site_limits(
     start: datetime,
     n_ptus: int | None = None,
     extra_windows: Iterable[CongestionWindow] = (),
+    *,
+    planning_share: float = 1.0,
+    fuse_production_credit: float = 1.0,
 ) -> SiteLimits:
     """SiteLimits for a site config from `start` (planner PTU length and horizon by default).
 
@@ -72,7 +84,9 @@ def site_limits(
     """
     n = config.planner.horizon_ptus if n_ptus is None else n_ptus
     windows = [*config.congestion, *extra_windows]
-    return limits_from_grid(config.grid, windows, start, config.planner.ptu_minutes, n)
+    return limits_from_grid(config.grid, windows, start, config.planner.ptu_minutes, n,
+                            planning_share=planning_share,
+                            fuse_production_credit=fuse_production_credit)
 
 
 def horizon_end(start: datetime, ptu_minutes: int, n_ptus: int) -> datetime:

@@ -125,13 +125,10 @@ def build_problem(states: Mapping[str, Any], config: SiteConfig, prices: Any,
     ptu_minutes = config.planner.ptu_minutes
     start = floor_to_ptu(now, ptu_minutes)
     grid = PtuGrid(start, ptu_minutes, config.planner.horizon_ptus)
-    limits = site_limits(config, start, grid.n_ptus, _windows(congestion))
-    # live, PV is a forecast: the fuse must hold even when the sun is not there
-    limits.fuse_production_credit = 0.0
-    # and measurements drift from plans between replans: plan inside the limits, not on them
-    share = config.planner.limit_share
-    limits.import_limit_w = np.floor(np.asarray(limits.import_limit_w) * share).astype(np.int64)
-    limits.fuse_a = limits.fuse_a * share
+    # live, PV is a forecast: the fuse must hold even when the sun is not there; and
+    # measurements drift from plans between replans: plan inside the limits, not on them
+    limits = site_limits(config, start, grid.n_ptus, _windows(congestion),
+                         planning_share=config.planner.limit_share, fuse_production_credit=0.0)
     problem = Problem(start=start, ptu_minutes=ptu_minutes, n_ptus=grid.n_ptus, limits=limits,
                       prices=_prices(prices, config, grid))
     problem.first_ptu_share = grid.share_ahead(now)

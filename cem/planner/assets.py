@@ -141,10 +141,31 @@ class SiteLimits:
     # share of forecast production the fuse may count on as headroom: 1.0 for a known profile
     # (offline scenarios), 0.0 live, where a cloud must never push a phase over its fuse
     fuse_production_credit: float = 1.0
+    # share of the fuse and of the import limit a plan may use: live plans keep headroom for
+    # forecast errors between replans (`planner.limit_share`); 1.0 offline. The values above
+    # stay the hard limits (what the guard protects); the planner reads the `planned_*` ones.
+    planning_share: float = 1.0
 
     @property
     def fuse_w_per_phase(self) -> float:
+        """The hard fuse limit per phase, W."""
         return self.fuse_a * self.voltage_v
+
+    @property
+    def planned_fuse_a(self) -> float:
+        """The fuse current a plan may use per phase."""
+        return self.fuse_a * self.planning_share
+
+    @property
+    def planned_fuse_w_per_phase(self) -> float:
+        return self.planned_fuse_a * self.voltage_v
+
+    @property
+    def planned_import_limit_w(self) -> np.ndarray:
+        """Per PTU, the import a plan may use (whole watts, rounded down)."""
+        if self.planning_share == 1.0:
+            return np.asarray(self.import_limit_w)
+        return np.floor(np.asarray(self.import_limit_w) * self.planning_share).astype(np.int64)
 
 
 @dataclass

@@ -72,19 +72,19 @@ def check_plan(problem: Problem, plan: Plan) -> list[str]:
         p = np.asarray(plan.power_w.get(pf.id, np.zeros(n)), dtype=float)[:n]
         add(p, pf.phase_share)
         _check_profile(pf, plan, p, n, out)
-    fuse = lim.fuse_w_per_phase
+    fuse = lim.planned_fuse_w_per_phase
     for ph in range(3):
         bad = np.flatnonzero(phase[ph] > fuse + TOL_W)
         if len(bad):
             t = int(bad[0])
-            out.append(f"fuse L{ph + 1}: {phase[ph, t] / lim.voltage_v:.1f} A > {lim.fuse_a} A in PTU {t} "
+            out.append(f"fuse L{ph + 1}: {phase[ph, t] / lim.voltage_v:.1f} A > {lim.planned_fuse_a} A in PTU {t} "
                        f"({len(bad)} PTUs)")
         bad = np.flatnonzero(-phase[ph] > fuse + TOL_W)
         if len(bad):
             t = int(bad[0])
-            out.append(f"fuse L{ph + 1} (export): {-phase[ph, t] / lim.voltage_v:.1f} A > {lim.fuse_a} A "
+            out.append(f"fuse L{ph + 1} (export): {-phase[ph, t] / lim.voltage_v:.1f} A > {lim.planned_fuse_a} A "
                        f"in PTU {t} ({len(bad)} PTUs)")
-    imp = per_ptu(lim.import_limit_w, n)
+    imp = per_ptu(lim.planned_import_limit_w, n)
     bad = np.flatnonzero(g > imp + TOL_W)
     if len(bad):
         t = int(bad[0])

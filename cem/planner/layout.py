@@ -221,8 +221,8 @@ def build_layout(problem: Problem) -> Layout:
     tie = TIE_EUR_PER_KWH * np.arange(n) / max(n, 1)
 
     lim = problem.limits
-    fuse = float(lim.fuse_w_per_phase)
-    import_lim = per_ptu(lim.import_limit_w, n).copy()
+    fuse = float(lim.planned_fuse_w_per_phase)
+    import_lim = per_ptu(lim.planned_import_limit_w, n).copy()
     export_lim = np.maximum(per_ptu(lim.export_limit_w, n), 0).copy()
     # the least load the site can have in each PTU: flexible loads off, batteries idle, PV
     # fully on; the most: storage idle (or discharging when it must), PV curtailed where allowed

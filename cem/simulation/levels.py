@@ -137,8 +137,9 @@ def site_problem(inputs: SimInputs, t: int, n: int, storage: list[StorageAsset],
     grid = inputs.config.grid
     end = t + n
     limits = SiteLimits(
-        fuse_a=grid.fuse_a * limit_share, phases=grid.phases, voltage_v=grid.voltage_v,
-        import_limit_w=np.floor(inputs.import_limit_w[t:end] * limit_share).astype(np.int64),
+        fuse_a=grid.fuse_a, phases=grid.phases, voltage_v=grid.voltage_v,
+        import_limit_w=inputs.import_limit_w[t:end].astype(np.int64),
+        planning_share=limit_share,
         export_limit_w=inputs.export_limit_w[t:end].copy(),
         peak_price_eur_per_kw=grid.peak_price_eur_per_kw,
         peak_so_far_w=max(round(grid.peak_so_far_kw * 1000), peak_so_far_w))
