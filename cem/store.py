@@ -536,7 +536,7 @@ class Store:
     async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Read-only escape hatch for reports and tests."""
         async with self._db.execute(sql, tuple(params)) as cursor:
-            return list(await cursor.fetchall())
+            return [tuple(row) for row in await cursor.fetchall()]
 
     async def flush(self) -> None:
         """Wait until everything appended so far is written (also a batch being written now)."""

@@ -323,9 +323,9 @@ class Dispatcher:
         for index, old in enumerate(pending):
             if index in keep:
                 continue
-            revoke = RevokeObject(message_id=str(uuid.uuid4()),
+            revoke = RevokeObject(message_id=uuid.uuid4(),
                                   object_type=RevokableObjects(old.message.message_type),
-                                  object_id=sid(old.message.id))
+                                  object_id=old.message.id)
             result = await self.registry.send_instruction(rm_id, revoke)
             old.revoked = True  # even if refused: it is no longer part of the plan
             if result.ok:
