@@ -13,6 +13,10 @@ Message log, kept small on purpose: an incoming message is one row that also car
 ReceptionStatus the CEM answered with; an RM's ReceptionStatus for a CEM message updates that
 outgoing row's `reception_status` instead of adding a row. So every exchange is one row.
 
+A batch SQLite refuses (a row breaking a constraint) is written again row by row, each under
+its own savepoint: the good rows land, the bad ones go to the `quarantine` table with the
+statement, the parameters and the reason (`quarantined_rows()`), and one warning says so.
+
 Times are UTC. Hot tables store epoch seconds (REAL); windows, plans and instructions store
 ISO 8601 UTC text as well, so people can read them with the sqlite3 shell.
 
@@ -146,6 +150,16 @@ MIGRATIONS: list[str] = [
         stopped_at REAL
     );
     """,
+    # 3: rows a batch could not write, kept with the reason instead of losing the batch
+    """
+    CREATE TABLE quarantine (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        statement TEXT NOT NULL,
+        params TEXT,
+        reason TEXT NOT NULL
+    );
+    """,
 ]
 
 HEARTBEAT_S = 10.0  # how often a running CEM stamps cem_process.heartbeat_at
@@ -256,6 +270,7 @@ class StoreStats:
     max_flush_s: float = 0.0
     dropped: int = 0
     errors: int = 0
+    quarantined: int = 0
     _started: float = field(default_factory=time.monotonic)
 
 
@@ -649,30 +664,27 @@ class Store:
                     snapshot_budget -= 1
             rm_rows.append(self._rm_row(rm_id, delta))
         try:
-            if rm_rows:
-                await self._db.executemany(_UPSERT_RM, rm_rows)
-            for sql, rows in inserts.items():
-                await _insert_rows(self._db, sql, rows)
-                self.stats.statements += 1
-            for sql, group in itertools.groupby(pending, key=lambda item: item[0]):
-                await self._db.executemany(sql, [params for _, params in group])
-                self.stats.statements += 1
-            results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-            for write, future in calls:
-                try:
-                    results.append((future, await write(self._db), None))
-                except Exception as exc:
-                    results.append((future, None, exc))
-            await self._db.commit()
+            results = await self._write_batch(rm_rows, inserts, pending, calls)
         except Exception as exc:
             self.stats.errors += 1
-            logger.exception("store: a batch of %d rows could not be written", rows_count)
             with contextlib.suppress(Exception):
                 await self._db.rollback()
-            for _, future in calls:
-                if not future.done():
-                    future.set_exception(exc)
-            return
+            # one bad row must not cost the others theirs: write them one by one, keep the
+            # rows that still fail in the quarantine table with the reason
+            try:
+                results, bad = await self._write_one_by_one(rm_rows, inserts, pending, calls)
+            except Exception:
+                logger.exception("store: a batch of %d rows could not be written", rows_count)
+                with contextlib.suppress(Exception):
+                    await self._db.rollback()
+                for _, future in calls:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            self.stats.quarantined += bad
+            logger.warning("store: a batch of %d rows failed (%s: %s); written row by row, "
+                           "%d row(s) kept in the quarantine table", rows_count,
+                           type(exc).__name__, exc, bad)
         for future, value, error in results:
             if future.done():
                 continue
@@ -685,6 +697,76 @@ class Store:
         self.stats.rows_written += rows_count + len(rm_rows)
         self.stats.last_flush_s = took
         self.stats.max_flush_s = max(self.stats.max_flush_s, took)
+
+    async def _write_batch(
+        self, rm_rows: list[dict[str, Any]], inserts: dict[str, list[tuple[Any, ...]]],
+        pending: list[tuple[str, tuple[Any, ...]]],
+        calls: list[tuple[Callable[[aiosqlite.Connection], Any], asyncio.Future[Any]]],
+    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        """The whole batch in one transaction (raises on the first bad row)."""
+        db = self._db
+        if rm_rows:
+            await db.executemany(_UPSERT_RM, rm_rows)
+        for sql, rows in inserts.items():
+            await _insert_rows(db, sql, rows)
+            self.stats.statements += 1
+        for sql, group in itertools.groupby(pending, key=lambda item: item[0]):
+            await db.executemany(sql, [params for _, params in group])
+            self.stats.statements += 1
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        for write, future in calls:
+            try:
+                results.append((future, await write(db), None))
+            except Exception as exc:
+                results.append((future, None, exc))
+        await db.commit()
+        return results
+
+    async def _write_one_by_one(
+        self, rm_rows: list[dict[str, Any]], inserts: dict[str, list[tuple[Any, ...]]],
+        pending: list[tuple[str, tuple[Any, ...]]],
+        calls: list[tuple[Callable[[aiosqlite.Connection], Any], asyncio.Future[Any]]],
+    ) -> tuple[list[tuple[asyncio.Future[Any], Any, BaseException | None]], int]:
+        """The batch again, each row under its own savepoint; rows that fail go to quarantine.
+
+        Returns the awaited writes' results and how many rows were quarantined.
+        """
+        db = self._db
+        rows: list[tuple[str, Any]] = [(_UPSERT_RM, row) for row in rm_rows]
+        rows += [(sql, params) for sql, group in inserts.items() for params in group]
+        rows += pending
+        bad: list[tuple[float, str, str, str]] = []
+        for sql, params in rows:
+            await db.execute("SAVEPOINT store_row")
+            try:
+                await db.execute(sql, params)
+            except Exception as exc:
+                await db.execute("ROLLBACK TO store_row")
+                bad.append((time.time(), sql, json.dumps(params, default=repr),
+                            f"{type(exc).__name__}: {exc}"))
+            await db.execute("RELEASE store_row")
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        for write, future in calls:
+            await db.execute("SAVEPOINT store_call")
+            try:
+                results.append((future, await write(db), None))
+            except Exception as exc:
+                await db.execute("ROLLBACK TO store_call")
+                results.append((future, None, exc))
+            await db.execute("RELEASE store_call")
+        if bad:
+            await db.executemany("INSERT INTO quarantine (at, statement, params, reason)"
+                                 " VALUES (?, ?, ?, ?)", bad)
+        await db.commit()
+        return results, len(bad)
+
+    async def quarantined_rows(self) -> list[dict[str, Any]]:
+        """Rows a batch could not write, newest first: statement, parameters, reason."""
+        async with self._db.execute(
+                "SELECT id, at, statement, params, reason FROM quarantine ORDER BY id DESC"
+        ) as cursor:
+            cols = [d[0] for d in cursor.description]
+            return [dict(zip(cols, row, strict=True)) for row in await cursor.fetchall()]
 
     @staticmethod
     def _rm_row(rm_id: str, delta: _RmDelta) -> dict[str, Any]:

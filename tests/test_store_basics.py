@@ -157,3 +157,34 @@ async def test_a_store_from_a_newer_cem_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(RuntimeError, match="newer CEM"):
         await Store.open(db)
+
+
+async def test_one_bad_row_loses_nothing_else_and_is_kept_with_its_reason(tmp_path: Path) -> None:
+    """A row SQLite refuses (here a measurement without a value) must not take the other RMs'
+    rows of its batch with it: they are written, the bad row is quarantined with the reason."""
+    db = tmp_path / "cem.db"
+    store = await Store.open(db)
+    try:
+        store.record_measurements("rm-a", 1000.0, [("ELECTRIC.POWER.L1", 1200.0)])
+        store.record_measurements("rm-bad", 1000.0, [("ELECTRIC.POWER.L1", None)])  # type: ignore[list-item]
+        store.record_measurements("rm-b", 1000.0, [("ELECTRIC.POWER.L1", 800.0)])
+        store.log_message(direction="in", message_type="PowerMeasurement", message_id="m1",
+                          text="{}", rm_id="rm-a", reception_status="OK")
+        store.touch_rm("rm-b", name="Heat pump", connected=True)
+        window = await store.add_congestion(datetime(2026, 12, 6, 17, tzinfo=UTC),
+                                            datetime(2026, 12, 6, 20, tzinfo=UTC), 10.0)
+        assert window > 0  # an awaited write in the same batch still succeeds
+        quarantined = await store.quarantined_rows()
+        assert store.stats.quarantined == 1
+    finally:
+        await store.close()
+    with sqlite3.connect(db) as plain:
+        rows = plain.execute("SELECT rm_id, value FROM measurements ORDER BY rm_id").fetchall()
+        assert rows == [("rm-a", 1200.0), ("rm-b", 800.0)]
+        assert plain.execute("SELECT COUNT(*) FROM s2_messages").fetchone() == (1,)
+        assert plain.execute("SELECT name FROM rms WHERE rm_id = 'rm-b'").fetchone() == (
+            "Heat pump",)
+        assert plain.execute("SELECT COUNT(*) FROM congestion_windows").fetchone() == (1,)
+    (bad,) = quarantined
+    assert "measurements" in bad["statement"] and "rm-bad" in bad["params"]
+    assert "NOT NULL" in bad["reason"]
