@@ -160,6 +160,49 @@ MIGRATIONS: list[str] = [
         reason TEXT NOT NULL
     );
     """,
+    # 4: S2 Connect pairing (cem/s2connect): this CEM's node, pairing codes, paired nodes with
+    # their active access token (a SHA-256, never the token), pending tokens
+    """
+    CREATE TABLE s2c_node (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        node_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        pairing_url TEXT
+    );
+    CREATE TABLE s2c_codes (
+        kind TEXT PRIMARY KEY CHECK (kind IN ('dynamic', 'static')),
+        code TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL
+    );
+    CREATE TABLE s2c_pairings (
+        node_id TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        description TEXT,
+        endpoint TEXT,
+        paired_at REAL NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('paired', 'unpaired')),
+        unpaired_at REAL,
+        unpaired_by TEXT,
+        token_hash TEXT,
+        last_session_at REAL,
+        rm_id TEXT,
+        peer_url TEXT,
+        peer_ca TEXT
+    );
+    CREATE TABLE s2c_pending (
+        token_hash TEXT PRIMARY KEY,
+        node_id TEXT NOT NULL,
+        s2_version TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE s2c_initiations (
+        node_id TEXT PRIMARY KEY,
+        code TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    """,
 ]
 
 HEARTBEAT_S = 10.0  # how often a running CEM stamps cem_process.heartbeat_at
@@ -510,6 +553,28 @@ class Store:
             return int(cursor.lastrowid or 0)
 
         return await self._call(write)
+
+    async def execute(self, *statements: tuple[str, Sequence[Any]]) -> list[int]:
+        """Run (sql, params) write statements in order, all or none; rows changed by each.
+
+        For tables a package keeps itself (cem/s2connect); they go through the one writer.
+        """
+        async def write(db: aiosqlite.Connection) -> list[int]:
+            await db.execute("SAVEPOINT store_execute")
+            try:
+                counts = []
+                for sql, params in statements:
+                    cursor = await db.execute(sql, tuple(params))
+                    counts.append(cursor.rowcount)
+            except BaseException:
+                await db.execute("ROLLBACK TO store_execute")
+                await db.execute("RELEASE store_execute")
+                raise
+            await db.execute("RELEASE store_execute")
+            return counts
+
+        result: list[int] = await self._call(write)
+        return result
 
     # --- reads (they see everything flushed; call flush() first to see the very latest) -------
 

@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "cem.s2": 2,        # S2 sessions and the websocket server
     "cem.flex": 2,      # control types -> planner assets and back
     "cem.signals": 3,   # grid-signal sources: prices, congestion limits
+    "cem.s2connect": 3,  # S2 Connect pairing and session initiation (server side)
     "cem.control": 4,   # the MPC loop, dispatch, the guard
     "resource_managers": 5,  # beside the CEM: may import sitekit only (ONLY_FROM below)
     "cem.simulation": 6,  # the digital twin: drives the control loop and RM mappings in process

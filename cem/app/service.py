@@ -26,7 +26,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from cem.site.config import SiteConfig
 
@@ -58,6 +58,7 @@ class CemService:
         self.controller: Controller | None = None
         self.store = None  # type: ignore[assignment]  # set in start(): cem.store.Store
         self.server = None  # type: ignore[assignment]  # set in start(): cem.s2.server.S2Server
+        self.s2connect: Any = None  # cem.app.s2connect_api.S2ConnectEdge when enabled
         self._started = False
 
     def attach_controller(self, controller: Controller) -> None:
@@ -83,7 +84,8 @@ class CemService:
                                           for_cem=True)
         except Exception as exc:
             raise ServiceError(f"cannot open the store {cfg.store.path}: {exc}") from exc
-        self.server = S2Server(cfg, self.store)
+        plain_closed = cfg.s2connect.enabled and not cfg.s2connect.plain_mode
+        self.server = S2Server(cfg, self.store, authorizer=_plain_closed() if plain_closed else None)
         try:
             await self.server.start()
         except OSError as exc:
@@ -94,6 +96,8 @@ class CemService:
                     f"cannot listen on {where}: the address is already in use (another CEM "
                     "running?); stop it or choose another port with --port") from exc
             raise ServiceError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+        if cfg.s2connect.enabled:
+            await self._start_s2connect()
         if self.controller is None and self._controller_factory is not None:
             self.controller = self._controller_factory(self)
         if self.controller is not None:
@@ -103,8 +107,29 @@ class CemService:
         logger.info("S2 CEM listening on %s (%s)", self.server.url, auth)
         logger.info("store: %s (messages kept %d days)", cfg.store.path, cfg.store.retention_days)
 
+    async def _start_s2connect(self) -> None:
+        """S2 Connect's HTTPS API and wss listener (cem/app/s2connect_api.py)."""
+        from cem.app.s2connect_api import start_s2connect
+
+        s2c = self.config.s2connect
+        try:
+            self.s2connect = await start_s2connect(self.config, self.store, self.server)
+        except Exception as exc:
+            await self.server.stop()
+            await self.store.close()
+            if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+                raise ServiceError(f"cannot listen for S2 Connect on {s2c.host}:{s2c.port} or "
+                                   f"{s2c.websocket_port}: the address is already in use") from exc
+            raise ServiceError(f"cannot start S2 Connect: {exc}") from exc
+
     async def stop(self, reason: str = "CEM shutting down") -> None:
         """Stop the controller, close every session with `reason`, flush and close the store."""
+        if self.s2connect is not None:
+            try:
+                await self.s2connect.stop()
+            except Exception:
+                logger.exception("S2 Connect did not stop cleanly")
+            self.s2connect = None
         if self.controller is not None:
             try:
                 await self.controller.stop()
@@ -119,6 +144,12 @@ class CemService:
             await self.store.close()
             logger.info("store flushed and closed")
         self._started = False
+
+
+def _plain_closed() -> Any:
+    from cem.s2connect.service import PlainModeClosed
+
+    return PlainModeClosed()
 
 
 def _configure_logging(log_level: str) -> None:

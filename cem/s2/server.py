@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import itertools
 import logging
 import ssl
 import time
+import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ from http import HTTPStatus
 from types import MappingProxyType
 from typing import Any, Protocol
 
+from s2python.common import SessionRequest, SessionRequestType
 from s2python.message import S2Message
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -83,6 +86,7 @@ class AuthDecision:
     allowed: bool
     holder: str | None = None
     reason: str = ""
+    setup: Callable[[S2Session], None] | None = None  # prepares the new session (S2 Connect)
 
 
 class RmAuthorizer(Protocol):
@@ -202,8 +206,9 @@ class S2Server:
         self._server: Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
-        self._holders: weakref.WeakKeyDictionary[ServerConnection, str | None] = (
+        self._holders: weakref.WeakKeyDictionary[ServerConnection, AuthDecision] = (
             weakref.WeakKeyDictionary())
+        self._listeners_extra: list[Server] = []
         self._stopping = False
         self.messages_in = 0
         self.messages_out = 0
@@ -227,12 +232,26 @@ class S2Server:
     async def start(self) -> None:
         """Bind and listen (raises OSError when the address is taken)."""
         cfg = self.server_config
-        self._server = await serve(
+        self._server = await self._serve(cfg.host, cfg.port, self._ssl_context(), None)
+        self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="s2-timers")
+
+    async def listen(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None,
+                     authorizer: RmAuthorizer) -> int:
+        """Accept RMs on one more address, with its own TLS and authorizer (the S2 Connect
+        wss listener); same sessions and registry. Returns the port bound."""
+        server = await self._serve(host, port, ssl_context, authorizer)
+        self._listeners_extra.append(server)
+        return int(next(iter(server.sockets)).getsockname()[1])
+
+    async def _serve(self, host: str, port: int, ssl_context: ssl.SSLContext | None,
+                     authorizer: RmAuthorizer | None) -> Server:
+        cfg = self.server_config
+        return await serve(
             self._handle_connection,
-            cfg.host,
-            cfg.port,
-            ssl=self._ssl_context(),
-            process_request=self._process_request,
+            host,
+            port,
+            ssl=ssl_context,
+            process_request=functools.partial(self._process_request, authorizer=authorizer),
             ping_interval=cfg.ping_interval_s,
             ping_timeout=cfg.ping_timeout_s,
             close_timeout=5,
@@ -243,7 +262,6 @@ class S2Server:
             server_header="S2-CEM",
             logger=logging.getLogger("cem.s2.websockets"),
         )
-        self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="s2-timers")
 
     @property
     def port(self) -> int:
@@ -267,6 +285,8 @@ class S2Server:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        for extra in self._listeners_extra:
+            extra.close(close_connections=False)
         if self._server is None:
             return
         self._server.close(close_connections=False)
@@ -279,6 +299,8 @@ class S2Server:
         await asyncio.gather(*(self._close_ws(entry, code, reason) for entry in live),
                              return_exceptions=True)
         await self._server.wait_closed()
+        for extra in self._listeners_extra:
+            await extra.wait_closed()
         self._server = None
 
     @staticmethod
@@ -380,6 +402,26 @@ class S2Server:
         await self._after_session_call(entry, outs)
         return True
 
+    async def reconnect(self, key: str, reason: str) -> bool:
+        """Ask an RM (by resource id or connection id) to reconnect (S2 SessionRequest
+        RECONNECT), then close its websocket: how an unpaired S2 Connect session ends."""
+        entry = self._live.get(key) or self._by_connection.get(key)
+        if entry is None:
+            return False
+        entry.closing_reason = reason
+        items: list[Outgoing | CloseRequest] = []
+        with contextlib.suppress(Exception):
+            items.append(entry.session.send(SessionRequest(
+                message_id=uuid.uuid4(), request=SessionRequestType.RECONNECT,
+                diagnostic_label=reason[:200]), utc_now()))
+        items.append(CloseRequest(1000, reason[:120]))
+        try:
+            await asyncio.wait_for(self._send(entry, items), timeout=2)
+        except TimeoutError:
+            if entry.ws is not None:
+                await entry.ws.close(1000, reason[:120])
+        return True
+
     async def disconnect(self, rm_id: str, reason: str) -> bool:
         """End an RM's session (S2 SessionRequest TERMINATE, then close the websocket)."""
         entry = self._live.get(rm_id)
@@ -391,10 +433,11 @@ class S2Server:
 
     # --- HTTP upgrade ----------------------------------------------------------------------------
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    def _process_request(self, connection: ServerConnection, request: Request, *,
+                         authorizer: RmAuthorizer | None = None) -> Response | None:
         peer = _peer(connection)
         try:
-            decision = self.authorizer.authorize(request, peer)
+            decision = (authorizer or self.authorizer).authorize(request, peer)
         except Exception:
             logger.exception("authorizer failed; refusing %s", peer)
             decision = AuthDecision(False, reason="authorizer error")
@@ -404,7 +447,7 @@ class S2Server:
                                           f"S2 CEM: {decision.reason}\n")
             response.headers["WWW-Authenticate"] = 'Bearer realm="S2 CEM"'
             return response
-        self._holders[connection] = decision.holder
+        self._holders[connection] = decision
         return None
 
     # --- one connection ---------------------------------------------------------------------------
@@ -412,12 +455,15 @@ class S2Server:
     async def _handle_connection(self, ws: ServerConnection) -> None:
         connection_id = f"conn-{next(self._ids)}"
         peer = _peer(ws)
-        holder = self._holders.pop(ws, None)
+        decision = self._holders.pop(ws, None)
+        holder = decision.holder if decision is not None else None
         if self._stopping:
             await ws.close(SHUTDOWN_CODE, SHUTDOWN_REASON)
             return
         try:
             session = self._session_factory()
+            if decision is not None and decision.setup is not None:
+                decision.setup(session)
         except Exception:
             logger.exception("could not create an S2 session for %s", peer)
             await ws.close(1011, "CEM error")

@@ -191,6 +191,27 @@ class ModbusConfig(Section):
     devices: list[ModbusDevice] = Field(default_factory=list)
 
 
+class S2ConnectConfig(Section):
+    """S2 Connect 1.0.0: the HTTPS pairing and session API, and its own wss listener."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8443, ge=0, le=65535, description="HTTPS pairing and session API")
+    websocket_port: int = Field(8444, ge=0, le=65535, description="wss for paired RMs")
+    deployment: Literal["LAN", "WAN"] = "LAN"
+    endpoint_name: str = "S2 CEM"
+    domain: str | None = Field(None, description="name in URLs: WAN domain, or LAN mDNS name")
+    discovery: bool | None = Field(None, description="DNS-SD; default on for a LAN address")
+    plain_mode: bool = Field(True, description="keep the Handshake + bearer-token listener")
+    tls_dir: Path | None = Field(None, description="CA and leaf; default next to the store")
+
+    @model_validator(mode="after")
+    def _wan_domain(self) -> S2ConnectConfig:
+        if self.deployment == "WAN" and not self.domain:
+            raise ValueError("a WAN deployment needs domain (its name in the pairing URL)")
+        return self
+
+
 class SiteConfig(Section):
     site: SiteInfo = Field(default_factory=SiteInfo)
     server: ServerConfig = Field(default_factory=ServerConfig)
@@ -204,6 +225,7 @@ class SiteConfig(Section):
     charge_cards: list[ChargeCard] = Field(default_factory=list)
     ocpp: OcppConfig = Field(default_factory=OcppConfig)
     modbus: ModbusConfig = Field(default_factory=ModbusConfig)
+    s2connect: S2ConnectConfig = Field(default_factory=S2ConnectConfig)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> SiteConfig:
@@ -339,6 +361,8 @@ def _resolve_paths(config: SiteConfig, base: Path) -> SiteConfig:
             value = getattr(section, attr)
             if value is not None and not value.is_absolute():
                 setattr(section, attr, base / value)
+    if config.s2connect.tls_dir is not None and not config.s2connect.tls_dir.is_absolute():
+        config.s2connect.tls_dir = base / config.s2connect.tls_dir
     return config
 
 
