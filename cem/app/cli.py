@@ -35,6 +35,9 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(rm_app, name="rm")
 app.add_typer(sim_app, name="sim")
 app.add_typer(congestion_app, name="congestion")
+pair_app = typer.Typer(help="S2 Connect pairing: codes, paired RMs, discovery.",
+                       no_args_is_help=True)
+app.add_typer(pair_app, name="pair")
 
 DEMO_CONFIG = Path("specs/sites/demo.toml")
 
@@ -129,6 +132,72 @@ def congestion_list(
     from cem.app.congestion_cli import list_congestion_command
 
     list_congestion_command(site, db or site.store.path)
+
+
+# --- S2 Connect pairing ------------------------------------------------------------------------
+
+_CONFIG_OPTION = typer.Option(None, "--config", "-c",
+                              help="site config TOML (default: built-in defaults)")
+_DB_OPTION = typer.Option(None, help="override store.path")
+
+
+@pair_app.command("code")
+def pair_code(
+    static: bool = typer.Option(False, "--static", help="the static code (kept) instead of a "
+                                "dynamic one (5 minutes, one pairing)"),
+    json_out: bool = typer.Option(False, "--json", help="pairing_code, pairing_url, node_id"),
+    config: Path | None = _CONFIG_OPTION,
+    db: Path | None = _DB_OPTION,
+) -> None:
+    """Show a pairing code for an RM to enter, with the pairing URL and the CEM's node id."""
+    site = load_config_or_exit(config)
+    from cem.app.pair_cli import code_command
+
+    code_command(site, db or site.store.path, static=static, json_out=json_out)
+
+
+@pair_app.command("list")
+def pair_list(json_out: bool = typer.Option(False, "--json"),
+              config: Path | None = _CONFIG_OPTION, db: Path | None = _DB_OPTION) -> None:
+    """List paired RMs."""
+    site = load_config_or_exit(config)
+    from cem.app.pair_cli import list_command
+
+    list_command(db or site.store.path, json_out)
+
+
+@pair_app.command("remove")
+def pair_remove(rm: str = typer.Argument(..., help="node id, resource id or name of the RM"),
+                config: Path | None = _CONFIG_OPTION, db: Path | None = _DB_OPTION) -> None:
+    """Unpair an RM (a running CEM ends its session)."""
+    site = load_config_or_exit(config)
+    from cem.app.pair_cli import remove_command
+
+    remove_command(db or site.store.path, rm)
+
+
+@pair_app.command("rm")
+def pair_rm(
+    code: str = typer.Option(..., help="the pairing code the RM shows"),
+    url: str | None = typer.Option(None, help="the RM's pairing URL (https://.../)"),
+    node: str | None = typer.Option(None, help="node id of a client-only RM that long-polls"),
+    config: Path | None = _CONFIG_OPTION,
+    db: Path | None = _DB_OPTION,
+) -> None:
+    """Pair with an RM that shows a code (this CEM is the initiator)."""
+    site = load_config_or_exit(config)
+    from cem.app.pair_cli import rm_command
+
+    rm_command(site, db or site.store.path, url=url, node=node, code=code)
+
+
+@pair_app.command("discover")
+def pair_discover(timeout: float = typer.Option(3.0, min=0.5, help="seconds to listen"),
+                  json_out: bool = typer.Option(False, "--json")) -> None:
+    """List RMs that announce themselves over DNS-SD (_s2connect._tcp, subtype _rm)."""
+    from cem.app.pair_cli import discover_command
+
+    discover_command(timeout, json_out)
 
 
 # --- planning ----------------------------------------------------------------------------------
