@@ -34,6 +34,7 @@ from s2python.common import (
     ControlType,
     ReceptionStatus,
     ReceptionStatusValues,
+    ResourceManagerDetails,
     RevokeObject,
     SelectControlType,
     SessionRequest,
@@ -67,6 +68,9 @@ from s2python.ppbc import (
     PPBCScheduleInstruction,
     PPBCStartInterruptionInstruction,
 )
+
+from sitekit.s2connect import reconnect_delay
+from sitekit.s2connect_client import NoLongerPaired, NotPaired, S2ConnectError, S2ConnectLink
 
 __all__ = [
     "AssetDetails",
@@ -180,6 +184,17 @@ class _RmSessionHandler(ResourceManagerHandler):
             await self._owner._control_type_selected(event.control_type)
 
 
+class _S2ConnectRmHandler(_RmSessionHandler):
+    """S2 Connect mode: no Handshake; the session starts with ResourceManagerDetails."""
+
+    async def _on_connection_started(self, connection: S2AsyncConnection,
+                                     _: S2ConnectionEventsAndMessages,
+                                     __: SendOkayRunAsync) -> None:
+        details: ResourceManagerDetails = self.asset_details.to_resource_manager_details(
+            self._control_types)
+        await connection.send_msg_and_await_reception_status(details)
+
+
 class S2ResourceManager:
     """One S2 RM session to the CEM, reconnecting with back-off; a fresh session after every reconnect.
 
@@ -200,6 +215,7 @@ class S2ResourceManager:
         max_message_bytes: int = 1_048_576,
         on_revoke: RevokeCallback | None = None,
         on_control_type: ControlTypeCallback | None = None,
+        s2connect: S2ConnectLink | None = None,
     ) -> None:
         if not control_types:
             raise ValueError("an RM needs at least one control type (NoControlControlType if none)")
@@ -220,6 +236,7 @@ class S2ResourceManager:
         self._connection: S2AsyncConnection | None = None
         self._session_over: asyncio.Event | None = None
         self._reconnect_at_once = False
+        self.s2connect = s2connect   # S2 Connect: each session initiated over HTTPS, no Handshake
 
     @property
     def name(self) -> str:
@@ -229,6 +246,9 @@ class S2ResourceManager:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep one session to the CEM alive until `stop` is set."""
+        if self.s2connect is not None:
+            await self._run_s2connect(stop)
+            return
         low, high = self.backoff_s
         delay = low
         while not stop.is_set():
@@ -260,6 +280,39 @@ class S2ResourceManager:
             except TimeoutError:
                 pass
             delay = min(high, max(low, delay * 2))
+
+    async def _run_s2connect(self, stop: asyncio.Event) -> None:
+        """S2 Connect: initiate every session over HTTPS; the spec's randomized back-off
+        (random(0, min(600, 2 * 2^n)) s after the n-th failure in a row); stop for good when
+        the CEM unpaired us or accepts none of our tokens."""
+        failures = 0
+        while not stop.is_set():
+            began = time.monotonic()
+            try:
+                await self._one_session(stop)
+            except (NoLongerPaired, NotPaired) as exc:
+                self.last_error = str(exc)
+                logger.error("RM '%s': %s; not reconnecting (pair again)", self.name, exc)
+                return
+            except (S2ConnectError, CemRefused, MediumCouldNotConnectError) as exc:
+                self.last_error = str(exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a broken session must not end the RM
+                self.last_error = repr(exc)
+            if stop.is_set():
+                break
+            if self._reconnect_at_once or time.monotonic() - began > 60:
+                self._reconnect_at_once = False
+                failures = 0
+            delay = reconnect_delay(failures)
+            failures += 1
+            logger.warning("RM '%s': %s; reconnecting in %.1f s", self.name,
+                           self.last_error or "session ended", delay)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except TimeoutError:
+                pass
 
     async def send(self, message: S2Message, timeout_s: float | None = None) -> ReceptionStatus | None:
         """Send a message to the CEM and return its ReceptionStatus (None: no session / no answer)."""
@@ -306,14 +359,23 @@ class S2ResourceManager:
     # --- one session -----------------------------------------------------------------------
 
     async def _one_session(self, stop: asyncio.Event) -> None:
-        medium = _CemMedium(self.cem_url, token=self.token, ssl_context=self.ssl_context,
-                            max_message_bytes=self.max_message_bytes,
-                            open_timeout_s=max(5.0, self.reception_timeout_s))
+        handler_class = _RmSessionHandler
+        if self.s2connect is not None:
+            ticket = await self.s2connect.open_session()
+            handler_class = _S2ConnectRmHandler
+            medium = _CemMedium(ticket.websocket_url, token=ticket.websocket_token,
+                                ssl_context=ticket.ssl_context,
+                                max_message_bytes=self.max_message_bytes,
+                                open_timeout_s=max(5.0, self.reception_timeout_s))
+        else:
+            medium = _CemMedium(self.cem_url, token=self.token, ssl_context=self.ssl_context,
+                                max_message_bytes=self.max_message_bytes,
+                                open_timeout_s=max(5.0, self.reception_timeout_s))
         await medium.connect()
         loop = asyncio.get_running_loop()
         connection = S2AsyncConnection(medium, eventloop=loop)
         self._register_fallbacks(connection)
-        handler = _RmSessionHandler(self, self.control_types, self.asset_details)
+        handler = handler_class(self, self.control_types, self.asset_details)
         handler.register_handlers(connection)
         self._connection = connection
         self._session_over = asyncio.Event()

@@ -515,3 +515,50 @@ __all__ = [
     "base_url", "communication_server_role", "fingerprint_hex", "open_session", "pair",
     "peer_chain", "pinned_context", "unpair", "unverified_context",
 ]
+
+
+# --- one RM's pairing, for resource_managers/base.py -----------------------------------------------
+
+
+class S2ConnectLink:
+    """An RM node's S2 Connect pairing with one CEM, kept in a JSON file.
+
+    `pair(url, code)` pairs and saves the record; `open_session()` rotates the access token
+    and returns a websocket ticket; `unpair()` tells the CEM and forgets the record.
+    """
+
+    def __init__(self, state_file: Path | str, node: NodeDescription, *,
+                 endpoint_name: str | None = None, s2_versions: list[str] | None = None) -> None:
+        self.file = PairingFile(state_file)
+        self.node = node
+        self.endpoint = EndpointDescription(name=endpoint_name or node.brand, deployment="LAN")
+        self.s2_versions = s2_versions or ["v1.0.0", "v0.0.2-beta"]
+
+    @property
+    def paired(self) -> bool:
+        return self.file.load() is not None
+
+    async def pair(self, pairing_url: str, code: str) -> Pairing:
+        pairing = await pair(pairing_url, code, node=self.node, endpoint=self.endpoint,
+                             s2_versions=self.s2_versions)
+        self.file.save(pairing)
+        return pairing
+
+    async def open_session(self) -> SessionTicket:
+        pairing = self.file.load()
+        if pairing is None:
+            raise NotPaired(f"not paired: no pairing record at {self.file.path}")
+        try:
+            return await open_session(pairing, self.file.save, client_node=self.node)
+        except NoLongerPaired:
+            self.file.delete()
+            raise
+
+    async def unpair(self) -> None:
+        pairing = self.file.load()
+        if pairing is None:
+            return
+        try:
+            await unpair(pairing)
+        finally:
+            self.file.delete()
