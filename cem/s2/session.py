@@ -105,6 +105,7 @@ from cem.ports import (
     SessionEvent,
     StateChanged,
 )
+from cem.s2 import json_v1
 from cem.s2.ids import (
     NIL_UUID,
     IdTranslator,
@@ -364,6 +365,8 @@ class S2Session:
         self._started_at: datetime | None = None
         self._handshake_done = False
         self._pinned: ControlType | None = None   # chosen on demand, kept over details refreshes
+        self.s2connect = False   # S2 Connect mode: version set by initiateSession, no Handshake
+        self._present_demand_rate: dict[str, Any] | None = None   # v1.0.0 DDBC
         self._pending: dict[str, _Pending] = {}
         self._handlers: dict[str, Callable[[Any, datetime], list[Outgoing]]] = {
             "Handshake": self._on_handshake,
@@ -421,6 +424,16 @@ class S2Session:
         return [self._out(Handshake(message_id=uuid.uuid4(), role=EnergyManagementRole.CEM,
                                     supported_protocol_versions=list(self.versions)), now)]
 
+    def start_s2connect(self, version: str) -> None:
+        """S2 Connect mode (before `start`): the version was negotiated by initiateSession, so
+        no Handshake is sent or accepted; the RM starts with ResourceManagerDetails."""
+        self.s2connect = True
+        self._started = True
+        self._handshake_done = True
+        self.state.protocol_version = version
+        self.log.info("S2 Connect session, S2 JSON %s (no Handshake)", version)
+        self.events.append(HandshakeDone(version))
+
     def receive(self, data: str | bytes, now: datetime) -> list[Outgoing]:
         """Judge one received websocket message; returns what to send back. Never raises."""
         now = _aware(now)
@@ -444,6 +457,12 @@ class S2Session:
         message_type = message.message_type
         if message_type not in CEM_SENDABLE_TYPES:
             raise ValueError(f"a CEM does not send {message_type} messages")
+        if self.s2connect and message_type in ("Handshake", "HandshakeResponse"):
+            raise ValueError(f"no {message_type} in S2 Connect mode")
+        factor = getattr(message, "operation_mode_factor", None)
+        if isinstance(factor, int | float) and not 0 <= factor <= 1:
+            raise ValueError(f"cannot send {message_type}: operation_mode_factor {factor} is "
+                             "outside 0..1")
         if message_type in INSTRUCTION_TYPES:
             wanted = _CONTROL_TYPE_OF_PREFIX[message_type.split(".")[0] + "."]
             if self.state.control_type != wanted:
@@ -554,6 +573,13 @@ class S2Session:
             return [self._reject(message_id, shown_type, ReceptionStatusValues.TEMPORARY_ERROR,
                                  f"session is closing: {self.close.reason}")]
 
+        if json_v1.is_v1(self.state.protocol_version):
+            if message_type == json_v1.PRESENT_DEMAND_STATUS:
+                return self._on_present_demand_status(raw, message_id)
+            raw, problem = json_v1.adapt_v1(raw, self._present_demand_rate)
+            if problem is not None:
+                return [self._reject(message_id, shown_type,
+                                     ReceptionStatusValues.INVALID_MESSAGE, problem)]
         gen = generated_model(message_type) if isinstance(message_type, str) else None
         if gen is None or message_type not in TYPE_TO_MESSAGE_CLASS:
             return [self._reject(message_id, shown_type, ReceptionStatusValues.INVALID_MESSAGE,
@@ -582,6 +608,10 @@ class S2Session:
             _check_fill_levels(schema_message)
         except _Reject as rejection:
             return [self._reject(message_id, message_type, rejection.status, rejection.label)]
+        factor = json_v1.factor_problem(raw)
+        if factor is not None:
+            return [self._reject(message_id, message_type, ReceptionStatusValues.INVALID_CONTENT,
+                                 factor)]
 
         self.ids.begin()
         try:
@@ -655,7 +685,33 @@ class S2Session:
 
     # --- handlers: session messages ------------------------------------------------------------
 
+    def _on_present_demand_status(self, raw: dict[str, Any], message_id: str) -> list[Outgoing]:
+        """v1.0.0 DDBC.PresentDemandStatus: the rate goes onto the stored descriptions."""
+        kind = json_v1.PRESENT_DEMAND_STATUS
+        try:
+            message = json_v1.DDBCPresentDemandStatus.model_validate(raw)
+        except (ValidationError, ValueError, TypeError) as exc:
+            return [self._reject(message_id, kind, ReceptionStatusValues.INVALID_MESSAGE,
+                                 f"{kind} does not match the S2 schema: {_describe_errors(exc)}")]
+        rate = message.present_demand_rate
+        if rate.start_of_range > rate.end_of_range:
+            return [self._reject(message_id, kind, ReceptionStatusValues.INVALID_CONTENT,
+                                 "present_demand_rate starts after it ends")]
+        try:
+            self._require("DDBC.ActuatorStatus")
+        except _Reject as rejection:
+            return [self._reject(message_id, kind, rejection.status,
+                                 rejection.label.replace("DDBC.ActuatorStatus", kind))]
+        self._present_demand_rate = rate.model_dump(mode="json")
+        for description in self.state._ddbc_sd.all():
+            description.present_demand_rate = rate
+        self.events.append(StateChanged("status", kind))
+        return [self._status(message_id, ReceptionStatusValues.OK, None)]
+
     def _on_handshake(self, message: Handshake, now: datetime) -> list[Outgoing]:
+        if self.s2connect:
+            raise _content("no Handshake in S2 Connect mode: the version was agreed in "
+                           "initiateSession")
         if self._handshake_done:
             raise _content("handshake already done in this session")
         if message.role != EnergyManagementRole.RM:
