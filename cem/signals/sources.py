@@ -19,13 +19,20 @@ def configured_sources(config: SiteConfig, store: Any = None, *,
                        price_poll_s: float = 300.0) -> list[GridSignalSource]:
     """Prices first (the loop plans on the first source that has prices), then limits."""
     sources: list[GridSignalSource] = []
+    horizon = timedelta(minutes=config.planner.ptu_minutes * config.planner.horizon_ptus)
+    csv = None
     if config.prices.csv is not None:
         from sitekit.prices import CsvPriceSource
 
-        horizon = timedelta(minutes=config.planner.ptu_minutes * config.planner.horizon_ptus)
-        sources.append(PriceFeed(CsvPriceSource(config.prices.csv), name="csv",
-                                 poll_s=price_poll_s, ahead=horizon + timedelta(days=1),
-                                 clock=clock))
+        csv = CsvPriceSource(config.prices.csv)
+    if config.prices.source == "csv" and csv is not None:
+        sources.append(PriceFeed(csv, name="csv", poll_s=price_poll_s,
+                                 ahead=horizon + timedelta(days=1), clock=clock))
+    elif config.prices.source in ("entsoe", "energyzero"):
+        from cem.signals.dayahead import DayAheadFeed, fetcher_for
+
+        sources.append(DayAheadFeed(fetcher_for(config.prices), config.prices, horizon=horizon,
+                                    store=store, fallback=csv, clock=clock))
     if config.congestion:
         sources.append(ConfigCongestion(config.congestion))
     if store is not None:
