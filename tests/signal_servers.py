@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import pytest
 import uvicorn
@@ -169,3 +170,102 @@ class LoopbackResolver:
 
     async def close(self) -> None:
         return None
+
+
+class Vtn(FeedServer):
+    """An OpenADR 3 VTN: `/auth/server`, a token endpoint, `/programs`, `/vens`, `/events`.
+
+    `events` is the list served (change it mid-test); `version` picks 3.1.0 string targets or
+    3.0.1 `{type, values}` targets in `event()`.
+    """
+
+    CLIENT_ID, CLIENT_SECRET, ACCESS = "cem-site-1", "s3cret-client", "vtn-access-token"
+
+    def __init__(self, version: str = "3.1.0") -> None:
+        super().__init__()
+        self.version = version
+        self.events: list[dict[str, Any]] = []
+        self.vens: list[dict[str, Any]] = []
+        self.tokens_issued = 0
+        self.app = Starlette(routes=[
+            Route("/auth/server", self.auth_server),
+            Route("/token", self.token, methods=["POST"]),
+            Route("/programs", self.programs),
+            Route("/vens", self.ven_list, methods=["GET", "POST"]),
+            Route("/events", self.event_list)])
+
+    def _authorized(self, request: Request) -> bool:
+        return request.headers.get("authorization") in (f"Bearer {self.ACCESS}",
+                                                        f"Bearer {TOKEN}")
+
+    async def auth_server(self, request: Request) -> Response:
+        return JSONResponse({"tokenURL": str(request.url_for("token"))})
+
+    async def token(self, request: Request) -> Response:
+        form = {k: v[0] for k, v in parse_qs((await request.body()).decode()).items()}
+        if (form.get("grant_type"), form.get("client_id"), form.get("client_secret")) != (
+                "client_credentials", self.CLIENT_ID, self.CLIENT_SECRET):
+            return JSONResponse({"error": "invalid_client"}, status_code=401)
+        self.tokens_issued += 1
+        return JSONResponse({"access_token": self.ACCESS, "token_type": "Bearer",
+                             "expires_in": 3600})
+
+    async def programs(self, request: Request) -> Response:
+        wrong = await self.misbehave()
+        if wrong is not None:
+            return wrong
+        if not self._authorized(request):
+            return JSONResponse({"title": "Unauthorized"}, status_code=401)
+        return JSONResponse([{"id": "prog-gac", "programName": "gac-congestion-nl",
+                              "createdDateTime": "2026-01-01T00:00:00Z",
+                              "modificationDateTime": "2026-01-01T00:00:00Z",
+                              "objectType": "PROGRAM",
+                              "payloadDescriptors": [{"objectType": "EVENT_PAYLOAD_DESCRIPTOR",
+                                                      "payloadType": "IMPORT_CAPACITY_LIMIT",
+                                                      "units": "KW"}]}])
+
+    async def ven_list(self, request: Request) -> Response:
+        wrong = await self.misbehave()
+        if wrong is not None:
+            return wrong
+        if not self._authorized(request):
+            return JSONResponse({"title": "Unauthorized"}, status_code=401)
+        if request.method == "POST":
+            body = await request.json()
+            ven = {"id": f"ven-{len(self.vens) + 1}", "venName": body["venName"],
+                   "clientID": self.CLIENT_ID, "createdDateTime": "2026-01-01T00:00:00Z",
+                   "modificationDateTime": "2026-01-01T00:00:00Z"}
+            self.vens.append(ven)
+            return JSONResponse(ven, status_code=201)
+        name = request.query_params.get("venName")
+        return JSONResponse([v for v in self.vens if name is None or v["venName"] == name])
+
+    async def event_list(self, request: Request) -> Response:
+        self.requests.append(dict(request.query_params))
+        wrong = await self.misbehave()
+        if wrong is not None:
+            return wrong
+        if not self._authorized(request):
+            return JSONResponse({"title": "Unauthorized"}, status_code=401)
+        program = request.query_params.get("programID")
+        return JSONResponse([e for e in self.events if program in (None, e["programID"])])
+
+    def event(self, event_id: str, start: datetime, limits_kw: list[float], *,
+              duration: str = "PT15M", kind: str = "IMPORT_CAPACITY_LIMIT",
+              name: str = "congestion", ean: str = "871685900000000018",
+              **changes: Any) -> dict[str, Any]:
+        """A GAC event: continuous intervals of `duration` from `start`, one limit each."""
+        targets: list[Any] = [ean] if self.version == "3.1.0" else [
+            {"type": "POWER_SERVICE_LOCATION", "values": [ean]}]
+        event = {
+            "id": event_id, "programID": "prog-gac", "eventName": name, "objectType": "EVENT",
+            "createdDateTime": "2026-01-01T00:00:00Z",
+            "modificationDateTime": "2026-01-01T00:00:00Z", "targets": targets,
+            "payloadDescriptors": [{"objectType": "EVENT_PAYLOAD_DESCRIPTOR",
+                                    "payloadType": kind, "units": "KW"}],
+            "intervalPeriod": {"start": start.isoformat().replace("+00:00", "Z"),
+                               "duration": duration},
+            "intervals": [{"id": i, "payloads": [{"type": kind, "values": [v]}]}
+                          for i, v in enumerate(limits_kw)]}
+        event.update(changes)
+        return event

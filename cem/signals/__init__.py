@@ -11,6 +11,10 @@ Sources here:
 - `ConfigCongestion` (source "config"): the site config's `[[congestion]]` windows;
 - `StoreCongestion` (source "cli"): the store's congestion table (`cem congestion add`), polled;
 - `PriceFeed` (source "csv", ...): any `sitekit.prices.PriceSource` (the CSV file), re-read;
+- `DayAheadFeed` (source "entsoe" / "energyzero", `cem.signals.dayahead`): live day-ahead
+  prices, cached in the store, with retries and a stated fallback;
+- `OpenAdrVen` (source "openadr", `cem.signals.openadr`): a grid operator's capacity limits
+  over OpenADR 3 (GAC), with safe mode when the VTN is gone.
 
 `configured_sources(config, store)` builds the ones a site config asks for.
 

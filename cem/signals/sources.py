@@ -37,4 +37,9 @@ def configured_sources(config: SiteConfig, store: Any = None, *,
         sources.append(ConfigCongestion(config.congestion))
     if store is not None:
         sources.append(StoreCongestion(store, poll_s=congestion_poll_s, clock=clock))
+    if config.openadr is not None:
+        from cem.signals.openadr import OpenAdrVen
+
+        sources.append(OpenAdrVen(config.openadr, store=store,
+                                  horizon=max(horizon, timedelta(days=1)), clock=clock))
     return sources
