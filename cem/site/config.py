@@ -139,6 +139,9 @@ class PriceConfig(Section):
             raise ValueError("feed = 'csv' needs csv = FILE")
         if self.fallback == "csv" and self.csv is None:
             raise ValueError("fallback = 'csv' needs csv = FILE")
+        if self.source == "energyzero" and self.energyzero.vat == "incl" and self.vat > 0:
+            raise ValueError("energyzero.vat = 'incl' already includes VAT: set prices.vat = 0 "
+                             "(else VAT is counted twice)")
         return self
 
     @property
