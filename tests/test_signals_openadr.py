@@ -54,7 +54,8 @@ async def vtn() -> AsyncIterator[tuple[Vtn, str]]:
 
 async def test_limits_appear_change_and_go_and_the_plan_keeps_under_them(
         vtn: tuple[Vtn, str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="cem.control")
+    caplog.set_level(logging.INFO, logger="cem.signals")
     server, base = vtn
     store = await Store.open(tmp_path / "cem.db")
     ven = OpenAdrVen(ven_config(base), store=store)

@@ -175,7 +175,7 @@ def prices_command(site: SiteConfig, db_path: Path, day_text: str | None,
                if curve is not None else
                f"import = flat {c.flat_import_eur_per_kwh:g} EUR/kWh; export: {c.feed_in}")
     wholesale = planned.day_ahead_eur_per_kwh
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i in range(n):
         moment = start + i * ptu
         rows.append({

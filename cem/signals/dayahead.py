@@ -83,10 +83,11 @@ class EntsoeFetcher:
 
     def __init__(self, token: str | None, bidding_zone: str, *, base_url: str | None = None,
                  timeout_s: float = 30.0, session: Any = None) -> None:
-        self.token = token or os.environ.get("ENTSOE_API_KEY")
-        if not self.token:
+        key = token or os.environ.get("ENTSOE_API_KEY")
+        if not key:
             raise ValueError("ENTSO-E needs a security token: set prices.entsoe.token or the "
                              "environment variable ENTSOE_API_KEY")
+        self.token: str = key
         self.bidding_zone = bidding_zone
         self.base_url = check_base_url(base_url) if base_url else None
         self.timeout_s = timeout_s
@@ -106,7 +107,8 @@ class EntsoeFetcher:
         if self.base_url is not None:
             api.URL = self.base_url
         client = EntsoePandasClient(api_key=self.token, session=self.session, retry_count=1,
-                                    retry_delay=0, timeout=self.timeout_s)  # we retry ourselves
+                                    retry_delay=0,
+                                    timeout=self.timeout_s)  # type: ignore[arg-type]  # requests takes floats
         try:
             with warnings.catch_warnings():  # its documents are read with an HTML parser
                 warnings.simplefilter("ignore", XMLParsedAsHTMLWarning)
