@@ -203,6 +203,27 @@ MIGRATIONS: list[str] = [
         expires_at REAL NOT NULL
     );
     """,
+    # 5: day-ahead prices fetched from a feed (kept across restarts and feed outages), and what
+    # each grid-signal source last said (for `cem status`, `cem congestion list`, `cem openadr`)
+    """
+    CREATE TABLE price_cache (
+        source TEXT NOT NULL,
+        start TEXT NOT NULL,
+        resolution_s INTEGER NOT NULL,
+        price_eur_per_mwh REAL NOT NULL,
+        fetched_at REAL NOT NULL,
+        PRIMARY KEY (source, start)
+    );
+    CREATE TABLE signal_state (
+        name TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        ok INTEGER NOT NULL,
+        detail TEXT,
+        last_update REAL,
+        saved_at REAL NOT NULL,
+        payload TEXT
+    );
+    """,
 ]
 
 HEARTBEAT_S = 10.0  # how often a running CEM stamps cem_process.heartbeat_at
@@ -576,7 +597,50 @@ class Store:
         result: list[int] = await self._call(write)
         return result
 
+    async def save_prices(self, source: str, points: Iterable[tuple[datetime, float]],
+                          resolution_s: int) -> int:
+        """Cache day-ahead prices (EUR/MWh) a feed fetched; a period fetched again replaces
+        its price. Returns how many were written."""
+        now = time.time()
+        rows = [(source, utc_iso(start), resolution_s, float(price), now) for start, price in points]
+
+        async def write(db: aiosqlite.Connection) -> int:
+            await db.executemany(
+                "INSERT INTO price_cache (source, start, resolution_s, price_eur_per_mwh,"
+                " fetched_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT(source, start) DO UPDATE SET"
+                " resolution_s = excluded.resolution_s,"
+                " price_eur_per_mwh = excluded.price_eur_per_mwh,"
+                " fetched_at = excluded.fetched_at", rows)
+            return len(rows)
+
+        return await self._call(write)
+
+    async def save_signal_state(self, name: str, kind: str, ok: bool, detail: str,
+                                last_update: datetime | None, payload: Any = None) -> None:
+        """What a grid-signal source last said (its windows, its link), for other processes."""
+        row = (name, kind, int(ok), detail, last_update.timestamp() if last_update else None,
+               time.time(), None if payload is None else json.dumps(payload, default=str))
+
+        async def write(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "INSERT INTO signal_state (name, kind, ok, detail, last_update, saved_at, payload)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET kind = excluded.kind,"
+                " ok = excluded.ok, detail = excluded.detail, last_update = excluded.last_update,"
+                " saved_at = excluded.saved_at, payload = excluded.payload", row)
+
+        await self._call(write)
+
     # --- reads (they see everything flushed; call flush() first to see the very latest) -------
+
+    async def cached_prices(self, source: str, start: datetime,
+                            end: datetime) -> list[tuple[datetime, float, int]]:
+        """Cached prices of `source` starting in [start, end): (start, EUR/MWh, resolution s)."""
+        async with self._db.execute(
+                "SELECT start, price_eur_per_mwh, resolution_s FROM price_cache WHERE source = ?"
+                " AND start >= ? AND start < ? ORDER BY start",
+                (source, utc_iso(start), utc_iso(end))) as cursor:
+            rows = await cursor.fetchall()
+        return [(datetime.fromisoformat(r[0]), float(r[1]), int(r[2])) for r in rows]
 
     async def list_congestion(self, *, ending_after: datetime | None = None) -> list[CongestionRow]:
         """Congestion windows, earliest first (only those ending after `ending_after` if given)."""

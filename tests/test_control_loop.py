@@ -48,6 +48,7 @@ from cem.app.congestion_cli import add_congestion_command
 from cem.control.mpc import SiteController
 from cem.ports import Disconnected, InstructionResult, RmEvent
 from cem.s2.session import S2Session
+from cem.signals import PriceFeed, StoreCongestion
 from cem.site.config import SiteConfig
 from cem.store import Store
 from sitekit import clock as process_clock
@@ -210,7 +211,8 @@ async def until(predicate: Any, within: float = 5.0) -> None:
 async def loop_parts(tmp_path: Path) -> AsyncIterator[tuple[FakeRegistry, SiteController, Store]]:
     registry = FakeRegistry()
     store = await Store.open(tmp_path / "cem.db")
-    controller = SiteController(config(), registry, store, solver=None, congestion_poll_s=0.1)
+    controller = SiteController(config(), registry, store, solver=None,
+                                signals=[StoreCongestion(store, poll_s=0.1)])
     controller.db_path = tmp_path / "cem.db"  # type: ignore[attr-defined]
     stop = asyncio.Event()
     task = asyncio.create_task(controller.run(stop))
@@ -370,7 +372,8 @@ async def test_price_update_triggers_a_replan(caplog: pytest.LogCaptureFixture) 
     caplog.set_level(logging.INFO, logger="cem.control")
     registry = FakeRegistry()
     prices = ChangingPrices()
-    controller = SiteController(config(), registry, None, prices, solver=None, price_poll_s=0.1)
+    controller = SiteController(config(), registry, None, solver=None,
+                                signals=[PriceFeed(prices, poll_s=0.1)])
     stop = asyncio.Event()
     task = asyncio.create_task(controller.run(stop))
     try:

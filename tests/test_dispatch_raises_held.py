@@ -18,6 +18,7 @@ from test_control_loop import EvRm, FakeRegistry, config, until
 from cem.app.congestion_cli import add_congestion_command
 from cem.control.mpc import SiteController
 from cem.flex.ptu import floor_to_ptu
+from cem.signals import StoreCongestion
 from cem.store import Store
 from sitekit import clock as process_clock
 
@@ -43,7 +44,7 @@ async def test_a_raise_is_sent_at_its_boundary_not_ahead(
 
     registry.send_instruction = stamped  # type: ignore[method-assign]
     controller = SiteController(config(), registry, store, solver=None, clock=sim.now,
-                                congestion_poll_s=0.1)
+                                signals=[StoreCongestion(store, poll_s=0.1, clock=sim.now)])
     stop = asyncio.Event()
     task = asyncio.create_task(controller.run(stop))
     try:

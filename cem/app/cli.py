@@ -38,6 +38,8 @@ app.add_typer(congestion_app, name="congestion")
 pair_app = typer.Typer(help="S2 Connect pairing: codes, paired RMs, discovery.",
                        no_args_is_help=True)
 app.add_typer(pair_app, name="pair")
+openadr_app = typer.Typer(help="The OpenADR 3 VEN (grid operator limits).", no_args_is_help=True)
+app.add_typer(openadr_app, name="openadr")
 
 DEMO_CONFIG = Path("specs/sites/demo.toml")
 
@@ -126,12 +128,42 @@ def congestion_list(
     config: Path | None = typer.Option(None, "--config", "-c",
                                        help="site config TOML (default: built-in defaults)"),
     db: Path | None = typer.Option(None, help="override store.path"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON list"),
 ) -> None:
-    """List congestion windows (config and run time)."""
+    """List congestion windows with their source (config, cli, openadr, ...)."""
     site = load_config_or_exit(config)
     from cem.app.congestion_cli import list_congestion_command
 
-    list_congestion_command(site, db or site.store.path)
+    list_congestion_command(site, db or site.store.path, json_out=json_out)
+
+
+@app.command()
+def prices(
+    config: Path | None = typer.Option(None, "--config", "-c",
+                                       help="site config TOML (default: built-in defaults)"),
+    db: Path | None = typer.Option(None, help="override store.path"),
+    date: str | None = typer.Option(None, "--date", help="local day YYYY-MM-DD (default today)"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Show per PTU the prices the planner uses: source, day-ahead, import and export."""
+    site = load_config_or_exit(config)
+    from cem.app.signals_cli import prices_command
+
+    prices_command(site, db or site.store.path, date, json_out)
+
+
+@openadr_app.command("status")
+def openadr_status(
+    config: Path | None = typer.Option(None, "--config", "-c",
+                                       help="site config TOML (default: built-in defaults)"),
+    db: Path | None = typer.Option(None, help="override store.path"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Show the OpenADR VEN: VTN link, program, last poll, events in force, safe mode."""
+    site = load_config_or_exit(config)
+    from cem.app.signals_cli import openadr_status_command
+
+    openadr_status_command(site, db or site.store.path, json_out)
 
 
 # --- S2 Connect pairing ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ message and exit code 2, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn
@@ -102,10 +103,14 @@ def add_congestion_command(db_path: Path, start: str, end: str, import_limit_kw:
     return window_id
 
 
-def list_congestion_command(site: SiteConfig, db_path: Path) -> None:
-    """Print the congestion windows from the config and from the store, earliest first."""
+def list_congestion_command(site: SiteConfig, db_path: Path, json_out: bool = False) -> None:
+    """Print the congestion windows from the config, the store and the live sources (OpenADR,
+    as the running CEM last saved them), earliest first, each with its source."""
+    from cem.app.signals_cli import live_windows
+
     rows: list[tuple[datetime, datetime, float | None, float | None, str]] = [
         (w.start, w.end, w.import_limit_kw, w.export_limit_kw, "config") for w in site.congestion]
+    refs: list[str | None] = [f"congestion[{i}]" for i in range(len(site.congestion))]
     if Path(db_path).exists():
         try:
             stored = asyncio.run(_list(Path(db_path)))
@@ -114,11 +119,27 @@ def list_congestion_command(site: SiteConfig, db_path: Path) -> None:
                   "check --db / store.path in the site config")
         rows += [(r.start, r.end, r.import_limit_kw, r.export_limit_kw,
                   f"{r.source} #{r.window_id}") for r in stored]
+        refs += [str(r.window_id) for r in stored]
+        for w in live_windows(Path(db_path)):
+            rows.append((datetime.fromisoformat(w["start"]), datetime.fromisoformat(w["end"]),
+                         w.get("import_limit_kw"), w.get("export_limit_kw"),
+                         f"{w.get('source')} {w.get('ref') or ''}".strip()))
+            refs.append(w.get("ref"))
+    now = datetime.now(UTC)
+    if json_out:
+        order = sorted(range(len(rows)), key=lambda i: rows[i][0])
+        print(json.dumps([{
+            "start": rows[i][0].astimezone(UTC).isoformat(),
+            "end": rows[i][1].astimezone(UTC).isoformat(),
+            "import_limit_kw": rows[i][2], "export_limit_kw": rows[i][3],
+            "source": rows[i][4].split(" ")[0], "ref": refs[i],
+            "state": "past" if rows[i][1] <= now else ("active" if rows[i][0] <= now
+                                                         else "coming")} for i in order]))
+        return
     out = Console()
     if not rows:
         out.print("no congestion windows (config or store)", soft_wrap=True)
         return
-    now = datetime.now(UTC)
     table = Table(title=f"congestion windows ({site.site.name})")
     for column in ("start (UTC)", "end (UTC)", "import kW", "export kW", "from", "state"):
         table.add_column(column)

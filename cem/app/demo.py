@@ -437,9 +437,12 @@ class DemoSite:
         speed = self.settings.speed
 
         def controller(service: Any) -> SiteController:
+            from cem.signals import configured_sources
+
+            signals = configured_sources(service.config, service.store, clock=clock.now,
+                                         congestion_poll_s=2.0)
             site_controller = SiteController(service.config, service.server, service.store,
-                                             clock=clock.now, guard_hold_s=1.0,
-                                             congestion_poll_s=2.0)
+                                             signals=signals, clock=clock.now, guard_hold_s=1.0)
             return site_controller
 
         self.service = CemService(cfg, controller_factory=controller)
@@ -639,7 +642,7 @@ class DemoSite:
         from cem.flex.limits import site_limits
 
         rows = list(getattr(self.controller, "congestion", None) or [])
-        key = tuple((r.window_id, r.start, r.end, r.import_limit_kw) for r in rows)
+        key = tuple((r.source, r.ref, r.start, r.end, r.import_limit_kw) for r in rows)
         if key == self._congestion_key:
             return
         self._congestion_key = key

@@ -11,7 +11,8 @@ The control loop (`cem.control`) plugs in with one call: pass a factory to `CemS
 controller_factory=...)` (`cem run` passes `cem.control.mpc.site_controller_for`) or call
 `service.attach_controller(controller)` before `start()`.
 A controller is any object with `async start()` and `async stop()`; it gets the session
-registry (`service.server`: sessions(), send_instruction(), subscribe()) and the store.
+registry (`service.server`: sessions(), send_instruction(), subscribe()), the store and the
+grid-signal sources the config asks for (`service.signals`, from `cem.signals`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class CemService:
         self.store = None  # type: ignore[assignment]  # set in start(): cem.store.Store
         self.server = None  # type: ignore[assignment]  # set in start(): cem.s2.server.S2Server
         self.s2connect: Any = None  # cem.app.s2connect_api.S2ConnectEdge when enabled
+        self.signals: list[Any] = []  # grid-signal sources (cem.signals), built in start()
         self._started = False
 
     def attach_controller(self, controller: Controller) -> None:
@@ -98,6 +100,13 @@ class CemService:
             raise ServiceError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
         if cfg.s2connect.enabled:
             await self._start_s2connect()
+        if not self.signals:
+            try:
+                self.signals = self.signal_sources()
+            except Exception as exc:
+                await self.server.stop("CEM could not start")
+                await self.store.close()
+                raise ServiceError(f"cannot set up the grid signals: {exc}") from exc
         if self.controller is None and self._controller_factory is not None:
             self.controller = self._controller_factory(self)
         if self.controller is not None:
@@ -121,6 +130,11 @@ class CemService:
                 raise ServiceError(f"cannot listen for S2 Connect on {s2c.host}:{s2c.port} or "
                                    f"{s2c.websocket_port}: the address is already in use") from exc
             raise ServiceError(f"cannot start S2 Connect: {exc}") from exc
+    def signal_sources(self) -> list[Any]:
+        """The grid-signal sources the config asks for (prices, congestion windows)."""
+        from cem.signals import configured_sources
+
+        return list(configured_sources(self.config, self.store))
 
     async def stop(self, reason: str = "CEM shutting down") -> None:
         """Stop the controller, close every session with `reason`, flush and close the store."""

@@ -112,6 +112,9 @@ def print_status(db_path: Path, console: Console | None = None) -> None:
     running, line = cem_liveness(process, now)
     if line:
         out.print(line, soft_wrap=True)
+    from cem.app.signals_cli import print_signal_states
+
+    print_signal_states(db_path, out)  # prices and limits feeds: ok, or what is wrong
     if not rows:
         out.print(f"{db_path}: no resource manager has connected yet "
                   f"({open_sessions} connection(s) without ResourceManagerDetails open).", soft_wrap=True)

@@ -3,8 +3,9 @@
 `SiteController` listens to the S2 server's events and replans when something the plan rests
 on changes: an RM connects (control type selected) or disconnects, sends a new system
 description, target, power constraints or profile, revokes something, or rejects/aborts an
-instruction; a congestion window is added or removed (the store's table is polled); day-ahead
-prices change (polled); an RM's measured power deviates from its planned power by more than
+instruction; a grid-signal source (`cem.signals`: the config's and the store's congestion
+windows, day-ahead price feeds, an OpenADR VEN) publishes limits or prices that change the plan's
+inputs (`publish`, with the source's reason); an RM's measured power deviates from its planned power by more than
 `planner.deviation_threshold_w`; and at every PTU boundary. Bursts are merged: at most one
 replan per `planner.replan_min_interval_s`, with every reason in its log line.
 
@@ -32,7 +33,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -40,6 +41,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from cem.control.dispatch import Dispatcher, DispatchReport
+from cem.control.grid_signals import SignalBoard
 from cem.control.guard import FlexibleLoad, GuardDecision, GuardLimits, decide_caps, phase_power_w
 from cem.control.safe_plan import safe_plan
 from cem.flex.ppbc import PpbcBinding
@@ -53,12 +55,15 @@ from cem.flex.site_problem import (
 from cem.planner.assets import Plan, Prices, Problem
 from cem.planner.layout import ptu_hours
 from cem.ports import (
+    CongestionLimit,
     ControlTypeSelected,
     Disconnected,
+    GridSignalSource,
     InstructionStatusChanged,
     RegistryEvent,
     RmEvent,
     RmRegistry,
+    SignalUpdate,
     StateChanged,
 )
 from cem.site.config import SiteConfig
@@ -102,22 +107,24 @@ def default_solver() -> Solver | None:
 class SiteController:
     """Plans the site and steers the RMs; construct, then `await run(stop)` (or start/stop)."""
 
-    def __init__(self, config: SiteConfig, registry: RmRegistry, store: Any = None,
-                 price_source: Any = None, *, solver: Solver | bool | None = True,
+    def __init__(self, config: SiteConfig, registry: RmRegistry, store: Any = None, *,
+                 signals: Sequence[GridSignalSource] = (), solver: Solver | bool | None = True,
                  clock: Callable[[], datetime] = utc_now,
                  monotonic: Callable[[], float] = time.monotonic, dispatch_ptus: int = 4,
-                 congestion_poll_s: float = 5.0, price_poll_s: float = 300.0,
+                 signal_wait_s: float = 2.0,
                  guard_hold_s: float = 5.0, guard_interval_s: float = 0.25) -> None:
         self.config = config
         self.registry = registry
         self.store = store
-        self.price_source = price_source
+        # grid signals: sources run beside the loop (`run`); a driver may also `publish` itself
+        self.signals = list(signals)
+        self.board = SignalBoard(config, [s.name for s in self.signals])
+        self.signal_wait_s = signal_wait_s  # at start, how long the first plan waits for them
+        self._signals_heard = asyncio.Event()
         self.solver: Solver | None = default_solver() if solver is True else (solver or None)
         self.clock = clock
         self.monotonic = monotonic  # seconds for the guard's hold and the replan interval
         self.dispatch_ptus = dispatch_ptus
-        self.congestion_poll_s = congestion_poll_s
-        self.price_poll_s = price_poll_s
         self.guard_hold_s = guard_hold_s
         self.guard_interval_s = guard_interval_s
         self._last_guard = -math.inf
@@ -129,8 +136,6 @@ class SiteController:
         self.replans = 0
         self.guard_actions: deque[GuardDecision] = deque(maxlen=100)  # the latest ones
         self.guard_count = 0  # how often the guard acted
-        self.congestion: list[Any] = []
-        self._congestion_key: tuple[Any, ...] | None = None
         self._reasons: list[str] = []
         self._wake = asyncio.Event()
         self._last_replan = -math.inf
@@ -139,7 +144,6 @@ class SiteController:
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cem-plan")
         self._stop_event: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self._price_cache: tuple[datetime, Prices] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -161,10 +165,11 @@ class SiteController:
         """Replan and guard until `stop` is set."""
         queue = self.registry.subscribe()
         self.request_replan("the CEM started")
-        tasks = [asyncio.create_task(self._events(queue), name="cem-control-events"),
-                 asyncio.create_task(self._replans(stop), name="cem-control-replans"),
-                 asyncio.create_task(self._poll_congestion(stop), name="cem-control-congestion"),
-                 asyncio.create_task(self._poll_prices(stop), name="cem-control-prices")]
+        tasks = [asyncio.create_task(self._run_source(s), name=f"cem-signal-{s.name}")
+                 for s in self.signals]
+        await self._first_signals()
+        tasks += [asyncio.create_task(self._events(queue), name="cem-control-events"),
+                  asyncio.create_task(self._replans(stop), name="cem-control-replans")]
         try:
             await stop.wait()
         finally:
@@ -286,76 +291,56 @@ class SiteController:
         name = entry.name if entry is not None else None
         return f"{name} ({rm_id[:8]})" if name else rm_id
 
-    async def _poll_congestion(self, stop: asyncio.Event) -> None:
-        if self.store is None:
+    # --- grid signals ---------------------------------------------------------------------
+
+    @property
+    def congestion(self) -> list[CongestionLimit]:
+        """The congestion limits of every grid-signal source, as the next plan uses them."""
+        return self.board.congestion
+
+    def publish(self, update: SignalUpdate) -> None:
+        """Take a source's update (the `Publish` callback of `GridSignalSource.run`).
+
+        Replans with the update's reason when the congestion limits changed, or when new prices
+        change those of the plan's horizon (before the first plan: when there are any)."""
+        congestion_changed, new_prices = self.board.take(update)
+        if {s.name for s in self.signals} <= set(self.board.updates):
+            self._signals_heard.set()
+        replan = congestion_changed
+        if new_prices and update.prices is not None:
+            if self.problem is None:
+                replan = replan or bool(update.prices.points)
+            else:
+                fresh = self.board.prices(self.problem.start, self.problem.n_ptus)
+                old = self.problem.prices
+                replan = replan or len(fresh.import_eur_per_kwh) != len(old.import_eur_per_kwh) \
+                    or not np.allclose(fresh.import_eur_per_kwh, old.import_eur_per_kwh) \
+                    or not np.allclose(fresh.export_eur_per_kwh, old.export_eur_per_kwh)
+        if replan:
+            self.request_replan(update.reason)
+
+    async def _run_source(self, source: GridSignalSource) -> None:
+        """Run one source; one that ends or fails is restarted (it should retry by itself)."""
+        while True:
+            try:
+                await source.run(self.publish)
+                logger.warning("grid-signal source %s ended; restarting it in 5 s", source.name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("grid-signal source %s failed; restarting it in 5 s",
+                                 source.name)
+            await asyncio.sleep(5.0)
+
+    async def _first_signals(self) -> None:
+        """Give every source up to `signal_wait_s` to publish before the first plan."""
+        if {s.name for s in self.signals} <= set(self.board.updates):
             return
-        while not stop.is_set():
-            try:
-                await self.refresh_congestion()
-            except Exception:
-                logger.exception("reading congestion windows failed")
-            await asyncio.sleep(self.congestion_poll_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._signals_heard.wait(), timeout=self.signal_wait_s)
 
-    async def refresh_congestion(self) -> bool:
-        """Read the store's congestion windows; replan when they changed. True if changed."""
-        rows = await self.store.list_congestion(ending_after=self.clock())
-        key = tuple((r.window_id, r.start, r.end, r.import_limit_kw, r.export_limit_kw)
-                    for r in rows)
-        previous, self._congestion_key = self._congestion_key, key
-        self.congestion = rows
-        if previous is None:
-            if rows:
-                self.request_replan(f"{len(rows)} congestion window(s) in the store")
-            return False
-        if key == previous:
-            return False
-        known = {k[0] for k in previous}
-        added = [r for r in rows if r.window_id not in known]
-        if added:
-            w = added[0]
-            limit = (f"import {w.import_limit_kw:g} kW" if w.import_limit_kw is not None
-                     else f"export {w.export_limit_kw:g} kW")
-            self.request_replan(f"congestion window {w.start:%H:%M}-{w.end:%H:%M} UTC "
-                                f"({limit}) was added")
-        else:
-            self.request_replan("congestion windows changed")
-        return True
-
-    async def _poll_prices(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await asyncio.sleep(self.price_poll_s)
-            try:
-                if self.problem is None:
-                    continue
-                fresh = self._prices(self.problem.start, self.problem.n_ptus, use_cache=False)
-                old = self.problem.prices.import_eur_per_kwh
-                if len(fresh.import_eur_per_kwh) == len(old) and not np.allclose(
-                        fresh.import_eur_per_kwh, old):
-                    self.request_replan("day-ahead prices changed")
-            except Exception:
-                logger.exception("reading prices failed")
-
-    def _prices(self, start: datetime, n_ptus: int, use_cache: bool = True) -> Prices:
-        if use_cache and self._price_cache is not None and self._price_cache[0] == start and \
-                len(self._price_cache[1].import_eur_per_kwh) == n_ptus:
-            return self._price_cache[1]
-        from cem.flex.prices import ptu_prices, tariff_prices
-        from sitekit.prices import PriceError
-
-        cfg = self.config
-        try:
-            source = self.price_source
-            if source is None and cfg.prices.csv is not None:
-                from sitekit.prices import CsvPriceSource
-
-                source = self.price_source = CsvPriceSource(cfg.prices.csv)
-            prices = ptu_prices(source, cfg.prices, start, cfg.planner.ptu_minutes, n_ptus,
-                                fill="previous").prices
-        except PriceError as exc:
-            logger.warning("prices: %s; planning with the flat import price", exc)
-            prices = tariff_prices(None, cfg.prices, n_ptus)
-        self._price_cache = (start, prices)
-        return prices
+    def _prices(self, start: datetime, n_ptus: int) -> Prices:
+        return self.board.prices(start, n_ptus)
 
     # --- the replan -------------------------------------------------------------------------
 
@@ -655,5 +640,7 @@ def can_cap(binding: Any) -> bool:
 
 
 def site_controller_for(service: Any) -> SiteController:
-    """Controller factory for `CemService(config, controller_factory=site_controller_for)`."""
-    return SiteController(service.config, service.server, service.store)
+    """Controller factory for `CemService(config, controller_factory=site_controller_for)`:
+    the grid-signal sources are those the service built from the config (`service.signals`)."""
+    return SiteController(service.config, service.server, service.store,
+                          signals=getattr(service, "signals", ()))

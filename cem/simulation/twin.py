@@ -75,6 +75,7 @@ from s2python.s2_parser import S2Parser
 from cem.control.mpc import SiteController
 from cem.ports import InstructionResult, RegistryEvent, RmEvent
 from cem.s2.session import S2_VERSION, S2Session
+from cem.signals import price_update
 from cem.simulation.engine import SimState
 from cem.simulation.inputs import Evse, SimInputs, SimSession
 from resource_managers.ocpp_charger import frbc, limits
@@ -553,8 +554,12 @@ class LiveControlLoop:
             config = config.model_copy(update={"planner": config.planner.model_copy(
                 update={"time_limit_s": time_limit_s})})
         self.controller = SiteController(
-            config, self.registry, price_source=TwinPrices(inputs), solver=self._solve,
+            config, self.registry, solver=self._solve,
             clock=lambda: self.now, monotonic=self._virtual_seconds)
+        # the run's prices, known from the start (the twin drives the loop: no sources run)
+        prices = TwinPrices(inputs)
+        self.controller.publish(price_update(prices, inputs.t0,
+                                             inputs.ptu_start(len(prices.wholesale)), name="twin"))
         self.queue = self.registry.subscribe()
         for device in [*self.evses.values(), self.meter, *([self.pv] if self.pv else [])]:
             self.registry.connect(device)

@@ -97,14 +97,57 @@ class GridConfig(Section):
     peak_so_far_kw: float = Field(0.0, ge=0, description="15-min peak reached this month")
 
 
+class EntsoeConfig(Section):
+    """ENTSO-E Transparency day-ahead prices (`entsoe-py`)."""
+
+    token: str | None = Field(None, description="security token (else env ENTSOE_API_KEY)")
+    bidding_zone: str = Field("10YNL----------L", description="EIC code or entsoe-py area (NL)")
+    base_url: str | None = Field(None, description="API endpoint; default the public one")
+    timeout_s: float = Field(30.0, gt=0)
+
+
+class EnergyZeroConfig(Section):
+    """EnergyZero day-ahead prices (`energyzero`, no key)."""
+
+    vat: Literal["excl", "incl"] = Field("excl", description="prices excluding or including VAT")
+
+
 class PriceConfig(Section):
     csv: Path | None = Field(None, description="day-ahead prices, EUR/MWh, hourly UTC")
+    feed: Literal["csv", "entsoe", "energyzero"] | None = Field(
+        None, description="where day-ahead prices come from (default: csv if set, else flat)")
+    entsoe: EntsoeConfig = Field(default_factory=EntsoeConfig)
+    energyzero: EnergyZeroConfig = Field(default_factory=EnergyZeroConfig)
+    fetch_after: time = Field(time(13, 0), description="local market time tomorrow's prices "
+                              "are fetched from (the auction publishes around 12:45-13:00 CET)")
+    market_timezone: str = "Europe/Amsterdam"
+    retry_s: float = Field(60.0, gt=0, description="first retry after a failed fetch; doubles")
+    retry_max_s: float = Field(1800.0, gt=0, description="longest wait between retries")
+    refresh_s: float = Field(21600.0, gt=0, description="re-fetch this often for corrections")
+    fallback: Literal["flat", "csv"] = Field(
+        "flat", description="when the feed's last prices no longer cover the horizon")
     markup_eur_per_kwh: float = 0.0
     tax_eur_per_kwh: float = 0.0
     vat: float = Field(0.0, ge=0, le=1)
     feed_in: Literal["day_ahead", "fixed", "none"] = "day_ahead"
     feed_in_eur_per_kwh: float = 0.0
     flat_import_eur_per_kwh: float = Field(0.25, description="used when no price file is given")
+
+    @model_validator(mode="after")
+    def _feed(self) -> PriceConfig:
+        if self.feed == "csv" and self.csv is None:
+            raise ValueError("feed = 'csv' needs csv = FILE")
+        if self.fallback == "csv" and self.csv is None:
+            raise ValueError("fallback = 'csv' needs csv = FILE")
+        if self.source == "energyzero" and self.energyzero.vat == "incl" and self.vat > 0:
+            raise ValueError("energyzero.vat = 'incl' already includes VAT: set prices.vat = 0 "
+                             "(else VAT is counted twice)")
+        return self
+
+    @property
+    def source(self) -> str | None:
+        """The price feed in use: csv, entsoe, energyzero, or None (the flat price)."""
+        return self.feed or ("csv" if self.csv is not None else None)
 
 
 class CongestionWindow(Section):
@@ -122,6 +165,53 @@ class CongestionWindow(Section):
         if self.import_limit_kw is None and self.export_limit_kw is None:
             raise ValueError("give import_limit_kw, export_limit_kw or both")
         return self
+
+
+class OpenAdrConfig(Section):
+    """An OpenADR 3 VEN following a grid operator's capacity limits (the Dutch GAC profile)."""
+
+    vtn_url: str = Field(..., description="base URL of the VTN, e.g. https://vtn.example/openadr3/3.1.0")
+    version: Literal["3.0.1", "3.1.0"] = "3.1.0"
+    client_id: str | None = None
+    client_secret: str | None = None
+    token: str | None = Field(None, description="a bearer token instead of client credentials")
+    ven_name: str = Field(..., min_length=1, max_length=128, description="GAC: eMI3 party id")
+    program: str = Field(..., min_length=1, description="name of the program to follow")
+    targets: list[str] = Field(default_factory=list, description="the site's EAN18 codes")
+    poll_interval_s: float = Field(60.0, gt=0)
+    safe_mode_after_s: float = Field(900.0, gt=0, description="VTN unreachable this long: safe mode")
+    safe_mode_import_limit_kw: float | None = Field(
+        None, ge=0, description="safe mode limit when the program has no safe-mode event")
+    timeout_s: float = Field(10.0, gt=0)
+    ca_file: Path | None = Field(None, description="CA certificate(s) to trust for the VTN (PEM)")
+
+    @model_validator(mode="after")
+    def _check(self) -> OpenAdrConfig:
+        from urllib.parse import urlsplit
+
+        url = urlsplit(self.vtn_url)
+        if url.scheme not in ("https", "http") or not url.hostname:
+            raise ValueError(f"vtn_url {self.vtn_url!r} is not an http(s) URL")
+        if url.scheme == "http" and not is_loopback(url.hostname):
+            raise ValueError("vtn_url must be https:// (plain http only to a loopback address)")
+        if self.token is None and (self.client_id is None or self.client_secret is None):
+            raise ValueError("give client_id and client_secret, or token")
+        bad = [t for t in self.targets if not re.fullmatch(r"\d{18}", t)]
+        if bad:
+            raise ValueError(f"targets must be EAN18 codes (18 digits): {bad}")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback name or address (plain HTTP is allowed only there)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class PlannerConfig(Section):
@@ -220,6 +310,7 @@ class SiteConfig(Section):
     grid: GridConfig = Field(default_factory=GridConfig)
     prices: PriceConfig = Field(default_factory=PriceConfig)
     congestion: list[CongestionWindow] = Field(default_factory=list)
+    openadr: OpenAdrConfig | None = None
     planner: PlannerConfig = Field(default_factory=PlannerConfig)
     ev_defaults: EvDefaults = Field(default_factory=EvDefaults)
     charge_cards: list[ChargeCard] = Field(default_factory=list)
@@ -353,6 +444,9 @@ def _resolve_paths(config: SiteConfig, base: Path) -> SiteConfig:
     """Relative file paths in a config are relative to the config file."""
     if config.prices.csv is not None and not config.prices.csv.is_absolute():
         config.prices.csv = base / config.prices.csv
+    if config.openadr is not None and config.openadr.ca_file is not None \
+            and not config.openadr.ca_file.is_absolute():
+        config.openadr.ca_file = base / config.openadr.ca_file
     for device in config.modbus.devices:
         if not device.map.is_absolute():
             device.map = base / device.map
