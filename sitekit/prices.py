@@ -58,8 +58,8 @@ def _aware_utc(value: datetime, what: str) -> datetime:
     return value.astimezone(UTC)
 
 
-class _SeriesSource:
-    """Shared lookup over a sorted, in-memory price series."""
+class SeriesPriceSource:
+    """A price source over a sorted, in-memory series of (period start UTC, EUR/MWh)."""
 
     def __init__(self, series: list[tuple[datetime, float]], resolution: timedelta | None = None) -> None:
         self._times = [t for t, _ in series]
@@ -86,7 +86,7 @@ class _SeriesSource:
         return self._times[-1] if self._times else None
 
 
-class CsvPriceSource(_SeriesSource):
+class CsvPriceSource(SeriesPriceSource):
     """Prices from a CSV with columns `start_utc,price_eur_per_mwh` (plain or .gz).
 
     Times are ISO 8601 with `Z` or an offset; duplicate times are an error (the file is wrong,
@@ -128,7 +128,7 @@ class CsvPriceSource(_SeriesSource):
         super().__init__(sorted(rows.items()))
 
 
-class MockDayAheadFeed(_SeriesSource):
+class MockDayAheadFeed(SeriesPriceSource):
     """A day-ahead feed as an internet API behaves, without the internet.
 
     Day D's prices become known when the day-ahead auction publishes them on day D-1 at

@@ -8,35 +8,18 @@ that has prices, with the site's tariff applied; no prices at all: the flat impo
 
 from __future__ import annotations
 
-import bisect
 import logging
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from cem.flex.prices import PtuPrices, ptu_prices, tariff_prices
 from cem.planner.assets import Prices
 from cem.ports import CongestionLimit, PriceCurve, SignalUpdate
 from cem.site.config import SiteConfig
-from sitekit.prices import PriceError
+from sitekit.prices import PriceError, SeriesPriceSource
 
 logger = logging.getLogger("cem.control")
-
-
-class CurvePrices:
-    """A published `PriceCurve` as a `sitekit.prices.PriceSource`."""
-
-    def __init__(self, curve: PriceCurve) -> None:
-        self.curve = curve
-        self.resolution = curve.resolution
-        self._times = [t for t, _ in curve.points]
-        self.first = self._times[0] if self._times else None
-        self.last = self._times[-1] if self._times else None
-
-    def day_ahead_eur_per_mwh(self, start: datetime, end: datetime) -> list[tuple[datetime, float]]:
-        lo = bisect.bisect_right(self._times, start.astimezone(UTC) - self.resolution)
-        hi = bisect.bisect_left(self._times, end.astimezone(UTC))
-        return list(self.curve.points[lo:hi])
 
 
 def curve_ptu_prices(curve: PriceCurve | None, config: SiteConfig, start: datetime,
@@ -46,7 +29,8 @@ def curve_ptu_prices(curve: PriceCurve | None, config: SiteConfig, start: dateti
     A PTU the curve does not reach takes the last known price (and `notes` says so)."""
     if curve is None or not curve.points:
         return ptu_prices(None, config.prices, start, config.planner.ptu_minutes, n_ptus)
-    return ptu_prices(CurvePrices(curve), config.prices, start, config.planner.ptu_minutes,
+    source = SeriesPriceSource(list(curve.points), curve.resolution)
+    return ptu_prices(source, config.prices, start, config.planner.ptu_minutes,
                       n_ptus, fill="previous")
 
 
