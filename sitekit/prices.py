@@ -214,8 +214,9 @@ def wholesale_per_ptu(
     for i in range(n_ptus):
         moment = start + i * ptu
         found = [price_at(moment + j * source.resolution) for j in range(steps)]
-        if all(p is not None for p in found):
-            out[i] = last = float(np.mean(found))
+        prices = [p for p in found if p is not None]
+        if len(prices) == len(found):
+            out[i] = last = float(np.mean(prices))
             continue
         missing.append(moment)
         if fill == "previous" and last is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cem.app.demo import DemoError, demo_visits, settings_for
-from cem.site.config import load_site_config
+from cem.app.site_file import load_site_file
 from sitekit import clock
 
 DEMO_TOML = Path(__file__).resolve().parent.parent / "specs" / "sites" / "demo.toml"
@@ -67,7 +67,7 @@ def test_scaled_clock_refuses_naive_start_and_bad_speed() -> None:
 
 
 def test_demo_replays_the_congestion_day_with_real_ev_visits(tmp_path: Path) -> None:
-    site = load_site_config(DEMO_TOML)
+    site = load_site_file(DEMO_TOML)
     settings = settings_for(site, duration=None, speed=None, report=tmp_path)
     assert settings.speed == 1440
     assert settings.wall_seconds == pytest.approx(60)  # a day in a minute
@@ -80,7 +80,7 @@ def test_demo_replays_the_congestion_day_with_real_ev_visits(tmp_path: Path) -> 
 
 
 def test_demo_options_are_checked(tmp_path: Path) -> None:
-    site = load_site_config(DEMO_TOML)
+    site = load_site_file(DEMO_TOML)
     with pytest.raises(DemoError, match="--speed"):
         settings_for(site, duration=None, speed=0, report=tmp_path)
     with pytest.raises(DemoError, match="--duration"):

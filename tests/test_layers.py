@@ -32,7 +32,7 @@ LAYERS: dict[str, int] = {
     "resource_managers": 5,  # beside the CEM: may import sitekit only (ONLY_FROM below)
     "cem.simulation": 6,  # the digital twin: drives the control loop and RM mappings in process
     "cem.app": 7,       # the edge: CLI, service, demo, benches, HTTP
-    "cem.__main__": 7,  # `python -m cem`
+    "cem.__main__": 8,  # `python -m cem`: above the edge it runs
 }
 # packages that may import nothing of the project but these (and themselves)
 ONLY_FROM: dict[str, tuple[str, ...]] = {

@@ -23,6 +23,7 @@ from s2python.pebc import PEBCInstruction, PEBCPowerEnvelope, PEBCPowerEnvelopeE
 from cem.s2.server import LiveSession, S2Server
 from cem.site.config import SiteConfig
 from resource_managers.modbus import s2_mapping as s2m
+from resource_managers.modbus.config import ModbusConfig
 from resource_managers.modbus.register_map import RegisterMap, load_register_map, parse_register_map
 from resource_managers.modbus.rm import BatteryRM, HeatPumpRM, ModbusRM, PvRM, resource_manager_for
 from resource_managers.modbus.simulator import (
@@ -303,7 +304,7 @@ async def test_simulated_site_brings_four_rms_and_a_meter_that_sums_them(cem: S2
     from resource_managers.modbus.site import SimulatedModbusSite
 
     site = SimulatedModbusSite.from_config(
-        SiteConfig(), cem_url=cem.url, base_load_w=600, speed=10,
+        ModbusConfig(), cem_url=cem.url, base_load_w=600, speed=10,
         pv_start=datetime(2019, 6, 11, 11, tzinfo=UTC),
         rm_options={"poll_interval_s": 0.1})
     await site.start()
@@ -370,7 +371,7 @@ async def test_cem_flex_layer_plans_our_devices_and_its_instructions_land(cem: S
     from resource_managers.modbus.site import SimulatedModbusSite
 
     site = SimulatedModbusSite.from_config(
-        SiteConfig(), cem_url=cem.url, pv_start=datetime(2019, 6, 11, 11, tzinfo=UTC),
+        ModbusConfig(), cem_url=cem.url, pv_start=datetime(2019, 6, 11, 11, tzinfo=UTC),
         rm_options={"poll_interval_s": 0.1})
     await site.start()
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from cem.site.config import SiteConfig, parse_site_config
+from cem.app.site_file import SiteFile, parse_site_file
 from resource_managers.ocpp_charger.csms import OcppCentralSystem
 from resource_managers.ocpp_charger.records import read_sessions
 from resource_managers.ocpp_charger.simulator import SimulatedChargePoint, SimulatedEv
@@ -66,15 +66,15 @@ async def wait_for(condition: Callable[[], object], within_s: float = 5.0) -> No
         await asyncio.sleep(0.02)
 
 
-def make_site(tmp_path: Path, extra: str = "") -> SiteConfig:
-    site = parse_site_config(SITE + extra)
+def make_site(tmp_path: Path, extra: str = "") -> SiteFile:
+    site = parse_site_file(SITE + extra)
     site.ocpp.database = tmp_path / "ocpp.db"
     return site
 
 
 @pytest.fixture
 async def csms(tmp_path: Path) -> AsyncIterator[OcppCentralSystem]:
-    system = OcppCentralSystem(make_site(tmp_path), port=0)
+    system = OcppCentralSystem(make_site(tmp_path).ocpp_rm(), port=0)
     await system.start()
     yield system
     await system.stop()
@@ -170,7 +170,7 @@ async def test_tls_with_basic_auth_is_security_profile_2(
     cert, key = self_signed
     site = make_site(tmp_path)
     site.ocpp.tls_cert, site.ocpp.tls_key = cert, key
-    system = OcppCentralSystem(site, port=0)
+    system = OcppCentralSystem(site.ocpp_rm(), port=0)
     await system.start()
     try:
         assert system.scheme == "wss" and "listening on wss://" in caplog.text
@@ -203,10 +203,10 @@ def test_tls_files_for_the_central_system_are_checked(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from cem.app.cli import app
-    from cem.site.config import ConfigError
+    from sitekit.config import ConfigError
 
     with pytest.raises(ConfigError) as half:
-        parse_site_config("[ocpp]\ntls_cert = 'ocpp.crt'\n")
+        parse_site_file("[ocpp]\ntls_cert = 'ocpp.crt'\n")
     assert "tls_cert and tls_key go together" in half.value.report() and "ocpp" in half.value.report()
     config = tmp_path / "site.toml"
     (tmp_path / "ocpp.crt").write_text("not a certificate")
@@ -273,7 +273,7 @@ async def test_malformed_frames_get_call_errors(csms: OcppCentralSystem, protoco
 
 async def test_restart_keeps_cdrs_and_closes_open_session_from_meter(tmp_path: Path) -> None:
     site = make_site(tmp_path)
-    system = OcppCentralSystem(site, port=0)
+    system = OcppCentralSystem(site.ocpp_rm(), port=0)
     await system.start()
     charger = SimulatedChargePoint("CP16", url(system), version="1.6", speed=3600,
                                    meter_interval_s=60)
@@ -287,7 +287,7 @@ async def test_restart_keeps_cdrs_and_closes_open_session_from_meter(tmp_path: P
     await system.stop()
     assert read_sessions(site.ocpp.database, "open")
 
-    restarted = OcppCentralSystem(site, port=0)
+    restarted = OcppCentralSystem(site.ocpp_rm(), port=0)
     await restarted.start()
     try:
         cdrs = read_sessions(site.ocpp.database, "closed")

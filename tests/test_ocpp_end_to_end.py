@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from cem.app.service import CemService
+from cem.app.site_file import parse_site_file
 from cem.control.mpc import site_controller_for
-from cem.site.config import parse_site_config
 from resource_managers.ocpp_charger.csms import OcppCentralSystem
 from resource_managers.ocpp_charger.simulator import SimulatedChargePoint, SimulatedEv
 
@@ -56,13 +56,13 @@ async def wait_for(condition: Callable[[], object], within_s: float) -> None:
 
 
 async def test_cem_plans_chargers_within_the_fuse(tmp_path: Path) -> None:
-    site = parse_site_config(SITE)
+    site = parse_site_file(SITE)
     site.store.path = tmp_path / "cem.db"
     site.ocpp.database = tmp_path / "ocpp.db"
     cem = CemService(site, controller_factory=site_controller_for)
     await cem.start()
     assert cem.server is not None
-    csms = OcppCentralSystem(site, cem.server.url, port=0)
+    csms = OcppCentralSystem(site.ocpp_rm(), cem.server.url, port=0)
     await csms.start()
     url = f"ws://127.0.0.1:{csms.port}"
     chargers = [SimulatedChargePoint("CP-A", url, version="1.6", meter_interval_s=2),
@@ -100,12 +100,12 @@ async def test_cem_plans_chargers_within_the_fuse(tmp_path: Path) -> None:
 @pytest.mark.parametrize("unused", [None])
 def test_site_is_valid(unused: None) -> None:
     """The end-to-end site above is a valid config (a typo there would fail confusingly)."""
-    assert parse_site_config(SITE).grid.fuse_a == 16
+    assert parse_site_file(SITE).grid.fuse_a == 16
 
 
 async def test_card_priority_decides_who_charges_when_the_fuse_binds(tmp_path: Path) -> None:
     """Both drivers need more than the fuse gives; the VIP card's EV is served first."""
-    site = parse_site_config(SITE + """
+    site = parse_site_file(SITE + """
 [[charge_cards]]
 id_tag = "VIP"
 priority = 5
@@ -118,7 +118,7 @@ priority = 1
     cem = CemService(site, controller_factory=site_controller_for)
     await cem.start()
     assert cem.server is not None
-    csms = OcppCentralSystem(site, cem.server.url, port=0)
+    csms = OcppCentralSystem(site.ocpp_rm(), cem.server.url, port=0)
     await csms.start()
     url = f"ws://127.0.0.1:{csms.port}"
     staff = SimulatedChargePoint("CP-A", url, version="1.6", meter_interval_s=2)

@@ -18,8 +18,8 @@ import pytest
 from s2python.common import CommodityQuantity, InstructionStatus
 from s2python.frbc import FRBCInstruction
 
+from cem.app.site_file import SiteFile, parse_site_file
 from cem.s2.server import LiveSession, S2Server
-from cem.site.config import SiteConfig, parse_site_config
 from resource_managers.ocpp_charger.csms import ENERGY, OcppCentralSystem
 from resource_managers.ocpp_charger.frbc import CHARGING, IDLE
 from resource_managers.ocpp_charger.simulator import SimulatedChargePoint, SimulatedEv
@@ -56,8 +56,8 @@ async def wait_for(condition: Callable[[], object], within_s: float = 8.0) -> No
         await asyncio.sleep(0.02)
 
 
-def make_site(tmp_path: Path) -> SiteConfig:
-    site = parse_site_config(SITE)
+def make_site(tmp_path: Path) -> SiteFile:
+    site = parse_site_file(SITE)
     site.ocpp.database = tmp_path / "ocpp.db"
     site.store.path = tmp_path / "cem.db"
     return site
@@ -68,7 +68,7 @@ async def cem_and_csms(tmp_path: Path) -> AsyncIterator[tuple[S2Server, OcppCent
     site = make_site(tmp_path)
     server = S2Server(site)
     await server.start()
-    csms = OcppCentralSystem(site, server.url, port=0)
+    csms = OcppCentralSystem(site.ocpp_rm(), server.url, port=0)
     await csms.start()
     yield server, csms
     await csms.stop()
@@ -236,7 +236,7 @@ async def test_losing_the_cem_falls_back_to_the_default_profile(tmp_path: Path) 
     site = make_site(tmp_path)
     server = S2Server(site)
     await server.start()
-    csms = OcppCentralSystem(site, server.url, port=0)
+    csms = OcppCentralSystem(site.ocpp_rm(), server.url, port=0)
     await csms.start()
     charger = SimulatedChargePoint("CP16", f"ws://127.0.0.1:{csms.port}", version="1.6")
     await charger.connect()

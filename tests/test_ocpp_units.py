@@ -18,7 +18,7 @@ from s2python.frbc import FRBCInstruction
 from typer.testing import CliRunner
 
 from cem.app.cli import app
-from cem.site.config import parse_site_config
+from cem.app.site_file import parse_site_file
 from resource_managers.ocpp_charger import frbc, limits
 from resource_managers.ocpp_charger.csms import OcppCentralSystem, next_local_time
 from resource_managers.ocpp_charger.records import SessionRecords
@@ -133,7 +133,7 @@ def test_instruction_to_current() -> None:
 
 
 def test_cards_set_needs_departure_and_current(tmp_path: Path) -> None:
-    site = parse_site_config("""
+    site = parse_site_file("""
 [site]
 timezone = "Europe/Amsterdam"
 [ev_defaults]
@@ -146,7 +146,7 @@ energy_kwh = 40
 departure = "08:00:00"
 max_current_a = 10
 """)
-    csms = OcppCentralSystem(site, database=tmp_path / "x.db")
+    csms = OcppCentralSystem(site.ocpp_rm(), database=tmp_path / "x.db")
     arrival = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)  # 10:00 in Amsterdam
     departure, need, priority, source = csms._needs(arrival, csms.cards["BOSS"])
     assert (need, priority) == (40_000, 5) and "BOSS" in source

@@ -143,10 +143,11 @@ def test_missing_site_file_exits_2(tmp_path: Path) -> None:
 
 
 def test_planner_knows_only_what_the_driver_said(tmp_path: Path) -> None:
+    from cem.app.site_file import load_site_file
     from cem.simulation.inputs import load_inputs
-    from cem.site.config import load_site_config
 
-    inputs = load_inputs(load_site_config(SITE), SESSIONS, PRICES, None, date(2019, 10, 8), 2, 0.0)
+    site = load_site_file(SITE)
+    inputs = load_inputs(site, SESSIONS, PRICES, None, date(2019, 10, 8), 2, 0.0, ocpp=site.ocpp)
     claimed = [s for s in inputs.sessions if s.claimed]
     unclaimed = [s for s in inputs.sessions if not s.claimed]
     assert claimed and any(s.believed_departure_ptu != s.departure_ptu for s in claimed)
@@ -164,13 +165,14 @@ def test_prices_of_another_year_map_by_day_of_year() -> None:
 
 
 def test_level_5_keeps_the_limits_when_the_planner_fails() -> None:
+    from cem.app.site_file import load_site_file
     from cem.simulation.engine import run_level
     from cem.simulation.inputs import load_inputs
     from cem.simulation.kpis import level_kpis
     from cem.simulation.twin import LiveControlLoop
-    from cem.site.config import load_site_config
 
-    inputs = load_inputs(load_site_config(SITE), SESSIONS, PRICES, None, date(2019, 10, 8), 2, 0.0)
+    site = load_site_file(SITE)
+    inputs = load_inputs(site, SESSIONS, PRICES, None, date(2019, 10, 8), 2, 0.0, ocpp=site.ocpp)
 
     def broken_planner(problem: Any, **_: Any) -> Any:
         raise RuntimeError("solver crashed")

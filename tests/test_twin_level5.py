@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cem.app.site_file import load_site_file
 from cem.flex.prices import ptu_prices
 from cem.simulation.engine import SimState, run_level
 from cem.simulation.inputs import SimInputs, load_inputs
 from cem.simulation.kpis import level_kpis
 from cem.simulation.levels import MPC_GAP_TOL, Uncontrolled, site_planner
 from cem.simulation.twin import LiveControlLoop, TwinPrices
-from cem.site.config import load_site_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "simulation"
@@ -31,7 +31,8 @@ PV = ROOT / "cem" / "data" / "nl_pv_per_kwp_2019-10.csv"
 
 
 def inputs() -> SimInputs:
-    return load_inputs(load_site_config(SITE), SESSIONS, PRICES, PV, date(2019, 10, 8), 2, 30.0)
+    site = load_site_file(SITE)
+    return load_inputs(site, SESSIONS, PRICES, PV, date(2019, 10, 8), 2, 30.0, ocpp=site.ocpp)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from cem.app.common import console, load_config_or_exit
-from cem.site.config import ConfigError
+from sitekit.config import ConfigError
 
 app = typer.Typer(
     name="cem",
@@ -307,7 +307,7 @@ def rm_ocpp(
     site = load_config_or_exit(config)
     from resource_managers.ocpp_charger.cli import run_ocpp_rm
 
-    run_ocpp_rm(site, cem_url=cem, port=port, token=token)
+    run_ocpp_rm(site.ocpp_rm(), cem_url=cem, port=port, token=token)
 
 
 @rm_app.command("modbus")
@@ -345,7 +345,7 @@ def sim_chargers(
 
     site = load_config_or_exit(config) if config is not None else None
     run_charger_simulators(count=count, ocpp=ocpp, csms=csms, sessions=sessions, speed=speed,
-                           site=site, ca=ca)
+                           charge_points=site.ocpp.charge_points if site else (), ca=ca)
 
 
 @sim_app.command("modbus")
@@ -372,7 +372,7 @@ def sessions(
     site = load_config_or_exit(config)
     from resource_managers.ocpp_charger.cli import print_sessions
 
-    print_sessions(db or site.ocpp.database)
+    print_sessions(db or site.ocpp.database, timezone=site.site.timezone)
 
 
 @app.command()
@@ -386,7 +386,7 @@ def cdrs(
     site = load_config_or_exit(config)
     from resource_managers.ocpp_charger.cli import print_cdrs
 
-    print_cdrs(db or site.ocpp.database, csv=csv, site=site)
+    print_cdrs(db or site.ocpp.database, csv=csv, timezone=site.site.timezone)
 
 
 # --- whole site ------------------------------------------------------------------------------

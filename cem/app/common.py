@@ -9,7 +9,8 @@ from typing import NoReturn
 import typer
 from rich.console import Console
 
-from cem.site.config import ConfigError, SiteConfig, check_referenced_files, load_site_config
+from cem.app.site_file import SiteFile, load_site_file
+from sitekit.config import ConfigError
 
 console = Console(stderr=True)
 
@@ -23,16 +24,16 @@ def fail(message: str, hint: str = "") -> NoReturn:
     raise typer.Exit(2)
 
 
-def load_config_or_exit(path: Path | None) -> SiteConfig:
-    """Load a site config (None: the built-in defaults); on problems print them all, exit 2."""
+def load_config_or_exit(path: Path | None) -> SiteFile:
+    """Load a site file (None: the built-in defaults); on problems print them all, exit 2."""
     if path is None:
-        return SiteConfig()
+        return SiteFile()
     try:
-        config = load_site_config(path)
+        config = load_site_file(path)
     except ConfigError as exc:
         console.print(exc.report(), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    problems = check_referenced_files(config)
+    problems = config.file_problems()
     if problems:
         console.print(ConfigError(path, problems).report(), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import itertools
 
-from cem.site.config import ConfigProblem, SiteConfig
+from cem.app.site_file import SiteFile
+from sitekit.config import ConfigProblem
 
 
-def check_site_semantics(config: SiteConfig) -> list[ConfigProblem]:
+def check_site_semantics(config: SiteFile) -> list[ConfigProblem]:
     """Return problems that make a valid-looking site config unsafe or useless."""
     problems: list[ConfigProblem] = []
     grid = config.grid
@@ -53,7 +54,7 @@ def check_site_semantics(config: SiteConfig) -> list[ConfigProblem]:
     return problems
 
 
-def _modbus_map_problems(config: SiteConfig) -> list[ConfigProblem]:
+def _modbus_map_problems(config: SiteFile) -> list[ConfigProblem]:
     """Register maps of the configured Modbus devices: valid and for the right device class."""
     from resource_managers.modbus.register_map import register_map_problems
 

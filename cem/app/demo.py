@@ -34,7 +34,7 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from cem.site.config import SiteConfig
+from cem.app.site_file import SiteFile
 from sitekit import clock
 
 logger = logging.getLogger("cem.app.demo")
@@ -77,7 +77,7 @@ class DemoSettings:
         return max(1, math.ceil(self.sim_seconds / 900))
 
 
-def demo_day(site: SiteConfig) -> date:
+def demo_day(site: SiteFile) -> date:
     """The day the demo replays: that of the first congestion window, else a bundled data day."""
     if site.congestion:
         first = min(site.congestion, key=lambda w: w.start)
@@ -85,7 +85,7 @@ def demo_day(site: SiteConfig) -> date:
     return FALLBACK_DAY
 
 
-def settings_for(site: SiteConfig, *, duration: float | None, speed: float | None,
+def settings_for(site: SiteFile, *, duration: float | None, speed: float | None,
                  report: Path) -> DemoSettings:
     """Resolve the options: default speed 1440, default length one simulated day."""
     speed = DEFAULT_SPEED if speed is None else speed
@@ -378,7 +378,7 @@ def process_clock(settings: DemoSettings) -> Iterator[clock.ScaledClock]:
 class DemoSite:
     """Every part of the demo, started and stopped in order."""
 
-    def __init__(self, site: SiteConfig, settings: DemoSettings) -> None:
+    def __init__(self, site: SiteFile, settings: DemoSettings) -> None:
         self.site = site
         self.settings = settings
         self.service: Any = None
@@ -454,7 +454,7 @@ class DemoSite:
         logger.info("demo: CEM on %s, simulated day %s from %s local, speed %gx", url,
                     self.settings.day, DAY_START.strftime("%H:%M"), speed)
 
-        self.csms = OcppCentralSystem(cfg, url, port=0 if cfg.ocpp.port == 0 else None)
+        self.csms = OcppCentralSystem(cfg.ocpp_rm(), url, port=0 if cfg.ocpp.port == 0 else None)
         try:
             await self.csms.start()
         except OSError as exc:
@@ -463,13 +463,13 @@ class DemoSite:
         ocpp_url = f"ws://{cfg.ocpp.host}:{self.csms.port}"
         # meter values about 5 times per wall second at most, at least every 5 simulated minutes
         meter_s = min(300.0, max(30.0, speed * 0.2))
-        self.stations = stations_for_site(cfg, ocpp_url, speed=speed, meter_interval_s=meter_s)
+        self.stations = stations_for_site(cfg.ocpp.charge_points, ocpp_url, speed=speed, meter_interval_s=meter_s)
 
         times, _ = load_pv_profile()
         local = self.settings.start
         pv_start = times[0] + timedelta(hours=local.hour, minutes=local.minute)
         self.modbus = SimulatedModbusSite.from_config(
-            cfg, cem_url=url, speed=speed, base_load_w=BASE_LOAD_W, pv_start=pv_start,
+            cfg.modbus, cem_url=url, speed=speed, base_load_w=BASE_LOAD_W, pv_start=pv_start,
             extra_loads=[self.charger_phase_w],
             rm_options={"time_scale": 1.0, "poll_interval_s": 0.25})
         try:
@@ -729,7 +729,7 @@ def _prepare_report(report: Path) -> None:
                 (report / f"{name}{suffix}").unlink()
 
 
-async def run_demo(site: SiteConfig, settings: DemoSettings,
+async def run_demo(site: SiteFile, settings: DemoSettings,
                    on_tick: Callable[[DemoSite], None] | None = None,
                    tick_wall_s: float = 0.25) -> DemoSite:
     """Run the whole site until the time is up or SIGINT/SIGTERM; returns it for the summary."""

@@ -39,7 +39,7 @@ from cem.app.demo import (
     run_demo,
     settings_for,
 )
-from cem.site.config import SiteConfig
+from cem.app.site_file import SiteFile
 from sitekit import clock
 
 BARS = " ▁▂▃▄▅▆▇█"
@@ -115,7 +115,7 @@ class LiveView:
         self.live = Live(console=console, auto_refresh=False, transient=False)
         self._last = 0.0
 
-    def intro(self, site: SiteConfig, settings: DemoSettings, log_file: Path) -> None:
+    def intro(self, site: SiteFile, settings: DemoSettings, log_file: Path) -> None:
         self.console.print(intro_text(site, settings, log_file), highlight=False)
 
     def __enter__(self) -> LiveView:
@@ -140,7 +140,7 @@ class ProgressLines:
         self.settings = settings
         self._next: datetime | None = None
 
-    def intro(self, site: SiteConfig, settings: DemoSettings, log_file: Path) -> None:
+    def intro(self, site: SiteFile, settings: DemoSettings, log_file: Path) -> None:
         self.console.print(intro_text(site, settings, log_file), highlight=False, soft_wrap=True)
 
     def __enter__(self) -> ProgressLines:
@@ -161,7 +161,7 @@ class ProgressLines:
         self.console.print(progress_line(demo, state), highlight=False, soft_wrap=True)
 
 
-def intro_text(site: SiteConfig, settings: DemoSettings, log_file: Path) -> str:
+def intro_text(site: SiteFile, settings: DemoSettings, log_file: Path) -> str:
     start = _local(settings.start, settings)
     return (f"cem demo: {site.site.name}, {start:%a %d %b %Y} from {start:%H:%M} "
             f"({settings.timezone}), {settings.speed:g}x real time, "

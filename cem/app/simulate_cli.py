@@ -28,11 +28,12 @@ from rich.progress import (
 from rich.table import Table
 
 from cem.app.json_stdout import prints_to_stderr
+from cem.app.site_file import load_site_file
 from cem.simulation.engine import LevelRun, run_level
 from cem.simulation.inputs import SimInputs, SimulationError, load_inputs, parse_start
 from cem.simulation.kpis import cost_per_day, level_kpis, reference_layout
 from cem.simulation.levels import LEVEL_NAMES, make_controller
-from cem.site.config import ConfigError, load_site_config
+from sitekit.config import ConfigError
 
 LEVELS = ("1", "2", "3", "4", "5")
 DEFAULT_PV_KWP = 100.0
@@ -119,7 +120,7 @@ def simulate_command(*, site_file: Path, sessions_file: Path, prices: Path, pv: 
     """Load the inputs, run every level, write the report and print the KPI table (or JSON)."""
     started = time.perf_counter()
     try:
-        config = load_site_config(site_file)
+        config = load_site_file(site_file)
     except ConfigError as exc:
         console.print(exc.report(), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
@@ -131,7 +132,8 @@ def simulate_command(*, site_file: Path, sessions_file: Path, prices: Path, pv: 
         if pv_kwp is not None and pv_kwp < 0:
             raise SimulationError("--pv-kwp must be 0 or more")
         kwp = (DEFAULT_PV_KWP if pv_kwp is None else pv_kwp) if pv is not None else 0.0
-        inputs = load_inputs(config, sessions_file, prices, pv, first_day, days, kwp)
+        inputs = load_inputs(config, sessions_file, prices, pv, first_day, days, kwp,
+                             ocpp=config.ocpp)
         if any(lv in wanted for lv in ("4", "5")) and "optimum" not in wanted:
             wanted.append("optimum")
         elif "optimum" not in wanted:

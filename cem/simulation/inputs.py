@@ -49,6 +49,7 @@ from cem.flex.prices import tariff_prices
 from cem.site.config import SiteConfig
 from cem.site.forecast import ForecastError, load_pv_per_kwp
 from cem.site.sessions import Session, SessionFileError, load_acn_sessions, on_local_clock
+from resource_managers.ocpp_charger.config import OcppConfig
 from sitekit.prices import CsvPriceSource, PriceError
 
 T = TypeVar("T")
@@ -123,6 +124,7 @@ class SimInputs:
     files: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     wholesale_eur_per_mwh: np.ndarray | None = None  # n_ptus + look-ahead, before the tariff
+    ocpp: OcppConfig = field(default_factory=OcppConfig)  # the OCPP RM's section of the site file
 
     @property
     def dt_h(self) -> float:
@@ -136,13 +138,14 @@ class SimInputs:
         return self.t0 + timedelta(minutes=self.ptu_minutes * int(index))
 
 
-def evses_from_config(config: SiteConfig, station_ids: list[str]) -> tuple[list[Evse], list[str]]:
+def evses_from_config(config: SiteConfig, station_ids: list[str],
+                      ocpp: OcppConfig | None = None) -> tuple[list[Evse], list[str]]:
     """EVSEs of `[[ocpp.charge_points]]`; without any, one 3x16 A EVSE per station in the data."""
     voltage = config.grid.voltage_v
     min_a = config.ev_defaults.min_current_a or MIN_CURRENT_A_DEFAULT
     notes: list[str] = []
     evses: list[Evse] = []
-    for cp in config.ocpp.charge_points:
+    for cp in (ocpp or OcppConfig()).charge_points:
         share = (1 / 3, 1 / 3, 1 / 3) if cp.phases == 3 else {
             "L1": (1.0, 0.0, 0.0), "L2": (0.0, 1.0, 0.0), "L3": (0.0, 0.0, 1.0)}[cp.phase]
         for k in range(cp.evses):
@@ -256,7 +259,8 @@ def _read(path: Path, loader: Callable[[Path], T], format_error: type[Exception]
 
 
 def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_file: Path | None,
-                start: date, days: int, pv_kwp: float) -> SimInputs:
+                start: date, days: int, pv_kwp: float, *,
+                ocpp: OcppConfig | None = None) -> SimInputs:
     """Read and map every input of a run; raise SimulationError on any user mistake."""
     zone = ZoneInfo(config.site.timezone)
     ptu_minutes = config.planner.ptu_minutes
@@ -293,7 +297,7 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
                               f"{start + timedelta(days=days - 1)} (the file has {first} .. {last})")
 
     station_ids = [s.station_id for s in moved]
-    evses, evse_notes = evses_from_config(config, station_ids)
+    evses, evse_notes = evses_from_config(config, station_ids, ocpp)
     notes += evse_notes
     by_id = {e.id: e for e in evses}
     busy_until: dict[str, int] = {}
@@ -378,4 +382,4 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
         export_limit_w=np.asarray(limits.export_limit_w, dtype=np.int64),
         fuse_w_per_phase=config.grid.fuse_a * config.grid.voltage_v,
         pv_kwp=pv_kwp, files=files, notes=notes,
-        wholesale_eur_per_mwh=np.asarray(wholesale, dtype=float))
+        wholesale_eur_per_mwh=np.asarray(wholesale, dtype=float), ocpp=ocpp or OcppConfig())

@@ -265,7 +265,7 @@ class TwinEvse(TwinDevice):
         self.phase = evse.phase if evse.phases == 1 else "L1"
         self.max_current_a = evse.max_w / (self.voltage * evse.phases)
         self.min_current_a = float(config.ev_defaults.min_current_a)
-        self.safe_limit_a = float(getattr(config.ocpp, "safe_limit_a", self.min_current_a))
+        self.safe_limit_a = float(inputs.ocpp.safe_limit_a)
         self.priority = int(config.ev_defaults.priority)
         self.session: SimSession | None = None
         self.energy_wh = 0.0

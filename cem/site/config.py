@@ -1,29 +1,48 @@
-"""Site configuration: one TOML file, validated by pydantic.
+"""The CEM's configuration: its sections of the site file, validated by pydantic.
 
-Everything an operator sets lives here: where the CEM listens, which RM tokens it accepts,
-the grid connection (fuse, GTV, export limit, kW-max price), prices, congestion windows,
-planner settings, charge cards and the resource managers the demo starts. Unknown keys are
-errors (a typo must not silently fall back to a default).
+What the CEM itself uses lives here: where it listens, which RM tokens it accepts, the grid
+connection (fuse, GTV, export limit, kW-max price), prices, congestion windows, planner
+settings and the EV defaults it assumes. The sections of the resource managers beside it
+(`[ocpp]`, `[[charge_cards]]`, `[[modbus.devices]]`) are theirs
+(`resource_managers/*/config.py`); `cem.app.site_file` composes them all into the one site file
+an operator writes. Unknown keys are errors (a typo must not silently fall back to a default).
+The machinery (strict sections, problems with line and hint) is shared with the RMs:
+`sitekit.config`.
 """
 
 from __future__ import annotations
 
 import re
-import ssl
-import tomllib
 from datetime import datetime, time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from sitekit.config import (
+    ConfigError,
+    ConfigProblem,
+    EvDefaults,
+    Section,
+    TlsFiles,
+    config_folder,
+    dotted_path,
+    missing_files,
+    read_config_text,
+    resolve,
+    validate_toml,
+)
+
+__all__ = [
+    "CONTROL_TYPES", "ConfigError", "ConfigProblem", "CongestionWindow", "EnergyZeroConfig",
+    "EntsoeConfig", "EvDefaults", "GridConfig", "OpenAdrConfig", "PlannerConfig", "PriceConfig",
+    "RmToken", "S2Config", "S2ConnectConfig", "Section", "ServerConfig", "SiteConfig", "SiteInfo",
+    "StoreConfig", "TlsFiles",
+    "check_referenced_files", "dotted_path", "load_site_config", "parse_site_config",
+    "resolve_paths",
+]
 
 CONTROL_TYPES = ("FRBC", "PPBC", "OMBC", "DDBC", "PEBC")
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class SiteInfo(Section):
@@ -34,28 +53,6 @@ class SiteInfo(Section):
 class RmToken(Section):
     name: str = Field(..., description="who holds this token (shown in logs)")
     token: str = Field(..., min_length=16, description="bearer token, at least 16 characters")
-
-
-class TlsFiles(Section):
-    """A server's certificate and key (PEM) for wss; both or neither."""
-
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-
-    @model_validator(mode="after")
-    def _tls_pair(self) -> TlsFiles:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together: set both for wss, or neither")
-        return self
-
-    def tls_context(self) -> ssl.SSLContext | None:
-        """The TLS context for wss (None for plain ws); raises ssl.SSLError / OSError."""
-        if self.tls_cert is None or self.tls_key is None:
-            return None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(str(self.tls_cert), str(self.tls_key))
-        return context
 
 
 class ServerConfig(TlsFiles):
@@ -227,60 +224,6 @@ class PlannerConfig(Section):
     guard_margin: float = Field(0.95, gt=0, le=1, description="guard sheds down to this share")
 
 
-class EvDefaults(Section):
-    energy_kwh: float = Field(20.0, gt=0, description="energy need when nothing better is known")
-    dwell_hours: float = Field(8.0, gt=0, description="departure = arrival + this")
-    departure: time | None = Field(None, description="fixed local departure time instead")
-    priority: int = Field(1, ge=0, le=10)
-    min_current_a: float = Field(6.0, gt=0)
-
-
-class ChargeCard(Section):
-    id_tag: str = Field(..., min_length=1, max_length=36)
-    name: str = ""
-    priority: int = Field(1, ge=0, le=10, description="higher is served first")
-    energy_kwh: float | None = Field(None, gt=0)
-    departure: time | None = None
-    max_current_a: float | None = Field(None, gt=0)
-    allowed: bool = True
-
-
-class ChargePoint(Section):
-    id: str = Field(..., min_length=1)
-    password: str | None = Field(None, description="HTTP Basic auth (OCPP security profile 1)")
-    evses: int = Field(1, ge=1, le=8)
-    max_current_a: float = Field(32.0, gt=0)
-    phases: Literal[1, 3] = 3
-    phase: Literal["L1", "L2", "L3"] = "L1"
-    limit_unit: Literal["A", "W"] = "A"
-
-
-class OcppConfig(TlsFiles):
-    """The OCPP central system; with tls_cert / tls_key it serves wss (security profile 2)."""
-
-    host: str = "127.0.0.1"
-    port: int = Field(9000, ge=0, le=65535)
-    accept_unknown_charge_points: bool = True
-    unknown_cards: Literal["accept", "reject"] = "accept"
-    safe_limit_a: float = Field(6.0, ge=0, description="TxDefaultProfile limit per charger")
-    heartbeat_interval_s: int = Field(300, ge=1)
-    database: Path = Path("ocpp.db")
-    charge_points: list[ChargePoint] = Field(default_factory=list)
-
-
-class ModbusDevice(Section):
-    name: str
-    device: Literal["battery", "heat-pump", "pv", "meter"]
-    map: Path
-    host: str = "127.0.0.1"
-    port: int = Field(5020, ge=0, le=65535)
-    device_id: int = Field(1, ge=0, le=247)
-
-
-class ModbusConfig(Section):
-    devices: list[ModbusDevice] = Field(default_factory=list)
-
-
 class S2ConnectConfig(Section):
     """S2 Connect 1.0.0: the HTTPS pairing and session API, and its own wss listener."""
 
@@ -303,6 +246,8 @@ class S2ConnectConfig(Section):
 
 
 class SiteConfig(Section):
+    """The CEM's sections of the site file."""
+
     site: SiteInfo = Field(default_factory=SiteInfo)
     server: ServerConfig = Field(default_factory=ServerConfig)
     s2: S2Config = Field(default_factory=S2Config)
@@ -313,188 +258,44 @@ class SiteConfig(Section):
     openadr: OpenAdrConfig | None = None
     planner: PlannerConfig = Field(default_factory=PlannerConfig)
     ev_defaults: EvDefaults = Field(default_factory=EvDefaults)
-    charge_cards: list[ChargeCard] = Field(default_factory=list)
-    ocpp: OcppConfig = Field(default_factory=OcppConfig)
-    modbus: ModbusConfig = Field(default_factory=ModbusConfig)
     s2connect: S2ConnectConfig = Field(default_factory=S2ConnectConfig)
 
     @model_validator(mode="after")
-    def _unique_ids(self) -> SiteConfig:
-        tags = [c.id_tag for c in self.charge_cards]
-        if len(set(tags)) != len(tags):
-            raise ValueError("charge_cards: an id_tag is listed twice")
-        cps = [c.id for c in self.ocpp.charge_points]
-        if len(set(cps)) != len(cps):
-            raise ValueError("ocpp.charge_points: an id is listed twice")
+    def _unique_tokens(self) -> SiteConfig:
         tokens = [t.token for t in self.server.tokens]
         if len(set(tokens)) != len(tokens):
             raise ValueError("server.tokens: a token is listed twice")
         return self
 
 
-class ConfigProblem(BaseModel):
-    """One thing wrong with a config file, as an operator reads it."""
-
-    path: str
-    message: str
-    hint: str = ""
-    line: int | None = None
-
-    def __str__(self) -> str:
-        where = f"{self.path}" + (f" (line {self.line})" if self.line else "")
-        text = f"{where}: {self.message}"
-        return text + (f"\n    hint: {self.hint}" if self.hint else "")
-
-
-class ConfigError(Exception):
-    """The config file cannot be used; `problems` says why, each with its place."""
-
-    def __init__(self, file: Path, problems: list[ConfigProblem]) -> None:
-        self.file = file
-        self.problems = problems
-        super().__init__(f"{file}: {len(problems)} problem(s)")
-
-    def report(self) -> str:
-        lines = [f"{self.file}: {len(self.problems)} problem(s)"]
-        lines += [f"  - {p}" for p in self.problems]
-        return "\n".join(lines)
-
-
-_HINTS = {
-    "extra_forbidden": "not a known setting here: check the spelling against the README",
-    "missing": "this setting is required",
-    "greater_than": "the value must be larger",
-    "greater_than_equal": "the value must be at least the minimum",
-    "less_than_equal": "the value must be at most the maximum",
-    "literal_error": "use one of the values listed",
-    "int_parsing": "write a whole number",
-    "float_parsing": "write a number",
-    "datetime_from_date_parsing": "write an ISO 8601 time with offset, e.g. 2026-11-23T17:00:00+01:00",
-    "datetime_parsing": "write an ISO 8601 time with offset, e.g. 2026-11-23T17:00:00+01:00",
-    "bool_parsing": "write true or false",
-    "string_too_short": "the value is too short",
-}
-
-
-def dotted_path(loc: tuple[int | str, ...]) -> str:
-    """pydantic loc -> `grid.fuse_a`, `evs[1].departure`."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def _find_line(text: str, loc: tuple[int | str, ...]) -> int | None:
-    """Best-effort line of the last key named in loc (TOML parsers keep no positions)."""
-    keys = [p for p in loc if isinstance(p, str)]
-    if not keys:
-        return None
-    key = keys[-1]
-    pattern = re.compile(rf"^\s*(\[\[?\s*[\w.]*{re.escape(key)}\s*\]\]?|{re.escape(key)}\s*=)")
-    for number, line in enumerate(text.splitlines(), start=1):
-        if pattern.match(line):
-            return number
-    return None
-
-
-def parse_site_config(text: str, file: Path = Path("<string>")) -> SiteConfig:
-    """Parse TOML text into a SiteConfig, or raise ConfigError listing every problem."""
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        line_match = re.search(r"line (\d+)", str(exc))
-        raise ConfigError(
-            file,
-            [
-                ConfigProblem(
-                    path="(file)",
-                    message=f"not valid TOML: {exc}",
-                    hint="check quotes, brackets and '=' signs",
-                    line=int(line_match.group(1)) if line_match else None,
-                )
-            ],
-        ) from None
-    try:
-        config = SiteConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            message = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                message = "unknown setting"
-            if err["type"] == "literal_error" and "expected" in err.get("ctx", {}):
-                message = f"got {err.get('input')!r}, expected {err['ctx']['expected']}"
-            problems.append(
-                ConfigProblem(
-                    path=dotted_path(loc),
-                    message=message,
-                    hint=_HINTS.get(err["type"], ""),
-                    line=_find_line(text, loc),
-                )
-            )
-        raise ConfigError(file, problems) from None
-    return _resolve_paths(config, file.parent if file.name != "<string>" else Path.cwd())
-
-
-def _resolve_paths(config: SiteConfig, base: Path) -> SiteConfig:
-    """Relative file paths in a config are relative to the config file."""
-    if config.prices.csv is not None and not config.prices.csv.is_absolute():
-        config.prices.csv = base / config.prices.csv
-    if config.openadr is not None and config.openadr.ca_file is not None \
-            and not config.openadr.ca_file.is_absolute():
-        config.openadr.ca_file = base / config.openadr.ca_file
-    for device in config.modbus.devices:
-        if not device.map.is_absolute():
-            device.map = base / device.map
-    for section in (config.server, config.ocpp):
-        for attr in ("tls_cert", "tls_key"):
-            value = getattr(section, attr)
-            if value is not None and not value.is_absolute():
-                setattr(section, attr, base / value)
-    if config.s2connect.tls_dir is not None and not config.s2connect.tls_dir.is_absolute():
-        config.s2connect.tls_dir = base / config.s2connect.tls_dir
+def resolve_paths(config: SiteConfig, base: Path) -> SiteConfig:
+    """Relative file paths in the CEM's sections are relative to the config file's folder."""
+    if config.prices.csv is not None:
+        config.prices.csv = resolve(base, config.prices.csv)
+    if config.openadr is not None and config.openadr.ca_file is not None:
+        config.openadr.ca_file = resolve(base, config.openadr.ca_file)
+    config.server.resolve_tls_paths(base)
+    if config.s2connect.tls_dir is not None:
+        config.s2connect.tls_dir = resolve(base, config.s2connect.tls_dir)
     return config
 
 
-def load_site_config(file: Path) -> SiteConfig:
-    """Read and validate a site config file; raise ConfigError on any problem."""
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(
-            file, [ConfigProblem(path="(file)", message="file not found", hint="check the path")]
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(
-            file, [ConfigProblem(path="(file)", message=f"cannot read the file: {exc}")]
-        ) from None
-    return parse_site_config(text, file)
-
-
 def check_referenced_files(config: SiteConfig) -> list[ConfigProblem]:
-    """Problems with files the config points to (price CSV, TLS files, Modbus maps)."""
-    problems: list[ConfigProblem] = []
-    if config.prices.csv is not None and not config.prices.csv.exists():
-        problems.append(
-            ConfigProblem(path="prices.csv", message=f"file not found: {config.prices.csv}",
+    """Problems with files the CEM's sections point to (price CSV, TLS files)."""
+    return (missing_files([("prices.csv", config.prices.csv)],
                           hint="paths are relative to the config file")
-        )
-    for name, section in (("server", config.server), ("ocpp", config.ocpp)):
-        for attr in ("tls_cert", "tls_key"):
-            value = getattr(section, attr)
-            if value is not None and not value.exists():
-                problems.append(
-                    ConfigProblem(path=f"{name}.{attr}", message=f"file not found: {value}")
-                )
-    for index, device in enumerate(config.modbus.devices):
-        if not device.map.exists():
-            problems.append(
-                ConfigProblem(path=f"modbus.devices[{index}].map",
-                              message=f"file not found: {device.map}",
-                              hint="register maps live in specs/modbus/")
-            )
-    return problems
+            + config.server.missing_tls_files("server"))
+
+
+def parse_site_config(text: str, file: Path = Path("<string>")) -> SiteConfig:
+    """The CEM's sections alone from TOML text, or a ConfigError listing every problem.
+
+    A site file with the RMs' sections too (`[ocpp]`, `[[modbus.devices]]`) is read by
+    `cem.app.site_file`; here those are unknown settings.
+    """
+    return resolve_paths(validate_toml(text, SiteConfig, file), config_folder(file))
+
+
+def load_site_config(file: Path) -> SiteConfig:
+    """Read a file with the CEM's sections alone (see `parse_site_config`)."""
+    return parse_site_config(read_config_text(file), file)

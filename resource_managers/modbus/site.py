@@ -5,7 +5,7 @@ connected to the CEM. With `speed` above 1 the RMs describe the accelerated devi
 wall-clock time (`time_scale=speed`: rates x speed, durations / speed). The grid meter follows the other simulators (plus a base load and any
 extra feeds such as EV chargers), so the CEM's fuse / kW-max guard sees the whole site.
 
-    site = SimulatedModbusSite.from_config(config, cem_url=server.url, speed=60)
+    site = SimulatedModbusSite.from_config(modbus_config, cem_url=server.url, speed=60)
     await site.start()
     ...
     await site.stop()
@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from resource_managers.modbus.config import ModbusConfig
 from resource_managers.modbus.register_map import RegisterMap, load_register_map
 from resource_managers.modbus.rm import ModbusRM, resource_manager_for
 from resource_managers.modbus.simulator import (
@@ -99,11 +100,11 @@ class SimulatedModbusSite:
         self.devices: list[SimulatedDevice] = []
 
     @classmethod
-    def from_config(cls, config: Any, *, cem_url: str, token: str | None = None,
+    def from_config(cls, config: ModbusConfig, *, cem_url: str, token: str | None = None,
                     **kwargs: Any) -> SimulatedModbusSite:
-        """Devices from a SiteConfig's `[[modbus.devices]]`, or the default four when empty."""
+        """Devices of `[[modbus.devices]]`, or the default four when there are none."""
         plans = [DevicePlan(d.name, d.device, d.map, d.host, d.port, d.device_id)
-                 for d in config.modbus.devices] or default_devices()
+                 for d in config.devices] or default_devices()
         return cls(plans, cem_url=cem_url, token=token, **kwargs)
 
     def simulator(self, device: str) -> ModbusSimulator | None:

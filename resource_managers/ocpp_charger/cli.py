@@ -10,6 +10,7 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -19,8 +20,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from cem.site.config import SiteConfig
+from resource_managers.ocpp_charger.config import ChargePoint, OcppRmConfig
 from resource_managers.ocpp_charger.records import SessionRow, read_sessions
+from sitekit.config import DEFAULT_TIMEZONE
 
 console = Console(stderr=True)
 
@@ -41,7 +43,7 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
-def run_ocpp_rm(site: SiteConfig, cem_url: str, port: int | None = None,
+def run_ocpp_rm(config: OcppRmConfig, cem_url: str, port: int | None = None,
                 token: str | None = None) -> None:
     """Run the OCPP central system with one S2 RM per EVSE until Ctrl-C / SIGTERM."""
     from resource_managers.ocpp_charger.csms import OcppCentralSystem
@@ -51,12 +53,12 @@ def run_ocpp_rm(site: SiteConfig, cem_url: str, port: int | None = None,
     async def main() -> None:
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        csms = OcppCentralSystem(site, cem_url, token=token, port=port)
+        csms = OcppCentralSystem(config, cem_url, token=token, port=port)
         try:
-            site.ocpp.tls_context()
+            config.ocpp.tls_context()
         except (ssl.SSLError, OSError) as exc:
             console.print(f"[bold red]error:[/] cannot use the TLS certificate "
-                          f"{site.ocpp.tls_cert} with key {site.ocpp.tls_key}: {exc}")
+                          f"{config.ocpp.tls_cert} with key {config.ocpp.tls_key}: {exc}")
             console.print("  [dim]hint:[/] both must be PEM files, the key matching the "
                           "certificate (ocpp.tls_cert, ocpp.tls_key)")
             raise typer.Exit(2) from None
@@ -80,12 +82,13 @@ def run_ocpp_rm(site: SiteConfig, cem_url: str, port: int | None = None,
 
 
 def run_charger_simulators(count: int, ocpp: str, csms: str, sessions: Path | None,
-                           speed: float, site: SiteConfig | None = None,
+                           speed: float, charge_points: Sequence[ChargePoint] = (),
                            ca: Path | None = None) -> None:
     """Run `count` simulated charge points with EVs from an ACN CSV or a built-in sequence.
 
-    With a site config, the first `count` of its `ocpp.charge_points` are simulated as configured
-    (ids, EVSEs, phases, maximum current, password), so ACN sessions land on their station.
+    With configured charge points (a site file's `ocpp.charge_points`), the first `count` are
+    simulated as configured (ids, EVSEs, phases, maximum current, password), so ACN sessions
+    land on their station.
     """
     from resource_managers.ocpp_charger.simulator import (
         SimulatedChargePoint,
@@ -128,8 +131,8 @@ def run_charger_simulators(count: int, ocpp: str, csms: str, sessions: Path | No
     async def main() -> None:
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        if site is not None and site.ocpp.charge_points:
-            stations = stations_for_site(site, csms, speed=speed, versions=(ocpp,),
+        if charge_points:
+            stations = stations_for_site(charge_points, csms, speed=speed, versions=(ocpp,),
                                          ssl_context=trust)[:count]
         else:
             stations = [SimulatedChargePoint(f"SIM-CP-{i + 1:02d}", csms, version=ocpp,
@@ -168,11 +171,10 @@ def _sessions_table(rows: list[SessionRow], zone: ZoneInfo) -> Table:
     return table
 
 
-def print_sessions(db: Path, refresh_s: float = 2.0, once: bool | None = None) -> None:
+def print_sessions(db: Path, refresh_s: float = 2.0, once: bool | None = None,
+                   timezone: str = DEFAULT_TIMEZONE) -> None:
     """Show live sessions, refreshing until Ctrl-C (once when the output is not a terminal)."""
-    from cem.site.config import SiteInfo
-
-    zone = ZoneInfo(SiteInfo().timezone)
+    zone = ZoneInfo(timezone)
     out = _table_console()
     if not Path(db).exists():
         console.print(f"[bold red]error:[/] no OCPP database at {db}")
@@ -212,9 +214,9 @@ def cdr_record(row: SessionRow) -> dict[str, object]:
             "peak_kw": round(row.peak_w / 1000, 2), "stop_reason": row.stop_reason or ""}
 
 
-def print_cdrs(db: Path, csv: Path | None = None, site: SiteConfig | None = None) -> None:
+def print_cdrs(db: Path, csv: Path | None = None, timezone: str = DEFAULT_TIMEZONE) -> None:
     """Print the charge detail records as a table, or write them to a CSV file."""
-    zone = ZoneInfo(site.site.timezone if site else "Europe/Amsterdam")
+    zone = ZoneInfo(timezone)
     if not Path(db).exists():
         console.print(f"[bold red]error:[/] no OCPP database at {db}")
         console.print("  [dim]hint:[/] start `cem rm ocpp` first, or pass --db")

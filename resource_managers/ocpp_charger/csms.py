@@ -46,12 +46,12 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, NegotiationError
 from websockets.http11 import Request, Response
 
-from cem.site.config import ChargeCard, ChargePoint, SiteConfig
 from resource_managers.ocpp_charger import limits
+from resource_managers.ocpp_charger.config import CdrTariff, ChargeCard, ChargePoint, OcppRmConfig
 from resource_managers.ocpp_charger.evse import Evse, EvSession, LimitResult
 from resource_managers.ocpp_charger.records import SessionRecords
 from sitekit import clock
-from sitekit.prices import retail_import_eur_per_kwh
+from sitekit.prices import CsvPriceSource, retail_import_eur_per_kwh
 
 logger = logging.getLogger("resource_managers.ocpp")
 
@@ -87,22 +87,20 @@ EvseListener = Callable[[Evse], None]
 
 
 class _Tariff:
-    """All-in import price per kWh for CDR costs: day-ahead CSV with the site's tariff, or flat."""
+    """All-in import price per kWh for CDR costs: day-ahead CSV with the RM's tariff, or flat."""
 
-    def __init__(self, site: SiteConfig) -> None:
-        self._prices = site.prices
-        self._source: Any = None
-        if site.prices.csv is not None:
+    def __init__(self, tariff: CdrTariff) -> None:
+        self._tariff = tariff
+        self._source: CsvPriceSource | None = None
+        if tariff.csv is not None:
             try:
-                from sitekit.prices import CsvPriceSource
-
-                self._source = CsvPriceSource(site.prices.csv)
+                self._source = CsvPriceSource(tariff.csv)
             except Exception as exc:  # a price file problem must not stop charging
                 logger.warning("CDR costs use the flat price: cannot read %s (%s)",
-                               site.prices.csv, exc)
+                               tariff.csv, exc)
 
     def eur_per_kwh(self, at: datetime) -> float:
-        p = self._prices
+        t = self._tariff
         if self._source is not None:
             try:
                 found = self._source.day_ahead_eur_per_mwh(at, at + timedelta(seconds=1))
@@ -110,9 +108,9 @@ class _Tariff:
                 found = []
             if found:
                 return float(retail_import_eur_per_kwh(
-                    found[-1][1], markup_eur_per_kwh=p.markup_eur_per_kwh,
-                    tax_eur_per_kwh=p.tax_eur_per_kwh, vat=p.vat))
-        return p.flat_import_eur_per_kwh
+                    found[-1][1], markup_eur_per_kwh=t.markup_eur_per_kwh,
+                    tax_eur_per_kwh=t.tax_eur_per_kwh, vat=t.vat))
+        return t.flat_import_eur_per_kwh
 
 
 def next_local_time(after_moment: datetime, at: time, timezone: str) -> datetime:
@@ -132,21 +130,21 @@ class OcppCentralSystem:
     closes chargers, S2 sessions and the database.
     """
 
-    def __init__(self, site: SiteConfig, cem_url: str | None = None, *, token: str | None = None,
-                 host: str | None = None, port: int | None = None,
+    def __init__(self, config: OcppRmConfig, cem_url: str | None = None, *,
+                 token: str | None = None, host: str | None = None, port: int | None = None,
                  database: Path | None = None, response_timeout_s: float = 10.0) -> None:
-        self.site = site
+        self.config = config
         self.cem_url = cem_url
         self.token = token
-        self.host = host or site.ocpp.host
-        self.requested_port = site.ocpp.port if port is None else port
-        self.records = SessionRecords(database or site.ocpp.database)
+        self.host = host or config.ocpp.host
+        self.requested_port = config.ocpp.port if port is None else port
+        self.records = SessionRecords(database or config.ocpp.database)
         self.response_timeout_s = response_timeout_s
         self.evses: dict[tuple[str, int], Evse] = {}
         self.links: dict[str, OcppChargePoint] = {}
-        self.cards = {card.id_tag: card for card in site.charge_cards}
-        self.charge_points = {cp.id: cp for cp in site.ocpp.charge_points}
-        self.tariff = _Tariff(site)
+        self.cards = {card.id_tag: card for card in config.charge_cards}
+        self.charge_points = {cp.id: cp for cp in config.ocpp.charge_points}
+        self.tariff = _Tariff(config.tariff)
         self._listeners: list[EvseListener] = []
         self._server: Server | None = None
         self.scheme = "ws"  # "wss" once started with a certificate (security profile 2)
@@ -173,12 +171,12 @@ class OcppCentralSystem:
                 "SELECT MAX(CAST(transaction_id AS INTEGER)) FROM sessions") as cursor:
             row = await cursor.fetchone()
         self._next_tx = int(row[0] or 0) + 1 if row else 1
-        for cp in self.site.ocpp.charge_points:
+        for cp in self.config.ocpp.charge_points:
             for evse_id in range(1, cp.evses + 1):
                 self._evse(cp.id, evse_id)
         self._check_safe_limit()
         try:
-            tls = self.site.ocpp.tls_context()  # security profile 2: TLS + Basic auth
+            tls = self.config.ocpp.tls_context()  # security profile 2: TLS + Basic auth
             self._server = await serve(
                 self._connection, self.host, self.requested_port,
                 subprotocols=list(SUBPROTOCOLS),  # type: ignore[arg-type]
@@ -198,20 +196,22 @@ class OcppCentralSystem:
         logger.info("OCPP central system listening on %s://%s:%d (OCPP 1.6J and 2.0.1), "
                     "%d charge point(s) configured, unknown charge points %s, unknown cards %s",
                     self.scheme, self.host, self.port, len(self.charge_points),
-                    "accepted" if self.site.ocpp.accept_unknown_charge_points else "refused",
-                    self.site.ocpp.unknown_cards + "ed")
+                    "accepted" if self.config.ocpp.accept_unknown_charge_points else "refused",
+                    self.config.ocpp.unknown_cards + "ed")
 
     def _check_safe_limit(self) -> None:
         """Warn when the default profiles together could exceed the fuse (CEM gone, all busy)."""
-        fuse = self.site.grid.fuse_a
+        fuse = self.config.fuse_a
+        if fuse is None:
+            return
         worst = 0.0
-        for cp in self.site.ocpp.charge_points:
-            worst += cp.evses * min(self.site.ocpp.safe_limit_a, cp.max_current_a)
+        for cp in self.config.ocpp.charge_points:
+            worst += cp.evses * min(self.config.ocpp.safe_limit_a, cp.max_current_a)
         if worst > fuse:
             logger.warning("the safe limit of %.1f A per EVSE adds up to %.1f A on a phase when "
                            "every configured EVSE charges without the CEM, more than the %.0f A "
                            "fuse; lower ocpp.safe_limit_a (0 pauses EVs until the CEM decides)",
-                           self.site.ocpp.safe_limit_a, worst, fuse)
+                           self.config.ocpp.safe_limit_a, worst, fuse)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -279,7 +279,7 @@ class OcppCentralSystem:
             logger.warning("connection refused: no charge point id in the URL path %r", request.path)
             return connection.respond(HTTPStatus.NOT_FOUND, "put the charge point id in the URL\n")
         config = self.charge_points.get(cp_id)
-        if config is None and not self.site.ocpp.accept_unknown_charge_points:
+        if config is None and not self.config.ocpp.accept_unknown_charge_points:
             logger.warning("charger '%s' refused: not in ocpp.charge_points and unknown charge "
                            "points are not accepted", cp_id)
             return connection.respond(HTTPStatus.FORBIDDEN, "unknown charge point\n")
@@ -364,7 +364,7 @@ class OcppCentralSystem:
         card = self.cards.get(id_tag)
         if card is not None:
             return ("Accepted" if card.allowed else "Blocked"), card
-        if self.site.ocpp.unknown_cards == "accept":
+        if self.config.ocpp.unknown_cards == "accept":
             return "Accepted", None
         return "Invalid", None
 
@@ -375,8 +375,8 @@ class OcppCentralSystem:
 
     def _needs(self, started_at: datetime, card: ChargeCard | None) -> tuple[datetime, float, int, str]:
         """Departure, energy need (Wh), priority and where they came from (card, else defaults)."""
-        defaults = self.site.ev_defaults
-        tz = self.site.site.timezone
+        defaults = self.config.ev_defaults
+        tz = self.config.timezone
         source = "site defaults"
         energy_kwh = defaults.energy_kwh
         priority = defaults.priority
@@ -438,7 +438,7 @@ class OcppCentralSystem:
         evse.plugged = True
         logger.info("session %s started on %s with %s: needs %.1f kWh by %s (from %s), "
                     "priority %d", transaction_id, evse.name, self._card_words(id_tag, card),
-                    need_wh / 1000, departure.astimezone(ZoneInfo(self.site.site.timezone))
+                    need_wh / 1000, departure.astimezone(ZoneInfo(self.config.timezone))
                     .strftime("%a %H:%M"), source, priority)
         self._changed(evse)
         return session
@@ -570,7 +570,7 @@ class OcppCentralSystem:
         if link is None:
             return False
         config = self.charge_points.get(cp_id) or ChargePoint(id=cp_id)
-        amps = limits.round_down_tenth(min(self.site.ocpp.safe_limit_a, config.max_current_a))
+        amps = limits.round_down_tenth(min(self.config.ocpp.safe_limit_a, config.max_current_a))
         limit = limits.ProfileLimit(amps, config.limit_unit, config.phases)
         try:
             if isinstance(link, ChargePoint16Handler):
@@ -601,7 +601,7 @@ class OcppCentralSystem:
         session = evse.session
         if session is None:
             return LimitResult(False, 0.0, "no charging session on this EVSE")
-        min_a = max(self.site.ev_defaults.min_current_a, session.ev_min_current_a or 0)
+        min_a = max(self.config.ev_defaults.min_current_a, session.ev_min_current_a or 0)
         current = limits.charging_current(amps, evse.max_current_a, min_a)
         limit = limits.ProfileLimit(current, evse.config.limit_unit, evse.phases)
         try:
@@ -799,7 +799,7 @@ class ChargePoint16Handler(_CsmsSide, ChargePoint16):
                     if details.get("firmware_version") else "")
         self.csms._evse(self.id, 1)
         return result16.BootNotification(current_time=_iso(_now()),
-                                         interval=self.csms.site.ocpp.heartbeat_interval_s,
+                                         interval=self.csms.config.ocpp.heartbeat_interval_s,
                                          status="Accepted")
 
     @after(Action16.boot_notification)
@@ -888,7 +888,7 @@ class ChargePoint201Handler(_CsmsSide, ChargePoint201):
                     charging_station.get("vendor_name"), charging_station.get("model"), reason)
         self.csms._evse(self.id, 1)
         return result201.BootNotification(current_time=_iso(_now()),
-                                          interval=self.csms.site.ocpp.heartbeat_interval_s,
+                                          interval=self.csms.config.ocpp.heartbeat_interval_s,
                                           status="Accepted")
 
     @after(Action201.boot_notification)
@@ -1000,7 +1000,7 @@ class ChargePoint201Handler(_CsmsSide, ChargePoint201):
         session.needs_source = "EV (NotifyEVChargingNeeds)"
         logger.info("%s: the EV asks for %.1f kWh more by %s, %s A max", evse.name,
                     (session.energy_need_wh - session.energy_wh) / 1000,
-                    session.departure.astimezone(ZoneInfo(self.csms.site.site.timezone))
+                    session.departure.astimezone(ZoneInfo(self.csms.config.timezone))
                     .strftime("%a %H:%M"), ac.get("ev_max_current", "?"))
         self.csms._changed(evse)
         return result201.NotifyEVChargingNeeds(status="Accepted")

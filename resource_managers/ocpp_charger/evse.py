@@ -11,9 +11,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
-from cem.site.config import ChargeCard, ChargePoint
+from resource_managers.ocpp_charger.config import ChargeCard, ChargePoint, OcppRmConfig
 from sitekit import clock
 
 logger = logging.getLogger("resource_managers.ocpp")
@@ -144,7 +144,7 @@ class LimitResult:
 class CentralSystem(Protocol):
     """What the S2 side of an EVSE needs from the central system."""
 
-    site: Any
+    config: OcppRmConfig
     evses: dict[tuple[str, int], Evse]
 
     def add_listener(self, listener: Callable[[Evse], None]) -> None: ...

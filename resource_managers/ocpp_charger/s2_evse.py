@@ -107,8 +107,8 @@ class EvseResource:
     def flex(self) -> frbc.EvseFlex:
         evse = self.evse
         session = evse.session
-        site = self.csms.site
-        min_a = site.ev_defaults.min_current_a
+        defaults = self.csms.config.ev_defaults
+        min_a = defaults.min_current_a
         if session is not None and session.ev_min_current_a:
             min_a = max(min_a, session.ev_min_current_a)
         return frbc.EvseFlex(
@@ -121,7 +121,7 @@ class EvseResource:
             soc=session.soc if session else None,
             capacity_kwh=session.capacity_kwh if session else None,
             power_w=evse.power_w, limit_a=session.limit_a if session else None,
-            priority=session.priority if session else site.ev_defaults.priority,
+            priority=session.priority if session else defaults.priority,
             ev_full=session.ev_full if session else False)
 
     def activated(self) -> None:

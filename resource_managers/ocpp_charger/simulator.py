@@ -25,6 +25,7 @@ import io
 import logging
 import random
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,8 +42,8 @@ from ocpp.v201 import call as call201
 from ocpp.v201 import call_result as result201
 from ocpp.v201.enums import Action as Action201
 
-from cem.site.config import SiteConfig
 from resource_managers.ocpp_charger import limits
+from resource_managers.ocpp_charger.config import ChargePoint
 from resource_managers.ocpp_charger.csms import FrameLog
 from sitekit import clock
 
@@ -655,17 +656,18 @@ def ev_for(arrival: Arrival, seed: int) -> SimulatedEv:
                        max_current_a=rng.choice([16.0, 32.0]) if phases == 3 else 32.0)
 
 
-def stations_for_site(site: SiteConfig, csms_url: str, *, speed: float = 1.0,
+def stations_for_site(charge_points: Sequence[ChargePoint], csms_url: str, *, speed: float = 1.0,
                       meter_interval_s: float = 60.0,
                       versions: tuple[str, ...] = ("1.6", "2.0.1"),
                       ssl_context: ssl.SSLContext | None = None) -> list[SimulatedChargePoint]:
-    """One simulated charge point per `ocpp.charge_points` entry (EVSEs, phases, maximum current,
-    password as configured), OCPP versions taken in turn from `versions`."""
+    """One simulated charge point per configured charge point (`[[ocpp.charge_points]]`: EVSEs,
+    phases, maximum current, password as configured), OCPP versions taken in turn from
+    `versions`."""
     return [SimulatedChargePoint(cp.id, csms_url, version=versions[i % len(versions)],
                                  evses=cp.evses, max_current_a=cp.max_current_a, phases=cp.phases,
                                  phase=cp.phase, password=cp.password, speed=speed,
                                  meter_interval_s=meter_interval_s, ssl_context=ssl_context)
-            for i, cp in enumerate(site.ocpp.charge_points)]
+            for i, cp in enumerate(charge_points)]
 
 
 async def keep_connected(station: SimulatedChargePoint, stop: asyncio.Event) -> None:
