@@ -12,8 +12,10 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from cem.app.common import console, load_config_or_exit
+from cem.app.common import console, fail, load_config_or_exit
+from resource_managers.modbus.config import ModbusDevice
 from sitekit.config import ConfigError
 
 app = typer.Typer(
@@ -312,19 +314,44 @@ def rm_ocpp(
 
 @rm_app.command("modbus")
 def rm_modbus(
-    device: str = typer.Option(..., help="battery, heat-pump, pv or meter"),
-    map_file: Path = typer.Option(..., "--map", help="register map TOML"),
+    device: str | None = typer.Option(None, help="battery, heat-pump, pv or meter"),
+    map_file: Path | None = typer.Option(None, "--map", help="register map TOML"),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(5020, min=0, max=65535),
     device_id: int = typer.Option(1, help="Modbus device (unit) id"),
     cem: str = typer.Option("ws://127.0.0.1:8765", help="CEM S2 websocket URL"),
     token: str | None = typer.Option(None, help="bearer token for the CEM"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="site file: run its "
+                                       "[[modbus.devices]] instead of --device / --map"),
+    name: list[str] = typer.Option([], "--name", help="with --config: only these devices"),
 ) -> None:
-    """Run a Modbus TCP device as an S2 resource manager."""
-    from resource_managers.modbus.cli import run_modbus_rm
+    """Run Modbus TCP devices as S2 resource managers (one from flags, or a site file's)."""
+    from resource_managers.modbus.cli import run_modbus_rm, run_modbus_rms
 
-    run_modbus_rm(device=device, map_file=map_file, host=host, port=port,
-                  device_id=device_id, cem_url=cem, token=token)
+    if config is None:
+        if device is None or map_file is None:
+            fail(escape("give --device and --map, or --config with a site file's "
+                        "[[modbus.devices]]"))
+        run_modbus_rm(device=device, map_file=map_file, host=host, port=port,
+                      device_id=device_id, cem_url=cem, token=token)
+        return
+    run_modbus_rms(_modbus_devices(config, device, map_file, name), cem_url=cem, token=token)
+
+
+def _modbus_devices(config: Path, device: str | None, map_file: Path | None,
+                    names: list[str]) -> list[ModbusDevice]:
+    """The `[[modbus.devices]]` of a site file (only `names` if given); exit 2 when none."""
+    if device is not None or map_file is not None:
+        fail("--config takes the devices from the site file: leave out --device and --map")
+    devices = load_config_or_exit(config).modbus.devices
+    unknown = sorted(set(names) - {d.name for d in devices})
+    if unknown:
+        fail(f"no Modbus device named {', '.join(map(repr, unknown))} in {config}",
+             f"the file has: {', '.join(repr(d.name) for d in devices) or 'none'}")
+    chosen = [d for d in devices if not names or d.name in names]
+    if not chosen:
+        fail(escape(f"{config} has no [[modbus.devices]]"), "add one per device, see the README")
+    return chosen
 
 
 @sim_app.command("chargers")
@@ -350,16 +377,25 @@ def sim_chargers(
 
 @sim_app.command("modbus")
 def sim_modbus(
-    device: str = typer.Option(..., help="battery, heat-pump, pv or meter"),
-    map_file: Path = typer.Option(..., "--map", help="register map TOML"),
+    device: str | None = typer.Option(None, help="battery, heat-pump, pv or meter"),
+    map_file: Path | None = typer.Option(None, "--map", help="register map TOML"),
     port: int = typer.Option(5020, min=0, max=65535),
     host: str = typer.Option("127.0.0.1"),
     speed: float = typer.Option(1.0, help="simulated seconds per wall-clock second"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="site file: simulate its "
+                                       "[[modbus.devices]] on their host and port"),
+    name: list[str] = typer.Option([], "--name", help="with --config: only these devices"),
 ) -> None:
-    """Run a simulated Modbus TCP device with physics."""
-    from resource_managers.modbus.cli import run_modbus_simulator
+    """Run simulated Modbus TCP devices with physics (one from flags, or a site file's)."""
+    from resource_managers.modbus.cli import run_modbus_simulator, run_modbus_simulators
 
-    run_modbus_simulator(device=device, map_file=map_file, host=host, port=port, speed=speed)
+    if config is None:
+        if device is None or map_file is None:
+            fail(escape("give --device and --map, or --config with a site file's "
+                        "[[modbus.devices]]"))
+        run_modbus_simulator(device=device, map_file=map_file, host=host, port=port, speed=speed)
+        return
+    run_modbus_simulators(_modbus_devices(config, device, map_file, name), speed=speed)
 
 
 @app.command()
