@@ -299,6 +299,47 @@ def test_rm_classes_match_device_classes() -> None:
         PvRM(regmap, cem_url="ws://127.0.0.1:1")
 
 
+async def test_each_device_says_in_s2_what_kind_of_device_it_is(cem: S2Server) -> None:
+    """ResourceManagerDetails tell the four apart without their names: roles with commodity,
+    control types offered, power measurement types (the CEM recognises kinds from these)."""
+    from s2python.common import Commodity, CommodityQuantity, ControlType, RoleType
+
+    from resource_managers.modbus.site import SimulatedModbusSite
+
+    site = SimulatedModbusSite.from_config(ModbusConfig(), cem_url=cem.url,
+                                           rm_options={"poll_interval_s": 0.1})
+    await site.start()
+    try:
+        await eventually(lambda: len(cem.rms()) == 4 and all(
+            d.rm.described_session for d in site.devices), what="four described RMs")
+        said = {}
+        for device in site.devices:
+            details = cem.get(str(device.rm.resource_id)).state.details  # type: ignore[union-attr]
+            said[device.plan.device] = (
+                {(r.role, r.commodity) for r in details.roles},
+                set(details.available_control_types),
+                set(details.provides_power_measurement_types), details.model)
+    finally:
+        await site.stop()
+    electricity = Commodity.ELECTRICITY
+    phases = {CommodityQuantity.ELECTRIC_POWER_L1, CommodityQuantity.ELECTRIC_POWER_L2,
+              CommodityQuantity.ELECTRIC_POWER_L3}
+    assert said["meter"][:3] == ({(RoleType.ENERGY_CONSUMER, electricity),
+                                  (RoleType.ENERGY_PRODUCER, electricity)},
+                                 {ControlType.NOT_CONTROLABLE}, phases)
+    assert said["battery"][:2] == ({(RoleType.ENERGY_STORAGE, electricity)},
+                                   {ControlType.FILL_RATE_BASED_CONTROL})
+    assert said["pv"][:2] == ({(RoleType.ENERGY_PRODUCER, electricity)},
+                              {ControlType.POWER_ENVELOPE_BASED_CONTROL})
+    assert said["heat-pump"][:2] == ({(RoleType.ENERGY_CONSUMER, electricity),
+                                      (RoleType.ENERGY_PRODUCER, Commodity.HEAT)},
+                                     {ControlType.FILL_RATE_BASED_CONTROL})
+    for kind in ("battery", "pv", "heat-pump"):  # each measures what it draws or feeds in
+        assert len(said[kind][2]) == 1 and said[kind][2] <= phases | {
+            CommodityQuantity.ELECTRIC_POWER_3_PHASE_SYMMETRIC}
+    assert said["heat-pump"][3] == "Air-water 8 kW, SG-Ready"  # the register map's model
+
+
 async def test_simulated_site_brings_four_rms_and_a_meter_that_sums_them(cem: S2Server
                                                                          ) -> None:
     from resource_managers.modbus.site import SimulatedModbusSite

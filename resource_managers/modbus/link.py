@@ -14,6 +14,7 @@ import logging
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
+from resource_managers.device import DeviceFault, DeviceUnreachable
 from resource_managers.modbus.codec import (
     ValueNotRepresentable,
     decode,
@@ -24,13 +25,7 @@ from resource_managers.modbus.register_map import Point, RegisterMap
 
 log = logging.getLogger(__name__)
 
-
-class DeviceFault(Exception):
-    """The device did not give a usable answer."""
-
-
-class DeviceUnreachable(DeviceFault):
-    """No TCP connection, or no answer within the timeout."""
+__all__ = ["DeviceFault", "DeviceRejected", "DeviceUnreachable", "ModbusLink", "ReadingOutOfRange"]
 
 
 class DeviceRejected(DeviceFault):

@@ -1,30 +1,17 @@
 """S2 resource managers for Modbus TCP devices: battery, heat pump, PV inverter, grid meter.
 
-Each RM is one S2 session to the CEM (through the shared `S2ResourceManager` of
-`resource_managers/base.py`) and one Modbus TCP connection to the device (`ModbusLink`), and
-runs two loops side by side:
-
-- the **device loop** polls the device every `poll_interval_s`, reports PowerMeasurement and
-  status messages to the CEM, refreshes setpoints before the device's revert timeout, and
-  applies scheduled curtailment steps;
-- the **S2 session** (base) reconnects on its own; whenever the CEM selects our control type
-  the RM describes its flexibility afresh.
-
-Faults (timeouts, exception responses, out-of-range readings, a vanished device) make the RM
-withdraw its flexibility (RevokeObject of the system description / power constraints, no more
-measurements), retry with exponential back-off, and describe itself again once the device
-answers. A value outside the device's limits is never written: it is clamped, and the log says
-so. Instructions arrive through s2-python handlers; they are executed in their own task at
-their execution time and answered with InstructionStatusUpdates.
+`ModbusRM` is the Modbus TCP adapter of the generic device loop (`resource_managers.device.
+DeviceRM`: poll, describe, apply, revoke, fail safe, reconnect): the device's register map
+(`specs/modbus/*.toml`) names its points and `ModbusLink` reads and writes them. Each device
+class below is the S2 mapping of one kind of device (`s2_mapping.py` builds the messages); a
+value outside the device's limits is never written: it is clamped, and the log says so.
 
 Use in-process (the demo): `rm = BatteryRM(regmap, host=..., port=..., cem_url=...)`,
-`await rm.start()`, later `await rm.stop()`; or as a process: `cli.run_modbus_rm`.
+`await rm.start()`, later `await rm.stop()`; or as a process: `cli.run_modbus_rms`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -33,95 +20,46 @@ from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from s2python.common import (
+    Commodity,
     CommodityQuantity,
-    ControlType,
-    Duration,
-    InstructionStatus,
-    InstructionStatusUpdate,
-    ReceptionStatusValues,
     RevokableObjects,
-    RevokeObject,
     Role,
     RoleType,
 )
-from s2python.connection.async_.connection import S2AsyncConnection
-from s2python.connection.types import S2ConnectionEventsAndMessages, SendOkayRunAsync
 from s2python.frbc import (
     FRBCActuatorStatus,
     FRBCInstruction,
     FRBCStorageStatus,
     FRBCTimerStatus,
 )
-from s2python.generated.gen_s2 import Commodity
 from s2python.message import S2Message
 from s2python.pebc import PEBCInstruction
 
-from resource_managers.base import (
-    AssetDetails,
-    FRBCControlType,
-    NoControlControlType,
-    PEBCControlType,
-    S2ControlType,
-    S2ResourceManager,
-    reply_status,
+from resource_managers.base import S2ControlType
+from resource_managers.device import (
+    DeviceRM,
+    FrbcToDevice,
+    InstructionRejected,
+    PebcToDevice,
+    utc_now,
 )
 from resource_managers.modbus import s2_mapping as s2m
-from resource_managers.modbus.link import DeviceFault, DeviceUnreachable, ModbusLink
+from resource_managers.modbus.link import ModbusLink
 from resource_managers.modbus.register_map import RegisterMap
 from resource_managers.modbus.simulator import load_pv_profile
 from sitekit import clock
 
 log = logging.getLogger("resource_managers.modbus")
 
-
-def utc_now() -> datetime:
-    """The process clock (`sitekit.clock`: real time, or the demo's simulated time)."""
-    return clock.now()
+__all__ = ["RESOURCE_MANAGERS", "BatteryRM", "HeatPumpRM", "InstructionRejected", "MeterRM",
+           "ModbusRM", "PvRM", "resource_manager_for", "utc_now"]
 
 
-class _ToDevice:
-    """What every controlled Modbus RM does with its control type: instructions go to the RM."""
+class ModbusRM(DeviceRM):
+    """The Modbus TCP adapter: one register map, one `ModbusLink`, polled by the device loop."""
 
-    def __init__(self, rm: ModbusRM) -> None:
-        self.rm = rm
-
-    async def handle_instruction(self, connection: S2AsyncConnection,
-                                 msg: S2ConnectionEventsAndMessages,
-                                 send_okay: SendOkayRunAsync) -> None:
-        await self.rm._receive_instruction(connection, msg, send_okay)
-
-    async def activate(self, connection: S2AsyncConnection) -> None:
-        return None
-
-    async def deactivate(self, connection: S2AsyncConnection) -> None:
-        return None
-
-
-class _Frbc(_ToDevice, FRBCControlType):
-    pass
-
-
-class _Pebc(_ToDevice, PEBCControlType):
-    pass
-
-
-class _NoControl(NoControlControlType):
-    async def activate(self, connection: S2AsyncConnection) -> None:
-        return None
-
-    async def deactivate(self, connection: S2AsyncConnection) -> None:
-        return None
-
-
-class InstructionRejected(Exception):
-    """The RM will not (or cannot) carry out an instruction; the message says why."""
-
-
-class ModbusRM:
-    """Common life cycle of a Modbus-backed S2 resource manager (see the module docstring)."""
-
+    log = log
     device_class: ClassVar[str] = ""
-    role: ClassVar[RoleType] = RoleType.ENERGY_CONSUMER
     default_poll_s: ClassVar[float] = 1.0
 
     def __init__(self, regmap: RegisterMap, *, cem_url: str, host: str = "127.0.0.1",
@@ -137,47 +75,38 @@ class ModbusRM:
                              f"{regmap.source} describes a '{regmap.device_class}'")
         self.regmap = regmap
         self.limits = regmap.limits
-        self.name = name or f"{self.device_class} {host}:{port}/{device_id}"
         self.link = ModbusLink(regmap, host, port, device_id, timeout_s=timeout_s)
-        self.poll_interval_s = poll_interval_s or self.default_poll_s
-        self.backoff_s = backoff_s
-        self.quantity: CommodityQuantity = s2m.PHASE_QUANTITY[self.limits.phase]
-        self.resource_id = resource_id or uuid.uuid5(
-            uuid.NAMESPACE_URL, f"modbus://{host}:{port}/{device_id}/{self.device_class}")
-        details = AssetDetails(
-            resource_id=self.resource_id, name=self.name,
+        super().__init__(
+            cem_url=cem_url, token=token,
+            name=name or f"{self.device_class} {host}:{port}/{device_id}",
+            resource_id=resource_id or uuid.uuid5(
+                uuid.NAMESPACE_URL, f"modbus://{host}:{port}/{device_id}/{self.device_class}"),
             manufacturer=regmap.device.manufacturer, model=regmap.device.model,
-            provides_forecast=self.provides_forecast(),
-            provides_power_measurements=self.measured_quantities(),
-            instruction_processing_delay=Duration(root=1000),
-            roles=[Role(role=self.role, commodity=Commodity.ELECTRICITY)])
-        self.s2 = S2ResourceManager(cem_url=cem_url, asset_details=details,
-                                    control_types=self.control_types(), token=token,
-                                    backoff_s=s2_backoff_s,
-                                    on_control_type=self._on_control_type,
-                                    on_revoke=self._on_revoke)
-        self.cem_grace_s = cem_grace_s
-        self.time_scale = time_scale  # simulated s per wall s of the device behind us
-        self.cem_seen = time.monotonic()
-        self.device_ok = False
-        self.fault: str | None = "not polled yet"
-        self.readings: dict[str, float] = {}
-        self.described_session = 0
-        self.instructions_done: list[tuple[str, str]] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._stop: asyncio.Event | None = None
-        self._runner: asyncio.Task[None] | None = None
-        self._describe_lock = asyncio.Lock()
-        self._pending: dict[str, asyncio.Task[Any]] = {}  # instruction id -> waiting task
-        self._describing: asyncio.Task[None] | None = None
+            poll_interval_s=poll_interval_s, backoff_s=backoff_s, s2_backoff_s=s2_backoff_s,
+            cem_grace_s=cem_grace_s, time_scale=time_scale)
+
+    # --- the protocol I/O --------------------------------------------------------------------
+
+    async def connect_device(self) -> None:
+        await self.link.connect()
+
+    def device_connected(self) -> bool:
+        return self.link.connected
+
+    async def read_device(self) -> dict[str, float]:
+        return await self.link.read_many(self.points_to_poll())
+
+    async def close_device(self) -> None:
+        await self.link.close()
+
+    def describe_link(self) -> str:
+        return (f"Modbus {self.link.host}:{self.link.port} unit {self.link.device_id}, "
+                f"map {self.regmap.source}")
 
     # --- what a device class says about itself ------------------------------------------------
 
-    def control_types(self) -> list[S2ControlType]:
-        return [_NoControl()]
-
-    def provides_forecast(self) -> bool:
-        return False
+    def roles(self) -> list[Role]:
+        return [Role(role=RoleType.ENERGY_CONSUMER, commodity=Commodity.ELECTRICITY)]
 
     def measured_quantities(self) -> list[CommodityQuantity]:
         return [s2m.PHASE_QUANTITY[self.regmap.limits.phase]]
@@ -185,253 +114,8 @@ class ModbusRM:
     def points_to_poll(self) -> list[str]:
         return ["power"]
 
-    async def prepare_device(self) -> None:
-        """One-off writes after (re)connecting to the device (e.g. its revert timeout)."""
-
-    def flexibility_messages(self, now: datetime) -> list[S2Message]:
-        """What the CEM needs to plan this device (system description, forecasts, status)."""
-        return []
-
-    def withdraw_messages(self) -> list[S2Message]:
-        """Messages that take our flexibility back from the CEM."""
-        return []
-
-    @staticmethod
-    def _revoke(object_type: RevokableObjects, object_id: uuid.UUID | None) -> list[S2Message]:
-        """A RevokeObject for what we told the CEM last (nothing if we told it nothing)."""
-        if object_id is None:
-            return []
-        return [RevokeObject(message_id=uuid.uuid4(), object_type=object_type,
-                             object_id=object_id)]
-
     def periodic_messages(self, now: datetime) -> list[S2Message]:
-        """Measurements and status after a successful poll."""
         return [s2m.device_power_measurement(self.limits, self.readings["power"], now)]
-
-    async def maintain(self) -> None:
-        """Keep the device where the CEM wants it (refresh setpoints before they revert)."""
-
-    async def apply(self, instruction: Any) -> str:
-        """Carry out an instruction on the device; return a short note for the log."""
-        raise InstructionRejected(f"{self.device_class} takes no instructions")
-
-    async def on_shutdown(self) -> None:
-        """Leave the device in a safe state when the RM is stopped on purpose."""
-
-    # --- life cycle --------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Run in the background (in-process use, e.g. `cem demo`)."""
-        if self._runner is not None:
-            return
-        self._stop = asyncio.Event()
-        self._runner = asyncio.create_task(self.run(self._stop), name=f"rm-{self.name}")
-
-    async def stop(self) -> None:
-        """Stop both loops and close the connections."""
-        if self._stop is not None:
-            self._stop.set()
-        if self._runner is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
-            self._runner = None
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Run the S2 session and the device loop until `stop` is set."""
-        log.info("%s: Modbus %s:%s unit %s, map %s, CEM %s", self.name, self.link.host,
-                 self.link.port, self.link.device_id, self.regmap.source, self.s2.cem_url)
-        session = asyncio.create_task(self.s2.run(stop), name=f"s2-{self.name}")
-        try:
-            await self._device_loop(stop)
-        finally:
-            stop.set()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.on_shutdown(), timeout=3)
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            with contextlib.suppress(asyncio.CancelledError):
-                await session
-            await self.link.close()
-            log.info("%s: stopped", self.name)
-
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_log_failure)
-        return task
-
-    async def _wait(self, stop: asyncio.Event, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=max(0.0, seconds))
-
-    async def _device_loop(self, stop: asyncio.Event) -> None:
-        low, high = self.backoff_s
-        delay = low
-        next_poll = time.monotonic()
-        while not stop.is_set():
-            try:
-                if not self.link.connected:
-                    await self.link.connect()
-                    log.info("%s: connected to the device", self.name)
-                    await self.prepare_device()
-                values = await self.link.read_many(self.points_to_poll())
-            except DeviceFault as exc:
-                await self._device_failed(exc)
-                log.info("%s: retrying the device in %.1f s", self.name, delay)
-                await self._wait(stop, delay)
-                delay = min(high, delay * 2)
-                next_poll = time.monotonic()
-                continue
-            delay = low
-            if self.s2.connected.is_set():
-                self.cem_seen = time.monotonic()
-            self.readings.update(values)
-            if not self.device_ok:
-                self.device_ok = True
-                self.fault = None
-                log.info("%s: device answers; offering its flexibility to the CEM", self.name)
-                self.described_session = 0  # describe again, also within the same session
-            self._schedule_describe()
-            if self.s2.connected.is_set() and self.described_session:
-                for message in self.periodic_messages(utc_now()):
-                    await self.s2.send_and_forget(message)
-            try:
-                await self.maintain()
-            except DeviceFault as exc:
-                await self._device_failed(exc)
-            next_poll += self.poll_interval_s
-            now = time.monotonic()
-            if next_poll < now:
-                next_poll = now
-            await self._wait(stop, next_poll - now)
-
-    async def _device_failed(self, exc: DeviceFault) -> None:
-        reason = str(exc)
-        if self.device_ok:
-            log.warning("%s: device fault: %s; withdrawing its flexibility from the CEM",
-                        self.name, reason)
-            self.device_ok = False
-            if self.s2.connected.is_set():
-                for message in self.withdraw_messages():
-                    await self.s2.send_and_forget(message)
-        elif reason != self.fault:
-            log.warning("%s: device still unavailable: %s", self.name, reason)
-        self.fault = reason
-        if isinstance(exc, DeviceUnreachable):
-            await self.link.close()
-
-    async def _on_control_type(self, control_type: ControlType) -> None:
-        # called inside the s2-python handler: do the sending in a task
-        self.described_session = 0
-        self._schedule_describe()
-
-    def _schedule_describe(self) -> None:
-        """Describe our flexibility in the background (the CEM's answers may take a while)."""
-        if self.described_session == self.s2.sessions_started and self.described_session:
-            return
-        if self._describing is None or self._describing.done():
-            self._describing = self._spawn(self._describe_if_needed(), f"describe-{self.name}")
-
-    async def _describe_if_needed(self) -> None:
-        async with self._describe_lock:
-            session = self.s2.sessions_started
-            if (not self.device_ok or not self.s2.connected.is_set()
-                    or self.described_session == session):
-                return
-            self.described_session = session
-            for message in self.flexibility_messages(utc_now()):
-                label = getattr(message, "message_type", type(message).__name__)
-                try:
-                    status = await self.s2.send(message)
-                except (asyncio.InvalidStateError, RuntimeError) as exc:  # session ending
-                    log.warning("%s: sending %s failed: %r", self.name, label, exc)
-                    return
-                if status is None:
-                    log.warning("%s: no ReceptionStatus for %s", self.name, label)
-                elif status.status != ReceptionStatusValues.OK:
-                    log.warning("%s: CEM answered %s to %s: %s", self.name, status.status.value,
-                                label, status.diagnostic_label)
-                else:
-                    log.info("%s: CEM accepted %s", self.name, label)
-
-    # --- instructions ------------------------------------------------------------------------
-
-    async def _receive_instruction(self, connection: S2AsyncConnection,
-                                   msg: S2ConnectionEventsAndMessages,
-                                   send_okay: SendOkayRunAsync) -> None:
-        if not isinstance(msg, FRBCInstruction | PEBCInstruction):
-            return
-        if not self.device_ok:
-            await reply_status(connection, send_okay, msg.message_id,
-                               ReceptionStatusValues.TEMPORARY_ERROR,
-                               f"device unavailable: {self.fault}")
-            return
-        await send_okay()
-        key = str(msg.id)
-        task = self._spawn(self._execute(msg), f"instruction-{msg.id}")
-        self._pending[key] = task
-        task.add_done_callback(lambda _t, k=key: self._pending.pop(k, None))
-
-    async def _on_revoke(self, message: RevokeObject) -> None:
-        """The CEM takes back an instruction that has not started yet (a replan)."""
-        if message.object_type not in (RevokableObjects.FRBC_Instruction,
-                                       RevokableObjects.PEBC_Instruction):
-            return
-        task = self._pending.pop(str(message.object_id), None)
-        if task is None or task.done():
-            log.info("%s: CEM revoked instruction %s, which is not pending (any more)",
-                     self.name, message.object_id)
-            return
-        task.cancel()
-        log.info("%s: CEM revoked instruction %s before it started", self.name,
-                 message.object_id)
-        self.instructions_done.append((str(message.object_id), "revoked"))
-        self._spawn(self._status(message.object_id, InstructionStatus.REVOKED),
-                    f"revoked-{message.object_id}")
-
-    async def _status(self, instruction_id: uuid.UUID, status: InstructionStatus) -> None:
-        await self.s2.send_and_forget(InstructionStatusUpdate(
-            message_id=uuid.uuid4(), instruction_id=instruction_id, status_type=status,
-            timestamp=utc_now()))
-
-    async def _execute(self, instruction: FRBCInstruction | PEBCInstruction) -> None:
-        wait_s = (instruction.execution_time - utc_now()).total_seconds()
-        try:
-            self.check(instruction)
-        except InstructionRejected as exc:
-            log.warning("%s: rejected instruction %s: %s", self.name, instruction.id, exc)
-            self.instructions_done.append((str(instruction.id), f"rejected: {exc}"))
-            await self._status(instruction.id, InstructionStatus.REJECTED)
-            return
-        await self._status(instruction.id, InstructionStatus.ACCEPTED)
-        if wait_s > 0:
-            log.info("%s: instruction %s waits %.0f s for its execution time", self.name,
-                     instruction.id, wait_s)
-            await clock.sleep(wait_s)
-        self._pending.pop(str(instruction.id), None)  # started: no longer revocable
-        await self._status(instruction.id, InstructionStatus.STARTED)
-        try:
-            note = await self.apply(instruction)
-        except (InstructionRejected, DeviceFault, PermissionError) as exc:
-            log.warning("%s: instruction %s aborted: %s", self.name, instruction.id, exc)
-            self.instructions_done.append((str(instruction.id), f"aborted: {exc}"))
-            await self._status(instruction.id, InstructionStatus.ABORTED)
-            if isinstance(exc, DeviceFault):
-                await self._device_failed(exc)
-            return
-        log.info("%s: instruction %s carried out: %s", self.name, instruction.id, note)
-        self.instructions_done.append((str(instruction.id), note))
-        await self._status(instruction.id, InstructionStatus.SUCCEEDED)
-
-    def check(self, instruction: Any) -> None:
-        """Raise InstructionRejected when the instruction does not fit the description."""
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("task %s failed: %r", task.get_name(), task.exception())
 
 
 # --- battery -------------------------------------------------------------------------------------
@@ -441,7 +125,6 @@ class BatteryRM(ModbusRM):
     """FRBC battery: SoC as fill level; writes a W setpoint and keeps it fresh."""
 
     device_class = "battery"
-    role = RoleType.ENERGY_STORAGE
 
     def __init__(self, regmap: RegisterMap, **kwargs: Any) -> None:
         super().__init__(regmap, **kwargs)
@@ -454,8 +137,12 @@ class BatteryRM(ModbusRM):
         self.last_soc_sent: float | None = None
         self.last_soc_time = 0.0
 
+    def roles(self) -> list[Role]:
+        """A store of electricity (charges and discharges)."""
+        return [Role(role=RoleType.ENERGY_STORAGE, commodity=Commodity.ELECTRICITY)]
+
     def control_types(self) -> list[S2ControlType]:
-        return [_Frbc(self)]
+        return [FrbcToDevice(self)]
 
     def points_to_poll(self) -> list[str]:
         return ["soc", "power"]
@@ -569,7 +256,6 @@ class HeatPumpRM(ModbusRM):
     """FRBC heat pump: buffer temperature as fill level, SG-Ready states as modes."""
 
     device_class = "heat-pump"
-    role = RoleType.ENERGY_CONSUMER
 
     def __init__(self, regmap: RegisterMap, **kwargs: Any) -> None:
         super().__init__(regmap, **kwargs)
@@ -579,8 +265,13 @@ class HeatPumpRM(ModbusRM):
         self.last_forecast = 0.0
         self.last_temp_sent: float | None = None
 
+    def roles(self) -> list[Role]:
+        """Consumes electricity, delivers heat (into its buffer tank)."""
+        return [Role(role=RoleType.ENERGY_CONSUMER, commodity=Commodity.ELECTRICITY),
+                Role(role=RoleType.ENERGY_PRODUCER, commodity=Commodity.HEAT)]
+
     def control_types(self) -> list[S2ControlType]:
-        return [_Frbc(self)]
+        return [FrbcToDevice(self)]
 
     def provides_forecast(self) -> bool:
         return True
@@ -716,7 +407,6 @@ class PvRM(ModbusRM):
     """PEBC PV inverter: production cap through WMaxLimPct, only when the CEM asks."""
 
     device_class = "pv"
-    role = RoleType.ENERGY_PRODUCER
 
     def __init__(self, regmap: RegisterMap, *,
                  device_clock: Callable[[], datetime] | None = None, **kwargs: Any) -> None:
@@ -735,8 +425,12 @@ class PvRM(ModbusRM):
         self.per_kwp_by_hour = [sum(by_hour.get(h, [0.0])) / len(by_hour.get(h, [0.0]))
                                 for h in range(24)]
 
+    def roles(self) -> list[Role]:
+        """Produces electricity, nothing else."""
+        return [Role(role=RoleType.ENERGY_PRODUCER, commodity=Commodity.ELECTRICITY)]
+
     def control_types(self) -> list[S2ControlType]:
-        return [_Pebc(self)]
+        return [PebcToDevice(self)]
 
     def provides_forecast(self) -> bool:
         return True
@@ -830,8 +524,13 @@ class MeterRM(ModbusRM):
     """NOT_CONTROLABLE grid meter: per-phase power at the connection point, at 1 Hz."""
 
     device_class = "meter"
-    role = RoleType.ENERGY_CONSUMER
     default_poll_s = 1.0
+
+    def roles(self) -> list[Role]:
+        """The connection point: the site imports (consumes) and exports (produces) electricity;
+        with NOT_CONTROLABLE only and per-phase measurements this says "grid meter"."""
+        return [Role(role=RoleType.ENERGY_CONSUMER, commodity=Commodity.ELECTRICITY),
+                Role(role=RoleType.ENERGY_PRODUCER, commodity=Commodity.ELECTRICITY)]
 
     def measured_quantities(self) -> list[CommodityQuantity]:
         return [CommodityQuantity.ELECTRIC_POWER_L1, CommodityQuantity.ELECTRIC_POWER_L2,
@@ -866,7 +565,3 @@ RESOURCE_MANAGERS: dict[str, type[ModbusRM]] = {
 def resource_manager_for(regmap: RegisterMap, **kwargs: Any) -> ModbusRM:
     """The RM class that fits the map's device class."""
     return RESOURCE_MANAGERS[regmap.device_class](regmap, **kwargs)
-
-
-__all__ = ["RESOURCE_MANAGERS", "BatteryRM", "HeatPumpRM", "MeterRM", "ModbusRM", "PvRM",
-           "resource_manager_for"]
