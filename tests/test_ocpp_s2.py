@@ -481,3 +481,29 @@ async def test_an_ev_still_plugged_in_after_its_departure_gets_a_new_target_each
     finally:
         await charger.close()
         clock.use(previous)
+
+
+async def test_each_evse_says_in_s2_that_it_is_an_ev_charger(
+        cem_and_csms: tuple[S2Server, OcppCentralSystem]) -> None:
+    """ResourceManagerDetails of an EVSE: an electricity consumer offering FRBC, measuring the
+    phases it is wired to, with the vendor and model its charger gave at boot (a charge point
+    not in the config gets its EVSE at boot, so its first S2 session says so)."""
+    from s2python.common import Commodity, CommodityQuantity, ControlType, RoleType
+
+    server = cem_and_csms[0]
+    async with described_charger(cem_and_csms, "CP-NEW", version="1.6"):
+        entry = live(server, "EV charger CP-NEW/1")
+        assert entry is not None and entry.state.details is not None
+        details = entry.state.details
+        assert [(r.role, r.commodity) for r in details.roles] == [
+            (RoleType.ENERGY_CONSUMER, Commodity.ELECTRICITY)]
+        assert details.available_control_types == [ControlType.FILL_RATE_BASED_CONTROL]
+        assert set(details.provides_power_measurement_types) == {
+            CommodityQuantity.ELECTRIC_POWER_L1, CommodityQuantity.ELECTRIC_POWER_L2,
+            CommodityQuantity.ELECTRIC_POWER_L3}
+        assert (details.manufacturer, details.model) == ("S2 CEM project", "SimCharger 16")
+    one_phase = live(server, "EV charger CP201/1")  # configured: described before any boot
+    assert one_phase is not None and one_phase.state.details is not None
+    assert one_phase.state.details.provides_power_measurement_types == [
+        CommodityQuantity.ELECTRIC_POWER_L2]
+    assert one_phase.state.details.model == "OCPP charge point CP201"

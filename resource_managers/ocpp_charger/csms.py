@@ -141,6 +141,7 @@ class OcppCentralSystem:
         self.records = SessionRecords(database or config.ocpp.database)
         self.response_timeout_s = response_timeout_s
         self.evses: dict[tuple[str, int], Evse] = {}
+        self.boot_info: dict[str, tuple[str | None, str | None]] = {}  # cp id -> vendor, model
         self.links: dict[str, OcppChargePoint] = {}
         self.cards = {card.id_tag: card for card in config.charge_cards}
         self.charge_points = {cp.id: cp for cp in config.ocpp.charge_points}
@@ -345,6 +346,7 @@ class OcppCentralSystem:
         if evse is None:
             config = self.charge_points.get(cp_id) or ChargePoint(id=cp_id)
             evse = Evse(cp_id=cp_id, evse_id=evse_id, config=config)
+            evse.vendor, evse.model = self.boot_info.get(cp_id, (None, None))
             link = self.links.get(cp_id)
             if link is not None:
                 evse.online = True
@@ -356,6 +358,13 @@ class OcppCentralSystem:
             if self.s2 is not None:
                 self.s2.add(evse)
         return evse
+
+    def booted(self, cp_id: str, vendor: str | None, model: str | None) -> None:
+        """Remember who made the charger (its EVSEs' S2 details say so from their next session)."""
+        self.boot_info[cp_id] = (vendor, model)
+        for evse in self.evses_of(cp_id):
+            evse.vendor, evse.model = vendor, model
+            self._changed(evse)
 
     def check_card(self, id_tag: str | None) -> tuple[str, ChargeCard | None]:
         """OCPP authorization status for a card: Accepted, Blocked or Invalid."""
@@ -797,6 +806,7 @@ class ChargePoint16Handler(_CsmsSide, ChargePoint16):
         logger.info("charger '%s' booted: %s %s (OCPP 1.6J)%s", self.id, charge_point_vendor,
                     charge_point_model, f", firmware {details['firmware_version']}"
                     if details.get("firmware_version") else "")
+        self.csms.booted(self.id, charge_point_vendor, charge_point_model)
         self.csms._evse(self.id, 1)
         return result16.BootNotification(current_time=_iso(_now()),
                                          interval=self.csms.config.ocpp.heartbeat_interval_s,
@@ -886,6 +896,7 @@ class ChargePoint201Handler(_CsmsSide, ChargePoint201):
                       **_: Any) -> result201.BootNotification:
         logger.info("charger '%s' booted: %s %s (OCPP 2.0.1, %s)", self.id,
                     charging_station.get("vendor_name"), charging_station.get("model"), reason)
+        self.csms.booted(self.id, charging_station.get("vendor_name"), charging_station.get("model"))
         self.csms._evse(self.id, 1)
         return result201.BootNotification(current_time=_iso(_now()),
                                           interval=self.csms.config.ocpp.heartbeat_interval_s,

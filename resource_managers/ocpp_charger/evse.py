@@ -75,6 +75,8 @@ class Evse:
     evse_id: int
     config: ChargePoint
     version: str = ""
+    vendor: str | None = None  # from the charger's BootNotification
+    model: str | None = None
     online: bool = False
     status: str = "Unknown"
     plugged: bool = False

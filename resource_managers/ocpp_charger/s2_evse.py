@@ -87,9 +87,9 @@ class EvseResource:
                 provides_power_measurements=frbc.measured_quantities(evse.config.phases,
                                                                      evse.config.phase),
                 instruction_processing_delay=Duration.from_milliseconds(2000),
-                roles=[Role(role=RoleType.ENERGY_CONSUMER, commodity=Commodity.ELECTRICITY)],
-                manufacturer="OCPP", model=f"OCPP charge point {evse.cp_id}"),
+                roles=[Role(role=RoleType.ENERGY_CONSUMER, commodity=Commodity.ELECTRICITY)]),
         )
+        self.refresh_details()
         self.active = False
         self.changed = asyncio.Event()
         self._shape: tuple[Any, ...] | None = None
@@ -123,6 +123,13 @@ class EvseResource:
             power_w=evse.power_w, limit_a=session.limit_a if session else None,
             priority=session.priority if session else defaults.priority,
             ev_full=session.ev_full if session else False)
+
+    def refresh_details(self) -> None:
+        """Manufacturer and model as the charger told in its BootNotification (until it has
+        booted: the charge point id); an S2 session keeps the details it started with."""
+        details = self.rm.asset_details
+        details.manufacturer = self.evse.vendor
+        details.model = self.evse.model or f"OCPP charge point {self.evse.cp_id}"
 
     def activated(self) -> None:
         self.active = True
@@ -327,6 +334,7 @@ class EvseResources:
     def _on_change(self, evse: Evse) -> None:
         resource = self.resources.get(evse.key)
         if resource is not None:
+            resource.refresh_details()
             resource.changed.set()
 
     async def stop(self) -> None:
