@@ -170,8 +170,8 @@ class OcppCentralSystem:
                            row.id_tag or "none", row.energy_wh / 1000)
         async with self.records.db.execute(
                 "SELECT MAX(CAST(transaction_id AS INTEGER)) FROM sessions") as cursor:
-            row = await cursor.fetchone()
-        self._next_tx = int(row[0] or 0) + 1 if row else 1
+            highest = await cursor.fetchone()
+        self._next_tx = int(highest[0] or 0) + 1 if highest else 1
         for cp in self.config.ocpp.charge_points:
             for evse_id in range(1, cp.evses + 1):
                 self._evse(cp.id, evse_id)

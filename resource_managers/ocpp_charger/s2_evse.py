@@ -65,7 +65,8 @@ class EvseFrbcControl(FRBCControlType):
     async def handle_instruction(self, connection: S2AsyncConnection,
                                  msg: S2ConnectionEventsAndMessages,
                                  send_okay: SendOkayRunAsync) -> None:
-        await send_okay()
+        if send_okay is not None:  # s2-python always gives one to a handler
+            await send_okay()
         if isinstance(msg, FRBCInstruction):
             self.resource.instruction(msg)
 

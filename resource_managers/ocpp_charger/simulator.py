@@ -193,8 +193,8 @@ class SimulatedChargePoint:
         if self.password is not None:
             token = base64.b64encode(f"{self.cp_id}:{self.password}".encode()).decode()
             headers["Authorization"] = f"Basic {token}"
-        tls = {"ssl": self.ssl_context} if self.csms_url.startswith("wss://") \
-            and self.ssl_context is not None else {}
+        tls: dict[str, Any] = {"ssl": self.ssl_context} \
+            if self.csms_url.startswith("wss://") and self.ssl_context is not None else {}
         self._ws = await websockets.connect(f"{self.csms_url}/{self.cp_id}",
                                             subprotocols=[self.subprotocol],  # type: ignore[list-item]
                                             additional_headers=headers, open_timeout=5, **tls)
@@ -382,7 +382,7 @@ class SimulatedChargePoint:
         if evse.ev is not None:
             samples.append(("SoC", None, round(evse.ev.soc, 1), "Percent"))
         sampled = []
-        for measurand, phase, value, unit in samples:
+        for measurand, on_phase, value, unit in samples:
             if self.version == "1.6":
                 item: dict[str, Any] = {"value": f"{value}", "measurand": measurand, "unit": unit}
                 if measurand == "SoC":
@@ -392,8 +392,8 @@ class SimulatedChargePoint:
                         "unit_of_measure": {"unit": unit}}
                 if measurand == "SoC":
                     item["location"] = "EV"
-            if phase:
-                item["phase"] = phase
+            if on_phase:
+                item["phase"] = on_phase
             sampled.append(item)
         return {"timestamp": _iso(_now()), "sampled_value": sampled}
 
