@@ -80,3 +80,41 @@ def test_out_of_range_port_is_a_usage_error_not_a_traceback() -> None:
     assert result.exit_code == 2
     assert "Traceback" not in result.output
     assert "--port" in result.output and "65535" in result.output
+
+
+def test_the_rms_sections_are_checked_with_the_cems_at_once(tmp_path: Path) -> None:
+    """The site file composes the CEM's sections and the RMs' ([ocpp], [[charge_cards]],
+    [[modbus.devices]]): one check lists the problems of all of them, each with line and hint."""
+    bad = tmp_path / "site.toml"
+    bad.write_text(
+        "[grid]\nfuse_a = -3\n"                                    # the CEM's
+        "[ocpp]\nprot = 9000\n"                                    # the OCPP RM's
+        "[[ocpp.charge_points]]\nid = 'CP'\nmax_current_a = 0\n"
+        "[[charge_cards]]\nid_tag = 'A'\npriority = 11\n"
+        "[[modbus.devices]]\nname = 'x'\ndevice = 'boiler'\nmap = 'm.toml'\n"  # the Modbus RMs'
+        "[ev_defaults]\nenergy_kwh = 0\n"                          # shared
+    )
+    result = runner.invoke(app, ["config", "check", str(bad)])
+    assert result.exit_code == 2
+    out = result.output
+    assert "Traceback" not in out and "6 problem(s)" in out
+    for where in ("grid.fuse_a (line 2)", "ocpp.prot (line 4)",
+                  "ocpp.charge_points[0].max_current_a (line 7)",
+                  "charge_cards[0].priority (line 10)", "modbus.devices[0].device (line 13)",
+                  "ev_defaults.energy_kwh (line 16)"):
+        assert where in out, where
+    assert "unknown setting" in out and "expected 'battery', 'heat-pump', 'pv' or 'meter'" in out
+
+
+def test_files_the_rms_sections_name_must_exist(tmp_path: Path) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text("[[modbus.devices]]\nname = 'battery'\ndevice = 'battery'\n"
+                    "map = 'maps/battery.toml'\n"
+                    "[ocpp]\ntls_cert = 'ocpp.crt'\ntls_key = 'ocpp.key'\n")
+    result = runner.invoke(app, ["config", "check", str(site)])
+    assert result.exit_code == 2
+    out = " ".join(result.output.split())
+    assert f"ocpp.tls_cert: file not found: {tmp_path / 'ocpp.crt'}" in out  # relative to the file
+    assert "ocpp.tls_key" in out
+    assert f"modbus.devices[0].map: file not found: {tmp_path / 'maps' / 'battery.toml'}" in out
+    assert "register maps live in specs/modbus/" in out

@@ -18,7 +18,7 @@ from s2python.frbc import FRBCInstruction
 from typer.testing import CliRunner
 
 from cem.app.cli import app
-from cem.app.site_file import parse_site_file
+from cem.app.site_file import load_site_file, parse_site_file
 from resource_managers.ocpp_charger import frbc, limits
 from resource_managers.ocpp_charger.csms import OcppCentralSystem, next_local_time
 from resource_managers.ocpp_charger.records import SessionRecords
@@ -214,3 +214,19 @@ def test_rm_process_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
             process.kill()
     assert process.returncode == 0
     assert "OCPP central system stopped" in rest and "Traceback" not in rest
+
+
+def test_cdr_prices_follow_the_site_files_tariff(tmp_path: Path) -> None:
+    """The central system prices CDR meter readings with the site file's [prices]: day-ahead
+    (the CSV's 50.15 EUR/MWh at 17:00 UTC) plus markup and tax, with VAT; flat without a CSV."""
+    site = tmp_path / "site.toml"
+    site.write_text(f"[prices]\ncsv = '{ROOT / 'cem/data/nl_day_ahead_2019-10.csv'}'\n"
+                    "markup_eur_per_kwh = 0.02\ntax_eur_per_kwh = 0.10\nvat = 0.21\n"
+                    "[grid]\nfuse_a = 40\n[site]\ntimezone = 'Europe/Berlin'\n")
+    config = load_site_file(site).ocpp_rm()
+    assert (config.timezone, config.fuse_a) == ("Europe/Berlin", 40)
+    csms = OcppCentralSystem(config, database=tmp_path / "x.db")
+    at = datetime(2019, 10, 8, 17, 30, tzinfo=UTC)
+    assert csms.tariff.eur_per_kwh(at) == pytest.approx((0.05015 + 0.02 + 0.10) * 1.21)
+    flat = parse_site_file("[prices]\nflat_import_eur_per_kwh = 0.31\n").ocpp_rm()
+    assert OcppCentralSystem(flat, database=tmp_path / "y.db").tariff.eur_per_kwh(at) == 0.31
