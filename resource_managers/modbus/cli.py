@@ -67,7 +67,7 @@ def flag_device(*, device: str, map_file: Path, host: str, port: int,
     """The one device the command line's flags describe (exit 2 on an unknown class)."""
     if device not in DEVICE_CLASSES:
         _fail(f"unknown device '{device}'", f"use one of: {', '.join(DEVICE_CLASSES)}")
-    return ModbusDevice(name=f"{device} {host}:{port}/{device_id}", device=device,  # type: ignore[arg-type]
+    return ModbusDevice(name=f"{device} {host}:{port}/{device_id}", device=device,
                         map=map_file, host=host, port=port, device_id=device_id)
 
 
