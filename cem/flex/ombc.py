@@ -124,6 +124,9 @@ class ModeBinding:
         chosen, factor, moment = choice
         return [self.make(chosen.mode_id, factor, moment)]
 
+    def can_cap(self) -> bool:
+        return True
+
     def power_range_w(self) -> tuple[float, float]:
         if not self.ranges:
             return 0.0, 0.0

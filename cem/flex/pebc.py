@@ -154,6 +154,10 @@ class PebcBinding:
         duration = round(timedelta(hours=1).total_seconds() * 1000)
         return [self._instruction(self._envelopes([-1e9], [cap_w], [duration]), now)]
 
+    def can_cap(self) -> bool:
+        """Consumers only: a producer's envelope is its curtailment."""
+        return not self.producer
+
     def power_range_w(self) -> tuple[float, float]:
         now_w = float(self.baseline_w[0]) if len(self.baseline_w) else 0.0
         if self.windows:

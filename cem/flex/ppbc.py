@@ -134,6 +134,10 @@ class PpbcBinding:
             sequence_container_id=container, power_sequence_id=sequence, execution_time=now,
             abnormal_condition=False)]
 
+    def can_cap(self) -> bool:
+        """Only while an interruptible sequence runs (it can be paused)."""
+        return self.executing is not None and self.executing[2]
+
     def power_range_w(self) -> tuple[float, float]:
         return (0.0, self.peak_w)
 

@@ -157,7 +157,9 @@ class FlexBinding(Protocol):
 
     `instructions` covers PTUs [0, until_ptu) of the plan, one instruction per change.
     `capped_instructions` is for the guard: the instruction(s) that hold the RM at or below
-    `cap_w` (consumption) from `now`, or None when this RM cannot be capped that way.
+    `cap_w` (consumption) from `now`, or None when this RM cannot be capped that way;
+    `can_cap` says whether the guard may try (a producer or a profile that is not running
+    interruptibly cannot be turned down).
     """
 
     rm_id: str
@@ -170,6 +172,8 @@ class FlexBinding(Protocol):
                      until_ptu: int) -> list[Any]: ...
 
     def capped_instructions(self, cap_w: float, now: datetime) -> list[Any] | None: ...
+
+    def can_cap(self) -> bool: ...
 
     def power_range_w(self) -> tuple[float, float]: ...
 
