@@ -277,7 +277,9 @@ class Dispatcher:
         """The electric power an instruction asks for, as its control type's plug-in reads it
         from the RM's state (None: not known here)."""
         entry = self.registry.get(rm_id)
-        plugin = entry.state.plugin if entry is not None else None
+        if entry is None:
+            return None
+        plugin = entry.state.plugin
         if plugin is None or getattr(message, "message_type", "") not in plugin.instruction_types:
             return None
         try:

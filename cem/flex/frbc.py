@@ -50,7 +50,15 @@ from s2python.frbc import (
 )
 
 from cem.flex.modes import ModeRange, TransitionRules, legal_choice, pick_mode
-from cem.flex.ptu import PtuGrid, is_electric, new_id, phase_share, sample_rate, sid
+from cem.flex.ptu import (
+    PtuGrid,
+    as_uuid,
+    is_electric,
+    new_uuid,
+    phase_share,
+    sample_rate,
+    sid,
+)
 from cem.planner.assets import (
     FixedLoad,
     PhaseShare,
@@ -221,10 +229,10 @@ class FrbcBinding:
 def frbc_instruction(actuator_id: str, mode_id: str, factor: float,
                      execution_time: datetime) -> FRBCInstruction:
     return FRBCInstruction(
-        message_id=new_id(),
-        id=new_id(),
-        actuator_id=actuator_id,
-        operation_mode=mode_id,
+        message_id=new_uuid(),
+        id=new_uuid(),
+        actuator_id=as_uuid(actuator_id),
+        operation_mode=as_uuid(mode_id),
         operation_mode_factor=round(factor, 4),
         execution_time=execution_time,
         abnormal_condition=False,
@@ -391,14 +399,14 @@ def frbc_storage_asset(
         until = max(t for t, _, _ in held)
         k = max(0, min(grid.n_ptus, grid.index_ceil(until)))
         draw_w = sum(r.power_start + f * (r.power_end - r.power_start) for _, r, f in held)
-        rate = sum(r.fill_rate_start + f * (r.fill_rate_end - r.fill_rate_start)
-                   for _, r, f in held)
+        held_rate = sum(r.fill_rate_start + f * (r.fill_rate_end - r.fill_rate_start)
+                        for _, r, f in held)
         seconds = np.full(k, grid.ptu_s)
         if k:
             seconds[0] *= grid.share_ahead(now)
         used = float(usage[:k] @ (seconds / grid.ptu_s)) if k else 0.0
-        level_at_start = min(max(level_at_start + rate * wh_per_unit * float(seconds.sum())
-                                 - used, 0.0), float(to_wh(top)))
+        level_at_start = min(max(level_at_start + held_rate * wh_per_unit
+                                 * float(seconds.sum()) - used, 0.0), float(to_wh(top)))
         available_from = max(available_from, k)
         power = np.zeros(grid.n_ptus, dtype=np.int64)
         power[:k] = round(draw_w)

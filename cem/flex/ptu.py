@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from s2python.common import CommodityQuantity
+from s2python.generated.gen_s2 import ID
 
 from cem.planner.assets import MIN_FIRST_PTU_SHARE, THREE_PHASE, PhaseShare, Plan, Problem
 
@@ -148,8 +149,24 @@ def is_electric(quantity: Any) -> bool:
 
 
 def new_id() -> str:
-    """A fresh S2 id (message ids, instruction ids)."""
+    """A fresh S2 id as text."""
     return str(uuid.uuid4())
+
+
+def new_uuid() -> uuid.UUID:
+    """A fresh S2 id for the fields s2-python types as UUID (message ids, instruction ids)."""
+    return uuid.uuid4()
+
+
+def new_schema_id() -> ID:
+    """A fresh S2 id for the fields s2-python types as the schema's ``ID``."""
+    return ID(root=new_id())
+
+
+def as_uuid(value: Any) -> uuid.UUID:
+    """An id the CEM uses inside (a UUID, or one as text: the session translates every id the
+    RM sends to a UUID) as s2-python types it."""
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(sid(value))
 
 
 class FlexBinding(Protocol):

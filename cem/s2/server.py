@@ -34,7 +34,7 @@ import ssl
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from http import HTTPStatus
@@ -519,7 +519,7 @@ class S2Server:
         elif outs:
             await self._send(entry, outs)
 
-    async def _send(self, entry: LiveSession, items: list[Outgoing | CloseRequest]) -> None:
+    async def _send(self, entry: LiveSession, items: Sequence[Outgoing | CloseRequest]) -> None:
         """Send texts in order, straight from the caller's task; a CloseRequest closes.
 
         Back-pressure: `ws.send` waits while more than `write_limit_bytes` are buffered for

@@ -75,6 +75,7 @@ from s2python.common import (
     SessionRequest,
     SessionRequestType,
 )
+from s2python.generated.gen_s2 import ReceptionStatus as GeneratedReceptionStatus
 from s2python.message import S2Message
 from s2python.s2_parser import TYPE_TO_MESSAGE_CLASS
 
@@ -341,16 +342,7 @@ class S2Session:
             raise ValueError(f"cannot send {message_type}: operation_mode_factor {factor} is "
                              "outside 0..1")
         if message_type in INSTRUCTION_TYPES:
-            plugin = OWNER[message_type]
-            if self.state.control_type != plugin.control_type:
-                raise ValueError(f"cannot send {message_type}: the active control type is "
-                                 f"{self._ct_name(self.state.control_type)}")
-            try:
-                plugin.check_instruction(self.state.of(plugin.control_type), message, now, self)
-            except Rejected as problem:
-                raise ValueError(f"cannot send {message_type}: {problem.label}") from None
-            self.state._record_instruction(message, now)
-            self.log.info("sending %s %s", message_type, self.ids.external_of(message.id))
+            self._check_instruction(message, now)
         elif isinstance(message, SelectControlType):
             self._apply_selection(message.control_type)
         elif isinstance(message, RevokeObject):
@@ -362,6 +354,21 @@ class S2Session:
         elif isinstance(message, SessionRequest) and message.request == SessionRequestType.TERMINATE:
             self._close(CLOSE_NORMAL, message.diagnostic_label or "CEM terminated the session")
         return self._out(message, now)
+
+    def _check_instruction(self, instruction: Any, now: datetime) -> None:
+        """An instruction (any plug-in's) goes out only for the active control type, naming only
+        what the RM described; it is then recorded."""
+        message_type = instruction.message_type
+        plugin = OWNER[message_type]
+        if self.state.control_type != plugin.control_type:
+            raise ValueError(f"cannot send {message_type}: the active control type is "
+                             f"{self._ct_name(self.state.control_type)}")
+        try:
+            plugin.check_instruction(self.state.of(plugin.control_type), instruction, now, self)
+        except Rejected as problem:
+            raise ValueError(f"cannot send {message_type}: {problem.label}") from None
+        self.state._record_instruction(instruction, now)
+        self.log.info("sending %s %s", message_type, self.ids.external_of(instruction.id))
 
     def expire(self, now: datetime) -> None:
         """Turn CEM messages whose ReceptionStatus is overdue into ReceptionFailed events.
@@ -529,10 +536,8 @@ class S2Session:
         return [self._status(message_id, ReceptionStatusValues.OK, None), *follow_up], True
 
     def _on_reception_status(self, raw: dict[str, Any]) -> None:
-        gen = generated_model("ReceptionStatus")
-        assert gen is not None
         try:
-            status = gen.model_validate(raw)
+            status = GeneratedReceptionStatus.model_validate(raw)
         except (ValidationError, ValueError, TypeError, RecursionError) as exc:
             self.log.warning("ignoring a malformed ReceptionStatus (never answered): %s",
                               _describe_errors(exc))
