@@ -219,7 +219,7 @@ def _describe_errors(exc: BaseException) -> str:
     return text[:_MAX_LABEL]
 
 
-class _RmLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+class _RmLog(logging.LoggerAdapter[logging.Logger]):
     """Prefixes every log line with the RM it is about (name and resource id, once known)."""
 
     def __init__(self, base: logging.Logger, session: S2Session) -> None:

@@ -300,3 +300,23 @@ def test_expired_pebc_constraints_and_ppbc_profiles_are_forgotten() -> None:
     feed(session, ppbc_definition("ppd-2", "pp-2"), now=T0 + 7 * HOUR)
     assert [session.ids.external_of(d.id)
             for d in session.state.of("PPBC").power_profile_definitions()] == ["pp-2"]
+
+
+def test_a_control_types_state_is_reached_through_its_plugin() -> None:
+    session, _ = connect([FRBC, OMBC])
+    assert session.state.plugin is not None and session.state.plugin.name == "FRBC"
+    feed(session, frbc_system_description())
+    # by ControlType, its value or its short name: the same state, the RM's own
+    frbc = session.state.of("FRBC")
+    assert frbc is session.state.of(ControlType.FILL_RATE_BASED_CONTROL)
+    assert frbc is session.state.of(FRBC)
+    assert frbc.system_description(T0) is not None
+    # a control type not selected has nothing: an empty state, not another RM's or an error
+    assert session.state.of("OMBC").system_description(T0) is None
+    assert session.state.snapshot()["ombc"] == {"system_descriptions": [], "status": None,
+                                                "timer_status": []}
+    session.select_control_type("NO_SELECTION", T0)
+    assert session.state.plugin is None
+    assert session.state.of("FRBC").system_description(T0) is None
+    with pytest.raises(ValueError, match="no control type 'XYZ'"):
+        session.state.of("XYZ")
