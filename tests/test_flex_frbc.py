@@ -225,19 +225,28 @@ def test_kind_from_what_the_rm_says_in_s2_not_from_names() -> None:
     # a fill level in degC, or a heat role: a heat pump
     assert storage_kind(system_description(charge_only, "degC")) == "heat_pump"
     assert storage_kind(system_description(charge_only, "°C", target_profile=False)) == "heat_pump"
-    heat_role = ResourceManagerDetails(
-        message_id=uid(), resource_id=uid(), instruction_processing_delay=Duration(root=100),
-        roles=[Role(role=RoleType.ENERGY_CONSUMER, commodity=Commodity.HEAT)],
-        available_control_types=[ControlType.FILL_RATE_BASED_CONTROL], provides_forecast=False,
-        provides_power_measurement_types=[SYM])
+
+    def details(role: RoleType, commodity: Commodity = Commodity.ELECTRICITY
+                ) -> ResourceManagerDetails:
+        return ResourceManagerDetails(
+            message_id=uid(), resource_id=uid(), instruction_processing_delay=Duration(root=100),
+            roles=[Role(role=role, commodity=commodity)],
+            available_control_types=[ControlType.FILL_RATE_BASED_CONTROL],
+            provides_forecast=False, provides_power_measurement_types=[SYM])
+
     assert storage_kind(system_description(charge_only, "level", target_profile=False),
-                        heat_role) == "heat_pump"
+                        details(RoleType.ENERGY_CONSUMER, Commodity.HEAT)) == "heat_pump"
     # it can discharge: a battery, whatever its labels say and whether it has a target
     assert storage_kind(system_description(both_ways, "SoC %")) == "battery"
     assert storage_kind(system_description(both_ways, "level", target_profile=False)) == "battery"
-    # charge-only without a target: a storage
+    # charge-only without a target: a storage, unless the RM only consumes electricity (an EV
+    # charger with no EV yet)
     assert storage_kind(system_description(charge_only, "level", target_profile=False)) == \
         "storage"
+    assert storage_kind(system_description(charge_only, "level", target_profile=False),
+                        details(RoleType.ENERGY_STORAGE)) == "storage"
+    assert storage_kind(system_description(charge_only, "level", target_profile=False),
+                        details(RoleType.ENERGY_CONSUMER)) == "ev"
     # words are not read: "EV" and "battery" in its labels make it neither
     assert storage_kind(system_description(charge_only, "EV battery SoC",
                                            target_profile=False)) == "storage"

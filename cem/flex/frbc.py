@@ -34,7 +34,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from s2python.common import Commodity
+from s2python.common import Commodity, RoleType
 from s2python.frbc import (
     FRBCActuatorDescription,
     FRBCActuatorStatus,
@@ -256,7 +256,9 @@ def storage_kind(system_description: FRBCSystemDescription, details: Any = None)
 
     heat_pump: an actuator supplies HEAT, a role of the RM's `details` has commodity HEAT,
     or the fill level is a temperature; battery: a normal operation mode discharges; ev:
-    charge-only and it offers a fill-level target profile (a departure target); else storage.
+    charge-only and it offers a fill-level target profile (a departure target), or the RM
+    says it is a consumer of electricity and nothing else (an EV charger, also while no EV is
+    plugged in); else storage.
     """
     storage = system_description.storage
     commodities = {c for a in system_description.actuators for c in a.supported_commodities}
@@ -267,7 +269,9 @@ def storage_kind(system_description: FRBCSystemDescription, details: Any = None)
     if any(mode_range(m, bottom).lo < 0
            for a in system_description.actuators for m in normal_modes(a)):
         return "battery"
-    if storage.provides_fill_level_target_profile:
+    roles = {(r.role, r.commodity) for r in getattr(details, "roles", None) or []}
+    if storage.provides_fill_level_target_profile or \
+            roles == {(RoleType.ENERGY_CONSUMER, Commodity.ELECTRICITY)}:
         return "ev"
     return "storage"
 

@@ -11,7 +11,8 @@ The rule, in the order it is applied:
 | storage's fill level is a temperature (fill_level_label °C, degC, K, °F) |             |
 | FRBC: a normal operation mode has negative electric power (discharges)   | battery     |
 | FRBC: charge-only, and offers a fill-level target profile (a departure   | ev          |
-| target: provides_fill_level_target_profile)                              |             |
+| target: provides_fill_level_target_profile), or its only role is         |             |
+| ENERGY_CONSUMER of ELECTRICITY (an EV charger, also with no EV plugged)  |             |
 | FRBC: anything else                                                      | storage     |
 
 (The FRBC rows are `cem.flex.frbc.storage_kind`.)
