@@ -30,7 +30,8 @@ LAYERS: dict[str, int] = {
     "cem.control_types": 3,
     "cem.s2": 4,        # S2 sessions and the websocket server
     "cem.signals": 3,   # grid-signal sources: prices, congestion limits
-    "cem.s2connect": 3,  # S2 Connect pairing and session initiation (server side)
+    # S2 Connect pairing and session initiation (server side): above the S2 server it admits to
+    "cem.s2connect": 5,
     "cem.control": 4,   # the MPC loop, dispatch, the guard
     "resource_managers": 5,  # beside the CEM: may import sitekit only (ONLY_FROM below)
     "cem.simulation": 6,  # the digital twin: drives the control loop and RM mappings in process
