@@ -71,8 +71,9 @@ class RmState:
         self.protocol_version: str | None = None
         self._details: ResourceManagerDetails | None = None
         self._control_type: ControlType | None = None
-        self._plugin: ControlTypePlugin[Any] | None = None
-        self._typed: TypeState | None = None  # the active control type's state
+        # the selected control type's plug-in and its state, replaced together (a planning
+        # thread may read them while the session switches)
+        self._active: tuple[ControlTypePlugin[Any], TypeState] | None = None
         self._measurements: dict[CommodityQuantity, MeasuredPower] = {}
         self._last_measurement: PowerMeasurement | None = None
         self._power_forecast: PowerForecast | None = None
@@ -90,7 +91,7 @@ class RmState:
         """Select a control type; switching forgets everything of the one before."""
         if control_type != self._control_type:
             plugin = plugin_for(control_type)
-            self._plugin, self._typed = plugin, plugin.new_state() if plugin else None
+            self._active = (plugin, plugin.new_state()) if plugin is not None else None
         self._control_type = control_type
 
     def _add_measurement(self, measurement: PowerMeasurement) -> None:
@@ -107,8 +108,9 @@ class RmState:
         record.status = update.status_type
         record.status_at = update.timestamp
         owner = OWNER.get(getattr(record.instruction, "message_type", ""))
-        if owner is not None and owner is self._plugin:
-            owner.instruction_status(self._typed, record.instruction, update)
+        active = self._active
+        if owner is not None and active is not None and owner is active[0]:
+            owner.instruction_status(active[1], record.instruction, update)
 
     # --- read-only view ----------------------------------------------------------------------
 
@@ -125,7 +127,8 @@ class RmState:
     @property
     def plugin(self) -> ControlTypePlugin[Any] | None:
         """The plug-in of the selected control type (None: none or NO_SELECTION)."""
-        return self._plugin
+        active = self._active
+        return active[0] if active is not None else None
 
     def of(self, control_type: ControlType | str) -> Any:
         """The state of one control type (given as ControlType, its value or short name): the
@@ -133,8 +136,9 @@ class RmState:
         plugin = plugin_for(control_type)
         if plugin is None:
             raise ValueError(f"no control type {control_type!r} has a state")
-        if plugin is self._plugin:
-            return self._typed
+        active = self._active
+        if active is not None and plugin is active[0]:
+            return active[1]
         return plugin.new_state()
 
     @property
@@ -194,8 +198,9 @@ class RmState:
                 for k, r in self._instructions.items()
             },
         }
+        active = self._active
         for plugin in PLUGINS:
             if plugin.snapshot_key is not None:
-                typed = self._typed if plugin is self._plugin else None
+                typed = active[1] if active is not None and plugin is active[0] else None
                 out[plugin.snapshot_key] = (typed or plugin.new_state()).snapshot()
         return out
