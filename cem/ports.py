@@ -144,7 +144,8 @@ class RmStateView(Protocol):
     """What one RM told the CEM, read-only (`cem.s2.state.RmState` implements it).
 
     The accessors common to every control type; those of one control type are reached through
-    `of(control_type)` (see `cem.s2.control_types`).
+    `of(control_type)`, and `plugin` is the selected control type's plug-in (see
+    `cem.control_types`).
     """
 
     @property
@@ -152,6 +153,11 @@ class RmStateView(Protocol):
 
     @property
     def control_type(self) -> Any: ...  # s2python ControlType, or None
+
+    @property
+    def plugin(self) -> Any: ...  # the selected control type's plug-in, or None
+
+    def of(self, control_type: Any) -> Any: ...  # one control type's state (ControlType or name)
 
     def latest_measurement(self) -> Any: ...  # s2python PowerMeasurement, or None
 

@@ -24,6 +24,7 @@ ACTUATOR, CHARGING, IDLE = (str(uuid.uuid4()) for _ in range(3))
 @dataclass
 class _State:
     status: dict[str, str] = field(default_factory=dict)
+    plugin: Any = None  # no control type: instructions' power unknown
 
     def instruction_status(self, instruction_id: str) -> str | None:
         return self.status.get(instruction_id)
@@ -76,12 +77,20 @@ async def test_an_instruction_that_started_during_the_solve_counts_as_in_force()
 
 
 class _EvState(_State):
+    """An FRBC RM's state: the FRBC plug-in reads the instructions' power from it."""
+
     def __init__(self, description: Any) -> None:
+        from cem.control_types.frbc import PLUGIN
+
         super().__init__()
         self.description = description
-        self.frbc_storage_status = None
+        self.storage_status = None
+        self.plugin = PLUGIN
 
-    def frbc_system_description(self, now: datetime) -> Any:
+    def of(self, control_type: Any) -> Any:
+        return self
+
+    def system_description(self, now: datetime) -> Any:
         return self.description
 
 

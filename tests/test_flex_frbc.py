@@ -8,9 +8,13 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 from s2python.common import (
     CommodityQuantity,
+    ControlType,
     Duration,
     NumberRange,
     PowerRange,
+    ResourceManagerDetails,
+    Role,
+    RoleType,
     Timer,
     Transition,
 )
@@ -61,7 +65,8 @@ def mode(power: tuple[float, float], rate: tuple[float, float], *, quantity=SYM,
 
 def system_description(modes: list[FRBCOperationMode], label: str, *,
                        transitions=(), timers=(), commodity=Commodity.ELECTRICITY,
-                       fill_range=(0.0, 100.0)) -> FRBCSystemDescription:
+                       fill_range=(0.0, 100.0), target_profile: bool = True
+                       ) -> FRBCSystemDescription:
     actuator = FRBCActuatorDescription(id=uid(), supported_commodities=[commodity],
                                        operation_modes=modes, transitions=list(transitions),
                                        timers=list(timers))
@@ -69,7 +74,7 @@ def system_description(modes: list[FRBCOperationMode], label: str, *,
         message_id=uid(), valid_from=NOW - timedelta(minutes=1), actuators=[actuator],
         storage=FRBCStorageDescription(
             diagnostic_label=label, fill_level_label=label, provides_leakage_behaviour=False,
-            provides_fill_level_target_profile=True, provides_usage_forecast=False,
+            provides_fill_level_target_profile=target_profile, provides_usage_forecast=False,
             fill_level_range=NumberRange(start_of_range=fill_range[0], end_of_range=fill_range[1])))
 
 
@@ -208,18 +213,43 @@ def test_heat_pump_leakage_usage_and_min_off_timer() -> None:
     assert len(messages) == 1 and str(messages[0].operation_mode) == str(on.id)
 
 
-def test_kind_from_names_and_labels() -> None:
-    from cem.flex.frbc import guess_kind
+def test_kind_from_what_the_rm_says_in_s2_not_from_names() -> None:
+    """Discharging, the fill level's unit, heat, and a fill-level target profile decide."""
+    from cem.flex.frbc import storage_kind
 
     rate = 0.001
     charge_only = [mode((0, 0), (0, 0)), mode((1000, 5000), (rate / 5, rate))]
     both_ways = [mode((0, 5000), (0, rate)), mode((-5000, 0), (-rate, 0))]
-    assert guess_kind(system_description(charge_only, "kWh charged this session"),
-                      "EV charger 7") == "ev"
-    assert guess_kind(system_description(charge_only, "degC"), "heat pump") == "heat_pump"
-    assert guess_kind(system_description(both_ways, "SoC %"), "battery level") == "battery"
-    assert guess_kind(system_description(both_ways, "level"), "device") == "battery"
-    assert guess_kind(system_description(charge_only, "level"), "device") == "storage"
+    # charge-only with a departure target (it offers a fill-level target profile): an EV
+    assert storage_kind(system_description(charge_only, "kWh charged this session")) == "ev"
+    # a fill level in degC, or a heat role: a heat pump
+    assert storage_kind(system_description(charge_only, "degC")) == "heat_pump"
+    assert storage_kind(system_description(charge_only, "°C", target_profile=False)) == "heat_pump"
+
+    def details(role: RoleType, commodity: Commodity = Commodity.ELECTRICITY
+                ) -> ResourceManagerDetails:
+        return ResourceManagerDetails(
+            message_id=uid(), resource_id=uid(), instruction_processing_delay=Duration(root=100),
+            roles=[Role(role=role, commodity=commodity)],
+            available_control_types=[ControlType.FILL_RATE_BASED_CONTROL],
+            provides_forecast=False, provides_power_measurement_types=[SYM])
+
+    assert storage_kind(system_description(charge_only, "level", target_profile=False),
+                        details(RoleType.ENERGY_CONSUMER, Commodity.HEAT)) == "heat_pump"
+    # it can discharge: a battery, whatever its labels say and whether it has a target
+    assert storage_kind(system_description(both_ways, "SoC %")) == "battery"
+    assert storage_kind(system_description(both_ways, "level", target_profile=False)) == "battery"
+    # charge-only without a target: a storage, unless the RM only consumes electricity (an EV
+    # charger with no EV yet)
+    assert storage_kind(system_description(charge_only, "level", target_profile=False)) == \
+        "storage"
+    assert storage_kind(system_description(charge_only, "level", target_profile=False),
+                        details(RoleType.ENERGY_STORAGE)) == "storage"
+    assert storage_kind(system_description(charge_only, "level", target_profile=False),
+                        details(RoleType.ENERGY_CONSUMER)) == "ev"
+    # words are not read: "EV" and "battery" in its labels make it neither
+    assert storage_kind(system_description(charge_only, "EV battery SoC",
+                                           target_profile=False)) == "storage"
 
 
 def test_instructions_wait_for_minimum_run_and_off_timers() -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import pytest
 from s2python.common import (
     CommodityQuantity,
     ControlType,
@@ -44,14 +46,15 @@ def uid() -> str:
 
 
 def connect(name: str, control_types: list[ControlType],
-            measures: list[CommodityQuantity]) -> S2Session:
+            measures: list[CommodityQuantity],
+            roles: tuple[RoleType, ...] = (RoleType.ENERGY_CONSUMER,)) -> S2Session:
     session = S2Session()
     session.start(NOW)
     feed(session, Handshake(message_id=uid(), role=EnergyManagementRole.RM,
                             supported_protocol_versions=["0.0.2-beta"]))
     feed(session, ResourceManagerDetails(
         message_id=uid(), resource_id=uid(), name=name,
-        roles=[Role(role=RoleType.ENERGY_CONSUMER, commodity=Commodity.ELECTRICITY)],
+        roles=[Role(role=role, commodity=Commodity.ELECTRICITY) for role in roles],
         instruction_processing_delay=100, available_control_types=control_types,
         provides_forecast=False, provides_power_measurement_types=measures))
     return session
@@ -93,9 +96,16 @@ def ev_session() -> tuple[S2Session, FRBCSystemDescription]:
     return session, sd
 
 
-def meter_session(grid_w: float) -> S2Session:
-    session = connect("grid meter", [ControlType.NOT_CONTROLABLE],
-                      [L.ELECTRIC_POWER_L1, L.ELECTRIC_POWER_L2, L.ELECTRIC_POWER_L3])
+BOTH_WAYS = (RoleType.ENERGY_CONSUMER, RoleType.ENERGY_PRODUCER)
+
+
+def meter_session(grid_w: float, name: str = "connection point",
+                  roles: tuple[RoleType, ...] = BOTH_WAYS,
+                  control_types: tuple[ControlType, ...] = (ControlType.NOT_CONTROLABLE,)
+                  ) -> S2Session:
+    """A grid meter as S2 describes one: NOT_CONTROLABLE only, importing and exporting."""
+    session = connect(name, list(control_types),
+                      [L.ELECTRIC_POWER_L1, L.ELECTRIC_POWER_L2, L.ELECTRIC_POWER_L3], roles)
     feed(session, PowerMeasurement(message_id=uid(), measurement_timestamp=NOW, values=[
         PowerValue(commodity_quantity=q, value=grid_w / 3)
         for q in (L.ELECTRIC_POWER_L1, L.ELECTRIC_POWER_L2, L.ELECTRIC_POWER_L3)]))
@@ -131,6 +141,37 @@ def test_site_problem_from_real_sessions_and_back_to_sendable_instructions() -> 
     assert str(message.actuator_id) == str(sd.actuators[0].id)
     out = ev.send(message, NOW)  # the session accepts it as a valid FRBC.Instruction
     assert out.message_type == "FRBC.Instruction" and out.awaits_status
+
+
+def test_the_grid_meter_is_known_from_what_it_says_in_s2(
+        caplog: pytest.LogCaptureFixture) -> None:
+    config = SiteConfig.model_validate({"planner": {"horizon_ptus": 4}})
+    ev, _ = ev_session()
+
+    def meter_of(**rms: S2Session) -> str | None:
+        _problem, mapping = build_problem({k: s.state for k, s in rms.items()}, config, None,
+                                          [], NOW)
+        return mapping.meter_rm
+
+    caplog.set_level(logging.WARNING, logger="cem.flex")
+    # NOT_CONTROLABLE only, consumer and producer of electricity, measures it: the meter,
+    # whatever it is called
+    assert meter_of(ev=ev, m=meter_session(5640, name="Modbus 10.0.0.7/1")) == "m"
+    # a consumer only, a producer only (PV), or one that also offers a control type: not
+    assert meter_of(ev=ev, m=meter_session(5640, roles=(RoleType.ENERGY_CONSUMER,))) is None
+    assert meter_of(ev=ev, m=meter_session(-3000, roles=(RoleType.ENERGY_PRODUCER,))) is None
+    assert meter_of(ev=ev, m=meter_session(5640, control_types=(
+        ControlType.NOT_CONTROLABLE, ControlType.POWER_ENVELOPE_BASED_CONTROL))) is None
+    assert meter_of(ev=ev, m=meter_session(5640, roles=(*BOTH_WAYS, RoleType.ENERGY_STORAGE))) \
+        is None
+    assert not any("guessed from the name" in r.getMessage() for r in caplog.records)
+    # an RM that does not say so in S2 but calls itself a meter: taken as the meter, and the
+    # log says it was guessed from the name (once per RM)
+    named = meter_session(5640, name="grid meter", roles=(RoleType.ENERGY_CONSUMER,))
+    assert meter_of(ev=ev, named=named) == "named"
+    assert meter_of(ev=ev, named=named) == "named"
+    guessed = [r for r in caplog.records if "guessed from the name" in r.getMessage()]
+    assert len(guessed) == 1 and "grid meter" in guessed[0].getMessage()
 
 
 def test_real_planner_plans_the_ev_within_the_congestion_window() -> None:

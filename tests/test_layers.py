@@ -24,10 +24,14 @@ LAYERS: dict[str, int] = {
     "cem.planner": 1,   # pure optimisation: arrays in, plan out
     "cem.site": 1,      # site configuration, data readers, forecasts
     "cem.store": 1,     # SQLite
-    "cem.s2": 2,        # S2 sessions and the websocket server
-    "cem.flex": 2,      # control types -> planner assets and back
+    "cem.flex": 2,      # flexibility models (S2 objects -> planner assets and back), site problem
+    # control-type plug-ins (session rules, state, flex binding): above the flex models they
+    # bind, below the S2 session that dispatches to them
+    "cem.control_types": 3,
+    "cem.s2": 4,        # S2 sessions and the websocket server
     "cem.signals": 3,   # grid-signal sources: prices, congestion limits
-    "cem.s2connect": 3,  # S2 Connect pairing and session initiation (server side)
+    # S2 Connect pairing and session initiation (server side): above the S2 server it admits to
+    "cem.s2connect": 5,
     "cem.control": 4,   # the MPC loop, dispatch, the guard
     "resource_managers": 5,  # beside the CEM: may import sitekit only (ONLY_FROM below)
     "cem.simulation": 6,  # the digital twin: drives the control loop and RM mappings in process

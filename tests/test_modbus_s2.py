@@ -70,7 +70,7 @@ class Site:
             if live is None or not self.rm.described_session:
                 return None
             state = live.state
-            if state.frbc_system_description(now()) is not None or state.pebc_power_constraints(now()):
+            if state.of("FRBC").system_description(now()) is not None or state.of("PEBC").power_constraints(now()):
                 return live
             return None
         return await eventually(ready, what="the RM's flexibility at the CEM")
@@ -132,9 +132,9 @@ async def test_frbc_instruction_ends_as_the_right_register_write(
     regmap = load_register_map(SPECS / map_name)
     site = await make_site(regmap)
     live = await site.described()
-    description = live.state.frbc_system_description(now())
+    description = live.state.of("FRBC").system_description(now())
     assert description is not None and len(description.actuators[0].operation_modes) == 3
-    storage = await eventually(lambda: live.state.frbc_storage_status, what="storage status")
+    storage = await eventually(lambda: live.state.of("FRBC").storage_status, what="storage status")
     assert storage.present_fill_level == pytest.approx(50.0)
     instruction = frbc_instruction(s2m.BATTERY_ACTUATOR, mode, factor)
     await instruct(site, instruction)
@@ -173,7 +173,7 @@ async def test_vanished_device_withdraws_flexibility_and_recovers(
     live = await site.described()
     await eventually(lambda: live.state.latest_measurement() is not None, what="a measurement")
     await site.sim.stop()
-    await eventually(lambda: live.state.frbc_system_description(now()) is None,
+    await eventually(lambda: live.state.of("FRBC").system_description(now()) is None,
                      what="the system description revoked")
     assert not site.rm.device_ok and site.rm.fault
     last = live.state.latest_measurement()
@@ -185,7 +185,7 @@ async def test_vanished_device_withdraws_flexibility_and_recovers(
     # the CEM no longer has our flexibility (NOT_SENT); if it sent anyway the RM refuses
     assert refused.status in ("NOT_SENT", "TEMPORARY_ERROR"), refused
     await site.sim.start()  # the device comes back on the same port
-    await eventually(lambda: live.state.frbc_system_description(now()) is not None,
+    await eventually(lambda: live.state.of("FRBC").system_description(now()) is not None,
                      what="the flexibility offered again")
     await eventually(lambda: live.state.latest_measurement() is not last, what="measurements")
     await instruct(site, frbc_instruction(s2m.BATTERY_ACTUATOR, s2m.BATTERY_CHARGE, 1.0))
@@ -200,10 +200,10 @@ async def test_out_of_range_reading_is_a_fault(make_site: Callable[..., Any]) ->
     site.sim.overrides["soc"] = 250.0  # a broken sensor
     await eventually(lambda: not site.rm.device_ok, what="the fault noticed")
     assert "soc = 250" in (site.rm.fault or "")
-    await eventually(lambda: live.state.frbc_system_description(now()) is None,
+    await eventually(lambda: live.state.of("FRBC").system_description(now()) is None,
                      what="flexibility withdrawn")
     site.sim.overrides.clear()
-    await eventually(lambda: live.state.frbc_system_description(now()) is not None,
+    await eventually(lambda: live.state.of("FRBC").system_description(now()) is not None,
                      what="flexibility back")
 
 
@@ -215,9 +215,9 @@ async def test_heat_pump_modes_timers_and_forecasts(make_site: Callable[..., Any
     site = await make_site(load_register_map(SPECS / map_name), {"buffer_c": 45.0})
     live = await site.described()
     state = live.state
-    await eventually(lambda: state.frbc_usage_forecast is not None, what="usage forecast")
-    assert state.frbc_leakage_behaviour(now()) is not None
-    description = state.frbc_system_description(now())
+    await eventually(lambda: state.of("FRBC").usage_forecast is not None, what="usage forecast")
+    assert state.of("FRBC").leakage_behaviour(now()) is not None
+    description = state.of("FRBC").system_description(now())
     assert description is not None
     assert description.storage.fill_level_range.start_of_range == 40.0
     assert len(description.actuators[0].timers) == 2
@@ -233,7 +233,7 @@ async def test_heat_pump_modes_timers_and_forecasts(make_site: Callable[..., Any
     if map_name.endswith("relays.toml"):  # boost -> off opened relay 2 before closing relay 1
         relays = [(n, v) for n, v in sim.writes if n.startswith("sg_ready_relay")]
         assert relays[-2:] == [("sg_ready_relay_2", 0.0), ("sg_ready_relay_1", 1.0)], relays
-    await eventually(lambda: state.frbc_timer_statuses(), what="the minimum off timer")
+    await eventually(lambda: state.of("FRBC").timer_statuses(), what="the minimum off timer")
     too_soon = frbc_instruction(s2m.HEAT_PUMP_ACTUATOR, s2m.HEAT_PUMP_NORMAL)
     await instruct(site, too_soon)
     await eventually(lambda: state.instruction_status(too_soon.id)

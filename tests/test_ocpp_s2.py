@@ -81,7 +81,7 @@ def live(server: S2Server, name: str) -> LiveSession | None:
 
 
 def description(entry: LiveSession) -> Any:
-    return entry.state.frbc_system_description(clock.now())  # the RMs' clock, maybe simulated
+    return entry.state.of("FRBC").system_description(clock.now())  # the RMs' clock, maybe simulated
 
 
 def mode_ids(entry: LiveSession) -> dict[str, Any]:
@@ -144,10 +144,10 @@ async def test_frbc_flexibility_and_instructions_become_profiles(
         else:
             assert power.commodity_quantity == CommodityQuantity.ELECTRIC_POWER_L2
         assert (power.start_of_range, power.end_of_range) == (6 * 230 * phases, 32 * 230 * phases)
-        await wait_for(lambda: entry.state.frbc_fill_level_target_profile is not None)
-        target = entry.state.frbc_fill_level_target_profile
+        await wait_for(lambda: entry.state.of("FRBC").fill_level_target_profile is not None)
+        target = entry.state.of("FRBC").fill_level_target_profile
         expected_need = 12.0 if version == "2.0.1" else 20.0  # EV's own need, else site default
-        await wait_for(lambda: entry.state.frbc_fill_level_target_profile
+        await wait_for(lambda: entry.state.of("FRBC").fill_level_target_profile
                        .elements[-1].fill_level_range.start_of_range == pytest.approx(expected_need))
         assert target is not None
         # measurements arrive per phase
@@ -461,22 +461,22 @@ async def test_an_ev_still_plugged_in_after_its_departure_gets_a_new_target_each
                               dwell_s=600, energy_kwh=50)  # leaves in 10 minutes, it says
         name = "EV charger CP201/1"
         await wait_for(lambda: live(server, name) is not None and
-                       live(server, name).state.frbc_fill_level_target_profile is not None)
+                       live(server, name).state.of("FRBC").fill_level_target_profile is not None)
         entry = live(server, name)
         assert entry is not None
-        first = entry.state.frbc_fill_level_target_profile
+        first = entry.state.of("FRBC").fill_level_target_profile
         departure = first.start_time + sum((e.duration.to_timedelta() for e in first.elements),
                                            timedelta())
         # 10 simulated minutes later the EV is still there: a target for the next hour
-        await wait_for(lambda: entry.state.frbc_fill_level_target_profile.start_time
+        await wait_for(lambda: entry.state.of("FRBC").fill_level_target_profile.start_time
                        >= departure - timedelta(minutes=2), within_s=10)
-        second = entry.state.frbc_fill_level_target_profile
+        second = entry.state.of("FRBC").fill_level_target_profile
         span = sum((e.duration.to_timedelta() for e in second.elements), timedelta())
         assert abs(span - OVERSTAY) < timedelta(minutes=2)
         assert second.elements[-1].fill_level_range.start_of_range > \
-            entry.state.frbc_storage_status.present_fill_level  # still the need, not met
+            entry.state.of("FRBC").storage_status.present_fill_level  # still the need, not met
         # and once that hour has run out, again
-        await wait_for(lambda: entry.state.frbc_fill_level_target_profile.start_time
+        await wait_for(lambda: entry.state.of("FRBC").fill_level_target_profile.start_time
                        >= second.start_time + OVERSTAY - timedelta(minutes=2), within_s=15)
     finally:
         await charger.close()

@@ -194,7 +194,7 @@ def fixture(name: str) -> dict[str, Any]:
 
 
 def frbc_instruction(server: S2Server, rm_id: str, mode_index: int = 0) -> FRBCInstruction:
-    description = server.get(rm_id).state.frbc_system_description(datetime.now(UTC))
+    description = server.get(rm_id).state.of("FRBC").system_description(datetime.now(UTC))
     actuator = description.actuators[0]
     return FRBCInstruction(message_id=uuid.uuid4(), id=uuid.uuid4(), actuator_id=actuator.id,
                            operation_mode=actuator.operation_modes[mode_index].id,
@@ -322,7 +322,7 @@ async def test_revoke_both_ways(tmp_path: Path) -> None:
             revoke_sd = {"message_type": "RevokeObject", "message_id": "rv-1",
                          "object_type": "FRBC.SystemDescription", "object_id": "hp-sd-1"}
             assert (await raw.request(revoke_sd))["status"] == "OK"
-            assert server.get("raw-rm-1").state.frbc_system_description(datetime.now(UTC)) is None
+            assert server.get("raw-rm-1").state.of("FRBC").system_description(datetime.now(UTC)) is None
             again = await raw.request(dict(revoke_sd, message_id="rv-2"))
             assert again["status"] == "INVALID_CONTENT"
         finally:

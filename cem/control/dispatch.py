@@ -16,8 +16,9 @@ instruction that raises an RM's power is not sent ahead: it is held, and the con
 sends it when its time comes (`due_raises`) if nothing changed meanwhile, after the cuts due
 then have started; otherwise the next plan decides. So a raise of an older plan never fires
 at a PTU boundary while a newer plan is being made, nor after the CEM is gone; cuts are sent
-ahead and happen on time either way (an FRBC instruction's power is read from the RM's
-system description; other instructions are sent ahead in their order).
+ahead and happen on time either way (an instruction's power is read from the RM's state by
+its control type's plug-in, FRBC's from the system description; instructions whose power is
+not known are sent ahead in their order).
 
 RMs are served in parallel (within those two groups), the messages of one RM in order. A
 message the RM does not accept (ReceptionStatus other than OK, or no answer) is reported
@@ -273,30 +274,20 @@ class Dispatcher:
         return new_w is not None and old_w is not None and new_w > old_w + 1.0
 
     def _power_w(self, rm_id: str, message: Any, now: datetime) -> float | None:
-        """The electric power an FRBC instruction asks for (None: not known here)."""
-        if getattr(message, "message_type", "") != "FRBC.Instruction":
-            return None
+        """The electric power an instruction asks for, as its control type's plug-in reads it
+        from the RM's state (None: not known here)."""
         entry = self.registry.get(rm_id)
-        describe = getattr(entry.state, "frbc_system_description", None) if entry else None
-        if describe is None:
+        if entry is None:
+            return None
+        plugin = entry.state.plugin
+        if plugin is None or getattr(message, "message_type", "") not in plugin.instruction_types:
             return None
         try:
-            from cem.flex.frbc import mode_range
-
-            description = describe(now)
-            status = getattr(entry.state, "frbc_storage_status", None) if entry else None
-            fill = float(getattr(status, "present_fill_level", 0.0) or 0.0)
-            for actuator in getattr(description, "actuators", None) or []:
-                if sid(actuator.id) != sid(message.actuator_id):
-                    continue
-                for mode in actuator.operation_modes:
-                    if sid(mode.id) == sid(message.operation_mode):
-                        r = mode_range(mode, fill)
-                        factor = float(message.operation_mode_factor)
-                        return r.power_start + factor * (r.power_end - r.power_start)
+            power: float | None = plugin.instruction_power_w(
+                entry.state.of(plugin.control_type), message, now)
         except Exception:  # an odd description: no ordering, not a failed dispatch
             return None
-        return None
+        return power
 
     async def _dispatch_rm(self, rm_id: str, messages: list[Any], now: datetime,
                            plan_id: int | None, report: DispatchReport) -> None:

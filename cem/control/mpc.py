@@ -44,7 +44,6 @@ from cem.control.dispatch import Dispatcher, DispatchReport
 from cem.control.grid_signals import SignalBoard
 from cem.control.guard import FlexibleLoad, GuardDecision, GuardLimits, decide_caps, phase_power_w
 from cem.control.safe_plan import safe_plan
-from cem.flex.ppbc import PpbcBinding
 from cem.flex.ptu import floor_to_ptu
 from cem.flex.site_problem import (
     SiteMapping,
@@ -630,13 +629,9 @@ def summarise(reasons: list[str], keep: int = 3) -> str:
 
 
 def can_cap(binding: Any) -> bool:
-    """Whether the guard can turn this RM down (PV producers and PPBC profiles that are not
-    running interruptibly cannot)."""
-    if getattr(binding, "producer", False):
-        return False
-    if isinstance(binding, PpbcBinding):
-        return binding.executing is not None and binding.executing[2]
-    return True
+    """Whether the guard can turn this RM down (the binding says: PV producers and PPBC
+    profiles that are not running interruptibly cannot)."""
+    return bool(binding.can_cap())
 
 
 def site_controller_for(service: Any) -> SiteController:

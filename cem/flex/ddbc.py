@@ -25,7 +25,7 @@ from s2python.ddbc import (
 
 from cem.flex.modes import ModeRange, TransitionRules
 from cem.flex.ombc import ModeBinding, power_mode_range
-from cem.flex.ptu import PtuGrid, new_id, phase_share, sid
+from cem.flex.ptu import PtuGrid, as_uuid, new_schema_id, new_uuid, phase_share, sid
 from cem.planner.assets import ModeAsset, PowerMode
 
 CONTROL_TYPE = "DEMAND_DRIVEN_BASED_CONTROL"
@@ -45,8 +45,9 @@ class DdbcBinding(ModeBinding):
     """A ModeBinding that sends DDBC.Instructions for one actuator."""
 
     def make(self, mode_id: str, factor: float, when: datetime) -> object:
-        return DDBCInstruction(message_id=new_id(), id=new_id(), execution_time=when,
-                               actuator_id=self.actuator_id, operation_mode_id=mode_id,
+        return DDBCInstruction(message_id=new_uuid(), id=new_schema_id(), execution_time=when,
+                               actuator_id=as_uuid(self.actuator_id),
+                               operation_mode_id=as_uuid(mode_id),
                                operation_mode_factor=round(factor, 4), abnormal_condition=False)
 
 

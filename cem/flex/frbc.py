@@ -34,7 +34,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from s2python.common import Commodity
+from s2python.common import Commodity, RoleType
 from s2python.frbc import (
     FRBCActuatorDescription,
     FRBCActuatorStatus,
@@ -50,7 +50,15 @@ from s2python.frbc import (
 )
 
 from cem.flex.modes import ModeRange, TransitionRules, legal_choice, pick_mode
-from cem.flex.ptu import PtuGrid, is_electric, new_id, phase_share, sample_rate, sid
+from cem.flex.ptu import (
+    PtuGrid,
+    as_uuid,
+    is_electric,
+    new_uuid,
+    phase_share,
+    sample_rate,
+    sid,
+)
 from cem.planner.assets import (
     FixedLoad,
     PhaseShare,
@@ -205,6 +213,9 @@ class FrbcBinding:
                 for a, mode, factor, moment in self._legal(cap_w, self.fill_level, now, None,
                                                            rules, dict(self.active_modes))]
 
+    def can_cap(self) -> bool:
+        return True
+
     def power_range_w(self) -> tuple[float, float]:
         lo = hi = 0.0
         for a in self.system_description.actuators:
@@ -218,10 +229,10 @@ class FrbcBinding:
 def frbc_instruction(actuator_id: str, mode_id: str, factor: float,
                      execution_time: datetime) -> FRBCInstruction:
     return FRBCInstruction(
-        message_id=new_id(),
-        id=new_id(),
-        actuator_id=actuator_id,
-        operation_mode=mode_id,
+        message_id=new_uuid(),
+        id=new_uuid(),
+        actuator_id=as_uuid(actuator_id),
+        operation_mode=as_uuid(mode_id),
         operation_mode_factor=round(factor, 4),
         execution_time=execution_time,
         abnormal_condition=False,
@@ -231,29 +242,36 @@ def frbc_instruction(actuator_id: str, mode_id: str, factor: float,
 # -- S2 -> asset ------------------------------------------------------------------------------
 
 
-def guess_kind(system_description: FRBCSystemDescription, name: str = "") -> str:
-    """ev, battery, heat_pump or storage, from what the RM tells about itself.
+_TEMPERATURE = re.compile(r"°\s*[cfk]\b|\bdeg\s*[cf]\b|\b(celsius|fahrenheit|kelvin)\b|^\s*k\s*$",
+                          re.IGNORECASE)
 
-    Words in the RM's name and the storage labels decide ("EV", "vehicle", "charger" -> ev;
-    "degC", "temperature", "heat", "buffer" -> heat_pump; "battery" -> battery); otherwise a
-    storage that can discharge is a battery, a SoC without discharging an EV.
+
+def is_temperature(unit: str | None) -> bool:
+    """True when a fill_level_label names a temperature unit (°C, degC, K, °F, Celsius...)."""
+    return unit is not None and _TEMPERATURE.search(unit) is not None
+
+
+def storage_kind(system_description: FRBCSystemDescription, details: Any = None) -> str:
+    """heat_pump, battery, ev or storage, from what the RM says in S2 (`cem.flex.kinds`).
+
+    heat_pump: an actuator supplies HEAT, a role of the RM's `details` has commodity HEAT,
+    or the fill level is a temperature; battery: a normal operation mode discharges; ev:
+    charge-only and it offers a fill-level target profile (a departure target), or the RM
+    says it is a consumer of electricity and nothing else (an EV charger, also while no EV is
+    plugged in); else storage.
     """
-    label = " ".join(filter(None, [name, system_description.storage.diagnostic_label,
-                                   system_description.storage.fill_level_label])).lower()
-    words = set(re.findall(r"[a-z°]+", label))
+    storage = system_description.storage
     commodities = {c for a in system_description.actuators for c in a.supported_commodities}
-    if Commodity.HEAT in commodities or "°c" in label or words & {
-            "degc", "temperature", "temp", "heat", "buffer", "thermal"}:
+    heat_role = any(r.commodity == Commodity.HEAT for r in getattr(details, "roles", None) or [])
+    if Commodity.HEAT in commodities or heat_role or is_temperature(storage.fill_level_label):
         return "heat_pump"
-    if words & {"battery", "bess"} and not words & {"ev", "vehicle", "car"}:
+    bottom = storage.fill_level_range.start_of_range
+    if any(mode_range(m, bottom).lo < 0
+           for a in system_description.actuators for m in normal_modes(a)):
         return "battery"
-    if words & {"ev", "evse", "car", "vehicle", "charger", "charging"}:
-        return "ev"
-    can_discharge = any(mode_range(m, system_description.storage.fill_level_range.start_of_range)
-                        .lo < 0 for a in system_description.actuators for m in normal_modes(a))
-    if can_discharge:
-        return "battery"
-    if "soc" in words:
+    roles = {(r.role, r.commodity) for r in getattr(details, "roles", None) or []}
+    if storage.provides_fill_level_target_profile or \
+            roles == {(RoleType.ENERGY_CONSUMER, Commodity.ELECTRICITY)}:
         return "ev"
     return "storage"
 
@@ -294,7 +312,6 @@ def frbc_storage_asset(
     target_profile: FRBCFillLevelTargetProfile | None = None,
     timer_statuses: list[FRBCTimerStatus] | None = None,
     kind: str | None = None,
-    name: str = "",
     priority: int = 1,
 ) -> tuple[StorageAsset, FrbcBinding]:
     """The planner's view of an FRBC storage, and the binding that turns plans back into S2."""
@@ -353,7 +370,7 @@ def frbc_storage_asset(
                               [e.usage_rate_expected for e in usage_forecast.elements])
         usage += rate * grid.ptu_s * wh_per_unit
 
-    kind = kind or guess_kind(system_description, name)
+    kind = kind or storage_kind(system_description)
     targets: list[tuple[int, int, int]] = []
     target_wh: int | None = None
     available_until: int | None = None
@@ -386,14 +403,14 @@ def frbc_storage_asset(
         until = max(t for t, _, _ in held)
         k = max(0, min(grid.n_ptus, grid.index_ceil(until)))
         draw_w = sum(r.power_start + f * (r.power_end - r.power_start) for _, r, f in held)
-        rate = sum(r.fill_rate_start + f * (r.fill_rate_end - r.fill_rate_start)
-                   for _, r, f in held)
+        held_rate = sum(r.fill_rate_start + f * (r.fill_rate_end - r.fill_rate_start)
+                        for _, r, f in held)
         seconds = np.full(k, grid.ptu_s)
         if k:
             seconds[0] *= grid.share_ahead(now)
         used = float(usage[:k] @ (seconds / grid.ptu_s)) if k else 0.0
-        level_at_start = min(max(level_at_start + rate * wh_per_unit * float(seconds.sum())
-                                 - used, 0.0), float(to_wh(top)))
+        level_at_start = min(max(level_at_start + held_rate * wh_per_unit
+                                 * float(seconds.sum()) - used, 0.0), float(to_wh(top)))
         available_from = max(available_from, k)
         power = np.zeros(grid.n_ptus, dtype=np.int64)
         power[:k] = round(draw_w)

@@ -22,7 +22,7 @@ from s2python.ombc import (
 )
 
 from cem.flex.modes import ModeRange, TransitionRules, legal_choice, pick_mode
-from cem.flex.ptu import PtuGrid, is_electric, new_id, phase_share, sid
+from cem.flex.ptu import PtuGrid, as_uuid, is_electric, new_uuid, phase_share, sid
 from cem.planner.assets import ModeAsset, PhaseShare, Plan, PowerMode, Problem
 
 CONTROL_TYPE = "OPERATION_MODE_BASED_CONTROL"
@@ -71,9 +71,9 @@ class ModeBinding:
         return pick_mode(self.ranges, power_w, self.active_mode)
 
     def make(self, mode_id: str, factor: float, when: datetime) -> object:
-        return OMBCInstruction(message_id=new_id(), id=new_id(), execution_time=when,
-                               operation_mode_id=mode_id, operation_mode_factor=round(factor, 4),
-                               abnormal_condition=False)
+        return OMBCInstruction(message_id=new_uuid(), id=new_uuid(), execution_time=when,
+                               operation_mode_id=as_uuid(mode_id),
+                               operation_mode_factor=round(factor, 4), abnormal_condition=False)
 
     def _legal(self, mode_id: str | None, power_w: float, last_mode: str | None,
                rules: TransitionRules | None, when: datetime,
@@ -123,6 +123,9 @@ class ModeBinding:
             return []
         chosen, factor, moment = choice
         return [self.make(chosen.mode_id, factor, moment)]
+
+    def can_cap(self) -> bool:
+        return True
 
     def power_range_w(self) -> tuple[float, float]:
         if not self.ranges:

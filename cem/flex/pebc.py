@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from s2python.common import Duration, NumberRange
+from s2python.common import CommodityQuantity, Duration, NumberRange
 from s2python.pebc import (
     PEBCEnergyConstraint,
     PEBCInstruction,
@@ -43,7 +43,7 @@ from s2python.pebc import (
 )
 
 from cem.flex.not_controlable import forecast_power_w
-from cem.flex.ptu import PtuGrid, is_electric, new_id, sid
+from cem.flex.ptu import PtuGrid, as_uuid, is_electric, new_schema_id, new_uuid
 from cem.planner.assets import Curtailable, FixedLoad, PhaseShare, Plan, Problem, StorageAsset
 from cem.planner.layout import STEP_FLOOR_W
 
@@ -110,14 +110,15 @@ class PebcBinding:
                     continue
                 elements.append(PEBCPowerEnvelopeElement(duration=Duration(root=duration),
                                                          lower_limit=lo, upper_limit=hi))
-            envelopes.append(PEBCPowerEnvelope(id=new_id(), commodity_quantity=quantity,
+            envelopes.append(PEBCPowerEnvelope(id=new_schema_id(),
+                                               commodity_quantity=CommodityQuantity(quantity),
                                                power_envelope_elements=elements[:MAX_ELEMENTS]))
         return envelopes
 
     def _instruction(self, envelopes: list[PEBCPowerEnvelope], now: datetime) -> PEBCInstruction:
-        return PEBCInstruction(message_id=new_id(), id=new_id(), execution_time=now,
+        return PEBCInstruction(message_id=new_uuid(), id=new_uuid(), execution_time=now,
                                abnormal_condition=False,
-                               power_constraints_id=sid(self.constraints.id),
+                               power_constraints_id=as_uuid(self.constraints.id),
                                power_envelopes=envelopes)
 
     def instructions(self, plan: Plan, problem: Problem, now: datetime,
@@ -153,6 +154,10 @@ class PebcBinding:
             return None
         duration = round(timedelta(hours=1).total_seconds() * 1000)
         return [self._instruction(self._envelopes([-1e9], [cap_w], [duration]), now)]
+
+    def can_cap(self) -> bool:
+        """Consumers only: a producer's envelope is its curtailment."""
+        return not self.producer
 
     def power_range_w(self) -> tuple[float, float]:
         now_w = float(self.baseline_w[0]) if len(self.baseline_w) else 0.0

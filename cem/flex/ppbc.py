@@ -34,7 +34,16 @@ from s2python.ppbc import (
     PPBCStartInterruptionInstruction,
 )
 
-from cem.flex.ptu import PtuGrid, electric_total, is_electric, new_id, phase_share, sample_rate, sid
+from cem.flex.ptu import (
+    PtuGrid,
+    as_uuid,
+    electric_total,
+    is_electric,
+    new_uuid,
+    phase_share,
+    sample_rate,
+    sid,
+)
 from cem.planner.assets import (
     FixedLoad,
     PhaseShare,
@@ -118,9 +127,10 @@ class PpbcBinding:
         for step in steps:
             when = max(now, begin + step.offset)
             kind = PPBCEndInterruptionInstruction if step.resume else PPBCScheduleInstruction
-            out.append(kind(message_id=new_id(), id=new_id(), power_profile_id=self.profile_id,
-                            sequence_container_id=step.container_id,
-                            power_sequence_id=sid(step.sequence.id), execution_time=when,
+            out.append(kind(message_id=new_uuid(), id=new_uuid(),
+                            power_profile_id=as_uuid(self.profile_id),
+                            sequence_container_id=as_uuid(step.container_id),
+                            power_sequence_id=as_uuid(step.sequence.id), execution_time=when,
                             abnormal_condition=False))
         return out
 
@@ -130,9 +140,13 @@ class PpbcBinding:
             return None
         container, sequence, _ = self.executing
         return [PPBCStartInterruptionInstruction(
-            message_id=new_id(), id=new_id(), power_profile_id=self.profile_id,
-            sequence_container_id=container, power_sequence_id=sequence, execution_time=now,
-            abnormal_condition=False)]
+            message_id=new_uuid(), id=new_uuid(), power_profile_id=as_uuid(self.profile_id),
+            sequence_container_id=as_uuid(container), power_sequence_id=as_uuid(sequence),
+            execution_time=now, abnormal_condition=False)]
+
+    def can_cap(self) -> bool:
+        """Only while an interruptible sequence runs (it can be paused)."""
+        return self.executing is not None and self.executing[2]
 
     def power_range_w(self) -> tuple[float, float]:
         return (0.0, self.peak_w)
@@ -184,7 +198,7 @@ def ppbc_assets(rm_id: str, definition: PPBCPowerProfileDefinition, grid: PtuGri
         by_id = {sid(s.id): s for s in container.power_sequences}
         selected = by_id.get(sid(state.selected_sequence_id)) if (
             state is not None and state.selected_sequence_id is not None) else None
-        if value in RUNNING and selected is not None:
+        if value in RUNNING and selected is not None and state is not None:
             running_skip = _progress(state.progress)
             binding.executing = (sid(container.id), sid(selected.id), selected.is_interruptible)
             remaining.append(selected)

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from s2python.common import CommodityQuantity
+from s2python.generated.gen_s2 import ID
 
 from cem.planner.assets import MIN_FIRST_PTU_SHARE, THREE_PHASE, PhaseShare, Plan, Problem
 
@@ -148,8 +149,24 @@ def is_electric(quantity: Any) -> bool:
 
 
 def new_id() -> str:
-    """A fresh S2 id (message ids, instruction ids)."""
+    """A fresh S2 id as text."""
     return str(uuid.uuid4())
+
+
+def new_uuid() -> uuid.UUID:
+    """A fresh S2 id for the fields s2-python types as UUID (message ids, instruction ids)."""
+    return uuid.uuid4()
+
+
+def new_schema_id() -> ID:
+    """A fresh S2 id for the fields s2-python types as the schema's ``ID``."""
+    return ID(root=new_id())
+
+
+def as_uuid(value: Any) -> uuid.UUID:
+    """An id the CEM uses inside (a UUID, or one as text: the session translates every id the
+    RM sends to a UUID) as s2-python types it."""
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(sid(value))
 
 
 class FlexBinding(Protocol):
@@ -157,7 +174,9 @@ class FlexBinding(Protocol):
 
     `instructions` covers PTUs [0, until_ptu) of the plan, one instruction per change.
     `capped_instructions` is for the guard: the instruction(s) that hold the RM at or below
-    `cap_w` (consumption) from `now`, or None when this RM cannot be capped that way.
+    `cap_w` (consumption) from `now`, or None when this RM cannot be capped that way;
+    `can_cap` says whether the guard may try (a producer or a profile that is not running
+    interruptibly cannot be turned down).
     """
 
     rm_id: str
@@ -170,6 +189,8 @@ class FlexBinding(Protocol):
                      until_ptu: int) -> list[Any]: ...
 
     def capped_instructions(self, cap_w: float, now: datetime) -> list[Any] | None: ...
+
+    def can_cap(self) -> bool: ...
 
     def power_range_w(self) -> tuple[float, float]: ...
 

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, TypeGuard
 
 from pydantic import BaseModel, RootModel
 from s2python.generated import gen_s2
@@ -32,7 +32,7 @@ NIL_UUID = "00000000-0000-0000-0000-000000000000"
 """Subject of a ReceptionStatus for a message without a usable message_id (as s2-python does)."""
 
 
-def is_valid_id(value: object) -> bool:
+def is_valid_id(value: object) -> TypeGuard[str]:
     """True if ``value`` is a string that matches the whole S2 ID pattern."""
     return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
 

@@ -34,7 +34,7 @@ import ssl
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from http import HTTPStatus
@@ -47,6 +47,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from cem.control_types import PLUGINS
 from cem.ports import Connected, Disconnected, InstructionResult, RegistryEvent, RmEvent
 from cem.s2.session import CloseRequest, Outgoing, S2Session
 from cem.site.config import ServerConfig, SiteConfig
@@ -57,15 +58,8 @@ logger = logging.getLogger("cem.s2.server")
 
 SHUTDOWN_CODE = 1001
 SHUTDOWN_REASON = "CEM shutting down"
-CONTROL_TYPE_NAMES = {
-    "FRBC": "FILL_RATE_BASED_CONTROL",
-    "PPBC": "POWER_PROFILE_BASED_CONTROL",
-    "OMBC": "OPERATION_MODE_BASED_CONTROL",
-    "DDBC": "DEMAND_DRIVEN_BASED_CONTROL",
-    "PEBC": "POWER_ENVELOPE_BASED_CONTROL",
-}
-SHORT_CONTROL_TYPE = {v: k for k, v in CONTROL_TYPE_NAMES.items()} | {
-    "NOT_CONTROLABLE": "NOT_CONTROLABLE", "NO_SELECTION": "NO_SELECTION"}
+SHORT_CONTROL_TYPE = {p.control_type.value: p.name for p in PLUGINS} | {
+    "NO_SELECTION": "NO_SELECTION"}
 
 
 HANDSHAKE_TIMEOUT_S = 30.0  # wall-clock seconds an RM has for its Handshake
@@ -525,7 +519,7 @@ class S2Server:
         elif outs:
             await self._send(entry, outs)
 
-    async def _send(self, entry: LiveSession, items: list[Outgoing | CloseRequest]) -> None:
+    async def _send(self, entry: LiveSession, items: Sequence[Outgoing | CloseRequest]) -> None:
         """Send texts in order, straight from the caller's task; a CloseRequest closes.
 
         Back-pressure: `ws.send` waits while more than `write_limit_bytes` are buffered for

@@ -29,11 +29,18 @@ A bad message never ends the session. Only "no common protocol version" (close 1
 SessionRequest from either side (1000) and an RM that sends no Handshake within
 ``handshake_timeout_s`` (1008, noticed by `expire`) end it (`close` is set).
 
+The session itself keeps the handshake, version, control-type selection, revoke, the common
+messages (details, measurements, forecasts, instruction statuses, session requests) and the
+ReceptionStatus rules; every message of a control type goes to that control type's plug-in
+(`cem.control_types`), once the session has checked that it is the active one: the plug-in
+judges it (its content rules above) and keeps the per-type state. Likewise the plug-in checks
+the CEM's instructions before they are sent.
+
 Ids that are not UUIDs are translated per session (see `cem.s2.ids`); `send` writes them back.
 Two deliberate leniencies for interoperability, both for messages the S2 documentation itself
 shows: a PEBC limit range may be written high-to-low (``0 .. -4000``), and DDBC operation modes
-use the schema's ``Id`` (s2-python 0.11.1 wants an extra ``id`` and a list as ``supply_range``;
-the session adapts the message before handing it to s2-python).
+use the schema's ``Id`` (s2-python 0.11.1 wants an extra ``id`` and a list as ``supply_range``);
+their plug-ins adapt the message before it is handed to s2-python.
 
 Events (drained with `S2Session.drain_events`): HandshakeDone, RmDetails, ControlTypeSelected,
 StateChanged (the planner may replan), InstructionStatusChanged, ReceptionConfirmed,
@@ -43,7 +50,6 @@ an RM message), SessionClosed, ReconnectRequested.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import re
@@ -60,38 +66,32 @@ from s2python.common import (
     Handshake,
     HandshakeResponse,
     InstructionStatusUpdate,
-    NumberRange,
     PowerForecast,
     PowerMeasurement,
     ReceptionStatusValues,
     ResourceManagerDetails,
-    RevokableObjects,
     RevokeObject,
     SelectControlType,
     SessionRequest,
     SessionRequestType,
 )
-from s2python.ddbc import (
-    DDBCActuatorStatus,
-    DDBCAverageDemandRateForecast,
-    DDBCSystemDescription,
-    DDBCTimerStatus,
-)
-from s2python.frbc import (
-    FRBCActuatorStatus,
-    FRBCFillLevelTargetProfile,
-    FRBCLeakageBehaviour,
-    FRBCStorageStatus,
-    FRBCSystemDescription,
-    FRBCTimerStatus,
-    FRBCUsageForecast,
-)
+from s2python.generated.gen_s2 import ReceptionStatus as GeneratedReceptionStatus
 from s2python.message import S2Message
-from s2python.ombc import OMBCStatus, OMBCSystemDescription, OMBCTimerStatus
-from s2python.pebc import PEBCEnergyConstraint, PEBCPowerConstraints
-from s2python.ppbc import PPBCPowerProfileDefinition, PPBCPowerProfileStatus
 from s2python.s2_parser import TYPE_TO_MESSAGE_CLASS
 
+from cem.control_types import (
+    DEFAULT_PREFERENCE,
+    INSTRUCTION_TYPES,
+    NAMES,
+    OWNER,
+    REFERABLE_TYPES,
+    ddbc,
+)
+from cem.control_types.base import (
+    MAX_UPCOMING_VERSIONS,
+    Rejected,
+    content,
+)
 from cem.ports import (
     ControlTypeSelected,
     HandshakeDone,
@@ -110,42 +110,32 @@ from cem.s2.ids import (
     NIL_UUID,
     IdTranslator,
     generated_model,
-    id_key,
     is_valid_id,
     iter_ids,
     map_ids,
 )
 from cem.s2.state import RmState
 
+__all__ = [
+    "CEM_ONLY_TYPES", "CEM_SENDABLE_TYPES", "CONTROL_TYPE_NAMES",
+    "DEFAULT_CONTROL_TYPE_PREFERENCE", "INSTRUCTION_TYPES", "MAX_UPCOMING_VERSIONS",
+    "S2_VERSION", "CloseRequest", "ControlTypeSelected", "HandshakeDone",
+    "InstructionStatusChanged", "MessageRejected", "Outgoing", "ReceptionConfirmed",
+    "ReceptionFailed", "ReconnectRequested", "RmDetails", "S2Session", "SessionClosed",
+    "StateChanged",
+]
+
 logger = logging.getLogger("cem.s2")
 
 S2_VERSION = "0.0.2-beta"
 
 CONTROL_TYPE_NAMES: dict[str, ControlType] = {
-    "FRBC": ControlType.FILL_RATE_BASED_CONTROL,
-    "PPBC": ControlType.POWER_PROFILE_BASED_CONTROL,
-    "OMBC": ControlType.OPERATION_MODE_BASED_CONTROL,
-    "DDBC": ControlType.DEMAND_DRIVEN_BASED_CONTROL,
-    "PEBC": ControlType.POWER_ENVELOPE_BASED_CONTROL,
-    "NOT_CONTROLABLE": ControlType.NOT_CONTROLABLE,
-    "NO_SELECTION": ControlType.NO_SELECTION,
-}
-DEFAULT_CONTROL_TYPE_PREFERENCE: tuple[str, ...] = ("FRBC", "PPBC", "OMBC", "DDBC", "PEBC")
-_CONTROL_TYPE_OF_PREFIX = {name + ".": ct for name, ct in CONTROL_TYPE_NAMES.items()
-                           if name in DEFAULT_CONTROL_TYPE_PREFERENCE}
+    **NAMES, "NO_SELECTION": ControlType.NO_SELECTION}
+DEFAULT_CONTROL_TYPE_PREFERENCE: tuple[str, ...] = DEFAULT_PREFERENCE
 
-INSTRUCTION_TYPES = frozenset({
-    "FRBC.Instruction", "PEBC.Instruction", "OMBC.Instruction", "DDBC.Instruction",
-    "PPBC.ScheduleInstruction", "PPBC.StartInterruptionInstruction",
-    "PPBC.EndInterruptionInstruction",
-})
 CEM_ONLY_TYPES = INSTRUCTION_TYPES | {"HandshakeResponse", "SelectControlType"}
 CEM_SENDABLE_TYPES = CEM_ONLY_TYPES | {"Handshake", "RevokeObject", "SessionRequest"}
-_REFERABLE_BY_MESSAGE_ID = frozenset({
-    "FRBC.SystemDescription", "OMBC.SystemDescription", "DDBC.SystemDescription"})
-"""Objects whose message_id is their id (RevokeObject names them by it)."""
-MAX_UPCOMING_VERSIONS = 100
-"""How many not-yet-valid versions of one kind (e.g. system descriptions) the CEM keeps."""
+
 _MAX_LABEL = 400
 _UUID_IN_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -176,19 +166,6 @@ class CloseRequest:
 
 
 # --- internals ---------------------------------------------------------------------------------
-
-
-class _Reject(Exception):
-    """Raised by a handler: answer with this status instead of OK (state left untouched)."""
-
-    def __init__(self, status: ReceptionStatusValues, label: str) -> None:
-        super().__init__(label)
-        self.status = status
-        self.label = label
-
-
-def _content(label: str) -> _Reject:
-    return _Reject(ReceptionStatusValues.INVALID_CONTENT, label)
 
 
 @dataclass
@@ -242,88 +219,7 @@ def _describe_errors(exc: BaseException) -> str:
     return text[:_MAX_LABEL]
 
 
-def _check_contiguous(ranges: list[NumberRange], what: str) -> None:
-    """Fill-level ranges must be ordered, and together cover one interval without gaps/overlaps."""
-    for r in ranges:
-        if r.start_of_range > r.end_of_range:
-            raise _content(f"{what}: fill level range {r.start_of_range}..{r.end_of_range} "
-                           "starts after it ends")
-    ordered = sorted(ranges, key=lambda r: (r.start_of_range, r.end_of_range))
-    for a, b in itertools.pairwise(ordered):
-        if b.start_of_range < a.end_of_range or (
-                b.start_of_range == a.start_of_range and b.end_of_range == a.end_of_range):
-            raise _content(f"{what}: fill level ranges {a.start_of_range}..{a.end_of_range} and "
-                           f"{b.start_of_range}..{b.end_of_range} overlap")
-        if b.start_of_range > a.end_of_range:
-            raise _content(f"{what}: gap in fill level ranges between {a.end_of_range} and "
-                           f"{b.start_of_range}")
-
-
-def _check_fill_levels(message: Any) -> None:
-    """FRBC fill-level ranges, checked in the RM's own words before s2-python's checks."""
-    if message.message_type == "FRBC.SystemDescription":
-        for actuator in message.actuators:
-            for mode in actuator.operation_modes:
-                _check_contiguous([e.fill_level_range for e in mode.elements],
-                                  f"operation mode {id_key(mode.id)} of actuator "
-                                  f"{id_key(actuator.id)}")
-    elif message.message_type == "FRBC.LeakageBehaviour":
-        _check_contiguous([e.fill_level_range for e in message.elements], "leakage behaviour")
-
-
-def _unique(ids: list[Any], what: str) -> None:
-    seen: set[str] = set()
-    for i in ids:
-        if id_key(i) in seen:
-            raise _content(f"{what} id {id_key(i)} is used twice")
-        seen.add(id_key(i))
-
-
-def _normalise_pebc_limit_ranges(data: dict[str, Any]) -> dict[str, Any]:
-    """Write each PEBC allowed limit range low-to-high.
-
-    The official S2 PV example describes a production limit as ``0 .. -4000``; s2-python rejects
-    a range whose start is above its end. For a limit range only the interval matters, so the
-    CEM accepts both orders.
-    """
-    out = dict(data)
-    ranges = []
-    for limit_range in out.get("allowed_limit_ranges", []):
-        boundary = limit_range.get("range_boundary") if isinstance(limit_range, dict) else None
-        if isinstance(boundary, dict):
-            start, end = boundary.get("start_of_range"), boundary.get("end_of_range")
-            if isinstance(start, int | float) and isinstance(end, int | float) and start > end:
-                limit_range = {**limit_range,
-                               "range_boundary": {**boundary, "start_of_range": end,
-                                                  "end_of_range": start}}
-        ranges.append(limit_range)
-    out["allowed_limit_ranges"] = ranges
-    return out
-
-
-def _adapt_ddbc_system_description(data: dict[str, Any]) -> dict[str, Any]:
-    """s2-python 0.11.1's DDBC.OperationMode wants an extra ``id`` and a list as supply_range.
-
-    The S2 schema has ``Id`` and a single NumberRange; feed the wrapper both spellings.
-    """
-    out = dict(data)
-    actuators = []
-    for actuator in out.get("actuators", []):
-        actuator = dict(actuator)
-        modes = []
-        for mode in actuator.get("operation_modes", []):
-            mode = dict(mode)
-            mode.setdefault("id", mode.get("Id"))
-            if isinstance(mode.get("supply_range"), dict):
-                mode["supply_range"] = [mode["supply_range"]]
-            modes.append(mode)
-        actuator["operation_modes"] = modes
-        actuators.append(actuator)
-    out["actuators"] = actuators
-    return out
-
-
-class _RmLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+class _RmLog(logging.LoggerAdapter[logging.Logger]):
     """Prefixes every log line with the RM it is about (name and resource id, once known)."""
 
     def __init__(self, base: logging.Logger, session: S2Session) -> None:
@@ -376,24 +272,6 @@ class S2Session:
             "InstructionStatusUpdate": self._on_instruction_status,
             "RevokeObject": self._on_revoke,
             "SessionRequest": self._on_session_request,
-            "FRBC.SystemDescription": self._on_frbc_system_description,
-            "FRBC.ActuatorStatus": self._on_frbc_actuator_status,
-            "FRBC.StorageStatus": self._on_frbc_storage_status,
-            "FRBC.LeakageBehaviour": self._on_frbc_leakage,
-            "FRBC.UsageForecast": self._on_frbc_usage,
-            "FRBC.FillLevelTargetProfile": self._on_frbc_target,
-            "FRBC.TimerStatus": self._on_frbc_timer,
-            "PEBC.PowerConstraints": self._on_pebc_power_constraints,
-            "PEBC.EnergyConstraint": self._on_pebc_energy_constraint,
-            "PPBC.PowerProfileDefinition": self._on_ppbc_definition,
-            "PPBC.PowerProfileStatus": self._on_ppbc_status,
-            "OMBC.SystemDescription": self._on_ombc_system_description,
-            "OMBC.Status": self._on_ombc_status,
-            "OMBC.TimerStatus": self._on_ombc_timer,
-            "DDBC.SystemDescription": self._on_ddbc_system_description,
-            "DDBC.ActuatorStatus": self._on_ddbc_actuator_status,
-            "DDBC.TimerStatus": self._on_ddbc_timer,
-            "DDBC.AverageDemandRateForecast": self._on_ddbc_forecast,
         }
 
     # --- public API ----------------------------------------------------------------------------
@@ -464,16 +342,7 @@ class S2Session:
             raise ValueError(f"cannot send {message_type}: operation_mode_factor {factor} is "
                              "outside 0..1")
         if message_type in INSTRUCTION_TYPES:
-            wanted = _CONTROL_TYPE_OF_PREFIX[message_type.split(".")[0] + "."]
-            if self.state.control_type != wanted:
-                raise ValueError(f"cannot send {message_type}: the active control type is "
-                                 f"{self._ct_name(self.state.control_type)}")
-            try:
-                self._check_instruction(message, now)
-            except _Reject as problem:
-                raise ValueError(f"cannot send {message_type}: {problem.label}") from None
-            self.state._record_instruction(message, now)
-            self.log.info("sending %s %s", message_type, self.ids.external_of(message.id))
+            self._check_instruction(message, now)
         elif isinstance(message, SelectControlType):
             self._apply_selection(message.control_type)
         elif isinstance(message, RevokeObject):
@@ -485,6 +354,21 @@ class S2Session:
         elif isinstance(message, SessionRequest) and message.request == SessionRequestType.TERMINATE:
             self._close(CLOSE_NORMAL, message.diagnostic_label or "CEM terminated the session")
         return self._out(message, now)
+
+    def _check_instruction(self, instruction: Any, now: datetime) -> None:
+        """An instruction (any plug-in's) goes out only for the active control type, naming only
+        what the RM described; it is then recorded."""
+        message_type = instruction.message_type
+        plugin = OWNER[message_type]
+        if self.state.control_type != plugin.control_type:
+            raise ValueError(f"cannot send {message_type}: the active control type is "
+                             f"{self._ct_name(self.state.control_type)}")
+        try:
+            plugin.check_instruction(self.state.of(plugin.control_type), instruction, now, self)
+        except Rejected as problem:
+            raise ValueError(f"cannot send {message_type}: {problem.label}") from None
+        self.state._record_instruction(instruction, now)
+        self.log.info("sending %s %s", message_type, self.ids.external_of(instruction.id))
 
     def expire(self, now: datetime) -> None:
         """Turn CEM messages whose ReceptionStatus is overdue into ReceptionFailed events.
@@ -604,10 +488,13 @@ class S2Session:
             return [self._reject(message_id, message_type, ReceptionStatusValues.INVALID_CONTENT,
                                  f"{message_type} before the handshake: send Handshake first")]
 
-        try:
-            _check_fill_levels(schema_message)
-        except _Reject as rejection:
-            return [self._reject(message_id, message_type, rejection.status, rejection.label)]
+        owner = OWNER.get(message_type)
+        if owner is not None:
+            try:
+                owner.check_schema_message(message_type, schema_message)
+            except Rejected as rejection:
+                return [self._reject(message_id, message_type, rejection.status,
+                                     rejection.label)]
         factor = json_v1.factor_problem(raw)
         if factor is not None:
             return [self._reject(message_id, message_type, ReceptionStatusValues.INVALID_CONTENT,
@@ -628,11 +515,10 @@ class S2Session:
         body = {k: v for k, v in raw.items() if k != "message_id"}
         translated = map_ids(gen, body, self.ids.to_internal)
         translated["message_id"] = self.ids.to_internal(
-            message_id, remember=message_type in _REFERABLE_BY_MESSAGE_ID)
-        if message_type == "DDBC.SystemDescription":
-            translated = _adapt_ddbc_system_description(translated)
-        elif message_type == "PEBC.PowerConstraints":
-            translated = _normalise_pebc_limit_ranges(translated)
+            message_id, remember=message_type in REFERABLE_TYPES)
+        owner = OWNER.get(message_type)
+        if owner is not None:
+            translated = owner.adapt(message_type, translated)
         try:
             message = TYPE_TO_MESSAGE_CLASS[message_type].model_validate(translated)
         except Exception as exc:  # s2-python's semantic validators
@@ -640,19 +526,18 @@ class S2Session:
             return [self._reject(message_id, message_type, ReceptionStatusValues.INVALID_CONTENT,
                                  f"{message_type} is inconsistent: {label}")], False
 
+        handler = self._handlers.get(message_type) or self._on_control_type_message
         try:
-            follow_up = self._handlers[message_type](message, now)
-        except _Reject as rejection:
+            follow_up = handler(message, now)
+        except Rejected as rejection:
             return [self._reject(message_id, message_type, rejection.status, rejection.label)], False
         if logger.isEnabledFor(logging.DEBUG):
             self.log.debug("accepted %s %s", message_type, message_id)
         return [self._status(message_id, ReceptionStatusValues.OK, None), *follow_up], True
 
     def _on_reception_status(self, raw: dict[str, Any]) -> None:
-        gen = generated_model("ReceptionStatus")
-        assert gen is not None
         try:
-            status = gen.model_validate(raw)
+            status = GeneratedReceptionStatus.model_validate(raw)
         except (ValidationError, ValueError, TypeError, RecursionError) as exc:
             self.log.warning("ignoring a malformed ReceptionStatus (never answered): %s",
                               _describe_errors(exc))
@@ -697,32 +582,31 @@ class S2Session:
         if rate.start_of_range > rate.end_of_range:
             return [self._reject(message_id, kind, ReceptionStatusValues.INVALID_CONTENT,
                                  "present_demand_rate starts after it ends")]
-        try:
-            self._require("DDBC.ActuatorStatus")
-        except _Reject as rejection:
-            return [self._reject(message_id, kind, rejection.status,
-                                 rejection.label.replace("DDBC.ActuatorStatus", kind))]
+        ddbc_type = ddbc.PLUGIN.control_type
+        if self.state.control_type != ddbc_type:
+            return [self._reject(message_id, kind, ReceptionStatusValues.INVALID_CONTENT,
+                                 f"{kind} while the active control type is "
+                                 f"{self._ct_name(self.state.control_type)}")]
         self._present_demand_rate = rate.model_dump(mode="json")
-        for description in self.state._ddbc_sd.all():
-            description.present_demand_rate = rate
+        ddbc.PLUGIN.present_demand_rate(self.state.of(ddbc_type), rate)
         self.events.append(StateChanged("status", kind))
         return [self._status(message_id, ReceptionStatusValues.OK, None)]
 
     def _on_handshake(self, message: Handshake, now: datetime) -> list[Outgoing]:
         if self.s2connect:
-            raise _content("no Handshake in S2 Connect mode: the version was agreed in "
-                           "initiateSession")
+            raise content("no Handshake in S2 Connect mode: the version was agreed in "
+                          "initiateSession")
         if self._handshake_done:
-            raise _content("handshake already done in this session")
+            raise content("handshake already done in this session")
         if message.role != EnergyManagementRole.RM:
-            raise _content(f"Handshake with role {message.role.value}: this peer must be an RM")
+            raise content(f"Handshake with role {message.role.value}: this peer must be an RM")
         offered = list(message.supported_protocol_versions or [])
         common = next((v for v in self.versions if v in offered), None)
         if common is None:
             reason = (f"no common S2 protocol version: the resource manager supports "
                       f"{', '.join(offered) or 'none'}, the CEM supports {', '.join(self.versions)}")
             self._close(CLOSE_PROTOCOL_ERROR, reason)
-            raise _content(reason)
+            raise content(reason)
         out = self.start(now)  # our own Handshake, if the server did not send it yet
         self._handshake_done = True
         self.state.protocol_version = common
@@ -763,16 +647,16 @@ class S2Session:
     def _on_measurement(self, message: PowerMeasurement, now: datetime) -> list[Outgoing]:
         details = self.state.details
         if details is None:
-            raise _content("PowerMeasurement before ResourceManagerDetails")
+            raise content("PowerMeasurement before ResourceManagerDetails")
         advertised = set(details.provides_power_measurement_types)
         seen: set[Any] = set()
         for value in message.values:
             if value.commodity_quantity not in advertised:
-                raise _content(f"commodity quantity {value.commodity_quantity.value} was not "
-                               "advertised in provides_power_measurement_types")
+                raise content(f"commodity quantity {value.commodity_quantity.value} was not "
+                              "advertised in provides_power_measurement_types")
             if value.commodity_quantity in seen:
-                raise _content(f"commodity quantity {value.commodity_quantity.value} appears "
-                               "twice in one PowerMeasurement")
+                raise content(f"commodity quantity {value.commodity_quantity.value} appears "
+                              "twice in one PowerMeasurement")
             seen.add(value.commodity_quantity)
         self.state._add_measurement(message)
         self.events.append(StateChanged("measurement", message.message_type))
@@ -787,7 +671,7 @@ class S2Session:
                                now: datetime) -> list[Outgoing]:
         external = self.ids.external_of(message.instruction_id)
         if self.state.instruction(message.instruction_id) is None:
-            raise _content(f"status for unknown instruction {external}")
+            raise content(f"status for unknown instruction {external}")
         self.state._update_instruction(message)
         self.log.info("instruction %s is now %s", external, message.status_type.value)
         self.events.append(InstructionStatusChanged(external, message.status_type.value))
@@ -797,25 +681,13 @@ class S2Session:
         kind = message.object_type
         object_id = message.object_id
         external = self.ids.external_of(object_id)
-        state = self.state
-        key = str(object_id)
         if kind.value in INSTRUCTION_TYPES:
-            raise _content(f"only the CEM revokes instructions ({kind.value} {external})")
-        removed = False
-        if kind == RevokableObjects.FRBC_SystemDescription:
-            removed = state._frbc_sd.drop(object_id)
-        elif kind == RevokableObjects.OMBC_SystemDescription:
-            removed = state._ombc_sd.drop(object_id)
-        elif kind == RevokableObjects.DDBC_SystemDescription:
-            removed = state._ddbc_sd.drop(object_id)
-        elif kind == RevokableObjects.PPBC_PowerProfileDefinition:
-            removed = state._ppbc_definitions.pop(key, None) is not None
-        elif kind == RevokableObjects.PEBC_PowerConstraints:
-            removed = state._pebc_power.pop(key, None) is not None
-        elif kind == RevokableObjects.PEBC_EnergyConstraint:
-            removed = state._pebc_energy.pop(key, None) is not None
+            raise content(f"only the CEM revokes instructions ({kind.value} {external})")
+        owner = OWNER.get(kind.value)
+        removed = owner is not None and owner is self.state.plugin and owner.revoke(
+            self.state.of(owner.control_type), kind.value, object_id)
         if not removed:
-            raise _content(f"cannot revoke {kind.value} {external}: the CEM does not know it")
+            raise content(f"cannot revoke {kind.value} {external}: the CEM does not know it")
         self.log.info("revoked %s %s", kind.value, external)
         self.events.append(StateChanged("revoked", kind.value))
         return []
@@ -829,288 +701,22 @@ class S2Session:
             self._close(CLOSE_NORMAL, f"resource manager terminated the session ({label})")
         return []
 
-    # --- handlers: control types ---------------------------------------------------------------
+    # --- control types: dispatch to the plug-ins --------------------------------------------
 
-    def _require(self, message_type: str) -> None:
-        wanted = _CONTROL_TYPE_OF_PREFIX[message_type.split(".")[0] + "."]
-        if self.state.control_type != wanted:
-            raise _content(f"{message_type} while the active control type is "
-                           f"{self._ct_name(self.state.control_type)}")
+    def external_of(self, value: Any) -> str:
+        """The id as the RM wrote it (for the plug-ins' diagnostics)."""
+        return self.ids.external_of(value)
 
-    @staticmethod
-    def _room_for_upcoming(count: int, what: str) -> None:
-        if count >= MAX_UPCOMING_VERSIONS:
-            raise _Reject(ReceptionStatusValues.TEMPORARY_ERROR,
-                          f"already {count} future {what} kept; send again when some are in force")
-
-    def _changed(self, kind: str, message_type: str) -> list[Outgoing]:
+    def _on_control_type_message(self, message: Any, now: datetime) -> list[Outgoing]:
+        """A message of a control type: its plug-in judges it, if that type is the active one."""
+        message_type = message.message_type
+        plugin = OWNER[message_type]
+        if self.state.control_type != plugin.control_type:
+            raise content(f"{message_type} while the active control type is "
+                          f"{self._ct_name(self.state.control_type)}")
+        kind = plugin.receive(self.state.of(plugin.control_type), message, now, self)
         self.events.append(StateChanged(kind, message_type))
         return []
-
-    def _on_frbc_system_description(self, message: FRBCSystemDescription,
-                                    now: datetime) -> list[Outgoing]:
-        self._require(message.message_type)
-        _unique([a.id for a in message.actuators], "actuator")
-        storage = message.storage.fill_level_range
-        if storage.start_of_range > storage.end_of_range:
-            raise _content("storage fill_level_range starts after it ends")
-        for actuator in message.actuators:
-            for mode in actuator.operation_modes:
-                _check_contiguous([e.fill_level_range for e in mode.elements],
-                                  f"operation mode {self.ids.external_of(mode.id)}")
-        self._room_for_upcoming(len(self.state._frbc_sd.upcoming(now)), "FRBC system descriptions")
-        self.state._frbc_sd.add(message, now)
-        when = "now" if message.valid_from <= now else f"from {message.valid_from.isoformat()}"
-        self.log.info("FRBC system description with %d actuator(s), valid %s",
-                       len(message.actuators), when)
-        return self._changed("system_description", message.message_type)
-
-    @staticmethod
-    def _versions(history: Any, now: datetime) -> list[Any]:
-        """The version in force and the upcoming ones: a status may refer to any of them."""
-        current = history.in_force(now)
-        return ([current] if current is not None else []) + history.upcoming(now)
-
-    def _actuators(self, history: Any, actuator_id: Any, now: datetime, kind: str) -> list[Any]:
-        """The descriptions of one actuator in every kept version (INVALID_CONTENT if none)."""
-        versions = self._versions(history, now)
-        if not versions:
-            raise _content(f"no {kind}.SystemDescription received yet")
-        found = [a for d in versions for a in d.actuators if id_key(a.id) == id_key(actuator_id)]
-        if not found:
-            raise _content(f"unknown actuator {self.ids.external_of(actuator_id)}")
-        return found
-
-    def _check_actuator_modes(self, actuators: list[Any], message: Any) -> None:
-        modes = {id_key(m.id) for a in actuators for m in a.operation_modes}
-        for mode_id in (message.active_operation_mode_id, message.previous_operation_mode_id):
-            if mode_id is not None and id_key(mode_id) not in modes:
-                raise _content(f"unknown operation mode {self.ids.external_of(mode_id)} of "
-                               f"actuator {self.ids.external_of(message.actuator_id)}")
-
-    def _check_actuator_timer(self, actuators: list[Any], message: Any) -> None:
-        if id_key(message.timer_id) not in {id_key(t.id) for a in actuators for t in a.timers}:
-            raise _content(f"unknown timer {self.ids.external_of(message.timer_id)} of actuator "
-                           f"{self.ids.external_of(message.actuator_id)}")
-
-    def _on_frbc_actuator_status(self, message: FRBCActuatorStatus,
-                                 now: datetime) -> list[Outgoing]:
-        self._require(message.message_type)
-        actuators = self._actuators(self.state._frbc_sd, message.actuator_id, now, "FRBC")
-        self._check_actuator_modes(actuators, message)
-        self.state._frbc_actuator_status[id_key(message.actuator_id)] = message
-        return self._changed("status", message.message_type)
-
-    def _on_frbc_storage_status(self, message: FRBCStorageStatus, now: datetime) -> list[Outgoing]:
-        self._require(message.message_type)
-        self.state._frbc_storage_status = message
-        return self._changed("status", message.message_type)
-
-    def _on_frbc_leakage(self, message: FRBCLeakageBehaviour, now: datetime) -> list[Outgoing]:
-        self._require(message.message_type)
-        _check_contiguous([e.fill_level_range for e in message.elements], "leakage behaviour")
-        self._room_for_upcoming(len(self.state._frbc_leakage.upcoming(now)), "leakage behaviours")
-        self.state._frbc_leakage.add(message, now)
-        return self._changed("leakage", message.message_type)
-
-    def _on_frbc_usage(self, message: FRBCUsageForecast, now: datetime) -> list[Outgoing]:
-        self._require(message.message_type)
-        self.state._frbc_usage = message
-        return self._changed("forecast", message.message_type)
-
-    def _on_frbc_target(self, message: FRBCFillLevelTargetProfile,
-                        now: datetime) -> list[Outgoing]:
-        self._require(message.message_type)
-        for element in message.elements:
-            r = element.fill_level_range
-            if r.start_of_range > r.end_of_range:
-                raise _content(f"target fill level range {r.start_of_range}..{r.end_of_range} "
-                               "starts after it ends")
-        self.state._frbc_target = message
-        return self._changed("target", message.message_type)
-
-    def _on_frbc_timer(self, message: FRBCTimerStatus, now: datetime) -> list[Outgoing]:
-        self._require(message.message_type)
-        actuators = self._actuators(self.state._frbc_sd, message.actuator_id, now, "FRBC")
-        self._check_actuator_timer(actuators, message)
-        self.state._frbc_timers[(id_key(message.actuator_id), id_key(message.timer_id))] = message
-        return self._changed("timer", message.message_type)
-
-    def _on_pebc_power_constraints(self, message: PEBCPowerConstraints,
-                                   now: datetime) -> list[Outgoing]:
-        self._require(message.message_type)
-        upcoming = sum(1 for c in self.state._pebc_power.values() if c.valid_from > now)
-        self._room_for_upcoming(upcoming, "PEBC power constraints")
-        self.state._pebc_power = {k: c for k, c in self.state._pebc_power.items()
-                                  if c.valid_until is None or c.valid_until > now}
-        self.state._pebc_power[id_key(message.id)] = message
-        return self._changed("power_constraints", message.message_type)
-
-    def _on_pebc_energy_constraint(self, message: PEBCEnergyConstraint,
-                                   now: datetime) -> list[Outgoing]:
-        self._require(message.message_type)
-        if message.valid_until <= message.valid_from:
-            raise _content("energy constraint valid_until is not after valid_from")
-        if message.upper_average_power < message.lower_average_power:
-            raise _content("upper_average_power is below lower_average_power")
-        upcoming = sum(1 for c in self.state._pebc_energy.values() if c.valid_from > now)
-        self._room_for_upcoming(upcoming, "PEBC energy constraints")
-        self.state._pebc_energy = {k: c for k, c in self.state._pebc_energy.items()
-                                   if c.valid_until > now}
-        self.state._pebc_energy[id_key(message.id)] = message
-        return self._changed("energy_constraint", message.message_type)
-
-    def _on_ppbc_definition(self, message: PPBCPowerProfileDefinition,
-                            now: datetime) -> list[Outgoing]:
-        self._require(message.message_type)
-        if message.end_time <= message.start_time:
-            raise _content("power profile end_time is not after start_time")
-        _unique([c.id for c in message.power_sequences_containers], "sequence container")
-        for container in message.power_sequences_containers:
-            _unique([s.id for s in container.power_sequences], "power sequence")
-        live = sum(1 for d in self.state._ppbc_definitions.values() if d.end_time > now)
-        self._room_for_upcoming(live, "PPBC power profiles")
-        self.state._ppbc_definitions = {k: d for k, d in self.state._ppbc_definitions.items()
-                                        if d.end_time > now}
-        self.state._ppbc_definitions[id_key(message.id)] = message
-        return self._changed("power_profile", message.message_type)
-
-    def _on_ppbc_status(self, message: PPBCPowerProfileStatus, now: datetime) -> list[Outgoing]:
-        self._require(message.message_type)
-        for status in message.sequence_container_status:
-            profile = self.state.ppbc_power_profile_definition(status.power_profile_id)
-            if profile is None:
-                raise _content(f"unknown power profile "
-                               f"{self.ids.external_of(status.power_profile_id)}")
-            container = next((c for c in profile.power_sequences_containers
-                              if id_key(c.id) == id_key(status.sequence_container_id)), None)
-            if container is None:
-                raise _content(f"unknown sequence container "
-                               f"{self.ids.external_of(status.sequence_container_id)}")
-            if status.selected_sequence_id is not None and id_key(
-                    status.selected_sequence_id) not in {id_key(s.id)
-                                                         for s in container.power_sequences}:
-                raise _content(f"unknown power sequence "
-                               f"{self.ids.external_of(status.selected_sequence_id)}")
-        self.state._ppbc_status = message
-        return self._changed("status", message.message_type)
-
-    def _check_modes_and_transitions(self, modes: list[Any], transitions: list[Any],
-                                     timers: list[Any], where: str) -> None:
-        _unique([m.id for m in modes], f"{where} operation mode")
-        _unique([t.id for t in timers], f"{where} timer")
-        mode_ids = {id_key(m.id) for m in modes}
-        timer_ids = {id_key(t.id) for t in timers}
-        for transition in transitions:
-            for end in (transition.from_, transition.to):
-                if id_key(end) not in mode_ids:
-                    raise _content(f"{where}: transition {self.ids.external_of(transition.id)} "
-                                   f"names unknown operation mode {self.ids.external_of(end)}")
-            for timer in [*transition.start_timers, *transition.blocking_timers]:
-                if id_key(timer) not in timer_ids:
-                    raise _content(f"{where}: transition {self.ids.external_of(transition.id)} "
-                                   f"names unknown timer {self.ids.external_of(timer)}")
-
-    def _on_ombc_system_description(self, message: OMBCSystemDescription,
-                                    now: datetime) -> list[Outgoing]:
-        self._require(message.message_type)
-        self._check_modes_and_transitions(message.operation_modes, message.transitions,
-                                          message.timers, "OMBC")
-        self._room_for_upcoming(len(self.state._ombc_sd.upcoming(now)), "OMBC system descriptions")
-        self.state._ombc_sd.add(message, now)
-        return self._changed("system_description", message.message_type)
-
-    def _ombc_descriptions(self, now: datetime) -> list[OMBCSystemDescription]:
-        versions = self._versions(self.state._ombc_sd, now)
-        if not versions:
-            raise _content("no OMBC.SystemDescription received yet")
-        return versions
-
-    def _on_ombc_status(self, message: OMBCStatus, now: datetime) -> list[Outgoing]:
-        self._require(message.message_type)
-        modes = {id_key(m.id) for d in self._ombc_descriptions(now) for m in d.operation_modes}
-        for mode_id in (message.active_operation_mode_id, message.previous_operation_mode_id):
-            if mode_id is not None and id_key(mode_id) not in modes:
-                raise _content(f"unknown operation mode {self.ids.external_of(mode_id)}")
-        self.state._ombc_status = message
-        return self._changed("status", message.message_type)
-
-    def _on_ombc_timer(self, message: OMBCTimerStatus, now: datetime) -> list[Outgoing]:
-        self._require(message.message_type)
-        timers = {id_key(t.id) for d in self._ombc_descriptions(now) for t in d.timers}
-        if id_key(message.timer_id) not in timers:
-            raise _content(f"unknown timer {self.ids.external_of(message.timer_id)}")
-        self.state._ombc_timers[id_key(message.timer_id)] = message
-        return self._changed("timer", message.message_type)
-
-    def _on_ddbc_system_description(self, message: DDBCSystemDescription,
-                                    now: datetime) -> list[Outgoing]:
-        self._require(message.message_type)
-        _unique([a.id for a in message.actuators], "actuator")
-        for actuator in message.actuators:
-            self._check_modes_and_transitions(
-                actuator.operation_modes, actuator.transitions, actuator.timers,
-                f"actuator {self.ids.external_of(actuator.id)}")
-        self._room_for_upcoming(len(self.state._ddbc_sd.upcoming(now)), "DDBC system descriptions")
-        self.state._ddbc_sd.add(message, now)
-        return self._changed("system_description", message.message_type)
-
-    def _on_ddbc_actuator_status(self, message: DDBCActuatorStatus,
-                                 now: datetime) -> list[Outgoing]:
-        self._require(message.message_type)
-        actuators = self._actuators(self.state._ddbc_sd, message.actuator_id, now, "DDBC")
-        self._check_actuator_modes(actuators, message)
-        self.state._ddbc_actuator_status[id_key(message.actuator_id)] = message
-        return self._changed("status", message.message_type)
-
-    def _on_ddbc_timer(self, message: DDBCTimerStatus, now: datetime) -> list[Outgoing]:
-        self._require(message.message_type)
-        actuators = self._actuators(self.state._ddbc_sd, message.actuator_id, now, "DDBC")
-        self._check_actuator_timer(actuators, message)
-        self.state._ddbc_timers[(id_key(message.actuator_id), id_key(message.timer_id))] = message
-        return self._changed("timer", message.message_type)
-
-    def _on_ddbc_forecast(self, message: DDBCAverageDemandRateForecast,
-                          now: datetime) -> list[Outgoing]:
-        self._require(message.message_type)
-        self.state._ddbc_demand_forecast = message
-        return self._changed("forecast", message.message_type)
-
-    def _check_instruction(self, message: Any, now: datetime) -> None:
-        """An instruction may only name what the RM described (in force or upcoming)."""
-        state = self.state
-        kind = message.message_type
-        if kind == "FRBC.Instruction":
-            actuators = self._actuators(state._frbc_sd, message.actuator_id, now, "FRBC")
-            modes = {id_key(m.id) for a in actuators for m in a.operation_modes}
-            if id_key(message.operation_mode) not in modes:
-                raise _content(f"unknown operation mode "
-                               f"{self.ids.external_of(message.operation_mode)}")
-        elif kind == "DDBC.Instruction":
-            actuators = self._actuators(state._ddbc_sd, message.actuator_id, now, "DDBC")
-            modes = {id_key(m.id) for a in actuators for m in a.operation_modes}
-            if id_key(message.operation_mode_id) not in modes:
-                raise _content(f"unknown operation mode "
-                               f"{self.ids.external_of(message.operation_mode_id)}")
-        elif kind == "OMBC.Instruction":
-            modes = {id_key(m.id) for d in self._ombc_descriptions(now) for m in d.operation_modes}
-            if id_key(message.operation_mode_id) not in modes:
-                raise _content(f"unknown operation mode "
-                               f"{self.ids.external_of(message.operation_mode_id)}")
-        elif kind == "PEBC.Instruction":
-            if id_key(message.power_constraints_id) not in state._pebc_power:
-                raise _content(f"unknown power constraints "
-                               f"{self.ids.external_of(message.power_constraints_id)}")
-        elif kind.startswith("PPBC."):
-            profile = state.ppbc_power_profile_definition(message.power_profile_id)
-            if profile is None:
-                raise _content(f"unknown power profile "
-                               f"{self.ids.external_of(message.power_profile_id)}")
-            container = next((c for c in profile.power_sequences_containers
-                              if id_key(c.id) == id_key(message.sequence_container_id)), None)
-            if container is None or id_key(message.power_sequence_id) not in {
-                    id_key(q.id) for q in container.power_sequences}:
-                raise _content("unknown sequence container or power sequence")
 
     # --- control type selection ----------------------------------------------------------------
 

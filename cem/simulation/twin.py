@@ -475,10 +475,12 @@ class TwinMeter(TwinDevice):
         self.quantities = quantities
 
     def details(self) -> ResourceManagerDetails:
-        role = RoleType.ENERGY_PRODUCER if "PV" in self.name else RoleType.ENERGY_CONSUMER
+        # PV only produces; the grid meter imports and exports: the CEM knows it by these roles
+        roles = [RoleType.ENERGY_PRODUCER] if "PV" in self.name else [
+            RoleType.ENERGY_CONSUMER, RoleType.ENERGY_PRODUCER]
         return ResourceManagerDetails(
             message_id=uuid.uuid4(), resource_id=self.resource_id, name=self.name,
-            roles=[Role(role=role, commodity=Commodity.ELECTRICITY)],
+            roles=[Role(role=role, commodity=Commodity.ELECTRICITY) for role in roles],
             instruction_processing_delay=Duration.from_milliseconds(1000),
             available_control_types=[ControlType.NOT_CONTROLABLE],
             provides_forecast="PV" in self.name, provides_power_measurement_types=self.quantities,

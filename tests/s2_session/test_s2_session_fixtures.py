@@ -48,7 +48,7 @@ def test_documented_pv_limit_range_is_kept_low_to_high() -> None:
     for name in ("01_rm_handshake.json", "02_resource_manager_details.json",
                  "03_pebc_power_constraints.json"):
         session.receive((FIXTURES / "docs_pv_pebc" / name).read_text(), NOW)
-    constraints = session.state.pebc_power_constraints(NOW)
+    constraints = session.state.of("PEBC").power_constraints(NOW)
     assert len(constraints) == 1
     lower = next(r for r in constraints[0].allowed_limit_ranges if r.limit_type.value == "LOWER_LIMIT")
     assert (lower.range_boundary.start_of_range, lower.range_boundary.end_of_range) == (-4000, 0)
@@ -64,9 +64,9 @@ def test_completed_heat_pump_description_is_accepted() -> None:
                  "frbc_actuator_status.json", "frbc_timer_status.json"):
         text = (FIXTURES / "hp_frbc_completed" / name).read_text()
         assert statuses(session.receive(text, NOW))[0]["status"] == "OK", name
-    description = session.state.frbc_system_description(NOW)
+    description = session.state.of("FRBC").system_description(NOW)
     assert description is not None and len(description.actuators[0].timers) == 2
-    assert len(session.state.frbc_timer_statuses()) == 1
+    assert len(session.state.of("FRBC").timer_statuses()) == 1
 
 
 def test_documented_ev_actuator_status_is_accepted_with_a_real_mode() -> None:

@@ -156,7 +156,7 @@ def test_any_schema_id_is_accepted_and_written_back(message_id: str, actuator_id
     found = statuses(feed(session, description))
     assert found == [{"message_type": "ReceptionStatus", "subject_message_id": message_id,
                       "status": "OK"}]
-    stored = session.state.frbc_system_description(T0)
+    stored = session.state.of("FRBC").system_description(T0)
     assert stored is not None
     assert session.ids.external_of(stored.actuators[0].id) == actuator_id
     assert session.ids.external_of(stored.message_id) == message_id

@@ -47,7 +47,7 @@ def test_translation_is_deterministic_per_session_and_keeps_uuids() -> None:
 def test_non_uuid_ids_are_stored_as_uuids_and_resolvable() -> None:
     session, _ = connect([FRBC])
     assert status_of(feed(session, frbc_system_description())) == "OK"
-    description = session.state.frbc_system_description(T0)
+    description = session.state.of("FRBC").system_description(T0)
     assert description is not None
     actuator = description.actuators[0]
     assert isinstance(actuator.id, uuid.UUID)
@@ -59,14 +59,14 @@ def test_non_uuid_ids_are_stored_as_uuids_and_resolvable() -> None:
     assert session.ids.external_of(transition.from_) == "om-off"
     assert [session.ids.external_of(t) for t in transition.start_timers] == ["t-min-on"]
     assert status_of(feed(session, frbc_actuator_status())) == "OK"
-    assert session.state.frbc_actuator_status(actuator.id) is not None
+    assert session.state.of("FRBC").actuator_status(actuator.id) is not None
 
 
 def test_send_translates_ids_back_and_tracks_the_instruction() -> None:
     session, _ = connect([FRBC])
     feed(session, frbc_system_description())
     session.drain_events()
-    description = session.state.frbc_system_description(T0)
+    description = session.state.of("FRBC").system_description(T0)
     assert description is not None
     actuator = description.actuators[0]
     on_mode = next(m for m in actuator.operation_modes
@@ -154,7 +154,7 @@ def test_an_instruction_the_rm_started_is_the_actuators_mode_until_its_next_stat
     session, _ = connect([FRBC])
     feed(session, frbc_system_description())
     assert status_of(feed(session, frbc_actuator_status("om-off"))) == "OK"
-    actuator = session.state.frbc_system_description(T0).actuators[0]
+    actuator = session.state.of("FRBC").system_description(T0).actuators[0]
     on_mode = next(m for m in actuator.operation_modes
                    if session.ids.external_of(m.id) == "om-on")
     instruction = FRBCInstruction(message_id=uuid.uuid4(), id=uuid.uuid4(), actuator_id=actuator.id,
@@ -162,15 +162,15 @@ def test_an_instruction_the_rm_started_is_the_actuators_mode_until_its_next_stat
                                   execution_time=T0, abnormal_condition=False)
     session.send(instruction, T0)
     feed(session, instruction_status(str(instruction.id), "ACCEPTED"))
-    status = session.state.frbc_actuator_status(actuator.id)
+    status = session.state.of("FRBC").actuator_status(actuator.id)
     assert status is not None and session.ids.external_of(status.active_operation_mode_id) == \
         "om-off"  # accepted is not carried out
     feed(session, instruction_status(str(instruction.id), "STARTED", "isu-2"))
-    status = session.state.frbc_actuator_status(actuator.id)
+    status = session.state.of("FRBC").actuator_status(actuator.id)
     assert status is not None and str(status.active_operation_mode_id) == str(on_mode.id)
     assert status.operation_mode_factor == 0.7
     # the RM's own next status has the last word
     feed(session, frbc_actuator_status("om-off", message_id="as-2"))
-    status = session.state.frbc_actuator_status(actuator.id)
+    status = session.state.of("FRBC").actuator_status(actuator.id)
     assert status is not None and session.ids.external_of(status.active_operation_mode_id) == \
         "om-off"

@@ -57,7 +57,7 @@ def test_v1_ddbc_system_description_and_present_demand_status() -> None:
     status = {"message_type": "DDBC.PresentDemandStatus", "message_id": "pds-1",
               "present_demand_rate": {"start_of_range": 2, "end_of_range": 4}}
     assert status_of(feed(session, status)) == "OK"
-    in_force = session.state.ddbc_system_description(T0)
+    in_force = session.state.of("DDBC").system_description(T0)
     assert in_force is not None and in_force.present_demand_rate.end_of_range == 4
     assert status_of(feed(session, {**status, "message_id": "pds-2", "extra": 1})) == \
         "INVALID_MESSAGE"

@@ -58,13 +58,13 @@ def test_system_description_in_force_is_latest_valid_from_not_after_now() -> Non
     state, ext = session.state, session.ids.external_of
 
     def in_force(at: object) -> str | None:
-        description = state.frbc_system_description(at)  # type: ignore[arg-type]
+        description = state.of("FRBC").system_description(at)  # type: ignore[arg-type]
         return ext(description.message_id) if description else None
 
     assert in_force(T0 - 2 * HOUR) is None
     assert in_force(T0 + timedelta(minutes=59)) == "sd-now"
     assert in_force(T0 + HOUR) == "sd-next"
-    assert [ext(d.message_id) for d in state.frbc_upcoming_system_descriptions(T0)] == ["sd-next"]
+    assert [ext(d.message_id) for d in state.of("FRBC").upcoming_system_descriptions(T0)] == ["sd-next"]
     # a description that is no longer in force is forgotten once a newer one is
     kept = json.dumps(state.snapshot()["frbc"]["system_descriptions"])
     assert session.ids.to_internal("sd-past") not in kept
@@ -77,11 +77,11 @@ def test_statuses_forecasts_targets_are_kept() -> None:
                     frbc_leakage(), frbc_usage_forecast(), frbc_target(), power_forecast()):
         assert status_of(feed(session, message)) == "OK"
     state = session.state
-    assert state.frbc_storage_status is not None
-    assert state.frbc_storage_status.present_fill_level == 42.5
-    assert len(state.frbc_actuator_statuses()) == 1
-    assert state.frbc_leakage_behaviour(T0) is not None
-    assert state.frbc_usage_forecast is not None and state.frbc_fill_level_target_profile
+    assert state.of("FRBC").storage_status is not None
+    assert state.of("FRBC").storage_status.present_fill_level == 42.5
+    assert len(state.of("FRBC").actuator_statuses()) == 1
+    assert state.of("FRBC").leakage_behaviour(T0) is not None
+    assert state.of("FRBC").usage_forecast is not None and state.of("FRBC").fill_level_target_profile
     assert state.power_forecast() is not None
     kinds = [e.kind for e in session.drain_events() if isinstance(e, StateChanged)]
     assert kinds[-7:] == ["system_description", "status", "status", "leakage", "forecast",
@@ -106,17 +106,17 @@ def test_latest_measurement_per_commodity_quantity_with_time() -> None:
 
 @pytest.mark.parametrize(("control_type", "setup", "object_type", "object_id", "gone"), [
     (FRBC, [frbc_system_description()], "FRBC.SystemDescription", "sd-1",
-     lambda s: s.frbc_system_description(T0) is None),
+     lambda s: s.of("FRBC").system_description(T0) is None),
     (OMBC, [ombc_system_description()], "OMBC.SystemDescription", "osd-1",
-     lambda s: s.ombc_system_description(T0) is None),
+     lambda s: s.of("OMBC").system_description(T0) is None),
     (DDBC, [ddbc_system_description()], "DDBC.SystemDescription", "dsd-1",
-     lambda s: s.ddbc_system_description(T0) is None),
+     lambda s: s.of("DDBC").system_description(T0) is None),
     (PPBC, [ppbc_definition()], "PPBC.PowerProfileDefinition", "pp-1",
-     lambda s: s.ppbc_power_profile_definitions() == []),
+     lambda s: s.of("PPBC").power_profile_definitions() == []),
     (PEBC, [pebc_power_constraints()], "PEBC.PowerConstraints", "pc-1",
-     lambda s: s.pebc_power_constraints() == []),
+     lambda s: s.of("PEBC").power_constraints() == []),
     (PEBC, [pebc_energy_constraint()], "PEBC.EnergyConstraint", "ec-1",
-     lambda s: s.pebc_energy_constraints() == []),
+     lambda s: s.of("PEBC").energy_constraints() == []),
 ])
 def test_revoke_drops_the_object(control_type: str, setup: list[dict[str, object]],
                                  object_type: str, object_id: str, gone: object) -> None:
@@ -136,22 +136,22 @@ def test_other_control_types_keep_their_state() -> None:
     session, _ = connect([OMBC])
     feed(session, ombc_system_description())
     assert status_of(feed(session, ombc_status())) == "OK"
-    assert session.state.ombc_status is not None and len(session.state.ombc_timer_statuses()) == 0
+    assert session.state.of("OMBC").status is not None and len(session.state.of("OMBC").timer_statuses()) == 0
     session, _ = connect([DDBC])
     for message in (ddbc_system_description(), ddbc_actuator_status(), ddbc_demand_forecast()):
         assert status_of(feed(session, message)) == "OK"
-    actuator = session.state.ddbc_system_description(T0).actuators[0]  # type: ignore[union-attr]
-    assert session.state.ddbc_actuator_status(actuator.id) is not None
-    assert session.state.ddbc_average_demand_rate_forecast is not None
+    actuator = session.state.of("DDBC").system_description(T0).actuators[0]  # type: ignore[union-attr]
+    assert session.state.of("DDBC").actuator_status(actuator.id) is not None
+    assert session.state.of("DDBC").average_demand_rate_forecast is not None
     session, _ = connect([PPBC])
     feed(session, ppbc_definition())
     assert status_of(feed(session, ppbc_status())) == "OK"
-    assert session.state.ppbc_power_profile_status is not None
+    assert session.state.of("PPBC").power_profile_status is not None
     session, _ = connect([PEBC])
     feed(session, pebc_power_constraints())
     feed(session, pebc_power_constraints("pc-msg-2", "pc-2", valid_from=T0 + HOUR))
-    assert len(session.state.pebc_power_constraints()) == 2
-    assert len(session.state.pebc_power_constraints(T0)) == 1
+    assert len(session.state.of("PEBC").power_constraints()) == 2
+    assert len(session.state.of("PEBC").power_constraints(T0)) == 1
 
 
 def test_switch_control_type_on_demand_drops_previous_state() -> None:
@@ -163,8 +163,8 @@ def test_switch_control_type_on_demand_drops_previous_state() -> None:
     assert [m["control_type"] for m in sent(outs, "SelectControlType")] == [
         "POWER_ENVELOPE_BASED_CONTROL"]
     assert session.state.control_type == ControlType.POWER_ENVELOPE_BASED_CONTROL
-    assert session.state.frbc_system_description(T0) is None
-    assert session.state.frbc_storage_status is None
+    assert session.state.of("FRBC").system_description(T0) is None
+    assert session.state.of("FRBC").storage_status is None
     assert ControlTypeSelected("POWER_ENVELOPE_BASED_CONTROL") in session.drain_events()
     assert status_of(feed(session, frbc_storage_status(message_id="ss-2"))) == "INVALID_CONTENT"
     assert status_of(feed(session, pebc_power_constraints())) == "OK"
@@ -292,11 +292,31 @@ def test_expired_pebc_constraints_and_ppbc_profiles_are_forgotten() -> None:
     later = T0 + 5 * HOUR
     feed(session, pebc_power_constraints("pc-msg-2", "pc-2", valid_from=later), now=later)
     feed(session, pebc_energy_constraint("ec-msg-2", "ec-2"), now=later)
-    assert [session.ids.external_of(c.id) for c in session.state.pebc_power_constraints()] == [
+    assert [session.ids.external_of(c.id) for c in session.state.of("PEBC").power_constraints()] == [
         "pc-2"]
-    assert len(session.state.pebc_energy_constraints()) == 1
+    assert len(session.state.of("PEBC").energy_constraints()) == 1
     session, _ = connect([PPBC])
     feed(session, ppbc_definition())
     feed(session, ppbc_definition("ppd-2", "pp-2"), now=T0 + 7 * HOUR)
     assert [session.ids.external_of(d.id)
-            for d in session.state.ppbc_power_profile_definitions()] == ["pp-2"]
+            for d in session.state.of("PPBC").power_profile_definitions()] == ["pp-2"]
+
+
+def test_a_control_types_state_is_reached_through_its_plugin() -> None:
+    session, _ = connect([FRBC, OMBC])
+    assert session.state.plugin is not None and session.state.plugin.name == "FRBC"
+    feed(session, frbc_system_description())
+    # by ControlType, its value or its short name: the same state, the RM's own
+    frbc = session.state.of("FRBC")
+    assert frbc is session.state.of(ControlType.FILL_RATE_BASED_CONTROL)
+    assert frbc is session.state.of(FRBC)
+    assert frbc.system_description(T0) is not None
+    # a control type not selected has nothing: an empty state, not another RM's or an error
+    assert session.state.of("OMBC").system_description(T0) is None
+    assert session.state.snapshot()["ombc"] == {"system_descriptions": [], "status": None,
+                                                "timer_status": []}
+    session.select_control_type("NO_SELECTION", T0)
+    assert session.state.plugin is None
+    assert session.state.of("FRBC").system_description(T0) is None
+    with pytest.raises(ValueError, match="no control type 'XYZ'"):
+        session.state.of("XYZ")

@@ -1,0 +1,322 @@
+"""FRBC (fill-rate based control) as a plug-in: its session rules, its state, its flex binding.
+
+Session rules: fill-level ranges of every operation mode and of the leakage behaviour must be
+ordered and cover one interval without gaps or overlaps (checked in the RM's own words, before
+s2-python's checks); actuator ids unique; statuses and timers may name only actuators, modes
+and timers of a kept system description (the one in force or an upcoming one); at most
+`MAX_UPCOMING_VERSIONS` future system descriptions and leakage behaviours are kept.
+What the RM reports as STARTED or SUCCEEDED of an FRBC.Instruction is its actuator's mode
+until its next ActuatorStatus.
+
+Flex binding: the system description in force becomes one `StorageAsset` (`cem.flex.frbc`),
+of the kind the RM's S2 description says (`cem.flex.kinds.storage_kind`); an EV aims at its
+target `ev_finish_margin_minutes` before its departure; a storage held on by a minimum run
+time is a fixed load until the timer ends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import uuid
+from datetime import datetime
+from typing import Any
+
+from s2python.common import ControlType, InstructionStatus, InstructionStatusUpdate, NumberRange
+from s2python.frbc import (
+    FRBCActuatorStatus,
+    FRBCFillLevelTargetProfile,
+    FRBCLeakageBehaviour,
+    FRBCStorageStatus,
+    FRBCSystemDescription,
+    FRBCTimerStatus,
+    FRBCUsageForecast,
+)
+
+from cem.control_types.base import (
+    PluginBase,
+    SessionView,
+    ValidFromHistory,
+    actuators,
+    check_actuator_modes,
+    check_actuator_timer,
+    content,
+    dump,
+    room_for_upcoming,
+    unique,
+)
+from cem.flex.frbc import frbc_storage_asset, mode_range, storage_kind
+from cem.flex.ptu import sid
+from cem.flex.site_problem import SiteBuild
+from cem.planner.assets import StorageAsset
+from cem.ports import RmStateView
+
+SYSTEM_DESCRIPTION = "FRBC.SystemDescription"
+
+
+class FrbcState:
+    """What an FRBC RM told the CEM (read-only for all but the FRBC rules)."""
+
+    def __init__(self) -> None:
+        self._sd: ValidFromHistory[FRBCSystemDescription] = ValidFromHistory()
+        self._actuator_status: dict[str, FRBCActuatorStatus] = {}
+        self._storage_status: FRBCStorageStatus | None = None
+        self._leakage: ValidFromHistory[FRBCLeakageBehaviour] = ValidFromHistory()
+        self._usage: FRBCUsageForecast | None = None
+        self._target: FRBCFillLevelTargetProfile | None = None
+        self._timers: dict[tuple[str, str], FRBCTimerStatus] = {}
+
+    def system_description(self, now: datetime) -> FRBCSystemDescription | None:
+        """The FRBC.SystemDescription in force at ``now``."""
+        return self._sd.in_force(now)
+
+    def upcoming_system_descriptions(self, now: datetime) -> list[FRBCSystemDescription]:
+        return self._sd.upcoming(now)
+
+    def actuator_status(self, actuator_id: Any) -> FRBCActuatorStatus | None:
+        return self._actuator_status.get(sid(actuator_id))
+
+    def actuator_statuses(self) -> dict[str, FRBCActuatorStatus]:
+        return dict(self._actuator_status)
+
+    @property
+    def storage_status(self) -> FRBCStorageStatus | None:
+        return self._storage_status
+
+    def leakage_behaviour(self, now: datetime) -> FRBCLeakageBehaviour | None:
+        return self._leakage.in_force(now)
+
+    @property
+    def usage_forecast(self) -> FRBCUsageForecast | None:
+        return self._usage
+
+    @property
+    def fill_level_target_profile(self) -> FRBCFillLevelTargetProfile | None:
+        return self._target
+
+    def timer_statuses(self) -> dict[tuple[str, str], FRBCTimerStatus]:
+        """(actuator_id, timer_id) -> latest FRBC.TimerStatus."""
+        return dict(self._timers)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "system_descriptions": [dump(s) for s in self._sd.all()],
+            "actuator_status": {k: dump(v) for k, v in self._actuator_status.items()},
+            "storage_status": dump(self._storage_status),
+            "leakage_behaviour": [dump(s) for s in self._leakage.all()],
+            "usage_forecast": dump(self._usage),
+            "fill_level_target_profile": dump(self._target),
+            "timer_status": [dump(v) for v in self._timers.values()],
+        }
+
+
+def check_contiguous(ranges: list[NumberRange], what: str) -> None:
+    """Fill-level ranges must be ordered, and together cover one interval without gaps/overlaps."""
+    for r in ranges:
+        if r.start_of_range > r.end_of_range:
+            raise content(f"{what}: fill level range {r.start_of_range}..{r.end_of_range} "
+                          "starts after it ends")
+    ordered = sorted(ranges, key=lambda r: (r.start_of_range, r.end_of_range))
+    for a, b in itertools.pairwise(ordered):
+        if b.start_of_range < a.end_of_range or (
+                b.start_of_range == a.start_of_range and b.end_of_range == a.end_of_range):
+            raise content(f"{what}: fill level ranges {a.start_of_range}..{a.end_of_range} and "
+                          f"{b.start_of_range}..{b.end_of_range} overlap")
+        if b.start_of_range > a.end_of_range:
+            raise content(f"{what}: gap in fill level ranges between {a.end_of_range} and "
+                          f"{b.start_of_range}")
+
+
+_PRIORITY_LABEL = re.compile(r"\bpriority[ =:]*(\d{1,2})\b", re.IGNORECASE)
+
+
+def label_priority(system_description: Any) -> int | None:
+    """Priority an RM states in its storage's diagnostic label ("..., priority 3").
+
+    S2 has no priority field; the OCPP RM carries the charge card's priority this way
+    (docs/adr/0002-ev-priority-in-s2.md). None when the label says nothing.
+    """
+    storage = getattr(system_description, "storage", None)
+    label = getattr(storage, "diagnostic_label", None) or ""
+    match = _PRIORITY_LABEL.search(label)
+    return int(match.group(1)) if match else None
+
+
+def finish_early(asset: StorageAsset, margin_minutes: int, ptu_minutes: int) -> None:
+    """Aim to reach an EV's target `margin_minutes` before its departure.
+
+    Live, the last PTUs of a plan meet reality (a slow taper, an instruction that lands late,
+    a replan that comes a little after the PTU starts): a plan that finishes exactly at the
+    departure leaves drivers a few hundred Wh short. The EV may still charge until it leaves.
+    Close to the departure the margin shrinks to the end of the first PTU the EV can use, but
+    never to nothing: the last plans before a departure are the ones reality upsets most.
+    """
+    if margin_minutes <= 0 or asset.target_wh is None or asset.available_until is None:
+        return
+    early = max(asset.available_until - -(-margin_minutes // ptu_minutes),
+                asset.available_from + 1)
+    if early >= asset.available_until or asset.target_wh <= asset.level_wh:
+        return
+    asset.target_profile.append((early, asset.target_wh, asset.level_max_wh))
+
+
+class FrbcPlugin(PluginBase[FrbcState]):
+    control_type = ControlType.FILL_RATE_BASED_CONTROL
+    name = "FRBC"
+    snapshot_key = "frbc"
+    message_types = frozenset({
+        SYSTEM_DESCRIPTION, "FRBC.ActuatorStatus", "FRBC.StorageStatus", "FRBC.LeakageBehaviour",
+        "FRBC.UsageForecast", "FRBC.FillLevelTargetProfile", "FRBC.TimerStatus"})
+    instruction_types = frozenset({"FRBC.Instruction"})
+    referable_types = frozenset({SYSTEM_DESCRIPTION})
+    state_class = FrbcState
+
+    # --- session rules ------------------------------------------------------------------------
+
+    def check_schema_message(self, message_type: str, message: Any) -> None:
+        """Fill-level ranges, in the RM's own words, before s2-python's checks."""
+        if message_type == SYSTEM_DESCRIPTION:
+            for actuator in message.actuators:
+                for mode in actuator.operation_modes:
+                    check_contiguous([e.fill_level_range for e in mode.elements],
+                                     f"operation mode {sid(mode.id)} of actuator "
+                                     f"{sid(actuator.id)}")
+        elif message_type == "FRBC.LeakageBehaviour":
+            check_contiguous([e.fill_level_range for e in message.elements], "leakage behaviour")
+
+    def receive(self, state: FrbcState, message: Any, now: datetime,
+                session: SessionView) -> str:
+        kind = message.message_type
+        if kind == SYSTEM_DESCRIPTION:
+            return self._system_description(state, message, now, session)
+        if kind == "FRBC.ActuatorStatus":
+            found = actuators(state._sd, message.actuator_id, now, "FRBC", session)
+            check_actuator_modes(found, message, session)
+            state._actuator_status[sid(message.actuator_id)] = message
+            return "status"
+        if kind == "FRBC.StorageStatus":
+            state._storage_status = message
+            return "status"
+        if kind == "FRBC.LeakageBehaviour":
+            check_contiguous([e.fill_level_range for e in message.elements], "leakage behaviour")
+            room_for_upcoming(len(state._leakage.upcoming(now)), "leakage behaviours")
+            state._leakage.add(message, now)
+            return "leakage"
+        if kind == "FRBC.UsageForecast":
+            state._usage = message
+            return "forecast"
+        if kind == "FRBC.FillLevelTargetProfile":
+            for element in message.elements:
+                r = element.fill_level_range
+                if r.start_of_range > r.end_of_range:
+                    raise content(f"target fill level range {r.start_of_range}.."
+                                  f"{r.end_of_range} starts after it ends")
+            state._target = message
+            return "target"
+        if kind == "FRBC.TimerStatus":
+            found = actuators(state._sd, message.actuator_id, now, "FRBC", session)
+            check_actuator_timer(found, message, session)
+            state._timers[(sid(message.actuator_id), sid(message.timer_id))] = message
+            return "timer"
+        return super().receive(state, message, now, session)
+
+    @staticmethod
+    def _system_description(state: FrbcState, message: FRBCSystemDescription, now: datetime,
+                            session: SessionView) -> str:
+        unique([a.id for a in message.actuators], "actuator")
+        storage = message.storage.fill_level_range
+        if storage.start_of_range > storage.end_of_range:
+            raise content("storage fill_level_range starts after it ends")
+        for actuator in message.actuators:
+            for mode in actuator.operation_modes:
+                check_contiguous([e.fill_level_range for e in mode.elements],
+                                 f"operation mode {session.external_of(mode.id)}")
+        room_for_upcoming(len(state._sd.upcoming(now)), "FRBC system descriptions")
+        state._sd.add(message, now)
+        when = "now" if message.valid_from <= now else f"from {message.valid_from.isoformat()}"
+        session.log.info("FRBC system description with %d actuator(s), valid %s",
+                         len(message.actuators), when)
+        return "system_description"
+
+    def check_instruction(self, state: FrbcState, message: Any, now: datetime,
+                          session: SessionView) -> None:
+        found = actuators(state._sd, message.actuator_id, now, "FRBC", session)
+        modes = {sid(m.id) for a in found for m in a.operation_modes}
+        if sid(message.operation_mode) not in modes:
+            raise content(f"unknown operation mode {session.external_of(message.operation_mode)}")
+
+    def revoke(self, state: FrbcState, object_type: str, object_id: Any) -> bool:
+        return object_type == SYSTEM_DESCRIPTION and state._sd.drop(object_id)
+
+    def instruction_status(self, state: FrbcState, instruction: Any,
+                           update: InstructionStatusUpdate) -> None:
+        # what the RM says it carried out is the actuator's mode until its next
+        # ActuatorStatus: a plan made in between must not take it for the old mode (a
+        # heat pump just switched on, whose minimum run time then holds it on)
+        if update.status_type not in (InstructionStatus.STARTED, InstructionStatus.SUCCEEDED):
+            return
+        key = sid(instruction.actuator_id)
+        old = state._actuator_status.get(key)
+        if old is None or old.active_operation_mode_id != instruction.operation_mode or \
+                old.operation_mode_factor != instruction.operation_mode_factor:
+            state._actuator_status[key] = FRBCActuatorStatus(
+                message_id=uuid.uuid4(), actuator_id=instruction.actuator_id,
+                active_operation_mode_id=instruction.operation_mode,
+                operation_mode_factor=instruction.operation_mode_factor,
+                previous_operation_mode_id=old.active_operation_mode_id if old else None,
+                transition_timestamp=update.timestamp)
+
+    # --- flex binding -------------------------------------------------------------------------
+
+    def add_assets(self, site: SiteBuild, rm_id: str, rm: RmStateView) -> bool:
+        state: FrbcState = rm.of(self.control_type)
+        sd = state.system_description(site.now)
+        if sd is None:
+            return False
+        name = rm.details.name if rm.details is not None and rm.details.name else ""
+        kind = storage_kind(sd, rm.details)
+        priority = label_priority(sd) or (site.config.ev_defaults.priority if kind == "ev" else 1)
+        asset, binding = frbc_storage_asset(
+            rm_id, sd, site.grid, site.now,
+            storage_status=state.storage_status,
+            actuator_statuses=state.actuator_statuses(),
+            leakage=state.leakage_behaviour(site.now),
+            usage_forecast=state.usage_forecast,
+            target_profile=state.fill_level_target_profile,
+            timer_statuses=list(state.timer_statuses().values()),
+            kind=kind, priority=priority)
+        if asset.kind == "ev":
+            finish_early(asset, site.config.planner.ev_finish_margin_minutes,
+                         site.problem.ptu_minutes)
+        site.problem.storage.append(asset)
+        site.mapping.add(rm_id, asset.id, binding, asset.kind)
+        if binding.held_load is not None:  # kept on by a minimum run time: not to plan
+            site.problem.fixed.append(binding.held_load)
+            site.mapping.rm_assets[rm_id].append(binding.held_load.id)
+            site.mapping.notes.append(f"{name or rm_id}: kept on until PTU "
+                                      f"{int(asset.available_from)} by a running timer")
+        return True
+
+    def instruction_power_w(self, state: FrbcState, message: Any, now: datetime) -> float | None:
+        """From the system description in force, at the present fill level."""
+        description = state.system_description(now)
+        status = state.storage_status
+        fill = float(getattr(status, "present_fill_level", 0.0) or 0.0)
+        for actuator in getattr(description, "actuators", None) or []:
+            if sid(actuator.id) != sid(message.actuator_id):
+                continue
+            for mode in actuator.operation_modes:
+                if sid(mode.id) == sid(message.operation_mode):
+                    r = mode_range(mode, fill)
+                    factor = float(message.operation_mode_factor)
+                    return r.power_start + factor * (r.power_end - r.power_start)
+        return None
+
+
+PLUGIN = FrbcPlugin()
+
+
+def state_of(rm: RmStateView) -> FrbcState:
+    """The FRBC part of an RM's state (empty when FRBC is not its active control type)."""
+    state: FrbcState = rm.of(ControlType.FILL_RATE_BASED_CONTROL)
+    return state
