@@ -226,7 +226,7 @@ async def test_an_http_device_is_an_adapter_on_the_device_loop(plug: Plug, cem: 
     try:
         rm_id = str(rm.resource_id)
         live = await eventually(lambda: (entry := cem.get(rm_id)) is not None
-                                and entry.state.ombc_system_description(now()) is not None
+                                and entry.state.of("OMBC").system_description(now()) is not None
                                 and entry, "the plug's OMBC description at the CEM")
         details = live.state.details
         assert details.name == "smart plug" and details.model == "HTTP plug"
@@ -252,11 +252,11 @@ async def test_an_http_device_is_an_adapter_on_the_device_loop(plug: Plug, cem: 
         assert plug.switches == [True, False]
 
         plug.broken = True  # a fault: flexibility withdrawn, no more measurements
-        await eventually(lambda: live.state.ombc_system_description(now()) is None,
+        await eventually(lambda: live.state.of("OMBC").system_description(now()) is None,
                          "the description revoked")
         assert not rm.device_ok and "HTTP 503" in (rm.fault or "")
         plug.broken = False
-        await eventually(lambda: live.state.ombc_system_description(now()) is not None,
+        await eventually(lambda: live.state.of("OMBC").system_description(now()) is not None,
                          "the flexibility offered again")
     finally:
         await rm.stop()
