@@ -124,7 +124,8 @@ class FakeRegistry:
                 self.queue.put_nowait(RmEvent(rm_id, "c-" + rm_id, event, now()))
 
     def connect(self, rm_id: str, name: str, control_types: list[ControlType],
-                measures: list[CommodityQuantity]) -> None:
+                measures: list[CommodityQuantity],
+                roles: tuple[RoleType, ...] = (RoleType.ENERGY_CONSUMER,)) -> None:
         session = S2Session()
         session.start(now())
         self.entries[rm_id] = Entry(rm_id, session, name)
@@ -132,7 +133,7 @@ class FakeRegistry:
                                    supported_protocol_versions=["0.0.2-beta"]))
         self.feed(rm_id, ResourceManagerDetails(
             message_id=uid(), resource_id=uid(), name=name,
-            roles=[Role(role=RoleType.ENERGY_CONSUMER, commodity=Commodity.ELECTRICITY)],
+            roles=[Role(role=role, commodity=Commodity.ELECTRICITY) for role in roles],
             instruction_processing_delay=100, available_control_types=control_types,
             provides_forecast=False, provides_power_measurement_types=measures))
 
@@ -295,7 +296,8 @@ async def test_guard_caps_an_ev_within_a_second_when_the_meter_nears_the_fuse(
     caplog.set_level(logging.INFO, logger="cem.control")
     ev = EvRm(registry, "ev-4")
     registry.connect("meter", "grid meter", [ControlType.NOT_CONTROLABLE],
-                     [L.ELECTRIC_POWER_L1, L.ELECTRIC_POWER_L2, L.ELECTRIC_POWER_L3])
+                     [L.ELECTRIC_POWER_L1, L.ELECTRIC_POWER_L2, L.ELECTRIC_POWER_L3],
+                     roles=(RoleType.ENERGY_CONSUMER, RoleType.ENERGY_PRODUCER))
     await until(lambda: ev.instructions() and controller.mapping is not None
                 and controller.mapping.meter_rm == "meter")
     ev.measure(22080)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
-import pytest
 from s2python.common import (
     CommodityQuantity,
     ControlType,
@@ -143,8 +141,7 @@ def test_site_problem_from_real_sessions_and_back_to_sendable_instructions() -> 
     assert out.message_type == "FRBC.Instruction" and out.awaits_status
 
 
-def test_the_grid_meter_is_known_from_what_it_says_in_s2(
-        caplog: pytest.LogCaptureFixture) -> None:
+def test_the_grid_meter_is_known_from_what_it_says_in_s2() -> None:
     config = SiteConfig.model_validate({"planner": {"horizon_ptus": 4}})
     ev, _ = ev_session()
 
@@ -153,7 +150,6 @@ def test_the_grid_meter_is_known_from_what_it_says_in_s2(
                                           [], NOW)
         return mapping.meter_rm
 
-    caplog.set_level(logging.WARNING, logger="cem.flex")
     # NOT_CONTROLABLE only, consumer and producer of electricity, measures it: the meter,
     # whatever it is called
     assert meter_of(ev=ev, m=meter_session(5640, name="Modbus 10.0.0.7/1")) == "m"
@@ -164,14 +160,10 @@ def test_the_grid_meter_is_known_from_what_it_says_in_s2(
         ControlType.NOT_CONTROLABLE, ControlType.POWER_ENVELOPE_BASED_CONTROL))) is None
     assert meter_of(ev=ev, m=meter_session(5640, roles=(*BOTH_WAYS, RoleType.ENERGY_STORAGE))) \
         is None
-    assert not any("guessed from the name" in r.getMessage() for r in caplog.records)
-    # an RM that does not say so in S2 but calls itself a meter: taken as the meter, and the
-    # log says it was guessed from the name (once per RM)
+    # an RM that calls itself a meter but does not say so in S2 is not taken for one: its
+    # name is not read (it is planned as a load)
     named = meter_session(5640, name="grid meter", roles=(RoleType.ENERGY_CONSUMER,))
-    assert meter_of(ev=ev, named=named) == "named"
-    assert meter_of(ev=ev, named=named) == "named"
-    guessed = [r for r in caplog.records if "guessed from the name" in r.getMessage()]
-    assert len(guessed) == 1 and "grid meter" in guessed[0].getMessage()
+    assert meter_of(ev=ev, named=named) is None
 
 
 def test_real_planner_plans_the_ev_within_the_congestion_window() -> None:

@@ -20,11 +20,7 @@ The rule, in the order it is applied:
 The grid meter measures the whole site: it is not planned as a load; the part of its
 measurement no other RM explains becomes the base load, and the guard reads it.
 
-One fallback is left for RMs that do not say enough yet: a NOT_CONTROLABLE RM (or one with no
-control type selected) whose name or model says "meter" is taken as the grid meter, and a
-warning "guessed from the name" is logged once per RM. Our own Modbus meter RM needs it until
-it declares both roles (resource_managers/modbus/rm.py `MeterRM`: roles ENERGY_CONSUMER and
-ENERGY_PRODUCER of ELECTRICITY).
+A meter that does not say so in S2 is planned as an ordinary load: its name is not read.
 """
 
 from __future__ import annotations
@@ -39,7 +35,6 @@ from cem.flex.ptu import is_electric
 logger = logging.getLogger("cem.flex")
 
 _NOT_PLANNED = frozenset({ControlType.NOT_CONTROLABLE, ControlType.NO_SELECTION})
-_guessed: set[str] = set()  # RMs already reported as a meter guessed from the name
 
 
 def says_grid_meter(details: Any) -> bool:
@@ -54,23 +49,6 @@ def says_grid_meter(details: Any) -> bool:
             and any(is_electric(q) for q in details.provides_power_measurement_types))
 
 
-def is_grid_meter(state: Any, rm_id: str = "") -> bool:
+def is_grid_meter(state: Any) -> bool:
     """Whether the RM measures the site's grid connection (see the module docstring)."""
-    details = state.details
-    if details is None:
-        return False
-    if says_grid_meter(details):
-        return True
-    control = state.control_type
-    if control is not None and control not in _NOT_PLANNED:
-        return False
-    text = " ".join(filter(None, [details.name, details.model])).lower()
-    if "meter" not in text:
-        return False
-    key = rm_id or str(details.resource_id)
-    if key not in _guessed:
-        _guessed.add(key)
-        logger.warning("RM %s (%s): taken as the grid meter, guessed from the name; it should "
-                       "say so in S2 (roles ENERGY_CONSUMER and ENERGY_PRODUCER of ELECTRICITY, "
-                       "NOT_CONTROLABLE only)", details.name or "", key)
-    return True
+    return says_grid_meter(state.details)

@@ -130,7 +130,7 @@ def build_problem(states: Mapping[str, Any], config: SiteConfig, prices: Any,
     site = SiteBuild(problem, mapping, grid, config, now)
     explained_w = 0.0
     for rm_id, state in states.items():
-        if is_grid_meter(state, rm_id):
+        if is_grid_meter(state):
             mapping.meter_rm = rm_id
             continue
         try:
