@@ -51,3 +51,45 @@ def test_each_ev_reaches_its_target_by_its_milestone_not_just_by_departure() -> 
         ((milestone, lo, _hi),) = ev.target_profile
         charged_wh = float(np.sum(plan.power_w[ev.id][:milestone])) * 0.25
         assert ev.level_wh + charged_wh >= lo - 11040 * 0.25, ev.id  # within one power step
+
+
+def live_ev_problem(evs: int = 6) -> Problem:
+    """EVs as a live site plans them: the RM's target profile says 'anything up to the maximum
+    until the departure, the target at it', and the finish margin adds the target a PTU early."""
+    p = problem(evs)
+    for ev in p.storage:
+        end = int(ev.available_until or N)
+        ev.target_profile = [(end, 0, ev.level_max_wh), (end, int(ev.target_wh or 0), ev.level_max_wh),
+                             (end - 1, int(ev.target_wh or 0), ev.level_max_wh)]
+    return p
+
+
+def test_milestones_that_cannot_bind_add_no_rows_and_leave_the_bound_as_it_is(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    live = build_layout(live_ev_problem())
+    bare = problem()
+    for ev in bare.storage:
+        ev.target_profile = []
+    rows_live = bound.build_lp(live)[0].n_rows
+    # the 'up to the maximum' sides and the target at the departure (the target row's own
+    # shortfall, priced once more) need no row: one row per EV, for the early target
+    assert rows_live == bound.build_lp(build_layout(bare))[0].n_rows + len(bare.storage)
+    fast = bound.solve_lp(live)
+    # the same bound as with every milestone on per-PTU level rows of its own
+    monkeypatch.setattr(bound, "lp_level_assets", lambda lay: lay.needs_levels)
+    slow = bound.solve_lp(build_layout(live_ev_problem()))
+    assert fast.status == slow.status == "OPTIMAL"
+    assert fast.bound_eur == pytest.approx(slow.bound_eur, rel=1e-7, abs=1e-6)
+
+
+def test_a_live_ev_that_cannot_make_its_target_pays_for_its_milestones_in_the_bound() -> None:
+    # a window too short for the target: the shortfall at the departure costs the unmet
+    # segments plus the milestone's weight, as the plan's objective counts it
+    p = live_ev_problem(1)
+    p.storage[0].target_wh = 60000
+    p.storage[0].target_profile = [(12, 60000, 60000), (11, 60000, 60000)]
+    lp = bound.solve_lp(build_layout(p))
+    plan = plan_site(p, time_limit_s=2.0)
+    assert lp.bound_eur is not None and plan.shortfall
+    assert plan.objective_eur >= lp.bound_eur - 1e-6
+    assert plan.gap is not None and plan.gap < 0.01

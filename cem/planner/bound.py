@@ -275,6 +275,7 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
     # stands for the level cap too (unmet >= 0), one row fewer per EV
     exact = np.zeros(S, dtype=bool)
     exact[tgt] = np.abs(cap[tgt] - need[tgt]) < 1e-6
+    milestones, folded = _milestone_sides(lay, mono, tgt, e_coef, full_c)
     if len(tgt):
         r = lp.rows(need[tgt] / 1000, np.where(exact[tgt], need[tgt] / 1000, INF), len(tgt))
         rmap = np.full(S, -1, dtype=np.int64)
@@ -282,7 +283,7 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
         index.energy_row[tgt] = r
         sel = rmap[ci] >= 0
         lp.coef(rmap[ci[sel]], c_idx[ci[sel], ct[sel]], e_coef[ci[sel], ct[sel]])
-        _unmet_cols(lp, lay, r, tgt, need)
+        _unmet_cols(lp, lay, r, tgt, need, extra_eur_per_wh=folded[tgt])
     # every PTU of the window at full power (PTU 0 counts for its share)
     max_energy = (full_c * lay.part).sum(axis=1) * lay.cmax * (lay.dt_h * lay.eta_c)
     capped = np.flatnonzero(mono & ~exact & (max_energy > cap + 1e-6))
@@ -293,22 +294,26 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
         index.cap_row[capped] = r
         sel = rmap[ci] >= 0
         lp.coef(rmap[ci[sel]], c_idx[ci[sel], ct[sel]], e_coef[ci[sel], ct[sel]])
-    # milestones of monotone assets (an EV's target before its departure): partial sums
-    for i in np.flatnonzero(mono & lay.needs_levels):
-        a, b = int(lay.first[i]), int(lay.last[i])
-        for ptu, lo, hi in pr.storage[i].target_profile:
-            if not a < ptu <= b:
-                continue
-            ts = np.arange(a, ptu)
-            cc = c_idx[i, ts]
-            ts = ts[cc >= 0]
-            cc = cc[cc >= 0]
-            u = lp.cols(0.0, INF, lay.weight[i] * 1000, 2)
-            r = lp.rows(np.array([(lo - lay.level0[i]) / 1000, -INF]),
-                        np.array([INF, (hi - lay.level0[i]) / 1000]), 2)
-            for row in r:
-                lp.coef(np.full(len(cc), row), cc, e_coef[i, ts])
-            lp.coef(r, u, np.array([1.0, -1.0]))
+    # milestones of monotone assets (an EV's target before its departure): partial sums, only
+    # the sides that can bind (`_milestone_sides`)
+    if milestones:
+        m_asset = np.array([m[0] for m in milestones], dtype=np.int64)
+        m_ptu = np.array([m[1] for m in milestones], dtype=np.int64)
+        m_lo = np.array([m[2] for m in milestones])
+        m_hi = np.array([m[3] for m in milestones])
+        r = lp.rows(m_lo, m_hi, len(milestones))
+        # each row sums the asset's charge columns before its milestone PTU
+        length = m_ptu - lay.first[m_asset]
+        rows_of = np.repeat(np.arange(len(milestones)), length)
+        ii = m_asset[rows_of]
+        tt = lay.first[ii] + np.arange(len(rows_of)) - np.repeat(np.cumsum(length) - length, length)
+        cc = c_idx[ii, tt]
+        ok = cc >= 0
+        lp.coef(r[rows_of[ok]], cc[ok], e_coef[ii[ok], tt[ok]])
+        # a missed side costs the asset's weight per Wh: below lo (+1) or above hi (-1)
+        side = np.where(np.isfinite(m_lo), 1.0, -1.0)
+        u = lp.cols(0.0, INF, lay.weight[m_asset] * 1000, len(milestones))
+        lp.coef(r, u, side)
     for i in np.flatnonzero(levels):
         a, b = int(lay.first[i]), int(lay.last[i])
         w = b - a
@@ -359,16 +364,63 @@ def lp_level_assets(lay: Layout) -> np.ndarray:
 
 
 def _unmet_cols(lp: _LpArrays, lay: Layout, rows: np.ndarray, assets: np.ndarray,
-                need: np.ndarray) -> None:
-    """The rising unmet-energy segments (and the cheap last step) of each target row."""
+                need: np.ndarray, extra_eur_per_wh: np.ndarray | float = 0.0) -> None:
+    """The rising unmet-energy segments (and the cheap last step) of each target row.
+
+    `extra_eur_per_wh` (per asset) is added to every segment: a milestone at the departure
+    that asks for the target itself (folded into the target row by `_milestone_sides`).
+    """
     k = len(SEGMENT_FACTORS)
     seg = np.maximum(need[assets], 0) / k / 1000
-    u0 = lp.cols(0.0, lay.tol_wh[assets] / 1000, TOL_EUR_PER_WH * 1000, len(assets))
+    extra = np.broadcast_to(np.asarray(extra_eur_per_wh, dtype=float), (len(assets),)) * 1000
+    u0 = lp.cols(0.0, lay.tol_wh[assets] / 1000, TOL_EUR_PER_WH * 1000 + extra, len(assets))
     lp.coef(rows, u0, 1.0)
     for j, f in enumerate(SEGMENT_FACTORS):
         ub = seg if j < k - 1 else np.full(len(assets), INF)
-        u = lp.cols(0.0, ub, lay.weight[assets] * 1000 * f, len(assets))
+        u = lp.cols(0.0, ub, lay.weight[assets] * 1000 * f + extra, len(assets))
         lp.coef(rows, u, 1.0)
+
+
+def _milestone_sides(lay: Layout, mono: np.ndarray, tgt: np.ndarray, e_coef: np.ndarray,
+                     full_c: np.ndarray
+                     ) -> tuple[list[tuple[int, int, float, float]], np.ndarray]:
+    """The milestone rows of monotone assets that can bind, and the milestones folded away.
+
+    Returns (asset, PTU, lo, hi) per row, in kWh charged since the window opened (one side
+    per row, the other infinite), and per asset the EUR per Wh added to its unmet-target
+    columns. A monotone asset only fills up, so of a milestone (ptu, lo, hi):
+    - the lower side cannot bind when lo is at or below the starting level;
+    - the upper side cannot bind when hi is at or above what the asset can reach by then
+      (full power all along, or its level cap, which another row keeps);
+    - a lower side at the departure that asks for the target itself is the target row's
+      shortfall priced once more: its weight goes onto the unmet columns, no row.
+    A live EV has three milestones (the RM's target profile and the finish margin): this
+    leaves one row of them, where six made the 1000-EV LP three times the size.
+    """
+    S = lay.s
+    folded = np.zeros(S)
+    out: list[tuple[int, int, float, float]] = []
+    has_row = np.zeros(S, dtype=bool)
+    has_row[tgt] = True
+    cap = np.maximum(lay.lmax - lay.level0, 0.0) / 1000
+    for i in np.flatnonzero(mono & lay.needs_levels):
+        a, b = int(lay.first[i]), int(lay.last[i])
+        reach = None
+        for ptu, lo, hi in lay.problem.storage[i].target_profile:
+            if not a < ptu <= b:
+                continue
+            lo_k = (lo - lay.level0[i]) / 1000
+            hi_k = (hi - lay.level0[i]) / 1000
+            if lo_k > 1e-9:
+                if ptu == b and has_row[i] and abs(lo - lay.target[i]) < 1e-6:
+                    folded[i] += lay.weight[i]
+                else:
+                    out.append((int(i), int(ptu), lo_k, INF))
+            if reach is None:
+                reach = np.cumsum(e_coef[i] * full_c[i]) * lay.cmax[i] / 1000
+            if hi_k < min(float(reach[ptu - 1]), cap[i]) - 1e-9:
+                out.append((int(i), int(ptu), -INF, hi_k))
+    return out, folded
 
 
 _BANNER_LOCK = threading.Lock()
