@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import highspy
@@ -23,6 +24,34 @@ import numpy as np
 from cem.planner.layout import SEGMENT_FACTORS, TOL_EUR_PER_WH, Dispatch, Layout, start_options
 
 INF = highspy.kHighsInf
+
+# what each column and row is, for `lp_key`
+(C_CHARGE, C_DISCHARGE, C_CURTAIL, C_GRID, C_GROUP, C_IMPORT, C_PEAK, C_MODE_ON, C_MODE_POWER,
+ C_PROFILE, C_UNMET, C_MILESTONE, C_LEVEL, C_LEVEL_MIN) = range(1, 15)
+(R_GRID, R_GROUP, R_IMPORT, R_PEAK, R_MODE_ONE, R_MODE_HI, R_MODE_LO, R_PROFILE_ONE, R_FUSE,
+ R_ENERGY, R_CAP, R_MILESTONE, R_LEVEL, R_LEVEL_MIN, R_LEVEL_TARGET) = range(1, 16)
+
+
+def entity_key(name: str) -> int:
+    """A stable 28-bit number for an asset, group or mode id (the same in every replan)."""
+    return zlib.crc32(name.encode()) & 0xFFFFFFF
+
+
+def lp_key(kind: int, entity: np.ndarray | int = 0, sub: np.ndarray | int = 0,
+           ptu: np.ndarray | int = 0) -> np.ndarray:
+    """One int64 naming a column or row the same way in every replan: what it is (`kind`),
+    whose (`entity_key`), which part (`sub`: a segment, mode, phase or side) and for which PTU
+    (counted from the epoch, so PTU 3 now is PTU 2 a PTU later). Two things sharing a key
+    only make a warm start a little less warm."""
+    return ((np.int64(kind) << 57) | ((np.asarray(sub, dtype=np.int64) & 0x3F) << 51)
+            | (np.asarray(entity, dtype=np.int64) << 23) | (np.asarray(ptu, dtype=np.int64) & 0x7FFFFF))
+
+
+def _ptu_epoch(lay: Layout) -> int:
+    """The number of PTU 0 counted from the Unix epoch."""
+    pr = lay.problem
+    return int(pr.start.timestamp() // (pr.ptu_minutes * 60))
+
 
 
 class _LpArrays:
@@ -39,22 +68,35 @@ class _LpArrays:
         self.a_row: list[np.ndarray] = []
         self.a_col: list[np.ndarray] = []
         self.a_val: list[np.ndarray] = []
+        self.col_key: list[np.ndarray] = []
+        self.row_key: list[np.ndarray] = []
 
     def cols(self, lb: np.ndarray | float, ub: np.ndarray | float, cost: np.ndarray | float,
-             count: int) -> np.ndarray:
+             count: int, key: np.ndarray) -> np.ndarray:
+        """`count` new columns; `key` names each across replans (`lp_key`)."""
         idx = np.arange(self.n_cols, self.n_cols + count)
         self.col_lb.append(np.broadcast_to(np.asarray(lb, dtype=float), (count,)))
         self.col_ub.append(np.broadcast_to(np.asarray(ub, dtype=float), (count,)))
         self.col_cost.append(np.broadcast_to(np.asarray(cost, dtype=float), (count,)))
+        self.col_key.append(np.broadcast_to(key, (count,)))
         self.n_cols += count
         return idx
 
-    def rows(self, lb: np.ndarray | float, ub: np.ndarray | float, count: int) -> np.ndarray:
+    def rows(self, lb: np.ndarray | float, ub: np.ndarray | float, count: int,
+             key: np.ndarray) -> np.ndarray:
+        """`count` new rows; `key` names each across replans (`lp_key`)."""
         idx = np.arange(self.n_rows, self.n_rows + count)
         self.row_lb.append(np.broadcast_to(np.asarray(lb, dtype=float), (count,)))
         self.row_ub.append(np.broadcast_to(np.asarray(ub, dtype=float), (count,)))
+        self.row_key.append(np.broadcast_to(key, (count,)))
         self.n_rows += count
         return idx
+
+    def keys(self) -> tuple[np.ndarray, np.ndarray]:
+        """The key of every column and every row, in order."""
+        empty = np.zeros(0, dtype=np.int64)
+        return (np.concatenate(self.col_key) if self.col_key else empty,
+                np.concatenate(self.row_key) if self.row_key else empty)
 
     def coef(self, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray | float) -> None:
         rows = np.asarray(rows, dtype=np.int64)
@@ -120,14 +162,184 @@ class LpResult:
     solve_s: float = 0.0
     highs: highspy.Highs | None = None  # the solved model, for `polish` (warm start)
     index: LpIndex | None = None
+    # where HiGHS stood when its time ran out (fractional, W; not a bound): something to
+    # round and repair when the deadline leaves no time to finish
+    partial: Dispatch | None = None
+    warm: bool = False  # started from the previous replan's basis (`LpMemory`)
+    iterations: int = 0  # simplex iterations
+
+
+# HighsBasisStatus values as numbers
+_LOWER, _BASIC, _UPPER, _ZERO = 0, 1, 2, 3
+_STATUS = [highspy.HighsBasisStatus.kLower, highspy.HighsBasisStatus.kBasic,
+           highspy.HighsBasisStatus.kUpper, highspy.HighsBasisStatus.kZero,
+           highspy.HighsBasisStatus.kNonbasic]
+
+
+class LpMemory:
+    """What one site's planner keeps from one replan's LP for the next: its basis, with every
+    column and row named by its key (`lp_key`), so a basis still fits when EVs came or went,
+    levels changed or a PTU passed (the next replan's LP is mostly the same LP).
+
+    HiGHS starts its simplex from the mapped basis (an "alien" basis, which it completes where
+    the LP changed): at 1000 EVs a replan after small changes needs a tenth of the iterations
+    of a cold start. A basis HiGHS left at its time limit is kept too: the next replan goes on
+    from where this one stopped. Not thread-safe: one replan at a time, as the control loop
+    plans.
+    """
+
+    def __init__(self) -> None:
+        # sorted keys, their basis status (and for columns the reduced cost)
+        self._cols: tuple[np.ndarray, np.ndarray] | None = None
+        self._rows: tuple[np.ndarray, np.ndarray] | None = None
+        self._col_dual: np.ndarray | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self._cols is None
+
+    def forget(self) -> None:
+        self._cols = self._rows = self._col_dual = None
+
+    def remember(self, col_key: np.ndarray, row_key: np.ndarray, h: highspy.Highs) -> None:
+        """Keep the basis HiGHS has now (for the LP whose keys are given)."""
+        basis = h.getBasis()
+        if not basis.valid or len(basis.col_status) != len(col_key) \
+                or len(basis.row_status) != len(row_key):
+            self.forget()
+            return
+        cols = np.fromiter(map(int, basis.col_status), dtype=np.int8, count=len(col_key))
+        rows = np.fromiter(map(int, basis.row_status), dtype=np.int8, count=len(row_key))
+        solution = h.getSolution()
+        dual = np.asarray(solution.col_dual, dtype=float) if solution.dual_valid \
+            and len(solution.col_dual) == len(col_key) else np.zeros(len(col_key))
+        order = np.argsort(col_key, kind="stable")
+        self._cols = (col_key[order], cols[order])
+        self._col_dual = np.abs(dual[order])
+        order = np.argsort(row_key, kind="stable")
+        self._rows = (row_key[order], rows[order])
+
+    def basis_for(self, col_key: np.ndarray, row_key: np.ndarray, model: highspy.HighsLp
+                  ) -> highspy.HighsBasis | None:
+        """The remembered basis laid onto an LP with these keys (None: nothing remembered).
+
+        A column or row the last LP had keeps its status; one for a PTU the last LP did not
+        reach (the horizon moved on) takes the status of the PTU before it; other new columns
+        start at a bound, new rows with their slack basic. An asset whose basic column is
+        gone (a PTU passed) gets instead the one of its columns that was nearest to entering
+        the basis (least reduced cost), so its energy row keeps its price. Statuses that
+        name a bound the new LP does not have move to the one it has; HiGHS repairs the
+        count of basic variables (alien basis).
+        """
+        if self._cols is None or self._rows is None or self._col_dual is None:
+            return None
+        col, col_at = _lay_onto(self._cols, col_key)
+        row, _ = _lay_onto(self._rows, row_key)
+        row = np.where(row < 0, _BASIC, row).astype(np.int8)
+        short = len(row_key) - int((col == _BASIC).sum()) - int((row == _BASIC).sum())
+        self._keep_basic_per_asset(col_key, col, col_at, short)
+        col = np.where(col < 0, _LOWER, col).astype(np.int8)
+        col = _at_a_bound(col, np.asarray(model.col_lower_), np.asarray(model.col_upper_))
+        row = _at_a_bound(row, np.asarray(model.row_lower_), np.asarray(model.row_upper_))
+        basis = highspy.HighsBasis()
+        basis.col_status = [_STATUS[v] for v in col.tolist()]
+        basis.row_status = [_STATUS[v] for v in row.tolist()]
+        basis.alien = True
+        basis.valid = True
+        return basis
+
+    def _keep_basic_per_asset(self, col_key: np.ndarray, col: np.ndarray, col_at: np.ndarray,
+                              budget: int) -> None:
+        """Replace basic power columns that are gone by columns of the new LP (at most
+        `budget`, the basic variables the new LP lacks), least reduced cost first: one of the
+        same asset (a PTU passed), else one of the same kind and PTU (its asset left: another
+        asset's power at that PTU keeps the site rows' prices). In place."""
+        assert self._cols is not None and self._col_dual is not None
+        if budget <= 0:
+            return
+        old_keys, old_status = self._cols
+        still = np.zeros(len(old_keys), dtype=bool)
+        still[col_at[col_at >= 0]] = True
+        lost = old_keys[(old_status == _BASIC) & ~still]
+        lost = lost[np.isin(lost >> 57, _POWER_KINDS)]
+        if len(lost) == 0:
+            return
+        score = np.full(len(col_key), np.inf)
+        known = col_at >= 0
+        score[known] = self._col_dual[col_at[known]]
+        free = col != _BASIC
+        mine, left = _best_per_group(col_key >> 23, lost >> 23, free, score)  # same asset
+        free[mine] = False
+        by_ptu = (lost[left] >> 57 << 23) | (lost[left] & 0x7FFFFF)  # same kind and PTU
+        others, _ = _best_per_group((col_key >> 57 << 23) | (col_key & 0x7FFFFF), by_ptu, free, score)
+        chosen = np.concatenate([mine[np.argsort(score[mine], kind="stable")],
+                                 others[np.argsort(score[others], kind="stable")]])
+        col[chosen[:budget]] = _BASIC
+
+
+_POWER_KINDS = np.array([C_CHARGE, C_DISCHARGE, C_CURTAIL, C_LEVEL])
+
+
+def _best_per_group(group: np.ndarray, wanted: np.ndarray, free: np.ndarray, score: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """For each entry of `wanted`, a distinct free column of that group, least score first:
+    the columns found, and which entries of `wanted` found none (bool array)."""
+    names, count = np.unique(wanted, return_counts=True)
+    cand = np.flatnonzero(np.isin(group, names) & free & np.isfinite(score))
+    cand = cand[np.lexsort((score[cand], group[cand]))]
+    owners = group[cand]
+    rank = np.arange(len(cand)) - np.searchsorted(owners, owners, side="left")
+    chosen = cand[rank < count[np.searchsorted(names, owners)]] if len(cand) else cand
+    found = dict(zip(*np.unique(group[chosen], return_counts=True), strict=True))
+    left = np.zeros(len(wanted), dtype=bool)
+    for k, name in enumerate(wanted.tolist()):
+        if found.get(name, 0) > 0:
+            found[name] -= 1
+        else:
+            left[k] = True
+    return chosen, left
+
+
+def _lay_onto(old: tuple[np.ndarray, np.ndarray], keys: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The old status of each key (-1: none) and where it was among the old keys (-1: new).
+
+    A key the old LP did not have takes the status of the same thing a PTU earlier, when
+    the old LP had that (the PTU the horizon moved on to)."""
+    old_keys, old_status = old
+    status = np.full(len(keys), -1, dtype=np.int8)
+    at = np.full(len(keys), -1, dtype=np.int64)
+    if len(old_keys) == 0 or len(keys) == 0:
+        return status, at
+    pos = np.minimum(np.searchsorted(old_keys, keys), len(old_keys) - 1)
+    found = old_keys[pos] == keys
+    status[found] = old_status[pos[found]]
+    at[found] = pos[found]
+    new = np.flatnonzero(~found & ((keys & 0x7FFFFF) > 0))
+    if len(new):
+        before = keys[new] - 1
+        pos = np.minimum(np.searchsorted(old_keys, before), len(old_keys) - 1)
+        hit = old_keys[pos] == before
+        status[new[hit]] = old_status[pos[hit]]
+    return status, at
+
+
+def _at_a_bound(status: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Nonbasic statuses on a bound the column (or row) has: the upper one if it was there
+    (or is the only one), else the lower one, else (free) at zero."""
+    lo = lower > -INF
+    up = upper < INF
+    at_upper = up & ((status == _UPPER) | ~lo)
+    nonbasic = np.where(at_upper, _UPPER, np.where(lo, _LOWER, _ZERO)).astype(np.int8)
+    return np.where(status == _BASIC, status, nonbasic).astype(np.int8)
 
 
 def _grid_index(mask: np.ndarray, lp: _LpArrays, lb: np.ndarray, ub: np.ndarray,
-                cost: np.ndarray) -> np.ndarray:
-    """Columns for the True cells of `mask` (row-major); bounds/cost given per cell."""
+                cost: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Columns for the True cells of `mask` (row-major); bounds/cost/key given per cell."""
     idx = np.full(mask.shape, -1, dtype=np.int64)
     count = int(mask.sum())
-    idx[mask] = lp.cols(lb[mask], ub[mask], cost[mask], count)
+    idx[mask] = lp.cols(lb[mask], ub[mask], cost[mask], count, np.broadcast_to(key, mask.shape)[mask])
     return idx
 
 
@@ -139,19 +351,27 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
     pr = lay.problem
     lp = _LpArrays()
     ones = np.ones((S, n))
+    t_abs = _ptu_epoch(lay) + np.arange(n)
+    ent = np.array([entity_key(a) for a in lay.ids], dtype=np.int64)
     full_c = lay.avail & (lay.cmax[:, None] > 0)
     levels = lp_level_assets(lay)
     c_mask = full_c if keep is None else full_c & (keep | levels[:, None])
     d_mask = lay.avail & (lay.dmax[:, None] > 0)
+    grid_key = lp_key(C_CHARGE, ent[:, None], 0, t_abs[None, :])
     c_idx = _grid_index(c_mask, lp, 0 * ones, lay.cmax[:, None] / 1000 * ones,
-                        np.broadcast_to(lay.tie * hours, (S, n)) * ones)
-    d_idx = _grid_index(d_mask, lp, 0 * ones, lay.dmax[:, None] / 1000 * ones, 0 * ones)
+                        np.broadcast_to(lay.tie * hours, (S, n)) * ones, grid_key)
+    d_idx = _grid_index(d_mask, lp, 0 * ones, lay.dmax[:, None] / 1000 * ones, 0 * ones,
+                        grid_key + (np.int64(C_DISCHARGE - C_CHARGE) << 57))
     cur_mask = lay.pv_curtailable[:, None] & (lay.pv > 0) if K else np.zeros((0, n), dtype=bool)
-    cur_idx = _grid_index(cur_mask, lp, np.zeros((K, n)), lay.pv / 1000, np.zeros((K, n)))
-    g = lp.cols(-lay.export_lim / 1000, lay.import_lim / 1000, lay.p_exp_eff * hours, n)
+    pv_ent = np.array([entity_key(pid) for pid in lay.pv_ids], dtype=np.int64)
+    cur_idx = _grid_index(cur_mask, lp, np.zeros((K, n)), lay.pv / 1000, np.zeros((K, n)),
+                          lp_key(C_CURTAIL, pv_ent[:, None], 0, t_abs[None, :]))
+    g = lp.cols(-lay.export_lim / 1000, lay.import_lim / 1000, lay.p_exp_eff * hours, n,
+                lp_key(C_GRID, 0, 0, t_abs))
     t_all = np.arange(n)
     # g[t] = fixed - pv + sum(charge - discharge) + curtail + modes + profiles
-    gdef = lp.rows((lay.fixed_w - lay.pv.sum(axis=0)) / 1000, (lay.fixed_w - lay.pv.sum(axis=0)) / 1000, n)
+    gdef = lp.rows((lay.fixed_w - lay.pv.sum(axis=0)) / 1000, (lay.fixed_w - lay.pv.sum(axis=0)) / 1000, n,
+                   lp_key(R_GRID, 0, 0, t_abs))
     lp.coef(gdef, g, 1.0)
     ci, ct = np.nonzero(c_mask)
     di, dtt = np.nonzero(d_mask)
@@ -159,8 +379,12 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
     # then has two nonzeros (its group sum and its energy row), not one per phase row
     groups, grp_of = np.unique(np.round(lay.share, 9), axis=0, return_inverse=True)
     grp_of = np.asarray(grp_of).reshape(-1)
-    agg = lp.cols(-INF, INF, 0.0, len(groups) * n).reshape(len(groups), n)
-    agg_rows = lp.rows(0.0, 0.0, len(groups) * n).reshape(len(groups), n)
+    grp_ent = np.array([entity_key("group " + ",".join(f"{v:.9f}" for v in gs)) for gs in groups],
+                       dtype=np.int64)
+    agg = lp.cols(-INF, INF, 0.0, len(groups) * n,
+                  lp_key(C_GROUP, grp_ent[:, None], 0, t_abs[None, :]).ravel()).reshape(len(groups), n)
+    agg_rows = lp.rows(0.0, 0.0, len(groups) * n,
+                       lp_key(R_GROUP, grp_ent[:, None], 0, t_abs[None, :]).ravel()).reshape(len(groups), n)
     lp.coef(agg_rows.ravel(), agg.ravel(), 1.0)
     lp.coef(agg_rows[grp_of[ci], ct], c_idx[ci, ct], -1.0)
     lp.coef(agg_rows[grp_of[di], dtt], d_idx[di, dtt], 1.0)
@@ -172,13 +396,13 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
     need_imp = extra > 0
     if np.any(need_imp):
         ts = t_all[need_imp]
-        imp = lp.cols(0.0, INF, extra[ts] * hours[ts], len(ts))
-        r = lp.rows(0.0, INF, len(ts))
+        imp = lp.cols(0.0, INF, extra[ts] * hours[ts], len(ts), lp_key(C_IMPORT, 0, 0, t_abs[ts]))
+        r = lp.rows(0.0, INF, len(ts), lp_key(R_IMPORT, 0, 0, t_abs[ts]))
         lp.coef(r, imp, 1.0)
         lp.coef(r, g[ts], -1.0)
     if lay.peak_price > 0:
-        peak = lp.cols(lay.peak_so_far / 1000, INF, lay.peak_price * 1000, 1)
-        r = lp.rows(0.0, INF, n)
+        peak = lp.cols(lay.peak_so_far / 1000, INF, lay.peak_price * 1000, 1, lp_key(C_PEAK))
+        r = lp.rows(0.0, INF, n, lp_key(R_PEAK, 0, 0, t_abs))
         lp.coef(r, np.full(n, peak[0]), 1.0)
         lp.coef(r, g, -1.0)
     index = LpIndex(charge=c_idx, discharge=d_idx, curtail=cur_idx, agg_rows=agg_rows, grp_of=grp_of,
@@ -190,14 +414,17 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
         nm = len(m.modes)
         lo = np.array([pm.min_w for pm in m.modes], dtype=float) / 1000
         hi = np.array([pm.max_w for pm in m.modes], dtype=float) / 1000
-        on = lp.cols(0.0, 1.0, 0.0, n * nm).reshape(n, nm)
-        q = lp.cols(np.tile(np.minimum(lo, 0), n), np.tile(np.maximum(hi, 0), n), 0.0, n * nm).reshape(n, nm)
-        one = lp.rows(1.0, 1.0, n)
+        m_ent = entity_key(m.id)
+        per_mode = (np.tile(np.arange(nm), n), np.repeat(t_abs, nm))  # (mode, PTU) of each cell
+        on = lp.cols(0.0, 1.0, 0.0, n * nm, lp_key(C_MODE_ON, m_ent, *per_mode)).reshape(n, nm)
+        q = lp.cols(np.tile(np.minimum(lo, 0), n), np.tile(np.maximum(hi, 0), n), 0.0, n * nm,
+                    lp_key(C_MODE_POWER, m_ent, *per_mode)).reshape(n, nm)
+        one = lp.rows(1.0, 1.0, n, lp_key(R_MODE_ONE, m_ent, 0, t_abs))
         lp.coef(np.repeat(one, nm), on.ravel(), 1.0)
-        r_hi = lp.rows(-INF, 0.0, n * nm)
+        r_hi = lp.rows(-INF, 0.0, n * nm, lp_key(R_MODE_HI, m_ent, *per_mode))
         lp.coef(r_hi, q.ravel(), 1.0)
         lp.coef(r_hi, on.ravel(), -np.tile(hi, n))
-        r_lo = lp.rows(0.0, INF, n * nm)
+        r_lo = lp.rows(0.0, INF, n * nm, lp_key(R_MODE_LO, m_ent, *per_mode))
         lp.coef(r_lo, q.ravel(), 1.0)
         lp.coef(r_lo, on.ravel(), -np.tile(lo, n))
         tt = np.repeat(t_all, nm)
@@ -210,8 +437,9 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
         options = start_options(p, n)
         starts = np.concatenate([st for _k, _shape, st in options])
         alts = np.concatenate([np.full(len(st), k) for k, _shape, st in options])
-        on = lp.cols(0.0, 1.0, 0.0, len(starts))
-        one = lp.rows(1.0, 1.0, 1)
+        p_ent = entity_key(p.id)
+        on = lp.cols(0.0, 1.0, 0.0, len(starts), lp_key(C_PROFILE, p_ent, alts, t_abs[0] + starts))
+        one = lp.rows(1.0, 1.0, 1, lp_key(R_PROFILE_ONE, p_ent))
         lp.coef(np.repeat(one, len(starts)), on, 1.0)
         tt_l, cc_l, vv_l = [], [], []
         col_at = iter(on)
@@ -250,7 +478,8 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
         ts = t_all[rows_needed]
         rmap = np.full(n, -1, dtype=np.int64)
         rmap[ts] = lp.rows(-lay.fuse_dn[ph, ts] / 1000 - const[ph, ts],
-                           lay.fuse_up[ph, ts] / 1000 - const[ph, ts], len(ts))
+                           lay.fuse_up[ph, ts] / 1000 - const[ph, ts], len(ts),
+                           lp_key(R_FUSE, 0, ph, t_abs[ts]))
         for gi, gshare in enumerate(groups):
             if gshare[ph] != 0:
                 lp.coef(rmap[ts], agg[gi, ts], gshare[ph])
@@ -277,18 +506,19 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
     exact[tgt] = np.abs(cap[tgt] - need[tgt]) < 1e-6
     milestones, folded = _milestone_sides(lay, mono, tgt, e_coef, full_c)
     if len(tgt):
-        r = lp.rows(need[tgt] / 1000, np.where(exact[tgt], need[tgt] / 1000, INF), len(tgt))
+        r = lp.rows(need[tgt] / 1000, np.where(exact[tgt], need[tgt] / 1000, INF), len(tgt),
+                    lp_key(R_ENERGY, ent[tgt]))
         rmap = np.full(S, -1, dtype=np.int64)
         rmap[tgt] = r
         index.energy_row[tgt] = r
         sel = rmap[ci] >= 0
         lp.coef(rmap[ci[sel]], c_idx[ci[sel], ct[sel]], e_coef[ci[sel], ct[sel]])
-        _unmet_cols(lp, lay, r, tgt, need, extra_eur_per_wh=folded[tgt])
+        _unmet_cols(lp, lay, r, tgt, need, ent[tgt], extra_eur_per_wh=folded[tgt])
     # every PTU of the window at full power (PTU 0 counts for its share)
     max_energy = (full_c * lay.part).sum(axis=1) * lay.cmax * (lay.dt_h * lay.eta_c)
     capped = np.flatnonzero(mono & ~exact & (max_energy > cap + 1e-6))
     if len(capped):
-        r = lp.rows(-INF, np.maximum(cap[capped], 0) / 1000, len(capped))
+        r = lp.rows(-INF, np.maximum(cap[capped], 0) / 1000, len(capped), lp_key(R_CAP, ent[capped]))
         rmap = np.full(S, -1, dtype=np.int64)
         rmap[capped] = r
         index.cap_row[capped] = r
@@ -301,7 +531,8 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
         m_ptu = np.array([m[1] for m in milestones], dtype=np.int64)
         m_lo = np.array([m[2] for m in milestones])
         m_hi = np.array([m[3] for m in milestones])
-        r = lp.rows(m_lo, m_hi, len(milestones))
+        side = np.isfinite(m_lo).astype(np.int64)
+        r = lp.rows(m_lo, m_hi, len(milestones), lp_key(R_MILESTONE, ent[m_asset], side, t_abs[0] + m_ptu))
         # each row sums the asset's charge columns before its milestone PTU
         length = m_ptu - lay.first[m_asset]
         rows_of = np.repeat(np.arange(len(milestones)), length)
@@ -311,18 +542,19 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
         ok = cc >= 0
         lp.coef(r[rows_of[ok]], cc[ok], e_coef[ii[ok], tt[ok]])
         # a missed side costs the asset's weight per Wh: below lo (+1) or above hi (-1)
-        side = np.where(np.isfinite(m_lo), 1.0, -1.0)
-        u = lp.cols(0.0, INF, lay.weight[m_asset] * 1000, len(milestones))
-        lp.coef(r, u, side)
+        u = lp.cols(0.0, INF, lay.weight[m_asset] * 1000, len(milestones),
+                    lp_key(C_MILESTONE, ent[m_asset], side, t_abs[0] + m_ptu))
+        lp.coef(r, u, np.where(side == 1, 1.0, -1.0))
     for i in np.flatnonzero(levels):
         a, b = int(lay.first[i]), int(lay.last[i])
         w = b - a
         if w <= 0:
             continue
-        lv = lp.cols(-INF, lay.lmax[i] / 1000, 0.0, w)  # level after PTU a..b-1
+        lv = lp.cols(-INF, lay.lmax[i] / 1000, 0.0, w,
+                     lp_key(C_LEVEL, ent[i], 0, t_abs[a:b]))  # level after PTU a..b-1
         rhs = -lay.usage[i, a:b] / 1000
         rhs[0] += lay.level0[i] / 1000  # the level before PTU a is known
-        rows = lp.rows(rhs, rhs, w)
+        rows = lp.rows(rhs, rhs, w, lp_key(R_LEVEL, ent[i], 0, t_abs[a:b]))
         lp.coef(rows, lv, 1.0)
         lp.coef(rows[1:], lv[:-1], -1.0)
         ts = np.arange(a, b)
@@ -333,19 +565,21 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
         ok = dd >= 0
         lp.coef(rows[ok], dd[ok], hours[ts[ok]] / lay.eta_d[i])
         # soft level_min
-        s_cols = lp.cols(0.0, INF, lay.weight[i] * 1000, w)
-        r = lp.rows(lay.lmin[i] / 1000, INF, w)
+        s_cols = lp.cols(0.0, INF, lay.weight[i] * 1000, w, lp_key(C_LEVEL_MIN, ent[i], 0, t_abs[a:b]))
+        r = lp.rows(lay.lmin[i] / 1000, INF, w, lp_key(R_LEVEL_MIN, ent[i], 0, t_abs[a:b]))
         lp.coef(r, lv, 1.0)
         lp.coef(r, s_cols, 1.0)
         if has_t[i]:
-            r = lp.rows(lay.target[i] / 1000, INF, 1)
+            r = lp.rows(lay.target[i] / 1000, INF, 1, lp_key(R_LEVEL_TARGET, ent[i]))
             lp.coef(r, lv[-1:], 1.0)
-            _unmet_cols(lp, lay, r, np.array([i]), need)
+            _unmet_cols(lp, lay, r, np.array([i]), need, ent[i:i + 1])
         for ptu, lo, hi in pr.storage[i].target_profile:
             if a < ptu <= b:
                 col = lv[ptu - a - 1]
-                u = lp.cols(0.0, INF, lay.weight[i] * 1000, 2)
-                r = lp.rows(np.array([lo / 1000, -INF]), np.array([INF, hi / 1000]), 2)
+                u = lp.cols(0.0, INF, lay.weight[i] * 1000, 2,
+                            lp_key(C_MILESTONE, ent[i], np.array([1, 0]), t_abs[0] + ptu))
+                r = lp.rows(np.array([lo / 1000, -INF]), np.array([INF, hi / 1000]), 2,
+                            lp_key(R_MILESTONE, ent[i], np.array([1, 0]), t_abs[0] + ptu))
                 lp.coef(r, np.array([col, col]), 1.0)
                 lp.coef(r, u, np.array([1.0, -1.0]))
     return lp, index
@@ -364,7 +598,7 @@ def lp_level_assets(lay: Layout) -> np.ndarray:
 
 
 def _unmet_cols(lp: _LpArrays, lay: Layout, rows: np.ndarray, assets: np.ndarray,
-                need: np.ndarray, extra_eur_per_wh: np.ndarray | float = 0.0) -> None:
+                need: np.ndarray, ent: np.ndarray, extra_eur_per_wh: np.ndarray | float = 0.0) -> None:
     """The rising unmet-energy segments (and the cheap last step) of each target row.
 
     `extra_eur_per_wh` (per asset) is added to every segment: a milestone at the departure
@@ -373,11 +607,13 @@ def _unmet_cols(lp: _LpArrays, lay: Layout, rows: np.ndarray, assets: np.ndarray
     k = len(SEGMENT_FACTORS)
     seg = np.maximum(need[assets], 0) / k / 1000
     extra = np.broadcast_to(np.asarray(extra_eur_per_wh, dtype=float), (len(assets),)) * 1000
-    u0 = lp.cols(0.0, lay.tol_wh[assets] / 1000, TOL_EUR_PER_WH * 1000 + extra, len(assets))
+    u0 = lp.cols(0.0, lay.tol_wh[assets] / 1000, TOL_EUR_PER_WH * 1000 + extra, len(assets),
+                 lp_key(C_UNMET, ent, 0))
     lp.coef(rows, u0, 1.0)
     for j, f in enumerate(SEGMENT_FACTORS):
         ub = seg if j < k - 1 else np.full(len(assets), INF)
-        u = lp.cols(0.0, ub, lay.weight[assets] * 1000 * f + extra, len(assets))
+        u = lp.cols(0.0, ub, lay.weight[assets] * 1000 * f + extra, len(assets),
+                    lp_key(C_UNMET, ent, j + 1))
         lp.coef(rows, u, 1.0)
 
 
@@ -399,27 +635,21 @@ def _milestone_sides(lay: Layout, mono: np.ndarray, tgt: np.ndarray, e_coef: np.
     """
     S = lay.s
     folded = np.zeros(S)
-    out: list[tuple[int, int, float, float]] = []
+    sel = mono[lay.ms_asset] & lay.needs_levels[lay.ms_asset]
+    i, ptu = lay.ms_asset[sel], lay.ms_ptu[sel]
+    lo = (lay.ms_lo[sel] - lay.level0[i]) / 1000
+    hi = (lay.ms_hi[sel] - lay.level0[i]) / 1000
     has_row = np.zeros(S, dtype=bool)
     has_row[tgt] = True
+    fold = (lo > 1e-9) & (ptu == lay.last[i]) & has_row[i] \
+        & (np.abs(lay.ms_lo[sel] - np.nan_to_num(lay.target[i])) < 1e-6)
+    np.add.at(folded, i[fold], lay.weight[i[fold]])
+    lower = (lo > 1e-9) & ~fold
+    reach = np.cumsum(e_coef * full_c, axis=1) * lay.cmax[:, None] / 1000  # kWh by PTU end
     cap = np.maximum(lay.lmax - lay.level0, 0.0) / 1000
-    for i in np.flatnonzero(mono & lay.needs_levels):
-        a, b = int(lay.first[i]), int(lay.last[i])
-        reach = None
-        for ptu, lo, hi in lay.problem.storage[i].target_profile:
-            if not a < ptu <= b:
-                continue
-            lo_k = (lo - lay.level0[i]) / 1000
-            hi_k = (hi - lay.level0[i]) / 1000
-            if lo_k > 1e-9:
-                if ptu == b and has_row[i] and abs(lo - lay.target[i]) < 1e-6:
-                    folded[i] += lay.weight[i]
-                else:
-                    out.append((int(i), int(ptu), lo_k, INF))
-            if reach is None:
-                reach = np.cumsum(e_coef[i] * full_c[i]) * lay.cmax[i] / 1000
-            if hi_k < min(float(reach[ptu - 1]), cap[i]) - 1e-9:
-                out.append((int(i), int(ptu), -INF, hi_k))
+    upper = hi < np.minimum(reach[i, ptu - 1], cap[i]) - 1e-9
+    out = [(int(a), int(t), float(v), INF) for a, t, v in zip(i[lower], ptu[lower], lo[lower], strict=True)]
+    out += [(int(a), int(t), -INF, float(v)) for a, t, v in zip(i[upper], ptu[upper], hi[upper], strict=True)]
     return out, folded
 
 
@@ -455,29 +685,46 @@ def silence_highs_banner() -> None:
             os.close(saved)
 
 
-def solve_lp(lay: Layout, time_limit_s: float = 10.0, threads: int = 1) -> LpResult:
-    """Solve the LP relaxation; the bound is None when HiGHS did not prove optimality."""
+def solve_lp(lay: Layout, time_limit_s: float = 10.0, threads: int = 1,
+             memory: LpMemory | None = None) -> LpResult:
+    """Solve the LP relaxation; the bound is None when HiGHS did not prove optimality.
+
+    With a `memory`, HiGHS starts from the basis the last replan's LP ended with and the
+    basis this one ends with (optimal or not) is kept for the next.
+    """
     t0 = time.perf_counter()
     arrays, index = build_lp(lay)
     model = arrays.to_highs()
+    col_key, row_key = arrays.keys()
+    start = memory.basis_for(col_key, row_key, model) if memory is not None else None
     build_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     silence_highs_banner()
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
-    h.setOptionValue("time_limit", max(float(time_limit_s), 0.05))
+    h.setOptionValue("time_limit", max(float(time_limit_s), 0.01))
     h.setOptionValue("threads", max(int(threads), 1))
     h.setOptionValue("presolve", "off")  # measured: presolve finds little here and costs time
     h.passModel(model)
+    warm = start is not None and h.setBasis(start) == highspy.HighsStatus.kOk
     h.run()
     status = h.getModelStatus()
     solve_s = time.perf_counter() - t1
+    iterations = int(h.getInfo().simplex_iteration_count)
+    if memory is not None:
+        memory.remember(col_key, row_key, h)
     if status != highspy.HighsModelStatus.kOptimal:
-        return LpResult(h.modelStatusToString(status), None, None, build_s=build_s, solve_s=solve_s)
+        partial = None
+        solution = h.getSolution()
+        if solution.value_valid and len(solution.col_value) == arrays.n_cols:
+            partial = _dispatch_from_x(lay, index, np.asarray(solution.col_value))
+        return LpResult(h.modelStatusToString(status), None, None, build_s=build_s, solve_s=solve_s,
+                        partial=partial, warm=warm, iterations=iterations)
     x = np.asarray(h.getSolution().col_value)
     bound = float(h.getInfo().objective_function_value)
     disp = _dispatch_from_x(lay, index, x)
-    res = LpResult("OPTIMAL", bound, disp, build_s=build_s, solve_s=solve_s, highs=h, index=index)
+    res = LpResult("OPTIMAL", bound, disp, build_s=build_s, solve_s=solve_s, highs=h, index=index,
+                   warm=warm, iterations=iterations)
     res.mode_weight = [np.clip(x[on], 0, 1) for on in index.mode_on]
     res.profile_weight = [np.clip(x[on], 0, 1) for on in index.profile_on]
     return res

@@ -52,8 +52,9 @@ def snap(lay: Layout, disp: Dispatch) -> Dispatch:
     head_imp = lay.import_lim - g_now
     head_ph = lay.fuse_up - ph_now
     _move_below_min(lay, c, np.where(mono, cmin[:, 0], 0.0), busy, head_imp, head_ph)
-    for i in np.flatnonzero(lay.needs_levels & ((lay.cmin > 0) | (lay.dmin > 0))):
-        c[i], d[i] = _sigma_delta(lay, i, c[i] - d[i])
+    rows = np.flatnonzero(lay.needs_levels & ((lay.cmin > 0) | (lay.dmin > 0)))
+    if len(rows):
+        c[rows], d[rows] = _sigma_delta(lay, rows, c[rows] - d[rows])
     c = np.where(c < cmin / 2, 0.0, np.maximum(c, cmin))
     d = np.where(d < dmin / 2, 0.0, np.maximum(d, dmin))
     c = np.where(c > 0, np.maximum(c, cmin), 0.0)
@@ -85,30 +86,38 @@ def hold_min_on(mode_index: np.ndarray, min_on: int) -> np.ndarray:
     return out
 
 
-def _sigma_delta(lay: Layout, i: int, net: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Round a level asset's net power PTU by PTU into its domain, carrying the energy error.
+def _sigma_delta(lay: Layout, rows: np.ndarray, net: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Round level assets' net power PTU by PTU into their domain, carrying the energy error.
 
     The rounded level then stays close to the fractional one all along (no early deficits).
+    `rows` are the assets, `net` their fractional net power (len(rows), n); all assets are
+    rounded together, one PTU at a time.
     """
-    c = np.zeros(lay.n)
-    d = np.zeros(lay.n)
-    carry = 0.0  # W x (whole) PTU
-    st = float(lay.step[i])
+    k, n = len(rows), lay.n
+    c = np.zeros((k, n))
+    d = np.zeros((k, n))
+    carry = np.zeros(k)  # W x (whole) PTU
+    st = lay.step[rows].astype(float)
+    cmin, cmax = lay.cmin[rows], lay.cmax[rows]
+    dmin, dmax = lay.dmin[rows], lay.dmax[rows]
+    first, last = lay.first[rows], lay.last[rows]
     part = lay.part
-    for t in range(int(lay.first[i]), int(lay.last[i])):
-        want = net[t] + carry / part[t]
-        options = [0.0]
-        if lay.cmax[i] > 0:
-            options.append(min(max(np.floor(want / st + 0.5) * st, lay.cmin[i]), lay.cmax[i]))
-        if lay.dmax[i] > 0:
-            options.append(-min(max(np.floor(-want / st + 0.5) * st, lay.dmin[i]), lay.dmax[i]))
-        above = [v for v in options if v >= want - 1e-6]  # never below the fractional level
-        pick = min(above) if above else max(options)
-        carry = (want - pick) * part[t]
-        if pick > 0:
-            c[t] = pick
-        else:
-            d[t] = -pick
+    for t in range(n):
+        on = (first <= t) & (t < last)
+        if not on.any():
+            continue
+        want = net[:, t] + carry / part[t]
+        up = np.where(cmax > 0, np.minimum(np.maximum(np.floor(want / st + 0.5) * st, cmin), cmax), np.nan)
+        down = np.where(dmax > 0, -np.minimum(np.maximum(np.floor(-want / st + 0.5) * st, dmin), dmax),
+                        np.nan)
+        options = np.stack([np.zeros(k), up, down])  # nan: not an option for that asset
+        above = np.where(options >= want - 1e-6, options, np.inf)  # never below the fractional level
+        pick = np.min(above, axis=0)
+        fallback = np.nanmax(options, axis=0)
+        pick = np.where(np.isfinite(pick), pick, fallback)
+        carry = np.where(on, (want - pick) * part[t], carry)
+        c[:, t] = np.where(on & (pick > 0), pick, 0.0)
+        d[:, t] = np.where(on & (pick < 0), -pick, 0.0)
     return c, d
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cem.planner.assets import MIN_FIRST_PTU_SHARE, Problem, ShiftableProfile
+from cem.planner.assets import MIN_FIRST_PTU_SHARE, Problem, ShiftableProfile, StorageAsset
 
 UNMET_EUR_PER_WH = 0.2  # 200 EUR/kWh for priority 1
 PRIORITY_FACTOR = 3.0
@@ -113,6 +113,12 @@ class Layout:
     peak_price: float  # EUR per W
     peak_so_far: float
     notes: list[str] = field(default_factory=list)
+    # every milestone (target_profile entry) inside its asset's window, as arrays: its
+    # asset, its PTU (the level at the end of PTU ptu - 1) and its bounds (Wh)
+    ms_asset: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    ms_ptu: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    ms_lo: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    ms_hi: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
     def s(self) -> int:
@@ -275,8 +281,18 @@ def build_layout(problem: Problem) -> Layout:
         p_imp=p_imp, p_exp=p_exp, p_exp_eff=p_exp_eff, tie=tie, import_lim=import_lim,
         export_lim=export_lim, fuse_up=fuse_up, fuse_dn=fuse_dn,
         peak_price=float(lim.peak_price_eur_per_kw) / 1000, peak_so_far=float(lim.peak_so_far_w),
-        notes=notes,
+        notes=notes, **_milestones(st, first, last),
     )
+
+
+def _milestones(storage: list[StorageAsset], first: np.ndarray, last: np.ndarray
+                ) -> dict[str, np.ndarray]:
+    """The milestones inside their asset's window (first < ptu <= last) as Layout arrays."""
+    rows = [(i, int(ptu), float(lo), float(hi)) for i, a in enumerate(storage)
+            for ptu, lo, hi in a.target_profile if first[i] < ptu <= last[i]]
+    data = np.array(rows, dtype=float).reshape(len(rows), 4)
+    return {"ms_asset": data[:, 0].astype(np.int64), "ms_ptu": data[:, 1].astype(np.int64),
+            "ms_lo": data[:, 2], "ms_hi": data[:, 3]}
 
 
 @dataclass
@@ -435,18 +451,16 @@ def evaluate(lay: Layout, disp: Dispatch) -> Evaluation:
     unmet = np.where(has_t, np.maximum(np.nan_to_num(lay.target) - end_level, 0), 0.0)
     need = np.where(has_t, np.nan_to_num(lay.target) - lay.level0, 0.0)
     pen = float(unmet_penalty(unmet, need, lay.weight, lay.tol_wh).sum()) if S else 0.0
-    deficit = np.zeros(S)
-    miss = np.zeros(S)
-    for i in np.flatnonzero(lay.needs_levels):
-        a, b = lay.first[i], lay.last[i]
-        d = np.maximum(lay.lmin[i] - lv[i, a + 1:b + 1], 0)
-        deficit[i] = d.max() if d.size else 0.0
-        pen += lay.weight[i] * float(d.sum())
-        for ptu, lo, hi in lay.problem.storage[i].target_profile:
-            if a < ptu <= b:
-                m = max(lo - lv[i, ptu], 0) + max(lv[i, ptu] - hi, 0)
-                miss[i] += m
-                pen += lay.weight[i] * m
+    # below level_min after any PTU of the window (assets with levels)
+    low = np.where(lay.avail & lay.needs_levels[:, None],
+                   np.maximum(lay.lmin[:, None] - lv[:, 1:], 0), 0.0)
+    deficit = low.max(axis=1) if lay.n else np.zeros(S)
+    pen += float((lay.weight * low.sum(axis=1)).sum()) if S else 0.0
+    # milestones missed (below lo or above hi at their PTU)
+    at = lv[lay.ms_asset, lay.ms_ptu]
+    m = np.maximum(lay.ms_lo - at, 0) + np.maximum(at - lay.ms_hi, 0)
+    miss = np.bincount(lay.ms_asset, weights=m, minlength=S).astype(float)
+    pen += float((lay.weight * miss).sum()) if S else 0.0
     tie = float(np.sum(disp.charge * lay.tie * lay.part) * lay.dt_h / 1000)
     objective = energy_eff + peak_cost + pen + tie
     return Evaluation(g, ph, lv, unmet, deficit, miss, energy_true, peak_w, peak_cost, objective,

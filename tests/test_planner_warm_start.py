@@ -1,0 +1,97 @@
+"""Warm starts between replans: the last LP's basis, mapped by key onto the next LP."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from cem.planner.assets import Prices, Problem, SiteLimits, StorageAsset
+from cem.planner.bound import LpMemory, solve_lp
+from cem.planner.layout import build_layout
+
+N = 48
+
+
+def site(evs: int = 60, seed: int = 4) -> Problem:
+    """A car park whose fuse carries a third of its chargers: the limits bind."""
+    rng = np.random.default_rng(seed)
+    hour = np.repeat(rng.uniform(0.05, 0.40, N // 4), 4)
+    storage = []
+    for i in range(evs):
+        arrive = int(rng.integers(0, 8))
+        stay = int(rng.integers(12, 40))
+        need = int(rng.uniform(8000, 40000))
+        storage.append(StorageAsset(
+            id=f"ev{i}", kind="ev", charge_max_w=11040, charge_min_w=4140, level_wh=0,
+            level_max_wh=150000, target_wh=need, available_from=arrive,
+            available_until=min(arrive + stay, N),
+            target_profile=[(min(arrive + stay, N) - 1, need, 150000)]))
+    fuse_a = evs * 16 / 3
+    return Problem(start=datetime(2026, 11, 23, 6, tzinfo=UTC), ptu_minutes=15, n_ptus=N,
+                   limits=SiteLimits(fuse_a=fuse_a, phases=3, voltage_v=230,
+                                     import_limit_w=np.full(N, fuse_a * 690 * 0.9),
+                                     export_limit_w=np.full(N, 1e6)),
+                   prices=Prices(import_eur_per_kwh=hour, export_eur_per_kwh=hour * 0),
+                   storage=storage)
+
+
+def a_ptu_later(problem: Problem, charged_w: np.ndarray) -> Problem:
+    """The same site one PTU on: each EV has what it charged in PTU 0, every index moves."""
+    later = copy.deepcopy(problem)
+    later.start = problem.start + timedelta(minutes=15)
+    for a, w in zip(later.storage, charged_w, strict=True):
+        a.level_wh += round(float(w) / 4)
+        a.available_from = max(0, a.available_from - 1)
+        a.available_until = (a.available_until or N) - 1
+        a.target_profile = [(t - 1, lo, hi) for t, lo, hi in a.target_profile]
+    later.prices.import_eur_per_kwh = np.roll(problem.prices.import_eur_per_kwh, -1)
+    return later
+
+
+def cold_and_warm(problem: Problem, memory: LpMemory) -> tuple[float, int, float, int, bool]:
+    cold = solve_lp(build_layout(problem))
+    warm = solve_lp(build_layout(problem), memory=memory)
+    assert cold.status == warm.status == "OPTIMAL"
+    assert cold.bound_eur is not None and warm.bound_eur is not None
+    return cold.bound_eur, cold.iterations, warm.bound_eur, warm.iterations, warm.warm
+
+
+@pytest.mark.parametrize("change", ["same", "levels moved", "an EV left", "an EV came",
+                                    "a PTU passed"])
+def test_a_replan_starts_from_the_last_basis_and_finds_the_same_bound(change: str) -> None:
+    first = site()
+    memory = LpMemory()
+    lp = solve_lp(build_layout(first), memory=memory)
+    assert lp.status == "OPTIMAL" and not lp.warm and not memory.empty and lp.dispatch is not None
+    nxt = copy.deepcopy(first)
+    if change == "levels moved":
+        for a in nxt.storage[::10]:
+            a.level_wh += 1500
+    elif change == "an EV left":
+        del nxt.storage[7]
+    elif change == "an EV came":
+        new = copy.deepcopy(nxt.storage[3])
+        new.id = "ev-new"
+        nxt.storage.append(new)
+    elif change == "a PTU passed":
+        nxt = a_ptu_later(first, lp.dispatch.charge[:, 0])
+    cold_bound, cold_iterations, warm_bound, warm_iterations, warm = cold_and_warm(nxt, memory)
+    assert warm
+    assert warm_bound == pytest.approx(cold_bound, rel=1e-9, abs=1e-6)
+    assert warm_iterations < cold_iterations / 3, (warm_iterations, cold_iterations)
+
+
+def test_a_basis_left_at_the_time_limit_is_gone_on_from_next_time() -> None:
+    problem = site(evs=120)
+    full = solve_lp(build_layout(problem))
+    memory = LpMemory()
+    stopped = solve_lp(build_layout(problem), time_limit_s=0.001, memory=memory)
+    assert stopped.status != "OPTIMAL" and stopped.bound_eur is None
+    assert not memory.empty  # where it stopped is kept
+    rest = solve_lp(build_layout(problem), memory=memory)
+    assert rest.status == "OPTIMAL" and rest.warm
+    assert rest.bound_eur == pytest.approx(full.bound_eur, rel=1e-9)
+    assert stopped.iterations + rest.iterations < full.iterations * 1.5
