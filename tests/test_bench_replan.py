@@ -23,3 +23,18 @@ def test_bench_replan_plans_every_charger_through_s2_and_reports_figures() -> No
         assert run["s2_messages_during_replans"] >= 20  # instructions went out over S2
         assert 0 < run["replan_p50_s"] <= run["replan_max_s"]
         assert run["loop_lag_max_ms"] is not None and run["loop_lag_max_ms"] >= 0
+
+
+def test_bench_replan_reports_the_planner_alone_the_gap_and_a_new_limit_reaching_the_rms() -> None:
+    result = CliRunner().invoke(app, ["bench", "replan", "--evs", "12", "--replans", "2",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    for run in json.loads(result.stdout)["runs"]:
+        # the same problems solved by the planner alone, in the same run
+        assert run["solve_p50_s"] > 0 and run["replan_over_solve"] > 0
+        assert run["gap_max"] is not None and 0 <= run["gap_max"] < 0.5
+        assert run["lp_warm_starts"] == 2  # each replan went on from the last basis
+        assert run["cold_plan_status"] in ("OPTIMAL", "FEASIBLE", "FALLBACK")
+        # the congestion window made RMs lower: each acknowledged its new instruction
+        assert run["rms_acked_new_limit"] > 0
+        assert 0 < run["limit_to_ack_p99_s"] <= run["limit_replan_s"]

@@ -95,12 +95,13 @@ def utc_now() -> datetime:
 
 
 def default_solver() -> Solver | None:
-    """`cem.planner.solve.plan_site` when the optimiser is installed, else None."""
+    """A `cem.planner.solve.SitePlanner` (`plan_site`, each LP warm-started from the last
+    replan's basis) when the optimiser is installed, else None."""
     try:
-        from cem.planner.solve import plan_site
+        from cem.planner.solve import SitePlanner
     except ImportError:
         return None
-    return plan_site
+    return SitePlanner()
 
 
 class SiteController:

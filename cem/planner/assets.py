@@ -221,6 +221,8 @@ class Plan:
     build_s: float = 0.0
     lp_solve_s: float = 0.0
     solve_s: float = 0.0
+    lp_iterations: int = 0  # simplex iterations of the LP relaxation
+    lp_warm: bool = False  # the LP started from the previous replan's basis
     notes: list[str] = field(default_factory=list)
     # cost_eur + unmet-target penalties + tie-breaks: the objective the LP bound and gap refer to
     objective_eur: float = 0.0

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from cem.planner.assets import Plan, Problem, Shortfall
-from cem.planner.bound import solve_lp
+from cem.planner.bound import LpMemory, solve_lp
 from cem.planner.check import check_plan
 from cem.planner.fallback import fallback_dispatch
 from cem.planner.hint import polish_plan, round_and_repair, shave_peak
@@ -41,12 +41,17 @@ from cem.planner.layout import (
     profile_row,
 )
 
-__all__ = ["check_plan", "plan_site"]
+__all__ = ["SitePlanner", "check_plan", "plan_site"]
 
 log = logging.getLogger(__name__)
 
 SHAVE_BEFORE_POLISH_COLUMNS = 5_000  # below this many storage-PTUs the kW-max shaving runs first
 GAP_TOL = 0.01  # within this share of its cost above the LP bound a plan is good enough
+# what follows the LP (rounding, polish, scoring, the check) takes about this long per
+# storage-PTU (measured at 1000-5000 live EVs on the 2-core machine, with room for a busy
+# machine): the LP gets the deadline minus this, so the plan is ready by the deadline
+AFTER_LP_S_PER_CELL = 1e-5
+AFTER_LP_S = 0.05
 
 
 def _gap(objective: float, bound: float | None) -> float | None:
@@ -70,18 +75,37 @@ def _good_enough_eur(best: Evaluation, gap_tol: float) -> float:
     return gap_tol * max(abs(best.cost_part), 1.0)
 
 
-def plan_site(problem: Problem, *, time_limit_s: float = 1.0, workers: int = 2,
-              use_lp: bool = True, use_cpsat: bool = True, gap_tol: float = GAP_TOL) -> Plan:
-    """Plan the site within about `time_limit_s` (LP, repair and CP-SAT together).
+class SitePlanner:
+    """`plan_site` for the replans of one site: keeps the LP's basis from one replan to the
+    next (`LpMemory`), so each LP starts where the last one ended. Call it as `plan_site`;
+    one replan at a time."""
 
-    Never raises for infeasible inputs (unmeetable targets become shortfalls, limits the inputs
-    alone break are noted) and never breaks a hard limit it can keep. Should the optimisation
-    itself fail, the fallback plan is returned; should even that fail, a plan with every
-    controllable asset off.
+    def __init__(self, gap_tol: float = GAP_TOL) -> None:
+        self.memory = LpMemory()
+        self.gap_tol = gap_tol
+
+    def __call__(self, problem: Problem, *, time_limit_s: float = 1.0, workers: int = 2,
+                 use_lp: bool = True, use_cpsat: bool = True) -> Plan:
+        return plan_site(problem, time_limit_s=time_limit_s, workers=workers, use_lp=use_lp,
+                         use_cpsat=use_cpsat, gap_tol=self.gap_tol, memory=self.memory)
+
+
+def plan_site(problem: Problem, *, time_limit_s: float = 1.0, workers: int = 2,
+              use_lp: bool = True, use_cpsat: bool = True, gap_tol: float = GAP_TOL,
+              memory: LpMemory | None = None) -> Plan:
+    """Plan the site by about `time_limit_s` (LP, repair and CP-SAT together).
+
+    The deadline is kept with the best plan there is by then: the LP gets what is left of
+    it after the work that follows (`AFTER_LP_S_PER_CELL`); an LP that does not finish in
+    time leaves the rule-based fallback as the plan (and its basis in `memory`, for the next
+    replan to go on from). Never raises for infeasible inputs (unmeetable targets become
+    shortfalls, limits the inputs alone break are noted) and never breaks a hard limit it
+    can keep. Should the optimisation itself fail, the fallback plan is returned; should
+    even that fail, a plan with every controllable asset off.
     """
     try:
         return _plan_site(problem, time_limit_s=time_limit_s, workers=workers, use_lp=use_lp,
-                          use_cpsat=use_cpsat, gap_tol=gap_tol)
+                          use_cpsat=use_cpsat, gap_tol=gap_tol, memory=memory)
     except Exception as exc:  # the control loop must never be without a plan
         log.exception("planner failed; falling back")
         note = f"planner error ({type(exc).__name__}: {exc}): "
@@ -106,7 +130,7 @@ def _all_off(problem: Problem, note: str) -> Plan:
 
 
 def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: bool,
-               use_cpsat: bool, gap_tol: float) -> Plan:
+               use_cpsat: bool, gap_tol: float, memory: LpMemory | None = None) -> Plan:
     t_start = time.perf_counter()
     deadline = t_start + max(time_limit_s, 0.05)
     lay = build_layout(problem)
@@ -114,12 +138,18 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     notes = list(lay.notes)
     bound: float | None = None
     lp_solve_s = 0.0
+    lp_iterations, lp_warm = 0, False
     status = "FALLBACK"
     candidate: Dispatch | None = None
+    best: Evaluation | None = None
+    unpolished = False
+    after_lp_s = AFTER_LP_S + AFTER_LP_S_PER_CELL * int(lay.avail.sum())
     if use_lp:
-        lp = solve_lp(lay, time_limit_s=max(deadline - time.perf_counter(), 0.05) + 2.0)
+        lp = solve_lp(lay, time_limit_s=max(deadline - time.perf_counter() - after_lp_s, 0.01),
+                      memory=memory)
         build_s += lp.build_s
         lp_solve_s = lp.solve_s
+        lp_iterations, lp_warm = lp.iterations, lp.warm
         if lp.dispatch is not None:
             bound = lp.bound_eur
             candidate = round_and_repair(lay, lp.dispatch)
@@ -127,17 +157,32 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             small = int(lay.avail.sum()) <= SHAVE_BEFORE_POLISH_COLUMNS
             if small:  # cheap here, and a shaved on/off pattern polishes better
                 shave_peak(lay, candidate, deadline)
+            best = evaluate(lay, candidate)
             polished = polish_plan(lay, lp, candidate) if time.perf_counter() < deadline else None
-            if polished is not None and evaluate(lay, polished).objective < evaluate(lay, candidate).objective:
-                candidate = polished
+            unpolished = polished is None
+            if polished is not None:
+                ev = evaluate(lay, polished)
+                if ev.objective < best.objective:
+                    candidate, best = polished, ev
             elif not small:  # no polish: at least take charging out of the kW-max PTUs
                 shave_peak(lay, candidate, deadline)
+                best = evaluate(lay, candidate)
         else:
-            notes.append(f"LP relaxation not solved ({lp.status}): starting from the fallback plan")
+            notes.append(f"LP relaxation not solved ({lp.status}): the fallback plan")
             log.warning("LP relaxation not solved (%s)", lp.status)
     if candidate is None:
         candidate = fallback_dispatch(lay)
-    best = evaluate(lay, candidate)
+    elif unpolished and best is not None and bound is not None \
+            and best.objective - bound > _good_enough_eur(best, gap_tol) \
+            and time.perf_counter() < deadline - 0.5 * after_lp_s:
+        # no time was left to polish the repaired LP and it is not good enough: the fallback
+        # (deadline first within the limits) may be better
+        fb = fallback_dispatch(lay)
+        ev = evaluate(lay, fb)
+        if ev.objective < best.objective:
+            candidate, best, status = fb, ev, "FALLBACK"
+            notes.append("the fallback plan was better than the repaired LP plan")
+    best = evaluate(lay, candidate) if best is None else best
     gap = _gap(best.objective, bound)
     if bound is not None and gap is not None and gap <= 1e-9:
         status = "OPTIMAL"
@@ -173,10 +218,12 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     plan.lp_bound_eur = bound
     plan.gap = _gap(plan.objective_eur, bound)
     plan.build_s, plan.lp_solve_s, plan.solve_s = build_s, lp_solve_s, solve_s
+    plan.lp_iterations, plan.lp_warm = lp_iterations, lp_warm
     log.info("plan %s: cost %.2f EUR, objective %.2f EUR, LP bound %s, gap %s; %d shortfalls; "
-             "build %.3f s, LP %.3f s, CP-SAT %.3f s", plan.status, plan.cost_eur, plan.objective_eur,
-             "-" if bound is None else f"{bound:.2f}", "-" if plan.gap is None else f"{plan.gap:.2%}",
-             len(plan.shortfall), build_s, lp_solve_s, solve_s)
+             "build %.3f s, LP %.3f s (%d iterations%s), CP-SAT %.3f s", plan.status, plan.cost_eur,
+             plan.objective_eur, "-" if bound is None else f"{bound:.2f}",
+             "-" if plan.gap is None else f"{plan.gap:.2%}", len(plan.shortfall), build_s,
+             lp_solve_s, lp_iterations, ", warm" if lp_warm else "", solve_s)
     violations = check_plan(problem, plan)
     if violations and status != "FALLBACK":
         fb = to_plan(lay, fallback_dispatch(lay), "FALLBACK",
@@ -185,6 +232,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             log.error("plan breaks limits (%s); using the fallback", violations[:3])
             fb.lp_bound_eur, fb.gap = bound, _gap(fb.objective_eur, bound)
             fb.build_s, fb.lp_solve_s, fb.solve_s = build_s, lp_solve_s, solve_s
+            fb.lp_iterations, fb.lp_warm = lp_iterations, lp_warm
             return fb
     return plan
 
