@@ -83,3 +83,28 @@ def test_office_example_is_the_bench_car_park_with_50_evs() -> None:
     built = bench_scenario(50, seed=1)
     assert example.model_copy(update={"name": "", "description": ""}) == \
         built.model_copy(update={"name": "", "description": ""})
+
+
+def test_the_bench_gives_each_ev_the_milestones_of_a_live_replan() -> None:
+    from cem.app.bench_planner import with_live_milestones
+
+    problem = with_live_milestones(scenario_to_problem(bench_scenario(20, seed=2)).problem)
+    evs = [s for s in problem.storage if s.kind == "ev" and s.target_wh]
+    assert evs
+    for ev in evs:
+        end = ev.available_until
+        assert (end, ev.target_wh, ev.level_max_wh) in ev.target_profile  # the RM's target
+        early = [ptu for ptu, lo, _hi in ev.target_profile if ptu < end and lo == ev.target_wh]
+        # the finish margin: the target a PTU before the departure (unless the stay is a PTU)
+        assert early == [end - 1] or end - ev.available_from <= 1
+
+
+@pytest.mark.skipif(not _solver_ready(), reason="cem.planner.solve not written yet")
+def test_bench_with_and_without_the_live_shape_reports_which() -> None:
+    for flag, shape in (("--live-shape", True), ("--no-live-shape", False)):
+        result = runner.invoke(app, ["bench", "planner", "--evs", "4", "--instances", "1",
+                                     "--ptus", "48", "--time-limit", "1", "--json", flag])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["live_shape"] is shape
+        assert report["results"][0]["violations"] == 0

@@ -15,6 +15,12 @@ GTV, so the limits bind.
 Shortfalls therefore come from the site limits (and from departures after the horizon end
 being planned pro rata); the scenario tests cover targets that cannot fit at all.
 
+With `live_shape` (the default) every EV also has the departure milestones a live replan
+gives it (`cem bench replan`): the OCPP charger RM's fill-level target profile (anything up
+to full until the departure, the target at it) and the controller's finish margin (the
+target `planner.ev_finish_margin_minutes` before the departure), so both benches solve
+problems of one shape.
+
 For each instance: build the Problem (timed as `scenario_s`), call `plan_site`, check the plan
 with `check_plan` (violations are printed in red and counted), and report per N the p50/p95 of
 build/solve/total seconds and the mean cost, bound and gap.
@@ -40,12 +46,15 @@ from rich.table import Table
 from cem.app.scenario import Scenario, scenario_to_problem
 from cem.data import PRICES_2019_10, PV_2019_10, bundled
 from cem.flex.prices import ptu_prices
-from cem.site.config import PriceConfig
+from cem.flex.site_problem import finish_early
+from cem.planner.assets import Problem
+from cem.site.config import PlannerConfig, PriceConfig
 from cem.site.forecast import base_load_w, load_pv_per_kwp, pv_forecast_w
 from cem.site.sessions import Session, bundled_acn_sessions, on_local_clock
 from sitekit.prices import CsvPriceSource
 
 SITE_TZ = "Europe/Amsterdam"
+FINISH_MARGIN_MINUTES = PlannerConfig().ev_finish_margin_minutes  # as a live site plans
 BENCH_TARIFF = PriceConfig(markup_eur_per_kwh=0.02, tax_eur_per_kwh=0.10, vat=0.21, feed_in="day_ahead")
 # local midnight of 2019-10-01 is 2019-09-30 22:00 UTC, outside the bundled month: start on the 2nd
 WORKDAYS = [date(2019, 10, d) for d in range(2, 22) if date(2019, 10, d).weekday() < 5]
@@ -161,7 +170,20 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def run_instance(n_evs: int, seed: int, ptus: int, time_limit: float) -> dict[str, Any]:
+def with_live_milestones(problem: Problem, margin_minutes: int = FINISH_MARGIN_MINUTES) -> Problem:
+    """Each EV with the milestones a live replan gives it (in place; returned)."""
+    for asset in problem.storage:
+        if asset.kind != "ev" or asset.target_wh is None or asset.available_until is None:
+            continue
+        end = int(asset.available_until)
+        asset.target_profile = [(end, 0, asset.level_max_wh),
+                                (end, int(asset.target_wh), asset.level_max_wh)]
+        finish_early(asset, margin_minutes, problem.ptu_minutes)
+    return problem
+
+
+def run_instance(n_evs: int, seed: int, ptus: int, time_limit: float,
+                 live_shape: bool = True) -> dict[str, Any]:
     """Build, plan and check one instance; return its figures."""
     from cem.app.json_stdout import prints_to_stderr
     from cem.app.plan_cli import solver_functions
@@ -169,6 +191,8 @@ def run_instance(n_evs: int, seed: int, ptus: int, time_limit: float) -> dict[st
     plan_site, check_plan = solver_functions()
     t0 = time.perf_counter()
     built = scenario_to_problem(bench_scenario(n_evs, seed, ptus))
+    if live_shape:
+        with_live_milestones(built.problem)
     scenario_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     with prints_to_stderr():
@@ -223,7 +247,8 @@ def machine() -> dict[str, Any]:
             "date": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
-def bench_command(*, evs: list[int], ptus: int, instances: int, time_limit: float, json_out: bool) -> None:
+def bench_command(*, evs: list[int], ptus: int, instances: int, time_limit: float, json_out: bool,
+                  live_shape: bool = True) -> None:
     """Run the planner benchmark and print a table (or one JSON object with --json)."""
     err = Console(stderr=True)
     if not evs or any(n < 1 for n in evs):
@@ -239,13 +264,14 @@ def bench_command(*, evs: list[int], ptus: int, instances: int, time_limit: floa
             runs = []
             for seed in range(instances):
                 progress.update(task, description=f"{n_evs} EVs, instance {seed + 1}/{instances}")
-                run = run_instance(n_evs, seed, ptus, time_limit)
+                run = run_instance(n_evs, seed, ptus, time_limit, live_shape)
                 for violation in run["violations"]:
                     err.print(f"[bold red]VIOLATION[/] {n_evs} EVs seed {seed}: {violation}", highlight=False)
                 runs.append(run)
                 progress.advance(task)
             results.append(summarise(n_evs, ptus, runs))
-    report = {"results": results, "time_limit_s": time_limit, "machine": machine()}
+    report = {"results": results, "time_limit_s": time_limit, "live_shape": live_shape,
+              "machine": machine()}
     if json_out:
         typer.echo(json.dumps(report))
     else:
@@ -257,8 +283,9 @@ def bench_command(*, evs: list[int], ptus: int, instances: int, time_limit: floa
 def print_table(report: dict[str, Any]) -> None:
     """Two narrow tables per size: times (p50/p95 s) and plan quality (means over instances)."""
     out = Console()
+    shape = "live EV milestones" if report.get("live_shape") else "no milestones"
     times = Table(title=f"cem bench planner: times in s (p50/p95), time limit {report['time_limit_s']} s, "
-                        f"{report['machine']['cpus']} CPUs", title_justify="left")
+                        f"{shape}, {report['machine']['cpus']} CPUs", title_justify="left")
     for col in ("EVs", "status", "build", "LP", "solve", "total"):
         times.add_column(col, justify="left" if col == "status" else "right", no_wrap=True)
     quality = Table(title="plan quality (means over instances, EUR)", title_justify="left")

@@ -257,12 +257,14 @@ def bench_planner(
     instances: int = typer.Option(5, help="instances per size"),
     time_limit: float = typer.Option(3.0, help="CP-SAT time limit, s"),
     json_out: bool = typer.Option(False, "--json"),
+    live_shape: bool = typer.Option(True, "--live-shape/--no-live-shape",
+                                    help="give every EV the departure milestones of a live replan"),
 ) -> None:
     """Benchmark the planner on scenarios built from real ACN sessions and NL prices."""
     from cem.app.bench_planner import bench_command
 
     bench_command(evs=evs, ptus=ptus, instances=instances, time_limit=time_limit,
-                  json_out=json_out)
+                  json_out=json_out, live_shape=live_shape)
 
 
 @bench_app.command("replan")
