@@ -207,7 +207,7 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
     lags.sort()
     cold = planner.plans[0]
     timed = planner.plans[1:replans + 1]
-    gaps = [p.gap for p in timed]
+    gaps = [p.gap for p in timed if p.gap is not None]
     return {
         "evs": evs, "replans": replans, "gc_freeze": gc_freeze,
         "time_limit_s": config.planner.time_limit_s,
@@ -218,7 +218,7 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         "replan_max_s": round(max(replan_s), 3),
         "solve_p50_s": round(statistics.median(solve_s), 3),
         "replan_over_solve": round(statistics.median(replan_s) / max(statistics.median(solve_s), 1e-9), 2),
-        "gap_max": None if any(g is None for g in gaps) else round(max(gaps), 5),
+        "gap_max": round(max(gaps), 5) if len(gaps) == len(timed) else None,  # None: one had no bound
         "plan_status": sorted({p.status for p in timed}),
         "lp_warm_starts": sum(1 for p in timed if p.lp_warm),
         "lp_iterations": [p.lp_iterations for p in timed],
