@@ -95,3 +95,26 @@ def test_a_basis_left_at_the_time_limit_is_gone_on_from_next_time() -> None:
     assert rest.status == "OPTIMAL" and rest.warm
     assert rest.bound_eur == pytest.approx(full.bound_eur, rel=1e-9)
     assert stopped.iterations + rest.iterations < full.iterations * 1.5
+
+
+def test_an_lp_out_of_time_leaves_the_last_plan_repaired_not_the_fallback() -> None:
+    from cem.planner.check import check_plan
+    from cem.planner.solve import SitePlanner, plan_site
+
+    first = site(evs=240)
+    planner = SitePlanner()
+    plan = planner(first, time_limit_s=30.0, use_cpsat=False)
+    assert plan.status in ("OPTIMAL", "FEASIBLE") and plan.lp_bound_eur is not None
+    charged = np.array([plan.power_w[a.id][0] for a in first.storage], dtype=float)
+    nxt = a_ptu_later(first, charged)
+    # the grid operator caps import for two hours: much of the last plan no longer fits
+    nxt.limits.import_limit_w = nxt.limits.import_limit_w.astype(float)
+    nxt.limits.import_limit_w[1:9] *= 0.6
+    planner.memory.lp.forget()  # no basis to go on from: the LP cannot finish in 10 ms
+    again = planner(nxt, time_limit_s=0.01, use_cpsat=False)
+    assert again.lp_bound_eur is None and again.status == "FEASIBLE"
+    assert any("the last plan, repaired" in note for note in again.notes)
+    assert check_plan(nxt, again) == []
+    fallback = plan_site(nxt, use_lp=False, use_cpsat=False)
+    assert fallback.status == "FALLBACK" and check_plan(nxt, fallback) == []
+    assert again.objective_eur < fallback.objective_eur

@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 import highspy
 import numpy as np
 
-from cem.planner.layout import SEGMENT_FACTORS, TOL_EUR_PER_WH, Dispatch, Layout, start_options
+from cem.planner.layout import (
+    SEGMENT_FACTORS,
+    TOL_EUR_PER_WH,
+    Dispatch,
+    Layout,
+    ptu_epoch,
+    start_options,
+)
 
 INF = highspy.kHighsInf
 
@@ -45,12 +52,6 @@ def lp_key(kind: int, entity: np.ndarray | int = 0, sub: np.ndarray | int = 0,
     only make a warm start a little less warm."""
     return ((np.int64(kind) << 57) | ((np.asarray(sub, dtype=np.int64) & 0x3F) << 51)
             | (np.asarray(entity, dtype=np.int64) << 23) | (np.asarray(ptu, dtype=np.int64) & 0x7FFFFF))
-
-
-def _ptu_epoch(lay: Layout) -> int:
-    """The number of PTU 0 counted from the Unix epoch."""
-    pr = lay.problem
-    return int(pr.start.timestamp() // (pr.ptu_minutes * 60))
 
 
 
@@ -201,16 +202,25 @@ class LpMemory:
     def forget(self) -> None:
         self._cols = self._rows = self._col_dual = None
 
-    def remember(self, col_key: np.ndarray, row_key: np.ndarray, h: highspy.Highs) -> None:
-        """Keep the basis HiGHS has now (for the LP whose keys are given)."""
-        basis = h.getBasis()
-        if not basis.valid or len(basis.col_status) != len(col_key) \
-                or len(basis.row_status) != len(row_key):
+    def remember(self, col_key: np.ndarray, row_key: np.ndarray, h: highspy.Highs,
+                 model: highspy.HighsLp) -> None:
+        """Keep the basis HiGHS has now (for the LP whose keys are given).
+
+        Read as arrays: the basic variables, and for the others the bound their value sits
+        at (HiGHS's own status list costs a Python object per column)."""
+        ok, basic = h.getBasicVariables()
+        solution = h.getSolution()
+        if ok != highspy.HighsStatus.kOk or not solution.value_valid \
+                or len(solution.col_value) != len(col_key) or len(basic) != len(row_key):
             self.forget()
             return
-        cols = np.fromiter(map(int, basis.col_status), dtype=np.int8, count=len(col_key))
-        rows = np.fromiter(map(int, basis.row_status), dtype=np.int8, count=len(row_key))
-        solution = h.getSolution()
+        basic = np.asarray(basic, dtype=np.int64)
+        cols = _nonbasic_at(np.asarray(solution.col_value), np.asarray(model.col_lower_),
+                            np.asarray(model.col_upper_))
+        rows = _nonbasic_at(np.asarray(solution.row_value), np.asarray(model.row_lower_),
+                            np.asarray(model.row_upper_))
+        cols[basic[basic >= 0]] = _BASIC
+        rows[-1 - basic[basic < 0]] = _BASIC
         dual = np.asarray(solution.col_dual, dtype=float) if solution.dual_valid \
             and len(solution.col_dual) == len(col_key) else np.zeros(len(col_key))
         order = np.argsort(col_key, kind="stable")
@@ -324,6 +334,17 @@ def _lay_onto(old: tuple[np.ndarray, np.ndarray], keys: np.ndarray
     return status, at
 
 
+def _nonbasic_at(value: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """The status of a nonbasic column (or row) from its value: at its upper bound, else at
+    its lower one, else (free) at zero."""
+    finite = upper < INF
+    top = np.where(finite, upper, 0.0)
+    up = finite & (value >= top - 1e-9 * np.maximum(1.0, np.abs(top)))
+    out = np.where(lower > -INF, _LOWER, np.where(upper < INF, _UPPER, _ZERO)).astype(np.int8)
+    out[up & (value > lower)] = _UPPER
+    return out
+
+
 def _at_a_bound(status: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
     """Nonbasic statuses on a bound the column (or row) has: the upper one if it was there
     (or is the only one), else the lower one, else (free) at zero."""
@@ -351,7 +372,7 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
     pr = lay.problem
     lp = _LpArrays()
     ones = np.ones((S, n))
-    t_abs = _ptu_epoch(lay) + np.arange(n)
+    t_abs = ptu_epoch(lay.problem) + np.arange(n)
     ent = np.array([entity_key(a) for a in lay.ids], dtype=np.int64)
     full_c = lay.avail & (lay.cmax[:, None] > 0)
     levels = lp_level_assets(lay)
@@ -712,7 +733,7 @@ def solve_lp(lay: Layout, time_limit_s: float = 10.0, threads: int = 1,
     solve_s = time.perf_counter() - t1
     iterations = int(h.getInfo().simplex_iteration_count)
     if memory is not None:
-        memory.remember(col_key, row_key, h)
+        memory.remember(col_key, row_key, h, model)
     if status != highspy.HighsModelStatus.kOptimal:
         partial = None
         solution = h.getSolution()

@@ -16,14 +16,14 @@ from cem.planner.layout import Dispatch, Layout, empty_dispatch
 def fallback_dispatch(lay: Layout) -> Dispatch:
     """Deadline-first dispatch within the hard limits."""
     disp = empty_dispatch(lay)
-    _idle_modes(lay, disp)
+    idle_modes(lay, disp)
     repair_limits(lay, disp)
     refill(lay, disp, by_price=False, deadline_first=True)
     repair_limits(lay, disp)
     return disp
 
 
-def _idle_modes(lay: Layout, disp: Dispatch) -> None:
+def idle_modes(lay: Layout, disp: Dispatch) -> None:
     """Mode devices held in the mode nearest to idle (0 W) all horizon; profiles at their
     earliest start (as `empty_dispatch` sets them)."""
     for j, m in enumerate(lay.problem.modes):

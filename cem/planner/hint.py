@@ -418,10 +418,14 @@ def _repair_down(lay: Layout, disp: Dispatch, t: int, order: np.ndarray) -> None
 
 
 def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first: bool = False,
-           peak_cap: float | None = None, allowed_wh: np.ndarray | None = None) -> None:
-    """Add charging where targets or level minimums are missed, into spare capacity (in place).
+           peak_cap: float | None = None, allowed_wh: np.ndarray | None = None,
+           milestone_goal: np.ndarray | None = None) -> None:
+    """Add charging where targets, milestones or level minimums are missed, into spare
+    capacity (in place).
 
-    `allowed_wh` (per asset) is a shortfall to accept, e.g. what the LP itself could not meet.
+    `allowed_wh` (per asset) is a shortfall to accept, e.g. what the LP itself could not meet;
+    `milestone_goal` (per `Layout.ms_*` entry) the level wanted at each milestone (default:
+    its lower bound).
 
     Assets in priority order (then earliest deadline); PTUs cheapest first (or earliest first
     for the fallback); never above the import limit, the fuse on any phase, or the asset's
@@ -439,7 +443,14 @@ def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first
     for i in np.flatnonzero(lay.needs_levels):
         a, b = lay.first[i], lay.last[i]
         short_min[i] = bool(np.any(lv[i, a + 1:b + 1] < lay.lmin[i] - 0.5))
+    # milestones (an EV's target before its departure): the level wanted at their PTU
+    ms_goal = lay.ms_lo if milestone_goal is None else milestone_goal
+    ms_short = lv[lay.ms_asset, lay.ms_ptu] < ms_goal - 0.5
+    short_min[lay.ms_asset[ms_short]] = True
     todo = np.flatnonzero((short_t | short_min) & (lay.cmax > 0))
+    by_asset: dict[int, list[tuple[int, float]]] = {}
+    for k in np.flatnonzero(np.isin(lay.ms_asset, todo)):
+        by_asset.setdefault(int(lay.ms_asset[k]), []).append((int(lay.ms_ptu[k]), float(ms_goal[k])))
     if len(todo) == 0:
         return
     deadline = lay.last[todo]
@@ -463,7 +474,8 @@ def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first
         room = _can_take(lay, disp, active, g, ph, cap)
         done = np.zeros(len(active), dtype=bool)
         for k in np.flatnonzero(room):
-            done[k] = bool(_fill_asset(lay, disp, int(active[k]), g, ph, cap, price, by_price, goal))
+            done[k] = bool(_fill_asset(lay, disp, int(active[k]), g, ph, cap, price, by_price, goal,
+                                       by_asset.get(int(active[k]))))
         active = active[~done]
         if len(active) == 0:
             return
@@ -487,8 +499,54 @@ def _can_take(lay: Layout, disp: Dispatch, assets: np.ndarray, g: np.ndarray, ph
 
 
 def _fill_asset(lay: Layout, disp: Dispatch, i: int, g: np.ndarray, ph: np.ndarray,
-                cap: np.ndarray, price: np.ndarray, by_price: bool, goal: np.ndarray) -> bool:
-    """Fill asset i under `cap`; True when it is done (met, or no PTU can take more)."""
+                cap: np.ndarray, price: np.ndarray, by_price: bool, goal: np.ndarray,
+                milestones: list[tuple[int, float]] | None = None) -> bool:
+    """Fill asset i under `cap`; True when it is done (met, or no PTU can take more).
+
+    The levels it must reach: level_min after every PTU (assets with levels), `goal` at the
+    end of its window, and each (PTU, level) of `milestones` at that PTU. The first one
+    missed is filled from the PTUs before it; one that cannot be (no room before it) leaves
+    the next one missed its turn, so a milestone the limits block still lets the target at
+    the departure take the PTUs after it.
+    """
+    a, b = int(lay.first[i]), int(lay.last[i])
+    eta = lay.eta_c[i]
+    hours = lay.ptu_h
+    for _ in range(3):
+        lvl = lay.level0[i] + np.concatenate([[0.0], np.cumsum(
+            hours * (eta * disp.charge[i] - disp.discharge[i] / lay.eta_d[i]) - lay.usage[i])])
+        # the first level index that misses: level_min (levels after a PTU), a milestone or
+        # the target
+        want = np.full(lay.n + 1, -np.inf)
+        if lay.needs_levels[i]:
+            want[a + 1:b + 1] = lay.lmin[i]
+        for ptu, level in milestones or []:
+            want[ptu] = max(want[ptu], level)
+        if not np.isnan(lay.target[i]):
+            want[b] = max(want[b], goal[i])
+        miss = want - lvl
+        bad = np.flatnonzero(miss > 0.01)
+        if len(bad) == 0:
+            return True
+        later = sorted({ptu for ptu, _level in milestones or []} | {b})
+        taus = [int(bad[0]), *(t for t in later if t > bad[0] and miss[t] > 0.01)]
+        outcomes = [_fill_before(lay, disp, i, tau, float(miss[tau]), lvl, g, ph, cap, price,
+                                 by_price) for tau in taus[:1]]
+        for tau in taus[1:]:
+            if outcomes[-1] == "changed":
+                break
+            outcomes.append(_fill_before(lay, disp, i, tau, float(miss[tau]), lvl, g, ph, cap,
+                                         price, by_price))
+        if outcomes[-1] != "changed":
+            return all(o == "done" for o in outcomes)
+    return False
+
+
+def _fill_before(lay: Layout, disp: Dispatch, i: int, tau: int, gap: float, lvl: np.ndarray,
+                 g: np.ndarray, ph: np.ndarray, cap: np.ndarray, price: np.ndarray,
+                 by_price: bool) -> str:
+    """Add charging to asset i in the PTUs before level index `tau` (`gap` Wh short there):
+    "changed", "done" (no PTU before it can take more) or "stuck" (the limits leave no room)."""
     a, b = int(lay.first[i]), int(lay.last[i])
     eta = lay.eta_c[i]
     step = float(lay.step[i])
@@ -496,79 +554,63 @@ def _fill_asset(lay: Layout, disp: Dispatch, i: int, g: np.ndarray, ph: np.ndarr
     hours = lay.ptu_h
     part = lay.part
     donor_row = part >= 1.0  # a partial PTU 0 gives no donors (its W are not whole-PTU energy)
-    for _ in range(3):
-        lvl = lay.level0[i] + np.concatenate([[0.0], np.cumsum(
-            hours * (eta * disp.charge[i] - disp.discharge[i] / lay.eta_d[i]) - lay.usage[i])])
-        # the first level index that misses: level_min (levels after a PTU) or the target
-        want = np.full(lay.n + 1, -np.inf)
-        if lay.needs_levels[i]:
-            want[a + 1:b + 1] = lay.lmin[i]
-        if not np.isnan(lay.target[i]):
-            want[b] = max(want[b], goal[i])
-        miss = want - lvl
-        bad = np.flatnonzero(miss > 0.01)
-        if len(bad) == 0:
-            return True
-        tau = int(bad[0])
-        ts = np.arange(a, tau)
-        ts = ts[(disp.charge[i, ts] < lay.cmax[i]) & (disp.discharge[i, ts] <= 0)]
-        if len(ts) == 0:
-            return True
-        head_v = cap[ts] - g[ts]
+    ts = np.arange(a, tau)
+    ts = ts[(disp.charge[i, ts] < lay.cmax[i]) & (disp.discharge[i, ts] <= 0)]
+    if len(ts) == 0:
+        return "done"
+    head_v = cap[ts] - g[ts]
+    for p in range(3):
+        if share[p] > 0:
+            head_v = np.minimum(head_v, (lay.fuse_up[p, ts] - ph[p, ts]) / share[p])
+    on_v = disp.charge[i, ts] > 0
+    ts = ts[(head_v >= step) & (on_v | (head_v >= lay.cmin[i]))]
+    if len(ts) == 0:
+        return "stuck"
+    ts = ts[np.argsort(price[ts], kind="stable")] if by_price else ts
+    changed = False
+    for t in ts:
+        c = disp.charge[i, t]
+        if c >= lay.cmax[i] or disp.discharge[i, t] > 0:
+            continue
+        dt = float(hours[t])
+        head = cap[t] - g[t]
         for p in range(3):
             if share[p] > 0:
-                head_v = np.minimum(head_v, (lay.fuse_up[p, ts] - ph[p, ts]) / share[p])
-        on_v = disp.charge[i, ts] > 0
-        ts = ts[(head_v >= step) & (on_v | (head_v >= lay.cmin[i]))]
-        if len(ts) == 0:
-            return False
-        ts = ts[np.argsort(price[ts], kind="stable")] if by_price else ts
-        gap = float(miss[tau])
-        changed = False
-        for t in ts:
-            c = disp.charge[i, t]
-            if c >= lay.cmax[i] or disp.discharge[i, t] > 0:
-                continue
-            dt = float(hours[t])
-            head = cap[t] - g[t]
-            for p in range(3):
-                if share[p] > 0:
-                    head = min(head, (lay.fuse_up[p, t] - ph[p, t]) / share[p])
-            # never above level_max from t+1 on
-            lvl_room = float(np.min(lay.lmax[i] - lvl[t + 1:b + 1])) if b > t else 0.0
-            add = min(head, lay.cmax[i] - c, gap / (dt * eta), lvl_room / (dt * eta))
-            if c == 0 and add < lay.cmin[i]:
-                # lift to the minimum if the limits allow it even though it overshoots a little
-                add = lay.cmin[i] if min(head, lvl_room / (dt * eta)) >= lay.cmin[i] else 0.0
-                rest = gap / (dt * eta)
-                if add == 0 and head >= lay.cmin[i] and 0 < rest < lay.cmin[i] and not lay.needs_levels[i]:
-                    # the rest is below the minimum power: run this PTU at the minimum and take
-                    # the difference from a PTU that charges well above it
-                    over = np.ceil((lay.cmin[i] - rest) * part[t] / step - EPS) * step
-                    takes = _donors(np.where(donor_row, disp.charge[i], 0.0), over, lay.cmin[i],
-                                    price)
-                    for u, amount in takes or []:
-                        disp.charge[i, u] -= amount
-                        g[u] -= amount
-                        ph[:, u] -= share * amount
-                        lvl[u + 1:] -= hours[u] * eta * amount
-                        gap += hours[u] * eta * amount
-                    if takes:
-                        add = lay.cmin[i]
-            else:
-                add = min(np.ceil(add / step - EPS) * step, _down(min(head, lay.cmax[i] - c, lvl_room / (dt * eta)), step))
-            if add <= 0:
-                continue
-            disp.charge[i, t] = c + add
-            g[t] += add
-            ph[:, t] += share * add
-            lvl[t + 1:] += dt * eta * add
-            gap -= dt * eta * add
-            changed = True
-            if gap <= 0.5:
-                break
-        if not changed:
-            return False
+                head = min(head, (lay.fuse_up[p, t] - ph[p, t]) / share[p])
+        # never above level_max from t+1 on
+        lvl_room = float(np.min(lay.lmax[i] - lvl[t + 1:b + 1])) if b > t else 0.0
+        add = min(head, lay.cmax[i] - c, gap / (dt * eta), lvl_room / (dt * eta))
+        if c == 0 and add < lay.cmin[i]:
+            # lift to the minimum if the limits allow it even though it overshoots a little
+            add = lay.cmin[i] if min(head, lvl_room / (dt * eta)) >= lay.cmin[i] else 0.0
+            rest = gap / (dt * eta)
+            if add == 0 and head >= lay.cmin[i] and 0 < rest < lay.cmin[i] and not lay.needs_levels[i]:
+                # the rest is below the minimum power: run this PTU at the minimum and take
+                # the difference from a PTU that charges well above it
+                over = np.ceil((lay.cmin[i] - rest) * part[t] / step - EPS) * step
+                takes = _donors(np.where(donor_row, disp.charge[i], 0.0), over, lay.cmin[i],
+                                price)
+                for u, amount in takes or []:
+                    disp.charge[i, u] -= amount
+                    g[u] -= amount
+                    ph[:, u] -= share * amount
+                    lvl[u + 1:] -= hours[u] * eta * amount
+                    gap += hours[u] * eta * amount
+                if takes:
+                    add = lay.cmin[i]
+        else:
+            add = min(np.ceil(add / step - EPS) * step, _down(min(head, lay.cmax[i] - c, lvl_room / (dt * eta)), step))
+        if add <= 0:
+            continue
+        disp.charge[i, t] = c + add
+        g[t] += add
+        ph[:, t] += share * add
+        lvl[t + 1:] += dt * eta * add
+        gap -= dt * eta * add
+        changed = True
+        if gap <= 0.5:
+            break
+    return "changed" if changed else "stuck"
 
 
 def shave_peak(lay: Layout, disp: Dispatch, deadline: float, rounds: int = 60) -> None:
@@ -681,9 +723,11 @@ def round_and_repair(lay: Layout, frac: Dispatch) -> Dispatch:
     disp = snap(lay, frac)
     fix_levels(lay, disp)
     repair_limits(lay, disp, cap)
+    lv_frac = levels(lay, frac)
     lp_unmet = np.where(np.isnan(lay.target), 0.0,
-                        np.nan_to_num(lay.target) - levels(lay, frac)[np.arange(lay.s), lay.last])
-    refill(lay, disp, by_price=True, peak_cap=lp_peak, allowed_wh=lp_unmet + lay.tol_wh)
+                        np.nan_to_num(lay.target) - lv_frac[np.arange(lay.s), lay.last])
+    refill(lay, disp, by_price=True, peak_cap=lp_peak, allowed_wh=lp_unmet + lay.tol_wh,
+           milestone_goal=milestones_reached(lay, lv_frac))
     repair_limits(lay, disp)
     return disp
 
@@ -726,6 +770,14 @@ def polish_plan(lay: Layout, lp: LpResult, disp: Dispatch) -> Dispatch | None:
     # rounding can leave a level asset a few Wh under its minimum: top it up (EVs as they are)
     end = levels(lay, out)[np.arange(lay.s), lay.last]
     allowed = np.where(lay.needs_levels, 0.0, np.nan_to_num(lay.target) - end + lay.tol_wh)
-    refill(lay, out, by_price=True, allowed_wh=allowed)
+    refill(lay, out, by_price=True, allowed_wh=allowed,
+           milestone_goal=milestones_reached(lay, levels(lay, frac)))
     repair_limits(lay, out)
     return out
+
+
+def milestones_reached(lay: Layout, lv: np.ndarray) -> np.ndarray:
+    """The level each milestone asks for, but no more than the given levels (a fractional
+    plan's) reach there, less a rounding step: what a repair should keep of it."""
+    at = lv[lay.ms_asset, lay.ms_ptu] - lay.tol_wh[lay.ms_asset]
+    return np.minimum(lay.ms_lo, at)

@@ -61,6 +61,12 @@ def ptu_hours(problem: Problem) -> np.ndarray:
     return hours
 
 
+def ptu_epoch(problem: Problem) -> int:
+    """The number of the problem's PTU 0 counted from the Unix epoch (the same PTU has the
+    same number in every replan)."""
+    return int(problem.start.timestamp() // (problem.ptu_minutes * 60))
+
+
 def priority_weight(priority: int) -> float:
     """EUR per Wh of unmet energy for an asset of this priority."""
     return UNMET_EUR_PER_WH * PRIORITY_FACTOR ** (min(max(priority, 1), 4) - 1)

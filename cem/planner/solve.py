@@ -28,7 +28,7 @@ import numpy as np
 from cem.planner.assets import Plan, Problem, Shortfall
 from cem.planner.bound import LpMemory, solve_lp
 from cem.planner.check import check_plan
-from cem.planner.fallback import fallback_dispatch
+from cem.planner.fallback import fallback_dispatch, idle_modes
 from cem.planner.hint import polish_plan, round_and_repair, shave_peak
 from cem.planner.layout import (
     NOISE_WH,
@@ -36,12 +36,14 @@ from cem.planner.layout import (
     Evaluation,
     Layout,
     build_layout,
+    empty_dispatch,
     evaluate,
     per_ptu,
     profile_row,
+    ptu_epoch,
 )
 
-__all__ = ["SitePlanner", "check_plan", "plan_site"]
+__all__ = ["PlanMemory", "SitePlanner", "check_plan", "plan_site"]
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +77,52 @@ def _good_enough_eur(best: Evaluation, gap_tol: float) -> float:
     return gap_tol * max(abs(best.cost_part), 1.0)
 
 
+class PlanMemory:
+    """What a site's planner keeps from one replan for the next: the LP's basis (`LpMemory`)
+    and the powers of the plan it returned, per asset and PTU (by id and PTU number, so they
+    still fit when assets came or went or a PTU passed)."""
+
+    def __init__(self) -> None:
+        self.lp = LpMemory()
+        self._plan: tuple[list[str], int, np.ndarray, np.ndarray, list[str], np.ndarray] | None = None
+
+    def keep(self, lay: Layout, disp: Dispatch) -> None:
+        self._plan = (list(lay.ids), ptu_epoch(lay.problem), disp.charge.copy(),
+                      disp.discharge.copy(), list(lay.pv_ids), disp.curtail.copy())
+
+    def last_plan(self, lay: Layout) -> Dispatch | None:
+        """The last plan's powers laid onto this layout (assets it did not have: idle; PTUs
+        past its horizon: 0), or None when there is none."""
+        if self._plan is None:
+            return None
+        ids, t0, charge, discharge, pv_ids, curtail = self._plan
+        shift = ptu_epoch(lay.problem) - t0  # PTUs passed since
+        disp = empty_dispatch(lay)
+        idle_modes(lay, disp)
+        span = min(lay.n, charge.shape[1] - shift) if shift >= 0 else 0
+        if span <= 0:
+            return None
+        for names, old_names, new, old in ((lay.ids, ids, disp.charge, charge),
+                                           (lay.ids, ids, disp.discharge, discharge),
+                                           (lay.pv_ids, pv_ids, disp.curtail, curtail)):
+            where = {name: k for k, name in enumerate(old_names)}
+            mine = [i for i, name in enumerate(names) if name in where]
+            if mine:
+                theirs = [where[names[i]] for i in mine]
+                new[mine, :span] = old[theirs, shift:shift + span]
+        disp.charge *= lay.avail
+        disp.discharge *= lay.avail
+        return disp
+
+
 class SitePlanner:
-    """`plan_site` for the replans of one site: keeps the LP's basis from one replan to the
-    next (`LpMemory`), so each LP starts where the last one ended. Call it as `plan_site`;
-    one replan at a time."""
+    """`plan_site` for the replans of one site: keeps the LP's basis and the last plan from
+    one replan to the next (`PlanMemory`), so each LP starts where the last one ended and an
+    LP that cannot finish in time leaves the last plan, repaired, rather than the fallback.
+    Call it as `plan_site`; one replan at a time."""
 
     def __init__(self, gap_tol: float = GAP_TOL) -> None:
-        self.memory = LpMemory()
+        self.memory = PlanMemory()
         self.gap_tol = gap_tol
 
     def __call__(self, problem: Problem, *, time_limit_s: float = 1.0, workers: int = 2,
@@ -92,13 +133,13 @@ class SitePlanner:
 
 def plan_site(problem: Problem, *, time_limit_s: float = 1.0, workers: int = 2,
               use_lp: bool = True, use_cpsat: bool = True, gap_tol: float = GAP_TOL,
-              memory: LpMemory | None = None) -> Plan:
+              memory: PlanMemory | None = None) -> Plan:
     """Plan the site by about `time_limit_s` (LP, repair and CP-SAT together).
 
     The deadline is kept with the best plan there is by then: the LP gets what is left of
     it after the work that follows (`AFTER_LP_S_PER_CELL`); an LP that does not finish in
-    time leaves the rule-based fallback as the plan (and its basis in `memory`, for the next
-    replan to go on from). Never raises for infeasible inputs (unmeetable targets become
+    time leaves the last plan (from `memory`) repaired, or without one the rule-based
+    fallback, as the plan (and its basis in `memory`, for the next replan to go on from). Never raises for infeasible inputs (unmeetable targets become
     shortfalls, limits the inputs alone break are noted) and never breaks a hard limit it
     can keep. Should the optimisation itself fail, the fallback plan is returned; should
     even that fail, a plan with every controllable asset off.
@@ -130,7 +171,7 @@ def _all_off(problem: Problem, note: str) -> Plan:
 
 
 def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: bool,
-               use_cpsat: bool, gap_tol: float, memory: LpMemory | None = None) -> Plan:
+               use_cpsat: bool, gap_tol: float, memory: PlanMemory | None = None) -> Plan:
     t_start = time.perf_counter()
     deadline = t_start + max(time_limit_s, 0.05)
     lay = build_layout(problem)
@@ -146,7 +187,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     after_lp_s = AFTER_LP_S + AFTER_LP_S_PER_CELL * int(lay.avail.sum())
     if use_lp:
         lp = solve_lp(lay, time_limit_s=max(deadline - time.perf_counter() - after_lp_s, 0.01),
-                      memory=memory)
+                      memory=memory.lp if memory is not None else None)
         build_s += lp.build_s
         lp_solve_s = lp.solve_s
         lp_iterations, lp_warm = lp.iterations, lp.warm
@@ -168,7 +209,12 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                 shave_peak(lay, candidate, deadline)
                 best = evaluate(lay, candidate)
         else:
-            notes.append(f"LP relaxation not solved ({lp.status}): the fallback plan")
+            last = memory.last_plan(lay) if memory is not None else None
+            if last is not None:
+                candidate = round_and_repair(lay, last)
+                status = "FEASIBLE"
+            notes.append(f"LP relaxation not solved ({lp.status}): "
+                         + ("the last plan, repaired" if last is not None else "the fallback plan"))
             log.warning("LP relaxation not solved (%s)", lp.status)
     if candidate is None:
         candidate = fallback_dispatch(lay)
@@ -214,6 +260,8 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             notes.append(f"CP-SAT returned no plan ({cp_status})")
     if status == "FALLBACK":
         notes.append("fallback plan: deadline first within the limits, battery idle")
+    if memory is not None:
+        memory.keep(lay, candidate)
     plan = to_plan(lay, candidate, status, notes)
     plan.lp_bound_eur = bound
     plan.gap = _gap(plan.objective_eur, bound)
