@@ -33,8 +33,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from s2python.common import ResourceManagerDetails
+from s2python.common import InstructionStatus, InstructionStatusUpdate, ResourceManagerDetails
+from s2python.frbc import FRBCInstruction
 from s2python.message import S2Message
+from s2python.s2_parser import S2Parser
 
 from cem.planner.assets import Plan, Problem
 from cem.planner.solve import SitePlanner
@@ -65,6 +67,26 @@ class BenchCharger(TwinDevice):
 
     def details(self) -> ResourceManagerDetails:
         return evse_details(self.resource_id, self.name, 3, "L1")
+
+    def receive(self, text: str, now: datetime) -> tuple[str, str | None, list[S2Message]]:
+        """As the OCPP charger RM: an FRBC.Instruction is ACCEPTED, and STARTED when its time
+        has come (the dispatcher's raises wait for the cuts to have started)."""
+        try:
+            message = S2Parser.parse_as_any_message(text)
+        except Exception as exc:
+            return "INVALID_MESSAGE", str(exc)[:200], []
+        if not isinstance(message, FRBCInstruction):
+            return "OK", None, []
+        try:
+            frbc.instruction_current(self.flex, self.ids, message)
+            statuses = [InstructionStatus.ACCEPTED]
+            if (message.execution_time - now).total_seconds() <= 1:
+                statuses.append(InstructionStatus.STARTED)
+        except frbc.InstructionProblem:
+            statuses = [InstructionStatus.REJECTED]
+        return "OK", None, [InstructionStatusUpdate(message_id=uuid.uuid4(), instruction_id=message.id,
+                                                    status_type=status, timestamp=now)
+                            for status in statuses]
 
     def tell(self, registry: TwinRegistry, now: datetime) -> None:
         feed = registry.feed

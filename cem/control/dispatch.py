@@ -80,6 +80,11 @@ class SentInstruction:
     # than the dispatch's `now`, see Dispatcher.in_force)
     starts_at: datetime | None = None
     seq: int = 0  # send order: of two starting at once, the later one is in force
+    message_sid: str = ""  # the message id as the RM's state knows it (made once)
+
+    def __post_init__(self) -> None:
+        if not self.message_sid:
+            self.message_sid = sid(self.message.id)
 
     @property
     def order(self) -> tuple[datetime, int]:
@@ -150,7 +155,7 @@ class Dispatcher:
         entry = self.registry.get(rm_id)
         if entry is None:
             return None
-        status = entry.state.instruction_status(sid(instruction.message.id))
+        status = entry.state.instruction_status(instruction.message_sid)
         return getattr(status, "value", status)  # an InstructionStatus, or its value
 
     def pending(self, rm_id: str, now: datetime) -> list[SentInstruction]:
