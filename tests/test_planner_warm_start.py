@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -102,7 +103,7 @@ def test_an_lp_out_of_time_leaves_the_last_plan_repaired_not_the_fallback() -> N
     from cem.planner.solve import SitePlanner, plan_site
 
     first = site(evs=240)
-    planner = SitePlanner()
+    planner = SitePlanner(background_s=0)
     plan = planner(first, time_limit_s=30.0, use_cpsat=False)
     assert plan.status in ("OPTIMAL", "FEASIBLE") and plan.lp_bound_eur is not None
     charged = np.array([plan.power_w[a.id][0] for a in first.storage], dtype=float)
@@ -112,9 +113,27 @@ def test_an_lp_out_of_time_leaves_the_last_plan_repaired_not_the_fallback() -> N
     nxt.limits.import_limit_w[1:9] *= 0.6
     planner.memory.lp.forget()  # no basis to go on from: the LP cannot finish in 10 ms
     again = planner(nxt, time_limit_s=0.01, use_cpsat=False)
+    planner.close(wait=True)
     assert again.lp_bound_eur is None and again.status == "FEASIBLE"
     assert any("the last plan, repaired" in note for note in again.notes)
     assert check_plan(nxt, again) == []
     fallback = plan_site(nxt, use_lp=False, use_cpsat=False)
     assert fallback.status == "FALLBACK" and check_plan(nxt, fallback) == []
     assert again.objective_eur < fallback.objective_eur
+
+
+def test_an_lp_out_of_time_goes_on_between_replans_and_the_next_starts_nearer() -> None:
+    from cem.planner.solve import SitePlanner
+
+    problem = site(evs=240)
+    cold = solve_lp(build_layout(problem))
+    planner = SitePlanner()
+    first = planner(problem, time_limit_s=0.01, use_cpsat=False)
+    assert first.lp_bound_eur is None  # out of time: the LP goes on in the background
+    (thread,) = [t for t in threading.enumerate() if t.name == "cem-plan-lp"]
+    thread.join(timeout=60)  # until it is solved (nothing else asks for the CPU here)
+    assert not thread.is_alive() and planner.memory.lp.unfinished is None
+    second = planner(problem, time_limit_s=30.0, use_cpsat=False)
+    planner.close(wait=True)
+    assert second.lp_warm and second.lp_iterations == 0  # it starts at the optimum
+    assert second.lp_bound_eur == pytest.approx(cold.bound_eur, rel=1e-9)

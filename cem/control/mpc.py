@@ -160,6 +160,9 @@ class SiteController:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._executor.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self.solver, "close", None)  # a SitePlanner's LP going on between replans
+        if callable(close):
+            close()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Replan and guard until `stop` is set."""

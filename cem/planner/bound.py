@@ -163,9 +163,6 @@ class LpResult:
     solve_s: float = 0.0
     highs: highspy.Highs | None = None  # the solved model, for `polish` (warm start)
     index: LpIndex | None = None
-    # where HiGHS stood when its time ran out (fractional, W; not a bound): something to
-    # round and repair when the deadline leaves no time to finish
-    partial: Dispatch | None = None
     warm: bool = False  # started from the previous replan's basis (`LpMemory`)
     iterations: int = 0  # simplex iterations
 
@@ -194,17 +191,55 @@ class LpMemory:
         self._cols: tuple[np.ndarray, np.ndarray] | None = None
         self._rows: tuple[np.ndarray, np.ndarray] | None = None
         self._col_dual: np.ndarray | None = None
+        self._lock = threading.Lock()
+        self._turn = 0  # which solve may write the basis (the latest one)
+        # the last LP, when its time ran out before it was solved: (HiGHS, keys, model, turn)
+        self.unfinished: tuple[highspy.Highs, np.ndarray, np.ndarray, highspy.HighsLp, int] | None = None
+
+    def claim(self) -> int:
+        """A new solve starts: only its basis is kept from now on (not an older one's)."""
+        with self._lock:
+            self._turn += 1
+            self.unfinished = None
+            return self._turn
+
+    def finish(self, stop: threading.Event, slice_s: float = 0.2, cap_s: float = 120.0) -> bool:
+        """Go on solving the unfinished LP (in slices of `slice_s`, keeping its basis after
+        each) until it is solved, `stop` is set, a newer solve started or `cap_s` passed.
+        Meant for a thread between replans: the next replan starts from a basis nearer the
+        optimum. True when the LP was solved."""
+        job = self.unfinished
+        if job is None:
+            return False
+        h, col_key, row_key, model, turn = job
+        h.setOptionValue("time_limit", slice_s)
+        began = time.perf_counter()
+        while not stop.is_set() and self._turn == turn and time.perf_counter() - began < cap_s:
+            h.run()
+            done = h.getModelStatus() == highspy.HighsModelStatus.kOptimal
+            if stop.is_set():
+                return False
+            self.remember(col_key, row_key, h, model, turn)
+            if done:
+                with self._lock:
+                    if self.unfinished is job:
+                        self.unfinished = None
+                return True
+        return False
 
     @property
     def empty(self) -> bool:
         return self._cols is None
 
     def forget(self) -> None:
-        self._cols = self._rows = self._col_dual = None
+        with self._lock:
+            self._cols = self._rows = self._col_dual = None
+            self.unfinished = None
 
     def remember(self, col_key: np.ndarray, row_key: np.ndarray, h: highspy.Highs,
-                 model: highspy.HighsLp) -> None:
-        """Keep the basis HiGHS has now (for the LP whose keys are given).
+                 model: highspy.HighsLp, turn: int | None = None) -> None:
+        """Keep the basis HiGHS has now (for the LP whose keys are given), unless a newer
+        solve than `turn` has started since.
 
         Read as arrays: the basic variables, and for the others the bound their value sits
         at (HiGHS's own status list costs a Python object per column)."""
@@ -212,7 +247,6 @@ class LpMemory:
         solution = h.getSolution()
         if ok != highspy.HighsStatus.kOk or not solution.value_valid \
                 or len(solution.col_value) != len(col_key) or len(basic) != len(row_key):
-            self.forget()
             return
         basic = np.asarray(basic, dtype=np.int64)
         cols = _nonbasic_at(np.asarray(solution.col_value), np.asarray(model.col_lower_),
@@ -224,10 +258,13 @@ class LpMemory:
         dual = np.asarray(solution.col_dual, dtype=float) if solution.dual_valid \
             and len(solution.col_dual) == len(col_key) else np.zeros(len(col_key))
         order = np.argsort(col_key, kind="stable")
-        self._cols = (col_key[order], cols[order])
-        self._col_dual = np.abs(dual[order])
-        order = np.argsort(row_key, kind="stable")
-        self._rows = (row_key[order], rows[order])
+        row_order = np.argsort(row_key, kind="stable")
+        with self._lock:
+            if turn is not None and turn != self._turn:
+                return
+            self._cols = (col_key[order], cols[order])
+            self._col_dual = np.abs(dual[order])
+            self._rows = (row_key[row_order], rows[row_order])
 
     def basis_for(self, col_key: np.ndarray, row_key: np.ndarray, model: highspy.HighsLp
                   ) -> highspy.HighsBasis | None:
@@ -241,13 +278,15 @@ class LpMemory:
         name a bound the new LP does not have move to the one it has; HiGHS repairs the
         count of basic variables (alien basis).
         """
-        if self._cols is None or self._rows is None or self._col_dual is None:
+        with self._lock:
+            cols, rows, dual = self._cols, self._rows, self._col_dual
+        if cols is None or rows is None or dual is None:
             return None
-        col, col_at = _lay_onto(self._cols, col_key)
-        row, _ = _lay_onto(self._rows, row_key)
+        col, col_at = _lay_onto(cols, col_key)
+        row, _ = _lay_onto(rows, row_key)
         row = np.where(row < 0, _BASIC, row).astype(np.int8)
         short = len(row_key) - int((col == _BASIC).sum()) - int((row == _BASIC).sum())
-        self._keep_basic_per_asset(col_key, col, col_at, short)
+        _keep_basic_per_asset(cols, dual, col_key, col, col_at, short)
         col = np.where(col < 0, _LOWER, col).astype(np.int8)
         col = _at_a_bound(col, np.asarray(model.col_lower_), np.asarray(model.col_upper_))
         row = _at_a_bound(row, np.asarray(model.row_lower_), np.asarray(model.row_upper_))
@@ -258,33 +297,35 @@ class LpMemory:
         basis.valid = True
         return basis
 
-    def _keep_basic_per_asset(self, col_key: np.ndarray, col: np.ndarray, col_at: np.ndarray,
-                              budget: int) -> None:
-        """Replace basic power columns that are gone by columns of the new LP (at most
-        `budget`, the basic variables the new LP lacks), least reduced cost first: one of the
-        same asset (a PTU passed), else one of the same kind and PTU (its asset left: another
-        asset's power at that PTU keeps the site rows' prices). In place."""
-        assert self._cols is not None and self._col_dual is not None
-        if budget <= 0:
-            return
-        old_keys, old_status = self._cols
-        still = np.zeros(len(old_keys), dtype=bool)
-        still[col_at[col_at >= 0]] = True
-        lost = old_keys[(old_status == _BASIC) & ~still]
-        lost = lost[np.isin(lost >> 57, _POWER_KINDS)]
-        if len(lost) == 0:
-            return
-        score = np.full(len(col_key), np.inf)
-        known = col_at >= 0
-        score[known] = self._col_dual[col_at[known]]
-        free = col != _BASIC
-        mine, left = _best_per_group(col_key >> 23, lost >> 23, free, score)  # same asset
-        free[mine] = False
-        by_ptu = (lost[left] >> 57 << 23) | (lost[left] & 0x7FFFFF)  # same kind and PTU
-        others, _ = _best_per_group((col_key >> 57 << 23) | (col_key & 0x7FFFFF), by_ptu, free, score)
-        chosen = np.concatenate([mine[np.argsort(score[mine], kind="stable")],
-                                 others[np.argsort(score[others], kind="stable")]])
-        col[chosen[:budget]] = _BASIC
+
+
+def _keep_basic_per_asset(old: tuple[np.ndarray, np.ndarray], old_dual: np.ndarray,
+                          col_key: np.ndarray, col: np.ndarray, col_at: np.ndarray,
+                          budget: int) -> None:
+    """Replace basic power columns that are gone by columns of the new LP (at most `budget`,
+    the basic variables the new LP lacks), least reduced cost first: one of the same asset
+    (a PTU passed), else one of the same kind and PTU (its asset left: another asset's power
+    at that PTU keeps the site rows' prices). In place."""
+    if budget <= 0:
+        return
+    old_keys, old_status = old
+    still = np.zeros(len(old_keys), dtype=bool)
+    still[col_at[col_at >= 0]] = True
+    lost = old_keys[(old_status == _BASIC) & ~still]
+    lost = lost[np.isin(lost >> 57, _POWER_KINDS)]
+    if len(lost) == 0:
+        return
+    score = np.full(len(col_key), np.inf)
+    known = col_at >= 0
+    score[known] = old_dual[col_at[known]]
+    free = col != _BASIC
+    mine, left = _best_per_group(col_key >> 23, lost >> 23, free, score)  # same asset
+    free[mine] = False
+    by_ptu = (lost[left] >> 57 << 23) | (lost[left] & 0x7FFFFF)  # same kind and PTU
+    others, _ = _best_per_group((col_key >> 57 << 23) | (col_key & 0x7FFFFF), by_ptu, free, score)
+    chosen = np.concatenate([mine[np.argsort(score[mine], kind="stable")],
+                             others[np.argsort(score[others], kind="stable")]])
+    col[chosen[:budget]] = _BASIC
 
 
 _POWER_KINDS = np.array([C_CHARGE, C_DISCHARGE, C_CURTAIL, C_LEVEL])
@@ -714,6 +755,7 @@ def solve_lp(lay: Layout, time_limit_s: float = 10.0, threads: int = 1,
     basis this one ends with (optimal or not) is kept for the next.
     """
     t0 = time.perf_counter()
+    turn = memory.claim() if memory is not None else None
     arrays, index = build_lp(lay)
     model = arrays.to_highs()
     col_key, row_key = arrays.keys()
@@ -733,14 +775,12 @@ def solve_lp(lay: Layout, time_limit_s: float = 10.0, threads: int = 1,
     solve_s = time.perf_counter() - t1
     iterations = int(h.getInfo().simplex_iteration_count)
     if memory is not None:
-        memory.remember(col_key, row_key, h, model)
+        memory.remember(col_key, row_key, h, model, turn)
     if status != highspy.HighsModelStatus.kOptimal:
-        partial = None
-        solution = h.getSolution()
-        if solution.value_valid and len(solution.col_value) == arrays.n_cols:
-            partial = _dispatch_from_x(lay, index, np.asarray(solution.col_value))
+        if memory is not None and turn is not None and status == highspy.HighsModelStatus.kTimeLimit:
+            memory.unfinished = (h, col_key, row_key, model, turn)  # `LpMemory.finish` goes on
         return LpResult(h.modelStatusToString(status), None, None, build_s=build_s, solve_s=solve_s,
-                        partial=partial, warm=warm, iterations=iterations)
+                        warm=warm, iterations=iterations)
     x = np.asarray(h.getSolution().col_value)
     bound = float(h.getInfo().objective_function_value)
     disp = _dispatch_from_x(lay, index, x)

@@ -20,8 +20,11 @@ Every returned plan is scored by `layout.evaluate` (`objective_eur`, comparable 
 
 from __future__ import annotations
 
+import atexit
 import logging
+import threading
 import time
+import weakref
 
 import numpy as np
 
@@ -119,16 +122,53 @@ class SitePlanner:
     """`plan_site` for the replans of one site: keeps the LP's basis and the last plan from
     one replan to the next (`PlanMemory`), so each LP starts where the last one ended and an
     LP that cannot finish in time leaves the last plan, repaired, rather than the fallback.
-    Call it as `plan_site`; one replan at a time."""
 
-    def __init__(self, gap_tol: float = GAP_TOL) -> None:
+    An LP whose time ran out goes on in a thread until the next replan (`LpMemory.finish`:
+    slices of 0.2 s, at most `background_s`), so a large site's LP, too big for one
+    deadline, converges over a few replans instead of never. Call it as `plan_site`; one
+    replan at a time; `close` stops the thread.
+    """
+
+    def __init__(self, gap_tol: float = GAP_TOL, background_s: float = 120.0) -> None:
         self.memory = PlanMemory()
         self.gap_tol = gap_tol
+        self.background_s = background_s
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
 
     def __call__(self, problem: Problem, *, time_limit_s: float = 1.0, workers: int = 2,
                  use_lp: bool = True, use_cpsat: bool = True) -> Plan:
-        return plan_site(problem, time_limit_s=time_limit_s, workers=workers, use_lp=use_lp,
+        self.close()
+        plan = plan_site(problem, time_limit_s=time_limit_s, workers=workers, use_lp=use_lp,
                          use_cpsat=use_cpsat, gap_tol=self.gap_tol, memory=self.memory)
+        if self.background_s > 0 and self.memory.lp.unfinished is not None:
+            self._stop = threading.Event()
+            thread = threading.Thread(
+                target=self.memory.lp.finish, args=(self._stop,),
+                kwargs={"cap_s": self.background_s}, name="cem-plan-lp", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+            _BACKGROUND.add(self)
+        return plan
+
+    def close(self, wait: bool = False) -> None:
+        """Stop going on with an unfinished LP (it stops within a slice, 0.2 s; `wait`: until
+        it has)."""
+        self._stop.set()
+        if wait:
+            for thread in self._threads:
+                thread.join()
+        self._threads = [t for t in self._threads if t.is_alive()]
+
+
+_BACKGROUND: weakref.WeakSet[SitePlanner] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_background() -> None:
+    """A thread still in HiGHS when the interpreter ends would abort the process."""
+    for planner in list(_BACKGROUND):
+        planner.close(wait=True)
 
 
 def plan_site(problem: Problem, *, time_limit_s: float = 1.0, workers: int = 2,
