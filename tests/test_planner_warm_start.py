@@ -127,7 +127,7 @@ def test_an_lp_out_of_time_goes_on_between_replans_and_the_next_starts_nearer() 
 
     problem = site(evs=240)
     cold = solve_lp(build_layout(problem))
-    planner = SitePlanner()
+    planner = SitePlanner(background_s=60)
     first = planner(problem, time_limit_s=0.01, use_cpsat=False)
     assert first.lp_bound_eur is None  # out of time: the LP goes on in the background
     (thread,) = [t for t in threading.enumerate() if t.name == "cem-plan-lp"]

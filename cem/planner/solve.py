@@ -24,7 +24,6 @@ import atexit
 import logging
 import threading
 import time
-import weakref
 
 import numpy as np
 
@@ -123,13 +122,15 @@ class SitePlanner:
     one replan to the next (`PlanMemory`), so each LP starts where the last one ended and an
     LP that cannot finish in time leaves the last plan, repaired, rather than the fallback.
 
-    An LP whose time ran out goes on in a thread until the next replan (`LpMemory.finish`:
-    slices of 0.2 s, at most `background_s`), so a large site's LP, too big for one
-    deadline, converges over a few replans instead of never. Call it as `plan_site`; one
-    replan at a time; `close` stops the thread.
+    With `background_s` > 0 an LP whose time ran out goes on in a thread until the next
+    replan (`LpMemory.finish`: slices of 0.2 s, at most `background_s`), so a site's LP too
+    big for one deadline converges over a few replans instead of never. Off by default: on
+    the shared 2-core machine that thread took the CPU the replan's own work needed (1000
+    EVs: replan p50 1.6-5.5 s with it, 0.9-1.4 s without; docs/adr/0007). Call it as
+    `plan_site`; one replan at a time; `close` stops the thread.
     """
 
-    def __init__(self, gap_tol: float = GAP_TOL, background_s: float = 120.0) -> None:
+    def __init__(self, gap_tol: float = GAP_TOL, background_s: float = 0.0) -> None:
         self.memory = PlanMemory()
         self.gap_tol = gap_tol
         self.background_s = background_s
@@ -148,7 +149,7 @@ class SitePlanner:
                 kwargs={"cap_s": self.background_s}, name="cem-plan-lp", daemon=True)
             thread.start()
             self._threads.append(thread)
-            _BACKGROUND.add(self)
+            _BACKGROUND.append((self._stop, thread))
         return plan
 
     def close(self, wait: bool = False) -> None:
@@ -161,14 +162,18 @@ class SitePlanner:
         self._threads = [t for t in self._threads if t.is_alive()]
 
 
-_BACKGROUND: weakref.WeakSet[SitePlanner] = weakref.WeakSet()
+_BACKGROUND: list[tuple[threading.Event, threading.Thread]] = []  # every LP going on
 
 
 @atexit.register
 def _stop_background() -> None:
-    """A thread still in HiGHS when the interpreter ends would abort the process."""
-    for planner in list(_BACKGROUND):
-        planner.close(wait=True)
+    """A thread still in HiGHS when the interpreter ends would abort the process: stop and
+    wait for each (its planner may be long gone)."""
+    for stop, _thread in _BACKGROUND:
+        stop.set()
+    for _stop, thread in _BACKGROUND:
+        thread.join()
+    _BACKGROUND.clear()
 
 
 def plan_site(problem: Problem, *, time_limit_s: float = 1.0, workers: int = 2,
