@@ -242,6 +242,7 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         "replan_over_solve": round(statistics.median(replan_s) / max(statistics.median(solve_s), 1e-9), 2),
         "gap_max": round(max(gaps), 5) if len(gaps) == len(timed) else None,  # None: one had no bound
         "plan_status": sorted({p.status for p in timed}),
+        "gaps": [None if p.gap is None else round(p.gap, 5) for p in timed],  # None: no bound
         "lp_warm_starts": sum(1 for p in timed if p.lp_warm),
         "lp_iterations": [p.lp_iterations for p in timed],
         "loop_lag_p99_ms": round(lags[int(0.99 * (len(lags) - 1))], 1) if lags else None,
