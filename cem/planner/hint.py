@@ -443,8 +443,12 @@ def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first
     for i in np.flatnonzero(lay.needs_levels):
         a, b = lay.first[i], lay.last[i]
         short_min[i] = bool(np.any(lv[i, a + 1:b + 1] < lay.lmin[i] - 0.5))
-    # milestones (an EV's target before its departure): the level wanted at their PTU
-    ms_goal = lay.ms_lo if milestone_goal is None else milestone_goal
+    # milestones (an EV's target before its departure): the level wanted at their PTU, no
+    # more than full power from the start of the window can reach by then
+    reach = lay.level0[:, None] + np.cumsum(
+        lay.avail * (lay.cmax * lay.eta_c)[:, None] * lay.ptu_h[None, :], axis=1)
+    ms_goal = np.minimum(lay.ms_lo if milestone_goal is None else milestone_goal,
+                         reach[lay.ms_asset, np.maximum(lay.ms_ptu - 1, 0)] - 0.5)
     ms_short = lv[lay.ms_asset, lay.ms_ptu] < ms_goal - 0.5
     short_min[lay.ms_asset[ms_short]] = True
     todo = np.flatnonzero((short_t | short_min) & (lay.cmax > 0))
