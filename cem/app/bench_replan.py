@@ -40,7 +40,7 @@ from s2python.s2_parser import S2Parser
 
 from cem.planner.assets import Plan, Problem
 from cem.planner.solve import SitePlanner
-from cem.ports import InstructionResult
+from cem.ports import CongestionLimit, InstructionResult, SignalUpdate
 from cem.simulation.twin import TwinDevice, TwinRegistry, evse_details
 from cem.site.config import SiteConfig
 from resource_managers.ocpp_charger import frbc
@@ -151,7 +151,6 @@ def site_for(evs: int, time_limit_s: float | None = None) -> SiteConfig:
 async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float | None = None,
                   seed: int = 1) -> dict[str, Any]:
     from cem.control.mpc import SiteController
-    from cem.store import CongestionRow
 
     # two minutes into a PTU, so the replans (a minute apart) stay in one PTU
     start = datetime.now(UTC).replace(second=0, microsecond=0)
@@ -203,13 +202,14 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         plan = planner.plans[-1]
         clock["now"] += timedelta(seconds=STEP_S)
         cap_kw = max(1.0, float(plan.grid_import_w[0]) / 2000)
-        controller.congestion = [CongestionRow(
-            window_id=1, start=clock["now"], end=clock["now"] + timedelta(hours=2),
-            import_limit_kw=round(cap_kw, 1), export_limit_kw=None, source="bench",
-            created_at=clock["now"])]
+        controller.take_reasons()
         registry.acked.clear()
         limit_at = time.perf_counter()
-        await controller.replan(["bench: a congestion window was added"])
+        controller.publish(SignalUpdate(
+            source="bench", reason="bench: a congestion window was added",
+            congestion=(CongestionLimit(start=clock["now"], end=clock["now"] + timedelta(hours=2),
+                                        import_limit_kw=round(cap_kw, 1), source="bench"),)))
+        await controller.replan(controller.take_reasons())
         limit_replan_s = time.perf_counter() - limit_at
         acks = sorted(t - limit_at for t in registry.acked.values())
     finally:
