@@ -243,7 +243,7 @@ class LpMemory:
 
         Read as arrays: the basic variables, and for the others the bound their value sits
         at (HiGHS's own status list costs a Python object per column)."""
-        ok, basic = h.getBasicVariables()
+        ok, basic = h.getBasicVariables()  # type: ignore[attr-defined]  # not in highspy's stubs
         solution = h.getSolution()
         if ok != highspy.HighsStatus.kOk or not solution.value_valid \
                 or len(solution.col_value) != len(col_key) or len(basic) != len(row_key):

@@ -268,10 +268,10 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             and time.perf_counter() < deadline - 0.5 * after_lp_s:
         # no time was left to polish the repaired LP and it is not good enough: the fallback
         # (deadline first within the limits) may be better
-        fb = fallback_dispatch(lay)
-        ev = evaluate(lay, fb)
+        rules = fallback_dispatch(lay)
+        ev = evaluate(lay, rules)
         if ev.objective < best.objective:
-            candidate, best, status = fb, ev, "FALLBACK"
+            candidate, best, status = rules, ev, "FALLBACK"
             notes.append("the fallback plan was better than the repaired LP plan")
     best = evaluate(lay, candidate) if best is None else best
     gap = _gap(best.objective, bound)
