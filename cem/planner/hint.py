@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cem.planner.bound import LpResult, polish
+from cem.planner.bound import LpResult, lp_level_assets, polish
 from cem.planner.layout import (
     Dispatch,
     Layout,
@@ -40,7 +40,9 @@ def snap(lay: Layout, disp: Dispatch) -> Dispatch:
     d = np.minimum(np.rint(d / step) * step, lay.dmax[:, None])
     cmin = lay.cmin[:, None]
     dmin = lay.dmin[:, None]
-    mono = ~lay.needs_levels
+    # charge-only assets that only fill up (an EV, also with milestones): running-sum
+    # rounding keeps every prefix of their energy within a step, so their milestones too
+    mono = ~lp_level_assets(lay)
     g_frac, _ = grid_and_phases(lay, disp)
     peak = max(lay.peak_so_far, float(g_frac.max())) if lay.n else 0.0
     busy = (g_frac >= peak - 1.0) if lay.peak_price > 0 else np.zeros(lay.n, dtype=bool)
@@ -52,7 +54,7 @@ def snap(lay: Layout, disp: Dispatch) -> Dispatch:
     head_imp = lay.import_lim - g_now
     head_ph = lay.fuse_up - ph_now
     _move_below_min(lay, c, np.where(mono, cmin[:, 0], 0.0), busy, head_imp, head_ph)
-    rows = np.flatnonzero(lay.needs_levels & ((lay.cmin > 0) | (lay.dmin > 0)))
+    rows = np.flatnonzero(~mono & ((lay.cmin > 0) | (lay.dmin > 0)))
     if len(rows):
         c[rows], d[rows] = _sigma_delta(lay, rows, c[rows] - d[rows])
     c = np.where(c < cmin / 2, 0.0, np.maximum(c, cmin))
