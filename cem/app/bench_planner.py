@@ -44,9 +44,9 @@ from rich.progress import Progress
 from rich.table import Table
 
 from cem.app.scenario import Scenario, scenario_to_problem
+from cem.control_types.frbc import finish_early
 from cem.data import PRICES_2019_10, PV_2019_10, bundled
 from cem.flex.prices import ptu_prices
-from cem.flex.site_problem import finish_early
 from cem.planner.assets import Problem
 from cem.site.config import PlannerConfig, PriceConfig
 from cem.site.forecast import base_load_w, load_pv_per_kwp, pv_forecast_w
