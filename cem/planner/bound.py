@@ -147,8 +147,9 @@ class LpIndex:
     profile_alts: list[np.ndarray] = field(default_factory=list)  # shape (option) of each column
     agg_rows: np.ndarray | None = None  # (groups, n) row of the per-phase-group power sum
     grp_of: np.ndarray | None = None  # (S,) group of each storage asset
-    energy_row: np.ndarray | None = None  # (S,) target row of charge-only assets (-1: none)
-    cap_row: np.ndarray | None = None  # (S,) level_max row of charge-only assets (-1: none)
+    # (S,) target row and level_max row of charge-only assets (-1: none)
+    energy_row: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    cap_row: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     full_charge: np.ndarray | None = None  # (S, n) every possible charge column
 
 
@@ -635,12 +636,12 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
             r = lp.rows(lay.target[i] / 1000, INF, 1, lp_key(R_LEVEL_TARGET, ent[i]))
             lp.coef(r, lv[-1:], 1.0)
             _unmet_cols(lp, lay, r, np.array([i]), need, ent[i:i + 1])
-        for ptu, lo, hi in pr.storage[i].target_profile:
+        for ptu, level_lo, level_hi in pr.storage[i].target_profile:
             if a < ptu <= b:
                 col = lv[ptu - a - 1]
                 u = lp.cols(0.0, INF, lay.weight[i] * 1000, 2,
                             lp_key(C_MILESTONE, ent[i], np.array([1, 0]), t_abs[0] + ptu))
-                r = lp.rows(np.array([lo / 1000, -INF]), np.array([INF, hi / 1000]), 2,
+                r = lp.rows(np.array([level_lo / 1000, -INF]), np.array([INF, level_hi / 1000]), 2,
                             lp_key(R_MILESTONE, ent[i], np.array([1, 0]), t_abs[0] + ptu))
                 lp.coef(r, np.array([col, col]), 1.0)
                 lp.coef(r, u, np.array([1.0, -1.0]))

@@ -152,7 +152,7 @@ def _check_storage(problem: Problem, plan: Plan, out: list[str], g: np.ndarray, 
     short &= np.array([a.id not in plan.shortfall for a in assets])
     rows = np.flatnonzero(outside.any(axis=1) | bad_c.any(axis=1) | bad_d.any(axis=1)
                           | over.any(axis=1) | under.any(axis=1) | short)
-    for k in rows:
+    for k in rows.tolist():
         a = assets[k]
         p = P[k]
         if outside[k].any():

@@ -304,9 +304,9 @@ def repair_limits(lay: Layout, disp: Dispatch, import_cap: np.ndarray | None = N
         bad_dn = np.flatnonzero((dn > LIMIT_TOL_W).any(axis=0))
         if len(bad_up) == 0 and len(bad_dn) == 0:
             return
-        for t in bad_up:
+        for t in bad_up.tolist():
             _repair_up(lay, disp, t, order, imp_lim)
-        for t in bad_dn:
+        for t in bad_dn.tolist():
             _repair_down(lay, disp, t, order)
         fix_levels(lay, disp)
 

@@ -203,7 +203,7 @@ def build_layout(problem: Problem) -> Layout:
     # a charge-only asset whose room to level_max is less than one PTU at its minimum power
     # cannot charge at all without overfilling
     blocked = (~needs) & (cmin > 0) & (cmin * dt * eta_c > (lmax - level0) + 1e-9)
-    for i in np.flatnonzero(blocked & (cmax > 0)):
+    for i in np.flatnonzero(blocked & (cmax > 0)).tolist():
         notes.append(f"{st[i].id}: needs less than one PTU at its minimum power "
                      f"({cmin[i]:.0f} W): it cannot charge without passing its maximum level")
     cmax = np.where(blocked, 0.0, cmax)

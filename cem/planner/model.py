@@ -109,7 +109,7 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
     cur_var = np.full((K, n), -1, dtype=np.int64)
     for j in range(K):
         if lay.pv_curtailable[j]:
-            for t in np.flatnonzero(lay.pv[j] > 0):
+            for t in np.flatnonzero(lay.pv[j] > 0).tolist():
                 cur_var[j, t] = V.new(0, math.floor(lay.pv[j, t]), round(hint.curtail[j, t]))
     # modes and profiles
     other_terms: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # t, var, coef, share
@@ -150,20 +150,23 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
         on = np.array([V.new_bool(int(s) == h_start and int(a) == h_alt)
                        for s, a in zip(starts, alts, strict=True)], dtype=np.int64)
         m.add_exactly_one([V.all[x] for x in on])
-        tt, vv, cc = [], [], []
-        col_at = iter(on)
+        t_parts: list[np.ndarray] = []
+        v_parts: list[np.ndarray] = []
+        c_parts: list[np.ndarray] = []
+        col_at = iter([int(x) for x in on])
         for _k, shape, st in options:
             prof = np.rint(shape).astype(np.int64)
             for s in st:
-                b = next(col_at)
+                column: int = next(col_at)
                 k = min(len(prof), n - int(s))
-                tt.append(np.arange(s, s + k))
-                vv.append(np.full(k, b))
-                cc.append(prof[:k])
+                t_parts.append(np.arange(s, s + k))
+                v_parts.append(np.full(k, column))
+                c_parts.append(prof[:k])
         prof_on.append(on)
         prof_starts.append(starts)
         prof_alts.append(alts)
-        other_terms.append((np.concatenate(tt), np.concatenate(vv), np.concatenate(cc), share_vector(p.phase_share)))
+        other_terms.append((np.concatenate(t_parts), np.concatenate(v_parts),
+                            np.concatenate(c_parts), share_vector(p.phase_share)))
     # grid import per PTU: g = fixed - pv + charge - discharge + curtail + others
     g_lo = np.ceil(-lay.export_lim).astype(np.int64)
     g_hi = np.floor(lay.import_lim).astype(np.int64)
@@ -230,7 +233,7 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
             s_ = round(share[ph] * scale)
             if s_:
                 scatter(tt, vv, cc * s_, li, lc)
-        for t in np.flatnonzero(need):
+        for t in np.flatnonzero(need).tolist():
             if not li[t]:
                 continue
             lo = math.ceil(scale * (-lay.fuse_dn[ph, t] - ph_const[ph, t]) - 1e-6)
@@ -246,7 +249,7 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
 
     cost(g_var, lay.p_exp_eff * hours / 1000)
     extra = lay.p_imp - lay.p_exp_eff
-    for t in np.flatnonzero((extra > 0) & (g_lo < 0)):
+    for t in np.flatnonzero((extra > 0) & (g_lo < 0)).tolist():
         imp = V.new(0, max(int(g_hi[t]), 0), max(round(g_hint_disp[t]), 0))
         m.add(V.all[imp] >= V.all[g_var[t]])
         cost(np.array([imp]), np.array([extra[t] * hours[t] / 1000]))
@@ -282,7 +285,7 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
         return us, np.full(len(ids), LS, dtype=np.int64)
 
     mono = ~lay.needs_levels
-    for i in np.flatnonzero(mono & (lay.cmax > 0)):
+    for i in np.flatnonzero(mono & (lay.cmax > 0)).tolist():
         ts = np.flatnonzero(c_var[i] >= 0)
         if len(ts) == 0:
             continue
@@ -296,7 +299,7 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
         cap = lay.lmax[i] - lay.level0[i]
         if int(coef.sum()) * (lay.cmax[i] // step[i]) > cap * LS:
             m.add(V.expr(idx, coef) <= math.floor(max(cap, 0) * LS))
-    for i in np.flatnonzero(lay.needs_levels):
+    for i in np.flatnonzero(lay.needs_levels).tolist():
         a, b = int(lay.first[i]), int(lay.last[i])
         if b <= a:
             continue
@@ -310,19 +313,19 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
         lv = np.array([V.new(lo, hi, int(hint_l[k])) for k in range(b - a)], dtype=np.int64)
         lmin_m = math.ceil(lay.lmin[i] * LS)
         for k, t in enumerate(range(a, b)):
-            idx = [lv[k]]
-            coef = [1]
+            row_idx = [int(lv[k])]
+            row_coef = [1]
             if k > 0:
-                idx.append(lv[k - 1])
-                coef.append(-1)
+                row_idx.append(int(lv[k - 1]))
+                row_coef.append(-1)
             if c_var[i, t] >= 0:
-                idx.append(c_var[i, t])
-                coef.append(-int(kc[i, t]))
+                row_idx.append(int(c_var[i, t]))
+                row_coef.append(-int(kc[i, t]))
             if d_var[i, t] >= 0:
-                idx.append(d_var[i, t])
-                coef.append(int(kd[i, t]))
+                row_idx.append(int(d_var[i, t]))
+                row_coef.append(int(kd[i, t]))
             rhs = -int(usage[k]) + (l0 if k == 0 else 0)
-            m.add(V.expr(np.array(idx), np.array(coef)) == rhs)
+            m.add(V.expr(np.array(row_idx), np.array(row_coef)) == rhs)
             # soft level_min: deficit in mWh
             if lmin_m > lo:
                 s = V.new(0, lmin_m - lo, max(lmin_m - int(hint_l[k]), 0))

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from cem.planner.assets import Plan, Problem, Shortfall
+from cem.planner.assets import ModeAsset, Plan, Problem, ShiftableProfile, Shortfall, StorageAsset
 from cem.planner.bound import LpMemory, solve_lp
 from cem.planner.check import check_plan
 from cem.planner.fallback import fallback_dispatch, idle_modes
@@ -205,7 +205,9 @@ def plan_site(problem: Problem, *, time_limit_s: float = 1.0, workers: int = 2,
 
 def _all_off(problem: Problem, note: str) -> Plan:
     n = problem.n_ptus
-    zeros = {a.id: np.zeros(n, dtype=np.int64) for a in [*problem.storage, *problem.modes, *problem.profiles]}
+    assets: list[StorageAsset | ModeAsset | ShiftableProfile] = [
+        *problem.storage, *problem.modes, *problem.profiles]
+    zeros = {a.id: np.zeros(n, dtype=np.int64) for a in assets}
     g = np.zeros(n)
     for f in problem.fixed:
         g += per_ptu(f.power_w, n)
