@@ -224,6 +224,17 @@ MIGRATIONS: list[str] = [
         payload TEXT
     );
     """,
+    # 6: the operator's charging mode per EV charger (POST /api/evs/{evse}/mode), kept over a
+    # restart until the EV leaves
+    """
+    CREATE TABLE ev_modes (
+        rm_id TEXT PRIMARY KEY,
+        mode TEXT NOT NULL,
+        min_kwh REAL,
+        set_at TEXT NOT NULL,
+        source TEXT NOT NULL DEFAULT 'api'
+    );
+    """,
 ]
 
 HEARTBEAT_S = 10.0  # how often a running CEM stamps cem_process.heartbeat_at
@@ -629,6 +640,32 @@ class Store:
                 " saved_at = excluded.saved_at, payload = excluded.payload", row)
 
         await self._call(write)
+
+    async def set_ev_mode(self, rm_id: str, mode: str, min_kwh: float | None,
+                          set_at: datetime, source: str = "api") -> None:
+        """Keep the operator's charging mode of one EV charger (replacing the previous one)."""
+        row = (rm_id, mode, min_kwh, utc_iso(set_at), source)
+
+        async def write(db: aiosqlite.Connection) -> None:
+            await db.execute("INSERT OR REPLACE INTO ev_modes (rm_id, mode, min_kwh, set_at,"
+                             " source) VALUES (?, ?, ?, ?, ?)", row)
+
+        await self._call(write)
+
+    async def clear_ev_mode(self, rm_id: str) -> bool:
+        """Forget an EV charger's mode (the EV left); True if there was one."""
+        async def write(db: aiosqlite.Connection) -> bool:
+            cursor = await db.execute("DELETE FROM ev_modes WHERE rm_id = ?", (rm_id,))
+            return cursor.rowcount > 0
+
+        return bool(await self._call(write))
+
+    async def list_ev_modes(self) -> list[tuple[str, str, float | None, datetime, str]]:
+        """(rm_id, mode, min_kwh, set_at, source) of every EV charger with a mode."""
+        async with self._db.execute(
+                "SELECT rm_id, mode, min_kwh, set_at, source FROM ev_modes ORDER BY rm_id") as cur:
+            rows = await cur.fetchall()
+        return [(r[0], r[1], r[2], datetime.fromisoformat(r[3]), r[4]) for r in rows]
 
     # --- reads (they see everything flushed; call flush() first to see the very latest) -------
 

@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from cem.control.dispatch import Dispatcher, DispatchReport
+from cem.control.ev_modes import EvModes
 from cem.control.grid_signals import SignalBoard
 from cem.control.guard import FlexibleLoad, GuardDecision, GuardLimits, decide_caps, phase_power_w
 from cem.control.safe_plan import safe_plan
@@ -144,6 +145,8 @@ class SiteController:
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cem-plan")
         self._stop_event: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self.ev_modes: EvModes | None = None  # the operator's EV modes (cem.control.ev_modes)
+        self.last_replan_s: float | None = None  # how long the last replan took (wall s)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -357,6 +360,8 @@ class SiteController:
         prices = self._prices(start, self.config.planner.horizon_ptus)
         problem, mapping = await self._off_loop(
             build_problem, states, self.config, prices, self.congestion, now)
+        if self.ev_modes is not None:
+            await self.ev_modes.forget(self.ev_modes.apply(problem, mapping.rm_assets))
         plan = await self._solve(problem)
         self.problem, self.mapping, self.plan = problem, mapping, plan
         self._deviating.clear()
@@ -376,6 +381,7 @@ class SiteController:
             plan_id=plan_id, replace_all_of=controlled)
         self._log_plan(reasons, mapping, plan, report, time.monotonic() - began)
         self.replans += 1
+        self.last_replan_s = time.monotonic() - began
         return plan
 
     async def _off_loop(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -245,6 +245,20 @@ class S2ConnectConfig(Section):
         return self
 
 
+class HttpConfig(Section):
+    """The dashboard, HTTP API and metrics served by `cem run` and `cem demo`."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    tokens: list[RmToken] = Field(
+        default_factory=list,
+        description="bearer tokens for writes (and for reads from other hosts than loopback)")
+    push_interval_s: float = Field(1.0, ge=0.1, le=60,
+                                   description="how often the page gets fresh state")
+    history_hours: float = Field(6.0, gt=0, le=48, description="site power kept for the chart")
+
+
 class SiteConfig(Section):
     """The CEM's sections of the site file."""
 
@@ -259,12 +273,16 @@ class SiteConfig(Section):
     planner: PlannerConfig = Field(default_factory=PlannerConfig)
     ev_defaults: EvDefaults = Field(default_factory=EvDefaults)
     s2connect: S2ConnectConfig = Field(default_factory=S2ConnectConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
 
     @model_validator(mode="after")
     def _unique_tokens(self) -> SiteConfig:
         tokens = [t.token for t in self.server.tokens]
         if len(set(tokens)) != len(tokens):
             raise ValueError("server.tokens: a token is listed twice")
+        http_tokens = [t.token for t in self.http.tokens]
+        if len(set(http_tokens)) != len(http_tokens):
+            raise ValueError("http.tokens: a token is listed twice")
         return self
 
 
