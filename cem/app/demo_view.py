@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -159,6 +160,30 @@ class ProgressLines:
             return
         self._next = state.at.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
         self.console.print(progress_line(demo, state), highlight=False, soft_wrap=True)
+
+
+def _with_dashboard_url(out: Console, site: SiteFile,
+                        update: Callable[[DemoSite], None]) -> Callable[[DemoSite], None]:
+    """Print the dashboard's URL (and a token for changes) once it serves, then `update`."""
+    if site.http.enabled and not site.http.tokens:
+        import secrets
+
+        from cem.site.config import RmToken
+
+        site.http.tokens.append(RmToken(name="demo", token=secrets.token_urlsafe(18)))
+    shown = False
+
+    def on_tick(demo: DemoSite) -> None:
+        nonlocal shown
+        web = getattr(demo.service, "web", None)
+        if not shown and web is not None:
+            shown = True
+            token = site.http.tokens[0].token if site.http.tokens else ""
+            out.print(f"dashboard: {web.url} (API: {web.url}docs; token for changes: {token})",
+                      highlight=False, soft_wrap=True)
+        update(demo)
+
+    return on_tick
 
 
 def intro_text(site: SiteFile, settings: DemoSettings, log_file: Path) -> str:
@@ -581,9 +606,10 @@ def demo_command(*, config: Path, duration: float | None, speed: float | None,
     view = LiveView(out, settings) if out.is_terminal else ProgressLines(
         out, settings)
     view.intro(site, settings, log_file)
+    on_tick = _with_dashboard_url(out, site, view.update)
     try:
         with process_clock(settings), view:
-            demo = asyncio.run(run_demo(site, settings, on_tick=view.update))
+            demo = asyncio.run(run_demo(site, settings, on_tick=on_tick))
     except DemoError as exc:
         fail(str(exc), f"details in {log_file}")
     except KeyboardInterrupt:  # a second Ctrl-C during the shutdown

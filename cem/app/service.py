@@ -61,6 +61,7 @@ class CemService:
         self.server = None  # type: ignore[assignment]  # set in start(): cem.s2.server.S2Server
         self.s2connect: Any = None  # cem.app.s2connect_api.S2ConnectEdge when enabled
         self.signals: list[Any] = []  # grid-signal sources (cem.signals), built in start()
+        self.web: Any = None  # the dashboard / API / metrics (cem.app.web), when [http] enabled
         self._started = False
 
     def attach_controller(self, controller: Controller) -> None:
@@ -111,6 +112,8 @@ class CemService:
             self.controller = self._controller_factory(self)
         if self.controller is not None:
             await self.controller.start()
+        if cfg.http.enabled:
+            await self._start_web()
         self._started = True
         auth = self.server.authorizer.describe
         logger.info("S2 CEM listening on %s (%s)", self.server.url, auth)
@@ -136,8 +139,24 @@ class CemService:
 
         return list(configured_sources(self.config, self.store))
 
+    async def _start_web(self) -> None:
+        from cem.app.web.server import WebServer, WebServerError
+
+        self.web = WebServer(self.config, self.server, self.store, self.controller)
+        try:
+            await self.web.start()
+        except WebServerError as exc:
+            self.web = None
+            await self.stop("CEM could not start")
+            raise ServiceError(str(exc)) from exc
+        logger.info("dashboard and API on %s (API described at %sdocs)", self.web.url,
+                    self.web.url)
+
     async def stop(self, reason: str = "CEM shutting down") -> None:
         """Stop the controller, close every session with `reason`, flush and close the store."""
+        if self.web is not None:
+            await self.web.stop()
+            self.web = None
         if self.s2connect is not None:
             try:
                 await self.s2connect.stop()
