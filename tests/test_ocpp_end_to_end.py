@@ -23,6 +23,8 @@ from resource_managers.ocpp_charger.simulator import SimulatedChargePoint, Simul
 SITE = """
 [server]
 port = 0
+[http]
+port = 0
 [grid]
 fuse_a = 16
 phases = 3

@@ -30,7 +30,7 @@ def free_port() -> int:
 def write_site(tmp_path: Path, port: int) -> Path:
     config = tmp_path / "site.toml"
     config.write_text(f'[site]\nname = "Process test"\n[server]\nhost = "127.0.0.1"\n'
-                      f'port = {port}\n[store]\npath = "{tmp_path / "cem.db"}"\n')
+                      f'port = {port}\n[store]\npath = "{tmp_path / "cem.db"}"\n[http]\nport = 0\n')
     return config
 
 

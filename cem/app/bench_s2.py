@@ -315,8 +315,10 @@ def _proc_cpu_s(pid: int) -> float | None:
 class CemProcess:
     """`cem run` as a subprocess on a free port with a temporary store."""
 
-    def __init__(self, workdir: Path, reception_timeout_s: float = 30.0) -> None:
+    def __init__(self, workdir: Path, reception_timeout_s: float = 30.0,
+                 http: bool = False) -> None:
         self.port = _free_port()
+        self.http_port = _free_port() if http else 0
         self.db = workdir / "bench.db"
         self.config = workdir / "bench-site.toml"
         self.log = workdir / "cem.log"
@@ -325,7 +327,8 @@ class CemProcess:
             f"[server]\nhost = \"127.0.0.1\"\nport = {self.port}\n"
             f"reception_status_timeout_s = {reception_timeout_s}\n"
             "ping_interval_s = 60\nping_timeout_s = 60\n"
-            f"[store]\npath = \"{self.db}\"\n")
+            f"[store]\npath = \"{self.db}\"\n"
+            f"[http]\nenabled = {'true' if http else 'false'}\nport = {self.http_port}\n")
         self.process: asyncio.subprocess.Process | None = None
 
     @property

@@ -80,6 +80,8 @@ class EvseFlex:
     # the EV stopped drawing while the charger offered current (OCPP SuspendedEV): it is full,
     # or takes no more for its own reasons, so the CEM must not hold power back for it
     ev_full: bool = False
+    driver: str | None = None  # the charge card's name (or id tag), for the CEM's page
+    needs_source: str = ""  # where the departure and need came from: EV, card, site defaults
 
     @property
     def flexible(self) -> bool:
@@ -181,6 +183,9 @@ def system_description(flex: EvseFlex, ids: FrbcIds, now: datetime) -> FRBCSyste
             f"on {flex.phases} phase(s)", flex, round(flex.min_power_w), round(flex.max_power_w)))
         # S2 has no priority field: the label carries it as "priority N" for the CEM to read
         label = f"EV charging, priority {flex.priority}" + (", SoC known" if flex.uses_soc else "")
+        # free text too: who charges and where the departure came from, for the CEM's page
+        label += (f", driver {flex.driver.replace(',', ' ')}" if flex.driver else "") + (
+            f", needs from {flex.needs_source.replace(',', ' ')}" if flex.needs_source else "")
     elif not flex.online:
         label = "charger offline: no flexibility"
     elif not flex.has_session:

@@ -123,7 +123,10 @@ class EvseResource:
             capacity_kwh=session.capacity_kwh if session else None,
             power_w=evse.power_w, limit_a=session.limit_a if session else None,
             priority=session.priority if session else defaults.priority,
-            ev_full=session.ev_full if session else False)
+            ev_full=session.ev_full if session else False,
+            driver=(session.card.name or session.id_tag) if session and session.card else (
+                session.id_tag if session else None),
+            needs_source=session.needs_source if session else "")
 
     def refresh_details(self) -> None:
         """Manufacturer and model as the charger told in its BootNotification (until it has
@@ -206,7 +209,7 @@ class EvseResource:
         shape = (flex.online, flex.has_session, session.transaction_id if session else None,
                  flex.priority,
                  flex.phases, flex.min_current_a, round(flex.max_current_a, 1), flex.departure,
-                 flex.need_kwh, flex.uses_soc, flex.ev_full)
+                 flex.need_kwh, flex.uses_soc, flex.ev_full, flex.needs_source)
         if shape != self._shape:
             self._shape = shape
             await self._send(frbc.system_description(flex, self.ids, now), wait=True)
