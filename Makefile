@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck venv clean
+.PHONY: demo test lint typecheck venv clean browser
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -17,13 +17,24 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/cem demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python scripts/typecheck.py
 	$(BIN)/pytest -q
 
 typecheck: $(STAMP)
 	$(BIN)/python scripts/typecheck.py
+
+# The dashboard's browser tests drive the distribution's Chromium (never a downloaded one).
+# As root with apt, install it when missing; otherwise those tests skip and say how to enable.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium and chromium-driver for the browser tests"; \
+	  apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
+	  echo "could not install chromium: the browser tests will be skipped"; \
+	else echo "no /usr/bin/chromium: the browser tests are skipped (as root: apt-get install chromium chromium-driver)"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -196,7 +196,7 @@ def _explain_one(asset: StorageAsset, rm_id: str, plan: Plan, problem: Problem, 
     else:
         next_text = "no more charging planned before it leaves" if power <= 1.0 else \
             "this is the last PTU with charging planned"
-    if shortfall is not None and shortfall.energy_wh > 0:
+    if shortfall is not None and shortfall.energy_wh >= 50:
         next_text += f"; will miss {shortfall.energy_wh / 1000:.1f} kWh ({shortfall.reason})"
 
     def result(code: str, text: str, limit: str | None = None, **details: Any) -> EvExplanation:
