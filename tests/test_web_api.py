@@ -332,3 +332,22 @@ def test_a_busy_dashboard_port_ends_cem_run_with_a_clear_message(tmp_path: Path)
     assert run.returncode == 2, run.stderr
     assert f"cannot serve the dashboard on 127.0.0.1:{port}" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_bench_s2_compares_the_cem_without_and_with_an_open_dashboard() -> None:
+    run = subprocess.run([sys.executable, "-m", "cem.app.cli", "bench", "s2", "--rms", "20",
+                          "--messages", "10", "--rate", "200", "--http", "--json"],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    without, with_page = report["without_http"], report["with_http"]
+    for result in (without, with_page):
+        assert result["messages_acknowledged"] == 200 and result["not_ok"] == 0
+        assert result["cem_exit_code"] == 0 and not result["errors"]
+    assert without["http"] is False and without["dashboard_reads"] == 0
+    # the page loaded its five files and read its stream while the RMs sent messages
+    assert with_page["http"] is True and with_page["dashboard_reads"] >= 5
+    assert with_page["dashboard_events"] >= 1
+    assert report["cpu_added_percent_of_a_core"] == pytest.approx(
+        (with_page["cem_cpu_share_message_phase"] - without["cem_cpu_share_message_phase"])
+        * 100, abs=0.01)

@@ -91,6 +91,12 @@ class BenchResult:
     cem_cpu_us_per_message: float | None = None
     """CEM CPU time (user + system) in the message phase per acknowledged message: the figure
     least disturbed by other load on the machine."""
+    cem_cpu_share_message_phase: float | None = None
+    """CEM CPU seconds per wall second of the message phase (1.0 = one core busy)."""
+    http: bool = False  # the CEM served its dashboard and one page was open (SSE + reads)
+    dashboard_events: int = 0
+    dashboard_bytes: int = 0
+    dashboard_reads: int = 0
     cem_exit_code: int | None = None
     cem_shutdown_s: float | None = None
     stored_messages: int | None = None
@@ -374,13 +380,17 @@ class CemProcess:
 
 async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                     url: str | None = None, progress: Any = None,
-                    connect_concurrency: int = 200) -> BenchResult:
-    """Run the benchmark against `url`, or against a fresh `cem run` subprocess if None."""
+                    connect_concurrency: int = 200, http: bool = False) -> BenchResult:
+    """Run the benchmark against `url`, or against a fresh `cem run` subprocess if None.
+
+    `http`: the CEM serves its dashboard and, during the message phase, one open page reads
+    it as the browser does (the page's files, /api/state and /api/plan, then the SSE stream;
+    /metrics every 5 s as Prometheus would)."""
     raise_open_file_limit(max(4096, 2 * rms + 256))
     result = BenchResult(rms=rms, rms_connected=0, messages_per_rm=messages,
-                         target_rate_per_s=rate or None)
+                         target_rate_per_s=rate or None, http=http)
     with tempfile.TemporaryDirectory(prefix="cem-bench-") as tmp:
-        cem = CemProcess(Path(tmp)) if url is None else None
+        cem = CemProcess(Path(tmp), http=http) if url is None else None
         if cem is not None:
             await cem.start()
             url = cem.url
@@ -389,13 +399,21 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
         try:
             await _connect_all(clients, result, progress, connect_concurrency)
             live = [c for c in clients if c.selected.is_set()]
+            page = None
+            if http and cem is not None:
+                page = _PageProcess(f"http://127.0.0.1:{cem.http_port}", result)
+                await page.start()
             cpu_before = cem.cpu_s() if cem else None
             own_before = time.process_time()
             await _message_phase(live, messages, rate, result, progress)
             result.bench_cpu_s_message_phase = round(time.process_time() - own_before, 2)
             cpu_after = cem.cpu_s() if cem else None
+            if page is not None:
+                await page.stop()
             if cpu_before is not None and cpu_after is not None:
                 result.cem_cpu_s_message_phase = round(cpu_after - cpu_before, 2)
+                result.cem_cpu_share_message_phase = round(
+                    (cpu_after - cpu_before) / max(result.message_phase_s, 1e-9), 3)
                 if result.messages_acknowledged:
                     result.cem_cpu_us_per_message = round(
                         (cpu_after - cpu_before) / result.messages_acknowledged * 1e6, 1)
@@ -416,6 +434,95 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                     result.errors.append(f"cem run exited with {result.cem_exit_code}: "
                                          + cem.log.read_text()[-500:])
     return result
+
+
+class _PageProcess:
+    """`_open_page` in a process of its own (the bench's pacing loop must not starve it, nor
+    its CPU count as the CEM's); its counts come back as JSON on stdout when it is stopped."""
+
+    def __init__(self, base: str, result: BenchResult) -> None:
+        self.base = base
+        self.result = result
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from cem.app.bench_s2 import page_main; page_main()",
+            self.base, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert self.process.stdout is not None
+        # measured from when the page has loaded and its event stream is open
+        await asyncio.wait_for(self.process.stdout.readline(), 60)
+
+    async def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(self.process.communicate(), 20)
+        try:
+            counts = json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            self.result.errors.append("the dashboard page reported nothing: "
+                                      + err.decode()[-300:])
+            return
+        self.result.dashboard_events = counts["dashboard_events"]
+        self.result.dashboard_reads = counts["dashboard_reads"]
+        self.result.dashboard_bytes = counts["dashboard_bytes"]
+        self.result.errors += counts["errors"]
+
+
+def page_main() -> None:
+    """The bench's open page: `python -c ... page_main()` BASE_URL; counts on SIGTERM."""
+    result = BenchResult(rms=0, rms_connected=0, messages_per_rm=0, target_rate_per_s=None)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(_open_page(sys.argv[1], result,
+                                           on_ready=lambda: print("ready", flush=True)))
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:
+            result.errors.append(f"the dashboard page failed: {exc!r}")
+
+    asyncio.run(run())
+    print(json.dumps({"dashboard_events": result.dashboard_events,
+                      "dashboard_reads": result.dashboard_reads,
+                      "dashboard_bytes": result.dashboard_bytes, "errors": result.errors}))
+
+
+async def _open_page(base: str, result: BenchResult,
+                     on_ready: Callable[[], None] | None = None) -> None:
+    """One open dashboard: what the browser loads, then its event stream until cancelled."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        for path in ("/", "/static/app.js", "/static/style.css", "/api/state", "/api/plan"):
+            response = await client.get(path)
+            result.dashboard_reads += 1
+            result.dashboard_bytes += len(response.content)
+
+        async def scrape() -> None:
+            while True:
+                response = await client.get("/metrics")
+                result.dashboard_reads += 1
+                result.dashboard_bytes += len(response.content)
+                await asyncio.sleep(5.0)
+
+        scraper = asyncio.get_running_loop().create_task(scrape())
+        try:
+            async with client.stream("GET", "/api/events") as stream:
+                if on_ready is not None:
+                    on_ready()
+                async for line in stream.aiter_lines():
+                    result.dashboard_bytes += len(line) + 1
+                    if line.startswith("event:"):
+                        result.dashboard_events += 1
+        finally:
+            scraper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await scraper
 
 
 async def _connect_all(clients: list[BenchRm], result: BenchResult, progress: Any,
@@ -509,14 +616,21 @@ async def _message_phase(clients: list[BenchRm], messages: int, rate: float,
         progress.update(task_id, completed=len(latencies))
 
 
-def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0) -> None:
-    """Run the S2 benchmark and print the figures (one JSON object with --json)."""
+def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
+                  http: bool = False) -> None:
+    """Run the S2 benchmark and print the figures (one JSON object with --json).
+
+    `http`: run it twice in a row, the CEM without and then with its dashboard served and one
+    page open, and report both and the difference."""
     from rich.console import Console
 
     console = Console(stderr=True)
     if rms < 1 or messages < 0:
         console.print("[bold red]error:[/] --rms must be at least 1 and --messages at least 0")
         raise SystemExit(2)
+    if http:
+        _compare_http(rms, messages, rate, json_out, console)
+        return
     if json_out:
         result = asyncio.run(run_bench(rms=rms, messages=messages, rate=rate))
         print(json.dumps(asdict(result)))
@@ -556,6 +670,51 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0)
     Console().print(table)
     Console().print(f"[dim]clients: {CLIENT_KIND}[/]")
     for error in result.errors:
+        console.print(f"[yellow]warning:[/] {error}")
+
+
+def _compare_http(rms: int, messages: int, rate: float, json_out: bool, console: Any) -> None:
+    """The S2 bench without and with the dashboard, in one run (the same machine load)."""
+    without = asyncio.run(run_bench(rms=rms, messages=messages, rate=rate, http=False))
+    with_page = asyncio.run(run_bench(rms=rms, messages=messages, rate=rate, http=True))
+    added = None
+    if without.cem_cpu_share_message_phase is not None and \
+            with_page.cem_cpu_share_message_phase is not None:
+        added = round((with_page.cem_cpu_share_message_phase
+                       - without.cem_cpu_share_message_phase) * 100, 2)
+    relative = None
+    if without.cem_cpu_us_per_message and with_page.cem_cpu_us_per_message:
+        relative = round((with_page.cem_cpu_us_per_message / without.cem_cpu_us_per_message
+                          - 1) * 100, 1)
+    report = {"without_http": asdict(without), "with_http": asdict(with_page),
+              "cpu_added_percent_of_a_core": added, "cpu_per_message_added_percent": relative,
+              "latency_p99_ms": [without.latency_p99_ms, with_page.latency_p99_ms]}
+    if json_out:
+        print(json.dumps(report))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"S2 server with and without the dashboard: {rms} RMs x {messages} "
+                        f"messages at {rate:.0f}/s")
+    table.add_column("figure")
+    table.add_column("without", justify="right")
+    table.add_column("with page open", justify="right")
+    for name, a, b in (
+            ("acknowledged / s", without.acknowledged_per_s, with_page.acknowledged_per_s),
+            ("ReceptionStatus p50", _ms(without.latency_p50_ms), _ms(with_page.latency_p50_ms)),
+            ("ReceptionStatus p99", _ms(without.latency_p99_ms), _ms(with_page.latency_p99_ms)),
+            ("CEM CPU (share of a core)", without.cem_cpu_share_message_phase,
+             with_page.cem_cpu_share_message_phase),
+            ("CEM CPU per message", f"{without.cem_cpu_us_per_message} us",
+             f"{with_page.cem_cpu_us_per_message} us"),
+            ("dashboard events / reads", "-",
+             f"{with_page.dashboard_events} / {with_page.dashboard_reads}")):
+        table.add_row(name, str(a), str(b))
+    from rich.console import Console
+
+    Console().print(table)
+    Console().print(f"CPU added by the dashboard: {added} % of a core ({relative} % per message)")
+    for error in without.errors + with_page.errors:
         console.print(f"[yellow]warning:[/] {error}")
 
 

@@ -288,11 +288,13 @@ def bench_s2(
     json_out: bool = typer.Option(False, "--json"),
     rate: float = typer.Option(5000.0, min=0, help="total messages/s over all RMs; 0: as fast "
                                "as the CEM acknowledges"),
+    http: bool = typer.Option(False, "--http", help="run twice: without and with the "
+                              "dashboard served and one page open; report the difference"),
 ) -> None:
     """Benchmark the S2 server: connect N RMs and measure acknowledgements."""
     from cem.app.bench_s2 import bench_command
 
-    bench_command(rms=rms, messages=messages, json_out=json_out, rate=rate)
+    bench_command(rms=rms, messages=messages, json_out=json_out, rate=rate, http=http)
 
 
 # --- resource managers and simulators --------------------------------------------------------
