@@ -184,7 +184,7 @@ def _explain_one(asset: StorageAsset, rm_id: str, plan: Plan, problem: Problem, 
     later = [k for k in range(t + 1, end) if k < len(row) and row[k] > 1.0]
     next_charge = problem.ptu_start(later[0]) if later else None
     step = max(asset.step_w, asset.charge_min_w // 10, 1)
-    base = {"asset_id": asset.id, "rm_id": rm_id, "power_w": power,
+    base: dict[str, Any] = {"asset_id": asset.id, "rm_id": rm_id, "power_w": power,
             "current_a": round(amps, 1), "next_charge": next_charge, "departure": departure,
             "planned_wh": round(planned_wh), "shortfall_wh": shortfall_wh}
 

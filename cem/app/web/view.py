@@ -184,19 +184,19 @@ class SiteView:
     def _on_event(self, event: RegistryEvent) -> None:
         if isinstance(event, RmEvent):
             inner = event.event
-            kind = type(inner)
-            if kind is StateChanged:
+            if isinstance(inner, StateChanged):
                 if event.rm_id is not None:
                     self.last_message[event.rm_id] = (event.at, inner.message_type or inner.kind)
-            elif kind is ReceptionConfirmed:
+            elif isinstance(inner, ReceptionConfirmed):
                 self.reception["from_rm", "OK"] += 1
-            elif kind is ReceptionFailed:
+            elif isinstance(inner, ReceptionFailed):
                 self.reception["from_rm", inner.status] += 1
                 if inner.message_type.endswith("Instruction"):
                     self.refused += 1
-            elif kind is MessageRejected:
+            elif isinstance(inner, MessageRejected):
                 self.reception["from_cem", inner.status] += 1
-            elif kind is InstructionStatusChanged and inner.status in ("REJECTED", "ABORTED"):
+            elif isinstance(inner, InstructionStatusChanged) and inner.status in ("REJECTED",
+                                                                                  "ABORTED"):
                 self.refused += 1
         elif isinstance(event, Connected):
             pass
