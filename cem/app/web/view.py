@@ -170,6 +170,9 @@ class SiteView:
             except Exception:
                 logger.exception("dashboard sample failed")
             self.tick += 1
+            if self.listeners:
+                with contextlib.suppress(Exception):
+                    await self.snapshot_text_async()  # built once, for every open page
             self._wake_all()
             delay = due - time.monotonic()
             if delay < 0:
@@ -315,7 +318,7 @@ class SiteView:
         if problem is None or plan is None or mapping is None:
             return {}
         windows = self.congestion_windows()
-        guard = tuple(self.guard_log)
+        guard = tuple(list(self.guard_log))
         t = ptu_at(problem, now)
         recent = tuple(a for a, _ in guard if now - a <= self._guard_hold())
         key = (id(plan), t, recent, self.modes.version,
@@ -334,7 +337,7 @@ class SiteView:
     def _departures(self, mapping: Any) -> dict[str, datetime]:
         """The departure each EV's RM gave (the end of its fill-level target profile)."""
         out = {}
-        for rm_id in mapping.rm_assets:
+        for rm_id in list(mapping.rm_assets):
             entry = self.server.get(rm_id) if self.server is not None else None
             state = getattr(entry, "state", None)
             profile = getattr(state, "frbc_fill_level_target_profile", None)
@@ -397,7 +400,7 @@ class SiteView:
         problem = getattr(controller, "problem", None)
         kinds = {s.id: s.kind for s in problem.storage} if problem is not None else {}
         rows = []
-        live = self.server.rms() if self.server is not None else {}
+        live = dict(self.server.rms()) if self.server is not None else {}
         for rm_id, entry in live.items():
             kind = "unknown"
             if mapping is not None:
@@ -501,7 +504,7 @@ class SiteView:
         """Settled 15-minute averages of the history, and the running one, against the limit."""
         ptu_s = self.config.planner.ptu_minutes * 60
         sums: dict[float, tuple[float, int]] = {}
-        for bucket, watts, *_ in self.history:
+        for bucket, watts, *_ in list(self.history):
             start = bucket - bucket % ptu_s
             total, count = sums.get(start, (0.0, 0))
             sums[start] = (total + watts, count + 1)
@@ -584,6 +587,17 @@ class SiteView:
         }
         self._snapshot = (self.tick, snap, "")
         return snap
+
+    async def snapshot_text_async(self) -> str:
+        """The snapshot as JSON text, built in a worker thread (at 1000 RMs it is ~25 ms of
+        Python: on the event loop that would hold S2 answers back as long); redone on the loop
+        should the parts change under it (RuntimeError), as the control loop does."""
+        if self._snapshot is not None and self._snapshot[0] == self.tick and self._snapshot[2]:
+            return self._snapshot[2]
+        try:
+            return await asyncio.to_thread(self.snapshot_text)
+        except RuntimeError:
+            return self.snapshot_text()
 
     def snapshot_text(self) -> str:
         snap = self.snapshot()
