@@ -351,3 +351,20 @@ def test_bench_s2_compares_the_cem_without_and_with_an_open_dashboard() -> None:
     assert report["cpu_added_percent_of_a_core"] == pytest.approx(
         (with_page["cem_cpu_share_message_phase"] - without["cem_cpu_share_message_phase"])
         * 100, abs=0.01)
+
+
+async def test_health_says_why_without_a_control_loop(tmp_path: Path) -> None:
+    config = parse_site_config(SITE)
+    config.store.path = tmp_path / "cem.db"
+    cem = CemService(config)  # S2 server and store, but no control loop
+    await cem.start()
+    try:
+        async with httpx.AsyncClient(base_url=cem.web.url, timeout=10) as client:
+            health = await client.get("/healthz")
+            assert health.status_code == 503
+            assert health.json() == {"ok": False, "reason": "no control loop is running"}
+            mode = await client.post("/api/evs/CP-A/1/mode", headers=AUTH, json={"mode": "paused"})
+            assert mode.status_code == 409 and "no control loop" in mode.json()["error"]
+            assert (await client.get("/api/plan")).status_code == 404
+    finally:
+        await cem.stop()

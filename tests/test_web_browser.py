@@ -158,7 +158,7 @@ def test_dashboard_shows_the_demo_site_live(demo: tuple[str, str], browser: Any,
                                               "Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 201
-    local_end = end.astimezone(ZoneInfoOf(get_json(url + "api/state"))).strftime("%H:%M")
+    local_end = end.astimezone(site_zone(get_json(url + "api/state"))).strftime("%H:%M")
 
     def named() -> list[str]:
         texts = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#evs td.why")]
@@ -180,7 +180,8 @@ def test_dashboard_shows_the_demo_site_live(demo: tuple[str, str], browser: Any,
             top.quantize(colors=64).save(keep, optimize=True)
 
 
-def ZoneInfoOf(state: dict[str, Any]) -> Any:  # noqa: N802 - reads like the zone it returns
+def site_zone(state: dict[str, Any]) -> Any:
+    """The site's time zone, from /api/state."""
     from zoneinfo import ZoneInfo
 
     return ZoneInfo(state["site"]["timezone"])
