@@ -116,37 +116,40 @@ def browser() -> Iterator[Any]:
 
 def test_dashboard_shows_the_demo_site_live(demo: tuple[str, str], browser: Any,
                                             tmp_path: Path) -> None:
-    from selenium.webdriver.common.by import By
-
     url, token = demo
     browser.get(url)
 
+    def texts(selector: str, attribute: str | None = None) -> list[str]:
+        """Read in one go in the page (rows are replaced live, element handles go stale)."""
+        return list(browser.execute_script(
+            "return [...document.querySelectorAll(arguments[0])].map("
+            "e => arguments[1] ? e.getAttribute(arguments[1]) : e.textContent)",
+            selector, attribute))
+
     def rows(table: str) -> set[str]:
-        return {tr.get_attribute("data-rm")
-                for tr in browser.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")}
+        return set(texts(f"#{table} tbody tr", "data-rm"))
 
     # every RM of the site (8 EVSEs, battery, heat pump, PV, meter), as the API lists them
     wait_until(lambda: len(rows("rms")) == 12, 30, "12 RM rows")
     assert rows("rms") == {r["rm_id"] for r in get_json(url + "api/rms")}
-    kinds = {td.text for td in browser.find_elements(By.CSS_SELECTOR, "#rms tbody td:nth-child(2)")}
+    kinds = set(texts("#rms tbody td:nth-child(2)"))
     assert {"EV charger", "battery", "heat pump", "grid meter"} <= kinds
     # every EV: the page follows the API within a push or two (EVs come and go at 1440x)
     wait_until(lambda: rows("evs") and rows("evs") == {e["rm_id"] for e in
                                                        get_json(url + "api/evs")}, 20,
                "the EV rows of the API")
-    whys = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#evs td.why")]
+    whys = texts("#evs td.why")
     assert whys and all(whys), whys
 
     # the charts have data: the site's power history and the plan per device, with limits
     def history_points() -> int:
-        path = browser.find_elements(By.CSS_SELECTOR, "#history-chart path.import")
-        return (path[0].get_attribute("d") or "").count("L") if path else 0
+        paths = texts("#history-chart path.import", "d")
+        return (paths[0] or "").count("L") if paths else 0
 
     wait_until(lambda: history_points() >= 5, 20, "a power history with points")
-    bars = browser.find_elements(By.CSS_SELECTOR, "#plan-chart rect.bar")
-    assert len(bars) > 10
-    assert browser.find_elements(By.CSS_SELECTOR, "#plan-chart path.limit")
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#price-chart rect.price")) == 96
+    assert len(texts("#plan-chart rect.bar", "height")) > 10
+    assert texts("#plan-chart path.limit", "d")
+    assert len(texts("#price-chart rect.price", "height")) == 96
 
     # a congestion window through the API: some EV's "why" names it, live, without a reload
     now = datetime.fromisoformat(get_json(url + "api/state")["now"])
@@ -161,13 +164,11 @@ def test_dashboard_shows_the_demo_site_live(demo: tuple[str, str], browser: Any,
     local_end = end.astimezone(site_zone(get_json(url + "api/state"))).strftime("%H:%M")
 
     def named() -> list[str]:
-        texts = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#evs td.why")]
-        return [t for t in texts if f"congestion window until {local_end}" in t and
-                "from api" in t]
+        return [t for t in texts("#evs td.why") if f"congestion window until {local_end}" in t
+                and "from api" in t]
 
     wait_until(named, 20, "an EV's why text naming the new congestion window")
-    sources = [td.text for td in browser.find_elements(By.CSS_SELECTOR,
-                                                      "#congestion tbody td:nth-child(4)")]
+    sources = texts("#congestion tbody td:nth-child(4)")
     assert any(s.startswith("api") for s in sources)
     shot = tmp_path / "dashboard.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000

@@ -67,9 +67,12 @@ class WebServer:
         http = self.config.http
         self._socket = _bind(http.host, http.port)
         await self.view.start()
-        config = uvicorn.Config(self.app, lifespan="off", log_level="warning",
-                                access_log=False, timeout_graceful_shutdown=3,
-                                server_header=False, proxy_headers=False)
+        # log_config None: uvicorn's own dictConfig would close every logging handler the
+        # process has (the demo's log file stopped at that line)
+        config = uvicorn.Config(self.app, lifespan="off", log_config=None,
+                                log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=3, server_header=False,
+                                proxy_headers=False)
         self._server = _QuietServer(config)
         self._task = asyncio.get_running_loop().create_task(
             self._server.serve(sockets=[self._socket]), name="cem-http")
