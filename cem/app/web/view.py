@@ -118,6 +118,8 @@ class SiteView:
         self._stop = asyncio.Event()
         self.listeners = 0  # open SSE streams
         self.lag_s: deque[float] = deque(maxlen=600)  # event-loop lag per tick
+        self._phases: tuple[float, float, float] | None = None  # the last sample's
+        self._kinds: tuple[Any, dict[str, str]] = (None, {})  # per mapping: rm id -> kind
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -216,7 +218,7 @@ class SiteView:
 
     def sample(self) -> None:
         """Add the site's power now to the history (one point per minute of the clock)."""
-        phases = self.grid_phase_w()
+        phases = self._phases = self.grid_phase_w()
         if phases is None:
             return
         now = clock.now().timestamp()
@@ -398,19 +400,13 @@ class SiteView:
         controller = self.controller
         mapping = getattr(controller, "mapping", None)
         problem = getattr(controller, "problem", None)
-        kinds = {s.id: s.kind for s in problem.storage} if problem is not None else {}
+        kind_of = self._rm_kinds(mapping, problem)
+        plan = getattr(controller, "plan", None)
+        t = ptu_at(problem, now) if problem is not None else 0
         rows = []
         live = dict(self.server.rms()) if self.server is not None else {}
         for rm_id, entry in live.items():
-            kind = "unknown"
-            if mapping is not None:
-                if rm_id == mapping.meter_rm:
-                    kind = "meter"
-                else:
-                    assets = mapping.rm_assets.get(rm_id, [])
-                    kind = next((kinds[a] for a in assets if a in kinds), None) or (
-                        "pv" if any(a.endswith("pv") or "pv" in a for a in assets) else
-                        ("load" if assets else "unknown"))
+            kind = kind_of.get(rm_id, "unknown")
             last = self.last_message.get(rm_id)
             measured = None
             with contextlib.suppress(Exception):
@@ -418,13 +414,13 @@ class SiteView:
                 if m is not None:
                     measured = round(sum(v.value for v in m.values
                                          if "POWER" in str(v.commodity_quantity.value)))
-            planned = controller.planned_w(rm_id) if controller is not None and \
-                hasattr(controller, "planned_w") else None
+            planned = self._planned_w(rm_id, t, plan, mapping)
             control = getattr(entry, "control_type", None) or ""
             rows.append({
                 "rm_id": rm_id, "name": entry.name or rm_id[:8],
                 "kind": KIND_NAMES.get(kind, kind), "control_type": SHORT.get(control, control),
-                "connected": True, "last_message_at": iso(last[0]) if last else None,
+                "connected": True,  # event times are UTC already
+                "last_message_at": last[0].isoformat() if last else None,
                 "last_message": last[1] if last else None,
                 "measured_w": measured, "planned_w": None if planned is None else round(planned),
                 "instruction": self.in_force(rm_id, now),
@@ -442,6 +438,39 @@ class SiteView:
                          "instruction": ""})
         rows.sort(key=lambda r: (not r["connected"], r["kind"], r["name"]))
         return rows
+
+    @staticmethod
+    def _planned_w(rm_id: str, t: int, plan: Any, mapping: Any) -> float | None:
+        """The plan's power for this RM in PTU t (as `SiteController.planned_w`, with the
+        PTU worked out once for all RMs)."""
+        if plan is None or mapping is None:
+            return None
+        total, found = 0.0, False
+        for asset_id in mapping.rm_assets.get(rm_id, ()):
+            row = plan.power_w.get(asset_id)
+            if row is not None and t < len(row):
+                total += float(row[t])
+                found = True
+            held = getattr(mapping.bindings.get(asset_id), "held_load", None)
+            if held is not None and t < len(held.power_w):
+                total += float(held.power_w[t])
+        return total if found else None
+
+    def _rm_kinds(self, mapping: Any, problem: Any) -> dict[str, str]:
+        """What kind of device each RM is, per plan (worked out once per mapping)."""
+        if mapping is None:
+            return {}
+        if self._kinds[0] is mapping:
+            return self._kinds[1]
+        kinds = {s.id: s.kind for s in problem.storage} if problem is not None else {}
+        out = {}
+        for rm_id, assets in list(mapping.rm_assets.items()):
+            out[rm_id] = next((kinds[a] for a in assets if a in kinds), None) or (
+                "pv" if any("pv" in a for a in assets) else ("load" if assets else "unknown"))
+        if mapping.meter_rm is not None:
+            out[mapping.meter_rm] = "meter"
+        self._kinds = (mapping, out)
+        return out
 
     def ev_rows(self, now: datetime) -> list[dict[str, Any]]:
         controller = self.controller
@@ -551,7 +580,7 @@ class SiteView:
         if self._snapshot is not None and self._snapshot[0] == self.tick:
             return self._snapshot[1]
         now = clock.now()
-        phases = self.grid_phase_w()
+        phases = self._phases if self._phases is not None else self.grid_phase_w()
         controller = self.controller
         problem = getattr(controller, "problem", None)
         prices = None
