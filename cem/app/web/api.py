@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Request
@@ -354,26 +355,47 @@ def _find_evse(view: SiteView, evse: str) -> str:
 
 
 async def _refresh(view: SiteView) -> None:
-    refresh = getattr(view.controller, "refresh_congestion", None)
-    if refresh is not None:
-        try:
-            await refresh()
-        except Exception:
-            logger.exception("reading the congestion windows after an API change failed")
+    """Have the store's congestion source read the change now (not at its next poll) and
+    publish it to the control loop, which replans with its reason."""
+    from cem.signals.congestion import StoreCongestion
+
+    controller = view.controller
+    for source in list(getattr(controller, "signals", ())):
+        if isinstance(source, StoreCongestion):
+            try:
+                update = await source.refresh()
+            except Exception:
+                logger.exception("reading the congestion windows after an API change failed")
+                continue
+            if update is not None:
+                controller.publish(update)
 
 
 async def _windows(view: SiteView) -> list[dict[str, Any]]:
+    """The windows that have not ended: every source's as the control loop has them; the
+    config's and the store's without a control loop. `id` is the store's window id."""
     now = clock.now()
-    out = [{"id": None, "start": iso(w.start), "end": iso(w.end),
-            "import_limit_kw": w.import_limit_kw, "export_limit_kw": w.export_limit_kw,
-            "source": "config", "active": w.start <= now < w.end}
-           for w in view.config.congestion if w.end > now]
-    if view.store is not None:
-        for row in await view.store.list_congestion(ending_after=now):
-            out.append({"id": row.window_id, "start": iso(row.start), "end": iso(row.end),
-                        "import_limit_kw": row.import_limit_kw,
-                        "export_limit_kw": row.export_limit_kw, "source": row.source,
-                        "active": row.start <= now < row.end})
+    limits = list(getattr(view.controller, "congestion", None) or [])
+    if view.controller is None:
+        limits = [SimpleNamespace(start=w.start, end=w.end, import_limit_kw=w.import_limit_kw,
+                                  export_limit_kw=w.export_limit_kw, source="config", ref=None)
+                  for w in view.config.congestion]
+        if view.store is not None:
+            limits += [SimpleNamespace(start=r.start, end=r.end, import_limit_kw=r.import_limit_kw,
+                                       export_limit_kw=r.export_limit_kw, source=r.source,
+                                       ref=str(r.window_id))
+                       for r in await view.store.list_congestion(ending_after=now)]
+    out = []
+    for w in limits:
+        if w.end <= now:
+            continue
+        ref = getattr(w, "ref", None)
+        stored = ref is not None and str(ref).isdigit() and w.source not in ("config", "openadr")
+        out.append({"id": int(str(ref)) if stored else None, "ref": ref, "start": iso(w.start),
+                    "end": iso(w.end), "import_limit_kw": w.import_limit_kw,
+                    "export_limit_kw": w.export_limit_kw, "source": w.source,
+                    "active": w.start <= now < w.end})
+    out.sort(key=lambda w: (w["start"] or "", w["id"] or 0))
     return out
 
 

@@ -309,8 +309,11 @@ class SiteView:
                 "limit_share": self.config.planner.limit_share}
 
     def congestion_windows(self) -> list[Window]:
-        rows = list(getattr(self.controller, "congestion", []) or [])
-        return windows_of(self.config.congestion, "config") + windows_of(rows, "cli")
+        """Every source's congestion windows as the control loop has them (config, store,
+        OpenADR, ...), each with its source; the config's alone without a control loop."""
+        if self.controller is None or not hasattr(self.controller, "congestion"):
+            return windows_of(self.config.congestion, "config")
+        return windows_of(list(self.controller.congestion), "config")
 
     def explanations(self, now: datetime) -> dict[str, EvExplanation]:
         controller = self.controller
