@@ -87,6 +87,15 @@ class CemService:
                                           for_cem=True)
         except Exception as exc:
             raise ServiceError(f"cannot open the store {cfg.store.path}: {exc}") from exc
+        web_socket = None  # (on a failed start below it is closed with this frame)
+        if cfg.http.enabled:  # bound first: a busy port changes nothing, and the imports are done
+            from cem.app.web.server import WebServerError, bind_socket
+
+            try:
+                web_socket = bind_socket(cfg.http.host, cfg.http.port)
+            except WebServerError as exc:
+                await self.store.close()
+                raise ServiceError(str(exc)) from exc
         plain_closed = cfg.s2connect.enabled and not cfg.s2connect.plain_mode
         self.server = S2Server(cfg, self.store, authorizer=_plain_closed() if plain_closed else None)
         try:
@@ -112,8 +121,8 @@ class CemService:
             self.controller = self._controller_factory(self)
         if self.controller is not None:
             await self.controller.start()
-        if cfg.http.enabled:
-            await self._start_web()
+        if web_socket is not None:
+            await self._start_web(web_socket)
         self._started = True
         auth = self.server.authorizer.describe
         logger.info("S2 CEM listening on %s (%s)", self.server.url, auth)
@@ -139,10 +148,10 @@ class CemService:
 
         return list(configured_sources(self.config, self.store))
 
-    async def _start_web(self) -> None:
+    async def _start_web(self, sock: Any) -> None:
         from cem.app.web.server import WebServer, WebServerError
 
-        self.web = WebServer(self.config, self.server, self.store, self.controller)
+        self.web = WebServer(self.config, self.server, self.store, self.controller, sock=sock)
         try:
             await self.web.start()
         except WebServerError as exc:

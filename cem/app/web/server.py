@@ -40,13 +40,14 @@ class _QuietServer(uvicorn.Server):
 class WebServer:
     """Page, API, SSE, /metrics and /healthz for one running CEM."""
 
-    def __init__(self, config: Any, server: Any, store: Any, controller: Any) -> None:
+    def __init__(self, config: Any, server: Any, store: Any, controller: Any, *,
+                 sock: socket.socket | None = None) -> None:
         self.config = config
         self.view = SiteView(config, server, store, controller)
         self.app = create_app(self.view)
         self._server: _QuietServer | None = None
         self._task: asyncio.Task[None] | None = None
-        self._socket: socket.socket | None = None
+        self._socket: socket.socket | None = sock  # bound already (`bind_socket`), or in start()
 
     @property
     def port(self) -> int:
@@ -65,7 +66,8 @@ class WebServer:
     async def start(self) -> None:
         """Bind, start the view, serve. Raises WebServerError (port in use, bad host)."""
         http = self.config.http
-        self._socket = _bind(http.host, http.port)
+        if self._socket is None:
+            self._socket = bind_socket(http.host, http.port)
         await self.view.start()
         # log_config None: uvicorn's own dictConfig would close every logging handler the
         # process has (the demo's log file stopped at that line)
@@ -99,7 +101,8 @@ class WebServer:
             self._socket.close()
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket for the dashboard; WebServerError when the port is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
