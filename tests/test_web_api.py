@@ -23,9 +23,9 @@ import httpx
 import pytest
 
 from cem.app.service import CemService
+from cem.app.site_file import parse_site_file
 from cem.app.web.api import create_app
 from cem.control.mpc import site_controller_for
-from cem.site.config import parse_site_config
 from cem.store import Store
 from resource_managers.ocpp_charger.csms import OcppCentralSystem
 from resource_managers.ocpp_charger.simulator import SimulatedChargePoint, SimulatedEv
@@ -91,13 +91,13 @@ class RunningSite:
 
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[RunningSite]:
-    config = parse_site_config(SITE)
+    config = parse_site_file(SITE)
     config.store.path = tmp_path / "cem.db"
     config.ocpp.database = tmp_path / "ocpp.db"
     cem = CemService(config, controller_factory=site_controller_for)
     await cem.start()
     assert cem.web is not None
-    csms = OcppCentralSystem(config, cem.server.url, port=0)
+    csms = OcppCentralSystem(config.ocpp_rm(), cem.server.url, port=0)
     await csms.start()
     url = f"ws://127.0.0.1:{csms.port}"
     chargers = [SimulatedChargePoint("CP-A", url, version="1.6", meter_interval_s=2),
@@ -272,12 +272,13 @@ async def test_ev_modes_from_the_api_steer_the_charger_and_survive_a_restart(
 
     async def alice_paused() -> bool:
         row = next(e for e in (await client.get("/api/evs")).json() if e["driver"] == "Alice")
+        # applied by the next replan: the plan gives her nothing and the charger gets 0 A
         return row["mode"] == "paused" and row["code"] == "paused" and \
-            charger.limit_a(charger.evses[1]) == 0
+            row["planned_kwh"] == 0 and charger.limit_a(charger.evses[1]) == 0
 
-    await wait_for(alice_paused, 20, "Alice's charger limited to 0 A")
+    await wait_for(alice_paused, 20, "Alice planned at 0 kWh and her charger limited to 0 A")
     row = next(e for e in (await client.get("/api/evs")).json() if e["driver"] == "Alice")
-    assert row["why"].startswith("paused by the operator") and row["planned_kwh"] == 0
+    assert row["why"].startswith("paused by the operator") and row["power_w"] == 0
 
     now = await client.post(f"/api/evs/{alice['rm_id']}/mode", headers=AUTH,
                             json={"mode": "charge_now"})
@@ -299,7 +300,7 @@ async def test_ev_modes_from_the_api_steer_the_charger_and_survive_a_restart(
 
 async def test_reads_from_other_hosts_need_a_token(tmp_path: Path) -> None:
     """The real app, reached in process as if from another host (no network needed)."""
-    config = parse_site_config(SITE)
+    config = parse_site_file(SITE)
     config.store.path = tmp_path / "cem.db"
     config.server.port = 0
     cem = CemService(config, controller_factory=site_controller_for)
@@ -354,7 +355,7 @@ def test_bench_s2_compares_the_cem_without_and_with_an_open_dashboard() -> None:
 
 
 async def test_health_says_why_without_a_control_loop(tmp_path: Path) -> None:
-    config = parse_site_config(SITE)
+    config = parse_site_file(SITE)
     config.store.path = tmp_path / "cem.db"
     cem = CemService(config)  # S2 server and store, but no control loop
     await cem.start()

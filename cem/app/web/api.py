@@ -407,7 +407,10 @@ SESSION_COLUMNS = ("cp_id", "evse_id", "transaction_id", "id_tag", "card_name", 
 async def _read_sessions(view: SiteView, state: str) -> list[dict[str, Any]]:
     from resource_managers.ocpp_charger.records import read_sessions
 
-    path = Path(view.config.ocpp.database)
+    ocpp = getattr(view.config, "ocpp", None)  # the site file's [ocpp] (cem.app.site_file)
+    if ocpp is None:
+        raise ApiError(404, "this CEM has no [ocpp] section: no charging sessions to show")
+    path = Path(ocpp.database)
     if not await asyncio.to_thread(path.exists):
         raise ApiError(404, f"no OCPP database at {path}: the OCPP central system of this "
                             "site keeps sessions there (is it running on another host?)")

@@ -326,7 +326,9 @@ class SiteView:
         guard = tuple(list(self.guard_log))
         t = ptu_at(problem, now)
         recent = tuple(a for a, _ in guard if now - a <= self._guard_hold())
-        key = (id(plan), t, recent, self.modes.version,
+        # id() alone may be reused by the next plan once the old one is freed
+        key = (id(plan), getattr(controller, "replans", 0), getattr(controller, "plan_id", None),
+               t, recent, self.modes.version,
                tuple((w.start, w.end, w.import_limit_kw) for w in windows))
         if key != self._explain_key:
             self._explained = explain_evs(
@@ -652,15 +654,15 @@ class SiteView:
                     controller.last_replan_s, 3),
                 "made_at": iso(self.planned_at), "age_s": None if age is None else round(age),
                 "notes": plan.notes[:3],
-                "key": id(plan)}
+                "key": f"{id(plan)}-{controller.replans}"}
 
     def history_json(self) -> list[list[float]]:
         return [[b, round(w), round(a), round(c), round(d)] for b, w, a, c, d, _ in self.history]
 
-    def plan_key(self) -> int | None:
+    def plan_key(self) -> tuple[int, int] | None:
         """Changes when the plan in force changes."""
         plan = getattr(self.controller, "plan", None)
-        return None if plan is None else id(plan)
+        return None if plan is None else (id(plan), int(getattr(self.controller, "replans", 0)))
 
     def plan_text(self) -> str | None:
         """The plan chart as JSON text (made once per plan)."""
@@ -733,6 +735,6 @@ class SiteView:
             "export_eur_per_kwh": [round(float(x), 4) for x in
                                    problem.prices.export_eur_per_kwh[:n]],
             "status": plan.status, "plan_id": getattr(controller, "plan_id", None),
-            "key": id(plan),
+            "key": f"{id(plan)}-{getattr(controller, 'replans', 0)}",
         }
         return chart
