@@ -59,11 +59,20 @@ KIND_NAMES = {"ev": "EV charger", "battery": "battery", "heat_pump": "heat pump"
               "flexible load": "flexible load", "meter": "grid meter"}
 _DRIVER = re.compile(r"\bdriver ([^,]+)")
 _NEEDS = re.compile(r"\bneeds from ([^,]+)")
+FRBC = "FILL_RATE_BASED_CONTROL"
 STACK_SINGLE_MAX = 12  # plans with more assets are stacked per kind, not per device
 
 
 def iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.astimezone(UTC).isoformat()
+
+
+def _frbc(entry: Any) -> Any:
+    """The FRBC state of a live RM (`RmState.of`), or None when FRBC is not its control type."""
+    state = getattr(entry, "state", None)
+    if state is None or str(getattr(state.control_type, "value", state.control_type)) != FRBC:
+        return None
+    return state.of(FRBC)
 
 
 @dataclass
@@ -345,9 +354,8 @@ class SiteView:
         """The departure each EV's RM gave (the end of its fill-level target profile)."""
         out = {}
         for rm_id in list(mapping.rm_assets):
-            entry = self.server.get(rm_id) if self.server is not None else None
-            state = getattr(entry, "state", None)
-            profile = getattr(state, "frbc_fill_level_target_profile", None)
+            frbc = _frbc(self.server.get(rm_id) if self.server is not None else None)
+            profile = frbc.fill_level_target_profile if frbc is not None else None
             if profile is None:
                 continue
             with contextlib.suppress(Exception):
@@ -379,10 +387,9 @@ class SiteView:
         return "; ".join(parts)
 
     def _mode_label(self, rm_id: str, mode_id: Any, now: datetime) -> str:
-        entry = self.server.get(rm_id) if self.server is not None else None
-        state = getattr(entry, "state", None)
+        frbc = _frbc(self.server.get(rm_id) if self.server is not None else None)
         with contextlib.suppress(Exception):
-            sd = state.frbc_system_description(now) if state is not None else None
+            sd = frbc.system_description(now) if frbc is not None else None
             if sd is not None:
                 for actuator in sd.actuators:
                     for m in actuator.operation_modes:
@@ -527,9 +534,9 @@ class SiteView:
 
     @staticmethod
     def _labels(entry: Any, now: datetime) -> tuple[str, str]:
-        state = getattr(entry, "state", None)
+        frbc = _frbc(entry)
         with contextlib.suppress(Exception):
-            sd = state.frbc_system_description(now) if state is not None else None
+            sd = frbc.system_description(now) if frbc is not None else None
             if sd is not None:
                 return sd.storage.diagnostic_label or "", sd.storage.fill_level_label or ""
         return "", ""
