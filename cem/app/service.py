@@ -82,11 +82,6 @@ class CemService:
                 f"{cfg.server.tls_key}: {exc} (both must be PEM files, the key matching the "
                 "certificate)",
             ) from exc
-        try:
-            self.store = await Store.open(cfg.store.path, retention_days=cfg.store.retention_days,
-                                          for_cem=True)
-        except Exception as exc:
-            raise ServiceError(f"cannot open the store {cfg.store.path}: {exc}") from exc
         web_socket = None  # (on a failed start below it is closed with this frame)
         if cfg.http.enabled:  # bound first: a busy port changes nothing, and the imports are done
             from cem.app.web.server import WebServerError, bind_socket
@@ -94,8 +89,12 @@ class CemService:
             try:
                 web_socket = bind_socket(cfg.http.host, cfg.http.port)
             except WebServerError as exc:
-                await self.store.close()
                 raise ServiceError(str(exc)) from exc
+        try:
+            self.store = await Store.open(cfg.store.path, retention_days=cfg.store.retention_days,
+                                          for_cem=True)
+        except Exception as exc:
+            raise ServiceError(f"cannot open the store {cfg.store.path}: {exc}") from exc
         plain_closed = cfg.s2connect.enabled and not cfg.s2connect.plain_mode
         self.server = S2Server(cfg, self.store, authorizer=_plain_closed() if plain_closed else None)
         try:

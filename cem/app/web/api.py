@@ -325,7 +325,7 @@ async def _off_loop(work: Callable[..., T], *args: Any) -> T:
 
 def _swagger_dir() -> Path | None:
     try:
-        import swagger_ui_bundle
+        import swagger_ui_bundle  # type: ignore[import-untyped]
     except ImportError:
         return None
     return Path(swagger_ui_bundle.swagger_ui_path)
