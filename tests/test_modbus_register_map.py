@@ -190,3 +190,35 @@ def test_a_relay_heat_pump_without_its_second_relay_is_told_what_is_missing() ->
     with pytest.raises(RegisterMapError) as error:
         parse_register_map(bad, Path("relays.toml"))
     assert "needs the point(s) sg_ready_relay_2" in str(error.value.problems)
+
+
+def test_a_point_whose_registers_run_past_65535_is_refused(tmp_path: Path) -> None:
+    """A float32 at 65535 would need register 65536, which Modbus cannot address."""
+    text = BATTERY + '\n[points.voltage]\naddress = 65535\ntable = "input"\ntype = "float32"\n'
+    assert _problems(text) == [
+        "points.voltage: a float32 at 65535 takes registers 65535..65536, beyond the last "
+        "Modbus address 65535; move it to 65534 or below"]
+    fits = BATTERY + '\n[points.voltage]\naddress = 65534\ntable = "input"\ntype = "float32"\n'
+    assert parse_register_map(fits).point("voltage").span == range(65534, 65536)
+    # the CLI and the config check refuse such a map, with the reason and no traceback
+    bad_map = tmp_path / "battery.toml"
+    bad_map.write_text(text)
+    result = runner.invoke(app, ["rm", "modbus", "--device", "battery", "--map", str(bad_map)])
+    assert result.exit_code == 2, result.output
+    assert "beyond the last Modbus address 65535" in result.output
+    assert "Traceback" not in result.output
+    site = tmp_path / "site.toml"
+    site.write_text("[[modbus.devices]]\nname = 'battery'\ndevice = 'battery'\n"
+                    "map = 'battery.toml'\n")
+    result = runner.invoke(app, ["config", "check", str(site)])
+    assert result.exit_code == 2, result.output
+    assert "modbus.devices[0].map" in result.output
+    assert "points.voltage: a float32 at 65535" in result.output
+
+
+def test_a_written_point_must_sit_in_a_table_modbus_can_write() -> None:
+    text = BATTERY.replace('[points.power_setpoint]\naddress = 100\ntable = "holding"',
+                           '[points.power_setpoint]\naddress = 100\ntable = "input"')
+    problems = _problems(text)
+    assert problems == ["points.power_setpoint: access 'read-write' but the input table is "
+                        "read-only in Modbus; use a holding register or coil"]

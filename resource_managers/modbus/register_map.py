@@ -6,9 +6,9 @@ timeout ...). The resource managers and the simulators only ever address points 
 different device model is a different TOML file, never a code change.
 
 `load_register_map(path)` returns a validated `RegisterMap` or raises `RegisterMapError` whose
-`problems` lists every mistake with its place (overlapping registers, unknown types, writable
-points in read-only tables, scale registers that do not exist, points or limits a device class
-needs but the map lacks).
+`problems` lists every mistake with its place (overlapping registers, registers beyond address
+65535, unknown types, writable points in read-only tables, scale registers that do not exist,
+points or limits a device class needs but the map lacks).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ REGISTER_COUNT: dict[str, int] = {
 }
 READ_ONLY_TABLES = ("input", "discrete")
 BIT_TABLES = ("coil", "discrete")
+WRITABLE_TABLES = ("holding", "coil")
+LAST_ADDRESS = 65535  # Modbus addresses are 16 bits: a point's last register must fit too
 
 #: points each device class cannot work without; a tuple means "one of these sets"
 REQUIRED_POINTS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -202,7 +204,13 @@ def check_register_map(regmap: RegisterMap) -> list[str]:
                             f"(got '{point.type}')")
         if point.table not in BIT_TABLES and point.type == "bool":
             problems.append(f"{where}: type 'bool' only fits coil or discrete tables")
-        if point.writable and point.table in READ_ONLY_TABLES:
+        last = point.address + point.count - 1
+        if last > LAST_ADDRESS:
+            problems.append(f"{where}: a {point.type} at {point.address} takes registers "
+                            f"{point.address}..{last}, beyond the last Modbus address "
+                            f"{LAST_ADDRESS}; move it to {LAST_ADDRESS - point.count + 1} "
+                            "or below")
+        if point.writable and point.table not in WRITABLE_TABLES:
             problems.append(f"{where}: access '{point.access}' but the {point.table} table is "
                             "read-only in Modbus; use a holding register or coil")
         if name in WRITTEN_POINTS and not point.writable:
