@@ -8,6 +8,7 @@ and come back on its own.
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -468,3 +469,23 @@ async def test_revoked_future_instruction_never_reaches_the_device(
                      == InstructionStatus.REVOKED, what="REVOKED")
     await asyncio.sleep(1.2)
     assert not any(name == "power_setpoint" for name, _ in site.sim.writes)
+
+
+async def test_a_nan_reading_marks_the_meter_faulty_and_never_reaches_the_cem(
+        make_site: Callable[..., Any]) -> None:
+    """A float32 register holding NaN (a meter mid-reset) is a device fault: the RM stops
+    sending measurements instead of handing the CEM a NaN."""
+    site = await make_site(load_register_map(SPECS / "grid_meter.toml"))
+    site.sim.set_site_power([1000.0, 2000.0, 3000.0])  # type: ignore[attr-defined]
+    live = await eventually(lambda: site.live if site.live is not None
+                            and site.live.state.latest_measurement() is not None else None,
+                            what="the meter's first measurement")
+    site.sim.overrides["power_l2"] = float("nan")
+    await eventually(lambda: not site.rm.device_ok, what="the NaN noticed as a fault")
+    assert "power_l2 is not a number (NaN)" in (site.rm.fault or "")
+    seen = live.state.latest_measurement()
+    await asyncio.sleep(0.5)  # several polls
+    assert live.state.latest_measurement() is seen  # nothing new, and nothing NaN
+    assert all(math.isfinite(v.value) for v in seen.values)
+    site.sim.overrides.clear()
+    await eventually(lambda: site.rm.device_ok, what="the meter trusted again")

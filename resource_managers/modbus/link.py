@@ -3,7 +3,9 @@
 Everything goes through the register map: the RM asks for `soc` or `power_setpoint`, this
 module finds the table, address, type, word order and scale (or SunSpec scale factor
 register). Every failure becomes a `DeviceFault` with a plain reason, so the RM can decide
-(withdraw flexibility, retry with back-off) without knowing Modbus.
+(withdraw flexibility, retry with back-off) without knowing Modbus. A reading that is no
+number (a float32 NaN or infinity), or lies outside the point's `valid_min` .. `valid_max`, is
+such a fault too (`ReadingOutOfRange`): the RM withdraws the device instead of passing it on.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from resource_managers.modbus.codec import (
     encode,
 )
 from resource_managers.modbus.register_map import Point, RegisterMap
+from sitekit.plausible import number_problem
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +117,12 @@ class ModbusLink:
         return self._sunssf[point.scale_register]
 
     def _check_range(self, point: Point, value: float) -> None:
+        """A reading the device cannot mean (NaN, infinite, absurd, or outside the map's
+        valid range) makes the device untrusted: it never reaches the CEM."""
+        problem = number_problem(value)
+        if problem is not None:
+            raise ReadingOutOfRange(f"{point.name} {problem} (registers of a "
+                                    f"{point.type} at {point.table} {point.address})")
         if point.valid_min is not None and value < point.valid_min:
             raise ReadingOutOfRange(f"{point.name} = {value:g} {point.unit} is below "
                                     f"{point.valid_min:g}")

@@ -202,6 +202,14 @@ class ModbusSimulator:
         finally:
             self._internal = False
 
+    async def set_raw(self, name: str, words: list[int]) -> None:
+        """Fault injection: put these register words into a point as they are (a broken
+        device, a NaN float), until the physics publishes the point again."""
+        point = self.regmap.point(name)
+        if len(words) != point.count:
+            raise ValueError(f"{name} takes {point.count} register(s), not {len(words)}")
+        await self._set_registers(point, words)
+
     async def publish(self, all_points: bool = False, names: Iterable[str] = ()) -> None:
         """Copy engineering values into the registers (read-only points every tick)."""
         chosen = set(names)
