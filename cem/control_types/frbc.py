@@ -4,7 +4,8 @@ Session rules: fill-level ranges of every operation mode and of the leakage beha
 ordered and cover one interval without gaps or overlaps (checked in the RM's own words, before
 s2-python's checks); actuator ids unique; statuses and timers may name only actuators, modes
 and timers of a kept system description (the one in force or an upcoming one); at most
-`MAX_UPCOMING_VERSIONS` future system descriptions and leakage behaviours are kept.
+`MAX_UPCOMING_VERSIONS` future system descriptions and leakage behaviours are kept; a storage
+status's fill level may not lie far outside the storage range the RM declared (`far_outside`).
 What the RM reports as STARTED or SUCCEEDED of an FRBC.Instruction is its actuator's mode
 until its next ActuatorStatus.
 
@@ -127,6 +128,31 @@ def check_contiguous(ranges: list[NumberRange], what: str) -> None:
                           f"{b.start_of_range}")
 
 
+def far_outside(value: float, declared: NumberRange) -> bool:
+    """Whether `value` lies beyond the declared range by more than the range's own width.
+
+    A storage really is outside its declared range at times (a buffer below its comfort band
+    after a cold night, a battery below its SoC band, an EV's level moving while its
+    description says it stays), and the flexibility layer clamps the level to the range; a
+    level that far out (a SoC of 1000 %) is the RM's mistake, not the storage's state.
+    """
+    lo, hi = declared.start_of_range, declared.end_of_range
+    width = max(hi - lo, abs(lo), abs(hi), 1.0)
+    return value < lo - width or value > hi + width
+
+
+def check_fill_level(state: FrbcState, level: float, now: datetime) -> None:
+    """INVALID_CONTENT for a fill level far outside every kept description's storage range
+    (no check before the first description)."""
+    versions = state._sd.versions(now)
+    if not versions or any(not far_outside(level, d.storage.fill_level_range)
+                           for d in versions):
+        return
+    r = versions[0].storage.fill_level_range
+    raise content(f"present_fill_level {level:g} is far outside the storage's fill_level_range "
+                  f"{r.start_of_range:g}..{r.end_of_range:g} the RM declared")
+
+
 _PRIORITY_LABEL = re.compile(r"\bpriority[ =:]*(\d{1,2})\b", re.IGNORECASE)
 
 
@@ -195,6 +221,7 @@ class FrbcPlugin(PluginBase[FrbcState]):
             state._actuator_status[sid(message.actuator_id)] = message
             return "status"
         if kind == "FRBC.StorageStatus":
+            check_fill_level(state, message.present_fill_level, now)
             state._storage_status = message
             return "status"
         if kind == "FRBC.LeakageBehaviour":

@@ -12,12 +12,12 @@ session that negotiated v1.0.0:
   NumberRange inside) and puts the rate on the stored descriptions.
 
 Both versions: ``operation_mode_factor`` is a share of a mode (0 to 1, the schemas say);
-s2-python does not check it, the CEM does, in what it receives and in what it sends.
+s2-python does not check it, the CEM does, in what it receives (`cem.s2.numbers`) and in what
+it sends (`cem.s2.session.S2Session.send`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -50,24 +50,3 @@ def adapt_v1(raw: dict[str, Any], present_rate: dict[str, Any] | None
                          "v1.0.0: send it in DDBC.PresentDemandStatus")
         return {**raw, "present_demand_rate": present_rate or dict(_NO_RATE)}, None
     return raw, None
-
-
-def _factors(value: Any) -> Iterator[Any]:
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if key == "operation_mode_factor":
-                yield item
-            else:
-                yield from _factors(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _factors(item)
-
-
-def factor_problem(raw: Any) -> str | None:
-    """Why an operation_mode_factor in `raw` is outside 0..1 (None: all in range)."""
-    for factor in _factors(raw):
-        if isinstance(factor, int | float) and not isinstance(factor, bool) \
-                and not 0 <= factor <= 1:
-            return f"operation_mode_factor {factor} is outside 0..1"
-    return None

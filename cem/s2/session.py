@@ -15,7 +15,10 @@ ReceptionStatus itself):
 2. ``INVALID_MESSAGE``: fails the S2 JSON schema: unknown ``message_type``, missing or extra
    fields, wrong types, an id not fully matching ``[a-zA-Z0-9\\-_:]{2,64}``. Checked against the
    schema-faithful generated models of s2-python (``s2python.generated.gen_s2``).
-3. ``INVALID_CONTENT``: valid JSON schema but wrong in meaning: s2-python's own consistency
+3. ``INVALID_CONTENT``: valid JSON schema but wrong in meaning: a number that is none (NaN,
+   infinite, ``"NaN"``/``"-Infinity"`` strings, ``1e400``, beyond ±10^12) or an
+   ``operation_mode_factor`` outside 0..1 (`cem.s2.numbers`: the label names the field);
+   s2-python's own consistency
    checks (transitions naming unknown operation modes or timers, power ranges upside down, ...),
    FRBC fill-level ranges with gaps or overlaps, unknown actuator / operation mode / timer /
    instruction / object referenced, a commodity quantity the RM did not advertise, a control-type
@@ -114,7 +117,9 @@ from cem.s2.ids import (
     iter_ids,
     map_ids,
 )
+from cem.s2.numbers import number_problem_in
 from cem.s2.state import RmState
+from sitekit.plausible import number_problem
 
 __all__ = [
     "CEM_ONLY_TYPES", "CEM_SENDABLE_TYPES", "CONTROL_TYPE_NAMES",
@@ -495,10 +500,10 @@ class S2Session:
             except Rejected as rejection:
                 return [self._reject(message_id, message_type, rejection.status,
                                      rejection.label)]
-        factor = json_v1.factor_problem(raw)
-        if factor is not None:
+        number = number_problem_in(gen, raw)
+        if number is not None:
             return [self._reject(message_id, message_type, ReceptionStatusValues.INVALID_CONTENT,
-                                 factor)]
+                                 f"{message_type}: {number}"[:_MAX_LABEL])]
 
         self.ids.begin()
         try:
@@ -579,6 +584,11 @@ class S2Session:
             return [self._reject(message_id, kind, ReceptionStatusValues.INVALID_MESSAGE,
                                  f"{kind} does not match the S2 schema: {_describe_errors(exc)}")]
         rate = message.present_demand_rate
+        for key in ("start_of_range", "end_of_range"):
+            problem = number_problem(raw["present_demand_rate"].get(key))
+            if problem is not None:
+                return [self._reject(message_id, kind, ReceptionStatusValues.INVALID_CONTENT,
+                                     f"{kind}: present_demand_rate.{key} {problem}")]
         if rate.start_of_range > rate.end_of_range:
             return [self._reject(message_id, kind, ReceptionStatusValues.INVALID_CONTENT,
                                  "present_demand_rate starts after it ends")]

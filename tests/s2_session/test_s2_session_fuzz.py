@@ -160,3 +160,44 @@ def test_any_schema_id_is_accepted_and_written_back(message_id: str, actuator_id
     assert stored is not None
     assert session.ids.external_of(stored.actuators[0].id) == actuator_id
     assert session.ids.external_of(stored.message_id) == message_id
+
+
+# --- numbers that are none: never OK, never kept ------------------------------------------------
+
+NOT_NUMBERS = ["NaN", "nan", "Infinity", "-Infinity", "inf", "1e400", "-1e400", 1e13, -1e300]
+RAW_INFINITIES = ["1e400", "-1e400", "1E999"]  # written into the JSON text: they parse to inf
+
+
+def _number_paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    return [p for p in _paths(value, prefix)
+            if isinstance(_parent(value, p)[p[-1]], int | float)
+            and not isinstance(_parent(value, p)[p[-1]], bool)]
+
+
+NUMBERED = [m for m in VALID_MESSAGES if _number_paths(m)]
+
+
+@SETTINGS
+@given(st.sampled_from(NUMBERED), st.data())
+def test_a_number_that_is_none_is_never_answered_ok(message: dict[str, Any],
+                                                    data: st.DataObject) -> None:
+    """Any numeric field of any valid message set to NaN, an infinity or an absurd size (as a
+    string, a JSON number or 1e400 in the text) is refused, and the RM's state is unchanged."""
+    message = copy.deepcopy(message)
+    path = data.draw(st.sampled_from(_number_paths(message)))
+    session = _ready_session()
+    before = json.dumps(session.state.snapshot(), sort_keys=True, default=str)
+    measured = session.state.latest_measurement()
+    if data.draw(st.booleans()):
+        _parent(message, path)[path[-1]] = data.draw(st.sampled_from(NOT_NUMBERS))
+        text = json.dumps(message)
+    else:
+        marker = 987654.125  # a number that appears nowhere else, swapped for 1e400 in the text
+        _parent(message, path)[path[-1]] = marker
+        text = json.dumps(message).replace(repr(marker), data.draw(st.sampled_from(RAW_INFINITIES)))
+    found = statuses(session.receive(text, T0))
+    assert len(found) == 1, found
+    # a Duration is an integer in the schema: an infinity there fails the schema first
+    assert found[0]["status"] in ("INVALID_CONTENT", "INVALID_MESSAGE"), (text, found)
+    assert json.dumps(session.state.snapshot(), sort_keys=True, default=str) == before
+    assert session.state.latest_measurement() is measured

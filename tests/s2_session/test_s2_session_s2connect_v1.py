@@ -85,3 +85,17 @@ def test_operation_mode_factor_is_checked_both_ways() -> None:
     feed(ddbc, v1_system_description())
     assert status_of(feed(ddbc, {**ddbc_actuator_status(), "operation_mode_factor": -0.1})) == \
         "INVALID_CONTENT"
+
+
+def test_a_present_demand_rate_that_is_no_number_is_refused() -> None:
+    session = s2connect_session([DDBC])
+    assert status_of(feed(session, v1_system_description())) == "OK"
+    for number in ("NaN", "-Infinity", 1e15):
+        status = {"message_type": "DDBC.PresentDemandStatus", "message_id": "pds-nan",
+                  "present_demand_rate": {"start_of_range": 0, "end_of_range": number}}
+        outs = feed(session, status)
+        assert status_of(outs) == "INVALID_CONTENT"
+        label = next(o.text for o in outs if o.message_type == "ReceptionStatus")
+        assert "present_demand_rate.end_of_range" in label
+    in_force = session.state.of("DDBC").system_description(T0)
+    assert in_force is not None and in_force.present_demand_rate.end_of_range == 0
