@@ -235,6 +235,15 @@ MIGRATIONS: list[str] = [
         source TEXT NOT NULL DEFAULT 'api'
     );
     """,
+    # 7: which credential owns each resource id (a bearer token's name, or "s2connect:<node>"):
+    # an RM presenting another credential cannot take that resource id over
+    """
+    CREATE TABLE rm_owners (
+        rm_id TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        since REAL NOT NULL
+    );
+    """,
 ]
 
 HEARTBEAT_S = 10.0  # how often a running CEM stamps cem_process.heartbeat_at
@@ -515,6 +524,11 @@ class Store:
         self._append("UPDATE sessions SET disconnected_at = ?, reason = ? WHERE session_id = ?",
                      (time.time() if at is None else at, reason, session_id))
 
+    def bind_rm(self, rm_id: str, holder: str) -> None:
+        """`holder` (a credential) owns resource id `rm_id` from now on."""
+        self._append("INSERT OR REPLACE INTO rm_owners (rm_id, holder, since) VALUES (?, ?, ?)",
+                     (rm_id, holder, time.time()))
+
     @property
     def pending(self) -> int:
         return self._pending_rows
@@ -700,6 +714,11 @@ class Store:
             rows = await cursor.fetchall()
         return [RmRow(r[0], r[1], r[2], bool(r[3]), r[4], r[5], r[6], r[7],
                       json.loads(r[8]) if r[8] else None) for r in rows]
+
+    async def rm_owners(self) -> dict[str, str]:
+        """Resource id -> the credential that owns it (see `bind_rm`)."""
+        async with self._db.execute("SELECT rm_id, holder FROM rm_owners") as cursor:
+            return {str(r[0]): str(r[1]) for r in await cursor.fetchall()}
 
     async def messages(self, *, rm_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """The latest logged messages, newest first."""

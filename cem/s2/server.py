@@ -4,8 +4,18 @@ Thin on purpose: every S2 rule lives in `cem.s2.session`; this module only moves
 sockets and sessions, and keeps the books:
 
 - **auth** at the HTTP upgrade (`process_request`): with `server.tokens` configured, a request
-  without a known `Authorization: Bearer <token>` gets HTTP 401 and a log line. The decision is
-  made by an `RmAuthorizer` (see below); S2 Connect pairing plugs in there later.
+  without a known `Authorization: Bearer <token>` gets HTTP 401. The decision is made by an
+  `RmAuthorizer` (see below); S2 Connect pairing plugs in there.
+- **limits** before auth (`sitekit.admission`): at most `server.max_connections` connections
+  (more: HTTP 503), and an address with `server.max_failed_auth_per_minute` failed
+  authentications in the last minute is refused (HTTP 429) until they age out; refusals are
+  counted, the first of each reason a minute logged, the rest in one summary line a minute.
+- **identity bound to credentials**: the first credential (a token's name, or an S2 Connect
+  pairing) under which a resource id registers owns it (kept in the store's `rm_owners`);
+  ResourceManagerDetails from another credential naming it are refused (PERMANENT_ERROR, the
+  session ends with 1008), logged on `cem.security` and counted as a failed authentication. A
+  reconnect with the same credential supersedes its own old connection, as before; a token
+  removed from the config no longer holds its resource ids. Without tokens nothing is bound.
 - **wss** when `tls_cert`/`tls_key` are set; **pings** with `ping_interval_s`/`ping_timeout_s`;
   **back-pressure**: frames above `max_message_bytes` close the connection (1009), websockets'
   incoming queue is bounded (`max_queue`), and so is each connection's send buffer
@@ -53,8 +63,10 @@ from cem.s2.session import CloseRequest, Outgoing, S2Session
 from cem.site.config import ServerConfig, SiteConfig
 from cem.store import Store
 from sitekit import clock
+from sitekit.admission import Admission
 
 logger = logging.getLogger("cem.s2.server")
+security = logging.getLogger("cem.security")
 
 SHUTDOWN_CODE = 1001
 SHUTDOWN_REASON = "CEM shutting down"
@@ -106,6 +118,10 @@ class TokenAuthorizer:
     @classmethod
     def from_config(cls, server: ServerConfig) -> TokenAuthorizer:
         return cls([(t.name, t.token) for t in server.tokens])
+
+    @property
+    def token_names(self) -> set[str]:
+        return {name for name, _ in self._tokens}
 
     @property
     def describe(self) -> str:
@@ -206,6 +222,10 @@ class S2Server:
         self._stopping = False
         self.messages_in = 0
         self.messages_out = 0
+        self.admission = Admission(
+            "S2 server", logger, max_connections=self.server_config.max_connections,
+            max_failed_auth_per_minute=self.server_config.max_failed_auth_per_minute)
+        self._owners: dict[str, str] = {}   # resource id -> the credential that owns it
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -226,6 +246,8 @@ class S2Server:
     async def start(self) -> None:
         """Bind and listen (raises OSError when the address is taken)."""
         cfg = self.server_config
+        if self.store is not None:
+            self._owners.update(await self.store.rm_owners())
         self._server = await self._serve(cfg.host, cfg.port, self._ssl_context(), None)
         self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="s2-timers")
 
@@ -301,7 +323,7 @@ class S2Server:
     async def _close_ws(entry: LiveSession, code: int, reason: str) -> None:
         if entry.ws is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(entry.ws.close(code, reason), timeout=5)
+                await asyncio.wait_for(entry.ws.close(code, _close_text(reason)), timeout=5)
 
     # --- registry API for the control loop ------------------------------------------------------
 
@@ -430,19 +452,71 @@ class S2Server:
     def _process_request(self, connection: ServerConnection, request: Request, *,
                          authorizer: RmAuthorizer | None = None) -> Response | None:
         peer = _peer(connection)
+        host = _host(connection)
+        refusal = self.admission.check(host, len(self._by_connection) + len(self._holders))
+        if refusal is not None:
+            self.admission.refused(host, "too many connections" if refusal.status == 503
+                                   else "too many failed authentications",
+                                   f"refused RM connection from {peer}: {refusal.reason} "
+                                   f"(HTTP {refusal.status})")
+            response = connection.respond(HTTPStatus(refusal.status),
+                                          f"S2 CEM: {refusal.reason}\n")
+            response.headers["Retry-After"] = str(refusal.retry_after_s)
+            return response
         try:
             decision = (authorizer or self.authorizer).authorize(request, peer)
         except Exception:
             logger.exception("authorizer failed; refusing %s", peer)
             decision = AuthDecision(False, reason="authorizer error")
         if not decision.allowed:
-            logger.warning("refused RM connection from %s: %s (HTTP 401)", peer, decision.reason)
+            self.admission.failed(host)
+            self.admission.refused(host, decision.reason,
+                                   f"refused RM connection from {peer}: {decision.reason} "
+                                   "(HTTP 401)")
             response = connection.respond(HTTPStatus.UNAUTHORIZED,
                                           f"S2 CEM: {decision.reason}\n")
             response.headers["WWW-Authenticate"] = 'Bearer realm="S2 CEM"'
             return response
         self._holders[connection] = decision
         return None
+
+    # --- identity: resource ids belong to credentials --------------------------------------------
+
+    def _claim(self, entry: LiveSession, rm_id: str) -> str | None:
+        """May `entry`'s credential use resource id `rm_id`? None: yes (and it is bound to it
+        if it was free); else the reason it may not."""
+        holder = entry.holder
+        if holder is None:
+            return None  # no credentials here: nothing to bind a resource id to
+        owner = self._owners.get(rm_id)
+        if owner is not None and owner != holder and not self._holder_current(owner):
+            security.warning("resource id %s was bound to %s, which is no longer configured; "
+                             "%s takes it over", rm_id, _describe_holder(owner),
+                             _describe_holder(holder))
+            owner = None
+        if owner is None:
+            self._owners[rm_id] = holder
+            if self.store is not None:
+                self.store.bind_rm(rm_id, holder)
+            logger.info("resource id %s is bound to %s", rm_id, _describe_holder(holder))
+            return None
+        if owner == holder:
+            return None
+        host = entry.peer.rpartition(":")[0] or entry.peer
+        security.warning("SECURITY: %s from %s (connection %s) claimed resource id %s, which "
+                         "belongs to %s: refused, the RM registered under it keeps its session",
+                         _describe_holder(holder), entry.peer, entry.connection_id, rm_id,
+                         _describe_holder(owner))
+        self.admission.failed(host)
+        return (f"resource id {rm_id} is registered under another credential; this "
+                "connection may not use it (use the RM's own token, or ask the operator)")
+
+    def _holder_current(self, holder: str) -> bool:
+        """Whether a credential can still connect (a token removed from the config cannot)."""
+        tokens = getattr(self.authorizer, "token_names", None)
+        if tokens is None or holder.startswith("s2connect:"):
+            return True
+        return holder in tokens
 
     # --- one connection ---------------------------------------------------------------------------
 
@@ -464,6 +538,7 @@ class S2Server:
             return
         entry = LiveSession(connection_id=connection_id, session=session, peer=peer,
                             holder=holder, connected_at=utc_now(), ws=ws)
+        session.claim = functools.partial(self._claim, entry)
         self._by_connection[connection_id] = entry
         self._live[connection_id] = entry
         if self.store is not None:
@@ -533,7 +608,7 @@ class S2Server:
         for item in items:
             if isinstance(item, CloseRequest):
                 entry.closing_reason = entry.closing_reason or item.reason
-                await ws.close(item.code, item.reason)
+                await ws.close(item.code, _close_text(item.reason))
                 return
             try:
                 await ws.send(item.text)
@@ -656,7 +731,7 @@ class S2Server:
                                    timeout=2)
         except TimeoutError:
             if entry.ws is not None:
-                await entry.ws.close(close_code, reason)
+                await entry.ws.close(close_code, _close_text(reason))
 
     def _forget(self, entry: LiveSession, reason: str) -> None:
         self._by_connection.pop(entry.connection_id, None)
@@ -697,6 +772,7 @@ class S2Server:
         """Drive the sessions' timers (ReceptionStatus timeouts) for all connections at once."""
         while True:
             await asyncio.sleep(self.tick_s)
+            self.admission.flush()
             now = utc_now()
             for entry in list(self._by_connection.values()):
                 try:
@@ -719,6 +795,25 @@ def _peer(connection: ServerConnection) -> str:
         return f"{host}:{port}"
     except Exception:
         return "unknown peer"
+
+
+def _close_text(reason: str) -> str:
+    """A close reason as a websocket close frame can carry it (at most 123 bytes of UTF-8)."""
+    data = reason.encode("utf-8")
+    return reason if len(data) <= 123 else data[:120].decode("utf-8", "ignore") + "..."
+
+
+def _host(connection: ServerConnection) -> str:
+    try:
+        return str(connection.remote_address[0])
+    except Exception:
+        return "unknown peer"
+
+
+def _describe_holder(holder: str) -> str:
+    if holder.startswith("s2connect:"):
+        return f"S2 Connect pairing {holder.removeprefix('s2connect:')}"
+    return f"token '{holder}'"
 
 
 def _close_reason(ws: ServerConnection, entry: LiveSession) -> str:

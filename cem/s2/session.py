@@ -29,8 +29,10 @@ ReceptionStatus itself):
 5. ``OK`` otherwise; the state is updated and events are emitted.
 
 A bad message never ends the session. Only "no common protocol version" (close 1002), a
-SessionRequest from either side (1000) and an RM that sends no Handshake within
-``handshake_timeout_s`` (1008, noticed by `expire`) end it (`close` is set).
+SessionRequest from either side (1000), an RM that sends no Handshake within
+``handshake_timeout_s`` (1008, noticed by `expire`) and ResourceManagerDetails naming a
+resource id the connection's credential may not use (`claim`, set by the server: answered
+PERMANENT_ERROR, then 1008) end it (`close` is set).
 
 The session itself keeps the handshake, version, control-type selection, revoke, the common
 messages (details, measurements, forecasts, instruction statuses, session requests) and the
@@ -268,6 +270,9 @@ class S2Session:
         self._pinned: ControlType | None = None   # chosen on demand, kept over details refreshes
         self.s2connect = False   # S2 Connect mode: version set by initiateSession, no Handshake
         self._present_demand_rate: dict[str, Any] | None = None   # v1.0.0 DDBC
+        #: set by the server: may this connection's credential use this resource id? (None:
+        #: yes; else the reason it may not, answered PERMANENT_ERROR and the session ends)
+        self.claim: Callable[[str], str | None] | None = None
         self._pending: dict[str, _Pending] = {}
         self._handlers: dict[str, Callable[[Any, datetime], list[Outgoing]]] = {
             "Handshake": self._on_handshake,
@@ -626,6 +631,11 @@ class S2Session:
         return [*out, self._out(response, now)]
 
     def _on_details(self, message: ResourceManagerDetails, now: datetime) -> list[Outgoing]:
+        if self.claim is not None:
+            refusal = self.claim(self.ids.external_of(message.resource_id))
+            if refusal is not None:
+                self._close(CLOSE_POLICY, refusal)
+                raise Rejected(ReceptionStatusValues.PERMANENT_ERROR, refusal)
         first = self.state.details is None
         self.state._set_details(message)
         self.log.info("%s details; offers %s; measures %s",

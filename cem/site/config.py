@@ -63,6 +63,11 @@ class ServerConfig(TlsFiles):
     ping_timeout_s: float = Field(20.0, gt=0)
     reception_status_timeout_s: float = Field(10.0, gt=0)
     max_message_bytes: int = Field(1_048_576, ge=1024)
+    max_connections: int = Field(5000, ge=1, description="open S2 connections at most; more "
+                                 "are refused (HTTP 503)")
+    max_failed_auth_per_minute: int = Field(20, ge=1, description="failed authentications "
+                                            "per address per minute before the address is "
+                                            "refused for a while (HTTP 429)")
 
 
 class S2Config(Section):
