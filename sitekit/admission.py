@@ -97,8 +97,9 @@ class Admission:
         line = None
         total = sum(self._counts.values())
         if total > len(self._counts):  # some were not logged one by one
-            reasons = ", ".join(f"{count} {reason}" for reason, count in
-                                self._counts.most_common())
+            ranked = self._counts.most_common()
+            reasons = ", ".join(f"{count} {reason}" for reason, count in ranked[:5]) + (
+                f" and {len(ranked) - 5} more reason(s)" if len(ranked) > 5 else "")
             top = ", ".join(f"{address} x{count}" for address, count in
                             self._by_address.most_common(3))
             line = (f"{self.what}: {total} connection attempt(s) refused in the last "

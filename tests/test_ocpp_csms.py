@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from cem.app.site_file import SiteFile, parse_site_file
 from resource_managers.ocpp_charger.csms import OcppCentralSystem
 from resource_managers.ocpp_charger.records import read_sessions
 from resource_managers.ocpp_charger.simulator import SimulatedChargePoint, SimulatedEv
+from sitekit import clock
 
 SITE = """
 [site]
@@ -84,9 +87,25 @@ def url(system: OcppCentralSystem) -> str:
     return f"ws://127.0.0.1:{system.port}"
 
 
+@contextlib.contextmanager
+def simulated_clock(speed: float) -> Iterator[None]:
+    """The process clock at the chargers' speed (as in `cem demo`): energy that moves `speed`
+    times faster than the wall clock is then plausible for the central system."""
+    previous = clock.use(clock.ScaledClock(datetime.now(UTC), speed=speed))
+    try:
+        yield
+    finally:
+        clock.use(previous)
+
+
 @pytest.mark.parametrize("version, cp_id", [("1.6", "CP16"), ("2.0.1", "CP201")])
 async def test_boot_gets_default_profile_and_session_makes_cdr(
         csms: OcppCentralSystem, version: str, cp_id: str) -> None:
+    with simulated_clock(3600):
+        await _boot_and_session(csms, version, cp_id)
+
+
+async def _boot_and_session(csms: OcppCentralSystem, version: str, cp_id: str) -> None:
     config = csms.charge_points[cp_id]
     charger = SimulatedChargePoint(cp_id, url(csms), version=version, phases=config.phases,
                                    phase=config.phase, speed=3600, meter_interval_s=120)
@@ -272,6 +291,11 @@ async def test_malformed_frames_get_call_errors(csms: OcppCentralSystem, protoco
 
 
 async def test_restart_keeps_cdrs_and_closes_open_session_from_meter(tmp_path: Path) -> None:
+    with simulated_clock(3600):
+        await _restart_keeps_cdrs(tmp_path)
+
+
+async def _restart_keeps_cdrs(tmp_path: Path) -> None:
     site = make_site(tmp_path)
     system = OcppCentralSystem(site.ocpp_rm(), port=0)
     await system.start()

@@ -34,6 +34,7 @@ dwell_hours = 5
 [ocpp]
 port = 0
 safe_limit_a = 8
+accept_unknown_charge_points = true  # the tests' chargers beyond CP16 / CP201
 [[ocpp.charge_points]]
 id = "CP16"
 phases = 3

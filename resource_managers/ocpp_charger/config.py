@@ -52,7 +52,13 @@ class OcppConfig(TlsFiles):
 
     host: str = "127.0.0.1"
     port: int = Field(default=9000, ge=0, le=65535)
-    accept_unknown_charge_points: bool = True
+    accept_unknown_charge_points: bool = Field(
+        default=False, description="let charge points not in charge_points connect (the demo "
+        "and the example config do; a real site lists its chargers)")
+    max_connections: int = Field(default=1000, ge=1, description="charger connections at "
+                                 "most; more are refused (HTTP 503)")
+    max_failed_auth_per_minute: int = Field(default=20, ge=1, description="wrong passwords per "
+                                            "address per minute before it is refused (429)")
     unknown_cards: Literal["accept", "reject"] = "accept"
     safe_limit_a: float = Field(default=6.0, ge=0,
                                 description="TxDefaultProfile limit per charger")

@@ -8,7 +8,14 @@ callbacks that must not block: they are called from inside OCPP handlers, where 
 to the same charger would deadlock.
 
 Safety first: every charger gets a TxDefaultProfile at the site's safe limit on boot, so it
-stays within the fuse if the CSMS or the CEM is gone. `set_current` sends a TxProfile for the
+stays within the fuse if the CSMS or the CEM is gone.
+
+Nothing a charger sends can corrupt the site: a message naming an EVSE beyond the charge
+point's configured ones gets a CALLERROR (PropertyConstraintViolation) and creates nothing; an
+EVSE has at most one open session (a new transaction closes the one left open, with the reason
+in its CDR); implausible meter values are dropped before they reach a session, a CDR or the
+CEM (`plausibility`); frames that are no OCPP message get a CALLERROR or are dropped
+(`frames`), never a closed connection. `set_current` sends a TxProfile for the
 running transaction and reports whether the charger accepted it.
 """
 
@@ -31,7 +38,7 @@ from zoneinfo import ZoneInfo
 
 from ocpp.charge_point import ChargePoint as OcppChargePoint
 from ocpp.exceptions import NotImplementedError as OcppNotImplementedError
-from ocpp.exceptions import NotSupportedError, OCPPError
+from ocpp.exceptions import NotSupportedError, OCPPError, PropertyConstraintViolationError
 from ocpp.messages import Call, CallError, unpack
 from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint as ChargePoint16
@@ -46,11 +53,18 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, NegotiationError
 from websockets.http11 import Request, Response
 
-from resource_managers.ocpp_charger import limits
+from resource_managers.ocpp_charger import frames, limits
 from resource_managers.ocpp_charger.config import CdrTariff, ChargeCard, ChargePoint, OcppRmConfig
 from resource_managers.ocpp_charger.evse import Evse, EvSession, LimitResult
+from resource_managers.ocpp_charger.plausibility import (
+    judge_reading,
+    needs_problem,
+    register_problem,
+    report,
+)
 from resource_managers.ocpp_charger.records import SessionRecords
 from sitekit import clock
+from sitekit.admission import Admission
 from sitekit.prices import CsvPriceSource, retail_import_eur_per_kwh
 
 logger = logging.getLogger("resource_managers.ocpp")
@@ -84,6 +98,7 @@ def _iso(moment: datetime) -> str:
 
 
 EvseListener = Callable[[Evse], None]
+MAX_EVSES_UNKNOWN = 8  # EVSEs an accepted unknown charge point may name (as a configured one)
 
 
 class _Tariff:
@@ -151,6 +166,9 @@ class OcppCentralSystem:
         self.scheme = "ws"  # "wss" once started with a certificate (security profile 2)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._next_tx = 1
+        self.admission = Admission(
+            "OCPP central system", logger, max_connections=config.ocpp.max_connections,
+            max_failed_auth_per_minute=config.ocpp.max_failed_auth_per_minute)
         self.s2: Any = None  # resource_managers.ocpp_charger.s2_evse.EvseResources when cem_url
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -184,6 +202,7 @@ class OcppCentralSystem:
                 select_subprotocol=self._select_subprotocol,
                 process_request=self._check_request,
                 ping_interval=30, ping_timeout=30, ssl=tls,
+                max_size=frames.WEBSOCKET_MAX_BYTES,  # larger frames get a CALLERROR (frames)
             )
         except OSError:  # ssl.SSLError too
             await self.records.close()
@@ -274,15 +293,34 @@ class OcppCentralSystem:
         raise NegotiationError("unsupported OCPP version; use ocpp1.6 or ocpp2.0.1")
 
     def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Refuse unknown charge points (per config) and wrong passwords (security profile 1)."""
+        """Refuse unknown charge points (per config) and wrong passwords (security profile 1);
+        before that, too many connections or too many failed logins from one address
+        (`sitekit.admission`). Each refusal is counted; the first of its kind a minute (per
+        charge point id) is logged, the rest in one summary line a minute."""
         cp_id = self.charge_point_id(request.path)
+        address = str(connection.remote_address[0]) if connection.remote_address else "?"
+        self.admission.flush()
+        others = len(self._server.all_connections) if self._server is not None else 0
+        refusal = self.admission.check(address, others)
+        if refusal is not None:
+            self.admission.refused(address, "too many connections" if refusal.status == 503
+                                   else "too many failed logins",
+                                   f"charger '{cp_id}' from {address} refused: {refusal.reason} "
+                                   f"(HTTP {refusal.status})")
+            response = connection.respond(HTTPStatus(refusal.status), refusal.reason + "\n")
+            response.headers["Retry-After"] = str(refusal.retry_after_s)
+            return response
         if not cp_id:
-            logger.warning("connection refused: no charge point id in the URL path %r", request.path)
+            self.admission.refused(address, "no charge point id",
+                                   f"connection from {address} refused: no charge point id in "
+                                   f"the URL path {request.path!r}")
             return connection.respond(HTTPStatus.NOT_FOUND, "put the charge point id in the URL\n")
         config = self.charge_points.get(cp_id)
         if config is None and not self.config.ocpp.accept_unknown_charge_points:
-            logger.warning("charger '%s' refused: not in ocpp.charge_points and unknown charge "
-                           "points are not accepted", cp_id)
+            self.admission.refused(address, f"unknown charge point '{cp_id[:40]}'",
+                                   f"charger '{cp_id}' from {address} refused: not in "
+                                   "ocpp.charge_points and ocpp.accept_unknown_charge_points is "
+                                   "false (add it to the config to let it in)")
             return connection.respond(HTTPStatus.FORBIDDEN, "unknown charge point\n")
         if config is not None and config.password:
             header = request.headers.get("Authorization", "")
@@ -293,8 +331,10 @@ class OcppCentralSystem:
                 except (binascii.Error, UnicodeDecodeError):
                     pass
             if user != cp_id or password != config.password:
-                logger.warning("charger '%s' refused: %s", cp_id,
-                               "wrong Basic auth password" if header else "no Basic auth password")
+                self.admission.failed(address)
+                why = "wrong Basic auth password" if header else "no Basic auth password"
+                self.admission.refused(address, f"{why} for '{cp_id[:40]}'",
+                                       f"charger '{cp_id}' refused: {why}")
                 response = connection.respond(HTTPStatus.UNAUTHORIZED, "charge point password needed\n")
                 response.headers["WWW-Authenticate"] = 'Basic realm="OCPP", charset="UTF-8"'
                 return response
@@ -359,6 +399,21 @@ class OcppCentralSystem:
                 self.s2.add(evse)
         return evse
 
+    def evse_for(self, cp_id: str, evse_id: int) -> Evse:
+        """The EVSE a charger's message names. An id outside the charge point's configured
+        EVSEs (1..`evses`; 1..8 for an accepted unknown charge point) is refused with a
+        CALLERROR and creates nothing: no EVSE, no S2 RM at the CEM."""
+        config = self.charge_points.get(cp_id)
+        most = config.evses if config is not None else MAX_EVSES_UNKNOWN
+        if not isinstance(evse_id, int) or not 1 <= evse_id <= most:
+            logger.warning("charger '%s' named EVSE/connector %s, it has %d configured: "
+                           "refused (PropertyConstraintViolation), nothing created", cp_id,
+                           evse_id, most)
+            cause = (f"EVSE/connector {evse_id} is not one of this charge point's {most} "
+                     "configured EVSE(s)")
+            raise PropertyConstraintViolationError(description=cause, details={"cause": cause})
+        return self._evse(cp_id, evse_id)
+
     def booted(self, cp_id: str, vendor: str | None, model: str | None) -> None:
         """Remember who made the charger (its EVSEs' S2 details say so from their next session)."""
         self.boot_info[cp_id] = (vendor, model)
@@ -417,6 +472,19 @@ class OcppCentralSystem:
             return evse.session
         _status, card = self.check_card(id_tag)
         row = await self.records.find(evse.cp_id, transaction_id)
+        open_one = evse.session
+        if open_one is not None:
+            if row is not None:  # a late message of an older transaction: the open one runs
+                logger.info("%s: message for transaction %s while %s runs there; ignored",
+                            evse.name, transaction_id, open_one.transaction_id)
+                return None
+            await self._close_superseded(evse, open_one, transaction_id, started_at)
+        meter_start_unknown = False
+        problem = register_problem(meter_start_wh) if row is None else None
+        if problem is not None:
+            report(evse, f"meterStart of transaction {transaction_id}: {problem}")
+            meter_start_unknown = evse.register_wh is None
+            meter_start_wh = evse.register_wh if evse.register_wh is not None else 0.0
         if row is not None:
             if not row.resumable:
                 logger.info("%s: message for transaction %s, which has ended; ignored",
@@ -442,7 +510,8 @@ class OcppCentralSystem:
             record_id=record_id, transaction_id=transaction_id, id_tag=id_tag, card=card,
             started_at=started_at, meter_start_wh=meter_start_wh, meter_wh=meter_wh,
             departure=departure, energy_need_wh=need_wh, priority=priority, needs_source=source,
-            card_max_current_a=card.max_current_a if card else None)
+            card_max_current_a=card.max_current_a if card else None,
+            meter_start_unknown=meter_start_unknown, received_at=_now())
         evse.session = session
         evse.plugged = True
         logger.info("session %s started on %s with %s: needs %.1f kWh by %s (from %s), "
@@ -451,6 +520,20 @@ class OcppCentralSystem:
                     .strftime("%a %H:%M"), source, priority)
         self._changed(evse)
         return session
+
+    async def _close_superseded(self, evse: Evse, session: EvSession, new_tx: str,
+                                at: datetime) -> None:
+        """A new transaction on an EVSE whose session is still open: that one ended unseen
+        (its stop was lost); close it from its last plausible reading, saying why."""
+        reason = (f"superseded: the charger started transaction {new_tx} on this EVSE while "
+                  "this one was open")
+        cdr = await self.records.stop(session.record_id, meter_stop_wh=None, at=at,
+                                      reason=reason,
+                                      price_eur_per_kwh=self.tariff.eur_per_kwh(at))
+        logger.warning("%s: session %s was still open when transaction %s started: closed "
+                       "(%.2f kWh)", evse.name, session.transaction_id, new_tx,
+                       (cdr.energy_wh if cdr else 0.0) / 1000)
+        evse.session = None
 
     async def set_session_tag(self, evse: Evse, id_tag: str) -> None:
         session = evse.session
@@ -524,15 +607,28 @@ class OcppCentralSystem:
 
     async def meter(self, evse: Evse, at: datetime, energy_wh: float | None,
                     power_w: tuple[float, float, float] | None, soc: float | None) -> None:
-        """Take a meter reading: EVSE power, session energy and cost, SoC."""
+        """Take a meter reading: EVSE power, session energy and cost, SoC (implausible values
+        are dropped first: `plausibility.judge_reading`)."""
+        now = _now()
+        energy_wh, power_w, soc = judge_reading(evse, at, energy_wh, power_w, soc, now)
+        at = min(at, now)
+        if energy_wh is not None:
+            evse.register_wh = energy_wh
         if power_w is not None:
             evse.power_w = power_w
             if evse.session is not None:
                 evse.learn_phases(power_w)
         session = evse.session
         if session is not None:
+            if energy_wh is not None and session.meter_start_unknown:
+                logger.info("%s: session %s counts from %.0f Wh, its first plausible reading",
+                            evse.name, session.transaction_id, energy_wh)
+                session.meter_start_unknown = False
+                session.meter_start_wh = session.meter_wh = energy_wh
+                await self.records.rebase(session.record_id, energy_wh)
             if energy_wh is not None:
                 session.meter_wh = max(session.meter_wh, energy_wh)
+                session.meter_at, session.received_at = at, now
             if soc is not None:
                 session.soc = soc
                 if session.soc_first is None:
@@ -546,7 +642,26 @@ class OcppCentralSystem:
 
     async def end_session(self, evse: Evse | None, cp_id: str, transaction_id: str,
                           meter_stop_wh: float | None, at: datetime, reason: str) -> None:
-        """Close a session: the CDR, and the charger's TxProfile for it."""
+        """Close a session: the CDR, and the charger's TxProfile for it. An implausible
+        meterStop is not billed: the CDR keeps the last plausible reading."""
+        running = evse.session if evse is not None and evse.session is not None and \
+            evse.session.transaction_id == transaction_id else None
+        if meter_stop_wh is not None and evse is not None:
+            if running is not None and running.meter_start_unknown:
+                judged = None
+                reason += " (its meterStart was implausible: energy unknown)"
+            else:
+                if running is not None:
+                    judged, _, _ = judge_reading(evse, at, meter_stop_wh, None, None, _now())
+                else:
+                    problem = register_problem(meter_stop_wh)
+                    judged = None if problem else meter_stop_wh
+                    if problem:
+                        report(evse, f"meterStop of transaction {transaction_id}: {problem}")
+                if judged is None:
+                    reason += (f" (meterStop {meter_stop_wh:g} Wh implausible: the CDR keeps "
+                               "the last plausible reading)")
+            meter_stop_wh = judged
         row = await self.records.find(cp_id, transaction_id)
         if row is None:
             logger.warning("charger '%s' stopped transaction %s, which we never saw start",
@@ -662,7 +777,10 @@ ERROR_CODES_16 = {"FormatViolation": "FormationViolation",
 
 
 def _frame_error(raw: str, version: str, error: OCPPError) -> str | None:
-    """A CallError for a frame that cannot be parsed, with its message id when readable."""
+    """A CallError for a frame that cannot be parsed, with its message id when readable
+    (else "-1", as OCPP-J prescribes); None for a broken answer (CallResult / CallError)."""
+    if frames.broken_answer(raw):
+        return None  # a broken answer: nothing to answer to
     unique_id = "-1"
     try:
         frame = json.loads(raw)
@@ -670,7 +788,7 @@ def _frame_error(raw: str, version: str, error: OCPPError) -> str | None:
             if frame[0] in (3, 4):
                 return None  # a broken answer: nothing to answer to
             unique_id = frame[1]
-    except (json.JSONDecodeError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # not JSON, not text, too deep
         pass
     if version == "2.0.1":
         code = "RpcFrameworkError"  # OCPP-J 2.0.1 4.3: message is not a valid RPC request
@@ -709,6 +827,7 @@ class _CsmsSide:
     """What both versions share: the central system and frame-level error answers."""
 
     version = ""
+    id: str
     csms: OcppCentralSystem
 
     async def _send(self, message: str) -> None:
@@ -719,16 +838,41 @@ class _CsmsSide:
             message = json.dumps(frame, separators=(",", ":"))
         await super()._send(message)  # type: ignore[misc]
 
-    async def route_message(self, raw_msg: str) -> None:  # type: ignore[override]
+    async def route_message(self, raw_msg: str | bytes) -> None:
+        """Route one frame; whatever it holds, the connection stays open (`frames`)."""
+        try:
+            await self._route(raw_msg)
+        except ConnectionClosed:
+            raise  # the charger left: the connection ends anyway
+        except Exception as exc:  # a frame must never end the charger's connection
+            self._bad_frames().bad_frame(self.id, f"it could not be handled ({exc!r:.120})",
+                                         False)
+
+    def _bad_frames(self) -> frames.FrameLog:
+        log: frames.FrameLog | None = getattr(self, "_frame_log", None)
+        if log is None:
+            log = self._frame_log = frames.FrameLog(logger)
+        return log
+
+    async def _route(self, raw_msg: str | bytes) -> None:
+        problem = frames.screen(raw_msg)
+        if problem is not None:
+            self._bad_frames().bad_frame(self.id, problem.description,
+                                         problem.unique_id is not None)
+            if problem.unique_id is not None:
+                await self._send(json.dumps([4, problem.unique_id, problem.code,
+                                             problem.description, {}], separators=(",", ":")))
+            return
+        assert isinstance(raw_msg, str)
         try:
             message = unpack(raw_msg)
         except OCPPError as error:
-            logger.warning("charger '%s' sent a malformed frame (%s): %.120s",
-                           self.id, error.details.get("cause", error.code) if error.details  # type: ignore[attr-defined]
-                           else error.code, raw_msg)
             answer = _frame_error(raw_msg, self.version, error)
+            cause = error.details.get("cause", error.code) if error.details else error.code
+            self._bad_frames().bad_frame(self.id, f"{cause}: {raw_msg:.120}",
+                                         answer is not None)
             if answer is not None:
-                await self._send(answer)  # type: ignore[attr-defined]
+                await self._send(answer)
             return
         if isinstance(message, Call) and message.action not in self.route_map:  # type: ignore[attr-defined]
             # OCPP-J (1.6 4.2.3, 2.0.1 4.3): an action we do not know is NotImplemented, a known
@@ -740,7 +884,7 @@ class _CsmsSide:
                                          f"{'not handled' if known else 'not an OCPP action'} "
                                          f"by this central system (OCPP {self.version})"})
             logger.info("charger '%s' sent %s: answered %s", self.id, message.action, error.code)
-            await self._send(message.create_call_error(error).to_json())  # type: ignore[attr-defined]
+            await self._send(message.create_call_error(error).to_json())
             return
         await super().route_message(raw_msg)  # type: ignore[misc]
 
@@ -824,7 +968,7 @@ class ChargePoint16Handler(_CsmsSide, ChargePoint16):
     async def on_status(self, connector_id: int, error_code: str, status: str,
                         **_: Any) -> result16.StatusNotification:
         if connector_id > 0:
-            evse = self.csms._evse(self.id, connector_id)
+            evse = self.csms.evse_for(self.id, connector_id)
             if evse.status != status:
                 logger.info("%s is %s%s", evse.name, status,
                             "" if error_code == "NoError" else f" (error {error_code})")
@@ -851,7 +995,7 @@ class ChargePoint16Handler(_CsmsSide, ChargePoint16):
             logger.info("charger '%s': transaction refused for %s (%s)", self.id,
                         self.csms._card_words(id_tag, card), status)
             return result16.StartTransaction(transaction_id=tx, id_tag_info={"status": status})
-        evse = self.csms._evse(self.id, connector_id)
+        evse = self.csms.evse_for(self.id, connector_id)
         await self.csms.begin_session(evse, str(tx), id_tag, _parse_time(timestamp),
                                       float(meter_start))
         return result16.StartTransaction(transaction_id=tx, id_tag_info={"status": "Accepted"})
@@ -869,7 +1013,7 @@ class ChargePoint16Handler(_CsmsSide, ChargePoint16):
     async def on_meter_values(self, connector_id: int, meter_value: list[dict[str, Any]],
                               transaction_id: int | None = None) -> result16.MeterValues:
         if connector_id > 0:
-            evse = self.csms._evse(self.id, connector_id)
+            evse = self.csms.evse_for(self.id, connector_id)
             at, energy, power, soc = read_meter_values(evse, meter_value)
             if transaction_id is not None and (evse.session is None or
                                                evse.session.transaction_id != str(transaction_id)):
@@ -913,7 +1057,7 @@ class ChargePoint201Handler(_CsmsSide, ChargePoint201):
     @on(Action201.status_notification)
     async def on_status(self, timestamp: str, connector_status: str, evse_id: int,
                         connector_id: int, **_: Any) -> result201.StatusNotification:
-        evse = self.csms._evse(self.id, evse_id)
+        evse = self.csms.evse_for(self.id, evse_id)
         if evse.status != connector_status:
             logger.info("%s is %s", evse.name, connector_status)
         evse.status = connector_status
@@ -946,7 +1090,7 @@ class ChargePoint201Handler(_CsmsSide, ChargePoint201):
             id_token_info={"status": status} if id_token else None)
         target = None
         if evse is not None:
-            target = self.csms._evse(self.id, int(evse["id"]))
+            target = self.csms.evse_for(self.id, int(evse["id"]))
         else:
             target = next((e for e in self.csms.evses_of(self.id) if e.session is not None
                            and e.session.transaction_id == tx), None)
@@ -986,7 +1130,7 @@ class ChargePoint201Handler(_CsmsSide, ChargePoint201):
     async def on_meter_values(self, evse_id: int, meter_value: list[dict[str, Any]],
                               **_: Any) -> result201.MeterValues:
         if evse_id > 0:
-            evse = self.csms._evse(self.id, evse_id)
+            evse = self.csms.evse_for(self.id, evse_id)
             at, energy, power, soc = read_meter_values(evse, meter_value)
             await self.csms.meter(evse, at, energy if evse.session else None, power, soc)
         return result201.MeterValues()
@@ -994,12 +1138,16 @@ class ChargePoint201Handler(_CsmsSide, ChargePoint201):
     @on(Action201.notify_ev_charging_needs)
     async def on_charging_needs(self, charging_needs: dict[str, Any], evse_id: int,
                                 **_: Any) -> result201.NotifyEVChargingNeeds:
-        evse = self.csms._evse(self.id, evse_id)
+        evse = self.csms.evse_for(self.id, evse_id)
         session = evse.session
         if session is None:
             logger.info("%s: EV charging needs before a transaction; ignored", evse.name)
             return result201.NotifyEVChargingNeeds(status="Rejected")
         ac = charging_needs.get("ac_charging_parameters") or {}
+        problem = needs_problem(ac)
+        if problem is not None:
+            report(evse, f"NotifyEVChargingNeeds: {problem}")
+            return result201.NotifyEVChargingNeeds(status="Rejected")
         if charging_needs.get("departure_time"):
             session.departure = _parse_time(charging_needs["departure_time"])
         if ac.get("energy_amount"):

@@ -51,6 +51,9 @@ class EvSession:
     full_since: datetime | None = None  # when it was taken as full (process clock)
     times_full: int = 0  # taken as full since it last drew: each offer again waits longer
     charging_state: str = ""  # the charger's last word: Charging, SuspendedEV, ...
+    meter_at: datetime | None = None  # when the energy register was last read (plausibly)
+    received_at: datetime | None = None  # ... and when that reading arrived (our clock)
+    meter_start_unknown: bool = False  # meterStart was implausible: the first reading rebases
 
     @property
     def energy_wh(self) -> float:
@@ -85,6 +88,10 @@ class Evse:
     phases_in_use: int | None = None  # an EV may charge on fewer phases than the EVSE has
     phase_in_use: str | None = None  # the phase a 1-phase EV charges on
     changed_at: datetime = field(default_factory=_now)
+    register_wh: float | None = None  # last plausible energy register reading (any session)
+    implausible: str | None = None  # the last implausible value the charger reported, and why
+    implausible_count: int = 0
+    implausible_logged_at: float = float("-inf")
 
     @property
     def key(self) -> tuple[str, int]:

@@ -182,6 +182,13 @@ class SessionRecords:
         )
         await self.db.commit()
 
+    async def rebase(self, session_id: int, meter_wh: float) -> None:
+        """A session that started with an implausible meterStart counts from this reading."""
+        await self.db.execute(
+            "UPDATE sessions SET meter_start_wh = ?, meter_last_wh = ?, energy_wh = 0,"
+            " cost_eur = 0 WHERE id = ?", (meter_wh, meter_wh, session_id))
+        await self.db.commit()
+
     async def set_limit(self, session_id: int, limit_a: float | None) -> None:
         await self.db.execute("UPDATE sessions SET limit_a = ? WHERE id = ?", (limit_a, session_id))
         await self.db.commit()
