@@ -281,6 +281,26 @@ def bench_replan(
     bench_command(evs=evs, replans=replans, json_out=json_out, time_limit_s=time_limit)
 
 
+@bench_app.command("faults")
+def bench_faults(
+    where: str = typer.Option("twin,demo", help="twin, demo or twin,demo"),
+    faults: str | None = typer.Option(None, help="comma list of faults (default: all): "
+                                      "rm_disconnect, meter_silent, meter_stale, "
+                                      "solver_timeout, instructions_late, instructions_refused, "
+                                      "prices_missing, cem_restart"),
+    twin_ptus: int | None = typer.Option(None, min=40, help="simulate only this many PTUs "
+                                         "of the twin's day (default: all 96)"),
+    demo_hours: float = typer.Option(10.0, min=4.5, help="simulated hours per demo run "
+                                     "(from 06:00; the fault comes at 09:00 for an hour)"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Fault campaign: each fault against a run without it, on the twin and the demo site."""
+    from cem.app.bench_faults import bench_command
+
+    bench_command(where=where, faults=faults, json_out=json_out, twin_ptus=twin_ptus,
+                  demo_hours=demo_hours)
+
+
 @bench_app.command("s2")
 def bench_s2(
     rms: int = typer.Option(1000, help="number of concurrent RMs"),

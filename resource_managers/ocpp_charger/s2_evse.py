@@ -65,6 +65,8 @@ class EvseFrbcControl(FRBCControlType):
     async def handle_instruction(self, connection: S2AsyncConnection,
                                  msg: S2ConnectionEventsAndMessages,
                                  send_okay: SendOkayRunAsync) -> None:
+        if self.resource.answer_delay_s > 0:  # fault injection (`cem bench faults`)
+            await asyncio.sleep(self.resource.answer_delay_s)
         if send_okay is not None:  # s2-python always gives one to a handler
             await send_okay()
         if isinstance(msg, FRBCInstruction):
@@ -102,6 +104,7 @@ class EvseResource:
         self._pending: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.instructions_done: list[tuple[str, InstructionStatus]] = []
+        self.answer_delay_s = 0.0  # fault injection: answer the CEM's instructions this late
 
     # --- state -----------------------------------------------------------------------------
 
