@@ -23,7 +23,7 @@ def test_a_solver_that_times_out_leaves_the_twin_on_safe_plans_within_its_limits
 
 @pytest.mark.slow
 def test_a_cem_restarted_mid_ptu_gets_every_rm_back_on_the_demo_site() -> None:
-    base, restart = run_demo_campaign(["cem_restart"], hours=4.5)
+    base, restart = run_demo_campaign(["cem_restart"], hours=4.5, repeat_baseline=False)
     assert base.plans > 0 and base.back_to_normal_min is None
     assert restart.fault == "cem_restart" and not restart.notes
     # the RMs come back to the new CEM by themselves and it plans them all, with prices
