@@ -11,10 +11,11 @@ baseline, measured in the same campaign), and is measured where it counts, never
   own run-to-run spread (EVs that find every EVSE busy drive on, and which do depends on
   timing), of the order of the faults' effect; the twin varies only with the solver's time
   limit (a kWh or two of 500);
-- **back to a normal plan**: from the end of the fault (its moment, for a restart) to the first
-  plan that is optimised (not the rule-based safe plan), covers every RM the site has and has
-  the day-ahead prices (minutes of the site's clock; the twin replans at PTU starts, so 15-minute
-  steps there). None: not within the run.
+- **back to a normal plan**: from the end of the fault to the first plan that is optimised (not
+  the rule-based safe plan), covers every RM the site has and has the day-ahead prices (minutes
+  of the site's clock; the twin replans at PTU starts, so 15-minute steps there). Faults of a
+  moment on the demo (the S2 sessions dropped, the CEM restarted: the RMs come back by
+  themselves) count from that moment. None: not within the run.
 
 The faults (`FAULTS`): RMs that disconnect and come back, a grid meter that goes silent or
 stale, a solver that times out, instructions acknowledged late or refused, prices missing, the
@@ -426,7 +427,7 @@ class DemoFaults:
     def __init__(self, fault: str | None, start: datetime, end: datetime) -> None:
         self.fault = fault
         self.start = start
-        self.end = end if fault != "cem_restart" else start
+        self.end = start if fault in INSTANT_DEMO_FAULTS else end
         self.marks: list[PlanMark] = []
         self.state = "before"
         self.began_at: datetime | None = None
@@ -543,11 +544,19 @@ class DemoFaults:
         port = old.server.port
         factory = old._controller_factory
         await old.stop("fault campaign: CEM restarted")
+        # a replan the old CEM finished while it stopped is no plan of the restarted one
+        assert self.began_at is not None
+        self.marks[:] = [m for m in self.marks if m.at < self.began_at]
         demo.site.server.port = port  # the RMs come back to the address they know
         service = CemService(demo.site, controller_factory=factory)
         await service.start()
         demo.service = service
         self._watch(demo)
+
+
+INSTANT_DEMO_FAULTS = ("rm_disconnect", "cem_restart")
+"""Faults that happen at one moment on the demo (the RMs come back by themselves): their
+recovery is measured from that moment."""
 
 
 def _meter(demo: Any) -> Any:
@@ -576,7 +585,7 @@ async def _demo_once(fault: str | None, site: Any, settings: Any, fault_at_h: fl
         plans=len(faults.marks), notes=faults.notes,
         wall_s=round(time.perf_counter() - began, 1))
     if fault is not None:
-        after = faults.ended_at if faults.fault != "cem_restart" else faults.began_at
+        after = faults.began_at if fault in INSTANT_DEMO_FAULTS else faults.ended_at
         if after is not None:
             result.back_to_normal_min = recovery_minutes(faults.marks, after,
                                                          faults.expected_rms)
