@@ -43,6 +43,7 @@ LAN = s2c.EndpointDescription(name="Acme RM", deployment="LAN")
 def site(tmp_path: Path, **s2connect: Any) -> SiteConfig:
     return SiteConfig.model_validate({
         "server": {"port": 0}, "store": {"path": str(tmp_path / "cem.db")},
+        "http": {"port": 0},
         "s2connect": {"enabled": True, "port": 0, "websocket_port": 0, **s2connect}})
 
 
