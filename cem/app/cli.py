@@ -182,7 +182,7 @@ def init(
         fail(f"cannot write {folder}: {exc.strerror or exc}")
     Console().print(f"wrote {written}: set [grid] (fuse, GTV) to your connection, then "
                     f"`cem config check {written}` and `cem run --config {written}`",
-                    highlight=False, soft_wrap=True)
+                    markup=False, highlight=False, soft_wrap=True)
 
 
 @congestion_app.command("add")

@@ -236,6 +236,7 @@ class Supervisor:
         self._up_since: dict[str, float] = {}
         self._unhealthy_since: dict[str, float] = {}
         self._dirty = asyncio.Event()
+        self._stopping = False
 
     # --- start and stop ---------------------------------------------------------------------
 
@@ -277,6 +278,7 @@ class Supervisor:
 
     async def stop(self) -> None:
         """Stop watching, then stop the parts in reverse order."""
+        self._stopping = True
         tasks = [*self._watchers, *([self._health_task] if self._health_task else [])]
         for task in tasks:
             task.cancel()
@@ -377,6 +379,15 @@ class Supervisor:
                 health = part.health()
             except Exception as exc:  # a part's report must not stop the supervisor
                 health = Health(False, f"cannot tell: {exc!r}")
+            up = self._up_since.get(part.name)
+            if state.failures_in_row and up is not None:
+                if now - up >= self.stable_s:
+                    state.failures_in_row = 0  # it runs well again
+                elif state.failures_in_row >= self.failing_after:
+                    self._set(part, "failing", f"up again, but it failed "
+                              f"{state.failures_in_row} times in a row (last: "
+                              f"{state.last_error}); {health.detail}")
+                    continue
             if health.ok:
                 if part.name in self._unhealthy_since:
                     logger.info("part %s is healthy again: %s", part.name, health.detail,
@@ -384,7 +395,6 @@ class Supervisor:
                 self._unhealthy_since.pop(part.name, None)
                 self._set(part, "running", health.detail)
                 continue
-            up = self._up_since.get(part.name)
             if up is not None and now - up < self.start_grace_s and \
                     part.name not in self._unhealthy_since:
                 self._set(part, "starting", health.detail)
@@ -402,11 +412,13 @@ class Supervisor:
                 self._set(part, "degraded", health.detail)
 
     async def _health_loop(self) -> None:
-        while True:
+        # the flag, not only the cancellation: Python 3.11's wait_for can swallow a cancel
+        while not self._stopping:
             self.refresh_health()
-            if self._dirty.is_set() and self.book is not None:
+            if self._dirty.is_set():
                 self._dirty.clear()
-                await self.book.write(list(self.states.values()))
+                if self.book is not None:
+                    await self.book.write(list(self.states.values()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), self.health_every_s)
 
