@@ -65,8 +65,8 @@ class CemService:
         self._controller_factory = controller_factory
         self.supervised = supervised
         self.controller: Controller | None = None
-        self.store = None  # type: ignore[assignment]  # set in start(): cem.store.Store
-        self.server = None  # type: ignore[assignment]  # set in start(): cem.s2.server.S2Server
+        self.store: Any = None  # set in start(): cem.store.Store
+        self.server: Any = None  # set in start(): cem.s2.server.S2Server
         self.s2connect: Any = None  # cem.app.s2connect_api.S2ConnectEdge when enabled
         self.signals: list[Any] = []  # grid-signal sources (cem.signals), built in start()
         self.web: Any = None  # the dashboard / API / metrics (cem.app.web), when [http] enabled
@@ -226,9 +226,10 @@ class CemService:
 
     async def wait_failed(self) -> None:
         """Return (or raise its error) when the control loop ended without being stopped."""
-        task = getattr(self.controller, "task", None)
+        task: asyncio.Task[None] | None = getattr(self.controller, "task", None)
         if task is None:
             await asyncio.Event().wait()
+            return
         await asyncio.shield(task)
         if self._started:
             raise RuntimeError("the control loop ended")

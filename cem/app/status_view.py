@@ -60,7 +60,8 @@ def _cem_process(db: sqlite3.Connection) -> tuple[int, str, float, float, float 
                          "FROM cem_process WHERE id = 1").fetchone()
     except sqlite3.OperationalError:  # a store from before the table existed
         return None
-    return tuple(row) if row else None  # type: ignore[return-value]
+    return (int(row[0]), str(row[1]), float(row[2]), float(row[3]),
+            None if row[4] is None else float(row[4])) if row else None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -138,7 +139,8 @@ def gather(db_path: Path) -> dict[str, Any]:
     out["parts"] = [{"name": p["name"], "kind": p["kind"],
                      "state": p["state"] if running else f"{p['state']} (last known)",
                      "detail": p["detail"] or "", "restarts": p["restarts"],
-                     "since": _iso(p["since"]), "last_error": p["last_error"]} for p in parts]
+                     "since": _iso(float(str(p["since"]))), "last_error": p["last_error"]}
+                    for p in parts]
     connected_shown = running
     out["rms"] = [{"resource_id": rm_id, "name": name, "control_type": control_type,
                    "connected": bool(connected) and connected_shown,
