@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any, TextIO
 
 FORMATS = ("text", "json")
+HANDLER_NAME = "cem-logs"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 #: libraries whose per-connection or per-frame lines would drown ours
 NOISY = ("websockets", "cem.s2.websockets", "s2python", "aiosqlite", "ocpp", "pymodbus",
@@ -64,9 +65,11 @@ def configure(level: str = "INFO", fmt: str = "text", *, stream: TextIO | None =
         raise ValueError(f"unknown log format {fmt!r}: use {' or '.join(FORMATS)}")
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.set_name(HANDLER_NAME)
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if old.get_name() == HANDLER_NAME:  # ours from before; others (a test's) stay
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric)
     for name in quiet:

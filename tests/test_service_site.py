@@ -291,13 +291,18 @@ def _recoveries(log: Path) -> int:
 
 
 async def _start_cem(site: Path, log: Path, port: int) -> subprocess.Popen[bytes]:
+    """`cem run`, once it has opened its store and serves S2 (its ports are bound earlier)."""
+    def up() -> int:
+        return log.read_text().count("S2 CEM listening on") if log.exists() else 0
+
+    before = up()
     process = cem("run", "--config", str(site), "--log-format", "json", log=log)
 
     def listening() -> bool:
         with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", port)) == 0
+            return sock.connect_ex(("127.0.0.1", port)) == 0 and up() > before
 
-    await _until(listening, 60, "cem run listening for chargers")
+    await _until(listening, 90, "cem run listening for chargers")
     return process
 
 

@@ -81,22 +81,22 @@ def run_service(config: SiteFile, log_level: str = "INFO", *, log_format: str = 
                 token: str | None = None) -> int:
     """Run the site's parts until SIGINT/SIGTERM: 0 on a clean stop, 2 on an operator-fixable
     problem (printed as one line, no traceback), 1 when the core failed while running."""
-    try:
-        logs.configure(log_level, log_format)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if log_level.upper() not in logs.LEVELS or log_format not in logs.FORMATS:
+        print(f"error: --log-level {log_level!r} / --log-format {log_format!r}: use "
+              f"{', '.join(logs.LEVELS)} / {' or '.join(logs.FORMATS)}", file=sys.stderr)
         return 2
-    logging.getLogger("pymodbus").setLevel(logging.ERROR)  # the RMs log their own retries
-    limit = raise_open_file_limit()
-    if limit < 2048:
-        logger.warning("open-file limit is %d: at most about %d RMs can connect "
-                       "(raise it with ulimit -n)", limit, limit - 100)
     try:
         parts = site_parts(config, only=only, cem_url=cem_url, token=token,
                            controller_factory=default_controller_factory())
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    logs.configure(log_level, log_format)
+    logging.getLogger("pymodbus").setLevel(logging.ERROR)  # the RMs log their own retries
+    limit = raise_open_file_limit()
+    if limit < 2048:
+        logger.warning("open-file limit is %d: at most about %d RMs can connect "
+                       "(raise it with ulimit -n)", limit, limit - 100)
     core = any(part.kind == "cem" for part in parts)
     supervisor = Supervisor(parts, book=PartBook(config.store.path) if core else None)
     logger.info("cem %s: running %s", __version__, ", ".join(p.name for p in parts))
