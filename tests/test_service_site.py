@@ -48,6 +48,9 @@ def example_site(tmp_path: Path, *, modbus: bool = True) -> tuple[Path, dict[str
              "meter": free_port()}
     text = EXAMPLE.read_text().replace("port = 8765", f"port = {ports['s2']}")
     text += f"""
+[http]
+port = 0
+
 [ocpp]
 port = {ports['ocpp']}
 database = "ocpp.db"
@@ -242,6 +245,8 @@ path = "cem.db"
 [grid]
 fuse_a = 32
 import_limit_kw = 22
+[http]
+port = 0
 [planner]
 time_limit_s = 0.3
 replan_min_interval_s = 0.5

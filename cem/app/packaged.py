@@ -63,6 +63,10 @@ export_limit_kw = 17
 # feed = "energyzero"             # live Dutch day-ahead prices (no key needed)
 flat_import_eur_per_kwh = 0.25    # without prices: one flat price
 
+[http]                            # the dashboard, API and metrics (http://127.0.0.1:8080/)
+enabled = true
+port = 8080
+
 [planner]
 ptu_minutes = 15
 horizon_ptus = 96
