@@ -156,6 +156,10 @@ class CemService:
             self._unbind()
             where = f"{cfg.server.host}:{cfg.server.port}"
             raise ServiceError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+        # said as soon as it is true: RMs waiting in the bound socket's backlog come in now
+        logger.info("S2 CEM listening on %s (%s)", self.server.url,
+                    self.server.authorizer.describe)
+        logger.info("store: %s (messages kept %d days)", cfg.store.path, cfg.store.retention_days)
         if cfg.s2connect.enabled and not self.supervised:
             await self.start_s2connect()
         if not self.signals:
@@ -176,9 +180,6 @@ class CemService:
         if web_socket is not None:
             await self._start_web(web_socket)
         self._started = True
-        auth = self.server.authorizer.describe
-        logger.info("S2 CEM listening on %s (%s)", self.server.url, auth)
-        logger.info("store: %s (messages kept %d days)", cfg.store.path, cfg.store.retention_days)
 
     async def start_s2connect(self) -> None:
         """S2 Connect's HTTPS API and wss listener (cem/app/s2connect_api.py)."""
