@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck venv clean browser
+.PHONY: demo test lint typecheck venv clean browser constraints wheel
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -40,5 +40,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# the versions the suite passed with, for reproducible installs (pip install -c constraints.txt .)
+constraints: $(STAMP)
+	{ echo "# Versions the test suite passed with (Python 3.11): pip install -c constraints.txt '.[dev]'"; \
+	  echo "# Regenerate after a dependency change: make constraints"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v -e '^-e' -e '^s2-cem' -e '@ file'; } > constraints.txt
+
+# a wheel in dist/ (example sites, register maps and the demo data inside)
+wheel: $(STAMP)
+	$(BIN)/pip wheel --no-deps -w dist .
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

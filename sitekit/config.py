@@ -16,13 +16,15 @@ part's own model only declares its sections.
 
 from __future__ import annotations
 
+import difflib
 import re
 import ssl
 import tomllib
 from collections.abc import Iterable
 from datetime import time
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, get_args
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -32,9 +34,30 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors."""
+    """Base of every config section: unknown keys are errors, and so are inf and nan."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def iana_zone(value: str) -> str:
+    """`value` if it is an IANA time zone this machine knows; else ValueError with a
+    "did you mean" (a wrong zone would only fail later, when local times are shown)."""
+    try:
+        ZoneInfo(value)
+        return value
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        pass
+    close = difflib.get_close_matches(value, sorted(available_timezones()), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else "use an IANA zone like 'Europe/Amsterdam'"
+    raise ValueError(f"{value!r} is not a known time zone: {hint}")
+
+
+def divides_hour(minutes: int) -> int:
+    """PTU lengths must tile an hour (prices and settlement are per hour or quarter)."""
+    if minutes <= 0 or 60 % minutes:
+        raise ValueError(f"{minutes} does not divide 60: use 1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30 "
+                         "or 60 (15 in the Netherlands)")
+    return minutes
 
 
 def resolve(base: Path, path: Path) -> Path:
@@ -112,6 +135,8 @@ class ConfigError(Exception):
 
 HINTS = {
     "extra_forbidden": "not a known setting here: check the spelling against the README",
+    "finite_number": "write a finite number (inf and nan are not allowed)",
+    "less_than": "the value must be smaller",
     "missing": "this setting is required",
     "greater_than": "the value must be larger",
     "greater_than_equal": "the value must be at least the minimum",
@@ -150,18 +175,58 @@ def find_line(text: str, loc: tuple[int | str, ...]) -> int | None:
     return None
 
 
-def problems_of(error: ValidationError, text: str) -> list[ConfigProblem]:
-    """Every problem pydantic found, with its dotted path, its line in `text` and a hint."""
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The section model inside a field's type (`X`, `X | None`, `list[X]`), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def settings_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str] | None:
+    """The setting names a section at `loc` (a pydantic location) knows; None if unknown."""
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        current = _model_in(field.annotation)
+    return list(current.model_fields) if current is not None else None
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """"did you mean 'x'?" for the closest choice, or "" when none is close."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
+def problems_of(error: ValidationError, text: str,
+                model: type[BaseModel] | None = None) -> list[ConfigProblem]:
+    """Every problem pydantic found, with its dotted path, its line in `text` and a hint
+    (a "did you mean" for a misspelt setting or value, when one is close)."""
     problems = []
     for err in error.errors():
         loc = tuple(err["loc"])
         message = err["msg"].removeprefix("Value error, ")
+        hint = HINTS.get(err["type"], "")
         if err["type"] == "extra_forbidden":
             message = "unknown setting"
+            known = settings_at(model, loc[:-1]) if model is not None else None
+            if known:
+                guess = did_you_mean(str(loc[-1]), known)
+                hint = f"not a known setting here: {guess + ' ' if guess else ''}" \
+                    f"(known: {', '.join(known)})"
         if err["type"] == "literal_error" and "expected" in err.get("ctx", {}):
             message = f"got {err.get('input')!r}, expected {err['ctx']['expected']}"
-        problems.append(ConfigProblem(path=dotted_path(loc), message=message,
-                                      hint=HINTS.get(err["type"], ""),
+            values = re.findall(r"'([^']*)'", str(err["ctx"]["expected"]))
+            guess = did_you_mean(str(err.get("input")), values)
+            hint = f"{guess} (use one of the values listed)" if guess else hint
+        problems.append(ConfigProblem(path=dotted_path(loc), message=message, hint=hint,
                                       line=find_line(text, loc)))
     return problems
 
@@ -179,7 +244,7 @@ def validate_toml(text: str, model: type[M], file: Path = Path("<string>")) -> M
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(file, problems_of(exc, text)) from None
+        raise ConfigError(file, problems_of(exc, text, model)) from None
 
 
 def read_config_text(file: Path) -> str:
@@ -206,10 +271,11 @@ class EvDefaults(Section):
     priority, the digital twin) assumes the same.
     """
 
-    energy_kwh: float = Field(default=20.0, gt=0,
+    energy_kwh: float = Field(default=20.0, gt=0, le=500,
                               description="energy need when nothing better is known")
-    dwell_hours: float = Field(default=8.0, gt=0, description="departure = arrival + this")
+    dwell_hours: float = Field(default=8.0, gt=0, le=168,
+                               description="departure = arrival + this")
     departure: time | None = Field(default=None,
                                    description="fixed local departure time instead")
     priority: int = Field(default=1, ge=0, le=10)
-    min_current_a: float = Field(default=6.0, gt=0)
+    min_current_a: float = Field(default=6.0, gt=0, le=32)

@@ -164,7 +164,7 @@ def test_config_check_accepts_shipped_maps(tmp_path: Path) -> None:
     site = tmp_path / "site.toml"
     entries = [("battery", "battery_generic.toml"), ("heat-pump", "heat_pump_sg_ready.toml"),
                ("pv", "sunspec_pv_inverter.toml"), ("meter", "grid_meter.toml")]
-    site.write_text("".join(
+    site.write_text("[grid]\nfuse_a = 25\n\n" + "".join(  # a site file cem run can run
         f"[[modbus.devices]]\nname = '{d}'\ndevice = '{d}'\nmap = '{SPECS / m}'\n\n"
         for d, m in entries))
     result = runner.invoke(app, ["config", "check", str(site)])

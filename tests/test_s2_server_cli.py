@@ -30,7 +30,8 @@ def free_port() -> int:
 def write_site(tmp_path: Path, port: int) -> Path:
     config = tmp_path / "site.toml"
     config.write_text(f'[site]\nname = "Process test"\n[server]\nhost = "127.0.0.1"\n'
-                      f'port = {port}\n[store]\npath = "{tmp_path / "cem.db"}"\n[http]\nport = 0\n')
+                      f'port = {port}\n[store]\npath = "{tmp_path / "cem.db"}"\n[http]\nport = 0\n'
+                      '[grid]\nfuse_a = 25\nimport_limit_kw = 17\n')
     return config
 
 
@@ -100,7 +101,7 @@ async def test_cem_run_answers_an_rm_and_stops_cleanly_on_sigterm(tmp_path: Path
 
     result = CliRunner().invoke(app, ["status", "--config", str(config)],
                                 env={"COLUMNS": "160"})
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # not running: scripts and healthchecks see it
     assert "boiler" in result.output and "FRBC" in result.output
     assert "0 of 1 RM(s) connected." not in result.output  # the CEM is not running
     assert "The CEM is not running: it stopped cleanly" in result.output
@@ -141,7 +142,7 @@ async def test_cem_status_after_a_crash_does_not_claim_rms_are_connected(tmp_pat
         await process.wait()
         crashed = CliRunner().invoke(app, ["status", "--config", str(config)],
                                      env={"COLUMNS": "160"})
-        assert crashed.exit_code == 0, crashed.output
+        assert crashed.exit_code == 1, crashed.output  # not running
         assert f"The CEM is not running (process {process.pid} is gone)" in crashed.output
         boiler = next(line for line in crashed.output.splitlines() if "boiler" in line)
         assert "unknown" in boiler and "yes" not in boiler
@@ -166,7 +167,7 @@ async def test_cem_status_lists_rms_or_says_there_is_no_store(tmp_path: Path) ->
     runner = CliRunner()
     missing = runner.invoke(app, ["status", "--config", str(EXAMPLE), "--db",
                                   str(tmp_path / "none.db")])
-    assert missing.exit_code == 0
+    assert missing.exit_code == 1  # nothing runs with this store
     assert "No CEM store" in missing.output and "cem run" in missing.output
     assert not (tmp_path / "none.db").exists()
 

@@ -327,7 +327,7 @@ def test_a_busy_dashboard_port_ends_cem_run_with_a_clear_message(tmp_path: Path)
         port = busy.getsockname()[1]
         config = tmp_path / "site.toml"
         config.write_text(f'[server]\nport = 0\n[store]\npath = "{tmp_path / "cem.db"}"\n'
-                          f"[http]\nport = {port}\n")
+                          f"[http]\nport = {port}\n[grid]\nfuse_a = 25\n")
         run = subprocess.run([sys.executable, "-m", "cem.app.cli", "run", "--config",
                               str(config)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2, run.stderr

@@ -334,6 +334,7 @@ class CemProcess:
             f"reception_status_timeout_s = {reception_timeout_s}\n"
             "ping_interval_s = 60\nping_timeout_s = 60\n"
             f"[store]\npath = \"{self.db}\"\n"
+            "[grid]\nfuse_a = 25\nimport_limit_kw = 17\n"
             f"[http]\nenabled = {'true' if http else 'false'}\nport = {self.http_port}\n")
         self.process: asyncio.subprocess.Process | None = None
 

@@ -15,12 +15,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from cem.app.common import console, fail, load_config_or_exit
+from cem.app.site_file import SiteFile
 from resource_managers.modbus.config import ModbusDevice
 from sitekit.config import ConfigError
 
 app = typer.Typer(
     name="cem",
-    help="S2 Customer Energy Manager: plans a whole site and steers its devices over S2.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -49,16 +49,40 @@ DEMO_CONFIG = Path("specs/sites/demo.toml")
 # --- configuration ---------------------------------------------------------------------------
 
 
+def load_site_or_exit(file: Path, *, needs_grid: bool = True) -> SiteFile:
+    """A site file `cem run` can run (and `cem config check` passes): valid, its files there,
+    safe together, with a `[grid]` section; else every problem printed and exit 2."""
+    config = load_config_or_exit(file)
+    from cem.app.config_checks import check_site_semantics, missing_grid
+
+    problems = ([*missing_grid(config, file)] if needs_grid else []) + check_site_semantics(config)
+    if problems:
+        console.print(ConfigError(file, problems).report(), markup=False, highlight=False,
+                      soft_wrap=True)
+        raise typer.Exit(2)
+    return config
+
+
+def _version(value: bool) -> None:
+    if value:
+        from cem.app.packaged import version
+
+        Console().print(f"cem {version()}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="print the version and exit"),
+) -> None:
+    """S2 Customer Energy Manager: plans a whole site and steers its devices over S2."""
+
+
 @config_app.command("check")
 def config_check(file: Path = typer.Argument(..., help="site config TOML file")) -> None:
     """Validate a site config file and print every problem with its place and a hint."""
-    config = load_config_or_exit(file)
-    from cem.app.config_checks import check_site_semantics
-
-    problems = check_site_semantics(config)
-    if problems:
-        console.print(ConfigError(file, problems).report(), markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+    config = load_site_or_exit(file)
     out = Console()
     out.print(f"[green]ok[/] {file}: site '{config.site.name}', "
               f"fuse {config.grid.fuse_a:g} A x {config.grid.phases}, "
@@ -76,23 +100,51 @@ def config_check(file: Path = typer.Argument(..., help="site config TOML file"))
 @app.command()
 def run(
     config: Path | None = typer.Option(None, "--config", "-c",
-                                       help="site config TOML (default: built-in defaults)"),
+                                       help="site file (TOML; `cem init DIR` writes one)"),
+    only: str | None = typer.Option(None, "--only", help="run one part alone: cem, ocpp or "
+                                    "modbus (the RMs on another host than the CEM)"),
+    cem: str | None = typer.Option(None, "--cem", help="with --only ocpp|modbus: the CEM's S2 "
+                                   "URL (default: the file's [server])"),
+    token: str | None = typer.Option(None, help="with --only ocpp|modbus: bearer token for "
+                                     "the CEM"),
     host: str | None = typer.Option(None, help="override server.host"),
     port: int | None = typer.Option(None, min=0, max=65535, help="override server.port"),
     db: Path | None = typer.Option(None, help="override store.path"),
-    log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING"),
+    log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR"),
+    log_format: str = typer.Option("text", help="text, or json (one object per line)"),
 ) -> None:
-    """Run the CEM: accept S2 resource managers, plan the site, send instructions."""
-    site = load_config_or_exit(config)
+    """Run the site: the CEM, its OCPP central system and Modbus RMs, supervised.
+
+    Each part is restarted with back-off when it fails; Ctrl-C / SIGTERM stop cleanly."""
+    if config is None:
+        fail("cem run needs a site file: --config FILE",
+             "`cem init DIR` writes a starter site file to edit (the grid connection above all)")
+    if only is not None and only not in ("cem", "ocpp", "modbus"):
+        fail(f"--only {only!r}: use cem, ocpp or modbus")
+    site = load_site_or_exit(config, needs_grid=only in (None, "cem"))
     if host is not None:
         site.server.host = host
     if port is not None:
         site.server.port = port
     if db is not None:
         site.store.path = db
-    from cem.app.service import run_service
+    if host is not None or port is not None:
+        _check_again(config, site)
+    from cem.app.run import run_service
 
-    sys.exit(run_service(site, log_level=log_level))
+    sys.exit(run_service(site, log_level=log_level, log_format=log_format, only=only,
+                         cem_url=cem, token=token))
+
+
+def _check_again(file: Path, site: SiteFile) -> None:
+    """After --host / --port: the same checks again (e.g. no tokens on a public address)."""
+    from cem.app.config_checks import check_site_semantics
+
+    problems = check_site_semantics(site)
+    if problems:
+        console.print(ConfigError(file, problems).report() + "\n  (with the --host / --port "
+                      "given)", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -100,12 +152,37 @@ def status(
     config: Path | None = typer.Option(None, "--config", "-c",
                                        help="site config TOML (default: built-in defaults)"),
     db: Path | None = typer.Option(None, help="override store.path"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object: running, why, "
+                                  "parts, rms, signals"),
 ) -> None:
-    """Show the resource managers the CEM knows: connected, control type, last message."""
-    site = load_config_or_exit(config)
-    from cem.app.status_view import print_status
+    """Whether the CEM runs, how its parts are doing, the RMs it knows.
 
-    print_status(db or site.store.path)
+    Exit code 0: running and healthy; 1: not running (down or stale); 3: a part is failing."""
+    site = load_config_or_exit(config)
+    from cem.app.status_view import print_status, status_json
+
+    path = db or site.store.path
+    code = status_json(path) if json_out else print_status(path)
+    raise typer.Exit(code)
+
+
+@app.command()
+def init(
+    folder: Path = typer.Argument(..., help="folder for the new site file (created)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing site.toml"),
+) -> None:
+    """Write a starter site file (DIR/site.toml) that `cem run --config DIR/site.toml` runs."""
+    from cem.app.packaged import write_starter
+
+    try:
+        written = write_starter(folder, force=force)
+    except FileExistsError as exc:
+        fail(f"{exc} exists already", "edit it, or pass --force to overwrite it")
+    except OSError as exc:
+        fail(f"cannot write {folder}: {exc.strerror or exc}")
+    Console().print(f"wrote {written}: set [grid] (fuse, GTV) to your connection, then "
+                    f"`cem config check {written}` and `cem run --config {written}`",
+                    markup=False, highlight=False, soft_wrap=True)
 
 
 @congestion_app.command("add")

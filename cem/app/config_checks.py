@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 from cem.app.site_file import SiteFile
 from sitekit.config import ConfigProblem
+
+
+def missing_grid(config: SiteFile, file: Path) -> list[ConfigProblem]:
+    """`cem run` plans against the grid connection: a file without `[grid]` would silently run
+    on the defaults (25 A, 17 kW), which are no one's connection."""
+    if "grid" in config.model_fields_set:
+        return []
+    return [ConfigProblem(
+        path="grid", message="missing: the grid connection is not set",
+        hint="add a [grid] section with fuse_a, phases, voltage_v, import_limit_kw and "
+             f"export_limit_kw for this site (see `cem init` or the README) to {file.name}")]
 
 
 def check_site_semantics(config: SiteFile) -> list[ConfigProblem]:

@@ -579,15 +579,29 @@ def plot_report(demo: DemoSite, folder: Path) -> list[Path]:
     return out
 
 
+def packaged_demo() -> Path:
+    """The demo site file that ships with the package (or beside it, in a checkout)."""
+    from cem.app.packaged import specs_folder
+
+    try:
+        return specs_folder() / "sites" / "demo.toml"
+    except FileNotFoundError:
+        return SOURCE_DEMO
+
+
 def demo_command(*, config: Path, duration: float | None, speed: float | None,
                  report: Path) -> None:
     """`cem demo`: run the simulated site, show it live, then the summary and the report."""
     from rich.console import Console
 
 
-    if not config.exists() and config == Path("specs/sites/demo.toml") and SOURCE_DEMO.exists():
-        config = SOURCE_DEMO  # run from another folder: the demo site of this source tree
+    if not config.exists() and config == Path("specs/sites/demo.toml"):
+        config = packaged_demo()  # run from another folder: the demo site that ships
     site = load_config_or_exit(config)
+    if site.prices.source is None:  # the bundled prices of the demo's day (cem/data)
+        from cem.data import PRICES_2019_10, bundled
+
+        site.prices.csv = bundled(PRICES_2019_10)
     try:
         settings = settings_for(site, duration=duration, speed=speed, report=report)
         _prepare_report(report)

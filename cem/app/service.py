@@ -1,18 +1,22 @@
-"""`cem run`: the CEM as a long-running service (store + S2 server + control loop).
+"""`cem run`: the CEM as a long-running service, and the whole site as supervised parts.
 
-`CemService` owns the pieces and their order: open the store, start the S2 server, start the
-controller; stop in reverse (controller, then the server closes every session with code 1001
-"CEM shutting down", then the store flushes and closes). `run_service` wraps it for the CLI:
-plain log lines, SIGINT/SIGTERM handled, exit code 0 on a clean stop, 2 with a one-line
-message (no traceback) for problems an operator can fix (address in use, unreadable TLS files,
-a store written by a newer CEM).
+`CemService` is the CEM core: it owns the store, the S2 server and the control loop and their
+order. `bind()` takes the store's lock (`sitekit.lock`: a second CEM on the same store stops
+here and changes nothing) and the S2 port, before anything is opened or recovered; `start()`
+opens (and recovers) the store, serves S2 on the bound socket and starts the controller; `stop()`
+goes in reverse (controller, then the server closes every session with code 1001 "CEM shutting
+down", then the store flushes and closes, then the lock is released).
+
+`cem run` runs it as the critical part of the whole site (`cem.app.run`).
 
 The control loop (`cem.control`) plugs in with one call: pass a factory to `CemService(...,
 controller_factory=...)` (`cem run` passes `cem.control.mpc.site_controller_for`) or call
 `service.attach_controller(controller)` before `start()`.
 A controller is any object with `async start()` and `async stop()`; it gets the session
 registry (`service.server`: sessions(), send_instruction(), subscribe()), the store and the
-grid-signal sources the config asks for (`service.signals`, from `cem.signals`).
+grid-signal sources the config asks for (`service.signals`, from `cem.signals`). Under the
+supervisor (`supervised=True`) the sources and S2 Connect are parts of their own, so the
+controller does not run the sources itself and the service does not start S2 Connect.
 """
 
 from __future__ import annotations
@@ -23,13 +27,15 @@ import errno
 import gc
 import logging
 import resource
-import signal
+import socket
 import ssl
-import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from cem.site.config import SiteConfig
+from sitekit.lock import InstanceLock, LockHeld
+from sitekit.net import bind_tcp
 
 logger = logging.getLogger("cem")
 
@@ -53,20 +59,79 @@ class CemService:
     """Store + S2 server (+ controller), started and stopped in the right order."""
 
     def __init__(self, config: SiteConfig, *,
-                 controller_factory: ControllerFactory | None = None) -> None:
+                 controller_factory: ControllerFactory | None = None,
+                 supervised: bool = False) -> None:
         self.config = config
         self._controller_factory = controller_factory
+        self.supervised = supervised
         self.controller: Controller | None = None
-        self.store = None  # type: ignore[assignment]  # set in start(): cem.store.Store
-        self.server = None  # type: ignore[assignment]  # set in start(): cem.s2.server.S2Server
+        self.store: Any = None  # set in start(): cem.store.Store
+        self.server: Any = None  # set in start(): cem.s2.server.S2Server
         self.s2connect: Any = None  # cem.app.s2connect_api.S2ConnectEdge when enabled
         self.signals: list[Any] = []  # grid-signal sources (cem.signals), built in start()
         self.web: Any = None  # the dashboard / API / metrics (cem.app.web), when [http] enabled
+        self.lock: InstanceLock | None = None
+        self._socket: socket.socket | None = None
+        self._web_socket: Any = None
         self._started = False
 
     def attach_controller(self, controller: Controller) -> None:
         """Plug in the control loop (before start()); it is started after the server."""
         self.controller = controller
+
+    async def bind(self) -> None:
+        """Take the store's lock, check the TLS files and bind the S2 port; nothing is opened
+        or written yet. Raises ServiceError (then nothing is held)."""
+        cfg = self.config
+        if self.lock is None and str(cfg.store.path) != ":memory:":
+            lock = InstanceLock(Path(cfg.store.path), command="cem run")
+            try:
+                lock.acquire()
+            except LockHeld as exc:
+                raise ServiceError(str(exc)) from exc
+            except OSError as exc:
+                raise ServiceError(f"cannot lock the store {cfg.store.path}: "
+                                   f"{exc.strerror or exc}") from exc
+            self.lock = lock
+        try:
+            cfg.server.tls_context()
+        except (ssl.SSLError, OSError) as exc:
+            self._unbind()
+            raise ServiceError(
+                f"cannot use the TLS certificate {cfg.server.tls_cert} with key "
+                f"{cfg.server.tls_key}: {exc} (both must be PEM files, the key matching the "
+                "certificate)",
+            ) from exc
+        if cfg.http.enabled and self._web_socket is None:  # a busy port changes nothing
+            from cem.app.web.server import WebServerError, bind_socket
+
+            try:
+                self._web_socket = bind_socket(cfg.http.host, cfg.http.port)
+            except WebServerError as exc:
+                self._unbind()
+                raise ServiceError(str(exc)) from exc
+        if self._socket is None:
+            try:
+                self._socket = bind_tcp(cfg.server.host, cfg.server.port)
+            except OSError as exc:
+                self._unbind()
+                where = f"{cfg.server.host}:{cfg.server.port}"
+                if exc.errno == errno.EADDRINUSE:
+                    raise ServiceError(
+                        f"cannot listen on {where}: the address is already in use (another "
+                        "CEM running?); stop it or choose another port with --port") from exc
+                raise ServiceError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+
+    def _unbind(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        if self._web_socket is not None:
+            self._web_socket.close()
+            self._web_socket = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     async def start(self) -> None:
         """Open the store, listen for RMs, start the controller. Raises ServiceError."""
@@ -74,60 +139,49 @@ class CemService:
         from cem.store import Store
 
         cfg = self.config
-        try:
-            cfg.server.tls_context()
-        except (ssl.SSLError, OSError) as exc:
-            raise ServiceError(
-                f"cannot use the TLS certificate {cfg.server.tls_cert} with key "
-                f"{cfg.server.tls_key}: {exc} (both must be PEM files, the key matching the "
-                "certificate)",
-            ) from exc
-        web_socket = None  # (on a failed start below it is closed with this frame)
-        if cfg.http.enabled:  # bound first: a busy port changes nothing, and the imports are done
-            from cem.app.web.server import WebServerError, bind_socket
-
-            try:
-                web_socket = bind_socket(cfg.http.host, cfg.http.port)
-            except WebServerError as exc:
-                raise ServiceError(str(exc)) from exc
+        await self.bind()
         try:
             self.store = await Store.open(cfg.store.path, retention_days=cfg.store.retention_days,
                                           for_cem=True)
         except Exception as exc:
+            self._unbind()
             raise ServiceError(f"cannot open the store {cfg.store.path}: {exc}") from exc
         plain_closed = cfg.s2connect.enabled and not cfg.s2connect.plain_mode
         self.server = S2Server(cfg, self.store, authorizer=_plain_closed() if plain_closed else None)
+        sock, self._socket = self._socket, None
         try:
-            await self.server.start()
+            await self.server.start(sock=sock)
         except OSError as exc:
             await self.store.close()
+            self._unbind()
             where = f"{cfg.server.host}:{cfg.server.port}"
-            if exc.errno == errno.EADDRINUSE:
-                raise ServiceError(
-                    f"cannot listen on {where}: the address is already in use (another CEM "
-                    "running?); stop it or choose another port with --port") from exc
             raise ServiceError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
-        if cfg.s2connect.enabled:
-            await self._start_s2connect()
+        # said as soon as it is true: RMs waiting in the bound socket's backlog come in now
+        logger.info("S2 CEM listening on %s (%s)", self.server.url,
+                    self.server.authorizer.describe)
+        logger.info("store: %s (messages kept %d days)", cfg.store.path, cfg.store.retention_days)
+        if cfg.s2connect.enabled and not self.supervised:
+            await self.start_s2connect()
         if not self.signals:
             try:
                 self.signals = self.signal_sources()
             except Exception as exc:
                 await self.server.stop("CEM could not start")
                 await self.store.close()
+                self._unbind()
                 raise ServiceError(f"cannot set up the grid signals: {exc}") from exc
         if self.controller is None and self._controller_factory is not None:
             self.controller = self._controller_factory(self)
         if self.controller is not None:
+            if self.supervised and hasattr(self.controller, "run_sources"):
+                self.controller.run_sources = False  # the supervisor runs them as parts
             await self.controller.start()
+        web_socket, self._web_socket = self._web_socket, None
         if web_socket is not None:
             await self._start_web(web_socket)
         self._started = True
-        auth = self.server.authorizer.describe
-        logger.info("S2 CEM listening on %s (%s)", self.server.url, auth)
-        logger.info("store: %s (messages kept %d days)", cfg.store.path, cfg.store.retention_days)
 
-    async def _start_s2connect(self) -> None:
+    async def start_s2connect(self) -> None:
         """S2 Connect's HTTPS API and wss listener (cem/app/s2connect_api.py)."""
         from cem.app.s2connect_api import start_s2connect
 
@@ -135,17 +189,14 @@ class CemService:
         try:
             self.s2connect = await start_s2connect(self.config, self.store, self.server)
         except Exception as exc:
-            await self.server.stop()
-            await self.store.close()
+            if not self.supervised:
+                await self.server.stop()
+                await self.store.close()
+                self._unbind()
             if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
                 raise ServiceError(f"cannot listen for S2 Connect on {s2c.host}:{s2c.port} or "
                                    f"{s2c.websocket_port}: the address is already in use") from exc
             raise ServiceError(f"cannot start S2 Connect: {exc}") from exc
-    def signal_sources(self) -> list[Any]:
-        """The grid-signal sources the config asks for (prices, congestion windows)."""
-        from cem.signals import configured_sources
-
-        return list(configured_sources(self.config, self.store))
 
     async def _start_web(self, sock: Any) -> None:
         from cem.app.web.server import WebServer, WebServerError
@@ -160,17 +211,36 @@ class CemService:
         logger.info("dashboard and API on %s (API described at %sdocs)", self.web.url,
                     self.web.url)
 
-    async def stop(self, reason: str = "CEM shutting down") -> None:
-        """Stop the controller, close every session with `reason`, flush and close the store."""
-        if self.web is not None:
-            await self.web.stop()
-            self.web = None
+    async def stop_s2connect(self) -> None:
         if self.s2connect is not None:
             try:
                 await self.s2connect.stop()
             except Exception:
                 logger.exception("S2 Connect did not stop cleanly")
             self.s2connect = None
+
+    def signal_sources(self) -> list[Any]:
+        """The grid-signal sources the config asks for (prices, congestion windows)."""
+        from cem.signals import configured_sources
+
+        return list(configured_sources(self.config, self.store))
+
+    async def wait_failed(self) -> None:
+        """Return (or raise its error) when the control loop ended without being stopped."""
+        task: asyncio.Task[None] | None = getattr(self.controller, "task", None)
+        if task is None:
+            await asyncio.Event().wait()
+            return
+        await asyncio.shield(task)
+        if self._started:
+            raise RuntimeError("the control loop ended")
+
+    async def stop(self, reason: str = "CEM shutting down") -> None:
+        """Stop the controller, close every session with `reason`, flush and close the store."""
+        if self.web is not None:
+            await self.web.stop()
+            self.web = None
+        await self.stop_s2connect()
         if self.controller is not None:
             try:
                 await self.controller.stop()
@@ -184,6 +254,7 @@ class CemService:
         if self.store is not None:
             await self.store.close()
             logger.info("store flushed and closed")
+        self._unbind()
         self._started = False
 
 
@@ -191,49 +262,6 @@ def _plain_closed() -> Any:
     from cem.s2connect.service import PlainModeClosed
 
     return PlainModeClosed()
-
-
-def _configure_logging(log_level: str) -> None:
-    level = getattr(logging, log_level.upper(), None)
-    if not isinstance(level, int):
-        raise ServiceError(f"unknown log level {log_level!r}: use DEBUG, INFO or WARNING")
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S")
-    logging.getLogger().setLevel(level)
-    # the libraries' own per-connection lines would drown ours
-    for noisy in ("websockets", "cem.s2.websockets", "s2python", "aiosqlite"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-
-
-async def serve_until_signal(service: CemService) -> None:
-    """Run until SIGINT or SIGTERM, then stop the service cleanly."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    received: list[str] = []
-
-    def on_signal(name: str) -> None:
-        if received:
-            logger.warning("second %s: stopping harder", name)
-        received.append(name)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, on_signal, sig.name)
-    await service.start()
-    tenure = asyncio.create_task(tenure_long_lived(stop), name="cem-gc-tenure")
-    try:
-        await stop.wait()
-        logger.info("%s received: shutting down", received[0] if received else "stop")
-    finally:
-        tenure.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await tenure
-        await service.stop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.remove_signal_handler(sig)
 
 
 def raise_open_file_limit(wanted: int = 65536) -> int:
@@ -246,27 +274,7 @@ def raise_open_file_limit(wanted: int = 65536) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def run_service(config: SiteConfig, log_level: str = "INFO") -> int:
-    """Run the CEM until SIGINT/SIGTERM; 0 on a clean stop, 2 on an operator-fixable problem."""
-    try:
-        _configure_logging(log_level)
-        limit = raise_open_file_limit()
-        if limit < 2048:
-            logger.warning("open-file limit is %d: at most about %d RMs can connect "
-                           "(raise it with ulimit -n)", limit, limit - 100)
-        service = CemService(config, controller_factory=_default_controller_factory())
-        _tune_garbage_collector()
-        asyncio.run(serve_until_signal(service))
-    except ServiceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 0
-    logger.info("S2 CEM stopped")
-    return 0
-
-
-def _tune_garbage_collector() -> None:
+def tune_garbage_collector() -> None:
     """Fewer, cheaper garbage collections for a process that keeps 1000 RM sessions.
 
     The CEM makes almost no cyclic garbage, so collections only cost time: with Python's
@@ -304,7 +312,7 @@ async def tenure_long_lived(stop: asyncio.Event, every_s: float = 5.0,
         gc.freeze()
 
 
-def _default_controller_factory() -> ControllerFactory | None:
+def default_controller_factory() -> ControllerFactory | None:
     """The control loop (`cem.control.mpc.site_controller_for`), if it can be imported."""
     try:
         from cem.control.mpc import site_controller_for

@@ -119,6 +119,7 @@ class SiteController:
         self.store = store
         # grid signals: sources run beside the loop (`run`); a driver may also `publish` itself
         self.signals = list(signals)
+        self.run_sources = True  # False: someone else runs them (`cem run`'s supervisor)
         self.board = SignalBoard(config, [s.name for s in self.signals])
         self.signal_wait_s = signal_wait_s  # at start, how long the first plan waits for them
         self._signals_heard = asyncio.Event()
@@ -156,6 +157,11 @@ class SiteController:
         self._task = asyncio.get_running_loop().create_task(self.run(self._stop_event),
                                                             name="cem-control")
 
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The running loop's task (started by `start`), e.g. for a supervisor to watch."""
+        return self._task
+
     async def stop(self) -> None:
         if self._stop_event is not None:
             self._stop_event.set()
@@ -172,7 +178,7 @@ class SiteController:
         queue = self.registry.subscribe()
         self.request_replan("the CEM started")
         tasks = [asyncio.create_task(self._run_source(s), name=f"cem-signal-{s.name}")
-                 for s in self.signals]
+                 for s in self.signals if self.run_sources]
         await self._first_signals()
         tasks += [asyncio.create_task(self._events(queue), name="cem-control-events"),
                   asyncio.create_task(self._replans(stop), name="cem-control-replans")]

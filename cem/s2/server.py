@@ -40,6 +40,7 @@ import functools
 import hmac
 import itertools
 import logging
+import socket
 import ssl
 import time
 import uuid
@@ -243,12 +244,13 @@ class S2Server:
     def _ssl_context(self) -> ssl.SSLContext | None:
         return self.server_config.tls_context()
 
-    async def start(self) -> None:
-        """Bind and listen (raises OSError when the address is taken)."""
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Bind and listen (raises OSError when the address is taken); with `sock`, serve that
+        socket, bound and listening already (`cem run` binds before it opens the store)."""
         cfg = self.server_config
         if self.store is not None:
             self._owners.update(await self.store.rm_owners())
-        self._server = await self._serve(cfg.host, cfg.port, self._ssl_context(), None)
+        self._server = await self._serve(cfg.host, cfg.port, self._ssl_context(), None, sock)
         self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="s2-timers")
 
     async def listen(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None,
@@ -260,12 +262,14 @@ class S2Server:
         return int(next(iter(server.sockets)).getsockname()[1])
 
     async def _serve(self, host: str, port: int, ssl_context: ssl.SSLContext | None,
-                     authorizer: RmAuthorizer | None) -> Server:
+                     authorizer: RmAuthorizer | None,
+                     sock: socket.socket | None = None) -> Server:
         cfg = self.server_config
         return await serve(
             self._handle_connection,
-            host,
-            port,
+            None if sock is not None else host,
+            None if sock is not None else port,
+            sock=sock,
             ssl=ssl_context,
             process_request=functools.partial(self._process_request, authorizer=authorizer),
             ping_interval=cfg.ping_interval_s,

@@ -26,7 +26,9 @@ from sitekit.config import (
     Section,
     TlsFiles,
     config_folder,
+    divides_hour,
     dotted_path,
+    iana_zone,
     missing_files,
     read_config_text,
     resolve,
@@ -49,6 +51,11 @@ class SiteInfo(Section):
     name: str = "My site"
     timezone: str = Field("Europe/Amsterdam", description="IANA zone for display and tariffs")
 
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        return iana_zone(value)
+
 
 class RmToken(Section):
     name: str = Field(..., description="who holds this token (shown in logs)")
@@ -59,10 +66,10 @@ class ServerConfig(TlsFiles):
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=0, le=65535)
     tokens: list[RmToken] = Field(default_factory=list)
-    ping_interval_s: float = Field(20.0, gt=0)
-    ping_timeout_s: float = Field(20.0, gt=0)
-    reception_status_timeout_s: float = Field(10.0, gt=0)
-    max_message_bytes: int = Field(1_048_576, ge=1024)
+    ping_interval_s: float = Field(20.0, gt=0, le=3600)
+    ping_timeout_s: float = Field(20.0, gt=0, le=3600)
+    reception_status_timeout_s: float = Field(10.0, gt=0, le=600)
+    max_message_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
     max_connections: int = Field(5000, ge=1, description="open S2 connections at most; more "
                                  "are refused (HTTP 503)")
     max_failed_auth_per_minute: int = Field(20, ge=1, description="failed authentications "
@@ -86,13 +93,13 @@ class S2Config(Section):
 
 class StoreConfig(Section):
     path: Path = Path("cem.db")
-    retention_days: int = Field(30, ge=1, description="message log kept this many days")
+    retention_days: int = Field(30, ge=1, le=3650, description="message log kept this many days")
 
 
 class GridConfig(Section):
-    fuse_a: float = Field(25.0, gt=0, description="main fuse per phase, A")
+    fuse_a: float = Field(25.0, ge=6, le=4000, description="main fuse per phase, A")
     phases: Literal[1, 3] = 3
-    voltage_v: float = Field(230.0, gt=0)
+    voltage_v: float = Field(230.0, ge=100, le=480, description="phase voltage, V")
     import_limit_kw: float = Field(17.0, gt=0, description="contracted capacity (GTV), kW")
     export_limit_kw: float = Field(17.0, ge=0)
     peak_price_eur_per_kw: float = Field(0.0, ge=0, description="kW-max price per month")
@@ -105,7 +112,7 @@ class EntsoeConfig(Section):
     token: str | None = Field(None, description="security token (else env ENTSOE_API_KEY)")
     bidding_zone: str = Field("10YNL----------L", description="EIC code or entsoe-py area (NL)")
     base_url: str | None = Field(None, description="API endpoint; default the public one")
-    timeout_s: float = Field(30.0, gt=0)
+    timeout_s: float = Field(30.0, gt=0, le=300)
 
 
 class EnergyZeroConfig(Section):
@@ -123,9 +130,12 @@ class PriceConfig(Section):
     fetch_after: time = Field(time(13, 0), description="local market time tomorrow's prices "
                               "are fetched from (the auction publishes around 12:45-13:00 CET)")
     market_timezone: str = "Europe/Amsterdam"
-    retry_s: float = Field(60.0, gt=0, description="first retry after a failed fetch; doubles")
-    retry_max_s: float = Field(1800.0, gt=0, description="longest wait between retries")
-    refresh_s: float = Field(21600.0, gt=0, description="re-fetch this often for corrections")
+    retry_s: float = Field(60.0, gt=0, le=86400,
+                           description="first retry after a failed fetch; doubles")
+    retry_max_s: float = Field(1800.0, gt=0, le=86400,
+                               description="longest wait between retries")
+    refresh_s: float = Field(21600.0, gt=0, le=7 * 86400,
+                             description="re-fetch this often for corrections")
     fallback: Literal["flat", "csv"] = Field(
         "flat", description="when the feed's last prices no longer cover the horizon")
     markup_eur_per_kwh: float = 0.0
@@ -134,6 +144,11 @@ class PriceConfig(Section):
     feed_in: Literal["day_ahead", "fixed", "none"] = "day_ahead"
     feed_in_eur_per_kwh: float = 0.0
     flat_import_eur_per_kwh: float = Field(0.25, description="used when no price file is given")
+
+    @field_validator("market_timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        return iana_zone(value)
 
     @model_validator(mode="after")
     def _feed(self) -> PriceConfig:
@@ -180,11 +195,12 @@ class OpenAdrConfig(Section):
     ven_name: str = Field(..., min_length=1, max_length=128, description="GAC: eMI3 party id")
     program: str = Field(..., min_length=1, description="name of the program to follow")
     targets: list[str] = Field(default_factory=list, description="the site's EAN18 codes")
-    poll_interval_s: float = Field(60.0, gt=0)
-    safe_mode_after_s: float = Field(900.0, gt=0, description="VTN unreachable this long: safe mode")
+    poll_interval_s: float = Field(60.0, gt=0, le=86400)
+    safe_mode_after_s: float = Field(900.0, gt=0, le=7 * 86400,
+                                     description="VTN unreachable this long: safe mode")
     safe_mode_import_limit_kw: float | None = Field(
         None, ge=0, description="safe mode limit when the program has no safe-mode event")
-    timeout_s: float = Field(10.0, gt=0)
+    timeout_s: float = Field(10.0, gt=0, le=300)
     ca_file: Path | None = Field(None, description="CA certificate(s) to trust for the VTN (PEM)")
 
     @model_validator(mode="after")
@@ -219,14 +235,19 @@ def is_loopback(host: str) -> bool:
 class PlannerConfig(Section):
     ptu_minutes: int = Field(15, ge=1, le=60)
     horizon_ptus: int = Field(96, ge=4, le=384)
-    time_limit_s: float = Field(1.0, gt=0)
-    replan_min_interval_s: float = Field(5.0, ge=0)
+    time_limit_s: float = Field(1.0, gt=0, le=300)
+    replan_min_interval_s: float = Field(5.0, ge=0, le=3600)
     deviation_threshold_w: int = Field(2000, ge=0)
     ev_finish_margin_minutes: int = Field(15, ge=0, le=240,
                                           description="aim to reach EV targets this early")
     limit_share: float = Field(0.98, gt=0.5, le=1,
                                description="share of fuse and import limit plans may use")
     guard_margin: float = Field(0.95, gt=0, le=1, description="guard sheds down to this share")
+
+    @field_validator("ptu_minutes")
+    @classmethod
+    def _tiles_an_hour(cls, value: int) -> int:
+        return divides_hour(value)
 
 
 class S2ConnectConfig(Section):
@@ -292,7 +313,10 @@ class SiteConfig(Section):
 
 
 def resolve_paths(config: SiteConfig, base: Path) -> SiteConfig:
-    """Relative file paths in the CEM's sections are relative to the config file's folder."""
+    """Relative file paths in the CEM's sections (the store too) are relative to the config
+    file's folder."""
+    if str(config.store.path) != ":memory:":
+        config.store.path = resolve(base, config.store.path)
     if config.prices.csv is not None:
         config.prices.csv = resolve(base, config.prices.csv)
     if config.openadr is not None and config.openadr.ca_file is not None:

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -22,6 +21,7 @@ from rich.console import Console
 
 from resource_managers.modbus.config import DEVICE_CLASSES, ModbusDevice
 from resource_managers.modbus.register_map import RegisterMap, RegisterMapError, load_register_map
+from sitekit import logs
 
 console = Console(stderr=True)
 
@@ -48,11 +48,8 @@ def _load(device: str, map_file: Path) -> RegisterMap:
 
 
 def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logs.configure(level)
     logging.getLogger("pymodbus").setLevel(logging.ERROR)
-    logging.getLogger("websockets").setLevel(logging.WARNING)
 
 
 async def _until_signal(stop: asyncio.Event) -> None:

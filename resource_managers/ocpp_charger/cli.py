@@ -22,18 +22,15 @@ from rich.table import Table
 
 from resource_managers.ocpp_charger.config import ChargePoint, OcppRmConfig
 from resource_managers.ocpp_charger.records import SessionRow, read_sessions
+from sitekit import logs
 from sitekit.config import DEFAULT_TIMEZONE
+from sitekit.lock import LockHeld
 
 console = Console(stderr=True)
 
 
 def _logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("ocpp").setLevel(logging.WARNING)  # it logs every frame at INFO
-    logging.getLogger("websockets").setLevel(logging.WARNING)
-    logging.getLogger("s2python").setLevel(logging.WARNING)
+    logs.configure(level)  # the ocpp library logs every frame at INFO: it is kept quiet
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -54,6 +51,7 @@ def run_ocpp_rm(config: OcppRmConfig, cem_url: str, port: int | None = None,
         stop = asyncio.Event()
         _stop_on_signals(stop)
         csms = OcppCentralSystem(config, cem_url, token=token, port=port)
+        csms.lock_command = "cem rm ocpp"
         try:
             config.ocpp.tls_context()
         except (ssl.SSLError, OSError) as exc:
@@ -64,6 +62,10 @@ def run_ocpp_rm(config: OcppRmConfig, cem_url: str, port: int | None = None,
             raise typer.Exit(2) from None
         try:
             await csms.start()
+        except LockHeld as exc:
+            console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False,
+                          soft_wrap=True)
+            raise typer.Exit(2) from None
         except OSError as exc:
             console.print(f"[bold red]error:[/] cannot listen on {csms.host}:{csms.requested_port}: "
                           f"{exc.strerror or exc}")

@@ -14,9 +14,17 @@ from datetime import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from sitekit.config import DEFAULT_TIMEZONE, ConfigProblem, EvDefaults, Section, TlsFiles
+from sitekit.config import (
+    DEFAULT_TIMEZONE,
+    ConfigProblem,
+    EvDefaults,
+    Section,
+    TlsFiles,
+    iana_zone,
+    resolve,
+)
 
 __all__ = ["CdrTariff", "ChargeCard", "ChargePoint", "EvDefaults", "OcppConfig", "OcppRmConfig",
            "duplicate_ids"]
@@ -30,7 +38,7 @@ class ChargeCard(Section):
     priority: int = Field(default=1, ge=0, le=10, description="higher is served first")
     energy_kwh: float | None = Field(default=None, gt=0)
     departure: time | None = None
-    max_current_a: float | None = Field(default=None, gt=0)
+    max_current_a: float | None = Field(default=None, gt=0, le=80)
     allowed: bool = True
 
 
@@ -41,7 +49,7 @@ class ChargePoint(Section):
     password: str | None = Field(default=None,
                                  description="HTTP Basic auth (OCPP security profile 1)")
     evses: int = Field(default=1, ge=1, le=8)
-    max_current_a: float = Field(default=32.0, gt=0)
+    max_current_a: float = Field(default=32.0, gt=0, le=80)
     phases: Literal[1, 3] = 3
     phase: Literal["L1", "L2", "L3"] = "L1"
     limit_unit: Literal["A", "W"] = "A"
@@ -60,16 +68,16 @@ class OcppConfig(TlsFiles):
     max_failed_auth_per_minute: int = Field(default=20, ge=1, description="wrong passwords per "
                                             "address per minute before it is refused (429)")
     unknown_cards: Literal["accept", "reject"] = "accept"
-    safe_limit_a: float = Field(default=6.0, ge=0,
+    safe_limit_a: float = Field(default=6.0, ge=0, le=80,
                                 description="TxDefaultProfile limit per charger")
-    heartbeat_interval_s: int = Field(default=300, ge=1)
+    heartbeat_interval_s: int = Field(default=300, ge=1, le=86400)
     database: Path = Path("ocpp.db")
     charge_points: list[ChargePoint] = Field(default_factory=list)
 
     def resolve_paths(self, base: Path) -> None:
-        """Make file paths relative to the config file's folder (the database is not: it
-        stays where the RM runs, as it always has)."""
+        """Make file paths (TLS files, the database) relative to the config file's folder."""
         self.resolve_tls_paths(base)
+        self.database = resolve(base, self.database)
 
     def missing_files(self) -> list[ConfigProblem]:
         """Problems with files this section points to."""
@@ -113,6 +121,11 @@ class OcppRmConfig(Section):
                                  description="the site's fuse per phase: warns when the safe "
                                              "limits add up to more")
     tariff: CdrTariff = Field(default_factory=CdrTariff)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        return iana_zone(value)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> OcppRmConfig:

@@ -27,6 +27,8 @@ import binascii
 import contextlib
 import json
 import logging
+import socket
+import ssl
 import sys
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, time, timedelta
@@ -65,12 +67,15 @@ from resource_managers.ocpp_charger.plausibility import (
 from resource_managers.ocpp_charger.records import SessionRecords
 from sitekit import clock
 from sitekit.admission import Admission
+from sitekit.lock import InstanceLock
+from sitekit.net import bind_tcp
 from sitekit.prices import CsvPriceSource, retail_import_eur_per_kwh
 
 logger = logging.getLogger("resource_managers.ocpp")
 
 SUBPROTOCOLS = ("ocpp1.6", "ocpp2.0.1")
 PLUGGED_16 = {"Preparing", "Charging", "SuspendedEV", "SuspendedEVSE", "Finishing"}
+IN_TRANSACTION_16 = {"Charging", "SuspendedEV", "SuspendedEVSE"}
 ENERGY = "Energy.Active.Import.Register"
 #: an EV taken as full is offered to the CEM again after this long, if it may only have paused
 RETRY_FULL_AFTER = timedelta(minutes=30)
@@ -170,34 +175,64 @@ class OcppCentralSystem:
             "OCPP central system", logger, max_connections=config.ocpp.max_connections,
             max_failed_auth_per_minute=config.ocpp.max_failed_auth_per_minute)
         self.s2: Any = None  # resource_managers.ocpp_charger.s2_evse.EvseResources when cem_url
+        self.lock_command = "the OCPP central system"  # who holds the database, for a 2nd one
+        self._lock: InstanceLock | None = None
+        self._socket: socket.socket | None = None
+        self._tls: ssl.SSLContext | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
     @property
     def port(self) -> int:
-        if self._server is None:
-            return self.requested_port
-        return self._server.sockets[0].getsockname()[1]
+        if self._server is not None:
+            return int(self._server.sockets[0].getsockname()[1])
+        if self._socket is not None:
+            return int(self._socket.getsockname()[1])
+        return self.requested_port
+
+    async def bind(self) -> None:
+        """Take the database's lock and bind the OCPP port; nothing is opened or written yet.
+
+        Raises `sitekit.lock.LockHeld` (another central system uses this database: it is left
+        alone), ssl.SSLError / OSError (unusable TLS files, the port is taken). Idempotent.
+        """
+        if self._lock is None:
+            self._lock = InstanceLock(self.records.path, command=self.lock_command).acquire()
+        try:
+            self._tls = self.config.ocpp.tls_context()  # security profile 2: TLS + Basic auth
+            if self._socket is None:
+                self._socket = bind_tcp(self.host, self.requested_port)
+        except OSError:  # ssl.SSLError too
+            self._unbind()
+            raise
+
+    def _unbind(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     async def start(self) -> None:
-        await self.records.open()
-        for row in await self.records.close_orphans():
-            logger.warning("session %s on %s/%s (card %s) was open when the CSMS stopped: closed "
-                           "it from its last meter value (%.2f kWh); the charger's own stop "
-                           "message will correct it", row.transaction_id, row.cp_id, row.evse_id,
-                           row.id_tag or "none", row.energy_wh / 1000)
-        async with self.records.db.execute(
-                "SELECT MAX(CAST(transaction_id AS INTEGER)) FROM sessions") as cursor:
-            highest = await cursor.fetchone()
-        self._next_tx = int(highest[0] or 0) + 1 if highest else 1
+        """Lock and bind (unless `bind()` did), recover the database, serve the chargers."""
+        await self.bind()
+        try:
+            await self.records.open()
+            await self._recover()
+        except BaseException:
+            await self.records.close()
+            self._unbind()
+            raise
         for cp in self.config.ocpp.charge_points:
             for evse_id in range(1, cp.evses + 1):
                 self._evse(cp.id, evse_id)
         self._check_safe_limit()
+        tls, sock = self._tls, self._socket
+        self._socket = None
         try:
-            tls = self.config.ocpp.tls_context()  # security profile 2: TLS + Basic auth
             self._server = await serve(
-                self._connection, self.host, self.requested_port,
+                self._connection, sock=sock,
                 subprotocols=list(SUBPROTOCOLS),  # type: ignore[arg-type]
                 select_subprotocol=self._select_subprotocol,
                 process_request=self._check_request,
@@ -205,7 +240,10 @@ class OcppCentralSystem:
                 max_size=frames.WEBSOCKET_MAX_BYTES,  # larger frames get a CALLERROR (frames)
             )
         except OSError:  # ssl.SSLError too
+            if sock is not None:
+                sock.close()
             await self.records.close()
+            self._unbind()
             raise
         self.scheme = "wss" if tls is not None else "ws"
         if self.cem_url is not None:
@@ -218,6 +256,32 @@ class OcppCentralSystem:
                     self.scheme, self.host, self.port, len(self.charge_points),
                     "accepted" if self.config.ocpp.accept_unknown_charge_points else "refused",
                     self.config.ocpp.unknown_cards + "ed")
+
+    async def _recover(self) -> None:
+        """After a crash (or a stop): close the sessions left open, each from its last meter
+        value and with a reason that says so; the charger's next message about it (meter
+        values, a StatusNotification that it still charges, a TransactionEvent, its stop)
+        resumes or corrects that same row, so a CDR is neither lost nor counted twice."""
+        for row in await self.records.close_orphans():
+            logger.warning("session %s on %s/%s (card %s) was open when the CSMS stopped: closed "
+                           "it from its last meter value (%.2f kWh); the charger's own stop "
+                           "message will correct it", row.transaction_id, row.cp_id, row.evse_id,
+                           row.id_tag or "none", row.energy_wh / 1000)
+        async with self.records.db.execute(
+                "SELECT MAX(CAST(transaction_id AS INTEGER)) FROM sessions") as cursor:
+            highest = await cursor.fetchone()
+        self._next_tx = int(highest[0] or 0) + 1 if highest else 1
+
+    async def resume_if_charging(self, evse: Evse) -> None:
+        """A charger says an EVSE is in a transaction (OCPP 1.6 Charging / Suspended*) while
+        we know none there: after our restart, resume the last session of that EVSE that was
+        closed only because of the restart (its meter values then continue on the same row)."""
+        if evse.session is not None:
+            return
+        row = await self.records.last_resumable(evse.cp_id, evse.evse_id)
+        if row is not None:
+            await self.begin_session(evse, row.transaction_id, row.id_tag, row.started_at,
+                                     row.meter_start_wh)
 
     def _check_safe_limit(self) -> None:
         """Warn when the default profiles together could exceed the fuse (CEM gone, all busy)."""
@@ -246,6 +310,7 @@ class OcppCentralSystem:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.records.close()
+        self._unbind()
         logger.info("OCPP central system stopped")
 
     def add_listener(self, listener: EvseListener) -> None:
@@ -975,6 +1040,8 @@ class ChargePoint16Handler(_CsmsSide, ChargePoint16):
             evse.status = status
             evse.plugged = status in PLUGGED_16
             evse.online = True
+            if status in IN_TRANSACTION_16:
+                await self.csms.resume_if_charging(evse)
             self.csms.charging_state(evse, status)
             self.csms._changed(evse)
         return result16.StatusNotification()

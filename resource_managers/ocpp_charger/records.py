@@ -211,6 +211,12 @@ class SessionRecords:
             (session_id,))
         await self.db.commit()
 
+    async def last_resumable(self, cp_id: str, evse_id: int) -> SessionRow | None:
+        """The newest session of an EVSE if it is open or was closed only by a restart."""
+        row = await self._one("SELECT * FROM sessions WHERE cp_id = ? AND evse_id = ? "
+                              "ORDER BY id DESC LIMIT 1", (cp_id, evse_id))
+        return row if row is not None and row.resumable else None
+
     async def close_orphans(self) -> list[SessionRow]:
         """Close sessions left open by a previous run, from their last meter value."""
         closed = []
