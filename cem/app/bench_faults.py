@@ -601,7 +601,7 @@ def run_demo_campaign(faults: list[str], *, hours: float = DEMO_HOURS,
                       repeat_baseline: bool = True) -> list[FaultResult]:
     """The baseline and every fault on the demo site (real protocols), each a fresh demo; the
     baseline once more at the end (the demo's own run-to-run spread shows in the two)."""
-    from cem.app.demo import SOURCE_DEMO, process_clock, settings_for
+    from cem.app.demo import SOURCE_DEMO, process_clock, settings_for, with_demo_prices
     from cem.app.site_file import load_site_file
 
     results = []
@@ -614,7 +614,7 @@ def run_demo_campaign(faults: list[str], *, hours: float = DEMO_HOURS,
             folder = base / f"{number:02d}-{fault or 'baseline'}"
             folder.mkdir(parents=True, exist_ok=True)
             _log_to(folder / "demo.log")
-            site = load_site_file(SOURCE_DEMO)
+            site = with_demo_prices(load_site_file(SOURCE_DEMO))
             settings = settings_for(site, duration=hours * 3600 / DEMO_SPEED, speed=DEMO_SPEED,
                                     report=folder)
             with process_clock(settings):

@@ -77,6 +77,15 @@ class DemoSettings:
         return max(1, math.ceil(self.sim_seconds / 900))
 
 
+def with_demo_prices(site: SiteFile) -> SiteFile:
+    """The demo plans on the bundled Dutch prices of its day when the site file names no feed."""
+    if site.prices.source is None:
+        from cem.data import PRICES_2019_10, bundled
+
+        site.prices.csv = bundled(PRICES_2019_10)
+    return site
+
+
 def demo_day(site: SiteFile) -> date:
     """The day the demo replays: that of the first congestion window, else a bundled data day."""
     if site.congestion:

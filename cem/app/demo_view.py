@@ -39,6 +39,7 @@ from cem.app.demo import (
     process_clock,
     run_demo,
     settings_for,
+    with_demo_prices,
 )
 from cem.app.site_file import SiteFile
 from sitekit import clock
@@ -597,11 +598,7 @@ def demo_command(*, config: Path, duration: float | None, speed: float | None,
 
     if not config.exists() and config == Path("specs/sites/demo.toml"):
         config = packaged_demo()  # run from another folder: the demo site that ships
-    site = load_config_or_exit(config)
-    if site.prices.source is None:  # the bundled prices of the demo's day (cem/data)
-        from cem.data import PRICES_2019_10, bundled
-
-        site.prices.csv = bundled(PRICES_2019_10)
+    site = with_demo_prices(load_config_or_exit(config))
     try:
         settings = settings_for(site, duration=duration, speed=speed, report=report)
         _prepare_report(report)
