@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import websockets
+import websockets.asyncio.client
 from s2python.common import (
     ControlType,
     ReceptionStatus,
@@ -88,7 +89,9 @@ __all__ = [
 logger = logging.getLogger("resource_managers.s2")
 
 # Messages a CEM may send that need an answer even when the active control type has no handler.
-_CEM_INSTRUCTIONS: tuple[type[S2Message], ...] = (
+_CEM_INSTRUCTIONS: tuple[type[FRBCInstruction | PPBCScheduleInstruction
+                              | PPBCStartInterruptionInstruction | PPBCEndInterruptionInstruction
+                              | OMBCInstruction | PEBCInstruction | DDBCInstruction], ...] = (
     FRBCInstruction,
     PPBCScheduleInstruction,
     PPBCStartInterruptionInstruction,
@@ -423,11 +426,11 @@ class S2ResourceManager:
 
         async def on_instruction(conn: S2AsyncConnection, msg: S2ConnectionEventsAndMessages,
                                  send_okay: SendOkayRunAsync) -> None:
-            assert isinstance(msg, S2Message)
+            assert isinstance(msg, _CEM_INSTRUCTIONS)
             logger.warning("RM '%s': CEM sent %s, which the active control type %s does not take",
                            self.name, msg.message_type,
                            self.control_type.value if self.control_type else "(none)")
-            await reply_status(conn, send_okay, msg.message_id,  # type: ignore[union-attr]
+            await reply_status(conn, send_okay, msg.message_id,
                                ReceptionStatusValues.INVALID_CONTENT,
                                f"{msg.message_type} does not fit the active control type")
 

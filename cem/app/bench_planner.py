@@ -235,15 +235,15 @@ def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     from importlib.metadata import PackageNotFoundError, version
 
-    import ortools
+    def installed(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:  # pragma: no cover - both are dependencies
+            return None
 
-    try:
-        highs: str | None = version("highspy")
-    except PackageNotFoundError:  # pragma: no cover - highspy is a dependency
-        highs = None
     return {"python": platform.python_version(), "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "ortools": ortools.__version__, "highspy": highs,
+            "ortools": installed("ortools"), "highspy": installed("highspy"),
             "date": datetime.now(UTC).isoformat(timespec="seconds")}
 
 

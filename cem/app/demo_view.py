@@ -464,15 +464,15 @@ def write_report(demo: DemoSite, summary: dict[str, Any]) -> list[Path]:
     written.append(profiles)
     visits = folder / "ev_visits.csv"
     with visits.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["ev", "evse", "ocpp", "arrival", "departure", "requested_kwh",
+        rows = csv.writer(handle)
+        rows.writerow(["ev", "evse", "ocpp", "arrival", "departure", "requested_kwh",
                          "cem_need_kwh", "cem_departure", "battery_room_kwh", "target_kwh",
                          "delivered_kwh", "met", "left", "left_before_cem_departure",
                          "offered_kwh", "ev_refused_kwh", "below_full_kwh",
                          "below_full_at_limits_kwh", "waited_min",
                          "outcome", "reason"])
         for o in demo.outcomes:
-            writer.writerow([
+            rows.writerow([
                 o.visit.id_tag, o.where or "drove on", o.version,
                 _local(o.visit.arrival, demo.settings).isoformat(timespec="minutes"),
                 _local(o.visit.departure, demo.settings).isoformat(timespec="minutes"),
@@ -546,7 +546,8 @@ def plot_report(demo: DemoSite, folder: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(11, 4))
     phase_a = rec.max_phase_a[:n]
-    ax.step(times, phase_a, where="post", label="highest phase current (max per PTU)")
+    ax.step(times, phase_a, where="post",  # type: ignore[arg-type]  # matplotlib takes datetimes
+            label="highest phase current (max per PTU)")
     ax.axhline(demo.site.grid.fuse_a, color="darkred", linestyle=":", label="fuse")
     ax.set_ylabel("A")
     ax.legend(loc="upper left", fontsize=8)

@@ -29,16 +29,11 @@ PLOT_FORMATS = (".png", ".svg", ".pdf")
 
 
 def solver_functions() -> tuple[Callable[..., Plan], Callable[[Problem, Plan], list[str]]]:
-    """plan_site and check_plan from the optimisation package (wherever they live)."""
-    from cem.planner import solve
+    """The planner's plan_site and check_plan."""
+    from cem.planner.check import check_plan
+    from cem.planner.solve import plan_site
 
-    check = getattr(solve, "check_plan", None)
-    if check is None:
-        try:
-            from cem.planner.check import check_plan as check
-        except ImportError:
-            from cem.planner.model import check_plan as check
-    return solve.plan_site, check
+    return plan_site, check_plan
 
 
 def _kw(values: np.ndarray | None, n: int) -> list[float]:

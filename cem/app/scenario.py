@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, timedelta
 from pathlib import Path
@@ -283,17 +284,20 @@ def _raw_problems(raw: dict[str, Any]) -> list[ScenarioProblem]:
     if not isinstance(n, int):
         return []
     problems: list[ScenarioProblem] = []
-    prices = raw.get("prices") if isinstance(raw.get("prices"), dict) else {}
+    prices_raw = raw.get("prices")
+    prices: dict[str, Any] = prices_raw if isinstance(prices_raw, dict) else {}
     arrays = [(f"prices.{key}", prices.get(key)) for key in ("import_eur_per_kwh", "export_eur_per_kwh")]
     arrays += [(key, raw.get(key)) for key in ("base_load_kw", "pv_kw")]
-    heat_pumps = raw.get("heat_pumps") if isinstance(raw.get("heat_pumps"), list) else []
+    heat_pumps_raw = raw.get("heat_pumps")
+    heat_pumps: list[Any] = heat_pumps_raw if isinstance(heat_pumps_raw, list) else []
     arrays += [(f"heat_pumps[{i}].demand_kw", hp.get("demand_kw"))
                for i, hp in enumerate(heat_pumps) if isinstance(hp, dict)]
     problems += [p for path, values in arrays
                  if isinstance(values, list) and (p := _array_problem(path, values, n))]
     seen: dict[str, str] = {}
     for group in ("evs", "batteries", "heat_pumps"):
-        items = raw.get(group) if isinstance(raw.get(group), list) else []
+        group_raw = raw.get(group)
+        items: list[Any] = group_raw if isinstance(group_raw, list) else []
         for i, item in enumerate(items):
             asset_id = item.get("id") if isinstance(item, dict) else None
             if not isinstance(asset_id, str):
@@ -318,9 +322,10 @@ def _semantic_problems(s: Scenario) -> list[ScenarioProblem]:
         if not all(math.isfinite(v) for v in values):
             problems.append(ScenarioProblem(path, "values must be finite numbers"))
     seen: dict[str, str] = {}
-    groups = [("evs", s.evs), ("batteries", s.batteries), ("heat_pumps", s.heat_pumps)]
-    for group, items in groups:
-        for i, item in enumerate(items):
+    groups: list[tuple[str, Sequence[Any]]] = [
+        ("evs", s.evs), ("batteries", s.batteries), ("heat_pumps", s.heat_pumps)]
+    for group, assets in groups:
+        for i, item in enumerate(assets):
             if item.id in seen:
                 problems.append(ScenarioProblem(f"{group}[{i}].id",
                                                 f"id {item.id!r} is already used by {seen[item.id]}"))

@@ -354,6 +354,8 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
     n_total = n_ptus + horizon
     times = [t0 + timedelta(seconds=ptu_s * i) for i in range(n_total)]
 
+    if price_source.first is None or price_source.last is None:
+        raise SimulationError("the price file has no prices")
     price_series = dict(price_source.day_ahead_eur_per_mwh(price_source.first, price_source.last
                                                            + timedelta(hours=1)))
     price_mapper = DayMapper(_covered_days(price_series, zone), "price")

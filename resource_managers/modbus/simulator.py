@@ -198,7 +198,7 @@ class ModbusSimulator:
         try:
             await self._server.async_setValues(0 if self.device_id == 0 else self.device_id,
                                                _SET_CODE[point.table], point.address,
-                                               list(words))  # type: ignore[arg-type]
+                                               list(words))
         finally:
             self._internal = False
 

@@ -30,7 +30,7 @@ import logging
 import socket
 import ssl
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, time, timedelta
 from http import HTTPStatus
 from pathlib import Path
@@ -54,6 +54,7 @@ from ocpp.v201.enums import Action as Action201
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, NegotiationError
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from resource_managers.ocpp_charger import frames, limits
 from resource_managers.ocpp_charger.config import CdrTariff, ChargeCard, ChargePoint, OcppRmConfig
@@ -73,7 +74,7 @@ from sitekit.prices import CsvPriceSource, retail_import_eur_per_kwh
 
 logger = logging.getLogger("resource_managers.ocpp")
 
-SUBPROTOCOLS = ("ocpp1.6", "ocpp2.0.1")
+SUBPROTOCOLS = (Subprotocol("ocpp1.6"), Subprotocol("ocpp2.0.1"))
 PLUGGED_16 = {"Preparing", "Charging", "SuspendedEV", "SuspendedEVSE", "Finishing"}
 IN_TRANSACTION_16 = {"Charging", "SuspendedEV", "SuspendedEVSE"}
 ENERGY = "Energy.Active.Import.Register"
@@ -233,7 +234,7 @@ class OcppCentralSystem:
         try:
             self._server = await serve(
                 self._connection, sock=sock,
-                subprotocols=list(SUBPROTOCOLS),  # type: ignore[arg-type]
+                subprotocols=list(SUBPROTOCOLS),
                 select_subprotocol=self._select_subprotocol,
                 process_request=self._check_request,
                 ping_interval=30, ping_timeout=30, ssl=tls,
@@ -344,7 +345,7 @@ class OcppCentralSystem:
         return unquote(path.split("?")[0].rstrip("/").rsplit("/", 1)[-1])
 
     def _select_subprotocol(self, connection: ServerConnection,
-                            offered: list[str]) -> str | None:
+                            offered: Sequence[Subprotocol]) -> Subprotocol | None:
         cp_id = self.charge_point_id(connection.request.path) if connection.request else "?"
         for protocol in SUBPROTOCOLS:
             if protocol in offered:
@@ -455,7 +456,7 @@ class OcppCentralSystem:
             link = self.links.get(cp_id)
             if link is not None:
                 evse.online = True
-                evse.version = link.version  # type: ignore[attr-defined]
+                evse.version = link.version
             self.evses[key] = evse
             logger.info("EVSE %s: %.0f A max on %d phase(s)%s, limits sent in %s", evse.name,
                         config.max_current_a, config.phases,
@@ -945,11 +946,12 @@ class _CsmsSide:
             actions = Action16 if self.version == "1.6" else Action201
             known = message.action in {a.value for a in actions}
             error_class = NotSupportedError if known else OcppNotImplementedError
-            error = error_class(details={"cause": f"{message.action} is "
-                                         f"{'not handled' if known else 'not an OCPP action'} "
-                                         f"by this central system (OCPP {self.version})"})
-            logger.info("charger '%s' sent %s: answered %s", self.id, message.action, error.code)
-            await self._send(message.create_call_error(error).to_json())
+            refusal = error_class(details={"cause": f"{message.action} is "
+                                           f"{'not handled' if known else 'not an OCPP action'} "
+                                           f"by this central system (OCPP {self.version})"})
+            logger.info("charger '%s' sent %s: answered %s", self.id, message.action,
+                        refusal.code)
+            await self._send(message.create_call_error(refusal).to_json())
             return
         await super().route_message(raw_msg)  # type: ignore[misc]
 
