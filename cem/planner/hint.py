@@ -738,9 +738,11 @@ def round_and_repair(lay: Layout, frac: Dispatch) -> Dispatch:
     return disp
 
 
-def polish_plan(lay: Layout, lp: LpResult, disp: Dispatch) -> Dispatch | None:
-    """`bound.polish` (powers re-optimised with the on/off pattern fixed), snapped and checked."""
-    frac = polish(lay, lp, disp)
+def polish_plan(lay: Layout, lp: LpResult, disp: Dispatch,
+                time_limit_s: float | None = None) -> Dispatch | None:
+    """`bound.polish` (powers re-optimised with the on/off pattern fixed, within
+    `time_limit_s` when given), snapped and checked."""
+    frac = polish(lay, lp, disp, time_limit_s)
     if frac is None:
         return None
     out = frac.copy()
