@@ -249,6 +249,9 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             left = deadline - time.perf_counter()
             polished = polish_plan(lay, lp, candidate, time_limit_s=left) if left > 0 else None
             unpolished = polished is None
+            if unpolished:
+                notes.append("the repaired LP plan was not polished ("
+                             + ("no time left)" if left <= 0 else "HiGHS did not finish it)"))
             if polished is not None:
                 ev = evaluate(lay, polished)
                 if ev.objective < best.objective:
