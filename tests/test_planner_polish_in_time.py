@@ -9,7 +9,7 @@ bound.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
@@ -61,3 +61,25 @@ def test_a_polish_after_an_lp_that_used_its_whole_limit_still_runs() -> None:
     on = polished.charge > 0
     assert np.all(polished.charge[on] >= np.broadcast_to(lay.cmin[:, None], on.shape)[on] - 1e-6)
 
+
+
+def test_an_lp_out_of_time_gives_the_best_of_the_last_plan_and_the_fallback() -> None:
+    """Fifteen minutes on, the EVs not having said what they charged: the last plan laid onto
+    the new problem leaves every EV it charged in PTU 0 short. With no LP in time the planner
+    returns the better of that plan repaired and the fallback, within the limits."""
+    from cem.planner.check import check_plan
+    from cem.planner.solve import SitePlanner, plan_site
+
+    first = car_park(evs=240)
+    planner = SitePlanner()
+    plan = planner(first, time_limit_s=30.0, use_cpsat=False)
+    assert plan.lp_bound_eur is not None
+    later = car_park(evs=240)
+    later.start = first.start + timedelta(minutes=15)  # the same EVs, levels as they were
+    planner.memory.lp.forget()  # no basis to go on from: the LP cannot finish in 10 ms
+    again = planner(later, time_limit_s=0.01, use_cpsat=False)
+    assert again.lp_bound_eur is None
+    assert any("the best of the last plan, repaired, the fallback plan" in n for n in again.notes)
+    assert check_plan(later, again) == []
+    fallback = plan_site(later, use_lp=False, use_cpsat=False)
+    assert again.objective_eur <= fallback.objective_eur + 1e-6
