@@ -269,7 +269,8 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         # of it, the fallback (deadline first within the limits: 0.6 % above the bound at
         # 1000 EVs, 0.3 s) and the last plan repaired (its PTU 0 a minute shorter now, the EVs
         # it charged then may fall short: 0.06 % a minute before, 65 % in the bench after).
-        # Each is computed once; the fallback only when nothing else is within 1 %
+        # Each is computed once; the fallback only when nothing else is within 1 % (or known
+        # to be: no bound) and the deadline leaves time for it
         options: list[tuple[str, str, Dispatch]] = []
         if candidate is not None:
             options.append(("the repaired LP plan", status, candidate))
@@ -280,12 +281,14 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         scored = [(evaluate(lay, d), label, st, d) for label, st, d in options]
         good = bound is not None and any(
             ev.objective - bound <= _good_enough_eur(ev, gap_tol) for ev, *_ in scored)
-        if not good:
+        # the fallback costs about what the work after an LP does (0.4 s of CPU at 1000 EVs,
+        # more than a polish): only when there is that much time left, or nothing else
+        if not good and (not scored or deadline - time.perf_counter() >= after_lp_s):
             rules = fallback_dispatch(lay)
             scored.append((evaluate(lay, rules), "the fallback plan", "FALLBACK", rules))
         best, label, status, candidate = min(scored, key=lambda x: x[0].objective)
-        if len(scored) > 1:
-            notes.append(f"{label}: the best of " + ", ".join(x[1] for x in scored))
+        notes.append(f"{label}: the best of " + ", ".join(x[1] for x in scored)
+                     if len(scored) > 1 else label)
     best = evaluate(lay, candidate) if best is None else best
     gap = _gap(best.objective, bound)
     if bound is not None and gap is not None and gap <= 1e-9:
