@@ -20,7 +20,8 @@ def test_bench_replan_plans_every_charger_through_s2_and_reports_figures() -> No
         assert run["cem_refused_rm_messages"] == 0 and run["rm_refusals"] == 0
         # the real planner's plans, not the rule-based fallback
         assert run["plan_status"] and set(run["plan_status"]) <= {"OPTIMAL", "FEASIBLE"}
-        assert run["s2_messages_during_replans"] >= 20  # instructions went out over S2
+        # the timed replans' S2 traffic: the moved EV's reports (2 a replan) and what changed
+        assert run["s2_messages_during_replans"] >= 2 * run["replans"]
         assert 0 < run["replan_p50_s"] <= run["replan_max_s"]
         assert run["loop_lag_max_ms"] is not None and run["loop_lag_max_ms"] >= 0
 

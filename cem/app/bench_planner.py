@@ -141,11 +141,12 @@ def bench_scenario(n_evs: int, seed: int, ptus: int = 96, ptu_minutes: int = 15)
     congestion_start = datetime.combine(local_day, datetime.min.time(), tzinfo=zone) + timedelta(hours=9)
     heat_demand = [round(0.4 * hp_kw * 3.5 * (1.2 if (i * dt_h) % 24 < 8 else 0.9), 3) for i in range(n)]
     battery_kwh = round(10 + 0.5 * n_evs, 1)
-    return Scenario.model_validate({
+    scenario = Scenario.model_validate({
         "name": f"bench car park, {n_evs} EVs, seed {seed}",
         "description": f"ACN sessions of workdays 2019-10 on {day} Europe/Amsterdam; NL prices and PV",
         "start": start.isoformat(), "ptu_minutes": ptu_minutes, "horizon_ptus": n,
-        "grid": {"fuse_a": fuse_a, "phases": 3, "voltage_v": voltage, "import_limit_kw": gtv,
+        "grid": {"fuse_a": min(fuse_a, 4000.0), "phases": 3, "voltage_v": voltage,
+                 "import_limit_kw": gtv,
                  "export_limit_kw": gtv, "peak_price_eur_per_kw": 3.0,
                  "peak_so_far_kw": round(0.3 * gtv, 1)},
         "prices": {"import_eur_per_kwh": [round(float(p), 5) for p in prices.import_eur_per_kwh],
@@ -164,6 +165,10 @@ def bench_scenario(n_evs: int, seed: int, ptus: int = 96, ptu_minutes: int = 15)
                         "min_level_kwh": round(hp_kw * 3.5 * 0.3, 1), "loss_kw": round(0.02 * hp_kw * 3.5, 2),
                         "demand_kw": heat_demand, "cop": 3.5}],
     })
+    # from ~950 EVs the car park's fuse is above the 4000 A a site file may give (a
+    # low-voltage connection): set past the check, so every size is the same kind of site
+    scenario.grid = scenario.grid.model_copy(update={"fuse_a": fuse_a})
+    return scenario
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -23,6 +23,13 @@ not known are sent ahead in their order).
 RMs are served in parallel (within those two groups), the messages of one RM in order. A
 message the RM does not accept (ReceptionStatus other than OK, or no answer) is reported
 back, not retried here.
+
+Only where they change: a replan may hand each RM a key of what its instructions are made of
+(`cem.flex.site_problem.instruction_keys`). After a dispatch in which the RM took everything,
+its key is kept; while the next plan gives it the same key (`unchanged`) its instructions are
+neither built nor sent again. Anything else that sends to the RM (the guard's cap, held raises
+released) or that makes what it was sent void (a new system description, a disconnect, a
+refused or aborted instruction) drops the key.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -100,11 +107,15 @@ class DispatchReport:
     revoked: int = 0
     rms: set[str] = field(default_factory=set)
     failed: list[str] = field(default_factory=list)  # plain-words, one per refused message
+    failed_rms: set[str] = field(default_factory=set)
+    unchanged_rms: int = 0  # RMs whose instructions were not even built (the same key)
 
     def describe(self) -> str:
         text = f"{self.sent} instruction(s) to {len(self.rms)} RM(s)"
         if self.kept:
             text += f", {self.kept} unchanged"
+        if self.unchanged_rms:
+            text += f", {self.unchanged_rms} RM(s) as before"
         if self.revoked:
             text += f", {self.revoked} revoked"
         if self.failed:
@@ -125,6 +136,8 @@ class Dispatcher:
         # raises, not sent ahead) are due
         self.planned: dict[str, list[Any]] = {}
         self.held: dict[str, list[datetime]] = {}
+        # per RM: the key of what its last dispatch was made of, while it took all of it
+        self.keys: dict[str, Hashable] = {}
         self._seq = 0
 
     def forget(self, rm_id: str) -> None:
@@ -132,6 +145,26 @@ class Dispatcher:
         self.sent.pop(rm_id, None)
         self.planned.pop(rm_id, None)
         self.held.pop(rm_id, None)
+        self.keys.pop(rm_id, None)
+
+    def forget_key(self, rm_id: str) -> None:
+        """What the RM was sent no longer stands as sent (it refused or aborted an
+        instruction): the next plan builds and dispatches its instructions again."""
+        self.keys.pop(rm_id, None)
+
+    def unchanged(self, rm_id: str, key: Hashable | None) -> bool:
+        """Whether the RM's last dispatch was made of `key` and still stands: it took all of
+        it and refused, aborted or revoked none of it since."""
+        if key is None or self.keys.get(rm_id) != key:
+            return False
+        entry = self.registry.get(rm_id)
+        if entry is None:
+            return False
+        for s in self.sent.get(rm_id, []):
+            if not s.revoked and self._status(rm_id, s) in ("REJECTED", "ABORTED", "REVOKED"):
+                self.keys.pop(rm_id, None)
+                return False
+        return True
 
     def due_raises(self, now: datetime) -> dict[str, list[Any]]:
         """Per RM with a held raise due by `now`: its last dispatch's instructions, to dispatch
@@ -150,6 +183,7 @@ class Dispatcher:
         that idled without an EV runs on its default profile once one arrives), so the next plan
         sends the instruction for now again instead of keeping it as unchanged."""
         self.sent[rm_id] = [s for s in self.sent.get(rm_id, []) if s.execution_time > now]
+        self.keys.pop(rm_id, None)
 
     def _status(self, rm_id: str, instruction: SentInstruction) -> str | None:
         entry = self.registry.get(rm_id)
@@ -189,8 +223,11 @@ class Dispatcher:
 
     async def dispatch(self, instructions: dict[str, list[Any]], now: datetime, *,
                        plan_id: int | None = None, replace_all_of: set[str] | None = None,
-                       ) -> DispatchReport:
+                       keys: Mapping[str, Hashable | None] | None = None) -> DispatchReport:
         """Bring every RM in `instructions` (and `replace_all_of`) to the new set.
+
+        `keys`: per RM, what its instructions were made of, kept for `unchanged` when the RM
+        takes them all (an RM dispatched without a key loses the one it had).
 
         With a clock, what is due is judged at the time of sending: of the instructions of
         one channel whose time has come by then only the last is sent (the earlier ones
@@ -199,6 +236,8 @@ class Dispatcher:
         """
         report = DispatchReport()
         rms = set(instructions) | (replace_all_of or set())
+        for rm in rms:
+            self.keys.pop(rm, None)
         instructions = {rm: list(instructions.get(rm, [])) for rm in rms}  # the caller's stay
         for rm in rms:
             self.planned[rm] = list(instructions[rm])
@@ -230,6 +269,10 @@ class Dispatcher:
             await self._until_started(cuts)
             await _paced(self._dispatch_rm(rm, instructions.get(rm, []), now, plan_id, report)
                          for rm in sorted(rising))
+        for rm in rms - report.failed_rms:
+            key = keys.get(rm) if keys is not None else None
+            if key is not None:
+                self.keys[rm] = key
         return report
 
     async def _until_started(self, sent: list[tuple[str, SentInstruction]]) -> None:
@@ -327,6 +370,7 @@ class Dispatcher:
             if result.ok:
                 report.revoked += 1
             else:
+                report.failed_rms.add(rm_id)
                 report.failed.append(f"RM {rm_id} refused revoking {old.message.message_type}: "
                                      f"{result.describe()}")
         for message in to_send:
@@ -343,6 +387,7 @@ class Dispatcher:
                     SentInstruction(rm_id, message, message.execution_time, plan_id,
                                     starts_at=starts_at, seq=self._seq))
             else:
+                report.failed_rms.add(rm_id)
                 report.failed.append(f"RM {rm_id} refused {message.message_type}: "
                                      f"{result.describe()}")
         self._prune(rm_id, now)

@@ -13,7 +13,9 @@ A replan builds the problem from the live RM states (`cem.flex.site_problem`), r
 in a worker thread with `planner.time_limit_s`, falls back to the rule-based `safe_plan` if the
 optimiser is missing, fails, times out or finds nothing, records the plan, and dispatches the
 instructions for the next `dispatch_ptus` PTUs (superseding earlier ones, see
-`cem.control.dispatch`).
+`cem.control.dispatch`). An RM whose instructions would be made of the same as those it took
+last time (the same plan rows, system description, fill level and active modes, within the
+same PTU) is left as it is: they are neither built nor sent again.
 
 The guard (`cem.control.guard`) runs on every measurement of grid power (the grid meter RM, or
 the sum of all RMs' measurements when there is none) and caps flexible loads at once when a
@@ -33,7 +35,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -49,6 +51,7 @@ from cem.flex.ptu import floor_to_ptu
 from cem.flex.site_problem import (
     SiteMapping,
     build_problem,
+    instruction_keys,
     instructions_for_plan,
     measured_w,
 )
@@ -295,6 +298,7 @@ class SiteController:
                 await self._on_measurement(rm_id)
         elif isinstance(event, InstructionStatusChanged):
             if event.status in ("REJECTED", "ABORTED"):
+                self.dispatcher.forget_key(rm_id)
                 self.request_replan(f"RM {self._label(rm_id)} {event.status.lower()} "
                                     f"instruction {event.instruction_id}")
 
@@ -376,15 +380,22 @@ class SiteController:
         # the solve took time: instructions start from the moment they are sent, not from
         # when the replan began (at 1440x a 0.4 s solve is ten minutes of a PTU)
         sent_at = self.clock()
+        until = min(self.dispatch_ptus, problem.n_ptus)
+        keys: dict[str, Hashable | None] = {}
         if floor_to_ptu(sent_at, self.config.planner.ptu_minutes) != start:
             self.request_replan("a new PTU started while the plan was being made")
+        else:  # an RM whose instructions would be made of the same as last time keeps them
+            keys = instruction_keys(plan, problem, mapping, until)
+        unchanged = {rm for rm, key in keys.items()
+                     if rm in rms and self.dispatcher.unchanged(rm, key)}
         instructions = await self._off_loop(
             instructions_for_plan, plan, problem, mapping, max(now, sent_at),
-            until_ptu=min(self.dispatch_ptus, problem.n_ptus))
-        controlled = {b.rm_id for b in mapping.bindings.values()} & set(rms)
+            until_ptu=until, skip=unchanged)
+        controlled = ({b.rm_id for b in mapping.bindings.values()} & set(rms)) - unchanged
         report = await self.dispatcher.dispatch(
             {rm: msgs for rm, msgs in instructions.items() if rm in rms}, max(now, sent_at),
-            plan_id=plan_id, replace_all_of=controlled)
+            plan_id=plan_id, replace_all_of=controlled, keys=keys)
+        report.unchanged_rms = len(unchanged)
         self._log_plan(reasons, mapping, plan, report, time.monotonic() - began)
         self.replans += 1
         self.last_replan_s = time.monotonic() - began

@@ -205,6 +205,23 @@ class FrbcBinding:
                 out.append(frbc_instruction(actuator_id, mode.mode_id, factor, moment))
         return out
 
+    @property
+    def instructions_read_levels(self) -> bool:
+        """Whether the fill level changes what a mode can do (a mode with several elements):
+        then the instructions depend on the level at each PTU, else only on the power."""
+        return any(len(mode.elements) > 1 for a in self.system_description.actuators
+                   for mode in normal_modes(a))
+
+    def instruction_key(self) -> tuple[Any, ...] | None:
+        """What `instructions` reads besides the plan rows and the time: the system
+        description, the active modes and (`instructions_read_levels`) the fill level. Equal
+        keys and equal plan rows give equal instructions within a PTU; None while a timer
+        runs (then the time itself matters)."""
+        if any(rule.running for rule in self.rules.values()):
+            return None
+        return (sid(self.system_description.message_id), tuple(sorted(self.active_modes.items())),
+                self.fill_level if self.instructions_read_levels else None)
+
     def capped_instructions(self, cap_w: float, now: datetime) -> list[FRBCInstruction]:
         """Instructions that hold this storage at or below `cap_w` from now (or as soon as a
         running timer allows)."""

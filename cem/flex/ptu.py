@@ -9,6 +9,7 @@ as the *total* power, split equally over the three phases.
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from collections.abc import Iterable, Sequence
@@ -109,10 +110,7 @@ def phase_share(quantities: Iterable[tuple[CommodityQuantity | str, float]]) -> 
     shares = np.zeros(3)
     present = np.zeros(3)  # used when every magnitude is zero
     for quantity, magnitude in quantities:
-        try:
-            share = ELECTRIC.get(CommodityQuantity(quantity))
-        except ValueError:
-            share = None
+        share = _phase_of(quantity)
         if share is not None:
             shares += np.asarray(share) * abs(magnitude)
             present += np.asarray(share)
@@ -136,11 +134,21 @@ def electric_total(power_values: Iterable[Any], attr: str = "value") -> float | 
     return total if found else None
 
 
+@functools.lru_cache(maxsize=256)
 def _is_electric(quantity: Any) -> bool:
+    # cached: the enum lookup costs ~20 us, and a 1000-RM replan asks ~30k times
     try:
         return CommodityQuantity(quantity) in ELECTRIC
     except ValueError:
         return False
+
+
+@functools.lru_cache(maxsize=256)
+def _phase_of(quantity: Any) -> Any:
+    try:
+        return ELECTRIC.get(CommodityQuantity(quantity))
+    except ValueError:
+        return None
 
 
 def is_electric(quantity: Any) -> bool:
@@ -197,4 +205,11 @@ class FlexBinding(Protocol):
 
 def sid(value: Any) -> str:
     """An S2 id as text, whether s2-python gives a UUID, a str or a generated `ID` root model."""
-    return str(getattr(value, "root", value))
+    value = getattr(value, "root", value)
+    if type(value) is uuid.UUID:
+        return _uuid_text(value)
+    return str(value)
+
+
+# the text of a UUID, made once: a 1000-RM replan asks for the same ids ~30k times (2 us each)
+_uuid_text = functools.lru_cache(maxsize=1 << 16)(str)

@@ -16,7 +16,7 @@ FixedLoad, and the guard reads it.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -163,15 +163,50 @@ def _add_rm(site: SiteBuild, rm_id: str, state: RmStateView) -> float:
 
 
 def instructions_for_plan(plan: Plan, problem: Problem, mapping: SiteMapping, now: datetime,
-                          until_ptu: int | None = None) -> dict[str, list[Any]]:
-    """S2 instructions per RM id for PTUs [0, until_ptu) of the plan (default: all)."""
+                          until_ptu: int | None = None,
+                          skip: Collection[str] = ()) -> dict[str, list[Any]]:
+    """S2 instructions per RM id for PTUs [0, until_ptu) of the plan (default: all), for every
+    RM but those in `skip`."""
     until = problem.n_ptus if until_ptu is None else until_ptu
     out: dict[str, list[Any]] = {}
     for binding in mapping.bindings.values():
+        if binding.rm_id in skip:
+            continue
         messages = binding.instructions(plan, problem, now, until)
         if messages:
             out.setdefault(binding.rm_id, []).extend(messages)
     return out
+
+
+def instruction_keys(plan: Plan, problem: Problem, mapping: SiteMapping,
+                     until_ptu: int) -> dict[str, Hashable | None]:
+    """Per RM with bindings, what its instructions for PTUs [0, until_ptu) are made of: the
+    PTU, its assets' plan rows there (power, and levels unless the binding says its
+    instructions do not read them) and what each binding reads besides (its
+    `instruction_key`). Two plans giving an RM equal keys give it equal instructions, so one
+    sent for the first need not be built nor sent again for the second. None: not known (a
+    binding without `instruction_key`, or one that depends on the time itself)."""
+    keys: dict[str, Hashable | None] = {}
+    parts: dict[str, list[Hashable]] = {}
+    for asset_id, binding in mapping.bindings.items():
+        rm_id = binding.rm_id
+        if rm_id in keys:
+            continue  # already unknown
+        key_of = getattr(binding, "instruction_key", None)
+        own = key_of() if callable(key_of) else None
+        if own is None:
+            keys[rm_id] = None
+            parts.pop(rm_id, None)
+            continue
+        power = plan.power_w.get(asset_id)
+        level = plan.level_wh.get(asset_id) \
+            if getattr(binding, "instructions_read_levels", True) else None
+        parts.setdefault(rm_id, []).append((
+            asset_id, own, None if power is None else np.asarray(power[:until_ptu]).tobytes(),
+            None if level is None else np.asarray(level[:until_ptu]).tobytes()))
+    for rm_id, rows in parts.items():
+        keys[rm_id] = (problem.start, until_ptu, tuple(rows))
+    return keys
 
 
 def storage_by_id(problem: Problem) -> dict[str, StorageAsset]:

@@ -213,9 +213,10 @@ class LpMemory:
         if job is None:
             return False
         h, col_key, row_key, model, turn = job
-        h.setOptionValue("time_limit", slice_s)
         began = time.perf_counter()
         while not stop.is_set() and self._turn == turn and time.perf_counter() - began < cap_s:
+            # HiGHS's time limit counts from the instance's first run: a slice more each time
+            h.setOptionValue("time_limit", h.getRunTime() + slice_s)
             h.run()
             done = h.getModelStatus() == highspy.HighsModelStatus.kOptimal
             if stop.is_set():
@@ -815,13 +816,15 @@ def _dispatch_from_x(lay: Layout, index: LpIndex, x: np.ndarray) -> Dispatch:
     return disp
 
 
-def polish(lay: Layout, lp: LpResult, disp: Dispatch) -> Dispatch | None:
+def polish(lay: Layout, lp: LpResult, disp: Dispatch,
+           time_limit_s: float | None = None) -> Dispatch | None:
     """Re-solve the LP with every on/off choice of `disp` fixed, powers free within the domain.
 
     A charging PTU stays in [min, max], an idle one at 0, modes and profile starts as chosen:
     the LP then re-balances the powers around the peak, the fuse and the prices. Its solution
     keeps the integer pattern of `disp`, so it is a plan (after snapping to the power steps).
-    Warm-started from the relaxation's basis; None if HiGHS does not finish.
+    Warm-started from the relaxation's basis; None if HiGHS does not finish (within
+    `time_limit_s`, when given).
     """
     h, index = lp.highs, lp.index
     if h is None or index is None:
@@ -859,6 +862,10 @@ def polish(lay: Layout, lp: LpResult, disp: Dispatch) -> Dispatch | None:
         return None
     c = np.concatenate(cols).astype(np.int32)
     h.changeColsBounds(len(c), c, np.concatenate(lows), np.concatenate(ups))
+    # HiGHS counts its time limit from the instance's first run, not per run: without a new
+    # one the polish inherited what the relaxation had left of its own (often nothing)
+    h.setOptionValue("time_limit", INF if time_limit_s is None
+                     else h.getRunTime() + max(float(time_limit_s), 0.01))
     h.run()
     if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
         return None

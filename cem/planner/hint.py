@@ -721,26 +721,37 @@ def _move_out_of_peak(lay: Layout, disp: Dispatch, g: np.ndarray, ph: np.ndarray
     return True, extra
 
 
-def round_and_repair(lay: Layout, frac: Dispatch) -> Dispatch:
-    """A feasible plan near the fractional one (see module docstring)."""
+def round_and_repair(lay: Layout, frac: Dispatch, *, earlier: bool = False) -> Dispatch:
+    """A feasible plan near the fractional one (see module docstring).
+
+    What `frac` itself leaves unmet (an LP's shortfalls, optimal there) stays accepted. With
+    `earlier`, `frac` is a plan made for an earlier moment (the last replan's, laid onto this
+    layout): its shortfalls are not a measure (a minute less of PTU 0 leaves every EV it
+    charged then short), so every target and milestone is refilled as far as the limits allow.
+    """
     g_frac, _ = grid_and_phases(lay, frac)
     lp_peak = max(lay.peak_so_far, float(g_frac.max()) if lay.n else 0.0) + 0.5
     cap = np.full(lay.n, lp_peak) if lay.peak_price > 0 else None
     disp = snap(lay, frac)
     fix_levels(lay, disp)
     repair_limits(lay, disp, cap)
-    lv_frac = levels(lay, frac)
-    lp_unmet = np.where(np.isnan(lay.target), 0.0,
-                        np.nan_to_num(lay.target) - lv_frac[np.arange(lay.s), lay.last])
-    refill(lay, disp, by_price=True, peak_cap=lp_peak, allowed_wh=lp_unmet + lay.tol_wh,
-           milestone_goal=milestones_reached(lay, lv_frac))
+    if earlier:
+        refill(lay, disp, by_price=True, peak_cap=lp_peak, allowed_wh=lay.tol_wh)
+    else:
+        lv_frac = levels(lay, frac)
+        lp_unmet = np.where(np.isnan(lay.target), 0.0,
+                            np.nan_to_num(lay.target) - lv_frac[np.arange(lay.s), lay.last])
+        refill(lay, disp, by_price=True, peak_cap=lp_peak, allowed_wh=lp_unmet + lay.tol_wh,
+               milestone_goal=milestones_reached(lay, lv_frac))
     repair_limits(lay, disp)
     return disp
 
 
-def polish_plan(lay: Layout, lp: LpResult, disp: Dispatch) -> Dispatch | None:
-    """`bound.polish` (powers re-optimised with the on/off pattern fixed), snapped and checked."""
-    frac = polish(lay, lp, disp)
+def polish_plan(lay: Layout, lp: LpResult, disp: Dispatch,
+                time_limit_s: float | None = None) -> Dispatch | None:
+    """`bound.polish` (powers re-optimised with the on/off pattern fixed, within
+    `time_limit_s` when given), snapped and checked."""
+    frac = polish(lay, lp, disp, time_limit_s)
     if frac is None:
         return None
     out = frac.copy()
