@@ -22,6 +22,14 @@ sockets and sessions, and keeps the books:
   (`write_limit_bytes`): when an RM does not read, the CEM stops reading from it too, and an
   instruction waits (up to its timeout) for room. Sends happen in the task that produced them
   (no writer task per connection: one task switch less per message, 1000 tasks fewer).
+- **one wake-up per read, not per message** (`S2Connection`, docs/adr/0010): a whole text or
+  binary frame is handed to its session straight from websockets' `data_received`, in the
+  order read, with no task switch; the answers (ReceptionStatus, HandshakeResponse, ...) are
+  framed into the connection's buffer and written once per read, one socket write however many
+  messages that read held. Fragmented messages, and any that arrive while one is still queued,
+  take websockets' own path (the connection's task), in order. When an RM does not read its
+  answers (the send buffer above `write_limit_bytes`), the CEM stops reading from it until it
+  does.
 - **isolation**: a message the session cannot handle is logged and answered by the session; an
   exception inside one connection's code is logged and ends at most that connection.
 - **registry** of live sessions, keyed by the RM's `resource_id` once its
@@ -56,7 +64,9 @@ from s2python.common import SessionRequest, SessionRequestType
 from s2python.message import S2Message
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from cem.control_types import PLUGINS
 from cem.ports import Connected, Disconnected, InstructionResult, RegistryEvent, RmEvent
@@ -144,6 +154,89 @@ class TokenAuthorizer:
         return AuthDecision(False, reason="unknown bearer token")
 
 
+# --- the connection: messages handled as they are read ----------------------------------------
+
+
+class S2Connection(ServerConnection):
+    """websockets' server connection, handing whole messages to `on_message` as they are read.
+
+    `data_received` parses what one read brought; each complete text or binary frame goes to
+    `on_message` at once (no task switch, no queue), unless websockets' queue still holds an
+    earlier message (then it queues behind it: order is kept) or it is a fragment or not UTF-8
+    text (websockets' own path decides). Whatever the handlers framed (`send_now`) is written
+    after the read in one socket write.
+    """
+
+    on_message: Callable[[str | bytes], None] | None = None
+    _batching = False
+    _reading_paused = False
+
+    def process_event(self, event: Any) -> None:
+        handler = self.on_message
+        if (handler is not None and isinstance(event, Frame) and event.fin
+                and not len(self.recv_messages.frames)):
+            if event.opcode is Opcode.TEXT:
+                try:
+                    text = event.data.decode()
+                except UnicodeDecodeError:
+                    super().process_event(event)
+                    return
+                handler(text)
+                return
+            if event.opcode is Opcode.BINARY:
+                handler(bytes(event.data))
+                return
+        super().process_event(event)
+
+    def data_received(self, data: bytes) -> None:
+        self._batching = True
+        try:
+            super().data_received(data)
+        finally:
+            self._batching = False
+        self.flush()
+
+    def send_now(self, text: str) -> bool:
+        """Frame `text` into the send buffer (written after this read, or now outside one);
+        False when the connection is no longer open."""
+        if self.protocol.state is not State.OPEN:
+            return False
+        self.protocol.send_text(text.encode())
+        if not self._batching:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Write what is framed, in one socket write; when the RM does not read its answers
+        (more than the write limit buffered), stop reading from it until it does."""
+        if not self.protocol.writes:
+            return
+        try:
+            self.send_data()
+        except Exception as exc:
+            self.set_connection_exc(exc)
+            self.transport.abort()
+            return
+        if self.paused and not self._reading_paused and not self.transport.is_closing():
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def send_data(self) -> None:
+        writes = self.protocol.data_to_send()
+        if len(writes) > 1 and all(writes):
+            self.transport.write(b"".join(writes))
+            return
+        self.protocol.writes = writes  # an end-of-stream marker: websockets' own way
+        super().send_data()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._reading_paused:
+            self._reading_paused = False
+            if not self.transport.is_closing() and not self.recv_messages.paused:
+                self.transport.resume_reading()
+
+
 # --- what the control loop sees ------------------------------------------------------------------
 
 
@@ -166,6 +259,7 @@ class LiveSession:
         default_factory=dict, repr=False)
     last_snapshot_at: float = 0.0
     closing_reason: str | None = None
+    close_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def key(self) -> str:
@@ -281,6 +375,7 @@ class S2Server:
             compression=None,  # S2 messages are small; deflate would cost CPU on every message
             server_header="S2-CEM",
             logger=logging.getLogger("cem.s2.websockets"),
+            create_connection=S2Connection,
         )
 
     @property
@@ -325,6 +420,7 @@ class S2Server:
 
     @staticmethod
     async def _close_ws(entry: LiveSession, code: int, reason: str) -> None:
+        """Close the websocket with `code` (the S2 messages before it are sent first)."""
         if entry.ws is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(entry.ws.close(code, _close_text(reason)), timeout=5)
@@ -553,10 +649,16 @@ class S2Server:
         reason = "connection closed"
         try:
             await self._after_session_call(entry, session.start(utc_now()))
+            if isinstance(ws, S2Connection):
+                ws.on_message = functools.partial(self._receive_now, entry)
+            # what the connection could not hand over at once (see S2Connection) comes here
             async for data in ws:
-                await self._on_data(entry, data)
+                if entry.session.close is None:
+                    self._receive_now(entry, data)
                 if entry.session.close is not None:
                     break
+            if entry.close_task is not None:
+                await asyncio.shield(entry.close_task)
             reason = _close_reason(ws, entry)
         except ConnectionClosed:
             reason = _close_reason(ws, entry)
@@ -569,19 +671,65 @@ class S2Server:
         finally:
             self._forget(entry, reason)
 
-    async def _on_data(self, entry: LiveSession, data: str | bytes) -> None:
-        now = utc_now()
-        self.messages_in += 1
+    def _receive_now(self, entry: LiveSession, data: str | bytes) -> None:
+        """One received message: the session judges it, its answers are framed for sending
+        (written after the read), its events handled, the store told. Synchronous: called from
+        the connection's `data_received` (see `S2Connection`) or from its task."""
+        if entry.session.close is not None or not entry.open:
+            return  # the session ends: what the RM still sends is not read
         try:
-            outs = entry.session.receive(data, now)
+            now = utc_now()
+            self.messages_in += 1
+            try:
+                outs = entry.session.receive(data, now)
+            except Exception:
+                logger.exception("S2 session of %s could not handle a message; it stays open",
+                                 entry.label)
+                outs = []
+            self._handle_events(entry)  # first: ResourceManagerDetails names the RM for the log
+            if self.store is not None:
+                self._log_incoming(entry, data, outs, now)
+                for out in outs:
+                    if out.message_type != "ReceptionStatus":
+                        self._log_out(entry, out)
+            self._handle_events(entry)
+            self._send_now(entry, outs)
+            close = entry.session.close
+            if close is not None and entry.close_task is None:
+                entry.closing_reason = entry.closing_reason or close.reason
+                entry.close_task = asyncio.get_running_loop().create_task(
+                    self._close_ws(entry, close.code, close.reason))
         except Exception:
-            logger.exception("S2 session of %s could not handle a message; it stays open",
-                             entry.label)
-            outs = []
-        self._handle_events(entry)  # first: ResourceManagerDetails names the RM for the log
-        if self.store is not None:
-            self._log_incoming(entry, data, outs, now)
-        await self._after_session_call(entry, outs, log_reception_statuses=False)
+            logger.exception("S2 connection %s (%s) failed; closing only this one",
+                             entry.connection_id, entry.label)
+            entry.closing_reason = entry.closing_reason or "CEM error in this connection"
+            if entry.close_task is None:
+                entry.close_task = asyncio.get_running_loop().create_task(
+                    self._close_ws(entry, 1011, "CEM error"))
+
+    def _send_now(self, entry: LiveSession, outs: Sequence[Outgoing]) -> None:
+        """Frame texts for sending, in order, without waiting: answers to what the RM sent.
+
+        Back-pressure is the connection's (`S2Connection.flush`): the CEM stops reading from an
+        RM that does not read. A connection of another kind (tests) sends in a task, in order.
+        """
+        ws = entry.ws
+        if ws is None or not entry.open or not outs:
+            return
+        if isinstance(ws, S2Connection):
+            for out in outs:
+                if not ws.send_now(out.text):
+                    return
+                self.messages_out += 1
+            return
+        task = asyncio.get_running_loop().create_task(self._send(entry, outs))
+        task.add_done_callback(_log_task_error)
+
+    def _log_out(self, entry: LiveSession, out: Outgoing) -> None:
+        assert self.store is not None
+        self.store.log_message(direction="out", message_type=out.message_type,
+                               message_id=out.message_id, text=out.text,
+                               session_id=entry.connection_id, rm_id=entry.rm_id)
 
     async def _after_session_call(self, entry: LiveSession, outs: list[Outgoing],
                                   *, log_reception_statuses: bool = True) -> None:
@@ -589,9 +737,7 @@ class S2Server:
         if self.store is not None:
             for out in outs:
                 if log_reception_statuses or out.message_type != "ReceptionStatus":
-                    self.store.log_message(direction="out", message_type=out.message_type,
-                                           message_id=out.message_id, text=out.text,
-                                           session_id=entry.connection_id, rm_id=entry.rm_id)
+                    self._log_out(entry, out)
         self._handle_events(entry)
         if entry.session.close is not None:
             await self._send(entry, [*outs, entry.session.close])
