@@ -770,6 +770,13 @@ class S2Server:
                       now: datetime) -> None:
         assert self.store is not None
         text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+        accepted = entry.session.accepted
+        if accepted is not None:  # answered OK: the session read its type and id already
+            self.store.log_message(direction="in", message_type=accepted[0],
+                                   message_id=accepted[1], text=text,
+                                   session_id=entry.connection_id, rm_id=entry.rm_id,
+                                   reception_status="OK", at=now.timestamp())
+            return
         message_type, message_id, status = _peek(text, outs)
         if message_type == "ReceptionStatus" and message_id is None:
             return  # logged on the CEM message it answers (ReceptionConfirmed/Failed events)
