@@ -686,13 +686,13 @@ class S2Server:
                 logger.exception("S2 session of %s could not handle a message; it stays open",
                                  entry.label)
                 outs = []
-            self._handle_events(entry)  # first: ResourceManagerDetails names the RM for the log
+            # first: ResourceManagerDetails names the RM for the log
+            self._handle_events(entry, now)
             if self.store is not None:
                 self._log_incoming(entry, data, outs, now)
                 for out in outs:
                     if out.message_type != "ReceptionStatus":
                         self._log_out(entry, out)
-            self._handle_events(entry)
             self._send_now(entry, outs)
             close = entry.session.close
             if close is not None and entry.close_task is None:
@@ -787,7 +787,8 @@ class S2Server:
 
     # --- session events ---------------------------------------------------------------------------
 
-    def _handle_events(self, entry: LiveSession) -> None:
+    def _handle_events(self, entry: LiveSession, now: datetime | None = None) -> None:
+        """Act on the session's events and publish them (stamped `now`, default: now)."""
         try:
             events = entry.session.drain_events()
         except Exception:
@@ -798,7 +799,8 @@ class S2Server:
                 self._on_event(entry, event)
             except Exception:
                 logger.exception("handling %s of %s failed", type(event).__name__, entry.label)
-            self._publish(RmEvent(entry.rm_id, entry.connection_id, event, utc_now()))
+            self._publish(RmEvent(entry.rm_id, entry.connection_id, event,
+                                  utc_now() if now is None else now))
 
     def _on_event(self, entry: LiveSession, event: Any) -> None:
         kind = type(event).__name__

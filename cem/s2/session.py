@@ -202,8 +202,6 @@ def _parse_json(text: str) -> Any:
     return _JSON.decode(text)
 
 
-_GEN_MEASUREMENT: Any = generated_model("PowerMeasurement")
-
 _OK_STATUS = '{"message_type":"ReceptionStatus","subject_message_id":"%s","status":"OK"}'
 """The OK ReceptionStatus exactly as json.dumps writes it, for ids that need no escaping."""
 
@@ -568,8 +566,12 @@ class S2Session:
         control-type plug-in and JSON v1.0.0 does not change it; its numbers are judged as
         always. Nothing changes before it is accepted (its id is not remembered).
         """
-        if number_problem_in(_GEN_MEASUREMENT, raw) is not None:
+        values = raw.get("values")
+        if not isinstance(values, list):
             return None
+        for item in values:   # its only numbers (what number_problem_in would judge)
+            if not isinstance(item, dict) or number_problem(item.get("value")) is not None:
+                return None
         translated = dict(raw)
         translated["message_id"] = self.ids.to_internal(message_id, remember=False)
         try:
