@@ -91,6 +91,9 @@ class BenchResult:
     latency_p99_ms: float | None = None
     latency_max_ms: float | None = None
     cem_peak_rss_mb: float | None = None
+    cem_rss_idle_mb: float | None = None  # VmRSS when it serves, before any RM connected
+    cem_kb_per_rm: float | None = None
+    """(VmRSS after the message phase - VmRSS before the RMs connected) / RMs connected."""
     cem_cpu_s_message_phase: float | None = None
     bench_cpu_s_message_phase: float | None = None
     cem_cpu_us_per_message: float | None = None
@@ -382,6 +385,9 @@ class CemProcess:
     def peak_rss_mb(self) -> float | None:
         return None if self.process is None else _proc_status(self.process.pid, "VmHWM")
 
+    def rss_mb(self) -> float | None:
+        return None if self.process is None else _proc_status(self.process.pid, "VmRSS")
+
     def cpu_s(self) -> tuple[float, float] | None:
         """(user, system) CPU seconds so far."""
         return None if self.process is None else _proc_cpu_s(self.process.pid)
@@ -421,6 +427,7 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
         if cem is not None:
             await cem.start()
             url = cem.url
+            result.cem_rss_idle_mb = cem.rss_mb()
         assert url is not None
         clients = [BenchRm(n, url) for n in range(rms)]
         try:
@@ -440,6 +447,10 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                     hog.stop()
             result.bench_cpu_s_message_phase = round(time.process_time() - own_before, 2)
             cpu_after = cem.cpu_s() if cem else None
+            rss = cem.rss_mb() if cem else None
+            if rss is not None and result.cem_rss_idle_mb is not None and result.rms_connected:
+                result.cem_kb_per_rm = round(
+                    (rss - result.cem_rss_idle_mb) * 1024 / result.rms_connected, 1)
             if page is not None:
                 await page.stop()
             if cpu_before is not None and cpu_after is not None:
@@ -717,6 +728,8 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
         ("ReceptionStatus latency max", _ms(result.latency_max_ms)),
         ("CEM peak memory (VmHWM)", f"{result.cem_peak_rss_mb:.0f} MB"
          if result.cem_peak_rss_mb else "-"),
+        ("CEM memory per connected RM", f"{result.cem_kb_per_rm:.0f} kB"
+         if result.cem_kb_per_rm is not None else "-"),
         ("CEM CPU in message phase", f"{result.cem_cpu_s_message_phase} s"
                                      + (f" ({result.cem_cpu_us_per_message:.0f} us/message, "
                                         f"{result.cem_cpu_system_us_per_message:.0f} in the "
@@ -737,7 +750,7 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
 
 
 _COMPARED = ("acknowledged_per_s", "latency_p50_ms", "latency_p99_ms", "cem_cpu_us_per_message",
-             "cem_cpu_system_us_per_message", "cem_peak_rss_mb")
+             "cem_cpu_system_us_per_message", "cem_peak_rss_mb", "cem_kb_per_rm")
 
 
 def _compare_src(rms: int, messages: int, rate: float, cem_src: Path, rounds: int,
