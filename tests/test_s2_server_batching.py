@@ -38,6 +38,7 @@ class BurstRm(BenchRm):
         super().__init__(0, url)
         self.statuses: list[tuple[str, str]] = []
         self.close_code: int | None = None
+        self.pongs: list[bytes] = []
         self.answered = asyncio.Event()
         self.expected = 0
 
@@ -55,6 +56,8 @@ class BurstRm(BenchRm):
     def _on_frame(self, fin: bool, opcode: int, payload: bytes) -> None:
         if opcode == 0x8:
             self.close_code = int.from_bytes(payload[:2], "big")
+        if opcode == 0xA:
+            self.pongs.append(payload)
         super()._on_frame(fin, opcode, payload)
 
     def write_at_once(self, frames: list[bytes]) -> None:
@@ -149,11 +152,14 @@ async def test_fragmented_messages_among_single_frames_keep_their_place(tmp_path
             frames += [frame(text[:40], fin=False), frame(text[40:], opcode=0x0)]
         else:
             frames.append(frame(text))
+        if i == 5:
+            frames.append(frame("are you there", opcode=0x9))   # a ping among them
     async with cem_and_rm(tmp_path) as (_server, rm):
         rm.expected = len(ids)
         rm.write_at_once(frames)
         await asyncio.wait_for(rm.answered.wait(), 10)
         assert rm.statuses == [(message_id, "OK") for message_id in ids]
+        assert rm.pongs == [b"are you there"]
         # and again, in a later read, after the fragmented ones were taken the slow way
         more = [str(uuid.uuid4()) for _ in range(3)]
         rm.expected += len(more)
@@ -186,3 +192,17 @@ async def test_a_session_request_in_a_burst_ends_the_session_there(tmp_path: Pat
                   *after) == [(0,)]
     assert stored(tmp_path, "SELECT reason FROM sessions") == [
         ("resource manager terminated the session (RM is going away)",)]
+
+
+async def test_messages_split_over_many_reads_are_answered_once_each(tmp_path: Path) -> None:
+    ids = [str(uuid.uuid4()) for _ in range(6)]
+    wire = b"".join(frame(MEASUREMENT % (m, 42)) for m in ids)
+    cuts = [1, 2, 3, 5, 9, 150, 230, 231, 500, len(wire) - 1]   # inside headers, masks, texts
+    async with cem_and_rm(tmp_path) as (_server, rm):
+        rm.expected = len(ids)
+        assert rm.transport is not None
+        for start, end in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+            rm.transport.write(wire[start:end])
+            await asyncio.sleep(0.02)   # each piece is its own read
+        await asyncio.wait_for(rm.answered.wait(), 10)
+        assert rm.statuses == [(m, "OK") for m in ids]

@@ -64,7 +64,7 @@ from s2python.common import SessionRequest, SessionRequestType
 from s2python.message import S2Message
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import Frame, Opcode
+from websockets.frames import Frame, Opcode, apply_mask
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
@@ -170,6 +170,8 @@ class S2Connection(ServerConnection):
     on_message: Callable[[str | bytes], None] | None = None
     _batching = False
     _reading_paused = False
+    _framing = False          # frames are cut here (see `_frames_in`)
+    _partial = b""            # the start of a frame not complete yet
 
     def process_event(self, event: Any) -> None:
         handler = self.on_message
@@ -191,10 +193,83 @@ class S2Connection(ServerConnection):
     def data_received(self, data: bytes) -> None:
         self._batching = True
         try:
-            super().data_received(data)
+            if self._framing or (self.on_message is not None and self._parser_idle()):
+                self._framing = True
+                self._frames_in(data)
+            else:
+                super().data_received(data)
         finally:
             self._batching = False
         self.flush()
+
+    def _parser_idle(self) -> bool:
+        """websockets' parser is open and between frames (so whole frames may be cut here)."""
+        protocol = self.protocol
+        if protocol.state is not State.OPEN or protocol.current_size is not None \
+                or protocol.reader.buffer:
+            return False
+        generator = protocol.parser
+        while (inner := getattr(generator, "gi_yieldfrom", None)) is not None:
+            generator = inner
+        return getattr(getattr(generator, "gi_code", None), "co_name", "") == "at_eof"
+
+    def _frames_in(self, data: bytes) -> None:
+        """Cut what was read into frames (RFC 6455); a whole masked text or binary frame goes
+        to `on_message` at once; any other frame (control, fragment, not UTF-8 text, one
+        queued behind an earlier message) is fed whole to websockets' own parser, so that
+        parser always stands between frames. A frame above the size limit, or the connection
+        closing: from there on websockets reads everything itself."""
+        view = self._partial + data if self._partial else data
+        self._partial = b""
+        protocol = self.protocol
+        limit = protocol.max_message_size
+        handler = self.on_message
+        size = len(view)
+        at = 0
+        while size - at >= 2:
+            if protocol.state is not State.OPEN:
+                break
+            first, second = view[at], view[at + 1]
+            length, head = second & 0x7F, at + 2
+            if length == 126:
+                if size - at < 4:
+                    self._partial = view[at:]
+                    return
+                length, head = int.from_bytes(view[at + 2:at + 4], "big"), at + 4
+            elif length == 127:
+                if size - at < 10:
+                    self._partial = view[at:]
+                    return
+                length, head = int.from_bytes(view[at + 2:at + 10], "big"), at + 10
+            if not second & 0x80 or (limit is not None and length > limit):
+                break   # unmasked or too big: websockets refuses it (and closes)
+            end = head + 4 + length
+            if end > size:
+                self._partial = view[at:]
+                return
+            if (first == 0x81 or first == 0x82) and handler is not None \
+                    and protocol.current_size is None and not len(self.recv_messages.frames):
+                payload = apply_mask(view[head + 4:end], view[head:head + 4])
+                if first == 0x82:
+                    handler(payload)
+                    at = end
+                    continue
+                try:
+                    text = payload.decode()
+                except UnicodeDecodeError:
+                    pass
+                else:
+                    handler(text)
+                    at = end
+                    continue
+            super().data_received(view[at:end])
+            at = end
+        else:
+            if at < size:
+                self._partial = view[at:]
+            return
+        self._framing = False   # websockets' parser takes the rest from here
+        super().data_received(view[at:])
 
     def send_now(self, text: str) -> bool:
         """Frame `text` into the send buffer (written after this read, or now outside one);
