@@ -167,11 +167,16 @@ class S2Connection(ServerConnection):
     after the read in one socket write.
     """
 
-    on_message: Callable[[str | bytes], None] | None = None
-    _batching = False
-    _reading_paused = False
-    _framing = False          # frames are cut here (see `_frames_in`)
-    _partial = b""            # the start of a frame not complete yet
+    # slots: new attributes in the instance dict would grow it by ~1.5 kB per connection
+    __slots__ = ("_batching", "_framing", "_partial", "_reading_paused", "on_message")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.on_message: Callable[[str | bytes], None] | None = None
+        self._batching = False
+        self._reading_paused = False
+        self._framing = False     # frames are cut here (see `_frames_in`)
+        self._partial = b""       # the start of a frame not complete yet
+        super().__init__(*args, **kwargs)
 
     def process_event(self, event: Any) -> None:
         handler = self.on_message
