@@ -184,7 +184,7 @@ class S2Connection(ServerConnection):
                 and not len(self.recv_messages.frames)):
             if event.opcode is Opcode.TEXT:
                 try:
-                    text = event.data.decode()
+                    text = bytes(event.data).decode()
                 except UnicodeDecodeError:
                     super().process_event(event)
                     return
