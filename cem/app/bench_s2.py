@@ -408,11 +408,14 @@ class CemProcess:
 async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                     url: str | None = None, progress: Any = None,
                     connect_concurrency: int = 200, http: bool = False,
-                    cem_src: Path | None = None, busy_core: bool = False) -> BenchResult:
+                    cem_src: Path | None = None, busy_core: bool = False,
+                    profile: Path | None = None) -> BenchResult:
     """Run the benchmark against `url`, or against a fresh `cem run` subprocess if None.
 
     `cem_src`: that `cem run` runs from this checkout's directory instead (a baseline).
     `busy_core`: a CPU-bound process runs during the message phase.
+    `profile`: py-spy (if installed) samples the CEM's threads during the message phase and
+    writes their stacks to that file (collapsed: one stack and its count a line).
 
     `http`: the CEM serves its dashboard and, during the message phase, one open page reads
     it as the browser does (the page's files, /api/state and /api/plan, then the SSE stream;
@@ -438,6 +441,10 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                 page = _PageProcess(f"http://127.0.0.1:{cem.http_port}", result)
                 await page.start()
             hog = _BusyCore() if busy_core else None
+            spy = _PySpy(cem.process.pid, profile) \
+                if profile is not None and cem is not None and cem.process is not None else None
+            if spy is not None:
+                await asyncio.sleep(0.5)   # py-spy attached before the first message
             cpu_before = cem.cpu_s() if cem else None
             own_before = time.process_time()
             try:
@@ -445,6 +452,8 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
             finally:
                 if hog is not None:
                     hog.stop()
+                if spy is not None:
+                    spy.stop(result)
             result.bench_cpu_s_message_phase = round(time.process_time() - own_before, 2)
             cpu_after = cem.cpu_s() if cem else None
             rss = cem.rss_mb() if cem else None
@@ -480,6 +489,31 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                     result.errors.append(f"cem run exited with {result.cem_exit_code}: "
                                          + cem.log.read_text()[-500:])
     return result
+
+
+class _PySpy:
+    """py-spy sampling a process (all its threads) until stopped, stacks written collapsed."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        exe = Path(sys.executable).with_name("py-spy")
+        command = str(exe) if exe.exists() else "py-spy"
+        self.out = out
+        try:
+            self.process: subprocess.Popen[bytes] | None = subprocess.Popen(
+                [command, "record", "--pid", str(pid), "--format", "raw", "--threads",
+                 "--rate", "250", "--nonblocking", "-o", str(out)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except OSError:
+            self.process = None
+
+    def stop(self, result: BenchResult) -> None:
+        if self.process is None:
+            result.errors.append("--profile: py-spy is not installed (pip install py-spy)")
+            return
+        self.process.send_signal(signal.SIGINT)
+        _, err = self.process.communicate(timeout=30)
+        if not self.out.exists():
+            result.errors.append(f"--profile: py-spy wrote nothing: {err.decode()[-300:]}")
 
 
 class _BusyCore:
@@ -676,7 +710,7 @@ async def _message_phase(clients: list[BenchRm], messages: int, rate: float,
 
 def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
                   http: bool = False, cem_src: Path | None = None, rounds: int = 1,
-                  busy_core: bool = False) -> None:
+                  busy_core: bool = False, profile: Path | None = None) -> None:
     """Run the S2 benchmark and print the figures (one JSON object with --json).
 
     `http`: run it twice in a row, the CEM without and then with its dashboard served and one
@@ -702,7 +736,7 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
         return
     if json_out:
         result = asyncio.run(run_bench(rms=rms, messages=messages, rate=rate,
-                                       busy_core=busy_core))
+                                       busy_core=busy_core, profile=profile))
         print(json.dumps(asdict(result)))
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -711,7 +745,8 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as progress:
         result = asyncio.run(run_bench(rms=rms, messages=messages, rate=rate,
-                                       progress=progress, busy_core=busy_core))
+                                       progress=progress, busy_core=busy_core,
+                                       profile=profile))
     table = Table(title=f"S2 server: {result.rms_connected}/{rms} RMs, "
                         f"{messages} PowerMeasurements each")
     table.add_column("figure")
