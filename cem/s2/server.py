@@ -67,6 +67,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode, apply_mask
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from cem.control_types import PLUGINS
 from cem.ports import Connected, Disconnected, InstructionResult, RegistryEvent, RmEvent
@@ -156,6 +157,11 @@ class TokenAuthorizer:
 
 # --- the connection: messages handled as they are read ----------------------------------------
 
+# what S2Connection reads of websockets' protocol to cut frames itself (websockets 17; an
+# older one without them keeps its own parser for every frame)
+_CUTS_FRAMES = all(hasattr(ServerProtocol(), name)
+                   for name in ("current_size", "max_message_size", "reader", "writes"))
+
 
 class S2Connection(ServerConnection):
     """websockets' server connection, handing whole messages to `on_message` as they are read.
@@ -210,8 +216,8 @@ class S2Connection(ServerConnection):
     def _parser_idle(self) -> bool:
         """websockets' parser is open and between frames (so whole frames may be cut here)."""
         protocol = self.protocol
-        if protocol.state is not State.OPEN or protocol.current_size is not None \
-                or protocol.reader.buffer:
+        if not _CUTS_FRAMES or protocol.state is not State.OPEN \
+                or protocol.current_size is not None or protocol.reader.buffer:
             return False
         generator = protocol.parser
         while (inner := getattr(generator, "gi_yieldfrom", None)) is not None:
