@@ -157,10 +157,11 @@ class TokenAuthorizer:
 
 # --- the connection: messages handled as they are read ----------------------------------------
 
-# what S2Connection reads of websockets' protocol to cut frames itself (websockets 17; an
-# older one without them keeps its own parser for every frame)
+# what S2Connection reads of websockets' protocol to cut and frame frames itself (websockets
+# 17; with an older one without them, websockets parses and frames every frame itself)
 _CUTS_FRAMES = all(hasattr(ServerProtocol(), name)
-                   for name in ("current_size", "max_message_size", "reader", "writes"))
+                   for name in ("current_size", "max_message_size", "reader", "writes",
+                                "extensions", "expect_continuation_frame"))
 
 
 class S2Connection(ServerConnection):
@@ -285,9 +286,21 @@ class S2Connection(ServerConnection):
     def send_now(self, text: str) -> bool:
         """Frame `text` into the send buffer (written after this read, or now outside one);
         False when the connection is no longer open."""
-        if self.protocol.state is not State.OPEN:
+        protocol = self.protocol
+        if protocol.state is not State.OPEN:
             return False
-        self.protocol.send_text(text.encode())
+        if not _CUTS_FRAMES or protocol.extensions or protocol.expect_continuation_frame:
+            protocol.send_text(text.encode())   # websockets' own framing (and its checks)
+        else:   # an unmasked, final text frame (RFC 6455 5.2), as websockets frames it
+            payload = text.encode()
+            length = len(payload)
+            if length < 126:
+                head = bytes((0x81, length))
+            elif length < 65536:
+                head = b"\x81\x7e" + length.to_bytes(2, "big")
+            else:
+                head = b"\x81\x7f" + length.to_bytes(8, "big")
+            protocol.writes.append(head + payload)
         if not self._batching:
             self.flush()
         return True

@@ -276,6 +276,7 @@ class S2Session:
         #: (message_type, message_id as the RM wrote it) of the message `receive` last
         #: answered OK, else None: the server logs it without reading the text again
         self.accepted: tuple[str, str] | None = None
+        self._advertised: tuple[Any, frozenset[Any]] = (None, frozenset())  # details, its types
         self._pending: dict[str, _Pending] = {}
         self._handlers: dict[str, Callable[[Any, datetime], list[Outgoing]]] = {
             "Handshake": self._on_handshake,
@@ -582,7 +583,7 @@ class S2Session:
         if logger.isEnabledFor(logging.DEBUG):
             self.log.debug("accepted PowerMeasurement %s", message_id)
         self.accepted = ("PowerMeasurement", message_id)
-        return [self._status(message_id, ReceptionStatusValues.OK, None)]
+        return [Outgoing(_OK_STATUS % message_id, None, "ReceptionStatus", False)]
 
     def _on_reception_status(self, raw: dict[str, Any]) -> None:
         try:
@@ -707,7 +708,9 @@ class S2Session:
         details = self.state.details
         if details is None:
             raise content("PowerMeasurement before ResourceManagerDetails")
-        advertised = set(details.provides_power_measurement_types)
+        if self._advertised[0] is not details:
+            self._advertised = (details, frozenset(details.provides_power_measurement_types))
+        advertised = self._advertised[1]
         seen: set[Any] = set()
         for value in message.values:
             if value.commodity_quantity not in advertised:
