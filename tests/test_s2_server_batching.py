@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
@@ -88,12 +89,13 @@ def site(tmp_path: Path) -> SiteConfig:
 
 
 @asynccontextmanager
-async def cem_and_rm(tmp_path: Path) -> AsyncIterator[tuple[S2Server, BurstRm]]:
+async def cem_and_rm(tmp_path: Path, **server_options: Any
+                     ) -> AsyncIterator[tuple[S2Server, BurstRm]]:
     """A CEM (server + store) and one raw RM through its handshake; the store is closed (all
     of it written) when the block ends."""
     config = site(tmp_path)
     store = await Store.open(config.store.path)
-    server = S2Server(config, store)
+    server = S2Server(config, store, **server_options)
     await server.start()
     rm = BurstRm(f"ws://127.0.0.1:{server.port}")
     try:
@@ -206,3 +208,28 @@ async def test_messages_split_over_many_reads_are_answered_once_each(tmp_path: P
             await asyncio.sleep(0.02)   # each piece is its own read
         await asyncio.wait_for(rm.answered.wait(), 10)
         assert rm.statuses == [(m, "OK") for m in ids]
+
+
+async def test_an_rm_that_does_not_read_its_answers_is_not_read_until_it_does(
+        tmp_path: Path) -> None:
+    ids = [str(uuid.uuid4()) for _ in range(2000)]
+    async with cem_and_rm(tmp_path, write_limit_bytes=4096) as (server, rm):
+        live = server.get(rm.resource_id)
+        assert live is not None and live.ws is not None and rm.transport is not None
+        # small socket buffers, so the answers back up after a few hundred
+        live.ws.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        rm.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        rm.transport.pause_reading()   # the RM stops reading what the CEM sends
+        read_before = server.messages_in
+        rm.expected = len(ids)
+        rm.write_at_once([frame(MEASUREMENT % (m, 3)) for m in ids])
+        await asyncio.sleep(1.5)
+        read = server.messages_in - read_before
+        assert 0 < read < len(ids) // 2   # the CEM stopped reading from it
+        assert not rm.statuses
+        rm.transport.resume_reading()   # it reads again: everything is answered, in order
+        await asyncio.wait_for(rm.answered.wait(), 30)
+        assert [subject for subject, _ in rm.statuses] == ids
+        assert {status for _, status in rm.statuses} == {"OK"}
