@@ -904,7 +904,19 @@ class S2Server:
     def _on_event(self, entry: LiveSession, event: Any) -> None:
         kind = type(event).__name__
         store = self.store
-        if kind == "RmDetails":
+        if kind == "StateChanged":  # first: nearly every event (a measurement)
+            if event.kind == "measurement" and store is not None and entry.rm_id is not None:
+                measurement = entry.session.state.latest_measurement()
+                if measurement is not None:
+                    store.record_measurements(
+                        entry.rm_id, measurement.measurement_timestamp.timestamp(),
+                        [(v.commodity_quantity.value, v.value) for v in measurement.values])
+            now = time.monotonic()
+            if (store is not None and entry.rm_id is not None
+                    and now - entry.last_snapshot_at >= self.snapshot_interval_s):
+                entry.last_snapshot_at = now
+                store.touch_rm(entry.rm_id, snapshot=entry.session.state.snapshot)
+        elif kind == "RmDetails":
             entry.details = event.details
             entry.name = event.name or event.details.name
             self._identify(entry, event.resource_id or str(event.details.resource_id))
@@ -918,18 +930,6 @@ class S2Server:
                                snapshot=entry.session.state.snapshot)
         elif kind == "HandshakeDone":
             logger.debug("%s: handshake done (%s)", entry.label, event.version)
-        elif kind == "StateChanged":
-            if event.kind == "measurement" and store is not None and entry.rm_id is not None:
-                measurement = entry.session.state.latest_measurement()
-                if measurement is not None:
-                    store.record_measurements(
-                        entry.rm_id, measurement.measurement_timestamp.timestamp(),
-                        [(v.commodity_quantity.value, v.value) for v in measurement.values])
-            now = time.monotonic()
-            if (store is not None and entry.rm_id is not None
-                    and now - entry.last_snapshot_at >= self.snapshot_interval_s):
-                entry.last_snapshot_at = now
-                store.touch_rm(entry.rm_id, snapshot=entry.session.state.snapshot)
         elif kind in ("ReceptionConfirmed", "ReceptionFailed"):
             subject = str(event.message_id)
             status = "OK" if kind == "ReceptionConfirmed" else str(event.status)
