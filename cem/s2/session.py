@@ -202,6 +202,18 @@ def _parse_json(text: str) -> Any:
     return _JSON.decode(text)
 
 
+_HANDLERS = {
+    "Handshake": "_on_handshake",
+    "ResourceManagerDetails": "_on_details",
+    "PowerMeasurement": "_on_measurement",
+    "PowerForecast": "_on_power_forecast",
+    "InstructionStatusUpdate": "_on_instruction_status",
+    "RevokeObject": "_on_revoke",
+    "SessionRequest": "_on_session_request",
+}
+"""The session's own handler (a method name) per message type; the others go to the active
+control type's plug-in. Names, not bound methods kept per session: 1000 sessions, 1000 dicts."""
+
 _OK_STATUS = '{"message_type":"ReceptionStatus","subject_message_id":"%s","status":"OK"}'
 """The OK ReceptionStatus exactly as json.dumps writes it, for ids that need no escaping."""
 
@@ -278,15 +290,6 @@ class S2Session:
         self.accepted: tuple[str, str] | None = None
         self._advertised: tuple[Any, frozenset[Any]] = (None, frozenset())  # details, its types
         self._pending: dict[str, _Pending] = {}
-        self._handlers: dict[str, Callable[[Any, datetime], list[Outgoing]]] = {
-            "Handshake": self._on_handshake,
-            "ResourceManagerDetails": self._on_details,
-            "PowerMeasurement": self._on_measurement,
-            "PowerForecast": self._on_power_forecast,
-            "InstructionStatusUpdate": self._on_instruction_status,
-            "RevokeObject": self._on_revoke,
-            "SessionRequest": self._on_session_request,
-        }
 
     # --- public API ----------------------------------------------------------------------------
 
@@ -546,7 +549,7 @@ class S2Session:
             return [self._reject(message_id, message_type, ReceptionStatusValues.INVALID_CONTENT,
                                  f"{message_type} is inconsistent: {label}")], False
 
-        handler = self._handlers.get(message_type) or self._on_control_type_message
+        handler = getattr(self, _HANDLERS.get(message_type, "_on_control_type_message"))
         try:
             follow_up = handler(message, now)
         except Rejected as rejection:
