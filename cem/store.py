@@ -37,6 +37,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -342,6 +343,11 @@ class _RmDelta:
     messages_out: int = 0
     snapshot: Callable[[], dict[str, Any]] | dict[str, Any] | None = None
 
+    def counts_only(self) -> bool:
+        """Only message counters and the last message time changed."""
+        return (self.name is None and not self.control_type_set and self.connected is None
+                and self.snapshot is None)
+
 
 @dataclass
 class StoreStats:
@@ -383,6 +389,11 @@ class Store:
         self._last_heartbeat = time.time()
         self.for_cem = False
         self.snapshots_per_flush = 100
+        #: an RM row whose only news is its message counters and last message time is written
+        #: at most once per this interval (1000 RMs each sending 5 messages a second made one
+        #: row upsert per message); anything else about it, and an awaited flush, write it now
+        self.rm_row_interval_s = 1.0
+        self._rm_written: dict[str, float] = {}   # rm id -> when its row was last written
 
     # --- opening and closing ------------------------------------------------------------------
 
@@ -838,7 +849,17 @@ class Store:
         if calls:
             snapshot_budget = None
         rm_rows = []
+        now = time.monotonic()
+        hold = not calls and not self._closing and self.rm_row_interval_s > 0
         for rm_id, delta in deltas.items():
+            if hold and delta.counts_only() and \
+                    now - self._rm_written.get(rm_id, -math.inf) < self.rm_row_interval_s:
+                self._rm_deltas[rm_id] = delta   # its counters go with a later flush
+                continue
+            if delta.connected is False:
+                self._rm_written.pop(rm_id, None)
+            else:
+                self._rm_written[rm_id] = now
             if delta.snapshot is not None and snapshot_budget is not None:
                 if snapshot_budget <= 0:
                     later = self._delta(rm_id)
@@ -848,6 +869,8 @@ class Store:
                 else:
                     snapshot_budget -= 1
             rm_rows.append(self._rm_row(rm_id, delta))
+        if not rm_rows and not inserts and not pending and not calls:
+            return
         try:
             results = await self._write_batch(rm_rows, inserts, pending, calls)
         except Exception as exc:

@@ -12,6 +12,11 @@ then `messages` PowerMeasurements.
 Messages are paced (open loop) at `rate` messages/s over all RMs, like a site whose RMs report
 on their own clocks; latency is from sending a measurement to receiving its ReceptionStatus.
 `rate=0` sends as fast as the CEM acknowledges (closed loop per RM: max throughput).
+
+`cem_src` runs the CEM from another checkout (`cem bench s2 --cem-src DIR`: e.g. main beside a
+branch), so a change is measured against its baseline in the same run, on the same machine
+state; `busy_core` keeps one core busy with a CPU-bound process during the message phase (how
+the CEM holds its latency when it shares the machine).
 """
 
 from __future__ import annotations
@@ -86,6 +91,9 @@ class BenchResult:
     latency_p99_ms: float | None = None
     latency_max_ms: float | None = None
     cem_peak_rss_mb: float | None = None
+    cem_rss_idle_mb: float | None = None  # VmRSS when it serves, before any RM connected
+    cem_kb_per_rm: float | None = None
+    """(VmRSS after the message phase - VmRSS before the RMs connected) / RMs connected."""
     cem_cpu_s_message_phase: float | None = None
     bench_cpu_s_message_phase: float | None = None
     cem_cpu_us_per_message: float | None = None
@@ -93,6 +101,10 @@ class BenchResult:
     least disturbed by other load on the machine."""
     cem_cpu_share_message_phase: float | None = None
     """CEM CPU seconds per wall second of the message phase (1.0 = one core busy)."""
+    cem_cpu_system_us_per_message: float | None = None
+    """The kernel's part of `cem_cpu_us_per_message` (socket reads and writes, epoll)."""
+    cem_src: str | None = None  # the checkout the CEM ran from (None: this one)
+    busy_core: bool = False  # a CPU-bound process ran beside it in the message phase
     http: bool = False  # the CEM served its dashboard and one page was open (SSE + reads)
     dashboard_events: int = 0
     dashboard_bytes: int = 0
@@ -310,10 +322,12 @@ def _proc_status(pid: int, key: str) -> float | None:
     return None
 
 
-def _proc_cpu_s(pid: int) -> float | None:
+def _proc_cpu_s(pid: int) -> tuple[float, float] | None:
+    """(user, system) CPU seconds of process `pid`."""
     try:
         parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(parts[11]) / tick, int(parts[12]) / tick
     except (OSError, IndexError, ValueError):
         return None
 
@@ -322,7 +336,8 @@ class CemProcess:
     """`cem run` as a subprocess on a free port with a temporary store."""
 
     def __init__(self, workdir: Path, reception_timeout_s: float = 30.0,
-                 http: bool = False) -> None:
+                 http: bool = False, src: Path | None = None) -> None:
+        self.src = src
         self.port = _free_port()
         self.http_port = _free_port() if http else 0
         self.db = workdir / "bench.db"
@@ -343,10 +358,17 @@ class CemProcess:
         return f"ws://127.0.0.1:{self.port}"
 
     async def start(self, timeout_s: float = 60.0) -> None:
+        env, cwd = None, None
+        if self.src is not None:
+            # `python -m` puts the working directory first on sys.path, PYTHONPATH next
+            cwd = str(self.src)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                [str(self.src), *filter(None, [os.environ.get("PYTHONPATH")])])}
         with self.log.open("wb") as log:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "cem.app.cli", "run", "--config", str(self.config),
-                "--log-level", "WARNING", stdout=log, stderr=subprocess.STDOUT)
+                "--log-level", "WARNING", stdout=log, stderr=subprocess.STDOUT, env=env,
+                cwd=cwd)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.returncode is not None:
@@ -363,7 +385,11 @@ class CemProcess:
     def peak_rss_mb(self) -> float | None:
         return None if self.process is None else _proc_status(self.process.pid, "VmHWM")
 
-    def cpu_s(self) -> float | None:
+    def rss_mb(self) -> float | None:
+        return None if self.process is None else _proc_status(self.process.pid, "VmRSS")
+
+    def cpu_s(self) -> tuple[float, float] | None:
+        """(user, system) CPU seconds so far."""
         return None if self.process is None else _proc_cpu_s(self.process.pid)
 
     async def stop(self, timeout_s: float = 30.0) -> tuple[int | None, float]:
@@ -381,20 +407,30 @@ class CemProcess:
 
 async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                     url: str | None = None, progress: Any = None,
-                    connect_concurrency: int = 200, http: bool = False) -> BenchResult:
+                    connect_concurrency: int = 200, http: bool = False,
+                    cem_src: Path | None = None, busy_core: bool = False,
+                    profile: Path | None = None) -> BenchResult:
     """Run the benchmark against `url`, or against a fresh `cem run` subprocess if None.
+
+    `cem_src`: that `cem run` runs from this checkout's directory instead (a baseline).
+    `busy_core`: a CPU-bound process runs during the message phase.
+    `profile`: py-spy (if installed) samples the CEM's threads during the message phase and
+    writes their stacks to that file (collapsed: one stack and its count a line).
 
     `http`: the CEM serves its dashboard and, during the message phase, one open page reads
     it as the browser does (the page's files, /api/state and /api/plan, then the SSE stream;
     /metrics every 5 s as Prometheus would)."""
     raise_open_file_limit(max(4096, 2 * rms + 256))
     result = BenchResult(rms=rms, rms_connected=0, messages_per_rm=messages,
-                         target_rate_per_s=rate or None, http=http)
+                         target_rate_per_s=rate or None, http=http,
+                         cem_src=str(cem_src) if cem_src is not None else None,
+                         busy_core=busy_core)
     with tempfile.TemporaryDirectory(prefix="cem-bench-") as tmp:
-        cem = CemProcess(Path(tmp), http=http) if url is None else None
+        cem = CemProcess(Path(tmp), http=http, src=cem_src) if url is None else None
         if cem is not None:
             await cem.start()
             url = cem.url
+            result.cem_rss_idle_mb = cem.rss_mb()
         assert url is not None
         clients = [BenchRm(n, url) for n in range(rms)]
         try:
@@ -404,20 +440,38 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
             if http and cem is not None:
                 page = _PageProcess(f"http://127.0.0.1:{cem.http_port}", result)
                 await page.start()
+            hog = _BusyCore() if busy_core else None
+            spy = _PySpy(cem.process.pid, profile) \
+                if profile is not None and cem is not None and cem.process is not None else None
+            if spy is not None:
+                await asyncio.sleep(0.5)   # py-spy attached before the first message
             cpu_before = cem.cpu_s() if cem else None
             own_before = time.process_time()
-            await _message_phase(live, messages, rate, result, progress)
+            try:
+                await _message_phase(live, messages, rate, result, progress)
+            finally:
+                if hog is not None:
+                    hog.stop()
+                if spy is not None:
+                    spy.stop(result)
             result.bench_cpu_s_message_phase = round(time.process_time() - own_before, 2)
             cpu_after = cem.cpu_s() if cem else None
+            rss = cem.rss_mb() if cem else None
+            if rss is not None and result.cem_rss_idle_mb is not None and result.rms_connected:
+                result.cem_kb_per_rm = round(
+                    (rss - result.cem_rss_idle_mb) * 1024 / result.rms_connected, 1)
             if page is not None:
                 await page.stop()
             if cpu_before is not None and cpu_after is not None:
-                result.cem_cpu_s_message_phase = round(cpu_after - cpu_before, 2)
+                used = sum(cpu_after) - sum(cpu_before)
+                result.cem_cpu_s_message_phase = round(used, 2)
                 result.cem_cpu_share_message_phase = round(
-                    (cpu_after - cpu_before) / max(result.message_phase_s, 1e-9), 3)
+                    used / max(result.message_phase_s, 1e-9), 3)
                 if result.messages_acknowledged:
                     result.cem_cpu_us_per_message = round(
-                        (cpu_after - cpu_before) / result.messages_acknowledged * 1e6, 1)
+                        used / result.messages_acknowledged * 1e6, 1)
+                    result.cem_cpu_system_us_per_message = round(
+                        (cpu_after[1] - cpu_before[1]) / result.messages_acknowledged * 1e6, 1)
         finally:
             if cem is not None:
                 result.cem_peak_rss_mb = cem.peak_rss_mb()
@@ -435,6 +489,43 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                     result.errors.append(f"cem run exited with {result.cem_exit_code}: "
                                          + cem.log.read_text()[-500:])
     return result
+
+
+class _PySpy:
+    """py-spy sampling a process (all its threads) until stopped, stacks written collapsed."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        exe = Path(sys.executable).with_name("py-spy")
+        command = str(exe) if exe.exists() else "py-spy"
+        self.out = out
+        try:
+            self.process: subprocess.Popen[bytes] | None = subprocess.Popen(
+                [command, "record", "--pid", str(pid), "--format", "raw", "--threads",
+                 "--rate", "250", "--nonblocking", "-o", str(out)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except OSError:
+            self.process = None
+
+    def stop(self, result: BenchResult) -> None:
+        if self.process is None:
+            result.errors.append("--profile: py-spy is not installed (pip install py-spy)")
+            return
+        self.process.send_signal(signal.SIGINT)
+        _, err = self.process.communicate(timeout=30)
+        if not self.out.exists():
+            result.errors.append(f"--profile: py-spy wrote nothing: {err.decode()[-300:]}")
+
+
+class _BusyCore:
+    """A CPU-bound process (a busy loop) for as long as it is not stopped: other work on the
+    machine, as a site's computer has."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
 
 
 class _PageProcess:
@@ -618,22 +709,34 @@ async def _message_phase(clients: list[BenchRm], messages: int, rate: float,
 
 
 def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
-                  http: bool = False) -> None:
+                  http: bool = False, cem_src: Path | None = None, rounds: int = 1,
+                  busy_core: bool = False, profile: Path | None = None) -> None:
     """Run the S2 benchmark and print the figures (one JSON object with --json).
 
     `http`: run it twice in a row, the CEM without and then with its dashboard served and one
-    page open, and report both and the difference."""
+    page open, and report both and the difference. `cem_src`: `rounds` times, the CEM of that
+    checkout (the baseline) and then this one's, and report both. `busy_core`: a CPU-bound
+    process beside the CEM in every message phase."""
     from rich.console import Console
 
     console = Console(stderr=True)
-    if rms < 1 or messages < 0:
-        console.print("[bold red]error:[/] --rms must be at least 1 and --messages at least 0")
+    if rms < 1 or messages < 0 or rounds < 1:
+        console.print("[bold red]error:[/] --rms and --rounds must be at least 1 and "
+                      "--messages at least 0")
         raise SystemExit(2)
+    if cem_src is not None:
+        if not (cem_src / "cem" / "app" / "cli.py").is_file():
+            console.print(f"[bold red]error:[/] --cem-src {cem_src}: not a checkout of this "
+                          "project (no cem/app/cli.py in it)")
+            raise SystemExit(2)
+        _compare_src(rms, messages, rate, cem_src.resolve(), rounds, busy_core, json_out)
+        return
     if http:
         _compare_http(rms, messages, rate, json_out, console)
         return
     if json_out:
-        result = asyncio.run(run_bench(rms=rms, messages=messages, rate=rate))
+        result = asyncio.run(run_bench(rms=rms, messages=messages, rate=rate,
+                                       busy_core=busy_core, profile=profile))
         print(json.dumps(asdict(result)))
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -642,7 +745,8 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as progress:
         result = asyncio.run(run_bench(rms=rms, messages=messages, rate=rate,
-                                       progress=progress))
+                                       progress=progress, busy_core=busy_core,
+                                       profile=profile))
     table = Table(title=f"S2 server: {result.rms_connected}/{rms} RMs, "
                         f"{messages} PowerMeasurements each")
     table.add_column("figure")
@@ -659,12 +763,18 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
         ("ReceptionStatus latency max", _ms(result.latency_max_ms)),
         ("CEM peak memory (VmHWM)", f"{result.cem_peak_rss_mb:.0f} MB"
          if result.cem_peak_rss_mb else "-"),
+        ("CEM memory per connected RM", f"{result.cem_kb_per_rm:.0f} kB"
+         if result.cem_kb_per_rm is not None else "-"),
         ("CEM CPU in message phase", f"{result.cem_cpu_s_message_phase} s"
-                                     + (f" ({result.cem_cpu_us_per_message:.0f} us/message)"
-                                        if result.cem_cpu_us_per_message else "")),
+                                     + (f" ({result.cem_cpu_us_per_message:.0f} us/message, "
+                                        f"{result.cem_cpu_system_us_per_message:.0f} in the "
+                                        "kernel)" if result.cem_cpu_us_per_message
+                                        and result.cem_cpu_system_us_per_message is not None
+                                        else "")),
         ("messages in the store", str(result.stored_messages)),
         ("CEM exit on SIGTERM", f"{result.cem_exit_code} after {result.cem_shutdown_s} s"),
-        ("machine", f"{result.cpu_count} CPUs, load {result.load_average_1m:.1f}"),
+        ("machine", f"{result.cpu_count} CPUs, load {result.load_average_1m:.1f}"
+                    + (", one core kept busy" if busy_core else "")),
     ]
     for name, value in rows:
         table.add_row(name, value)
@@ -672,6 +782,55 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
     Console().print(f"[dim]clients: {CLIENT_KIND}[/]")
     for error in result.errors:
         console.print(f"[yellow]warning:[/] {error}")
+
+
+_COMPARED = ("acknowledged_per_s", "latency_p50_ms", "latency_p99_ms", "cem_cpu_us_per_message",
+             "cem_cpu_system_us_per_message", "cem_peak_rss_mb", "cem_kb_per_rm")
+
+
+def _compare_src(rms: int, messages: int, rate: float, cem_src: Path, rounds: int,
+                 busy_core: bool, json_out: bool) -> None:
+    """The bench `rounds` times with the baseline CEM (`cem_src`) and then this checkout's,
+    alternating, so both see the same machine state; each figure's median per side."""
+    runs: dict[str, list[BenchResult]] = {"baseline": [], "this": []}
+    for _ in range(rounds):
+        for side, src in (("baseline", cem_src), ("this", None)):
+            runs[side].append(asyncio.run(run_bench(rms=rms, messages=messages, rate=rate,
+                                                    cem_src=src, busy_core=busy_core)))
+    medians = {side: {name: _median([getattr(r, name) for r in results])
+                      for name in _COMPARED} for side, results in runs.items()}
+    base_cpu = medians["baseline"]["cem_cpu_us_per_message"]
+    this_cpu = medians["this"]["cem_cpu_us_per_message"]
+    report = {"baseline_src": str(cem_src), "rounds": rounds, "busy_core": busy_core,
+              "median": medians,
+              "cpu_per_message_ratio": round(this_cpu / base_cpu, 3)
+              if base_cpu and this_cpu else None,
+              "baseline": [asdict(r) for r in runs["baseline"]],
+              "this": [asdict(r) for r in runs["this"]]}
+    if json_out:
+        print(json.dumps(report))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"S2 server: {rms} RMs x {messages} messages at "
+                        f"{rate:.0f}/s, median of {rounds} round(s)"
+                        + (", one core kept busy" if busy_core else ""))
+    table.add_column("figure")
+    table.add_column(f"baseline ({cem_src})", justify="right")
+    table.add_column("this checkout", justify="right")
+    for name in _COMPARED:
+        table.add_row(name, str(medians["baseline"][name]), str(medians["this"][name]))
+    Console().print(table)
+    Console().print(f"CPU per message, this / baseline: {report['cpu_per_message_ratio']}")
+    for result in runs["baseline"] + runs["this"]:
+        for error in result.errors:
+            Console(stderr=True).print(f"[yellow]warning:[/] {error}")
+
+
+def _median(values: list[Any]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 2) if known else None
 
 
 def _compare_http(rms: int, messages: int, rate: float, json_out: bool, console: Any) -> None:

@@ -387,11 +387,21 @@ def bench_s2(
                                "as the CEM acknowledges"),
     http: bool = typer.Option(False, "--http", help="run twice: without and with the "
                               "dashboard served and one page open; report the difference"),
+    cem_src: Path | None = typer.Option(None, "--cem-src", help="a baseline: also run the CEM "
+                                        "of this checkout (e.g. main), alternating with this "
+                                        "one, and report both"),
+    rounds: int = typer.Option(1, help="with --cem-src: baseline and this, this many times"),
+    busy_core: bool = typer.Option(False, "--busy-core", help="keep one core busy with a "
+                                   "CPU-bound process during the message phase"),
+    profile: Path | None = typer.Option(None, "--profile", help="py-spy samples the CEM's "
+                                        "threads in the message phase; stacks (collapsed) to "
+                                        "this file"),
 ) -> None:
     """Benchmark the S2 server: connect N RMs and measure acknowledgements."""
     from cem.app.bench_s2 import bench_command
 
-    bench_command(rms=rms, messages=messages, json_out=json_out, rate=rate, http=http)
+    bench_command(rms=rms, messages=messages, json_out=json_out, rate=rate, http=http,
+                  cem_src=cem_src, rounds=rounds, busy_core=busy_core, profile=profile)
 
 
 # --- resource managers and simulators --------------------------------------------------------

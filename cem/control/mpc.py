@@ -490,9 +490,12 @@ class SiteController:
         """The power the plan has for this RM in the current PTU (None: not planned)."""
         if self.plan is None or self.mapping is None:
             return None
+        assets = self.mapping.rm_assets.get(rm_id)
+        if not assets:
+            return None   # (asked for every measurement: no clock read for an RM not planned)
         t = self._current_ptu()
         total, found = 0.0, False
-        for asset_id in self.mapping.rm_assets.get(rm_id, []):
+        for asset_id in assets:
             row = self.plan.power_w.get(asset_id)
             if row is not None and t < len(row):
                 total += float(row[t])

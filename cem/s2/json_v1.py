@@ -18,6 +18,7 @@ it sends (`cem.s2.session.S2Session.send`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,7 +28,9 @@ PRESENT_DEMAND_STATUS = "DDBC.PresentDemandStatus"
 _NO_RATE = {"start_of_range": 0, "end_of_range": 0}
 
 
+@functools.lru_cache(maxsize=16)
 def is_v1(version: str | None) -> bool:
+    """Whether a negotiated protocol version is S2 JSON v1.0.0 (asked for every message)."""
     return version is not None and version.strip().lower().removeprefix("v") == "1.0.0"
 
 

@@ -22,6 +22,14 @@ sockets and sessions, and keeps the books:
   (`write_limit_bytes`): when an RM does not read, the CEM stops reading from it too, and an
   instruction waits (up to its timeout) for room. Sends happen in the task that produced them
   (no writer task per connection: one task switch less per message, 1000 tasks fewer).
+- **one wake-up per read, not per message** (`S2Connection`, docs/adr/0010): a whole text or
+  binary frame is handed to its session straight from websockets' `data_received`, in the
+  order read, with no task switch; the answers (ReceptionStatus, HandshakeResponse, ...) are
+  framed into the connection's buffer and written once per read, one socket write however many
+  messages that read held. Fragmented messages, and any that arrive while one is still queued,
+  take websockets' own path (the connection's task), in order. When an RM does not read its
+  answers (the send buffer above `write_limit_bytes`), the CEM stops reading from it until it
+  does.
 - **isolation**: a message the session cannot handle is logged and answered by the session; an
   exception inside one connection's code is logged and ends at most that connection.
 - **registry** of live sessions, keyed by the RM's `resource_id` once its
@@ -56,7 +64,10 @@ from s2python.common import SessionRequest, SessionRequestType
 from s2python.message import S2Message
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode, apply_mask
 from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from cem.control_types import PLUGINS
 from cem.ports import Connected, Disconnected, InstructionResult, RegistryEvent, RmEvent
@@ -144,6 +155,187 @@ class TokenAuthorizer:
         return AuthDecision(False, reason="unknown bearer token")
 
 
+# --- the connection: messages handled as they are read ----------------------------------------
+
+# what S2Connection reads of websockets' protocol to cut and frame frames itself (websockets
+# 17; with an older one without them, websockets parses and frames every frame itself)
+_CUTS_FRAMES = all(hasattr(ServerProtocol(), name)
+                   for name in ("current_size", "max_message_size", "reader", "writes",
+                                "extensions", "expect_continuation_frame"))
+
+
+class S2Connection(ServerConnection):
+    """websockets' server connection, handing whole messages to `on_message` as they are read.
+
+    `data_received` parses what one read brought; each complete text or binary frame goes to
+    `on_message` at once (no task switch, no queue), unless websockets' queue still holds an
+    earlier message (then it queues behind it: order is kept) or it is a fragment or not UTF-8
+    text (websockets' own path decides). Whatever the handlers framed (`send_now`) is written
+    after the read in one socket write.
+    """
+
+    # slots: new attributes in the instance dict would grow it by ~1.5 kB per connection
+    __slots__ = ("_batching", "_framing", "_partial", "_reading_paused", "on_message")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.on_message: Callable[[str | bytes], None] | None = None
+        self._batching = False
+        self._reading_paused = False
+        self._framing = False     # frames are cut here (see `_frames_in`)
+        self._partial = b""       # the start of a frame not complete yet
+        super().__init__(*args, **kwargs)
+
+    def process_event(self, event: Any) -> None:
+        handler = self.on_message
+        if (handler is not None and isinstance(event, Frame) and event.fin
+                and not len(self.recv_messages.frames)):
+            if event.opcode is Opcode.TEXT:
+                try:
+                    text = bytes(event.data).decode()
+                except UnicodeDecodeError:
+                    super().process_event(event)
+                    return
+                handler(text)
+                return
+            if event.opcode is Opcode.BINARY:
+                handler(bytes(event.data))
+                return
+        super().process_event(event)
+
+    def data_received(self, data: bytes) -> None:
+        self._batching = True
+        try:
+            if self._framing or (self.on_message is not None and self._parser_idle()):
+                self._framing = True
+                self._frames_in(data)
+            else:
+                super().data_received(data)
+        finally:
+            self._batching = False
+        self.flush()
+
+    def _parser_idle(self) -> bool:
+        """websockets' parser is open and between frames (so whole frames may be cut here)."""
+        protocol = self.protocol
+        if not _CUTS_FRAMES or protocol.state is not State.OPEN \
+                or protocol.current_size is not None or protocol.reader.buffer:
+            return False
+        generator = protocol.parser
+        while (inner := getattr(generator, "gi_yieldfrom", None)) is not None:
+            generator = inner
+        return getattr(getattr(generator, "gi_code", None), "co_name", "") == "at_eof"
+
+    def _frames_in(self, data: bytes) -> None:
+        """Cut what was read into frames (RFC 6455); a whole masked text or binary frame goes
+        to `on_message` at once; any other frame (control, fragment, not UTF-8 text, one
+        queued behind an earlier message) is fed whole to websockets' own parser, so that
+        parser always stands between frames. A frame above the size limit, or the connection
+        closing: from there on websockets reads everything itself."""
+        view = self._partial + data if self._partial else data
+        self._partial = b""
+        protocol = self.protocol
+        limit = protocol.max_message_size
+        handler = self.on_message
+        size = len(view)
+        at = 0
+        while size - at >= 2:
+            if protocol.state is not State.OPEN:
+                break
+            first, second = view[at], view[at + 1]
+            length, head = second & 0x7F, at + 2
+            if length == 126:
+                if size - at < 4:
+                    self._partial = view[at:]
+                    return
+                length, head = int.from_bytes(view[at + 2:at + 4], "big"), at + 4
+            elif length == 127:
+                if size - at < 10:
+                    self._partial = view[at:]
+                    return
+                length, head = int.from_bytes(view[at + 2:at + 10], "big"), at + 10
+            if not second & 0x80 or (limit is not None and length > limit):
+                break   # unmasked or too big: websockets refuses it (and closes)
+            end = head + 4 + length
+            if end > size:
+                self._partial = view[at:]
+                return
+            if (first == 0x81 or first == 0x82) and handler is not None \
+                    and protocol.current_size is None and not len(self.recv_messages.frames):
+                payload = apply_mask(view[head + 4:end], view[head:head + 4])
+                if first == 0x82:
+                    handler(payload)
+                    at = end
+                    continue
+                try:
+                    text = payload.decode()
+                except UnicodeDecodeError:
+                    pass
+                else:
+                    handler(text)
+                    at = end
+                    continue
+            super().data_received(view[at:end])
+            at = end
+        else:
+            if at < size:
+                self._partial = view[at:]
+            return
+        self._framing = False   # websockets' parser takes the rest from here
+        super().data_received(view[at:])
+
+    def send_now(self, text: str) -> bool:
+        """Frame `text` into the send buffer (written after this read, or now outside one);
+        False when the connection is no longer open."""
+        protocol = self.protocol
+        if protocol.state is not State.OPEN:
+            return False
+        if not _CUTS_FRAMES or protocol.extensions or protocol.expect_continuation_frame:
+            protocol.send_text(text.encode())   # websockets' own framing (and its checks)
+        else:   # an unmasked, final text frame (RFC 6455 5.2), as websockets frames it
+            payload = text.encode()
+            length = len(payload)
+            if length < 126:
+                head = bytes((0x81, length))
+            elif length < 65536:
+                head = b"\x81\x7e" + length.to_bytes(2, "big")
+            else:
+                head = b"\x81\x7f" + length.to_bytes(8, "big")
+            protocol.writes.append(head + payload)
+        if not self._batching:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Write what is framed, in one socket write; when the RM does not read its answers
+        (more than the write limit buffered), stop reading from it until it does."""
+        if not self.protocol.writes:
+            return
+        try:
+            self.send_data()
+        except Exception as exc:
+            self.set_connection_exc(exc)
+            self.transport.abort()
+            return
+        if self.paused and not self._reading_paused and not self.transport.is_closing():
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def send_data(self) -> None:
+        writes = self.protocol.data_to_send()
+        if len(writes) > 1 and all(writes):
+            self.transport.write(b"".join(writes))
+            return
+        self.protocol.writes = writes  # an end-of-stream marker: websockets' own way
+        super().send_data()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._reading_paused:
+            self._reading_paused = False
+            if not self.transport.is_closing() and not self.recv_messages.paused:
+                self.transport.resume_reading()
+
+
 # --- what the control loop sees ------------------------------------------------------------------
 
 
@@ -166,6 +358,7 @@ class LiveSession:
         default_factory=dict, repr=False)
     last_snapshot_at: float = 0.0
     closing_reason: str | None = None
+    close_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def key(self) -> str:
@@ -281,6 +474,7 @@ class S2Server:
             compression=None,  # S2 messages are small; deflate would cost CPU on every message
             server_header="S2-CEM",
             logger=logging.getLogger("cem.s2.websockets"),
+            create_connection=S2Connection,
         )
 
     @property
@@ -325,6 +519,7 @@ class S2Server:
 
     @staticmethod
     async def _close_ws(entry: LiveSession, code: int, reason: str) -> None:
+        """Close the websocket with `code` (the S2 messages before it are sent first)."""
         if entry.ws is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(entry.ws.close(code, _close_text(reason)), timeout=5)
@@ -553,10 +748,16 @@ class S2Server:
         reason = "connection closed"
         try:
             await self._after_session_call(entry, session.start(utc_now()))
+            if isinstance(ws, S2Connection):
+                ws.on_message = functools.partial(self._receive_now, entry)
+            # what the connection could not hand over at once (see S2Connection) comes here
             async for data in ws:
-                await self._on_data(entry, data)
+                if entry.session.close is None:
+                    self._receive_now(entry, data)
                 if entry.session.close is not None:
                     break
+            if entry.close_task is not None:
+                await asyncio.shield(entry.close_task)
             reason = _close_reason(ws, entry)
         except ConnectionClosed:
             reason = _close_reason(ws, entry)
@@ -569,19 +770,65 @@ class S2Server:
         finally:
             self._forget(entry, reason)
 
-    async def _on_data(self, entry: LiveSession, data: str | bytes) -> None:
-        now = utc_now()
-        self.messages_in += 1
+    def _receive_now(self, entry: LiveSession, data: str | bytes) -> None:
+        """One received message: the session judges it, its answers are framed for sending
+        (written after the read), its events handled, the store told. Synchronous: called from
+        the connection's `data_received` (see `S2Connection`) or from its task."""
+        if entry.session.close is not None or not entry.open:
+            return  # the session ends: what the RM still sends is not read
         try:
-            outs = entry.session.receive(data, now)
+            now = utc_now()
+            self.messages_in += 1
+            try:
+                outs = entry.session.receive(data, now)
+            except Exception:
+                logger.exception("S2 session of %s could not handle a message; it stays open",
+                                 entry.label)
+                outs = []
+            # first: ResourceManagerDetails names the RM for the log
+            self._handle_events(entry, now)
+            if self.store is not None:
+                self._log_incoming(entry, data, outs, now)
+                for out in outs:
+                    if out.message_type != "ReceptionStatus":
+                        self._log_out(entry, out)
+            self._send_now(entry, outs)
+            close = entry.session.close
+            if close is not None and entry.close_task is None:
+                entry.closing_reason = entry.closing_reason or close.reason
+                entry.close_task = asyncio.get_running_loop().create_task(
+                    self._close_ws(entry, close.code, close.reason))
         except Exception:
-            logger.exception("S2 session of %s could not handle a message; it stays open",
-                             entry.label)
-            outs = []
-        self._handle_events(entry)  # first: ResourceManagerDetails names the RM for the log
-        if self.store is not None:
-            self._log_incoming(entry, data, outs, now)
-        await self._after_session_call(entry, outs, log_reception_statuses=False)
+            logger.exception("S2 connection %s (%s) failed; closing only this one",
+                             entry.connection_id, entry.label)
+            entry.closing_reason = entry.closing_reason or "CEM error in this connection"
+            if entry.close_task is None:
+                entry.close_task = asyncio.get_running_loop().create_task(
+                    self._close_ws(entry, 1011, "CEM error"))
+
+    def _send_now(self, entry: LiveSession, outs: Sequence[Outgoing]) -> None:
+        """Frame texts for sending, in order, without waiting: answers to what the RM sent.
+
+        Back-pressure is the connection's (`S2Connection.flush`): the CEM stops reading from an
+        RM that does not read. A connection of another kind (tests) sends in a task, in order.
+        """
+        ws = entry.ws
+        if ws is None or not entry.open or not outs:
+            return
+        if isinstance(ws, S2Connection):
+            for out in outs:
+                if not ws.send_now(out.text):
+                    return
+                self.messages_out += 1
+            return
+        task = asyncio.get_running_loop().create_task(self._send(entry, outs))
+        task.add_done_callback(_log_task_error)
+
+    def _log_out(self, entry: LiveSession, out: Outgoing) -> None:
+        assert self.store is not None
+        self.store.log_message(direction="out", message_type=out.message_type,
+                               message_id=out.message_id, text=out.text,
+                               session_id=entry.connection_id, rm_id=entry.rm_id)
 
     async def _after_session_call(self, entry: LiveSession, outs: list[Outgoing],
                                   *, log_reception_statuses: bool = True) -> None:
@@ -589,9 +836,7 @@ class S2Server:
         if self.store is not None:
             for out in outs:
                 if log_reception_statuses or out.message_type != "ReceptionStatus":
-                    self.store.log_message(direction="out", message_type=out.message_type,
-                                           message_id=out.message_id, text=out.text,
-                                           session_id=entry.connection_id, rm_id=entry.rm_id)
+                    self._log_out(entry, out)
         self._handle_events(entry)
         if entry.session.close is not None:
             await self._send(entry, [*outs, entry.session.close])
@@ -624,6 +869,13 @@ class S2Server:
                       now: datetime) -> None:
         assert self.store is not None
         text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+        accepted = entry.session.accepted
+        if accepted is not None:  # answered OK: the session read its type and id already
+            self.store.log_message(direction="in", message_type=accepted[0],
+                                   message_id=accepted[1], text=text,
+                                   session_id=entry.connection_id, rm_id=entry.rm_id,
+                                   reception_status="OK", at=now.timestamp())
+            return
         message_type, message_id, status = _peek(text, outs)
         if message_type == "ReceptionStatus" and message_id is None:
             return  # logged on the CEM message it answers (ReceptionConfirmed/Failed events)
@@ -634,7 +886,8 @@ class S2Server:
 
     # --- session events ---------------------------------------------------------------------------
 
-    def _handle_events(self, entry: LiveSession) -> None:
+    def _handle_events(self, entry: LiveSession, now: datetime | None = None) -> None:
+        """Act on the session's events and publish them (stamped `now`, default: now)."""
         try:
             events = entry.session.drain_events()
         except Exception:
@@ -645,12 +898,25 @@ class S2Server:
                 self._on_event(entry, event)
             except Exception:
                 logger.exception("handling %s of %s failed", type(event).__name__, entry.label)
-            self._publish(RmEvent(entry.rm_id, entry.connection_id, event, utc_now()))
+            self._publish(RmEvent(entry.rm_id, entry.connection_id, event,
+                                  utc_now() if now is None else now))
 
     def _on_event(self, entry: LiveSession, event: Any) -> None:
         kind = type(event).__name__
         store = self.store
-        if kind == "RmDetails":
+        if kind == "StateChanged":  # first: nearly every event (a measurement)
+            if event.kind == "measurement" and store is not None and entry.rm_id is not None:
+                measurement = entry.session.state.latest_measurement()
+                if measurement is not None:
+                    store.record_measurements(
+                        entry.rm_id, measurement.measurement_timestamp.timestamp(),
+                        [(v.commodity_quantity.value, v.value) for v in measurement.values])
+            now = time.monotonic()
+            if (store is not None and entry.rm_id is not None
+                    and now - entry.last_snapshot_at >= self.snapshot_interval_s):
+                entry.last_snapshot_at = now
+                store.touch_rm(entry.rm_id, snapshot=entry.session.state.snapshot)
+        elif kind == "RmDetails":
             entry.details = event.details
             entry.name = event.name or event.details.name
             self._identify(entry, event.resource_id or str(event.details.resource_id))
@@ -664,18 +930,6 @@ class S2Server:
                                snapshot=entry.session.state.snapshot)
         elif kind == "HandshakeDone":
             logger.debug("%s: handshake done (%s)", entry.label, event.version)
-        elif kind == "StateChanged":
-            if event.kind == "measurement" and store is not None and entry.rm_id is not None:
-                measurement = entry.session.state.latest_measurement()
-                if measurement is not None:
-                    store.record_measurements(
-                        entry.rm_id, measurement.measurement_timestamp.timestamp(),
-                        [(v.commodity_quantity.value, v.value) for v in measurement.values])
-            now = time.monotonic()
-            if (store is not None and entry.rm_id is not None
-                    and now - entry.last_snapshot_at >= self.snapshot_interval_s):
-                entry.last_snapshot_at = now
-                store.touch_rm(entry.rm_id, snapshot=entry.session.state.snapshot)
         elif kind in ("ReceptionConfirmed", "ReceptionFailed"):
             subject = str(event.message_id)
             status = "OK" if kind == "ReceptionConfirmed" else str(event.status)

@@ -1,0 +1,41 @@
+"""`cem bench s2`: a baseline CEM from another checkout beside this one, in the same run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_baseline_checkout_runs_beside_this_one_and_both_are_reported() -> None:
+    run = subprocess.run([sys.executable, "-m", "cem.app.cli", "bench", "s2", "--rms", "5",
+                          "--messages", "6", "--rate", "100", "--cem-src", str(ROOT),
+                          "--busy-core", "--json"],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["baseline_src"] == str(ROOT) and report["busy_core"] is True
+    (baseline,), (this,) = report["baseline"], report["this"]
+    assert baseline["cem_src"] == str(ROOT) and this["cem_src"] is None
+    for result in (baseline, this):
+        assert result["messages_acknowledged"] == 30 and result["not_ok"] == 0
+        assert result["cem_exit_code"] == 0 and not result["errors"]
+        assert result["busy_core"] is True
+        assert 0 <= result["cem_cpu_system_us_per_message"] <= result["cem_cpu_us_per_message"]
+        assert result["cem_kb_per_rm"] is not None
+    medians = report["median"]
+    assert medians["this"]["cem_cpu_us_per_message"] == this["cem_cpu_us_per_message"]
+    assert report["cpu_per_message_ratio"] == round(
+        this["cem_cpu_us_per_message"] / baseline["cem_cpu_us_per_message"], 3)
+
+
+def test_a_baseline_that_is_no_checkout_is_a_user_mistake(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "cem.app.cli", "bench", "s2", "--rms", "5",
+                          "--cem-src", str(tmp_path)], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 2
+    assert "not a checkout of this project" in run.stderr
+    assert "Traceback" not in run.stderr
