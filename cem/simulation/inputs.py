@@ -47,6 +47,7 @@ import numpy as np
 from cem.flex.limits import limits_from_grid
 from cem.flex.prices import tariff_prices
 from cem.site.config import SiteConfig
+from cem.site.departures import Visit
 from cem.site.forecast import ForecastError, load_pv_per_kwp
 from cem.site.sessions import Session, SessionFileError, load_acn_sessions, on_local_clock
 from resource_managers.ocpp_charger.config import OcppConfig
@@ -71,6 +72,14 @@ class Evse:
     min_w: int
     phases: int
     phase: str
+
+
+HISTORY_DAYS = 28  # the sessions file's visits before the start that level 5 learns from
+
+
+def evse_rm_name(evse_id: str) -> str:
+    """The name the twin's RM of an EVSE gives itself (and the live loop records visits by)."""
+    return f"EV charger {evse_id}"
 
 
 @dataclass
@@ -125,6 +134,9 @@ class SimInputs:
     notes: list[str] = field(default_factory=list)
     wholesale_eur_per_mwh: np.ndarray | None = None  # n_ptus + look-ahead, before the tariff
     ocpp: OcppConfig = field(default_factory=OcppConfig)  # the OCPP RM's section of the site file
+    # the visits of the sessions file that ended before the run, as the store of a CEM that ran
+    # the site before would hold them (level 5 learns departures from them)
+    history: list[Visit] = field(default_factory=list)
 
     @property
     def dt_h(self) -> float:
@@ -160,6 +172,36 @@ def evses_from_config(config: SiteConfig, station_ids: list[str],
         notes.append(f"the site config lists no [[ocpp.charge_points]]: one 3x16 A EVSE per station "
                      f"of the data ({len(evses)})")
     return evses, notes
+
+
+def believed_departure(s: Session, config: SiteConfig) -> datetime:
+    """The departure the CEM is told: the driver's estimate, else the site's EV defaults."""
+    if s.estimated_departure is not None and s.estimated_departure > s.arrival:
+        return s.estimated_departure
+    if config.ev_defaults.departure is not None:
+        zone = ZoneInfo(config.site.timezone)
+        local = s.arrival.astimezone(zone)
+        believed = datetime.combine(local.date(), config.ev_defaults.departure, tzinfo=zone)
+        return believed + timedelta(days=1) if believed <= s.arrival else believed
+    return s.arrival + timedelta(hours=config.ev_defaults.dwell_hours)
+
+
+def history_visits(raw: list[Session], config: SiteConfig, before: datetime, days: int,
+                   evse_names: dict[str, str]) -> list[Visit]:
+    """Visits of the `days` before `before` that ended by then, as the live loop records them
+    (EVSE by its RM's name, the departure the CEM was told, the real departure)."""
+    since = before - timedelta(days=days)
+    out = []
+    for raw_session in raw:
+        s = on_local_clock([raw_session], raw_session.arrival.date(), config.site.timezone)[0]
+        if not (since <= s.arrival and s.departure <= before):
+            continue
+        need = (s.requested_kwh or 0.0) * 1000 if s.claimed else None
+        out.append(Visit(evse_names.get(s.station_id, s.station_id), s.arrival.astimezone(UTC),
+                         s.departure.astimezone(UTC),
+                         believed_departure(s, config).astimezone(UTC), need,
+                         s.delivered_kwh * 1000))
+    return out
 
 
 def parse_start(text: str) -> date:
@@ -320,15 +362,7 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
                 continue
             evse = free[0]
         busy_until[evse.id] = departure_ptu
-        if s.estimated_departure is not None and s.estimated_departure > s.arrival:
-            believed_dep = s.estimated_departure
-        elif config.ev_defaults.departure is not None:
-            local = s.arrival.astimezone(zone)
-            believed_dep = datetime.combine(local.date(), config.ev_defaults.departure, tzinfo=zone)
-            if believed_dep <= s.arrival:
-                believed_dep += timedelta(days=1)
-        else:
-            believed_dep = s.arrival + timedelta(hours=config.ev_defaults.dwell_hours)
+        believed_dep = believed_departure(s, config)
         believed_ptu = max(arrival_ptu + 1, _snap(believed_dep, t0, ptu_s))
         requested_wh = round((s.requested_kwh or 0.0) * 1000)
         if s.claimed and requested_wh > 0:
@@ -349,6 +383,11 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
         notes.append(f"{dropped} session(s) found no free EVSE and were left out")
     if not sessions:
         raise SimulationError("no session could be placed on an EVSE")
+    history = history_visits(raw_sessions, config, t0, HISTORY_DAYS,
+                             {e.id: evse_rm_name(e.id) for e in evses})
+    if history:
+        notes.append(f"history: {len(history)} visit(s) of the {HISTORY_DAYS} days before the "
+                     f"start, in level 5's store before it runs")
 
     n_ptus = max(n_day_ptus, max(s.departure_ptu for s in sessions))
     n_total = n_ptus + horizon
@@ -382,4 +421,5 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
         export_limit_w=np.asarray(limits.export_limit_w, dtype=np.int64),
         fuse_w_per_phase=config.grid.fuse_a * config.grid.voltage_v,
         pv_kwp=pv_kwp, files=files, notes=notes,
-        wholesale_eur_per_mwh=np.asarray(wholesale, dtype=float), ocpp=ocpp or OcppConfig())
+        wholesale_eur_per_mwh=np.asarray(wholesale, dtype=float), ocpp=ocpp or OcppConfig(),
+        history=history)

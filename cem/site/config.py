@@ -243,6 +243,11 @@ class PlannerConfig(Section):
     limit_share: float = Field(0.98, gt=0.5, le=1,
                                description="share of fuse and import limit plans may use")
     guard_margin: float = Field(0.95, gt=0, le=1, description="guard sheds down to this share")
+    safe_departure_quantile: float = Field(
+        0.15, ge=0, le=0.5, description="plan EVs to this quantile of their learned departure "
+        "(0: to the typed departure)")
+    value_of_undelivered_kwh_eur: float = Field(
+        0.5, ge=0, le=100, description="EUR per kWh an EV misses by its safe departure")
 
     @field_validator("ptu_minutes")
     @classmethod
