@@ -2,8 +2,9 @@
 
 Live, an EV visit reaches the CEM only through its charger's RM: the EV charger's FRBC system
 description gains a charging mode when an EV plugs in (with a fill-level target at the
-departure the driver or the RM's defaults gave), loses it when the EV is full, and describes an
-empty storage (fill-level range 0 .. 0) once the EV has left. `DepartureLearning.observe`,
+departure the driver or the RM's defaults gave), loses it when the EV is full (its fill-level
+range shrinks to the level it reached), and describes an empty storage (fill-level range
+0 .. 0) once the EV has left. `DepartureLearning.observe`,
 called by `SiteController.replan` with each new problem, follows every EV charger's asset: the
 first plan that sees an EV opens its visit (arrival = now, typed departure = the asset's end,
 need = target - level); the first plan whose asset is empty again closes it (departure = now)
@@ -38,6 +39,7 @@ from cem.site.departures import DepartureModel, SafeDeparture, Visit
 logger = logging.getLogger("cem.control")
 
 HISTORY_DAYS = 365  # visits the model learns from, counted back from the start
+OVERSTAY = timedelta(hours=1)  # the charger RM's target for an EV past its departure
 DRIVER = re.compile(r"driver ([^,]+)")
 
 
@@ -47,14 +49,26 @@ class OpenVisit:
     arrival: datetime
     typed_departure: datetime | None
     need_wh: float | None
-    level0_wh: float
-    level_wh: float
+    level_wh: float  # the last level seen, in the asset's Wh
+    scale_wh: float  # the asset's level_max_wh then (its level's unit: kWh charged or SoC)
     driver: str | None = None
+    delivered_wh: float = 0.0  # level rises seen, while the unit stayed the same
+    typed_latest: datetime | None = None  # the asset's end now (an overstayer's is renewed)
 
 
-def empty(asset: StorageAsset) -> bool:
-    """The charger describes no EV: nothing to charge and an empty fill-level range."""
-    return asset.charge_max_w <= 0 and asset.level_max_wh <= 0
+def no_ev(asset: StorageAsset, state: Any, now: datetime) -> bool:
+    """The charger describes no EV: nothing to charge and an empty fill-level range (0 .. 0).
+
+    A full EV keeps its level as the range (the level it reached), so it is still there. An
+    RM that is not FRBC says so by its asset alone (nothing to charge, no level).
+    """
+    if asset.charge_max_w > 0:
+        return False
+    try:
+        sd = state.of(ControlType.FILL_RATE_BASED_CONTROL).system_description(now)
+        return float(sd.storage.fill_level_range.end_of_range) <= 0.0
+    except Exception:  # not FRBC, or no description
+        return asset.level_max_wh <= 0
 
 
 def driver_of(state: Any, now: datetime) -> str | None:
@@ -80,7 +94,8 @@ class DepartureLearning:
         self.model = DepartureModel([], config.site.timezone)
         self.open: dict[str, OpenVisit] = {}
         self.safe: dict[str, SafeDeparture] = {}  # rm id -> the last safe departure planned to
-        self.recorded = 0
+        self.recorded = 0  # visits recorded (this run)
+        self.planned = 0  # safe-departure milestones added (this run, summed over plans)
 
     async def load(self, now: datetime) -> None:
         """Learn from the visits the store kept."""
@@ -103,31 +118,58 @@ class DepartureLearning:
                 continue
             asset = evs[0]
             visit = self.open.get(rm_id)
-            if empty(asset):
+            if no_ev(asset, states.get(rm_id), now):
                 if visit is not None:
                     closed.append(self._close(rm_id, now))
                 continue
             level = float(asset.level_wh)
-            if visit is not None and level + 1.0 < visit.level_wh:
+            scale = float(asset.level_max_wh)
+            typed = None if asset.available_until is None else problem.start + timedelta(
+                minutes=problem.ptu_minutes * int(asset.available_until))
+            if visit is not None and asset.charge_max_w > 0 and self._new_ev(visit, level, scale,
+                                                                             typed, now):
                 closed.append(self._close(rm_id, now))  # a new EV since the last plan
                 visit = None
             if visit is None:
-                typed = None if asset.available_until is None else problem.start + timedelta(
-                    minutes=problem.ptu_minutes * int(asset.available_until))
+                if asset.charge_max_w <= 0:
+                    continue  # an EV that takes nothing from the start: nothing to learn
                 need = None if asset.target_wh is None else max(0.0, asset.target_wh - level)
                 self.open[rm_id] = OpenVisit(names.get(rm_id, rm_id), now, typed, need, level,
-                                             level, driver_of(states.get(rm_id), now))
-            else:
-                visit.level_wh = max(visit.level_wh, level)
+                                             scale, driver_of(states.get(rm_id), now),
+                                             typed_latest=typed)
+                continue
+            if asset.charge_max_w > 0 and typed is not None:
+                visit.typed_latest = typed
+            if asset.charge_max_w > 0 or scale > 0:
+                if scale == visit.scale_wh or asset.charge_max_w <= 0:
+                    visit.delivered_wh += max(0.0, level - visit.level_wh)
+                visit.level_wh = level
+                if asset.charge_max_w > 0:
+                    visit.scale_wh = scale
         for visit in closed:
             self.model.add(visit)
         return closed
+
+    def _new_ev(self, visit: OpenVisit, level: float, scale: float, typed: datetime | None,
+                now: datetime) -> bool:
+        """Another EV plugged in since the last plan: its level is lower (same unit), or its
+        charger gives another departure that is not an overstayer's next-hour target."""
+        if level + 1.0 < visit.level_wh and scale == visit.scale_wh:
+            return True
+        latest = visit.typed_latest
+        if typed is None or latest is None:
+            return False
+        step = timedelta(minutes=self.ptu_minutes)
+        if abs(typed - latest) <= step:
+            return False
+        overstaying = now >= latest - OVERSTAY and typed <= now + 2 * OVERSTAY
+        return not overstaying
 
     def _close(self, rm_id: str, now: datetime) -> Visit:
         visit = self.open.pop(rm_id)
         self.safe.pop(rm_id, None)
         return Visit(visit.evse, visit.arrival, now, visit.typed_departure, visit.need_wh,
-                     max(0.0, visit.level_wh - visit.level0_wh), visit.driver)
+                     visit.delivered_wh, visit.driver)
 
     async def record(self, visits: list[Visit]) -> None:
         """Keep closed visits in the store (a store failure only costs the history)."""
@@ -169,4 +211,5 @@ class DepartureLearning:
             asset.target_profile.append((ptu, int(asset.target_wh), int(asset.level_max_wh)))
             asset.milestone_eur_per_wh[ptu] = self.value_eur_per_wh
             count += 1
+        self.planned += count
         return count
