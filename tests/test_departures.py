@@ -126,3 +126,41 @@ def test_the_safe_departure_costs_the_value_of_an_undelivered_kwh(
     assert (early_kwh > 10.5) == front_loaded, early_kwh
     # the limits hold either way: 25 A per phase is 17.25 kW, the GTV 20 kW
     assert power.max() <= 11000 + 1e-6
+
+
+def commitment_case(import_limit_w: float) -> tuple[Problem, Problem, object]:
+    """The previous plan charged the EV in the PTU now running; the new prices are a little
+    lower two hours later (a replan would postpone it); the import limit of PTU 0 is given."""
+    from cem.control.departures import commit_started
+
+    before = one_ev(0.30, 0.5)
+    before.storage[0].target_profile, before.storage[0].milestone_eur_per_wh = [], {}
+    before.storage[0].target_wh = before.storage[0].level_max_wh = 4000
+    previous = plan_site(before, time_limit_s=2.0, workers=1)
+    previous.power_w["ev"] = np.array([11000.0, 11000.0] + [0.0] * (N - 2))
+    now = one_ev(0.29, 0.5)  # one PTU later: 0.30 now, 0.29 from PTU 7 on
+    now.start = before.start + timedelta(minutes=15)
+    ev = now.storage[0]
+    ev.target_profile, ev.milestone_eur_per_wh = [], {}
+    ev.target_wh = ev.level_max_wh = 4000
+    ev.level_wh = 2750
+    now.limits.import_limit_w = np.full(N, 20000.0)
+    now.limits.import_limit_w[0] = import_limit_w
+    assert commit_started(now, before, previous, 0.5 / 1000) == 1
+    return before, now, previous
+
+
+def test_a_started_charge_is_not_postponed_by_the_next_replan() -> None:
+    _, now, _ = commitment_case(20000.0)
+    assert now.storage[0].target_profile == [(1, 4000, 4000)]
+    plan = plan_site(now, time_limit_s=2.0, workers=1)
+    power = np.asarray(plan.power_w["ev"], dtype=float)
+    assert power[0] * 0.25 >= 1250 - 50  # the rest of the need now, not at the cheaper hour
+
+
+def test_a_limit_still_moves_a_committed_charge() -> None:
+    _, now, _ = commitment_case(3000.0)  # a congestion window in PTU 0: below the EV's minimum
+    plan = plan_site(now, time_limit_s=2.0, workers=1)
+    power = np.asarray(plan.power_w["ev"], dtype=float)
+    assert power[0] == 0.0  # the limit holds (the EV cannot charge below 4.14 kW)
+    assert float(power.sum()) * 0.25 == pytest.approx(1250, abs=50)  # later, all of it

@@ -19,6 +19,12 @@ than at the unmet-target penalty. The planner front-loads the energy before the 
 unless waiting saves more than that per kWh; the target at the typed departure and every
 limit stay as they were. Once the safe departure has passed the EV is asked for its target in
 the next PTU (as soon as the limits allow, at the same price).
+
+`commit_started` keeps a charge the last plan started: an EV the previous plan charged in the
+PTU that is now running gets a milestone at the end of this PTU asking for that energy, priced
+like the safe departure. A replan no longer pushes it to a later PTU for a slightly cheaper
+price (a small need was postponed PTU by PTU until the departure margin left no room); the
+limits, and other EVs' targets, still can.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from typing import Any
 
 from s2python.common import ControlType
 
-from cem.planner.assets import Problem, StorageAsset
+from cem.planner.assets import Plan, Problem, StorageAsset
+from cem.planner.layout import ptu_hours
 from cem.site.config import SiteConfig
 from cem.site.departures import DepartureModel, SafeDeparture, Visit
 
@@ -213,3 +220,36 @@ class DepartureLearning:
             count += 1
         self.planned += count
         return count
+
+
+def commit_started(problem: Problem, previous: Problem | None, plan: Plan | None,
+                   eur_per_wh: float) -> int:
+    """Milestones that keep the charging the previous plan had in the PTU now running (see the
+    module docstring); returns how many EVs got one."""
+    if previous is None or plan is None or eur_per_wh <= 0:
+        return 0
+    step = timedelta(minutes=problem.ptu_minutes)
+    k = round((problem.start - previous.start) / step)
+    if k < 0 or k >= previous.n_ptus or problem.n_ptus < 2:
+        return 0
+    hours = float(ptu_hours(problem)[0])
+    count = 0
+    for asset in problem.storage:
+        if asset.kind != "ev" or asset.charge_max_w <= 0 or asset.available_from > 0:
+            continue
+        power = plan.power_w.get(asset.id)
+        if power is None or len(power) <= k or float(power[k]) < asset.charge_min_w:
+            continue
+        until = asset.available_until if asset.available_until is not None else problem.n_ptus
+        if until <= 1 or any(m[0] == 1 for m in asset.target_profile):
+            continue
+        watts = min(float(power[k]), float(asset.charge_max_w))
+        goal = min(asset.level_wh + watts * hours * asset.charge_efficiency, asset.level_max_wh)
+        if asset.target_wh is not None:
+            goal = min(goal, max(asset.target_wh, asset.level_wh))
+        if goal <= asset.level_wh + 1:
+            continue
+        asset.target_profile.append((1, int(goal), int(asset.level_max_wh)))
+        asset.milestone_eur_per_wh[1] = eur_per_wh
+        count += 1
+    return count

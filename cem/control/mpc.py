@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from cem.control.departures import DepartureLearning
+from cem.control.departures import DepartureLearning, commit_started
 from cem.control.dispatch import Dispatcher, DispatchReport
 from cem.control.ev_modes import EvModes
 from cem.control.grid_signals import SignalBoard
@@ -151,6 +151,7 @@ class SiteController:
         # finished EV visits recorded, departures learned, plans to a safe departure
         self.departures = DepartureLearning(config, store)
         self._departures_loaded = False
+        self.committed = 0  # EVs kept charging in the running PTU (commit_started), summed
         self.last_replan_s: float | None = None  # how long the last replan took (wall s)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -409,6 +410,9 @@ class SiteController:
         closed = learning.observe(problem, mapping.rm_assets, states, names, now)
         await learning.record(closed)
         learning.apply(problem, mapping.rm_assets)
+        if self.config.planner.commit_started_charging:
+            self.committed += commit_started(problem, self.problem, self.plan,
+                                             learning.value_eur_per_wh)
 
     async def _off_loop(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `work` in the planning thread so S2 sessions stay answered meanwhile.

@@ -248,6 +248,8 @@ class PlannerConfig(Section):
         "(0: to the typed departure)")
     value_of_undelivered_kwh_eur: float = Field(
         0.5, ge=0, le=100, description="EUR per kWh an EV misses by its safe departure")
+    commit_started_charging: bool = Field(
+        True, description="keep a charge the last plan started in the running PTU")
 
     @field_validator("ptu_minutes")
     @classmethod
