@@ -96,6 +96,12 @@ class DepartureLearning:
         planner = config.planner
         self.quantile = float(planner.safe_departure_quantile)
         self.value_eur_per_wh = float(planner.value_of_undelivered_kwh_eur) / 1000
+        # departure scenarios: the safe departure alone (priced at the full value), or more
+        # quantiles, each milestone priced at the value times the share of drivers leaving
+        # between it and the next (the expected value of what a plan leaves undelivered)
+        more = sorted(q for q in planner.departure_scenario_quantiles if q > self.quantile)
+        self.quantiles = [self.quantile, *more] if self.quantile > 0 else []
+        self.scenarios = bool(more)
         self.ptu_minutes = planner.ptu_minutes
         self.store = store
         self.model = DepartureModel([], config.site.timezone)
@@ -190,6 +196,16 @@ class DepartureLearning:
         except Exception:
             logger.exception("recording finished EV visits failed")
 
+    def _prices(self, early_share: float) -> list[float]:
+        """EUR per Wh short at each departure quantile: the full value for the safe departure
+        alone; with scenarios, the value times the share of drivers that leave between this
+        quantile and the next (the last: up to the share that leaves before the typed one)."""
+        if not self.scenarios:
+            return [self.value_eur_per_wh] * len(self.quantiles)
+        bounds = [*self.quantiles, max(early_share, self.quantiles[-1])]
+        return [self.value_eur_per_wh * (bounds[k + 1] - bounds[k])
+                for k in range(len(self.quantiles))]
+
     def apply(self, problem: Problem, rm_assets: dict[str, list[str]]) -> int:
         """Add the safe-departure milestone to every open visit's EV; returns how many."""
         if self.quantile <= 0:
@@ -206,18 +222,21 @@ class DepartureLearning:
             if asset.charge_max_w <= 0 or asset.target_wh is None \
                     or asset.target_wh <= asset.level_wh or asset.available_until is None:
                 continue
-            safe = self.model.safe_departure(visit.evse, visit.arrival, visit.typed_departure,
-                                             self.quantile, visit.driver)
-            if safe is None:
+            found = self.model.departures(visit.evse, visit.arrival, visit.typed_departure,
+                                          self.quantiles, visit.driver)
+            if not found:
                 continue
-            self.safe[rm_id] = safe
-            ptu = math.floor((safe.at - problem.start) / step)
-            ptu = max(ptu, asset.available_from + 1)
-            if ptu >= asset.available_until or any(m[0] == ptu for m in asset.target_profile):
-                continue  # at the departure, or a milestone at full weight is already there
-            asset.target_profile.append((ptu, int(asset.target_wh), int(asset.level_max_wh)))
-            asset.milestone_eur_per_wh[ptu] = self.value_eur_per_wh
-            count += 1
+            self.safe[rm_id] = found[0]
+            added = False
+            for safe, price in zip(found, self._prices(found[0].early_share), strict=True):
+                ptu = math.floor((safe.at - problem.start) / step)
+                ptu = max(ptu, asset.available_from + 1)
+                if ptu >= asset.available_until or any(m[0] == ptu for m in asset.target_profile):
+                    continue  # at the departure, or a milestone is already there
+                asset.target_profile.append((ptu, int(asset.target_wh), int(asset.level_max_wh)))
+                asset.milestone_eur_per_wh[ptu] = price
+                added = True
+            count += added
         self.planned += count
         return count
 

@@ -248,6 +248,9 @@ class PlannerConfig(Section):
         "(0: to the typed departure)")
     value_of_undelivered_kwh_eur: float = Field(
         0.5, ge=0, le=100, description="EUR per kWh an EV misses by its safe departure")
+    departure_scenario_quantiles: list[float] = Field(
+        default_factory=list, description="more departure quantiles, each a milestone priced at "
+        "the value times the share of drivers leaving between it and the next")
     commit_started_charging: bool = Field(
         True, description="keep a charge the last plan started in the running PTU")
 

@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 
 MIN_VISITS = 8
+EARLY_H = 0.25  # leaving this much before the typed departure counts as early
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class SafeDeparture:
     at: datetime
     basis: str  # "driver", "EVSE, weekday and hour", "arrival hour", "all visits", "none"
     visits: int
+    early_share: float = 1.0  # share of the group that left more than a PTU before typed
 
 
 class DepartureModel:
@@ -95,6 +97,12 @@ class DepartureModel:
         """The safe departure of an EV that arrived at `arrival` (None: nothing to go by)."""
         if quantile <= 0:
             return None
+        found = self.departures(evse, arrival, typed, [quantile], driver)
+        return found[0] if found else None
+
+    def departures(self, evse: str, arrival: datetime, typed: datetime | None,
+                   quantiles: list[float], driver: str | None = None) -> list[SafeDeparture]:
+        """The departure at each quantile (ascending), from one group; [] without history."""
         names = {"driver": "driver", "evse": "EVSE, weekday and hour", "hour": "arrival hour",
                  "all": "all visits"}
         for key in self._keys(evse, arrival, driver):
@@ -107,9 +115,11 @@ class DepartureModel:
                 continue
             name = names[str(key[0])]
             if typed is not None:
-                early = float(np.quantile(values, 1.0 - quantile))
-                return SafeDeparture(max(arrival, typed - timedelta(hours=early)), name,
-                                     len(values))
-            stay = float(np.quantile(values, quantile))
-            return SafeDeparture(arrival + timedelta(hours=stay), name, len(values))
-        return None
+                early = np.quantile(values, [1.0 - q for q in quantiles])
+                share = float(np.mean(np.asarray(values) > EARLY_H))
+                return [SafeDeparture(max(arrival, typed - timedelta(hours=float(e))), name,
+                                      len(values), share) for e in early]
+            stays = np.quantile(values, quantiles)
+            return [SafeDeparture(arrival + timedelta(hours=float(s)), name, len(values))
+                    for s in stays]
+        return []
