@@ -159,8 +159,8 @@ class DepartureLearning:
                 visit.level_wh = level
                 if asset.charge_max_w > 0:
                     visit.scale_wh = scale
-        for visit in closed:
-            self.model.add(visit)
+        for done in closed:
+            self.model.add(done)
         return closed
 
     def _new_ev(self, visit: OpenVisit, level: float, scale: float, typed: datetime | None,
