@@ -164,3 +164,51 @@ def test_a_limit_still_moves_a_committed_charge() -> None:
     power = np.asarray(plan.power_w["ev"], dtype=float)
     assert power[0] == 0.0  # the limit holds (the EV cannot charge below 4.14 kW)
     assert float(power.sum()) * 0.25 == pytest.approx(1250, abs=50)  # later, all of it
+
+
+def test_departure_scenarios_are_priced_at_the_share_of_drivers_that_leave_by_then() -> None:
+    from cem.control.departures import DepartureLearning, OpenVisit
+    from cem.site.config import PlannerConfig, SiteConfig
+
+    def learning(**planner: object) -> DepartureLearning:
+        config = SiteConfig.model_validate({"site": {"name": "t", "timezone": "UTC"},
+                                            "planner": PlannerConfig(**planner).model_dump()})
+        out = DepartureLearning(config)
+        for v in fixture():
+            out.model.add(v)
+        out.open["rm"] = OpenVisit("A", MONDAY_8, MONDAY_8 + timedelta(hours=9), 11000.0, 0.0,
+                                   11000.0, typed_latest=MONDAY_8 + timedelta(hours=9))
+        return out
+
+    def problem() -> Problem:
+        p = one_ev(0.30, 1.0)
+        p.n_ptus = 40
+        p.prices = Prices(import_eur_per_kwh=np.full(40, 0.3), export_eur_per_kwh=np.zeros(40))
+        p.limits.import_limit_w = np.full(40, 20000.0)
+        p.limits.export_limit_w = np.full(40, 20000.0)
+        ev = p.storage[0]
+        ev.available_until, ev.target_profile, ev.milestone_eur_per_wh = 36, [], {}
+        return p
+
+    # EVSE A's drivers left 5, 3 or 1 h early (a third each): the 5, 10 and 20 % quantiles
+    # are 5 h early (one milestone, their three shares: 0.05 + 0.1 + 0.1), 30 % 4.4 h, 50 % 3 h;
+    # every driver left early, so the last share runs to 100 %: the shares add up to the value
+    # but for the 5 % that leave before the first milestone
+    scenarios = learning(value_of_undelivered_kwh_eur=1.0)
+    p = problem()
+    assert scenarios.apply(p, {"rm": ["ev"]}) == 1
+    ev = p.storage[0]
+    ptus = sorted(m[0] for m in ev.target_profile)
+    assert ptus[0] == 16 and ptus[-1] <= 32  # 4 h and at most 8 h after 08:00
+    assert all(m[1] == 11000 for m in ev.target_profile)
+    prices = [ev.milestone_eur_per_wh[t] * 1000 for t in ptus]
+    assert ptus == [16, 18, 24]
+    assert prices == pytest.approx([0.25, 0.2, 0.5])
+    # one safe departure: the full value of a kWh there; quantile 0: the typed departure only
+    single = learning(departure_scenario_quantiles=[])
+    p = problem()
+    single.apply(p, {"rm": ["ev"]})
+    assert p.storage[0].milestone_eur_per_wh == {16: pytest.approx(0.001)}
+    off = learning(safe_departure_quantile=0.0)
+    p = problem()
+    assert off.apply(p, {"rm": ["ev"]}) == 0 and p.storage[0].target_profile == []

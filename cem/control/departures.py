@@ -227,16 +227,19 @@ class DepartureLearning:
             if not found:
                 continue
             self.safe[rm_id] = found[0]
-            added = False
+            ours: set[int] = set()
             for safe, price in zip(found, self._prices(found[0].early_share), strict=True):
                 ptu = math.floor((safe.at - problem.start) / step)
                 ptu = max(ptu, asset.available_from + 1)
+                if ptu in ours:  # two quantiles in one PTU: one milestone, both shares
+                    asset.milestone_eur_per_wh[ptu] += price
+                    continue
                 if ptu >= asset.available_until or any(m[0] == ptu for m in asset.target_profile):
-                    continue  # at the departure, or a milestone is already there
+                    continue  # at the departure, or a milestone at full weight is already there
                 asset.target_profile.append((ptu, int(asset.target_wh), int(asset.level_max_wh)))
                 asset.milestone_eur_per_wh[ptu] = price
-                added = True
-            count += added
+                ours.add(ptu)
+            count += bool(ours)
         self.planned += count
         return count
 
