@@ -118,7 +118,7 @@ def summarise(inputs: SimInputs, runs: dict[str, LevelRun], controllers: dict[st
 
 def simulate_command(*, site_file: Path, sessions_file: Path, prices: Path, pv: Path | None,
                      start: str, days: int, levels: str, report: Path, json_out: bool,
-                     pv_kwp: float | None = None) -> None:
+                     pv_kwp: float | None = None, pv_forecast: str = "perfect") -> None:
     """Load the inputs, run every level, write the report and print the KPI table (or JSON)."""
     started = time.perf_counter()
     try:
@@ -135,7 +135,7 @@ def simulate_command(*, site_file: Path, sessions_file: Path, prices: Path, pv: 
             raise SimulationError("--pv-kwp must be 0 or more")
         kwp = (DEFAULT_PV_KWP if pv_kwp is None else pv_kwp) if pv is not None else 0.0
         inputs = load_inputs(config, sessions_file, prices, pv, first_day, days, kwp,
-                             ocpp=config.ocpp)
+                             ocpp=config.ocpp, pv_forecast=pv_forecast)
         if any(lv in wanted for lv in ("4", "5")) and "optimum" not in wanted:
             wanted.append("optimum")
         elif "optimum" not in wanted:

@@ -137,6 +137,10 @@ class SimInputs:
     # the visits of the sessions file that ended before the run, as the store of a CEM that ran
     # the site before would hold them (level 5 learns departures from them)
     history: list[Visit] = field(default_factory=list)
+    # what level 5's PV RM forecasts: the actual PV ("perfect") or the PV of the same time the
+    # day before ("persistence", a naive day-ahead forecast); the measurement is always actual
+    pv_forecast: str = "perfect"
+    pv_forecast_w: np.ndarray | None = None  # n_ptus + look-ahead, with "persistence"
 
     @property
     def dt_h(self) -> float:
@@ -302,8 +306,11 @@ def _read(path: Path, loader: Callable[[Path], T], format_error: type[Exception]
 
 def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_file: Path | None,
                 start: date, days: int, pv_kwp: float, *,
-                ocpp: OcppConfig | None = None) -> SimInputs:
+                ocpp: OcppConfig | None = None, pv_forecast: str = "perfect") -> SimInputs:
     """Read and map every input of a run; raise SimulationError on any user mistake."""
+    if pv_forecast not in ("perfect", "persistence"):
+        raise SimulationError(f"--pv-forecast {pv_forecast!r}: use perfect or persistence")
+    pv_forecast_w: np.ndarray | None = None
     zone = ZoneInfo(config.site.timezone)
     ptu_minutes = config.planner.ptu_minutes
     ptu_s = ptu_minutes * 60.0
@@ -402,6 +409,11 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
         pv_mapper = DayMapper(_covered_days(pv_series, zone), "PV")
         pv_w = np.rint(_hourly_lookup(pv_series, times, zone, pv_mapper, "PV") * pv_kwp * 1000)
         pv_w = np.maximum(pv_w, 0).astype(np.int64)
+        if pv_forecast == "persistence":
+            day_before = [t - timedelta(days=1) for t in times]
+            pv_forecast_w = np.maximum(np.rint(_hourly_lookup(
+                pv_series, day_before, zone, DayMapper(_covered_days(pv_series, zone), "PV"),
+                "PV") * pv_kwp * 1000), 0).astype(np.int64)
     else:
         pv_mapper = None
         pv_w = np.zeros(n_total, dtype=np.int64)
@@ -410,7 +422,9 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
     files = {
         "sessions": str(sessions_file),
         "prices": f"{prices_file} (mapped {price_mapper.describe()})",
-        "pv": (f"{pv_file} x {pv_kwp:g} kWp (mapped {pv_mapper.describe()})" if pv_mapper else "none"),
+        "pv": (f"{pv_file} x {pv_kwp:g} kWp (mapped {pv_mapper.describe()}); level 5's forecast: "
+               f"{'the day before' if pv_forecast_w is not None else 'the actual PV'}"
+               if pv_mapper else "none"),
     }
     return SimInputs(
         config=config, t0=t0, ptu_minutes=ptu_minutes, n_ptus=n_ptus, n_day_ptus=n_day_ptus,
@@ -422,4 +436,5 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
         fuse_w_per_phase=config.grid.fuse_a * config.grid.voltage_v,
         pv_kwp=pv_kwp, files=files, notes=notes,
         wholesale_eur_per_mwh=np.asarray(wholesale, dtype=float), ocpp=ocpp or OcppConfig(),
-        history=history)
+        history=history, pv_forecast=pv_forecast if pv_forecast_w is not None else "perfect",
+        pv_forecast_w=pv_forecast_w)

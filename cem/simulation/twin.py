@@ -623,7 +623,7 @@ class LiveControlLoop:
             device.tell(now)
         if self.pv is not None:
             n = inputs.config.planner.horizon_ptus
-            self.pv.forecast(-inputs.pv_w[t:t + n], now, inputs.ptu_minutes)
+            self.pv.forecast(-self._pv_forecast(t, n), now, inputs.ptu_minutes)
             self.pv.measure([-float(inputs.pv_w[t])], now)
         self._measure_grid(t)
         await self._pump()
@@ -645,6 +645,17 @@ class LiveControlLoop:
         out = np.zeros(len(inputs.sessions))
         for evse_id, session in here.items():
             out[session.index] = self.evses[evse_id].setpoint_w()
+        return out
+
+    def _pv_forecast(self, t: int, n: int) -> np.ndarray:
+        """What the PV RM forecasts from PTU t: the actual PV, or with `--pv-forecast
+        persistence` the day before's (the running PTU as it is measured)."""
+        actual = self.inputs.pv_w[t:t + n]
+        forecast = self.inputs.pv_forecast_w
+        if forecast is None:
+            return actual
+        out = forecast[t:t + n].copy()
+        out[:1] = actual[:1]
         return out
 
     def _measure_grid(self, t: int) -> None:
