@@ -138,3 +138,25 @@ def test_the_loop_records_each_visit_as_the_ev_leaves_and_plans_to_safe_departur
     assert sum(found) >= len(left) - 1, len(left) - sum(found)
     # the first day's visits are enough history for the second: EVs planned to safe departures
     assert learning.planned > 0
+
+
+def test_level_5_can_plan_on_the_day_befores_pv_instead_of_the_actual() -> None:
+    """`--pv-forecast persistence`: the PV RM forecasts yesterday's PV, measures today's."""
+    from cem.simulation.inputs import SimulationError
+
+    site = load_site_file(SITE)
+    data = load_inputs(site, SESSIONS, PRICES, PV, date(2019, 10, 8), 2, 30.0, ocpp=site.ocpp,
+                       pv_forecast="persistence")
+    assert data.pv_forecast_w is not None and data.pv_w[:96].any()
+    day = 96  # no DST change between 2019-10-08 and 10
+    assert np.array_equal(data.pv_forecast_w[day:2 * day], data.pv_w[:day])
+    assert not np.array_equal(data.pv_forecast_w[day:2 * day], data.pv_w[day:2 * day])
+    loop = LiveControlLoop(data, site_planner(MPC_GAP_TOL), 0.2, 2)
+    try:
+        sent = loop._pv_forecast(day + 40, 8)
+        assert sent[0] == data.pv_w[day + 40]  # the running PTU: measured
+        assert np.array_equal(sent[1:], data.pv_w[41:48])  # the rest: the day before
+    finally:
+        loop.close()
+    with pytest.raises(SimulationError, match="persistence"):
+        load_inputs(site, SESSIONS, PRICES, PV, date(2019, 10, 8), 2, 30.0, pv_forecast="psychic")
