@@ -245,6 +245,22 @@ MIGRATIONS: list[str] = [
         since REAL NOT NULL
     );
     """,
+    # 8: finished EV visits (the control loop records one as an EV leaves; the departure
+    # learning, `cem.site.departures`, reads them back): where, when it came, what the driver
+    # said, when it really left, what it got. Kept beyond the message retention: it is history.
+    """
+    CREATE TABLE ev_visits (
+        id INTEGER PRIMARY KEY,
+        evse TEXT NOT NULL,
+        driver TEXT,
+        arrival TEXT NOT NULL,
+        departure TEXT NOT NULL,
+        typed_departure TEXT,
+        need_wh REAL,
+        delivered_wh REAL NOT NULL DEFAULT 0
+    );
+    CREATE INDEX ev_visits_arrival ON ev_visits (arrival);
+    """,
 ]
 
 HEARTBEAT_S = 10.0  # how often a running CEM stamps cem_process.heartbeat_at
@@ -691,6 +707,37 @@ class Store:
                 "SELECT rm_id, mode, min_kwh, set_at, source FROM ev_modes ORDER BY rm_id") as cur:
             rows = await cur.fetchall()
         return [(r[0], r[1], r[2], datetime.fromisoformat(r[3]), r[4]) for r in rows]
+
+    async def record_visits(self, visits: list[tuple[str, str | None, datetime, datetime,
+                                                     datetime | None, float | None, float]]) -> None:
+        """Keep finished EV visits: (evse, driver, arrival, departure, typed departure,
+        need Wh, delivered Wh) each."""
+        rows = [(evse, driver, utc_iso(arrival), utc_iso(departure),
+                 None if typed is None else utc_iso(typed), need, delivered)
+                for evse, driver, arrival, departure, typed, need, delivered in visits]
+
+        async def write(db: aiosqlite.Connection) -> None:
+            await db.executemany("INSERT INTO ev_visits (evse, driver, arrival, departure,"
+                                 " typed_departure, need_wh, delivered_wh)"
+                                 " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+        if rows:
+            await self._call(write)
+
+    async def ev_visits(self, since: datetime | None = None) -> list[
+            tuple[str, str | None, datetime, datetime, datetime | None, float | None, float]]:
+        """Finished EV visits that arrived at or after `since` (all when None), oldest first."""
+        query = ("SELECT evse, driver, arrival, departure, typed_departure, need_wh, delivered_wh"
+                 " FROM ev_visits")
+        args: tuple[Any, ...] = ()
+        if since is not None:
+            query += " WHERE arrival >= ?"
+            args = (utc_iso(since),)
+        async with self._db.execute(query + " ORDER BY arrival, id", args) as cur:
+            rows = await cur.fetchall()
+        return [(r[0], r[1], datetime.fromisoformat(r[2]), datetime.fromisoformat(r[3]),
+                 None if r[4] is None else datetime.fromisoformat(r[4]), r[5], float(r[6]))
+                for r in rows]
 
     # --- reads (they see everything flushed; call flush() first to see the very latest) -------
 

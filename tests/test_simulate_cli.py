@@ -107,6 +107,25 @@ def test_infeasible_requests_are_a_reported_shortfall(run: tuple[dict[str, Any],
     assert run[0]["levels"]["optimum"]["served_sessions"] < run[0]["levels"]["optimum"]["sessions"]
 
 
+def test_per_session_delivered_vs_the_optimum_is_reported(run: tuple[dict[str, Any], Path]) -> None:
+    """Each level says how its drivers fared against what perfect foresight gave each of them."""
+    data, report = run
+    levels = data["levels"]
+    optimum = levels["optimum"]
+    assert optimum["session_ratio_p5"] == 1.0 and optimum["sessions_short"] == 0
+    assert optimum["achievable_kwh"] == optimum["delivered_kwh"]
+    for level in levels.values():
+        assert 0.0 <= level["session_ratio_p5"] <= 1.0
+        assert 0.0 <= level["session_ratio_mean"] <= 1.0
+        assert 0 <= level["sessions_short"] <= level["sessions"]
+        assert level["achievable_kwh"] == optimum["delivered_kwh"]
+    # the timer keeps cars waiting for its hours: some drivers leave with far less
+    assert levels["2"]["sessions_short"] > 0
+    assert levels["2"]["session_ratio_p5"] < 0.9
+    assert (report / "session_ratios.png").stat().st_size > 500
+    assert "session p5 of optimum" in (report / "report.md").read_text()
+
+
 def test_report_files_are_written(run: tuple[dict[str, Any], Path]) -> None:
     _, report = run
     for name in ("report.md", "report.html", "site_power.png", "cost_per_day.png",

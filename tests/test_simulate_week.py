@@ -1,7 +1,10 @@
 """The README's claim on a real week: ACN Caltech, 2019-10-07 .. 13, Dutch prices and PV (bundled).
 
-Level 5 keeps every limit and costs within 3 % of perfect foresight; uncontrolled charging
-overloads the fuse. Runs all levels with 0.2 s per plan (about 25 s on 2 cores).
+Level 5 keeps every limit and, planning to the departures it learned from the week before
+(ADR 0009), gets nearly all the energy perfect foresight delivers to the drivers, each of them
+close to what the optimum gave them, for a higher bill (the optimum gives early leavers their
+energy first and the rest free midday PV); uncontrolled charging overloads the fuse. Runs all
+levels with 0.2 s per plan.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ def test_real_week_level_5_keeps_limits_and_is_near_the_optimum(tmp_path: Path) 
     levels = json.loads(result.stdout)["levels"]
     five, best = levels["5"], levels["optimum"]
     assert five["ptus_over_gtv"] == 0 and five["fuse_minutes_over"] == 0
-    assert abs(five["cost_eur"] - best["cost_eur"]) <= 0.03 * best["cost_eur"]
-    assert five["delivered_kwh"] >= 0.95 * best["delivered_kwh"]
+    assert five["delivered_kwh"] >= 0.98 * best["delivered_kwh"]
+    assert five["session_ratio_p5"] >= 0.9
+    assert five["cost_eur"] <= 1.15 * best["cost_eur"]
     assert levels["1"]["fuse_minutes_over"] > 0
     assert best["objective_eur"] <= min(levels["4"]["objective_eur"], five["objective_eur"])

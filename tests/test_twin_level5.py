@@ -118,3 +118,45 @@ def test_the_guard_caps_chargers_through_s2_when_the_sun_goes() -> None:
     ev_w = sum(np.array(d.power_w()) for d in loop.evses.values())
     assert ev_w.sum() <= data.import_limit_w[t] and max(ev_w) <= data.fuse_w_per_phase
     loop.close()
+
+
+def test_the_loop_records_each_visit_as_the_ev_leaves_and_plans_to_safe_departures(
+        run: tuple[SimInputs, LiveControlLoop, dict[str, Any]]) -> None:
+    """What the live CEM learns from: one visit per EV that left, at its EVSE, with the times the
+    CEM saw (arrival, the departure it was told, the real one); with them, safe departures."""
+    from cem.simulation.inputs import evse_rm_name
+
+    data, loop, _ = run
+    learning = loop.controller.departures
+    seen = {(v.evse, v.arrival, v.departure, v.typed_departure) for v in learning.model.visits}
+    left = [s for s in data.sessions if s.departure_ptu < data.n_ptus]
+    assert learning.recorded == len(learning.model.visits) > 20
+    found = [(evse_rm_name(s.evse.id), data.ptu_start(s.arrival_ptu), data.ptu_start(
+        s.departure_ptu), data.ptu_start(s.believed_departure_ptu)) in seen for s in left]
+    # all but an EV that overstayed until the next one plugged in within the same PTU (its
+    # charger told no departure apart from an overstayer's next-hour target): two visits as one
+    assert sum(found) >= len(left) - 1, len(left) - sum(found)
+    # the first day's visits are enough history for the second: EVs planned to safe departures
+    assert learning.planned > 0
+
+
+def test_level_5_can_plan_on_the_day_befores_pv_instead_of_the_actual() -> None:
+    """`--pv-forecast persistence`: the PV RM forecasts yesterday's PV, measures today's."""
+    from cem.simulation.inputs import SimulationError
+
+    site = load_site_file(SITE)
+    data = load_inputs(site, SESSIONS, PRICES, PV, date(2019, 10, 8), 2, 30.0, ocpp=site.ocpp,
+                       pv_forecast="persistence")
+    assert data.pv_forecast_w is not None and data.pv_w[:96].any()
+    day = 96  # no DST change between 2019-10-08 and 10
+    assert np.array_equal(data.pv_forecast_w[day:2 * day], data.pv_w[:day])
+    assert not np.array_equal(data.pv_forecast_w[day:2 * day], data.pv_w[day:2 * day])
+    loop = LiveControlLoop(data, site_planner(MPC_GAP_TOL), 0.2, 2)
+    try:
+        sent = loop._pv_forecast(day + 40, 8)
+        assert sent[0] == data.pv_w[day + 40]  # the running PTU: measured
+        assert np.array_equal(sent[1:], data.pv_w[41:48])  # the rest: the day before
+    finally:
+        loop.close()
+    with pytest.raises(SimulationError, match="persistence"):
+        load_inputs(site, SESSIONS, PRICES, PV, date(2019, 10, 8), 2, 30.0, pv_forecast="psychic")

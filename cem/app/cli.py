@@ -564,13 +564,15 @@ def simulate(
     report: Path = typer.Option(Path("report"), help="folder for the report"),
     json_out: bool = typer.Option(False, "--json"),
     pv_kwp: float | None = typer.Option(None, help="kWp of PV installed (default 100 with --pv)"),
+    pv_forecast: str = typer.Option("perfect", help="level 5's PV forecast: perfect, or "
+                                    "persistence (the day before's PV)"),
 ) -> None:
     """Digital twin: compare the five levels of smart charging on real sessions."""
     from cem.app.simulate_cli import simulate_command
 
     simulate_command(site_file=site_file, sessions_file=sessions_file, prices=prices, pv=pv,
                      start=start, days=days, levels=levels, report=report, json_out=json_out,
-                     pv_kwp=pv_kwp)
+                     pv_kwp=pv_kwp, pv_forecast=pv_forecast)
 
 
 def main() -> None:  # pragma: no cover - console entry

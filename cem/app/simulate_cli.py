@@ -31,7 +31,7 @@ from cem.app.json_stdout import prints_to_stderr
 from cem.app.site_file import load_site_file
 from cem.simulation.engine import LevelRun, run_level
 from cem.simulation.inputs import SimInputs, SimulationError, load_inputs, parse_start
-from cem.simulation.kpis import cost_per_day, level_kpis, reference_layout
+from cem.simulation.kpis import cost_per_day, level_kpis, reference_layout, session_kpis
 from cem.simulation.levels import LEVEL_NAMES, make_controller
 from sitekit.config import ConfigError
 
@@ -110,13 +110,15 @@ def summarise(inputs: SimInputs, runs: dict[str, LevelRun], controllers: dict[st
             bound = controller.plan.lp_bound_eur
             kpis["objective_bound_eur"] = None if bound is None else round(float(bound), 2)
         kpis["cost_per_day_eur"] = [round(c, 2) for c in cost_per_day(inputs, run)]
+        if "optimum" in runs:
+            kpis.update(session_kpis(run.delivered_wh, runs["optimum"].delivered_wh))
         out[lv] = kpis
     return out
 
 
 def simulate_command(*, site_file: Path, sessions_file: Path, prices: Path, pv: Path | None,
                      start: str, days: int, levels: str, report: Path, json_out: bool,
-                     pv_kwp: float | None = None) -> None:
+                     pv_kwp: float | None = None, pv_forecast: str = "perfect") -> None:
     """Load the inputs, run every level, write the report and print the KPI table (or JSON)."""
     started = time.perf_counter()
     try:
@@ -133,7 +135,7 @@ def simulate_command(*, site_file: Path, sessions_file: Path, prices: Path, pv: 
             raise SimulationError("--pv-kwp must be 0 or more")
         kwp = (DEFAULT_PV_KWP if pv_kwp is None else pv_kwp) if pv is not None else 0.0
         inputs = load_inputs(config, sessions_file, prices, pv, first_day, days, kwp,
-                             ocpp=config.ocpp)
+                             ocpp=config.ocpp, pv_forecast=pv_forecast)
         if any(lv in wanted for lv in ("4", "5")) and "optimum" not in wanted:
             wanted.append("optimum")
         elif "optimum" not in wanted:
@@ -179,6 +181,7 @@ def print_table(kpis: dict[str, Any]) -> None:
     cols = [("level", ""), ("cost EUR", "cost_eur"), ("EUR/kWh", "eur_per_kwh"),
             ("peak kW", "peak_kw"), ("PTUs>GTV", "ptus_over_gtv"), ("fuse min", "fuse_minutes_over"),
             ("kWh", "delivered_kwh"), ("of need", "delivered_pct"), ("served", "served_sessions"),
+            ("session p5", "session_ratio_p5"),
             ("PV self-use", "self_consumption"), ("EV from PV", "pv_share_of_ev"),
             ("plan p50/p95 s", "replan_p95_s")]
     for title, _ in cols:
@@ -193,6 +196,8 @@ def print_table(kpis: dict[str, Any]) -> None:
                 row.append(f"{value}/{k['sessions']}")
             elif key == "delivered_pct":
                 row.append(f"{value:.1f}%")
+            elif key == "session_ratio_p5":
+                row.append("-" if value is None else f"{value:.2f}")
             elif key == "replan_p95_s":
                 row.append(f"{k['replan_p50_s']:.3f}/{value:.3f}" if k.get("replans") else "-")
             else:

@@ -17,6 +17,7 @@ COLUMNS = [
     ("level", None), ("cost EUR", "cost_eur"), ("EUR/kWh", "eur_per_kwh"), ("objective EUR", "objective_eur"),
     ("peak kW", "peak_kw"), ("PTUs > GTV", "ptus_over_gtv"), ("fuse minutes", "fuse_minutes_over"),
     ("delivered kWh", "delivered_kwh"), ("of need", "delivered_pct"), ("sessions served", "served_sessions"),
+    ("session p5 of optimum", "session_ratio_p5"), ("sessions < 0.9 of optimum", "sessions_short"),
     ("PV self-consumption", "self_consumption"), ("EV energy from PV", "pv_share_of_ev"),
     ("replan p50 s", "replan_p50_s"), ("replan p95 s", "replan_p95_s"),
 ]
@@ -126,6 +127,35 @@ def plot_energy_per_class(inputs: SimInputs, runs: dict[str, LevelRun], path: Pa
     plt.close(fig)
 
 
+def plot_session_ratios(runs: dict[str, LevelRun], path: Path) -> None:
+    """Per level, the sorted per-session ratio delivered / what the optimum delivered."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cem.simulation.kpis import SHORT_RATIO, session_ratios
+
+    achievable = runs["optimum"].delivered_wh
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for lv, run in runs.items():
+        if lv == "optimum":
+            continue
+        ratio = np.sort(session_ratios(run.delivered_wh, achievable))
+        share = np.arange(1, len(ratio) + 1) / max(len(ratio), 1) * 100
+        ax.step(share, ratio, where="post", lw=1.2, label=_level_title(lv))
+    ax.axhline(SHORT_RATIO, color="black", ls="--", lw=1, label=f"{SHORT_RATIO:g} of the optimum")
+    ax.axvline(5, color="grey", ls=":", lw=1)
+    ax.set_xlabel("% of sessions (sorted)")
+    ax.set_ylabel("delivered / optimum's")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def _inputs_rows(inputs: SimInputs, runtime_s: float, command: str) -> list[tuple[str, str]]:
     cfg = inputs.config
     grid = cfg.grid
@@ -159,6 +189,9 @@ def write_report(folder: Path, inputs: SimInputs, runs: dict[str, LevelRun], kpi
     plot_power(inputs, runs, files["power"])
     plot_cost_per_day(inputs, kpis, files["cost"])
     plot_energy_per_class(inputs, runs, files["energy"])
+    if "optimum" in runs:
+        files["sessions"] = folder / "session_ratios.png"
+        plot_session_ratios(runs, files["sessions"])
     rows = _inputs_rows(inputs, runtime_s, command)
     notes = list(inputs.notes)
     for lv, run in runs.items():
@@ -177,6 +210,10 @@ def write_report(folder: Path, inputs: SimInputs, runs: dict[str, LevelRun], kpi
            "(the optimum minimises it). Limits and fuse are measured on the realised power, never clipped.",
            "", "![site power against limits](site_power.png)", "",
            "![cost per day](cost_per_day.png)", "", "![energy per EV class](energy_per_class.png)", "",
+           *(["Per session: delivered / what the perfect-foresight optimum delivered to that "
+              "session (sorted; the 5th percentile is `session p5`).", "",
+              "![per-session delivered vs the optimum](session_ratios.png)", ""]
+             if "sessions" in files else []),
            "## Inputs", ""]
     md += [f"- **{name}**: {value}" for name, value in rows]
     md += ["", "## Notes", ""] + [f"- {n}" for n in notes]
@@ -199,7 +236,10 @@ def write_report(folder: Path, inputs: SimInputs, runs: dict[str, LevelRun], kpi
         "<p>Cost: the site's energy bill. Objective: cost plus the planner's unmet-energy penalty, "
         "scored alike on the perfect-foresight problem. Limits and fuse measured on realised power.</p>",
         "<img src='site_power.png' alt='site power'><img src='cost_per_day.png' alt='cost per day'>",
-        "<img src='energy_per_class.png' alt='energy per EV class'><h2>Inputs</h2><ul>",
+        "<img src='energy_per_class.png' alt='energy per EV class'>",
+        *(["<img src='session_ratios.png' alt='per-session delivered vs the optimum'>"]
+          if "sessions" in files else []),
+        "<h2>Inputs</h2><ul>",
         *[f"<li><b>{esc(name)}</b>: {esc(value)}</li>" for name, value in rows], "</ul><h2>Notes</h2><ul>",
         *[f"<li>{esc(n)}</li>" for n in notes], "</ul><h2>How the levels work</h2>",
         f"<pre>{esc((levels_doc or '').strip())}</pre></body></html>",

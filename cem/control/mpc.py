@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from cem.control.departures import DepartureLearning, commit_started
 from cem.control.dispatch import Dispatcher, DispatchReport
 from cem.control.ev_modes import EvModes
 from cem.control.grid_signals import SignalBoard
@@ -150,6 +151,10 @@ class SiteController:
         self._stop_event: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self.ev_modes: EvModes | None = None  # the operator's EV modes (cem.control.ev_modes)
+        # finished EV visits recorded, departures learned, plans to a safe departure
+        self.departures = DepartureLearning(config, store)
+        self._departures_loaded = False
+        self.committed = 0  # EVs kept charging in the running PTU (commit_started), summed
         self.last_replan_s: float | None = None  # how long the last replan took (wall s)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -372,6 +377,7 @@ class SiteController:
             build_problem, states, self.config, prices, self.congestion, now)
         if self.ev_modes is not None:
             await self.ev_modes.forget(self.ev_modes.apply(problem, mapping.rm_assets))
+        await self._learn_departures(problem, mapping, rms, states, now)
         plan = await self._solve(problem)
         self.problem, self.mapping, self.plan = problem, mapping, plan
         self._deviating.clear()
@@ -400,6 +406,24 @@ class SiteController:
         self.replans += 1
         self.last_replan_s = time.monotonic() - began
         return plan
+
+    async def _learn_departures(self, problem: Problem, mapping: SiteMapping, rms: dict[str, Any],
+                                states: dict[str, Any], now: datetime) -> None:
+        """Record the EV visits that ended, then plan the others to their safe departure."""
+        learning = self.departures
+        if not self._departures_loaded:
+            self._departures_loaded = True
+            try:
+                await learning.load(now)
+            except Exception:
+                logger.exception("reading the finished EV visits failed")
+        names = {rm_id: str(getattr(entry, "name", None) or rm_id) for rm_id, entry in rms.items()}
+        closed = learning.observe(problem, mapping.rm_assets, states, names, now)
+        await learning.record(closed)
+        learning.apply(problem, mapping.rm_assets)
+        if self.config.planner.commit_started_charging:
+            self.committed += commit_started(problem, self.problem, self.plan,
+                                             learning.value_eur_per_wh)
 
     async def _off_loop(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `work` in the planning thread so S2 sessions stay answered meanwhile.

@@ -55,6 +55,9 @@ class StorageAsset:
     available_until: int | None = None  # first PTU it cannot (EV departure); None = horizon end
     target_wh: int | None = None  # level wanted at available_until (EV departure target)
     target_profile: list[tuple[int, int, int]] = field(default_factory=list)  # (ptu, lo, hi)
+    # EUR per Wh below the lower side of the milestone at that PTU, where it is not the
+    # asset's unmet-target weight (a safe-departure milestone priced at the value of a kWh)
+    milestone_eur_per_wh: dict[int, float] = field(default_factory=dict)
     priority: int = 1  # higher is served first when limits bind
     phase_share: PhaseShare = THREE_PHASE
     step_w: int = 1  # power resolution (e.g. 0.1 A * 230 V * phases)

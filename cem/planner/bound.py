@@ -595,6 +595,7 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
         m_ptu = np.array([m[1] for m in milestones], dtype=np.int64)
         m_lo = np.array([m[2] for m in milestones])
         m_hi = np.array([m[3] for m in milestones])
+        m_w = np.array([m[4] for m in milestones])
         side = np.isfinite(m_lo).astype(np.int64)
         r = lp.rows(m_lo, m_hi, len(milestones), lp_key(R_MILESTONE, ent[m_asset], side, t_abs[0] + m_ptu))
         # each row sums the asset's charge columns before its milestone PTU
@@ -606,7 +607,7 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
         ok = cc >= 0
         lp.coef(r[rows_of[ok]], cc[ok], e_coef[ii[ok], tt[ok]])
         # a missed side costs the asset's weight per Wh: below lo (+1) or above hi (-1)
-        u = lp.cols(0.0, INF, lay.weight[m_asset] * 1000, len(milestones),
+        u = lp.cols(0.0, INF, m_w * 1000, len(milestones),
                     lp_key(C_MILESTONE, ent[m_asset], side, t_abs[0] + m_ptu))
         lp.coef(r, u, np.where(side == 1, 1.0, -1.0))
     for i in np.flatnonzero(levels):
@@ -640,7 +641,8 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
         for ptu, level_lo, level_hi in pr.storage[i].target_profile:
             if a < ptu <= b:
                 col = lv[ptu - a - 1]
-                u = lp.cols(0.0, INF, lay.weight[i] * 1000, 2,
+                w_lo = float(pr.storage[i].milestone_eur_per_wh.get(int(ptu), lay.weight[i]))
+                u = lp.cols(0.0, INF, np.array([w_lo, lay.weight[i]]) * 1000, 2,
                             lp_key(C_MILESTONE, ent[i], np.array([1, 0]), t_abs[0] + ptu))
                 r = lp.rows(np.array([level_lo / 1000, -INF]), np.array([INF, level_hi / 1000]), 2,
                             lp_key(R_MILESTONE, ent[i], np.array([1, 0]), t_abs[0] + ptu))
@@ -683,10 +685,10 @@ def _unmet_cols(lp: _LpArrays, lay: Layout, rows: np.ndarray, assets: np.ndarray
 
 def _milestone_sides(lay: Layout, mono: np.ndarray, tgt: np.ndarray, e_coef: np.ndarray,
                      full_c: np.ndarray
-                     ) -> tuple[list[tuple[int, int, float, float]], np.ndarray]:
+                     ) -> tuple[list[tuple[int, int, float, float, float]], np.ndarray]:
     """The milestone rows of monotone assets that can bind, and the milestones folded away.
 
-    Returns (asset, PTU, lo, hi) per row, in kWh charged since the window opened (one side
+    Returns (asset, PTU, lo, hi, EUR per Wh missed) per row, in kWh charged since the window opened (one side
     per row, the other infinite), and per asset the EUR per Wh added to its unmet-target
     columns. A monotone asset only fills up, so of a milestone (ptu, lo, hi):
     - the lower side cannot bind when lo is at or below the starting level;
@@ -707,13 +709,16 @@ def _milestone_sides(lay: Layout, mono: np.ndarray, tgt: np.ndarray, e_coef: np.
     has_row[tgt] = True
     fold = (lo > 1e-9) & (ptu == lay.last[i]) & has_row[i] \
         & (np.abs(lay.ms_lo[sel] - np.nan_to_num(lay.target[i])) < 1e-6)
-    np.add.at(folded, i[fold], lay.weight[i[fold]])
+    w_lo = lay.ms_w_lo[sel]
+    np.add.at(folded, i[fold], w_lo[fold])
     lower = (lo > 1e-9) & ~fold
     reach = np.cumsum(e_coef * full_c, axis=1) * lay.cmax[:, None] / 1000  # kWh by PTU end
     cap = np.maximum(lay.lmax - lay.level0, 0.0) / 1000
     upper = hi < np.minimum(reach[i, ptu - 1], cap[i]) - 1e-9
-    out = [(int(a), int(t), float(v), INF) for a, t, v in zip(i[lower], ptu[lower], lo[lower], strict=True)]
-    out += [(int(a), int(t), -INF, float(v)) for a, t, v in zip(i[upper], ptu[upper], hi[upper], strict=True)]
+    out = [(int(a), int(t), float(v), INF, float(w))
+           for a, t, v, w in zip(i[lower], ptu[lower], lo[lower], w_lo[lower], strict=True)]
+    out += [(int(a), int(t), -INF, float(v), float(lay.weight[a]))
+            for a, t, v in zip(i[upper], ptu[upper], hi[upper], strict=True)]
     return out, folded
 
 

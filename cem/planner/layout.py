@@ -125,6 +125,7 @@ class Layout:
     ms_ptu: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     ms_lo: np.ndarray = field(default_factory=lambda: np.zeros(0))
     ms_hi: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    ms_w_lo: np.ndarray = field(default_factory=lambda: np.zeros(0))  # EUR per Wh below lo
 
     @property
     def s(self) -> int:
@@ -287,18 +288,20 @@ def build_layout(problem: Problem) -> Layout:
         p_imp=p_imp, p_exp=p_exp, p_exp_eff=p_exp_eff, tie=tie, import_lim=import_lim,
         export_lim=export_lim, fuse_up=fuse_up, fuse_dn=fuse_dn,
         peak_price=float(lim.peak_price_eur_per_kw) / 1000, peak_so_far=float(lim.peak_so_far_w),
-        notes=notes, **_milestones(st, first, last),
+        notes=notes, **_milestones(st, first, last, weight),
     )
 
 
-def _milestones(storage: list[StorageAsset], first: np.ndarray, last: np.ndarray
-                ) -> dict[str, np.ndarray]:
+def _milestones(storage: list[StorageAsset], first: np.ndarray, last: np.ndarray,
+                weight: np.ndarray) -> dict[str, np.ndarray]:
     """The milestones inside their asset's window (first < ptu <= last) as Layout arrays."""
-    rows = [(i, int(ptu), float(lo), float(hi)) for i, a in enumerate(storage)
+    rows = [(i, int(ptu), float(lo), float(hi),
+             float(a.milestone_eur_per_wh.get(int(ptu), weight[i])))
+            for i, a in enumerate(storage)
             for ptu, lo, hi in a.target_profile if first[i] < ptu <= last[i]]
-    data = np.array(rows, dtype=float).reshape(len(rows), 4)
+    data = np.array(rows, dtype=float).reshape(len(rows), 5)
     return {"ms_asset": data[:, 0].astype(np.int64), "ms_ptu": data[:, 1].astype(np.int64),
-            "ms_lo": data[:, 2], "ms_hi": data[:, 3]}
+            "ms_lo": data[:, 2], "ms_hi": data[:, 3], "ms_w_lo": data[:, 4]}
 
 
 @dataclass
@@ -464,9 +467,11 @@ def evaluate(lay: Layout, disp: Dispatch) -> Evaluation:
     pen += float((lay.weight * low.sum(axis=1)).sum()) if S else 0.0
     # milestones missed (below lo or above hi at their PTU)
     at = lv[lay.ms_asset, lay.ms_ptu]
-    m = np.maximum(lay.ms_lo - at, 0) + np.maximum(at - lay.ms_hi, 0)
-    miss = np.bincount(lay.ms_asset, weights=m, minlength=S).astype(float)
-    pen += float((lay.weight * miss).sum()) if S else 0.0
+    below = np.maximum(lay.ms_lo - at, 0)
+    above = np.maximum(at - lay.ms_hi, 0)
+    miss = np.bincount(lay.ms_asset, weights=below + above, minlength=S).astype(float)
+    pen += float((lay.ms_w_lo * below).sum() + (lay.weight[lay.ms_asset] * above).sum()) \
+        if S else 0.0
     tie = float(np.sum(disp.charge * lay.tie * lay.part) * lay.dt_h / 1000)
     objective = energy_eff + peak_cost + pen + tie
     return Evaluation(g, ph, lv, unmet, deficit, miss, energy_true, peak_w, peak_cost, objective,

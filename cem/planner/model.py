@@ -342,7 +342,8 @@ def build_model(lay: Layout, hint: Dispatch) -> tuple[cp_model.CpModel, _Vars, d
                 u_hi = V.new(0, max(hi - p_hi * LS, 0), max(hl - p_hi * LS, 0))
                 m.add(V.all[x] + V.all[u_lo] >= p_lo * LS)
                 m.add(V.all[x] - V.all[u_hi] <= p_hi * LS)
-                cost(np.array([u_lo, u_hi]), np.array([lay.weight[i] / LS] * 2))
+                w_lo = float(pr.storage[i].milestone_eur_per_wh.get(int(ptu), lay.weight[i]))
+                cost(np.array([u_lo, u_hi]), np.array([w_lo / LS, lay.weight[i] / LS]))
     idx = np.concatenate(obj_idx)
     coef = np.concatenate(obj_coef)
     keep = coef != 0

@@ -47,6 +47,7 @@ import numpy as np
 from cem.flex.limits import limits_from_grid
 from cem.flex.prices import tariff_prices
 from cem.site.config import SiteConfig
+from cem.site.departures import Visit
 from cem.site.forecast import ForecastError, load_pv_per_kwp
 from cem.site.sessions import Session, SessionFileError, load_acn_sessions, on_local_clock
 from resource_managers.ocpp_charger.config import OcppConfig
@@ -71,6 +72,14 @@ class Evse:
     min_w: int
     phases: int
     phase: str
+
+
+HISTORY_DAYS = 28  # the sessions file's visits before the start that level 5 learns from
+
+
+def evse_rm_name(evse_id: str) -> str:
+    """The name the twin's RM of an EVSE gives itself (and the live loop records visits by)."""
+    return f"EV charger {evse_id}"
 
 
 @dataclass
@@ -125,6 +134,13 @@ class SimInputs:
     notes: list[str] = field(default_factory=list)
     wholesale_eur_per_mwh: np.ndarray | None = None  # n_ptus + look-ahead, before the tariff
     ocpp: OcppConfig = field(default_factory=OcppConfig)  # the OCPP RM's section of the site file
+    # the visits of the sessions file that ended before the run, as the store of a CEM that ran
+    # the site before would hold them (level 5 learns departures from them)
+    history: list[Visit] = field(default_factory=list)
+    # what level 5's PV RM forecasts: the actual PV ("perfect") or the PV of the same time the
+    # day before ("persistence", a naive day-ahead forecast); the measurement is always actual
+    pv_forecast: str = "perfect"
+    pv_forecast_w: np.ndarray | None = None  # n_ptus + look-ahead, with "persistence"
 
     @property
     def dt_h(self) -> float:
@@ -160,6 +176,36 @@ def evses_from_config(config: SiteConfig, station_ids: list[str],
         notes.append(f"the site config lists no [[ocpp.charge_points]]: one 3x16 A EVSE per station "
                      f"of the data ({len(evses)})")
     return evses, notes
+
+
+def believed_departure(s: Session, config: SiteConfig) -> datetime:
+    """The departure the CEM is told: the driver's estimate, else the site's EV defaults."""
+    if s.estimated_departure is not None and s.estimated_departure > s.arrival:
+        return s.estimated_departure
+    if config.ev_defaults.departure is not None:
+        zone = ZoneInfo(config.site.timezone)
+        local = s.arrival.astimezone(zone)
+        believed = datetime.combine(local.date(), config.ev_defaults.departure, tzinfo=zone)
+        return believed + timedelta(days=1) if believed <= s.arrival else believed
+    return s.arrival + timedelta(hours=config.ev_defaults.dwell_hours)
+
+
+def history_visits(raw: list[Session], config: SiteConfig, before: datetime, days: int,
+                   evse_names: dict[str, str]) -> list[Visit]:
+    """Visits of the `days` before `before` that ended by then, as the live loop records them
+    (EVSE by its RM's name, the departure the CEM was told, the real departure)."""
+    since = before - timedelta(days=days)
+    out = []
+    for raw_session in raw:
+        s = on_local_clock([raw_session], raw_session.arrival.date(), config.site.timezone)[0]
+        if not (since <= s.arrival and s.departure <= before):
+            continue
+        need = (s.requested_kwh or 0.0) * 1000 if s.claimed else None
+        out.append(Visit(evse_names.get(s.station_id, s.station_id), s.arrival.astimezone(UTC),
+                         s.departure.astimezone(UTC),
+                         believed_departure(s, config).astimezone(UTC), need,
+                         s.delivered_kwh * 1000))
+    return out
 
 
 def parse_start(text: str) -> date:
@@ -260,8 +306,11 @@ def _read(path: Path, loader: Callable[[Path], T], format_error: type[Exception]
 
 def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_file: Path | None,
                 start: date, days: int, pv_kwp: float, *,
-                ocpp: OcppConfig | None = None) -> SimInputs:
+                ocpp: OcppConfig | None = None, pv_forecast: str = "perfect") -> SimInputs:
     """Read and map every input of a run; raise SimulationError on any user mistake."""
+    if pv_forecast not in ("perfect", "persistence"):
+        raise SimulationError(f"--pv-forecast {pv_forecast!r}: use perfect or persistence")
+    pv_forecast_w: np.ndarray | None = None
     zone = ZoneInfo(config.site.timezone)
     ptu_minutes = config.planner.ptu_minutes
     ptu_s = ptu_minutes * 60.0
@@ -320,15 +369,7 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
                 continue
             evse = free[0]
         busy_until[evse.id] = departure_ptu
-        if s.estimated_departure is not None and s.estimated_departure > s.arrival:
-            believed_dep = s.estimated_departure
-        elif config.ev_defaults.departure is not None:
-            local = s.arrival.astimezone(zone)
-            believed_dep = datetime.combine(local.date(), config.ev_defaults.departure, tzinfo=zone)
-            if believed_dep <= s.arrival:
-                believed_dep += timedelta(days=1)
-        else:
-            believed_dep = s.arrival + timedelta(hours=config.ev_defaults.dwell_hours)
+        believed_dep = believed_departure(s, config)
         believed_ptu = max(arrival_ptu + 1, _snap(believed_dep, t0, ptu_s))
         requested_wh = round((s.requested_kwh or 0.0) * 1000)
         if s.claimed and requested_wh > 0:
@@ -349,6 +390,11 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
         notes.append(f"{dropped} session(s) found no free EVSE and were left out")
     if not sessions:
         raise SimulationError("no session could be placed on an EVSE")
+    history = history_visits(raw_sessions, config, t0, HISTORY_DAYS,
+                             {e.id: evse_rm_name(e.id) for e in evses})
+    if history:
+        notes.append(f"history: {len(history)} visit(s) of the {HISTORY_DAYS} days before the "
+                     f"start, in level 5's store before it runs")
 
     n_ptus = max(n_day_ptus, max(s.departure_ptu for s in sessions))
     n_total = n_ptus + horizon
@@ -365,6 +411,11 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
         pv_mapper = DayMapper(_covered_days(pv_series, zone), "PV")
         pv_w = np.rint(_hourly_lookup(pv_series, times, zone, pv_mapper, "PV") * pv_kwp * 1000)
         pv_w = np.maximum(pv_w, 0).astype(np.int64)
+        if pv_forecast == "persistence":
+            day_before = [t - timedelta(days=1) for t in times]
+            pv_forecast_w = np.maximum(np.rint(_hourly_lookup(
+                pv_series, day_before, zone, DayMapper(_covered_days(pv_series, zone), "PV"),
+                "PV") * pv_kwp * 1000), 0).astype(np.int64)
     else:
         pv_mapper = None
         pv_w = np.zeros(n_total, dtype=np.int64)
@@ -373,7 +424,9 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
     files = {
         "sessions": str(sessions_file),
         "prices": f"{prices_file} (mapped {price_mapper.describe()})",
-        "pv": (f"{pv_file} x {pv_kwp:g} kWp (mapped {pv_mapper.describe()})" if pv_mapper else "none"),
+        "pv": (f"{pv_file} x {pv_kwp:g} kWp (mapped {pv_mapper.describe()}); level 5's forecast: "
+               f"{'the day before' if pv_forecast_w is not None else 'the actual PV'}"
+               if pv_mapper else "none"),
     }
     return SimInputs(
         config=config, t0=t0, ptu_minutes=ptu_minutes, n_ptus=n_ptus, n_day_ptus=n_day_ptus,
@@ -384,4 +437,6 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
         export_limit_w=np.asarray(limits.export_limit_w, dtype=np.int64),
         fuse_w_per_phase=config.grid.fuse_a * config.grid.voltage_v,
         pv_kwp=pv_kwp, files=files, notes=notes,
-        wholesale_eur_per_mwh=np.asarray(wholesale, dtype=float), ocpp=ocpp or OcppConfig())
+        wholesale_eur_per_mwh=np.asarray(wholesale, dtype=float), ocpp=ocpp or OcppConfig(),
+        history=history, pv_forecast=pv_forecast if pv_forecast_w is not None else "perfect",
+        pv_forecast_w=pv_forecast_w)

@@ -7,6 +7,11 @@
   some phase carried more than the fuse (per-minute physics, `engine.py`);
 - delivered_kwh vs requested_kwh (the EVs' real needs), served_sessions (got >= 99.5 % of their
   need, or within 50 Wh);
+- per session against the optimum (`session_kpis`, for every level once the optimum ran):
+  achievable = what the perfect-foresight optimum delivered to that session; the ratio
+  delivered / achievable per session (1 where the optimum delivered under 50 Wh), its 5th
+  percentile `session_ratio_p5` and mean `session_ratio_mean`, `sessions_short` (ratio below
+  0.9) and `achievable_kwh`; a level at 1.0 leaves no driver worse off than the optimum would;
 - self_consumption: share of the PV production used on site; pv_share_of_ev: share of the EV
   energy covered by PV in the same PTU;
 - replan_p50_s / replan_p95_s: wall time per planning call;
@@ -85,6 +90,29 @@ def cost_per_day(inputs: SimInputs, run: LevelRun) -> list[float]:
         out.append(energy_cost(inputs, run.site_w[lo:hi], lo) if hi > lo else 0.0)
         lo = hi
     return out
+
+
+SHORT_RATIO = 0.9
+
+
+def session_ratios(delivered_wh: np.ndarray, achievable_wh: np.ndarray) -> np.ndarray:
+    """Delivered / achievable per session, capped at 1; 1 where almost nothing was achievable."""
+    delivered = np.asarray(delivered_wh, dtype=float)
+    achievable = np.asarray(achievable_wh, dtype=float)
+    ratio = np.divide(delivered, achievable, out=np.ones_like(delivered),
+                      where=achievable > SERVED_SLACK_WH)
+    return np.minimum(ratio, 1.0)
+
+
+def session_kpis(delivered_wh: np.ndarray, achievable_wh: np.ndarray) -> dict[str, Any]:
+    """The per-session KPIs of a level against what the optimum delivered (module docstring)."""
+    ratio = session_ratios(delivered_wh, achievable_wh)
+    return {
+        "achievable_kwh": round(float(np.sum(achievable_wh)) / 1000, 1),
+        "session_ratio_p5": round(percentile(list(ratio), 5), 3),
+        "session_ratio_mean": round(float(ratio.mean()), 4) if len(ratio) else 1.0,
+        "sessions_short": int(np.count_nonzero(ratio < SHORT_RATIO)),
+    }
 
 
 def level_kpis(inputs: SimInputs, run: LevelRun, reference: Any | None) -> dict[str, Any]:

@@ -41,11 +41,13 @@ import contextlib
 import json
 import logging
 import math
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,7 +79,8 @@ from cem.ports import InstructionResult, RegistryEvent, RmEvent
 from cem.s2.session import S2_VERSION, S2Session
 from cem.signals import price_update
 from cem.simulation.engine import SimState
-from cem.simulation.inputs import Evse, SimInputs, SimSession
+from cem.simulation.inputs import Evse, SimInputs, SimSession, evse_rm_name
+from cem.store import Store
 from resource_managers.ocpp_charger import frbc, limits
 
 PlanFunction = Callable[..., Any]
@@ -259,7 +262,7 @@ class TwinEvse(TwinDevice):
         self.evse = evse
         self.resource_id = _resource_id(f"evse {evse.id}")
         self.rm_id = str(self.resource_id)
-        self.name = f"EV charger {evse.id}"
+        self.name = evse_rm_name(evse.id)
         self.ids = frbc.FrbcIds.for_resource(self.resource_id)
         self.voltage = float(config.grid.voltage_v)
         self.phase = evse.phase if evse.phases == 1 else "L1"
@@ -555,8 +558,12 @@ class LiveControlLoop:
         if config.planner.time_limit_s != time_limit_s:
             config = config.model_copy(update={"planner": config.planner.model_copy(
                 update={"time_limit_s": time_limit_s})})
+        # the CEM's store (a temporary SQLite file): the loop records each EV visit there as it
+        # ends and learns departures from it; it starts with the visits before the run
+        self._store_dir = tempfile.TemporaryDirectory(prefix="cem-twin-")
+        self.store = self.loop.run_until_complete(self._open_store(inputs))
         self.controller = SiteController(
-            config, self.registry, solver=self._solve,
+            config, self.registry, self.store, solver=self._solve,
             clock=lambda: self.now, monotonic=self._virtual_seconds)
         # the run's prices, known from the start (the twin drives the loop: no sources run)
         prices = TwinPrices(inputs)
@@ -568,6 +575,12 @@ class LiveControlLoop:
         self.guard_actions = 0
         self.replans = 0
         self._closed = False
+
+    async def _open_store(self, inputs: SimInputs) -> Store:
+        store = await Store.open(Path(self._store_dir.name) / "cem.sqlite")
+        await store.record_visits([(v.evse, v.driver, v.arrival, v.departure, v.typed_departure,
+                                    v.need_wh, v.delivered_wh) for v in inputs.history])
+        return store
 
     def _virtual_seconds(self) -> float:
         return (self.now - self.inputs.t0).total_seconds()
@@ -610,7 +623,7 @@ class LiveControlLoop:
             device.tell(now)
         if self.pv is not None:
             n = inputs.config.planner.horizon_ptus
-            self.pv.forecast(-inputs.pv_w[t:t + n], now, inputs.ptu_minutes)
+            self.pv.forecast(-self._pv_forecast(t, n), now, inputs.ptu_minutes)
             self.pv.measure([-float(inputs.pv_w[t])], now)
         self._measure_grid(t)
         await self._pump()
@@ -634,6 +647,17 @@ class LiveControlLoop:
             out[session.index] = self.evses[evse_id].setpoint_w()
         return out
 
+    def _pv_forecast(self, t: int, n: int) -> np.ndarray:
+        """What the PV RM forecasts from PTU t: the actual PV, or with `--pv-forecast
+        persistence` the day before's (the running PTU as it is measured)."""
+        actual = self.inputs.pv_w[t:t + n]
+        forecast = self.inputs.pv_forecast_w
+        if forecast is None:
+            return actual
+        out = forecast[t:t + n].copy()
+        out[:1] = actual[:1]
+        return out
+
     def _measure_grid(self, t: int) -> None:
         """The grid meter's reading now: every EV's power minus PV, per phase."""
         phase_w = np.zeros(3)
@@ -647,7 +671,14 @@ class LiveControlLoop:
             return
         self._closed = True
         self.loop.run_until_complete(self.controller.stop())
+        self.loop.run_until_complete(self.store.close())
         self.loop.close()
+        self._store_dir.cleanup()
+        learning = self.controller.departures
+        self.notes.append(f"departure learning: {len(self.inputs.history)} "
+                          f"visits before the run, {learning.recorded} recorded during it; safe "
+                          f"departure at quantile {learning.quantile:g}, an undelivered kWh at "
+                          f"{learning.value_eur_per_wh * 1000:g} EUR")
         refusals = self.registry.cem_refusals + self.registry.rm_refusals
         self.notes[:0] = [f"the live control loop (SiteController) over "
                           f"{len(self.registry.entries)} S2 sessions: {self.registry.messages} "

@@ -243,6 +243,16 @@ class PlannerConfig(Section):
     limit_share: float = Field(0.98, gt=0.5, le=1,
                                description="share of fuse and import limit plans may use")
     guard_margin: float = Field(0.95, gt=0, le=1, description="guard sheds down to this share")
+    safe_departure_quantile: float = Field(
+        0.05, ge=0, le=0.5, description="plan EVs to this quantile of their learned departure "
+        "(0: to the typed departure)")
+    value_of_undelivered_kwh_eur: float = Field(
+        1.0, ge=0, le=100, description="EUR per kWh an EV misses by its safe departure")
+    departure_scenario_quantiles: list[float] = Field(
+        default_factory=lambda: [0.1, 0.2, 0.3, 0.5], description="more departure quantiles, each a milestone priced at "
+        "the value times the share of drivers leaving between it and the next")
+    commit_started_charging: bool = Field(
+        True, description="keep a charge the last plan started in the running PTU")
 
     @field_validator("ptu_minutes")
     @classmethod

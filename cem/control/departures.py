@@ -1,0 +1,277 @@
+"""Departure learning in the control loop: record EV visits as they end, plan to a safe departure.
+
+Live, an EV visit reaches the CEM only through its charger's RM: the EV charger's FRBC system
+description gains a charging mode when an EV plugs in (with a fill-level target at the
+departure the driver or the RM's defaults gave), loses it when the EV is full (its fill-level
+range shrinks to the level it reached), and describes an empty storage (fill-level range
+0 .. 0) once the EV has left. `DepartureLearning.observe`,
+called by `SiteController.replan` with each new problem, follows every EV charger's asset: the
+first plan that sees an EV opens its visit (arrival = now, typed departure = the asset's end,
+need = target - level); the first plan whose asset is empty again closes it (departure = now)
+and the visit goes to the store (`Store.record_visits`) and to the model
+(`cem.site.departures.DepartureModel`). A new EV with a lower fill level than the last one
+seen closes the old visit too. An RM that is not connected keeps its visit open.
+
+`apply` then gives every EV that still wants energy a milestone at its **safe departure**
+(`planner.safe_departure_quantile` of the learned departure, never after the typed one): its
+target by then, each kWh short of it priced at `planner.value_of_undelivered_kwh_eur` rather
+than at the unmet-target penalty. The planner front-loads the energy before the safe departure
+unless waiting saves more than that per kWh; the target at the typed departure and every
+limit stay as they were. Once the safe departure has passed the EV is asked for its target in
+the next PTU (as soon as the limits allow, at the same price).
+
+`commit_started` keeps a charge the last plan started: an EV the previous plan charged in the
+PTU that is now running gets a milestone at the end of this PTU asking for that energy, priced
+like the safe departure. A replan no longer pushes it to a later PTU for a slightly cheaper
+price (a small need was postponed PTU by PTU until the departure margin left no room); the
+limits, and other EVs' targets, still can.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from s2python.common import ControlType
+
+from cem.planner.assets import Plan, Problem, StorageAsset
+from cem.planner.layout import ptu_hours
+from cem.site.config import SiteConfig
+from cem.site.departures import DepartureModel, SafeDeparture, Visit
+
+logger = logging.getLogger("cem.control")
+
+HISTORY_DAYS = 365  # visits the model learns from, counted back from the start
+OVERSTAY = timedelta(hours=1)  # the charger RM's target for an EV past its departure
+DRIVER = re.compile(r"driver ([^,]+)")
+
+
+@dataclass
+class OpenVisit:
+    evse: str
+    arrival: datetime
+    typed_departure: datetime | None
+    need_wh: float | None
+    level_wh: float  # the last level seen, in the asset's Wh
+    scale_wh: float  # the asset's level_max_wh then (its level's unit: kWh charged or SoC)
+    driver: str | None = None
+    delivered_wh: float = 0.0  # level rises seen, while the unit stayed the same
+    typed_latest: datetime | None = None  # the asset's end now (an overstayer's is renewed)
+
+
+def no_ev(asset: StorageAsset, state: Any, now: datetime) -> bool:
+    """The charger describes no EV: nothing to charge and an empty fill-level range (0 .. 0).
+
+    A full EV keeps its level as the range (the level it reached), so it is still there. An
+    RM that is not FRBC says so by its asset alone (nothing to charge, no level).
+    """
+    if asset.charge_max_w > 0:
+        return False
+    try:
+        sd = state.of(ControlType.FILL_RATE_BASED_CONTROL).system_description(now)
+        return float(sd.storage.fill_level_range.end_of_range) <= 0.0
+    except Exception:  # not FRBC, or no description
+        return asset.level_max_wh <= 0
+
+
+def driver_of(state: Any, now: datetime) -> str | None:
+    """The charge card the RM names in its storage label ("driver X"), if any."""
+    try:
+        sd = state.of(ControlType.FILL_RATE_BASED_CONTROL).system_description(now)
+        label = str(sd.storage.diagnostic_label or "")
+    except Exception:  # not FRBC, or no description yet
+        return None
+    match = DRIVER.search(label)
+    return match.group(1).strip() if match else None
+
+
+class DepartureLearning:
+    """Open visits per EV charger, the learned model, and the safe-departure milestones."""
+
+    def __init__(self, config: SiteConfig, store: Any = None) -> None:
+        planner = config.planner
+        self.quantile = float(planner.safe_departure_quantile)
+        self.value_eur_per_wh = float(planner.value_of_undelivered_kwh_eur) / 1000
+        # departure scenarios: the safe departure alone (priced at the full value), or more
+        # quantiles, each milestone priced at the value times the share of drivers leaving
+        # between it and the next (the expected value of what a plan leaves undelivered)
+        more = sorted(q for q in planner.departure_scenario_quantiles if q > self.quantile)
+        self.quantiles = [self.quantile, *more] if self.quantile > 0 else []
+        self.scenarios = bool(more)
+        self.ptu_minutes = planner.ptu_minutes
+        self.store = store
+        self.model = DepartureModel([], config.site.timezone)
+        self.open: dict[str, OpenVisit] = {}
+        self.safe: dict[str, SafeDeparture] = {}  # rm id -> the last safe departure planned to
+        self.recorded = 0  # visits recorded (this run)
+        self.planned = 0  # safe-departure milestones added (this run, summed over plans)
+
+    async def load(self, now: datetime) -> None:
+        """Learn from the visits the store kept."""
+        if self.store is None:
+            return
+        rows = await self.store.ev_visits(since=now - timedelta(days=HISTORY_DAYS))
+        for evse, driver, arrival, departure, typed, need, delivered in rows:
+            self.model.add(Visit(evse, arrival, departure, typed, need, delivered, driver))
+        if rows:
+            logger.info("departure learning: %d earlier EV visits", len(rows))
+
+    def observe(self, problem: Problem, rm_assets: dict[str, list[str]], states: dict[str, Any],
+                names: dict[str, str], now: datetime) -> list[Visit]:
+        """Open and close visits from the EV assets of a new problem; returns the closed ones."""
+        storage = {s.id: s for s in problem.storage}
+        closed: list[Visit] = []
+        for rm_id, ids in rm_assets.items():
+            evs = [storage[a] for a in ids if a in storage and storage[a].kind == "ev"]
+            if not evs:
+                continue
+            asset = evs[0]
+            visit = self.open.get(rm_id)
+            if no_ev(asset, states.get(rm_id), now):
+                if visit is not None:
+                    closed.append(self._close(rm_id, now))
+                continue
+            level = float(asset.level_wh)
+            scale = float(asset.level_max_wh)
+            typed = None if asset.available_until is None else problem.start + timedelta(
+                minutes=problem.ptu_minutes * int(asset.available_until))
+            if visit is not None and asset.charge_max_w > 0 and self._new_ev(visit, level, scale,
+                                                                             typed, now):
+                closed.append(self._close(rm_id, now))  # a new EV since the last plan
+                visit = None
+            if visit is None:
+                if asset.charge_max_w <= 0:
+                    continue  # an EV that takes nothing from the start: nothing to learn
+                need = None if asset.target_wh is None else max(0.0, asset.target_wh - level)
+                self.open[rm_id] = OpenVisit(names.get(rm_id, rm_id), now, typed, need, level,
+                                             scale, driver_of(states.get(rm_id), now),
+                                             typed_latest=typed)
+                continue
+            if asset.charge_max_w > 0 and typed is not None:
+                visit.typed_latest = typed
+            if asset.charge_max_w > 0 or scale > 0:
+                if scale == visit.scale_wh or asset.charge_max_w <= 0:
+                    visit.delivered_wh += max(0.0, level - visit.level_wh)
+                visit.level_wh = level
+                if asset.charge_max_w > 0:
+                    visit.scale_wh = scale
+        for done in closed:
+            self.model.add(done)
+        return closed
+
+    def _new_ev(self, visit: OpenVisit, level: float, scale: float, typed: datetime | None,
+                now: datetime) -> bool:
+        """Another EV plugged in since the last plan: its level is lower (same unit), or its
+        charger gives another departure that is not an overstayer's next-hour target."""
+        if level + 1.0 < visit.level_wh and scale == visit.scale_wh:
+            return True
+        latest = visit.typed_latest
+        if typed is None or latest is None:
+            return False
+        step = timedelta(minutes=self.ptu_minutes)
+        if abs(typed - latest) <= step:
+            return False
+        overstaying = now >= latest - OVERSTAY and typed <= now + 2 * OVERSTAY
+        return not overstaying
+
+    def _close(self, rm_id: str, now: datetime) -> Visit:
+        visit = self.open.pop(rm_id)
+        self.safe.pop(rm_id, None)
+        return Visit(visit.evse, visit.arrival, now, visit.typed_departure, visit.need_wh,
+                     visit.delivered_wh, visit.driver)
+
+    async def record(self, visits: list[Visit]) -> None:
+        """Keep closed visits in the store (a store failure only costs the history)."""
+        if not visits or self.store is None:
+            return
+        try:
+            await self.store.record_visits([
+                (v.evse, v.driver, v.arrival, v.departure, v.typed_departure, v.need_wh,
+                 v.delivered_wh) for v in visits])
+            self.recorded += len(visits)
+        except Exception:
+            logger.exception("recording finished EV visits failed")
+
+    def _prices(self, early_share: float) -> list[float]:
+        """EUR per Wh short at each departure quantile: the full value for the safe departure
+        alone; with scenarios, the value times the share of drivers that leave between this
+        quantile and the next (the last: up to the share that leaves before the typed one)."""
+        if not self.scenarios:
+            return [self.value_eur_per_wh] * len(self.quantiles)
+        bounds = [*self.quantiles, max(early_share, self.quantiles[-1])]
+        return [self.value_eur_per_wh * (bounds[k + 1] - bounds[k])
+                for k in range(len(self.quantiles))]
+
+    def apply(self, problem: Problem, rm_assets: dict[str, list[str]]) -> int:
+        """Add the safe-departure milestone to every open visit's EV; returns how many."""
+        if self.quantile <= 0:
+            return 0
+        storage = {s.id: s for s in problem.storage}
+        step = timedelta(minutes=problem.ptu_minutes)
+        count = 0
+        for rm_id, visit in self.open.items():
+            evs = [storage[a] for a in rm_assets.get(rm_id, []) if a in storage
+                   and storage[a].kind == "ev"]
+            if not evs:
+                continue
+            asset = evs[0]
+            if asset.charge_max_w <= 0 or asset.target_wh is None \
+                    or asset.target_wh <= asset.level_wh or asset.available_until is None:
+                continue
+            found = self.model.departures(visit.evse, visit.arrival, visit.typed_departure,
+                                          self.quantiles, visit.driver)
+            if not found:
+                continue
+            self.safe[rm_id] = found[0]
+            ours: set[int] = set()
+            for safe, price in zip(found, self._prices(found[0].early_share), strict=True):
+                ptu = math.floor((safe.at - problem.start) / step)
+                ptu = max(ptu, asset.available_from + 1)
+                if ptu in ours:  # two quantiles in one PTU: one milestone, both shares
+                    asset.milestone_eur_per_wh[ptu] += price
+                    continue
+                if ptu >= asset.available_until or any(m[0] == ptu for m in asset.target_profile):
+                    continue  # at the departure, or a milestone at full weight is already there
+                asset.target_profile.append((ptu, int(asset.target_wh), int(asset.level_max_wh)))
+                asset.milestone_eur_per_wh[ptu] = price
+                ours.add(ptu)
+            count += bool(ours)
+        self.planned += count
+        return count
+
+
+def commit_started(problem: Problem, previous: Problem | None, plan: Plan | None,
+                   eur_per_wh: float) -> int:
+    """Milestones that keep the charging the previous plan had in the PTU now running (see the
+    module docstring); returns how many EVs got one."""
+    if previous is None or plan is None or eur_per_wh <= 0:
+        return 0
+    step = timedelta(minutes=problem.ptu_minutes)
+    k = round((problem.start - previous.start) / step)
+    if k < 0 or k >= previous.n_ptus or problem.n_ptus < 2:
+        return 0
+    hours = float(ptu_hours(problem)[0])
+    count = 0
+    for asset in problem.storage:
+        if asset.kind != "ev" or asset.charge_max_w <= 0 or asset.available_from > 0:
+            continue
+        power = plan.power_w.get(asset.id)
+        if power is None or len(power) <= k or float(power[k]) < asset.charge_min_w:
+            continue
+        until = asset.available_until if asset.available_until is not None else problem.n_ptus
+        if until <= 1 or any(m[0] == 1 for m in asset.target_profile):
+            continue
+        watts = min(float(power[k]), float(asset.charge_max_w))
+        goal = min(asset.level_wh + watts * hours * asset.charge_efficiency, asset.level_max_wh)
+        if asset.target_wh is not None:
+            goal = min(goal, max(asset.target_wh, asset.level_wh))
+        if goal <= asset.level_wh + 1:
+            continue
+        asset.target_profile.append((1, int(goal), int(asset.level_max_wh)))
+        asset.milestone_eur_per_wh[1] = eur_per_wh
+        count += 1
+    return count

@@ -1,0 +1,125 @@
+"""When do drivers really leave? Departures learned from the site's finished visits.
+
+A live CEM knows a driver's own estimate of departure (when given) and, from its store, every
+earlier visit: where and when it began, what the driver said, when the EV really left. From
+those it learns, for a new EV, the distribution of its real departure and takes a **safe
+departure**: a low quantile `q` of it (the driver is gone by then in only a share `q` of
+comparable visits), never later than the departure the driver typed.
+
+Comparable visits, most specific first, the first group with at least `min_visits`:
+1. the same driver (charge card) where the RM names one;
+2. the same EVSE, weekday and local arrival hour;
+3. the same local arrival hour (any EVSE, any day);
+4. every visit.
+With a typed departure the group's "how much earlier than typed" (hours, 0 for those who
+stayed longer) gives the safe departure as typed minus its (1 - q) quantile; without one, the
+group's stay (hours from arrival) gives arrival plus its q quantile. Pure functions: the store
+keeps the visits (`cem.store`), the control loop records them and asks (`cem.control.departures`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import numpy as np
+
+MIN_VISITS = 8
+EARLY_H = 0.25  # leaving this much before the typed departure counts as early
+
+
+@dataclass(frozen=True)
+class Visit:
+    """One finished EV visit at an EVSE (aware times)."""
+
+    evse: str
+    arrival: datetime
+    departure: datetime  # when the EV really left
+    typed_departure: datetime | None = None  # what the driver (or the RM's defaults) said
+    need_wh: float | None = None  # what the driver asked for
+    delivered_wh: float = 0.0
+    driver: str | None = None
+
+    @property
+    def stay_h(self) -> float:
+        return (self.departure - self.arrival).total_seconds() / 3600
+
+    @property
+    def early_h(self) -> float | None:
+        """Hours the EV left before its typed departure (0 if it stayed as long or longer)."""
+        if self.typed_departure is None:
+            return None
+        return max(0.0, (self.typed_departure - self.departure).total_seconds() / 3600)
+
+
+@dataclass(frozen=True)
+class SafeDeparture:
+    """The safe departure of one EV and where it came from (for the log and the page)."""
+
+    at: datetime
+    basis: str  # "driver", "EVSE, weekday and hour", "arrival hour", "all visits", "none"
+    visits: int
+    early_share: float = 1.0  # share of the group that left more than a PTU before typed
+
+
+class DepartureModel:
+    """The visits of the site, grouped for quick look-ups (rebuild it when visits are added)."""
+
+    def __init__(self, visits: Iterable[Visit], timezone: str = "UTC", *,
+                 min_visits: int = MIN_VISITS) -> None:
+        self.zone = ZoneInfo(timezone)
+        self.min_visits = min_visits
+        self.visits: list[Visit] = []
+        self._groups: dict[tuple[object, ...], list[Visit]] = {}
+        for visit in visits:
+            self.add(visit)
+
+    def __len__(self) -> int:
+        return len(self.visits)
+
+    def _keys(self, evse: str, arrival: datetime, driver: str | None) -> list[tuple[object, ...]]:
+        local = arrival.astimezone(self.zone)
+        keys: list[tuple[object, ...]] = []
+        if driver:
+            keys.append(("driver", driver))
+        keys += [("evse", evse, local.weekday(), local.hour), ("hour", local.hour), ("all",)]
+        return keys
+
+    def add(self, visit: Visit) -> None:
+        self.visits.append(visit)
+        for key in self._keys(visit.evse, visit.arrival, visit.driver):
+            self._groups.setdefault(key, []).append(visit)
+
+    def safe_departure(self, evse: str, arrival: datetime, typed: datetime | None,
+                       quantile: float, driver: str | None = None) -> SafeDeparture | None:
+        """The safe departure of an EV that arrived at `arrival` (None: nothing to go by)."""
+        if quantile <= 0:
+            return None
+        found = self.departures(evse, arrival, typed, [quantile], driver)
+        return found[0] if found else None
+
+    def departures(self, evse: str, arrival: datetime, typed: datetime | None,
+                   quantiles: list[float], driver: str | None = None) -> list[SafeDeparture]:
+        """The departure at each quantile (ascending), from one group; [] without history."""
+        names = {"driver": "driver", "evse": "EVSE, weekday and hour", "hour": "arrival hour",
+                 "all": "all visits"}
+        for key in self._keys(evse, arrival, driver):
+            group = self._groups.get(key, [])
+            if typed is not None:
+                values = [v.early_h for v in group if v.early_h is not None]
+            else:
+                values = [v.stay_h for v in group]
+            if len(values) < self.min_visits:
+                continue
+            name = names[str(key[0])]
+            if typed is not None:
+                early = np.quantile(values, [1.0 - q for q in quantiles])
+                share = float(np.mean(np.asarray(values) > EARLY_H))
+                return [SafeDeparture(max(arrival, typed - timedelta(hours=float(e))), name,
+                                      len(values), share) for e in early]
+            stays = np.quantile(values, quantiles)
+            return [SafeDeparture(arrival + timedelta(hours=float(s)), name, len(values))
+                    for s in stays]
+        return []

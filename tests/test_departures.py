@@ -1,0 +1,214 @@
+"""Departure learning: the model on a small fixture of visits, the store that keeps them, and
+the planner's safe-departure milestone priced at the value of an undelivered kWh."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cem.planner.assets import Prices, Problem, SiteLimits, StorageAsset
+from cem.planner.solve import plan_site
+from cem.site.departures import DepartureModel, Visit
+from cem.store import Store
+
+MONDAY_8 = datetime(2019, 10, 7, 8, 0, tzinfo=UTC)
+
+
+def visit(evse: str, arrival: datetime, stay_h: float, typed_h: float | None,
+          driver: str | None = None) -> Visit:
+    typed = None if typed_h is None else arrival + timedelta(hours=typed_h)
+    return Visit(evse, arrival, arrival + timedelta(hours=stay_h), typed, 10000.0, 8000.0, driver)
+
+
+def fixture() -> list[Visit]:
+    """Four Mondays at 08:00 on EVSE A: said 9 h, left after 4-8 h; elsewhere, people stay."""
+    out = []
+    for week in range(4):
+        day = MONDAY_8 - timedelta(days=7 * (week + 1))
+        out += [visit("A", day, stay, 9.0) for stay in (4.0, 6.0, 8.0)]
+        out += [visit("B", day + timedelta(minutes=5 * k), 9.5, 9.0) for k in range(3)]
+        out += [visit("C", day + timedelta(hours=3, minutes=k), 2.0 + k, None) for k in range(3)]
+    return out
+
+
+def test_safe_departure_comes_from_the_most_specific_group_with_enough_visits() -> None:
+    model = DepartureModel(fixture(), "UTC", min_visits=8)
+    typed = MONDAY_8 + timedelta(hours=9)
+    # EVSE A on Monday 08:00: 12 visits that left 1-5 h early; the 0.15 quantile of departure
+    # is typed minus the 0.85 quantile of "hours early" (5 h)
+    safe = model.safe_departure("A", MONDAY_8, typed, 0.15)
+    assert safe is not None and safe.basis == "EVSE, weekday and hour" and safe.visits == 12
+    assert safe.at == typed - timedelta(hours=5)
+    # EVSE B stays longer than it says: its own group says "typed", never later
+    safe_b = model.safe_departure("B", MONDAY_8, typed, 0.15)
+    assert safe_b is not None and safe_b.at == typed
+    # a new EVSE at 08:00 on a Tuesday: the arrival hour (A and B together) decides
+    tuesday = MONDAY_8 + timedelta(days=1)
+    safe_new = model.safe_departure("Z", tuesday, tuesday + timedelta(hours=9), 0.15)
+    assert safe_new is not None and safe_new.basis == "arrival hour" and safe_new.visits == 24
+    assert tuesday < safe_new.at < tuesday + timedelta(hours=9)
+    # no typed departure: a quantile of the stay; at 11:00 only C's 12 visits (2-4 h)
+    at_11 = MONDAY_8 + timedelta(hours=3)
+    safe_c = model.safe_departure("C", at_11, None, 0.15)
+    assert safe_c is not None and safe_c.at == at_11 + timedelta(hours=2)
+
+
+def test_a_driver_known_by_card_is_judged_on_their_own_visits() -> None:
+    visits = fixture() + [visit("B", MONDAY_8 - timedelta(days=d), 3.0, 9.0, driver="card 7")
+                          for d in range(1, 9)]
+    model = DepartureModel(visits, "UTC", min_visits=8)
+    typed = MONDAY_8 + timedelta(hours=9)
+    safe = model.safe_departure("B", MONDAY_8, typed, 0.15, driver="card 7")
+    assert safe is not None and safe.basis == "driver" and safe.at == typed - timedelta(hours=6)
+
+
+def test_no_history_or_quantile_zero_gives_no_safe_departure() -> None:
+    typed = MONDAY_8 + timedelta(hours=9)
+    assert DepartureModel([], "UTC").safe_departure("A", MONDAY_8, typed, 0.15) is None
+    assert DepartureModel(fixture(), "UTC").safe_departure("A", MONDAY_8, typed, 0.0) is None
+
+
+def test_the_store_keeps_finished_visits_across_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "cem.sqlite"
+    rows = [(v.evse, v.driver, v.arrival, v.departure, v.typed_departure, v.need_wh,
+             v.delivered_wh) for v in fixture()]
+
+    async def scenario() -> tuple[list, list]:
+        store = await Store.open(path)
+        await store.record_visits(rows)
+        await store.close()
+        store = await Store.open(path)
+        try:
+            return (await store.ev_visits(),
+                    await store.ev_visits(since=MONDAY_8 - timedelta(days=7, hours=1)))
+        finally:
+            await store.close()
+
+    everything, last_week = asyncio.run(scenario())
+    assert sorted(everything, key=str) == sorted(rows, key=str)
+    assert len(last_week) == 9 and all(r[2] >= MONDAY_8 - timedelta(days=8) for r in last_week)
+
+
+N = 16
+
+
+def one_ev(price_late: float, value_eur_per_kwh: float) -> Problem:
+    """One EV wanting 11 kWh by PTU 16; its safe departure at PTU 4; cheap after PTU 8."""
+    price = np.where(np.arange(N) < 8, 0.30, price_late)
+    ev = StorageAsset(id="ev", kind="ev", charge_max_w=11000, charge_min_w=4140, level_wh=0,
+                      level_max_wh=11000, target_wh=11000, available_from=0, available_until=N,
+                      target_profile=[(4, 11000, 11000)],
+                      milestone_eur_per_wh={4: value_eur_per_kwh / 1000})
+    return Problem(start=MONDAY_8, ptu_minutes=15, n_ptus=N,
+                   limits=SiteLimits(fuse_a=25, phases=3, voltage_v=230,
+                                     import_limit_w=np.full(N, 20000.0),
+                                     export_limit_w=np.full(N, 20000.0)),
+                   prices=Prices(import_eur_per_kwh=price, export_eur_per_kwh=price * 0),
+                   storage=[ev])
+
+
+@pytest.mark.parametrize(("price_late", "value", "front_loaded"), [
+    (0.20, 0.5, True),    # waiting saves 0.10 EUR/kWh: less than a kWh's value, charge first
+    (-0.40, 0.5, False),  # waiting saves 0.70 EUR/kWh: worth the risk, the plan waits
+    (-0.40, 1.0, True),   # ... unless an undelivered kWh is valued higher
+])
+def test_the_safe_departure_costs_the_value_of_an_undelivered_kwh(
+        price_late: float, value: float, front_loaded: bool) -> None:
+    problem = one_ev(price_late, value)
+    plan = plan_site(problem, time_limit_s=2.0, workers=1)
+    power = np.asarray(plan.power_w["ev"], dtype=float)
+    early_kwh = float(power[:4].sum()) * 0.25 / 1000
+    assert float(power.sum()) * 0.25 == pytest.approx(11000, abs=300)  # the target is met
+    assert (early_kwh > 10.5) == front_loaded, early_kwh
+    # the limits hold either way: 25 A per phase is 17.25 kW, the GTV 20 kW
+    assert power.max() <= 11000 + 1e-6
+
+
+def commitment_case(import_limit_w: float) -> tuple[Problem, Problem, object]:
+    """The previous plan charged the EV in the PTU now running; the new prices are a little
+    lower two hours later (a replan would postpone it); the import limit of PTU 0 is given."""
+    from cem.control.departures import commit_started
+
+    before = one_ev(0.30, 0.5)
+    before.storage[0].target_profile, before.storage[0].milestone_eur_per_wh = [], {}
+    before.storage[0].target_wh = before.storage[0].level_max_wh = 4000
+    previous = plan_site(before, time_limit_s=2.0, workers=1)
+    previous.power_w["ev"] = np.array([11000.0, 11000.0] + [0.0] * (N - 2))
+    now = one_ev(0.29, 0.5)  # one PTU later: 0.30 now, 0.29 from PTU 7 on
+    now.start = before.start + timedelta(minutes=15)
+    ev = now.storage[0]
+    ev.target_profile, ev.milestone_eur_per_wh = [], {}
+    ev.target_wh = ev.level_max_wh = 4000
+    ev.level_wh = 2750
+    now.limits.import_limit_w = np.full(N, 20000.0)
+    now.limits.import_limit_w[0] = import_limit_w
+    assert commit_started(now, before, previous, 0.5 / 1000) == 1
+    return before, now, previous
+
+
+def test_a_started_charge_is_not_postponed_by_the_next_replan() -> None:
+    _, now, _ = commitment_case(20000.0)
+    assert now.storage[0].target_profile == [(1, 4000, 4000)]
+    plan = plan_site(now, time_limit_s=2.0, workers=1)
+    power = np.asarray(plan.power_w["ev"], dtype=float)
+    assert power[0] * 0.25 >= 1250 - 50  # the rest of the need now, not at the cheaper hour
+
+
+def test_a_limit_still_moves_a_committed_charge() -> None:
+    _, now, _ = commitment_case(3000.0)  # a congestion window in PTU 0: below the EV's minimum
+    plan = plan_site(now, time_limit_s=2.0, workers=1)
+    power = np.asarray(plan.power_w["ev"], dtype=float)
+    assert power[0] == 0.0  # the limit holds (the EV cannot charge below 4.14 kW)
+    assert float(power.sum()) * 0.25 == pytest.approx(1250, abs=50)  # later, all of it
+
+
+def test_departure_scenarios_are_priced_at_the_share_of_drivers_that_leave_by_then() -> None:
+    from cem.control.departures import DepartureLearning, OpenVisit
+    from cem.site.config import PlannerConfig, SiteConfig
+
+    def learning(**planner: object) -> DepartureLearning:
+        config = SiteConfig.model_validate({"site": {"name": "t", "timezone": "UTC"},
+                                            "planner": PlannerConfig(**planner).model_dump()})
+        out = DepartureLearning(config)
+        for v in fixture():
+            out.model.add(v)
+        out.open["rm"] = OpenVisit("A", MONDAY_8, MONDAY_8 + timedelta(hours=9), 11000.0, 0.0,
+                                   11000.0, typed_latest=MONDAY_8 + timedelta(hours=9))
+        return out
+
+    def problem() -> Problem:
+        p = one_ev(0.30, 1.0)
+        p.n_ptus = 40
+        p.prices = Prices(import_eur_per_kwh=np.full(40, 0.3), export_eur_per_kwh=np.zeros(40))
+        p.limits.import_limit_w = np.full(40, 20000.0)
+        p.limits.export_limit_w = np.full(40, 20000.0)
+        ev = p.storage[0]
+        ev.available_until, ev.target_profile, ev.milestone_eur_per_wh = 36, [], {}
+        return p
+
+    # EVSE A's drivers left 5, 3 or 1 h early (a third each): the 5, 10 and 20 % quantiles
+    # are 5 h early (one milestone, their three shares: 0.05 + 0.1 + 0.1), 30 % 4.4 h, 50 % 3 h;
+    # every driver left early, so the last share runs to 100 %: the shares add up to the value
+    # but for the 5 % that leave before the first milestone
+    scenarios = learning(value_of_undelivered_kwh_eur=1.0)
+    p = problem()
+    assert scenarios.apply(p, {"rm": ["ev"]}) == 1
+    ev = p.storage[0]
+    ptus = sorted(m[0] for m in ev.target_profile)
+    assert ptus[0] == 16 and ptus[-1] <= 32  # 4 h and at most 8 h after 08:00
+    assert all(m[1] == 11000 for m in ev.target_profile)
+    prices = [ev.milestone_eur_per_wh[t] * 1000 for t in ptus]
+    assert ptus == [16, 18, 24]
+    assert prices == pytest.approx([0.25, 0.2, 0.5])
+    # one safe departure: the full value of a kWh there; quantile 0: the typed departure only
+    single = learning(departure_scenario_quantiles=[])
+    p = problem()
+    single.apply(p, {"rm": ["ev"]})
+    assert p.storage[0].milestone_eur_per_wh == {16: pytest.approx(0.001)}
+    off = learning(safe_departure_quantile=0.0)
+    p = problem()
+    assert off.apply(p, {"rm": ["ev"]}) == 0 and p.storage[0].target_profile == []
