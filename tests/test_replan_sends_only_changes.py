@@ -15,20 +15,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from s2python.common import CommodityQuantity, Duration, NumberRange, PowerRange, Role, RoleType
+from s2python.common import CommodityQuantity, Duration, NumberRange, Role, RoleType
 from s2python.connection.asset_details import AssetDetails
 from s2python.frbc import (
     FRBCActuatorDescription,
     FRBCFillLevelTargetProfile,
     FRBCFillLevelTargetProfileElement,
     FRBCInstruction,
-    FRBCOperationMode,
-    FRBCOperationModeElement,
     FRBCStorageDescription,
     FRBCStorageStatus,
     FRBCSystemDescription,
 )
 from s2python.generated.gen_s2 import Commodity
+from test_control_end_to_end import frbc_mode
 
 from cem.control.mpc import SiteController
 from cem.s2.server import S2Server
@@ -38,15 +37,6 @@ from resource_managers.base import FRBCControlType, S2ResourceManager
 
 SYM = CommodityQuantity.ELECTRIC_POWER_3_PHASE_SYMMETRIC
 EVS = 3
-
-
-def frbc_mode(power: tuple[float, float], rate: tuple[float, float]) -> FRBCOperationMode:
-    return FRBCOperationMode(id=uuid.uuid4(), abnormal_condition_only=False, elements=[
-        FRBCOperationModeElement(
-            fill_level_range=NumberRange(start_of_range=0, end_of_range=100),
-            fill_rate=NumberRange(start_of_range=rate[0], end_of_range=rate[1]),
-            power_ranges=[PowerRange(start_of_range=power[0], end_of_range=power[1],
-                                     commodity_quantity=SYM)])])
 
 
 class EvControl(FRBCControlType):
