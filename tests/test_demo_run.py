@@ -24,9 +24,12 @@ def _demo(report: Path, *options: str) -> subprocess.Popen[str]:
 
 def test_demo_runs_the_whole_site_within_its_limits(tmp_path: Path) -> None:
     report = tmp_path / "report"
-    # the default speed (1440x), 06:00 to 18:00: the morning EVs have left by then
-    proc = _demo(report, "--duration", "30")
-    out, err = proc.communicate(timeout=120)
+    # 06:00 to 18:00 (the morning EVs have left by then) at 720x, half the demo's default: at
+    # 1440x a wall second is 24 simulated minutes, and how late a replan or a guard sample
+    # lands in simulated time depends on what else the machine runs; this test is about the
+    # control, so it gives the loop half that lag (`make demo` itself runs at 1440x)
+    proc = _demo(report, "--duration", "60", "--speed", "720")
+    out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err + out
     assert "Traceback" not in err + out
     assert "site" in out and "plan:" in out  # plain progress lines (stdout is not a terminal)
@@ -57,7 +60,7 @@ def test_demo_runs_the_whole_site_within_its_limits(tmp_path: Path) -> None:
             assert limit <= summary["fuse_a"]
     # measured on the simulated meter: no settled 15-minute average above the GTV or the
     # congestion limit (the contract is settled on them). The summary reports any sample
-    # above the fuse. At 1440x one wall second is 24 simulated minutes: a plan is made on a
+    # above the fuse. At 720x one wall second is 12 simulated minutes: a plan is made on a
     # snapshot the devices have moved on from by simulated minutes (a heat pump switched on
     # meanwhile), and the guard, reading the meter every 0.05 s, caps within a sample or two.
     # Most runs stay under the fuse; in about one in ten a phase went 1-8 % over for 1-3
@@ -71,9 +74,9 @@ def test_demo_runs_the_whole_site_within_its_limits(tmp_path: Path) -> None:
     assert summary["minutes_over_fuse"] <= 5, summary["highest_phase_current_at"]
     # every EV that left got its target, or the summary says truly why not: it left before
     # the departure the CEM knew, the EV took less than offered, its stay was too short even
-    # at full power, or the CEM missed it. At 1440x a replan takes minutes of simulated time:
+    # at full power, or the CEM missed it. At 720x a replan takes minutes of simulated time:
     # an EV whose last PTUs are tight can miss by a few hundred Wh. At most two such misses,
-    # by at most 10 % (0.2 kWh for a small target: a minute at 11 kW, 0.04 s of wall time),
+    # by at most 10 % (0.2 kWh for a small target: a minute at 11 kW, 0.08 s of wall time),
     # said as such with their figures. An EV that left early with its target counts as met.
     assert summary["ev_left"] >= 5
     assert summary["ev_missed"] <= 2, summary["ev_missed_by_cem"]
