@@ -601,7 +601,13 @@ def run_demo_campaign(faults: list[str], *, hours: float = DEMO_HOURS,
                       repeat_baseline: bool = True) -> list[FaultResult]:
     """The baseline and every fault on the demo site (real protocols), each a fresh demo; the
     baseline once more at the end (the demo's own run-to-run spread shows in the two)."""
-    from cem.app.demo import SOURCE_DEMO, process_clock, settings_for, with_demo_prices
+    from cem.app.demo import (
+        SOURCE_DEMO,
+        _configure_logging,
+        process_clock,
+        settings_for,
+        with_demo_prices,
+    )
     from cem.app.site_file import load_site_file
 
     results = []
@@ -613,7 +619,7 @@ def run_demo_campaign(faults: list[str], *, hours: float = DEMO_HOURS,
                 progress(f"demo: {FAULTS.get(fault or '', 'baseline (no fault)')}")
             folder = base / f"{number:02d}-{fault or 'baseline'}"
             folder.mkdir(parents=True, exist_ok=True)
-            _log_to(folder / "demo.log")
+            _configure_logging(folder)
             site = with_demo_prices(load_site_file(SOURCE_DEMO))
             settings = settings_for(site, duration=hours * 3600 / DEMO_SPEED, speed=DEMO_SPEED,
                                     report=folder)
@@ -621,15 +627,6 @@ def run_demo_campaign(faults: list[str], *, hours: float = DEMO_HOURS,
                 results.append(asyncio.run(_demo_once(fault, site, settings, fault_at_h,
                                                       fault_h, folder)))
     return _against_baseline(results)
-
-
-def _log_to(path: Path) -> None:
-    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    for noisy in ("websockets", "ocpp", "s2python", "aiosqlite", "pymodbus", "matplotlib",
-                  "cem.s2.websockets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 # =====================================================================================

@@ -50,6 +50,7 @@ from cem.s2connect.service import (
 from cem.s2connect.tls import TlsMaterial, default_names, ensure_tls
 from cem.site.config import SiteConfig
 from cem.store import Store
+from sitekit.net import bind_tcp
 from sitekit.s2connect import API_VERSION, EndpointDescription
 
 logger = logging.getLogger("cem.s2connect")
@@ -189,22 +190,6 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (OSError when the address is taken)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(128)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 def url_host(config: SiteConfig) -> str:
     """The host name in our URLs: the WAN domain, a LAN mDNS name, or the loopback address."""
     s2c = config.s2connect
@@ -276,7 +261,7 @@ async def start_s2connect(config: SiteConfig, store: Store, server: S2Server) ->
     book = PairingBook(store)
     node_id = await book.node_id()
     holder: list[S2ConnectService] = []
-    api_socket = bind(s2c.host, s2c.port)
+    api_socket = bind_tcp(s2c.host, s2c.port, backlog=128)
     try:
         from cem.s2connect.service import S2ConnectAuthorizer, WebsocketTokens
 

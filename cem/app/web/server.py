@@ -21,6 +21,7 @@ import uvicorn
 
 from cem.app.web.api import create_app
 from cem.app.web.view import SiteView
+from sitekit.net import bind_tcp
 
 logger = logging.getLogger("cem.web")
 
@@ -103,13 +104,9 @@ class WebServer:
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """The listening socket for the dashboard; WebServerError when the port is taken."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        return bind_tcp(host, port, backlog=128)
     except OSError as exc:
-        sock.close()
         where = f"{host}:{port}"
         if exc.errno == errno.EADDRINUSE:
             raise WebServerError(
@@ -117,6 +114,3 @@ def bind_socket(host: str, port: int) -> socket.socket:
                 "choose another [http] port in the site config (or enabled = false)") from exc
         raise WebServerError(f"cannot serve the dashboard on {where}: "
                              f"{exc.strerror or exc}") from exc
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
