@@ -63,13 +63,13 @@ class _FieldShape:
     nested: type[BaseModel] | None         # a nested schema object (or a list of them)
 
 
-def _unwrap(annotation: Any) -> list[Any]:
+def concrete_types(annotation: Any) -> list[Any]:
     """The concrete types inside Optional[...] / List[...] / Union[...]."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType, list, tuple):
         found: list[Any] = []
         for arg in typing.get_args(annotation):
-            found.extend(_unwrap(arg))
+            found.extend(concrete_types(arg))
         return found
     return [annotation]
 
@@ -78,7 +78,7 @@ def _unwrap(annotation: Any) -> list[Any]:
 def _shape(model: type[BaseModel]) -> tuple[_FieldShape, ...]:
     shapes = []
     for name, info in model.model_fields.items():
-        inner = _unwrap(info.annotation)
+        inner = concrete_types(info.annotation)
         is_id = any(t is gen_s2.ID for t in inner)
         nested = next(
             (t for t in inner if isinstance(t, type) and issubclass(t, BaseModel)

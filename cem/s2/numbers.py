@@ -14,14 +14,13 @@ check it). The session answers INVALID_CONTENT with the field's path in the labe
 
 from __future__ import annotations
 
-import types
-import typing
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 from pydantic import BaseModel, RootModel
 
+from cem.s2.ids import concrete_types
 from sitekit.plausible import number_problem
 
 FACTOR = "operation_mode_factor"
@@ -34,21 +33,11 @@ class _Field:
     nested: type[BaseModel] | None     # a nested schema object (or a list of them)
 
 
-def _inner(annotation: Any) -> list[Any]:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType, list, tuple):
-        found: list[Any] = []
-        for arg in typing.get_args(annotation):
-            found.extend(_inner(arg))
-        return found
-    return [annotation]
-
-
 def _numeric(kind: Any) -> bool:
     if kind in (float, int):
         return True
     if isinstance(kind, type) and issubclass(kind, RootModel):
-        return any(t in (float, int) for t in _inner(kind.model_fields["root"].annotation))
+        return any(t in (float, int) for t in concrete_types(kind.model_fields["root"].annotation))
     return False
 
 
@@ -57,7 +46,7 @@ def _fields(model: type[BaseModel]) -> tuple[_Field, ...]:
     """The fields of `model` holding numbers, themselves or deeper down."""
     out = []
     for name, info in model.model_fields.items():
-        inner = _inner(info.annotation)
+        inner = concrete_types(info.annotation)
         is_number = any(_numeric(t) for t in inner)
         nested = next((t for t in inner if isinstance(t, type) and issubclass(t, BaseModel)
                        and not issubclass(t, RootModel)), None)
