@@ -321,12 +321,13 @@ class S2Connection(ServerConnection):
             self.transport.pause_reading()
 
     def send_data(self) -> None:
-        writes = self.protocol.data_to_send()
-        if len(writes) > 1 and all(writes):
-            self.transport.write(b"".join(writes))
+        protocol = self.protocol
+        writes = protocol.writes
+        if writes and all(writes):   # (websockets' `data_to_send` is this swap)
+            protocol.writes = []
+            self.transport.write(writes[0] if len(writes) == 1 else b"".join(writes))
             return
-        self.protocol.writes = writes  # an end-of-stream marker: websockets' own way
-        super().send_data()
+        super().send_data()   # an end-of-stream marker: websockets' own way
 
     def resume_writing(self) -> None:
         super().resume_writing()
