@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hmac
 import itertools
@@ -63,6 +64,7 @@ from typing import Any, Protocol
 from s2python.common import SessionRequest, SessionRequestType
 from s2python.message import S2Message
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode, apply_mask
 from websockets.http11 import Request, Response
@@ -335,6 +337,16 @@ class S2Connection(ServerConnection):
             self._reading_paused = False
             if not self.transport.is_closing() and not self.recv_messages.paused:
                 self.transport.resume_reading()
+
+
+def _forget_handshake_headers(ws: ServerConnection) -> None:
+    """Keep the upgrade's path and status but not its headers (~2 kB a connection, read only
+    while authorising, in `process_request`). websockets tells the handshake from the frames
+    by `request is None`, so the request stays, without headers."""
+    if ws.request is not None:
+        ws.request = dataclasses.replace(ws.request, headers=Headers())
+    if ws.response is not None:
+        ws.response = dataclasses.replace(ws.response, headers=Headers(), body=b"")
 
 
 # --- what the control loop sees ------------------------------------------------------------------
@@ -725,6 +737,7 @@ class S2Server:
         peer = _peer(ws)
         decision = self._holders.pop(ws, None)
         holder = decision.holder if decision is not None else None
+        _forget_handshake_headers(ws)
         if self._stopping:
             await ws.close(SHUTDOWN_CODE, SHUTDOWN_REASON)
             return
