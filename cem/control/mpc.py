@@ -575,14 +575,16 @@ class SiteController:
         meter = self.mapping.meter_rm if self.mapping is not None else None
         if meter is not None and meter in rms:
             return phase_power_w(rms[meter].state.measured_power())
-        total = [0.0, 0.0, 0.0]
+        l1 = l2 = l3 = 0.0
         found = False
-        for entry in rms.values():
+        for entry in rms.values():   # (1000 RMs, every guard_interval_s: kept lean)
             phases = phase_power_w(entry.state.measured_power())
             if phases is not None:
                 found = True
-                total = [a + b for a, b in zip(total, phases, strict=True)]
-        return (total[0], total[1], total[2]) if found else None
+                l1 += phases[0]
+                l2 += phases[1]
+                l3 += phases[2]
+        return (l1, l2, l3) if found else None
 
     def flexible_loads(self) -> list[FlexibleLoad]:
         """What the guard may turn down, with the present power of each."""
