@@ -302,6 +302,12 @@ class S2Session:
         """Ids of CEM messages still waiting for their ReceptionStatus."""
         return list(self._pending)
 
+    @property
+    def timers_running(self) -> bool:
+        """Whether `expire` has anything to watch: a CEM message waiting for its
+        ReceptionStatus, or the RM's Handshake (a session that is not closing)."""
+        return bool(self._pending) or (not self._handshake_done and self.close is None)
+
     def drain_events(self) -> list[SessionEvent]:
         """Hand over (and forget) the events gathered so far."""
         events, self.events = self.events, []
