@@ -26,6 +26,7 @@ def test_a_baseline_checkout_runs_beside_this_one_and_both_are_reported() -> Non
         assert result["busy_core"] is True
         assert 0 <= result["cem_cpu_system_us_per_message"] <= result["cem_cpu_us_per_message"]
         assert result["cem_kb_per_rm"] is not None
+        assert result["cem_kb_per_rm_connected"] is not None
     medians = report["median"]
     assert medians["this"]["cem_cpu_us_per_message"] == this["cem_cpu_us_per_message"]
     assert report["cpu_per_message_ratio"] == round(

@@ -94,6 +94,9 @@ class BenchResult:
     cem_rss_idle_mb: float | None = None  # VmRSS when it serves, before any RM connected
     cem_kb_per_rm: float | None = None
     """(VmRSS after the message phase - VmRSS before the RMs connected) / RMs connected."""
+    cem_kb_per_rm_connected: float | None = None
+    """(VmRSS once every RM has connected, before any measurement - VmRSS before the RMs
+    connected) / RMs connected: what a connection holds, without what the messages left."""
     cem_cpu_s_message_phase: float | None = None
     bench_cpu_s_message_phase: float | None = None
     cem_cpu_us_per_message: float | None = None
@@ -449,6 +452,12 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
         try:
             await _connect_all(clients, result, progress, connect_concurrency)
             live = [c for c in clients if c.selected.is_set()]
+            if cem is not None and result.cem_rss_idle_mb is not None and live:
+                await asyncio.sleep(0.5)   # the handshakes' last store writes and replans
+                rss = cem.rss_mb()
+                if rss is not None:
+                    result.cem_kb_per_rm_connected = round(
+                        (rss - result.cem_rss_idle_mb) * 1024 / len(live), 1)
             page = None
             if http and cem is not None:
                 page = _PageProcess(f"http://127.0.0.1:{cem.http_port}", result)
@@ -853,6 +862,8 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
          if result.cem_peak_rss_mb else "-"),
         ("CEM memory per connected RM", f"{result.cem_kb_per_rm:.0f} kB"
          if result.cem_kb_per_rm is not None else "-"),
+        ("  of it before any measurement", f"{result.cem_kb_per_rm_connected:.0f} kB"
+         if result.cem_kb_per_rm_connected is not None else "-"),
         ("CEM CPU in message phase", f"{result.cem_cpu_s_message_phase} s"
                                      + (f" ({result.cem_cpu_us_per_message:.0f} us/message, "
                                         f"{result.cem_cpu_system_us_per_message:.0f} in the "
@@ -876,7 +887,8 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
 
 
 _COMPARED = ("acknowledged_per_s", "latency_p50_ms", "latency_p99_ms", "cem_cpu_us_per_message",
-             "cem_cpu_system_us_per_message", "cem_peak_rss_mb", "cem_kb_per_rm")
+             "cem_cpu_system_us_per_message", "cem_peak_rss_mb", "cem_kb_per_rm",
+             "cem_kb_per_rm_connected")
 
 
 def _compare_src(rms: int, messages: int, rate: float, cem_src: Path, rounds: int,
