@@ -26,6 +26,7 @@ def test_a_baseline_checkout_runs_beside_this_one_and_both_are_reported() -> Non
         assert result["busy_core"] is True
         assert 0 <= result["cem_cpu_system_us_per_message"] <= result["cem_cpu_us_per_message"]
         assert result["cem_kb_per_rm"] is not None
+        assert result["cem_kb_per_rm_connected"] is not None
     medians = report["median"]
     assert medians["this"]["cem_cpu_us_per_message"] == this["cem_cpu_us_per_message"]
     assert report["cpu_per_message_ratio"] == round(
@@ -39,3 +40,29 @@ def test_a_baseline_that_is_no_checkout_is_a_user_mistake(tmp_path: Path) -> Non
     assert run.returncode == 2
     assert "not a checkout of this project" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_soak_keeps_the_rms_sending_for_its_duration_and_samples_the_cems_memory() -> None:
+    run = subprocess.run([sys.executable, "-m", "cem.app.cli", "bench", "s2", "--rms", "5",
+                          "--rate", "50", "--duration", "4", "--sample-every", "0.5", "--json"],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["soak_s"] == 4 and result["cem_exit_code"] == 0 and not result["errors"]
+    # paced at 50/s for 4 s over 5 RMs: about 200 measurements, every one acknowledged OK
+    assert 150 <= result["messages_sent"] <= 200
+    assert result["messages_acknowledged"] == result["messages_sent"]
+    assert result["not_ok"] == 0
+    assert result["stored_messages"] >= result["messages_sent"]
+    series = result["rss_series"]
+    assert len(series) >= 5 and all(mb > 0 for _, mb in series)
+    assert [t for t, _ in series] == sorted(t for t, _ in series)
+    assert isinstance(result["rss_growth_kb_per_rm"], float)
+    assert isinstance(result["rss_growth_kb_per_min"], float)
+
+
+def test_a_soak_of_no_time_is_a_user_mistake() -> None:
+    run = subprocess.run([sys.executable, "-m", "cem.app.cli", "bench", "s2", "--rms", "5",
+                          "--duration", "0"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "--duration" in run.stderr and "Traceback" not in run.stderr

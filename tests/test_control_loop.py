@@ -45,8 +45,14 @@ from s2python.frbc import (
 from s2python.generated.gen_s2 import Commodity
 
 from cem.app.congestion_cli import add_congestion_command
-from cem.control.mpc import SiteController
-from cem.ports import Disconnected, InstructionResult, RmEvent
+from cem.control.mpc import SiteController, coalesce_measurements
+from cem.ports import (
+    ControlTypeSelected,
+    Disconnected,
+    InstructionResult,
+    RmEvent,
+    StateChanged,
+)
 from cem.s2.session import S2Session
 from cem.signals import PriceFeed, StoreCongestion
 from cem.site.config import SiteConfig
@@ -389,3 +395,20 @@ async def test_price_update_triggers_a_replan(caplog: pytest.LogCaptureFixture) 
     finally:
         stop.set()
         await task
+
+
+def test_a_burst_of_events_keeps_only_each_rms_last_measurement_and_the_order() -> None:
+    at = now()
+
+    def measured(rm_id: str) -> RmEvent:
+        return RmEvent(rm_id, f"c-{rm_id}", StateChanged("measurement", "PowerMeasurement"), at)
+
+    selected = RmEvent("ev-1", "c-ev-1", ControlTypeSelected("FILL_RATE_BASED_CONTROL"), at)
+    forecast = RmEvent("ev-2", "c-ev-2", StateChanged("forecast", "PowerForecast"), at)
+    gone = Disconnected("c-ev-3", "ev-3", "connection closed")
+    burst = [measured("ev-1"), selected, measured("ev-2"), measured("ev-1"), forecast,
+             measured("ev-3"), gone, measured("ev-2")]
+    assert coalesce_measurements(burst) == [selected, burst[3], forecast, burst[5], gone,
+                                            burst[7]]
+    once_each = [measured("ev-1"), selected, measured("ev-2")]
+    assert coalesce_measurements(once_each) == once_each

@@ -233,3 +233,43 @@ async def test_an_rm_that_does_not_read_its_answers_is_not_read_until_it_does(
         await asyncio.wait_for(rm.answered.wait(), 30)
         assert [subject for subject, _ in rm.statuses] == ids
         assert {status for _, status in rm.statuses} == {"OK"}
+
+
+async def test_reads_taken_in_batches_still_answer_every_rm_in_order(tmp_path: Path) -> None:
+    """`server.read_batch_ms`: the CEM pauses between reads so that several RMs' messages are
+    read in one wake-up; each RM still gets every answer, in order, and all is stored."""
+    config = SiteConfig.model_validate({
+        "site": {"name": "Test site"},
+        "server": {"host": "127.0.0.1", "port": 0, "read_batch_ms": 30},
+        "store": {"path": str(tmp_path / "cem.db")},
+    })
+    store = await Store.open(config.store.path)
+    server = S2Server(config, store)
+    await server.start()
+    rms = [BurstRm(f"ws://127.0.0.1:{server.port}") for _ in range(3)]
+    ids = {rm: [str(uuid.uuid4()) for _ in range(20)] for rm in rms}
+    try:
+        await asyncio.gather(*(asyncio.wait_for(rm.open(), 10) for rm in rms))
+        for rm in rms:
+            rm.expected = 20
+        for i in range(20):   # one message per write, the RMs interleaved
+            for rm in rms:
+                rm.write_at_once([frame(MEASUREMENT % (ids[rm][i], 1000 + i))])
+            await asyncio.sleep(0.002)
+        await asyncio.wait_for(asyncio.gather(*(rm.answered.wait() for rm in rms)), 20)
+        for rm in rms:
+            assert rm.statuses == [(message_id, "OK") for message_id in ids[rm]]
+    finally:
+        await asyncio.gather(*(rm.close() for rm in rms))
+        await server.stop()
+        await store.close()
+    assert stored(tmp_path, "SELECT COUNT(*) FROM s2_messages WHERE message_type = "
+                            "'PowerMeasurement'") == [(60,)]
+
+
+def test_a_read_batch_beyond_50_ms_is_refused() -> None:
+    import pydantic
+    import pytest
+
+    with pytest.raises(pydantic.ValidationError, match="read_batch_ms"):
+        SiteConfig.model_validate({"server": {"read_batch_ms": 200}})

@@ -189,3 +189,76 @@ async def test_cem_status_lists_rms_or_says_there_is_no_store(tmp_path: Path) ->
     assert "FRBC" in charger and " 3 " in charger
     assert any("PV inverter" in line and "PEBC" in line for line in lines)
     assert "1 of 2 RM(s) connected." in listed.output
+
+
+async def _transcript(port: int) -> list[str]:
+    """An RM's side of a session with raw S2 JSON: the type and status of every answer (ids
+    left out), for a handshake, a measurement, a bad number and a message that is no JSON."""
+    import json
+
+    import websockets
+
+    resource_id = str(uuid.uuid4())
+    sent = [
+        {"message_type": "Handshake", "message_id": str(uuid.uuid4()), "role": "RM",
+         "supported_protocol_versions": ["0.0.2-beta"]},
+        {"message_type": "ResourceManagerDetails", "message_id": str(uuid.uuid4()),
+         "resource_id": resource_id, "name": "meter",
+         "roles": [{"role": "ENERGY_CONSUMER", "commodity": "ELECTRICITY"}],
+         "instruction_processing_delay": 100, "available_control_types": ["NOT_CONTROLABLE"],
+         "provides_forecast": False, "provides_power_measurement_types": ["ELECTRIC.POWER.L1"]},
+        {"message_type": "PowerMeasurement", "message_id": str(uuid.uuid4()),
+         "measurement_timestamp": "2026-01-01T00:00:00Z",
+         "values": [{"commodity_quantity": "ELECTRIC.POWER.L1", "value": 1200}]},
+        {"message_type": "PowerMeasurement", "message_id": str(uuid.uuid4()),
+         "measurement_timestamp": "2026-01-01T00:00:01Z",
+         "values": [{"commodity_quantity": "ELECTRIC.POWER.L1", "value": 1e300}]},
+    ]
+    seen: list[str] = []
+    async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
+        for message in [*(json.dumps(m) for m in sent), "not json"]:
+            await ws.send(message)
+            while True:
+                answer = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                kind = answer["message_type"]
+                if kind != "ReceptionStatus":
+                    seen.append(kind)
+                    await ws.send(json.dumps({"message_type": "ReceptionStatus", "status": "OK",
+                                              "subject_message_id": answer["message_id"]}))
+                    continue
+                seen.append(f"{kind} {answer['status']}")
+                break
+    return seen
+
+
+async def test_the_cem_runs_on_uvloop_unless_told_not_to_and_answers_the_same(
+        tmp_path: Path) -> None:
+    transcripts = {}
+    for loop, said in (("uvloop", "on uvloop"), ("asyncio", "on asyncio's event loop")):
+        port = free_port()
+        folder = tmp_path / loop
+        folder.mkdir()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cem.app.cli", "run", "--config", str(write_site(folder, port)),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "CEM_EVENT_LOOP": loop})
+        seen: list[str] = []
+        try:
+            await read_until(process, "cem 0", seen)
+            assert said in seen[-1]
+            await read_until(process, "S2 CEM listening on", seen)
+            transcripts[loop] = await _transcript(port)
+            process.send_signal(signal.SIGTERM)
+            rest, _ = await asyncio.wait_for(process.communicate(), 30)
+            assert process.returncode == 0
+            assert "Traceback" not in "".join(seen) + rest.decode()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert transcripts["uvloop"] == transcripts["asyncio"]
+    assert transcripts["uvloop"][:6] == ["Handshake", "ReceptionStatus OK", "HandshakeResponse",
+                                         "ReceptionStatus OK", "SelectControlType",
+                                         "ReceptionStatus OK"]
+    assert transcripts["uvloop"][-3:] == ["ReceptionStatus OK", "ReceptionStatus INVALID_CONTENT",
+                                          "ReceptionStatus INVALID_DATA"], transcripts

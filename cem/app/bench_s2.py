@@ -94,6 +94,9 @@ class BenchResult:
     cem_rss_idle_mb: float | None = None  # VmRSS when it serves, before any RM connected
     cem_kb_per_rm: float | None = None
     """(VmRSS after the message phase - VmRSS before the RMs connected) / RMs connected."""
+    cem_kb_per_rm_connected: float | None = None
+    """(VmRSS once every RM has connected, before any measurement - VmRSS before the RMs
+    connected) / RMs connected: what a connection holds, without what the messages left."""
     cem_cpu_s_message_phase: float | None = None
     bench_cpu_s_message_phase: float | None = None
     cem_cpu_us_per_message: float | None = None
@@ -104,6 +107,16 @@ class BenchResult:
     cem_cpu_system_us_per_message: float | None = None
     """The kernel's part of `cem_cpu_us_per_message` (socket reads and writes, epoll)."""
     cem_src: str | None = None  # the checkout the CEM ran from (None: this one)
+    soak_s: float | None = None
+    """`--duration`: the message phase kept the RMs sending at the rate for this long."""
+    rss_series: list[tuple[float, float]] = field(default_factory=list)
+    """`--duration`: (seconds into the message phase, the CEM's VmRSS in MB), every
+    `--sample-every` seconds."""
+    rss_growth_kb_per_rm: float | None = None
+    """`--duration`: VmRSS at the end less VmRSS after the warm-up (the first tenth of the
+    duration, at least one sample), per connected RM."""
+    rss_growth_kb_per_min: float | None = None
+    """`--duration`: the least-squares slope of VmRSS over the samples after the warm-up."""
     busy_core: bool = False  # a CPU-bound process ran beside it in the message phase
     http: bool = False  # the CEM served its dashboard and one page was open (SSE + reads)
     dashboard_events: int = 0
@@ -409,11 +422,14 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                     url: str | None = None, progress: Any = None,
                     connect_concurrency: int = 200, http: bool = False,
                     cem_src: Path | None = None, busy_core: bool = False,
-                    profile: Path | None = None) -> BenchResult:
+                    profile: Path | None = None, duration_s: float | None = None,
+                    sample_every_s: float = 10.0) -> BenchResult:
     """Run the benchmark against `url`, or against a fresh `cem run` subprocess if None.
 
     `cem_src`: that `cem run` runs from this checkout's directory instead (a baseline).
     `busy_core`: a CPU-bound process runs during the message phase.
+    `duration_s` (a soak): the RMs keep sending at `rate` for that many seconds instead of
+    `messages` each, and the CEM's VmRSS is sampled every `sample_every_s` seconds.
     `profile`: py-spy (if installed) samples the CEM's threads during the message phase and
     writes their stacks to that file (collapsed: one stack and its count a line).
 
@@ -424,7 +440,7 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
     result = BenchResult(rms=rms, rms_connected=0, messages_per_rm=messages,
                          target_rate_per_s=rate or None, http=http,
                          cem_src=str(cem_src) if cem_src is not None else None,
-                         busy_core=busy_core)
+                         busy_core=busy_core, soak_s=duration_s or None)
     with tempfile.TemporaryDirectory(prefix="cem-bench-") as tmp:
         cem = CemProcess(Path(tmp), http=http, src=cem_src) if url is None else None
         if cem is not None:
@@ -436,6 +452,12 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
         try:
             await _connect_all(clients, result, progress, connect_concurrency)
             live = [c for c in clients if c.selected.is_set()]
+            if cem is not None and result.cem_rss_idle_mb is not None and live:
+                await asyncio.sleep(0.5)   # the handshakes' last store writes and replans
+                rss = cem.rss_mb()
+                if rss is not None:
+                    result.cem_kb_per_rm_connected = round(
+                        (rss - result.cem_rss_idle_mb) * 1024 / len(live), 1)
             page = None
             if http and cem is not None:
                 page = _PageProcess(f"http://127.0.0.1:{cem.http_port}", result)
@@ -447,9 +469,18 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                 await asyncio.sleep(0.5)   # py-spy attached before the first message
             cpu_before = cem.cpu_s() if cem else None
             own_before = time.process_time()
+            sampler = asyncio.get_running_loop().create_task(
+                _sample_rss(cem, result, sample_every_s)) if duration_s and cem else None
             try:
-                await _message_phase(live, messages, rate, result, progress)
+                await _message_phase(live, messages, rate, result, progress, duration_s)
+                if duration_s:
+                    result.messages_per_rm = max((c._count for c in live), default=0)
             finally:
+                if sampler is not None:
+                    sampler.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await sampler
+                    _rss_growth(result, duration_s or 0.0)
                 if hog is not None:
                     hog.stop()
                 if spy is not None:
@@ -489,6 +520,32 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                     result.errors.append(f"cem run exited with {result.cem_exit_code}: "
                                          + cem.log.read_text()[-500:])
     return result
+
+
+async def _sample_rss(cem: CemProcess, result: BenchResult, every_s: float) -> None:
+    """The CEM's VmRSS into `result.rss_series` every `every_s` seconds, from now."""
+    began = time.perf_counter()
+    while True:
+        rss = cem.rss_mb()
+        if rss is not None:
+            result.rss_series.append((round(time.perf_counter() - began, 1), round(rss, 2)))
+        await asyncio.sleep(every_s)
+
+
+def _rss_growth(result: BenchResult, duration_s: float) -> None:
+    """Growth of the CEM's VmRSS after the warm-up (the first tenth of the soak)."""
+    after = [(t, mb) for t, mb in result.rss_series if t >= duration_s / 10]
+    if len(after) < 2:
+        return
+    if result.rms_connected:
+        result.rss_growth_kb_per_rm = round(
+            (after[-1][1] - after[0][1]) * 1024 / result.rms_connected, 2)
+    mean_t = statistics.fmean(t for t, _ in after)
+    mean_mb = statistics.fmean(mb for _, mb in after)
+    spread = sum((t - mean_t) ** 2 for t, _ in after)
+    if spread > 0:
+        slope = sum((t - mean_t) * (mb - mean_mb) for t, mb in after) / spread   # MB/s
+        result.rss_growth_kb_per_min = round(slope * 1024 * 60, 2)
 
 
 class _PySpy:
@@ -640,24 +697,39 @@ async def _connect_all(clients: list[BenchRm], result: BenchResult, progress: An
 
 
 async def _message_phase(clients: list[BenchRm], messages: int, rate: float,
-                         result: BenchResult, progress: Any) -> None:
-    if not clients or messages <= 0:
+                         result: BenchResult, progress: Any,
+                         duration_s: float | None = None) -> None:
+    """Each RM sends `messages` measurements, or, with `duration_s`, keeps sending until that
+    many seconds have passed (`messages` is then not used)."""
+    if not clients or (messages <= 0 and not duration_s):
         return
-    total = len(clients) * messages
+    total = None if duration_s else len(clients) * messages
     task_id = progress.add_task("messages acknowledged", total=total) if progress else None
     stamp = _Stamp()
     loop = asyncio.get_running_loop()
     all_acked = loop.create_future()
     acked = 0
+    sending = True
+    ends_at = time.perf_counter() + duration_s if duration_s else None
+
+    def more(client: BenchRm) -> bool:
+        if ends_at is not None:
+            return time.perf_counter() < ends_at
+        return client._count < messages
 
     def on_ack(client: BenchRm) -> None:
         nonlocal acked
         acked += 1
-        if rate <= 0 and client._count < messages:  # closed loop: the next one at once
+        if rate <= 0 and more(client):  # closed loop: the next one at once
             client.send_measurement(1000 + client._count, stamp.now())
             result.messages_sent += 1
-        if acked >= total and not all_acked.done():
+        if all_in() and not all_acked.done():
             all_acked.set_result(None)
+
+    def all_in() -> bool:
+        if total is not None and rate <= 0:   # closed loop: each RM stops by itself
+            return acked >= total
+        return not sending and acked >= result.messages_sent
 
     for client in clients:
         client.on_ack = on_ack
@@ -673,20 +745,33 @@ async def _message_phase(clients: list[BenchRm], messages: int, rate: float,
         if rate > 0:
             # open loop: RM i sends message k at offset_i + k * interval; one pacing loop for
             # all RMs (a timer per RM and message would cost the bench more than the CEM)
+            # (RM i's offset is below the interval, so round k, RMs by offset, is time order)
             interval = len(clients) / rate
-            offsets = [random.random() * interval for _ in clients]
-            due = sorted((offsets[i] + k * interval, i, k)
-                         for i in range(len(clients)) for k in range(messages))
-            for at, i, k in due:
-                delay = began + at - time.perf_counter()
-                if delay > 0.0005:
-                    await asyncio.sleep(delay)
-                clients[i].send_measurement(1000 + k, stamp.now())
-                result.messages_sent += 1
+            by_offset = sorted((random.random() * interval, client) for client in clients)
+            k = 0
+            while k < messages or duration_s:
+                for offset, client in by_offset:
+                    at = offset + k * interval
+                    if duration_s and at >= duration_s:
+                        break
+                    delay = began + at - time.perf_counter()
+                    if delay > 0.0005:
+                        await asyncio.sleep(delay)
+                    client.send_measurement(1000 + k, stamp.now())
+                    result.messages_sent += 1
+                else:
+                    k += 1
+                    continue
+                break
         else:
             for client in clients:
                 client.send_measurement(1000, stamp.now())
                 result.messages_sent += 1
+            if ends_at is not None:
+                await asyncio.sleep(max(0.0, ends_at - time.perf_counter()))
+        sending = False
+        if all_in() and not all_acked.done():
+            all_acked.set_result(None)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(all_acked), 60)
     finally:
@@ -710,19 +795,28 @@ async def _message_phase(clients: list[BenchRm], messages: int, rate: float,
 
 def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
                   http: bool = False, cem_src: Path | None = None, rounds: int = 1,
-                  busy_core: bool = False, profile: Path | None = None) -> None:
+                  busy_core: bool = False, profile: Path | None = None,
+                  duration_s: float | None = None, sample_every_s: float = 10.0) -> None:
     """Run the S2 benchmark and print the figures (one JSON object with --json).
 
     `http`: run it twice in a row, the CEM without and then with its dashboard served and one
     page open, and report both and the difference. `cem_src`: `rounds` times, the CEM of that
     checkout (the baseline) and then this one's, and report both. `busy_core`: a CPU-bound
-    process beside the CEM in every message phase."""
+    process beside the CEM in every message phase. `duration_s`: a soak, the RMs send at
+    `rate` for that long and the CEM's memory is sampled every `sample_every_s` seconds."""
     from rich.console import Console
 
     console = Console(stderr=True)
     if rms < 1 or messages < 0 or rounds < 1:
         console.print("[bold red]error:[/] --rms and --rounds must be at least 1 and "
                       "--messages at least 0")
+        raise SystemExit(2)
+    if duration_s is not None and (duration_s <= 0 or sample_every_s <= 0):
+        console.print("[bold red]error:[/] --duration and --sample-every must be above 0")
+        raise SystemExit(2)
+    if duration_s is not None and (cem_src is not None or http):
+        console.print("[bold red]error:[/] --duration runs one CEM: not with --cem-src or "
+                      "--http")
         raise SystemExit(2)
     if cem_src is not None:
         if not (cem_src / "cem" / "app" / "cli.py").is_file():
@@ -736,7 +830,8 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
         return
     if json_out:
         result = asyncio.run(run_bench(rms=rms, messages=messages, rate=rate,
-                                       busy_core=busy_core, profile=profile))
+                                       busy_core=busy_core, profile=profile,
+                                       duration_s=duration_s, sample_every_s=sample_every_s))
         print(json.dumps(asdict(result)))
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -746,9 +841,11 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
                   TimeElapsedColumn(), console=console) as progress:
         result = asyncio.run(run_bench(rms=rms, messages=messages, rate=rate,
                                        progress=progress, busy_core=busy_core,
-                                       profile=profile))
+                                       profile=profile, duration_s=duration_s,
+                                       sample_every_s=sample_every_s))
     table = Table(title=f"S2 server: {result.rms_connected}/{rms} RMs, "
-                        f"{messages} PowerMeasurements each")
+                        + (f"sending for {duration_s:g} s" if duration_s
+                           else f"{messages} PowerMeasurements each"))
     table.add_column("figure")
     table.add_column("value", justify="right")
     rows = [
@@ -765,6 +862,8 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
          if result.cem_peak_rss_mb else "-"),
         ("CEM memory per connected RM", f"{result.cem_kb_per_rm:.0f} kB"
          if result.cem_kb_per_rm is not None else "-"),
+        ("  of it before any measurement", f"{result.cem_kb_per_rm_connected:.0f} kB"
+         if result.cem_kb_per_rm_connected is not None else "-"),
         ("CEM CPU in message phase", f"{result.cem_cpu_s_message_phase} s"
                                      + (f" ({result.cem_cpu_us_per_message:.0f} us/message, "
                                         f"{result.cem_cpu_system_us_per_message:.0f} in the "
@@ -772,6 +871,9 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
                                         and result.cem_cpu_system_us_per_message is not None
                                         else "")),
         ("messages in the store", str(result.stored_messages)),
+        *([("soak: VmRSS growth after warm-up", f"{result.rss_growth_kb_per_rm} kB per RM, "
+                                                f"{result.rss_growth_kb_per_min} kB/min")]
+          if result.soak_s else []),
         ("CEM exit on SIGTERM", f"{result.cem_exit_code} after {result.cem_shutdown_s} s"),
         ("machine", f"{result.cpu_count} CPUs, load {result.load_average_1m:.1f}"
                     + (", one core kept busy" if busy_core else "")),
@@ -785,7 +887,8 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
 
 
 _COMPARED = ("acknowledged_per_s", "latency_p50_ms", "latency_p99_ms", "cem_cpu_us_per_message",
-             "cem_cpu_system_us_per_message", "cem_peak_rss_mb", "cem_kb_per_rm")
+             "cem_cpu_system_us_per_message", "cem_peak_rss_mb", "cem_kb_per_rm",
+             "cem_kb_per_rm_connected")
 
 
 def _compare_src(rms: int, messages: int, rate: float, cem_src: Path, rounds: int,

@@ -396,12 +396,18 @@ def bench_s2(
     profile: Path | None = typer.Option(None, "--profile", help="py-spy samples the CEM's "
                                         "threads in the message phase; stacks (collapsed) to "
                                         "this file"),
+    duration: float | None = typer.Option(None, "--duration", help="a soak: the RMs keep "
+                                          "sending at --rate for this many seconds (instead "
+                                          "of --messages each); the CEM's memory is sampled"),
+    sample_every: float = typer.Option(10.0, "--sample-every", help="with --duration: "
+                                       "seconds between samples of the CEM's memory"),
 ) -> None:
     """Benchmark the S2 server: connect N RMs and measure acknowledgements."""
     from cem.app.bench_s2 import bench_command
 
     bench_command(rms=rms, messages=messages, json_out=json_out, rate=rate, http=http,
-                  cem_src=cem_src, rounds=rounds, busy_core=busy_core, profile=profile)
+                  cem_src=cem_src, rounds=rounds, busy_core=busy_core, profile=profile,
+                  duration_s=duration, sample_every_s=sample_every)
 
 
 # --- resource managers and simulators --------------------------------------------------------

@@ -25,7 +25,9 @@ from cem.app.parts import site_parts
 from cem.app.service import (
     ServiceError,
     default_controller_factory,
+    event_loop_factory,
     raise_open_file_limit,
+    run_on_event_loop,
     tenure_long_lived,
     tune_garbage_collector,
 )
@@ -99,10 +101,12 @@ def run_service(config: SiteFile, log_level: str = "INFO", *, log_format: str = 
                        "(raise it with ulimit -n)", limit, limit - 100)
     core = any(part.kind == "cem" for part in parts)
     supervisor = Supervisor(parts, book=PartBook(config.store.path) if core else None)
-    logger.info("cem %s: running %s", __version__, ", ".join(p.name for p in parts))
+    factory = event_loop_factory()
+    logger.info("cem %s: running %s on %s", __version__, ", ".join(p.name for p in parts),
+                "uvloop" if factory is not None else "asyncio's event loop")
     tune_garbage_collector()
     try:
-        code = asyncio.run(supervise_until_signal(supervisor))
+        code = run_on_event_loop(supervise_until_signal(supervisor), factory)
     except StartFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -119,11 +119,13 @@ def phase_power_w(measured: Mapping[Any, Any]) -> tuple[float, float, float] | N
     found = False
     for quantity, value in measured.items():
         watts = float(getattr(value, "value_w", value))
-        key = CommodityQuantity(getattr(quantity, "value", quantity))
-        if key in PHASE_INDEX:
-            phases[PHASE_INDEX[key]] += watts
+        key = quantity if type(quantity) is CommodityQuantity \
+            else CommodityQuantity(getattr(quantity, "value", quantity))   # (a value, a name)
+        index = PHASE_INDEX.get(key)
+        if index is not None:
+            phases[index] += watts
             found = True
-        elif key == CommodityQuantity.ELECTRIC_POWER_3_PHASE_SYMMETRIC:
+        elif key is CommodityQuantity.ELECTRIC_POWER_3_PHASE_SYMMETRIC:
             for p in range(3):
                 phases[p] += watts / 3
             found = True

@@ -193,12 +193,29 @@ def _no_constants(name: str) -> Any:
 
 
 _JSON = json.JSONDecoder(parse_constant=_no_constants)
+_LONG_INTEGER = re.compile(r"\d{19}")
+
+_fast_loads: Callable[[str], Any] | None
+try:
+    from orjson import loads as _fast_loads
+except ImportError:   # orjson is a dependency; without it the standard library parses alone
+    _fast_loads = None
 
 
 def _parse_json(text: str) -> Any:
-    """``json.loads(text, parse_constant=_no_constants)`` without a new decoder per message."""
+    """``json.loads(text, parse_constant=_no_constants)``, the same values and errors.
+
+    orjson parses it (~4x faster) when it can; whatever orjson refuses (NaN, 1e400, lone
+    surrogates, bad JSON: any error) the standard library parses again, for its verdict and
+    its words. A text with 19 digits in a row goes to the standard library at once: orjson
+    reads an integer beyond 64 bits as a float, the standard library as the integer."""
     if text.startswith("\ufeff"):
         raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    if _fast_loads is not None and _LONG_INTEGER.search(text) is None:
+        try:
+            return _fast_loads(text)
+        except ValueError:   # orjson.JSONDecodeError is a ValueError
+            pass
     return _JSON.decode(text)
 
 
@@ -301,6 +318,12 @@ class S2Session:
     def pending_message_ids(self) -> list[str]:
         """Ids of CEM messages still waiting for their ReceptionStatus."""
         return list(self._pending)
+
+    @property
+    def timers_running(self) -> bool:
+        """Whether `expire` has anything to watch: a CEM message waiting for its
+        ReceptionStatus, or the RM's Handshake (a session that is not closing)."""
+        return bool(self._pending) or (not self._handshake_done and self.close is None)
 
     def drain_events(self) -> list[SessionEvent]:
         """Hand over (and forget) the events gathered so far."""

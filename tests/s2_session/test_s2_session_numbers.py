@@ -154,3 +154,22 @@ def test_good_messages_still_pass() -> None:
     for message in (frbc_system_description(), frbc_storage_status(), frbc_actuator_status(),
                     frbc_usage_forecast(), power_forecast(), power_measurement()):
         assert _answer(session, json.dumps(message))["status"] == "OK", message
+
+
+@pytest.mark.parametrize("value", ["123456789012345678901234567890", "1e400", "NaN", "-0.0",
+                                   "0.1", "1.0000000000000002", '"\\ud800"', "1500"])
+def test_orjson_and_the_standard_library_give_the_same_answer(
+        value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session parses with orjson when it can; what orjson reads otherwise (an integer
+    beyond 64 bits, 1e400, NaN, a lone surrogate) is answered as the standard library reads it."""
+    import cem.s2.session as session_module
+
+    answers = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(session_module, "_fast_loads", None)
+        session, _ = connect([FRBC])
+        answer = _answer(session, _measurement_text(value))
+        answer.pop("subject_message_id", None)
+        answers.append(answer)
+    assert answers[0] == answers[1]
