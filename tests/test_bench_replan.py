@@ -34,6 +34,8 @@ def test_bench_replan_reports_the_planner_alone_the_gap_and_a_new_limit_reaching
         # the same problems solved by the planner alone, in the same run
         assert run["solve_p50_s"] > 0 and run["replan_over_solve"] > 0
         assert run["gap_max"] is not None and 0 <= run["gap_max"] < 0.5
+        # each gap says what it is measured against (12 EVs: the LP is solved in time)
+        assert run["bounds"] == ["LP", "LP"] and run["gaps_within_1pct"] <= 2
         assert run["lp_warm_starts"] == 2  # each replan went on from the last basis
         assert run["cold_plan_status"] in ("OPTIMAL", "FEASIBLE", "FALLBACK")
         # the congestion window made RMs lower: each acknowledged its new instruction

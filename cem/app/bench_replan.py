@@ -249,6 +249,11 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         "gap_max": round(max(gaps), 5) if len(gaps) == len(timed) else None,  # None: one had no bound
         "plan_status": sorted({p.status for p in timed}),
         "gaps": [None if p.gap is None else round(p.gap, 5) for p in timed],  # None: no bound
+        # what each gap is measured against: the LP optimum, or a bound from row prices (an LP
+        # not solved in time: `cem.planner.dual_bound`), or nothing
+        "bounds": [None if p.lp_bound_eur is None else "LP" if p.lp_solved else "prices"
+                   for p in timed],
+        "gaps_within_1pct": sum(1 for p in timed if p.gap is not None and p.gap <= 0.01),
         "lp_warm_starts": sum(1 for p in timed if p.lp_warm),
         "lp_iterations": [p.lp_iterations for p in timed],
         "loop_lag_p99_ms": round(lags[int(0.99 * (len(lags) - 1))], 1) if lags else None,
@@ -258,6 +263,9 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         "limit_replan_s": round(limit_replan_s, 3),
         "limit_plan_status": planner.plans[-1].status,
         "limit_gap": None if planner.plans[-1].gap is None else round(planner.plans[-1].gap, 5),
+        "limit_bound": None if planner.plans[-1].lp_bound_eur is None
+        else "LP" if planner.plans[-1].lp_solved else "prices",
+        "cold_bound": None if cold.lp_bound_eur is None else "LP" if cold.lp_solved else "prices",
         "rms_acked_new_limit": len(acks),
         "rm_refusals": len(registry.rm_refusals),
     }

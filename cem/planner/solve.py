@@ -361,6 +361,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         memory.keep(lay, candidate)
     plan = to_plan(lay, candidate, status, notes)
     plan.lp_bound_eur = bound
+    plan.lp_solved = lp is not None and lp.bound_eur is not None
     plan.gap = _gap(plan.objective_eur, bound)
     plan.build_s, plan.lp_solve_s, plan.solve_s = build_s, lp_solve_s, solve_s
     plan.lp_iterations, plan.lp_warm = lp_iterations, lp_warm
@@ -376,6 +377,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         if len(check_plan(problem, fb)) < len(violations):
             log.error("plan breaks limits (%s); using the fallback", violations[:3])
             fb.lp_bound_eur, fb.gap = bound, _gap(fb.objective_eur, bound)
+            fb.lp_solved = plan.lp_solved
             fb.build_s, fb.lp_solve_s, fb.solve_s = build_s, lp_solve_s, solve_s
             fb.lp_iterations, fb.lp_warm = lp_iterations, lp_warm
             return fb
