@@ -41,3 +41,14 @@ def test_bench_replan_reports_the_planner_alone_the_gap_and_a_new_limit_reaching
         # the congestion window made RMs lower: each acknowledged its new instruction
         assert run["rms_acked_new_limit"] > 0
         assert 0 < run["limit_to_ack_p99_s"] <= run["limit_replan_s"]
+
+
+def test_bench_replan_times_the_replans_after_a_warm_up_apart_from_the_cold_start() -> None:
+    result = CliRunner().invoke(app, ["bench", "replan", "--evs", "12", "--replans", "2",
+                                      "--warmup", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    for run in json.loads(result.stdout)["runs"]:
+        assert run["warmup_replans"] == 2 and run["replans"] == 2
+        # the timed replans only: two gaps, each against the LP optimum
+        assert len(run["gaps"]) == 2 and run["bounds"] == ["LP", "LP"]
+        assert run["gaps_within_1pct"] == 2 and run["solve_p50_s"] > 0

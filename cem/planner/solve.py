@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import threading
 import time
 
@@ -248,7 +247,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         # an LP that was not solved last time will likely not be now: keep the time the
         # anytime plan (the fallback, polished) needs
         lp_memory = memory.lp if memory is not None else None
-        if memory is not None and not memory.lp_solved and _core_to_spare():
+        if memory is not None and not memory.lp_solved:
             lp, rules, rules_polished = _lp_beside_fallback(lay, deadline, after_lp_s, lp_memory)
         else:
             lp = solve_lp(lay, time_limit_s=max(deadline - time.perf_counter() - after_lp_s, 0.01),
@@ -309,7 +308,10 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             good = score("the fallback plan, polished", "FEASIBLE", rules_polished) or good
         if rules is not None:
             good = score("the fallback plan", "FALLBACK", rules) or good
-        last = memory.last_plan(lay) if memory is not None and not good else None
+        # the last plan's repair (0.1-0.3 s of CPU at 1000 EVs) only while the deadline is
+        # not past, or when there is nothing else
+        last = memory.last_plan(lay) if memory is not None and not good and (
+            not scored or deadline > time.perf_counter()) else None
         if last is not None:
             good = score("the last plan, repaired", "FEASIBLE",
                          round_and_repair(lay, last, earlier=True))
@@ -382,17 +384,6 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             fb.lp_iterations, fb.lp_warm = lp_iterations, lp_warm
             return fb
     return plan
-
-
-def _core_to_spare() -> bool:
-    """Whether the machine has a core to spare for the fallback beside the LP: the 1-minute
-    load average below the number of cores. Beside an LP on a busy machine the fallback took a third of
-    the LP's iterations (1000 EVs, load 7 on 2 cores: 1635-1754 against 2525-2785 in 0.6 s),
-    and an LP that falls behind so stays unsolved replan after replan."""
-    try:
-        return os.getloadavg()[0] < (os.cpu_count() or 1)
-    except OSError:  # no load average here
-        return False
 
 
 def _lp_beside_fallback(lay: Layout, deadline: float, after_lp_s: float,
