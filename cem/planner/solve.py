@@ -31,7 +31,7 @@ import numpy as np
 from cem.planner.assets import ModeAsset, Plan, Problem, ShiftableProfile, Shortfall, StorageAsset
 from cem.planner.bound import BuiltLp, LpIndex, LpMemory, LpResult, solve_lp
 from cem.planner.check import check_plan
-from cem.planner.fallback import fallback_dispatch, idle_modes
+from cem.planner.fallback import fallback_dispatch, fallback_until, idle_modes
 from cem.planner.hint import polish_plan, round_and_repair, shave_peak
 from cem.planner.layout import (
     NOISE_WH,
@@ -243,12 +243,14 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     lp: LpResult | None = None
     rules: Dispatch | None = None  # the fallback plan, once made
     rules_polished: Dispatch | None = None  # and polished, when made beside the LP
+    rules_whole = True  # False: made beside the LP and cut short at the deadline
     if use_lp:
         # an LP that was not solved last time will likely not be now: keep the time the
         # anytime plan (the fallback, polished) needs
         lp_memory = memory.lp if memory is not None else None
         if memory is not None and not memory.lp_solved:
-            lp, rules, rules_polished = _lp_beside_fallback(lay, deadline, after_lp_s, lp_memory)
+            lp, rules, rules_polished, rules_whole = _lp_beside_fallback(lay, deadline, after_lp_s,
+                                                                         lp_memory)
         else:
             lp = solve_lp(lay, time_limit_s=max(deadline - time.perf_counter() - after_lp_s, 0.01),
                           memory=lp_memory)
@@ -307,17 +309,22 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         if rules_polished is not None:  # made beside the LP
             good = score("the fallback plan, polished", "FEASIBLE", rules_polished) or good
         if rules is not None:
-            good = score("the fallback plan", "FALLBACK", rules) or good
+            good = score("the fallback plan" if rules_whole
+                         else "the fallback plan, cut short at the deadline", "FALLBACK", rules) or good
         # the last plan's repair (0.1-0.3 s of CPU at 1000 EVs) only while the deadline is
         # not past, or when there is nothing else
+        # a fallback cut short at the deadline (assets left idle) is no plan to settle for
+        whole = len(scored) - (0 if rules is None or rules_whole else 1)
         last = memory.last_plan(lay) if memory is not None and not good and (
-            not scored or deadline > time.perf_counter()) else None
+            not whole or deadline > time.perf_counter()) else None
         if last is not None:
             good = score("the last plan, repaired", "FEASIBLE",
                          round_and_repair(lay, last, earlier=True))
+            whole += 1
         # the fallback costs about what the work after an LP does (0.4 s of CPU at 1000 EVs,
         # more than a polish): only when there is that much time left, or nothing else
-        if not good and rules is None and (not scored or deadline - time.perf_counter() >= after_lp_s):
+        if not good and (rules is None or not rules_whole) \
+                and (not whole or deadline - time.perf_counter() >= after_lp_s):
             rules = fallback_dispatch(lay)
             good = score("the fallback plan", "FALLBACK", rules)
             polished = None if good or lp is None else _polish_unsolved(lay, lp.model, lp.index,
@@ -388,12 +395,13 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
 
 def _lp_beside_fallback(lay: Layout, deadline: float, after_lp_s: float,
                         memory: LpMemory | None
-                        ) -> tuple[LpResult, Dispatch | None, Dispatch | None]:
+                        ) -> tuple[LpResult, Dispatch | None, Dispatch | None, bool]:
     """The LP in a thread of its own while this one makes the fallback plan and polishes it
     (HiGHS releases the GIL while it solves): when the last LP was not solved, this one likely
     will not be either, and the anytime plan (the fallback, polished: `_polish_unsolved`) is
     then ready by the deadline. The LP keeps its whole time. Returns the LP's answer, the
-    fallback and the polished fallback (None: not made in time, or making it failed)."""
+    fallback and the polished fallback (None: not made in time, or making it failed), and
+    whether the fallback is whole (not cut short at the deadline)."""
     built = BuiltLp.of(lay)
     box: dict[str, LpResult | BaseException] = {}
 
@@ -408,10 +416,16 @@ def _lp_beside_fallback(lay: Layout, deadline: float, after_lp_s: float,
     thread.start()
     rules: Dispatch | None = None
     polished: Dispatch | None = None
+    whole = True
     try:
-        rules = fallback_dispatch(lay)
-        polished = _polish_unsolved(lay, built.model, built.index, rules,
-                                    deadline - AFTER_LP_S)
+        # cut short where the deadline comes first (5000 EVs: the whole fallback took longer
+        # than the LP's 5 s at load 9, and the replan waited for it)
+        rules, whole = fallback_until(lay, deadline - after_lp_s)
+        if whole:
+            polished = _polish_unsolved(lay, built.model, built.index, rules,
+                                        deadline - AFTER_LP_S)
+        else:
+            log.info("fallback plan cut short at the deadline: some assets left idle")
     except Exception:
         log.exception("fallback plan failed beside the LP")
     thread.join()
@@ -419,7 +433,7 @@ def _lp_beside_fallback(lay: Layout, deadline: float, after_lp_s: float,
     if isinstance(lp, BaseException):
         raise lp
     lp.build_s += built.build_s
-    return lp, rules, polished
+    return lp, rules, polished, whole
 
 
 def _polish_unsolved(lay: Layout, model: highspy.HighsLp | None, index: LpIndex | None,
