@@ -418,9 +418,11 @@ def _lp_beside_fallback(lay: Layout, deadline: float, after_lp_s: float,
     polished: Dispatch | None = None
     whole = True
     try:
-        # cut short where the deadline comes first (5000 EVs: the whole fallback took longer
-        # than the LP's 5 s at load 9, and the replan waited for it)
-        rules, whole = fallback_until(lay, deadline - after_lp_s)
+        # cut short at the deadline (5000 EVs: the whole fallback took longer than the LP's
+        # 5 s at load 9, and the replan waited for it); the deadline itself, not the LP's end:
+        # the work after an unsolved LP is mostly this (cut at the LP's end, at 1000 EVs and
+        # load 7 most fallbacks were cut and the replans took the last plan, repaired)
+        rules, whole = fallback_until(lay, deadline)
         if whole:
             polished = _polish_unsolved(lay, built.model, built.index, rules,
                                         deadline - AFTER_LP_S)
