@@ -93,6 +93,9 @@ class PlanMemory:
     def __init__(self) -> None:
         self.lp = LpMemory()
         self.lp_solved = True  # whether the last replan's LP was solved (in time)
+        # wall seconds per storage-PTU the last fallback took here (0: not known yet); one
+        # that was cut short at the deadline counts as twice what it had taken by then
+        self.fallback_s_per_cell = 0.0
         self._plan: tuple[list[str], int, np.ndarray, np.ndarray, list[str], np.ndarray] | None = None
 
     def keep(self, lay: Layout, disp: Dispatch) -> None:
@@ -248,9 +251,10 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         # an LP that was not solved last time will likely not be now: keep the time the
         # anytime plan (the fallback, polished) needs
         lp_memory = memory.lp if memory is not None else None
-        if memory is not None and not memory.lp_solved:
+        if memory is not None and not memory.lp_solved \
+                and memory.fallback_s_per_cell * cells <= deadline - time.perf_counter():
             lp, rules, rules_polished, rules_whole = _lp_beside_fallback(lay, deadline, after_lp_s,
-                                                                         lp_memory)
+                                                                         memory)
         else:
             lp = solve_lp(lay, time_limit_s=max(deadline - time.perf_counter() - after_lp_s, 0.01),
                           memory=lp_memory)
@@ -325,7 +329,10 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         # more than a polish): only when there is that much time left, or nothing else
         if not good and (rules is None or not rules_whole) \
                 and (not whole or deadline - time.perf_counter() >= after_lp_s):
+            began = time.perf_counter()
             rules = fallback_dispatch(lay)
+            if memory is not None:
+                memory.fallback_s_per_cell = (time.perf_counter() - began) / max(cells, 1)
             good = score("the fallback plan", "FALLBACK", rules)
             polished = None if good or lp is None else _polish_unsolved(lay, lp.model, lp.index,
                                                                         rules, deadline)
@@ -393,13 +400,14 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     return plan
 
 
-def _lp_beside_fallback(lay: Layout, deadline: float, after_lp_s: float,
-                        memory: LpMemory | None
+def _lp_beside_fallback(lay: Layout, deadline: float, after_lp_s: float, memory: PlanMemory
                         ) -> tuple[LpResult, Dispatch | None, Dispatch | None, bool]:
     """The LP in a thread of its own while this one makes the fallback plan and polishes it
     (HiGHS releases the GIL while it solves): when the last LP was not solved, this one likely
     will not be either, and the anytime plan (the fallback, polished: `_polish_unsolved`) is
-    then ready by the deadline. The LP keeps its whole time. Returns the LP's answer, the
+    then ready by the deadline. The LP keeps its whole time. Only when the last fallback
+    made here took less than the time there is (at 2000 EVs and load 7 it was cut short every
+    time and took the LP three quarters of its iterations). Returns the LP's answer, the
     fallback and the polished fallback (None: not made in time, or making it failed), and
     whether the fallback is whole (not cut short at the deadline)."""
     built = BuiltLp.of(lay)
@@ -408,7 +416,7 @@ def _lp_beside_fallback(lay: Layout, deadline: float, after_lp_s: float,
     def run() -> None:
         try:
             box["lp"] = solve_lp(lay, time_limit_s=max(deadline - time.perf_counter() - after_lp_s,
-                                                        0.01), memory=memory, built=built)
+                                                        0.01), memory=memory.lp, built=built)
         except BaseException as exc:  # handed to the planning thread
             box["lp"] = exc
 
@@ -422,7 +430,10 @@ def _lp_beside_fallback(lay: Layout, deadline: float, after_lp_s: float,
         # 5 s at load 9, and the replan waited for it); the deadline itself, not the LP's end:
         # the work after an unsolved LP is mostly this (cut at the LP's end, at 1000 EVs and
         # load 7 most fallbacks were cut and the replans took the last plan, repaired)
+        began = time.perf_counter()
         rules, whole = fallback_until(lay, deadline)
+        memory.fallback_s_per_cell = (time.perf_counter() - began) * (1 if whole else 2) \
+            / max(int(lay.avail.sum()), 1)
         if whole:
             polished = _polish_unsolved(lay, built.model, built.index, rules,
                                         deadline - AFTER_LP_S)
