@@ -11,8 +11,11 @@
 4. If the candidate's gap to the bound is above `gap_tol` and time is left, CP-SAT
    (`model.py`) improves it, starting from the candidate as a full hint; its answer replaces
    the candidate only if it is better on the same objective.
-5. Without an LP answer the rule-based fallback (`fallback.py`) is the candidate (status
-   FALLBACK unless CP-SAT improves it).
+5. Without an LP answer the bound comes from row prices (`dual_bound.py`: the unsolved LP's
+   and the last replan's duals) and the plan is the best of the last plan repaired, the
+   rule-based fallback (`fallback.py`, status FALLBACK unless CP-SAT improves it) and the
+   fallback polished; after a replan whose LP was not solved either, the fallback is made
+   beside the LP (`_lp_beside_fallback`).
 Every returned plan is scored by `layout.evaluate` (`objective_eur`, comparable with the bound;
 `cost_eur` is the money: energy at the true prices + peak) and keeps the hard limits
 (`check_plan`). `level_wh` holds each storage level at the end of every PTU.
