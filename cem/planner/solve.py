@@ -97,7 +97,8 @@ class PlanMemory:
         self.lp = LpMemory()
         self.lp_solved = True  # whether the last replan's LP was solved (in time)
         # wall seconds per storage-PTU the last fallback took here (0: not known yet); one
-        # that was cut short at the deadline counts as twice what it had taken by then
+        # that was cut short at the deadline counts as twice what it had taken by then, and
+        # each replan that leaves it out for this lowers it by a fifth (tried again later)
         self.fallback_s_per_cell = 0.0
         self._plan: tuple[list[str], int, np.ndarray, np.ndarray, list[str], np.ndarray] | None = None
 
@@ -254,8 +255,12 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         # an LP that was not solved last time will likely not be now: keep the time the
         # anytime plan (the fallback, polished) needs
         lp_memory = memory.lp if memory is not None else None
-        if memory is not None and not memory.lp_solved \
-                and memory.fallback_s_per_cell * cells <= deadline - time.perf_counter():
+        beside = memory is not None and not memory.lp_solved
+        if memory is not None and beside \
+                and memory.fallback_s_per_cell * cells > deadline - time.perf_counter():
+            beside = False
+            memory.fallback_s_per_cell *= 0.8  # tried again once the estimate fits (load drops)
+        if memory is not None and beside:
             lp, rules, rules_polished, rules_whole = _lp_beside_fallback(lay, deadline, after_lp_s,
                                                                          memory)
         else:
