@@ -34,8 +34,23 @@ def test_bench_replan_reports_the_planner_alone_the_gap_and_a_new_limit_reaching
         # the same problems solved by the planner alone, in the same run
         assert run["solve_p50_s"] > 0 and run["replan_over_solve"] > 0
         assert run["gap_max"] is not None and 0 <= run["gap_max"] < 0.5
+        # each gap says what it is measured against (12 EVs: the LP is solved in time)
+        assert run["bounds"] == ["LP", "LP"]
+        assert run["gaps_within_1pct"] == sum(1 for g in run["gaps"] if g <= 0.01)
         assert run["lp_warm_starts"] == 2  # each replan went on from the last basis
         assert run["cold_plan_status"] in ("OPTIMAL", "FEASIBLE", "FALLBACK")
         # the congestion window made RMs lower: each acknowledged its new instruction
         assert run["rms_acked_new_limit"] > 0
         assert 0 < run["limit_to_ack_p99_s"] <= run["limit_replan_s"]
+
+
+def test_bench_replan_times_the_replans_after_a_warm_up_apart_from_the_cold_start() -> None:
+    result = CliRunner().invoke(app, ["bench", "replan", "--evs", "12", "--replans", "2",
+                                      "--warmup", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    for run in json.loads(result.stdout)["runs"]:
+        assert run["warmup_replans"] == 2 and run["replans"] == 2
+        # the timed replans only: two gaps, each against the LP optimum
+        assert len(run["gaps"]) == 2 and run["bounds"] == ["LP", "LP"]
+        assert run["gaps_within_1pct"] == sum(1 for g in run["gaps"] if g <= 0.01)
+        assert run["solve_p50_s"] > 0

@@ -114,7 +114,10 @@ def test_an_lp_out_of_time_leaves_the_last_plan_repaired_not_the_fallback() -> N
     planner.memory.lp.forget()  # no basis to go on from: the LP cannot finish in 10 ms
     again = planner(nxt, time_limit_s=0.01, use_cpsat=False)
     planner.close(wait=True)
-    assert again.lp_bound_eur is None and again.status == "FEASIBLE"
+    assert again.status == "FEASIBLE"
+    # no LP optimum; a bound from row prices (the unsolved LP's) may be given: never above it
+    exact = solve_lp(build_layout(nxt)).bound_eur
+    assert exact is not None and (again.lp_bound_eur is None or again.lp_bound_eur <= exact + 1e-6)
     assert any("the last plan, repaired" in note for note in again.notes)
     assert check_plan(nxt, again) == []
     fallback = plan_site(nxt, use_lp=False, use_cpsat=False)
@@ -129,7 +132,9 @@ def test_an_lp_out_of_time_goes_on_between_replans_and_the_next_starts_nearer() 
     cold = solve_lp(build_layout(problem))
     planner = SitePlanner(background_s=60)
     first = planner(problem, time_limit_s=0.01, use_cpsat=False)
-    assert first.lp_bound_eur is None  # out of time: the LP goes on in the background
+    # out of time: the LP goes on in the background (a bound from row prices at most)
+    assert first.lp_bound_eur is None or first.lp_bound_eur <= cold.bound_eur + 1e-6
+    assert any("LP relaxation not solved" in n for n in first.notes)
     (thread,) = [t for t in threading.enumerate() if t.name == "cem-plan-lp"]
     thread.join(timeout=60)  # until it is solved (nothing else asks for the CPU here)
     assert not thread.is_alive() and planner.memory.lp.unfinished is None

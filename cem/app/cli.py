@@ -348,6 +348,8 @@ def bench_planner(
 def bench_replan(
     evs: int = typer.Option(1000, min=1, help="EV chargers (S2 FRBC RMs) on the site"),
     replans: int = typer.Option(3, min=1, help="replans to time"),
+    warmup: int = typer.Option(0, min=0, help="replans after the cold start, before the timed "
+                               "ones, not timed (steady state: the LP has caught up)"),
     time_limit: float | None = typer.Option(None, min=0.1, help="planner.time_limit_s "
                                             "(default: the config default)"),
     json_out: bool = typer.Option(False, "--json"),
@@ -355,7 +357,8 @@ def bench_replan(
     """Benchmark a live replan: its time and how long S2 sessions wait meanwhile."""
     from cem.app.bench_replan import bench_command
 
-    bench_command(evs=evs, replans=replans, json_out=json_out, time_limit_s=time_limit)
+    bench_command(evs=evs, replans=replans, json_out=json_out, time_limit_s=time_limit,
+                  warmup=warmup)
 
 
 @bench_app.command("faults")

@@ -220,6 +220,8 @@ class Plan:
     peak_w: int = 0
     cost_eur: float = 0.0  # energy + peak
     lp_bound_eur: float | None = None  # LP lower bound on objective_eur
+    # the LP optimum (True), or a bound from row prices of an LP not solved in time (False)
+    lp_solved: bool = False
     gap: float | None = None
     build_s: float = 0.0
     lp_solve_s: float = 0.0

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import highspy
 import numpy as np
 
+from cem.planner.dual_bound import LpShape, dual_bound, implied_boxes
 from cem.planner.layout import (
     SEGMENT_FACTORS,
     TOL_EUR_PER_WH,
@@ -166,6 +167,10 @@ class LpResult:
     index: LpIndex | None = None
     warm: bool = False  # started from the previous replan's basis (`LpMemory`)
     iterations: int = 0  # simplex iterations
+    # the LP was not solved: a lower bound from row prices (`dual_bound`), and the LP as built
+    # (for `polish` on an instance of its own)
+    dual_bound_eur: float | None = None
+    model: highspy.HighsLp | None = None
 
 
 # HighsBasisStatus values as numbers
@@ -192,6 +197,8 @@ class LpMemory:
         self._cols: tuple[np.ndarray, np.ndarray] | None = None
         self._rows: tuple[np.ndarray, np.ndarray] | None = None
         self._col_dual: np.ndarray | None = None
+        # sorted row keys and the row prices that gave the best bound of the last LP
+        self._row_price: tuple[np.ndarray, np.ndarray] | None = None
         self._lock = threading.Lock()
         self._turn = 0  # which solve may write the basis (the latest one)
         # the last LP, when its time ran out before it was solved: (HiGHS, keys, model, turn)
@@ -236,6 +243,7 @@ class LpMemory:
     def forget(self) -> None:
         with self._lock:
             self._cols = self._rows = self._col_dual = None
+            self._row_price = None
             self.unfinished = None
 
     def remember(self, col_key: np.ndarray, row_key: np.ndarray, h: highspy.Highs,
@@ -267,6 +275,22 @@ class LpMemory:
             self._cols = (col_key[order], cols[order])
             self._col_dual = np.abs(dual[order])
             self._rows = (row_key[row_order], rows[row_order])
+
+    def keep_prices(self, row_key: np.ndarray, price: np.ndarray) -> None:
+        """Keep these row prices (by row key) for the next replan's `prices_for`."""
+        order = np.argsort(row_key, kind="stable")
+        with self._lock:
+            self._row_price = (row_key[order], np.asarray(price, dtype=float)[order])
+
+    def prices_for(self, row_key: np.ndarray) -> np.ndarray | None:
+        """The kept row prices laid onto an LP with these row keys (a row the last LP did
+        not have: the same row a PTU earlier, else 0), or None when none are kept."""
+        with self._lock:
+            kept = self._row_price
+        if kept is None:
+            return None
+        price, _ = _lay_onto_values(kept, row_key)
+        return price
 
     def basis_for(self, col_key: np.ndarray, row_key: np.ndarray, model: highspy.HighsLp
                   ) -> highspy.HighsBasis | None:
@@ -375,6 +399,27 @@ def _lay_onto(old: tuple[np.ndarray, np.ndarray], keys: np.ndarray
         hit = old_keys[pos] == before
         status[new[hit]] = old_status[pos[hit]]
     return status, at
+
+
+def _lay_onto_values(old: tuple[np.ndarray, np.ndarray], keys: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """`_lay_onto` for float values (0 where nothing fits)."""
+    old_keys, old_value = old
+    value = np.zeros(len(keys))
+    at = np.full(len(keys), -1, dtype=np.int64)
+    if len(old_keys) == 0 or len(keys) == 0:
+        return value, at
+    pos = np.minimum(np.searchsorted(old_keys, keys), len(old_keys) - 1)
+    found = old_keys[pos] == keys
+    value[found] = old_value[pos[found]]
+    at[found] = pos[found]
+    new = np.flatnonzero(~found & ((keys & 0x7FFFFF) > 0))
+    if len(new):
+        before = keys[new] - 1
+        pos = np.minimum(np.searchsorted(old_keys, before), len(old_keys) - 1)
+        hit = old_keys[pos] == before
+        value[new[hit]] = old_value[pos[hit]]
+    return value, at
 
 
 def _nonbasic_at(value: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
@@ -754,18 +799,40 @@ def silence_highs_banner() -> None:
             os.close(saved)
 
 
+@dataclass
+class BuiltLp:
+    """The LP relaxation as built (`build_lp`), as HiGHS takes it, with its keys."""
+
+    model: highspy.HighsLp
+    index: LpIndex
+    col_key: np.ndarray
+    row_key: np.ndarray
+    build_s: float = 0.0
+
+    @classmethod
+    def of(cls, lay: Layout) -> BuiltLp:
+        t0 = time.perf_counter()
+        arrays, index = build_lp(lay)
+        col_key, row_key = arrays.keys()
+        return cls(arrays.to_highs(), index, col_key, row_key)._took(time.perf_counter() - t0)
+
+    def _took(self, seconds: float) -> BuiltLp:
+        self.build_s = seconds
+        return self
+
+
 def solve_lp(lay: Layout, time_limit_s: float = 10.0, threads: int = 1,
-             memory: LpMemory | None = None) -> LpResult:
+             memory: LpMemory | None = None, built: BuiltLp | None = None) -> LpResult:
     """Solve the LP relaxation; the bound is None when HiGHS did not prove optimality.
 
     With a `memory`, HiGHS starts from the basis the last replan's LP ended with and the
-    basis this one ends with (optimal or not) is kept for the next.
+    basis this one ends with (optimal or not) is kept for the next. `built`: the LP, when
+    already built.
     """
     t0 = time.perf_counter()
     turn = memory.claim() if memory is not None else None
-    arrays, index = build_lp(lay)
-    model = arrays.to_highs()
-    col_key, row_key = arrays.keys()
+    built = BuiltLp.of(lay) if built is None else built
+    model, index, col_key, row_key = built.model, built.index, built.col_key, built.row_key
     start = memory.basis_for(col_key, row_key, model) if memory is not None else None
     build_s = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -787,15 +854,43 @@ def solve_lp(lay: Layout, time_limit_s: float = 10.0, threads: int = 1,
         if memory is not None and turn is not None and status == highspy.HighsModelStatus.kTimeLimit:
             memory.unfinished = (h, col_key, row_key, model, turn)  # `LpMemory.finish` goes on
         return LpResult(h.modelStatusToString(status), None, None, build_s=build_s, solve_s=solve_s,
-                        warm=warm, iterations=iterations)
-    x = np.asarray(h.getSolution().col_value)
+                        warm=warm, iterations=iterations, index=index, model=model,
+                        dual_bound_eur=_bound_unsolved(h, model, row_key, memory))
+    solution = h.getSolution()
+    if memory is not None and solution.dual_valid and len(solution.row_dual) == len(row_key):
+        memory.keep_prices(row_key, np.asarray(solution.row_dual))
+    x = np.asarray(solution.col_value)
     bound = float(h.getInfo().objective_function_value)
     disp = _dispatch_from_x(lay, index, x)
     res = LpResult("OPTIMAL", bound, disp, build_s=build_s, solve_s=solve_s, highs=h, index=index,
-                   warm=warm, iterations=iterations)
+                   warm=warm, iterations=iterations, model=model)
     res.mode_weight = [np.clip(x[on], 0, 1) for on in index.mode_on]
     res.profile_weight = [np.clip(x[on], 0, 1) for on in index.profile_on]
     return res
+
+
+def _bound_unsolved(h: highspy.Highs, model: highspy.HighsLp, row_key: np.ndarray,
+                    memory: LpMemory | None) -> float | None:
+    """A lower bound on an LP HiGHS did not solve (`dual_bound`): the better of the row
+    prices HiGHS has now (its dual simplex iterate) and the last replan's (laid on by key).
+    The prices that gave it are kept for the next replan. None when neither gives one."""
+    shape = LpShape.of(model)
+    lb, ub = implied_boxes(shape)
+    tries: list[tuple[float, np.ndarray]] = []
+    solution = h.getSolution()
+    if solution.dual_valid and len(solution.row_dual) == len(row_key):
+        y = np.asarray(solution.row_dual, dtype=float)
+        tries.append((dual_bound(shape, y, lb, ub), y))
+    kept = memory.prices_for(row_key) if memory is not None else None
+    if kept is not None:
+        tries.append((dual_bound(shape, kept, lb, ub), kept))
+    tries = [t for t in tries if np.isfinite(t[0])]
+    if not tries:
+        return None
+    best, price = max(tries, key=lambda t: t[0])
+    if memory is not None:
+        memory.keep_prices(row_key, price)
+    return best
 
 
 def _take(x: np.ndarray, idx: np.ndarray) -> np.ndarray:

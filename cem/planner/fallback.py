@@ -15,12 +15,18 @@ from cem.planner.layout import Dispatch, Layout, empty_dispatch
 
 def fallback_dispatch(lay: Layout) -> Dispatch:
     """Deadline-first dispatch within the hard limits."""
+    return fallback_until(lay, None)[0]
+
+
+def fallback_until(lay: Layout, stop_at: float | None) -> tuple[Dispatch, bool]:
+    """`fallback_dispatch`, no asset filled after `stop_at` (a `time.perf_counter` moment):
+    the rest stay idle, the limits are kept. True when every asset had its turn."""
     disp = empty_dispatch(lay)
     idle_modes(lay, disp)
     repair_limits(lay, disp)
-    refill(lay, disp, by_price=False, deadline_first=True)
+    whole = refill(lay, disp, by_price=False, deadline_first=True, stop_at=stop_at)
     repair_limits(lay, disp)
-    return disp
+    return disp, whole
 
 
 def idle_modes(lay: Layout, disp: Dispatch) -> None:

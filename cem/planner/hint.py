@@ -11,6 +11,8 @@ better in time, the plan itself. `refill` from an empty dispatch is also the rul
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from cem.planner.bound import LpResult, lp_level_assets, polish
@@ -421,7 +423,7 @@ def _repair_down(lay: Layout, disp: Dispatch, t: int, order: np.ndarray) -> None
 
 def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first: bool = False,
            peak_cap: float | None = None, allowed_wh: np.ndarray | None = None,
-           milestone_goal: np.ndarray | None = None) -> None:
+           milestone_goal: np.ndarray | None = None, stop_at: float | None = None) -> bool:
     """Add charging where targets, milestones or level minimums are missed, into spare
     capacity (in place).
 
@@ -431,7 +433,8 @@ def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first
 
     Assets in priority order (then earliest deadline); PTUs cheapest first (or earliest first
     for the fallback); never above the import limit, the fuse on any phase, or the asset's
-    maximum level; first below the current peak, then up to the limits.
+    maximum level; first below the current peak, then up to the limits. With `stop_at` (a
+    `time.perf_counter` moment) no asset is started after it. False when stopped so.
     """
     g, ph = grid_and_phases(lay, disp)
     lv = levels(lay, disp)
@@ -458,7 +461,7 @@ def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first
     for k in np.flatnonzero(np.isin(lay.ms_asset, todo)):
         by_asset.setdefault(int(lay.ms_asset[k]), []).append((int(lay.ms_ptu[k]), float(ms_goal[k])))
     if len(todo) == 0:
-        return
+        return True
     deadline = lay.last[todo]
     if deadline_first:
         todo = todo[np.lexsort((deadline,))]
@@ -480,11 +483,14 @@ def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first
         room = _can_take(lay, disp, active, g, ph, cap)
         done = np.zeros(len(active), dtype=bool)
         for k in np.flatnonzero(room):
+            if stop_at is not None and time.perf_counter() > stop_at:
+                return False
             done[k] = bool(_fill_asset(lay, disp, int(active[k]), g, ph, cap, price, by_price, goal,
                                        by_asset.get(int(active[k]))))
         active = active[~done]
         if len(active) == 0:
-            return
+            return True
+    return True
 
 
 def _can_take(lay: Layout, disp: Dispatch, assets: np.ndarray, g: np.ndarray, ph: np.ndarray,

@@ -11,8 +11,11 @@
 4. If the candidate's gap to the bound is above `gap_tol` and time is left, CP-SAT
    (`model.py`) improves it, starting from the candidate as a full hint; its answer replaces
    the candidate only if it is better on the same objective.
-5. Without an LP answer the rule-based fallback (`fallback.py`) is the candidate (status
-   FALLBACK unless CP-SAT improves it).
+5. Without an LP answer the bound comes from row prices (`dual_bound.py`: the unsolved LP's
+   and the last replan's duals) and the plan is the best of the last plan repaired, the
+   rule-based fallback (`fallback.py`, status FALLBACK unless CP-SAT improves it) and the
+   fallback polished; after a replan whose LP was not solved either, the fallback is made
+   beside the LP (`_lp_beside_fallback`).
 Every returned plan is scored by `layout.evaluate` (`objective_eur`, comparable with the bound;
 `cost_eur` is the money: energy at the true prices + peak) and keeps the hard limits
 (`check_plan`). `level_wh` holds each storage level at the end of every PTU.
@@ -25,12 +28,13 @@ import logging
 import threading
 import time
 
+import highspy
 import numpy as np
 
 from cem.planner.assets import ModeAsset, Plan, Problem, ShiftableProfile, Shortfall, StorageAsset
-from cem.planner.bound import LpMemory, solve_lp
+from cem.planner.bound import BuiltLp, LpIndex, LpMemory, LpResult, solve_lp
 from cem.planner.check import check_plan
-from cem.planner.fallback import fallback_dispatch, idle_modes
+from cem.planner.fallback import fallback_dispatch, fallback_until, idle_modes
 from cem.planner.hint import polish_plan, round_and_repair, shave_peak
 from cem.planner.layout import (
     NOISE_WH,
@@ -56,6 +60,11 @@ GAP_TOL = 0.01  # within this share of its cost above the LP bound a plan is goo
 # machine): the LP gets the deadline minus this, so the plan is ready by the deadline
 AFTER_LP_S_PER_CELL = 1e-5
 AFTER_LP_S = 0.05
+# the polish of the fallback plan, when the last LP was not solved either: about this much
+# per storage-PTU (0.2-0.27 s of CPU at 1000 live EVs, ~34k storage-PTUs), kept from the
+# LP's time so the anytime plan is ready by the deadline (the fallback itself is made beside
+# the LP, which runs in a thread meanwhile: HiGHS releases the GIL)
+ANYTIME_S_PER_CELL = 8e-6
 
 
 def _gap(objective: float, bound: float | None) -> float | None:
@@ -86,6 +95,11 @@ class PlanMemory:
 
     def __init__(self) -> None:
         self.lp = LpMemory()
+        self.lp_solved = True  # whether the last replan's LP was solved (in time)
+        # wall seconds per storage-PTU the last fallback took here (0: not known yet); one
+        # that was cut short at the deadline counts as twice what it had taken by then, and
+        # each replan that leaves it out for this lowers it by a fifth (tried again later)
+        self.fallback_s_per_cell = 0.0
         self._plan: tuple[list[str], int, np.ndarray, np.ndarray, list[str], np.ndarray] | None = None
 
     def keep(self, lay: Layout, disp: Dispatch) -> None:
@@ -231,10 +245,31 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     candidate: Dispatch | None = None
     best: Evaluation | None = None
     unpolished = False
-    after_lp_s = AFTER_LP_S + AFTER_LP_S_PER_CELL * int(lay.avail.sum())
+    cells = int(lay.avail.sum())
+    after_lp_s = AFTER_LP_S + AFTER_LP_S_PER_CELL * cells
+    lp: LpResult | None = None
+    rules: Dispatch | None = None  # the fallback plan, once made
+    rules_polished: Dispatch | None = None  # and polished, when made beside the LP
+    rules_whole = True  # False: made beside the LP and cut short at the deadline
     if use_lp:
-        lp = solve_lp(lay, time_limit_s=max(deadline - time.perf_counter() - after_lp_s, 0.01),
-                      memory=memory.lp if memory is not None else None)
+        # an LP that was not solved last time will likely not be now: keep the time the
+        # anytime plan (the fallback, polished) needs
+        lp_memory = memory.lp if memory is not None else None
+        beside = memory is not None and not memory.lp_solved
+        # only when it fits twice over: beside the LP it takes the LP a third of its
+        # iterations on a busy machine, and one that does not fit delays the LP for nothing
+        if memory is not None and beside \
+                and 2 * memory.fallback_s_per_cell * cells > deadline - time.perf_counter():
+            beside = False
+            memory.fallback_s_per_cell *= 0.8  # tried again once the estimate fits (load drops)
+        if memory is not None and beside:
+            lp, rules, rules_polished, rules_whole = _lp_beside_fallback(lay, deadline, after_lp_s,
+                                                                         memory)
+        else:
+            lp = solve_lp(lay, time_limit_s=max(deadline - time.perf_counter() - after_lp_s, 0.01),
+                          memory=lp_memory)
+        if memory is not None:
+            memory.lp_solved = lp.dispatch is not None
         build_s += lp.build_s
         lp_solve_s = lp.solve_s
         lp_iterations, lp_warm = lp.iterations, lp.warm
@@ -262,6 +297,9 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         else:
             notes.append(f"LP relaxation not solved ({lp.status})")
             log.warning("LP relaxation not solved (%s)", lp.status)
+            if lp.dual_bound_eur is not None:
+                bound = lp.dual_bound_eur
+                notes.append("bound from row prices (Lagrangian), not the LP optimum")
     if candidate is None or (unpolished and best is not None and bound is not None
                              and best.objective - bound > _good_enough_eur(best, gap_tol)):
         # no LP plan, or one that got no polish and is not good enough (its rounding leaves
@@ -271,21 +309,45 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         # it charged then may fall short: 0.06 % a minute before, 65 % in the bench after).
         # Each is computed once; the fallback only when nothing else is within 1 % (or known
         # to be: no bound) and the deadline leaves time for it
-        options: list[tuple[str, str, Dispatch]] = []
+        scored: list[tuple[Evaluation, str, str, Dispatch]] = []
+
+        def score(label: str, st: str, d: Dispatch) -> bool:
+            """Add an option; True when one is now known to be good enough."""
+            scored.append((evaluate(lay, d), label, st, d))
+            return bound is not None and any(
+                ev.objective - bound <= _good_enough_eur(ev, gap_tol) for ev, *_ in scored)
+
+        good = False
         if candidate is not None:
-            options.append(("the repaired LP plan", status, candidate))
-        last = memory.last_plan(lay) if memory is not None else None
+            good = score("the repaired LP plan", status, candidate)
+        if rules_polished is not None:  # made beside the LP
+            good = score("the fallback plan, polished", "FEASIBLE", rules_polished) or good
+        if rules is not None:
+            good = score("the fallback plan" if rules_whole
+                         else "the fallback plan, cut short at the deadline", "FALLBACK", rules) or good
+        # the last plan's repair (0.1-0.3 s of CPU at 1000 EVs) only while the deadline is
+        # not past, or when there is nothing else
+        # a fallback cut short at the deadline (assets left idle) is no plan to settle for
+        whole = len(scored) - (0 if rules is None or rules_whole else 1)
+        last = memory.last_plan(lay) if memory is not None and not good and (
+            not whole or deadline > time.perf_counter()) else None
         if last is not None:
-            options.append(("the last plan, repaired", "FEASIBLE",
-                            round_and_repair(lay, last, earlier=True)))
-        scored = [(evaluate(lay, d), label, st, d) for label, st, d in options]
-        good = bound is not None and any(
-            ev.objective - bound <= _good_enough_eur(ev, gap_tol) for ev, *_ in scored)
+            good = score("the last plan, repaired", "FEASIBLE",
+                         round_and_repair(lay, last, earlier=True))
+            whole += 1
         # the fallback costs about what the work after an LP does (0.4 s of CPU at 1000 EVs,
         # more than a polish): only when there is that much time left, or nothing else
-        if not good and (not scored or deadline - time.perf_counter() >= after_lp_s):
+        if not good and (rules is None or not rules_whole) \
+                and (not whole or deadline - time.perf_counter() >= after_lp_s):
+            began = time.perf_counter()
             rules = fallback_dispatch(lay)
-            scored.append((evaluate(lay, rules), "the fallback plan", "FALLBACK", rules))
+            if memory is not None:
+                memory.fallback_s_per_cell = (time.perf_counter() - began) / max(cells, 1)
+            good = score("the fallback plan", "FALLBACK", rules)
+            polished = None if good or lp is None else _polish_unsolved(lay, lp.model, lp.index,
+                                                                        rules, deadline)
+            if polished is not None:
+                score("the fallback plan, polished", "FEASIBLE", polished)
         best, label, status, candidate = min(scored, key=lambda x: x[0].objective)
         notes.append(f"{label}: the best of " + ", ".join(x[1] for x in scored)
                      if len(scored) > 1 else label)
@@ -325,6 +387,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         memory.keep(lay, candidate)
     plan = to_plan(lay, candidate, status, notes)
     plan.lp_bound_eur = bound
+    plan.lp_solved = lp is not None and lp.bound_eur is not None
     plan.gap = _gap(plan.objective_eur, bound)
     plan.build_s, plan.lp_solve_s, plan.solve_s = build_s, lp_solve_s, solve_s
     plan.lp_iterations, plan.lp_warm = lp_iterations, lp_warm
@@ -340,10 +403,82 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         if len(check_plan(problem, fb)) < len(violations):
             log.error("plan breaks limits (%s); using the fallback", violations[:3])
             fb.lp_bound_eur, fb.gap = bound, _gap(fb.objective_eur, bound)
+            fb.lp_solved = plan.lp_solved
             fb.build_s, fb.lp_solve_s, fb.solve_s = build_s, lp_solve_s, solve_s
             fb.lp_iterations, fb.lp_warm = lp_iterations, lp_warm
             return fb
     return plan
+
+
+def _lp_beside_fallback(lay: Layout, deadline: float, after_lp_s: float, memory: PlanMemory
+                        ) -> tuple[LpResult, Dispatch | None, Dispatch | None, bool]:
+    """The LP in a thread of its own while this one makes the fallback plan and polishes it
+    (HiGHS releases the GIL while it solves): when the last LP was not solved, this one likely
+    will not be either, and the anytime plan (the fallback, polished: `_polish_unsolved`) is
+    then ready by the deadline. The LP keeps its whole time. Only when the last fallback
+    made here took less than half the time there is (at 2000 EVs and load 7 it was cut short
+    every time and took the LP three quarters of its iterations; at 1000 EVs and load 6-7,
+    gated at the whole time, the LP converged later than main's and 3 of 12 timed replans
+    were within 1 % against main's 6). Returns the LP's answer, the
+    fallback and the polished fallback (None: not made in time, or making it failed), and
+    whether the fallback is whole (not cut short at the deadline)."""
+    built = BuiltLp.of(lay)
+    box: dict[str, LpResult | BaseException] = {}
+
+    def run() -> None:
+        try:
+            box["lp"] = solve_lp(lay, time_limit_s=max(deadline - time.perf_counter() - after_lp_s,
+                                                        0.01), memory=memory.lp, built=built)
+        except BaseException as exc:  # handed to the planning thread
+            box["lp"] = exc
+
+    thread = threading.Thread(target=run, name="cem-plan-lp-now", daemon=True)
+    thread.start()
+    rules: Dispatch | None = None
+    polished: Dispatch | None = None
+    whole = True
+    try:
+        # cut short at the deadline (5000 EVs: the whole fallback took longer than the LP's
+        # 5 s at load 9, and the replan waited for it); the deadline itself, not the LP's end:
+        # the work after an unsolved LP is mostly this (cut at the LP's end, at 1000 EVs and
+        # load 7 most fallbacks were cut and the replans took the last plan, repaired)
+        began = time.perf_counter()
+        rules, whole = fallback_until(lay, deadline)
+        memory.fallback_s_per_cell = (time.perf_counter() - began) * (1 if whole else 2) \
+            / max(int(lay.avail.sum()), 1)
+        if whole:
+            polished = _polish_unsolved(lay, built.model, built.index, rules,
+                                        deadline - AFTER_LP_S)
+        else:
+            log.info("fallback plan cut short at the deadline: some assets left idle")
+    except Exception:
+        log.exception("fallback plan failed beside the LP")
+    thread.join()
+    lp = box["lp"]
+    if isinstance(lp, BaseException):
+        raise lp
+    lp.build_s += built.build_s
+    return lp, rules, polished, whole
+
+
+def _polish_unsolved(lay: Layout, model: highspy.HighsLp | None, index: LpIndex | None,
+                     disp: Dispatch, deadline: float) -> Dispatch | None:
+    """`disp` with its on/off pattern kept and its powers re-optimised (`polish_plan`) on an
+    instance of its own of an LP that was not solved, within what is left of the deadline.
+
+    The fallback's pattern (every EV from its earliest PTUs) polished so is 0.003-0.014 %
+    above the LP optimum on the bench's live problems at 1000 EVs (the fallback itself 0.6 %).
+    A fresh instance: the unsolved one keeps its basis for the next replan."""
+    left = deadline - time.perf_counter()
+    if model is None or index is None or left <= 0:
+        return None
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("presolve", "off")
+    h.setOptionValue("threads", 1)
+    h.passModel(model)
+    return polish_plan(lay, LpResult("POLISH", None, None, highs=h, index=index), disp,
+                       time_limit_s=left)
 
 
 def _reason(lay: Layout, i: int, status: str) -> str:
