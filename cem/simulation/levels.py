@@ -305,11 +305,48 @@ class PerfectForesight:
             p = self.plan.power_w.get(ev_id(s))
             if p is not None:
                 self.power[s.index] = np.maximum(np.asarray(p, dtype=float)[: inputs.n_ptus], 0)
+        need = np.array([s.real_need_wh for s in inputs.sessions], dtype=float)
+        # what the plan means each session to get: with the EV taper its setpoints may deliver
+        # less (the plan cannot model the taper); the plan is then the upper bound
+        self.planned_wh = np.minimum(self.power.sum(axis=1) * inputs.dt_h, need)
+        # cumulative planned energy at the start of each PTU, and what the catch-up needs
+        self.inputs = inputs
+        self.planned_by = np.minimum(np.cumsum(self.power, axis=1) * inputs.dt_h - self.power
+                                     * inputs.dt_h, need[:, None])
+        self.share = np.array([s.evse.phase_share for s in inputs.sessions], dtype=float)
+        self.max_w = np.array([s.max_w for s in inputs.sessions], dtype=float)
+        self.min_w = np.array([s.evse.min_w for s in inputs.sessions], dtype=float)
+        self.departure = np.array([s.departure_ptu for s in inputs.sessions])
         self.notes = [f"one plan of {len(assets)} sessions x {inputs.n_ptus} PTUs: "
                       f"{self.plan.status}, {self.replan_s[0]:.1f} s"]
 
     def setpoints(self, t: int, present: np.ndarray, state: SimState) -> np.ndarray:
-        return self.power[:, t]
+        """The plan's setpoints; with the EV taper, an EV behind its plan (the taper gave it
+        less than planned) is offered more where the limits have room for it on the offers
+        (which bound what the EVs draw), earliest departure first: a reactive catch-up that
+        keeps the realised optimum close to its plan and never breaks a limit."""
+        offer = self.power[:, t].copy()
+        if not self.inputs.ev_taper:
+            return offer
+        behind = np.where(present, self.planned_by[:, t] - state.delivered_wh, 0.0)
+        if not (behind > 1.0).any():
+            return offer
+        inputs = self.inputs
+        pv = float(inputs.pv_w[t])
+        phase_room = inputs.fuse_w_per_phase - (np.where(present, offer, 0.0) @ self.share
+                                                - pv / 3.0)
+        site_room = float(inputs.import_limit_w[t]) - (float(offer[present].sum()) - pv)
+        for i in sorted(np.flatnonzero(behind > 1.0), key=lambda k: self.departure[k]):
+            want = min(behind[i] / inputs.dt_h, self.max_w[i] - offer[i])
+            share = self.share[i]
+            room = min([site_room, *(phase_room[p] / share[p] for p in range(3) if share[p] > 0)])
+            extra = min(want, room)
+            if extra <= 0 or offer[i] + extra < self.min_w[i]:
+                continue
+            offer[i] += extra
+            site_room -= extra
+            phase_room -= extra * share
+        return offer
 
 
 def make_controller(level: str, inputs: SimInputs, *, time_limit_s: float, optimum_time_limit_s: float,
