@@ -121,6 +121,10 @@ class DepartureLearning:
         self.safe: dict[str, SafeDeparture] = {}  # rm id -> the last safe departure planned to
         self.recorded = 0  # visits recorded (this run)
         self.planned = 0  # safe-departure milestones added (this run, summed over plans)
+        # visits whose charger gave only its defaults (OCPP 1.6), planned by their stay: with
+        # any learned departure, and with a learned energy above the charger's default need
+        self.by_stay: set[tuple[str, datetime]] = set()
+        self.by_learned_energy: set[tuple[str, datetime]] = set()
 
     async def load(self, now: datetime) -> None:
         """Learn from the visits the store kept."""
@@ -243,8 +247,9 @@ class DepartureLearning:
             if visit.defaults:  # the RM's need is a default: plan what comparable EVs took
                 # (such an RM keeps its level in kWh charged this visit: energy one to one)
                 learned = self.model.energy(visit.evse, visit.arrival, visit.driver)
-                if learned is not None:
-                    target = max(target, min(round(learned), int(asset.level_max_wh)))
+                if learned is not None and round(learned) > target:
+                    target = min(round(learned), int(asset.level_max_wh))
+                    self.by_learned_energy.add((rm_id, visit.arrival))
             if target <= asset.level_wh:
                 continue
             found = self.model.departures(visit.evse, visit.arrival, visit.typed_departure,
@@ -252,6 +257,8 @@ class DepartureLearning:
             if not found:
                 continue
             self.safe[rm_id] = found[0]
+            if visit.defaults:
+                self.by_stay.add((rm_id, visit.arrival))
             ours: set[int] = set()
             for safe, price in zip(found, self._prices(found[0].early_share), strict=True):
                 ptu = math.floor((safe.at - problem.start) / step)

@@ -685,7 +685,10 @@ class LiveControlLoop:
         self.notes.append(f"departure learning: {len(self.inputs.history)} "
                           f"visits before the run, {learning.recorded} recorded during it; safe "
                           f"departure at quantile {learning.quantile:g}, an undelivered kWh at "
-                          f"{learning.value_eur_per_wh * 1000:g} EUR")
+                          f"{learning.value_eur_per_wh * 1000:g} EUR; "
+                          f"{len(learning.by_stay)} EV(s) whose charger told only the site "
+                          f"defaults planned by the stay of comparable visits, "
+                          f"{len(learning.by_learned_energy)} to the energy those took")
         refusals = self.registry.cem_refusals + self.registry.rm_refusals
         self.notes[:0] = [f"the live control loop (SiteController) over "
                           f"{len(self.registry.entries)} S2 sessions: {self.registry.messages} "
