@@ -20,6 +20,12 @@ unless waiting saves more than that per kWh; the target at the typed departure a
 limit stay as they were. Once the safe departure has passed the EV is asked for its target in
 the next PTU (as soon as the limits allow, at the same price).
 
+An EV whose charger says its departure and need are only its site defaults (the OCPP RM's
+"needs from site defaults": an OCPP 1.6 EV reports neither SoC nor departure nor energy) is
+recorded and planned without a typed departure: its milestones come from the stays of
+comparable visits, and their target is the energy 4 in 5 of those visits took at most
+(`DepartureModel.energy`) when that is more than the charger's default need.
+
 `commit_started` keeps a charge the last plan started: an EV the previous plan charged in the
 PTU that is now running gets a milestone at the end of this PTU asking for that energy, priced
 like the safe departure. A replan no longer pushes it to a later PTU for a slightly cheaper

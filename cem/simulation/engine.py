@@ -71,8 +71,8 @@ class LevelRun:
     replan_s: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     wall_s: float = 0.0
-    # per session, what a plan made in advance meant to deliver (the optimum's plan, which has no
-    # taper: an upper bound on what any control can give that session under the taper)
+    # per session, what a plan made in advance meant to deliver (the optimum's plan, which has
+    # no taper: in total an upper bound on what any control delivers under the taper)
     planned_wh: np.ndarray | None = None
 
     @property

@@ -26,6 +26,16 @@ true, separately:
   driver's stated need), else `delivered_energy` (what the car took at ACN: no driver input);
 - real departure: `departure`.
 
+The EV behind each session (ACN has no battery size or SoC): `ev_battery` gives it a battery of
+60 kWh (larger if its need does not fit) and an arrival SoC such that its real need fills it
+to a final SoC drawn per session uniformly in 80-100 % (its own charge limit); the physics
+tapers its power above 80 % SoC and it stops at that final SoC. A share `ocpp16_share` of the
+sessions (seeded per session id, default 0.3) charge behind an OCPP 1.6 charger: neither SoC
+nor departure nor energy need reaches the CEM, which is told the site's `ev_defaults`
+(`believed_departure(..., ocpp16=True)`, `ev_defaults.energy_kwh`) and learns the rest. Every
+draw is `session_draw`: the crc32 of the session id, the same in every run and for every level.
+There is no base load: the ACN garages' data is the EV sessions alone.
+
 EVSEs come from `[[ocpp.charge_points]]` of the site config: `id` is the ACN `station_id`,
 `max_current_a`, `phases` and `phase` give the EV's power (the EVSE limits the EV; ACN has no
 per-car maximum). A session of a station not in the config, or whose station is busy, goes to a
@@ -235,10 +245,14 @@ def history_visits(raw: list[Session], config: SiteConfig, before: datetime, day
         if not (since <= s.arrival and s.departure <= before):
             continue
         old = is_ocpp16(s.session_id, ocpp16_share)
-        need = (s.requested_kwh or 0.0) * 1000 if s.claimed and not old else None
+        requested = (s.requested_kwh or 0.0) * 1000 if s.claimed else 0.0
         typed = None if old else believed_departure(s, config).astimezone(UTC)
+        # what the EV took: its real need as the twin defines it (the request where the driver
+        # made one, else what ACN delivered), as a CEM that served it before would have seen it
+        took = requested if requested > 0 else s.delivered_kwh * 1000
         out.append(Visit(evse_names.get(s.station_id, s.station_id), s.arrival.astimezone(UTC),
-                         s.departure.astimezone(UTC), typed, need, s.delivered_kwh * 1000))
+                         s.departure.astimezone(UTC), typed,
+                         None if old or not s.claimed else requested, took))
     return out
 
 

@@ -35,7 +35,12 @@ session's real departure or real need, except the optimum, which is the referenc
    more for an overstaying EV, and "full" learned from the EV's SoC.
 
 optimum: perfect foresight, every session's real arrival, departure and need known in advance,
-solved as one problem over the whole run by the same planner (a longer time limit).
+solved as one problem over the whole run by the same planner (a longer time limit). The planner
+has no model of the EV taper (`engine.taper_w`), so the plan is a relaxation: its energy
+(`planned_wh`) bounds, up to the solver's gap, what any control delivers under the taper, and
+per session it is the "achievable" of the KPIs. Its realised run goes through the same physics: an EV the
+taper kept behind its plan is offered more where the other offers leave room under the fuse and
+GTV (earliest departure first), a feasible dispatch that stays below the bound.
 """
 
 from __future__ import annotations
