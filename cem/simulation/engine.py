@@ -34,6 +34,21 @@ def taper_w(max_w: np.ndarray | float, soc: np.ndarray | float) -> np.ndarray:
     return np.asarray(max_w, dtype=float) * (1.0 - (1.0 - TAPER_END_SHARE) * above)
 
 
+def taper_hours(energy_wh: np.ndarray, soc: np.ndarray, battery_wh: np.ndarray,
+                max_w: np.ndarray) -> np.ndarray:
+    """Hours an EV at `soc` % needs for `energy_wh` more at its EVSE's maximum under the taper
+    (full power up to `TAPER_FROM_SOC`, then the limit of `taper_w`, integrated exactly)."""
+    k = (1.0 - TAPER_END_SHARE) / (100.0 - TAPER_FROM_SOC)  # share of max lost per SoC point
+    wh_per_pct = battery_wh / 100.0
+    end = np.minimum(soc + energy_wh / wh_per_pct, 100.0)
+    bulk = np.clip(TAPER_FROM_SOC, soc, end) - soc
+    s0 = np.maximum(soc, TAPER_FROM_SOC) - TAPER_FROM_SOC
+    s1 = np.maximum(end, TAPER_FROM_SOC) - TAPER_FROM_SOC
+    safe_w = np.maximum(max_w, 1.0)
+    taper = wh_per_pct / (safe_w * k) * np.log((1.0 - k * s0) / (1.0 - k * s1))
+    return np.asarray(bulk * wh_per_pct / safe_w + taper, dtype=float)
+
+
 @dataclass
 class SimState:
     """What the controllers may observe: measured energy so far, who is plugged in, who is full."""

@@ -56,7 +56,7 @@ import numpy as np
 
 from cem.planner.assets import FixedLoad, Plan, Problem, SiteLimits, StorageAsset
 from cem.planner.assets import Prices as PlannerPrices
-from cem.simulation.engine import SimState
+from cem.simulation.engine import SimState, taper_hours
 from cem.simulation.inputs import SimInputs, SimSession, SimulationError
 
 LEVEL_NAMES = {
@@ -322,27 +322,37 @@ class PerfectForesight:
         self.max_w = np.array([s.max_w for s in inputs.sessions], dtype=float)
         self.min_w = np.array([s.evse.min_w for s in inputs.sessions], dtype=float)
         self.departure = np.array([s.departure_ptu for s in inputs.sessions])
+        self.battery_wh = np.array([s.battery_wh for s in inputs.sessions], dtype=float)
+        self.arrival_soc = np.array([s.arrival_soc for s in inputs.sessions], dtype=float)
         self.notes = [f"one plan of {len(assets)} sessions x {inputs.n_ptus} PTUs: "
                       f"{self.plan.status}, {self.replan_s[0]:.1f} s"]
 
     def setpoints(self, t: int, present: np.ndarray, state: SimState) -> np.ndarray:
         """The plan's setpoints; with the EV taper, an EV behind its plan (the taper gave it
-        less than planned) is offered more where the limits have room for it on the offers
-        (which bound what the EVs draw), earliest departure first: a reactive catch-up that
-        keeps the realised optimum close to its plan and never breaks a limit."""
+        less than planned), or one whose planned rest needs, under the taper, all the time it
+        has left, is offered more where the limits have room for it on the offers (which bound
+        what the EVs draw), earliest departure first: it knows the taper exactly (perfect
+        foresight), keeps the realised optimum close to its plan and never breaks a limit."""
         offer = self.power[:, t].copy()
         if not self.inputs.ev_taper:
             return offer
-        behind = np.where(present, self.planned_by[:, t] - state.delivered_wh, 0.0)
-        if not (behind > 1.0).any():
-            return offer
         inputs = self.inputs
+        behind = np.where(present, self.planned_by[:, t] - state.delivered_wh, 0.0)
+        rest = np.where(present, self.planned_wh - state.delivered_wh, 0.0)
+        soc = self.arrival_soc + state.delivered_wh / self.battery_wh * 100.0
+        left_h = (self.departure - t) * inputs.dt_h
+        urgent = (rest > 1.0) & (taper_hours(np.maximum(rest, 0.0), soc, self.battery_wh,
+                                             self.max_w) >= left_h - inputs.dt_h)
+        want_w = np.where(urgent, self.max_w - offer,
+                          np.minimum(np.maximum(behind, 0.0) / inputs.dt_h, self.max_w - offer))
+        if not (want_w > 1.0).any():
+            return offer
         pv = float(inputs.pv_w[t])
         phase_room = inputs.fuse_w_per_phase - (np.where(present, offer, 0.0) @ self.share
                                                 - pv / 3.0)
         site_room = float(inputs.import_limit_w[t]) - (float(offer[present].sum()) - pv)
-        for i in sorted(np.flatnonzero(behind > 1.0), key=lambda k: self.departure[k]):
-            want = min(behind[i] / inputs.dt_h, self.max_w[i] - offer[i])
+        for i in sorted(np.flatnonzero(want_w > 1.0), key=lambda k: self.departure[k]):
+            want = float(want_w[i])
             share = self.share[i]
             room = min([site_room, *(phase_room[p] / share[p] for p in range(3) if share[p] > 0)])
             extra = min(want, room)
