@@ -23,8 +23,9 @@ the next PTU (as soon as the limits allow, at the same price).
 An EV whose charger says its departure and need are only its site defaults (the OCPP RM's
 "needs from site defaults": an OCPP 1.6 EV reports neither SoC nor departure nor energy) is
 recorded and planned without a typed departure: its milestones come from the stays of
-comparable visits, and their target is the energy 4 in 5 of those visits took at most
-(`DepartureModel.energy`) when that is more than the charger's default need.
+comparable visits, and their target is the most those visits took (their 0.99 quantile,
+`DepartureModel.energy`) when that is more than the charger's default need: an EV that takes
+less stops drawing and is dropped from the next plan.
 
 `commit_started` keeps a charge the last plan started: an EV the previous plan charged in the
 PTU that is now running gets a milestone at the end of this PTU asking for that energy, priced
