@@ -57,6 +57,18 @@ def test_safe_departure_comes_from_the_most_specific_group_with_enough_visits() 
     assert safe_c is not None and safe_c.at == at_11 + timedelta(hours=2)
 
 
+def test_an_ev_that_tells_no_need_is_planned_for_the_most_comparable_visits_took() -> None:
+    """An OCPP 1.6 EV: the energy of the most specific group with enough visits, its 0.99
+    quantile; nothing without history."""
+    visits = [Visit("A", MONDAY_8 - timedelta(days=7 * w), MONDAY_8 - timedelta(days=7 * w)
+                    + timedelta(hours=5), None, None, 1000.0 * kwh)
+              for w in range(1, 3) for kwh in (5, 10, 15, 20, 25)]
+    model = DepartureModel(visits, "UTC", min_visits=8)
+    assert model.energy("A", MONDAY_8) == pytest.approx(25000.0, rel=0.01)  # 0.99 of 5..25 kWh
+    assert model.energy("A", MONDAY_8, quantile=0.8) == pytest.approx(21000.0)
+    assert DepartureModel([], "UTC").energy("A", MONDAY_8) is None
+
+
 def test_a_driver_known_by_card_is_judged_on_their_own_visits() -> None:
     visits = fixture() + [visit("B", MONDAY_8 - timedelta(days=d), 3.0, 9.0, driver="card 7")
                           for d in range(1, 9)]

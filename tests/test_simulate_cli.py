@@ -112,13 +112,15 @@ def test_per_session_delivered_vs_the_optimum_is_reported(run: tuple[dict[str, A
     data, report = run
     levels = data["levels"]
     optimum = levels["optimum"]
-    assert optimum["session_ratio_p5"] == 1.0 and optimum["sessions_short"] == 0
-    assert optimum["achievable_kwh"] == optimum["delivered_kwh"]
+    # achievable: what the optimum planned for each session; planned without the EV taper, its
+    # setpoints realise less where an EV is nearly full (the plan is the upper bound)
+    assert optimum["achievable_kwh"] == optimum["planned_kwh"] >= optimum["delivered_kwh"]
+    assert optimum["session_ratio_mean"] > 0.9
     for level in levels.values():
         assert 0.0 <= level["session_ratio_p5"] <= 1.0
         assert 0.0 <= level["session_ratio_mean"] <= 1.0
         assert 0 <= level["sessions_short"] <= level["sessions"]
-        assert level["achievable_kwh"] == optimum["delivered_kwh"]
+        assert level["achievable_kwh"] == optimum["planned_kwh"]
     # the timer keeps cars waiting for its hours: some drivers leave with far less
     assert levels["2"]["sessions_short"] > 0
     assert levels["2"]["session_ratio_p5"] < 0.9
@@ -167,11 +169,18 @@ def test_planner_knows_only_what_the_driver_said(tmp_path: Path) -> None:
 
     site = load_site_file(SITE)
     inputs = load_inputs(site, SESSIONS, PRICES, None, date(2019, 10, 8), 2, 0.0, ocpp=site.ocpp)
-    claimed = [s for s in inputs.sessions if s.claimed]
+    claimed = [s for s in inputs.sessions if s.claimed and not s.ocpp16]
     unclaimed = [s for s in inputs.sessions if not s.claimed]
     assert claimed and any(s.believed_departure_ptu != s.departure_ptu for s in claimed)
     assert all(s.believed_need_wh == s.real_need_wh for s in claimed)
     assert all(s.believed_need_wh == 20_000 for s in unclaimed)  # ev_defaults.energy_kwh
+    # behind an OCPP 1.6 charger (a seeded 30 % by default) only the site's defaults are known:
+    # 20 kWh, and the arrival plus ev_defaults.dwell_hours
+    old = [s for s in inputs.sessions if s.ocpp16]
+    assert 0.15 * len(inputs.sessions) < len(old) < 0.45 * len(inputs.sessions)
+    dwell = round(site.ev_defaults.dwell_hours * 60 / inputs.ptu_minutes)
+    assert all(s.believed_need_wh == 20_000 for s in old)
+    assert all(abs(s.believed_departure_ptu - s.arrival_ptu - dwell) <= 1 for s in old)
 
 
 def test_prices_of_another_year_map_by_day_of_year() -> None:

@@ -575,13 +575,18 @@ def simulate(
     pv_kwp: float | None = typer.Option(None, help="kWp of PV installed (default 100 with --pv)"),
     pv_forecast: str = typer.Option("perfect", help="level 5's PV forecast: perfect, or "
                                     "persistence (the day before's PV)"),
+    ocpp16_share: float = typer.Option(0.3, help="share of sessions on OCPP 1.6 chargers: "
+                                       "no SoC, departure or energy need reaches the CEM"),
+    ev_taper: bool = typer.Option(True, help="EVs take less above 80 percent SoC (--no-ev-taper: "
+                                  "constant power until full)"),
 ) -> None:
     """Digital twin: compare the five levels of smart charging on real sessions."""
     from cem.app.simulate_cli import simulate_command
 
     simulate_command(site_file=site_file, sessions_file=sessions_file, prices=prices, pv=pv,
                      start=start, days=days, levels=levels, report=report, json_out=json_out,
-                     pv_kwp=pv_kwp, pv_forecast=pv_forecast)
+                     pv_kwp=pv_kwp, pv_forecast=pv_forecast, ocpp16_share=ocpp16_share,
+                     ev_taper=ev_taper)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -30,7 +30,13 @@ from rich.table import Table
 from cem.app.json_stdout import prints_to_stderr
 from cem.app.site_file import load_site_file
 from cem.simulation.engine import LevelRun, run_level
-from cem.simulation.inputs import SimInputs, SimulationError, load_inputs, parse_start
+from cem.simulation.inputs import (
+    OCPP16_SHARE_DEFAULT,
+    SimInputs,
+    SimulationError,
+    load_inputs,
+    parse_start,
+)
 from cem.simulation.kpis import cost_per_day, level_kpis, reference_layout, session_kpis
 from cem.simulation.levels import LEVEL_NAMES, make_controller
 from sitekit.config import ConfigError
@@ -111,14 +117,17 @@ def summarise(inputs: SimInputs, runs: dict[str, LevelRun], controllers: dict[st
             kpis["objective_bound_eur"] = None if bound is None else round(float(bound), 2)
         kpis["cost_per_day_eur"] = [round(c, 2) for c in cost_per_day(inputs, run)]
         if "optimum" in runs:
-            kpis.update(session_kpis(run.delivered_wh, runs["optimum"].delivered_wh))
+            kpis.update(session_kpis(run.delivered_wh, runs["optimum"].achievable_wh))
+        if run.planned_wh is not None:
+            kpis["planned_kwh"] = round(float(run.planned_wh.sum()) / 1000, 1)
         out[lv] = kpis
     return out
 
 
 def simulate_command(*, site_file: Path, sessions_file: Path, prices: Path, pv: Path | None,
                      start: str, days: int, levels: str, report: Path, json_out: bool,
-                     pv_kwp: float | None = None, pv_forecast: str = "perfect") -> None:
+                     pv_kwp: float | None = None, pv_forecast: str = "perfect",
+                     ocpp16_share: float = OCPP16_SHARE_DEFAULT, ev_taper: bool = True) -> None:
     """Load the inputs, run every level, write the report and print the KPI table (or JSON)."""
     started = time.perf_counter()
     try:
@@ -135,7 +144,8 @@ def simulate_command(*, site_file: Path, sessions_file: Path, prices: Path, pv: 
             raise SimulationError("--pv-kwp must be 0 or more")
         kwp = (DEFAULT_PV_KWP if pv_kwp is None else pv_kwp) if pv is not None else 0.0
         inputs = load_inputs(config, sessions_file, prices, pv, first_day, days, kwp,
-                             ocpp=config.ocpp, pv_forecast=pv_forecast)
+                             ocpp=config.ocpp, pv_forecast=pv_forecast,
+                             ocpp16_share=ocpp16_share, ev_taper=ev_taper)
         if any(lv in wanted for lv in ("4", "5")) and "optimum" not in wanted:
             wanted.append("optimum")
         elif "optimum" not in wanted:

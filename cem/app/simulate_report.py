@@ -136,7 +136,7 @@ def plot_session_ratios(runs: dict[str, LevelRun], path: Path) -> None:
 
     from cem.simulation.kpis import SHORT_RATIO, session_ratios
 
-    achievable = runs["optimum"].delivered_wh
+    achievable = runs["optimum"].achievable_wh
     fig, ax = plt.subplots(figsize=(8, 3.8))
     for lv, run in runs.items():
         if lv == "optimum":

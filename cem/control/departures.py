@@ -20,6 +20,13 @@ unless waiting saves more than that per kWh; the target at the typed departure a
 limit stay as they were. Once the safe departure has passed the EV is asked for its target in
 the next PTU (as soon as the limits allow, at the same price).
 
+An EV whose charger says its departure and need are only its site defaults (the OCPP RM's
+"needs from site defaults": an OCPP 1.6 EV reports neither SoC nor departure nor energy) is
+recorded and planned without a typed departure: its milestones come from the stays of
+comparable visits, and their target is the most those visits took (their 0.99 quantile,
+`DepartureModel.energy`) when that is more than the charger's default need: an EV that takes
+less stops drawing and is dropped from the next plan.
+
 `commit_started` keeps a charge the last plan started: an EV the previous plan charged in the
 PTU that is now running gets a milestone at the end of this PTU asking for that energy, priced
 like the safe departure. A replan no longer pushes it to a later PTU for a slightly cheaper
@@ -48,6 +55,7 @@ logger = logging.getLogger("cem.control")
 HISTORY_DAYS = 365  # visits the model learns from, counted back from the start
 OVERSTAY = timedelta(hours=1)  # the charger RM's target for an EV past its departure
 DRIVER = re.compile(r"driver ([^,]+)")
+DEFAULTS = "needs from site defaults"  # the OCPP RM's label when neither EV nor card told it
 
 
 @dataclass
@@ -61,6 +69,7 @@ class OpenVisit:
     driver: str | None = None
     delivered_wh: float = 0.0  # level rises seen, while the unit stayed the same
     typed_latest: datetime | None = None  # the asset's end now (an overstayer's is renewed)
+    defaults: bool = False  # the RM's departure and need are its site defaults (OCPP 1.6)
 
 
 def no_ev(asset: StorageAsset, state: Any, now: datetime) -> bool:
@@ -78,15 +87,25 @@ def no_ev(asset: StorageAsset, state: Any, now: datetime) -> bool:
         return asset.level_max_wh <= 0
 
 
-def driver_of(state: Any, now: datetime) -> str | None:
-    """The charge card the RM names in its storage label ("driver X"), if any."""
+def storage_label(state: Any, now: datetime) -> str:
+    """The RM's storage label of its FRBC system description ("" if none)."""
     try:
         sd = state.of(ControlType.FILL_RATE_BASED_CONTROL).system_description(now)
-        label = str(sd.storage.diagnostic_label or "")
+        return str(sd.storage.diagnostic_label or "")
     except Exception:  # not FRBC, or no description yet
-        return None
-    match = DRIVER.search(label)
+        return ""
+
+
+def driver_of(state: Any, now: datetime) -> str | None:
+    """The charge card the RM names in its storage label ("driver X"), if any."""
+    match = DRIVER.search(storage_label(state, now))
     return match.group(1).strip() if match else None
+
+
+def needs_from_defaults(state: Any, now: datetime) -> bool:
+    """The RM says its departure and need are only its site defaults: the EV and the card told
+    it nothing (an OCPP 1.6 EV reports neither SoC nor departure nor energy)."""
+    return DEFAULTS in storage_label(state, now)
 
 
 class DepartureLearning:
@@ -109,6 +128,10 @@ class DepartureLearning:
         self.safe: dict[str, SafeDeparture] = {}  # rm id -> the last safe departure planned to
         self.recorded = 0  # visits recorded (this run)
         self.planned = 0  # safe-departure milestones added (this run, summed over plans)
+        # visits whose charger gave only its defaults (OCPP 1.6), planned by their stay: with
+        # any learned departure, and with a learned energy above the charger's default need
+        self.by_stay: set[tuple[str, datetime]] = set()
+        self.by_learned_energy: set[tuple[str, datetime]] = set()
 
     async def load(self, now: datetime) -> None:
         """Learn from the visits the store kept."""
@@ -147,9 +170,14 @@ class DepartureLearning:
                 if asset.charge_max_w <= 0:
                     continue  # an EV that takes nothing from the start: nothing to learn
                 need = None if asset.target_wh is None else max(0.0, asset.target_wh - level)
-                self.open[rm_id] = OpenVisit(names.get(rm_id, rm_id), now, typed, need, level,
-                                             scale, driver_of(states.get(rm_id), now),
-                                             typed_latest=typed)
+                defaults = needs_from_defaults(states.get(rm_id), now)
+                # a default departure and need say nothing of this driver: learn and plan by
+                # the stay and the energy comparable visits took instead
+                self.open[rm_id] = OpenVisit(names.get(rm_id, rm_id), now,
+                                             None if defaults else typed,
+                                             None if defaults else need, level, scale,
+                                             driver_of(states.get(rm_id), now),
+                                             typed_latest=typed, defaults=defaults)
                 continue
             if asset.charge_max_w > 0 and typed is not None:
                 visit.typed_latest = typed
@@ -220,13 +248,24 @@ class DepartureLearning:
                 continue
             asset = evs[0]
             if asset.charge_max_w <= 0 or asset.target_wh is None \
-                    or asset.target_wh <= asset.level_wh or asset.available_until is None:
+                    or asset.available_until is None:
+                continue
+            target = int(asset.target_wh)
+            if visit.defaults:  # the RM's need is a default: plan what comparable EVs took
+                # (such an RM keeps its level in kWh charged this visit: energy one to one)
+                learned = self.model.energy(visit.evse, visit.arrival, visit.driver)
+                if learned is not None and round(learned) > target:
+                    target = min(round(learned), int(asset.level_max_wh))
+                    self.by_learned_energy.add((rm_id, visit.arrival))
+            if target <= asset.level_wh:
                 continue
             found = self.model.departures(visit.evse, visit.arrival, visit.typed_departure,
                                           self.quantiles, visit.driver)
             if not found:
                 continue
             self.safe[rm_id] = found[0]
+            if visit.defaults:
+                self.by_stay.add((rm_id, visit.arrival))
             ours: set[int] = set()
             for safe, price in zip(found, self._prices(found[0].early_share), strict=True):
                 ptu = math.floor((safe.at - problem.start) / step)
@@ -236,7 +275,7 @@ class DepartureLearning:
                     continue
                 if ptu >= asset.available_until or any(m[0] == ptu for m in asset.target_profile):
                     continue  # at the departure, or a milestone at full weight is already there
-                asset.target_profile.append((ptu, int(asset.target_wh), int(asset.level_max_wh)))
+                asset.target_profile.append((ptu, target, int(asset.level_max_wh)))
                 asset.milestone_eur_per_wh[ptu] = price
                 ours.add(ptu)
             count += bool(ours)

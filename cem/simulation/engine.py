@@ -1,12 +1,14 @@
 """Virtual-time physics of the site, the same for every level.
 
-Each PTU a controller gives a setpoint (W) per plugged-in EV. The EV takes
-min(setpoint, its EVSE's maximum, what its real battery still takes): a setpoint below the EV's
-minimum charging current gives nothing (an EV does not charge below ~6 A). It charges at that
-power from the start of the PTU until it is full, so a PTU's energy is
-min(power * 15 min, remaining need). The fuse is checked per minute and per phase on that
-realised power (minus PV, spread over three phases); GTV and peak per PTU on the 15-minute
-average. Nothing is clipped: a level that overloads the fuse is recorded doing so.
+Each PTU a controller gives a setpoint (W) per plugged-in EV. The charger offers
+min(setpoint, its EVSE's maximum); an offer below the minimum charging current (~6 A) gives
+nothing. Minute by minute the EV takes min(offer, its taper limit at its SoC, what its battery
+still takes): above `TAPER_FROM_SOC` % the limit falls linearly from the EVSE's maximum to
+`TAPER_END_SHARE` of it at 100 % (`taper_w`), and the EV stops once its real need is in
+(its final SoC: full). The battery and arrival SoC of each EV are `inputs.ev_battery`. The fuse
+is checked per minute and per phase on the realised power (minus PV, spread over three phases);
+GTV and peak per PTU on the 15-minute average. Nothing is clipped: a level that overloads the
+fuse is recorded doing so.
 """
 
 from __future__ import annotations
@@ -21,6 +23,30 @@ import numpy as np
 from cem.simulation.inputs import SimInputs
 
 MINUTES_TOLERANCE_A = 0.05  # a fuse minute counts above fuse_a + this (rounding noise)
+TAPER_FROM_SOC = 80.0  # % SoC above which an EV takes less than its maximum
+TAPER_END_SHARE = 0.15  # ... down to this share of the maximum at 100 %
+
+
+def taper_w(max_w: np.ndarray | float, soc: np.ndarray | float) -> np.ndarray:
+    """The most an EV takes at `soc` % from an EVSE that offers up to `max_w`."""
+    above = np.clip((np.asarray(soc, dtype=float) - TAPER_FROM_SOC) / (100.0 - TAPER_FROM_SOC),
+                    0.0, 1.0)
+    return np.asarray(max_w, dtype=float) * (1.0 - (1.0 - TAPER_END_SHARE) * above)
+
+
+def taper_hours(energy_wh: np.ndarray, soc: np.ndarray, battery_wh: np.ndarray,
+                max_w: np.ndarray) -> np.ndarray:
+    """Hours an EV at `soc` % needs for `energy_wh` more at its EVSE's maximum under the taper
+    (full power up to `TAPER_FROM_SOC`, then the limit of `taper_w`, integrated exactly)."""
+    k = (1.0 - TAPER_END_SHARE) / (100.0 - TAPER_FROM_SOC)  # share of max lost per SoC point
+    wh_per_pct = battery_wh / 100.0
+    end = np.minimum(soc + energy_wh / wh_per_pct, 100.0)
+    bulk = np.clip(TAPER_FROM_SOC, soc, end) - soc
+    s0 = np.maximum(soc, TAPER_FROM_SOC) - TAPER_FROM_SOC
+    s1 = np.maximum(end, TAPER_FROM_SOC) - TAPER_FROM_SOC
+    safe_w = np.maximum(max_w, 1.0)
+    taper = wh_per_pct / (safe_w * k) * np.log((1.0 - k * s0) / (1.0 - k * s1))
+    return np.asarray(bulk * wh_per_pct / safe_w + taper, dtype=float)
 
 
 @dataclass
@@ -30,7 +56,7 @@ class SimState:
     delivered_wh: np.ndarray  # per session, measured
     last_setpoint_w: np.ndarray
     last_energy_wh: np.ndarray
-    seen_full: np.ndarray  # bool: took clearly less than its setpoint (the EV stopped: full)
+    seen_full: np.ndarray  # bool: stopped drawing while offered power (full)
     peak_so_far_w: int = 0
 
 
@@ -60,6 +86,16 @@ class LevelRun:
     replan_s: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    # per session, what a plan made in advance meant to deliver (the optimum's plan, which has
+    # no taper: in total an upper bound on what any control delivers under the taper)
+    planned_wh: np.ndarray | None = None
+
+    @property
+    def achievable_wh(self) -> np.ndarray:
+        """Per session: the planned energy where there is a plan, never below what came."""
+        if self.planned_wh is None:
+            return self.delivered_wh
+        return np.maximum(self.planned_wh, self.delivered_wh)
 
 
 def run_level(inputs: SimInputs, controller: Controller,
@@ -75,10 +111,11 @@ def run_level(inputs: SimInputs, controller: Controller,
     need = np.array([s.real_need_wh for s in sessions], dtype=float)
     max_w = np.array([s.max_w for s in sessions], dtype=float)
     min_w = np.array([s.evse.min_w for s in sessions], dtype=float)
+    battery_wh = np.array([s.battery_wh for s in sessions], dtype=float)
+    arrival_soc = np.array([s.arrival_soc for s in sessions], dtype=float)
     share = np.array([s.evse.phase_share for s in sessions], dtype=float).reshape(n_s, 3)
     voltage = inputs.config.grid.voltage_v
     fuse_a = inputs.config.grid.fuse_a
-    minute_index = np.arange(minutes, dtype=float)[:, None]
 
     state = SimState(delivered_wh=np.zeros(n_s), last_setpoint_w=np.zeros(n_s),
                      last_energy_wh=np.zeros(n_s), seen_full=np.zeros(n_s, dtype=bool))
@@ -93,18 +130,24 @@ def run_level(inputs: SimInputs, controller: Controller,
             asked = np.asarray(controller.setpoints(t, present, state), dtype=float)
         power = np.where(present, np.minimum(np.maximum(asked, 0.0), max_w), 0.0)
         power = np.where(power + 1e-6 < min_w, 0.0, power)
-        remaining = np.maximum(need - state.delivered_wh, 0.0)
-        energy = np.minimum(power * dt_h, remaining)
-        on_minutes = np.divide(energy, power / 60.0, out=np.zeros(n_s), where=power > 0)
-        on = minute_index < np.ceil(on_minutes - 1e-9)[None, :]  # minutes x sessions
-        phase_w = (on * power[None, :]) @ share - inputs.pv_w[t] / 3.0  # minutes x 3
+        delivered = state.delivered_wh.copy()
+        drawn = np.zeros((minutes, n_s))  # W per minute and session
+        for m in range(minutes):
+            rate = power
+            if inputs.ev_taper:
+                rate = np.minimum(power, taper_w(max_w, arrival_soc + delivered / battery_wh * 100))
+            step = np.minimum(rate / 60.0, np.maximum(need - delivered, 0.0))
+            drawn[m] = np.where(step > 1e-9, rate, 0.0)  # a minute that ends full counts whole
+            delivered += step
+        energy = delivered - state.delivered_wh
+        phase_w = drawn @ share - inputs.pv_w[t] / 3.0  # minutes x 3
         phase_a = np.abs(phase_w) / voltage
         max_phase_a[t] = phase_a.max()
         fuse_minutes[t] = np.count_nonzero(phase_a.max(axis=1) > fuse_a + MINUTES_TOLERANCE_A)
         avg = energy / dt_h
         ev_w[:, t] = avg
         site_w[t] = avg.sum() - inputs.pv_w[t]
-        state.seen_full |= present & (power > 0) & (energy < 0.9 * power * dt_h)
+        state.seen_full |= present & (power > 0) & (need - delivered <= 0.5)
         state.delivered_wh += energy
         state.last_setpoint_w = np.where(present, power, 0.0)
         state.last_energy_wh = energy
@@ -117,4 +160,5 @@ def run_level(inputs: SimInputs, controller: Controller,
     return LevelRun(name=controller.name, ev_w=ev_w, site_w=site_w, ev_total_w=ev_w.sum(axis=0),
                     fuse_minutes=fuse_minutes, max_phase_a=max_phase_a,
                     delivered_wh=state.delivered_wh.copy(), replan_s=list(controller.replan_s),
-                    notes=list(controller.notes), wall_s=time.perf_counter() - started)
+                    notes=list(controller.notes), wall_s=time.perf_counter() - started,
+                    planned_wh=getattr(controller, "planned_wh", None))

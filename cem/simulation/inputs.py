@@ -26,6 +26,16 @@ true, separately:
   driver's stated need), else `delivered_energy` (what the car took at ACN: no driver input);
 - real departure: `departure`.
 
+The EV behind each session (ACN has no battery size or SoC): `ev_battery` gives it a battery of
+60 kWh (larger if its need does not fit) and an arrival SoC such that its real need fills it
+to a final SoC drawn per session uniformly in 80-100 % (its own charge limit); the physics
+tapers its power above 80 % SoC and it stops at that final SoC. A share `ocpp16_share` of the
+sessions (seeded per session id, default 0.3) charge behind an OCPP 1.6 charger: neither SoC
+nor departure nor energy need reaches the CEM, which is told the site's `ev_defaults`
+(`believed_departure(..., ocpp16=True)`, `ev_defaults.energy_kwh`) and learns the rest. Every
+draw is `session_draw`: the crc32 of the session id, the same in every run and for every level.
+There is no base load: the ACN garages' data is the EV sessions alone.
+
 EVSEs come from `[[ocpp.charge_points]]` of the site config: `id` is the ACN `station_id`,
 `max_current_a`, `phases` and `phase` give the EV's power (the EVSE limits the EV; ACN has no
 per-car maximum). A session of a station not in the config, or whose station is busy, goes to a
@@ -35,6 +45,7 @@ free EVSE; a session finding no free EVSE is left out and counted in the notes.
 from __future__ import annotations
 
 import bisect
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -76,6 +87,32 @@ class Evse:
 
 HISTORY_DAYS = 28  # the sessions file's visits before the start that level 5 learns from
 
+# The EV's battery (ACN has no battery size or SoC): the real need fills a battery of
+# BATTERY_KWH (larger if the need does not fit) from its arrival SoC to its final SoC, drawn per
+# session uniformly in FINAL_SOC_PCT (the EV's own charge limit), where the EV stops: full.
+BATTERY_KWH = 60.0
+FINAL_SOC_PCT = (80.0, 100.0)
+OCPP16_SHARE_DEFAULT = 0.3  # share of sessions on OCPP 1.6 chargers (no SoC, departure, energy)
+
+
+def session_draw(session_id: str, what: str) -> float:
+    """A number in [0, 1) fixed by the session id and `what`: the twin's seeded choices (the
+    same in every run, for every level, on every machine)."""
+    return zlib.crc32(f"{what}:{session_id}".encode()) / 2**32
+
+
+def ev_battery(session_id: str, need_wh: float) -> tuple[float, float]:
+    """(battery Wh, arrival SoC %) of a session's EV: the need fills it to its final SoC."""
+    low, high = FINAL_SOC_PCT
+    final = low + (high - low) * session_draw(session_id, "final soc")
+    capacity = max(BATTERY_KWH * 1000, need_wh * 100.0 / final)
+    return capacity, final - need_wh / capacity * 100.0
+
+
+def is_ocpp16(session_id: str, share: float) -> bool:
+    """Whether the session's EV charges on an OCPP 1.6 charger (seeded, `share` of them)."""
+    return session_draw(session_id, "ocpp16") < share
+
 
 def evse_rm_name(evse_id: str) -> str:
     """The name the twin's RM of an EVSE gives itself (and the live loop records visits by)."""
@@ -98,6 +135,9 @@ class SimSession:
     claimed: bool
     arrival: datetime  # UTC, unsnapped (for the report)
     departure: datetime
+    battery_wh: float = BATTERY_KWH * 1000  # the EV's battery (ev_battery)
+    arrival_soc: float = 0.0  # % at plug-in; the real need fills it to its final SoC
+    ocpp16: bool = False  # its charger reports neither SoC, departure nor energy need
 
     @property
     def max_w(self) -> int:
@@ -141,6 +181,8 @@ class SimInputs:
     # day before ("persistence", a naive day-ahead forecast); the measurement is always actual
     pv_forecast: str = "perfect"
     pv_forecast_w: np.ndarray | None = None  # n_ptus + look-ahead, with "persistence"
+    ev_taper: bool = True  # EVs take less than offered above 80 % SoC (engine.taper_w)
+    ocpp16_share: float = 0.0
 
     @property
     def dt_h(self) -> float:
@@ -178,9 +220,10 @@ def evses_from_config(config: SiteConfig, station_ids: list[str],
     return evses, notes
 
 
-def believed_departure(s: Session, config: SiteConfig) -> datetime:
-    """The departure the CEM is told: the driver's estimate, else the site's EV defaults."""
-    if s.estimated_departure is not None and s.estimated_departure > s.arrival:
+def believed_departure(s: Session, config: SiteConfig, *, ocpp16: bool = False) -> datetime:
+    """The departure the CEM is told: the driver's estimate, else (and always behind an OCPP 1.6
+    charger, which has no way to pass it on) the site's EV defaults."""
+    if not ocpp16 and s.estimated_departure is not None and s.estimated_departure > s.arrival:
         return s.estimated_departure
     if config.ev_defaults.departure is not None:
         zone = ZoneInfo(config.site.timezone)
@@ -191,20 +234,25 @@ def believed_departure(s: Session, config: SiteConfig) -> datetime:
 
 
 def history_visits(raw: list[Session], config: SiteConfig, before: datetime, days: int,
-                   evse_names: dict[str, str]) -> list[Visit]:
+                   evse_names: dict[str, str], ocpp16_share: float = 0.0) -> list[Visit]:
     """Visits of the `days` before `before` that ended by then, as the live loop records them
-    (EVSE by its RM's name, the departure the CEM was told, the real departure)."""
+    (EVSE by its RM's name, the departure the CEM was told, the real departure); an OCPP 1.6
+    visit without a departure or need (the loop knows its charger's were only the defaults)."""
     since = before - timedelta(days=days)
     out = []
     for raw_session in raw:
         s = on_local_clock([raw_session], raw_session.arrival.date(), config.site.timezone)[0]
         if not (since <= s.arrival and s.departure <= before):
             continue
-        need = (s.requested_kwh or 0.0) * 1000 if s.claimed else None
+        old = is_ocpp16(s.session_id, ocpp16_share)
+        requested = (s.requested_kwh or 0.0) * 1000 if s.claimed else 0.0
+        typed = None if old else believed_departure(s, config).astimezone(UTC)
+        # what the EV took: its real need as the twin defines it (the request where the driver
+        # made one, else what ACN delivered), as a CEM that served it before would have seen it
+        took = requested if requested > 0 else s.delivered_kwh * 1000
         out.append(Visit(evse_names.get(s.station_id, s.station_id), s.arrival.astimezone(UTC),
-                         s.departure.astimezone(UTC),
-                         believed_departure(s, config).astimezone(UTC), need,
-                         s.delivered_kwh * 1000))
+                         s.departure.astimezone(UTC), typed,
+                         None if old or not s.claimed else requested, took))
     return out
 
 
@@ -306,10 +354,13 @@ def _read(path: Path, loader: Callable[[Path], T], format_error: type[Exception]
 
 def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_file: Path | None,
                 start: date, days: int, pv_kwp: float, *,
-                ocpp: OcppConfig | None = None, pv_forecast: str = "perfect") -> SimInputs:
+                ocpp: OcppConfig | None = None, pv_forecast: str = "perfect",
+                ev_taper: bool = True, ocpp16_share: float = OCPP16_SHARE_DEFAULT) -> SimInputs:
     """Read and map every input of a run; raise SimulationError on any user mistake."""
     if pv_forecast not in ("perfect", "persistence"):
         raise SimulationError(f"--pv-forecast {pv_forecast!r}: use perfect or persistence")
+    if not 0.0 <= ocpp16_share <= 1.0:
+        raise SimulationError(f"--ocpp16-share {ocpp16_share:g}: give a share from 0 to 1")
     pv_forecast_w: np.ndarray | None = None
     zone = ZoneInfo(config.site.timezone)
     ptu_minutes = config.planner.ptu_minutes
@@ -369,19 +420,24 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
                 continue
             evse = free[0]
         busy_until[evse.id] = departure_ptu
-        believed_dep = believed_departure(s, config)
+        old = is_ocpp16(s.session_id, ocpp16_share)
+        believed_dep = believed_departure(s, config, ocpp16=old)
         believed_ptu = max(arrival_ptu + 1, _snap(believed_dep, t0, ptu_s))
         requested_wh = round((s.requested_kwh or 0.0) * 1000)
         if s.claimed and requested_wh > 0:
             real_need, believed_need = requested_wh, requested_wh
         else:
             real_need, believed_need = round(s.delivered_kwh * 1000), default_need_wh
+        if old:
+            believed_need = default_need_wh  # the RM only knows the site's defaults
+        battery_wh, arrival_soc = ev_battery(s.session_id, max(0, real_need))
         sessions.append(SimSession(
             index=len(sessions), session_id=s.session_id, station_id=s.station_id, evse=evse,
             arrival_ptu=arrival_ptu, departure_ptu=departure_ptu,
             believed_departure_ptu=believed_ptu, real_need_wh=max(0, real_need),
             believed_need_wh=max(0, believed_need), claimed=s.claimed,
-            arrival=s.arrival.astimezone(UTC), departure=s.departure.astimezone(UTC)))
+            arrival=s.arrival.astimezone(UTC), departure=s.departure.astimezone(UTC),
+            battery_wh=battery_wh, arrival_soc=arrival_soc, ocpp16=old))
     if unknown:
         notes.append(f"{unknown} session(s) of stations not in the config were placed on a free EVSE")
     if relocated:
@@ -391,7 +447,11 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
     if not sessions:
         raise SimulationError("no session could be placed on an EVSE")
     history = history_visits(raw_sessions, config, t0, HISTORY_DAYS,
-                             {e.id: evse_rm_name(e.id) for e in evses})
+                             {e.id: evse_rm_name(e.id) for e in evses}, ocpp16_share)
+    n_old = sum(s.ocpp16 for s in sessions)
+    if n_old:
+        notes.append(f"{n_old} of {len(sessions)} session(s) on OCPP 1.6 chargers (share "
+                     f"{ocpp16_share:g}): no SoC, departure or energy need reaches the CEM")
     if history:
         notes.append(f"history: {len(history)} visit(s) of the {HISTORY_DAYS} days before the "
                      f"start, in level 5's store before it runs")
@@ -439,4 +499,4 @@ def load_inputs(config: SiteConfig, sessions_file: Path, prices_file: Path, pv_f
         pv_kwp=pv_kwp, files=files, notes=notes,
         wholesale_eur_per_mwh=np.asarray(wholesale, dtype=float), ocpp=ocpp or OcppConfig(),
         history=history, pv_forecast=pv_forecast if pv_forecast_w is not None else "perfect",
-        pv_forecast_w=pv_forecast_w)
+        pv_forecast_w=pv_forecast_w, ev_taper=ev_taper, ocpp16_share=ocpp16_share)

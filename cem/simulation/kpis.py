@@ -8,8 +8,9 @@
 - delivered_kwh vs requested_kwh (the EVs' real needs), served_sessions (got >= 99.5 % of their
   need, or within 50 Wh);
 - per session against the optimum (`session_kpis`, for every level once the optimum ran):
-  achievable = what the perfect-foresight optimum delivered to that session; the ratio
-  delivered / achievable per session (1 where the optimum delivered under 50 Wh), its 5th
+  achievable = what the perfect-foresight optimum planned for that session (its plan has no
+  EV taper: an upper bound; never below what its realised run delivered); the ratio
+  delivered / achievable per session (1 where the achievable is under 50 Wh), its 5th
   percentile `session_ratio_p5` and mean `session_ratio_mean`, `sessions_short` (ratio below
   0.9) and `achievable_kwh`; a level at 1.0 leaves no driver worse off than the optimum would;
 - self_consumption: share of the PV production used on site; pv_share_of_ev: share of the EV

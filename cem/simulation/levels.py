@@ -35,7 +35,12 @@ session's real departure or real need, except the optimum, which is the referenc
    more for an overstaying EV, and "full" learned from the EV's SoC.
 
 optimum: perfect foresight, every session's real arrival, departure and need known in advance,
-solved as one problem over the whole run by the same planner (a longer time limit).
+solved as one problem over the whole run by the same planner (a longer time limit). The planner
+has no model of the EV taper (`engine.taper_w`), so the plan is a relaxation: its energy
+(`planned_wh`) bounds, up to the solver's gap, what any control delivers under the taper, and
+per session it is the "achievable" of the KPIs. Its realised run goes through the same physics: an EV the
+taper kept behind its plan is offered more where the other offers leave room under the fuse and
+GTV (earliest departure first), a feasible dispatch that stays below the bound.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ import numpy as np
 
 from cem.planner.assets import FixedLoad, Plan, Problem, SiteLimits, StorageAsset
 from cem.planner.assets import Prices as PlannerPrices
-from cem.simulation.engine import SimState
+from cem.simulation.engine import SimState, taper_hours
 from cem.simulation.inputs import SimInputs, SimSession, SimulationError
 
 LEVEL_NAMES = {
@@ -305,11 +310,58 @@ class PerfectForesight:
             p = self.plan.power_w.get(ev_id(s))
             if p is not None:
                 self.power[s.index] = np.maximum(np.asarray(p, dtype=float)[: inputs.n_ptus], 0)
+        need = np.array([s.real_need_wh for s in inputs.sessions], dtype=float)
+        # what the plan means each session to get: with the EV taper its setpoints may deliver
+        # less (the plan cannot model the taper); the plan is then the upper bound
+        self.planned_wh = np.minimum(self.power.sum(axis=1) * inputs.dt_h, need)
+        # cumulative planned energy at the start of each PTU, and what the catch-up needs
+        self.inputs = inputs
+        self.planned_by = np.minimum(np.cumsum(self.power, axis=1) * inputs.dt_h - self.power
+                                     * inputs.dt_h, need[:, None])
+        self.share = np.array([s.evse.phase_share for s in inputs.sessions], dtype=float)
+        self.max_w = np.array([s.max_w for s in inputs.sessions], dtype=float)
+        self.min_w = np.array([s.evse.min_w for s in inputs.sessions], dtype=float)
+        self.departure = np.array([s.departure_ptu for s in inputs.sessions])
+        self.battery_wh = np.array([s.battery_wh for s in inputs.sessions], dtype=float)
+        self.arrival_soc = np.array([s.arrival_soc for s in inputs.sessions], dtype=float)
         self.notes = [f"one plan of {len(assets)} sessions x {inputs.n_ptus} PTUs: "
                       f"{self.plan.status}, {self.replan_s[0]:.1f} s"]
 
     def setpoints(self, t: int, present: np.ndarray, state: SimState) -> np.ndarray:
-        return self.power[:, t]
+        """The plan's setpoints; with the EV taper, an EV behind its plan (the taper gave it
+        less than planned), or one whose planned rest needs, under the taper, all the time it
+        has left, is offered more where the limits have room for it on the offers (which bound
+        what the EVs draw), earliest departure first: it knows the taper exactly (perfect
+        foresight), keeps the realised optimum close to its plan and never breaks a limit."""
+        offer = self.power[:, t].copy()
+        if not self.inputs.ev_taper:
+            return offer
+        inputs = self.inputs
+        behind = np.where(present, self.planned_by[:, t] - state.delivered_wh, 0.0)
+        rest = np.where(present, self.planned_wh - state.delivered_wh, 0.0)
+        soc = self.arrival_soc + state.delivered_wh / self.battery_wh * 100.0
+        left_h = (self.departure - t) * inputs.dt_h
+        urgent = (rest > 1.0) & (taper_hours(np.maximum(rest, 0.0), soc, self.battery_wh,
+                                             self.max_w) >= left_h - inputs.dt_h)
+        want_w = np.where(urgent, self.max_w - offer,
+                          np.minimum(np.maximum(behind, 0.0) / inputs.dt_h, self.max_w - offer))
+        if not (want_w > 1.0).any():
+            return offer
+        pv = float(inputs.pv_w[t])
+        phase_room = inputs.fuse_w_per_phase - (np.where(present, offer, 0.0) @ self.share
+                                                - pv / 3.0)
+        site_room = float(inputs.import_limit_w[t]) - (float(offer[present].sum()) - pv)
+        for i in sorted(np.flatnonzero(want_w > 1.0), key=lambda k: self.departure[k]):
+            want = float(want_w[i])
+            share = self.share[i]
+            room = min([site_room, *(phase_room[p] / share[p] for p in range(3) if share[p] > 0)])
+            extra = min(want, room)
+            if extra <= 0 or offer[i] + extra < self.min_w[i]:
+                continue
+            offer[i] += extra
+            site_room -= extra
+            phase_room -= extra * share
+        return offer
 
 
 def make_controller(level: str, inputs: SimInputs, *, time_limit_s: float, optimum_time_limit_s: float,

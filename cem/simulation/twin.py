@@ -10,9 +10,12 @@ Nothing of the CEM is re-implemented here. What is simulated is what sits outsid
   once a PTU here). An FRBC.Instruction becomes the EV's current
   with `instruction_current` at its execution time and is answered ACCEPTED / STARTED (or
   REJECTED / ABORTED) like the live RM does; a RevokeObject cancels a pending one;
-- the EV reports its state of charge (finely) from a battery of `BATTERY_KWH` (or its need,
-  if larger) that its real need fills: once the SoC has risen 3 points the RM knows the battery
-  size and plans in SoC, so a full EV (100 %) is learned from the EV itself, as live; an EV
+- the EV reports its state of charge (finely) from its battery (`inputs.ev_battery`: the real
+  need fills it to its final SoC): once the SoC has risen 3 points the RM knows the battery
+  size and plans in SoC, as live; it draws what the shared physics gives it (`engine.taper_w`
+  above 80 % SoC). Behind an OCPP 1.6 charger (`SimSession.ocpp16`) the EV reports no SoC and
+  the RM knows no departure or need: it sends the site's defaults and says so in its storage
+  label ("needs from site defaults"), as the OCPP RM does with no EV or card data; an EV
   that stops drawing while its charger offers current (its real need delivered) is taken as
   full, as the live RM learns from the charger's SuspendedEV (the live RM's offer again after
   30 minutes, for an EV that may only have paused, never applies: a twin EV stops at 100 %);
@@ -78,14 +81,13 @@ from cem.control.mpc import SiteController
 from cem.ports import InstructionResult, RegistryEvent, RmEvent
 from cem.s2.session import S2_VERSION, S2Session
 from cem.signals import price_update
-from cem.simulation.engine import SimState
+from cem.simulation.engine import SimState, taper_w
 from cem.simulation.inputs import Evse, SimInputs, SimSession, evse_rm_name
 from cem.store import Store
 from resource_managers.ocpp_charger import frbc, limits
 
 PlanFunction = Callable[..., Any]
 
-BATTERY_KWH = 60.0  # the EV's battery unless its need is larger (ACN has no battery sizes)
 SOC_POINTS_FOR_CAPACITY = 3.0  # as the OCPP RM: battery size known after 3 SoC points of rise
 MAX_REPLANS_PER_PTU = 3
 MEASURE_S = 15.0  # as the OCPP RM: a PowerMeasurement on every change, else every 15 s
@@ -297,9 +299,8 @@ class TwinEvse(TwinDevice):
 
     def plug_in(self, session: SimSession) -> None:
         self.session = session
-        need_wh = float(session.real_need_wh)
-        self.capacity_wh = max(BATTERY_KWH * 1000, need_wh)
-        self.soc0 = 100.0 - need_wh / self.capacity_wh * 100.0
+        self.capacity_wh = float(session.battery_wh)
+        self.soc0 = float(session.arrival_soc)
         self.energy_wh = 0.0
         self.soc = self.soc_first = None
         self.limit_a = None  # a new transaction runs on the charger's default profile
@@ -319,10 +320,9 @@ class TwinEvse(TwinDevice):
         """The charger's meter reading and the EV's SoC (to 1e-4 %: integer SoC readings would
         make the RM's battery-size estimate, and so its targets in SoC, a few % off)."""
         self.energy_wh = energy_wh
-        if self.session is None:
+        if self.session is None or self.session.ocpp16:  # OCPP 1.6: no SoC reaches the RM
             return
-        soc = self.soc0 + energy_wh / self.capacity_wh * 100.0
-        self.soc = min(100.0, round(soc, 4))
+        self.soc = min(100.0, round(self.true_soc(), 4))
         if self.soc_first is None:
             self.soc_first = (self.soc, energy_wh)
 
@@ -335,6 +335,10 @@ class TwinEvse(TwinDevice):
         if self.soc - soc0 < SOC_POINTS_FOR_CAPACITY:
             return None
         return (self.energy_wh - energy0) / (self.soc - soc0) / 10
+
+    def true_soc(self) -> float:
+        """The EV's SoC (%), whether or not its charger reports it."""
+        return self.soc0 + self.energy_wh / self.capacity_wh * 100.0 if self.capacity_wh else 0.0
 
     def remaining_wh(self) -> float:
         if self.session is None:
@@ -353,6 +357,8 @@ class TwinEvse(TwinDevice):
         watts = min(self.setpoint_w(), float(self.evse.max_w)) if self.remaining_wh() > 0.5 else 0.0
         if watts + 1e-6 < self.evse.min_w:
             watts = 0.0
+        elif self.inputs.ev_taper:
+            watts = min(watts, float(taper_w(self.evse.max_w, self.true_soc())))
         if self.evse.phases == 3:
             return (watts / 3, watts / 3, watts / 3)
         index = int(self.phase[-1]) - 1
@@ -371,7 +377,8 @@ class TwinEvse(TwinDevice):
             departure=departure, soc=self.soc if session else None,
             capacity_kwh=self.capacity_kwh if session else None,
             power_w=self.power_w(), limit_a=self.limit_a if session else None,
-            voltage_v=self.voltage, priority=self.priority, ev_full=self.ev_full)
+            voltage_v=self.voltage, priority=self.priority, ev_full=self.ev_full,
+            needs_source="site defaults" if session is not None and session.ocpp16 else "")
 
     # --- S2, as resource_managers.ocpp_charger.s2_evse.EvseResource._tell_cem -------------------
 
@@ -678,7 +685,10 @@ class LiveControlLoop:
         self.notes.append(f"departure learning: {len(self.inputs.history)} "
                           f"visits before the run, {learning.recorded} recorded during it; safe "
                           f"departure at quantile {learning.quantile:g}, an undelivered kWh at "
-                          f"{learning.value_eur_per_wh * 1000:g} EUR")
+                          f"{learning.value_eur_per_wh * 1000:g} EUR; "
+                          f"{len(learning.by_stay)} EV(s) whose charger told only the site "
+                          f"defaults planned by the stay of comparable visits, "
+                          f"{len(learning.by_learned_energy)} to the energy those took")
         refusals = self.registry.cem_refusals + self.registry.rm_refusals
         self.notes[:0] = [f"the live control loop (SiteController) over "
                           f"{len(self.registry.entries)} S2 sessions: {self.registry.messages} "
