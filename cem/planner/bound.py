@@ -383,43 +383,34 @@ def _lay_onto(old: tuple[np.ndarray, np.ndarray], keys: np.ndarray
 
     A key the old LP did not have takes the status of the same thing a PTU earlier, when
     the old LP had that (the PTU the horizon moved on to)."""
-    old_keys, old_status = old
-    status = np.full(len(keys), -1, dtype=np.int8)
-    at = np.full(len(keys), -1, dtype=np.int64)
-    if len(old_keys) == 0 or len(keys) == 0:
-        return status, at
-    pos = np.minimum(np.searchsorted(old_keys, keys), len(old_keys) - 1)
-    found = old_keys[pos] == keys
-    status[found] = old_status[pos[found]]
-    at[found] = pos[found]
-    new = np.flatnonzero(~found & ((keys & 0x7FFFFF) > 0))
-    if len(new):
-        before = keys[new] - 1
-        pos = np.minimum(np.searchsorted(old_keys, before), len(old_keys) - 1)
-        hit = old_keys[pos] == before
-        status[new[hit]] = old_status[pos[hit]]
-    return status, at
+    return _laid_onto(old, keys, np.full(len(keys), -1, dtype=np.int8))
 
 
 def _lay_onto_values(old: tuple[np.ndarray, np.ndarray], keys: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray]:
     """`_lay_onto` for float values (0 where nothing fits)."""
+    return _laid_onto(old, keys, np.zeros(len(keys)))
+
+
+def _laid_onto(old: tuple[np.ndarray, np.ndarray], keys: np.ndarray, out: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """`out` (its fill where nothing fits) with the old value of each key, or of the same
+    thing a PTU earlier for a key the old LP did not have; and where each key was (-1: new)."""
     old_keys, old_value = old
-    value = np.zeros(len(keys))
     at = np.full(len(keys), -1, dtype=np.int64)
     if len(old_keys) == 0 or len(keys) == 0:
-        return value, at
+        return out, at
     pos = np.minimum(np.searchsorted(old_keys, keys), len(old_keys) - 1)
     found = old_keys[pos] == keys
-    value[found] = old_value[pos[found]]
+    out[found] = old_value[pos[found]]
     at[found] = pos[found]
     new = np.flatnonzero(~found & ((keys & 0x7FFFFF) > 0))
     if len(new):
         before = keys[new] - 1
         pos = np.minimum(np.searchsorted(old_keys, before), len(old_keys) - 1)
         hit = old_keys[pos] == before
-        value[new[hit]] = old_value[pos[hit]]
-    return value, at
+        out[new[hit]] = old_value[pos[hit]]
+    return out, at
 
 
 def _nonbasic_at(value: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
