@@ -115,9 +115,15 @@ def run_modbus_simulators(devices: Sequence[ModbusDevice], *, speed: float = 1.0
         await _until_signal(stop)
         sims: list[ModbusSimulator] = []
         try:
-            for d, regmap in zip(devices, maps, strict=True):
-                sim = simulator_for(regmap, host=d.host, port=d.port, speed=speed,
-                                    device_id=d.device_id)
+            made = [simulator_for(regmap, host=d.host, port=d.port, speed=speed,
+                                  device_id=d.device_id)
+                    for d, regmap in zip(devices, maps, strict=True)]
+            # the meter follows before it serves: its first reading is the base load, not 0 W
+            others = [s for s in made if not isinstance(s, MeterSimulator)]
+            for sim in made:
+                if isinstance(sim, MeterSimulator):
+                    sim.follow(others, base_load_w=base_load_w)
+            for d, sim in zip(devices, made, strict=True):
                 try:
                     await sim.start()
                 except (OSError, RuntimeError) as exc:
@@ -126,10 +132,6 @@ def run_modbus_simulators(devices: Sequence[ModbusDevice], *, speed: float = 1.0
                 sims.append(sim)
                 logging.getLogger(__name__).info("simulated %s (%s) on %s:%s (speed x%g)",
                                                  d.name, d.device, d.host, sim.port, speed)
-            others = [s for s in sims if not isinstance(s, MeterSimulator)]
-            for sim in sims:
-                if isinstance(sim, MeterSimulator):
-                    sim.follow(others, base_load_w=base_load_w)
             logging.getLogger(__name__).info("Ctrl-C stops the simulation")
             await stop.wait()
         finally:

@@ -116,13 +116,19 @@ class ModbusSimulator:
     def _sim_blocks(self) -> tuple[list[SimData], list[SimData], list[SimData], list[SimData]]:
         blocks: dict[str, list[SimData]] = {t: [] for t in ("coil", "discrete", "holding",
                                                             "input")}
-        for point in self.regmap.points.values():
+        for name, point in self.regmap.points.items():
+            # the registers hold the first state from the first request on (not zeros until
+            # the physics publishes: a meter reading 0 W would look like headroom)
+            try:
+                words = self._encode(point, self.overrides.get(name, self.values.get(name, 0.0)))
+            except ValueNotRepresentable:
+                words = [False] if point.table in BIT_TABLES else [0] * point.count
             if point.table in BIT_TABLES:
-                blocks[point.table].append(SimData(point.address, values=[False],
+                blocks[point.table].append(SimData(point.address, values=[bool(words[0])],
                                                    datatype=DataType.BITS))
             else:
-                blocks[point.table].append(SimData(point.address, count=point.count,
-                                                   values=0, datatype=DataType.REGISTERS))
+                blocks[point.table].append(SimData(point.address, values=[int(w) for w in words],
+                                                   datatype=DataType.REGISTERS))
         for table in BIT_TABLES:
             if not blocks[table]:
                 blocks[table].append(SimData(0, values=[False] * 16, datatype=DataType.BITS))
@@ -133,6 +139,7 @@ class ModbusSimulator:
 
     async def start(self) -> None:
         """Listen on host:port (0 = a free port) and start the physics loop."""
+        self.step(0.0, 0.0)  # readings consistent from the first request on
         device = SimDevice(self.device_id, simdata=self._sim_blocks(), action=self._on_access)
         server = ModbusTcpServer(device, address=(self.host, self._requested_port))
         await server.serve_forever(background=True)
@@ -140,7 +147,6 @@ class ModbusSimulator:
         sockets = getattr(server.transport, "sockets", None)
         self._port = sockets[0].getsockname()[1] if sockets else self._requested_port
         self._requested_port = self._port
-        self.step(0.0, 0.0)  # readings consistent from the first request on
         await self.publish(all_points=True)
         self._task = asyncio.create_task(self._physics_loop(), name=f"sim-{self.device_class}")
         log.info("%s simulator (%s) listening on %s:%s", self.device_class,

@@ -118,12 +118,19 @@ class SimulatedModbusSite:
 
     async def start(self) -> None:
         """Start every simulator, then every RM (the meter follows the other devices)."""
+        made = []
         for plan in self.plans:
             regmap = load_register_map(plan.map)
             kwargs: dict[str, Any] = {"host": plan.host, "port": plan.port, "speed": self.speed}
             if regmap.device_class == "pv" and self.pv_start is not None:
                 kwargs["start"] = self.pv_start
-            sim = simulator_for(regmap, **kwargs)
+            made.append((plan, regmap, simulator_for(regmap, **kwargs)))
+        # the meter follows before it serves: its first reading is the base load, not 0 W
+        for _, _, sim in made:
+            if isinstance(sim, MeterSimulator):
+                sim.follow([s for _, _, s in made if s is not sim],
+                           base_load_w=self.base_load_w, extra=self.extra_loads)
+        for plan, regmap, sim in made:
             await sim.start()
             options: dict[str, Any] = {"time_scale": self.speed}
             if isinstance(sim, PvSimulator):
@@ -133,10 +140,6 @@ class SimulatedModbusSite:
                                       token=self.token, name=plan.name,
                                       **(options | self.rm_options))
             self.devices.append(SimulatedDevice(plan, regmap, sim, rm))
-        meter = self.meter
-        if meter is not None:
-            others = [d.simulator for d in self.devices if d.simulator is not meter]
-            meter.follow(others, base_load_w=self.base_load_w, extra=self.extra_loads)
         for device in self.devices:
             await device.rm.start()
         pv = self.simulator("pv")
