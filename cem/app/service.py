@@ -315,23 +315,25 @@ async def tenure_long_lived(stop: asyncio.Event, every_s: float = 5.0,
 
 
 EVENT_LOOP_ENV = "CEM_EVENT_LOOP"
-"""`asyncio` runs the CEM on asyncio's own event loop; unset or `uvloop`: on uvloop if it is
-installed (docs/adr/0010, round 2)."""
+"""`uvloop` runs the CEM on uvloop (if installed); unset or `asyncio`: on asyncio's own event
+loop (docs/adr/0010, round 2)."""
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop the CEM runs on: uvloop's (its transports write and poll in C: less CPU
-    per S2 message) unless `CEM_EVENT_LOOP=asyncio` or uvloop is not installed; None means
-    asyncio's default loop."""
-    wanted = os.environ.get(EVENT_LOOP_ENV, "uvloop").strip().lower()
+    """The event loop the CEM runs on: asyncio's own (None) unless `CEM_EVENT_LOOP=uvloop` and
+    uvloop is installed. On a quiet machine uvloop gave the same CPU per S2 message and a
+    higher p99 latency (docs/adr/0010, round 2); under heavy load it used less CPU."""
+    wanted = os.environ.get(EVENT_LOOP_ENV, "asyncio").strip().lower()
     if wanted not in ("uvloop", "asyncio", ""):
-        logger.warning("%s=%s: use uvloop or asyncio; running on uvloop if installed",
+        logger.warning("%s=%s: use uvloop or asyncio; running on asyncio's event loop",
                        EVENT_LOOP_ENV, wanted)
-    if wanted == "asyncio":
+    if wanted != "uvloop":
         return None
     try:
         import uvloop
     except ImportError:
+        logger.warning("%s=uvloop but uvloop is not installed: running on asyncio's event loop",
+                       EVENT_LOOP_ENV)
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
