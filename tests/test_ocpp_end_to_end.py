@@ -145,16 +145,15 @@ priority = 1
             shortfall = json.loads(plan[0])["shortfall"]
             return sum(s["energy_wh"] for k, s in shortfall.items() if k.startswith(rows[0][0]))
 
-        def planned_both() -> bool:
-            return short_of("CP-A") is not None and short_of("CP-B") is not None \
-                and (short_of("CP-A") or 0) > 0
+        def vip_served() -> bool:
+            return (short_of("CP-A") or 0) > 0 and short_of("CP-B") == 0
 
-        await wait_for(planned_both, within_s=30)
+        # the VIP gets its 30 kWh, all of it, once the CEM knows what its EV asks for (the card
+        # says 3 h, the EV then 4 h: a plan made between the two can leave it a few Wh short)
+        await wait_for(vip_served, within_s=30)
         # the fuse (16 A, 11 kW) cannot give both 30 kWh in 4 h: the staff EV takes the shortfall
         # (the VIP's 30 kWh take 2.8 h, whatever minute of its PTU the test starts in)
         assert (short_of("CP-A") or 0) > 5000
-        # and the VIP gets its 30 kWh, all of it
-        assert (short_of("CP-B") or 0) == 0
         db.close()
         limits = [c.limit_a(c.evses[1]) for c in (staff, vip)]
         assert sum(limits) <= 16.0 + 1e-6
