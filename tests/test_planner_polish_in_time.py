@@ -9,43 +9,18 @@ bound.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import numpy as np
+from test_planner_warm_start import site
 
-from cem.planner.assets import Prices, Problem, SiteLimits, StorageAsset
 from cem.planner.bound import solve_lp
 from cem.planner.hint import polish_plan, round_and_repair
 from cem.planner.layout import build_layout, evaluate, grid_and_phases
 
-N = 48
-
-
-def car_park(evs: int = 120, seed: int = 7) -> Problem:
-    """EVs with departure milestones under a fuse that carries a third of them."""
-    rng = np.random.default_rng(seed)
-    hour = np.repeat(rng.uniform(0.05, 0.40, N // 4), 4)
-    storage = []
-    for i in range(evs):
-        arrive = int(rng.integers(0, 8))
-        stay = int(rng.integers(12, 40))
-        need = int(rng.uniform(8000, 40000))
-        until = min(arrive + stay, N)
-        storage.append(StorageAsset(
-            id=f"ev{i}", kind="ev", charge_max_w=11040, charge_min_w=4140, level_wh=0,
-            level_max_wh=150000, target_wh=need, available_from=arrive, available_until=until,
-            target_profile=[(until - 1, need, 150000)]))
-    fuse_a = evs * 16 / 3
-    return Problem(start=datetime(2026, 11, 23, 6, tzinfo=UTC), ptu_minutes=15, n_ptus=N,
-                   limits=SiteLimits(fuse_a=fuse_a, phases=3, voltage_v=230,
-                                     import_limit_w=np.full(N, fuse_a * 690 * 0.9),
-                                     export_limit_w=np.full(N, 1e6)),
-                   prices=Prices(import_eur_per_kwh=hour, export_eur_per_kwh=hour * 0),
-                   storage=storage)
-
 
 def test_a_polish_after_an_lp_that_used_its_whole_limit_still_runs() -> None:
-    lay = build_layout(car_park())
+    lay = build_layout(site(evs=120, seed=7))  # a car park: the fuse carries a third
     lp = solve_lp(lay, time_limit_s=30)
     assert lp.bound_eur is not None and lp.highs is not None
     # as if the relaxation had finished just at its limit
@@ -70,11 +45,11 @@ def test_an_lp_out_of_time_gives_the_best_of_the_last_plan_and_the_fallback() ->
     from cem.planner.check import check_plan
     from cem.planner.solve import SitePlanner, plan_site
 
-    first = car_park(evs=240)
+    first = site(evs=240, seed=7)
     planner = SitePlanner()
     plan = planner(first, time_limit_s=30.0, use_cpsat=False)
     assert plan.lp_bound_eur is not None
-    later = car_park(evs=240)
+    later = site(evs=240, seed=7)
     later.start = first.start + timedelta(minutes=15)  # the same EVs, levels as they were
     again = planner(later, time_limit_s=5.0, use_lp=False, use_cpsat=False)  # no LP plan
     assert again.lp_bound_eur is None
