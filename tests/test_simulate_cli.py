@@ -29,9 +29,10 @@ KEYS = ("cost_eur", "peak_kw", "ptus_over_gtv", "fuse_minutes_over", "delivered_
 
 
 def simulate(*extra: str, report: Path, sessions: Path = SESSIONS, prices: Path = PRICES,
-             start: str = "2019-10-08", levels: str = "1,2,3,4,5", site: Path = SITE) -> Any:
+             start: str = "2019-10-08", levels: str = "1,2,3,4,5", site: Path = SITE,
+             days: str = "2") -> Any:
     args = ["simulate", "--site", str(site), "--sessions", str(sessions), "--prices", str(prices),
-            "--pv", str(PV), "--pv-kwp", "30", "--start", start, "--days", "2", "--levels", levels,
+            "--pv", str(PV), "--pv-kwp", "30", "--start", start, "--days", days, "--levels", levels,
             "--report", str(report), "--json", *extra]
     return CliRunner().invoke(app, args)
 

@@ -13,27 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
+from test_simulate_cli import SESSIONS, SITE
+from test_simulate_cli import simulate as invoke_simulate
 
-from cem.app.cli import app
 from cem.simulation.inputs import FINAL_SOC_PCT, ev_battery
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "fixtures" / "simulation"
-SITE = FIXTURES / "site_22_evses.toml"
-SESSIONS = FIXTURES / "acn_caltech_2019-10-08_09_21stations.csv"
-PRICES = ROOT / "cem" / "data" / "nl_day_ahead_2019-10.csv"
-PV = ROOT / "cem" / "data" / "nl_pv_per_kwp_2019-10.csv"
 HEADER = ("arrival,departure,requested_energy (kWh),delivered_energy (kWh),station_id,session_id,"
           "estimated_departure,claimed\n")
 
 
 def simulate(sessions: Path, report: Path, *extra: str, levels: str = "1",
              days: str = "1", site: Path = SITE) -> dict[str, Any]:
-    result = CliRunner().invoke(app, [
-        "simulate", "--site", str(site), "--sessions", str(sessions), "--prices", str(PRICES),
-        "--pv", str(PV), "--pv-kwp", "30", "--start", "2019-10-08", "--days", days,
-        "--levels", levels, "--report", str(report), "--json", *extra])
+    result = invoke_simulate(*extra, report=report, sessions=sessions, levels=levels,
+                             days=days, site=site)
     assert result.exit_code == 0, result.output
     data: dict[str, Any] = json.loads(result.stdout)
     return data
@@ -71,10 +63,7 @@ def test_an_ev_that_arrives_empty_charges_at_full_power_until_80_percent(tmp_pat
 
 
 def test_a_share_outside_0_to_1_exits_2(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, [
-        "simulate", "--site", str(SITE), "--sessions", str(SESSIONS), "--prices", str(PRICES),
-        "--start", "2019-10-08", "--days", "1", "--levels", "1", "--report", str(tmp_path),
-        "--ocpp16-share", "1.5"])
+    result = invoke_simulate("--ocpp16-share", "1.5", report=tmp_path, levels="1", days="1")
     assert result.exit_code == 2
     assert "--ocpp16-share" in result.output and "Traceback" not in result.output
 
