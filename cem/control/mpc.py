@@ -422,27 +422,46 @@ class SiteController:
     async def _cut_and_send(self, problem: Problem, plan: Plan, mapping: SiteMapping,
                             limits: SiteLimits, t0: int, reason: str) -> Cut:
         """Cut `plan` to `limits` from PTU t0, make it the plan in force, send the changes."""
+        began = time.monotonic()
         cut = cut_to_limit(problem, plan, limits.planned_import_limit_w, from_ptu=t0)
+        cut_s = time.monotonic() - began
         problem = dataclasses.replace(problem, limits=limits)
         self.problem, self.plan = problem, cut.plan
         now = self.clock()
         until = min(problem.n_ptus, t0 + self.dispatch_ptus)
+        live = set(self.registry.rms())
         changed_rms = {mapping.bindings[a].rm_id for a, first in cut.changed.items()
-                       if first < until and a in mapping.bindings}
-        changed_rms &= set(self.registry.rms())
+                       if first < until and a in mapping.bindings} & live
+        # those cut in the running PTU first: they keep the limit now; the others' cuts start
+        # at a later PTU boundary
+        now_rms = {mapping.bindings[a].rm_id for a, first in cut.changed.items()
+                   if first <= t0 and a in mapping.bindings} & live
         report = DispatchReport()
+        built = began
         if changed_rms:
             skip = {b.rm_id for b in mapping.bindings.values()} - changed_rms
             instructions = await self._off_loop(instructions_for_plan, cut.plan, problem,
                                                 mapping, now, until_ptu=until, skip=skip)
-            report = await self.dispatcher.dispatch(
-                {rm: instructions.get(rm, []) for rm in changed_rms}, now,
-                plan_id=self.plan_id, replace_all_of=changed_rms)
+            built = time.monotonic()
+            for group in (now_rms, changed_rms - now_rms):
+                if not group:
+                    continue
+                part = await self.dispatcher.dispatch(
+                    {rm: instructions.get(rm, []) for rm in group}, now,
+                    plan_id=self.plan_id, replace_all_of=group)
+                report.sent += part.sent
+                report.kept += part.kept
+                report.revoked += part.revoked
+                report.rms |= part.rms
+                report.failed += part.failed
+                report.failed_rms |= part.failed_rms
         text = self._describe_cut(problem, cut, limits, changed_rms, reason)
         self.limit_cuts.append(text)
         self.limit_cut_count += 1
         self.limit_cut_rms = len(changed_rms) if report.sent else 0
-        logger.warning("%s; %s", text, report.describe())
+        logger.warning("%s; %s (cut %.3f s, instructions %.3f s, sent in %.3f s)", text,
+                       report.describe(), cut_s, max(0.0, built - began - cut_s),
+                       time.monotonic() - max(built, began))
         for failure in report.failed:
             logger.warning("  %s", failure)
         return cut

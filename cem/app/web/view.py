@@ -80,7 +80,7 @@ class Decision:
     """One thing the CEM decided: a replan, a fallback, a guard action, an operator's change."""
 
     at: datetime
-    kind: str  # replan, fallback, guard, operator
+    kind: str  # replan, fallback, guard, congestion (the fast path's cut), operator
     text: str
     detail: str = ""
 
@@ -115,6 +115,7 @@ class SiteView:
         self._plan_obj: Any = None
         self._seen_replans = 0
         self._seen_guard = 0
+        self._seen_cuts = 0
         self._seen_plan_id = 0
         self._explain_key: tuple[Any, ...] | None = None
         self._explained: dict[str, EvExplanation] = {}
@@ -263,6 +264,13 @@ class SiteView:
                                    for a, w in decision.caps.items())
                 self.decisions.append(Decision(now, "guard", decision.reason,
                                                f"capped {capped or 'nothing it could cap'}"))
+        cuts = int(getattr(controller, "limit_cut_count", 0))
+        if cuts != self._seen_cuts:
+            fresh = min(cuts - self._seen_cuts, len(getattr(controller, "limit_cuts", ())))
+            self._seen_cuts = cuts
+            for text in list(controller.limit_cuts)[-fresh:] if fresh > 0 else []:
+                what, _, detail = text.partition(": ")
+                self.decisions.append(Decision(now, "congestion", what, detail))
 
     async def _new_plans(self, now: datetime) -> None:
         plan = self.controller.plan
