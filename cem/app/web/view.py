@@ -250,10 +250,14 @@ class SiteView:
         now = clock.now()
         replans = int(getattr(controller, "replans", 0))
         if replans != self._seen_replans or controller.plan is not self._plan_obj:
+            # a plan cut to a new limit by the fast path is no new replan (listed below)
+            cut_only = replans == self._seen_replans and \
+                int(getattr(controller, "limit_cut_count", 0)) != self._seen_cuts
             self._seen_replans = replans
             self._plan_obj = controller.plan
             self.planned_at = now
-            await self._new_plans(now)
+            if not cut_only:
+                await self._new_plans(now)
         count = int(getattr(controller, "guard_count", 0))
         if count != self._seen_guard:
             fresh = min(count - self._seen_guard, len(controller.guard_actions))
