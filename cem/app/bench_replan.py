@@ -296,7 +296,7 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         "limit_to_replan_ack_p99_s": p99(acks),
         "limit_kept_s": kept_s,
         "instructed_max_over_limit_kw": over_kw,
-        "limit_fast_path_rms": fast_path_rms,  # RMs the fast path sent a cut
+        "limit_fast_path_rms": fast_path_rms,  # RMs whose plan the cut changed
         "instructed_kw_before_limit": round(before_w / 1000, 1),
         "limit_replan_s": round(limit_replan_s, 3),
         "limit_plan_status": planner.plans[-1].status,

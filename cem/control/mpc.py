@@ -17,6 +17,12 @@ instructions for the next `dispatch_ptus` PTUs (superseding earlier ones, see
 last time (the same plan rows, system description, fill level and active modes, within the
 same PTU) is left as it is: they are neither built nor sent again.
 
+A new congestion limit that applies now or from the next PTU does not wait for its replan:
+`keep_new_limits` cuts the plan in force to it at once (`cem.control.congestion_cut`) and
+sends the RMs whose instructions change, then the replan runs (`planner.congestion_fast_path`,
+ADR 0011). Dispatches of the fast path, of a replan and of held raises never interleave, and a
+replan made before the limits changed is cut to them before it is sent.
+
 The guard (`cem.control.guard`) runs on every measurement of grid power (the grid meter RM, or
 the sum of all RMs' measurements when there is none) and caps flexible loads at once when a
 phase nears the fuse or the import nears the GTV/congestion limit.
@@ -168,7 +174,7 @@ class SiteController:
         self._fast_paths: set[asyncio.Task[Any]] = set()
         self.limit_cuts: deque[str] = deque(maxlen=100)  # the fast path's decisions, in words
         self.limit_cut_count = 0
-        self.limit_cut_rms = 0  # RMs the last fast path sent a cut
+        self.limit_cut_rms = 0  # RMs whose plan the last fast path changed (sent or revoked)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -458,7 +464,7 @@ class SiteController:
         text = self._describe_cut(problem, cut, limits, changed_rms, reason)
         self.limit_cuts.append(text)
         self.limit_cut_count += 1
-        self.limit_cut_rms = len(changed_rms) if report.sent else 0
+        self.limit_cut_rms = len(changed_rms)
         logger.warning("%s; %s (cut %.3f s, instructions %.3f s, sent in %.3f s)", text,
                        report.describe(), cut_s, max(0.0, built - began - cut_s),
                        time.monotonic() - max(built, began))
