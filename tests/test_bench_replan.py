@@ -39,9 +39,15 @@ def test_bench_replan_reports_the_planner_alone_the_gap_and_a_new_limit_reaching
         assert run["gaps_within_1pct"] == sum(1 for g in run["gaps"] if g <= 0.01)
         assert run["lp_warm_starts"] == 2  # each replan went on from the last basis
         assert run["cold_plan_status"] in ("OPTIMAL", "FEASIBLE", "FALLBACK")
-        # the congestion window made RMs lower: each acknowledged its new instruction
+        # the congestion window made RMs lower: each acknowledged its new instruction, the
+        # first (the fast path's cut) no later than the replan's
         assert run["rms_acked_new_limit"] > 0
-        assert 0 < run["limit_to_ack_p99_s"] <= run["limit_replan_s"]
+        assert 0 < run["limit_to_ack_p99_s"] <= run["limit_to_replan_ack_p99_s"] \
+            <= run["limit_replan_s"]
+        # the site as instructed kept the limit, and no instruction after it went over again
+        assert run["limit_fast_path_rms"] > 0
+        assert run["limit_kept_s"] is not None and run["limit_kept_s"] <= run["limit_replan_s"]
+        assert run["instructed_max_over_limit_kw"] == 0
 
 
 def test_bench_replan_times_the_replans_after_a_warm_up_apart_from_the_cold_start() -> None:

@@ -237,6 +237,14 @@ async def test_a_congestion_window_from_the_api_changes_the_plan_and_the_why(
     assert "from api" in held[0]["why"]
     plan = (await client.get("/api/plan")).json()
     assert plan["import_limit_w"][0] == 5000 and max(plan["grid_w"][:1]) <= 5000
+
+    # a limit in force now capped the plan at once, before its replan: the decisions say so
+    async def fast_path() -> list[dict[str, Any]]:
+        decisions = (await client.get("/api/state")).json()["decisions"]
+        return [d for d in decisions if d["kind"] == "congestion"]
+
+    cut = await wait_for(fast_path, 20, "the congestion fast path in the decisions")
+    assert "5 kW" in cut[0]["text"] and "replan follows" in cut[0]["detail"]
     # the store has it, as `cem congestion add` would have put it
     async with await Store.open(site.store_path) as store:
         rows = await store.list_congestion()

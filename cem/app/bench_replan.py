@@ -11,8 +11,19 @@ outside the planner shows as `replan_p50_s` against `solve_p50_s`.
 The site moves between replans as a live one does: a minute passes and 5 % of the EVs report
 what they charged meanwhile (StorageStatus, PowerMeasurement). After the timed replans a
 congestion window arrives (import capped at half of what the plan drew, from now for two
-hours): `limit_to_ack_p99_s` is the time from the new limit to each RM's ReceptionStatus OK
-of its new instruction (p99 over the RMs whose instruction changed).
+hours), and the replan it asks for runs as a live one would. Every instruction the CEM sends
+after the limit keeps it (the congestion fast path caps the plan in force at once, ADR 0011);
+over the RMs whose instruction changed after the limit (p99):
+
+- `limit_to_ack_p99_s`: from the new limit to each RM's FIRST ReceptionStatus OK of an
+  instruction sent after it (the fast path's cut, or the replan's for an RM the cut left
+  alone): when the RM has its share of the limit;
+- `limit_to_replan_ack_p99_s`: from the new limit to each RM's LAST OK, the full replan's
+  instruction (what `limit_to_ack_p99_s` measured before the fast path);
+- `limit_kept_s`: from the new limit to the moment the power the RMs were instructed to draw
+  now (the last instruction each acknowledged, as its charger reads it) summed over the site
+  is at most the limit, for good; `instructed_max_over_limit_kw` is the most it was above the
+  limit after that moment (0: every later instruction kept it).
 
 The RMs are the OCPP charger RM's own FRBC messages (`resource_managers.ocpp_charger.frbc`)
 through real sans-I/O S2 sessions in process (`cem.simulation.twin.TwinRegistry`): no
@@ -23,6 +34,7 @@ long-lived objects out of full garbage collections (`cem.app.service.tenure_long
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import json
@@ -106,19 +118,29 @@ class BenchCharger(TwinDevice):
 
 
 class TimedRegistry(TwinRegistry):
-    """The twin's registry, noting when each RM acknowledged an FRBC.Instruction."""
+    """The twin's registry, noting when each RM acknowledged an FRBC.Instruction, and the
+    power each RM was instructed to draw now (its charger's reading of the instruction)."""
 
     def __init__(self, clock: Any) -> None:
         super().__init__(clock)
-        self.acked: dict[str, float] = {}  # RM -> perf_counter of its latest OK
+        self.acked: dict[str, list[float]] = {}  # RM -> perf_counter of each OK, in order
+        self.instructed_w: dict[str, float] = {}  # RM -> power of its instruction for now
+        self.total_w: list[tuple[float, float]] = []  # (perf_counter, site total) per OK
 
     async def send_instruction(self, rm_id: str, message: S2Message, *,
                                timeout_s: float | None = None,
                                plan_id: int | None = None) -> InstructionResult:
         result = await super().send_instruction(rm_id, message, timeout_s=timeout_s,
                                                 plan_id=plan_id)
-        if result.ok and getattr(message, "message_type", "") == "FRBC.Instruction":
-            self.acked[rm_id] = time.perf_counter()
+        if result.ok and isinstance(message, FRBCInstruction):
+            at = time.perf_counter()
+            self.acked.setdefault(rm_id, []).append(at)
+            device = self.devices.get(rm_id)
+            if isinstance(device, BenchCharger) and message.execution_time <= self.clock():
+                with contextlib.suppress(frbc.InstructionProblem):
+                    amps = frbc.instruction_current(device.flex, device.ids, message)
+                    self.instructed_w[rm_id] = amps * VOLTAGE_V * device.flex.phases
+                    self.total_w.append((at, sum(self.instructed_w.values())))
         return result
 
 
@@ -213,14 +235,21 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         cap_kw = max(1.0, float(plan.grid_import_w[0]) / 2000)
         controller.take_reasons()
         registry.acked.clear()
+        registry.total_w.clear()
+        before_w = sum(registry.instructed_w.values())
         limit_at = time.perf_counter()
         controller.publish(SignalUpdate(
             source="bench", reason="bench: a congestion window was added",
             congestion=(CongestionLimit(start=clock["now"], end=clock["now"] + timedelta(hours=2),
                                         import_limit_kw=round(cap_kw, 1), source="bench"),)))
         await controller.replan(controller.take_reasons())
+        await controller.fast_path_done()
         limit_replan_s = time.perf_counter() - limit_at
-        acks = sorted(t - limit_at for t in registry.acked.values())
+        first_acks = sorted(times[0] - limit_at for times in registry.acked.values())
+        acks = sorted(times[-1] - limit_at for times in registry.acked.values())
+        kept_s, over_kw = limit_kept(registry.total_w, limit_at, round(cap_kw, 1) * 1000,
+                                     before_w)
+        fast_path_rms = controller.limit_cut_rms
     finally:
         running = False
         await tick
@@ -262,7 +291,13 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         "loop_lag_p99_ms": round(lags[int(0.99 * (len(lags) - 1))], 1) if lags else None,
         "loop_lag_max_ms": round(lags[-1], 1) if lags else None,
         "s2_messages_during_replans": messages,
-        "limit_to_ack_p99_s": round(acks[int(0.99 * (len(acks) - 1))], 3) if acks else None,
+        "limit_kw": round(cap_kw, 1),
+        "limit_to_ack_p99_s": p99(first_acks),
+        "limit_to_replan_ack_p99_s": p99(acks),
+        "limit_kept_s": kept_s,
+        "instructed_max_over_limit_kw": over_kw,
+        "limit_fast_path_rms": fast_path_rms,  # RMs whose plan the cut changed
+        "instructed_kw_before_limit": round(before_w / 1000, 1),
         "limit_replan_s": round(limit_replan_s, 3),
         "limit_plan_status": planner.plans[-1].status,
         "limit_gap": None if planner.plans[-1].gap is None else round(planner.plans[-1].gap, 5),
@@ -272,6 +307,30 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         "rms_acked_new_limit": len(acks),
         "rm_refusals": len(registry.rm_refusals),
     }
+
+
+def p99(values: list[float]) -> float | None:
+    """The 99th percentile of sorted `values` (nearest rank below), None for none."""
+    return round(values[int(0.99 * (len(values) - 1))], 3) if values else None
+
+
+def limit_kept(totals: list[tuple[float, float]], limit_at: float, limit_w: float,
+               before_w: float) -> tuple[float | None, float]:
+    """From the site's instructed power before the limit (`before_w`) and after each OK:
+    seconds from the limit until it was at most `limit_w` for good (None: it ended above),
+    and the most it went above the limit again after first keeping it (kW)."""
+    kept: float | None = 0.0 if before_w <= limit_w + 1.0 else None
+    first_kept = kept is not None
+    over_w = 0.0
+    for at, total in totals:
+        if total > limit_w + 1.0:
+            if first_kept:
+                over_w = max(over_w, total - limit_w)
+            kept = None
+        elif kept is None:
+            kept = at - limit_at
+            first_kept = True
+    return (None if kept is None else round(kept, 3)), round(over_w / 1000, 1)
 
 
 def bench_command(*, evs: int, replans: int, json_out: bool,
@@ -293,13 +352,17 @@ def bench_command(*, evs: int, replans: int, json_out: bool,
     table = Table(title=f"cem bench replan: {evs} EV chargers, {replans} replans, "
                         f"planner.time_limit_s {results[0]['time_limit_s']:g}")
     for column in ("gc freeze (as cem run)", "replan p50", "replan max", "planner alone p50",
-                   "gap max", "loop lag p99", "loop lag max", "plan", "limit to ack p99"):
+                   "gap max", "loop lag p99", "loop lag max", "plan", "limit to ack p99",
+                   "limit to replan ack p99", "limit kept"):
         table.add_column(column, justify="right")
     for r in results:
         gap = "-" if r["gap_max"] is None else f"{r['gap_max']:.2%}"
         ack = "-" if r["limit_to_ack_p99_s"] is None else f"{r['limit_to_ack_p99_s']:.2f} s"
+        replan_ack = "-" if r["limit_to_replan_ack_p99_s"] is None \
+            else f"{r['limit_to_replan_ack_p99_s']:.2f} s"
+        kept = "-" if r["limit_kept_s"] is None else f"{r['limit_kept_s']:.2f} s"
         table.add_row("yes" if r["gc_freeze"] else "no", f"{r['replan_p50_s']:.2f} s",
                       f"{r['replan_max_s']:.2f} s", f"{r['solve_p50_s']:.2f} s", gap,
                       f"{r['loop_lag_p99_ms']} ms", f"{r['loop_lag_max_ms']} ms",
-                      ", ".join(r["plan_status"]), ack)
+                      ", ".join(r["plan_status"]), ack, replan_ack, kept)
     Console().print(table)

@@ -17,6 +17,12 @@ instructions for the next `dispatch_ptus` PTUs (superseding earlier ones, see
 last time (the same plan rows, system description, fill level and active modes, within the
 same PTU) is left as it is: they are neither built nor sent again.
 
+A new congestion limit that applies now or from the next PTU does not wait for its replan:
+`keep_new_limits` cuts the plan in force to it at once (`cem.control.congestion_cut`) and
+sends the RMs whose instructions change, then the replan runs (`planner.congestion_fast_path`,
+ADR 0011). Dispatches of the fast path, of a replan and of held raises never interleave, and a
+replan made before the limits changed is cut to them before it is sent.
+
 The guard (`cem.control.guard`) runs on every measurement of grid power (the grid meter RM, or
 the sum of all RMs' measurements when there is none) and caps flexible loads at once when a
 phase nears the fuse or the import nears the GTV/congestion limit.
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -42,6 +49,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from cem.control.congestion_cut import Cut, cut_to_limit
 from cem.control.departures import DepartureLearning, commit_started
 from cem.control.dispatch import Dispatcher, DispatchReport
 from cem.control.ev_modes import EvModes
@@ -54,9 +62,10 @@ from cem.flex.site_problem import (
     build_problem,
     instruction_keys,
     instructions_for_plan,
+    live_limits,
     measured_w,
 )
-from cem.planner.assets import Plan, Prices, Problem
+from cem.planner.assets import Plan, Prices, Problem, SiteLimits
 from cem.planner.layout import ptu_hours
 from cem.ports import (
     CongestionLimit,
@@ -158,6 +167,14 @@ class SiteController:
         self._departures_loaded = False
         self.committed = 0  # EVs kept charging in the running PTU (commit_started), summed
         self.last_replan_s: float | None = None  # how long the last replan took (wall s)
+        # the congestion fast path (`keep_new_limits`): one dispatch at a time, so a cut and a
+        # replan's plan never interleave; a replan built before a limit changed is cut too
+        self._dispatch_lock = asyncio.Lock()
+        self._congestion_version = 0
+        self._fast_paths: set[asyncio.Task[Any]] = set()
+        self.limit_cuts: deque[str] = deque(maxlen=100)  # the fast path's decisions, in words
+        self.limit_cut_count = 0
+        self.limit_cut_rms = 0  # RMs whose plan the last fast path changed (sent or revoked)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -178,6 +195,10 @@ class SiteController:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for fast_path in list(self._fast_paths):
+            fast_path.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await fast_path
         self._executor.shutdown(wait=False, cancel_futures=True)
         close = getattr(self.solver, "close", None)  # a SitePlanner's LP going on between replans
         if callable(close):
@@ -253,12 +274,13 @@ class SiteController:
             await asyncio.sleep(process_clock.to_wall(lag))
         if self._reasons:
             return
-        now = self.clock()
-        due = self.dispatcher.due_raises(now)
-        if not due:
-            return
-        await self.dispatcher.until_started(now)
-        report = await self.dispatcher.dispatch(due, now, plan_id=self.plan_id)
+        async with self._dispatch_lock:  # a fast path's cut comes first, its raises are void
+            now = self.clock()
+            due = self.dispatcher.due_raises(now)
+            if not due:
+                return
+            await self.dispatcher.until_started(now)
+            report = await self.dispatcher.dispatch(due, now, plan_id=self.plan_id)
         logger.info("PTU %s: the plan's raises for it: %s", now.strftime("%H:%M"),
                     report.describe())
         for line in report.failed:
@@ -339,6 +361,9 @@ class SiteController:
         congestion_changed, new_prices = self.board.take(update)
         if {s.name for s in self.signals} <= set(self.board.updates):
             self._signals_heard.set()
+        if congestion_changed:
+            self._congestion_version += 1
+            self._start_fast_path(update.reason)
         replan = congestion_changed
         if new_prices and update.prices is not None:
             if self.problem is None:
@@ -351,6 +376,138 @@ class SiteController:
                     or not np.allclose(fresh.export_eur_per_kwh, old.export_eur_per_kwh)
         if replan:
             self.request_replan(update.reason)
+
+    def _start_fast_path(self, reason: str) -> None:
+        """Run `keep_new_limits` now, beside whatever else runs (a replan in progress waits
+        for it before it dispatches); not without a plan, an event loop or with the switch off."""
+        if not self.config.planner.congestion_fast_path or self.plan is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(self.keep_new_limits(reason), name="cem-congestion-fast-path")
+        self._fast_paths.add(task)
+        task.add_done_callback(self._fast_paths.discard)
+
+    async def fast_path_done(self) -> None:
+        """Wait until the congestion fast paths started so far have dispatched."""
+        while self._fast_paths:
+            await asyncio.gather(*list(self._fast_paths), return_exceptions=True)
+
+    async def keep_new_limits(self, reason: str = "the congestion limits changed") -> Cut | None:
+        """The congestion fast path: when the import limit in force now or in the next PTU
+        fell below the plan's, cut the plan in force to the new limits at once (`cut_to_limit`:
+        least urgent loads first) and dispatch the RMs whose instructions change; the replan
+        the new limits asked for follows and refines it. None when it does not apply (no plan,
+        or the limit falls later: the replan has the time)."""
+        try:
+            async with self._dispatch_lock:
+                problem, plan, mapping = self.problem, self.plan, self.mapping
+                if problem is None or plan is None or mapping is None:
+                    return None
+                limits = self._limits_now(problem)
+                t0 = self._ptu_of(problem, self.clock())
+                soon = slice(t0, min(problem.n_ptus, t0 + 2))
+                if not np.any(limits.import_limit_w[soon] < problem.limits.import_limit_w[soon]):
+                    return None
+                return await self._cut_and_send(problem, plan, mapping, limits, t0, reason)
+        except Exception:
+            logger.exception("the congestion fast path failed; the replan follows")
+            return None
+
+    def _limits_now(self, problem: Problem) -> SiteLimits:
+        """The site's limits over `problem`'s PTUs with the congestion windows known now."""
+        return live_limits(self.config, problem.start, problem.n_ptus, self.congestion)
+
+    @staticmethod
+    def _ptu_of(problem: Problem, moment: datetime) -> int:
+        seconds = (moment - problem.start).total_seconds()
+        return max(0, min(problem.n_ptus - 1, int(seconds // (problem.ptu_minutes * 60))))
+
+    async def _cut_and_send(self, problem: Problem, plan: Plan, mapping: SiteMapping,
+                            limits: SiteLimits, t0: int, reason: str) -> Cut:
+        """Cut `plan` to `limits` from PTU t0, make it the plan in force, send the changes."""
+        began = time.monotonic()
+        cut = cut_to_limit(problem, plan, limits.planned_import_limit_w, from_ptu=t0)
+        cut_s = time.monotonic() - began
+        problem = dataclasses.replace(problem, limits=limits)
+        self.problem, self.plan = problem, cut.plan
+        now = self.clock()
+        until = min(problem.n_ptus, t0 + self.dispatch_ptus)
+        live = set(self.registry.rms())
+        changed_rms = {mapping.bindings[a].rm_id for a, first in cut.changed.items()
+                       if first < until and a in mapping.bindings} & live
+        # those cut in the running PTU first: they keep the limit now; the others' cuts start
+        # at a later PTU boundary
+        now_rms = {mapping.bindings[a].rm_id for a, first in cut.changed.items()
+                   if first <= t0 and a in mapping.bindings} & live
+        report = DispatchReport()
+        built = began
+        if changed_rms:
+            skip = {b.rm_id for b in mapping.bindings.values()} - changed_rms
+            instructions = await self._off_loop(instructions_for_plan, cut.plan, problem,
+                                                mapping, now, until_ptu=until, skip=skip)
+            built = time.monotonic()
+            for group in (now_rms, changed_rms - now_rms):
+                if not group:
+                    continue
+                part = await self.dispatcher.dispatch(
+                    {rm: instructions.get(rm, []) for rm in group}, now,
+                    plan_id=self.plan_id, replace_all_of=group)
+                report.sent += part.sent
+                report.kept += part.kept
+                report.revoked += part.revoked
+                report.rms |= part.rms
+                report.failed += part.failed
+                report.failed_rms |= part.failed_rms
+        text = self._describe_cut(problem, cut, limits, changed_rms, reason)
+        self.limit_cuts.append(text)
+        self.limit_cut_count += 1
+        self.limit_cut_rms = len(changed_rms)
+        logger.warning("%s; %s (cut %.3f s, instructions %.3f s, sent in %.3f s)", text,
+                       report.describe(), cut_s, max(0.0, built - began - cut_s),
+                       time.monotonic() - max(built, began))
+        for failure in report.failed:
+            logger.warning("  %s", failure)
+        return cut
+
+    def _describe_cut(self, problem: Problem, cut: Cut, limits: SiteLimits, rms: set[str],
+                      reason: str) -> str:
+        """'congestion window 14:00-16:00 120 kW: 190 EVs capped at once, replan follows'."""
+        if cut.ptus:
+            first, last = cut.ptus[0], cut.ptus[-1]
+            kw = float(limits.import_limit_w[first]) / 1000
+            what = (f"import limit {kw:g} kW from {problem.ptu_start(first):%H:%M} to "
+                    f"{problem.ptu_start(last + 1):%H:%M}")
+            for window in self.congestion:
+                if window.import_limit_kw is not None and \
+                        abs(window.import_limit_kw - kw) < 1e-6 and \
+                        window.start < problem.ptu_start(first + 1) and \
+                        window.end > problem.ptu_start(first):
+                    what = (f"congestion window {window.start:%H:%M}-{window.end:%H:%M} "
+                            f"{kw:g} kW (from {window.source})")
+                    break
+        else:
+            what = "new import limit"
+        kinds: dict[str, int] = {}
+        storage = {s.id: s.kind for s in problem.storage}
+        for asset_id in cut.changed:
+            kind = storage.get(asset_id, "storage")
+            kinds[kind] = kinds.get(kind, 0) + 1
+        names = {"ev": "EV", "battery": "battery", "heat_pump": "heat pump"}
+        done = ", ".join(f"{count} {names.get(kind, kind)}{'s' if count != 1 else ''}"
+                         for kind, count in sorted(kinds.items())) or "nothing"
+        text = f"{what} ({reason}): {done} capped at once on {len(rms)} RM(s)"
+        if cut.discharged:
+            text += f", {len(cut.discharged)} discharging more"
+        if cut.below_milestones:
+            text += f", {len(cut.below_milestones)} below what their departure needs"
+        if cut.excess_w > 1:
+            text += f", still {cut.excess_w / 1000:.1f} kW over (not flexible)"
+        if not cut.ptus:
+            text += " (the plan kept it already)"
+        return text + ", replan follows"
 
     async def _run_source(self, source: GridSignalSource) -> None:
         """Run one source; one that ends or fails is restarted (it should retry by itself)."""
@@ -378,9 +535,14 @@ class SiteController:
     # --- the replan -------------------------------------------------------------------------
 
     async def replan(self, reasons: list[str]) -> Plan:
-        """Build, solve (deadline-bounded, with fallback), record and dispatch one plan."""
+        """Build, solve (deadline-bounded, with fallback), record and dispatch one plan.
+
+        A congestion fast path under way goes first (its cut is what the RMs need now; the
+        replan beside it would only take its CPU)."""
+        await self.fast_path_done()
         began = time.monotonic()
         now = self.clock()
+        limits_seen = self._congestion_version
         rms = dict(self.registry.rms())  # the RMs this plan is for, whatever happens meanwhile
         states = {rm_id: entry.state for rm_id, entry in rms.items()}
         start = floor_to_ptu(now, self.config.planner.ptu_minutes)
@@ -391,6 +553,23 @@ class SiteController:
             await self.ev_modes.forget(self.ev_modes.apply(problem, mapping.rm_assets))
         await self._learn_departures(problem, mapping, rms, states, now)
         plan = await self._solve(problem)
+        async with self._dispatch_lock:  # after a fast path dispatching now, never beside it
+            return await self._take_plan(problem, mapping, plan, reasons, rms, now, start,
+                                         began, limits_seen)
+
+    async def _take_plan(self, problem: Problem, mapping: SiteMapping, plan: Plan,
+                         reasons: list[str], rms: dict[str, Any], now: datetime, start: datetime,
+                         began: float, limits_seen: int) -> Plan:
+        """Make the solved plan the one in force, record it and dispatch its instructions."""
+        if limits_seen != self._congestion_version:
+            # the limits changed while it was made: it keeps the new ones before it is sent
+            limits = self._limits_now(problem)
+            cut = cut_to_limit(problem, plan, limits.planned_import_limit_w,
+                               from_ptu=self._ptu_of(problem, self.clock()))
+            problem, plan = dataclasses.replace(problem, limits=limits), cut.plan
+            if cut.changed:
+                logger.info("the plan made before the new limits cut to them: %d asset(s)",
+                            len(cut.changed))
         self.problem, self.mapping, self.plan = problem, mapping, plan
         self._deviating.clear()
         plan_id = await self._record(problem, plan, reasons)

@@ -27,7 +27,7 @@ from cem.flex.kinds import is_grid_meter
 from cem.flex.limits import site_limits
 from cem.flex.not_controlable import fixed_load
 from cem.flex.ptu import FlexBinding, PtuGrid, electric_total, floor_to_ptu
-from cem.planner.assets import FixedLoad, Plan, Prices, Problem, StorageAsset
+from cem.planner.assets import FixedLoad, Plan, Prices, Problem, SiteLimits, StorageAsset
 from cem.ports import RmStateView
 from cem.site.config import CongestionWindow, SiteConfig
 
@@ -108,6 +108,15 @@ def _prices(prices: Any, config: SiteConfig, grid: PtuGrid) -> Prices:
     return prices
 
 
+def live_limits(config: SiteConfig, start: datetime, n_ptus: int,
+                congestion: Iterable[Any]) -> SiteLimits:
+    """The site's limits for a live plan from `start`: the grid connection and the congestion
+    windows (store rows or CongestionWindow, on top of the config's); live, PV is a forecast,
+    so the fuse must hold without the sun, and plans keep `planner.limit_share` of them."""
+    return site_limits(config, start, n_ptus, _windows(congestion),
+                       planning_share=config.planner.limit_share, fuse_production_credit=0.0)
+
+
 def build_problem(states: Mapping[str, Any], config: SiteConfig, prices: Any,
                   congestion: Iterable[Any], now: datetime) -> tuple[Problem, SiteMapping]:
     """The planner problem for the site at `now`, and the mapping back to the RMs.
@@ -121,8 +130,7 @@ def build_problem(states: Mapping[str, Any], config: SiteConfig, prices: Any,
     grid = PtuGrid(start, ptu_minutes, config.planner.horizon_ptus)
     # live, PV is a forecast: the fuse must hold even when the sun is not there; and
     # measurements drift from plans between replans: plan inside the limits, not on them
-    limits = site_limits(config, start, grid.n_ptus, _windows(congestion),
-                         planning_share=config.planner.limit_share, fuse_production_credit=0.0)
+    limits = live_limits(config, start, grid.n_ptus, congestion)
     problem = Problem(start=start, ptu_minutes=ptu_minutes, n_ptus=grid.n_ptus, limits=limits,
                       prices=_prices(prices, config, grid))
     problem.first_ptu_share = grid.share_ahead(now)

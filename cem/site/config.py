@@ -258,6 +258,9 @@ class PlannerConfig(Section):
         "the value times the share of drivers leaving between it and the next")
     commit_started_charging: bool = Field(
         True, description="keep a charge the last plan started in the running PTU")
+    congestion_fast_path: bool = Field(
+        True, description="a congestion limit in force now or from the next PTU caps the plan "
+        "in force at once (least urgent loads first), before the replan")
 
     @field_validator("ptu_minutes")
     @classmethod

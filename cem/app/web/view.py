@@ -80,7 +80,7 @@ class Decision:
     """One thing the CEM decided: a replan, a fallback, a guard action, an operator's change."""
 
     at: datetime
-    kind: str  # replan, fallback, guard, operator
+    kind: str  # replan, fallback, guard, congestion (the fast path's cut), operator
     text: str
     detail: str = ""
 
@@ -115,6 +115,7 @@ class SiteView:
         self._plan_obj: Any = None
         self._seen_replans = 0
         self._seen_guard = 0
+        self._seen_cuts = 0
         self._seen_plan_id = 0
         self._explain_key: tuple[Any, ...] | None = None
         self._explained: dict[str, EvExplanation] = {}
@@ -249,10 +250,14 @@ class SiteView:
         now = clock.now()
         replans = int(getattr(controller, "replans", 0))
         if replans != self._seen_replans or controller.plan is not self._plan_obj:
+            # a plan cut to a new limit by the fast path is no new replan (listed below)
+            cut_only = replans == self._seen_replans and \
+                int(getattr(controller, "limit_cut_count", 0)) != self._seen_cuts
             self._seen_replans = replans
             self._plan_obj = controller.plan
             self.planned_at = now
-            await self._new_plans(now)
+            if not cut_only:
+                await self._new_plans(now)
         count = int(getattr(controller, "guard_count", 0))
         if count != self._seen_guard:
             fresh = min(count - self._seen_guard, len(controller.guard_actions))
@@ -263,6 +268,13 @@ class SiteView:
                                    for a, w in decision.caps.items())
                 self.decisions.append(Decision(now, "guard", decision.reason,
                                                f"capped {capped or 'nothing it could cap'}"))
+        cuts = int(getattr(controller, "limit_cut_count", 0))
+        if cuts != self._seen_cuts:
+            fresh = min(cuts - self._seen_cuts, len(getattr(controller, "limit_cuts", ())))
+            self._seen_cuts = cuts
+            for text in list(controller.limit_cuts)[-fresh:] if fresh > 0 else []:
+                what, _, detail = text.partition(": ")
+                self.decisions.append(Decision(now, "congestion", what, detail))
 
     async def _new_plans(self, now: datetime) -> None:
         plan = self.controller.plan
