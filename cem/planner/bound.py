@@ -813,12 +813,14 @@ class BuiltLp:
 
 
 def solve_lp(lay: Layout, time_limit_s: float = 10.0, threads: int = 1,
-             memory: LpMemory | None = None, built: BuiltLp | None = None) -> LpResult:
+             memory: LpMemory | None = None, built: BuiltLp | None = None,
+             price_bound: bool = True) -> LpResult:
     """Solve the LP relaxation; the bound is None when HiGHS did not prove optimality.
 
     With a `memory`, HiGHS starts from the basis the last replan's LP ended with and the
     basis this one ends with (optimal or not) is kept for the next. `built`: the LP, when
-    already built.
+    already built. `price_bound`: an LP not solved gets a bound from row prices
+    (`dual_bound_eur`; 0.26 s at 2000 EVs), unless the caller has a better one.
     """
     t0 = time.perf_counter()
     turn = memory.claim() if memory is not None else None
@@ -846,7 +848,8 @@ def solve_lp(lay: Layout, time_limit_s: float = 10.0, threads: int = 1,
             memory.unfinished = (h, col_key, row_key, model, turn)  # `LpMemory.finish` goes on
         return LpResult(h.modelStatusToString(status), None, None, build_s=build_s, solve_s=solve_s,
                         warm=warm, iterations=iterations, index=index, model=model,
-                        dual_bound_eur=_bound_unsolved(h, model, row_key, memory))
+                        dual_bound_eur=_bound_unsolved(h, model, row_key, memory)
+                        if price_bound else None)
     solution = h.getSolution()
     if memory is not None and solution.dual_valid and len(solution.row_dual) == len(row_key):
         memory.keep_prices(row_key, np.asarray(solution.row_dual))

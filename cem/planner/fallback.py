@@ -43,6 +43,18 @@ def idle_modes(lay: Layout, disp: Dispatch) -> None:
             disp.mode_power[j, :] = min(max(0, m.modes[k].min_w), m.modes[k].max_w)
 
 
+def ev_only(lay: Layout) -> bool:
+    """Whether the site's only flexible assets are charge-only ones that only fill up (no
+    batteries, levels, modes, profiles) and its PV never has to be curtailed."""
+    from cem.planner.bound import lp_level_assets
+
+    pr = lay.problem
+    if pr.modes or pr.profiles or np.any(lp_level_assets(lay) & (lay.cmax > 0)) \
+            or np.any(lay.dmax > 0):
+        return False
+    return not np.any(lay.pv.sum(axis=0) - lay.fixed_w > lay.export_lim + 1e-6)
+
+
 def deadline_first(lay: Layout) -> Dispatch | None:
     """The fallback's rule (deadline first, earliest PTUs, within the import limit and the
     fuse on every phase) for a site whose only flexible assets are charge-only ones that only
@@ -56,16 +68,11 @@ def deadline_first(lay: Layout) -> Dispatch | None:
     assets (batteries, levels, modes, profiles, PV that must be curtailed): the fallback's
     own rule then.
     """
-    from cem.planner.bound import lp_level_assets
-
-    pr = lay.problem
-    flexible = lay.cmax > 0
-    if pr.modes or pr.profiles or np.any(lp_level_assets(lay) & flexible) or np.any(lay.dmax > 0):
+    if not ev_only(lay):
         return None
     n = lay.n
+    flexible = lay.cmax > 0
     base_g = lay.fixed_w - lay.pv.sum(axis=0)
-    if np.any(-base_g > lay.export_lim + 1e-6):
-        return None
     base_ph = lay.fixed_phase - (np.einsum("kp,kn->pn", lay.pv_share, lay.pv) if lay.k else 0.0)
     head_imp = lay.import_lim - base_g
     head_ph = lay.fuse_up - base_ph
