@@ -373,14 +373,16 @@ class Master:
         self.powers: list[np.ndarray] = []
         self.rest_x: np.ndarray | None = None  # the rest's columns in the last solution
 
-    def add(self, cost: np.ndarray | float, per_cell: np.ndarray, power: np.ndarray) -> None:
-        """An answer of the EVs: their own cost, their power per cell, per EV (E, W)."""
+    def add(self, cost: np.ndarray | float, per_cell: np.ndarray, power: np.ndarray | None) -> None:
+        """An answer of the EVs: their own cost, their power per cell, per EV (E, W; kept
+        for the master's point only when given)."""
         d = per_cell[self.rest.where]
         keep = np.abs(d) > 1e-12
         idx = np.concatenate([self.rest.agg_row[keep], [self.convex]]).astype(np.int32)
         val = np.concatenate([-d[keep], [1.0]])
         self.h.addCol(float(cost), 0.0, INF, len(idx), idx, val)
-        self.powers.append(power)
+        if power is not None:
+            self.powers.append(power)
 
     def solve(self, centre: np.ndarray, delta: np.ndarray | float
               ) -> tuple[float, np.ndarray, np.ndarray] | None:
@@ -410,7 +412,8 @@ class DecomposedBound:
     bound_eur: float
     lam: np.ndarray  # (groups, n)
     blocks: EvBlocks
-    ev_power_kw: np.ndarray  # (E, W) the EVs' powers in the master's last solution
+    ev_power_kw: np.ndarray  # (E, W) the EVs' powers: the master's last point (`point`), else
+    # the last answer's
     master_eur: float | None  # the master's last value (an LP point's objective when not boxed)
     steps: int
     seconds: float
@@ -433,12 +436,14 @@ class DecomposedBound:
 
 
 def lagrangian_bound(lay: Layout, built: BuiltLp | None = None, lam0: np.ndarray | None = None,
-                     steps: int = 100, deadline: float | None = None, tol: float = 1e-4
-                     ) -> DecomposedBound | None:
+                     steps: int = 100, deadline: float | None = None, tol: float = 1e-4,
+                     point: bool = False) -> DecomposedBound | None:
     """max of L(lam) by a box-step bundle (`Master`) from `lam0` ((groups, n), the last
     replan's prices) or from the import prices, until the master's prediction is within `tol`
     of the best value, `steps` answers or the `deadline` (`time.perf_counter`). None without
-    EVs to decompose or when the rest of the LP could not be solved."""
+    EVs to decompose or when the rest of the LP could not be solved. `point`: keep every
+    answer's powers, for the master's point (`DecomposedBound.dispatch`; memory grows with
+    the answers)."""
     began = time.perf_counter()
     built = BuiltLp.of(lay) if built is None else built
     blocks = ev_blocks(lay)
@@ -460,7 +465,7 @@ def lagrangian_bound(lay: Layout, built: BuiltLp | None = None, lam0: np.ndarray
         values, power = ev_values(blocks, at)
         per_cell = blocks.per_group(power, G)
         total = float(values.sum())
-        master.add(total - float((at * per_cell).sum()), per_cell, power)
+        master.add(total - float((at * per_cell).sum()), per_cell, power if point else None)
         return r_val + total, per_cell, power
 
     got = value(lam)
@@ -480,8 +485,9 @@ def lagrangian_bound(lay: Layout, built: BuiltLp | None = None, lam0: np.ndarray
             break
         predicted, y, weights = solved
         master_eur = predicted
-        power_mix = sum((w * p for w, p in zip(weights, master.powers, strict=True) if w > 1e-9),
-                        start=np.zeros_like(got[2]))
+        if point:
+            power_mix = sum((w * p for w, p in zip(weights, master.powers, strict=True) if w > 1e-9),
+                            start=np.zeros_like(got[2]))
         if predicted - best <= tol * max(abs(best), 1.0):
             at_edge = np.abs(y - centre).max() >= 0.999 * delta
             if not at_edge:
@@ -492,6 +498,7 @@ def lagrangian_bound(lay: Layout, built: BuiltLp | None = None, lam0: np.ndarray
         count += 1
         if got is None:
             break
+        power_mix = power_mix if point else got[2]
         if got[0] >= best + 0.1 * (predicted - best):  # a serious step: move the centre
             if np.abs(y - centre).max() >= 0.999 * delta:
                 delta *= 2

@@ -273,6 +273,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     build_s = time.perf_counter() - t_start
     notes = list(lay.notes)
     bound: float | None = None
+    bound_from: str | None = None
     lp_solve_s = 0.0
     lp_iterations, lp_warm = 0, False
     status = "FALLBACK"
@@ -311,7 +312,10 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             lp, rules, rules_polished, rules_whole = _lp_beside_fallback(lay, deadline, after_lp_s,
                                                                          memory)
         else:
-            lp = solve_lp(lay, time_limit_s=max(deadline - time.perf_counter() - after_lp_s, 0.01),
+            # with the fallback made first, its polish's time is kept from the LP's
+            polish_s = ANYTIME_S_PER_CELL * cells if decomposed is not None else 0.0
+            lp = solve_lp(lay, time_limit_s=max(deadline - time.perf_counter() - after_lp_s
+                                                - polish_s, 0.01),
                           memory=lp_memory, built=built, price_bound=decomposed is None)
         if memory is not None:
             memory.lp_solved = lp.dispatch is not None
@@ -319,7 +323,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         lp_solve_s = lp.solve_s
         lp_iterations, lp_warm = lp.iterations, lp.warm
         if lp.dispatch is not None:
-            bound = lp.bound_eur
+            bound, bound_from = lp.bound_eur, "LP"
             if memory is not None and lp.highs is not None and lp.index is not None \
                     and lp.index.agg_rows is not None:  # before the polish re-runs it
                 memory.keep_prices(lay, np.asarray(lp.highs.getSolution().row_dual)[lp.index.agg_rows])
@@ -351,10 +355,10 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                 decomposed = _decompose(lay, None, memory,
                                         max(deadline, time.perf_counter() + 0.25 * time_limit_s))
             if lp.dual_bound_eur is not None:
-                bound = lp.dual_bound_eur
+                bound, bound_from = lp.dual_bound_eur, "prices"
                 notes.append("bound from row prices (Lagrangian), not the LP optimum")
             if decomposed is not None and (bound is None or decomposed.bound_eur > bound):
-                bound = decomposed.bound_eur
+                bound, bound_from = decomposed.bound_eur, "EVs"
                 notes.append(f"bound from the EVs' own problems at site-row prices "
                              f"({decomposed.steps} price steps), not the LP optimum")
     if candidate is None or (unpolished and best is not None and bound is not None
@@ -382,6 +386,16 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         if rules is not None:
             good = score("the fallback plan" if rules_whole
                          else "the fallback plan, cut short at the deadline", "FALLBACK", rules) or good
+        if rules is not None and rules_whole and rules_polished is None and lp is not None \
+                and (bound is None or scored[-1][0].objective - bound
+                     > 0.1 * _good_enough_eur(scored[-1][0], gap_tol)) \
+                and deadline - time.perf_counter() >= ANYTIME_S_PER_CELL * cells:
+            # the fallback made before the LP (EV-only sites), polished while the deadline
+            # leaves time for it, unless it is within a tenth of the tolerance already (0.2-0.27
+            # s of CPU at 1000 EVs: from 0.6 % above the bound to 0.003-0.014 %)
+            rules_polished = _polish_unsolved(lay, lp.model, lp.index, rules, deadline)
+            if rules_polished is not None:
+                good = score("the fallback plan, polished", "FEASIBLE", rules_polished) or good
         # the last plan's repair (0.1-0.3 s of CPU at 1000 EVs) only while the deadline is
         # not past, or when there is nothing else
         # a fallback cut short at the deadline (assets left idle) is no plan to settle for
@@ -446,6 +460,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     plan = to_plan(lay, candidate, status, notes)
     plan.lp_bound_eur = bound
     plan.lp_solved = lp is not None and lp.bound_eur is not None
+    plan.bound_from = bound_from if bound is not None else None
     plan.gap = _gap(plan.objective_eur, bound)
     plan.build_s, plan.lp_solve_s, plan.solve_s = build_s, lp_solve_s, solve_s
     plan.lp_iterations, plan.lp_warm = lp_iterations, lp_warm
@@ -461,7 +476,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         if len(check_plan(problem, fb)) < len(violations):
             log.error("plan breaks limits (%s); using the fallback", violations[:3])
             fb.lp_bound_eur, fb.gap = bound, _gap(fb.objective_eur, bound)
-            fb.lp_solved = plan.lp_solved
+            fb.lp_solved, fb.bound_from = plan.lp_solved, plan.bound_from
             fb.build_s, fb.lp_solve_s, fb.solve_s = build_s, lp_solve_s, solve_s
             fb.lp_iterations, fb.lp_warm = lp_iterations, lp_warm
             return fb
@@ -473,7 +488,9 @@ def _decompose(lay: Layout, built: BuiltLp | None, memory: PlanMemory, deadline:
     """`decompose.lagrangian_bound` from the last replan's site-row prices, until `deadline`;
     its prices are kept for the next. None when it gives no bound (or fails: logged)."""
     try:
-        found = lagrangian_bound(lay, built, lam0=memory.prices(lay), deadline=deadline)
+        # to a tenth of the gap tolerance: more answers tighten it by less than they cost
+        found = lagrangian_bound(lay, built, lam0=memory.prices(lay), deadline=deadline,
+                                 tol=GAP_TOL / 10)
     except Exception:
         log.exception("bound from the EVs' own problems failed")
         return None
