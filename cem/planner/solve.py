@@ -78,6 +78,11 @@ ANYTIME_S_PER_CELL = 8e-6
 # after a replan whose LP was not solved, the bound from the EVs' own problems
 # (`decompose.lagrangian_bound`) gets at most this share of the time before the LP's end
 DECOMPOSE_SHARE = 0.5
+# from this many storage-PTUs on, the fallback on EV-only sites is made in numpy
+# (`fallback.deadline_first`, PTU by PTU; 0.02-0.1 s at 2000 EVs where the fallback's asset
+# at a time took 0.7-2.3 s). Below, the fallback's own: it spreads an EV's last kWh below its
+# minimum power over its PTUs before the next EV takes them, which the numpy one cannot.
+NUMPY_FALLBACK_CELLS = 5_000
 
 
 def _gap(objective: float, bound: float | None) -> float | None:
@@ -296,7 +301,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         if memory is not None and beside:
             # first what needs no LP: the fallback's rule in numpy (EV-only sites) and a bound
             # from the EVs' own problems; the LP then gets the rest of the time
-            rules = deadline_first(lay)
+            rules = deadline_first(lay) if cells >= NUMPY_FALLBACK_CELLS else None
             if rules is not None:
                 built = BuiltLp.of(lay)
                 decomposed = _decompose(lay, built, memory, time.perf_counter() + DECOMPOSE_SHARE
@@ -411,7 +416,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         if not good and (rules is None or not rules_whole) \
                 and (not whole or deadline - time.perf_counter() >= after_lp_s):
             began = time.perf_counter()
-            rules = deadline_first(lay)
+            rules = deadline_first(lay) if cells >= NUMPY_FALLBACK_CELLS else None
             rules = fallback_dispatch(lay) if rules is None else rules
             if memory is not None:
                 memory.fallback_s_per_cell = (time.perf_counter() - began) / max(cells, 1)
