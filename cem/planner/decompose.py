@@ -46,7 +46,6 @@ from cem.planner.bound import (
     entity_key,
     lp_level_assets,
 )
-from cem.planner.dual_bound import LpShape
 from cem.planner.layout import SEGMENT_FACTORS, TOL_EUR_PER_WH, Dispatch, Layout
 
 
@@ -271,7 +270,7 @@ class RestLp:
     its Dantzig-Wolfe master (`Master`)."""
 
     def __init__(self, built: BuiltLp, lay: Layout, blocks: EvBlocks) -> None:
-        shape = LpShape.of(built.model)
+        shape = built.shape
         n = lay.n
         ev_ent = np.array([entity_key(lay.ids[i]) for i in blocks.asset], dtype=np.int64)
         ckind, cent = built.col_key >> 57, (built.col_key >> 23) & 0xFFFFFFF

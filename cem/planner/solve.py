@@ -83,6 +83,8 @@ DECOMPOSE_SHARE = 0.5
 # at a time took 0.7-2.3 s). Below, the fallback's own: it spreads an EV's last kWh below its
 # minimum power over its PTUs before the next EV takes them, which the numpy one cannot.
 NUMPY_FALLBACK_CELLS = 5_000
+# an LP given less than this (after the numpy fallback and the bound) is not run at all
+MIN_LP_S = 0.05
 
 
 def _gap(objective: float, bound: float | None) -> float | None:
@@ -319,9 +321,14 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         else:
             # with the fallback made first, its polish's time is kept from the LP's
             polish_s = ANYTIME_S_PER_CELL * cells if decomposed is not None else 0.0
-            lp = solve_lp(lay, time_limit_s=max(deadline - time.perf_counter() - after_lp_s
-                                                - polish_s, 0.01),
-                          memory=lp_memory, built=built, price_bound=decomposed is None)
+            lp_s = deadline - time.perf_counter() - after_lp_s - polish_s
+            if decomposed is not None and lp_s < MIN_LP_S:
+                # no time for it (at 5000 EVs on a busy machine): not even built for HiGHS
+                lp = LpResult("not run: no time left after the fallback and the bound", None,
+                              None, index=built.index if built is not None else None)
+            else:
+                lp = solve_lp(lay, time_limit_s=max(lp_s, 0.01), memory=lp_memory, built=built,
+                              price_bound=decomposed is None)
         if memory is not None:
             memory.lp_solved = lp.dispatch is not None
         build_s += lp.build_s
