@@ -282,9 +282,9 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         "plan_status": sorted({p.status for p in timed}),
         "gaps": [None if p.gap is None else round(p.gap, 5) for p in timed],  # None: no bound
         # what each gap is measured against: the LP optimum, or a bound from row prices (an LP
-        # not solved in time: `cem.planner.dual_bound`), or nothing
-        "bounds": [None if p.lp_bound_eur is None else "LP" if p.lp_solved else "prices"
-                   for p in timed],
+        # not solved in time: `cem.planner.dual_bound`) or from the EVs' own problems
+        # (`cem.planner.decompose`), or nothing
+        "bounds": [_bound(p) for p in timed],
         "gaps_within_1pct": sum(1 for p in timed if p.gap is not None and p.gap <= 0.01),
         "lp_warm_starts": sum(1 for p in timed if p.lp_warm),
         "lp_iterations": [p.lp_iterations for p in timed],
@@ -301,9 +301,8 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         "limit_replan_s": round(limit_replan_s, 3),
         "limit_plan_status": planner.plans[-1].status,
         "limit_gap": None if planner.plans[-1].gap is None else round(planner.plans[-1].gap, 5),
-        "limit_bound": None if planner.plans[-1].lp_bound_eur is None
-        else "LP" if planner.plans[-1].lp_solved else "prices",
-        "cold_bound": None if cold.lp_bound_eur is None else "LP" if cold.lp_solved else "prices",
+        "limit_bound": _bound(planner.plans[-1]),
+        "cold_bound": _bound(cold),
         "rms_acked_new_limit": len(acks),
         "rm_refusals": len(registry.rm_refusals),
     }
@@ -331,6 +330,14 @@ def limit_kept(totals: list[tuple[float, float]], limit_at: float, limit_w: floa
             kept = at - limit_at
             first_kept = True
     return (None if kept is None else round(kept, 3)), round(over_w / 1000, 1)
+
+
+def _bound(plan: Plan) -> str | None:
+    """What a plan's gap is against: "LP" (its optimum), "prices" (row prices), "EVs" (the
+    EVs' own problems at site-row prices) or None (no bound)."""
+    if plan.lp_bound_eur is None:
+        return None
+    return plan.bound_from or ("LP" if plan.lp_solved else "prices")
 
 
 def bench_command(*, evs: int, replans: int, json_out: bool,

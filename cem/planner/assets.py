@@ -222,6 +222,9 @@ class Plan:
     lp_bound_eur: float | None = None  # LP lower bound on objective_eur
     # the LP optimum (True), or a bound from row prices of an LP not solved in time (False)
     lp_solved: bool = False
+    # what lp_bound_eur is: "LP" (its optimum), "prices" (row prices, `dual_bound`), "EVs"
+    # (the EVs' own problems at site-row prices, `decompose`), or None (no bound)
+    bound_from: str | None = None
     gap: float | None = None
     build_s: float = 0.0
     lp_solve_s: float = 0.0

@@ -790,35 +790,56 @@ def silence_highs_banner() -> None:
             os.close(saved)
 
 
-@dataclass
 class BuiltLp:
-    """The LP relaxation as built (`build_lp`), as HiGHS takes it, with its keys."""
+    """The LP relaxation as built (`build_lp`), with its keys; as HiGHS takes it (`model`,
+    made on first use: 1.1 s at 5000 EVs) and as numpy arrays (`shape`)."""
 
-    model: highspy.HighsLp
-    index: LpIndex
-    col_key: np.ndarray
-    row_key: np.ndarray
-    build_s: float = 0.0
+    def __init__(self, arrays: _LpArrays, index: LpIndex, build_s: float = 0.0) -> None:
+        self.arrays = arrays
+        self.index = index
+        self.col_key, self.row_key = arrays.keys()
+        self.build_s = build_s
+        self._model: highspy.HighsLp | None = None
+        self._shape: LpShape | None = None
 
     @classmethod
     def of(cls, lay: Layout) -> BuiltLp:
         t0 = time.perf_counter()
         arrays, index = build_lp(lay)
-        col_key, row_key = arrays.keys()
-        return cls(arrays.to_highs(), index, col_key, row_key)._took(time.perf_counter() - t0)
+        built = cls(arrays, index)
+        built.build_s = time.perf_counter() - t0
+        return built
 
-    def _took(self, seconds: float) -> BuiltLp:
-        self.build_s = seconds
-        return self
+    @property
+    def model(self) -> highspy.HighsLp:
+        if self._model is None:
+            self._model = self.arrays.to_highs()
+        return self._model
+
+    @property
+    def shape(self) -> LpShape:
+        """The LP as flat numpy arrays (no round trip through HiGHS's model: 0.74 s at 5000 EVs)."""
+        if self._shape is None:
+            a = self.arrays
+
+            def cat(parts: list[np.ndarray], dtype: type = float) -> np.ndarray:
+                return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+
+            val = cat(a.a_val)
+            self._shape = LpShape(cat(a.col_cost), cat(a.col_lb), cat(a.col_ub), cat(a.row_lb),
+                                  cat(a.row_ub), cat(a.a_row, np.int64), cat(a.a_col, np.int64), val)
+        return self._shape
 
 
 def solve_lp(lay: Layout, time_limit_s: float = 10.0, threads: int = 1,
-             memory: LpMemory | None = None, built: BuiltLp | None = None) -> LpResult:
+             memory: LpMemory | None = None, built: BuiltLp | None = None,
+             price_bound: bool = True) -> LpResult:
     """Solve the LP relaxation; the bound is None when HiGHS did not prove optimality.
 
     With a `memory`, HiGHS starts from the basis the last replan's LP ended with and the
     basis this one ends with (optimal or not) is kept for the next. `built`: the LP, when
-    already built.
+    already built. `price_bound`: an LP not solved gets a bound from row prices
+    (`dual_bound_eur`; 0.26 s at 2000 EVs), unless the caller has a better one.
     """
     t0 = time.perf_counter()
     turn = memory.claim() if memory is not None else None
@@ -846,7 +867,8 @@ def solve_lp(lay: Layout, time_limit_s: float = 10.0, threads: int = 1,
             memory.unfinished = (h, col_key, row_key, model, turn)  # `LpMemory.finish` goes on
         return LpResult(h.modelStatusToString(status), None, None, build_s=build_s, solve_s=solve_s,
                         warm=warm, iterations=iterations, index=index, model=model,
-                        dual_bound_eur=_bound_unsolved(h, model, row_key, memory))
+                        dual_bound_eur=_bound_unsolved(h, model, row_key, memory)
+                        if price_bound else None)
     solution = h.getSolution()
     if memory is not None and solution.dual_valid and len(solution.row_dual) == len(row_key):
         memory.keep_prices(row_key, np.asarray(solution.row_dual))

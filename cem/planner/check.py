@@ -111,9 +111,11 @@ def _check_storage(problem: Problem, plan: Plan, out: list[str], g: np.ndarray, 
     if not assets:
         return
     P = np.array([per_ptu(plan.power_w[a.id], n) for a in assets]).reshape(len(assets), n)
-    share = np.array([_share(a.phase_share) for a in assets])
+    keys = [tuple(float(x) for x in a.phase_share) for a in assets]
+    shares = {k: np.asarray(k) / sum(k) if sum(k) > 0 else np.full(3, 1 / 3) for k in set(keys)}
+    share = np.array([shares[k] for k in keys]).reshape(len(assets), 3)  # a few distinct ones
     g += P.sum(axis=0)
-    phase += share.T @ P
+    phase += np.einsum("sp,sn->pn", share, P)  # not share.T @ P: see layout.phase_sum
     first = np.array([max(a.available_from, 0) for a in assets])
     last = np.array([n if a.available_until is None else min(a.available_until, n) for a in assets])
     t = np.arange(n)

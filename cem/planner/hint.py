@@ -21,6 +21,7 @@ from cem.planner.layout import (
     Layout,
     grid_and_phases,
     levels,
+    phase_sum,
     profile_row,
     share_vector,
 )
@@ -332,7 +333,7 @@ def _grid_t(lay: Layout, disp: Dispatch, t: int) -> tuple[float, np.ndarray]:
         other += v
         other_ph += share_vector(p.phase_share) * v
     g = lay.fixed_w[t] + net.sum() - pv_out.sum() + other
-    ph = lay.fixed_phase[:, t] + lay.share.T @ net - lay.pv_share.T @ pv_out + other_ph
+    ph = lay.fixed_phase[:, t] + phase_sum(lay.share, net) - phase_sum(lay.pv_share, pv_out) + other_ph
     return float(g), ph
 
 

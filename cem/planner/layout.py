@@ -388,13 +388,21 @@ def profile_power(profile_w: np.ndarray, start: int, n: int) -> np.ndarray:
     return out
 
 
+def phase_sum(share: np.ndarray, power: np.ndarray) -> np.ndarray:
+    """Per phase, the powers (S, ...) weighed by their phase shares (S, 3): (3, ...).
+
+    `np.einsum`, not `share.T @ power`: OpenBLAS's threaded matrix product took 0.01-0.1 s
+    a call for (3, 2000) x (2000, 96) on the shared 2-core machine, einsum 0.2 ms."""
+    return np.einsum("sp,s...->p...", share, power)
+
+
 def grid_and_phases(lay: Layout, disp: Dispatch) -> tuple[np.ndarray, np.ndarray]:
     """Grid import per PTU and load per phase (3, n), W."""
     net = disp.charge - disp.discharge
     pv_out = lay.pv - disp.curtail
     o_total, o_phase = other_power(lay, disp)
     g = lay.fixed_w + net.sum(axis=0) - pv_out.sum(axis=0) + o_total
-    ph = lay.fixed_phase + lay.share.T @ net - lay.pv_share.T @ pv_out + o_phase
+    ph = lay.fixed_phase + phase_sum(lay.share, net) - phase_sum(lay.pv_share, pv_out) + o_phase
     return g, ph
 
 

@@ -12,10 +12,13 @@
    (`model.py`) improves it, starting from the candidate as a full hint; its answer replaces
    the candidate only if it is better on the same objective.
 5. Without an LP answer the bound comes from row prices (`dual_bound.py`: the unsolved LP's
-   and the last replan's duals) and the plan is the best of the last plan repaired, the
-   rule-based fallback (`fallback.py`, status FALLBACK unless CP-SAT improves it) and the
-   fallback polished; after a replan whose LP was not solved either, the fallback is made
-   beside the LP (`_lp_beside_fallback`).
+   and the last replan's duals) or, on EV-only sites, from the EVs' own problems at
+   site-row prices (`decompose.py`, within 0.01 % of the LP optimum in 0.1-0.5 s at 2000
+   EVs), and the plan is the best of the last plan repaired, the rule-based fallback
+   (`fallback.py`, status FALLBACK unless CP-SAT improves it; in numpy on EV-only sites) and
+   the fallback polished. After a replan whose LP was not solved either, the EV-only
+   fallback and that bound come first and the LP gets the rest of the time; on other sites
+   the fallback is made beside the LP (`_lp_beside_fallback`).
 Every returned plan is scored by `layout.evaluate` (`objective_eur`, comparable with the bound;
 `cost_eur` is the money: energy at the true prices + peak) and keeps the hard limits
 (`check_plan`). `level_wh` holds each storage level at the end of every PTU.
@@ -34,7 +37,14 @@ import numpy as np
 from cem.planner.assets import ModeAsset, Plan, Problem, ShiftableProfile, Shortfall, StorageAsset
 from cem.planner.bound import BuiltLp, LpIndex, LpMemory, LpResult, solve_lp
 from cem.planner.check import check_plan
-from cem.planner.fallback import fallback_dispatch, fallback_until, idle_modes
+from cem.planner.decompose import DecomposedBound, lagrangian_bound
+from cem.planner.fallback import (
+    deadline_first,
+    ev_only,
+    fallback_dispatch,
+    fallback_until,
+    idle_modes,
+)
 from cem.planner.hint import polish_plan, round_and_repair, shave_peak
 from cem.planner.layout import (
     NOISE_WH,
@@ -65,6 +75,16 @@ AFTER_LP_S = 0.05
 # LP's time so the anytime plan is ready by the deadline (the fallback itself is made beside
 # the LP, which runs in a thread meanwhile: HiGHS releases the GIL)
 ANYTIME_S_PER_CELL = 8e-6
+# after a replan whose LP was not solved, the bound from the EVs' own problems
+# (`decompose.lagrangian_bound`) gets at most this share of the time before the LP's end
+DECOMPOSE_SHARE = 0.5
+# from this many storage-PTUs on, the fallback on EV-only sites is made in numpy
+# (`fallback.deadline_first`, PTU by PTU; 0.02-0.1 s at 2000 EVs where the fallback's asset
+# at a time took 0.7-2.3 s). Below, the fallback's own: it spreads an EV's last kWh below its
+# minimum power over its PTUs before the next EV takes them, which the numpy one cannot.
+NUMPY_FALLBACK_CELLS = 5_000
+# an LP given less than this (after the numpy fallback and the bound) is not run at all
+MIN_LP_S = 0.05
 
 
 def _gap(objective: float, bound: float | None) -> float | None:
@@ -100,11 +120,32 @@ class PlanMemory:
         # that was cut short at the deadline counts as twice what it had taken by then, and
         # each replan that leaves it out for this lowers it by a fifth (tried again later)
         self.fallback_s_per_cell = 0.0
+        # the site rows' prices of the last bound from the EVs' own problems (or of the last
+        # LP solved), with the PTU number of their column 0: the next one starts from them
+        self._lam: tuple[int, np.ndarray] | None = None
         self._plan: tuple[list[str], int, np.ndarray, np.ndarray, list[str], np.ndarray] | None = None
 
     def keep(self, lay: Layout, disp: Dispatch) -> None:
         self._plan = (list(lay.ids), ptu_epoch(lay.problem), disp.charge.copy(),
                       disp.discharge.copy(), list(lay.pv_ids), disp.curtail.copy())
+
+    def keep_prices(self, lay: Layout, lam: np.ndarray) -> None:
+        self._lam = (ptu_epoch(lay.problem), lam.copy())
+
+    def prices(self, lay: Layout) -> np.ndarray | None:
+        """The kept site-row prices laid onto this layout's PTUs (a PTU past their horizon
+        takes the last one's), or None."""
+        if self._lam is None:
+            return None
+        t0, lam = self._lam
+        shift = ptu_epoch(lay.problem) - t0
+        if shift < 0 or shift >= lam.shape[1]:
+            return None
+        out = np.empty((lam.shape[0], lay.n))
+        span = min(lay.n, lam.shape[1] - shift)
+        out[:, :span] = lam[:, shift:shift + span]
+        out[:, span:] = lam[:, shift + span - 1:shift + span]
+        return out
 
     def last_plan(self, lay: Layout) -> Dispatch | None:
         """The last plan's powers laid onto this layout (assets it did not have: idle; PTUs
@@ -239,6 +280,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     build_s = time.perf_counter() - t_start
     notes = list(lay.notes)
     bound: float | None = None
+    bound_from: str | None = None
     lp_solve_s = 0.0
     lp_iterations, lp_warm = 0, False
     status = "FALLBACK"
@@ -251,11 +293,22 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     rules: Dispatch | None = None  # the fallback plan, once made
     rules_polished: Dispatch | None = None  # and polished, when made beside the LP
     rules_whole = True  # False: made beside the LP and cut short at the deadline
+    decomposed: DecomposedBound | None = None
     if use_lp:
         # an LP that was not solved last time will likely not be now: keep the time the
         # anytime plan (the fallback, polished) needs
         lp_memory = memory.lp if memory is not None else None
         beside = memory is not None and not memory.lp_solved
+        built: BuiltLp | None = None
+        if memory is not None and beside:
+            # first what needs no LP: the fallback's rule in numpy (EV-only sites) and a bound
+            # from the EVs' own problems; the LP then gets the rest of the time
+            rules = deadline_first(lay) if cells >= NUMPY_FALLBACK_CELLS else None
+            if rules is not None:
+                built = BuiltLp.of(lay)
+                decomposed = _decompose(lay, built, memory, time.perf_counter() + DECOMPOSE_SHARE
+                                        * (deadline - time.perf_counter() - after_lp_s))
+                beside = False  # the fallback is made
         # only when it fits twice over: beside the LP it takes the LP a third of its
         # iterations on a busy machine, and one that does not fit delays the LP for nothing
         if memory is not None and beside \
@@ -266,15 +319,26 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             lp, rules, rules_polished, rules_whole = _lp_beside_fallback(lay, deadline, after_lp_s,
                                                                          memory)
         else:
-            lp = solve_lp(lay, time_limit_s=max(deadline - time.perf_counter() - after_lp_s, 0.01),
-                          memory=lp_memory)
+            # with the fallback made first, its polish's time is kept from the LP's
+            polish_s = ANYTIME_S_PER_CELL * cells if decomposed is not None else 0.0
+            lp_s = deadline - time.perf_counter() - after_lp_s - polish_s
+            if decomposed is not None and lp_s < MIN_LP_S:
+                # no time for it (at 5000 EVs on a busy machine): not even built for HiGHS
+                lp = LpResult("not run: no time left after the fallback and the bound", None,
+                              None, index=built.index if built is not None else None)
+            else:
+                lp = solve_lp(lay, time_limit_s=max(lp_s, 0.01), memory=lp_memory, built=built,
+                              price_bound=decomposed is None)
         if memory is not None:
             memory.lp_solved = lp.dispatch is not None
         build_s += lp.build_s
         lp_solve_s = lp.solve_s
         lp_iterations, lp_warm = lp.iterations, lp.warm
         if lp.dispatch is not None:
-            bound = lp.bound_eur
+            bound, bound_from = lp.bound_eur, "LP"
+            if memory is not None and lp.highs is not None and lp.index is not None \
+                    and lp.index.agg_rows is not None:  # before the polish re-runs it
+                memory.keep_prices(lay, np.asarray(lp.highs.getSolution().row_dual)[lp.index.agg_rows])
             candidate = round_and_repair(lay, lp.dispatch)
             status = "FEASIBLE"
             small = int(lay.avail.sum()) <= SHAVE_BEFORE_POLISH_COLUMNS
@@ -297,9 +361,18 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         else:
             notes.append(f"LP relaxation not solved ({lp.status})")
             log.warning("LP relaxation not solved (%s)", lp.status)
+            if decomposed is None and memory is not None and ev_only(lay):
+                # (a cold start) the bound from the EVs' own problems: late already, it gets
+                # a quarter of the time limit past the deadline at most
+                decomposed = _decompose(lay, None, memory,
+                                        max(deadline, time.perf_counter() + 0.25 * time_limit_s))
             if lp.dual_bound_eur is not None:
-                bound = lp.dual_bound_eur
+                bound, bound_from = lp.dual_bound_eur, "prices"
                 notes.append("bound from row prices (Lagrangian), not the LP optimum")
+            if decomposed is not None and (bound is None or decomposed.bound_eur > bound):
+                bound, bound_from = decomposed.bound_eur, "EVs"
+                notes.append(f"bound from the EVs' own problems at site-row prices "
+                             f"({decomposed.steps} price steps), not the LP optimum")
     if candidate is None or (unpolished and best is not None and bound is not None
                              and best.objective - bound > _good_enough_eur(best, gap_tol)):
         # no LP plan, or one that got no polish and is not good enough (its rounding leaves
@@ -325,6 +398,16 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         if rules is not None:
             good = score("the fallback plan" if rules_whole
                          else "the fallback plan, cut short at the deadline", "FALLBACK", rules) or good
+        if rules is not None and rules_whole and rules_polished is None and lp is not None \
+                and (bound is None or scored[-1][0].objective - bound
+                     > 0.1 * _good_enough_eur(scored[-1][0], gap_tol)) \
+                and deadline - time.perf_counter() >= ANYTIME_S_PER_CELL * cells:
+            # the fallback made before the LP (EV-only sites), polished while the deadline
+            # leaves time for it, unless it is within a tenth of the tolerance already (0.2-0.27
+            # s of CPU at 1000 EVs: from 0.6 % above the bound to 0.003-0.014 %)
+            rules_polished = _polish_unsolved(lay, lp.model, lp.index, rules, deadline)
+            if rules_polished is not None:
+                good = score("the fallback plan, polished", "FEASIBLE", rules_polished) or good
         # the last plan's repair (0.1-0.3 s of CPU at 1000 EVs) only while the deadline is
         # not past, or when there is nothing else
         # a fallback cut short at the deadline (assets left idle) is no plan to settle for
@@ -340,7 +423,8 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         if not good and (rules is None or not rules_whole) \
                 and (not whole or deadline - time.perf_counter() >= after_lp_s):
             began = time.perf_counter()
-            rules = fallback_dispatch(lay)
+            rules = deadline_first(lay) if cells >= NUMPY_FALLBACK_CELLS else None
+            rules = fallback_dispatch(lay) if rules is None else rules
             if memory is not None:
                 memory.fallback_s_per_cell = (time.perf_counter() - began) / max(cells, 1)
             good = score("the fallback plan", "FALLBACK", rules)
@@ -388,6 +472,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     plan = to_plan(lay, candidate, status, notes)
     plan.lp_bound_eur = bound
     plan.lp_solved = lp is not None and lp.bound_eur is not None
+    plan.bound_from = bound_from if bound is not None else None
     plan.gap = _gap(plan.objective_eur, bound)
     plan.build_s, plan.lp_solve_s, plan.solve_s = build_s, lp_solve_s, solve_s
     plan.lp_iterations, plan.lp_warm = lp_iterations, lp_warm
@@ -403,11 +488,27 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         if len(check_plan(problem, fb)) < len(violations):
             log.error("plan breaks limits (%s); using the fallback", violations[:3])
             fb.lp_bound_eur, fb.gap = bound, _gap(fb.objective_eur, bound)
-            fb.lp_solved = plan.lp_solved
+            fb.lp_solved, fb.bound_from = plan.lp_solved, plan.bound_from
             fb.build_s, fb.lp_solve_s, fb.solve_s = build_s, lp_solve_s, solve_s
             fb.lp_iterations, fb.lp_warm = lp_iterations, lp_warm
             return fb
     return plan
+
+
+def _decompose(lay: Layout, built: BuiltLp | None, memory: PlanMemory, deadline: float
+               ) -> DecomposedBound | None:
+    """`decompose.lagrangian_bound` from the last replan's site-row prices, until `deadline`;
+    its prices are kept for the next. None when it gives no bound (or fails: logged)."""
+    try:
+        # to a tenth of the gap tolerance: more answers tighten it by less than they cost
+        found = lagrangian_bound(lay, built, lam0=memory.prices(lay), deadline=deadline,
+                                 tol=GAP_TOL / 10)
+    except Exception:
+        log.exception("bound from the EVs' own problems failed")
+        return None
+    if found is not None:
+        memory.keep_prices(lay, found.lam)
+    return found
 
 
 def _lp_beside_fallback(lay: Layout, deadline: float, after_lp_s: float, memory: PlanMemory

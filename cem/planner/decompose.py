@@ -1,0 +1,508 @@
+"""A lower bound from a cold start: the site rows priced, every EV's own problem solved exactly.
+
+Lagrangian relaxation of only the rows that couple the EVs (charge-only assets that only fill
+up: `bound.lp_level_assets` false): each EV's power in a phase group and PTU enters the
+group's sum through a column `s[g, t]` of the rest of the LP, and the equation
+`s[g, t] = sum of the EVs' powers there` is priced with `lam[g, t]` (EUR per kW in the PTU).
+For any `lam` the LP's optimum is at least
+
+    L(lam) = R(lam) + sum over EVs of V_i(lam)
+
+with R the rest of the LP (grid, kW-max, fuse, congestion, batteries, PV, modes, profiles,
+`s` at cost -lam, boxed by what the EVs can draw) solved by HiGHS (a small LP: groups x PTUs
+columns and the site rows), and V_i the EV's own LP (its charge columns at cost + lam, its
+energy and level-cap rows, its milestones and unmet-energy segments) solved exactly in numpy
+(`ev_values`). At the LP's own row prices L is the LP optimum; from the grid's prices a few
+supergradient steps close most of the gap, without the big LP finishing.
+
+The EV's own problem is a laminar one: its milestones are sums over nested prefixes of its
+window and its target a sum over the window, each with a concave reward (a milestone's weight
+per Wh up to its level, the unmet-energy segments) or a cap. Its optimum is the infimal
+convolution of convex piecewise-linear costs, prefix by prefix: sort the PTUs' prices per kWh,
+lower the first `lo` kWh of a prefix by the milestone's weight (raise those past `hi`),
+merge the next PTUs, and at the end fill, cheapest first, every kWh whose price is below the
+target's marginal reward (`ev_values`; checked against HiGHS on random EVs in the tests).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import highspy
+import numpy as np
+
+from cem.planner.bound import (
+    C_CHARGE,
+    C_MILESTONE,
+    C_UNMET,
+    INF,
+    R_CAP,
+    R_ENERGY,
+    R_MILESTONE,
+    BuiltLp,
+    _dispatch_from_x,
+    _milestone_sides,
+    entity_key,
+    lp_level_assets,
+)
+from cem.planner.layout import SEGMENT_FACTORS, TOL_EUR_PER_WH, Dispatch, Layout
+
+
+@dataclass
+class EvBlocks:
+    """The EVs' own problems as arrays (kW, kWh, EUR): E EVs x W columns, column j of EV e
+    being PTU `ptu[e, j]` (its window from its first PTU; W the longest window)."""
+
+    asset: np.ndarray  # (E,) index into the layout's storage assets
+    group: np.ndarray  # (E,) phase group
+    ptu: np.ndarray  # (E, W) the PTU of each column (clipped into the horizon)
+    price_kw: np.ndarray  # (E, W) the charge column's own cost (EUR per kW in the PTU)
+    e_coef: np.ndarray  # (E, W) kWh into the level per kW charged in the PTU
+    ub_kw: np.ndarray  # (E, W) the charge column's box (0: no column)
+    cap_kwh: np.ndarray  # (E,) most energy the EV may take (inf: no cap row)
+    tranche_kwh: np.ndarray  # (E, J) the target's reward tranches, highest reward first
+    tranche_eur: np.ndarray  # (E, J) their reward, EUR per kWh (decreasing)
+    ms_col: np.ndarray  # (E, M) milestone: a sum over the columns before this one (W + 1: none)
+    ms_lo: np.ndarray  # (E, M) kWh the prefix should reach (-inf: no lower side)
+    ms_hi: np.ndarray  # (E, M) kWh it should not pass (inf: no upper side)
+    ms_w: np.ndarray  # (E, M) EUR per kWh missed
+    n: int = 0  # PTUs of the horizon
+
+    @property
+    def count(self) -> int:
+        return len(self.asset)
+
+    def cell(self, groups: int) -> np.ndarray:
+        """(E, W) the flat (group, PTU) index of each column, for `np.bincount`."""
+        return self.group[:, None] * self.n + self.ptu
+
+    def per_group(self, power: np.ndarray, groups: int) -> np.ndarray:
+        """The EVs' powers (E, W) summed per group and PTU: (groups, n)."""
+        return np.bincount(self.cell(groups).ravel(), power.ravel(),
+                           minlength=groups * self.n).reshape(groups, self.n)
+
+    def full(self, power: np.ndarray) -> np.ndarray:
+        """(E, W) -> (E, n) powers per PTU."""
+        out = np.zeros((self.count, self.n))
+        ok = self.ub_kw > 0
+        rows = np.broadcast_to(np.arange(self.count)[:, None], ok.shape)
+        out[rows[ok], self.ptu[ok]] = power[ok]
+        return out
+
+
+def ev_blocks(lay: Layout) -> EvBlocks:
+    """The charge-only assets that only fill up (the LP gives them sums, not level rows), with
+    their rows as `bound.build_lp` builds them."""
+    n = lay.n
+    levels = lp_level_assets(lay)
+    mono = ~levels
+    full_c = lay.avail & (lay.cmax[:, None] > 0)
+    hours = lay.ptu_h
+    e_coef_all = hours * lay.eta_c[:, None]
+    has_t = ~np.isnan(lay.target)
+    need = np.where(has_t, np.nan_to_num(lay.target) - lay.level0, 0.0)
+    tgt = np.flatnonzero(mono & has_t & (need > 0))
+    cap = lay.lmax - lay.level0
+    exact = np.zeros(lay.s, dtype=bool)
+    exact[tgt] = np.abs(cap[tgt] - need[tgt]) < 1e-6
+    milestones, folded = _milestone_sides(lay, mono, tgt, e_coef_all, full_c)
+    asset = np.flatnonzero(mono)
+    E = len(asset)
+    _groups, grp_of = np.unique(np.round(lay.share, 9), axis=0, return_inverse=True)
+    grp_of = np.asarray(grp_of).reshape(-1)
+    first = lay.first[asset]
+    W = max(int((lay.last[asset] - first).max()) if E else 0, 1)
+    ptu = np.minimum(first[:, None] + np.arange(W), max(n - 1, 0))
+    rows = np.arange(E)[:, None]
+    fc = full_c[asset[:, None], ptu] & (first[:, None] + np.arange(W) < n)
+    e_coef = np.where(fc, e_coef_all[asset[:, None], ptu], 0.0)
+    ub_kw = np.where(fc, lay.cmax[asset, None] / 1000, 0.0)
+    price_kw = np.where(fc, (lay.tie * hours)[ptu], 0.0)
+    del rows
+    # the level cap: an exact target row stands for it; without a cap row the cap cannot bind
+    max_energy = (full_c * lay.part).sum(axis=1) * lay.cmax * (lay.dt_h * lay.eta_c)
+    cap_kwh = np.full(lay.s, np.inf)
+    capped = mono & (max_energy > cap + 1e-6)
+    cap_kwh[capped] = np.maximum(cap[capped], 0) / 1000
+    cap_kwh[exact] = need[exact] / 1000
+    # the unmet columns of a target row, filled cheapest first: the tranches of delivered
+    # energy, from the first kWh (the dearest segment still missed) to the last (tol)
+    k = len(SEGMENT_FACTORS)
+    J = k + 1
+    tranche_kwh = np.zeros((lay.s, J))
+    tranche_eur = np.zeros((lay.s, J))
+    if len(tgt):
+        nd = need[tgt] / 1000
+        seg = nd / k
+        ubs = np.stack([lay.tol_wh[tgt] / 1000, *([seg] * (k - 1)), np.full(len(tgt), np.inf)], axis=1)
+        cost = np.stack([np.full(len(tgt), TOL_EUR_PER_WH * 1000)]
+                        + [lay.weight[tgt] * 1000 * f for f in SEGMENT_FACTORS], axis=1)
+        cost = cost + folded[tgt, None] * 1000
+        before = np.concatenate([np.zeros((len(tgt), 1)), np.cumsum(ubs, axis=1)[:, :-1]], axis=1)
+        fill = np.clip(nd[:, None] - before, 0.0, ubs)
+        tranche_kwh[tgt] = fill[:, ::-1]
+        tranche_eur[tgt] = cost[:, ::-1]
+    # milestones per EV, by PTU
+    pos = np.full(lay.s, -1, dtype=np.int64)
+    pos[asset] = np.arange(E)
+    per: list[list[tuple[int, float, float, float]]] = [[] for _ in range(E)]
+    for a, t, lo, hi, w in milestones:
+        per[pos[a]].append((t, lo, hi, w))
+    M = max((len(p) for p in per), default=0)
+    ms_col = np.full((E, M), W + 1, dtype=np.int64)
+    ms_lo = np.full((E, M), -np.inf)
+    ms_hi = np.full((E, M), np.inf)
+    ms_w = np.zeros((E, M))
+    for e, rows_e in enumerate(per):
+        for m, (t, lo, hi, w) in enumerate(sorted(rows_e)):
+            ms_col[e, m] = t - first[e]
+            ms_lo[e, m] = lo if lo > -INF else -np.inf
+            ms_hi[e, m] = hi if hi < INF else np.inf
+            ms_w[e, m] = w * 1000
+    return EvBlocks(asset=asset, group=grp_of[asset], ptu=ptu, price_kw=price_kw, e_coef=e_coef,
+                    ub_kw=ub_kw, cap_kwh=cap_kwh[asset], tranche_kwh=tranche_kwh[asset],
+                    tranche_eur=tranche_eur[asset], ms_col=ms_col, ms_lo=ms_lo, ms_hi=ms_hi,
+                    ms_w=ms_w, n=n)
+
+
+def _split_at(eff: np.ndarray, amt: np.ndarray, member: np.ndarray, where: np.ndarray,
+              delta: np.ndarray, below: bool, slot: int, col: np.ndarray) -> None:
+    """Among each EV's pieces in `member`, sorted by `eff`, add `delta` to the price of the
+    kWh below `where` (`below`) or above it, splitting the piece it falls in (into column
+    `slot`). In place; only the EVs with a member are touched."""
+    todo = np.flatnonzero(member.any(axis=1))
+    if len(todo) == 0:
+        return
+    ef, am, mb = eff[todo], amt[todo], member[todo]
+    key = np.where(mb & (am > 0), ef, np.inf)
+    order = np.argsort(key, axis=1, kind="stable")
+    rows = np.arange(len(todo))[:, None]
+    a = np.where(np.isfinite(key[rows, order]), am[rows, order], 0.0)
+    end = np.cumsum(a, axis=1)
+    start = end - a
+    w = where[todo, None]
+    inside = (start < w) & (end > w) & (a > 0)
+    moved = ((end <= w) if below else (start >= w)) & (a > 0)
+    e_in, k_in = np.nonzero(inside)
+    at = order[e_in, k_in]
+    part = (w[e_in, 0] - start[e_in, k_in]) if below else (end[e_in, k_in] - w[e_in, 0])
+    d = delta[todo]
+    am[e_in, slot] = part
+    ef[e_in, slot] = ef[e_in, at] + d[e_in]
+    col[todo[e_in], slot] = col[todo[e_in], at]
+    am[e_in, at] -= part
+    e_mv, k_mv = np.nonzero(moved)
+    ef[e_mv, order[e_mv, k_mv]] += d[e_mv]
+    eff[todo], amt[todo] = ef, am
+
+
+def ev_values(blocks: EvBlocks, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each EV's own LP with `lam` ((groups, n) EUR per kW in the PTU) added to its charge
+    columns' cost: the optimum (E,) and the powers (E, W) kW that reach it."""
+    E, W = blocks.e_coef.shape
+    M = blocks.ms_col.shape[1]
+    P = W + 2 * M
+    ok = blocks.ub_kw > 0
+    lam_kw = lam[blocks.group[:, None], blocks.ptu]
+    eff = np.full((E, P), np.inf)
+    amt = np.zeros((E, P))
+    col = np.zeros((E, P), dtype=np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eff[:, :W] = np.where(ok, (blocks.price_kw + lam_kw) / blocks.e_coef, np.inf)
+    amt[:, :W] = np.where(ok, blocks.e_coef * blocks.ub_kw, 0.0)
+    col[:, :W] = np.arange(W)
+    for m in range(M):
+        member = col < blocks.ms_col[:, m:m + 1]
+        lo, hi, w = blocks.ms_lo[:, m], blocks.ms_hi[:, m], blocks.ms_w[:, m]
+        has_lo = np.isfinite(lo) & (lo > 0)
+        _split_at(eff, amt, member & has_lo[:, None], np.where(has_lo, lo, 0.0), -w, True,
+                  W + 2 * m, col)
+        has_hi = np.isfinite(hi)
+        _split_at(eff, amt, member & has_hi[:, None], np.where(has_hi, np.maximum(hi, 0.0), 0.0),
+                  w, False, W + 2 * m + 1, col)
+    # the whole window: cheapest first, each kWh while its price is below the target's reward
+    order = np.argsort(eff, axis=1, kind="stable")
+    rows = np.arange(E)[:, None]
+    p = eff[rows, order]
+    a = np.where(np.isfinite(p), amt[rows, order], 0.0)
+    end = np.cumsum(a, axis=1)
+    start = end - a
+    # the energy whose reward is above p: the tranches rewarded more, all of it when p < 0
+    reach = np.zeros((E, P))
+    for j in range(blocks.tranche_kwh.shape[1]):
+        reach += np.where(blocks.tranche_eur[:, j:j + 1] > p, blocks.tranche_kwh[:, j:j + 1], 0.0)
+    reach = np.where(p < 0, np.inf, reach)
+    reach = np.minimum(reach, blocks.cap_kwh[:, None])
+    take = np.clip(np.minimum(reach, end) - start, 0.0, a)
+    energy = np.bincount((rows * W + col[rows, order]).ravel(), take.ravel(),
+                         minlength=E * W).reshape(E, W)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        power = np.where(ok, energy / np.where(ok, blocks.e_coef, 1.0), 0.0)
+    power = np.minimum(power, blocks.ub_kw)
+    return _ev_objective(blocks, lam_kw, power), power
+
+
+def _ev_objective(blocks: EvBlocks, lam_kw: np.ndarray, power: np.ndarray) -> np.ndarray:
+    """Each EV's own objective for these powers (E, W): the columns' cost plus `lam_kw`, the
+    milestones missed and the target's unmet energy (cheapest segments first)."""
+    E, W = power.shape
+    energy = power * blocks.e_coef
+    value = ((blocks.price_kw + lam_kw) * power).sum(axis=1)
+    prefix = np.concatenate([np.zeros((E, 1)), np.cumsum(energy, axis=1)], axis=1)
+    M = blocks.ms_col.shape[1]
+    if M:
+        z = prefix[np.arange(E)[:, None], np.minimum(blocks.ms_col, W)]
+        with np.errstate(invalid="ignore"):
+            miss = np.where(np.isfinite(blocks.ms_lo), np.maximum(blocks.ms_lo - z, 0.0), 0.0) \
+                + np.where(np.isfinite(blocks.ms_hi), np.maximum(z - blocks.ms_hi, 0.0), 0.0)
+        value += (blocks.ms_w * np.where(blocks.ms_col <= W, miss, 0.0)).sum(axis=1)
+    total = prefix[:, -1]
+    before = np.concatenate([np.zeros((E, 1)), np.cumsum(blocks.tranche_kwh, axis=1)[:, :-1]], axis=1)
+    covered = np.clip(total[:, None] - before, 0.0, blocks.tranche_kwh)
+    value += (blocks.tranche_eur * (blocks.tranche_kwh - covered)).sum(axis=1)
+    return value
+
+
+class RestLp:
+    """The LP without the EVs' columns and rows, and per phase group and PTU a column `s` for
+    the EVs' power (cost -lam, box 0 to what they can draw there), solved warm by HiGHS; and
+    its Dantzig-Wolfe master (`Master`)."""
+
+    def __init__(self, built: BuiltLp, lay: Layout, blocks: EvBlocks) -> None:
+        shape = built.shape
+        n = lay.n
+        ev_ent = np.array([entity_key(lay.ids[i]) for i in blocks.asset], dtype=np.int64)
+        ckind, cent = built.col_key >> 57, (built.col_key >> 23) & 0xFFFFFFF
+        rkind, rent = built.row_key >> 57, (built.row_key >> 23) & 0xFFFFFFF
+        drop_c = np.isin(ckind, [C_CHARGE, C_UNMET, C_MILESTONE]) & np.isin(cent, ev_ent)
+        drop_r = np.isin(rkind, [R_ENERGY, R_CAP, R_MILESTONE]) & np.isin(rent, ev_ent)
+        keep_c, keep_r = ~drop_c, ~drop_r
+        new_col = np.cumsum(keep_c) - 1
+        new_row = np.cumsum(keep_r) - 1
+        nz = keep_c[shape.col] & keep_r[shape.row]
+        agg_rows = built.index.agg_rows
+        assert agg_rows is not None
+        G = agg_rows.shape[0]
+        smax = blocks.per_group(blocks.ub_kw, G)
+        self.where = np.nonzero(smax > 0)  # (group, PTU) cells with an s column
+        self.s_max = smax[self.where]
+        self.groups, self.n = G, n
+        self.cells = len(self.where[0])
+        self.agg_row = new_row[agg_rows[self.where]]  # the rest's row of each cell
+        self.n_cols, self.n_rows = int(keep_c.sum()), int(keep_r.sum())
+        self.keep_c = keep_c
+        self.cost, self.lower, self.upper = shape.cost[keep_c], shape.col_lower[keep_c], shape.col_upper[keep_c]
+        self.row_lower, self.row_upper = shape.row_lower[keep_r], shape.row_upper[keep_r]
+        self.nz = (new_row[shape.row[nz]], new_col[shape.col[nz]], shape.val[nz])
+        self.s_cols = np.arange(self.n_cols, self.n_cols + self.cells, dtype=np.int32)
+        self.h = _highs(self._lp([(np.zeros(self.cells), np.zeros(self.cells), self.s_max, -1.0)], 0))
+
+    def _lp(self, extra: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]], more_rows: int
+            ) -> highspy.HighsLp:
+        """The rest with blocks of one column per cell (cost, lower, upper, coefficient in the
+        cell's group row) and `more_rows` empty rows fixed at 1."""
+        cost, lower, upper = [self.cost], [self.lower], [self.upper]
+        r, c, v = [self.nz[0]], [self.nz[1]], [self.nz[2]]
+        at = self.n_cols
+        for cst, lo, up, coef in extra:
+            cost.append(cst)
+            lower.append(lo)
+            upper.append(up)
+            r.append(self.agg_row)
+            c.append(np.arange(at, at + self.cells))
+            v.append(np.full(self.cells, coef))
+            at += self.cells
+        return _highs_lp(np.concatenate(cost), np.concatenate(lower), np.concatenate(upper),
+                         np.concatenate([self.row_lower, np.ones(more_rows)]),
+                         np.concatenate([self.row_upper, np.ones(more_rows)]),
+                         np.concatenate(r), np.concatenate(c), np.concatenate(v))
+
+    def solve(self, lam: np.ndarray) -> tuple[float, np.ndarray] | None:
+        """R(lam) and the `s` that reaches it ((groups, n) kW), None when HiGHS did not solve it."""
+        self.h.changeColsCost(self.cells, self.s_cols, -lam[self.where])
+        self.h.run()
+        if self.h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+            return None
+        s = np.zeros((self.groups, self.n))
+        s[self.where] = np.asarray(self.h.getSolution().col_value)[self.s_cols]
+        return float(self.h.getInfo().objective_function_value), s
+
+
+def _highs_lp(cost: np.ndarray, lower: np.ndarray, upper: np.ndarray, row_lower: np.ndarray,
+              row_upper: np.ndarray, r: np.ndarray, c: np.ndarray, v: np.ndarray) -> highspy.HighsLp:
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = len(cost), len(row_lower)
+    lp.col_cost_, lp.col_lower_, lp.col_upper_ = cost, lower, upper
+    lp.row_lower_, lp.row_upper_ = row_lower, row_upper
+    order = np.argsort(c, kind="stable")
+    start = np.zeros(len(cost) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(c, minlength=len(cost)), out=start[1:])
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = start.astype(np.int32)
+    lp.a_matrix_.index_ = r[order].astype(np.int32)
+    lp.a_matrix_.value_ = v[order].astype(float)
+    lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = len(cost), len(row_lower)
+    return lp
+
+
+def _highs(lp: highspy.HighsLp) -> highspy.Highs:
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("presolve", "off")
+    h.setOptionValue("threads", 1)
+    h.passModel(lp)
+    return h
+
+
+class Master:
+    """The Dantzig-Wolfe master of the site rows: the rest of the LP with the EVs' power a
+    convex combination of the EVs' answers so far (one column each: their own cost, their
+    power per group and PTU), and per cell two columns that keep the row prices within
+    `delta` of a centre (a box step: the master's duals are the next prices). Its optimum is
+    the LP's over those combinations, at least the LP optimum when the box does not bind."""
+
+    def __init__(self, rest: RestLp) -> None:
+        self.rest = rest
+        z, inf = np.zeros(rest.cells), np.full(rest.cells, INF)
+        self.h = _highs(rest._lp([(z, z, inf, -1.0), (z, z, inf, 1.0)], 1))
+        self.up = np.arange(rest.n_cols, rest.n_cols + rest.cells, dtype=np.int32)
+        self.down = self.up + rest.cells
+        self.convex = rest.n_rows
+        self.powers: list[np.ndarray] = []
+        self.rest_x: np.ndarray | None = None  # the rest's columns in the last solution
+
+    def add(self, cost: np.ndarray | float, per_cell: np.ndarray, power: np.ndarray | None) -> None:
+        """An answer of the EVs: their own cost, their power per cell, per EV (E, W; kept
+        for the master's point only when given)."""
+        d = per_cell[self.rest.where]
+        keep = np.abs(d) > 1e-12
+        idx = np.concatenate([self.rest.agg_row[keep], [self.convex]]).astype(np.int32)
+        val = np.concatenate([-d[keep], [1.0]])
+        self.h.addCol(float(cost), 0.0, INF, len(idx), idx, val)
+        if power is not None:
+            self.powers.append(power)
+
+    def solve(self, centre: np.ndarray, delta: np.ndarray | float
+              ) -> tuple[float, np.ndarray, np.ndarray] | None:
+        """The master with the prices boxed to centre +- delta: its value, its prices
+        (groups, n) and the weights of the answers; None when HiGHS did not solve it."""
+        lam = centre[self.rest.where]
+        dl = np.broadcast_to(np.asarray(delta, dtype=float), lam.shape)
+        self.h.changeColsCost(len(self.up), self.up, -(lam - dl))
+        self.h.changeColsCost(len(self.down), self.down, lam + dl)
+        self.h.run()
+        if self.h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+            return None
+        sol = self.h.getSolution()
+        y = np.zeros((self.rest.groups, self.rest.n))
+        y[self.rest.where] = np.asarray(sol.row_dual)[self.rest.agg_row]
+        first = self.rest.n_cols + 2 * self.rest.cells
+        x = np.asarray(sol.col_value)
+        self.rest_x = x[:self.rest.n_cols]
+        return float(self.h.getInfo().objective_function_value), y, x[first:]
+
+
+@dataclass
+class DecomposedBound:
+    """The best L(lam) found, the prices that gave it, and the master's combination of the
+    EVs' answers (a point of the LP, for a plan)."""
+
+    bound_eur: float
+    lam: np.ndarray  # (groups, n)
+    blocks: EvBlocks
+    ev_power_kw: np.ndarray  # (E, W) the EVs' powers: the master's last point (`point`), else
+    # the last answer's
+    master_eur: float | None  # the master's last value (an LP point's objective when not boxed)
+    steps: int
+    seconds: float
+    rest_x: np.ndarray | None = None  # the rest's columns in the master's last solution
+    keep_c: np.ndarray | None = None  # which of the LP's columns the rest has
+
+    def dispatch(self, lay: Layout, built: BuiltLp) -> Dispatch | None:
+        """The master's last solution as a (fractional) dispatch: the EVs' combined powers
+        and the rest's columns, laid onto the LP's columns."""
+        if self.rest_x is None or self.keep_c is None:
+            return None
+        x = np.zeros(len(self.keep_c))
+        x[self.keep_c] = self.rest_x
+        b = self.blocks
+        ok = b.ub_kw > 0
+        rows = np.broadcast_to(b.asset[:, None], ok.shape)
+        cols = built.index.charge[rows[ok], b.ptu[ok]]
+        x[cols[cols >= 0]] = self.ev_power_kw[ok][cols >= 0]
+        return _dispatch_from_x(lay, built.index, x)
+
+
+def lagrangian_bound(lay: Layout, built: BuiltLp | None = None, lam0: np.ndarray | None = None,
+                     steps: int = 100, deadline: float | None = None, tol: float = 1e-4,
+                     point: bool = False) -> DecomposedBound | None:
+    """max of L(lam) by a box-step bundle (`Master`) from `lam0` ((groups, n), the last
+    replan's prices) or from the import prices, until the master's prediction is within `tol`
+    of the best value, `steps` answers or the `deadline` (`time.perf_counter`). None without
+    EVs to decompose or when the rest of the LP could not be solved. `point`: keep every
+    answer's powers, for the master's point (`DecomposedBound.dispatch`; memory grows with
+    the answers)."""
+    began = time.perf_counter()
+    built = BuiltLp.of(lay) if built is None else built
+    blocks = ev_blocks(lay)
+    if blocks.count == 0:
+        return None
+    rest = RestLp(built, lay, blocks)
+    G, n = rest.groups, rest.n
+    if lam0 is not None and lam0.shape == (G, n) and np.all(np.isfinite(lam0)):
+        lam = lam0.copy()
+    else:
+        lam = np.broadcast_to(lay.p_imp * lay.ptu_h, (G, n)).copy()
+    master = Master(rest)
+
+    def value(at: np.ndarray) -> tuple[float, np.ndarray, np.ndarray] | None:
+        got = rest.solve(at)
+        if got is None:
+            return None
+        r_val, _s = got
+        values, power = ev_values(blocks, at)
+        per_cell = blocks.per_group(power, G)
+        total = float(values.sum())
+        master.add(total - float((at * per_cell).sum()), per_cell, power if point else None)
+        return r_val + total, per_cell, power
+
+    got = value(lam)
+    if got is None:
+        return None
+    centre, best = lam, got[0]
+    scale = max(float(np.abs(lam).max()), 1e-3)
+    delta = 0.5 * scale if lam0 is None else 0.1 * scale
+    power_mix = got[2]
+    master_eur: float | None = None
+    count = 1
+    for _ in range(steps - 1):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        solved = master.solve(centre, delta)
+        if solved is None:
+            break
+        predicted, y, weights = solved
+        master_eur = predicted
+        if point:
+            power_mix = sum((w * p for w, p in zip(weights, master.powers, strict=True) if w > 1e-9),
+                            start=np.zeros_like(got[2]))
+        if predicted - best <= tol * max(abs(best), 1.0):
+            at_edge = np.abs(y - centre).max() >= 0.999 * delta
+            if not at_edge:
+                break
+            delta *= 2
+            continue
+        got = value(y)
+        count += 1
+        if got is None:
+            break
+        power_mix = power_mix if point else got[2]
+        if got[0] >= best + 0.1 * (predicted - best):  # a serious step: move the centre
+            if np.abs(y - centre).max() >= 0.999 * delta:
+                delta *= 2
+            centre, best = y, got[0]
+        else:
+            delta *= 0.5
+    return DecomposedBound(best, centre, blocks, power_mix, master_eur, count,
+                           time.perf_counter() - began, master.rest_x, rest.keep_c)
