@@ -27,6 +27,11 @@ comparable visits, and their target is the most those visits took (their 0.99 qu
 `DepartureModel.energy`) when that is more than the charger's default need: an EV that takes
 less stops drawing and is dropped from the next plan.
 
+An EV whose RM plans it in SoC (its fill-level label "SoC %") and whose target lies above
+`planner.ev_taper_from_soc` gets every milestone (its learned departures' and its finish
+margin's) earlier by the extra time its last part takes under an assumed taper
+(`taper_ptus`): the planner has full power to the end, the EV does not.
+
 `commit_started` keeps a charge the last plan started: an EV the previous plan charged in the
 PTU that is now running gets a milestone at the end of this PTU asking for that energy, priced
 like the safe departure. A replan no longer pushes it to a later PTU for a slightly cheaper
