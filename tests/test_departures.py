@@ -224,3 +224,68 @@ def test_departure_scenarios_are_priced_at_the_share_of_drivers_that_leave_by_th
     off = learning(safe_departure_quantile=0.0)
     p = problem()
     assert off.apply(p, {"rm": ["ev"]}) == 0 and p.storage[0].target_profile == []
+
+
+def test_an_ev_near_full_is_planned_to_finish_earlier_for_the_taper() -> None:
+    """An EV that reports its SoC and wants 75 -> 97 %: above 80 % it takes less than full
+    power, so its milestones come the taper's extra hour earlier and the plan charges it by
+    then; an EV in kWh charged (no SoC) and `ev_taper_from_soc = 100` keep them where they were."""
+    from cem.control.departures import DepartureLearning, OpenVisit, taper_ptus
+    from cem.site.config import PlannerConfig, SiteConfig
+
+    def case(soc: bool, **planner: object) -> tuple[Problem, DepartureLearning]:
+        config = SiteConfig.model_validate({"site": {"name": "t", "timezone": "UTC"},
+                                            "planner": PlannerConfig(**planner).model_dump()})
+        learning = DepartureLearning(config)
+        for v in fixture():
+            learning.model.add(v)
+        learning.open["rm"] = OpenVisit("A", MONDAY_8, MONDAY_8 + timedelta(hours=9), 13000.0,
+                                        45000.0, 60000.0, soc=soc,
+                                        typed_latest=MONDAY_8 + timedelta(hours=9))
+        price = np.where(np.arange(40) < 14, 0.30, 0.10)  # cheap from 11:30: the plan waits
+        ev = StorageAsset(id="ev", kind="ev", charge_max_w=7360, charge_min_w=1380,
+                          level_wh=45000, level_max_wh=60000, target_wh=58000,
+                          available_from=0, available_until=36)
+        problem = Problem(start=MONDAY_8, ptu_minutes=15, n_ptus=40,
+                          limits=SiteLimits(fuse_a=25, phases=3, voltage_v=230,
+                                            import_limit_w=np.full(40, 20000.0),
+                                            export_limit_w=np.full(40, 20000.0)),
+                          prices=Prices(import_eur_per_kwh=price,
+                                        export_eur_per_kwh=price * 0),
+                          storage=[ev])
+        assert learning.apply(problem, {"rm": ["ev"]}) == 1
+        return problem, learning
+
+    plain, _ = case(False)
+    tapered, learning = case(True)
+    shift = taper_ptus(tapered.storage[0], 0.8, 15)
+    assert shift == 4 and learning.tapered == 1  # 80 -> 97 % takes an hour more than at full power
+    before = sorted(m[0] for m in plain.storage[0].target_profile)
+    after = sorted(m[0] for m in tapered.storage[0].target_profile)
+    assert after == [t - shift for t in before]
+    off, _ = case(True, ev_taper_from_soc=100)
+    assert sorted(m[0] for m in off.storage[0].target_profile) == before
+    # the plan: the whole need by the first (earlier) milestone, at full power at most
+    plan = plan_site(tapered, time_limit_s=2.0, workers=1)
+    power = np.asarray(plan.power_w["ev"], dtype=float)
+    assert power.max() <= 7360 + 1e-6
+    assert float(power[:after[0]].sum()) * 0.25 >= 13000 - 300
+    late = np.asarray(plan_site(plain, time_limit_s=2.0, workers=1).power_w["ev"], dtype=float)
+    assert float(late[:after[0]].sum()) * 0.25 < 13000 - 300  # without the taper it waits longer
+
+
+def test_departures_are_learned_as_the_share_of_the_typed_stay() -> None:
+    """Half the drivers typed 10 h and left after 5 h, half typed 2 h and left after 1 h: every
+    one stayed half the stay they typed. A new driver who types 2 h is planned to leave after
+    1 h, not at once (5 h early, the most of the pooled "hours early", is all of their stay)."""
+    visits = [visit("D", MONDAY_8 - timedelta(days=d), *(5.0, 10.0) if d % 2 else (1.0, 2.0))
+              for d in range(1, 13)]
+    short_typed = MONDAY_8 + timedelta(hours=2)
+    share = DepartureModel(visits, "UTC").safe_departure("D", MONDAY_8, short_typed, 0.15)
+    assert share is not None and share.at == MONDAY_8 + timedelta(hours=1)
+    long_typed = MONDAY_8 + timedelta(hours=10)
+    share_long = DepartureModel(visits, "UTC").safe_departure("D", MONDAY_8, long_typed, 0.15)
+    assert share_long is not None and share_long.at == MONDAY_8 + timedelta(hours=5)
+    hours = DepartureModel(visits, "UTC", relative=False).safe_departure("D", MONDAY_8,
+                                                                         short_typed, 0.15)
+    assert hours is not None and hours.at == MONDAY_8

@@ -122,11 +122,15 @@ def test_per_session_delivered_vs_the_optimum_is_reported(run: tuple[dict[str, A
         assert 0.0 <= level["session_ratio_mean"] <= 1.0
         assert 0 <= level["sessions_short"] <= level["sessions"]
         assert level["achievable_kwh"] == optimum["planned_kwh"]
+        # against what each EV could take at all in its stay: never stricter than the plan
+        assert level["session_ratio_p5_reachable"] >= level["session_ratio_p5"]
+        assert level["sessions_short_reachable"] <= level["sessions_short"]
     # the timer keeps cars waiting for its hours: some drivers leave with far less
     assert levels["2"]["sessions_short"] > 0
     assert levels["2"]["session_ratio_p5"] < 0.9
     assert (report / "session_ratios.png").stat().st_size > 500
     assert "session p5 of optimum" in (report / "report.md").read_text()
+    assert "session p5 of reachable" in (report / "report.md").read_text()
 
 
 def test_report_files_are_written(run: tuple[dict[str, Any], Path]) -> None:

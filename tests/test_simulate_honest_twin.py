@@ -47,6 +47,13 @@ def test_an_ev_that_arrives_nearly_full_takes_less_than_offered(tmp_path: Path) 
     assert best["planned_kwh"] == pytest.approx(6.0)
     assert best["delivered_kwh"] <= taper["levels"]["1"]["delivered_kwh"] + 1e-6
     assert best["achievable_kwh"] == pytest.approx(6.0)
+    # against the plan the uncontrolled EV got a fraction; against what the EV could take at
+    # all in its hour (full power from plug-in, under the taper) it got everything
+    uncontrolled = taper["levels"]["1"]
+    assert uncontrolled["session_ratio_p5"] < 0.75 and uncontrolled["sessions_short"] == 1
+    assert uncontrolled["session_ratio_p5_reachable"] == 1.0
+    assert uncontrolled["sessions_short_reachable"] == 0
+    assert flat["levels"]["1"]["session_ratio_p5_reachable"] == 1.0
 
 
 def test_an_ev_that_arrives_empty_charges_at_full_power_until_80_percent(tmp_path: Path) -> None:

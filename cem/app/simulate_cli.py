@@ -29,7 +29,7 @@ from rich.table import Table
 
 from cem.app.json_stdout import prints_to_stderr
 from cem.app.site_file import load_site_file
-from cem.simulation.engine import LevelRun, run_level
+from cem.simulation.engine import LevelRun, reachable_wh, run_level
 from cem.simulation.inputs import (
     OCPP16_SHARE_DEFAULT,
     SimInputs,
@@ -103,6 +103,7 @@ def run_simulation(inputs: SimInputs, levels: list[str], *, show_progress: bool 
 def summarise(inputs: SimInputs, runs: dict[str, LevelRun], controllers: dict[str, Any]) -> dict[str, Any]:
     """KPIs of every level, plus per-level notes, in the shape of the JSON output."""
     reference = reference_layout(inputs)
+    reachable = reachable_wh(inputs)
     out: dict[str, Any] = {}
     for lv, run in runs.items():
         kpis = level_kpis(inputs, run, reference)
@@ -117,7 +118,7 @@ def summarise(inputs: SimInputs, runs: dict[str, LevelRun], controllers: dict[st
             kpis["objective_bound_eur"] = None if bound is None else round(float(bound), 2)
         kpis["cost_per_day_eur"] = [round(c, 2) for c in cost_per_day(inputs, run)]
         if "optimum" in runs:
-            kpis.update(session_kpis(run.delivered_wh, runs["optimum"].achievable_wh))
+            kpis.update(session_kpis(run.delivered_wh, runs["optimum"].achievable_wh, reachable))
         if run.planned_wh is not None:
             kpis["planned_kwh"] = round(float(run.planned_wh.sum()) / 1000, 1)
         out[lv] = kpis

@@ -18,6 +18,8 @@ COLUMNS = [
     ("peak kW", "peak_kw"), ("PTUs > GTV", "ptus_over_gtv"), ("fuse minutes", "fuse_minutes_over"),
     ("delivered kWh", "delivered_kwh"), ("of need", "delivered_pct"), ("sessions served", "served_sessions"),
     ("session p5 of optimum", "session_ratio_p5"), ("sessions < 0.9 of optimum", "sessions_short"),
+    ("session p5 of reachable", "session_ratio_p5_reachable"),
+    ("sessions < 0.9 of reachable", "sessions_short_reachable"),
     ("PV self-consumption", "self_consumption"), ("EV energy from PV", "pv_share_of_ev"),
     ("replan p50 s", "replan_p50_s"), ("replan p95 s", "replan_p95_s"),
 ]

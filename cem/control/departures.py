@@ -27,6 +27,11 @@ comparable visits, and their target is the most those visits took (their 0.99 qu
 `DepartureModel.energy`) when that is more than the charger's default need: an EV that takes
 less stops drawing and is dropped from the next plan.
 
+An EV whose RM plans it in SoC (its fill-level label "SoC %") and whose target lies above
+`planner.ev_taper_from_soc` gets every milestone (its learned departures' and its finish
+margin's) earlier by the extra time its last part takes under an assumed taper
+(`taper_ptus`): the planner has full power to the end, the EV does not.
+
 `commit_started` keeps a charge the last plan started: an EV the previous plan charged in the
 PTU that is now running gets a milestone at the end of this PTU asking for that energy, priced
 like the safe departure. A replan no longer pushes it to a later PTU for a slightly cheaper
@@ -56,6 +61,10 @@ HISTORY_DAYS = 365  # visits the model learns from, counted back from the start
 OVERSTAY = timedelta(hours=1)  # the charger RM's target for an EV past its departure
 DRIVER = re.compile(r"driver ([^,]+)")
 DEFAULTS = "needs from site defaults"  # the OCPP RM's label when neither EV nor card told it
+# the charging curve assumed above `planner.ev_taper_from_soc`: the EV's power falls linearly
+# to this share of its maximum at 100 % SoC (a common shape for Li-ion cars; the twin's EVs
+# taper the same way, so the twin measures this with the curve right)
+TAPER_END_SHARE = 0.15
 
 
 @dataclass
@@ -70,6 +79,7 @@ class OpenVisit:
     delivered_wh: float = 0.0  # level rises seen, while the unit stayed the same
     typed_latest: datetime | None = None  # the asset's end now (an overstayer's is renewed)
     defaults: bool = False  # the RM's departure and need are its site defaults (OCPP 1.6)
+    soc: bool = False  # the RM plans the EV in SoC % (the fill level is its state of charge)
 
 
 def no_ev(asset: StorageAsset, state: Any, now: datetime) -> bool:
@@ -102,6 +112,33 @@ def driver_of(state: Any, now: datetime) -> str | None:
     return match.group(1).strip() if match else None
 
 
+def plans_in_soc(state: Any, now: datetime) -> bool:
+    """The RM's fill level is the EV's SoC in % (its FRBC storage's fill-level label)."""
+    try:
+        sd = state.of(ControlType.FILL_RATE_BASED_CONTROL).system_description(now)
+        return str(sd.storage.fill_level_label or "").startswith("SoC")
+    except Exception:  # not FRBC, or no description yet
+        return False
+
+
+def taper_ptus(asset: StorageAsset, knee: float, ptu_minutes: int) -> int:
+    """PTUs more than at full power that an EV planned in SoC (level / level_max = SoC) needs
+    to reach its target when above `knee` (0..1) its power falls linearly to
+    `TAPER_END_SHARE` of its maximum at 100 %; 0 when the target is below the knee."""
+    if knee >= 1.0 or asset.target_wh is None or asset.level_max_wh <= 0 \
+            or asset.charge_max_w <= 0:
+        return 0
+    soc0 = max(float(asset.level_wh) / asset.level_max_wh, knee)
+    soc1 = min(float(asset.target_wh) / asset.level_max_wh, 1.0)
+    if soc1 <= soc0:
+        return 0
+    k = (1.0 - TAPER_END_SHARE) / (1.0 - knee)  # share of the maximum lost per unit of SoC
+    wh_h = asset.level_max_wh / float(asset.charge_max_w)  # hours for 100 % at full power
+    full_h = (soc1 - soc0) * wh_h
+    taper_h = wh_h / k * math.log((1.0 - k * (soc0 - knee)) / (1.0 - k * (soc1 - knee)))
+    return max(0, round((taper_h - full_h) * 60 / ptu_minutes))
+
+
 def needs_from_defaults(state: Any, now: datetime) -> bool:
     """The RM says its departure and need are only its site defaults: the EV and the card told
     it nothing (an OCPP 1.6 EV reports neither SoC nor departure nor energy)."""
@@ -122,12 +159,15 @@ class DepartureLearning:
         self.quantiles = [self.quantile, *more] if self.quantile > 0 else []
         self.scenarios = bool(more)
         self.ptu_minutes = planner.ptu_minutes
+        self.taper_knee = float(planner.ev_taper_from_soc) / 100
         self.store = store
-        self.model = DepartureModel([], config.site.timezone)
+        self.model = DepartureModel([], config.site.timezone,
+                                    relative=bool(planner.departures_relative))
         self.open: dict[str, OpenVisit] = {}
         self.safe: dict[str, SafeDeparture] = {}  # rm id -> the last safe departure planned to
         self.recorded = 0  # visits recorded (this run)
         self.planned = 0  # safe-departure milestones added (this run, summed over plans)
+        self.tapered = 0  # EVs whose milestones moved earlier for the taper (summed over plans)
         # visits whose charger gave only its defaults (OCPP 1.6), planned by their stay: with
         # any learned departure, and with a learned energy above the charger's default need
         self.by_stay: set[tuple[str, datetime]] = set()
@@ -177,8 +217,11 @@ class DepartureLearning:
                                              None if defaults else typed,
                                              None if defaults else need, level, scale,
                                              driver_of(states.get(rm_id), now),
-                                             typed_latest=typed, defaults=defaults)
+                                             typed_latest=typed, defaults=defaults,
+                                             soc=plans_in_soc(states.get(rm_id), now))
                 continue
+            if asset.charge_max_w > 0:
+                visit.soc = plans_in_soc(states.get(rm_id), now)
             if asset.charge_max_w > 0 and typed is not None:
                 visit.typed_latest = typed
             if asset.charge_max_w > 0 or scale > 0:
@@ -266,9 +309,13 @@ class DepartureLearning:
             self.safe[rm_id] = found[0]
             if visit.defaults:
                 self.by_stay.add((rm_id, visit.arrival))
+            shift = taper_ptus(asset, self.taper_knee, problem.ptu_minutes) if visit.soc else 0
+            if shift:
+                self._finish_earlier(asset, shift)
+                self.tapered += 1
             ours: set[int] = set()
             for safe, price in zip(found, self._prices(found[0].early_share), strict=True):
-                ptu = math.floor((safe.at - problem.start) / step)
+                ptu = math.floor((safe.at - problem.start) / step) - shift
                 ptu = max(ptu, asset.available_from + 1)
                 if ptu in ours:  # two quantiles in one PTU: one milestone, both shares
                     asset.milestone_eur_per_wh[ptu] += price
@@ -281,6 +328,20 @@ class DepartureLearning:
             count += bool(ours)
         self.planned += count
         return count
+
+    @staticmethod
+    def _finish_earlier(asset: StorageAsset, shift: int) -> None:
+        """Move the EV's milestones (its finish margin's) `shift` PTUs earlier: under the
+        taper the last part of the target takes that much longer than the plan's full power."""
+        moved: list[tuple[int, int, int]] = []
+        for ptu, lo, hi in asset.target_profile:
+            new = max(ptu - shift, asset.available_from + 1)
+            if any(m[0] == new for m in moved):
+                new = ptu
+            moved.append((new, lo, hi))
+            if new != ptu and ptu in asset.milestone_eur_per_wh:
+                asset.milestone_eur_per_wh[new] = asset.milestone_eur_per_wh.pop(ptu)
+        asset.target_profile[:] = moved
 
 
 def commit_started(problem: Problem, previous: Problem | None, plan: Plan | None,

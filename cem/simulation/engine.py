@@ -49,6 +49,28 @@ def taper_hours(energy_wh: np.ndarray, soc: np.ndarray, battery_wh: np.ndarray,
     return np.asarray(bulk * wh_per_pct / safe_w + taper, dtype=float)
 
 
+def reachable_wh(inputs: SimInputs) -> np.ndarray:
+    """Per session: the most its EV can take in its stay, at its EVSE's maximum from arrival
+    to departure, minute by minute under the taper (with `ev_taper`), up to its real need.
+
+    No control delivers more, whatever it knows: with the optimum's plan (which has no taper)
+    it bounds what perfect foresight could have given each session."""
+    sessions = inputs.sessions
+    need = np.array([s.real_need_wh for s in sessions], dtype=float)
+    max_w = np.array([s.max_w for s in sessions], dtype=float)
+    battery_wh = np.array([s.battery_wh for s in sessions], dtype=float)
+    soc0 = np.array([s.arrival_soc for s in sessions], dtype=float)
+    minutes = np.array([(s.departure_ptu - s.arrival_ptu) * inputs.ptu_minutes for s in sessions])
+    delivered = np.zeros(len(sessions))
+    for m in range(int(minutes.max(initial=0))):
+        rate = max_w
+        if inputs.ev_taper:
+            rate = taper_w(max_w, soc0 + delivered / battery_wh * 100)
+        step = np.minimum(rate / 60.0, np.maximum(need - delivered, 0.0))
+        delivered += np.where(m < minutes, step, 0.0)
+    return delivered
+
+
 @dataclass
 class SimState:
     """What the controllers may observe: measured energy so far, who is plugged in, who is full."""

@@ -13,6 +13,10 @@
   delivered / achievable per session (1 where the achievable is under 50 Wh), its 5th
   percentile `session_ratio_p5` and mean `session_ratio_mean`, `sessions_short` (ratio below
   0.9) and `achievable_kwh`; a level at 1.0 leaves no driver worse off than the optimum would;
+  `session_ratio_p5_reachable` and `sessions_short_reachable` the same against the plan capped
+  by what the session's EV could take at all in its stay (`engine.reachable_wh`: full power
+  from arrival under the taper), as the plan, without the taper, asks some short tapered stays
+  for more than any control could give them;
 - self_consumption: share of the PV production used on site; pv_share_of_ev: share of the EV
   energy covered by PV in the same PTU;
 - replan_p50_s / replan_p95_s: wall time per planning call;
@@ -105,15 +109,22 @@ def session_ratios(delivered_wh: np.ndarray, achievable_wh: np.ndarray) -> np.nd
     return np.minimum(ratio, 1.0)
 
 
-def session_kpis(delivered_wh: np.ndarray, achievable_wh: np.ndarray) -> dict[str, Any]:
-    """The per-session KPIs of a level against what the optimum delivered (module docstring)."""
+def session_kpis(delivered_wh: np.ndarray, achievable_wh: np.ndarray,
+                 reachable: np.ndarray | None = None) -> dict[str, Any]:
+    """The per-session KPIs of a level against what the optimum delivered (module docstring);
+    with `reachable` (`engine.reachable_wh`) also against the optimum's plan capped by it."""
     ratio = session_ratios(delivered_wh, achievable_wh)
-    return {
+    out = {
         "achievable_kwh": round(float(np.sum(achievable_wh)) / 1000, 1),
         "session_ratio_p5": round(percentile(list(ratio), 5), 3),
         "session_ratio_mean": round(float(ratio.mean()), 4) if len(ratio) else 1.0,
         "sessions_short": int(np.count_nonzero(ratio < SHORT_RATIO)),
     }
+    if reachable is not None:
+        capped = session_ratios(delivered_wh, np.minimum(achievable_wh, reachable))
+        out["session_ratio_p5_reachable"] = round(percentile(list(capped), 5), 3)
+        out["sessions_short_reachable"] = int(np.count_nonzero(capped < SHORT_RATIO))
+    return out
 
 
 def level_kpis(inputs: SimInputs, run: LevelRun, reference: Any | None) -> dict[str, Any]:

@@ -256,6 +256,12 @@ class PlannerConfig(Section):
     departure_scenario_quantiles: list[float] = Field(
         default_factory=lambda: [0.1, 0.2, 0.3, 0.5], description="more departure quantiles, each a milestone priced at "
         "the value times the share of drivers leaving between it and the next")
+    departures_relative: bool = Field(
+        True, description="learn departures as the share of the typed stay drivers stayed "
+        "(false: as hours before the typed departure)")
+    ev_taper_from_soc: float = Field(
+        80.0, ge=50, le=100, description="EVs that report their SoC are assumed to take less "
+        "above this SoC (%): their milestones move earlier by the extra time (100: off)")
     commit_started_charging: bool = Field(
         True, description="keep a charge the last plan started in the running PTU")
     congestion_fast_path: bool = Field(

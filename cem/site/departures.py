@@ -11,8 +11,12 @@ Comparable visits, most specific first, the first group with at least `min_visit
 2. the same EVSE, weekday and local arrival hour;
 3. the same local arrival hour (any EVSE, any day);
 4. every visit.
-With a typed departure the group's "how much earlier than typed" (hours, 0 for those who
-stayed longer) gives the safe departure as typed minus its (1 - q) quantile; without one, the
+With a typed departure the group's share of the typed stay the drivers really stayed (capped
+at 1) gives the safe departure as arrival plus its q quantile times this driver's typed stay
+(`relative`, the default since round 4: drivers who type a long stay leave more hours early
+than those who type a short one, so "hours early" pooled over both planned the long stays too
+late and the short ones too early); with `relative=False` the group's "how much earlier than
+typed" (hours, 0 for those who stayed longer) gives typed minus its (1 - q) quantile; without one, the
 group's stay (hours from arrival) gives arrival plus its q quantile; that is how an EV whose
 charger passes on no departure (OCPP 1.6) is planned, and `energy` gives it the most the group
 took (its 0.99 quantile), instead of the charger's default need. Pure functions: the store
@@ -55,6 +59,14 @@ class Visit:
         return (self.departure - self.arrival).total_seconds() / 3600
 
     @property
+    def stayed_share(self) -> float | None:
+        """The share of its typed stay the EV really stayed (at most 1; None without one)."""
+        if self.typed_departure is None or self.typed_departure <= self.arrival:
+            return None
+        typed_h = (self.typed_departure - self.arrival).total_seconds() / 3600
+        return min(1.0, max(0.0, self.stay_h / typed_h))
+
+    @property
     def early_h(self) -> float | None:
         """Hours the EV left before its typed departure (0 if it stayed as long or longer)."""
         if self.typed_departure is None:
@@ -76,9 +88,10 @@ class DepartureModel:
     """The visits of the site, grouped for quick look-ups (rebuild it when visits are added)."""
 
     def __init__(self, visits: Iterable[Visit], timezone: str = "UTC", *,
-                 min_visits: int = MIN_VISITS) -> None:
+                 min_visits: int = MIN_VISITS, relative: bool = True) -> None:
         self.zone = ZoneInfo(timezone)
         self.min_visits = min_visits
+        self.relative = relative
         self.visits: list[Visit] = []
         self._groups: dict[tuple[object, ...], list[Visit]] = {}
         for visit in visits:
@@ -125,13 +138,21 @@ class DepartureModel:
                  "all": "all visits"}
         for key in self._keys(evse, arrival, driver):
             group = self._groups.get(key, [])
-            if typed is not None:
+            if typed is not None and self.relative:
+                values = [v.stayed_share for v in group if v.stayed_share is not None]
+            elif typed is not None:
                 values = [v.early_h for v in group if v.early_h is not None]
             else:
                 values = [v.stay_h for v in group]
             if len(values) < self.min_visits:
                 continue
             name = names[str(key[0])]
+            if typed is not None and self.relative:
+                early_share = float(np.mean([(v.early_h or 0.0) > EARLY_H for v in group
+                                             if v.stayed_share is not None]))
+                shares = np.quantile(values, quantiles)
+                return [SafeDeparture(min(typed, max(arrival, arrival + float(f) * (typed - arrival))),
+                                      name, len(values), early_share) for f in shares]
             if typed is not None:
                 early = np.quantile(values, [1.0 - q for q in quantiles])
                 share = float(np.mean(np.asarray(values) > EARLY_H))
