@@ -98,16 +98,17 @@ class GatedPlanner:
 Site = tuple[SiteController, list[EvControl], GatedPlanner]
 
 
-async def open_site(tmp_path: Path, fast_path: bool) -> AsyncIterator[Site]:
+async def open_site(tmp_path: Path, fast_path: bool, planner: GatedPlanner | None = None,
+                    **planner_settings: Any) -> AsyncIterator[Site]:
     config = SiteConfig.model_validate({
         "server": {"host": "127.0.0.1", "port": 0},
         "grid": {"fuse_a": 400, "import_limit_kw": 250},
         "planner": {"horizon_ptus": 12, "time_limit_s": 5.0,
-                    "congestion_fast_path": fast_path}})
+                    "congestion_fast_path": fast_path, **planner_settings}})
     store = await Store.open(tmp_path / "cem.db")
     server = S2Server(config, store)
     await server.start()
-    planner = GatedPlanner()
+    planner = planner or GatedPlanner()
     controller = SiteController(config, server, store, solver=planner)  # replans by the test
     stop = asyncio.Event()
     controls: list[EvControl] = []

@@ -103,6 +103,14 @@ REPLAN_KINDS = {
 T = TypeVar("T")
 
 
+# a replan asked for because the last plan was far above its bound (`SiteController._follow_up`)
+FOLLOW_UP = "the LP goes on"
+FOLLOW_UP_GAP = 0.01
+# a follow-up alone gives the planner this many times its time limit: the plan in force keeps
+# every limit meanwhile (the congestion fast path saw to that), and the LP needs the time
+FOLLOW_UP_TIME_FACTOR = 3
+
+
 def utc_now() -> datetime:
     """The process clock (`sitekit.clock`: real time, or the demo's simulated time)."""
     return process_clock.now()
@@ -175,6 +183,7 @@ class SiteController:
         self.limit_cuts: deque[str] = deque(maxlen=100)  # the fast path's decisions, in words
         self.limit_cut_count = 0
         self.limit_cut_rms = 0  # RMs whose plan the last fast path changed (sent or revoked)
+        self.follow_ups = 0  # replans asked for in a row because the last plan was far from its bound
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -552,7 +561,9 @@ class SiteController:
         if self.ev_modes is not None:
             await self.ev_modes.forget(self.ev_modes.apply(problem, mapping.rm_assets))
         await self._learn_departures(problem, mapping, rms, states, now)
-        plan = await self._solve(problem)
+        follow_up = bool(reasons) and all(r.startswith(FOLLOW_UP) for r in reasons)
+        plan = await self._solve(problem, self.config.planner.time_limit_s
+                                 * (FOLLOW_UP_TIME_FACTOR if follow_up else 1))
         async with self._dispatch_lock:  # after a fast path dispatching now, never beside it
             return await self._take_plan(problem, mapping, plan, reasons, rms, now, start,
                                          began, limits_seen)
@@ -596,7 +607,25 @@ class SiteController:
         self._log_plan(reasons, mapping, plan, report, time.monotonic() - began)
         self.replans += 1
         self.last_replan_s = time.monotonic() - began
+        self._follow_up(plan, reasons)
         return plan
+
+    def _follow_up(self, plan: Plan, reasons: list[str]) -> None:
+        """After a plan more than 1 % above its bound whose LP ran out of time (a congestion
+        window that moved the optimum far, a cold start), ask for the next replan now: the LP
+        goes on from its basis (with `FOLLOW_UP_TIME_FACTOR` times the time limit when nothing
+        else asked for the replan), so a few replans reach the optimum where waiting for the
+        next event could leave the poor plan in force for minutes. At most
+        `planner.follow_up_replans` in a row; any other reason to replan starts the count anew."""
+        if not any(r.startswith(FOLLOW_UP) for r in reasons):
+            self.follow_ups = 0
+        gap = plan.gap
+        limit = self.config.planner.follow_up_replans
+        if gap is None or gap <= FOLLOW_UP_GAP or plan.lp_solved or self.follow_ups >= limit:
+            return
+        self.follow_ups += 1
+        self.request_replan(f"{FOLLOW_UP} ({self.follow_ups} of {limit}): the plan is "
+                            f"{gap:.1%} above its bound")
 
     async def _learn_departures(self, problem: Problem, mapping: SiteMapping, rms: dict[str, Any],
                                 states: dict[str, Any], now: datetime) -> None:
@@ -632,8 +661,8 @@ class SiteController:
                          getattr(work, "__name__", work), exc)
             return work(*args, **kwargs)
 
-    async def _solve(self, problem: Problem) -> Plan:
-        time_limit = self.config.planner.time_limit_s
+    async def _solve(self, problem: Problem, time_limit: float | None = None) -> Plan:
+        time_limit = time_limit or self.config.planner.time_limit_s
         if not (problem.storage or problem.modes or problem.profiles or problem.curtailable):
             return await self._off_loop(safe_plan, problem, NOTHING_FLEXIBLE)
         if self.solver is None:

@@ -267,6 +267,10 @@ class PlannerConfig(Section):
     congestion_fast_path: bool = Field(
         True, description="a congestion limit in force now or from the next PTU caps the plan "
         "in force at once (least urgent loads first), before the replan")
+    follow_up_replans: int = Field(
+        3, ge=0, le=20, description="a plan more than 1 % above its bound whose LP ran out of "
+        "time asks for the next replan at once (the LP goes on from its basis, with three "
+        "times the time limit), this many in a row at most (0: off)")
 
     @field_validator("ptu_minutes")
     @classmethod
