@@ -20,19 +20,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from s2python.common import CommodityQuantity, Duration, NumberRange, Role, RoleType
-from s2python.connection.asset_details import AssetDetails
+from s2python.common import Duration, NumberRange
 from s2python.frbc import (
-    FRBCActuatorDescription,
     FRBCFillLevelTargetProfile,
     FRBCFillLevelTargetProfileElement,
-    FRBCInstruction,
-    FRBCStorageDescription,
-    FRBCStorageStatus,
-    FRBCSystemDescription,
 )
-from s2python.generated.gen_s2 import Commodity
-from test_control_end_to_end import frbc_mode
+from test_replan_sends_only_changes import EvControl as KeepingControl
+from test_replan_sends_only_changes import connect_ev
 
 from cem.control.mpc import SiteController
 from cem.planner.assets import Plan, Problem
@@ -41,30 +35,19 @@ from cem.ports import CongestionLimit, SignalUpdate
 from cem.s2.server import S2Server
 from cem.site.config import SiteConfig
 from cem.store import Store
-from resource_managers.base import FRBCControlType, S2ResourceManager
 
-SYM = CommodityQuantity.ELECTRIC_POWER_3_PHASE_SYMMETRIC
 EVS = 3
 MIN_W, MAX_W = 4140.0, 22080.0
 LIMIT_KW = 30.0
 
 
-class EvControl(FRBCControlType):
-    """The RM side: accepts every FRBC.Instruction and keeps it."""
+class EvControl(KeepingControl):
+    """The RM side: accepts every FRBC.Instruction and keeps it, and knows what it was told
+    to draw now."""
 
     def __init__(self) -> None:
-        self.received: list[FRBCInstruction] = []
+        super().__init__()
         self.charging_mode = ""
-
-    async def handle_instruction(self, connection, msg, send_okay) -> None:  # type: ignore[no-untyped-def]
-        await send_okay()
-        self.received.append(msg)
-
-    async def activate(self, connection) -> None:  # type: ignore[no-untyped-def]
-        return None
-
-    async def deactivate(self, connection) -> None:  # type: ignore[no-untyped-def]
-        return None
 
     def power_now_w(self, now: datetime) -> float:
         """What the EV was told to draw now: the last instruction whose time has come."""
@@ -112,44 +95,17 @@ async def open_site(tmp_path: Path, fast_path: bool, planner: GatedPlanner | Non
     controller = SiteController(config, server, store, solver=planner)  # replans by the test
     stop = asyncio.Event()
     controls: list[EvControl] = []
-    tasks = []
+    tasks: list[asyncio.Task[None]] = []
     try:
         for number in range(EVS):
             control = EvControl()
-            rm = S2ResourceManager(
-                cem_url=server.url, control_types=[control], backoff_s=(0.1, 1.0),
-                asset_details=AssetDetails(
-                    resource_id=uuid.uuid4(), name=f"EV charger {number}", provides_forecast=False,
-                    provides_power_measurements=[SYM],
-                    instruction_processing_delay=Duration(root=100),
-                    roles=[Role(role=RoleType.ENERGY_STORAGE, commodity=Commodity.ELECTRICITY)]))
-            tasks.append(asyncio.create_task(rm.run(stop)))
-            await asyncio.wait_for(rm.connected.wait(), timeout=5)
-            rate = MAX_W / 60000 * 100 / 3600  # a 60 kWh battery, % per second at full power
-            charging = frbc_mode((MIN_W, MAX_W), (MIN_W / MAX_W * rate, rate))
-            control.charging_mode = str(charging.id)
-            actuator = FRBCActuatorDescription(
-                id=uuid.uuid4(), supported_commodities=[Commodity.ELECTRICITY],
-                operation_modes=[frbc_mode((0, 0), (0, 0)), charging], transitions=[],
-                timers=[])
-            for message in (
-                    FRBCSystemDescription(
-                        message_id=uuid.uuid4(), valid_from=datetime.now(UTC) - timedelta(seconds=1),
-                        actuators=[actuator], storage=FRBCStorageDescription(
-                            diagnostic_label="EV", fill_level_label="SoC %",
-                            provides_leakage_behaviour=False,
-                            provides_fill_level_target_profile=True,
-                            provides_usage_forecast=False,
-                            fill_level_range=NumberRange(start_of_range=0, end_of_range=100))),
-                    FRBCStorageStatus(message_id=uuid.uuid4(), present_fill_level=30),
-                    FRBCFillLevelTargetProfile(  # 90 % within four hours: room to wait
-                        message_id=uuid.uuid4(), start_time=datetime.now(UTC), elements=[
-                            FRBCFillLevelTargetProfileElement(
-                                duration=Duration(root=4 * 3600 * 1000),
-                                fill_level_range=NumberRange(start_of_range=90,
-                                                             end_of_range=100))])):
-                status = await rm.send(message)
-                assert status is not None and status.status.value == "OK"
+            four_hours = FRBCFillLevelTargetProfile(  # 90 % within four hours: room to wait
+                message_id=uuid.uuid4(), start_time=datetime.now(UTC), elements=[
+                    FRBCFillLevelTargetProfileElement(
+                        duration=Duration(root=4 * 3600 * 1000),
+                        fill_level_range=NumberRange(start_of_range=90, end_of_range=100))])
+            _rm, control.charging_mode = await connect_ev(server.url, number, control, stop,
+                                                          tasks, four_hours)
             controls.append(control)
         yield controller, controls, planner
     finally:

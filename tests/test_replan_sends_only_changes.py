@@ -65,6 +65,42 @@ def target(percent: float) -> FRBCFillLevelTargetProfile:
                 fill_level_range=NumberRange(start_of_range=percent, end_of_range=100))])
 
 
+async def connect_ev(url: str, number: int, control: FRBCControlType, stop: asyncio.Event,
+                     tasks: list[asyncio.Task[None]],
+                     driver_target: FRBCFillLevelTargetProfile) -> tuple[S2ResourceManager, str]:
+    """EV charger `number`'s RM (4.1-22 kW, a 60 kWh battery at 30 %) connected to the CEM at
+    `url` (its task in `tasks`, until `stop`), its system description, status and the
+    driver's target acknowledged; with the id of its charging mode."""
+    rm = S2ResourceManager(
+        cem_url=url, control_types=[control], backoff_s=(0.1, 1.0),
+        asset_details=AssetDetails(
+            resource_id=uuid.uuid4(), name=f"EV charger {number}", provides_forecast=False,
+            provides_power_measurements=[SYM],
+            instruction_processing_delay=Duration(root=100),
+            roles=[Role(role=RoleType.ENERGY_STORAGE, commodity=Commodity.ELECTRICITY)]))
+    tasks.append(asyncio.create_task(rm.run(stop)))
+    await asyncio.wait_for(rm.connected.wait(), timeout=5)
+    rate = 22080 / 60000 * 100 / 3600  # a 60 kWh battery, % per second at full power
+    charging = frbc_mode((4140, 22080), (4140 / 22080 * rate, rate))
+    actuator = FRBCActuatorDescription(
+        id=uuid.uuid4(), supported_commodities=[Commodity.ELECTRICITY],
+        operation_modes=[frbc_mode((0, 0), (0, 0)), charging], transitions=[], timers=[])
+    for message in (
+            FRBCSystemDescription(
+                message_id=uuid.uuid4(), valid_from=datetime.now(UTC) - timedelta(seconds=1),
+                actuators=[actuator], storage=FRBCStorageDescription(
+                    diagnostic_label="EV", fill_level_label="SoC %",
+                    provides_leakage_behaviour=False,
+                    provides_fill_level_target_profile=True,
+                    provides_usage_forecast=False,
+                    fill_level_range=NumberRange(start_of_range=0, end_of_range=100))),
+            FRBCStorageStatus(message_id=uuid.uuid4(), present_fill_level=30),
+            driver_target):
+        status = await rm.send(message)
+        assert status is not None and status.status.value == "OK"
+    return rm, str(charging.id)
+
+
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[tuple[S2Server, SiteController,
                                                       list[S2ResourceManager], list[EvControl]]]:
@@ -80,38 +116,13 @@ async def site(tmp_path: Path) -> AsyncIterator[tuple[S2Server, SiteController,
     stop = asyncio.Event()
     rms: list[S2ResourceManager] = []
     controls: list[EvControl] = []
-    tasks = []
+    tasks: list[asyncio.Task[None]] = []
     try:
         for number in range(EVS):
             control = EvControl()
-            rm = S2ResourceManager(
-                cem_url=server.url, control_types=[control], backoff_s=(0.1, 1.0),
-                asset_details=AssetDetails(
-                    resource_id=uuid.uuid4(), name=f"EV charger {number}", provides_forecast=False,
-                    provides_power_measurements=[SYM],
-                    instruction_processing_delay=Duration(root=100),
-                    roles=[Role(role=RoleType.ENERGY_STORAGE, commodity=Commodity.ELECTRICITY)]))
-            tasks.append(asyncio.create_task(rm.run(stop)))
-            await asyncio.wait_for(rm.connected.wait(), timeout=5)
-            rate = 22080 / 60000 * 100 / 3600  # a 60 kWh battery, % per second at full power
-            actuator = FRBCActuatorDescription(
-                id=uuid.uuid4(), supported_commodities=[Commodity.ELECTRICITY],
-                operation_modes=[frbc_mode((0, 0), (0, 0)),
-                                 frbc_mode((4140, 22080), (4140 / 22080 * rate, rate))],
-                transitions=[], timers=[])
-            for message in (
-                    FRBCSystemDescription(
-                        message_id=uuid.uuid4(), valid_from=datetime.now(UTC) - timedelta(seconds=1),
-                        actuators=[actuator], storage=FRBCStorageDescription(
-                            diagnostic_label="EV", fill_level_label="SoC %",
-                            provides_leakage_behaviour=False,
-                            provides_fill_level_target_profile=True,
-                            provides_usage_forecast=False,
-                            fill_level_range=NumberRange(start_of_range=0, end_of_range=100))),
-                    FRBCStorageStatus(message_id=uuid.uuid4(), present_fill_level=30),
-                    target(90)):  # more than two hours at full power give: full power
-                status = await rm.send(message)
-                assert status is not None and status.status.value == "OK"
+            # more than two hours at full power give: full power
+            rm, _charging = await connect_ev(server.url, number, control, stop, tasks,
+                                             target(90))
             rms.append(rm)
             controls.append(control)
         yield server, controller, rms, controls
