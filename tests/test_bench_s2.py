@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,31 @@ def test_a_soak_of_no_time_is_a_user_mistake() -> None:
                           "--duration", "0"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert "--duration" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_the_floor_server_answers_every_message_beside_the_cem_and_its_cost_is_taken_off() -> None:
+    run = subprocess.run([sys.executable, "-m", "cem.app.cli", "bench", "s2", "--rms", "5",
+                          "--messages", "6", "--rate", "100", "--floor", "--json"],
+                         capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "CEM_EVENT_LOOP": "uvloop"})
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["event_loop"] == "uvloop"
+    (floor,), (cem,) = report["floor"], report["cem"]
+    assert floor["floor"] is True and cem["floor"] is False
+    for result in (floor, cem):   # the same clients: full handshake, every measurement OK
+        assert result["rms_connected"] == 5 and not result["errors"]
+        assert result["messages_acknowledged"] == 30 and result["not_ok"] == 0
+        assert result["cem_exit_code"] == 0 and result["event_loop"] == "uvloop"
+    assert floor["stored_messages"] is None   # it only answers
+    assert cem["stored_messages"] >= 30
+    assert report["cem_cpu_us_over_floor"] == round(
+        cem["cem_cpu_us_per_message"] - floor["cem_cpu_us_per_message"], 1)
+
+
+def test_a_floor_beside_a_baseline_checkout_is_a_user_mistake() -> None:
+    run = subprocess.run([sys.executable, "-m", "cem.app.cli", "bench", "s2", "--rms", "5",
+                          "--floor", "--cem-src", str(ROOT)], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 2
+    assert "--floor" in run.stderr and "Traceback" not in run.stderr

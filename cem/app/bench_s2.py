@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 
 from websockets.frames import apply_mask
 
-from cem.app.service import raise_open_file_limit
+from cem.app.service import EVENT_LOOP_ENV, raise_open_file_limit
 
 CLIENT_KIND = "raw websocket clients speaking S2 JSON (full handshake, every message acknowledged)"
 
@@ -69,6 +69,18 @@ def _field(text: str, name: str) -> str | None:
             return None
     start = at + len(marker)
     return text[start:text.find('"', start)]
+
+
+def _event_loop_name() -> str:
+    """"uvloop" when `CEM_EVENT_LOOP=uvloop` and uvloop imports (as `cem run` decides), else
+    "asyncio"."""
+    if os.environ.get(EVENT_LOOP_ENV, "").strip().lower() != "uvloop":
+        return "asyncio"
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
 
 
 @dataclass
@@ -118,6 +130,10 @@ class BenchResult:
     rss_growth_kb_per_min: float | None = None
     """`--duration`: the least-squares slope of VmRSS over the samples after the warm-up."""
     busy_core: bool = False  # a CPU-bound process ran beside it in the message phase
+    floor: bool = False
+    """The figures are the floor server's (`cem.app.s2_floor`), not `cem run`'s."""
+    event_loop: str = field(default_factory=lambda: _event_loop_name())
+    """The event loop the CEM (and the floor) ran on: `CEM_EVENT_LOOP`, as `cem run` reads it."""
     http: bool = False  # the CEM served its dashboard and one page was open (SSE + reads)
     dashboard_events: int = 0
     dashboard_bytes: int = 0
@@ -349,8 +365,9 @@ class CemProcess:
     """`cem run` as a subprocess on a free port with a temporary store."""
 
     def __init__(self, workdir: Path, reception_timeout_s: float = 30.0,
-                 http: bool = False, src: Path | None = None) -> None:
+                 http: bool = False, src: Path | None = None, floor: bool = False) -> None:
         self.src = src
+        self.floor = floor  # the floor server (cem.app.s2_floor) instead of `cem run`
         self.port = _free_port()
         self.http_port = _free_port() if http else 0
         self.db = workdir / "bench.db"
@@ -377,10 +394,11 @@ class CemProcess:
             cwd = str(self.src)
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                 [str(self.src), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        command = ["-m", "cem.app.s2_floor", "--port", str(self.port)] if self.floor else \
+            ["-m", "cem.app.cli", "run", "--config", str(self.config), "--log-level", "WARNING"]
         with self.log.open("wb") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "cem.app.cli", "run", "--config", str(self.config),
-                "--log-level", "WARNING", stdout=log, stderr=subprocess.STDOUT, env=env,
+                sys.executable, *command, stdout=log, stderr=subprocess.STDOUT, env=env,
                 cwd=cwd)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -423,8 +441,11 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                     connect_concurrency: int = 200, http: bool = False,
                     cem_src: Path | None = None, busy_core: bool = False,
                     profile: Path | None = None, duration_s: float | None = None,
-                    sample_every_s: float = 10.0) -> BenchResult:
+                    sample_every_s: float = 10.0, floor: bool = False) -> BenchResult:
     """Run the benchmark against `url`, or against a fresh `cem run` subprocess if None.
+
+    `floor`: against the floor server instead (`cem.app.s2_floor`: answers without any S2
+    work, on the same event loop), so its "CEM" figures are the event loop's and the sockets'.
 
     `cem_src`: that `cem run` runs from this checkout's directory instead (a baseline).
     `busy_core`: a CPU-bound process runs during the message phase.
@@ -440,9 +461,9 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
     result = BenchResult(rms=rms, rms_connected=0, messages_per_rm=messages,
                          target_rate_per_s=rate or None, http=http,
                          cem_src=str(cem_src) if cem_src is not None else None,
-                         busy_core=busy_core, soak_s=duration_s or None)
+                         busy_core=busy_core, soak_s=duration_s or None, floor=floor)
     with tempfile.TemporaryDirectory(prefix="cem-bench-") as tmp:
-        cem = CemProcess(Path(tmp), http=http, src=cem_src) if url is None else None
+        cem = CemProcess(Path(tmp), http=http, src=cem_src, floor=floor) if url is None else None
         if cem is not None:
             await cem.start()
             url = cem.url
@@ -511,6 +532,8 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                 result.cem_exit_code, shutdown = await cem.stop()
                 result.cem_shutdown_s = round(shutdown, 2)
                 with contextlib.suppress(Exception):
+                    if floor:
+                        raise FileNotFoundError("the floor server stores nothing")
                     import sqlite3
                     db = sqlite3.connect(cem.db)
                     result.stored_messages = db.execute(
@@ -796,8 +819,12 @@ async def _message_phase(clients: list[BenchRm], messages: int, rate: float,
 def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
                   http: bool = False, cem_src: Path | None = None, rounds: int = 1,
                   busy_core: bool = False, profile: Path | None = None,
-                  duration_s: float | None = None, sample_every_s: float = 10.0) -> None:
+                  duration_s: float | None = None, sample_every_s: float = 10.0,
+                  floor: bool = False) -> None:
     """Run the S2 benchmark and print the figures (one JSON object with --json).
+
+    `floor`: `rounds` times, the floor server (`cem.app.s2_floor`) and then the CEM, on the
+    same event loop and clients, and report both and what the CEM costs above the floor.
 
     `http`: run it twice in a row, the CEM without and then with its dashboard served and one
     page open, and report both and the difference. `cem_src`: `rounds` times, the CEM of that
@@ -818,6 +845,13 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
         console.print("[bold red]error:[/] --duration runs one CEM: not with --cem-src or "
                       "--http")
         raise SystemExit(2)
+    if floor and (cem_src is not None or http or duration_s is not None):
+        console.print("[bold red]error:[/] --floor compares the CEM with the floor server: "
+                      "not with --cem-src, --http or --duration")
+        raise SystemExit(2)
+    if floor:
+        _compare_floor(rms, messages, rate, rounds, busy_core, json_out)
+        return
     if cem_src is not None:
         if not (cem_src / "cem" / "app" / "cli.py").is_file():
             console.print(f"[bold red]error:[/] --cem-src {cem_src}: not a checkout of this "
@@ -927,6 +961,51 @@ def _compare_src(rms: int, messages: int, rate: float, cem_src: Path, rounds: in
     Console().print(table)
     Console().print(f"CPU per message, this / baseline: {report['cpu_per_message_ratio']}")
     for result in runs["baseline"] + runs["this"]:
+        for error in result.errors:
+            Console(stderr=True).print(f"[yellow]warning:[/] {error}")
+
+
+def _compare_floor(rms: int, messages: int, rate: float, rounds: int, busy_core: bool,
+                   json_out: bool) -> None:
+    """The bench `rounds` times against the floor server and then the CEM, alternating; each
+    figure's median per side, and the CEM's CPU per message above the floor's."""
+    runs: dict[str, list[BenchResult]] = {"floor": [], "cem": []}
+    for _ in range(rounds):
+        for side in ("floor", "cem"):
+            runs[side].append(asyncio.run(run_bench(rms=rms, messages=messages, rate=rate,
+                                                    busy_core=busy_core,
+                                                    floor=side == "floor")))
+    medians = {side: {name: _median([getattr(r, name) for r in results])
+                      for name in _COMPARED} for side, results in runs.items()}
+    floor_cpu = medians["floor"]["cem_cpu_us_per_message"]
+    cem_cpu = medians["cem"]["cem_cpu_us_per_message"]
+    report = {"event_loop": _event_loop_name(), "rounds": rounds, "busy_core": busy_core,
+              "median": medians,
+              "floor_cpu_us_per_message": floor_cpu,
+              "cem_cpu_us_per_message": cem_cpu,
+              "cem_cpu_us_over_floor": round(cem_cpu - floor_cpu, 1)
+              if floor_cpu is not None and cem_cpu is not None else None,
+              "floor": [asdict(r) for r in runs["floor"]],
+              "cem": [asdict(r) for r in runs["cem"]]}
+    if json_out:
+        print(json.dumps(report))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"S2 server against its floor ({report['event_loop']} event loop): "
+                        f"{rms} RMs x {messages} messages at "
+                        + (f"{rate:.0f}/s" if rate else "full speed")
+                        + f", median of {rounds} round(s)"
+                        + (", one core kept busy" if busy_core else ""))
+    table.add_column("figure")
+    table.add_column("floor (answers only)", justify="right")
+    table.add_column("cem run", justify="right")
+    for name in _COMPARED:
+        table.add_row(name, str(medians["floor"][name]), str(medians["cem"][name]))
+    Console().print(table)
+    Console().print(f"CEM CPU per message above the floor: {report['cem_cpu_us_over_floor']} us")
+    for result in runs["floor"] + runs["cem"]:
         for error in result.errors:
             Console(stderr=True).print(f"[yellow]warning:[/] {error}")
 

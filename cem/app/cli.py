@@ -404,13 +404,16 @@ def bench_s2(
                                           "of --messages each); the CEM's memory is sampled"),
     sample_every: float = typer.Option(10.0, "--sample-every", help="with --duration: "
                                        "seconds between samples of the CEM's memory"),
+    floor: bool = typer.Option(False, "--floor", help="also run a server that only answers "
+                               "(no S2 work) on the same event loop, --rounds times "
+                               "alternating, and report the CEM's CPU above that floor"),
 ) -> None:
     """Benchmark the S2 server: connect N RMs and measure acknowledgements."""
     from cem.app.bench_s2 import bench_command
 
     bench_command(rms=rms, messages=messages, json_out=json_out, rate=rate, http=http,
                   cem_src=cem_src, rounds=rounds, busy_core=busy_core, profile=profile,
-                  duration_s=duration, sample_every_s=sample_every)
+                  duration_s=duration, sample_every_s=sample_every, floor=floor)
 
 
 # --- resource managers and simulators --------------------------------------------------------
