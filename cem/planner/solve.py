@@ -312,12 +312,12 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     decomposed: DecomposedBound | None = None
     guided: tuple[Evaluation, Dispatch] | None = None  # the plan from the EVs' problems
     guided_good = False
+    built: BuiltLp | None = None
     if use_lp:
         # an LP that was not solved last time will likely not be now: keep the time the
         # anytime plan (the fallback, polished) needs
         lp_memory = memory.lp if memory is not None else None
         beside = memory is not None and not memory.lp_solved
-        built: BuiltLp | None = None
         if memory is not None and cells >= NUMPY_FALLBACK_CELLS and ev_only(lay) \
                 and (beside or not memory.last_plan_fits(lay)):
             # the LP will likely not finish (the last did not, or a new limit moved the
@@ -430,17 +430,25 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         if rules is not None:
             good = score("the fallback plan" if rules_whole
                          else "the fallback plan, cut short at the deadline", "FALLBACK", rules) or good
-        if not good and rules is not None and rules_whole and rules_polished is None \
-                and lp is not None \
-                and (bound is None or scored[-1][0].objective - bound
-                     > 0.1 * _good_enough_eur(scored[-1][0], gap_tol)) \
+        # the better of the plan from the EVs' problems and the fallback made before the LP
+        # (EV-only sites), to polish
+        pattern = None if rules is None or not rules_whole else (scored[-1][0], rules)
+        if guided is not None and (pattern is None or guided[0].objective < pattern[0].objective):
+            pattern = guided
+        model = lp.model if lp is not None and lp.model is not None \
+            else built.model if built is not None and pattern is guided else None
+        if not good and pattern is not None and rules_polished is None \
+                and lp is not None and model is not None \
+                and (bound is None or pattern[0].objective - bound
+                     > 0.1 * _good_enough_eur(pattern[0], gap_tol)) \
                 and deadline - time.perf_counter() >= ANYTIME_S_PER_CELL * cells:
-            # the fallback made before the LP (EV-only sites), polished while the deadline
-            # leaves time for it, unless it is within a tenth of the tolerance already (0.2-0.27
-            # s of CPU at 1000 EVs: from 0.6 % above the bound to 0.003-0.014 %)
-            rules_polished = _polish_unsolved(lay, lp.model, lp.index, rules, deadline)
+            # polished while the deadline leaves time for it, unless it is within a tenth of
+            # the tolerance already (0.2-0.27 s of CPU at 1000 EVs: the fallback from 0.6 %
+            # above the bound to 0.003-0.014 %)
+            rules_polished = _polish_unsolved(lay, model, lp.index, pattern[1], deadline)
             if rules_polished is not None:
-                good = score("the fallback plan, polished", "FEASIBLE", rules_polished) or good
+                good = score("the plan from the EVs' problems, polished" if pattern is guided
+                             else "the fallback plan, polished", "FEASIBLE", rules_polished) or good
         # the last plan's repair (0.1-0.3 s of CPU at 1000 EVs) only while the deadline is
         # not past, or when there is nothing else
         # a fallback cut short at the deadline (assets left idle) is no plan to settle for
