@@ -62,7 +62,7 @@ def test_a_plan_from_a_point_of_the_lp_keeps_every_limit(
     lp = solve_lp(lay, built=built)
     assert lp.dispatch is not None
     master = lagrangian_bound(lay, built, point=True, steps=20)
-    for point in (lp.dispatch, master.dispatch(lay, built) if master is not None else None):
+    for point in (lp.dispatch, master.dispatch(lay, built.index) if master is not None else None):
         if point is None:
             continue
         plan = least_laxity_plan(lay, point)

@@ -41,6 +41,7 @@ from cem.planner.bound import (
     R_ENERGY,
     R_MILESTONE,
     BuiltLp,
+    LpIndex,
     _dispatch_from_x,
     _milestone_sides,
     entity_key,
@@ -419,7 +420,7 @@ class DecomposedBound:
     rest_x: np.ndarray | None = None  # the rest's columns in the master's last solution
     keep_c: np.ndarray | None = None  # which of the LP's columns the rest has
 
-    def dispatch(self, lay: Layout, built: BuiltLp) -> Dispatch | None:
+    def dispatch(self, lay: Layout, index: LpIndex) -> Dispatch | None:
         """The master's last solution as a (fractional) dispatch: the EVs' combined powers
         and the rest's columns, laid onto the LP's columns."""
         if self.rest_x is None or self.keep_c is None:
@@ -429,9 +430,9 @@ class DecomposedBound:
         b = self.blocks
         ok = b.ub_kw > 0
         rows = np.broadcast_to(b.asset[:, None], ok.shape)
-        cols = built.index.charge[rows[ok], b.ptu[ok]]
+        cols = index.charge[rows[ok], b.ptu[ok]]
         x[cols[cols >= 0]] = self.ev_power_kw[ok][cols >= 0]
-        return _dispatch_from_x(lay, built.index, x)
+        return _dispatch_from_x(lay, index, x)
 
 
 def lagrangian_bound(lay: Layout, built: BuiltLp | None = None, lam0: np.ndarray | None = None,

@@ -88,6 +88,11 @@ MIN_LP_S = 0.05
 # plan's check take about this long per storage-PTU (0.1 s for the plan at 2000 EVs, ~57k
 # storage-PTUs, the check 0.3 s at 5000 EVs): kept from the decomposition's time
 GUIDED_S_PER_CELL = 4e-6
+# the decomposition gets at least this share of the time limit, past the deadline if need
+# be: at 5000 EVs the layout, the fallback and the LP's arrays leave it 0-0.25 s of a 1 s
+# replan, one or two answers and no point to plan from, and the plan is then the fallback
+# (43 % above the bound after a congestion window); three answers gave 0.16 %
+DECOMPOSE_MIN_SHARE = 0.4
 # the last plan keeps a limit of the next problem within this (W): rounding, not a new limit
 LIMIT_FIT_W = 1.0
 
@@ -326,11 +331,12 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             # the LP gets what is left only when that plan is not good enough
             rules = deadline_first(lay)
             built = BuiltLp.of(lay)
-            decomposed = _decompose(lay, built, memory,
-                                    deadline - AFTER_LP_S - GUIDED_S_PER_CELL * cells, point=True)
+            decomposed = _decompose(lay, built, memory, max(
+                deadline - AFTER_LP_S - GUIDED_S_PER_CELL * cells,
+                time.perf_counter() + DECOMPOSE_MIN_SHARE * time_limit_s), point=True)
             beside = False  # the fallback is made
             if decomposed is not None:
-                guided = _guided(lay, built, decomposed)
+                guided = _guided(lay, built.index, decomposed)
                 guided_good = guided is not None and guided[0].objective - decomposed.bound_eur \
                     <= _good_enough_eur(guided[0], gap_tol)
         # only when it fits twice over: beside the LP it takes the LP a third of its
@@ -394,7 +400,9 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                 # (a cold start) the bound from the EVs' own problems: late already, it gets
                 # a quarter of the time limit past the deadline at most
                 decomposed = _decompose(lay, None, memory,
-                                        max(deadline, time.perf_counter() + 0.25 * time_limit_s))
+                                        max(deadline, time.perf_counter() + 0.25 * time_limit_s),
+                                        point=True)
+                guided = _guided(lay, lp.index, decomposed)
             if lp.dual_bound_eur is not None:
                 bound, bound_from = lp.dual_bound_eur, "prices"
                 notes.append("bound from row prices (Lagrangian), not the LP optimum")
@@ -422,7 +430,8 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         good = False
         if guided is not None:
             scored.append((guided[0], "the plan from the EVs' problems", "FEASIBLE", guided[1]))
-            good = guided_good
+            good = bound is not None \
+                and guided[0].objective - bound <= _good_enough_eur(guided[0], gap_tol)
         if candidate is not None:
             good = score("the repaired LP plan", status, candidate) or good
         if rules_polished is not None:  # made beside the LP
@@ -553,12 +562,14 @@ def _decompose(lay: Layout, built: BuiltLp | None, memory: PlanMemory, deadline:
     return found
 
 
-def _guided(lay: Layout, built: BuiltLp, decomposed: DecomposedBound
+def _guided(lay: Layout, index: LpIndex | None, decomposed: DecomposedBound | None
             ) -> tuple[Evaluation, Dispatch] | None:
     """The plan from the decomposition's master point (`laxity.least_laxity_plan`), scored;
     None when there is none (or making it failed: logged)."""
+    if index is None or decomposed is None:
+        return None
     try:
-        point = decomposed.dispatch(lay, built)
+        point = decomposed.dispatch(lay, index)
         plan = least_laxity_plan(lay, point) if point is not None else None
     except Exception:
         log.exception("plan from the EVs' own problems failed")
