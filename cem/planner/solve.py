@@ -16,9 +16,11 @@
    site-row prices (`decompose.py`, within 0.01 % of the LP optimum in 0.1-0.5 s at 2000
    EVs), and the plan is the best of the last plan repaired, the rule-based fallback
    (`fallback.py`, status FALLBACK unless CP-SAT improves it; in numpy on EV-only sites) and
-   the fallback polished. After a replan whose LP was not solved either, the EV-only
-   fallback and that bound come first and the LP gets the rest of the time; on other sites
-   the fallback is made beside the LP (`_lp_beside_fallback`).
+   the fallback polished. On EV-only sites at scale, after a replan whose LP was not solved
+   or when a new limit cuts the last plan, the numpy fallback, that bound and a plan from its
+   master's point (`laxity.least_laxity_plan`, 0.01-0.05 % above the bound on the bench's
+   1000-5000 EVs) come first, and the LP runs only when that plan is not within the
+   tolerance; on other sites the fallback is made beside the LP (`_lp_beside_fallback`).
 Every returned plan is scored by `layout.evaluate` (`objective_eur`, comparable with the bound;
 `cost_eur` is the money: energy at the true prices + peak) and keeps the hard limits
 (`check_plan`). `level_wh` holds each storage level at the end of every PTU.
