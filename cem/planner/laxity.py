@@ -16,11 +16,13 @@ This keeps what matters of the point and lets go of the rest:
   milestone asks) and by its departure are requirements; how the EV's energy is spread over
   the PTUs before them is free.
 
-In each PTU and group the budget goes to the EVs in order of laxity (the energy they could
-still take at full power before a requirement, less what it asks), each at most what it
-still needs, at least its minimum power, on its step grid, within its level maximum and the
-upper side of its milestones. A rest below the minimum power later is taken now, or left at
-the minimum for a later PTU when there is time for it. The result keeps every hard limit.
+In each PTU and group the budget goes first to what cannot wait (the energy a requirement
+asks beyond what full power after this PTU still gives), then to what each EV still needs,
+in order of laxity (the energy an EV could still take at full power before a requirement,
+less what it asks; the point's own choice counts for `FOLLOW_PTUS`), each at least its
+minimum power, on its step grid, within its level maximum and the upper side of its
+milestones. A rest below the minimum power later is taken now, or left at the minimum for a
+later PTU when there is time for it. The result keeps every hard limit.
 """
 
 from __future__ import annotations
