@@ -16,9 +16,11 @@
    site-row prices (`decompose.py`, within 0.01 % of the LP optimum in 0.1-0.5 s at 2000
    EVs), and the plan is the best of the last plan repaired, the rule-based fallback
    (`fallback.py`, status FALLBACK unless CP-SAT improves it; in numpy on EV-only sites) and
-   the fallback polished. After a replan whose LP was not solved either, the EV-only
-   fallback and that bound come first and the LP gets the rest of the time; on other sites
-   the fallback is made beside the LP (`_lp_beside_fallback`).
+   the fallback polished. On EV-only sites at scale, after a replan whose LP was not solved
+   or when a new limit cuts the last plan, the numpy fallback, that bound and a plan from its
+   master's point (`laxity.least_laxity_plan`, 0.01-0.05 % above the bound on the bench's
+   1000-5000 EVs) come first, and the LP runs only when that plan is not within the
+   tolerance; on other sites the fallback is made beside the LP (`_lp_beside_fallback`).
 Every returned plan is scored by `layout.evaluate` (`objective_eur`, comparable with the bound;
 `cost_eur` is the money: energy at the true prices + peak) and keeps the hard limits
 (`check_plan`). `level_wh` holds each storage level at the end of every PTU.
@@ -46,6 +48,7 @@ from cem.planner.fallback import (
     idle_modes,
 )
 from cem.planner.hint import polish_plan, round_and_repair, shave_peak
+from cem.planner.laxity import least_laxity_plan
 from cem.planner.layout import (
     NOISE_WH,
     Dispatch,
@@ -54,6 +57,7 @@ from cem.planner.layout import (
     build_layout,
     empty_dispatch,
     evaluate,
+    grid_and_phases,
     per_ptu,
     profile_row,
     ptu_epoch,
@@ -75,9 +79,6 @@ AFTER_LP_S = 0.05
 # LP's time so the anytime plan is ready by the deadline (the fallback itself is made beside
 # the LP, which runs in a thread meanwhile: HiGHS releases the GIL)
 ANYTIME_S_PER_CELL = 8e-6
-# after a replan whose LP was not solved, the bound from the EVs' own problems
-# (`decompose.lagrangian_bound`) gets at most this share of the time before the LP's end
-DECOMPOSE_SHARE = 0.5
 # from this many storage-PTUs on, the fallback on EV-only sites is made in numpy
 # (`fallback.deadline_first`, PTU by PTU; 0.02-0.1 s at 2000 EVs where the fallback's asset
 # at a time took 0.7-2.3 s). Below, the fallback's own: it spreads an EV's last kWh below its
@@ -85,6 +86,17 @@ DECOMPOSE_SHARE = 0.5
 NUMPY_FALLBACK_CELLS = 5_000
 # an LP given less than this (after the numpy fallback and the bound) is not run at all
 MIN_LP_S = 0.05
+# the plan from the decomposition's point (`laxity.least_laxity_plan`), its scoring and the
+# plan's check take about this long per storage-PTU (0.1 s for the plan at 2000 EVs, ~57k
+# storage-PTUs, the check 0.3 s at 5000 EVs): kept from the decomposition's time
+GUIDED_S_PER_CELL = 4e-6
+# the decomposition gets at least this share of the time limit, past the deadline if need
+# be: at 5000 EVs the layout, the fallback and the LP's arrays leave it 0-0.25 s of a 1 s
+# replan, one or two answers and no point to plan from, and the plan is then the fallback
+# (43 % above the bound after a congestion window); three answers gave 0.16 %
+DECOMPOSE_MIN_SHARE = 0.4
+# the last plan keeps a limit of the next problem within this (W): rounding, not a new limit
+LIMIT_FIT_W = 1.0
 
 
 def _gap(objective: float, bound: float | None) -> float | None:
@@ -146,6 +158,17 @@ class PlanMemory:
         out[:, :span] = lam[:, shift:shift + span]
         out[:, span:] = lam[:, shift + span - 1:shift + span]
         return out
+
+    def last_plan_fits(self, lay: Layout) -> bool:
+        """Whether the last plan, laid onto this layout, keeps its import limit and every
+        phase's fuse (True without one). A plan a new limit cuts (a congestion window) leaves
+        a basis far from the new optimum: that LP does not finish in a replan's time."""
+        last = self.last_plan(lay)
+        if last is None:
+            return True
+        g, ph = grid_and_phases(lay, last)
+        return bool(np.all(g <= lay.import_lim + LIMIT_FIT_W)
+                    and np.all(ph <= lay.fuse_up + LIMIT_FIT_W))
 
     def last_plan(self, lay: Layout) -> Dispatch | None:
         """The last plan's powers laid onto this layout (assets it did not have: idle; PTUs
@@ -294,21 +317,30 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     rules_polished: Dispatch | None = None  # and polished, when made beside the LP
     rules_whole = True  # False: made beside the LP and cut short at the deadline
     decomposed: DecomposedBound | None = None
+    guided: tuple[Evaluation, Dispatch] | None = None  # the plan from the EVs' problems
+    guided_good = False
+    built: BuiltLp | None = None
     if use_lp:
         # an LP that was not solved last time will likely not be now: keep the time the
         # anytime plan (the fallback, polished) needs
         lp_memory = memory.lp if memory is not None else None
         beside = memory is not None and not memory.lp_solved
-        built: BuiltLp | None = None
-        if memory is not None and beside:
-            # first what needs no LP: the fallback's rule in numpy (EV-only sites) and a bound
-            # from the EVs' own problems; the LP then gets the rest of the time
-            rules = deadline_first(lay) if cells >= NUMPY_FALLBACK_CELLS else None
-            if rules is not None:
-                built = BuiltLp.of(lay)
-                decomposed = _decompose(lay, built, memory, time.perf_counter() + DECOMPOSE_SHARE
-                                        * (deadline - time.perf_counter() - after_lp_s))
-                beside = False  # the fallback is made
+        if memory is not None and cells >= NUMPY_FALLBACK_CELLS and ev_only(lay) \
+                and (beside or not memory.last_plan_fits(lay)):
+            # the LP will likely not finish (the last did not, or a new limit moved the
+            # optimum far): first what needs no LP, the fallback's rule in numpy, a bound from
+            # the EVs' own problems and a plan from its master's point (least laxity first);
+            # the LP gets what is left only when that plan is not good enough
+            rules = deadline_first(lay)
+            built = BuiltLp.of(lay)
+            decomposed = _decompose(lay, built, memory, max(
+                deadline - AFTER_LP_S - GUIDED_S_PER_CELL * cells,
+                time.perf_counter() + DECOMPOSE_MIN_SHARE * time_limit_s), point=True)
+            beside = False  # the fallback is made
+            if decomposed is not None:
+                guided = _guided(lay, built.index, decomposed)
+                guided_good = guided is not None and guided[0].objective - decomposed.bound_eur \
+                    <= _good_enough_eur(guided[0], gap_tol)
         # only when it fits twice over: beside the LP it takes the LP a third of its
         # iterations on a busy machine, and one that does not fit delays the LP for nothing
         if memory is not None and beside \
@@ -322,7 +354,10 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             # with the fallback made first, its polish's time is kept from the LP's
             polish_s = ANYTIME_S_PER_CELL * cells if decomposed is not None else 0.0
             lp_s = deadline - time.perf_counter() - after_lp_s - polish_s
-            if decomposed is not None and lp_s < MIN_LP_S:
+            if guided_good:
+                lp = LpResult("not run: the plan from the EVs' problems is good enough", None,
+                              None, index=built.index if built is not None else None)
+            elif decomposed is not None and lp_s < MIN_LP_S:
                 # no time for it (at 5000 EVs on a busy machine): not even built for HiGHS
                 lp = LpResult("not run: no time left after the fallback and the bound", None,
                               None, index=built.index if built is not None else None)
@@ -359,13 +394,17 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                 shave_peak(lay, candidate, deadline)
                 best = evaluate(lay, candidate)
         else:
-            notes.append(f"LP relaxation not solved ({lp.status})")
-            log.warning("LP relaxation not solved (%s)", lp.status)
+            notes.append(f"LP {lp.status}" if guided_good
+                         else f"LP relaxation not solved ({lp.status})")
+            if not guided_good:
+                log.warning("LP relaxation not solved (%s)", lp.status)
             if decomposed is None and memory is not None and ev_only(lay):
                 # (a cold start) the bound from the EVs' own problems: late already, it gets
                 # a quarter of the time limit past the deadline at most
                 decomposed = _decompose(lay, None, memory,
-                                        max(deadline, time.perf_counter() + 0.25 * time_limit_s))
+                                        max(deadline, time.perf_counter() + 0.25 * time_limit_s),
+                                        point=True)
+                guided = _guided(lay, lp.index, decomposed)
             if lp.dual_bound_eur is not None:
                 bound, bound_from = lp.dual_bound_eur, "prices"
                 notes.append("bound from row prices (Lagrangian), not the LP optimum")
@@ -391,23 +430,36 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                 ev.objective - bound <= _good_enough_eur(ev, gap_tol) for ev, *_ in scored)
 
         good = False
+        if guided is not None:
+            scored.append((guided[0], "the plan from the EVs' problems", "FEASIBLE", guided[1]))
+            good = bound is not None \
+                and guided[0].objective - bound <= _good_enough_eur(guided[0], gap_tol)
         if candidate is not None:
-            good = score("the repaired LP plan", status, candidate)
+            good = score("the repaired LP plan", status, candidate) or good
         if rules_polished is not None:  # made beside the LP
             good = score("the fallback plan, polished", "FEASIBLE", rules_polished) or good
         if rules is not None:
             good = score("the fallback plan" if rules_whole
                          else "the fallback plan, cut short at the deadline", "FALLBACK", rules) or good
-        if rules is not None and rules_whole and rules_polished is None and lp is not None \
-                and (bound is None or scored[-1][0].objective - bound
-                     > 0.1 * _good_enough_eur(scored[-1][0], gap_tol)) \
+        # the better of the plan from the EVs' problems and the fallback made before the LP
+        # (EV-only sites), to polish
+        pattern = None if rules is None or not rules_whole else (scored[-1][0], rules)
+        if guided is not None and (pattern is None or guided[0].objective < pattern[0].objective):
+            pattern = guided
+        model = lp.model if lp is not None and lp.model is not None \
+            else built.model if built is not None and pattern is guided else None
+        if not good and pattern is not None and rules_polished is None \
+                and lp is not None and model is not None \
+                and (bound is None or pattern[0].objective - bound
+                     > 0.1 * _good_enough_eur(pattern[0], gap_tol)) \
                 and deadline - time.perf_counter() >= ANYTIME_S_PER_CELL * cells:
-            # the fallback made before the LP (EV-only sites), polished while the deadline
-            # leaves time for it, unless it is within a tenth of the tolerance already (0.2-0.27
-            # s of CPU at 1000 EVs: from 0.6 % above the bound to 0.003-0.014 %)
-            rules_polished = _polish_unsolved(lay, lp.model, lp.index, rules, deadline)
+            # polished while the deadline leaves time for it, unless it is within a tenth of
+            # the tolerance already (0.2-0.27 s of CPU at 1000 EVs: the fallback from 0.6 %
+            # above the bound to 0.003-0.014 %)
+            rules_polished = _polish_unsolved(lay, model, lp.index, pattern[1], deadline)
             if rules_polished is not None:
-                good = score("the fallback plan, polished", "FEASIBLE", rules_polished) or good
+                good = score("the plan from the EVs' problems, polished" if pattern is guided
+                             else "the fallback plan, polished", "FEASIBLE", rules_polished) or good
         # the last plan's repair (0.1-0.3 s of CPU at 1000 EVs) only while the deadline is
         # not past, or when there is nothing else
         # a fallback cut short at the deadline (assets left idle) is no plan to settle for
@@ -495,20 +547,36 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     return plan
 
 
-def _decompose(lay: Layout, built: BuiltLp | None, memory: PlanMemory, deadline: float
-               ) -> DecomposedBound | None:
-    """`decompose.lagrangian_bound` from the last replan's site-row prices, until `deadline`;
-    its prices are kept for the next. None when it gives no bound (or fails: logged)."""
+def _decompose(lay: Layout, built: BuiltLp | None, memory: PlanMemory, deadline: float,
+               point: bool = False) -> DecomposedBound | None:
+    """`decompose.lagrangian_bound` from the last replan's site-row prices, until `deadline`
+    (`point`: with its master's point); its prices are kept for the next. None when it gives
+    no bound (or fails: logged)."""
     try:
         # to a tenth of the gap tolerance: more answers tighten it by less than they cost
         found = lagrangian_bound(lay, built, lam0=memory.prices(lay), deadline=deadline,
-                                 tol=GAP_TOL / 10)
+                                 tol=GAP_TOL / 10, point=point)
     except Exception:
         log.exception("bound from the EVs' own problems failed")
         return None
     if found is not None:
         memory.keep_prices(lay, found.lam)
     return found
+
+
+def _guided(lay: Layout, index: LpIndex | None, decomposed: DecomposedBound | None
+            ) -> tuple[Evaluation, Dispatch] | None:
+    """The plan from the decomposition's master point (`laxity.least_laxity_plan`), scored;
+    None when there is none (or making it failed: logged)."""
+    if index is None or decomposed is None:
+        return None
+    try:
+        point = decomposed.dispatch(lay, index)
+        plan = least_laxity_plan(lay, point) if point is not None else None
+    except Exception:
+        log.exception("plan from the EVs' own problems failed")
+        return None
+    return None if plan is None else (evaluate(lay, plan), plan)
 
 
 def _lp_beside_fallback(lay: Layout, deadline: float, after_lp_s: float, memory: PlanMemory
