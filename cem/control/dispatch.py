@@ -43,6 +43,7 @@ from datetime import datetime
 from typing import Any
 
 from s2python.common import RevokableObjects, RevokeObject
+from s2python.frbc import FRBCInstruction
 
 from cem.flex.ptu import sid
 from cem.ports import RmRegistry
@@ -63,8 +64,15 @@ def channel(message: Any) -> str:
     return message.message_type
 
 
-def content_key(message: Any, *, with_time: bool) -> str:
-    """The instruction's meaning as text: without its ids (and optionally its time)."""
+def content_key(message: Any, *, with_time: bool) -> Hashable:
+    """The instruction's meaning: without its ids (and optionally its time).
+
+    An FRBC.Instruction (nearly every instruction a site sends) is read from its fields; any
+    other message from its JSON (a pydantic dump, ~30 us: a 5000-RM dispatch compares ~10k)."""
+    if type(message) is FRBCInstruction:
+        return ("FRBC.Instruction", sid(message.actuator_id), sid(message.operation_mode),
+                float(message.operation_mode_factor), bool(message.abnormal_condition),
+                message.execution_time if with_time else None)
     data = message.to_json_dict()
     for name in ("message_id", "id"):
         data.pop(name, None)
