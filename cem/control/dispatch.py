@@ -45,7 +45,7 @@ from typing import Any
 from s2python.common import RevokableObjects, RevokeObject
 from s2python.frbc import FRBCInstruction
 
-from cem.flex.ptu import sid
+from cem.flex.ptu import sid, uuid_int
 from cem.ports import RmRegistry
 
 logger = logging.getLogger("cem.control")
@@ -70,7 +70,8 @@ def content_key(message: Any, *, with_time: bool) -> Hashable:
     An FRBC.Instruction (nearly every instruction a site sends) is read from its fields; any
     other message from its JSON (a pydantic dump, ~30 us: a 5000-RM dispatch compares ~10k)."""
     if type(message) is FRBCInstruction:
-        return ("FRBC.Instruction", sid(message.actuator_id), sid(message.operation_mode),
+        return ("FRBC.Instruction", uuid_int(message.actuator_id),
+                uuid_int(message.operation_mode),
                 float(message.operation_mode_factor), bool(message.abnormal_condition),
                 message.execution_time if with_time else None)
     data = message.to_json_dict()
@@ -96,10 +97,13 @@ class SentInstruction:
     starts_at: datetime | None = None
     seq: int = 0  # send order: of two starting at once, the later one is in force
     message_sid: str = ""  # the message id as the RM's state knows it (made once)
+    channel: str = ""  # what it steers (`channel`, made once: in_force asks on every dispatch)
 
     def __post_init__(self) -> None:
         if not self.message_sid:
             self.message_sid = sid(self.message.id)
+        if not self.channel:
+            self.channel = channel(self.message)
 
     @property
     def order(self) -> tuple[datetime, int]:
@@ -224,9 +228,9 @@ class Dispatcher:
                 continue
             if status in ("REJECTED", "ABORTED", "REVOKED"):
                 continue
-            previous = current.get(channel(s.message))
+            previous = current.get(s.channel)
             if previous is None or previous.order <= s.order:
-                current[channel(s.message)] = s
+                current[s.channel] = s
         return current
 
     async def dispatch(self, instructions: dict[str, list[Any]], now: datetime, *,

@@ -49,7 +49,7 @@ from cem.control_types.base import (
     unique,
 )
 from cem.flex.frbc import FrbcBinding, frbc_storage_asset, mode_range, storage_kind
-from cem.flex.ptu import sid
+from cem.flex.ptu import sid, uuid_int
 from cem.flex.site_problem import SiteBuild
 from cem.planner.assets import StorageAsset
 from cem.ports import RmStateView
@@ -72,7 +72,8 @@ class FrbcState:
         # (`FrbcPlugin.add_assets`): a replan whose inputs are the same objects reuses them
         self._assets_made: tuple[tuple[Any, ...], StorageAsset, FrbcBinding] | None = None
         # the description in force with its modes by (actuator id, mode id): instruction_power_w
-        self._modes_by_id: tuple[FRBCSystemDescription, dict[tuple[str, str], Any]] | None = None
+        self._modes_by_id: tuple[FRBCSystemDescription,
+                                 dict[tuple[int, int], tuple[Any, Any]]] | None = None
 
     def system_description(self, now: datetime) -> FRBCSystemDescription | None:
         """The FRBC.SystemDescription in force at ``now``."""
@@ -366,17 +367,20 @@ class FrbcPlugin(PluginBase[FrbcState]):
             return None
         index = getattr(state, "_modes_by_id", None)  # (a stand-in state may lack it)
         if index is None or index[0] is not description:
-            # (actuator id, mode id) -> mode, per description: the dispatcher asks per
-            # instruction, twice (~50k UUID-to-text conversions a 1000-RM dispatch without it)
+            # (actuator id, mode id) as integers -> the mode, and its range when it has one
+            # element (the fill level does not matter then), per description: the dispatcher
+            # asks per instruction, twice (~50k UUID-to-text conversions a 1000-RM dispatch)
             index = state._modes_by_id = (description, {
-                (sid(actuator.id), sid(mode.id)): mode
+                (uuid_int(actuator.id), uuid_int(mode.id)):
+                    (mode, mode_range(mode, 0.0) if len(mode.elements) == 1 else None)
                 for actuator in description.actuators for mode in actuator.operation_modes})
-        mode = index[1].get((sid(message.actuator_id), sid(message.operation_mode)))
-        if mode is None:
+        found = index[1].get((uuid_int(message.actuator_id), uuid_int(message.operation_mode)))
+        if found is None:
             return None
-        status = state.storage_status
-        fill = float(getattr(status, "present_fill_level", 0.0) or 0.0)
-        r = mode_range(mode, fill)
+        mode, r = found
+        if r is None:
+            status = state.storage_status
+            r = mode_range(mode, float(getattr(status, "present_fill_level", 0.0) or 0.0))
         factor = float(message.operation_mode_factor)
         return r.power_start + factor * (r.power_end - r.power_start)
 
