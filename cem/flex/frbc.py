@@ -210,19 +210,33 @@ class FrbcBinding:
         starts = ptu_starts(problem.start, problem.ptu_minutes, n + 1)
         if levels is not None and not self.instructions_read_levels:
             levels = None  # one range per mode: the level does not change what they can do
+        previous: float | None = None  # the power of the PTU before, while it settled
         for t, power_t in enumerate(np.asarray(power[:n], dtype=float).tolist()):
+            if power_t == previous:
+                # the same power, and every actuator is in a mode that covers its share: the
+                # active mode comes first, the move is to itself (no transition, no timer),
+                # so the choice is the one just made and nothing would be sent
+                continue
             # plan.level_wh[t] is the level at the end of PTU t: PTU t starts at [t - 1]
             fill = self.fill_level if levels is None or t == 0 else self.units_from_wh(
                 float(levels[min(t - 1, len(levels) - 1)]))
             execution = now if t == 0 else max(now, starts[t])
-            for actuator_id, mode, factor, moment in self._legal(
-                    power_t, fill, execution, starts[t + 1], rules, last_mode):
+            settled = levels is None
+            for actuator_id, ranges, share in self.split(power_t, fill):
+                choice = legal_choice(ranges, share, last_mode.get(actuator_id),
+                                      rules.get(actuator_id), execution, starts[t + 1])
+                if choice is None:  # the move waits for a timer past this PTU
+                    settled = False
+                    continue
+                mode, factor, moment = choice
+                settled = settled and mode.lo - 1e-6 <= share <= mode.hi + 1e-6
                 key = (mode.mode_id, round(factor, 4))
                 if last.get(actuator_id) == key:
                     continue
                 last[actuator_id] = key
                 last_mode[actuator_id] = mode.mode_id
                 out.append(frbc_instruction(actuator_id, mode.mode_id, factor, moment))
+            previous = power_t if settled else None
         return out
 
     @functools.cached_property
