@@ -402,7 +402,10 @@ class Dispatcher:
                 report.failed_rms.add(rm_id)
                 report.failed.append(f"RM {rm_id} refused {message.message_type}: "
                                      f"{result.describe()}")
-        self._prune(rm_id, now)
+        if to_send or len(keep) < len(pending):
+            # (an RM that kept everything has nothing new to prune: its next dispatch that
+            # sends does, and in_force reads the latest of a channel whatever is kept)
+            self._prune(rm_id, now)
 
     def _prune(self, rm_id: str, now: datetime) -> None:
         """Keep only what may still matter: pending ones and the latest in force per channel."""
