@@ -24,6 +24,13 @@ def test_bench_replan_plans_every_charger_through_s2_and_reports_figures() -> No
         # the timed replans' S2 traffic: the moved EV's reports (2 a replan) and what changed
         assert run["s2_messages_during_replans"] >= 2 * run["replans"]
         assert 0 < run["replan_p50_s"] <= run["replan_max_s"]
+        # each timed replan, the planner's part of it, and those within the deadline
+        assert len(run["replans_s"]) == len(run["replan_solves_s"]) == 2
+        assert max(run["replans_s"]) == run["replan_max_s"]
+        assert all(0 < solve <= replan for solve, replan
+                   in zip(run["replan_solves_s"], run["replans_s"], strict=True))
+        assert run["deadlines_kept"] == sum(1 for x in run["replans_s"]
+                                            if x <= run["time_limit_s"])
         assert run["loop_lag_max_ms"] is not None and run["loop_lag_max_ms"] >= 0
         # the timed replans only: two gaps, each against the LP optimum
         assert len(run["gaps"]) == 2 and run["bounds"] == ["LP", "LP"]

@@ -33,8 +33,11 @@ over the RMs whose instruction changed after the limit (p99):
 
 The RMs are the OCPP charger RM's own FRBC messages (`resource_managers.ocpp_charger.frbc`)
 through real sans-I/O S2 sessions in process (`cem.simulation.twin.TwinRegistry`): no
-sockets, so the figure is the CEM's own work. `gc_freeze` mirrors `cem run`, which freezes
-long-lived objects out of full garbage collections (`cem.app.service.tenure_long_lived`).
+sockets, so the figure is the CEM's own work. `gc_freeze` mirrors `cem run`'s collector:
+its settings at start (`cem.app.service.tune_garbage_collector`: what is alive frozen, young
+collections every 5000 allocations) and its tenure (`tenure_long_lived` freezes what lived
+5 s: live replans are at least `planner.replan_min_interval_s` apart, so before each replan
+and the congestion window the bench freezes what is alive). Without it, Python's defaults.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from s2python.frbc import FRBCInstruction
 from s2python.message import S2Message
 from s2python.s2_parser import S2Parser
 
+from cem.app.service import tune_garbage_collector
 from cem.planner.assets import Plan, Problem
 from cem.planner.solve import SitePlanner
 from cem.ports import CongestionLimit, InstructionResult, SignalUpdate
@@ -157,9 +161,12 @@ class RecordingPlanner:
         self.planner = SitePlanner()
         self.problems: list[Problem] = []
         self.plans: list[Plan] = []
+        self.seconds: list[float] = []  # each call's wall time
 
     def __call__(self, problem: Problem, **kwargs: Any) -> Plan:
+        began = time.perf_counter()
         plan = self.planner(problem, **kwargs)
+        self.seconds.append(time.perf_counter() - began)
         self.problems.append(problem)
         self.plans.append(plan)
         return plan
@@ -202,9 +209,9 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
     config = site_for(evs, time_limit_s)
     planner = RecordingPlanner()
     controller = SiteController(config, registry, clock=lambda: clock["now"], solver=planner)
-    if gc_freeze:
-        gc.collect()
-        gc.freeze()
+    threshold = gc.get_threshold()
+    if gc_freeze:  # as `cem run` starts: frozen, and young collections every 5000 allocations
+        tune_garbage_collector()
     lags: list[float] = []
     replan_s: list[float] = []
     running = True
@@ -230,6 +237,8 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
             for charger in rng.sample(chargers, max(1, round(MOVED_SHARE * evs))):
                 charger.charged(registry, clock["now"], rng.uniform(0.05, 0.25))
             controller.take_reasons()
+            if gc_freeze:  # `cem run` freezes what lived 5 s (the replans are >= 5 s apart)
+                gc.freeze()
             began = time.perf_counter()
             await controller.replan([f"bench replan {number + 1}"])
             if number >= warmup:
@@ -243,6 +252,8 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         registry.acked.clear()
         registry.total_w.clear()
         before_w = sum(registry.instructed_w.values())
+        if gc_freeze:
+            gc.freeze()
         limit_at = time.perf_counter()
         controller.publish(SignalUpdate(
             source="bench", reason="bench: a congestion window was added",
@@ -266,6 +277,8 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
             if not any(r.startswith(FOLLOW_UP) for r in reasons):
                 break
             clock["now"] += timedelta(seconds=config.planner.replan_min_interval_s)
+            if gc_freeze:
+                gc.freeze()
             began = time.perf_counter()
             await controller.replan(reasons)
             follow_up_s.append(time.perf_counter() - began)
@@ -279,6 +292,7 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         await controller.stop()
         if gc_freeze:
             gc.unfreeze()
+            gc.set_threshold(*threshold)
     # the planner alone on the same problems, in the same order, from a fresh memory
     alone = SitePlanner()
     solve_s: list[float] = []
@@ -299,6 +313,11 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         "cold_gap": None if cold.gap is None else round(cold.gap, 5),
         "replan_p50_s": round(statistics.median(replan_s), 3),
         "replan_max_s": round(max(replan_s), 3),
+        # each timed replan (wall s), the planner's part of it, and how many ended (plan
+        # made, instructions acknowledged) within the planner's time limit: the live deadline
+        "replans_s": [round(x, 3) for x in replan_s],
+        "replan_solves_s": [round(x, 3) for x in planner.seconds[warmup + 1:warmup + replans + 1]],
+        "deadlines_kept": sum(1 for x in replan_s if x <= config.planner.time_limit_s),
         "solve_p50_s": round(statistics.median(solve_s), 3),
         "replan_over_solve": round(statistics.median(replan_s) / max(statistics.median(solve_s), 1e-9), 2),
         "gap_max": round(max(gaps), 5) if len(gaps) == len(timed) else None,  # None: one had no bound

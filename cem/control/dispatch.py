@@ -43,8 +43,9 @@ from datetime import datetime
 from typing import Any
 
 from s2python.common import RevokableObjects, RevokeObject
+from s2python.frbc import FRBCInstruction
 
-from cem.flex.ptu import sid
+from cem.flex.ptu import sid, uuid_int
 from cem.ports import RmRegistry
 
 logger = logging.getLogger("cem.control")
@@ -63,8 +64,16 @@ def channel(message: Any) -> str:
     return message.message_type
 
 
-def content_key(message: Any, *, with_time: bool) -> str:
-    """The instruction's meaning as text: without its ids (and optionally its time)."""
+def content_key(message: Any, *, with_time: bool) -> Hashable:
+    """The instruction's meaning: without its ids (and optionally its time).
+
+    An FRBC.Instruction (nearly every instruction a site sends) is read from its fields; any
+    other message from its JSON (a pydantic dump, ~30 us: a 5000-RM dispatch compares ~10k)."""
+    if type(message) is FRBCInstruction:
+        return ("FRBC.Instruction", uuid_int(message.actuator_id),
+                uuid_int(message.operation_mode),
+                float(message.operation_mode_factor), bool(message.abnormal_condition),
+                message.execution_time if with_time else None)
     data = message.to_json_dict()
     for name in ("message_id", "id"):
         data.pop(name, None)
@@ -88,10 +97,13 @@ class SentInstruction:
     starts_at: datetime | None = None
     seq: int = 0  # send order: of two starting at once, the later one is in force
     message_sid: str = ""  # the message id as the RM's state knows it (made once)
+    channel: str = ""  # what it steers (`channel`, made once: in_force asks on every dispatch)
 
     def __post_init__(self) -> None:
         if not self.message_sid:
             self.message_sid = sid(self.message.id)
+        if not self.channel:
+            self.channel = channel(self.message)
 
     @property
     def order(self) -> tuple[datetime, int]:
@@ -216,9 +228,9 @@ class Dispatcher:
                 continue
             if status in ("REJECTED", "ABORTED", "REVOKED"):
                 continue
-            previous = current.get(channel(s.message))
+            previous = current.get(s.channel)
             if previous is None or previous.order <= s.order:
-                current[channel(s.message)] = s
+                current[s.channel] = s
         return current
 
     async def dispatch(self, instructions: dict[str, list[Any]], now: datetime, *,
@@ -390,7 +402,10 @@ class Dispatcher:
                 report.failed_rms.add(rm_id)
                 report.failed.append(f"RM {rm_id} refused {message.message_type}: "
                                      f"{result.describe()}")
-        self._prune(rm_id, now)
+        if to_send or len(keep) < len(pending):
+            # (an RM that kept everything has nothing new to prune: its next dispatch that
+            # sends does, and in_force reads the latest of a channel whatever is kept)
+            self._prune(rm_id, now)
 
     def _prune(self, rm_id: str, now: datetime) -> None:
         """Keep only what may still matter: pending ones and the latest in force per channel."""

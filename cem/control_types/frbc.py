@@ -17,6 +17,7 @@ time is a fixed load until the timer ends.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import re
@@ -48,7 +49,7 @@ from cem.control_types.base import (
     unique,
 )
 from cem.flex.frbc import FrbcBinding, frbc_storage_asset, mode_range, storage_kind
-from cem.flex.ptu import sid
+from cem.flex.ptu import sid, uuid_int
 from cem.flex.site_problem import SiteBuild
 from cem.planner.assets import StorageAsset
 from cem.ports import RmStateView
@@ -70,6 +71,9 @@ class FrbcState:
         # the last asset and binding made from this state, with what they were made of
         # (`FrbcPlugin.add_assets`): a replan whose inputs are the same objects reuses them
         self._assets_made: tuple[tuple[Any, ...], StorageAsset, FrbcBinding] | None = None
+        # the description in force with its modes by (actuator id, mode id): instruction_power_w
+        self._modes_by_id: tuple[FRBCSystemDescription,
+                                 dict[tuple[int, int], tuple[Any, Any]]] | None = None
 
     def system_description(self, now: datetime) -> FRBCSystemDescription | None:
         """The FRBC.SystemDescription in force at ``now``."""
@@ -319,12 +323,19 @@ class FrbcPlugin(PluginBase[FrbcState]):
         made_of = (grid, rm.details, sd, status, leakage, usage, target,
                    *(x for kv in actuators.items() for x in kv))
         made = state._assets_made
-        if not timers and made is not None and len(made[0]) == len(made_of) \
-                and made[0][0] == grid \
-                and all(a is b for a, b in zip(made[0][1:], made_of[1:], strict=True)):
+        if not timers and made is not None and made[0][0] == grid \
+                and all(a is b for a, b in zip(made[0][1:7], made_of[1:7], strict=True)):
             # a copy: the EV modes and the finish margin change the asset in place
-            asset = dataclasses.replace(made[1], target_profile=list(made[1].target_profile))
+            asset = copy.copy(made[1])
+            asset.target_profile = list(made[1].target_profile)
             binding = made[2]
+            if len(made[0]) != len(made_of) or \
+                    any(a is not b for a, b in zip(made[0][7:], made_of[7:], strict=True)):
+                # only the actuators' statuses are new (an instruction was taken): without
+                # timers they change the binding's active modes, not the asset
+                binding = dataclasses.replace(binding, active_modes={
+                    k: sid(v.active_operation_mode_id) for k, v in actuators.items()})
+                state._assets_made = (made_of, made[1], binding)
         else:
             kind = storage_kind(sd, rm.details)
             priority = label_priority(sd) or (site.config.ev_defaults.priority
@@ -352,17 +363,26 @@ class FrbcPlugin(PluginBase[FrbcState]):
     def instruction_power_w(self, state: FrbcState, message: Any, now: datetime) -> float | None:
         """From the system description in force, at the present fill level."""
         description = state.system_description(now)
-        status = state.storage_status
-        fill = float(getattr(status, "present_fill_level", 0.0) or 0.0)
-        for actuator in getattr(description, "actuators", None) or []:
-            if sid(actuator.id) != sid(message.actuator_id):
-                continue
-            for mode in actuator.operation_modes:
-                if sid(mode.id) == sid(message.operation_mode):
-                    r = mode_range(mode, fill)
-                    factor = float(message.operation_mode_factor)
-                    return r.power_start + factor * (r.power_end - r.power_start)
-        return None
+        if description is None:
+            return None
+        index = getattr(state, "_modes_by_id", None)  # (a stand-in state may lack it)
+        if index is None or index[0] is not description:
+            # (actuator id, mode id) as integers -> the mode, and its range when it has one
+            # element (the fill level does not matter then), per description: the dispatcher
+            # asks per instruction, twice (~50k UUID-to-text conversions a 1000-RM dispatch)
+            index = state._modes_by_id = (description, {
+                (uuid_int(actuator.id), uuid_int(mode.id)):
+                    (mode, mode_range(mode, 0.0) if len(mode.elements) == 1 else None)
+                for actuator in description.actuators for mode in actuator.operation_modes})
+        found = index[1].get((uuid_int(message.actuator_id), uuid_int(message.operation_mode)))
+        if found is None:
+            return None
+        mode, r = found
+        if r is None:
+            status = state.storage_status
+            r = mode_range(mode, float(getattr(status, "present_fill_level", 0.0) or 0.0))
+        factor = float(message.operation_mode_factor)
+        return r.power_start + factor * (r.power_end - r.power_start)
 
 
 PLUGIN = FrbcPlugin()

@@ -26,11 +26,12 @@ by the plan).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -129,6 +130,12 @@ class FrbcBinding:
     # what a running timer keeps it drawing in the first PTUs (minimum run time): planned as
     # a fixed load, the storage itself from the PTU after (see frbc_storage_asset)
     held_load: FixedLoad | None = None
+    # per fill level (None: the modes do not depend on it), each actuator's normal mode ranges
+    # and what it can take each way: made once, a binding lives as long as its RM says nothing
+    # new, and its instructions ask for them per PTU (mode_range ~10 us each)
+    _ranges_at: dict[float | None, tuple[dict[str, list[ModeRange]], dict[str, float],
+                                         dict[str, float]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     # -- plan -> instructions -------------------------------------------------------------
 
@@ -140,15 +147,24 @@ class FrbcBinding:
 
         Power is split over actuators in proportion to what each can take.
         """
-        ranges = {sid(a.id): [mode_range(m, fill_level) for m in normal_modes(a)]
-                  for a in self.system_description.actuators}
-        if power_w >= 0:
-            capacity = {a: max([r.hi for r in rs] + [0.0]) for a, rs in ranges.items()}
-        else:
-            capacity = {a: -min([r.lo for r in rs] + [0.0]) for a, rs in ranges.items()}
+        ranges, up, down = self._ranges(fill_level)
+        capacity = up if power_w >= 0 else down
         total = sum(capacity.values())
         return [(a, rs, power_w * capacity[a] / total if total > 0 else 0.0)
                 for a, rs in ranges.items() if rs]
+
+    def _ranges(self, fill_level: float) -> tuple[dict[str, list[ModeRange]], dict[str, float],
+                                                  dict[str, float]]:
+        key = fill_level if self.instructions_read_levels else None
+        made = self._ranges_at.get(key)
+        if made is None:
+            ranges = {sid(a.id): [mode_range(m, fill_level) for m in normal_modes(a)]
+                      for a in self.system_description.actuators}
+            made = (ranges, {a: max([r.hi for r in rs] + [0.0]) for a, rs in ranges.items()},
+                    {a: -min([r.lo for r in rs] + [0.0]) for a, rs in ranges.items()})
+            if len(self._ranges_at) < 64:  # a level-dependent one sees a few levels a replan
+                self._ranges_at[key] = made
+        return made
 
     def choose_modes(self, power_w: float, fill_level: float) -> list[tuple[str, str, float]]:
         """(actuator id, mode id, factor) per actuator realising `power_w` at most.
@@ -190,22 +206,40 @@ class FrbcBinding:
         last_mode = dict(self.active_modes)
         last: dict[str, tuple[str, float]] = {}
         out: list[FRBCInstruction] = []
-        for t in range(min(until_ptu, len(power))):
+        n = min(until_ptu, len(power))
+        starts = ptu_starts(problem.start, problem.ptu_minutes, n + 1)
+        if levels is not None and not self.instructions_read_levels:
+            levels = None  # one range per mode: the level does not change what they can do
+        previous: float | None = None  # the power of the PTU before, while it settled
+        for t, power_t in enumerate(np.asarray(power[:n], dtype=float).tolist()):
+            if power_t == previous:
+                # the same power, and every actuator is in a mode that covers its share: the
+                # active mode comes first, the move is to itself (no transition, no timer),
+                # so the choice is the one just made and nothing would be sent
+                continue
             # plan.level_wh[t] is the level at the end of PTU t: PTU t starts at [t - 1]
             fill = self.fill_level if levels is None or t == 0 else self.units_from_wh(
                 float(levels[min(t - 1, len(levels) - 1)]))
-            execution = now if t == 0 else max(now, problem.ptu_start(t))
-            for actuator_id, mode, factor, moment in self._legal(
-                    float(power[t]), fill, execution, problem.ptu_start(t + 1), rules, last_mode):
+            execution = now if t == 0 else max(now, starts[t])
+            settled = levels is None
+            for actuator_id, ranges, share in self.split(power_t, fill):
+                choice = legal_choice(ranges, share, last_mode.get(actuator_id),
+                                      rules.get(actuator_id), execution, starts[t + 1])
+                if choice is None:  # the move waits for a timer past this PTU
+                    settled = False
+                    continue
+                mode, factor, moment = choice
+                settled = settled and mode.lo - 1e-6 <= share <= mode.hi + 1e-6
                 key = (mode.mode_id, round(factor, 4))
                 if last.get(actuator_id) == key:
                     continue
                 last[actuator_id] = key
                 last_mode[actuator_id] = mode.mode_id
                 out.append(frbc_instruction(actuator_id, mode.mode_id, factor, moment))
+            previous = power_t if settled else None
         return out
 
-    @property
+    @functools.cached_property
     def instructions_read_levels(self) -> bool:
         """Whether the fill level changes what a mode can do (a mode with several elements):
         then the instructions depend on the level at each PTU, else only on the power."""
@@ -241,6 +275,14 @@ class FrbcBinding:
                 lo += min(0.0, min(r.lo for r in ranges))
                 hi += max(0.0, max(r.hi for r in ranges))
         return lo, hi
+
+
+@functools.lru_cache(maxsize=64)
+def ptu_starts(start: datetime, ptu_minutes: int, n: int) -> tuple[datetime, ...]:
+    """The start of PTUs 0..n-1 of a plan from `start` (as `Problem.ptu_start`), made once
+    per plan: every binding's instructions ask for them."""
+    step = timedelta(minutes=ptu_minutes)
+    return tuple(start + step * t for t in range(n))
 
 
 def frbc_instruction(actuator_id: str, mode_id: str, factor: float,

@@ -213,3 +213,15 @@ def sid(value: Any) -> str:
 
 # the text of a UUID, made once: a 1000-RM replan asks for the same ids ~30k times (2 us each)
 _uuid_text = functools.lru_cache(maxsize=1 << 16)(str)
+
+
+def uuid_int(value: Any) -> int:
+    """An S2 id as the integer of its UUID (a UUID's own `int`: no text made nor hashed);
+    text that is not a UUID gets its text's hash (the CEM's ids are UUIDs)."""
+    value = getattr(value, "root", value)
+    if type(value) is uuid.UUID:
+        return value.int
+    try:
+        return uuid.UUID(str(value)).int
+    except ValueError:
+        return hash(str(value))

@@ -378,7 +378,9 @@ class S2Session:
             raise ValueError(f"a CEM does not send {message_type} messages")
         if self.s2connect and message_type in ("Handshake", "HandshakeResponse"):
             raise ValueError(f"no {message_type} in S2 Connect mode")
-        factor = getattr(message, "operation_mode_factor", None)
+        # from the fields, not getattr: a pydantic model without the field (a RevokeObject)
+        # answers getattr by raising an AttributeError
+        factor = getattr(message, "__dict__", {}).get("operation_mode_factor")
         if isinstance(factor, int | float) and not 0 <= factor <= 1:
             raise ValueError(f"cannot send {message_type}: operation_mode_factor {factor} is "
                              "outside 0..1")
