@@ -160,6 +160,9 @@ class DepartureLearning:
         self.scenarios = bool(more)
         self.ptu_minutes = planner.ptu_minutes
         self.taper_knee = float(planner.ev_taper_from_soc) / 100
+        self.front_wh = float(planner.ev_front_load_kwh) * 1000
+        self.front_window = timedelta(minutes=int(planner.ev_front_load_minutes))
+        self.front_loaded = 0  # EVs given a front-load milestone (summed over plans)
         self.store = store
         self.model = DepartureModel([], config.site.timezone,
                                     relative=bool(planner.departures_relative))
@@ -305,6 +308,7 @@ class DepartureLearning:
             found = self.model.departures(visit.evse, visit.arrival, visit.typed_departure,
                                           self.quantiles, visit.driver)
             if not found:
+                self._front_load(asset, visit, target, problem.start, step)
                 continue
             self.safe[rm_id] = found[0]
             if visit.defaults:
@@ -325,9 +329,33 @@ class DepartureLearning:
                 asset.target_profile.append((ptu, target, int(asset.level_max_wh)))
                 asset.milestone_eur_per_wh[ptu] = price
                 ours.add(ptu)
+            self._front_load(asset, visit, target, problem.start, step)
             count += bool(ours)
         self.planned += count
         return count
+
+    def _front_load(self, asset: StorageAsset, visit: OpenVisit, target: int, start: datetime,
+                    step: timedelta) -> None:
+        """The first `ev_front_load_kwh` of a visit by `ev_front_load_minutes` after arrival,
+        at the full value of a kWh: the drivers who leave before every learned departure
+        quantile get at least this (a floor per driver, not an expected value)."""
+        if self.front_wh <= 0:
+            return
+        missing = self.front_wh - visit.delivered_wh
+        if missing <= 1:
+            return
+        ptu = math.ceil((visit.arrival + self.front_window - start) / step)
+        if ptu <= asset.available_from or (asset.available_until is not None
+                                           and ptu >= asset.available_until):
+            return
+        goal = min(target, int(asset.level_wh + missing), int(asset.level_max_wh))
+        while any(m[0] == ptu for m in asset.target_profile):
+            ptu -= 1  # a departure milestone there already: the floor just before it
+        if goal <= asset.level_wh or ptu <= asset.available_from:
+            return
+        asset.target_profile.append((ptu, goal, int(asset.level_max_wh)))
+        asset.milestone_eur_per_wh[ptu] = self.value_eur_per_wh
+        self.front_loaded += 1
 
     @staticmethod
     def _finish_earlier(asset: StorageAsset, shift: int) -> None:
