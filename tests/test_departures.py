@@ -340,3 +340,40 @@ def test_every_arriving_ev_gets_its_first_kwh_within_the_front_load_window() -> 
     late, learning_late = case(MONDAY_8 - timedelta(hours=1), ev_front_load_kwh=3)
     assert learning.front_loaded == learning_late.front_loaded == 0
     assert first_hour_kwh(got_it) < 0.5 and first_hour_kwh(late) < 0.5
+
+
+def test_an_ev_that_tells_no_need_and_still_takes_energy_is_asked_for_more() -> None:
+    """An OCPP 1.6 EV (the charger's default need, 20 kWh) that has taken 21 kWh and still
+    draws: comparable visits took 8 kWh, so without `ev_open_need_kwh` nothing more is asked
+    of it; with 10 kWh its departure milestones ask 31 kWh, and the plan charges it."""
+    from cem.control.departures import DepartureLearning, OpenVisit
+    from cem.site.config import PlannerConfig, SiteConfig
+
+    def case(**planner: object) -> Problem:
+        config = SiteConfig.model_validate({"site": {"name": "t", "timezone": "UTC"},
+                                            "planner": PlannerConfig(**planner).model_dump()})
+        learning = DepartureLearning(config)
+        for v in fixture():
+            learning.model.add(v)
+        learning.open["rm"] = OpenVisit("C", MONDAY_8, None, None, 21000.0, 150000.0,
+                                        defaults=True)
+        price = np.full(40, 0.30)
+        ev = StorageAsset(id="ev", kind="ev", charge_max_w=7360, charge_min_w=1380,
+                          level_wh=21000, level_max_wh=150000, target_wh=20000,
+                          available_from=0, available_until=36)
+        problem = Problem(start=MONDAY_8, ptu_minutes=15, n_ptus=40,
+                          limits=SiteLimits(fuse_a=25, phases=3, voltage_v=230,
+                                            import_limit_w=np.full(40, 20000.0),
+                                            export_limit_w=np.full(40, 20000.0)),
+                          prices=Prices(import_eur_per_kwh=price, export_eur_per_kwh=price * 0),
+                          storage=[ev])
+        learning.apply(problem, {"rm": ["ev"]})
+        return problem
+
+    assert case().storage[0].target_profile == []
+    asked = case(ev_open_need_kwh=10)
+    assert asked.storage[0].target_profile
+    assert {m[1] for m in asked.storage[0].target_profile} == {31000}
+    power = np.asarray(plan_site(asked, time_limit_s=2.0, workers=1).power_w["ev"], dtype=float)
+    assert power.max() <= 7360 + 1e-6
+    assert float(power.sum()) * 0.25 == pytest.approx(10000, abs=300)

@@ -162,7 +162,11 @@ class DepartureLearning:
         self.taper_knee = float(planner.ev_taper_from_soc) / 100
         self.front_wh = float(planner.ev_front_load_kwh) * 1000
         self.front_window = timedelta(minutes=int(planner.ev_front_load_minutes))
+        front_eur = planner.ev_front_load_eur_per_kwh
+        self.front_eur_per_wh = (self.value_eur_per_wh if front_eur is None
+                                 else float(front_eur) / 1000)
         self.front_loaded = 0  # EVs given a front-load milestone (summed over plans)
+        self.open_need_wh = float(planner.ev_open_need_kwh) * 1000
         self.store = store
         self.model = DepartureModel([], config.site.timezone,
                                     relative=bool(planner.departures_relative))
@@ -303,6 +307,10 @@ class DepartureLearning:
                 if learned is not None and round(learned) > target:
                     target = min(round(learned), int(asset.level_max_wh))
                     self.by_learned_energy.add((rm_id, visit.arrival))
+                # it is not full while it still takes energy: ask for more than it has
+                if self.open_need_wh > 0:
+                    target = max(target, min(round(asset.level_wh + self.open_need_wh),
+                                             int(asset.level_max_wh)))
             if target <= asset.level_wh:
                 continue
             found = self.model.departures(visit.evse, visit.arrival, visit.typed_departure,
@@ -354,7 +362,7 @@ class DepartureLearning:
         if goal <= asset.level_wh or ptu <= asset.available_from:
             return
         asset.target_profile.append((ptu, goal, int(asset.level_max_wh)))
-        asset.milestone_eur_per_wh[ptu] = self.value_eur_per_wh
+        asset.milestone_eur_per_wh[ptu] = self.front_eur_per_wh
         self.front_loaded += 1
 
     @staticmethod
