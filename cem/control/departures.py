@@ -27,6 +27,13 @@ comparable visits, and their target is the most those visits took (their 0.99 qu
 `DepartureModel.energy`) when that is more than the charger's default need: an EV that takes
 less stops drawing and is dropped from the next plan.
 
+Two floors per driver (round 5): every EV that wants energy is asked its first
+`planner.ev_front_load_kwh` within `planner.ev_front_load_minutes` of its arrival (a milestone
+at `ev_front_load_eur_per_kwh`, by default the value of a kWh): the driver who leaves before
+every learned quantile still gets that much. An EV that tells no need and still takes energy is
+asked `planner.ev_open_need_kwh` more than it has (it is not full while it draws), at its
+departure milestones' prices.
+
 An EV whose RM plans it in SoC (its fill-level label "SoC %") and whose target lies above
 `planner.ev_taper_from_soc` gets every milestone (its learned departures' and its finish
 margin's) earlier by the extra time its last part takes under an assumed taper
