@@ -337,6 +337,9 @@ def test_every_arriving_ev_gets_its_first_kwh_within_the_front_load_window() -> 
     floor, learning = case(MONDAY_8, ev_front_load_kwh=3)
     assert learning.front_loaded == 1
     assert (4, 3000, 20000) in floor.storage[0].target_profile
+    assert floor.storage[0].milestone_eur_per_wh[4] == pytest.approx(0.001)  # 1 EUR/kWh
+    priced, _ = case(MONDAY_8, ev_front_load_kwh=3, ev_front_load_eur_per_kwh=0.1)
+    assert priced.storage[0].milestone_eur_per_wh[4] == pytest.approx(0.0001)
     assert first_hour_kwh(floor) >= 3.0 - 0.1
     got_it, learning = case(MONDAY_8, delivered_wh=3000, ev_front_load_kwh=3)
     late, learning_late = case(MONDAY_8 - timedelta(hours=1), ev_front_load_kwh=3)
