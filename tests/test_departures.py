@@ -16,6 +16,8 @@ from cem.site.departures import DepartureModel, Visit
 from cem.store import Store
 
 MONDAY_8 = datetime(2019, 10, 7, 8, 0, tzinfo=UTC)
+# the round 5 floors off unless a test asks for them (each has its own test)
+OFF = {"ev_front_load_kwh": 0.0, "ev_open_need_kwh": 0.0}
 
 
 def visit(evse: str, arrival: datetime, stay_h: float, typed_h: float | None,
@@ -184,7 +186,7 @@ def test_departure_scenarios_are_priced_at_the_share_of_drivers_that_leave_by_th
 
     def learning(**planner: object) -> DepartureLearning:
         config = SiteConfig.model_validate({"site": {"name": "t", "timezone": "UTC"},
-                                            "planner": PlannerConfig(**planner).model_dump()})
+                                            "planner": PlannerConfig(**{**OFF, **planner}).model_dump()})
         out = DepartureLearning(config)
         for v in fixture():
             out.model.add(v)
@@ -235,7 +237,7 @@ def test_an_ev_near_full_is_planned_to_finish_earlier_for_the_taper() -> None:
 
     def case(soc: bool, **planner: object) -> tuple[Problem, DepartureLearning]:
         config = SiteConfig.model_validate({"site": {"name": "t", "timezone": "UTC"},
-                                            "planner": PlannerConfig(**planner).model_dump()})
+                                            "planner": PlannerConfig(**{**OFF, **planner}).model_dump()})
         learning = DepartureLearning(config)
         for v in fixture():
             learning.model.add(v)
@@ -289,3 +291,94 @@ def test_departures_are_learned_as_the_share_of_the_typed_stay() -> None:
     hours = DepartureModel(visits, "UTC", relative=False).safe_departure("D", MONDAY_8,
                                                                          short_typed, 0.15)
     assert hours is not None and hours.at == MONDAY_8
+
+
+def test_every_arriving_ev_gets_its_first_kwh_within_the_front_load_window() -> None:
+    """Cheap power from 09:00 and learned departures hours away: the plan waits for the cheap
+    hours, so a driver who leaves in the first hour goes home empty. With `ev_front_load_kwh = 3`
+    the first 3 kWh come within `ev_front_load_minutes` (60) of arrival, at any price, inside
+    the EV's maximum; an EV that already got them, or whose window passed, is left to the
+    departure milestones."""
+    from cem.control.departures import DepartureLearning, OpenVisit
+    from cem.site.config import PlannerConfig, SiteConfig
+
+    def case(arrival: datetime, delivered_wh: float = 0.0,
+             **planner: object) -> tuple[Problem, DepartureLearning]:
+        config = SiteConfig.model_validate({"site": {"name": "t", "timezone": "UTC"},
+                                            "planner": PlannerConfig(**{**OFF, **planner}).model_dump()})
+        learning = DepartureLearning(config)
+        for v in fixture():
+            learning.model.add(v)
+        learning.open["rm"] = OpenVisit("A", arrival, MONDAY_8 + timedelta(hours=9), 13000.0,
+                                        0.0, 20000.0, delivered_wh=delivered_wh,
+                                        typed_latest=MONDAY_8 + timedelta(hours=9))
+        price = np.where(np.arange(40) < 4, 0.30, 0.10)
+        ev = StorageAsset(id="ev", kind="ev", charge_max_w=7360, charge_min_w=1380,
+                          level_wh=0, level_max_wh=20000, target_wh=13000,
+                          available_from=0, available_until=36)
+        problem = Problem(start=MONDAY_8, ptu_minutes=15, n_ptus=40,
+                          limits=SiteLimits(fuse_a=25, phases=3, voltage_v=230,
+                                            import_limit_w=np.full(40, 20000.0),
+                                            export_limit_w=np.full(40, 20000.0)),
+                          prices=Prices(import_eur_per_kwh=price,
+                                        export_eur_per_kwh=price * 0),
+                          storage=[ev])
+        learning.apply(problem, {"rm": ["ev"]})
+        return problem, learning
+
+    def first_hour_kwh(problem: Problem) -> float:
+        power = np.asarray(plan_site(problem, time_limit_s=2.0, workers=1).power_w["ev"], dtype=float)
+        assert power.max() <= 7360 + 1e-6
+        assert float(power.sum()) * 0.25 == pytest.approx(13000, abs=300)  # the target is met
+        return float(power[:4].sum()) * 0.25 / 1000
+
+    waiting, _ = case(MONDAY_8)
+    assert first_hour_kwh(waiting) < 0.5  # without a floor the plan waits for 09:00
+    floor, learning = case(MONDAY_8, ev_front_load_kwh=3)
+    assert learning.front_loaded == 1
+    assert (4, 3000, 20000) in floor.storage[0].target_profile
+    assert floor.storage[0].milestone_eur_per_wh[4] == pytest.approx(0.001)  # 1 EUR/kWh
+    priced, _ = case(MONDAY_8, ev_front_load_kwh=3, ev_front_load_eur_per_kwh=0.1)
+    assert priced.storage[0].milestone_eur_per_wh[4] == pytest.approx(0.0001)
+    assert first_hour_kwh(floor) >= 3.0 - 0.1
+    got_it, learning = case(MONDAY_8, delivered_wh=3000, ev_front_load_kwh=3)
+    late, learning_late = case(MONDAY_8 - timedelta(hours=1), ev_front_load_kwh=3)
+    assert learning.front_loaded == learning_late.front_loaded == 0
+    assert first_hour_kwh(got_it) < 0.5 and first_hour_kwh(late) < 0.5
+
+
+def test_an_ev_that_tells_no_need_and_still_takes_energy_is_asked_for_more() -> None:
+    """An OCPP 1.6 EV (the charger's default need, 20 kWh) that has taken 21 kWh and still
+    draws: comparable visits took 8 kWh, so without `ev_open_need_kwh` nothing more is asked
+    of it; with 10 kWh its departure milestones ask 31 kWh, and the plan charges it."""
+    from cem.control.departures import DepartureLearning, OpenVisit
+    from cem.site.config import PlannerConfig, SiteConfig
+
+    def case(**planner: object) -> Problem:
+        config = SiteConfig.model_validate({"site": {"name": "t", "timezone": "UTC"},
+                                            "planner": PlannerConfig(**{**OFF, **planner}).model_dump()})
+        learning = DepartureLearning(config)
+        for v in fixture():
+            learning.model.add(v)
+        learning.open["rm"] = OpenVisit("C", MONDAY_8, None, None, 21000.0, 150000.0,
+                                        defaults=True)
+        price = np.full(40, 0.30)
+        ev = StorageAsset(id="ev", kind="ev", charge_max_w=7360, charge_min_w=1380,
+                          level_wh=21000, level_max_wh=150000, target_wh=20000,
+                          available_from=0, available_until=36)
+        problem = Problem(start=MONDAY_8, ptu_minutes=15, n_ptus=40,
+                          limits=SiteLimits(fuse_a=25, phases=3, voltage_v=230,
+                                            import_limit_w=np.full(40, 20000.0),
+                                            export_limit_w=np.full(40, 20000.0)),
+                          prices=Prices(import_eur_per_kwh=price, export_eur_per_kwh=price * 0),
+                          storage=[ev])
+        learning.apply(problem, {"rm": ["ev"]})
+        return problem
+
+    assert case().storage[0].target_profile == []
+    asked = case(ev_open_need_kwh=10)
+    assert asked.storage[0].target_profile
+    assert {m[1] for m in asked.storage[0].target_profile} == {31000}
+    power = np.asarray(plan_site(asked, time_limit_s=2.0, workers=1).power_w["ev"], dtype=float)
+    assert power.max() <= 7360 + 1e-6
+    assert float(power.sum()) * 0.25 == pytest.approx(10000, abs=300)

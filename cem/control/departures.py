@@ -27,6 +27,13 @@ comparable visits, and their target is the most those visits took (their 0.99 qu
 `DepartureModel.energy`) when that is more than the charger's default need: an EV that takes
 less stops drawing and is dropped from the next plan.
 
+Two floors per driver (round 5): every EV that wants energy is asked its first
+`planner.ev_front_load_kwh` within `planner.ev_front_load_minutes` of its arrival (a milestone
+at `ev_front_load_eur_per_kwh`, by default the value of a kWh): the driver who leaves before
+every learned quantile still gets that much. An EV that tells no need and still takes energy is
+asked `planner.ev_open_need_kwh` more than it has (it is not full while it draws), at its
+departure milestones' prices.
+
 An EV whose RM plans it in SoC (its fill-level label "SoC %") and whose target lies above
 `planner.ev_taper_from_soc` gets every milestone (its learned departures' and its finish
 margin's) earlier by the extra time its last part takes under an assumed taper
@@ -160,6 +167,13 @@ class DepartureLearning:
         self.scenarios = bool(more)
         self.ptu_minutes = planner.ptu_minutes
         self.taper_knee = float(planner.ev_taper_from_soc) / 100
+        self.front_wh = float(planner.ev_front_load_kwh) * 1000
+        self.front_window = timedelta(minutes=int(planner.ev_front_load_minutes))
+        front_eur = planner.ev_front_load_eur_per_kwh
+        self.front_eur_per_wh = (self.value_eur_per_wh if front_eur is None
+                                 else float(front_eur) / 1000)
+        self.front_loaded = 0  # EVs given a front-load milestone (summed over plans)
+        self.open_need_wh = float(planner.ev_open_need_kwh) * 1000
         self.store = store
         self.model = DepartureModel([], config.site.timezone,
                                     relative=bool(planner.departures_relative))
@@ -300,11 +314,16 @@ class DepartureLearning:
                 if learned is not None and round(learned) > target:
                     target = min(round(learned), int(asset.level_max_wh))
                     self.by_learned_energy.add((rm_id, visit.arrival))
+                # it is not full while it still takes energy: ask for more than it has
+                if self.open_need_wh > 0:
+                    target = max(target, min(round(asset.level_wh + self.open_need_wh),
+                                             int(asset.level_max_wh)))
             if target <= asset.level_wh:
                 continue
             found = self.model.departures(visit.evse, visit.arrival, visit.typed_departure,
                                           self.quantiles, visit.driver)
             if not found:
+                self._front_load(asset, visit, target, problem.start, step)
                 continue
             self.safe[rm_id] = found[0]
             if visit.defaults:
@@ -325,9 +344,33 @@ class DepartureLearning:
                 asset.target_profile.append((ptu, target, int(asset.level_max_wh)))
                 asset.milestone_eur_per_wh[ptu] = price
                 ours.add(ptu)
+            self._front_load(asset, visit, target, problem.start, step)
             count += bool(ours)
         self.planned += count
         return count
+
+    def _front_load(self, asset: StorageAsset, visit: OpenVisit, target: int, start: datetime,
+                    step: timedelta) -> None:
+        """The first `ev_front_load_kwh` of a visit by `ev_front_load_minutes` after arrival,
+        at the full value of a kWh: the drivers who leave before every learned departure
+        quantile get at least this (a floor per driver, not an expected value)."""
+        if self.front_wh <= 0:
+            return
+        missing = self.front_wh - visit.delivered_wh
+        if missing <= 1:
+            return
+        ptu = math.ceil((visit.arrival + self.front_window - start) / step)
+        if ptu <= asset.available_from or (asset.available_until is not None
+                                           and ptu >= asset.available_until):
+            return
+        goal = min(target, int(asset.level_wh + missing), int(asset.level_max_wh))
+        while any(m[0] == ptu for m in asset.target_profile):
+            ptu -= 1  # a departure milestone there already: the floor just before it
+        if goal <= asset.level_wh or ptu <= asset.available_from:
+            return
+        asset.target_profile.append((ptu, goal, int(asset.level_max_wh)))
+        asset.milestone_eur_per_wh[ptu] = self.front_eur_per_wh
+        self.front_loaded += 1
 
     @staticmethod
     def _finish_earlier(asset: StorageAsset, shift: int) -> None:

@@ -256,6 +256,20 @@ class PlannerConfig(Section):
     departure_scenario_quantiles: list[float] = Field(
         default_factory=lambda: [0.1, 0.2, 0.3, 0.5], description="more departure quantiles, each a milestone priced at "
         "the value times the share of drivers leaving between it and the next")
+    ev_front_load_kwh: float = Field(
+        5.0, ge=0, le=100, description="every EV that wants energy is asked this much (kWh, "
+        "at most its need) within `ev_front_load_minutes` of its arrival, each kWh short priced "
+        "at the value of an undelivered kWh (0: off)")
+    ev_front_load_minutes: int = Field(
+        60, ge=15, le=480, description="the window after arrival for `ev_front_load_kwh`")
+    ev_front_load_eur_per_kwh: float | None = Field(
+        None, ge=0, le=100, description="EUR per kWh short of `ev_front_load_kwh` (none: the "
+        "value of an undelivered kWh); below the price gap to the site's PV or cheap hours "
+        "the plan waits for them")
+    ev_open_need_kwh: float = Field(
+        10.0, ge=0, le=100, description="an EV that tells no need (OCPP 1.6) and still takes "
+        "energy is asked at least this much more than it has, at its departure milestones' "
+        "prices, until it stops drawing (0: only what comparable visits took)")
     departures_relative: bool = Field(
         True, description="learn departures as the share of the typed stay drivers stayed "
         "(false: as hours before the typed departure)")
