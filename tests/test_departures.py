@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -228,19 +229,38 @@ def test_departure_scenarios_are_priced_at_the_share_of_drivers_that_leave_by_th
     assert off.apply(p, {"rm": ["ev"]}) == 0 and p.storage[0].target_profile == []
 
 
+
+def _learning_from_the_fixture(**planner: object) -> Any:
+    """A DepartureLearning with `OFF` and `planner` settings that learned the fixture's visits."""
+    from cem.control.departures import DepartureLearning
+    from cem.site.config import PlannerConfig, SiteConfig
+
+    config = SiteConfig.model_validate({"site": {"name": "t", "timezone": "UTC"},
+                                        "planner": PlannerConfig(**{**OFF, **planner}).model_dump()})
+    learning = DepartureLearning(config)
+    for v in fixture():
+        learning.model.add(v)
+    return learning
+
+
+def _one_ev_problem(price: np.ndarray, ev: StorageAsset) -> Problem:
+    """40 PTUs from Monday 08:00 with room for the EV (20 kW, 25 A), at `price`."""
+    return Problem(start=MONDAY_8, ptu_minutes=15, n_ptus=40,
+                   limits=SiteLimits(fuse_a=25, phases=3, voltage_v=230,
+                                     import_limit_w=np.full(40, 20000.0),
+                                     export_limit_w=np.full(40, 20000.0)),
+                   prices=Prices(import_eur_per_kwh=price, export_eur_per_kwh=price * 0),
+                   storage=[ev])
+
+
 def test_an_ev_near_full_is_planned_to_finish_earlier_for_the_taper() -> None:
     """An EV that reports its SoC and wants 75 -> 97 %: above 80 % it takes less than full
     power, so its milestones come the taper's extra hour earlier and the plan charges it by
     then; an EV in kWh charged (no SoC) and `ev_taper_from_soc = 100` keep them where they were."""
     from cem.control.departures import DepartureLearning, OpenVisit, taper_ptus
-    from cem.site.config import PlannerConfig, SiteConfig
 
     def case(soc: bool, **planner: object) -> tuple[Problem, DepartureLearning]:
-        config = SiteConfig.model_validate({"site": {"name": "t", "timezone": "UTC"},
-                                            "planner": PlannerConfig(**{**OFF, **planner}).model_dump()})
-        learning = DepartureLearning(config)
-        for v in fixture():
-            learning.model.add(v)
+        learning = _learning_from_the_fixture(**planner)
         learning.open["rm"] = OpenVisit("A", MONDAY_8, MONDAY_8 + timedelta(hours=9), 13000.0,
                                         45000.0, 60000.0, soc=soc,
                                         typed_latest=MONDAY_8 + timedelta(hours=9))
@@ -248,13 +268,7 @@ def test_an_ev_near_full_is_planned_to_finish_earlier_for_the_taper() -> None:
         ev = StorageAsset(id="ev", kind="ev", charge_max_w=7360, charge_min_w=1380,
                           level_wh=45000, level_max_wh=60000, target_wh=58000,
                           available_from=0, available_until=36)
-        problem = Problem(start=MONDAY_8, ptu_minutes=15, n_ptus=40,
-                          limits=SiteLimits(fuse_a=25, phases=3, voltage_v=230,
-                                            import_limit_w=np.full(40, 20000.0),
-                                            export_limit_w=np.full(40, 20000.0)),
-                          prices=Prices(import_eur_per_kwh=price,
-                                        export_eur_per_kwh=price * 0),
-                          storage=[ev])
+        problem = _one_ev_problem(price, ev)
         assert learning.apply(problem, {"rm": ["ev"]}) == 1
         return problem, learning
 
@@ -300,15 +314,10 @@ def test_every_arriving_ev_gets_its_first_kwh_within_the_front_load_window() -> 
     the EV's maximum; an EV that already got them, or whose window passed, is left to the
     departure milestones."""
     from cem.control.departures import DepartureLearning, OpenVisit
-    from cem.site.config import PlannerConfig, SiteConfig
 
     def case(arrival: datetime, delivered_wh: float = 0.0,
              **planner: object) -> tuple[Problem, DepartureLearning]:
-        config = SiteConfig.model_validate({"site": {"name": "t", "timezone": "UTC"},
-                                            "planner": PlannerConfig(**{**OFF, **planner}).model_dump()})
-        learning = DepartureLearning(config)
-        for v in fixture():
-            learning.model.add(v)
+        learning = _learning_from_the_fixture(**planner)
         learning.open["rm"] = OpenVisit("A", arrival, MONDAY_8 + timedelta(hours=9), 13000.0,
                                         0.0, 20000.0, delivered_wh=delivered_wh,
                                         typed_latest=MONDAY_8 + timedelta(hours=9))
@@ -316,13 +325,7 @@ def test_every_arriving_ev_gets_its_first_kwh_within_the_front_load_window() -> 
         ev = StorageAsset(id="ev", kind="ev", charge_max_w=7360, charge_min_w=1380,
                           level_wh=0, level_max_wh=20000, target_wh=13000,
                           available_from=0, available_until=36)
-        problem = Problem(start=MONDAY_8, ptu_minutes=15, n_ptus=40,
-                          limits=SiteLimits(fuse_a=25, phases=3, voltage_v=230,
-                                            import_limit_w=np.full(40, 20000.0),
-                                            export_limit_w=np.full(40, 20000.0)),
-                          prices=Prices(import_eur_per_kwh=price,
-                                        export_eur_per_kwh=price * 0),
-                          storage=[ev])
+        problem = _one_ev_problem(price, ev)
         learning.apply(problem, {"rm": ["ev"]})
         return problem, learning
 
@@ -351,27 +354,17 @@ def test_an_ev_that_tells_no_need_and_still_takes_energy_is_asked_for_more() -> 
     """An OCPP 1.6 EV (the charger's default need, 20 kWh) that has taken 21 kWh and still
     draws: comparable visits took 8 kWh, so without `ev_open_need_kwh` nothing more is asked
     of it; with 10 kWh its departure milestones ask 31 kWh, and the plan charges it."""
-    from cem.control.departures import DepartureLearning, OpenVisit
-    from cem.site.config import PlannerConfig, SiteConfig
+    from cem.control.departures import OpenVisit
 
     def case(**planner: object) -> Problem:
-        config = SiteConfig.model_validate({"site": {"name": "t", "timezone": "UTC"},
-                                            "planner": PlannerConfig(**{**OFF, **planner}).model_dump()})
-        learning = DepartureLearning(config)
-        for v in fixture():
-            learning.model.add(v)
+        learning = _learning_from_the_fixture(**planner)
         learning.open["rm"] = OpenVisit("C", MONDAY_8, None, None, 21000.0, 150000.0,
                                         defaults=True)
         price = np.full(40, 0.30)
         ev = StorageAsset(id="ev", kind="ev", charge_max_w=7360, charge_min_w=1380,
                           level_wh=21000, level_max_wh=150000, target_wh=20000,
                           available_from=0, available_until=36)
-        problem = Problem(start=MONDAY_8, ptu_minutes=15, n_ptus=40,
-                          limits=SiteLimits(fuse_a=25, phases=3, voltage_v=230,
-                                            import_limit_w=np.full(40, 20000.0),
-                                            export_limit_w=np.full(40, 20000.0)),
-                          prices=Prices(import_eur_per_kwh=price, export_eur_per_kwh=price * 0),
-                          storage=[ev])
+        problem = _one_ev_problem(price, ev)
         learning.apply(problem, {"rm": ["ev"]})
         return problem
 

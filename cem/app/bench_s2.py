@@ -925,17 +925,51 @@ _COMPARED = ("acknowledged_per_s", "latency_p50_ms", "latency_p99_ms", "cem_cpu_
              "cem_kb_per_rm_connected")
 
 
+def _alternate(rounds: int, sides: dict[str, dict[str, Any]], **common: Any
+               ) -> tuple[dict[str, list[BenchResult]], dict[str, dict[str, float | None]]]:
+    """The bench `rounds` times, each side (its own `run_bench` arguments) in turn, so all
+    see the same machine state; the runs and each figure's median per side."""
+    runs: dict[str, list[BenchResult]] = {side: [] for side in sides}
+    for _ in range(rounds):
+        for side, kwargs in sides.items():
+            runs[side].append(asyncio.run(run_bench(**common, **kwargs)))
+    medians = {side: {name: _median([getattr(r, name) for r in results])
+                      for name in _COMPARED} for side, results in runs.items()}
+    return runs, medians
+
+
+def _print_sides(title: str, columns: dict[str, str], medians: dict[str, dict[str, Any]],
+                 runs: dict[str, list[BenchResult]], summary: str) -> None:
+    """The medians side by side (`columns`: side -> heading), a summary line, any warnings."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("figure")
+    for heading in columns.values():
+        table.add_column(heading, justify="right")
+    for name in _COMPARED:
+        table.add_row(name, *(str(medians[side][name]) for side in columns))
+    Console().print(table)
+    Console().print(summary)
+    for results in runs.values():
+        for result in results:
+            for error in result.errors:
+                Console(stderr=True).print(f"[yellow]warning:[/] {error}")
+
+
+def _title(rms: int, messages: int, rate: float, rounds: int, busy_core: bool) -> str:
+    return (f"{rms} RMs x {messages} messages at "
+            + (f"{rate:.0f}/s" if rate else "full speed")
+            + f", median of {rounds} round(s)" + (", one core kept busy" if busy_core else ""))
+
+
 def _compare_src(rms: int, messages: int, rate: float, cem_src: Path, rounds: int,
                  busy_core: bool, json_out: bool) -> None:
     """The bench `rounds` times with the baseline CEM (`cem_src`) and then this checkout's,
     alternating, so both see the same machine state; each figure's median per side."""
-    runs: dict[str, list[BenchResult]] = {"baseline": [], "this": []}
-    for _ in range(rounds):
-        for side, src in (("baseline", cem_src), ("this", None)):
-            runs[side].append(asyncio.run(run_bench(rms=rms, messages=messages, rate=rate,
-                                                    cem_src=src, busy_core=busy_core)))
-    medians = {side: {name: _median([getattr(r, name) for r in results])
-                      for name in _COMPARED} for side, results in runs.items()}
+    runs, medians = _alternate(rounds, {"baseline": {"cem_src": cem_src}, "this": {}},
+                               rms=rms, messages=messages, rate=rate, busy_core=busy_core)
     base_cpu = medians["baseline"]["cem_cpu_us_per_message"]
     this_cpu = medians["this"]["cem_cpu_us_per_message"]
     report = {"baseline_src": str(cem_src), "rounds": rounds, "busy_core": busy_core,
@@ -947,36 +981,17 @@ def _compare_src(rms: int, messages: int, rate: float, cem_src: Path, rounds: in
     if json_out:
         print(json.dumps(report))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"S2 server: {rms} RMs x {messages} messages at "
-                        f"{rate:.0f}/s, median of {rounds} round(s)"
-                        + (", one core kept busy" if busy_core else ""))
-    table.add_column("figure")
-    table.add_column(f"baseline ({cem_src})", justify="right")
-    table.add_column("this checkout", justify="right")
-    for name in _COMPARED:
-        table.add_row(name, str(medians["baseline"][name]), str(medians["this"][name]))
-    Console().print(table)
-    Console().print(f"CPU per message, this / baseline: {report['cpu_per_message_ratio']}")
-    for result in runs["baseline"] + runs["this"]:
-        for error in result.errors:
-            Console(stderr=True).print(f"[yellow]warning:[/] {error}")
+    _print_sides(f"S2 server: {_title(rms, messages, rate, rounds, busy_core)}",
+                 {"baseline": f"baseline ({cem_src})", "this": "this checkout"}, medians, runs,
+                 f"CPU per message, this / baseline: {report['cpu_per_message_ratio']}")
 
 
 def _compare_floor(rms: int, messages: int, rate: float, rounds: int, busy_core: bool,
                    json_out: bool) -> None:
     """The bench `rounds` times against the floor server and then the CEM, alternating; each
     figure's median per side, and the CEM's CPU per message above the floor's."""
-    runs: dict[str, list[BenchResult]] = {"floor": [], "cem": []}
-    for _ in range(rounds):
-        for side in ("floor", "cem"):
-            runs[side].append(asyncio.run(run_bench(rms=rms, messages=messages, rate=rate,
-                                                    busy_core=busy_core,
-                                                    floor=side == "floor")))
-    medians = {side: {name: _median([getattr(r, name) for r in results])
-                      for name in _COMPARED} for side, results in runs.items()}
+    runs, medians = _alternate(rounds, {"floor": {"floor": True}, "cem": {}},
+                               rms=rms, messages=messages, rate=rate, busy_core=busy_core)
     floor_cpu = medians["floor"]["cem_cpu_us_per_message"]
     cem_cpu = medians["cem"]["cem_cpu_us_per_message"]
     report = {"event_loop": _event_loop_name(), "rounds": rounds, "busy_core": busy_core,
@@ -990,24 +1005,10 @@ def _compare_floor(rms: int, messages: int, rate: float, rounds: int, busy_core:
     if json_out:
         print(json.dumps(report))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"S2 server against its floor ({report['event_loop']} event loop): "
-                        f"{rms} RMs x {messages} messages at "
-                        + (f"{rate:.0f}/s" if rate else "full speed")
-                        + f", median of {rounds} round(s)"
-                        + (", one core kept busy" if busy_core else ""))
-    table.add_column("figure")
-    table.add_column("floor (answers only)", justify="right")
-    table.add_column("cem run", justify="right")
-    for name in _COMPARED:
-        table.add_row(name, str(medians["floor"][name]), str(medians["cem"][name]))
-    Console().print(table)
-    Console().print(f"CEM CPU per message above the floor: {report['cem_cpu_us_over_floor']} us")
-    for result in runs["floor"] + runs["cem"]:
-        for error in result.errors:
-            Console(stderr=True).print(f"[yellow]warning:[/] {error}")
+    _print_sides(f"S2 server against its floor ({report['event_loop']} event loop): "
+                 + _title(rms, messages, rate, rounds, busy_core),
+                 {"floor": "floor (answers only)", "cem": "cem run"}, medians, runs,
+                 f"CEM CPU per message above the floor: {report['cem_cpu_us_over_floor']} us")
 
 
 def _median(values: list[Any]) -> float | None:
