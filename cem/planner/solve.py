@@ -463,7 +463,12 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         # the last plan's repair (0.1-0.3 s of CPU at 1000 EVs) only while the deadline is
         # not past, or when there is nothing else
         # a fallback cut short at the deadline (assets left idle) is no plan to settle for
-        whole = len(scored) - (0 if rules is None or rules_whole else 1)
+        # nor a plan from the EVs' problems not known to be good (a cold start's point after a
+        # few price steps, the deadline past: it may be far worse than the fallback)
+        guided_known = guided is not None and bound is not None \
+            and guided[0].objective - bound <= _good_enough_eur(guided[0], gap_tol)
+        whole = len(scored) - (0 if rules is None or rules_whole else 1) \
+            - (1 if guided is not None and not guided_known else 0)
         last = memory.last_plan(lay) if memory is not None and not good and (
             not whole or deadline > time.perf_counter()) else None
         if last is not None:
