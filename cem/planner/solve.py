@@ -429,11 +429,12 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             return bound is not None and any(
                 ev.objective - bound <= _good_enough_eur(ev, gap_tol) for ev, *_ in scored)
 
-        good = False
+        # a plan from the EVs' problems known to be within the tolerance of the bound
+        guided_known = guided is not None and bound is not None \
+            and guided[0].objective - bound <= _good_enough_eur(guided[0], gap_tol)
+        good = guided_known
         if guided is not None:
             scored.append((guided[0], "the plan from the EVs' problems", "FEASIBLE", guided[1]))
-            good = bound is not None \
-                and guided[0].objective - bound <= _good_enough_eur(guided[0], gap_tol)
         if candidate is not None:
             good = score("the repaired LP plan", status, candidate) or good
         if rules_polished is not None:  # made beside the LP
@@ -465,8 +466,6 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         # a fallback cut short at the deadline (assets left idle) is no plan to settle for
         # nor a plan from the EVs' problems not known to be good (a cold start's point after a
         # few price steps, the deadline past: it may be far worse than the fallback)
-        guided_known = guided is not None and bound is not None \
-            and guided[0].objective - bound <= _good_enough_eur(guided[0], gap_tol)
         whole = len(scored) - (0 if rules is None or rules_whole else 1) \
             - (1 if guided is not None and not guided_known else 0)
         last = memory.last_plan(lay) if memory is not None and not good and (
