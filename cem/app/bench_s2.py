@@ -59,7 +59,9 @@ _MEASUREMENT = ('{"message_type":"PowerMeasurement","message_id":"%s",'
                 '"value":%d}]}')
 
 
-def _field(text: str, name: str) -> str | None:
+def json_field(text: str, name: str) -> str | None:
+    """A string field's value from compact or spaced JSON text, by a search (no parse): what
+    the bench's RMs and the floor server read of the messages they get."""
     marker = f'"{name}":"'
     at = text.find(marker)
     if at < 0:
@@ -281,19 +283,19 @@ class BenchRm(asyncio.Protocol):
 
     def _on_text(self, text: str) -> None:
         now = time.perf_counter()
-        kind = _field(text, "message_type")
+        kind = json_field(text, "message_type")
         if kind == "ReceptionStatus":
-            subject = _field(text, "subject_message_id")
+            subject = json_field(text, "subject_message_id")
             began = self.sent_at.pop(subject or "", None)
             if began is not None:
                 self.latencies.append(now - began)
-                if _field(text, "status") != "OK":
+                if json_field(text, "status") != "OK":
                     self.not_ok += 1
                 self.acked.set()
                 if self.on_ack is not None:
                     self.on_ack(self)
             return
-        message_id = _field(text, "message_id")
+        message_id = json_field(text, "message_id")
         if message_id:
             self.send_text(_STATUS % message_id)
         if kind == "HandshakeResponse":

@@ -22,6 +22,7 @@ from typing import cast
 
 from websockets.frames import apply_mask
 
+from cem.app.bench_s2 import json_field
 from cem.app.service import event_loop_factory, raise_open_file_limit, run_on_event_loop
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -30,16 +31,6 @@ _HANDSHAKE_RESPONSE = ('{"message_type":"HandshakeResponse","message_id":"%s",'
                        '"selected_protocol_version":"0.0.2-beta"}')
 _SELECT = ('{"message_type":"SelectControlType","message_id":"%s",'
            '"control_type":"%s"}')
-
-
-def _field(text: str, name: str) -> str | None:
-    marker = f'"{name}":"'
-    at = text.find(marker)
-    if at < 0:
-        return None
-    start = at + len(marker)
-    end = text.find('"', start)
-    return text[start:end] if end > 0 else None
 
 
 def _frame(opcode: int, payload: bytes) -> bytes:
@@ -125,10 +116,10 @@ class FloorConnection(asyncio.Protocol):
         if opcode != 0x1:
             return
         text = payload.decode()
-        kind = _field(text, "message_type")
+        kind = json_field(text, "message_type")
         if kind == "ReceptionStatus":
             return
-        message_id = _field(text, "message_id")
+        message_id = json_field(text, "message_id")
         if message_id is None:
             return
         out.append(_frame(0x1, (_OK % message_id).encode()))
