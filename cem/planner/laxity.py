@@ -101,11 +101,11 @@ def least_laxity_plan(lay: Layout, point: Dispatch, follow: float = FOLLOW_PTUS)
         for g, share in enumerate(groups):
             m = members[g]
             m = m[lay.avail[m, t] & (req_wh[m, 0] - got[m] > NOISE_WH)]
+            if len(m) == 0:
+                continue
             frac_sum = float(x[members[g], t].sum())
             head = min([float(imp_head[t])] + [float(ph_head[q, t] / share[q])
                                                for q in range(3) if share[q] > 0])
-            if len(m) == 0:
-                continue
             p = _share_out(lay, t, m, got, frac_sum, head, req_at, req_wh, full, upper,
                            wh_per_w[m, t], cmin[m], cmax[m], step[m], follow * x[m, t] / cmax[m])
             used = float(p.sum()) - frac_sum
