@@ -143,8 +143,9 @@ class CemService:
         cfg = self.config
         await self.bind()
         try:
-            self.store = await Store.open(cfg.store.path, retention_days=cfg.store.retention_days,
-                                          for_cem=True)
+            self.store = await Store.open(
+                cfg.store.path, retention_days=cfg.store.retention_days, for_cem=True,
+                measurement_log_interval_s=cfg.store.measurement_log_interval_s)
         except Exception as exc:
             self._unbind()
             raise ServiceError(f"cannot open the store {cfg.store.path}: {exc}") from exc
