@@ -1,7 +1,8 @@
 """The message log keeps every message but an RM's measurements between logged ones.
 
 `store.measurement_log_interval_s` (docs/adr/0010, round 4): a real `cem run`, raw websocket
-RMs (the bench's), and the SQLite file read back after a clean stop.
+RMs (the bench's), and the SQLite file read back after a clean stop. And migration 9 on a
+store of the version before.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 
 from cem.app.bench_s2 import BenchRm
 from cem.app.cli import app
+from cem.store import MIGRATIONS, Store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,3 +127,34 @@ def test_a_bad_measurement_log_interval_is_a_clear_error(tmp_path: Path) -> None
     assert "Traceback" not in result.output
     assert "store.measurement_log_interval_s (line 8)" in result.output
     assert "greater than or equal to 0" in result.output
+
+
+async def test_a_schema_8_store_is_migrated_and_its_session_rows_still_claimed(
+        tmp_path: Path) -> None:
+    """Migration 9 (the partial session index, no measurements_rm) on a store of the last
+    version: its rows stay, and a session identified afterwards still claims its messages."""
+    path = tmp_path / "cem.db"
+    old = sqlite3.connect(path)
+    for script in MIGRATIONS[:8]:
+        old.executescript(script)
+    old.execute("PRAGMA user_version = 8")
+    old.execute("INSERT INTO s2_messages (at, session_id, direction, message_type, text)"
+                " VALUES (1.0, 'conn-1', 'in', 'Handshake', '{}')")
+    old.execute("INSERT INTO measurements VALUES (1.0, 'rm-a', 'ELECTRIC.POWER.L1', 5.0)")
+    old.commit()
+    old.close()
+    store = await Store.open(path)
+    store.session_identified("conn-1", "rm-a")
+    await store.close()
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone() == (9,)
+        indexes = dict(db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'"
+                                  " AND sql IS NOT NULL").fetchall())
+        assert "measurements_rm" not in indexes and "measurements_at" in indexes
+        assert indexes["s2_messages_session"].endswith("WHERE rm_id IS NULL")
+        assert db.execute("SELECT rm_id FROM s2_messages").fetchall() == [("rm-a",)]
+        assert db.execute("SELECT messages_in FROM rms WHERE rm_id = 'rm-a'").fetchone() == (1,)
+        assert db.execute("SELECT COUNT(*) FROM measurements").fetchone() == (1,)
+    finally:
+        db.close()
