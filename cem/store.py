@@ -12,6 +12,10 @@ same writer, so there is exactly one writer and writes keep their order.
 Message log, kept small on purpose: an incoming message is one row that also carries the
 ReceptionStatus the CEM answered with; an RM's ReceptionStatus for a CEM message updates that
 outgoing row's `reception_status` instead of adding a row. So every exchange is one row.
+Every message is logged except an RM's accepted PowerMeasurements between logged ones: at most
+one per `measurement_log_interval_s` per RM goes to the log and the measurements table (the
+S2 server asks `measurement_due`); the others only count in the RM's row (`count_message`).
+The live state, the guard and the dashboard see every measurement; the log is the audit trail.
 
 A batch SQLite refuses (a row breaking a constraint) is written again row by row, each under
 its own savepoint: the good rows land, the bad ones go to the `quarantine` table with the
@@ -261,6 +265,15 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX ev_visits_arrival ON ev_visits (arrival);
     """,
+    # 9: cheaper message log rows (docs/adr/0010, round 4). The session index only holds the
+    # rows a session's RM has not claimed yet (`rm_id IS NULL`: what session_identified reads
+    # and updates), not every row of the log; measurements_rm goes: nothing reads measurements
+    # by RM, and retention and reports by time use measurements_at.
+    """
+    DROP INDEX IF EXISTS s2_messages_session;
+    CREATE INDEX s2_messages_session ON s2_messages(session_id) WHERE rm_id IS NULL;
+    DROP INDEX IF EXISTS measurements_rm;
+    """,
 ]
 
 HEARTBEAT_S = 10.0  # how often a running CEM stamps cem_process.heartbeat_at
@@ -410,19 +423,24 @@ class Store:
         #: row upsert per message); anything else about it, and an awaited flush, write it now
         self.rm_row_interval_s = 1.0
         self._rm_written: dict[str, float] = {}   # rm id -> when its row was last written
+        #: an RM's accepted PowerMeasurements are logged at most once per this many seconds
+        #: (`measurement_due`); 0: every one
+        self.measurement_log_interval_s = 0.0
+        self._measurement_logged: dict[str, float] = {}   # rm id -> its last logged one's time
 
     # --- opening and closing ------------------------------------------------------------------
 
     @classmethod
     async def open(cls, path: Path | str, *, retention_days: int = 30,
                    flush_interval_s: float = 0.2, max_pending: int = 500_000,
-                   for_cem: bool = False) -> Store:
+                   for_cem: bool = False, measurement_log_interval_s: float = 0.0) -> Store:
         """Open (create, migrate) the database and start the writer task.
 
         `for_cem=True` is for the CEM process itself: a CEM that starts knows no RM is connected
         yet, so it marks every RM disconnected and closes sessions left open by a crash, and it
         applies retention (now and hourly). Other users (`cem congestion add`, reports) leave
-        that alone: they may run next to a live CEM.
+        that alone: they may run next to a live CEM. `measurement_log_interval_s`: see
+        `measurement_due` (0, the default: every measurement is logged).
         """
         path = Path(path)
         if str(path) != ":memory:":
@@ -454,6 +472,7 @@ class Store:
         store = cls(db, path, retention_days=retention_days, flush_interval_s=flush_interval_s,
                     max_pending=max_pending)
         store.for_cem = for_cem
+        store.measurement_log_interval_s = measurement_log_interval_s
         if for_cem:
             await store.apply_retention()
         else:
@@ -502,6 +521,31 @@ class Store:
             else:
                 delta.messages_out += 1
 
+    def measurement_due(self, rm_id: str, at: float) -> bool:
+        """Whether an RM's accepted PowerMeasurement received at `at` (epoch s) is to be logged.
+
+        True for the first of each RM and then once `measurement_log_interval_s` has passed since
+        the last one logged (or the clock went back); the caller then logs it (`log_message`,
+        `record_measurements`), else only counts it (`count_message`).
+        """
+        interval = self.measurement_log_interval_s
+        if interval <= 0:
+            return True
+        last = self._measurement_logged.get(rm_id)
+        if last is not None and 0 <= at - last < interval:
+            return False
+        self._measurement_logged[rm_id] = at
+        return True
+
+    def count_message(self, rm_id: str, at: float, direction: str = "in") -> None:
+        """A message of an RM that is not logged still counts in its row (and its last time)."""
+        delta = self._delta(rm_id)
+        delta.last_message_at = at
+        if direction == "in":
+            delta.messages_in += 1
+        else:
+            delta.messages_out += 1
+
     def log_reception_status(self, message_id: str, status: str, at: float | None = None) -> None:
         """The RM answered a CEM message: put its status on the outgoing row (and instruction)."""
         at = time.time() if at is None else at
@@ -525,6 +569,8 @@ class Store:
             delta.control_type_set = True
         if connected is not None:
             delta.connected = connected
+            if not connected:
+                self._measurement_logged.pop(rm_id, None)
         if snapshot is not None:
             delta.snapshot = snapshot
 

@@ -121,6 +121,9 @@ class BenchResult:
     cem_cpu_system_us_per_message: float | None = None
     """The kernel's part of `cem_cpu_us_per_message` (socket reads and writes, epoll)."""
     cem_src: str | None = None  # the checkout the CEM ran from (None: this one)
+    measurement_log_interval_s: float | None = None
+    """`--measurement-log-interval`: the CEM's `store.measurement_log_interval_s` (None: its
+    default); it decides how many of the measurements are in `stored_messages`."""
     soak_s: float | None = None
     """`--duration`: the message phase kept the RMs sending at the rate for this long."""
     rss_series: list[tuple[float, float]] = field(default_factory=list)
@@ -367,7 +370,8 @@ class CemProcess:
     """`cem run` as a subprocess on a free port with a temporary store."""
 
     def __init__(self, workdir: Path, reception_timeout_s: float = 30.0,
-                 http: bool = False, src: Path | None = None, floor: bool = False) -> None:
+                 http: bool = False, src: Path | None = None, floor: bool = False,
+                 measurement_log_interval_s: float | None = None) -> None:
         self.src = src
         self.floor = floor  # the floor server (cem.app.s2_floor) instead of `cem run`
         self.port = _free_port()
@@ -381,7 +385,9 @@ class CemProcess:
             f"reception_status_timeout_s = {reception_timeout_s}\n"
             "ping_interval_s = 60\nping_timeout_s = 60\n"
             f"[store]\npath = \"{self.db}\"\n"
-            "[grid]\nfuse_a = 25\nimport_limit_kw = 17\n"
+            + ("" if measurement_log_interval_s is None else
+               f"measurement_log_interval_s = {measurement_log_interval_s}\n")
+            + "[grid]\nfuse_a = 25\nimport_limit_kw = 17\n"
             f"[http]\nenabled = {'true' if http else 'false'}\nport = {self.http_port}\n")
         self.process: asyncio.subprocess.Process | None = None
 
@@ -443,13 +449,16 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                     connect_concurrency: int = 200, http: bool = False,
                     cem_src: Path | None = None, busy_core: bool = False,
                     profile: Path | None = None, duration_s: float | None = None,
-                    sample_every_s: float = 10.0, floor: bool = False) -> BenchResult:
+                    sample_every_s: float = 10.0, floor: bool = False,
+                    measurement_log_interval_s: float | None = None) -> BenchResult:
     """Run the benchmark against `url`, or against a fresh `cem run` subprocess if None.
 
     `floor`: against the floor server instead (`cem.app.s2_floor`: answers without any S2
     work, on the same event loop), so its "CEM" figures are the event loop's and the sockets'.
 
     `cem_src`: that `cem run` runs from this checkout's directory instead (a baseline).
+    `measurement_log_interval_s`: the CEM's `store.measurement_log_interval_s` (None: its
+    default).
     `busy_core`: a CPU-bound process runs during the message phase.
     `duration_s` (a soak): the RMs keep sending at `rate` for that many seconds instead of
     `messages` each, and the CEM's VmRSS is sampled every `sample_every_s` seconds.
@@ -463,9 +472,12 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
     result = BenchResult(rms=rms, rms_connected=0, messages_per_rm=messages,
                          target_rate_per_s=rate or None, http=http,
                          cem_src=str(cem_src) if cem_src is not None else None,
-                         busy_core=busy_core, soak_s=duration_s or None, floor=floor)
+                         busy_core=busy_core, soak_s=duration_s or None, floor=floor,
+                         measurement_log_interval_s=measurement_log_interval_s)
     with tempfile.TemporaryDirectory(prefix="cem-bench-") as tmp:
-        cem = CemProcess(Path(tmp), http=http, src=cem_src, floor=floor) if url is None else None
+        cem = CemProcess(Path(tmp), http=http, src=cem_src, floor=floor,
+                         measurement_log_interval_s=measurement_log_interval_s) \
+            if url is None else None
         if cem is not None:
             await cem.start()
             url = cem.url
@@ -822,8 +834,11 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
                   http: bool = False, cem_src: Path | None = None, rounds: int = 1,
                   busy_core: bool = False, profile: Path | None = None,
                   duration_s: float | None = None, sample_every_s: float = 10.0,
-                  floor: bool = False) -> None:
+                  floor: bool = False, measurement_log_interval_s: float | None = None) -> None:
     """Run the S2 benchmark and print the figures (one JSON object with --json).
+
+    `measurement_log_interval_s`: the CEM's `store.measurement_log_interval_s` (every CEM
+    run, a baseline's too; None: the CEM's default).
 
     `floor`: `rounds` times, the floor server (`cem.app.s2_floor`) and then the CEM, on the
     same event loop and clients, and report both and what the CEM costs above the floor.
@@ -851,21 +866,24 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
         console.print("[bold red]error:[/] --floor compares the CEM with the floor server: "
                       "not with --cem-src, --http or --duration")
         raise SystemExit(2)
+    extra: dict[str, Any] = {} if measurement_log_interval_s is None else {
+        "measurement_log_interval_s": measurement_log_interval_s}
     if floor:
-        _compare_floor(rms, messages, rate, rounds, busy_core, json_out)
+        _compare_floor(rms, messages, rate, rounds, busy_core, json_out, **extra)
         return
     if cem_src is not None:
         if not (cem_src / "cem" / "app" / "cli.py").is_file():
             console.print(f"[bold red]error:[/] --cem-src {cem_src}: not a checkout of this "
                           "project (no cem/app/cli.py in it)")
             raise SystemExit(2)
-        _compare_src(rms, messages, rate, cem_src.resolve(), rounds, busy_core, json_out)
+        _compare_src(rms, messages, rate, cem_src.resolve(), rounds, busy_core, json_out,
+                     **extra)
         return
     if http:
-        _compare_http(rms, messages, rate, json_out, console)
+        _compare_http(rms, messages, rate, json_out, console, **extra)
         return
     if json_out:
-        result = asyncio.run(run_bench(rms=rms, messages=messages, rate=rate,
+        result = asyncio.run(run_bench(rms=rms, messages=messages, rate=rate, **extra,
                                        busy_core=busy_core, profile=profile,
                                        duration_s=duration_s, sample_every_s=sample_every_s))
         print(json.dumps(asdict(result)))
@@ -875,7 +893,7 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as progress:
-        result = asyncio.run(run_bench(rms=rms, messages=messages, rate=rate,
+        result = asyncio.run(run_bench(rms=rms, messages=messages, rate=rate, **extra,
                                        progress=progress, busy_core=busy_core,
                                        profile=profile, duration_s=duration_s,
                                        sample_every_s=sample_every_s))
@@ -967,11 +985,12 @@ def _title(rms: int, messages: int, rate: float, rounds: int, busy_core: bool) -
 
 
 def _compare_src(rms: int, messages: int, rate: float, cem_src: Path, rounds: int,
-                 busy_core: bool, json_out: bool) -> None:
+                 busy_core: bool, json_out: bool, **extra: Any) -> None:
     """The bench `rounds` times with the baseline CEM (`cem_src`) and then this checkout's,
     alternating, so both see the same machine state; each figure's median per side."""
     runs, medians = _alternate(rounds, {"baseline": {"cem_src": cem_src}, "this": {}},
-                               rms=rms, messages=messages, rate=rate, busy_core=busy_core)
+                               rms=rms, messages=messages, rate=rate, busy_core=busy_core,
+                               **extra)
     base_cpu = medians["baseline"]["cem_cpu_us_per_message"]
     this_cpu = medians["this"]["cem_cpu_us_per_message"]
     report = {"baseline_src": str(cem_src), "rounds": rounds, "busy_core": busy_core,
@@ -989,11 +1008,12 @@ def _compare_src(rms: int, messages: int, rate: float, cem_src: Path, rounds: in
 
 
 def _compare_floor(rms: int, messages: int, rate: float, rounds: int, busy_core: bool,
-                   json_out: bool) -> None:
+                   json_out: bool, **extra: Any) -> None:
     """The bench `rounds` times against the floor server and then the CEM, alternating; each
     figure's median per side, and the CEM's CPU per message above the floor's."""
     runs, medians = _alternate(rounds, {"floor": {"floor": True}, "cem": {}},
-                               rms=rms, messages=messages, rate=rate, busy_core=busy_core)
+                               rms=rms, messages=messages, rate=rate, busy_core=busy_core,
+                               **extra)
     floor_cpu = medians["floor"]["cem_cpu_us_per_message"]
     cem_cpu = medians["cem"]["cem_cpu_us_per_message"]
     report = {"event_loop": _event_loop_name(), "rounds": rounds, "busy_core": busy_core,
@@ -1018,10 +1038,12 @@ def _median(values: list[Any]) -> float | None:
     return round(statistics.median(known), 2) if known else None
 
 
-def _compare_http(rms: int, messages: int, rate: float, json_out: bool, console: Any) -> None:
+def _compare_http(rms: int, messages: int, rate: float, json_out: bool, console: Any,
+                  **extra: Any) -> None:
     """The S2 bench without and with the dashboard, in one run (the same machine load)."""
-    without = asyncio.run(run_bench(rms=rms, messages=messages, rate=rate, http=False))
-    with_page = asyncio.run(run_bench(rms=rms, messages=messages, rate=rate, http=True))
+    without = asyncio.run(run_bench(rms=rms, messages=messages, rate=rate, http=False, **extra))
+    with_page = asyncio.run(run_bench(rms=rms, messages=messages, rate=rate, http=True,
+                                      **extra))
     added = None
     if without.cem_cpu_share_message_phase is not None and \
             with_page.cem_cpu_share_message_phase is not None:

@@ -407,13 +407,17 @@ def bench_s2(
     floor: bool = typer.Option(False, "--floor", help="also run a server that only answers "
                                "(no S2 work) on the same event loop, --rounds times "
                                "alternating, and report the CEM's CPU above that floor"),
+    measurement_log_interval: float | None = typer.Option(
+        None, "--measurement-log-interval", min=0, help="the CEM's store."
+        "measurement_log_interval_s (0: log every measurement); default: the CEM's own"),
 ) -> None:
     """Benchmark the S2 server: connect N RMs and measure acknowledgements."""
     from cem.app.bench_s2 import bench_command
 
     bench_command(rms=rms, messages=messages, json_out=json_out, rate=rate, http=http,
                   cem_src=cem_src, rounds=rounds, busy_core=busy_core, profile=profile,
-                  duration_s=duration, sample_every_s=sample_every, floor=floor)
+                  duration_s=duration, sample_every_s=sample_every, floor=floor,
+                  measurement_log_interval_s=measurement_log_interval)
 
 
 # --- resource managers and simulators --------------------------------------------------------

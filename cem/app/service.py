@@ -143,8 +143,9 @@ class CemService:
         cfg = self.config
         await self.bind()
         try:
-            self.store = await Store.open(cfg.store.path, retention_days=cfg.store.retention_days,
-                                          for_cem=True)
+            self.store = await Store.open(
+                cfg.store.path, retention_days=cfg.store.retention_days, for_cem=True,
+                measurement_log_interval_s=cfg.store.measurement_log_interval_s)
         except Exception as exc:
             self._unbind()
             raise ServiceError(f"cannot open the store {cfg.store.path}: {exc}") from exc
@@ -161,7 +162,10 @@ class CemService:
         # said as soon as it is true: RMs waiting in the bound socket's backlog come in now
         logger.info("S2 CEM listening on %s (%s)", self.server.url,
                     self.server.authorizer.describe)
-        logger.info("store: %s (messages kept %d days)", cfg.store.path, cfg.store.retention_days)
+        logger.info("store: %s (messages kept %d days; an RM's measurements logged %s)",
+                    cfg.store.path, cfg.store.retention_days,
+                    f"at most once per {cfg.store.measurement_log_interval_s:g} s"
+                    if cfg.store.measurement_log_interval_s > 0 else "every one")
         if cfg.s2connect.enabled and not self.supervised:
             await self.start_s2connect()
         if not self.signals:

@@ -36,8 +36,10 @@ sockets and sessions, and keeps the books:
   ResourceManagerDetails arrived (by a connection id before that), with the API the control
   loop uses: `sessions()`, `get()`, `send_instruction()` (resolves when the RM's
   ReceptionStatus arrives, or times out), `subscribe()` / `add_listener()` for session events.
-- **store**: every message is logged (incoming ones with the status the CEM answered),
-  RMs and sessions are kept up to date; all of it through `Store`'s non-blocking batch.
+- **store**: every message is logged (incoming ones with the status the CEM answered), but an
+  RM's accepted PowerMeasurements at most one per `store.measurement_log_interval_s`
+  (`Store.measurement_due`; the others only count); RMs and sessions are kept up to date; all
+  of it through `Store`'s non-blocking batch.
 """
 
 from __future__ import annotations
@@ -407,6 +409,7 @@ class LiveSession:
     waiting: dict[str, tuple[asyncio.Future[InstructionResult], float]] = field(
         default_factory=dict, repr=False)
     last_snapshot_at: float = 0.0
+    unlogged_measurement: bool = False   # the message just handled is a measurement not logged
     closing_reason: str | None = None
     close_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -924,6 +927,10 @@ class S2Server:
         assert self.store is not None
         text = data if isinstance(data, str) else data.decode("utf-8", "replace")
         accepted = entry.session.accepted
+        unlogged, entry.unlogged_measurement = entry.unlogged_measurement, False
+        if unlogged and accepted is not None and entry.rm_id is not None:
+            self.store.count_message(entry.rm_id, now.timestamp())  # between logged ones
+            return
         if accepted is not None:  # answered OK: the session read its type and id already
             self.store.log_message(direction="in", message_type=accepted[0],
                                    message_id=accepted[1], text=text,
@@ -947,28 +954,32 @@ class S2Server:
         except Exception:
             logger.exception("could not read events of %s", entry.label)
             return
+        if not events:
+            return
+        if now is None:
+            now = utc_now()
         for event in events:
             try:
-                self._on_event(entry, event)
+                self._on_event(entry, event, now)
             except Exception:
                 logger.exception("handling %s of %s failed", type(event).__name__, entry.label)
-            self._publish(RmEvent(entry.rm_id, entry.connection_id, event,
-                                  utc_now() if now is None else now))
+            self._publish(RmEvent(entry.rm_id, entry.connection_id, event, now))
 
-    def _on_event(self, entry: LiveSession, event: Any) -> None:
+    def _on_event(self, entry: LiveSession, event: Any, now: datetime) -> None:
         kind = type(event).__name__
         store = self.store
         if kind == "StateChanged":  # first: nearly every event (a measurement)
             if event.kind == "measurement" and store is not None and entry.rm_id is not None:
-                measurement = entry.session.state.latest_measurement()
-                if measurement is not None:
+                if not store.measurement_due(entry.rm_id, now.timestamp()):
+                    entry.unlogged_measurement = True   # counted, not logged (_log_incoming)
+                elif (measurement := entry.session.state.latest_measurement()) is not None:
                     store.record_measurements(
                         entry.rm_id, measurement.measurement_timestamp.timestamp(),
                         [(v.commodity_quantity.value, v.value) for v in measurement.values])
-            now = time.monotonic()
+            moment = time.monotonic()
             if (store is not None and entry.rm_id is not None
-                    and now - entry.last_snapshot_at >= self.snapshot_interval_s):
-                entry.last_snapshot_at = now
+                    and moment - entry.last_snapshot_at >= self.snapshot_interval_s):
+                entry.last_snapshot_at = moment
                 store.touch_rm(entry.rm_id, snapshot=entry.session.state.snapshot)
         elif kind == "RmDetails":
             entry.details = event.details

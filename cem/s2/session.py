@@ -193,7 +193,18 @@ def _no_constants(name: str) -> Any:
 
 
 _JSON = json.JSONDecoder(parse_constant=_no_constants)
-_LONG_INTEGER = re.compile(r"\d{19}")
+_ASCII_DIGITS = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+"""Every ASCII digit to "0", every other byte to " " (for `_has_long_integer`)."""
+_LONG_RUN = b"0" * 19
+
+
+def _has_long_integer(text: str) -> bool:
+    """Whether `text` has 19 ASCII digits in a row (the only digits a JSON number has).
+
+    A byte translation and a substring search: ~0.6 µs for a PowerMeasurement, where the
+    regular expression ``\\d{19}`` took 3-6 µs (it tries every position)."""
+    return _LONG_RUN in text.encode("utf-8", "surrogatepass").translate(_ASCII_DIGITS)
+
 
 _fast_loads: Callable[[str], Any] | None
 try:
@@ -211,7 +222,7 @@ def _parse_json(text: str) -> Any:
     reads an integer beyond 64 bits as a float, the standard library as the integer."""
     if text.startswith("\ufeff"):
         raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
-    if _fast_loads is not None and _LONG_INTEGER.search(text) is None:
+    if _fast_loads is not None and not _has_long_integer(text):
         try:
             return _fast_loads(text)
         except ValueError:   # orjson.JSONDecodeError is a ValueError

@@ -99,6 +99,11 @@ class S2Config(Section):
 class StoreConfig(Section):
     path: Path = Path("cem.db")
     retention_days: int = Field(30, ge=1, le=3650, description="message log kept this many days")
+    measurement_log_interval_s: float = Field(
+        60.0, ge=0, le=86400,
+        description="an RM's accepted PowerMeasurements are logged (message log and measurements "
+                    "table) at most once per this many seconds; every other message is logged; "
+                    "0: every measurement")
 
 
 class GridConfig(Section):
