@@ -336,9 +336,11 @@ class FrbcPlugin(PluginBase[FrbcState]):
             if made.actuators_version != state.actuators_version:
                 # only the actuators' statuses are new (an instruction was taken): without
                 # timers they change the binding's active modes, not the asset
-                made.binding = dataclasses.replace(made.binding, active_modes={
+                kept = made.binding
+                made.binding = dataclasses.replace(kept, active_modes={
                     k: sid(v.active_operation_mode_id)
                     for k, v in state.actuator_statuses().items()})
+                made.binding._ranges_at = kept._ranges_at  # the same modes and fill level
                 made.actuators_version = state.actuators_version
             binding = made.binding
         else:
