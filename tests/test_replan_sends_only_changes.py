@@ -30,6 +30,7 @@ from s2python.generated.gen_s2 import Commodity
 from test_control_end_to_end import frbc_mode
 
 from cem.control.mpc import SiteController
+from cem.planner.assets import StorageAsset
 from cem.s2.server import S2Server
 from cem.site.config import SiteConfig
 from cem.store import Store
@@ -171,3 +172,42 @@ async def test_a_replan_sends_only_to_the_rms_whose_instructions_change(
     await controller.replan(["a PTU timer"])
     await asyncio.sleep(0.3)
     assert [len(c.received) for c in controls] == after
+
+
+async def test_a_replan_plans_on_what_an_rm_said_last(
+        site: tuple[S2Server, SiteController, list[S2ResourceManager], list[EvControl]]) -> None:
+    """An RM's asset is made again only when its state changed (`FrbcState.version`): a new
+    fill level or an earlier departure sent through S2 reaches the very next plan, and the
+    RMs that said nothing keep their asset as it was."""
+    _server, controller, rms, _controls = site
+    await controller.replan(["the CEM started"])
+    assert controller.problem is not None and controller.mapping is not None
+
+    def ev(number: int) -> tuple[StorageAsset, list[int]]:
+        assert controller.problem is not None and controller.mapping is not None \
+            and controller.plan is not None
+        asset_id = controller.mapping.rm_assets[str(rms[number].asset_details.resource_id)][0]
+        asset = next(s for s in controller.problem.storage if s.id == asset_id)
+        return asset, [int(x) for x in controller.plan.power_w[asset_id]]
+
+    before = [ev(n)[0] for n in range(EVS)]
+    assert all(a.level_wh == before[0].level_wh for a in before)
+    # EV 0 is at 95 % now, above its driver's 90 %: the next plan charges it no more
+    status = await rms[0].send(FRBCStorageStatus(message_id=uuid.uuid4(), present_fill_level=95))
+    assert status is not None and status.status.value == "OK"
+    await controller.replan(["RM EV charger 0 sent a new storage status"])
+    fuller, power = ev(0)
+    assert fuller.level_wh > before[0].level_wh
+    assert power == [0] * len(power)
+    assert ev(1)[0].level_wh == before[1].level_wh and ev(1)[1][0] > 0
+    # EV 1's driver leaves in 30 minutes, not two hours: the next plan knows it
+    late = max(ptu for ptu, _lo, _hi in ev(1)[0].target_profile)
+    status = await rms[1].send(target(90).model_copy(update={
+        "elements": [FRBCFillLevelTargetProfileElement(
+            duration=Duration(root=30 * 60 * 1000),
+            fill_level_range=NumberRange(start_of_range=90, end_of_range=100))]}))
+    assert status is not None and status.status.value == "OK"
+    await controller.replan(["RM EV charger 1 sent a new target"])
+    assert max(ptu for ptu, _lo, _hi in ev(1)[0].target_profile) < late
+    assert ev(0)[0].level_wh == fuller.level_wh and ev(0)[1] == power  # as it said last
+    assert max(ptu for ptu, _lo, _hi in ev(2)[0].target_profile) == late

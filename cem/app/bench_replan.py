@@ -215,6 +215,8 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
     lags: list[float] = []
     replan_s: list[float] = []
     running = True
+    full_gc = FullCollections()
+    gc.callbacks.append(full_gc)
 
     async def ticker() -> None:
         while running:
@@ -243,6 +245,7 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
             await controller.replan([f"bench replan {number + 1}"])
             if number >= warmup:
                 replan_s.append(time.perf_counter() - began)
+                full_gc.windows.append((began, time.perf_counter()))
         messages = registry.messages - sent_before
         # a new congestion limit: from now for two hours, half of what the plan imports now
         plan = planner.plans[-1]
@@ -287,6 +290,7 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
                     + len(follow_up_s) * config.planner.replan_min_interval_s
                     if _within_1pct(final) else None)
     finally:
+        gc.callbacks.remove(full_gc)
         running = False
         await tick
         await controller.stop()
@@ -318,6 +322,9 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         "replans_s": [round(x, 3) for x in replan_s],
         "replan_solves_s": [round(x, 3) for x in planner.seconds[warmup + 1:warmup + replans + 1]],
         "deadlines_kept": sum(1 for x in replan_s if x <= config.planner.time_limit_s),
+        # full collections (generation 2) inside the timed replans: how many, their seconds
+        "full_gcs_in_replans": len(full_gc.inside()),
+        "full_gcs_in_replans_s": round(sum(full_gc.inside()), 3),
         "solve_p50_s": round(statistics.median(solve_s), 3),
         "replan_over_solve": round(statistics.median(replan_s) / max(statistics.median(solve_s), 1e-9), 2),
         "gap_max": round(max(gaps), 5) if len(gaps) == len(timed) else None,  # None: one had no bound
@@ -353,6 +360,27 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         "rms_acked_new_limit": len(acks),
         "rm_refusals": len(registry.rm_refusals),
     }
+
+
+class FullCollections:
+    """A `gc.callbacks` entry noting each full collection (generation 2): when, how long."""
+
+    def __init__(self) -> None:
+        self.full: list[tuple[float, float]] = []  # (perf_counter at start, seconds)
+        self.windows: list[tuple[float, float]] = []  # the timed replans (start, end)
+        self._began = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.full.append((self._began, time.perf_counter() - self._began))
+
+    def inside(self) -> list[float]:
+        """The seconds of each full collection that began inside a timed replan."""
+        return [s for at, s in self.full if any(a <= at <= b for a, b in self.windows)]
 
 
 def _within_1pct(plan: Plan) -> bool:

@@ -130,6 +130,10 @@ class ValidFromHistory(Generic[T]):
         """Items that come into force after ``now``, earliest first."""
         return [i for i in self._items if i.valid_from > now]
 
+    def next_change(self, now: datetime) -> datetime | None:
+        """When the next kept version comes into force after ``now`` (None: none kept)."""
+        return min((i.valid_from for i in self._items if i.valid_from > now), default=None)
+
     def latest(self) -> T | None:
         """The item with the latest valid_from, in force or not."""
         return self._items[-1] if self._items else None

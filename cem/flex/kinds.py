@@ -39,7 +39,7 @@ _NOT_PLANNED = frozenset({ControlType.NOT_CONTROLABLE, ControlType.NO_SELECTION}
 
 def says_grid_meter(details: Any) -> bool:
     """The S2 rule for the grid meter (see the module docstring)."""
-    if details is None:
+    if details is None or ControlType.NOT_CONTROLABLE not in details.available_control_types:
         return False
     offered = set(details.available_control_types)
     electric = {r.role for r in details.roles or [] if r.commodity == Commodity.ELECTRICITY}

@@ -136,18 +136,21 @@ def build_problem(states: Mapping[str, Any], config: SiteConfig, prices: Any,
     problem.first_ptu_share = grid.share_ahead(now)
     mapping = SiteMapping()
     site = SiteBuild(problem, mapping, grid, config, now)
-    explained_w = 0.0
+    planned = []
     for rm_id, state in states.items():
         if is_grid_meter(state):
             mapping.meter_rm = rm_id
             continue
         try:
-            explained_w += _add_rm(site, rm_id, state)
+            _add_rm(site, rm_id, state)
+            planned.append(state)
         except Exception as exc:  # one RM's odd data must not stop the site's plan
             mapping.notes.append(f"{rm_id}: left out of the plan ({type(exc).__name__}: {exc})")
     if mapping.meter_rm is not None:
         grid_w = measured_w(states[mapping.meter_rm])
         if grid_w is not None:
+            # what the planned RMs draw now, as far as it is known (only read with a meter)
+            explained_w = sum(measured_w(state) or 0.0 for state in planned)
             base = max(0.0, grid_w - explained_w)
             problem.fixed.append(FixedLoad(id="base-load",
                                            power_w=np.full(grid.n_ptus, round(base), dtype=np.int64)))
@@ -155,19 +158,18 @@ def build_problem(states: Mapping[str, Any], config: SiteConfig, prices: Any,
     return problem, mapping
 
 
-def _add_rm(site: SiteBuild, rm_id: str, state: RmStateView) -> float:
-    """Add one RM's assets; returns the power it draws now (W) as far as it is known."""
-    now_w = measured_w(state) or 0.0
+def _add_rm(site: SiteBuild, rm_id: str, state: RmStateView) -> None:
+    """Add one RM's assets (a fixed load from its forecast or measurement when its plug-in
+    adds none)."""
     plugin: AssetSource | None = state.plugin
     if plugin is not None and plugin.add_assets(site, rm_id, state):
-        return now_w
+        return
     if state.latest_measurement() is None and state.power_forecast() is None:
-        return 0.0
+        return
     load = fixed_load(rm_id, site.grid, forecast=state.power_forecast(),
                       measurement=state.latest_measurement())
     site.problem.fixed.append(load)
     site.mapping.add(rm_id, load.id, None, "load")
-    return now_w
 
 
 def instructions_for_plan(plan: Plan, problem: Problem, mapping: SiteMapping, now: datetime,
