@@ -375,3 +375,35 @@ def test_an_ev_that_tells_no_need_and_still_takes_energy_is_asked_for_more() -> 
     power = np.asarray(plan_site(asked, time_limit_s=2.0, workers=1).power_w["ev"], dtype=float)
     assert power.max() <= 7360 + 1e-6
     assert float(power.sum()) * 0.25 == pytest.approx(10000, abs=300)
+
+
+def test_only_an_arrival_the_cem_saw_gets_the_floor_and_is_learned_from() -> None:
+    """A CEM (re)started beside a parked EV does not know when it came: that EV gets no
+    front-load floor (a restart would rush every parked EV at the value of a kWh) and its visit,
+    once it ends, is not learned from (its stay would be the time since the restart). An EV that
+    then plugs into the charger the CEM saw empty gets both."""
+    learning = _learning_from_the_fixture(ev_front_load_kwh=3)
+    price = np.full(40, 0.10)
+
+    def observe(at: datetime, plugged: bool) -> tuple[Problem, list[Visit]]:
+        ev = StorageAsset(id="ev", kind="ev", charge_max_w=7360 if plugged else 0,
+                          charge_min_w=1380 if plugged else 0, level_wh=0,
+                          level_max_wh=20000 if plugged else 0, target_wh=13000 if plugged else 0,
+                          available_from=0, available_until=36)
+        problem = _one_ev_problem(price, ev)
+        problem.start = at
+        closed = learning.observe(problem, {"rm": ["ev"]}, {}, {"rm": "A"}, at)
+        learning.apply(problem, {"rm": ["ev"]})
+        return problem, closed
+
+    parked, _ = observe(MONDAY_8, plugged=True)   # the CEM's first plan: the EV is there
+    assert learning.front_loaded == 0
+    assert all(m[0] > 4 for m in parked.storage[0].target_profile)  # its departures' only
+    known = len(learning.model.visits)
+    _, closed = observe(MONDAY_8 + timedelta(hours=3), plugged=False)
+    assert closed == [] and learning.unseen_arrivals == 1 and len(learning.model.visits) == known
+    arrived_at = MONDAY_8 + timedelta(hours=4)
+    seen, _ = observe(arrived_at, plugged=True)
+    assert learning.front_loaded == 1 and (4, 3000, 20000) in seen.storage[0].target_profile
+    _, closed = observe(arrived_at + timedelta(hours=2), plugged=False)
+    assert [(v.evse, v.arrival) for v in closed] == [("A", arrived_at)]

@@ -12,6 +12,13 @@ and the visit goes to the store (`Store.record_visits`) and to the model
 (`cem.site.departures.DepartureModel`). A new EV with a lower fill level than the last one
 seen closes the old visit too. An RM that is not connected keeps its visit open.
 
+Only an arrival the CEM saw is one: an EV already at its charger when the CEM first planned
+that charger (a CEM started or restarted beside parked EVs, a charger that connects with an EV
+plugged in) came at a time nobody knows. Its visit is planned to its typed and learned
+departures as any other, but it gets no front-load floor (that would rush every parked EV at
+the value of a kWh after a restart) and, once it ends, it is not learned from (its stay would
+be the time since the restart).
+
 `apply` then gives every EV that still wants energy a milestone at its **safe departure**
 (`planner.safe_departure_quantile` of the learned departure, never after the typed one): its
 target by then, each kWh short of it priced at `planner.value_of_undelivered_kwh_eur` rather
@@ -87,6 +94,7 @@ class OpenVisit:
     typed_latest: datetime | None = None  # the asset's end now (an overstayer's is renewed)
     defaults: bool = False  # the RM's departure and need are its site defaults (OCPP 1.6)
     soc: bool = False  # the RM plans the EV in SoC % (the fill level is its state of charge)
+    arrival_seen: bool = True  # its charger was seen without an EV first: `arrival` is when it came
 
 
 def no_ev(asset: StorageAsset, state: Any, now: datetime) -> bool:
@@ -186,6 +194,9 @@ class DepartureLearning:
         # any learned departure, and with a learned energy above the charger's default need
         self.by_stay: set[tuple[str, datetime]] = set()
         self.by_learned_energy: set[tuple[str, datetime]] = set()
+        # chargers seen without an EV (or whose EV was seen leaving): their next EV's arrival is seen
+        self.empty_seen: set[str] = set()
+        self.unseen_arrivals = 0  # visits not learned from: the EV was there before the CEM saw it
 
     async def load(self, now: datetime) -> None:
         """Learn from the visits the store kept."""
@@ -209,8 +220,9 @@ class DepartureLearning:
             asset = evs[0]
             visit = self.open.get(rm_id)
             if no_ev(asset, states.get(rm_id), now):
+                self.empty_seen.add(rm_id)
                 if visit is not None:
-                    closed.append(self._close(rm_id, now))
+                    self._end(rm_id, now, closed)
                 continue
             level = float(asset.level_wh)
             scale = float(asset.level_max_wh)
@@ -218,7 +230,8 @@ class DepartureLearning:
                 minutes=problem.ptu_minutes * int(asset.available_until))
             if visit is not None and asset.charge_max_w > 0 and self._new_ev(visit, level, scale,
                                                                              typed, now):
-                closed.append(self._close(rm_id, now))  # a new EV since the last plan
+                self._end(rm_id, now, closed)  # a new EV since the last plan
+                self.empty_seen.add(rm_id)  # the old one left: the new one's arrival is seen
                 visit = None
             if visit is None:
                 if asset.charge_max_w <= 0:
@@ -232,7 +245,8 @@ class DepartureLearning:
                                              None if defaults else need, level, scale,
                                              driver_of(states.get(rm_id), now),
                                              typed_latest=typed, defaults=defaults,
-                                             soc=plans_in_soc(states.get(rm_id), now))
+                                             soc=plans_in_soc(states.get(rm_id), now),
+                                             arrival_seen=rm_id in self.empty_seen)
                 continue
             if asset.charge_max_w > 0:
                 visit.soc = plans_in_soc(states.get(rm_id), now)
@@ -263,11 +277,15 @@ class DepartureLearning:
         overstaying = now >= latest - OVERSTAY and typed <= now + 2 * OVERSTAY
         return not overstaying
 
-    def _close(self, rm_id: str, now: datetime) -> Visit:
+    def _end(self, rm_id: str, now: datetime, closed: list[Visit]) -> None:
+        """Close an RM's open visit; one whose arrival the CEM saw goes to `closed`."""
         visit = self.open.pop(rm_id)
         self.safe.pop(rm_id, None)
-        return Visit(visit.evse, visit.arrival, now, visit.typed_departure, visit.need_wh,
-                     visit.delivered_wh, visit.driver)
+        if not visit.arrival_seen:
+            self.unseen_arrivals += 1
+            return
+        closed.append(Visit(visit.evse, visit.arrival, now, visit.typed_departure,
+                            visit.need_wh, visit.delivered_wh, visit.driver))
 
     async def record(self, visits: list[Visit]) -> None:
         """Keep closed visits in the store (a store failure only costs the history)."""
@@ -354,8 +372,8 @@ class DepartureLearning:
         """The first `ev_front_load_kwh` of a visit by `ev_front_load_minutes` after arrival,
         at the full value of a kWh: the drivers who leave before every learned departure
         quantile get at least this (a floor per driver, not an expected value)."""
-        if self.front_wh <= 0:
-            return
+        if self.front_wh <= 0 or not visit.arrival_seen:
+            return  # an EV that was there before the CEM saw it: its arrival is not known
         missing = self.front_wh - visit.delivered_wh
         if missing <= 1:
             return

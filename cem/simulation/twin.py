@@ -683,7 +683,9 @@ class LiveControlLoop:
         self._store_dir.cleanup()
         learning = self.controller.departures
         self.notes.append(f"departure learning: {len(self.inputs.history)} "
-                          f"visits before the run, {learning.recorded} recorded during it; safe "
+                          f"visits before the run, {learning.recorded} recorded during it "
+                          f"({learning.unseen_arrivals} not: the EV was there before the CEM "
+                          f"saw its charger empty); safe "
                           f"departure at quantile {learning.quantile:g}, an undelivered kWh at "
                           f"{learning.value_eur_per_wh * 1000:g} EUR; "
                           f"{len(learning.by_stay)} EV(s) whose charger told only the site "
