@@ -60,9 +60,10 @@ def test_bench_replan_reports_the_planner_alone_the_gap_and_a_new_limit_reaching
         assert run["limit_fast_path_rms"] > 0
         assert run["limit_kept_s"] is not None and run["limit_kept_s"] <= run["limit_replan_s"]
         assert run["instructed_max_over_limit_kw"] == 0
-        # a congestion plan more than 1 % above its bound is followed by replans at once (at
-        # most 3); the last one's gap, and when a plan within 1 % was there
-        assert (run["limit_follow_ups"] == 0) == (run["limit_gap"] <= 0.01)
+        # a congestion plan more than 1 % above its bound whose LP was not solved is followed
+        # by replans at once (at most 3); the last one's gap, and when a plan within 1 % was there
+        assert (run["limit_follow_ups"] == 0) == (run["limit_gap"] <= 0.01
+                                                  or run["limit_lp_solved"])
         assert run["limit_follow_ups"] <= 3
         if run["limit_within_1pct_s"] is not None:
             assert run["limit_gap_final"] <= 0.01

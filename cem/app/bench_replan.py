@@ -24,7 +24,8 @@ over the RMs whose instruction changed after the limit (p99):
   now (the last instruction each acknowledged, as its charger reads it) summed over the site
   is at most the limit, for good; `instructed_max_over_limit_kw` is the most it was above the
   limit after that moment (0: every later instruction kept it);
-- `limit_gap` is the congestion replan's gap; when it is above 1 % the controller asks for
+- `limit_gap` is the congestion replan's gap; when it is above 1 % and its LP was not solved
+  (`limit_lp_solved`: a solved LP has nothing more to give) the controller asks for
   follow-up replans at once (`planner.follow_up_replans`, each with three times the time
   limit: the LP goes on from its basis), which the bench runs: `limit_follow_ups`,
   `limit_gap_final` (the last one's) and `limit_within_1pct_s`, from the limit to a plan
@@ -349,6 +350,7 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         "instructed_kw_before_limit": round(before_w / 1000, 1),
         "limit_replan_s": round(limit_replan_s, 3),
         "limit_plan_status": limit_plan.status,
+        "limit_lp_solved": limit_plan.lp_solved,  # then no follow-up: the LP has nothing to add
         "limit_gap": None if limit_plan.gap is None else round(limit_plan.gap, 5),
         "limit_bound": _bound(limit_plan),
         # the follow-up replans after it, the last one's gap, and from the limit to a plan
