@@ -375,3 +375,70 @@ def test_an_ev_that_tells_no_need_and_still_takes_energy_is_asked_for_more() -> 
     power = np.asarray(plan_site(asked, time_limit_s=2.0, workers=1).power_w["ev"], dtype=float)
     assert power.max() <= 7360 + 1e-6
     assert float(power.sum()) * 0.25 == pytest.approx(10000, abs=300)
+
+
+def test_a_driver_who_stays_is_charged_in_the_cheap_hour_before_the_typed_departure() -> None:
+    """The finish margin asks the whole target an hour before the typed departure at the
+    unmet-target penalty; EVSE B's drivers all stayed their typed stay, so with
+    `ev_finish_margin_soft` that milestone costs nothing and the plan charges in the cheap
+    last hour; off, it charges before the margin at the dearer price. The target holds both ways."""
+    from cem.control.departures import OpenVisit
+
+    def last_hour_kwh(**planner: object) -> float:
+        learning = _learning_from_the_fixture(**planner)
+        learning.open["rm"] = OpenVisit("B", MONDAY_8, MONDAY_8 + timedelta(hours=9), 5000.0,
+                                        0.0, 20000.0, typed_latest=MONDAY_8 + timedelta(hours=9))
+        price = np.where(np.arange(40) < 32, 0.30, 0.20)
+        ev = StorageAsset(id="ev", kind="ev", charge_max_w=7360, charge_min_w=1380,
+                          level_wh=0, level_max_wh=20000, target_wh=5000, available_from=0,
+                          available_until=36, target_profile=[(32, 5000, 20000)])
+        problem = _one_ev_problem(price, ev)
+        learning.apply(problem, {"rm": ["ev"]})
+        plan = plan_site(problem, time_limit_s=2.0, workers=1)
+        power = np.asarray(plan.power_w["ev"], dtype=float)
+        assert power.max() <= 7360 + 1e-6 and not power[36:].any()
+        assert float(power.sum()) * 0.25 == pytest.approx(5000, abs=300)
+        return float(power[32:36].sum()) * 0.25 / 1000
+
+    assert last_hour_kwh() < 0.5
+    assert last_hour_kwh(ev_finish_margin_soft=True) > 4.5
+
+
+def test_the_front_load_floor_is_priced_by_the_learned_risk_of_a_short_stay() -> None:
+    """EVSE A's drivers stayed 4, 6 or 8 h: none left within 3 h, so with
+    `ev_front_load_risk_hours = 3` no floor is asked (the plan may wait for PV or cheap hours);
+    a third left within 5 h, so with 5 h the floor costs a third of the value of a kWh."""
+    from cem.control.departures import OpenVisit
+
+    def floor_prices(**planner: object) -> list[float]:
+        learning = _learning_from_the_fixture(ev_front_load_kwh=3, **planner)
+        learning.open["rm"] = OpenVisit("A", MONDAY_8, MONDAY_8 + timedelta(hours=9), 13000.0,
+                                        0.0, 20000.0, typed_latest=MONDAY_8 + timedelta(hours=9))
+        ev = StorageAsset(id="ev", kind="ev", charge_max_w=7360, charge_min_w=1380,
+                          level_wh=0, level_max_wh=20000, target_wh=13000, available_from=0,
+                          available_until=36)
+        learning.apply(_one_ev_problem(np.full(40, 0.3), ev), {"rm": ["ev"]})
+        return [ev.milestone_eur_per_wh[p] * 1000 for p, lo, _ in ev.target_profile
+                if lo == 3000]
+
+    assert floor_prices() == [pytest.approx(1.0)]
+    assert floor_prices(ev_front_load_risk_hours=3) == []
+    assert floor_prices(ev_front_load_risk_hours=5) == [pytest.approx(1 / 3)]
+
+
+def test_a_convex_value_asks_most_of_the_need_first_at_a_higher_price() -> None:
+    """With `ev_convex_share = 0.5` each departure milestone gets a second one a PTU earlier
+    asking all but half of the visit's need, at twice its price more: missing more than half
+    costs three times as much per kWh."""
+    from cem.control.departures import OpenVisit
+
+    learning = _learning_from_the_fixture(ev_convex_share=0.5)
+    learning.open["rm"] = OpenVisit("A", MONDAY_8, MONDAY_8 + timedelta(hours=9), 11000.0, 0.0,
+                                    11000.0, typed_latest=MONDAY_8 + timedelta(hours=9))
+    ev = StorageAsset(id="ev", kind="ev", charge_max_w=11000, charge_min_w=4140, level_wh=0,
+                      level_max_wh=11000, target_wh=11000, available_from=0, available_until=36)
+    learning.apply(_one_ev_problem(np.full(40, 0.3), ev), {"rm": ["ev"]})
+    milestones = {p: (lo, ev.milestone_eur_per_wh[p] * 1000) for p, lo, _ in ev.target_profile}
+    assert milestones[16] == (11000, pytest.approx(0.25))
+    assert milestones[15] == (5500, pytest.approx(0.5))
+    assert milestones[23] == (5500, pytest.approx(1.0))
