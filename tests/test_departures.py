@@ -442,3 +442,18 @@ def test_a_convex_value_asks_most_of_the_need_first_at_a_higher_price() -> None:
     assert milestones[16] == (11000, pytest.approx(0.25))
     assert milestones[15] == (5500, pytest.approx(0.5))
     assert milestones[23] == (5500, pytest.approx(1.0))
+
+
+def test_departures_can_be_learned_per_typed_stay_within_the_arrival_hour() -> None:
+    """Of the 08:00 arrivals, ten typed 10 h and left after half of it, thirty typed 2 h and
+    stayed: pooled, a new 10 h driver's 0.3 quantile is the whole typed stay (the short stays
+    outnumber the long); per typed stay it is what the long stays really did, 5 h."""
+    visits = [visit("E", MONDAY_8 - timedelta(days=d), 5.0, 10.0) for d in range(1, 11)]
+    visits += [visit("F", MONDAY_8 - timedelta(days=d), 2.0, 2.0) for d in range(1, 31)]
+    typed = MONDAY_8 + timedelta(hours=10)
+    pooled = DepartureModel(visits, "UTC").safe_departure("G", MONDAY_8, typed, 0.3)
+    split = DepartureModel(visits, "UTC", by_typed_stay=True).safe_departure(
+        "G", MONDAY_8, typed, 0.3)
+    assert pooled is not None and pooled.at == typed and pooled.basis == "arrival hour"
+    assert split is not None and split.at == MONDAY_8 + timedelta(hours=5)
+    assert split.basis == "arrival hour and typed stay" and split.visits == 10
