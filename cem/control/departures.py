@@ -72,9 +72,6 @@ DEFAULTS = "needs from site defaults"  # the OCPP RM's label when neither EV nor
 # to this share of its maximum at 100 % SoC (a common shape for Li-ion cars; the twin's EVs
 # taper the same way, so the twin measures this with the curve right)
 TAPER_END_SHARE = 0.15
-# the energy short of a departure milestone beyond `planner.ev_convex_share` of the visit's
-# need costs this many times the milestone's price (a convex value of an undelivered kWh)
-CONVEX_FACTOR = 3.0
 
 
 @dataclass
@@ -176,10 +173,6 @@ class DepartureLearning:
         self.front_eur_per_wh = (self.value_eur_per_wh if front_eur is None
                                  else float(front_eur) / 1000)
         self.front_loaded = 0  # EVs given a front-load milestone (summed over plans)
-        self.front_risk_h = float(planner.ev_front_load_risk_hours)
-        self.soft_finish = bool(planner.ev_finish_margin_soft)
-        self.convex_share = float(planner.ev_convex_share)
-        self.softened = 0  # finish-margin milestones priced by the learned risk (over plans)
         self.open_need_wh = float(planner.ev_open_need_kwh) * 1000
         self.store = store
         self.model = DepartureModel([], config.site.timezone,
@@ -340,8 +333,6 @@ class DepartureLearning:
             if shift:
                 self._finish_earlier(asset, shift)
                 self.tapered += 1
-            if self.soft_finish and visit.typed_departure is not None:
-                self._soften_finish(asset, found[0].early_share)
             ours: set[int] = set()
             for safe, price in zip(found, self._prices(found[0].early_share), strict=True):
                 ptu = math.floor((safe.at - problem.start) / step) - shift
@@ -354,8 +345,6 @@ class DepartureLearning:
                 asset.target_profile.append((ptu, target, int(asset.level_max_wh)))
                 asset.milestone_eur_per_wh[ptu] = price
                 ours.add(ptu)
-            if self.convex_share > 0:
-                self._convex(asset, visit, target, sorted(ours))
             self._front_load(asset, visit, target, problem.start, step)
             count += bool(ours)
         self.planned += count
@@ -380,49 +369,9 @@ class DepartureLearning:
             ptu -= 1  # a departure milestone there already: the floor just before it
         if goal <= asset.level_wh or ptu <= asset.available_from:
             return
-        price = self.front_eur_per_wh
-        if self.front_risk_h > 0:  # priced by the learned risk of so short a stay
-            risk = self.model.short_stay_share(visit.evse, visit.arrival, self.front_risk_h,
-                                               visit.driver)
-            if risk is not None:
-                price *= risk
-        if price <= 0:
-            return
         asset.target_profile.append((ptu, goal, int(asset.level_max_wh)))
-        asset.milestone_eur_per_wh[ptu] = price
+        asset.milestone_eur_per_wh[ptu] = self.front_eur_per_wh
         self.front_loaded += 1
-
-    def _convex(self, asset: StorageAsset, visit: OpenVisit, target: int,
-                ptus: list[int]) -> None:
-        """A second segment at each departure milestone: the energy short beyond
-        `ev_convex_share` of the visit's need costs `CONVEX_FACTOR` times as much (a milestone
-        one PTU earlier asking the rest, at the extra price). A plan then leaves many drivers
-        a little short rather than one far short."""
-        need = target - asset.level_wh + visit.delivered_wh
-        goal = int(target - self.convex_share * need)
-        if goal <= asset.level_wh:
-            return
-        for ptu in ptus:
-            early = ptu - 1
-            if early <= asset.available_from or any(m[0] == early
-                                                     for m in asset.target_profile):
-                continue
-            asset.target_profile.append((early, goal, int(asset.level_max_wh)))
-            asset.milestone_eur_per_wh[early] = (asset.milestone_eur_per_wh[ptu]
-                                                 * (CONVEX_FACTOR - 1))
-
-    def _soften_finish(self, asset: StorageAsset, early_share: float) -> None:
-        """Price the finish margin's milestone (the whole target before the typed departure,
-        at the unmet-target penalty) at the value of a kWh times the share of comparable
-        drivers who left before their typed departure: a driver who, per history, stays that
-        long is charged in the cheaper hours up to the typed departure, where the target
-        itself stays at the penalty."""
-        target = int(asset.target_wh or 0)
-        until = asset.available_until if asset.available_until is not None else 0
-        for ptu, lo, _hi in asset.target_profile:
-            if ptu not in asset.milestone_eur_per_wh and lo >= target and ptu < until:
-                asset.milestone_eur_per_wh[ptu] = self.value_eur_per_wh * early_share
-                self.softened += 1
 
     @staticmethod
     def _finish_earlier(asset: StorageAsset, shift: int) -> None:

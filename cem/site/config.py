@@ -266,20 +266,6 @@ class PlannerConfig(Section):
         None, ge=0, le=100, description="EUR per kWh short of `ev_front_load_kwh` (none: the "
         "value of an undelivered kWh); below the price gap to the site's PV or cheap hours "
         "the plan waits for them")
-    ev_front_load_risk_hours: float = Field(
-        0.0, ge=0, le=24, description="price the front-load floor at the value of a kWh times "
-        "the share of comparable visits that left within this many hours of arrival (the "
-        "learned risk: a driver who is likely to stay waits for PV or cheap hours; 0: the "
-        "floor's full price for every EV)")
-    ev_finish_margin_soft: bool = Field(
-        False, description="an EV with learned departures gets its finish-margin milestone "
-        "priced at the value of a kWh times the share of comparable drivers who left before "
-        "their typed departure (not at the unmet-target penalty); its target at the typed "
-        "departure stays")
-    ev_convex_share: float = Field(
-        0.0, ge=0, le=1, description="each departure milestone's energy short beyond this "
-        "share of the visit's need costs three times its price: many drivers a little short "
-        "rather than one far short (0: off, a linear value)")
     ev_open_need_kwh: float = Field(
         10.0, ge=0, le=100, description="an EV that tells no need (OCPP 1.6) and still takes "
         "energy is asked at least this much more than it has, at its departure milestones' "

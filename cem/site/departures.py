@@ -135,16 +135,6 @@ class DepartureModel:
                 return float(np.quantile(values, quantile))
         return None
 
-    def short_stay_share(self, evse: str, arrival: datetime, hours: float,
-                         driver: str | None = None) -> float | None:
-        """The share of comparable visits (the first group with enough) that stayed less than
-        `hours`: the learned risk that this driver leaves that soon; None without history."""
-        for key in self._keys(evse, arrival, driver):
-            group = self._groups.get(key, [])
-            if len(group) >= self.min_visits:
-                return float(np.mean([v.stay_h < hours for v in group]))
-        return None
-
     def safe_departure(self, evse: str, arrival: datetime, typed: datetime | None,
                        quantile: float, driver: str | None = None) -> SafeDeparture | None:
         """The safe departure of an EV that arrived at `arrival` (None: nothing to go by)."""
