@@ -407,3 +407,18 @@ def test_only_an_arrival_the_cem_saw_gets_the_floor_and_is_learned_from() -> Non
     assert learning.front_loaded == 1 and (4, 3000, 20000) in seen.storage[0].target_profile
     _, closed = observe(arrived_at + timedelta(hours=2), plugged=False)
     assert [(v.evse, v.arrival) for v in closed] == [("A", arrived_at)]
+
+
+def test_departures_can_be_learned_per_typed_stay_within_the_arrival_hour() -> None:
+    """Of the 08:00 arrivals, ten typed 10 h and left after half of it, thirty typed 2 h and
+    stayed: pooled, a new 10 h driver's 0.3 quantile is the whole typed stay (the short stays
+    outnumber the long); per typed stay it is what the long stays really did, 5 h."""
+    visits = [visit("E", MONDAY_8 - timedelta(days=d), 5.0, 10.0) for d in range(1, 11)]
+    visits += [visit("F", MONDAY_8 - timedelta(days=d), 2.0, 2.0) for d in range(1, 31)]
+    typed = MONDAY_8 + timedelta(hours=10)
+    pooled = DepartureModel(visits, "UTC").safe_departure("G", MONDAY_8, typed, 0.3)
+    split = DepartureModel(visits, "UTC", by_typed_stay=True).safe_departure(
+        "G", MONDAY_8, typed, 0.3)
+    assert pooled is not None and pooled.at == typed and pooled.basis == "arrival hour"
+    assert split is not None and split.at == MONDAY_8 + timedelta(hours=5)
+    assert split.basis == "arrival hour and typed stay" and split.visits == 10

@@ -184,7 +184,8 @@ class DepartureLearning:
         self.open_need_wh = float(planner.ev_open_need_kwh) * 1000
         self.store = store
         self.model = DepartureModel([], config.site.timezone,
-                                    relative=bool(planner.departures_relative))
+                                    relative=bool(planner.departures_relative),
+                                    by_typed_stay=bool(planner.departures_by_typed_stay))
         self.open: dict[str, OpenVisit] = {}
         self.safe: dict[str, SafeDeparture] = {}  # rm id -> the last safe departure planned to
         self.recorded = 0  # visits recorded (this run)

@@ -278,6 +278,9 @@ class PlannerConfig(Section):
     departures_relative: bool = Field(
         True, description="learn departures as the share of the typed stay drivers stayed "
         "(false: as hours before the typed departure)")
+    departures_by_typed_stay: bool = Field(
+        False, description="learn the departures of an arrival hour per typed stay too (0-3, "
+        "3-6, 6-9, 9+ h) before all of that hour's visits")
     ev_taper_from_soc: float = Field(
         80.0, ge=50, le=100, description="EVs that report their SoC are assumed to take less "
         "above this SoC (%): their milestones move earlier by the extra time (100: off)")

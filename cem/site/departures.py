@@ -9,8 +9,10 @@ comparable visits), never later than the departure the driver typed.
 Comparable visits, most specific first, the first group with at least `min_visits`:
 1. the same driver (charge card) where the RM names one;
 2. the same EVSE, weekday and local arrival hour;
-3. the same local arrival hour (any EVSE, any day);
-4. every visit.
+3. with `by_typed_stay` and a typed departure: the same local arrival hour and typed stay
+   (0-3, 3-6, 6-9, 9+ h; round 6);
+4. the same local arrival hour (any EVSE, any day);
+5. every visit.
 With a typed departure the group's share of the typed stay the drivers really stayed (capped
 at 1) gives the safe departure as arrival plus its q quantile times this driver's typed stay
 (`relative`, the default since round 4: drivers who type a long stay leave more hours early
@@ -40,6 +42,9 @@ MIN_VISITS = 8
 # of the optimum's energy, -1.3 / +7.3 / +9.0 % cost; ADR 0009, round 3)
 ENERGY_QUANTILE = 0.99
 EARLY_H = 0.25  # leaving this much before the typed departure counts as early
+# with `by_typed_stay`, visits of an arrival hour are also grouped by their typed stay in
+# buckets of this many hours (0-3, 3-6, 6-9, 9+ h): a long typed stay is left early more often
+TYPED_BUCKET_H = 3.0
 
 
 @dataclass(frozen=True)
@@ -88,10 +93,12 @@ class DepartureModel:
     """The visits of the site, grouped for quick look-ups (rebuild it when visits are added)."""
 
     def __init__(self, visits: Iterable[Visit], timezone: str = "UTC", *,
-                 min_visits: int = MIN_VISITS, relative: bool = True) -> None:
+                 min_visits: int = MIN_VISITS, relative: bool = True,
+                 by_typed_stay: bool = False) -> None:
         self.zone = ZoneInfo(timezone)
         self.min_visits = min_visits
         self.relative = relative
+        self.by_typed_stay = by_typed_stay
         self.visits: list[Visit] = []
         self._groups: dict[tuple[object, ...], list[Visit]] = {}
         for visit in visits:
@@ -100,17 +107,22 @@ class DepartureModel:
     def __len__(self) -> int:
         return len(self.visits)
 
-    def _keys(self, evse: str, arrival: datetime, driver: str | None) -> list[tuple[object, ...]]:
+    def _keys(self, evse: str, arrival: datetime, driver: str | None,
+              typed: datetime | None = None) -> list[tuple[object, ...]]:
         local = arrival.astimezone(self.zone)
         keys: list[tuple[object, ...]] = []
         if driver:
             keys.append(("driver", driver))
-        keys += [("evse", evse, local.weekday(), local.hour), ("hour", local.hour), ("all",)]
+        keys.append(("evse", evse, local.weekday(), local.hour))
+        if self.by_typed_stay and typed is not None and typed > arrival:
+            typed_h = (typed - arrival).total_seconds() / 3600
+            keys.append(("typed", local.hour, min(int(typed_h // TYPED_BUCKET_H), 3)))
+        keys += [("hour", local.hour), ("all",)]
         return keys
 
     def add(self, visit: Visit) -> None:
         self.visits.append(visit)
-        for key in self._keys(visit.evse, visit.arrival, visit.driver):
+        for key in self._keys(visit.evse, visit.arrival, visit.driver, visit.typed_departure):
             self._groups.setdefault(key, []).append(visit)
 
     def energy(self, evse: str, arrival: datetime, driver: str | None = None,
@@ -134,9 +146,10 @@ class DepartureModel:
     def departures(self, evse: str, arrival: datetime, typed: datetime | None,
                    quantiles: list[float], driver: str | None = None) -> list[SafeDeparture]:
         """The departure at each quantile (ascending), from one group; [] without history."""
-        names = {"driver": "driver", "evse": "EVSE, weekday and hour", "hour": "arrival hour",
+        names = {"driver": "driver", "evse": "EVSE, weekday and hour",
+                 "typed": "arrival hour and typed stay", "hour": "arrival hour",
                  "all": "all visits"}
-        for key in self._keys(evse, arrival, driver):
+        for key in self._keys(evse, arrival, driver, typed):
             group = self._groups.get(key, [])
             if typed is not None and self.relative:
                 values = [v.stayed_share for v in group if v.stayed_share is not None]
