@@ -5,8 +5,45 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+# Modules whose tests keep the cores busy for long (the planner, with 2 CP-SAT workers, over
+# simulated days; `cem demo` against the wall clock; the live replan benches). With
+# `pytest -n 2 --dist loadscope` (two pytest-xdist workers) each module stays whole in one
+# worker (its module fixtures run once), and these modules run one after another in one
+# worker, so two of them never share the 2 cores and a timed demo never runs beside a week of
+# planning, while the other worker takes the modules that mostly wait on sockets.
+ONE_CORE = frozenset({
+    "test_simulate_week.py", "test_simulate_cli.py", "test_simulate_honest_twin.py",
+    "test_twin_level5.py", "test_bench_replan.py", "test_bench_faults.py", "test_demo_run.py"})
+
+
+class OneCoreScopes:
+    """With `--dist loadscope`: one scope per module, one for all the `ONE_CORE` modules.
+
+    (xdist's own `--dist loadgroup` does not group on pytest 9: it renames `item._nodeid`,
+    which pytest 9 no longer reads.)"""
+
+    @pytest.hookimpl
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        from xdist.scheduler import LoadScopeScheduling
+
+        if config.getoption("dist") != "loadscope":
+            return None
+
+        class Scheduling(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                module = nodeid.split("::", 1)[0]
+                return "one_core" if module.rsplit("/", 1)[-1] in ONE_CORE else module
+
+        return Scheduling(config, log)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(OneCoreScopes(), "one_core_scopes")
 
 
 @pytest.fixture

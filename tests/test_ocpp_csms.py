@@ -131,7 +131,9 @@ async def _boot_and_session(csms: OcppCentralSystem, version: str, cp_id: str) -
         assert evse.max_current_a == 16  # the card's maximum
         if version == "2.0.1":  # the EV's own needs win over the card
             await wait_for(lambda: session.needs_source.startswith("EV"))
-            assert session.energy_need_wh == pytest.approx(25000, abs=1)
+            # the EV's 25 kWh more (not the card's 30), on top of what was metered when it
+            # said so: at 3600x a busy machine can let a few Wh flow before the message
+            assert 25000 - 1 <= session.energy_need_wh <= 25000 + session.energy_wh + 1
         else:
             assert session.energy_need_wh == 30000
         # meter values flow: energy rises, power per phase is read

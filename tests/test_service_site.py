@@ -191,7 +191,13 @@ def test_the_whole_example_site_runs_from_one_cem_run(tmp_path: Path) -> None:
                                   capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert other_rm.returncode == 2, other_rm.stdout + other_rm.stderr
         assert f"pid {run.pid}" in other_rm.stderr and "already in use" in other_rm.stderr
-        assert what_a_second_start_could_damage(tmp_path) == before
+        after = what_a_second_start_could_damage(tmp_path)
+        # the charger simulator goes on plugging EVs in meanwhile: a new session is no damage,
+        # a session that was there before must be unchanged
+        sessions = len(before["charging sessions"])
+        assert after["charging sessions"][:sessions] == before["charging sessions"]
+        after["charging sessions"] = before["charging sessions"]
+        assert after == before
         assert status(site)[0] == 0
 
         # the battery's device goes away: its part retries, the rest keeps planning

@@ -874,7 +874,7 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
     if cem_src is not None:
         if not (cem_src / "cem" / "app" / "cli.py").is_file():
             console.print(f"[bold red]error:[/] --cem-src {cem_src}: not a checkout of this "
-                          "project (no cem/app/cli.py in it)")
+                          "project (no cem/app/cli.py in it)", soft_wrap=True)
             raise SystemExit(2)
         _compare_src(rms, messages, rate, cem_src.resolve(), rounds, busy_core, json_out,
                      **extra)
