@@ -20,7 +20,8 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python scripts/typecheck.py
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadscope -m "not one_core"
+	$(BIN)/pytest -q -m one_core
 
 typecheck: $(STAMP)
 	$(BIN)/python scripts/typecheck.py

@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 
 # Modules whose tests keep the cores busy for long (the planner, with 2 CP-SAT workers, over
-# simulated days; `cem demo` against the wall clock; the live replan benches). With
-# `pytest -n 2 --dist loadscope` (two pytest-xdist workers) each module stays whole in one
-# worker (its module fixtures run once), and these modules run one after another in one
-# worker, so two of them never share the 2 cores and a timed demo never runs beside a week of
-# planning, while the other worker takes the modules that mostly wait on sockets.
+# simulated days; `cem demo` against the wall clock; the live replan benches). Their tests get
+# the `one_core` marker: `make test` runs every other module in two pytest-xdist workers
+# (`-n 2 --dist loadscope -m "not one_core"`: they mostly wait on sockets and timers), then
+# these one after another in one process (`-m one_core`), as before, so a timed demo never
+# runs beside a week of planning. With `-n 2 --dist loadscope` and no `-m`, each module stays
+# whole in one worker (its module fixtures run once) and these modules share one worker.
 ONE_CORE = frozenset({
     "test_simulate_week.py", "test_simulate_cli.py", "test_simulate_honest_twin.py",
     "test_twin_level5.py", "test_bench_replan.py", "test_bench_faults.py", "test_demo_run.py"})
@@ -42,8 +43,15 @@ class OneCoreScopes:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "one_core: a long CPU-bound module (tests/conftest.py)")
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(OneCoreScopes(), "one_core_scopes")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in ONE_CORE:
+            item.add_marker(pytest.mark.one_core)
 
 
 @pytest.fixture
