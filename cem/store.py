@@ -514,12 +514,7 @@ class Store:
         self._append(_INSERT_MESSAGE, (at, session_id, rm_id, direction, message_type,
                                        message_id, text, reception_status))
         if rm_id is not None:
-            delta = self._delta(rm_id)
-            delta.last_message_at = at
-            if direction == "in":
-                delta.messages_in += 1
-            else:
-                delta.messages_out += 1
+            self.count_message(rm_id, at, direction)
 
     def measurement_due(self, rm_id: str, at: float) -> bool:
         """Whether an RM's accepted PowerMeasurement received at `at` (epoch s) is to be logged.
@@ -538,7 +533,8 @@ class Store:
         return True
 
     def count_message(self, rm_id: str, at: float, direction: str = "in") -> None:
-        """A message of an RM that is not logged still counts in its row (and its last time)."""
+        """Count an RM's message in its row (and its last time); a message that is not logged
+        (a PowerMeasurement between logged ones) is only counted."""
         delta = self._delta(rm_id)
         delta.last_message_at = at
         if direction == "in":
