@@ -140,8 +140,11 @@ def test_the_loop_records_each_visit_as_the_ev_leaves_and_plans_to_safe_departur
         for s in left]
     assert any(s.ocpp16 for s in left) and any(not s.ocpp16 for s in left)
     # all but an EV that overstayed until the next one plugged in within the same PTU (its
-    # charger told no departure apart from an overstayer's next-hour target): two visits as one
-    assert sum(found) >= len(left) - 1, len(left) - sum(found)
+    # charger told no departure apart from an overstayer's next-hour target): two visits as one;
+    # and an EV the CEM found plugged in when it first looked at its charger (it cannot tell
+    # when that one came: not learned from), here at most the week's first
+    assert learning.unseen_arrivals <= 1
+    assert sum(found) >= len(left) - 1 - learning.unseen_arrivals, len(left) - sum(found)
     # the first day's visits are enough history for the second: EVs planned to safe departures
     assert learning.planned > 0
 
