@@ -120,6 +120,11 @@ def _good_enough_eur(best: Evaluation, gap_tol: float) -> float:
     return gap_tol * max(abs(best.cost_part), 1.0)
 
 
+def _within_tolerance(plan: Evaluation, bound: float | None, gap_tol: float) -> bool:
+    """Whether a plan is known to be within the tolerance of the bound (False without one)."""
+    return bound is not None and plan.objective - bound <= _good_enough_eur(plan, gap_tol)
+
+
 class PlanMemory:
     """What a site's planner keeps from one replan for the next: the LP's basis (`LpMemory`)
     and the powers of the plan it returned, per asset and PTU (by id and PTU number, so they
@@ -339,8 +344,8 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             beside = False  # the fallback is made
             if decomposed is not None:
                 guided = _guided(lay, built.index, decomposed)
-                guided_good = guided is not None and guided[0].objective - decomposed.bound_eur \
-                    <= _good_enough_eur(guided[0], gap_tol)
+                guided_good = guided is not None \
+                    and _within_tolerance(guided[0], decomposed.bound_eur, gap_tol)
         # only when it fits twice over: beside the LP it takes the LP a third of its
         # iterations on a busy machine, and one that does not fit delays the LP for nothing
         if memory is not None and beside \
@@ -413,7 +418,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                 notes.append(f"bound from the EVs' own problems at site-row prices "
                              f"({decomposed.steps} price steps), not the LP optimum")
     if candidate is None or (unpolished and best is not None and bound is not None
-                             and best.objective - bound > _good_enough_eur(best, gap_tol)):
+                             and not _within_tolerance(best, bound, gap_tol)):
         # no LP plan, or one that got no polish and is not good enough (its rounding leaves
         # most EVs a few Wh short of a milestone: 5 % above the bound at 1000 EVs): the best
         # of it, the fallback (deadline first within the limits: 0.6 % above the bound at
@@ -426,12 +431,10 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         def score(label: str, st: str, d: Dispatch) -> bool:
             """Add an option; True when one is now known to be good enough."""
             scored.append((evaluate(lay, d), label, st, d))
-            return bound is not None and any(
-                ev.objective - bound <= _good_enough_eur(ev, gap_tol) for ev, *_ in scored)
+            return any(_within_tolerance(ev, bound, gap_tol) for ev, *_ in scored)
 
         # a plan from the EVs' problems known to be within the tolerance of the bound
-        guided_known = guided is not None and bound is not None \
-            and guided[0].objective - bound <= _good_enough_eur(guided[0], gap_tol)
+        guided_known = guided is not None and _within_tolerance(guided[0], bound, gap_tol)
         good = guided_known
         if guided is not None:
             scored.append((guided[0], "the plan from the EVs' problems", "FEASIBLE", guided[1]))
