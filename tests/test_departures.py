@@ -183,14 +183,9 @@ def test_a_limit_still_moves_a_committed_charge() -> None:
 
 def test_departure_scenarios_are_priced_at_the_share_of_drivers_that_leave_by_then() -> None:
     from cem.control.departures import DepartureLearning, OpenVisit
-    from cem.site.config import PlannerConfig, SiteConfig
 
     def learning(**planner: object) -> DepartureLearning:
-        config = SiteConfig.model_validate({"site": {"name": "t", "timezone": "UTC"},
-                                            "planner": PlannerConfig(**{**OFF, **planner}).model_dump()})
-        out = DepartureLearning(config)
-        for v in fixture():
-            out.model.add(v)
+        out: DepartureLearning = _learning_from_the_fixture(**planner)
         out.open["rm"] = OpenVisit("A", MONDAY_8, MONDAY_8 + timedelta(hours=9), 11000.0, 0.0,
                                    11000.0, typed_latest=MONDAY_8 + timedelta(hours=9))
         return out
@@ -227,7 +222,6 @@ def test_departure_scenarios_are_priced_at_the_share_of_drivers_that_leave_by_th
     off = learning(safe_departure_quantile=0.0)
     p = problem()
     assert off.apply(p, {"rm": ["ev"]}) == 0 and p.storage[0].target_profile == []
-
 
 
 def _learning_from_the_fixture(**planner: object) -> Any:
