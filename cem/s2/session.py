@@ -612,13 +612,25 @@ class S2Session:
         for item in values:   # its only numbers (what number_problem_in would judge)
             if not isinstance(item, dict) or number_problem(item.get("value")) is not None:
                 return None
+        details = self.state.details
+        if details is None:
+            return None
         translated = dict(raw)
         translated["message_id"] = self.ids.to_internal(message_id, remember=False)
         try:
             message = PowerMeasurement.model_validate(translated)
-            self._on_measurement(message, now)
         except Exception:  # refused, or s2-python's own error: the full path says which
             return None
+        # what `_on_measurement` checks, without its exceptions: s2-python's model refused a
+        # commodity quantity given twice already
+        if self._advertised[0] is not details:
+            self._advertised = (details, frozenset(details.provides_power_measurement_types))
+        advertised = self._advertised[1]
+        for value in message.values:
+            if value.commodity_quantity not in advertised:
+                return None
+        self.state._add_measurement(message)
+        self.events.append(StateChanged("measurement", "PowerMeasurement"))
         if logger.isEnabledFor(logging.DEBUG):
             self.log.debug("accepted PowerMeasurement %s", message_id)
         self.accepted = ("PowerMeasurement", message_id)
