@@ -210,6 +210,22 @@ async def test_messages_split_over_many_reads_are_answered_once_each(tmp_path: P
         assert rm.statuses == [(m, "OK") for m in ids]
 
 
+async def test_a_subscriber_that_falls_behind_keeps_the_newest_events(tmp_path: Path) -> None:
+    """A full subscriber queue drops its oldest event for each new one: what the control loop
+    reads after a stall is the latest (here the refusal that ends the burst)."""
+    ids = [str(uuid.uuid4()) for _ in range(10)]
+    async with cem_and_rm(tmp_path) as (server, rm):
+        queue = server.subscribe(maxsize=3)
+        rm.expected = len(ids)
+        rm.write_at_once([frame(MEASUREMENT % (m, '"NaN"' if i == 9 else 7))
+                          for i, m in enumerate(ids)])
+        await asyncio.wait_for(rm.answered.wait(), 10)
+        events = [queue.get_nowait().event for _ in range(queue.qsize())]   # type: ignore[union-attr]
+        assert [type(e).__name__ for e in events] == [
+            "StateChanged", "StateChanged", "MessageRejected"]
+        assert events[-1].message_id == ids[9] and events[-1].status == "INVALID_CONTENT"
+
+
 async def test_an_rm_that_does_not_read_its_answers_is_not_read_until_it_does(
         tmp_path: Path) -> None:
     ids = [str(uuid.uuid4()) for _ in range(2000)]

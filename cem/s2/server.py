@@ -1078,10 +1078,12 @@ class S2Server:
 
     def _publish(self, event: RegistryEvent) -> None:
         for queue in self._subscribers:
-            if queue.full():
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:   # the oldest goes
                 with contextlib.suppress(asyncio.QueueEmpty):
                     queue.get_nowait()
-            queue.put_nowait(event)
+                queue.put_nowait(event)
         for callback in self._listeners:
             try:
                 result = callback(event)

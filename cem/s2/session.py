@@ -477,7 +477,9 @@ class S2Session:
 
     def _receive(self, data: str | bytes, now: datetime) -> list[Outgoing]:
         invalid_data = ReceptionStatusValues.INVALID_DATA
-        if isinstance(data, bytes | bytearray | memoryview):
+        if type(data) is str:
+            text = data
+        elif isinstance(data, bytes | bytearray | memoryview):
             try:
                 text = bytes(data).decode("utf-8")
             except UnicodeDecodeError:
