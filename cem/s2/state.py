@@ -15,7 +15,6 @@ leakage behaviour, PEBC constraints) are kept with their ``valid_from``; see
 
 from __future__ import annotations
 
-import functools
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -213,7 +212,13 @@ class RmState:
         return out
 
 
-@functools.cache
+_EMPTY_SNAPSHOTS: dict[str, dict[str, Any]] = {}
+
+
 def _empty_snapshot(plugin: ControlTypePlugin[Any]) -> dict[str, Any]:
     """The snapshot section of a control type that is not selected (the same every time)."""
-    return plugin.new_state().snapshot()
+    key = plugin.name
+    found = _EMPTY_SNAPSHOTS.get(key)
+    if found is None:
+        found = _EMPTY_SNAPSHOTS[key] = plugin.new_state().snapshot()
+    return found
