@@ -121,7 +121,7 @@ from cem.s2.ids import (
 )
 from cem.s2.numbers import number_problem_in
 from cem.s2.state import RmState
-from sitekit.plausible import number_problem
+from sitekit.plausible import MAX_MAGNITUDE, number_problem
 
 __all__ = [
     "CEM_ONLY_TYPES", "CEM_SENDABLE_TYPES", "CONTROL_TYPE_NAMES",
@@ -365,7 +365,8 @@ class S2Session:
 
     def receive(self, data: str | bytes, now: datetime) -> list[Outgoing]:
         """Judge one received websocket message; returns what to send back. Never raises."""
-        now = _aware(now)
+        if now.tzinfo is None:   # (`_aware`, written out: once per message)
+            now = now.replace(tzinfo=UTC)
         self._subject = NIL_UUID
         self._subject_type = ""
         self.accepted = None
@@ -612,7 +613,14 @@ class S2Session:
         if not isinstance(values, list):
             return None
         for item in values:   # its only numbers (what number_problem_in would judge)
-            if not isinstance(item, dict) or number_problem(item.get("value")) is not None:
+            if not isinstance(item, dict):
+                return None
+            value = item.get("value")
+            # a plain number within the plausible range needs no more (NaN fails both
+            # comparisons); anything else is number_problem's to judge
+            if not ((type(value) is int or type(value) is float)
+                    and -MAX_MAGNITUDE <= value <= MAX_MAGNITUDE) \
+                    and number_problem(value) is not None:
                 return None
         details = self.state.details
         if details is None:
