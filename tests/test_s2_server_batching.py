@@ -210,6 +210,51 @@ async def test_messages_split_over_many_reads_are_answered_once_each(tmp_path: P
         assert rm.statuses == [(m, "OK") for m in ids]
 
 
+async def test_a_subscriber_that_falls_behind_keeps_the_newest_events(tmp_path: Path) -> None:
+    """A full subscriber queue drops its oldest event for each new one: what the control loop
+    reads after a stall is the latest (here the refusal that ends the burst)."""
+    ids = [str(uuid.uuid4()) for _ in range(10)]
+    async with cem_and_rm(tmp_path) as (server, rm):
+        queue = server.subscribe(maxsize=3)
+        rm.expected = len(ids)
+        rm.write_at_once([frame(MEASUREMENT % (m, '"NaN"' if i == 9 else 7))
+                          for i, m in enumerate(ids)])
+        await asyncio.wait_for(rm.answered.wait(), 10)
+        events = [queue.get_nowait().event for _ in range(queue.qsize())]   # type: ignore[union-attr]
+        assert [type(e).__name__ for e in events] == [
+            "StateChanged", "StateChanged", "MessageRejected"]
+        assert events[-1].message_id == ids[9] and events[-1].status == "INVALID_CONTENT"
+
+
+async def test_the_stored_snapshot_follows_the_rms_details(tmp_path: Path) -> None:
+    """An RM's row holds its state as JSON (every 5 s while it measures; here every message):
+    its details as last sent, its control type's section and an empty one for the others."""
+    from cem.app.bench_s2 import _DETAILS
+
+    async with cem_and_rm(tmp_path, snapshot_interval_s=0) as (server, rm):
+        assert server.store is not None
+        rm.expected = 1
+        rm.write_at_once([frame(MEASUREMENT % (uuid.uuid4(), 5))])
+        await asyncio.wait_for(rm.answered.wait(), 10)
+        await server.store.flush()
+        first = stored(tmp_path, "SELECT snapshot FROM rms WHERE rm_id = ?", rm.resource_id)
+        renamed = (_DETAILS % (uuid.uuid4(), rm.resource_id, 0, "FILL_RATE_BASED_CONTROL")
+                   ).replace("bench-rm-0", "renamed RM")
+        rm.expected, rm.answered = len(rm.statuses) + 2, asyncio.Event()
+        rm.write_at_once([frame(renamed), frame(MEASUREMENT % (uuid.uuid4(), 6))])
+        await asyncio.wait_for(rm.answered.wait(), 10)
+        await server.store.flush()
+        second = stored(tmp_path, "SELECT snapshot FROM rms WHERE rm_id = ?", rm.resource_id)
+    import json
+
+    before, after = json.loads(first[0][0]), json.loads(second[0][0])
+    assert before["details"]["name"] == "bench-rm-0" and after["details"]["name"] == "renamed RM"
+    assert after["details"]["resource_id"] == rm.resource_id
+    assert after["control_type"] == "FILL_RATE_BASED_CONTROL"
+    assert after["measurements"]["ELECTRIC.POWER.L1"]["value_w"] == 6
+    assert after["frbc"]["system_descriptions"] == [] and "ombc" in after and "ddbc" in after
+
+
 async def test_an_rm_that_does_not_read_its_answers_is_not_read_until_it_does(
         tmp_path: Path) -> None:
     ids = [str(uuid.uuid4()) for _ in range(2000)]

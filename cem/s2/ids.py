@@ -15,6 +15,7 @@ Which fields are ids is read from the schema itself (the generated models in
 
 from __future__ import annotations
 
+import hashlib
 import re
 import types
 import typing
@@ -168,6 +169,10 @@ def iter_ids(model: type[BaseModel], data: Any, path: str = "") -> Iterator[tupl
                 yield from iter_ids(field.nested, value, where)
 
 
+_UUID5_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))   # the version and variant bits
+_UUID5_SET = (0x5000 << 64) | (0x8000 << 48)        # version 5, RFC 4122 variant
+
+
 class IdTranslator:
     """Maps a resource manager's own ids to UUIDs and back, for one session.
 
@@ -180,16 +185,27 @@ class IdTranslator:
         self.namespace = namespace or uuid.uuid4()
         self._to_external: dict[str, str] = {}
         self._staged: dict[str, str] | None = None
+        self._hash = hashlib.sha1(self.namespace.bytes, usedforsecurity=False)  # for uuid5
 
     def to_internal(self, external: str, remember: bool = True) -> str:
         """The UUID string the CEM uses for an id the RM sent."""
         if is_canonical_uuid(external):
             return external
-        internal = str(uuid.uuid5(self.namespace, external))
+        internal = self._uuid5(external)
         if remember:
             target = self._staged if self._staged is not None else self._to_external
             target[internal] = external
         return internal
+
+    def _uuid5(self, name: str) -> str:
+        """``str(uuid.uuid5(self.namespace, name))``, the same text in a third of the time
+        (no UUID object; the namespace is hashed once): an RM that numbers its messages
+        rather than giving them UUIDs has one translated per message."""
+        digest = self._hash.copy()
+        digest.update(name.encode())
+        value = int.from_bytes(digest.digest()[:16], "big")
+        text = "%032x" % (value & _UUID5_CLEAR | _UUID5_SET)
+        return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
     def to_external(self, internal: str) -> str:
         """The id the RM knows for a UUID string the CEM uses (unchanged if never translated)."""

@@ -834,7 +834,7 @@ class S2Server:
         if entry.session.close is not None or not entry.open:
             return  # the session ends: what the RM still sends is not read
         try:
-            now = utc_now()
+            now = clock.now()   # (utc_now, one call less: once per message)
             self.messages_in += 1
             try:
                 outs = entry.session.receive(data, now)
@@ -925,12 +925,12 @@ class S2Server:
     def _log_incoming(self, entry: LiveSession, data: str | bytes, outs: list[Outgoing],
                       now: datetime) -> None:
         assert self.store is not None
-        text = data if isinstance(data, str) else data.decode("utf-8", "replace")
         accepted = entry.session.accepted
         unlogged, entry.unlogged_measurement = entry.unlogged_measurement, False
         if unlogged and accepted is not None and entry.rm_id is not None:
             self.store.count_message(entry.rm_id, now.timestamp())  # between logged ones
             return
+        text = data if isinstance(data, str) else data.decode("utf-8", "replace")
         if accepted is not None:  # answered OK: the session read its type and id already
             self.store.log_message(direction="in", message_type=accepted[0],
                                    message_id=accepted[1], text=text,
@@ -1078,10 +1078,12 @@ class S2Server:
 
     def _publish(self, event: RegistryEvent) -> None:
         for queue in self._subscribers:
-            if queue.full():
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:   # the oldest goes
                 with contextlib.suppress(asyncio.QueueEmpty):
                     queue.get_nowait()
-            queue.put_nowait(event)
+                queue.put_nowait(event)
         for callback in self._listeners:
             try:
                 result = callback(event)

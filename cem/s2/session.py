@@ -121,7 +121,7 @@ from cem.s2.ids import (
 )
 from cem.s2.numbers import number_problem_in
 from cem.s2.state import RmState
-from sitekit.plausible import number_problem
+from sitekit.plausible import MAX_MAGNITUDE, number_problem
 
 __all__ = [
     "CEM_ONLY_TYPES", "CEM_SENDABLE_TYPES", "CONTROL_TYPE_NAMES",
@@ -365,7 +365,8 @@ class S2Session:
 
     def receive(self, data: str | bytes, now: datetime) -> list[Outgoing]:
         """Judge one received websocket message; returns what to send back. Never raises."""
-        now = _aware(now)
+        if now.tzinfo is None:   # (`_aware`, written out: once per message)
+            now = now.replace(tzinfo=UTC)
         self._subject = NIL_UUID
         self._subject_type = ""
         self.accepted = None
@@ -477,7 +478,9 @@ class S2Session:
 
     def _receive(self, data: str | bytes, now: datetime) -> list[Outgoing]:
         invalid_data = ReceptionStatusValues.INVALID_DATA
-        if isinstance(data, bytes | bytearray | memoryview):
+        if type(data) is str:
+            text = data
+        elif isinstance(data, bytes | bytearray | memoryview):
             try:
                 text = bytes(data).decode("utf-8")
             except UnicodeDecodeError:
@@ -610,15 +613,34 @@ class S2Session:
         if not isinstance(values, list):
             return None
         for item in values:   # its only numbers (what number_problem_in would judge)
-            if not isinstance(item, dict) or number_problem(item.get("value")) is not None:
+            if not isinstance(item, dict):
                 return None
+            value = item.get("value")
+            # a plain number within the plausible range needs no more (NaN fails both
+            # comparisons); anything else is number_problem's to judge
+            if not ((type(value) is int or type(value) is float)
+                    and -MAX_MAGNITUDE <= value <= MAX_MAGNITUDE) \
+                    and number_problem(value) is not None:
+                return None
+        details = self.state.details
+        if details is None:
+            return None
         translated = dict(raw)
         translated["message_id"] = self.ids.to_internal(message_id, remember=False)
         try:
             message = PowerMeasurement.model_validate(translated)
-            self._on_measurement(message, now)
         except Exception:  # refused, or s2-python's own error: the full path says which
             return None
+        # what `_on_measurement` checks, without its exceptions: s2-python's model refused a
+        # commodity quantity given twice already
+        if self._advertised[0] is not details:
+            self._advertised = (details, frozenset(details.provides_power_measurement_types))
+        advertised = self._advertised[1]
+        for value in message.values:
+            if value.commodity_quantity not in advertised:
+                return None
+        self.state._add_measurement(message)
+        self.events.append(StateChanged("measurement", "PowerMeasurement"))
         if logger.isEnabledFor(logging.DEBUG):
             self.log.debug("accepted PowerMeasurement %s", message_id)
         self.accepted = ("PowerMeasurement", message_id)

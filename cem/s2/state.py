@@ -79,6 +79,7 @@ class RmState:
         self._power_forecast: PowerForecast | None = None
         self._instructions: dict[str, InstructionRecord] = {}
         self._rm_ids: Callable[[], dict[str, str]] = dict
+        self._details_json: tuple[Any, Any] = (None, None)   # details, their JSON (snapshot)
 
     # --- changes, only by the session --------------------------------------------------------
 
@@ -177,11 +178,14 @@ class RmState:
         back to the RM's own ids.
         """
         ct = self._control_type
+        details = self._details
+        if self._details_json[0] is not details:   # once per details (every 5 s per RM)
+            self._details_json = (details, dump(details))
         out: dict[str, Any] = {
             "protocol_version": self.protocol_version,
             "rm_ids": self._rm_ids(),
             "control_type": ct.value if ct is not None else None,
-            "details": dump(self._details),
+            "details": self._details_json[1],
             "measurements": {
                 q.value: {"value_w": m.value_w, "measured_at": m.measured_at.isoformat()}
                 for q, m in self._measurements.items()
@@ -201,6 +205,20 @@ class RmState:
         active = self._active
         for plugin in PLUGINS:
             if plugin.snapshot_key is not None:
-                typed = active[1] if active is not None and plugin is active[0] else None
-                out[plugin.snapshot_key] = (typed or plugin.new_state()).snapshot()
+                if active is not None and plugin is active[0]:
+                    out[plugin.snapshot_key] = active[1].snapshot()
+                else:
+                    out[plugin.snapshot_key] = _empty_snapshot(plugin)
         return out
+
+
+_EMPTY_SNAPSHOTS: dict[str, dict[str, Any]] = {}
+
+
+def _empty_snapshot(plugin: ControlTypePlugin[Any]) -> dict[str, Any]:
+    """The snapshot section of a control type that is not selected (the same every time)."""
+    key = plugin.name
+    found = _EMPTY_SNAPSHOTS.get(key)
+    if found is None:
+        found = _EMPTY_SNAPSHOTS[key] = plugin.new_state().snapshot()
+    return found

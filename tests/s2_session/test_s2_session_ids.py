@@ -38,6 +38,9 @@ def test_translation_is_deterministic_per_session_and_keeps_uuids() -> None:
     assert inside == ids.to_internal("sd-1")
     assert uuid.UUID(inside) and ids.to_external(inside) == "sd-1"
     assert IdTranslator(uuid.UUID(int=2)).to_internal("sd-1") != inside
+    # the UUID is uuid5 of the session's namespace, whatever the id's length or characters
+    for rm_id in ("sd-1", "x" * 64, "a:b_c-D9", "m0001-000000000001", "SD-1"):
+        assert ids.to_internal(rm_id) == str(uuid.uuid5(uuid.UUID(int=1), rm_id))
     real = str(uuid.uuid4())
     assert ids.to_internal(real) == real and ids.to_external(real) == real
     upper = real.upper()  # not canonical: translated, and written back exactly as sent

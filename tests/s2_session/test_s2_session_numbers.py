@@ -53,6 +53,8 @@ def _measurement_text(value: str) -> str:
     ("-1e400", "is -infinite"),
     ('"1e400"', "is infinite"),
     ("2.5e13", "beyond any plausible value"),
+    ("1000000000001", "beyond any plausible value"),   # an integer just past 10^12
+    ("-1.0000000001e12", "beyond any plausible value"),
 ])
 def test_a_measurement_that_is_no_number_is_refused_and_not_kept(value: str, says: str) -> None:
     session, _ = connect([FRBC])
@@ -64,6 +66,15 @@ def test_a_measurement_that_is_no_number_is_refused_and_not_kept(value: str, say
     assert says in answer["diagnostic_label"]
     assert session.state.latest_measurement() is kept  # the good one stays, nothing NaN
     assert kept.values[0].value == 1500
+
+
+@pytest.mark.parametrize("value", ["1000000000000", "-1e12", "0", "-0.0", "1e-300", "17"])
+def test_a_measurement_within_the_plausible_range_is_kept(value: str) -> None:
+    session, _ = connect([FRBC])
+    answer = _answer(session, _measurement_text(value))
+    assert answer["status"] == "OK", answer
+    kept = session.state.latest_measurement()
+    assert kept is not None and kept.values[0].value == float(value)
 
 
 def test_json_constants_stay_invalid_data() -> None:
