@@ -97,6 +97,12 @@ GUIDED_S_PER_CELL = 4e-6
 DECOMPOSE_MIN_SHARE = 0.4
 # the last plan keeps a limit of the next problem within this (W): rounding, not a new limit
 LIMIT_FIT_W = 1.0
+# a cold LP (no basis to start from) takes about COLD_LP_S x cells ** COLD_LP_POWER seconds
+# (dual simplex on the bench's car park with live milestones, 2-core machine at load 3-8:
+# 0.9 s at 1000 EVs, 26k storage-PTUs; 3.6 s at 2000; 7-11 s at 5000, 129k): when that is
+# more than the time there is, the bound and the plan come from the EVs' own problems first
+COLD_LP_S = 2.8e-8
+COLD_LP_POWER = 1.7
 
 
 def _gap(objective: float, bound: float | None) -> float | None:
@@ -133,6 +139,7 @@ class PlanMemory:
     def __init__(self) -> None:
         self.lp = LpMemory()
         self.lp_solved = True  # whether the last replan's LP was solved (in time)
+        self.lp_goes_on = False  # an unfinished LP goes on between replans (`SitePlanner`)
         # wall seconds per storage-PTU the last fallback took here (0: not known yet); one
         # that was cut short at the deadline counts as twice what it had taken by then, and
         # each replan that leaves it out for this lowers it by a fifth (tried again later)
@@ -141,6 +148,11 @@ class PlanMemory:
         # LP solved), with the PTU number of their column 0: the next one starts from them
         self._lam: tuple[int, np.ndarray] | None = None
         self._plan: tuple[list[str], int, np.ndarray, np.ndarray, list[str], np.ndarray] | None = None
+
+    @property
+    def has_plan(self) -> bool:
+        """Whether a plan was kept (`keep`)."""
+        return self._plan is not None
 
     def keep(self, lay: Layout, disp: Dispatch) -> None:
         self._plan = (list(lay.ids), ptu_epoch(lay.problem), disp.charge.copy(),
@@ -215,6 +227,7 @@ class SitePlanner:
 
     def __init__(self, gap_tol: float = GAP_TOL, background_s: float = 0.0) -> None:
         self.memory = PlanMemory()
+        self.memory.lp_goes_on = background_s > 0
         self.gap_tol = gap_tol
         self.background_s = background_s
         self._stop = threading.Event()
@@ -330,12 +343,22 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         # anytime plan (the fallback, polished) needs
         lp_memory = memory.lp if memory is not None else None
         beside = memory is not None and not memory.lp_solved
-        if memory is not None and cells >= NUMPY_FALLBACK_CELLS and ev_only(lay) \
-                and (beside or not memory.last_plan_fits(lay)):
+        # a cold LP that cannot finish in time: at 5000 EVs on the bench's mixed site it
+        # left the asset-at-a-time fallback, 99.5 % above the bound, after 13-95 s
+        # (unless the LP is to go on between replans: it then starts however short its time)
+        cold = (memory is None or (memory.lp.empty and not memory.has_plan
+                and not memory.lp_goes_on)) \
+            and cells >= NUMPY_FALLBACK_CELLS \
+            and COLD_LP_S * cells ** COLD_LP_POWER > time_limit_s - after_lp_s
+        if cold and memory is None:
+            memory = PlanMemory()  # for this plan only: the decomposition keeps its prices
+        if memory is not None and cells >= NUMPY_FALLBACK_CELLS and (
+                cold or (ev_only(lay) and (beside or not memory.last_plan_fits(lay)))):
             # the LP will likely not finish (the last did not, or a new limit moved the
             # optimum far): first what needs no LP, the fallback's rule in numpy, a bound from
             # the EVs' own problems and a plan from its master's point (least laxity first);
-            # the LP gets what is left only when that plan is not good enough
+            # the LP gets what is left only when that plan is not good enough (on a site
+            # with other flexible assets there is no numpy fallback: None)
             rules = deadline_first(lay)
             built = BuiltLp.of(lay)
             decomposed = _decompose(lay, built, memory, max(
@@ -364,7 +387,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                               None, index=built.index if built is not None else None)
             elif decomposed is not None and lp_s < MIN_LP_S:
                 # no time for it (at 5000 EVs on a busy machine): not even built for HiGHS
-                lp = LpResult("not run: no time left after the fallback and the bound", None,
+                lp = LpResult("not run: no time left after the bound", None,
                               None, index=built.index if built is not None else None)
             else:
                 lp = solve_lp(lay, time_limit_s=max(lp_s, 0.01), memory=lp_memory, built=built,
@@ -469,8 +492,10 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         # a fallback cut short at the deadline (assets left idle) is no plan to settle for
         # nor a plan from the EVs' problems not known to be good (a cold start's point after a
         # few price steps, the deadline past: it may be far worse than the fallback)
+        # (on a site with other flexible assets the fallback is an asset at a time, 8 s at
+        # 5000 EVs and 99 % above the bound: the plan from the EVs' problems is whole there)
         whole = len(scored) - (0 if rules is None or rules_whole else 1) \
-            - (1 if guided is not None and not guided_known else 0)
+            - (1 if guided is not None and not guided_known and ev_only(lay) else 0)
         last = memory.last_plan(lay) if memory is not None and not good and (
             not whole or deadline > time.perf_counter()) else None
         if last is not None:
