@@ -208,10 +208,12 @@ def _share_out(lay: Layout, t: int, m: np.ndarray, got: np.ndarray, frac_sum: fl
     whole = np.ceil((want + after / h) / step - 1e-9) * step
     fits = small_rest & (whole <= cap)
     lower = np.floor((want - (cmin * h_next - after) / h) / step + 1e-9) * step
-    # (when full power after this PTU still meets every requirement: an EV at full power to
-    # its departure whose last kWh are below its minimum runs one PTU a little lower and the
-    # last at its minimum)
-    defer = small_rest & ~fits & (lower >= cmin) & (lax >= 1.0 - lower / cmax + 1e-6)
+    # (when full power after this PTU still meets the departure's requirement: an EV at full
+    # power to its departure whose last kWh are below its minimum runs one PTU a little lower
+    # and the last at its minimum, a milestone before then missing by less than that PTU
+    # would have left unmet at the departure)
+    lax_end = spare[:, 0] / (cmax * h)
+    defer = small_rest & ~fits & (lower >= cmin) & (lax_end >= 1.0 - lower / cmax + 1e-6)
     want = np.where(fits, whole, np.where(defer, lower, want))
     # what cannot wait: the energy a requirement asks beyond what full power after this PTU
     # still gives (at least the minimum power, at most what the EV wants now)
