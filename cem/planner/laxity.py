@@ -90,7 +90,8 @@ def least_laxity_plan(lay: Layout, point: Dispatch, follow: float = FOLLOW_PTUS)
     S, n = lay.s, lay.n
     evs = laxity_assets(lay)
     x = np.maximum(point.charge, 0.0) * lay.avail * evs[:, None]
-    if ev_only(lay):
+    mixed = not ev_only(lay)
+    if not mixed:
         out = empty_dispatch(lay)
         frac = Dispatch(x, np.zeros_like(x), np.zeros((lay.k, n)))
     else:  # the other assets rounded on their own, the EVs idle meanwhile
@@ -130,7 +131,8 @@ def least_laxity_plan(lay: Layout, point: Dispatch, follow: float = FOLLOW_PTUS)
             head = min([float(imp_head[t])] + [float(ph_head[q, t] / share[q])
                                                for q in range(3) if share[q] > 0])
             p = _share_out(lay, t, m, got, frac_sum, head, req_at, req_wh, full, upper,
-                           wh_per_w[m, t], cmin[m], cmax[m], step[m], follow * x[m, t] / cmax[m])
+                           wh_per_w[m, t], cmin[m], cmax[m], step[m], follow * x[m, t] / cmax[m],
+                           mixed)
             used = float(p.sum()) - frac_sum
             imp_head[t] -= used
             ph_head[:, t] -= share * used
@@ -183,7 +185,7 @@ def _take_in_order(want: np.ndarray, order: np.ndarray, budget: float, cmin: np.
 def _share_out(lay: Layout, t: int, m: np.ndarray, got: np.ndarray, frac_sum: float,
                head: float, req_at: np.ndarray, req_wh: np.ndarray, full: np.ndarray,
                upper: np.ndarray, h: np.ndarray, cmin: np.ndarray, cmax: np.ndarray,
-               step: np.ndarray, bonus: np.ndarray) -> np.ndarray:
+               step: np.ndarray, bonus: np.ndarray, mixed: bool = False) -> np.ndarray:
     """The powers (W) of EVs `m` of one group in PTU t: the point's draw of the group (less
     what the limits lack, `head` < 0) by least laxity, then the room the limits leave to
     those that would miss a requirement otherwise."""
@@ -208,11 +210,14 @@ def _share_out(lay: Layout, t: int, m: np.ndarray, got: np.ndarray, frac_sum: fl
     whole = np.ceil((want + after / h) / step - 1e-9) * step
     fits = small_rest & (whole <= cap)
     lower = np.floor((want - (cmin * h_next - after) / h) / step + 1e-9) * step
-    # (when full power after this PTU still meets the departure's requirement: an EV at full
-    # power to its departure whose last kWh are below its minimum runs one PTU a little lower
-    # and the last at its minimum, a milestone before then missing by less than that PTU
-    # would have left unmet at the departure)
-    lax_end = spare[:, 0] / (cmax * h)
+    # (when full power after this PTU still meets every requirement; on a site with other
+    # flexible assets when it still meets the departure's: an EV at full power to its
+    # departure whose last kWh are below its minimum then runs one PTU a little lower and the
+    # last at its minimum, a milestone before the departure missing by less than the
+    # departure would have. The bench's mixed site, the same points: 1000 EVs 3.0-4.0 ->
+    # 1.6-2.5 % above the bound, 5000 EVs 2.3-3.0 -> 0.9-1.6 %; on the EV-only replan bench
+    # the departure's alone took the first timed replan at 1000 EVs from 0.04 to 0.45 %)
+    lax_end = spare[:, 0] / (cmax * h) if mixed else lax
     defer = small_rest & ~fits & (lower >= cmin) & (lax_end >= 1.0 - lower / cmax + 1e-6)
     want = np.where(fits, whole, np.where(defer, lower, want))
     # what cannot wait: the energy a requirement asks beyond what full power after this PTU
