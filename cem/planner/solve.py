@@ -424,13 +424,13 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                          else f"LP relaxation not solved ({lp.status})")
             if not guided_good:
                 log.warning("LP relaxation not solved (%s)", lp.status)
-            if decomposed is None and memory is not None \
-                    and (ev_only(lay) or cells >= NUMPY_FALLBACK_CELLS):
+            if decomposed is None and ((memory is not None and ev_only(lay))
+                                       or cells >= NUMPY_FALLBACK_CELLS):
                 # (a cold start) the bound from the EVs' own problems: late already, it gets
-                # a quarter of the time limit past the deadline at most (on a large site with
-                # other flexible assets too: its fallback is an asset at a time, 8 s and 99 %
-                # above the bound at the bench's 5000 EVs)
-                decomposed = _decompose(lay, None, memory,
+                # a quarter of the time limit past the deadline at most (on any large site,
+                # with memory or without: the fallback there is an asset at a time, 6-8 s and
+                # 98-99 % above the bound on the bench's mixed site at 1000-5000 EVs)
+                decomposed = _decompose(lay, None, memory if memory is not None else PlanMemory(),
                                         max(deadline, time.perf_counter() + 0.25 * time_limit_s),
                                         point=True)
                 guided = _guided(lay, lp.index, decomposed, gap_tol,
