@@ -84,6 +84,9 @@ ANYTIME_S_PER_CELL = 8e-6
 # at a time took 0.7-2.3 s). Below, the fallback's own: it spreads an EV's last kWh below its
 # minimum power over its PTUs before the next EV takes them, which the numpy one cannot.
 NUMPY_FALLBACK_CELLS = 5_000
+# the fallback an asset at a time takes about this long per storage-PTU on the bench's
+# mixed site (3 s at 2000 EVs, 52k storage-PTUs; 8 s at 5000, load 6-9)
+FALLBACK_S_PER_CELL = 6e-5
 # an LP given less than this (after the numpy fallback and the bound) is not run at all
 MIN_LP_S = 0.05
 # the plan from the decomposition's point (`laxity.least_laxity_plan`), its scoring and the
@@ -508,9 +511,12 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                          round_and_repair(lay, last, earlier=True))
             whole += 1
         # the fallback costs about what the work after an LP does (0.4 s of CPU at 1000 EVs,
-        # more than a polish): only when there is that much time left, or nothing else
+        # more than a polish), an asset at a time (sites with more than EVs) far more: only
+        # when there is that much time left, or nothing else
+        fallback_s = after_lp_s if ev_only(lay) and cells >= NUMPY_FALLBACK_CELLS \
+            else max(after_lp_s, FALLBACK_S_PER_CELL * cells)
         if not good and (rules is None or not rules_whole) \
-                and (not whole or deadline - time.perf_counter() >= after_lp_s):
+                and (not whole or deadline - time.perf_counter() >= fallback_s):
             began = time.perf_counter()
             rules = deadline_first(lay) if cells >= NUMPY_FALLBACK_CELLS else None
             rules = fallback_dispatch(lay) if rules is None else rules
