@@ -611,9 +611,9 @@ def _guided(lay: Layout, index: LpIndex | None, decomposed: DecomposedBound | No
             gap_tol: float = GAP_TOL, stop_at: float | None = None
             ) -> tuple[Evaluation, Dispatch] | None:
     """The plan from the decomposition's master point (`laxity.least_laxity_plan`), scored;
-    None when there is none (or making it failed: logged). One not within `gap_tol` of the
-    bound gets what is short refilled where the limits leave room (`hint.refill`, started
-    for no asset after `stop_at`), when that is better."""
+    None when there is none (or making it failed: logged). On a site with other flexible
+    assets one not within `gap_tol` of the bound gets what is short refilled where the limits
+    leave room (`hint.refill`, started for no asset after `stop_at`), when that is better."""
     if index is None or decomposed is None:
         return None
     try:
@@ -622,7 +622,7 @@ def _guided(lay: Layout, index: LpIndex | None, decomposed: DecomposedBound | No
         if plan is None:
             return None
         best = evaluate(lay, plan)
-        if not _within_tolerance(best, decomposed.bound_eur, gap_tol) \
+        if not ev_only(lay) and not _within_tolerance(best, decomposed.bound_eur, gap_tol) \
                 and (stop_at is None or time.perf_counter() < stop_at):
             # every target and milestone as far as the limits allow, the kW-max raised only
             # in steps (the bench's mixed site: 1.6-2.5 -> 0.9-1.4 % above the bound at 1000
