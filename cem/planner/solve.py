@@ -12,14 +12,17 @@
    (`model.py`) improves it, starting from the candidate as a full hint; its answer replaces
    the candidate only if it is better on the same objective.
 5. Without an LP answer the bound comes from row prices (`dual_bound.py`: the unsolved LP's
-   and the last replan's duals) or, on EV-only sites, from the EVs' own problems at
-   site-row prices (`decompose.py`, within 0.01 % of the LP optimum in 0.1-0.5 s at 2000
-   EVs), and the plan is the best of the last plan repaired, the rule-based fallback
-   (`fallback.py`, status FALLBACK unless CP-SAT improves it; in numpy on EV-only sites) and
-   the fallback polished. On EV-only sites at scale, after a replan whose LP was not solved
-   or when a new limit cuts the last plan, the numpy fallback, that bound and a plan from its
-   master's point (`laxity.least_laxity_plan`, 0.01-0.05 % above the bound on the bench's
-   1000-5000 EVs) come first, and the LP runs only when that plan is not within the
+   and the last replan's duals) or, on EV-only sites and on any large site, from the EVs'
+   own problems at site-row prices (`decompose.py`, within 0.01 % of the LP optimum in
+   0.1-0.5 s at 2000 EVs), and the plan is the best of the last plan repaired, the plan from
+   the decomposition's point, the rule-based fallback (`fallback.py`, status FALLBACK unless
+   CP-SAT improves it; in numpy on EV-only sites; an asset at a time elsewhere, made only
+   when nothing else exists or there is time for it) and the fallback polished. On EV-only
+   sites at scale, after a replan whose LP was not solved or when a new limit cuts the last
+   plan, and on any large site planned without memory whose cold LP cannot finish in time
+   (`COLD_LP_S`), that bound and a plan from its master's point (`laxity.least_laxity_plan`,
+   0.01-0.05 % above the bound on the bench's EV-only 1000-5000 EVs, 0.8-1.3 % on its mixed
+   site at 5000) come first, and the LP runs only when that plan is not within the
    tolerance; on other sites the fallback is made beside the LP (`_lp_beside_fallback`).
 Every returned plan is scored by `layout.evaluate` (`objective_eur`, comparable with the bound;
 `cost_eur` is the money: energy at the true prices + peak) and keeps the hard limits
