@@ -12,14 +12,17 @@
    (`model.py`) improves it, starting from the candidate as a full hint; its answer replaces
    the candidate only if it is better on the same objective.
 5. Without an LP answer the bound comes from row prices (`dual_bound.py`: the unsolved LP's
-   and the last replan's duals) or, on EV-only sites, from the EVs' own problems at
-   site-row prices (`decompose.py`, within 0.01 % of the LP optimum in 0.1-0.5 s at 2000
-   EVs), and the plan is the best of the last plan repaired, the rule-based fallback
-   (`fallback.py`, status FALLBACK unless CP-SAT improves it; in numpy on EV-only sites) and
-   the fallback polished. On EV-only sites at scale, after a replan whose LP was not solved
-   or when a new limit cuts the last plan, the numpy fallback, that bound and a plan from its
-   master's point (`laxity.least_laxity_plan`, 0.01-0.05 % above the bound on the bench's
-   1000-5000 EVs) come first, and the LP runs only when that plan is not within the
+   and the last replan's duals) or, on EV-only sites and on any large site, from the EVs'
+   own problems at site-row prices (`decompose.py`, within 0.01 % of the LP optimum in
+   0.1-0.5 s at 2000 EVs), and the plan is the best of the last plan repaired, the plan from
+   the decomposition's point, the rule-based fallback (`fallback.py`, status FALLBACK unless
+   CP-SAT improves it; in numpy on EV-only sites; an asset at a time elsewhere, made only
+   when nothing else exists or there is time for it) and the fallback polished. On EV-only
+   sites at scale, after a replan whose LP was not solved or when a new limit cuts the last
+   plan, and on any large site planned without memory whose cold LP cannot finish in time
+   (`COLD_LP_S`), that bound and a plan from its master's point (`laxity.least_laxity_plan`,
+   0.01-0.05 % above the bound on the bench's EV-only 1000-5000 EVs, 0.8-1.3 % on its mixed
+   site at 5000) come first, and the LP runs only when that plan is not within the
    tolerance; on other sites the fallback is made beside the LP (`_lp_beside_fallback`).
 Every returned plan is scored by `layout.evaluate` (`objective_eur`, comparable with the bound;
 `cost_eur` is the money: energy at the true prices + peak) and keeps the hard limits
@@ -47,7 +50,7 @@ from cem.planner.fallback import (
     fallback_until,
     idle_modes,
 )
-from cem.planner.hint import polish_plan, round_and_repair, shave_peak
+from cem.planner.hint import polish_plan, refill, round_and_repair, shave_peak
 from cem.planner.laxity import least_laxity_plan
 from cem.planner.layout import (
     NOISE_WH,
@@ -84,12 +87,19 @@ ANYTIME_S_PER_CELL = 8e-6
 # at a time took 0.7-2.3 s). Below, the fallback's own: it spreads an EV's last kWh below its
 # minimum power over its PTUs before the next EV takes them, which the numpy one cannot.
 NUMPY_FALLBACK_CELLS = 5_000
+# the fallback an asset at a time takes about this long per storage-PTU on the bench's
+# mixed site (3 s at 2000 EVs, 52k storage-PTUs; 8 s at 5000, load 6-9)
+FALLBACK_S_PER_CELL = 6e-5
 # an LP given less than this (after the numpy fallback and the bound) is not run at all
 MIN_LP_S = 0.05
 # the plan from the decomposition's point (`laxity.least_laxity_plan`), its scoring and the
 # plan's check take about this long per storage-PTU (0.1 s for the plan at 2000 EVs, ~57k
 # storage-PTUs, the check 0.3 s at 5000 EVs): kept from the decomposition's time
 GUIDED_S_PER_CELL = 4e-6
+# making the plan sent from a dispatch and checking it: about this long per storage-PTU
+# (0.07 s at 5000 EVs, load 10; twice that kept): a refill of the plan from the EVs'
+# problems starts no asset later
+CHECK_S_PER_CELL = 2e-6
 # the decomposition gets at least this share of the time limit, past the deadline if need
 # be: at 5000 EVs the layout, the fallback and the LP's arrays leave it 0-0.25 s of a 1 s
 # replan, one or two answers and no point to plan from, and the plan is then the fallback
@@ -97,6 +107,12 @@ GUIDED_S_PER_CELL = 4e-6
 DECOMPOSE_MIN_SHARE = 0.4
 # the last plan keeps a limit of the next problem within this (W): rounding, not a new limit
 LIMIT_FIT_W = 1.0
+# a cold LP (no basis to start from) takes about COLD_LP_S x cells ** COLD_LP_POWER seconds
+# (dual simplex on the bench's car park with live milestones, 2-core machine at load 3-8:
+# 0.9 s at 1000 EVs, 26k storage-PTUs; 3.6 s at 2000; 7-11 s at 5000, 129k): when that is
+# more than the time there is, the bound and the plan come from the EVs' own problems first
+COLD_LP_S = 2.8e-8
+COLD_LP_POWER = 1.7
 
 
 def _gap(objective: float, bound: float | None) -> float | None:
@@ -330,12 +346,22 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         # anytime plan (the fallback, polished) needs
         lp_memory = memory.lp if memory is not None else None
         beside = memory is not None and not memory.lp_solved
-        if memory is not None and cells >= NUMPY_FALLBACK_CELLS and ev_only(lay) \
-                and (beside or not memory.last_plan_fits(lay)):
+        # a plan without memory (no replans to follow) whose LP cannot finish in time: at
+        # 5000 EVs on the bench's mixed site it left the asset-at-a-time fallback, 99.5 %
+        # above the bound, after 13-95 s. (A site's first replan still runs its LP: the
+        # basis it leaves, solved or not, is where the next replans go on from; without it
+        # the bench's timed replans at 1000 EVs were 0.45 % above their bound, not 0.05 %)
+        cold = memory is None and cells >= NUMPY_FALLBACK_CELLS \
+            and COLD_LP_S * cells ** COLD_LP_POWER > time_limit_s - after_lp_s
+        if cold:
+            memory = PlanMemory()  # for this plan only: the decomposition keeps its prices
+        if memory is not None and cells >= NUMPY_FALLBACK_CELLS and (
+                cold or (ev_only(lay) and (beside or not memory.last_plan_fits(lay)))):
             # the LP will likely not finish (the last did not, or a new limit moved the
             # optimum far): first what needs no LP, the fallback's rule in numpy, a bound from
             # the EVs' own problems and a plan from its master's point (least laxity first);
-            # the LP gets what is left only when that plan is not good enough
+            # the LP gets what is left only when that plan is not good enough (on a site
+            # with other flexible assets there is no numpy fallback: None)
             rules = deadline_first(lay)
             built = BuiltLp.of(lay)
             decomposed = _decompose(lay, built, memory, max(
@@ -343,7 +369,8 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                 time.perf_counter() + DECOMPOSE_MIN_SHARE * time_limit_s), point=True)
             beside = False  # the fallback is made
             if decomposed is not None:
-                guided = _guided(lay, built.index, decomposed)
+                guided = _guided(lay, built.index, decomposed, gap_tol,
+                                 deadline - AFTER_LP_S - CHECK_S_PER_CELL * cells)
                 guided_good = guided is not None \
                     and _within_tolerance(guided[0], decomposed.bound_eur, gap_tol)
         # only when it fits twice over: beside the LP it takes the LP a third of its
@@ -364,7 +391,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                               None, index=built.index if built is not None else None)
             elif decomposed is not None and lp_s < MIN_LP_S:
                 # no time for it (at 5000 EVs on a busy machine): not even built for HiGHS
-                lp = LpResult("not run: no time left after the fallback and the bound", None,
+                lp = LpResult("not run: no time left after the bound", None,
                               None, index=built.index if built is not None else None)
             else:
                 lp = solve_lp(lay, time_limit_s=max(lp_s, 0.01), memory=lp_memory, built=built,
@@ -403,13 +430,17 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                          else f"LP relaxation not solved ({lp.status})")
             if not guided_good:
                 log.warning("LP relaxation not solved (%s)", lp.status)
-            if decomposed is None and memory is not None and ev_only(lay):
+            if decomposed is None and ((memory is not None and ev_only(lay))
+                                       or cells >= NUMPY_FALLBACK_CELLS):
                 # (a cold start) the bound from the EVs' own problems: late already, it gets
-                # a quarter of the time limit past the deadline at most
-                decomposed = _decompose(lay, None, memory,
+                # a quarter of the time limit past the deadline at most (on any large site,
+                # with memory or without: the fallback there is an asset at a time, 6-8 s and
+                # 98-99 % above the bound on the bench's mixed site at 1000-5000 EVs)
+                decomposed = _decompose(lay, None, memory if memory is not None else PlanMemory(),
                                         max(deadline, time.perf_counter() + 0.25 * time_limit_s),
                                         point=True)
-                guided = _guided(lay, lp.index, decomposed)
+                guided = _guided(lay, lp.index, decomposed, gap_tol,
+                                 deadline - AFTER_LP_S - CHECK_S_PER_CELL * cells)
             if lp.dual_bound_eur is not None:
                 bound, bound_from = lp.dual_bound_eur, "prices"
                 notes.append("bound from row prices (Lagrangian), not the LP optimum")
@@ -452,8 +483,11 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             pattern = guided
         model = lp.model if lp is not None and lp.model is not None \
             else built.model if built is not None and pattern is guided else None
+        # (not the plan from the EVs' problems on other sites: on the bench's mixed site its
+        # polish was worse once snapped at 1000 EVs and did not finish in 14 s at 5000)
         if not good and pattern is not None and rules_polished is None \
                 and lp is not None and model is not None \
+                and (pattern is not guided or ev_only(lay)) \
                 and (bound is None or pattern[0].objective - bound
                      > 0.1 * _good_enough_eur(pattern[0], gap_tol)) \
                 and deadline - time.perf_counter() >= ANYTIME_S_PER_CELL * cells:
@@ -469,8 +503,10 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         # a fallback cut short at the deadline (assets left idle) is no plan to settle for
         # nor a plan from the EVs' problems not known to be good (a cold start's point after a
         # few price steps, the deadline past: it may be far worse than the fallback)
+        # (on a site with other flexible assets the fallback is an asset at a time, 8 s at
+        # 5000 EVs and 99 % above the bound: the plan from the EVs' problems is whole there)
         whole = len(scored) - (0 if rules is None or rules_whole else 1) \
-            - (1 if guided is not None and not guided_known else 0)
+            - (1 if guided is not None and not guided_known and ev_only(lay) else 0)
         last = memory.last_plan(lay) if memory is not None and not good and (
             not whole or deadline > time.perf_counter()) else None
         if last is not None:
@@ -478,9 +514,12 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                          round_and_repair(lay, last, earlier=True))
             whole += 1
         # the fallback costs about what the work after an LP does (0.4 s of CPU at 1000 EVs,
-        # more than a polish): only when there is that much time left, or nothing else
+        # more than a polish), an asset at a time (sites with more than EVs) far more: only
+        # when there is that much time left, or nothing else
+        fallback_s = after_lp_s if ev_only(lay) and cells >= NUMPY_FALLBACK_CELLS \
+            else max(after_lp_s, FALLBACK_S_PER_CELL * cells)
         if not good and (rules is None or not rules_whole) \
-                and (not whole or deadline - time.perf_counter() >= after_lp_s):
+                and (not whole or deadline - time.perf_counter() >= fallback_s):
             began = time.perf_counter()
             rules = deadline_first(lay) if cells >= NUMPY_FALLBACK_CELLS else None
             rules = fallback_dispatch(lay) if rules is None else rules
@@ -571,19 +610,36 @@ def _decompose(lay: Layout, built: BuiltLp | None, memory: PlanMemory, deadline:
     return found
 
 
-def _guided(lay: Layout, index: LpIndex | None, decomposed: DecomposedBound | None
+def _guided(lay: Layout, index: LpIndex | None, decomposed: DecomposedBound | None,
+            gap_tol: float = GAP_TOL, stop_at: float | None = None
             ) -> tuple[Evaluation, Dispatch] | None:
     """The plan from the decomposition's master point (`laxity.least_laxity_plan`), scored;
-    None when there is none (or making it failed: logged)."""
+    None when there is none (or making it failed: logged). On a site with other flexible
+    assets one not within `gap_tol` of the bound gets what is short refilled where the limits
+    leave room (`hint.refill`, started for no asset after `stop_at`), when that is better."""
     if index is None or decomposed is None:
         return None
     try:
         point = decomposed.dispatch(lay, index)
         plan = least_laxity_plan(lay, point) if point is not None else None
+        if plan is None:
+            return None
+        best = evaluate(lay, plan)
+        if not ev_only(lay) and not _within_tolerance(best, decomposed.bound_eur, gap_tol) \
+                and (stop_at is None or time.perf_counter() < stop_at):
+            # every target and milestone as far as the limits allow, the kW-max raised only
+            # in steps (the bench's mixed site: 1.6-2.5 -> 0.9-1.4 % above the bound at 1000
+            # EVs, 1.2-1.6 -> 1.1-1.3 % at 5000 in 0.8-1.2 s)
+            more = plan.copy()
+            refill(lay, more, by_price=True, peak_cap=best.peak_w + 0.5, allowed_wh=lay.tol_wh,
+                   stop_at=stop_at)
+            scored = evaluate(lay, more)
+            if scored.objective < best.objective:
+                plan, best = more, scored
     except Exception:
         log.exception("plan from the EVs' own problems failed")
         return None
-    return None if plan is None else (evaluate(lay, plan), plan)
+    return best, plan
 
 
 def _lp_beside_fallback(lay: Layout, deadline: float, after_lp_s: float, memory: PlanMemory
