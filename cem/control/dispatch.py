@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from s2python.common import RevokableObjects, RevokeObject
+from s2python.common import InstructionStatus, RevokableObjects, RevokeObject
 from s2python.frbc import FRBCInstruction
 
 from cem.flex.ptu import sid, uuid_int
@@ -51,6 +51,9 @@ from cem.ports import RmRegistry
 logger = logging.getLogger("cem.control")
 
 DONE_STATUSES = {"STARTED", "SUCCEEDED", "REJECTED", "ABORTED", "REVOKED"}
+# what was sent does not stand (the names, and s2-python's members: an enum's `value` is slow)
+VOID_STATUSES = frozenset({"REJECTED", "ABORTED", "REVOKED", InstructionStatus.REJECTED,
+                           InstructionStatus.ABORTED, InstructionStatus.REVOKED})
 # raises for now wait at most this long (wall seconds) for the cuts due with them to start
 BREAK_WAIT_S = 0.5
 
@@ -172,8 +175,16 @@ class Dispatcher:
         entry = self.registry.get(rm_id)
         if entry is None:
             return False
-        for s in self.sent.get(rm_id, []):
-            if not s.revoked and self._status(rm_id, s) in ("REJECTED", "ABORTED", "REVOKED"):
+        status_of = entry.state.instruction_status  # (read once: 5000 RMs a replan)
+        for s in self.sent.get(rm_id, ()):
+            if s.revoked:
+                continue
+            status = status_of(s.message_sid)
+            if status is None:
+                continue
+            if not isinstance(status, str):  # (s2-python's are str enums, in the set as such)
+                status = getattr(status, "value", status)
+            if status in VOID_STATUSES:
                 self.keys.pop(rm_id, None)
                 return False
         return True
