@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Callable, Coroutine, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -45,7 +44,7 @@ from typing import Any
 from s2python.common import InstructionStatus, RevokableObjects, RevokeObject
 from s2python.frbc import FRBCInstruction
 
-from cem.flex.ptu import sid, uuid_int
+from cem.flex.ptu import new_uuid, sid, uuid_int
 from cem.ports import RmRegistry
 
 logger = logging.getLogger("cem.control")
@@ -273,11 +272,12 @@ class Dispatcher:
         rising: set[str] = set()
         for number, rm in enumerate(rms, start=1):
             in_force = self.in_force(rm, now)  # once per RM: both judgements below read it
+            power = _Powers(self, rm, now)  # each message's power once: both ask for them
             instructions[rm], self.held[rm] = self._hold_raises(
-                rm, instructions.get(rm, []), now, in_force)
+                rm, instructions.get(rm, []), now, in_force, power)
             if not self.held[rm]:
                 del self.held[rm]
-            if self._rises(rm, instructions.get(rm, []), now, in_force):
+            if self._rises(rm, instructions.get(rm, []), now, in_force, power):
                 rising.add(rm)
             if number % DECIDE_PACE == 0:  # 1000 RMs take ~0.2 s: S2 sessions get turns
                 await asyncio.sleep(0)
@@ -307,22 +307,24 @@ class Dispatcher:
                 await asyncio.sleep(0.005)
 
     def _hold_raises(self, rm_id: str, messages: list[Any], now: datetime,
-                     in_force: dict[str, SentInstruction]) -> tuple[list[Any], list[datetime]]:
+                     in_force: dict[str, SentInstruction],
+                     power_of: Callable[[Any], float | None] | None = None,
+                     ) -> tuple[list[Any], list[datetime]]:
         """The messages to send now, and the times of the future raises held back.
 
         A future instruction is a raise when it asks for more power than the RM would run
         at by what is sent: a held raise leaves the power where it was, so what follows it
         is judged against that, and never goes up ahead of the control loop either."""
+        power_of = power_of or _Powers(self, rm_id, now)
         out: list[Any] = []
         held: list[datetime] = []
         previous: dict[str, float | None] = {}
         for message in sorted(messages, key=lambda m: m.execution_time):
-            power = self._power_w(rm_id, message, now)
+            power = power_of(message)
             key = channel(message)
             if key not in previous:
                 current = in_force.get(key)
-                previous[key] = self._power_w(rm_id, current.message, now) \
-                    if current is not None else 0.0
+                previous[key] = power_of(current.message) if current is not None else 0.0
             before = previous[key]
             if message.execution_time > now and power is not None and before is not None \
                     and power > before + 1.0:
@@ -333,15 +335,17 @@ class Dispatcher:
         return out, held
 
     def _rises(self, rm_id: str, messages: list[Any], now: datetime,
-               in_force: dict[str, SentInstruction]) -> bool:
+               in_force: dict[str, SentInstruction],
+               power_of: Callable[[Any], float | None] | None = None) -> bool:
         """Whether the RM's instructions for now ask for more power than the one in force."""
         due = [m for m in messages if m.execution_time <= now]
         if not due:
             return False
+        power_of = power_of or _Powers(self, rm_id, now)
         new = due[-1]
         current = in_force.get(channel(new))
-        new_w = self._power_w(rm_id, new, now)
-        old_w = self._power_w(rm_id, current.message, now) if current is not None else 0.0
+        new_w = power_of(new)
+        old_w = power_of(current.message) if current is not None else 0.0
         return new_w is not None and old_w is not None and new_w > old_w + 1.0
 
     def _power_w(self, rm_id: str, message: Any, now: datetime) -> float | None:
@@ -385,7 +389,7 @@ class Dispatcher:
         for index, old in enumerate(pending):
             if index in keep:
                 continue
-            revoke = RevokeObject(message_id=uuid.uuid4(),
+            revoke = RevokeObject(message_id=new_uuid(),
                                   object_type=RevokableObjects(old.message.message_type),
                                   object_id=old.message.id)
             result = await self.registry.send_instruction(rm_id, revoke)
@@ -423,6 +427,22 @@ class Dispatcher:
         keep_ids = {id(s) for s in self.pending(rm_id, now)}
         keep_ids |= {id(s) for s in self.in_force(rm_id, now).values()}
         self.sent[rm_id] = [s for s in self.sent.get(rm_id, []) if id(s) in keep_ids]
+
+
+class _Powers:
+    """`Dispatcher._power_w` of one RM's messages at one moment, each message asked once."""
+
+    def __init__(self, dispatcher: Dispatcher, rm_id: str, now: datetime) -> None:
+        self.dispatcher, self.rm_id, self.now = dispatcher, rm_id, now
+        self.known: dict[int, tuple[Any, float | None]] = {}  # id -> (message, power)
+
+    def __call__(self, message: Any) -> float | None:
+        known = self.known.get(id(message))
+        if known is not None and known[0] is message:
+            return known[1]
+        power = self.dispatcher._power_w(self.rm_id, message, self.now)
+        self.known[id(message)] = (message, power)
+        return power
 
 
 def _last_due(messages: list[Any], now: datetime) -> list[Any]:
