@@ -110,36 +110,21 @@ class ValidFromHistory(Generic[T]):
 
     def __init__(self) -> None:
         self._items: list[T] = []
-        # each item's valid_from as a POSIX timestamp: `in_force` is asked per RM several
-        # times a replan, and comparing s2-python's datetimes (pydantic's tzinfo) is slow
-        self._from: list[float] = []
-
-    def _keep(self, items: list[T]) -> None:
-        self._items = items
-        self._from = [i.valid_from.timestamp() for i in items]
 
     def add(self, item: T, now: datetime) -> None:
         """Keep ``item`` (a later one with the same valid_from replaces the earlier one)."""
-        items = [i for i in self._items if i.valid_from != item.valid_from]
-        items.append(item)
-        items.sort(key=lambda i: i.valid_from)
-        self._keep(items)
+        self._items = [i for i in self._items if i.valid_from != item.valid_from]
+        self._items.append(item)
+        self._items.sort(key=lambda i: i.valid_from)
         self.prune(now)
 
     def in_force(self, now: datetime) -> T | None:
         """The item with the latest valid_from <= now, or None."""
-        if now.tzinfo is None:  # (naive: as datetimes compare, if they do)
-            current = None
-            for item in self._items:
-                if item.valid_from <= now:
-                    current = item
-            return current
-        moment = now.timestamp()
-        starts = self._from
-        for k in range(len(starts) - 1, -1, -1):
-            if starts[k] <= moment:
-                return self._items[k]
-        return None
+        current = None
+        for item in self._items:
+            if item.valid_from <= now:
+                current = item
+        return current
 
     def upcoming(self, now: datetime) -> list[T]:
         """Items that come into force after ``now``, earliest first."""
@@ -160,12 +145,12 @@ class ValidFromHistory(Generic[T]):
         """Forget versions superseded by the one in force at ``now``."""
         current = self.in_force(now)
         if current is not None:
-            self._keep([i for i in self._items if i.valid_from >= current.valid_from])
+            self._items = [i for i in self._items if i.valid_from >= current.valid_from]
 
     def drop(self, object_id: Any) -> bool:
         """Remove the version whose message_id is ``object_id``; True if there was one."""
         before = len(self._items)
-        self._keep([i for i in self._items if sid(i.message_id) != sid(object_id)])
+        self._items = [i for i in self._items if sid(i.message_id) != sid(object_id)]
         return len(self._items) != before
 
     def versions(self, now: datetime) -> list[T]:
