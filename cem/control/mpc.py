@@ -638,7 +638,8 @@ class SiteController:
             except Exception:
                 logger.exception("reading the finished EV visits failed")
         names = {rm_id: str(getattr(entry, "name", None) or rm_id) for rm_id, entry in rms.items()}
-        closed = learning.observe(problem, mapping.rm_assets, states, names, now)
+        closed = learning.observe(problem, mapping.rm_assets, states, names, now,
+                                  mapping.bindings)
         await learning.record(closed)
         learning.apply(problem, mapping.rm_assets)
         if self.config.planner.commit_started_charging:
