@@ -150,8 +150,10 @@ class Dispatcher:
         # raises, not sent ahead) are due
         self.planned: dict[str, list[Any]] = {}
         self.held: dict[str, list[datetime]] = {}
-        # per RM: the key of what its last dispatch was made of, while it took all of it
+        # per RM: the key of what its last dispatch was made of, while it took all of it, and
+        # that key once the RM has carried out what was due (`site_problem.settled_keys`)
         self.keys: dict[str, Hashable] = {}
+        self.settled: dict[str, Hashable] = {}
         self._seq = 0
 
     def forget(self, rm_id: str) -> None:
@@ -159,17 +161,19 @@ class Dispatcher:
         self.sent.pop(rm_id, None)
         self.planned.pop(rm_id, None)
         self.held.pop(rm_id, None)
-        self.keys.pop(rm_id, None)
+        self.forget_key(rm_id)
 
     def forget_key(self, rm_id: str) -> None:
         """What the RM was sent no longer stands as sent (it refused or aborted an
         instruction): the next plan builds and dispatches its instructions again."""
         self.keys.pop(rm_id, None)
+        self.settled.pop(rm_id, None)
 
     def unchanged(self, rm_id: str, key: Hashable | None) -> bool:
         """Whether the RM's last dispatch was made of `key` and still stands: it took all of
-        it and refused, aborted or revoked none of it since."""
-        if key is None or self.keys.get(rm_id) != key:
+        it and refused, aborted or revoked none of it since (or `key` is that key once the RM
+        carried out what was due: it took the instructions for now)."""
+        if key is None or (self.keys.get(rm_id) != key and self.settled.get(rm_id) != key):
             return False
         entry = self.registry.get(rm_id)
         if entry is None:
@@ -184,7 +188,7 @@ class Dispatcher:
             if not isinstance(status, str):  # (s2-python's are str enums, in the set as such)
                 status = getattr(status, "value", status)
             if status in VOID_STATUSES:
-                self.keys.pop(rm_id, None)
+                self.forget_key(rm_id)
                 return False
         return True
 
@@ -205,7 +209,7 @@ class Dispatcher:
         that idled without an EV runs on its default profile once one arrives), so the next plan
         sends the instruction for now again instead of keeping it as unchanged."""
         self.sent[rm_id] = [s for s in self.sent.get(rm_id, []) if s.execution_time > now]
-        self.keys.pop(rm_id, None)
+        self.forget_key(rm_id)
 
     def _status(self, rm_id: str, instruction: SentInstruction) -> str | None:
         entry = self.registry.get(rm_id)
@@ -245,11 +249,13 @@ class Dispatcher:
 
     async def dispatch(self, instructions: dict[str, list[Any]], now: datetime, *,
                        plan_id: int | None = None, replace_all_of: set[str] | None = None,
-                       keys: Mapping[str, Hashable | None] | None = None) -> DispatchReport:
+                       keys: Mapping[str, Hashable | None] | None = None,
+                       settled: Mapping[str, Hashable] | None = None) -> DispatchReport:
         """Bring every RM in `instructions` (and `replace_all_of`) to the new set.
 
         `keys`: per RM, what its instructions were made of, kept for `unchanged` when the RM
-        takes them all (an RM dispatched without a key loses the one it had).
+        takes them all (an RM dispatched without a key loses the one it had); `settled`: the
+        same once the RM has carried out what was due, kept with it.
 
         With a clock, what is due is judged at the time of sending: of the instructions of
         one channel whose time has come by then only the last is sent (the earlier ones
@@ -259,7 +265,7 @@ class Dispatcher:
         report = DispatchReport()
         rms = set(instructions) | (replace_all_of or set())
         for rm in rms:
-            self.keys.pop(rm, None)
+            self.forget_key(rm)
         instructions = {rm: list(instructions.get(rm, [])) for rm in rms}  # the caller's stay
         for rm in rms:
             self.planned[rm] = list(instructions[rm])
@@ -296,6 +302,9 @@ class Dispatcher:
             key = keys.get(rm) if keys is not None else None
             if key is not None:
                 self.keys[rm] = key
+                after = settled.get(rm) if settled is not None else None
+                if after is not None and after != key:
+                    self.settled[rm] = after
         return report
 
     async def _until_started(self, sent: list[tuple[str, SentInstruction]]) -> None:

@@ -263,6 +263,24 @@ class FrbcBinding:
             self._key_made = True
         return self._key
 
+    def settled_key(self, messages: list[Any], now: datetime) -> tuple[Any, ...] | None:
+        """`instruction_key` as it will be once the RM carries out `messages` due by `now`
+        (this binding's instructions): each actuator in the mode its last one asks for.
+
+        The RM reports that (STARTED, or an actuator status), and the next binding has those
+        modes active; with the same plan rows its instructions are then the same as these (the
+        mode chosen now is preferred as the active one), so nothing need be built again."""
+        own = self.instruction_key()
+        if own is None:
+            return None
+        modes = dict(self.active_modes)
+        for message in sorted(messages, key=lambda m: m.execution_time):
+            if message.execution_time <= now and getattr(message, "actuator_id", None) is not None:
+                modes[sid(message.actuator_id)] = sid(message.operation_mode)
+        if modes == self.active_modes:
+            return own
+        return (own[0], tuple(sorted(modes.items())), *own[2:])
+
     def capped_instructions(self, cap_w: float, now: datetime) -> list[FRBCInstruction]:
         """Instructions that hold this storage at or below `cap_w` from now (or as soon as a
         running timer allows)."""

@@ -225,6 +225,29 @@ def instruction_keys(plan: Plan, problem: Problem, mapping: SiteMapping,
     return keys
 
 
+def settled_keys(keys: Mapping[str, Hashable | None], instructions: Mapping[str, list[Any]],
+                 mapping: SiteMapping, now: datetime) -> dict[str, Hashable]:
+    """Per RM in `instructions` with a key: its key once it has carried out its instructions
+    due by `now` (each binding's `settled_key`; an RM takes what it is told, which makes that
+    its state). A later plan giving it this key gives it the same instructions again."""
+    out: dict[str, Hashable] = {}
+    for rm_id, messages in instructions.items():
+        key = keys.get(rm_id)
+        if not isinstance(key, tuple):
+            continue
+        rows = []
+        for row in key[2:]:
+            binding = mapping.bindings.get(row[0])
+            settle = getattr(binding, "settled_key", None)
+            own = settle(messages, now) if settle is not None else row[1]
+            if own is None:
+                break
+            rows.append((row[0], own, *row[2:]))
+        else:
+            out[rm_id] = (*key[:2], *rows)
+    return out
+
+
 def _row_bytes(row: Any, until: int) -> bytes:
     """The bytes of a plan row's PTUs [0, until)."""
     if type(row) is not np.ndarray:
