@@ -269,10 +269,11 @@ class FrbcBinding:
 
         The RM reports that (STARTED, or an actuator status), and the next binding has those
         modes active; with the same plan rows its instructions are then the same as these (the
-        mode chosen now is preferred as the active one), so nothing need be built again."""
+        mode chosen now is preferred as the active one), so nothing need be built again. None
+        for an RM with timers (the move now would have started one)."""
         own = self.instruction_key()
-        if own is None:
-            return None
+        if own is None or any(rule.durations for rule in self.rules.values()):
+            return None  # (a move that starts a timer: the instructions after it read the timer)
         modes = dict(self.active_modes)
         for message in sorted(messages, key=lambda m: m.execution_time):
             if message.execution_time <= now and getattr(message, "actuator_id", None) is not None:
