@@ -15,7 +15,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from s2python.common import CommodityQuantity, Duration, NumberRange, Role, RoleType
+from s2python.common import (
+    CommodityQuantity,
+    Duration,
+    InstructionStatus,
+    InstructionStatusUpdate,
+    NumberRange,
+    Role,
+    RoleType,
+)
 from s2python.connection.asset_details import AssetDetails
 from s2python.frbc import (
     FRBCActuatorDescription,
@@ -172,6 +180,34 @@ async def test_a_replan_sends_only_to_the_rms_whose_instructions_change(
     await controller.replan(["a PTU timer"])
     await asyncio.sleep(0.3)
     assert [len(c.received) for c in controls] == after
+
+
+async def test_an_rm_that_carried_out_its_new_instruction_is_not_planned_for_again(
+        site: tuple[S2Server, SiteController, list[S2ResourceManager], list[EvControl]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An RM that reports it STARTED its new instruction has that mode active at the next
+    replan; with nothing else new, that replan builds none of its instructions again (the
+    dispatcher knows the key it settles on), and sends it nothing."""
+    _server, controller, rms, controls = site
+    caplog.set_level(logging.INFO, logger="cem.control")
+    await controller.replan(["the CEM started"])
+    status = await rms[0].send(target(30))  # EV 0 need not charge now: a new instruction
+    assert status is not None and status.status.value == "OK"
+    before = [len(c.received) for c in controls]
+    await controller.replan(["RM EV charger 0 sent a new target"])
+    await asyncio.sleep(0.3)
+    assert len(controls[0].received) > before[0]
+    for charger, control in zip(rms, controls, strict=True):  # each EV does what it was told
+        for instruction in control.received:
+            status = await charger.send(InstructionStatusUpdate(
+                message_id=uuid.uuid4(), instruction_id=instruction.id,
+                status_type=InstructionStatus.STARTED, timestamp=datetime.now(UTC)))
+            assert status is not None and status.status.value == "OK"
+    after = [len(c.received) for c in controls]
+    await controller.replan(["a PTU timer"])
+    await asyncio.sleep(0.3)
+    assert [len(c.received) for c in controls] == after
+    assert f"{EVS} RM(s) as before" in caplog.records[-1].getMessage()
 
 
 async def test_a_replan_plans_on_what_an_rm_said_last(

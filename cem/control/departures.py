@@ -58,9 +58,10 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from s2python.common import ControlType
 
@@ -79,6 +80,7 @@ DEFAULTS = "needs from site defaults"  # the OCPP RM's label when neither EV nor
 # to this share of its maximum at 100 % SoC (a common shape for Li-ion cars; the twin's EVs
 # taper the same way, so the twin measures this with the curve right)
 TAPER_END_SHARE = 0.15
+T = TypeVar("T")
 
 
 @dataclass
@@ -127,10 +129,13 @@ def driver_of(state: Any, now: datetime) -> str | None:
     return match.group(1).strip() if match else None
 
 
-def plans_in_soc(state: Any, now: datetime) -> bool:
-    """The RM's fill level is the EV's SoC in % (its FRBC storage's fill-level label)."""
+def plans_in_soc(state: Any, now: datetime, description: Any = None) -> bool:
+    """The RM's fill level is the EV's SoC in % (its FRBC storage's fill-level label), from
+    `description` (the FRBC system description in force, when the caller has it) or the
+    RM's state."""
     try:
-        sd = state.of(ControlType.FILL_RATE_BASED_CONTROL).system_description(now)
+        sd = description if description is not None else \
+            state.of(ControlType.FILL_RATE_BASED_CONTROL).system_description(now)
         return str(sd.storage.fill_level_label or "").startswith("SoC")
     except Exception:  # not FRBC, or no description yet
         return False
@@ -198,6 +203,14 @@ class DepartureLearning:
         # chargers seen without an EV (or whose EV was seen leaving): their next EV's arrival is seen
         self.empty_seen: set[str] = set()
         self.unseen_arrivals = 0  # visits not learned from: the EV was there before the CEM saw it
+        # per RM, what the model said for its open visit and what it was asked: a replan asks
+        # for every EV's departures and energy, and the answer changes only when the visit or
+        # the model does (a quantile over a group of visits each: ~50 us, 5000 EVs a replan)
+        self._asked: dict[tuple[str, str], tuple[tuple[Any, ...], Any]] = {}
+        # per RM, what `observe` last took in of a charging EV: its open visit, the system
+        # description and the asset's numbers; the same again changes nothing (5000 EVs a
+        # replan, most of which said nothing new)
+        self._seen: dict[str, tuple[OpenVisit | None, Any, tuple[Any, ...]]] = {}
 
     async def load(self, now: datetime) -> None:
         """Learn from the visits the store kept."""
@@ -210,16 +223,28 @@ class DepartureLearning:
             logger.info("departure learning: %d earlier EV visits", len(rows))
 
     def observe(self, problem: Problem, rm_assets: dict[str, list[str]], states: dict[str, Any],
-                names: dict[str, str], now: datetime) -> list[Visit]:
-        """Open and close visits from the EV assets of a new problem; returns the closed ones."""
+                names: dict[str, str], now: datetime,
+                bindings: Mapping[str, Any] | None = None) -> list[Visit]:
+        """Open and close visits from the EV assets of a new problem; returns the closed ones.
+
+        `bindings` (asset id -> the binding it was built with, `SiteMapping.bindings`) give
+        each FRBC asset's system description without a look-up in the RM's state."""
         storage = {s.id: s for s in problem.storage}
+        bindings = bindings or {}
         closed: list[Visit] = []
         for rm_id, ids in rm_assets.items():
-            evs = [storage[a] for a in ids if a in storage and storage[a].kind == "ev"]
-            if not evs:
+            asset = next((storage[a] for a in ids if a in storage and storage[a].kind == "ev"),
+                         None)
+            if asset is None:
                 continue
-            asset = evs[0]
+            description = getattr(bindings.get(asset.id), "system_description", None)
             visit = self.open.get(rm_id)
+            seen = (asset.level_wh, asset.level_max_wh, asset.charge_max_w,
+                    asset.available_until, problem.start)
+            last = self._seen.get(rm_id)
+            if last is not None and last[0] is visit and last[1] is description \
+                    and last[2] == seen:
+                continue  # the same visit, description and numbers: nothing to take in
             if no_ev(asset, states.get(rm_id), now):
                 self.empty_seen.add(rm_id)
                 if visit is not None:
@@ -246,11 +271,14 @@ class DepartureLearning:
                                              None if defaults else need, level, scale,
                                              driver_of(states.get(rm_id), now),
                                              typed_latest=typed, defaults=defaults,
-                                             soc=plans_in_soc(states.get(rm_id), now),
+                                             soc=plans_in_soc(states.get(rm_id), now,
+                                                              description),
                                              arrival_seen=rm_id in self.empty_seen)
+                if description is not None:
+                    self._seen[rm_id] = (self.open[rm_id], description, seen)
                 continue
             if asset.charge_max_w > 0:
-                visit.soc = plans_in_soc(states.get(rm_id), now)
+                visit.soc = plans_in_soc(states.get(rm_id), now, description)
             if asset.charge_max_w > 0 and typed is not None:
                 visit.typed_latest = typed
             if asset.charge_max_w > 0 or scale > 0:
@@ -259,6 +287,8 @@ class DepartureLearning:
                 visit.level_wh = level
                 if asset.charge_max_w > 0:
                     visit.scale_wh = scale
+            if description is not None and asset.charge_max_w > 0:
+                self._seen[rm_id] = (visit, description, seen)
         for done in closed:
             self.model.add(done)
         return closed
@@ -282,6 +312,8 @@ class DepartureLearning:
         """Close an RM's open visit; one whose arrival the CEM saw goes to `closed`."""
         visit = self.open.pop(rm_id)
         self.safe.pop(rm_id, None)
+        self._asked.pop((rm_id, "energy"), None)
+        self._asked.pop((rm_id, "departures"), None)
         if not visit.arrival_seen:
             self.unseen_arrivals += 1
             return
@@ -329,7 +361,8 @@ class DepartureLearning:
             target = int(asset.target_wh)
             if visit.defaults:  # the RM's need is a default: plan what comparable EVs took
                 # (such an RM keeps its level in kWh charged this visit: energy one to one)
-                learned = self.model.energy(visit.evse, visit.arrival, visit.driver)
+                learned = self._ask(rm_id, "energy", self.model.energy, visit.evse,
+                                    visit.arrival, visit.driver)
                 if learned is not None and round(learned) > target:
                     target = min(round(learned), int(asset.level_max_wh))
                     self.by_learned_energy.add((rm_id, visit.arrival))
@@ -339,8 +372,8 @@ class DepartureLearning:
                                              int(asset.level_max_wh)))
             if target <= asset.level_wh:
                 continue
-            found = self.model.departures(visit.evse, visit.arrival, visit.typed_departure,
-                                          self.quantiles, visit.driver)
+            found = self._ask(rm_id, "departures", self.model.departures, visit.evse,
+                              visit.arrival, visit.typed_departure, self.quantiles, visit.driver)
             if not found:
                 self._front_load(asset, visit, target, problem.start, step)
                 continue
@@ -367,6 +400,18 @@ class DepartureLearning:
             count += bool(ours)
         self.planned += count
         return count
+
+    def _ask(self, rm_id: str, what: str, answer: Callable[..., T],
+             *args: Any) -> T:
+        """`answer(*args)` from the model, asked again only when the model learned a visit
+        since (or another model took its place) or the question is another one."""
+        question = (id(self.model), len(self.model.visits), *args)
+        asked = self._asked.get((rm_id, what))
+        if asked is not None and asked[0] == question:
+            return cast(T, asked[1])
+        found = answer(*args)
+        self._asked[(rm_id, what)] = (question, found)
+        return found
 
     def _front_load(self, asset: StorageAsset, visit: OpenVisit, target: int, start: datetime,
                     step: timedelta) -> None:

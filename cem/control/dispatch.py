@@ -36,21 +36,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Callable, Coroutine, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from s2python.common import RevokableObjects, RevokeObject
+from s2python.common import InstructionStatus, RevokableObjects, RevokeObject
 from s2python.frbc import FRBCInstruction
 
-from cem.flex.ptu import sid, uuid_int
+from cem.flex.ptu import new_uuid, sid, uuid_int
 from cem.ports import RmRegistry
 
 logger = logging.getLogger("cem.control")
 
 DONE_STATUSES = {"STARTED", "SUCCEEDED", "REJECTED", "ABORTED", "REVOKED"}
+# what was sent does not stand (the names, and s2-python's members: an enum's `value` is slow)
+VOID_STATUSES = frozenset({"REJECTED", "ABORTED", "REVOKED", InstructionStatus.REJECTED,
+                           InstructionStatus.ABORTED, InstructionStatus.REVOKED})
 # raises for now wait at most this long (wall seconds) for the cuts due with them to start
 BREAK_WAIT_S = 0.5
 
@@ -148,8 +150,10 @@ class Dispatcher:
         # raises, not sent ahead) are due
         self.planned: dict[str, list[Any]] = {}
         self.held: dict[str, list[datetime]] = {}
-        # per RM: the key of what its last dispatch was made of, while it took all of it
+        # per RM: the key of what its last dispatch was made of, while it took all of it, and
+        # that key once the RM has carried out what was due (`site_problem.settled_keys`)
         self.keys: dict[str, Hashable] = {}
+        self.settled: dict[str, Hashable] = {}
         self._seq = 0
 
     def forget(self, rm_id: str) -> None:
@@ -157,24 +161,34 @@ class Dispatcher:
         self.sent.pop(rm_id, None)
         self.planned.pop(rm_id, None)
         self.held.pop(rm_id, None)
-        self.keys.pop(rm_id, None)
+        self.forget_key(rm_id)
 
     def forget_key(self, rm_id: str) -> None:
         """What the RM was sent no longer stands as sent (it refused or aborted an
         instruction): the next plan builds and dispatches its instructions again."""
         self.keys.pop(rm_id, None)
+        self.settled.pop(rm_id, None)
 
     def unchanged(self, rm_id: str, key: Hashable | None) -> bool:
         """Whether the RM's last dispatch was made of `key` and still stands: it took all of
-        it and refused, aborted or revoked none of it since."""
-        if key is None or self.keys.get(rm_id) != key:
+        it and refused, aborted or revoked none of it since (or `key` is that key once the RM
+        carried out what was due: it took the instructions for now)."""
+        if key is None or (self.keys.get(rm_id) != key and self.settled.get(rm_id) != key):
             return False
         entry = self.registry.get(rm_id)
         if entry is None:
             return False
-        for s in self.sent.get(rm_id, []):
-            if not s.revoked and self._status(rm_id, s) in ("REJECTED", "ABORTED", "REVOKED"):
-                self.keys.pop(rm_id, None)
+        status_of = entry.state.instruction_status  # (read once: 5000 RMs a replan)
+        for s in self.sent.get(rm_id, ()):
+            if s.revoked:
+                continue
+            status = status_of(s.message_sid)
+            if status is None:
+                continue
+            if not isinstance(status, str):  # (s2-python's are str enums, in the set as such)
+                status = getattr(status, "value", status)
+            if status in VOID_STATUSES:
+                self.forget_key(rm_id)
                 return False
         return True
 
@@ -195,7 +209,7 @@ class Dispatcher:
         that idled without an EV runs on its default profile once one arrives), so the next plan
         sends the instruction for now again instead of keeping it as unchanged."""
         self.sent[rm_id] = [s for s in self.sent.get(rm_id, []) if s.execution_time > now]
-        self.keys.pop(rm_id, None)
+        self.forget_key(rm_id)
 
     def _status(self, rm_id: str, instruction: SentInstruction) -> str | None:
         entry = self.registry.get(rm_id)
@@ -235,11 +249,13 @@ class Dispatcher:
 
     async def dispatch(self, instructions: dict[str, list[Any]], now: datetime, *,
                        plan_id: int | None = None, replace_all_of: set[str] | None = None,
-                       keys: Mapping[str, Hashable | None] | None = None) -> DispatchReport:
+                       keys: Mapping[str, Hashable | None] | None = None,
+                       settled: Mapping[str, Hashable] | None = None) -> DispatchReport:
         """Bring every RM in `instructions` (and `replace_all_of`) to the new set.
 
         `keys`: per RM, what its instructions were made of, kept for `unchanged` when the RM
-        takes them all (an RM dispatched without a key loses the one it had).
+        takes them all (an RM dispatched without a key loses the one it had); `settled`: the
+        same once the RM has carried out what was due, kept with it.
 
         With a clock, what is due is judged at the time of sending: of the instructions of
         one channel whose time has come by then only the last is sent (the earlier ones
@@ -249,7 +265,7 @@ class Dispatcher:
         report = DispatchReport()
         rms = set(instructions) | (replace_all_of or set())
         for rm in rms:
-            self.keys.pop(rm, None)
+            self.forget_key(rm)
         instructions = {rm: list(instructions.get(rm, [])) for rm in rms}  # the caller's stay
         for rm in rms:
             self.planned[rm] = list(instructions[rm])
@@ -262,11 +278,12 @@ class Dispatcher:
         rising: set[str] = set()
         for number, rm in enumerate(rms, start=1):
             in_force = self.in_force(rm, now)  # once per RM: both judgements below read it
+            power = _Powers(self, rm, now)  # each message's power once: both ask for them
             instructions[rm], self.held[rm] = self._hold_raises(
-                rm, instructions.get(rm, []), now, in_force)
+                rm, instructions.get(rm, []), now, in_force, power)
             if not self.held[rm]:
                 del self.held[rm]
-            if self._rises(rm, instructions.get(rm, []), now, in_force):
+            if self._rises(rm, instructions.get(rm, []), now, in_force, power):
                 rising.add(rm)
             if number % DECIDE_PACE == 0:  # 1000 RMs take ~0.2 s: S2 sessions get turns
                 await asyncio.sleep(0)
@@ -285,6 +302,9 @@ class Dispatcher:
             key = keys.get(rm) if keys is not None else None
             if key is not None:
                 self.keys[rm] = key
+                after = settled.get(rm) if settled is not None else None
+                if after is not None and after != key:
+                    self.settled[rm] = after
         return report
 
     async def _until_started(self, sent: list[tuple[str, SentInstruction]]) -> None:
@@ -296,22 +316,24 @@ class Dispatcher:
                 await asyncio.sleep(0.005)
 
     def _hold_raises(self, rm_id: str, messages: list[Any], now: datetime,
-                     in_force: dict[str, SentInstruction]) -> tuple[list[Any], list[datetime]]:
+                     in_force: dict[str, SentInstruction],
+                     power_of: Callable[[Any], float | None] | None = None,
+                     ) -> tuple[list[Any], list[datetime]]:
         """The messages to send now, and the times of the future raises held back.
 
         A future instruction is a raise when it asks for more power than the RM would run
         at by what is sent: a held raise leaves the power where it was, so what follows it
         is judged against that, and never goes up ahead of the control loop either."""
+        power_of = power_of or _Powers(self, rm_id, now)
         out: list[Any] = []
         held: list[datetime] = []
         previous: dict[str, float | None] = {}
         for message in sorted(messages, key=lambda m: m.execution_time):
-            power = self._power_w(rm_id, message, now)
+            power = power_of(message)
             key = channel(message)
             if key not in previous:
                 current = in_force.get(key)
-                previous[key] = self._power_w(rm_id, current.message, now) \
-                    if current is not None else 0.0
+                previous[key] = power_of(current.message) if current is not None else 0.0
             before = previous[key]
             if message.execution_time > now and power is not None and before is not None \
                     and power > before + 1.0:
@@ -322,15 +344,17 @@ class Dispatcher:
         return out, held
 
     def _rises(self, rm_id: str, messages: list[Any], now: datetime,
-               in_force: dict[str, SentInstruction]) -> bool:
+               in_force: dict[str, SentInstruction],
+               power_of: Callable[[Any], float | None] | None = None) -> bool:
         """Whether the RM's instructions for now ask for more power than the one in force."""
         due = [m for m in messages if m.execution_time <= now]
         if not due:
             return False
+        power_of = power_of or _Powers(self, rm_id, now)
         new = due[-1]
         current = in_force.get(channel(new))
-        new_w = self._power_w(rm_id, new, now)
-        old_w = self._power_w(rm_id, current.message, now) if current is not None else 0.0
+        new_w = power_of(new)
+        old_w = power_of(current.message) if current is not None else 0.0
         return new_w is not None and old_w is not None and new_w > old_w + 1.0
 
     def _power_w(self, rm_id: str, message: Any, now: datetime) -> float | None:
@@ -374,7 +398,7 @@ class Dispatcher:
         for index, old in enumerate(pending):
             if index in keep:
                 continue
-            revoke = RevokeObject(message_id=uuid.uuid4(),
+            revoke = RevokeObject(message_id=new_uuid(),
                                   object_type=RevokableObjects(old.message.message_type),
                                   object_id=old.message.id)
             result = await self.registry.send_instruction(rm_id, revoke)
@@ -412,6 +436,22 @@ class Dispatcher:
         keep_ids = {id(s) for s in self.pending(rm_id, now)}
         keep_ids |= {id(s) for s in self.in_force(rm_id, now).values()}
         self.sent[rm_id] = [s for s in self.sent.get(rm_id, []) if id(s) in keep_ids]
+
+
+class _Powers:
+    """`Dispatcher._power_w` of one RM's messages at one moment, each message asked once."""
+
+    def __init__(self, dispatcher: Dispatcher, rm_id: str, now: datetime) -> None:
+        self.dispatcher, self.rm_id, self.now = dispatcher, rm_id, now
+        self.known: dict[int, tuple[Any, float | None]] = {}  # id -> (message, power)
+
+    def __call__(self, message: Any) -> float | None:
+        known = self.known.get(id(message))
+        if known is not None and known[0] is message:
+            return known[1]
+        power = self.dispatcher._power_w(self.rm_id, message, self.now)
+        self.known[id(message)] = (message, power)
+        return power
 
 
 def _last_due(messages: list[Any], now: datetime) -> list[Any]:

@@ -64,6 +64,7 @@ from cem.flex.site_problem import (
     instructions_for_plan,
     live_limits,
     measured_w,
+    settled_keys,
 )
 from cem.planner.assets import Plan, Prices, Problem, SiteLimits
 from cem.planner.layout import ptu_hours
@@ -602,7 +603,8 @@ class SiteController:
         controlled = ({b.rm_id for b in mapping.bindings.values()} & set(rms)) - unchanged
         report = await self.dispatcher.dispatch(
             {rm: msgs for rm, msgs in instructions.items() if rm in rms}, max(now, sent_at),
-            plan_id=plan_id, replace_all_of=controlled, keys=keys)
+            plan_id=plan_id, replace_all_of=controlled, keys=keys,
+            settled=settled_keys(keys, instructions, mapping, max(now, sent_at)))
         report.unchanged_rms = len(unchanged)
         self._log_plan(reasons, mapping, plan, report, time.monotonic() - began)
         self.replans += 1
@@ -638,7 +640,8 @@ class SiteController:
             except Exception:
                 logger.exception("reading the finished EV visits failed")
         names = {rm_id: str(getattr(entry, "name", None) or rm_id) for rm_id, entry in rms.items()}
-        closed = learning.observe(problem, mapping.rm_assets, states, names, now)
+        closed = learning.observe(problem, mapping.rm_assets, states, names, now,
+                                  mapping.bindings)
         await learning.record(closed)
         learning.apply(problem, mapping.rm_assets)
         if self.config.planner.commit_started_charging:

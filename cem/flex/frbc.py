@@ -137,6 +137,10 @@ class FrbcBinding:
     _ranges_at: dict[float | None, tuple[dict[str, list[ModeRange]], dict[str, float],
                                          dict[str, float]]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
+    # `instruction_key`, made once: a binding is not changed once made (a
+    # new active mode makes a new one), and every replan asks each RM's for it
+    _key: Any = field(default=None, init=False, repr=False, compare=False)
+    _key_made: bool = field(default=False, init=False, repr=False, compare=False)
 
     # -- plan -> instructions -------------------------------------------------------------
 
@@ -252,10 +256,31 @@ class FrbcBinding:
         description, the active modes and (`instructions_read_levels`) the fill level. Equal
         keys and equal plan rows give equal instructions within a PTU; None while a timer
         runs (then the time itself matters)."""
-        if any(rule.running for rule in self.rules.values()):
-            return None
-        return (sid(self.system_description.message_id), tuple(sorted(self.active_modes.items())),
+        if not self._key_made:
+            self._key = None if any(rule.running for rule in self.rules.values()) else (
+                sid(self.system_description.message_id), tuple(sorted(self.active_modes.items())),
                 self.fill_level if self.instructions_read_levels else None)
+            self._key_made = True
+        return self._key
+
+    def settled_key(self, messages: list[Any], now: datetime) -> tuple[Any, ...] | None:
+        """`instruction_key` as it will be once the RM carries out `messages` due by `now`
+        (this binding's instructions): each actuator in the mode its last one asks for.
+
+        The RM reports that (STARTED, or an actuator status), and the next binding has those
+        modes active; with the same plan rows its instructions are then the same as these (the
+        mode chosen now is preferred as the active one), so nothing need be built again. None
+        for an RM with timers (the move now would have started one)."""
+        own = self.instruction_key()
+        if own is None or any(rule.durations for rule in self.rules.values()):
+            return None  # (a move that starts a timer: the instructions after it read the timer)
+        modes = dict(self.active_modes)
+        for message in sorted(messages, key=lambda m: m.execution_time):
+            if message.execution_time <= now and getattr(message, "actuator_id", None) is not None:
+                modes[sid(message.actuator_id)] = sid(message.operation_mode)
+        if modes == self.active_modes:
+            return own
+        return (own[0], tuple(sorted(modes.items())), *own[2:])
 
     def capped_instructions(self, cap_w: float, now: datetime) -> list[FRBCInstruction]:
         """Instructions that hold this storage at or below `cap_w` from now (or as soon as a

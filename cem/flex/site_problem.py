@@ -198,25 +198,61 @@ def instruction_keys(plan: Plan, problem: Problem, mapping: SiteMapping,
     binding without `instruction_key`, or one that depends on the time itself)."""
     keys: dict[str, Hashable | None] = {}
     parts: dict[str, list[Hashable]] = {}
+    power_w, level_wh = plan.power_w, plan.level_wh
     for asset_id, binding in mapping.bindings.items():
         rm_id = binding.rm_id
         if rm_id in keys:
             continue  # already unknown
         key_of = getattr(binding, "instruction_key", None)
-        own = key_of() if callable(key_of) else None
+        own = key_of() if key_of is not None else None
         if own is None:
             keys[rm_id] = None
             parts.pop(rm_id, None)
             continue
-        power = plan.power_w.get(asset_id)
-        level = plan.level_wh.get(asset_id) \
+        power = power_w.get(asset_id)
+        level = level_wh.get(asset_id) \
             if getattr(binding, "instructions_read_levels", True) else None
-        parts.setdefault(rm_id, []).append((
-            asset_id, own, None if power is None else np.asarray(power[:until_ptu]).tobytes(),
-            None if level is None else np.asarray(level[:until_ptu]).tobytes()))
+        row = (asset_id, own, None if power is None else _row_bytes(power, until_ptu),
+               None if level is None else _row_bytes(level, until_ptu))
+        rows = parts.get(rm_id)
+        if rows is None:
+            parts[rm_id] = [row]
+        else:
+            rows.append(row)
+    head = (problem.start, until_ptu)
     for rm_id, rows in parts.items():
-        keys[rm_id] = (problem.start, until_ptu, tuple(rows))
+        keys[rm_id] = (*head, *rows)
     return keys
+
+
+def settled_keys(keys: Mapping[str, Hashable | None], instructions: Mapping[str, list[Any]],
+                 mapping: SiteMapping, now: datetime) -> dict[str, Hashable]:
+    """Per RM in `instructions` with a key: its key once it has carried out its instructions
+    due by `now` (each binding's `settled_key`; an RM takes what it is told, which makes that
+    its state). A later plan giving it this key gives it the same instructions again."""
+    out: dict[str, Hashable] = {}
+    for rm_id, messages in instructions.items():
+        key = keys.get(rm_id)
+        if not isinstance(key, tuple):
+            continue
+        rows = []
+        for row in key[2:]:
+            binding = mapping.bindings.get(row[0])
+            settle = getattr(binding, "settled_key", None)
+            own = settle(messages, now) if settle is not None else row[1]
+            if own is None:
+                break
+            rows.append((row[0], own, *row[2:]))
+        else:
+            out[rm_id] = (*key[:2], *rows)
+    return out
+
+
+def _row_bytes(row: Any, until: int) -> bytes:
+    """The bytes of a plan row's PTUs [0, until)."""
+    if type(row) is not np.ndarray:
+        row = np.asarray(row)
+    return row[:until].tobytes()
 
 
 def storage_by_id(problem: Problem) -> dict[str, StorageAsset]:
