@@ -191,7 +191,7 @@ def test_the_numpy_fallback_is_the_fallbacks_plan_and_keeps_every_limit(
 def test_after_an_unsolved_lp_the_plan_is_within_1pct_of_a_bound_from_the_evs_problems() -> None:
     """A replan after one whose LP was not solved, with too little time for the LP: the
     plan keeps every limit and is within 1 % of its bound, which comes from the EVs' own
-    problems and is not above the LP optimum."""
+    problems (or the LP, if it still finished) and is not above the LP optimum."""
     first = site(evs=240)
     planner = SitePlanner()
     plan = planner(first, time_limit_s=30.0, use_cpsat=False)
@@ -204,5 +204,8 @@ def test_after_an_unsolved_lp_the_plan_is_within_1pct_of_a_bound_from_the_evs_pr
     exact = solve_lp(build_layout(nxt)).bound_eur
     assert exact is not None and again.lp_bound_eur is not None and again.gap is not None
     assert again.lp_bound_eur <= exact + 1e-6 * exact
-    assert any("bound from the EVs' own problems" in note for note in again.notes)
+    # the bound is from the EVs' own problems, unless the LP still got solved in what the
+    # decomposition left of the 0.3 s (a quiet machine): then it is the LP's own optimum
+    assert again.lp_solved or any("bound from the EVs' own problems" in note
+                                  for note in again.notes), again.notes
     assert again.gap <= 0.01
