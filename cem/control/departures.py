@@ -14,10 +14,10 @@ seen closes the old visit too. An RM that is not connected keeps its visit open.
 
 Only an arrival the CEM saw is one: the charger's RM described it without an EV first (in a
 system description the CEM received, `described`, also before its first plan after a start,
-or in a plan), or the CEM saw the EV before leave. An EV already at its charger when its RM
+or in a plan), or the CEM saw the previous EV leave. An EV already at its charger when its RM
 first described it (a CEM started or restarted beside parked EVs, a charger that connects, or
-reconnects, with an EV plugged in) came at a time nobody knows. Its visit is planned to its typed and learned
-departures as any other, but it gets no front-load floor (that would rush every parked EV at
+reconnects, with an EV plugged in) came at a time nobody knows. Its visit is planned to its
+typed and learned departures as any other, but it gets no front-load floor (that would rush every parked EV at
 the value of a kWh after a restart) and, once it ends, it is not learned from (its stay would
 be the time since the restart).
 
