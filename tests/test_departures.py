@@ -4,6 +4,7 @@ the planner's safe-departure milestone priced at the value of an undelivered kWh
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -416,3 +417,75 @@ def test_departures_can_be_learned_per_typed_stay_within_the_arrival_hour() -> N
     assert pooled is not None and pooled.at == typed and pooled.basis == "arrival hour"
     assert split is not None and split.at == MONDAY_8 + timedelta(hours=5)
     assert split.basis == "arrival hour and typed stay" and split.visits == 10
+
+
+async def test_an_ev_that_plugs_in_before_the_cems_first_plan_is_an_arrival_it_saw(
+        tmp_path: Path) -> None:
+    """The CEM starts; two OCPP charger RMs connect. One describes its charger empty, and an EV
+    plugs in there before the CEM's first plan: the CEM saw that arrival (it gets the front-load
+    floor, and its visit is learned from). The other connects with its EV already plugged in,
+    and one reconnects with an EV after a lost session: nobody knows when those came."""
+    from s2python.common import ControlType
+    from test_control_loop import SYM, FakeRegistry, config, now
+
+    from cem.control.mpc import SiteController
+    from resource_managers.ocpp_charger import frbc
+
+    store = await Store.open(tmp_path / "cem.db")
+    registry = FakeRegistry()
+    queue = registry.subscribe()
+    controller = SiteController(config(ev_front_load_kwh=3), registry, store, solver=None)
+    ids = {rm: frbc.FrbcIds.for_resource(uuid.uuid5(uuid.NAMESPACE_URL, rm))
+           for rm in ("evse-1", "evse-2")}
+
+    async def pump() -> None:
+        while not queue.empty():
+            await controller.handle_event(queue.get_nowait())
+
+    def charger(rm: str, ev: bool) -> None:
+        at = now()
+        flex = frbc.EvseFlex(name=rm, online=True, has_session=ev, phases=3, phase="L1",
+                             min_current_a=6, max_current_a=16, need_kwh=10.0 if ev else None,
+                             departure=at + timedelta(hours=2) if ev else None)
+        registry.feed(rm, frbc.system_description(flex, ids[rm], at))
+        target = frbc.fill_level_target(flex, at)
+        if target is not None:
+            registry.feed(rm, target)
+        registry.feed(rm, frbc.storage_status(flex))
+
+    def connect(rm: str) -> None:
+        registry.connect(rm, f"EV charger {rm}", [ControlType.FILL_RATE_BASED_CONTROL], [SYM])
+
+    try:
+        connect("evse-1")
+        charger("evse-1", ev=False)  # as it connects: no EV
+        connect("evse-2")
+        await pump()
+        charger("evse-1", ev=True)  # an EV comes before the first plan
+        charger("evse-2", ev=True)  # an EV that was there when its charger connected
+        await pump()
+        first = now()
+        await controller.replan(["the first plan"])
+        assert controller.departures.front_loaded == 1  # evse-1's EV only
+        for rm in ids:
+            charger(rm, ev=False)  # both leave
+        await pump()
+        await controller.replan(["EVs left"])
+        # evse-1 again: its RM's session ends, and it comes back with an EV plugged in
+        registry.disconnect("evse-1")
+        await pump()
+        connect("evse-1")
+        charger("evse-1", ev=True)
+        await pump()
+        await controller.replan(["evse-1 is back"])
+        charger("evse-1", ev=False)
+        await pump()
+        await controller.replan(["the EV left"])
+        await store.flush()
+        visits = await store.ev_visits()
+        assert [v[0] for v in visits] == ["EV charger evse-1"]  # the store keeps ms
+        assert abs(visits[0][2] - first) < timedelta(seconds=1)
+        assert controller.departures.unseen_arrivals == 2
+    finally:
+        await controller.stop()
+        await store.close()

@@ -12,10 +12,12 @@ and the visit goes to the store (`Store.record_visits`) and to the model
 (`cem.site.departures.DepartureModel`). A new EV with a lower fill level than the last one
 seen closes the old visit too. An RM that is not connected keeps its visit open.
 
-Only an arrival the CEM saw is one: an EV already at its charger when the CEM first planned
-that charger (a CEM started or restarted beside parked EVs, a charger that connects with an EV
-plugged in) came at a time nobody knows. Its visit is planned to its typed and learned
-departures as any other, but it gets no front-load floor (that would rush every parked EV at
+Only an arrival the CEM saw is one: the charger's RM described it without an EV first (in a
+system description the CEM received, `described`, also before its first plan after a start,
+or in a plan), or the CEM saw the previous EV leave. An EV already at its charger when its RM
+first described it (a CEM started or restarted beside parked EVs, a charger that connects, or
+reconnects, with an EV plugged in) came at a time nobody knows. Its visit is planned to its
+typed and learned departures as any other, but it gets no front-load floor (that would rush every parked EV at
 the value of a kWh after a restart) and, once it ends, it is not learned from (its stay would
 be the time since the restart).
 
@@ -112,6 +114,19 @@ def no_ev(asset: StorageAsset, state: Any, now: datetime) -> bool:
         return float(sd.storage.fill_level_range.end_of_range) <= 0.0
     except Exception:  # not FRBC, or no description
         return asset.level_max_wh <= 0
+
+
+def describes_no_ev(state: Any, now: datetime) -> bool:
+    """The RM's FRBC system description in force describes no EV: an empty fill-level range
+    (0 .. 0) and no operation mode that draws power (False without an FRBC description)."""
+    try:
+        sd = state.of(ControlType.FILL_RATE_BASED_CONTROL).system_description(now)
+        if sd is None or float(sd.storage.fill_level_range.end_of_range) > 0:
+            return False
+        return not any(float(r.end_of_range) > 0 for a in sd.actuators
+                       for m in a.operation_modes for e in m.elements for r in e.power_ranges)
+    except Exception:  # not FRBC
+        return False
 
 
 def storage_label(state: Any, now: datetime) -> str:
@@ -211,6 +226,19 @@ class DepartureLearning:
         # description and the asset's numbers; the same again changes nothing (5000 EVs a
         # replan, most of which said nothing new)
         self._seen: dict[str, tuple[OpenVisit | None, Any, tuple[Any, ...]]] = {}
+
+    def described(self, rm_id: str, state: Any, now: datetime) -> None:
+        """An RM sent a system description: one that describes no EV makes the charger's next
+        EV an arrival the CEM saw, also one that plugs in before the CEM's next plan (the RMs
+        describe their chargers as they connect, before the first plan after a start)."""
+        if describes_no_ev(state, now):
+            self.empty_seen.add(rm_id)
+
+    def disconnected(self, rm_id: str) -> None:
+        """An RM's session ended: an EV that plugs in meanwhile comes at a time the CEM does not
+        see (an EV already on its charger keeps its open visit)."""
+        if rm_id not in self.open:
+            self.empty_seen.discard(rm_id)
 
     async def load(self, now: datetime) -> None:
         """Learn from the visits the store kept."""

@@ -327,6 +327,7 @@ class SiteController:
             rm_id = server_event.rm_id
             if rm_id is not None:
                 self.dispatcher.forget(rm_id)
+                self.departures.disconnected(rm_id)
                 self._deviating.discard(rm_id)
                 self.request_replan(f"RM {self._label(rm_id)} disconnected "
                                     f"({server_event.reason})")
@@ -341,6 +342,9 @@ class SiteController:
         elif isinstance(event, StateChanged):
             if event.kind == "system_description":
                 self.dispatcher.forget_in_force(rm_id, self.clock())
+                entry = self.registry.get(rm_id)
+                if entry is not None:
+                    self.departures.described(rm_id, entry.state, self.clock())
             if event.kind in REPLAN_KINDS:
                 self.request_replan(f"RM {self._label(rm_id)} {REPLAN_KINDS[event.kind]}")
             elif event.kind == "measurement":

@@ -579,6 +579,11 @@ class LiveControlLoop:
         self.queue = self.registry.subscribe()
         for device in [*self.evses.values(), self.meter, *([self.pv] if self.pv else [])]:
             self.registry.connect(device)
+        # as the live charger RM, each EVSE describes itself once its session is up (no EV
+        # yet): the CEM sees every charger empty before its first EV, also before its first plan
+        for evse in self.evses.values():
+            evse.tell(self.now)
+        self.loop.run_until_complete(self._pump())
         self.guard_actions = 0
         self.replans = 0
         self._closed = False
