@@ -207,20 +207,26 @@ def test_the_numpy_fallback_keeps_every_limit_and_is_at_most_a_rest_per_ev_short
 
 
 def test_after_an_unsolved_lp_the_plan_is_within_1pct_of_a_bound_from_the_evs_problems() -> None:
-    """A replan after one whose LP was not solved, with too little time for the LP: the
-    plan keeps every limit and is within 1 % of its bound, which comes from the EVs' own
-    problems and is not above the LP optimum."""
+    """A replan after one whose LP was not solved, with little time for the LP: the plan
+    keeps every limit and is within 1 % of its bound, which is not above the LP optimum and
+    comes from the EVs' own problems unless the LP was solved after all (a cold LP here
+    takes ~0.05 s: when the bound converges early, the 0.3 s leave it time on a quiet
+    machine; on a busy one it is not run)."""
     first = site(evs=240)
     planner = SitePlanner()
     plan = planner(first, time_limit_s=30.0, use_cpsat=False)
     charged = np.array([plan.power_w[a.id][0] for a in first.storage], dtype=float)
     nxt = a_ptu_later(first, charged)
     planner.memory.lp_solved = False
-    planner.memory.lp.forget()  # no basis to go on from: the LP cannot finish in 0.3 s
+    planner.memory.lp.forget()  # no basis to go on from
     again = planner(nxt, time_limit_s=0.3, use_cpsat=False)
     assert check_plan(nxt, again) == []
     exact = solve_lp(build_layout(nxt)).bound_eur
     assert exact is not None and again.lp_bound_eur is not None and again.gap is not None
     assert again.lp_bound_eur <= exact + 1e-6 * exact
-    assert any("bound from the EVs' own problems" in note for note in again.notes)
+    if again.lp_solved:
+        assert again.bound_from == "LP"
+    else:
+        assert again.bound_from == "EVs"
+        assert any("bound from the EVs' own problems" in note for note in again.notes)
     assert again.gap <= 0.01
