@@ -134,26 +134,37 @@ priority = 1
 
         db = sqlite3.connect(site.store.path)
 
-        def short_of(charger_id: str) -> int | None:
-            """Energy the latest plan leaves the named charger's EV short of, Wh."""
-            rows = db.execute("SELECT rm_id FROM rms WHERE name LIKE ?",
-                              (f"%{charger_id}/%",)).fetchall()
-            plan = db.execute("SELECT payload FROM plans WHERE payload LIKE '%shortfall%'"
-                              " ORDER BY plan_id DESC LIMIT 1").fetchone()
-            if not rows or plan is None:
+        def shortfalls() -> tuple[int, int] | None:
+            """What the latest plan leaves the staff EV and the VIP's EV short of (Wh), both
+            from that one plan; None before there is a plan for both chargers."""
+            ids = [db.execute("SELECT rm_id FROM rms WHERE name LIKE ?",
+                              (f"%{charger_id}/%",)).fetchone() for charger_id in ("CP-A", "CP-B")]
+            plan = db.execute("SELECT payload FROM plans ORDER BY plan_id DESC LIMIT 1").fetchone()
+            if None in ids or plan is None:
                 return None
             shortfall = json.loads(plan[0])["shortfall"]
-            return sum(s["energy_wh"] for k, s in shortfall.items() if k.startswith(rows[0][0]))
+            staff_wh, vip_wh = (sum(s["energy_wh"] for k, s in shortfall.items() if k.startswith(rm[0]))
+                                for rm in ids)
+            return staff_wh, vip_wh
 
-        def vip_served() -> bool:
-            return (short_of("CP-A") or 0) > 0 and short_of("CP-B") == 0
+        found: list[tuple[int, int]] = []
 
-        # the VIP gets its 30 kWh, all of it, once the CEM knows what its EV asks for (the card
-        # says 3 h, the EV then 4 h: a plan made between the two can leave it a few Wh short)
-        await wait_for(vip_served, within_s=30)
+        def competing() -> bool:
+            """Whether a plan in which the two EVs compete (the staff EV left short) is there."""
+            latest = shortfalls()
+            if latest is not None and latest[0] > 0:
+                found.append(latest)
+            return bool(found)
+
+        await wait_for(competing, within_s=30)
+        staff_short_wh, vip_short_wh = found[0]
         # the fuse (16 A, 11 kW) cannot give both 30 kWh in 4 h: the staff EV takes the shortfall
-        # (the VIP's 30 kWh take 2.8 h, whatever minute of its PTU the test starts in)
-        assert (short_of("CP-A") or 0) > 5000
+        # (the VIP's 30 kWh take 2.8 h, whatever minute of its PTU the test starts in) and the
+        # VIP gets its 30 kWh, but for what the planner's gap tolerance leaves: 70 Wh in a plan
+        # made with the card's 3 h before its EV said 4 h, 99 Wh with both known at once (when
+        # events come in one batch, no later plan follows within the test's time)
+        assert staff_short_wh > 5000
+        assert vip_short_wh <= 0.01 * 30_000, (staff_short_wh, vip_short_wh)
         db.close()
         limits = [c.limit_a(c.evses[1]) for c in (staff, vip)]
         assert sum(limits) <= 16.0 + 1e-6

@@ -5,8 +5,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
+from collections.abc import Callable
 
 from cem.app.service import tenure_long_lived
+
+
+async def within(seconds: float, condition: Callable[[], bool]) -> None:
+    """Wait until `condition()` holds, at most `seconds`."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while not condition():
+        assert loop.time() < end, "not within the time"
+        await asyncio.sleep(0.01)
 
 
 class _Session:
@@ -23,13 +33,13 @@ async def test_long_lived_objects_are_frozen_and_cycles_of_closed_sessions_recla
     gone = weakref.ref(session)
     try:
         task = asyncio.create_task(tenure_long_lived(stop, every_s=0.05, reclaim_every=4))
-        await asyncio.sleep(0.08)  # one round: the session, still alive, is frozen
-        assert gc.get_freeze_count() > 0
+        # one round: the session, still alive, is frozen (the rounds come later on a busy
+        # machine: waited for, not slept for)
+        await within(5.0, lambda: gc.get_freeze_count() > 0)
         del session  # the RM disconnects: only its cycle keeps it
         gc.collect()
         assert gone() is not None, "a frozen cycle is not collected by a normal collection"
-        await asyncio.sleep(0.2)  # the fourth round thaws and collects
-        assert gone() is None
+        await within(5.0, lambda: gone() is None)  # the fourth round thaws and collects
         stop.set()
         await asyncio.wait_for(task, 1)
     finally:
