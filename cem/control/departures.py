@@ -487,7 +487,9 @@ class DepartureLearning:
             return
         step = timedelta(minutes=problem.ptu_minutes)
         hours = ptu_hours(problem)
-        total, phase = floor_headroom_w(problem)
+        total_w, phase_w = floor_headroom_w(problem)
+        total: list[float] = total_w.tolist()  # plain floats: 5000 EVs a replan
+        phase: list[list[float]] = phase_w.tolist()
         floors.sort(key=lambda f: (f[1].arrival, f[0].id))
         for asset, visit, target in floors:
             if not visit.arrival_seen:
@@ -505,18 +507,17 @@ class DepartureLearning:
                 continue
             eta = max(float(asset.charge_efficiency), 1e-6)
             wanted = min(target, asset.level_wh + missing, asset.level_max_wh) - asset.level_wh
-            share = np.asarray(asset.phase_share, dtype=float)
-            share = share / share.sum() if share.sum() > 0 else np.full(3, 1 / 3)
-            on = share > 0
+            share = [float(x) for x in share_vector(asset.phase_share)]
             granted = 0.0  # Wh into the EV
             for t in range(max(asset.available_from, 0), min(ptu, problem.n_ptus)):
                 if granted >= wanted:
                     break
-                room = min(float(asset.charge_max_w), float(total[t]),
-                           float(np.min(phase[on, t] / share[on])))
+                room = min([float(asset.charge_max_w), total[t],
+                            *(phase[p][t] / share[p] for p in range(3) if share[p] > 0)])
                 w = max(0.0, min(room, (wanted - granted) / (eta * hours[t])))
                 total[t] -= w
-                phase[:, t] -= w * share
+                for p in range(3):
+                    phase[p][t] -= w * share[p]
                 granted += w * eta * hours[t]
             goal = int(asset.level_wh + min(granted, wanted))
             if goal <= asset.level_wh + 1:
