@@ -507,7 +507,8 @@ class DepartureLearning:
                 continue
             eta = max(float(asset.charge_efficiency), 1e-6)
             wanted = min(target, asset.level_wh + missing, asset.level_max_wh) - asset.level_wh
-            share = [float(x) for x in share_vector(asset.phase_share)]
+            shares = [max(float(x), 0.0) for x in asset.phase_share]
+            share = [x / sum(shares) for x in shares] if sum(shares) > 0 else [1 / 3] * 3
             granted = 0.0  # Wh into the EV
             for t in range(max(asset.available_from, 0), min(ptu, problem.n_ptus)):
                 if granted >= wanted:
