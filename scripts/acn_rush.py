@@ -54,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: --day {a.day!r} is not YYYY-MM-DD", file=sys.stderr)
         return 2
+    if a.history_days < 1:
+        print("error: --history-days must be at least 1", file=sys.stderr)
+        return 2
+    if not a.out.parent.is_dir():
+        print(f"error: no folder {a.out.parent} for --out", file=sys.stderr)
+        return 2
     first = day - timedelta(days=a.history_days)
     opener = gzip.open if source.suffix == ".gz" else open
     with opener(source, "rt", newline="") as f:
