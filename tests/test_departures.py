@@ -345,6 +345,40 @@ def test_every_arriving_ev_gets_its_first_kwh_within_the_front_load_window() -> 
     assert first_hour_kwh(got_it) < 0.5 and first_hour_kwh(late) < 0.5
 
 
+def test_in_a_rush_the_floors_ask_no_more_than_the_site_can_give_first_come_first_floored() -> None:
+    """20 EVs that arrived in the last 20 minutes on a site whose fuse (25 A, 17.25 kW) gives
+    about 17 kWh in their floors' hour: 5 kWh floors for all would ask 100 kWh, more than the
+    site has, and the plan would spread the hour over every EV. The floors ask what is there
+    (at most 17.25 kWh in all), the earliest arrivals first, and the plan gives the first
+    two their 5 kWh within their hour."""
+    from cem.control.departures import OpenVisit
+
+    learning = _learning_from_the_fixture(ev_front_load_kwh=5)
+    evs = []
+    for k in range(20):
+        rm = f"rm{k}"
+        arrival = MONDAY_8 - timedelta(minutes=20 - k)  # rm0 came first
+        learning.open[rm] = OpenVisit("A", arrival, MONDAY_8 + timedelta(hours=9), 13000.0,
+                                      0.0, 20000.0, typed_latest=MONDAY_8 + timedelta(hours=9))
+        evs.append(StorageAsset(id=f"ev{k}", kind="ev", charge_max_w=7360, charge_min_w=1380,
+                                level_wh=0, level_max_wh=20000, target_wh=13000,
+                                available_from=0, available_until=36))
+    problem = _one_ev_problem(np.full(40, 0.20), evs[0])
+    problem.storage = evs
+    learning.apply(problem, {f"rm{k}": [f"ev{k}"] for k in range(20)})
+    floors = {ev.id: [m for m in ev.target_profile if m[0] <= 4] for ev in evs}
+    asked = sum(m[1] for f in floors.values() for m in f)
+    assert 15000 <= asked <= 25 * 230 * 3 + 1  # what the fuse gives by 09:00, not 20 x 5 kWh
+    # rm0 and rm1 (07:40, 07:41; floors at 08:45) get their 5 kWh, rm2 what is left by then
+    assert [m[1] for m in floors["ev0"]] == [m[1] for m in floors["ev1"]] == [5000]
+    assert 0 < floors["ev2"][0][1] < 5000
+    assert floors["ev19"] == []  # the last arrival: nothing left in its hour
+    plan = plan_site(problem, time_limit_s=2.0, workers=1)
+    for k in range(2):
+        power = np.asarray(plan.power_w[f"ev{k}"], dtype=float)
+        assert float(power[:3].sum()) * 0.25 >= 5000 - 100  # its 5 kWh by its floor's PTU
+
+
 def test_an_ev_that_tells_no_need_and_still_takes_energy_is_asked_for_more() -> None:
     """An OCPP 1.6 EV (the charger's default need, 20 kWh) that has taken 21 kWh and still
     draws: comparable visits took 8 kWh, so without `ev_open_need_kwh` nothing more is asked

@@ -39,7 +39,11 @@ less stops drawing and is dropped from the next plan.
 Two floors per driver (round 5): every EV that wants energy is asked its first
 `planner.ev_front_load_kwh` within `planner.ev_front_load_minutes` of its arrival (a milestone
 at `ev_front_load_eur_per_kwh`, by default the value of a kWh): the driver who leaves before
-every learned quantile still gets that much. An EV that tells no need and still takes energy is
+every learned quantile still gets that much. The floors ask no more than the site can give by
+then (`floor_headroom_w`: import limit and fuse per phase after the base load), first come,
+first floored: in a morning rush the last arrivals get a smaller floor or none, where floors
+for all spread the first hour over every EV and the early leavers got less (ADR 0009 round 7,
+second part). An EV that tells no need and still takes energy is
 asked `planner.ev_open_need_kwh` more than it has (it is not full while it draws), at its
 departure milestones' prices.
 
@@ -65,10 +69,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
+import numpy as np
 from s2python.common import ControlType
 
 from cem.planner.assets import Plan, Problem, StorageAsset
-from cem.planner.layout import ptu_hours
+from cem.planner.layout import per_ptu, ptu_hours, share_vector
 from cem.site.config import SiteConfig
 from cem.site.departures import DepartureModel, SafeDeparture, Visit
 
@@ -178,6 +183,30 @@ def needs_from_defaults(state: Any, now: datetime) -> bool:
     """The RM says its departure and need are only its site defaults: the EV and the card told
     it nothing (an OCPP 1.6 EV reports neither SoC nor departure nor energy)."""
     return DEFAULTS in storage_label(state, now)
+
+
+def floor_headroom_w(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """What the site can give flexible loads per PTU, W: in all (the planned import limit) and
+    per phase (the planned fuse), after the fixed loads and with the forecast PV (on the fuse
+    at `fuse_production_credit`); never below 0."""
+    n = problem.n_ptus
+    lim = problem.limits
+    fixed = np.zeros(n)
+    fixed_phase = np.zeros((3, n))
+    for f in problem.fixed:
+        p = per_ptu(f.power_w, n)
+        fixed += p
+        fixed_phase += np.outer(share_vector(f.phase_share), p)
+    pv = np.zeros(n)
+    pv_phase = np.zeros((3, n))
+    for c in problem.curtailable:
+        p = np.maximum(per_ptu(c.production_w, n), 0)
+        pv += p
+        pv_phase += np.outer(share_vector(c.phase_share), p)
+    credit = min(1.0, max(0.0, float(lim.fuse_production_credit)))
+    total = per_ptu(lim.planned_import_limit_w, n) - fixed + pv
+    phase = float(lim.planned_fuse_w_per_phase) - fixed_phase + credit * pv_phase
+    return np.maximum(total, 0.0), np.maximum(phase, 0.0)
 
 
 class DepartureLearning:
@@ -377,6 +406,7 @@ class DepartureLearning:
         storage = {s.id: s for s in problem.storage}
         step = timedelta(minutes=problem.ptu_minutes)
         count = 0
+        floors: list[tuple[StorageAsset, OpenVisit, int]] = []
         for rm_id, visit in self.open.items():
             evs = [storage[a] for a in rm_assets.get(rm_id, []) if a in storage
                    and storage[a].kind == "ev"]
@@ -403,7 +433,7 @@ class DepartureLearning:
             found = self._ask(rm_id, "departures", self.model.departures, visit.evse,
                               visit.arrival, visit.typed_departure, self.quantiles, visit.driver)
             if not found:
-                self._front_load(asset, visit, target, problem.start, step)
+                floors.append((asset, visit, target))
                 continue
             self.safe[rm_id] = found[0]
             if visit.defaults:
@@ -424,8 +454,9 @@ class DepartureLearning:
                 asset.target_profile.append((ptu, target, int(asset.level_max_wh)))
                 asset.milestone_eur_per_wh[ptu] = price
                 ours.add(ptu)
-            self._front_load(asset, visit, target, problem.start, step)
+            floors.append((asset, visit, target))
             count += bool(ours)
+        self._front_load(problem, floors)
         self.planned += count
         return count
 
@@ -441,28 +472,60 @@ class DepartureLearning:
         self._asked[(rm_id, what)] = (question, found)
         return found
 
-    def _front_load(self, asset: StorageAsset, visit: OpenVisit, target: int, start: datetime,
-                    step: timedelta) -> None:
-        """The first `ev_front_load_kwh` of a visit by `ev_front_load_minutes` after arrival,
-        at the full value of a kWh: the drivers who leave before every learned departure
-        quantile get at least this (a floor per driver, not an expected value)."""
-        if self.front_wh <= 0 or not visit.arrival_seen:
-            return  # an EV that was there before the CEM saw it: its arrival is not known
-        missing = self.front_wh - visit.delivered_wh
-        if missing <= 1:
+    def _front_load(self, problem: Problem,
+                    floors: list[tuple[StorageAsset, OpenVisit, int]]) -> None:
+        """The first `ev_front_load_kwh` of each visit by `ev_front_load_minutes` after its
+        arrival, at the full value of a kWh: the drivers who leave before every learned
+        departure quantile get at least this (a floor per driver, not an expected value).
+
+        The floors ask no more than the site can deliver: first come, first floored, each EV
+        is asked what its charger and the headroom its earlier-arrived EVs' floors left
+        (import limit and fuse per phase, after the base load and PV) give it by its floor's
+        PTU. In a rush the last arrivals get less or no floor, rather than every EV a floor
+        the site cannot meet (which spread the first hour over all of them)."""
+        if self.front_wh <= 0 or not floors:
             return
-        ptu = math.ceil((visit.arrival + self.front_window - start) / step)
-        if ptu <= asset.available_from or (asset.available_until is not None
-                                           and ptu >= asset.available_until):
-            return
-        goal = min(target, int(asset.level_wh + missing), int(asset.level_max_wh))
-        while any(m[0] == ptu for m in asset.target_profile):
-            ptu -= 1  # a departure milestone there already: the floor just before it
-        if goal <= asset.level_wh or ptu <= asset.available_from:
-            return
-        asset.target_profile.append((ptu, goal, int(asset.level_max_wh)))
-        asset.milestone_eur_per_wh[ptu] = self.front_eur_per_wh
-        self.front_loaded += 1
+        step = timedelta(minutes=problem.ptu_minutes)
+        hours = ptu_hours(problem)
+        total_w, phase_w = floor_headroom_w(problem)
+        total: list[float] = total_w.tolist()  # plain floats: 5000 EVs a replan
+        phase: list[list[float]] = phase_w.tolist()
+        floors.sort(key=lambda f: (f[1].arrival, f[0].id))
+        for asset, visit, target in floors:
+            if not visit.arrival_seen:
+                continue  # an EV that was there before the CEM saw it: its arrival is not known
+            missing = self.front_wh - visit.delivered_wh
+            if missing <= 1:
+                continue
+            ptu = math.ceil((visit.arrival + self.front_window - problem.start) / step)
+            if ptu <= asset.available_from or (asset.available_until is not None
+                                               and ptu >= asset.available_until):
+                continue
+            while any(m[0] == ptu for m in asset.target_profile):
+                ptu -= 1  # a departure milestone there already: the floor just before it
+            if ptu <= asset.available_from:
+                continue
+            eta = max(float(asset.charge_efficiency), 1e-6)
+            wanted = min(target, asset.level_wh + missing, asset.level_max_wh) - asset.level_wh
+            shares = [max(float(x), 0.0) for x in asset.phase_share]
+            share = [x / sum(shares) for x in shares] if sum(shares) > 0 else [1 / 3] * 3
+            granted = 0.0  # Wh into the EV
+            for t in range(max(asset.available_from, 0), min(ptu, problem.n_ptus)):
+                if granted >= wanted:
+                    break
+                room = min([float(asset.charge_max_w), total[t],
+                            *(phase[p][t] / share[p] for p in range(3) if share[p] > 0)])
+                w = max(0.0, min(room, (wanted - granted) / (eta * hours[t])))
+                total[t] -= w
+                for p in range(3):
+                    phase[p][t] -= w * share[p]
+                granted += w * eta * hours[t]
+            goal = int(asset.level_wh + min(granted, wanted))
+            if goal <= asset.level_wh + 1:
+                continue
+            asset.target_profile.append((ptu, goal, int(asset.level_max_wh)))
+            asset.milestone_eur_per_wh[ptu] = self.front_eur_per_wh
+            self.front_loaded += 1
 
     @staticmethod
     def _finish_earlier(asset: StorageAsset, shift: int) -> None:
