@@ -73,7 +73,7 @@ import numpy as np
 from s2python.common import ControlType
 
 from cem.planner.assets import Plan, Problem, StorageAsset
-from cem.planner.layout import per_ptu, ptu_hours, share_vector
+from cem.planner.layout import fixed_draw_w, per_ptu, ptu_hours, share_vector
 from cem.site.config import SiteConfig
 from cem.site.departures import DepartureModel, SafeDeparture, Visit
 
@@ -191,12 +191,7 @@ def floor_headroom_w(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     at `fuse_production_credit`); never below 0."""
     n = problem.n_ptus
     lim = problem.limits
-    fixed = np.zeros(n)
-    fixed_phase = np.zeros((3, n))
-    for f in problem.fixed:
-        p = per_ptu(f.power_w, n)
-        fixed += p
-        fixed_phase += np.outer(share_vector(f.phase_share), p)
+    fixed, fixed_phase = fixed_draw_w(problem)
     pv = np.zeros(n)
     pv_phase = np.zeros((3, n))
     for c in problem.curtailable:

@@ -147,6 +147,18 @@ def share_vector(phase_share: tuple[float, float, float]) -> np.ndarray:
     return v / total if total > 0 else np.full(3, 1 / 3)
 
 
+def fixed_draw_w(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """What the problem's fixed loads draw per PTU, W: in all (n,) and per phase (3, n)."""
+    n = problem.n_ptus
+    total = np.zeros(n)
+    phase = np.zeros((3, n))
+    for load in problem.fixed:
+        p = per_ptu(load.power_w, n)
+        total += p
+        phase += np.outer(share_vector(load.phase_share), p)
+    return total, phase
+
+
 def build_layout(problem: Problem) -> Layout:
     """Turn a Problem into arrays; note where the inputs alone break a hard limit."""
     n = problem.n_ptus
@@ -205,12 +217,7 @@ def build_layout(problem: Problem) -> Layout:
     cmin = np.where(blocked, 0.0, cmin)
     share = _shares([a.phase_share for a in st])
 
-    fixed_w = np.zeros(n)
-    fixed_phase = np.zeros((3, n))
-    for fl in problem.fixed:
-        p = per_ptu(fl.power_w, n)
-        fixed_w += p
-        fixed_phase += np.outer(share_vector(fl.phase_share), p)
+    fixed_w, fixed_phase = fixed_draw_w(problem)
     pv_ids = [c.id for c in problem.curtailable]
     K = len(pv_ids)
     pv = np.zeros((K, n))
