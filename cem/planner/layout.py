@@ -67,9 +67,9 @@ def ptu_epoch(problem: Problem) -> int:
     return int(problem.start.timestamp() // (problem.ptu_minutes * 60))
 
 
-def priority_weight(priority: int) -> float:
-    """EUR per Wh of unmet energy for an asset of this priority."""
-    return UNMET_EUR_PER_WH * PRIORITY_FACTOR ** (min(max(priority, 1), 4) - 1)
+def priority_weight(priority: np.ndarray) -> np.ndarray:
+    """EUR per Wh of unmet energy for assets of these priorities (1-4)."""
+    return UNMET_EUR_PER_WH * PRIORITY_FACTOR ** (np.clip(priority, 1, 4) - 1)
 
 
 @dataclass
@@ -202,7 +202,7 @@ def build_layout(problem: Problem) -> Layout:
     for a in st:
         if a.level_wh > a.level_max_wh:
             notes.append(f"{a.id}: level {a.level_wh} Wh starts above its maximum {a.level_max_wh} Wh")
-    weight = UNMET_EUR_PER_WH * PRIORITY_FACTOR ** (np.clip(cols["priority"], 1, 4) - 1)
+    weight = priority_weight(cols["priority"])
     tol_wh = np.ceil(dt * eta_c * step) if S else np.zeros(0)
     # a charge-only asset whose room to level_max is less than one PTU at its minimum power
     # cannot charge at all without overfilling; nor can one that only fills up (no discharge,
