@@ -240,7 +240,7 @@ class Dispatcher:
             status = self._status(rm_id, s)
             if s.execution_time > now and status not in ("STARTED", "SUCCEEDED"):
                 continue
-            if status in ("REJECTED", "ABORTED", "REVOKED"):
+            if status in VOID_STATUSES:
                 continue
             previous = current.get(s.channel)
             if previous is None or previous.order <= s.order:
