@@ -173,15 +173,12 @@ def new_uuid() -> uuid.UUID:
             _random_ints.extend(int.from_bytes(data[k:k + 16], "big")
                                 for k in range(0, len(data), 16))
         value = _random_ints.pop()
-    return uuid.UUID(int=(value & _V4_KEEP) | _V4_SET)
+    return uuid.UUID(int=value, version=4)   # (sets the version and variant bits)
 
 
 _RANDOM_BATCH = 256  # ids' randomness read at a time
 _random_ints: list[int] = []
 _random_lock = threading.Lock()  # (the planning thread and the event loop both make ids)
-# the version (4) and the variant (RFC 4122) bits, as uuid.UUID(..., version=4) sets them
-_V4_KEEP = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
-_V4_SET = (4 << 76) | (0x8000 << 48)
 
 
 def new_schema_id() -> ID:
