@@ -13,6 +13,7 @@ from cem.app.demo import DemoSettings, Recorder, Sample, Visit, VisitOutcome
 from resource_managers.ocpp_charger.simulator import SimulatedChargePoint, SimulatedEv
 
 START = datetime(2019, 10, 8, 4, 0, tzinfo=UTC)
+DEMO_TOML = Path(__file__).resolve().parent.parent / "specs" / "sites" / "demo.toml"
 
 
 def _recorder(n_ptus: int = 4, limit_w: float = 30000) -> Recorder:
@@ -136,3 +137,58 @@ def test_a_ptu_is_at_the_limit_from_85_percent_of_the_import_limit_or_the_fuse()
     _feed(rec, (7000, 7000, 7000), 900)  # 21 kW, 30.4 A
     _feed(rec, (10000, 1000, 1000), 900)  # 12 kW, but L1 at 43.5 A: 87 % of the fuse
     assert [rec.at_limit(t) for t in range(3)] == [True, False, True]
+
+
+class _LateDemo:
+    """Stands in for a station: records when the EV was unplugged, on the process clock."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.booted = asyncio.Event()
+        self.booted.set()
+        self.unplugged_at: datetime | None = None
+
+    async def unplug(self, evse_id: int) -> None:
+        from sitekit import clock
+
+        self.unplugged_at = clock.now()
+
+
+async def test_an_ev_leaves_at_its_departure_when_the_loop_wakes_late() -> None:
+    """On a busy machine every wait ends late; at 24 simulated minutes a wall second the
+    lateness of 16 quarter-hour waits used to add up, keeping the EV plugged in (and judged)
+    an hour past the departure it came with. It now leaves within one late wake-up of it."""
+    import time as wall
+
+    from cem.app.demo import DemoSite, with_demo_prices
+    from cem.app.site_file import load_site_file
+    from sitekit import clock
+
+    speed = 14400.0  # a quarter of an hour in 62.5 ms of wall time
+    lag_wall_s = 0.02  # each wait wakes 20 ms late: 4.8 simulated minutes
+
+    class BusyDemo(DemoSite):
+        async def _wait(self, sim_seconds: float) -> bool:
+            done = await super()._wait(sim_seconds)
+            wall.sleep(lag_wall_s)  # noqa: ASYNC251 (the loop was busy elsewhere)
+            return done
+
+    site = with_demo_prices(load_site_file(DEMO_TOML))
+    settings = DemoSettings(start=START, speed=speed, sim_seconds=6 * 3600,
+                            wall_seconds=6 * 3600 / speed, report=Path("."),
+                            timezone="Europe/Amsterdam")
+    previous = clock.use(clock.ScaledClock(START, speed))
+    try:
+        demo = BusyDemo(site, settings)
+        arrival = clock.now()
+        visit = Visit("EV-1", arrival, arrival + timedelta(hours=4), 10.0, "test")
+        station = _LateDemo()
+        evse = SimulatedChargePoint("CP", "ws://unused", evses=1).evses[1]
+        await demo._leave(station, evse, 4 * 3600, VisitOutcome(visit))
+    finally:
+        clock.use(previous)
+    assert station.unplugged_at is not None
+    late_min = (station.unplugged_at - visit.departure).total_seconds() / 60
+    # one late wake-up is 4.8 minutes; sixteen of them added up would be 77
+    assert -0.5 <= late_min <= 12, late_min

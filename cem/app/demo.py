@@ -600,13 +600,15 @@ class DemoSite:
             outcome.cem_departure = session.departure
 
     async def _leave(self, station: Any, evse: Any, dwell_s: float, outcome: VisitOutcome) -> None:
-        waited = 0.0
-        while waited < dwell_s:  # note progress while it charges (the view shows it)
-            step = min(900.0, dwell_s - waited)
-            if not await self._wait(step):
+        """Unplug the EV at the visit's departure on the process clock. Each wait is measured
+        from the clock, not added up: a loop that wakes late (a busy machine, 24 simulated
+        minutes a wall second) would otherwise keep the EV past its departure."""
+        leave_at = outcome.visit.arrival + timedelta(seconds=dwell_s)
+        # note progress while it charges (the view shows it)
+        while (left_s := (leave_at - clock.now()).total_seconds()) > 0:
+            if not await self._wait(min(900.0, left_s)):
                 self._note_progress(station, evse, outcome)
                 return
-            waited += step
             self._note_progress(station, evse, outcome)
         self._note_progress(station, evse, outcome)
         await station.booted.wait()
