@@ -56,7 +56,9 @@ async def _open(stack: list[object], regmap: RegisterMap, **kwargs: object
     sim = simulator_for(regmap, tick_s=0.05, **kwargs)
     await sim.start()
     stack.append(sim)
-    link = ModbusLink(regmap, "127.0.0.1", sim.port, device_id=1, timeout_s=0.5)
+    # these tests are about values on the wire, not timeouts: 0.5 s (a 1 s connect) failed to
+    # connect to the PV simulator under five CPU hogs beside the suite's two workers
+    link = ModbusLink(regmap, "127.0.0.1", sim.port, device_id=1, timeout_s=2.0)
     await link.connect()
     stack.append(link)
     return sim, link
