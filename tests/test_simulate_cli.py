@@ -216,3 +216,20 @@ def test_level_5_keeps_the_limits_when_the_planner_fails() -> None:
     assert kpis["delivered_kwh"] > 0.5 * kpis["requested_kwh"]
     assert controller.statuses.get("FALLBACK", 0) > 0
     assert any("safe plan" in note and "solver crashed" in note for note in controller.notes)
+
+
+def test_the_drivers_who_leave_before_their_estimate_are_reported(
+        run: tuple[dict[str, Any], Path]) -> None:
+    """Issue 13's drivers: those who really left before the departure the CEM believed."""
+    data, report = run
+    levels = data["levels"]
+    counts = {level["early_leavers"] for level in levels.values()}
+    assert len(counts) == 1 and counts.pop() > 0  # a property of the sessions, not of a level
+    for level in levels.values():
+        assert level["early_leaver_kwh"] <= level["delivered_kwh"] + 0.05
+        assert level["early_leaver_achievable_kwh"] <= level["achievable_kwh"] + 0.05
+        assert 0.0 <= level["early_leaver_ratio_p5"] <= 1.0
+    # the timer waits for its hours: those who leave early are the ones it leaves short
+    assert levels["2"]["early_leaver_ratio_p5"] < levels["5"]["early_leaver_ratio_p5"]
+    assert levels["2"]["early_leaver_kwh"] < levels["optimum"]["early_leaver_kwh"]
+    assert "early leavers p5 of optimum" in (report / "report.md").read_text()

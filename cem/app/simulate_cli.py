@@ -37,7 +37,13 @@ from cem.simulation.inputs import (
     load_inputs,
     parse_start,
 )
-from cem.simulation.kpis import cost_per_day, level_kpis, reference_layout, session_kpis
+from cem.simulation.kpis import (
+    cost_per_day,
+    early_leavers,
+    level_kpis,
+    reference_layout,
+    session_kpis,
+)
 from cem.simulation.levels import LEVEL_NAMES, make_controller
 from sitekit.config import ConfigError
 
@@ -104,6 +110,7 @@ def summarise(inputs: SimInputs, runs: dict[str, LevelRun], controllers: dict[st
     """KPIs of every level, plus per-level notes, in the shape of the JSON output."""
     reference = reference_layout(inputs)
     reachable = reachable_wh(inputs)
+    early = early_leavers(inputs)
     out: dict[str, Any] = {}
     for lv, run in runs.items():
         kpis = level_kpis(inputs, run, reference)
@@ -118,7 +125,8 @@ def summarise(inputs: SimInputs, runs: dict[str, LevelRun], controllers: dict[st
             kpis["objective_bound_eur"] = None if bound is None else round(float(bound), 2)
         kpis["cost_per_day_eur"] = [round(c, 2) for c in cost_per_day(inputs, run)]
         if "optimum" in runs:
-            kpis.update(session_kpis(run.delivered_wh, runs["optimum"].achievable_wh, reachable))
+            kpis.update(session_kpis(run.delivered_wh, runs["optimum"].achievable_wh, reachable,
+                                     early))
         if run.planned_wh is not None:
             kpis["planned_kwh"] = round(float(run.planned_wh.sum()) / 1000, 1)
         out[lv] = kpis

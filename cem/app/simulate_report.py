@@ -20,6 +20,8 @@ COLUMNS = [
     ("session p5 of optimum", "session_ratio_p5"), ("sessions < 0.9 of optimum", "sessions_short"),
     ("session p5 of reachable", "session_ratio_p5_reachable"),
     ("sessions < 0.9 of reachable", "sessions_short_reachable"),
+    ("early leavers", "early_leavers"), ("early leavers kWh", "early_leaver_kwh"),
+    ("early leavers p5 of optimum", "early_leaver_ratio_p5"),
     ("PV self-consumption", "self_consumption"), ("EV energy from PV", "pv_share_of_ev"),
     ("replan p50 s", "replan_p50_s"), ("replan p95 s", "replan_p95_s"),
 ]

@@ -17,6 +17,11 @@
   by what the session's EV could take at all in its stay (`engine.reachable_wh`: full power
   from arrival under the taper), as the plan, without the taper, asks some short tapered stays
   for more than any control could give them;
+- the early leavers (`session_kpis` with `early`): the sessions that really left at least one
+  PTU before the departure the CEM believed (the driver's estimate, or the site's default for
+  an OCPP 1.6 EV): `early_leavers`, their `early_leaver_kwh` delivered against
+  `early_leaver_achievable_kwh`, and their own `early_leaver_ratio_p5` — the drivers a plan
+  that waits for cheap hours would leave short;
 - self_consumption: share of the PV production used on site; pv_share_of_ev: share of the EV
   energy covered by PV in the same PTU;
 - replan_p50_s / replan_p95_s: wall time per planning call;
@@ -109,12 +114,21 @@ def session_ratios(delivered_wh: np.ndarray, achievable_wh: np.ndarray) -> np.nd
     return np.minimum(ratio, 1.0)
 
 
+def early_leavers(inputs: SimInputs) -> np.ndarray:
+    """Per session: it left at least one PTU before the departure the CEM believed."""
+    return np.array([s.departure_ptu < s.believed_departure_ptu for s in inputs.sessions],
+                    dtype=bool)
+
+
 def session_kpis(delivered_wh: np.ndarray, achievable_wh: np.ndarray,
-                 reachable: np.ndarray | None = None) -> dict[str, Any]:
+                 reachable: np.ndarray | None = None,
+                 early: np.ndarray | None = None) -> dict[str, Any]:
     """The per-session KPIs of a level against what the optimum delivered (module docstring);
-    with `reachable` (`engine.reachable_wh`) also against the optimum's plan capped by it."""
+    with `reachable` (`engine.reachable_wh`) also against the optimum's plan capped by it, and
+    with `early` (`early_leavers`) those of the sessions that left before their believed
+    departure."""
     ratio = session_ratios(delivered_wh, achievable_wh)
-    out = {
+    out: dict[str, Any] = {
         "achievable_kwh": round(float(np.sum(achievable_wh)) / 1000, 1),
         "session_ratio_p5": round(percentile(list(ratio), 5), 3),
         "session_ratio_mean": round(float(ratio.mean()), 4) if len(ratio) else 1.0,
@@ -124,6 +138,12 @@ def session_kpis(delivered_wh: np.ndarray, achievable_wh: np.ndarray,
         capped = session_ratios(delivered_wh, np.minimum(achievable_wh, reachable))
         out["session_ratio_p5_reachable"] = round(percentile(list(capped), 5), 3)
         out["sessions_short_reachable"] = int(np.count_nonzero(capped < SHORT_RATIO))
+    if early is not None:
+        out["early_leavers"] = int(np.count_nonzero(early))
+        out["early_leaver_kwh"] = round(float(np.sum(delivered_wh[early])) / 1000, 1)
+        out["early_leaver_achievable_kwh"] = round(float(np.sum(achievable_wh[early])) / 1000, 1)
+        out["early_leaver_ratio_p5"] = round(percentile(list(ratio[early]), 5), 3) \
+            if early.any() else None
     return out
 
 
