@@ -25,6 +25,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import os
 import random
 import signal
@@ -104,6 +105,15 @@ class BenchResult:
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
     latency_max_ms: float | None = None
+    latency_p99_ms_by_second: list[float | None] = field(default_factory=list)
+    """The p99 latency of the measurements sent in each second of the message phase (None:
+    none sent in it): a pause shows as one bad second, a CEM short of CPU as a climb."""
+    cem_cpu_share_by_second: list[float] = field(default_factory=list)
+    """The CEM's CPU seconds per wall second in each second of the message phase (the
+    last one partial): what it got of a core while the latencies above were measured."""
+    busy_core_cpu_share: float | None = None
+    """`--busy-core`: the CPU-bound process's CPU seconds per wall second of the message
+    phase (1.0: it had a core to itself)."""
     cem_peak_rss_mb: float | None = None
     cem_rss_idle_mb: float | None = None  # VmRSS when it serves, before any RM connected
     cem_kb_per_rm: float | None = None
@@ -173,6 +183,7 @@ class BenchRm(asyncio.Protocol):
         self.selected = asyncio.Event()
         self.sent_at: dict[str, float] = {}
         self.latencies: list[float] = []
+        self.sent: list[float] = []   # when each acknowledged one was sent (perf_counter)
         self.not_ok = 0
         self.acked = asyncio.Event()
         self.on_ack: Callable[[BenchRm], None] | None = None
@@ -292,6 +303,7 @@ class BenchRm(asyncio.Protocol):
             began = self.sent_at.pop(subject or "", None)
             if began is not None:
                 self.latencies.append(now - began)
+                self.sent.append(began)
                 if json_field(text, "status") != "OK":
                     self.not_ok += 1
                 self.acked.set()
@@ -506,6 +518,10 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
             own_before = time.process_time()
             sampler = asyncio.get_running_loop().create_task(
                 _sample_rss(cem, result, sample_every_s)) if duration_s and cem else None
+            cpu_sampler = asyncio.get_running_loop().create_task(
+                _sample_cpu_share(cem, result)) if cem else None
+            hog_before = hog.cpu_s() if hog is not None else None
+            began = time.perf_counter()
             try:
                 await _message_phase(live, messages, rate, result, progress, duration_s)
                 if duration_s:
@@ -516,7 +532,15 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                     with contextlib.suppress(asyncio.CancelledError):
                         await sampler
                     _rss_growth(result, duration_s or 0.0)
+                if cpu_sampler is not None:
+                    cpu_sampler.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await cpu_sampler
                 if hog is not None:
+                    hog_after = hog.cpu_s()
+                    if hog_before is not None and hog_after is not None:
+                        result.busy_core_cpu_share = round(
+                            (hog_after - hog_before) / max(time.perf_counter() - began, 1e-9), 3)
                     hog.stop()
                 if spy is not None:
                     spy.stop(result)
@@ -557,6 +581,28 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                     result.errors.append(f"cem run exited with {result.cem_exit_code}: "
                                          + cem.log.read_text()[-500:])
     return result
+
+
+async def _sample_cpu_share(cem: CemProcess, result: BenchResult) -> None:
+    """The CEM's CPU share of each second into `result.cem_cpu_share_by_second` until
+    cancelled (then the last, partial second's)."""
+    before, at = cem.cpu_s(), time.perf_counter()
+    try:
+        while True:
+            await asyncio.sleep(max(0.0, at + 1.0 - time.perf_counter()))
+            before, at = _add_cpu_share(cem, result, before, at), at + 1.0
+    finally:
+        if time.perf_counter() - at > 0.05:
+            _add_cpu_share(cem, result, before, at)
+
+
+def _add_cpu_share(cem: CemProcess, result: BenchResult,
+                   before: tuple[float, float] | None, at: float) -> tuple[float, float] | None:
+    now, wall = cem.cpu_s(), time.perf_counter()
+    if before is not None and now is not None:
+        result.cem_cpu_share_by_second.append(
+            round((sum(now) - sum(before)) / max(wall - at, 1e-9), 3))
+    return now
 
 
 async def _sample_rss(cem: CemProcess, result: BenchResult, every_s: float) -> None:
@@ -616,6 +662,11 @@ class _BusyCore:
 
     def __init__(self) -> None:
         self.process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+    def cpu_s(self) -> float | None:
+        """Its CPU seconds so far (user + system)."""
+        used = _proc_cpu_s(self.process.pid)
+        return None if used is None else sum(used)
 
     def stop(self) -> None:
         self.process.kill()
@@ -817,6 +868,7 @@ async def _message_phase(clients: list[BenchRm], messages: int, rate: float,
             client.on_ack = None
     phase = time.perf_counter() - began
     latencies = sorted(x for c in clients for x in c.latencies)
+    result.latency_p99_ms_by_second = _p99_by_second(clients, began, phase)
     result.message_phase_s = round(phase, 3)
     result.messages_acknowledged = len(latencies)
     result.not_ok = sum(c.not_ok for c in clients)
@@ -828,6 +880,20 @@ async def _message_phase(clients: list[BenchRm], messages: int, rate: float,
         result.latency_max_ms = round(latencies[-1] * 1000, 2)
     if progress is not None:
         progress.update(task_id, completed=len(latencies))
+
+
+def _p99_by_second(clients: list[BenchRm], began: float, phase: float) -> list[float | None]:
+    """The p99 latency (ms) of the measurements sent in each second from `began`."""
+    seconds: list[list[float]] = [[] for _ in range(max(1, math.ceil(phase)))]
+    for client in clients:
+        for sent, latency in zip(client.sent, client.latencies, strict=True):
+            seconds[min(len(seconds) - 1, max(0, int(sent - began)))].append(latency)
+    p99s: list[float | None] = []
+    for latencies in seconds:
+        latencies.sort()
+        p99s.append(round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000,
+                          2) if latencies else None)
+    return p99s
 
 
 def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
@@ -912,6 +978,8 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
         ("ReceptionStatus latency p50", _ms(result.latency_p50_ms)),
         ("ReceptionStatus latency p99", _ms(result.latency_p99_ms)),
         ("ReceptionStatus latency max", _ms(result.latency_max_ms)),
+        ("  p99 by second sent", ", ".join(_ms(p) for p in result.latency_p99_ms_by_second)),
+        ("CEM CPU share by second", ", ".join(f"{x:.2f}" for x in result.cem_cpu_share_by_second)),
         ("CEM peak memory (VmHWM)", f"{result.cem_peak_rss_mb:.0f} MB"
          if result.cem_peak_rss_mb else "-"),
         ("CEM memory per connected RM", f"{result.cem_kb_per_rm:.0f} kB"
