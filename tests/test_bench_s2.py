@@ -56,6 +56,21 @@ def test_the_latency_and_the_cems_cpu_are_reported_for_every_second_of_the_messa
     assert 0 < result["busy_core_cpu_share"] <= 1.05
 
 
+def test_the_cems_read_batch_is_set_for_the_run_and_reported() -> None:
+    run = subprocess.run([sys.executable, "-m", "cem.app.cli", "bench", "s2", "--rms", "5",
+                          "--messages", "6", "--rate", "100", "--read-batch-ms", "5",
+                          "--json"], capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["read_batch_ms"] == 5
+    assert result["messages_acknowledged"] == 30 and result["not_ok"] == 0
+    assert result["cem_exit_code"] == 0 and not result["errors"]
+    # a batch the CEM refuses (above 50 ms) is the bench's usage error, not a CEM that fails
+    run = subprocess.run([sys.executable, "-m", "cem.app.cli", "bench", "s2", "--rms", "5",
+                          "--read-batch-ms", "80"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+
+
 def test_a_baseline_that_is_no_checkout_is_a_user_mistake(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "cem.app.cli", "bench", "s2", "--rms", "5",
                           "--cem-src", str(tmp_path)], capture_output=True, text=True,

@@ -134,6 +134,8 @@ class BenchResult:
     measurement_log_interval_s: float | None = None
     """`--measurement-log-interval`: the CEM's `store.measurement_log_interval_s` (None: its
     default); it decides how many of the measurements are in `stored_messages`."""
+    read_batch_ms: float | None = None
+    """`--read-batch-ms`: the CEM's `server.read_batch_ms` (None: its default)."""
     soak_s: float | None = None
     """`--duration`: the message phase kept the RMs sending at the rate for this long."""
     rss_series: list[tuple[float, float]] = field(default_factory=list)
@@ -383,7 +385,8 @@ class CemProcess:
 
     def __init__(self, workdir: Path, reception_timeout_s: float = 30.0,
                  http: bool = False, src: Path | None = None, floor: bool = False,
-                 measurement_log_interval_s: float | None = None) -> None:
+                 measurement_log_interval_s: float | None = None,
+                 read_batch_ms: float | None = None) -> None:
         self.src = src
         self.floor = floor  # the floor server (cem.app.s2_floor) instead of `cem run`
         self.port = _free_port()
@@ -396,7 +399,8 @@ class CemProcess:
             f"[server]\nhost = \"127.0.0.1\"\nport = {self.port}\n"
             f"reception_status_timeout_s = {reception_timeout_s}\n"
             "ping_interval_s = 60\nping_timeout_s = 60\n"
-            f"[store]\npath = \"{self.db}\"\n"
+            + ("" if read_batch_ms is None else f"read_batch_ms = {read_batch_ms}\n")
+            + f"[store]\npath = \"{self.db}\"\n"
             + ("" if measurement_log_interval_s is None else
                f"measurement_log_interval_s = {measurement_log_interval_s}\n")
             + "[grid]\nfuse_a = 25\nimport_limit_kw = 17\n"
@@ -462,7 +466,8 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                     cem_src: Path | None = None, busy_core: bool = False,
                     profile: Path | None = None, duration_s: float | None = None,
                     sample_every_s: float = 10.0, floor: bool = False,
-                    measurement_log_interval_s: float | None = None) -> BenchResult:
+                    measurement_log_interval_s: float | None = None,
+                    read_batch_ms: float | None = None) -> BenchResult:
     """Run the benchmark against `url`, or against a fresh `cem run` subprocess if None.
 
     `floor`: against the floor server instead (`cem.app.s2_floor`: answers without any S2
@@ -470,7 +475,7 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
 
     `cem_src`: that `cem run` runs from this checkout's directory instead (a baseline).
     `measurement_log_interval_s`: the CEM's `store.measurement_log_interval_s` (None: its
-    default).
+    default). `read_batch_ms`: the CEM's `server.read_batch_ms` (None: its default).
     `busy_core`: a CPU-bound process runs during the message phase.
     `duration_s` (a soak): the RMs keep sending at `rate` for that many seconds instead of
     `messages` each, and the CEM's VmRSS is sampled every `sample_every_s` seconds.
@@ -485,10 +490,12 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                          target_rate_per_s=rate or None, http=http,
                          cem_src=str(cem_src) if cem_src is not None else None,
                          busy_core=busy_core, soak_s=duration_s or None, floor=floor,
-                         measurement_log_interval_s=measurement_log_interval_s)
+                         measurement_log_interval_s=measurement_log_interval_s,
+                         read_batch_ms=read_batch_ms)
     with tempfile.TemporaryDirectory(prefix="cem-bench-") as tmp:
         cem = CemProcess(Path(tmp), http=http, src=cem_src, floor=floor,
-                         measurement_log_interval_s=measurement_log_interval_s) \
+                         measurement_log_interval_s=measurement_log_interval_s,
+                         read_batch_ms=read_batch_ms) \
             if url is None else None
         if cem is not None:
             await cem.start()
@@ -900,7 +907,8 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
                   http: bool = False, cem_src: Path | None = None, rounds: int = 1,
                   busy_core: bool = False, profile: Path | None = None,
                   duration_s: float | None = None, sample_every_s: float = 10.0,
-                  floor: bool = False, measurement_log_interval_s: float | None = None) -> None:
+                  floor: bool = False, measurement_log_interval_s: float | None = None,
+                  read_batch_ms: float | None = None) -> None:
     """Run the S2 benchmark and print the figures (one JSON object with --json).
 
     `measurement_log_interval_s`: the CEM's `store.measurement_log_interval_s` (every CEM
@@ -934,6 +942,8 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
         raise SystemExit(2)
     extra: dict[str, Any] = {} if measurement_log_interval_s is None else {
         "measurement_log_interval_s": measurement_log_interval_s}
+    if read_batch_ms is not None:
+        extra["read_batch_ms"] = read_batch_ms
     if floor:
         _compare_floor(rms, messages, rate, rounds, busy_core, json_out, **extra)
         return
