@@ -38,6 +38,39 @@ def test_a_baseline_checkout_runs_beside_this_one_and_both_are_reported() -> Non
         assert report["cpu_per_message_ratio"] is None
 
 
+def test_the_latency_and_the_cems_cpu_are_reported_for_every_second_of_the_message_phase(
+) -> None:
+    # 5 RMs x 12 at 20/s: measurements sent through 3 seconds, a busy core beside the CEM
+    run = subprocess.run([sys.executable, "-m", "cem.app.cli", "bench", "s2", "--rms", "5",
+                          "--messages", "12", "--rate", "20", "--busy-core", "--json"],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["messages_acknowledged"] == 60 and not result["errors"]
+    by_second = result["latency_p99_ms_by_second"]
+    assert len(by_second) >= 3 and all(p is not None for p in by_second[:3])
+    assert all(0 < p <= result["latency_max_ms"] for p in by_second if p is not None)
+    assert max(p for p in by_second if p is not None) >= result["latency_p99_ms"] * 0.5
+    shares = result["cem_cpu_share_by_second"]
+    assert len(shares) >= 3 and all(share >= 0 for share in shares)
+    assert 0 < result["busy_core_cpu_share"] <= 1.05
+
+
+def test_the_cems_read_batch_is_set_for_the_run_and_reported() -> None:
+    run = subprocess.run([sys.executable, "-m", "cem.app.cli", "bench", "s2", "--rms", "5",
+                          "--messages", "6", "--rate", "100", "--read-batch-ms", "5",
+                          "--json"], capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["read_batch_ms"] == 5
+    assert result["messages_acknowledged"] == 30 and result["not_ok"] == 0
+    assert result["cem_exit_code"] == 0 and not result["errors"]
+    # a batch the CEM refuses (above 50 ms) is the bench's usage error, not a CEM that fails
+    run = subprocess.run([sys.executable, "-m", "cem.app.cli", "bench", "s2", "--rms", "5",
+                          "--read-batch-ms", "80"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+
+
 def test_a_baseline_that_is_no_checkout_is_a_user_mistake(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "cem.app.cli", "bench", "s2", "--rms", "5",
                           "--cem-src", str(tmp_path)], capture_output=True, text=True,

@@ -312,6 +312,49 @@ async def test_reads_taken_in_batches_still_answer_every_rm_in_order(tmp_path: P
                             "'PowerMeasurement'") == [(60,)]
 
 
+async def test_reads_taken_in_batches_leave_the_timers_of_the_event_loop_on_time(
+        tmp_path: Path) -> None:
+    """`server.read_batch_ms`: the loop waits before it reads again, but never past a timer
+    that is due (the guard's, the control loop's, OCPP's run on time), and every message is
+    still answered in order."""
+    import statistics
+
+    config = SiteConfig.model_validate({
+        "site": {"name": "Test site"},
+        "server": {"host": "127.0.0.1", "port": 0, "read_batch_ms": 40},
+        "store": {"path": str(tmp_path / "cem.db")},
+    })
+    store = await Store.open(config.store.path)
+    server = S2Server(config, store)
+    await server.start()
+    rm = BurstRm(f"ws://127.0.0.1:{server.port}")
+    lateness: list[float] = []
+
+    async def timer() -> None:   # a 5 ms timer, again and again, as the guard's is
+        loop = asyncio.get_running_loop()
+        for _ in range(40):
+            due = loop.time() + 0.005
+            await asyncio.sleep(0.005)
+            lateness.append(loop.time() - due)
+
+    ids = [str(uuid.uuid4()) for _ in range(40)]
+    try:
+        await asyncio.wait_for(rm.open(), 10)
+        rm.expected = len(ids)
+        ticking = asyncio.get_running_loop().create_task(timer())
+        for i, message_id in enumerate(ids):   # a message every 3 ms: reads all the time
+            rm.write_at_once([frame(MEASUREMENT % (message_id, 1000 + i))])
+            await asyncio.sleep(0.003)
+        await asyncio.wait_for(asyncio.gather(ticking, rm.answered.wait()), 20)
+        assert rm.statuses == [(message_id, "OK") for message_id in ids]
+    finally:
+        await rm.close()
+        await server.stop()
+        await store.close()
+    # waiting for the next read must not hold a due timer (it would: up to 40 ms each)
+    assert statistics.median(lateness) < 0.010, lateness
+
+
 def test_a_read_batch_beyond_50_ms_is_refused() -> None:
     import pydantic
     import pytest

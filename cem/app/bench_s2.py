@@ -25,6 +25,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import os
 import random
 import signal
@@ -104,6 +105,15 @@ class BenchResult:
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
     latency_max_ms: float | None = None
+    latency_p99_ms_by_second: list[float | None] = field(default_factory=list)
+    """The p99 latency of the measurements sent in each second of the message phase (None:
+    none sent in it): a pause shows as one bad second, a CEM short of CPU as a climb."""
+    cem_cpu_share_by_second: list[float] = field(default_factory=list)
+    """The CEM's CPU seconds per wall second in each second of the message phase (the
+    last one partial): what it got of a core while the latencies above were measured."""
+    busy_core_cpu_share: float | None = None
+    """`--busy-core`: the CPU-bound process's CPU seconds per wall second of the message
+    phase (1.0: it had a core to itself)."""
     cem_peak_rss_mb: float | None = None
     cem_rss_idle_mb: float | None = None  # VmRSS when it serves, before any RM connected
     cem_kb_per_rm: float | None = None
@@ -124,6 +134,8 @@ class BenchResult:
     measurement_log_interval_s: float | None = None
     """`--measurement-log-interval`: the CEM's `store.measurement_log_interval_s` (None: its
     default); it decides how many of the measurements are in `stored_messages`."""
+    read_batch_ms: float | None = None
+    """`--read-batch-ms`: the CEM's `server.read_batch_ms` (None: its default)."""
     soak_s: float | None = None
     """`--duration`: the message phase kept the RMs sending at the rate for this long."""
     rss_series: list[tuple[float, float]] = field(default_factory=list)
@@ -173,6 +185,7 @@ class BenchRm(asyncio.Protocol):
         self.selected = asyncio.Event()
         self.sent_at: dict[str, float] = {}
         self.latencies: list[float] = []
+        self.sent: list[float] = []   # when each acknowledged one was sent (perf_counter)
         self.not_ok = 0
         self.acked = asyncio.Event()
         self.on_ack: Callable[[BenchRm], None] | None = None
@@ -292,6 +305,7 @@ class BenchRm(asyncio.Protocol):
             began = self.sent_at.pop(subject or "", None)
             if began is not None:
                 self.latencies.append(now - began)
+                self.sent.append(began)
                 if json_field(text, "status") != "OK":
                     self.not_ok += 1
                 self.acked.set()
@@ -371,7 +385,8 @@ class CemProcess:
 
     def __init__(self, workdir: Path, reception_timeout_s: float = 30.0,
                  http: bool = False, src: Path | None = None, floor: bool = False,
-                 measurement_log_interval_s: float | None = None) -> None:
+                 measurement_log_interval_s: float | None = None,
+                 read_batch_ms: float | None = None) -> None:
         self.src = src
         self.floor = floor  # the floor server (cem.app.s2_floor) instead of `cem run`
         self.port = _free_port()
@@ -384,7 +399,8 @@ class CemProcess:
             f"[server]\nhost = \"127.0.0.1\"\nport = {self.port}\n"
             f"reception_status_timeout_s = {reception_timeout_s}\n"
             "ping_interval_s = 60\nping_timeout_s = 60\n"
-            f"[store]\npath = \"{self.db}\"\n"
+            + ("" if read_batch_ms is None else f"read_batch_ms = {read_batch_ms}\n")
+            + f"[store]\npath = \"{self.db}\"\n"
             + ("" if measurement_log_interval_s is None else
                f"measurement_log_interval_s = {measurement_log_interval_s}\n")
             + "[grid]\nfuse_a = 25\nimport_limit_kw = 17\n"
@@ -450,7 +466,8 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                     cem_src: Path | None = None, busy_core: bool = False,
                     profile: Path | None = None, duration_s: float | None = None,
                     sample_every_s: float = 10.0, floor: bool = False,
-                    measurement_log_interval_s: float | None = None) -> BenchResult:
+                    measurement_log_interval_s: float | None = None,
+                    read_batch_ms: float | None = None) -> BenchResult:
     """Run the benchmark against `url`, or against a fresh `cem run` subprocess if None.
 
     `floor`: against the floor server instead (`cem.app.s2_floor`: answers without any S2
@@ -458,7 +475,7 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
 
     `cem_src`: that `cem run` runs from this checkout's directory instead (a baseline).
     `measurement_log_interval_s`: the CEM's `store.measurement_log_interval_s` (None: its
-    default).
+    default). `read_batch_ms`: the CEM's `server.read_batch_ms` (None: its default).
     `busy_core`: a CPU-bound process runs during the message phase.
     `duration_s` (a soak): the RMs keep sending at `rate` for that many seconds instead of
     `messages` each, and the CEM's VmRSS is sampled every `sample_every_s` seconds.
@@ -473,10 +490,12 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                          target_rate_per_s=rate or None, http=http,
                          cem_src=str(cem_src) if cem_src is not None else None,
                          busy_core=busy_core, soak_s=duration_s or None, floor=floor,
-                         measurement_log_interval_s=measurement_log_interval_s)
+                         measurement_log_interval_s=measurement_log_interval_s,
+                         read_batch_ms=read_batch_ms)
     with tempfile.TemporaryDirectory(prefix="cem-bench-") as tmp:
         cem = CemProcess(Path(tmp), http=http, src=cem_src, floor=floor,
-                         measurement_log_interval_s=measurement_log_interval_s) \
+                         measurement_log_interval_s=measurement_log_interval_s,
+                         read_batch_ms=read_batch_ms) \
             if url is None else None
         if cem is not None:
             await cem.start()
@@ -506,6 +525,10 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
             own_before = time.process_time()
             sampler = asyncio.get_running_loop().create_task(
                 _sample_rss(cem, result, sample_every_s)) if duration_s and cem else None
+            cpu_sampler = asyncio.get_running_loop().create_task(
+                _sample_cpu_share(cem, result)) if cem else None
+            hog_before = hog.cpu_s() if hog is not None else None
+            began = time.perf_counter()
             try:
                 await _message_phase(live, messages, rate, result, progress, duration_s)
                 if duration_s:
@@ -516,7 +539,15 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                     with contextlib.suppress(asyncio.CancelledError):
                         await sampler
                     _rss_growth(result, duration_s or 0.0)
+                if cpu_sampler is not None:
+                    cpu_sampler.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await cpu_sampler
                 if hog is not None:
+                    hog_after = hog.cpu_s()
+                    if hog_before is not None and hog_after is not None:
+                        result.busy_core_cpu_share = round(
+                            (hog_after - hog_before) / max(time.perf_counter() - began, 1e-9), 3)
                     hog.stop()
                 if spy is not None:
                     spy.stop(result)
@@ -557,6 +588,28 @@ async def run_bench(*, rms: int, messages: int, rate: float = 5000.0,
                     result.errors.append(f"cem run exited with {result.cem_exit_code}: "
                                          + cem.log.read_text()[-500:])
     return result
+
+
+async def _sample_cpu_share(cem: CemProcess, result: BenchResult) -> None:
+    """The CEM's CPU share of each second into `result.cem_cpu_share_by_second` until
+    cancelled (then the last, partial second's)."""
+    before, at = cem.cpu_s(), time.perf_counter()
+    try:
+        while True:
+            await asyncio.sleep(max(0.0, at + 1.0 - time.perf_counter()))
+            before, at = _add_cpu_share(cem, result, before, at), at + 1.0
+    finally:
+        if time.perf_counter() - at > 0.05:
+            _add_cpu_share(cem, result, before, at)
+
+
+def _add_cpu_share(cem: CemProcess, result: BenchResult,
+                   before: tuple[float, float] | None, at: float) -> tuple[float, float] | None:
+    now, wall = cem.cpu_s(), time.perf_counter()
+    if before is not None and now is not None:
+        result.cem_cpu_share_by_second.append(
+            round((sum(now) - sum(before)) / max(wall - at, 1e-9), 3))
+    return now
 
 
 async def _sample_rss(cem: CemProcess, result: BenchResult, every_s: float) -> None:
@@ -616,6 +669,11 @@ class _BusyCore:
 
     def __init__(self) -> None:
         self.process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+    def cpu_s(self) -> float | None:
+        """Its CPU seconds so far (user + system)."""
+        used = _proc_cpu_s(self.process.pid)
+        return None if used is None else sum(used)
 
     def stop(self) -> None:
         self.process.kill()
@@ -817,6 +875,7 @@ async def _message_phase(clients: list[BenchRm], messages: int, rate: float,
             client.on_ack = None
     phase = time.perf_counter() - began
     latencies = sorted(x for c in clients for x in c.latencies)
+    result.latency_p99_ms_by_second = _p99_by_second(clients, began, phase)
     result.message_phase_s = round(phase, 3)
     result.messages_acknowledged = len(latencies)
     result.not_ok = sum(c.not_ok for c in clients)
@@ -830,11 +889,26 @@ async def _message_phase(clients: list[BenchRm], messages: int, rate: float,
         progress.update(task_id, completed=len(latencies))
 
 
+def _p99_by_second(clients: list[BenchRm], began: float, phase: float) -> list[float | None]:
+    """The p99 latency (ms) of the measurements sent in each second from `began`."""
+    seconds: list[list[float]] = [[] for _ in range(max(1, math.ceil(phase)))]
+    for client in clients:
+        for sent, latency in zip(client.sent, client.latencies, strict=True):
+            seconds[min(len(seconds) - 1, max(0, int(sent - began)))].append(latency)
+    p99s: list[float | None] = []
+    for latencies in seconds:
+        latencies.sort()
+        p99s.append(round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000,
+                          2) if latencies else None)
+    return p99s
+
+
 def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
                   http: bool = False, cem_src: Path | None = None, rounds: int = 1,
                   busy_core: bool = False, profile: Path | None = None,
                   duration_s: float | None = None, sample_every_s: float = 10.0,
-                  floor: bool = False, measurement_log_interval_s: float | None = None) -> None:
+                  floor: bool = False, measurement_log_interval_s: float | None = None,
+                  read_batch_ms: float | None = None) -> None:
     """Run the S2 benchmark and print the figures (one JSON object with --json).
 
     `measurement_log_interval_s`: the CEM's `store.measurement_log_interval_s` (every CEM
@@ -868,6 +942,8 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
         raise SystemExit(2)
     extra: dict[str, Any] = {} if measurement_log_interval_s is None else {
         "measurement_log_interval_s": measurement_log_interval_s}
+    if read_batch_ms is not None:
+        extra["read_batch_ms"] = read_batch_ms
     if floor:
         _compare_floor(rms, messages, rate, rounds, busy_core, json_out, **extra)
         return
@@ -912,6 +988,8 @@ def bench_command(rms: int, messages: int, json_out: bool, rate: float = 5000.0,
         ("ReceptionStatus latency p50", _ms(result.latency_p50_ms)),
         ("ReceptionStatus latency p99", _ms(result.latency_p99_ms)),
         ("ReceptionStatus latency max", _ms(result.latency_max_ms)),
+        ("  p99 by second sent", ", ".join(_ms(p) for p in result.latency_p99_ms_by_second)),
+        ("CEM CPU share by second", ", ".join(f"{x:.2f}" for x in result.cem_cpu_share_by_second)),
         ("CEM peak memory (VmHWM)", f"{result.cem_peak_rss_mb:.0f} MB"
          if result.cem_peak_rss_mb else "-"),
         ("CEM memory per connected RM", f"{result.cem_kb_per_rm:.0f} kB"

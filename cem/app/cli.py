@@ -410,6 +410,9 @@ def bench_s2(
     measurement_log_interval: float | None = typer.Option(
         None, "--measurement-log-interval", min=0, help="the CEM's store."
         "measurement_log_interval_s (0: log every measurement); default: the CEM's own"),
+    read_batch_ms: float | None = typer.Option(
+        None, "--read-batch-ms", min=0, max=50, help="the CEM's server.read_batch_ms (0: "
+        "off); default: the CEM's own"),
 ) -> None:
     """Benchmark the S2 server: connect N RMs and measure acknowledgements."""
     from cem.app.bench_s2 import bench_command
@@ -417,7 +420,8 @@ def bench_s2(
     bench_command(rms=rms, messages=messages, json_out=json_out, rate=rate, http=http,
                   cem_src=cem_src, rounds=rounds, busy_core=busy_core, profile=profile,
                   duration_s=duration, sample_every_s=sample_every, floor=floor,
-                  measurement_log_interval_s=measurement_log_interval)
+                  measurement_log_interval_s=measurement_log_interval,
+                  read_batch_ms=read_batch_ms)
 
 
 # --- resource managers and simulators --------------------------------------------------------

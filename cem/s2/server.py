@@ -173,24 +173,67 @@ class ReadPacer:
     """Reads in batches rather than one wake-up per RM message.
 
     Paced, 1000 RMs sending 5 messages a second each arrive alone, and the CEM woke, read,
-    answered and went back to sleep for every one of them (~200 us of CPU each on a quiet
-    machine, docs/adr/0010). After a read, the pacer has the event loop pause (a plain sleep,
-    after this round of callbacks, the answers written) until `period_s` has passed since its
-    last pause: whatever the RMs send meanwhile waits in the sockets and is read at the next
-    wake-up, together. A loop busier than that never pauses; an idle one never wakes for it.
-    An answer waits at most `period_s` longer.
+    answered and went back to sleep for every one of them, each time with cold caches (at
+    1000 messages/s ~120 µs of CPU per read, against ~25 µs for the same work done back to
+    back: docs/adr/0010, round 8). The pacer has the event loop look at its sockets at most
+    every `period_s` while it has nothing else to do: whatever the RMs send meanwhile waits
+    in the sockets and is read at the next wake-up, together. A loop busier than that never
+    pauses; an idle one never wakes for it. A message is read at most `period_s` later.
+
+    On asyncio's selector loop (`install`) the pause is taken in the selector, only when the
+    loop has no callback ready and no timer due before the pause ends: timers (the guard, the
+    control loop's bursts, OCPP's) and the work a read hands on run on time. On another loop
+    (uvloop) the loop sleeps after a round of reads, which delays everything on it.
     """
 
-    __slots__ = ("_last", "_scheduled", "period_s")
+    __slots__ = ("_last", "_restore", "_scheduled", "period_s")
 
     def __init__(self, period_s: float) -> None:
         self.period_s = period_s
         self._last = -math.inf
         self._scheduled = False
+        self._restore: Callable[[], None] | None = None
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Pace `loop`'s selector (asyncio's selector loop); False for a loop without one
+        (then `read` pauses the loop after reads). `uninstall` undoes it."""
+        if self._restore is not None:
+            return True
+        selector = getattr(loop, "_selector", None)
+        select = getattr(selector, "select", None)
+        if selector is None or select is None:
+            return False
+        pacer = self
+
+        def paced_select(timeout: float | None = None) -> Any:
+            wait = pacer.period_s - (time.monotonic() - pacer._last)
+            if wait > 0.0002 and (timeout is None or timeout > 0):
+                if timeout is not None:
+                    wait = min(wait, timeout)
+                    timeout -= wait
+                time.sleep(wait)
+            events = select(timeout)
+            if events:
+                pacer._last = time.monotonic()
+            return events
+
+        selector.select = paced_select
+
+        def restore() -> None:
+            with contextlib.suppress(AttributeError):
+                del selector.select   # the class's own again
+
+        self._restore = restore
+        return True
+
+    def uninstall(self) -> None:
+        if self._restore is not None:
+            self._restore()
+            self._restore = None
 
     def read(self) -> None:
-        """A read happened: pause once this round of callbacks is done."""
-        if not self._scheduled:
+        """A read happened: pause once this round of callbacks is done (without `install`)."""
+        if self._restore is None and not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._pause)
 
@@ -499,6 +542,8 @@ class S2Server:
         if self.store is not None:
             self._owners.update(await self.store.rm_owners())
         self._server = await self._serve(cfg.host, cfg.port, self._ssl_context(), None, sock)
+        if self._pacer is not None:
+            self._pacer.install(asyncio.get_running_loop())
         self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="s2-timers")
 
     async def listen(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None,
@@ -571,6 +616,8 @@ class S2Server:
         for extra in self._listeners_extra:
             await extra.wait_closed()
         self._server = None
+        if self._pacer is not None:
+            self._pacer.uninstall()
 
     @staticmethod
     async def _close_ws(entry: LiveSession, code: int, reason: str) -> None:

@@ -76,10 +76,11 @@ class ServerConfig(TlsFiles):
                                             "per address per minute before the address is "
                                             "refused for a while (HTTP 429)")
     read_batch_ms: float = Field(0.0, ge=0, le=50, description="after reading from an RM, "
-                                 "the CEM reads again at most this many ms after its last pause, "
-                                 "so that what other RMs send meanwhile is read in one wake-up "
-                                 "(less CPU per message; adds at most this to an answer and to anything "
-                                 "else on the event loop); 0 (default): off")
+                                 "the CEM looks at its sockets again at most this many ms after "
+                                 "its last read, so that what other RMs send meanwhile is read in "
+                                 "one wake-up (less CPU per message; a message is read at most "
+                                 "this much later; on uvloop the loop's other work waits too); "
+                                 "0 (default): off")
 
 
 class S2Config(Section):
