@@ -552,7 +552,7 @@ def _force_on(nodes: EvBlocks, rows: np.ndarray, col: np.ndarray, kw: np.ndarray
 
 
 def integer_values(blocks: EvBlocks, lam: np.ndarray, cmin_kw: np.ndarray,
-                   deadline: float | None = None, max_nodes: int = 200_000
+                   deadline: float | None = None, max_nodes: int = 50_000
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Each EV's own problem with its minimum power (a PTU charges 0 or from `cmin_kw` (E,)
     up): a lower bound on its optimum at `lam`, at least its LP's (`ev_values`), and the LP
