@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_planner_decompose import _with_milestones, min_power_eur
+from test_planner_decompose import _optimum, _with_milestones, min_power_eur
 from test_planner_properties import small_sites
 
 from cem.app.bench_planner import bench_scenario, with_live_milestones
@@ -125,7 +125,8 @@ def test_the_bound_with_the_evs_minimum_power_is_never_above_the_milp_optimum(
     """Small sites (EVs with live-like milestones, battery, PV, modes, profiles, kW-max,
     congestion): the bound from the EVs' own problems with their minimum power is not above
     the optimum of the LP whose EV columns are semicontinuous (0 or from the minimum power;
-    HiGHS's MILP), which every plan's objective is at least."""
+    HiGHS's MILP), which every plan's objective is at least: from a cold start and at the
+    LP's own prices."""
     pr = _with_milestones(pr, seed)
     lay = build_layout(pr)
     built = BuiltLp.of(lay)
@@ -135,7 +136,15 @@ def test_the_bound_with_the_evs_minimum_power_is_never_above_the_milp_optimum(
     found.with_min_power(lay)
     assert found.min_power_eur >= 0
     optimum = _milp_optimum(lay, built)
-    assert found.bound_eur <= optimum + 1e-6 * max(1.0, abs(optimum))
+    tol = 1e-6 * max(1.0, abs(optimum))
+    assert found.bound_eur <= optimum + tol
+    # and at the LP's own prices (where it is the LP optimum before the minimum power)
+    _lp_optimum, dual = _optimum(built)
+    assert built.index.agg_rows is not None
+    at_lp = lagrangian_bound(lay, built, lam0=dual[built.index.agg_rows], steps=1)
+    assert at_lp is not None
+    at_lp.with_min_power(lay)
+    assert at_lp.bound_eur <= optimum + tol
 
 
 def test_the_bound_counts_the_sliver_no_plan_can_charge() -> None:
