@@ -341,6 +341,10 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     guided: tuple[Evaluation, Dispatch] | None = None  # the plan from the EVs' problems
     guided_good = False
     built: BuiltLp | None = None
+    # no replan follows (the bench's plans, `cem plan`): the bound's minimum power is worth
+    # its time only there (live replans are 0.02-0.06 % above their bound already, and at
+    # 5000 EVs it took the planner's p50 in `cem bench replan` from 0.92-1.52 to 1.26-1.87 s)
+    alone = memory is None
     if use_lp:
         # an LP that was not solved last time will likely not be now: keep the time the
         # anytime plan (the fallback, polished) needs
@@ -372,7 +376,9 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                 # (its time is the refill's below, which a plan within the tolerance of the
                 # raised bound no longer needs; not the price steps': a decomposition cut
                 # short leaves a point far from the optimum, at 5000 EVs once 57 % above)
-                _with_min_power(lay, decomposed, deadline - AFTER_LP_S - CHECK_S_PER_CELL * cells)
+                if alone:
+                    _with_min_power(lay, decomposed,
+                                    deadline - AFTER_LP_S - CHECK_S_PER_CELL * cells)
                 guided = _guided(lay, built.index, decomposed, gap_tol,
                                  deadline - AFTER_LP_S - CHECK_S_PER_CELL * cells)
                 guided_good = guided is not None \
@@ -429,7 +435,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             elif not small:  # no polish: at least take charging out of the kW-max PTUs
                 shave_peak(lay, candidate, deadline)
                 best = evaluate(lay, candidate)
-            if memory is None and cells >= NUMPY_FALLBACK_CELLS \
+            if alone and cells >= NUMPY_FALLBACK_CELLS \
                     and not _within_tolerance(best, bound, gap_tol):
                 # a plan with no replan after it (the bench's, `cem plan`), not within the
                 # tolerance of the LP optimum: how much of the gap is the EVs' minimum power
@@ -454,7 +460,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                                         point=True)
                 guided = _guided(lay, lp.index, decomposed, gap_tol,
                                  deadline - AFTER_LP_S - CHECK_S_PER_CELL * cells)
-                if decomposed is not None:
+                if decomposed is not None and alone:
                     _with_min_power(lay, decomposed, deadline - AFTER_LP_S)
             if lp.dual_bound_eur is not None:
                 bound, bound_from = lp.dual_bound_eur, "prices"
