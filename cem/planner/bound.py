@@ -171,6 +171,7 @@ class LpResult:
     # (for `polish` on an instance of its own)
     dual_bound_eur: float | None = None
     model: highspy.HighsLp | None = None
+    built: BuiltLp | None = None  # the LP as built (solved: for a bound at its prices)
 
 
 # HighsBasisStatus values as numbers
@@ -877,6 +878,7 @@ def solve_lp(lay: Layout, time_limit_s: float = 10.0, threads: int = 1,
     disp = _dispatch_from_x(lay, index, x)
     res = LpResult("OPTIMAL", bound, disp, build_s=build_s, solve_s=solve_s, highs=h, index=index,
                    warm=warm, iterations=iterations, model=model)
+    res.built = built
     res.mode_weight = [np.clip(x[on], 0, 1) for on in index.mode_on]
     res.profile_weight = [np.clip(x[on], 0, 1) for on in index.profile_on]
     return res

@@ -46,10 +46,11 @@ NOISE_WH = 5.0  # energy an EV still needs below this is rounding, not a need
 FOLLOW_PTUS = 3.0
 
 
-def _requirements(lay: Layout, cum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per EV, the PTUs (column 0: its departure) by which the point's energy is required
-    and that energy (Wh since the start): (S, M + 1) each. `cum` (S, n + 1) is the point's
-    energy before each PTU."""
+def _requirements(lay: Layout, cum: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per EV, the PTUs (column 0: its departure) by which the point's energy is required,
+    that energy (Wh since the start) and what a Wh missed there costs (EUR; the departure's:
+    the target's weight): (S, M + 1) each. `cum` (S, n + 1) is the point's energy before
+    each PTU."""
     S = lay.s
     sel = lay.ms_lo > lay.level0[lay.ms_asset] + 0.5
     a, ptu = lay.ms_asset[sel], lay.ms_ptu[sel]
@@ -58,14 +59,17 @@ def _requirements(lay: Layout, cum: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     M = int(count.max()) if S else 0
     at = np.zeros((S, M + 1), dtype=np.int64)
     wh = np.zeros((S, M + 1))
+    eur = np.zeros((S, M + 1))
     at[:, 0] = lay.last
     wh[:, 0] = cum[np.arange(S), lay.last]
+    eur[:, 0] = np.where(np.isnan(lay.target), 0.0, lay.weight)
     order = np.argsort(a, kind="stable")
-    a, ptu, need = a[order], ptu[order], need[order]
+    a, ptu, need, w = a[order], ptu[order], need[order], lay.ms_w_lo[sel][order]
     slot = np.arange(len(a)) - np.concatenate([[0], np.cumsum(count)])[a] + 1
     at[a, slot] = ptu
     wh[a, slot] = need
-    return at, wh
+    eur[a, slot] = w
+    return at, wh, eur
 
 
 def _upper(lay: Layout) -> np.ndarray:
@@ -113,7 +117,7 @@ def least_laxity_plan(lay: Layout, point: Dispatch, follow: float = FOLLOW_PTUS)
     ph_head = lay.fuse_up - ph_frac
     wh_per_w = lay.ptu_h[None, :] * lay.eta_c[:, None]
     cum = np.concatenate([np.zeros((S, 1)), np.cumsum(x * wh_per_w, axis=1)], axis=1)
-    req_at, req_wh = _requirements(lay, cum)
+    req_at, req_wh, req_eur = _requirements(lay, cum)
     full = np.concatenate([np.zeros((S, 1)), np.cumsum(lay.cmax[:, None] * lay.avail * wh_per_w,
                                                        axis=1)], axis=1)
     upper = _upper(lay)
@@ -130,7 +134,7 @@ def least_laxity_plan(lay: Layout, point: Dispatch, follow: float = FOLLOW_PTUS)
             frac_sum = float(x[members[g], t].sum())
             head = min([float(imp_head[t])] + [float(ph_head[q, t] / share[q])
                                                for q in range(3) if share[q] > 0])
-            p = _share_out(lay, t, m, got, frac_sum, head, req_at, req_wh, full, upper,
+            p = _share_out(lay, t, m, got, frac_sum, head, req_at, req_wh, req_eur, full, upper,
                            wh_per_w[m, t], cmin[m], cmax[m], step[m], follow * x[m, t] / cmax[m],
                            mixed)
             used = float(p.sum()) - frac_sum
@@ -183,7 +187,8 @@ def _take_in_order(want: np.ndarray, order: np.ndarray, budget: float, cmin: np.
 
 
 def _share_out(lay: Layout, t: int, m: np.ndarray, got: np.ndarray, frac_sum: float,
-               head: float, req_at: np.ndarray, req_wh: np.ndarray, full: np.ndarray,
+               head: float, req_at: np.ndarray, req_wh: np.ndarray, req_eur: np.ndarray,
+               full: np.ndarray,
                upper: np.ndarray, h: np.ndarray, cmin: np.ndarray, cmax: np.ndarray,
                step: np.ndarray, bonus: np.ndarray, mixed: bool = False) -> np.ndarray:
     """The powers (W) of EVs `m` of one group in PTU t: the point's draw of the group (less
@@ -219,6 +224,16 @@ def _share_out(lay: Layout, t: int, m: np.ndarray, got: np.ndarray, frac_sum: fl
     # the departure's alone took the first timed replan at 1000 EVs from 0.04 to 0.45 %)
     lax_end = spare[:, 0] / (cmax * h) if mixed else lax
     defer = small_rest & ~fits & (lower >= cmin) & (lax_end >= 1.0 - lower / cmax + 1e-6)
+    # unless leaving the rest out costs less: deferring misses what is due at the end of this
+    # PTU by what it lowers, leaving the rest out misses what is due later (the departure,
+    # the target) by the rest (an EV whose level maximum is its target cannot take its
+    # minimum power in its last PTU on top; the bench's mixed site at 5000 EVs, the same
+    # point: 1.51 -> 1.30 % above the bound, at 2000 1.31 -> 1.20 %)
+    due = ask > NOISE_WH
+    more = np.maximum(ask - (lower * h)[:, None], 0.0) - np.maximum(ask - (want * h)[:, None], 0.0)
+    cost_defer = (np.where(due & (at == t + 1), more, 0.0) * req_eur[m]).sum(axis=1)
+    cost_drop = after * np.where(due & (at > t + 1), req_eur[m], 0.0).sum(axis=1)
+    defer &= cost_drop >= cost_defer
     want = np.where(fits, whole, np.where(defer, lower, want))
     # what cannot wait: the energy a requirement asks beyond what full power after this PTU
     # still gives (at least the minimum power, at most what the EV wants now)
