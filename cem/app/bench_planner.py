@@ -314,4 +314,6 @@ def print_table(report: dict[str, Any]) -> None:
     out.print(times)
     out.print(quality)
     out.print("[dim]objective = cost + unmet-target penalties: the LP bound and the gap refer to it; "
+              "a plan no replan follows may raise its bound by what the EVs' minimum power adds "
+              "(still a lower bound; its notes say by how much); "
               "unmet kWh = EV shortfall / EV target.[/]")
