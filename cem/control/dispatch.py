@@ -154,6 +154,9 @@ class Dispatcher:
         # that key once the RM has carried out what was due (`site_problem.settled_keys`)
         self.keys: dict[str, Hashable] = {}
         self.settled: dict[str, Hashable] = {}
+        # per RM: the state and its `statuses_version` when `unchanged` last found none of
+        # its kept instructions refused, aborted or revoked
+        self._statuses_seen: dict[str, tuple[Any, int]] = {}
         self._seq = 0
 
     def forget(self, rm_id: str) -> None:
@@ -168,6 +171,7 @@ class Dispatcher:
         instruction): the next plan builds and dispatches its instructions again."""
         self.keys.pop(rm_id, None)
         self.settled.pop(rm_id, None)
+        self._statuses_seen.pop(rm_id, None)
 
     def unchanged(self, rm_id: str, key: Hashable | None) -> bool:
         """Whether the RM's last dispatch was made of `key` and still stands: it took all of
@@ -178,7 +182,12 @@ class Dispatcher:
         entry = self.registry.get(rm_id)
         if entry is None:
             return False
-        status_of = entry.state.instruction_status  # (read once: 5000 RMs a replan)
+        state = entry.state
+        version = getattr(state, "statuses_version", None)  # (a stand-in state may lack it)
+        seen = self._statuses_seen.get(rm_id)
+        if seen is not None and seen[0] is state and seen[1] == version:
+            return True  # no status reported since they were read: 5000 RMs a replan
+        status_of = state.instruction_status  # (read once)
         for s in self.sent.get(rm_id, ()):
             if s.revoked:
                 continue
@@ -190,6 +199,8 @@ class Dispatcher:
             if status in VOID_STATUSES:
                 self.forget_key(rm_id)
                 return False
+        if version is not None:
+            self._statuses_seen[rm_id] = (state, version)
         return True
 
     def due_raises(self, now: datetime) -> dict[str, list[Any]]:
