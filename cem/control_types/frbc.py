@@ -52,6 +52,7 @@ from cem.flex.frbc import (
     description_phase_share,
     frbc_storage_asset,
     mode_range,
+    normal_modes,
     storage_kind,
 )
 from cem.flex.ptu import sid, uuid_int
@@ -78,6 +79,7 @@ class FrbcState:
         # actuator's status (its active mode) bumps `actuators_version` instead
         self.version = 0
         self.actuators_version = 0
+        self.levels_version = 0  # the storage statuses among `version`'s changes
         # the last asset and binding made from this state (`FrbcPlugin.add_assets`), kept
         # while the versions, the PTU grid and the RM's details are the same
         self._assets_made: AssetsMade | None = None
@@ -237,6 +239,8 @@ class FrbcPlugin(PluginBase[FrbcState]):
             state.actuators_version += 1
         else:
             state.version += 1
+            if message.message_type == "FRBC.StorageStatus":
+                state.levels_version += 1
         return changed
 
     def _receive(self, state: FrbcState, message: Any, now: datetime,
@@ -342,6 +346,12 @@ class FrbcPlugin(PluginBase[FrbcState]):
         # taken as it was, a copy (the EV modes and the departures change it in place). 5000
         # RMs' assets took 0.2-0.3 s of CPU a replan, and between two replans most RMs say
         # nothing new
+        if made is not None and made.grid == grid and made.details is details \
+                and (made.until is None or site.now < made.until) \
+                and made.version != state.version and made.level_free is not None \
+                and state.version - made.version == state.levels_version - made.levels_version:
+            new_level(made, state, site.config.planner.ev_finish_margin_minutes,
+                      site.problem.ptu_minutes)  # only the fill level is new
         if made is not None and made.version == state.version and made.grid == grid \
                 and made.details is details and (made.until is None or site.now < made.until):
             asset = fresh_copy(made.asset)
@@ -398,6 +408,13 @@ class FrbcPlugin(PluginBase[FrbcState]):
             leakage=state.leakage_behaviour(site.now), usage_forecast=state.usage_forecast,
             target_profile=state.fill_level_target_profile, timer_statuses=timers,
             kind=kind, priority=priority, share=share)
+        leakage = state.leakage_behaviour(site.now)
+        # nothing but the level reads the fill level (one element per mode, no leakage by
+        # level, no timer): a new level alone is taken into the kept asset (`new_level`)
+        level_free = fresh_copy(asset) if binding.held_load is None \
+            and (leakage is None or not leakage.elements) \
+            and all(len(m.elements) == 1 for a in sd.actuators for m in normal_modes(a)) \
+            else None
         if asset.kind == "ev":
             finish_early(asset, site.config.planner.ev_finish_margin_minutes,
                          site.problem.ptu_minutes)
@@ -405,7 +422,8 @@ class FrbcPlugin(PluginBase[FrbcState]):
                                state._leakage.next_change(site.now)) if c is not None]
         state._assets_made = None if timers else AssetsMade(
             state.version, state.actuators_version, grid, rm.details,
-            min(changes) if changes else None, fresh_copy(asset), binding)
+            min(changes) if changes else None, fresh_copy(asset), binding,
+            state.levels_version, level_free)
         return asset, binding
 
     def instruction_power_w(self, state: FrbcState, message: Any, now: datetime) -> float | None:
@@ -448,6 +466,34 @@ class AssetsMade:
     until: datetime | None  # a kept system description or leakage comes into force then
     asset: StorageAsset
     binding: FrbcBinding
+    levels_version: int = 0
+    # the asset before `finish_early`, when nothing but its level reads the fill level (else
+    # None: a new level makes it again)
+    level_free: StorageAsset | None = None
+
+
+def new_level(made: AssetsMade, state: FrbcState, margin_minutes: int, ptu_minutes: int) -> None:
+    """Take the RM's new fill level into the kept asset and binding (`made.level_free`): the
+    level and the binding's fill level are what `frbc_storage_asset` would make of it, the
+    rest is as made, and `finish_early` is asked again (it reads the level). Most EVs report a
+    new level between two replans: remade, each took ~100 us."""
+    base = made.level_free
+    status = state.storage_status
+    if base is None or status is None:
+        return
+    kept = made.binding
+    storage = kept.system_description.storage
+    bottom = storage.fill_level_range.start_of_range
+    fill = min(max(status.present_fill_level, bottom), storage.fill_level_range.end_of_range)
+    base = fresh_copy(base)
+    base.level_wh = round((fill - bottom) * kept.wh_per_unit)
+    asset = fresh_copy(base)
+    if asset.kind == "ev":
+        finish_early(asset, margin_minutes, ptu_minutes)
+    made.binding = dataclasses.replace(kept, fill_level=fill)
+    made.binding._ranges_at = kept._ranges_at  # (one element per mode: the same at any level)
+    made.asset, made.level_free = asset, base
+    made.version, made.levels_version = state.version, state.levels_version
 
 
 def fresh_copy(asset: StorageAsset) -> StorageAsset:
