@@ -478,7 +478,13 @@ class DepartureLearning:
         (import limit and fuse per phase, after the base load and PV) give it by its floor's
         PTU. In a rush the last arrivals get less or no floor, rather than every EV a floor
         the site cannot meet (which spread the first hour over all of them)."""
-        if self.front_wh <= 0 or not floors:
+        if self.front_wh <= 0:
+            return
+        # an EV that was there before the CEM saw it (its arrival is not known), or one that
+        # took its first kWh already, gets none: the headroom is worked out only for the rest
+        floors = [f for f in floors
+                  if f[1].arrival_seen and self.front_wh - f[1].delivered_wh > 1]
+        if not floors:
             return
         step = timedelta(minutes=problem.ptu_minutes)
         hours = ptu_hours(problem)
@@ -487,11 +493,7 @@ class DepartureLearning:
         phase: list[list[float]] = phase_w.tolist()
         floors.sort(key=lambda f: (f[1].arrival, f[0].id))
         for asset, visit, target in floors:
-            if not visit.arrival_seen:
-                continue  # an EV that was there before the CEM saw it: its arrival is not known
             missing = self.front_wh - visit.delivered_wh
-            if missing <= 1:
-                continue
             ptu = math.ceil((visit.arrival + self.front_window - problem.start) / step)
             if ptu <= asset.available_from or (asset.available_until is not None
                                                and ptu >= asset.available_until):

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Hashable, Iterable, Mapping
+from collections.abc import Callable, Collection, Coroutine, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -154,6 +154,9 @@ class Dispatcher:
         # that key once the RM has carried out what was due (`site_problem.settled_keys`)
         self.keys: dict[str, Hashable] = {}
         self.settled: dict[str, Hashable] = {}
+        # per RM: the state and its `statuses_version` when `unchanged` last found none of
+        # its kept instructions refused, aborted or revoked
+        self._statuses_seen: dict[str, tuple[Any, int]] = {}
         self._seq = 0
 
     def forget(self, rm_id: str) -> None:
@@ -168,6 +171,7 @@ class Dispatcher:
         instruction): the next plan builds and dispatches its instructions again."""
         self.keys.pop(rm_id, None)
         self.settled.pop(rm_id, None)
+        self._statuses_seen.pop(rm_id, None)
 
     def unchanged(self, rm_id: str, key: Hashable | None) -> bool:
         """Whether the RM's last dispatch was made of `key` and still stands: it took all of
@@ -176,9 +180,39 @@ class Dispatcher:
         if key is None or (self.keys.get(rm_id) != key and self.settled.get(rm_id) != key):
             return False
         entry = self.registry.get(rm_id)
-        if entry is None:
-            return False
-        status_of = entry.state.instruction_status  # (read once: 5000 RMs a replan)
+        return entry is not None and self._stands(rm_id, entry.state)
+
+    def unchanged_among(self, keys: Mapping[str, Hashable | None],
+                        live: Collection[str]) -> set[str]:
+        """The RMs of `keys` in `live` that are `unchanged` with their key: one pass over a
+        site's RMs (5000 a replan), names looked up once."""
+        kept_key, settled_key = self.keys.get, self.settled.get
+        seen_of, entry_of = self._statuses_seen.get, self.registry.get
+        out: set[str] = set()
+        for rm_id, key in keys.items():
+            if key is None or rm_id not in live \
+                    or (kept_key(rm_id) != key and settled_key(rm_id) != key):
+                continue
+            entry = entry_of(rm_id)
+            if entry is None:
+                continue
+            state = entry.state
+            seen = seen_of(rm_id)
+            if seen is not None and seen[0] is state \
+                    and seen[1] == getattr(state, "statuses_version", None):
+                out.add(rm_id)  # no status reported since they were read
+            elif self._stands(rm_id, state):
+                out.add(rm_id)
+        return out
+
+    def _stands(self, rm_id: str, state: Any) -> bool:
+        """Whether none of the RM's kept instructions was refused, aborted or revoked (else
+        its key is dropped); not read again while the state reports no new status."""
+        version = getattr(state, "statuses_version", None)  # (a stand-in state may lack it)
+        seen = self._statuses_seen.get(rm_id)
+        if seen is not None and seen[0] is state and seen[1] == version:
+            return True  # no status reported since they were read: 5000 RMs a replan
+        status_of = state.instruction_status  # (read once)
         for s in self.sent.get(rm_id, ()):
             if s.revoked:
                 continue
@@ -190,6 +224,8 @@ class Dispatcher:
             if status in VOID_STATUSES:
                 self.forget_key(rm_id)
                 return False
+        if version is not None:
+            self._statuses_seen[rm_id] = (state, version)
         return True
 
     def due_raises(self, now: datetime) -> dict[str, list[Any]]:

@@ -599,8 +599,7 @@ class SiteController:
             self.request_replan("a new PTU started while the plan was being made")
         else:  # an RM whose instructions would be made of the same as last time keeps them
             keys = instruction_keys(plan, problem, mapping, until)
-        unchanged = {rm for rm, key in keys.items()
-                     if rm in rms and self.dispatcher.unchanged(rm, key)}
+        unchanged = self.dispatcher.unchanged_among(keys, rms)
         instructions = await self._off_loop(
             instructions_for_plan, plan, problem, mapping, max(now, sent_at),
             until_ptu=until, skip=unchanged)

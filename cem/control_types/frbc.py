@@ -47,7 +47,14 @@ from cem.control_types.base import (
     room_for_upcoming,
     unique,
 )
-from cem.flex.frbc import FrbcBinding, frbc_storage_asset, mode_range, storage_kind
+from cem.flex.frbc import (
+    FrbcBinding,
+    description_phase_share,
+    frbc_storage_asset,
+    mode_range,
+    normal_modes,
+    storage_kind,
+)
 from cem.flex.ptu import sid, uuid_int
 from cem.flex.site_problem import SiteBuild
 from cem.planner.assets import StorageAsset
@@ -72,12 +79,15 @@ class FrbcState:
         # actuator's status (its active mode) bumps `actuators_version` instead
         self.version = 0
         self.actuators_version = 0
+        self.levels_version = 0  # the storage statuses among `version`'s changes
         # the last asset and binding made from this state (`FrbcPlugin.add_assets`), kept
         # while the versions, the PTU grid and the RM's details are the same
         self._assets_made: AssetsMade | None = None
         # the description in force with its modes by (actuator id, mode id): instruction_power_w
         self._modes_by_id: tuple[FRBCSystemDescription,
                                  dict[tuple[int, int], tuple[Any, Any]]] | None = None
+        # (description, details, grid, kind, priority, phase share) read from them: _make_asset
+        self._described: tuple[Any, ...] | None = None
 
     def system_description(self, now: datetime) -> FRBCSystemDescription | None:
         """The FRBC.SystemDescription in force at ``now``."""
@@ -229,6 +239,8 @@ class FrbcPlugin(PluginBase[FrbcState]):
             state.actuators_version += 1
         else:
             state.version += 1
+            if message.message_type == "FRBC.StorageStatus":
+                state.levels_version += 1
         return changed
 
     def _receive(self, state: FrbcState, message: Any, now: datetime,
@@ -322,16 +334,26 @@ class FrbcPlugin(PluginBase[FrbcState]):
 
     def add_assets(self, site: SiteBuild, rm_id: str, rm: RmStateView) -> bool:
         state: FrbcState = rm.of(self.control_type)
-        grid = (site.grid.start, site.grid.ptu_minutes, site.grid.n_ptus,
+        grid = site.memo.get(GRID_MEMO)
+        if grid is None:  # (once per site build: 5000 RMs ask)
+            grid = site.memo[GRID_MEMO] = (
+                site.grid.start, site.grid.ptu_minutes, site.grid.n_ptus,
                 site.config.ev_defaults.priority, site.config.planner.ev_finish_margin_minutes)
         made = state._assets_made
+        details = rm.details
         # nothing the asset is made of changed since it was made (the state's version, the PTU
         # grid, the RM's details, no description or leakage come into force meanwhile): it is
         # taken as it was, a copy (the EV modes and the departures change it in place). 5000
         # RMs' assets took 0.2-0.3 s of CPU a replan, and between two replans most RMs say
         # nothing new
+        if made is not None and made.grid == grid and made.details is details \
+                and (made.until is None or site.now < made.until) \
+                and made.version != state.version and made.level_free is not None \
+                and state.version - made.version == state.levels_version - made.levels_version:
+            new_level(made, state, site.config.planner.ev_finish_margin_minutes,
+                      site.problem.ptu_minutes)  # only the fill level is new
         if made is not None and made.version == state.version and made.grid == grid \
-                and made.details is rm.details and (made.until is None or site.now < made.until):
+                and made.details is details and (made.until is None or site.now < made.until):
             asset = fresh_copy(made.asset)
             if made.actuators_version != state.actuators_version:
                 # only the actuators' statuses are new (an instruction was taken): without
@@ -348,10 +370,10 @@ class FrbcPlugin(PluginBase[FrbcState]):
             if built is None:
                 return False
             asset, binding = built
-        name = rm.details.name if rm.details is not None and rm.details.name else ""
         site.problem.storage.append(asset)
         site.mapping.add(rm_id, asset.id, binding, asset.kind)
         if binding.held_load is not None:  # kept on by a minimum run time: not to plan
+            name = details.name if details is not None and details.name else ""
             site.problem.fixed.append(binding.held_load)
             site.mapping.rm_assets[rm_id].append(binding.held_load.id)
             site.mapping.notes.append(f"{name or rm_id}: kept on until PTU "
@@ -368,15 +390,31 @@ class FrbcPlugin(PluginBase[FrbcState]):
             state._assets_made = None
             return None
         timers = list(state.timer_statuses().values())
-        kind = storage_kind(sd, rm.details)
-        priority = label_priority(sd) or (site.config.ev_defaults.priority
-                                          if kind == "ev" else 1)
+        details = rm.details
+        described = state._described
+        if described is None or described[0] is not sd or described[1] is not details \
+                or described[2] != grid:
+            # what the description and details say (kind, priority, phases) is read once per
+            # description: an EV's new level remakes its asset, its description stays
+            kind = storage_kind(sd, details)
+            priority = label_priority(sd) or (site.config.ev_defaults.priority
+                                              if kind == "ev" else 1)
+            described = state._described = (sd, details, grid, kind, priority,
+                                             description_phase_share(sd))
+        _, _, _, kind, priority, share = described
         asset, binding = frbc_storage_asset(
             rm_id, sd, site.grid, site.now,
             storage_status=state.storage_status, actuator_statuses=state.actuator_statuses(),
             leakage=state.leakage_behaviour(site.now), usage_forecast=state.usage_forecast,
             target_profile=state.fill_level_target_profile, timer_statuses=timers,
-            kind=kind, priority=priority)
+            kind=kind, priority=priority, share=share)
+        leakage = state.leakage_behaviour(site.now)
+        # nothing but the level reads the fill level (one element per mode, no leakage by
+        # level, no timer): a new level alone is taken into the kept asset (`new_level`)
+        level_free = fresh_copy(asset) if binding.held_load is None \
+            and (leakage is None or not leakage.elements) \
+            and all(len(m.elements) == 1 for a in sd.actuators for m in normal_modes(a)) \
+            else None
         if asset.kind == "ev":
             finish_early(asset, site.config.planner.ev_finish_margin_minutes,
                          site.problem.ptu_minutes)
@@ -384,7 +422,8 @@ class FrbcPlugin(PluginBase[FrbcState]):
                                state._leakage.next_change(site.now)) if c is not None]
         state._assets_made = None if timers else AssetsMade(
             state.version, state.actuators_version, grid, rm.details,
-            min(changes) if changes else None, fresh_copy(asset), binding)
+            min(changes) if changes else None, fresh_copy(asset), binding,
+            state.levels_version, level_free)
         return asset, binding
 
     def instruction_power_w(self, state: FrbcState, message: Any, now: datetime) -> float | None:
@@ -412,6 +451,10 @@ class FrbcPlugin(PluginBase[FrbcState]):
         return r.power_start + factor * (r.power_end - r.power_start)
 
 
+# SiteBuild.memo: the PTU grid and the config values an FRBC asset is made of
+GRID_MEMO = "frbc: grid"
+
+
 @dataclasses.dataclass
 class AssetsMade:
     """An FRBC RM's asset and binding as last made, with what they were made of."""
@@ -423,15 +466,44 @@ class AssetsMade:
     until: datetime | None  # a kept system description or leakage comes into force then
     asset: StorageAsset
     binding: FrbcBinding
+    levels_version: int = 0
+    # the asset before `finish_early`, when nothing but its level reads the fill level (else
+    # None: a new level makes it again)
+    level_free: StorageAsset | None = None
+
+
+def new_level(made: AssetsMade, state: FrbcState, margin_minutes: int, ptu_minutes: int) -> None:
+    """Take the RM's new fill level into the kept asset and binding (`made.level_free`): the
+    level and the binding's fill level are what `frbc_storage_asset` would make of it, the
+    rest is as made, and `finish_early` is asked again (it reads the level). Most EVs report a
+    new level between two replans: remade, each took ~100 us."""
+    base = made.level_free
+    status = state.storage_status
+    if base is None or status is None:
+        return
+    kept = made.binding
+    storage = kept.system_description.storage
+    bottom = storage.fill_level_range.start_of_range
+    fill = min(max(status.present_fill_level, bottom), storage.fill_level_range.end_of_range)
+    base = fresh_copy(base)
+    base.level_wh = round((fill - bottom) * kept.wh_per_unit)
+    asset = fresh_copy(base)
+    if asset.kind == "ev":
+        finish_early(asset, margin_minutes, ptu_minutes)
+    made.binding = dataclasses.replace(kept, fill_level=fill)
+    made.binding._ranges_at = kept._ranges_at  # (one element per mode: the same at any level)
+    made.asset, made.level_free = asset, base
+    made.version, made.levels_version = state.version, state.levels_version
 
 
 def fresh_copy(asset: StorageAsset) -> StorageAsset:
     """A copy of `asset` whose milestones and their prices can be changed without changing
     `asset` (the arrays are shared: nothing changes them in place)."""
-    out = object.__new__(StorageAsset)  # (copy.copy: 8 us, this 2 us)
-    out.__dict__.update(asset.__dict__)
-    out.target_profile = list(asset.target_profile)
-    out.milestone_eur_per_wh = dict(asset.milestone_eur_per_wh)
+    fields = asset.__dict__.copy()  # (copy.copy: 8 us; filling an empty __dict__: 2-6 us)
+    fields["target_profile"] = list(asset.target_profile)
+    fields["milestone_eur_per_wh"] = dict(asset.milestone_eur_per_wh)
+    out = object.__new__(StorageAsset)
+    out.__dict__ = fields
     return out
 
 

@@ -404,8 +404,11 @@ def frbc_storage_asset(
     timer_statuses: list[FRBCTimerStatus] | None = None,
     kind: str | None = None,
     priority: int = 1,
+    share: PhaseShare | None = None,
 ) -> tuple[StorageAsset, FrbcBinding]:
-    """The planner's view of an FRBC storage, and the binding that turns plans back into S2."""
+    """The planner's view of an FRBC storage, and the binding that turns plans back into S2.
+
+    `share`: the description's phase share when the caller has it (`description_phase_share`)."""
     storage = system_description.storage
     bottom = storage.fill_level_range.start_of_range
     top = storage.fill_level_range.end_of_range
@@ -484,7 +487,8 @@ def frbc_storage_asset(
     if blocked_until is not None and blocked_until > now:
         available_from = max(0, min(grid.n_ptus, grid.index_ceil(blocked_until)))
 
-    share = phase_share(p for a in system_description.actuators for p in actuator_phase_share(a))
+    if share is None:
+        share = description_phase_share(system_description)
     held_load: FixedLoad | None = None
     level_at_start = float(to_wh(fill))
     if held:
@@ -546,6 +550,11 @@ def frbc_storage_asset(
         held_load=held_load,
     )
     return asset, binding
+
+
+def description_phase_share(system_description: FRBCSystemDescription) -> PhaseShare:
+    """How the storage's power falls on the phases, from its actuators' commodities."""
+    return phase_share(p for a in system_description.actuators for p in actuator_phase_share(a))
 
 
 def _moves_blocked_until(actuator: FRBCActuatorDescription, current: ModeRange,

@@ -70,6 +70,8 @@ class SiteBuild:
     grid: PtuGrid
     config: SiteConfig
     now: datetime
+    # what a plug-in works out once per build instead of once per RM (its own keys)
+    memo: dict[str, Any] = field(default_factory=dict)
 
 
 class AssetSource(Protocol):

@@ -230,6 +230,11 @@ class IdTranslator:
         self._staged = None
 
     @property
+    def translates(self) -> bool:
+        """Whether any id is translated (else `to_external` gives every id back as it is)."""
+        return bool(self._to_external) or bool(self._staged)
+
+    @property
     def translated(self) -> dict[str, str]:
         """internal UUID -> RM's id, for every remembered id that was not a UUID."""
         return dict(self._to_external)

@@ -78,6 +78,9 @@ class RmState:
         self._last_measurement: PowerMeasurement | None = None
         self._power_forecast: PowerForecast | None = None
         self._instructions: dict[str, InstructionRecord] = {}
+        # bumped by every instruction status the RM reports: who checked the statuses at one
+        # count need not read them again while it holds (`Dispatcher.unchanged`)
+        self.statuses_version = 0
         self._rm_ids: Callable[[], dict[str, str]] = dict
         self._details_json: tuple[Any, Any] = (None, None)   # details, their JSON (snapshot)
 
@@ -108,6 +111,7 @@ class RmState:
         record = self._instructions[_key(update.instruction_id)]
         record.status = update.status_type
         record.status_at = update.timestamp
+        self.statuses_version += 1
         owner = OWNER.get(getattr(record.instruction, "message_type", ""))
         active = self._active
         if owner is not None and active is not None and owner is active[0]:
