@@ -414,34 +414,6 @@ def test_in_a_rush_every_ev_is_asked_the_same_floor_the_site_can_give() -> None:
     assert met >= 0.9 * sum(asked)  # the floors fill the fuse: the plan meets nearly all
 
 
-def test_an_ev_near_the_end_of_its_floors_hour_does_not_shrink_the_others_floors() -> None:
-    """No rush: one EV arrived 55 minutes ago with nothing yet (its charger cannot give it 5 kWh
-    by its floor's PTU), another just now. The site has room for both floors, so the new EV is
-    asked its whole 5 kWh, as first come, first floored asks, and not the little the other's
-    own charger holds that one to."""
-    from cem.control.departures import OpenVisit
-
-    def floors(sharing: str) -> dict[str, list[tuple[int, int, int]]]:
-        learning = _learning_from_the_fixture(ev_front_load_kwh=5, ev_front_load_sharing=sharing)
-        evs = []
-        for k, ago in enumerate((55, 0)):
-            learning.open[f"rm{k}"] = OpenVisit(
-                "A", MONDAY_8 - timedelta(minutes=ago), MONDAY_8 + timedelta(hours=9), 13000.0,
-                0.0, 20000.0, typed_latest=MONDAY_8 + timedelta(hours=9))
-            evs.append(StorageAsset(id=f"ev{k}", kind="ev", charge_max_w=7360, charge_min_w=1380,
-                                    level_wh=0, level_max_wh=20000, target_wh=13000,
-                                    available_from=0, available_until=36))
-        problem = _one_ev_problem(np.full(40, 0.20), evs[0])
-        problem.storage = evs
-        learning.apply(problem, {"rm0": ["ev0"], "rm1": ["ev1"]})
-        return {ev.id: [m for m in ev.target_profile if m[0] <= 4] for ev in evs}
-
-    equal, arrival = floors("equal"), floors("arrival")
-    assert [m[1] for m in equal["ev1"]] == [5000]  # the new EV: its whole floor
-    assert 0 < equal["ev0"][0][1] < 5000  # what its own charger gives by its floor's PTU
-    assert equal == arrival
-
-
 def test_an_ev_that_tells_no_need_and_still_takes_energy_is_asked_for_more() -> None:
     """An OCPP 1.6 EV (the charger's default need, 20 kWh) that has taken 21 kWh and still
     draws: comparable visits took 8 kWh, so without `ev_open_need_kwh` nothing more is asked

@@ -43,8 +43,7 @@ every learned quantile still gets that much. The floors ask no more than the sit
 then (`floor_headroom_w`: import limit and fuse per phase after the base load), where floors
 for all spread the first hour over every EV and the early leavers got less (ADR 0009 round 7,
 second part). When the site cannot give every floor, every EV is asked the same smaller floor
-(at most what its own charger gives by then; what is left goes first come;
-`planner.ev_front_load_sharing = "equal"`, ADR 0009 round 8), or, with "arrival", first come,
+(`planner.ev_front_load_sharing = "equal"`, ADR 0009 round 8), or, with "arrival", first come,
 first floored (the last arrivals a smaller floor or none). An EV that tells no need and still takes energy is
 asked `planner.ev_open_need_kwh` more than it has (it is not full while it draws), at its
 departure milestones' prices.
@@ -67,7 +66,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
@@ -217,82 +216,74 @@ class _Floor:
     eta: float
     share: list[float]  # of its power per phase, summing to 1
     granted: float = 0.0
-    used_w: dict[int, float] = field(default_factory=dict)  # reserved per PTU
 
     def window(self, n_ptus: int) -> range:
         return range(max(self.asset.available_from, 0), min(self.ptu, n_ptus))
 
-    def cap_w(self, t: int, hours: float) -> float:
-        """The most it takes more in PTU `t` of `hours`: its charger (less what is reserved
-        there), and the rest of its floor."""
-        return max(0.0, min(float(self.asset.charge_max_w) - self.used_w.get(t, 0.0),
+    def cap_w(self, hours: float) -> float:
+        """The most it takes in a PTU of `hours`: its charger, and the rest of its floor."""
+        return max(0.0, min(float(self.asset.charge_max_w),
                             (self.wanted - self.granted) / (self.eta * hours)))
 
 
-def _grant(f: _Floor, t: int, hours: float, total: list[float],
-           phase: list[list[float]]) -> None:
-    """Reserve for floor `f` in PTU `t` what its charger, the rest of its floor and the
-    headroom left give it."""
-    room = min([f.cap_w(t, hours), total[t],
-                *(phase[p][t] / f.share[p] for p in range(3) if f.share[p] > 0)])
-    room = max(0.0, room)
-    total[t] -= room
-    for p in range(3):
-        phase[p][t] -= room * f.share[p]
-    f.granted += room * f.eta * hours
-    f.used_w[t] = f.used_w.get(t, 0.0) + room
-
-
-def _share_by_arrival(floors: list[_Floor], total: list[float], phase: list[list[float]],
+def _share_by_arrival(floors: list[_Floor], total_w: np.ndarray, phase_w: np.ndarray,
                       hours: np.ndarray, n_ptus: int) -> None:
     """First come, first floored: each floor (in arrival order) takes what its charger and the
     headroom the earlier floors left give it, PTU by PTU."""
+    total: list[float] = total_w.tolist()  # plain floats: 5000 EVs a replan
+    phase: list[list[float]] = phase_w.tolist()
     for f in floors:
         for t in f.window(n_ptus):
             if f.granted >= f.wanted:
                 break
-            _grant(f, t, float(hours[t]), total, phase)
+            room = min([f.cap_w(float(hours[t])), total[t],
+                        *(phase[p][t] / f.share[p] for p in range(3) if f.share[p] > 0)])
+            w = max(0.0, room)
+            total[t] -= w
+            for p in range(3):
+                phase[p][t] -= w * f.share[p]
+            f.granted += w * f.eta * hours[t]
 
 
 def _share_equally(floors: list[_Floor], total_w: np.ndarray, phase_w: np.ndarray,
                    hours: np.ndarray, n_ptus: int) -> None:
-    """The same floor for every EV, at most its own and what its charger can take by its
-    floor's PTU: the largest amount the headroom gives them all, found by bisection, each
-    trial filled earliest floor first (the order that meets the most deadlines of one shared
-    limit). What is left of the headroom (a phase or an EV the equal floor does not bind)
-    then goes first come, first floored."""
+    """The same floor for every EV (at most its own): the largest amount each can get by its
+    floor's PTU from the headroom, found by bisection, each trial filled earliest floor first
+    (the order that meets the most deadlines of one shared limit)."""
     if not floors:
         return
     order = sorted(floors, key=lambda f: f.ptu)
     starts = [max(f.asset.available_from, 0) for f in order]
-    own = [f.wanted for f in floors]
-    reach = [min(w, sum(float(f.asset.charge_max_w) * f.eta * float(hours[t])
-                        for t in f.window(n_ptus)))
-             for f, w in zip(floors, own, strict=True)]
+    wanted = [f.wanted for f in floors]
 
-    def fill(each: float) -> tuple[bool, list[float], list[list[float]]]:
-        total: list[float] = total_w.tolist()  # plain floats: 5000 EVs a replan
+    def fill(each: float) -> bool:
+        total: list[float] = total_w.tolist()
         phase: list[list[float]] = phase_w.tolist()
-        for f, r in zip(floors, reach, strict=True):
-            f.wanted, f.granted, f.used_w = min(r, each), 0.0, {}
+        for f, w in zip(floors, wanted, strict=True):
+            f.wanted, f.granted = min(w, each), 0.0
         for t in range(min(n_ptus, max(f.ptu for f in order))):
             for f, lo in zip(order, starts, strict=True):
                 if total[t] <= 0:
                     break
-                if lo <= t < f.ptu and f.granted < f.wanted:
-                    _grant(f, t, float(hours[t]), total, phase)
-        return all(f.granted >= f.wanted - 1 for f in floors), total, phase
+                if t < lo or t >= f.ptu or f.granted >= f.wanted:
+                    continue
+                room = min([f.cap_w(float(hours[t])), total[t],
+                            *(phase[p][t] / f.share[p] for p in range(3) if f.share[p] > 0)])
+                room = max(0.0, room)
+                total[t] -= room
+                for p in range(3):
+                    phase[p][t] -= room * f.share[p]
+                f.granted += room * f.eta * hours[t]
+        return all(f.granted >= f.wanted - 1 for f in floors)
 
-    low, high = 0.0, max(reach)
-    ok, total, phase = fill(high)
-    if not ok:
+    low, high = 0.0, max(wanted)
+    if not fill(high):
         for _ in range(24):  # to 1 Wh in 10 kWh
             mid = (low + high) / 2
-            low, high = (mid, high) if fill(mid)[0] else (low, mid)
-        _, total, phase = fill(low)
-    for f, w in zip(floors, own, strict=True):
+            low, high = (mid, high) if fill(mid) else (low, mid)
+        fill(low)
+    for f, w in zip(floors, wanted, strict=True):
         f.wanted = w
-    _share_by_arrival(floors, total, phase, hours, n_ptus)
 
 
 class DepartureLearning:
@@ -568,8 +559,7 @@ class DepartureLearning:
         The floors ask no more than the site can deliver (import limit and fuse per phase,
         after the base load and PV) by each floor's PTU. When it cannot give them all,
         `ev_front_load_sharing` says who gets it: "equal", the same floor for every EV (the
-        most they can all get by their floors' PTUs, at most each one's own and what its
-        charger gives by then; the rest of the headroom first come), or "arrival",
+        most they can all get by their floors' PTUs, at most each one's own), or "arrival",
         first come, first floored (each EV what the earlier arrivals' floors left; the last
         arrivals less or none)."""
         if self.front_wh <= 0 or not floors:
@@ -600,8 +590,7 @@ class DepartureLearning:
         if self.front_sharing == "equal":
             _share_equally(wanted, total_w, phase_w, ptu_hours(problem), problem.n_ptus)
         else:
-            _share_by_arrival(wanted, total_w.tolist(), phase_w.tolist(), ptu_hours(problem),
-                              problem.n_ptus)
+            _share_by_arrival(wanted, total_w, phase_w, ptu_hours(problem), problem.n_ptus)
         for floor in wanted:
             asset = floor.asset
             goal = int(asset.level_wh + min(floor.granted, floor.wanted))
