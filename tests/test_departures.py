@@ -353,7 +353,7 @@ def test_in_a_rush_the_floors_ask_no_more_than_the_site_can_give_first_come_firs
     two their 5 kWh within their hour."""
     from cem.control.departures import OpenVisit
 
-    learning = _learning_from_the_fixture(ev_front_load_kwh=5, ev_front_load_sharing="arrival")
+    learning = _learning_from_the_fixture(ev_front_load_kwh=5)
     evs = []
     for k in range(20):
         rm = f"rm{k}"
@@ -377,41 +377,6 @@ def test_in_a_rush_the_floors_ask_no_more_than_the_site_can_give_first_come_firs
     for k in range(2):
         power = np.asarray(plan.power_w[f"ev{k}"], dtype=float)
         assert float(power[:3].sum()) * 0.25 >= 5000 - 100  # its 5 kWh by its floor's PTU
-
-
-def test_in_a_rush_every_ev_is_asked_the_same_floor_the_site_can_give() -> None:
-    """The same 20 EVs with the default `ev_front_load_sharing` ("equal"): instead of the first
-    arrivals their 5 kWh and the last none, every EV is asked the same floor, what the fuse gives them
-    all by their floors' PTUs (17.25 kWh / 20), and the plan charges every one of them in
-    its floor's hour (the last arrival too), nearly all of the floors in all."""
-    from cem.control.departures import OpenVisit
-
-    learning = _learning_from_the_fixture(ev_front_load_kwh=5)
-    evs = []
-    for k in range(20):
-        rm = f"rm{k}"
-        arrival = MONDAY_8 - timedelta(minutes=20 - k)
-        learning.open[rm] = OpenVisit("A", arrival, MONDAY_8 + timedelta(hours=9), 13000.0,
-                                      0.0, 20000.0, typed_latest=MONDAY_8 + timedelta(hours=9))
-        evs.append(StorageAsset(id=f"ev{k}", kind="ev", charge_max_w=7360, charge_min_w=1380,
-                                level_wh=0, level_max_wh=20000, target_wh=13000,
-                                available_from=0, available_until=36))
-    problem = _one_ev_problem(np.full(40, 0.20), evs[0])
-    problem.storage = evs
-    learning.apply(problem, {f"rm{k}": [f"ev{k}"] for k in range(20)})
-    floors = {ev.id: [m for m in ev.target_profile if m[0] <= 4] for ev in evs}
-    assert all(len(f) == 1 for f in floors.values())  # the last arrival too
-    asked = [f[0][1] for f in floors.values()]
-    assert max(asked) - min(asked) <= 2  # the same for all
-    assert sum(asked) == pytest.approx(25 * 230 * 3, rel=0.02)  # what the fuse gives by 09:00
-    plan = plan_site(problem, time_limit_s=2.0, workers=1)
-    met = 0.0
-    for ev in evs:
-        ptu, goal, _ = floors[ev.id][0]
-        by_floor = float(np.asarray(plan.power_w[ev.id], dtype=float)[:ptu].sum()) * 0.25
-        assert by_floor > 0, ev.id  # charged within its floor's hour
-        met += min(by_floor, goal)
-    assert met >= 0.9 * sum(asked)  # the floors fill the fuse: the plan meets nearly all
 
 
 def test_an_ev_that_tells_no_need_and_still_takes_energy_is_asked_for_more() -> None:

@@ -40,11 +40,10 @@ Two floors per driver (round 5): every EV that wants energy is asked its first
 `planner.ev_front_load_kwh` within `planner.ev_front_load_minutes` of its arrival (a milestone
 at `ev_front_load_eur_per_kwh`, by default the value of a kWh): the driver who leaves before
 every learned quantile still gets that much. The floors ask no more than the site can give by
-then (`floor_headroom_w`: import limit and fuse per phase after the base load), where floors
+then (`floor_headroom_w`: import limit and fuse per phase after the base load), first come,
+first floored: in a morning rush the last arrivals get a smaller floor or none, where floors
 for all spread the first hour over every EV and the early leavers got less (ADR 0009 round 7,
-second part). When the site cannot give every floor, every EV is asked the same smaller floor
-(`planner.ev_front_load_sharing = "equal"`, ADR 0009 round 8), or, with "arrival", first come,
-first floored (the last arrivals a smaller floor or none). An EV that tells no need and still takes energy is
+second part). An EV that tells no need and still takes energy is
 asked `planner.ev_open_need_kwh` more than it has (it is not full while it draws), at its
 departure milestones' prices.
 
@@ -205,87 +204,6 @@ def floor_headroom_w(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     return np.maximum(total, 0.0), np.maximum(phase, 0.0)
 
 
-@dataclass
-class _Floor:
-    """One EV's front-load floor as the site can give it: `wanted` Wh into the EV by `ptu`,
-    `granted` of it reserved in the site's headroom."""
-
-    asset: StorageAsset
-    ptu: int
-    wanted: float
-    eta: float
-    share: list[float]  # of its power per phase, summing to 1
-    granted: float = 0.0
-
-    def window(self, n_ptus: int) -> range:
-        return range(max(self.asset.available_from, 0), min(self.ptu, n_ptus))
-
-    def cap_w(self, hours: float) -> float:
-        """The most it takes in a PTU of `hours`: its charger, and the rest of its floor."""
-        return max(0.0, min(float(self.asset.charge_max_w),
-                            (self.wanted - self.granted) / (self.eta * hours)))
-
-
-def _share_by_arrival(floors: list[_Floor], total_w: np.ndarray, phase_w: np.ndarray,
-                      hours: np.ndarray, n_ptus: int) -> None:
-    """First come, first floored: each floor (in arrival order) takes what its charger and the
-    headroom the earlier floors left give it, PTU by PTU."""
-    total: list[float] = total_w.tolist()  # plain floats: 5000 EVs a replan
-    phase: list[list[float]] = phase_w.tolist()
-    for f in floors:
-        for t in f.window(n_ptus):
-            if f.granted >= f.wanted:
-                break
-            room = min([f.cap_w(float(hours[t])), total[t],
-                        *(phase[p][t] / f.share[p] for p in range(3) if f.share[p] > 0)])
-            w = max(0.0, room)
-            total[t] -= w
-            for p in range(3):
-                phase[p][t] -= w * f.share[p]
-            f.granted += w * f.eta * hours[t]
-
-
-def _share_equally(floors: list[_Floor], total_w: np.ndarray, phase_w: np.ndarray,
-                   hours: np.ndarray, n_ptus: int) -> None:
-    """The same floor for every EV (at most its own): the largest amount each can get by its
-    floor's PTU from the headroom, found by bisection, each trial filled earliest floor first
-    (the order that meets the most deadlines of one shared limit)."""
-    if not floors:
-        return
-    order = sorted(floors, key=lambda f: f.ptu)
-    starts = [max(f.asset.available_from, 0) for f in order]
-    wanted = [f.wanted for f in floors]
-
-    def fill(each: float) -> bool:
-        total: list[float] = total_w.tolist()
-        phase: list[list[float]] = phase_w.tolist()
-        for f, w in zip(floors, wanted, strict=True):
-            f.wanted, f.granted = min(w, each), 0.0
-        for t in range(min(n_ptus, max(f.ptu for f in order))):
-            for f, lo in zip(order, starts, strict=True):
-                if total[t] <= 0:
-                    break
-                if t < lo or t >= f.ptu or f.granted >= f.wanted:
-                    continue
-                room = min([f.cap_w(float(hours[t])), total[t],
-                            *(phase[p][t] / f.share[p] for p in range(3) if f.share[p] > 0)])
-                room = max(0.0, room)
-                total[t] -= room
-                for p in range(3):
-                    phase[p][t] -= room * f.share[p]
-                f.granted += room * f.eta * hours[t]
-        return all(f.granted >= f.wanted - 1 for f in floors)
-
-    low, high = 0.0, max(wanted)
-    if not fill(high):
-        for _ in range(24):  # to 1 Wh in 10 kWh
-            mid = (low + high) / 2
-            low, high = (mid, high) if fill(mid) else (low, mid)
-        fill(low)
-    for f, w in zip(floors, wanted, strict=True):
-        f.wanted = w
-
-
 class DepartureLearning:
     """Open visits per EV charger, the learned model, and the safe-departure milestones."""
 
@@ -303,7 +221,6 @@ class DepartureLearning:
         self.taper_knee = float(planner.ev_taper_from_soc) / 100
         self.front_wh = float(planner.ev_front_load_kwh) * 1000
         self.front_window = timedelta(minutes=int(planner.ev_front_load_minutes))
-        self.front_sharing = str(planner.ev_front_load_sharing)
         front_eur = planner.ev_front_load_eur_per_kwh
         self.front_eur_per_wh = (self.value_eur_per_wh if front_eur is None
                                  else float(front_eur) / 1000)
@@ -556,17 +473,18 @@ class DepartureLearning:
         arrival, at the full value of a kWh: the drivers who leave before every learned
         departure quantile get at least this (a floor per driver, not an expected value).
 
-        The floors ask no more than the site can deliver (import limit and fuse per phase,
-        after the base load and PV) by each floor's PTU. When it cannot give them all,
-        `ev_front_load_sharing` says who gets it: "equal", the same floor for every EV (the
-        most they can all get by their floors' PTUs, at most each one's own), or "arrival",
-        first come, first floored (each EV what the earlier arrivals' floors left; the last
-        arrivals less or none)."""
+        The floors ask no more than the site can deliver: first come, first floored, each EV
+        is asked what its charger and the headroom its earlier-arrived EVs' floors left
+        (import limit and fuse per phase, after the base load and PV) give it by its floor's
+        PTU. In a rush the last arrivals get less or no floor, rather than every EV a floor
+        the site cannot meet (which spread the first hour over all of them)."""
         if self.front_wh <= 0 or not floors:
             return
         step = timedelta(minutes=problem.ptu_minutes)
+        hours = ptu_hours(problem)
         total_w, phase_w = floor_headroom_w(problem)
-        wanted: list[_Floor] = []
+        total: list[float] = total_w.tolist()  # plain floats: 5000 EVs a replan
+        phase: list[list[float]] = phase_w.tolist()
         floors.sort(key=lambda f: (f[1].arrival, f[0].id))
         for asset, visit, target in floors:
             if not visit.arrival_seen:
@@ -582,22 +500,26 @@ class DepartureLearning:
                 ptu -= 1  # a departure milestone there already: the floor just before it
             if ptu <= asset.available_from:
                 continue
+            eta = max(float(asset.charge_efficiency), 1e-6)
+            wanted = min(target, asset.level_wh + missing, asset.level_max_wh) - asset.level_wh
             shares = [max(float(x), 0.0) for x in asset.phase_share]
             share = [x / sum(shares) for x in shares] if sum(shares) > 0 else [1 / 3] * 3
-            wanted.append(_Floor(
-                asset, ptu, min(target, asset.level_wh + missing, asset.level_max_wh) - asset.level_wh,
-                max(float(asset.charge_efficiency), 1e-6), share))
-        if self.front_sharing == "equal":
-            _share_equally(wanted, total_w, phase_w, ptu_hours(problem), problem.n_ptus)
-        else:
-            _share_by_arrival(wanted, total_w, phase_w, ptu_hours(problem), problem.n_ptus)
-        for floor in wanted:
-            asset = floor.asset
-            goal = int(asset.level_wh + min(floor.granted, floor.wanted))
+            granted = 0.0  # Wh into the EV
+            for t in range(max(asset.available_from, 0), min(ptu, problem.n_ptus)):
+                if granted >= wanted:
+                    break
+                room = min([float(asset.charge_max_w), total[t],
+                            *(phase[p][t] / share[p] for p in range(3) if share[p] > 0)])
+                w = max(0.0, min(room, (wanted - granted) / (eta * hours[t])))
+                total[t] -= w
+                for p in range(3):
+                    phase[p][t] -= w * share[p]
+                granted += w * eta * hours[t]
+            goal = int(asset.level_wh + min(granted, wanted))
             if goal <= asset.level_wh + 1:
                 continue
-            asset.target_profile.append((floor.ptu, goal, int(asset.level_max_wh)))
-            asset.milestone_eur_per_wh[floor.ptu] = self.front_eur_per_wh
+            asset.target_profile.append((ptu, goal, int(asset.level_max_wh)))
+            asset.milestone_eur_per_wh[ptu] = self.front_eur_per_wh
             self.front_loaded += 1
 
     @staticmethod

@@ -267,10 +267,6 @@ class PlannerConfig(Section):
         "at the value of an undelivered kWh (0: off)")
     ev_front_load_minutes: int = Field(
         60, ge=15, le=480, description="the window after arrival for `ev_front_load_kwh`")
-    ev_front_load_sharing: Literal["equal", "arrival"] = Field(
-        "equal", description="when the site cannot give every floor by its PTU: 'equal' asks "
-        "every EV the same floor (the most all of them can get, at most its own); 'arrival' "
-        "floors the first arrivals in full and the last ones less or not at all")
     ev_front_load_eur_per_kwh: float | None = Field(
         None, ge=0, le=100, description="EUR per kWh short of `ev_front_load_kwh` (none: the "
         "value of an undelivered kWh); below the price gap to the site's PV or cheap hours "
