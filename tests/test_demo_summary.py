@@ -192,3 +192,48 @@ async def test_an_ev_leaves_at_its_departure_when_the_loop_wakes_late() -> None:
     late_min = (station.unplugged_at - visit.departure).total_seconds() / 60
     # one late wake-up is 4.8 minutes; sixteen of them added up would be 77
     assert -0.5 <= late_min <= 12, late_min
+
+
+def test_what_an_ev_is_held_after_a_reading_the_guard_acts_on_counts_for_the_limits() -> None:
+    """One reading above the import limit makes the guard cap chargers until the next plan;
+    the PTU's 15-minute average can stay well below the limit. What an EV was held back
+    within the guard's hold of such a reading is the limit's, not a miss of the CEM's; what
+    it is held later, with the site far from its limits, is not."""
+    import time as wall
+
+    from cem.app.demo import GUARD_HOLD_WALL_S, DemoSite, with_demo_prices
+    from cem.app.site_file import load_site_file
+    from sitekit import clock
+
+    settings = DemoSettings(start=START, speed=1440, sim_seconds=4 * 900,
+                            wall_seconds=4 * 900 / 1440, report=Path("."),
+                            timezone="Europe/Amsterdam")
+    outcome = VisitOutcome(Visit("EV-1", START, START + timedelta(hours=1), 10.0, "test"),
+                           where="CP/1")
+
+    class OneVisit(DemoSite):
+        def live_visits(self) -> list[tuple[VisitOutcome, object, object]]:
+            return [(outcome, None, None)]
+
+    previous = clock.use(clock.ScaledClock(START + timedelta(minutes=1), 1440))
+    try:
+        demo = OneVisit(with_demo_prices(load_site_file(DEMO_TOML)), settings)
+        demo.outcomes.append(outcome)
+        rec = demo.recorder
+        limit_w = float(rec.import_limit_w[0])
+        rec.add(Sample(START, (0, 0, 0), {}, {}, None, None))
+        # one reading at 95 % of the import limit, then the rest of the PTU at a third of it
+        rec.add(Sample(START + timedelta(seconds=30), (limit_w * 0.95 / 3,) * 3, {}, {}, None,
+                       None))
+        demo._note_held()
+        outcome.held_kwh = 0.30  # the guard capped the EV meanwhile
+        demo._note_held()
+        _feed(rec, (limit_w / 9,) * 3, 840)
+        wall.sleep(GUARD_HOLD_WALL_S + 0.1)  # the guard's hold (wall time) is over
+        outcome.held_kwh = 0.50  # a later plan held it back, far from any limit
+        demo._note_held()
+        demo.judge_visits()
+    finally:
+        clock.use(previous)
+    assert not rec.at_limit(0)  # the PTU's average stayed below 85 % of the limit
+    assert outcome.held_at_limit_kwh == pytest.approx(0.30)

@@ -46,6 +46,9 @@ ACN_FIRST, ACN_LAST = date(2019, 10, 1), date(2019, 10, 21)
 BASE_LOAD_W = 3000.0
 SOURCE_DEMO = Path(__file__).resolve().parents[2] / "specs" / "sites" / "demo.toml"
 SAMPLE_WALL_S = 0.05
+# how long the guard's cap holds (wall seconds; 24 simulated minutes at 1440x): an EV held back
+# within it of a reading at a limit was held for that limit
+GUARD_HOLD_WALL_S = 1.0
 METER_WALL_S = 0.05  # grid meter: simulator tick and RM poll (wall seconds)
 
 
@@ -140,6 +143,8 @@ class VisitOutcome:
     held_kwh: float = 0.0  # after the first offer: what full current would have added
     held_at_limit_kwh: float = 0.0  # of that, while the site ran at its limits (see Recorder)
     held_by_ptu: dict[int, float] = field(default_factory=dict)  # kWh per PTU of the day
+    # of that, kWh per PTU held within the guard's hold of a reading at 85 % of a limit
+    held_near_limit_by_ptu: dict[int, float] = field(default_factory=dict)
     waited_s: float | None = None  # simulated seconds from plug-in to the first offer
     left: bool = False
 
@@ -220,7 +225,7 @@ class VisitOutcome:
         return (f"offered {self.offered_kwh:.2f} kWh, {self.held_kwh:.2f} kWh below full "
                 f"current after the {wait or 'first instruction'}; "
                 f"{self.held_at_limit_kwh:.2f} kWh of that while the site ran at 85 % or more "
-                "of its fuse or import limit")
+                "of its fuse or import limit (a PTU's average, or a reading the guard acted on)")
 
 
 def demo_visits(settings: DemoSettings) -> list[Visit]:
@@ -331,6 +336,16 @@ class Recorder:
         return bool(mean_w >= share * self.import_limit_w[t]
                     or self.max_phase_a[t] >= share * self.fuse_a)
 
+    def at_limit_now(self, sample: Sample, share: float = 0.85) -> bool:
+        """Whether one reading is at `share` of a limit: the import near the limit of its PTU
+        or a phase near the fuse (what the guard acts on, before any average)."""
+        t = self.ptu_of(sample.at)
+        if not 0 <= t < self.settings.n_ptus:
+            return False
+        amps = max(abs(w) for w in sample.phase_w) / self.voltage_v
+        return bool(sum(sample.phase_w) >= share * self.import_limit_w[t]
+                    or amps >= share * self.fuse_a)
+
     def complete_ptus(self) -> int:
         """PTUs fully covered by samples (the last one may be cut off)."""
         full = np.nonzero(self.covered_s >= 900 * 0.9)[0]
@@ -403,6 +418,7 @@ class DemoSite:
         self.started_wall = time.monotonic()
         self._tasks: list[asyncio.Task[Any]] = []
         self._congestion_key: tuple[Any, ...] = ()
+        self._limit_seen_wall = -math.inf  # when a reading was last at a limit (wall clock)
 
     def _recorder(self) -> Recorder:
         from cem.flex.limits import site_limits
@@ -451,7 +467,8 @@ class DemoSite:
             signals = configured_sources(service.config, service.store, clock=clock.now,
                                          congestion_poll_s=2.0)
             site_controller = SiteController(service.config, service.server, service.store,
-                                             signals=signals, clock=clock.now, guard_hold_s=1.0)
+                                             signals=signals, clock=clock.now,
+                                             guard_hold_s=GUARD_HOLD_WALL_S)
             return site_controller
 
         self.service = CemService(cfg, controller_factory=controller)
@@ -661,18 +678,31 @@ class DemoSite:
         self.recorder.import_limit_w = np.asarray(limits.import_limit_w, dtype=float)
 
     def _note_held(self) -> None:
-        """Book what each plugged-in EV was held below full current in the PTU it was."""
+        """Book what each plugged-in EV was held below full current in the PTU it was, and
+        apart what it was held within the guard's hold of a reading at a limit (the guard's
+        cap lasts until the next plan; the PTU's average may stay below the limit)."""
         t = self.recorder.ptu_of(clock.now())
+        samples = self.recorder.samples
+        if samples and self.recorder.at_limit_now(samples[-1]):
+            self._limit_seen_wall = time.monotonic()
+        near_limit = time.monotonic() - self._limit_seen_wall <= GUARD_HOLD_WALL_S
         for outcome, _station, _evse in self.live_visits():
             seen = sum(outcome.held_by_ptu.values())
             if outcome.held_kwh > seen:
-                outcome.held_by_ptu[t] = outcome.held_by_ptu.get(t, 0.0) + outcome.held_kwh - seen
+                more = outcome.held_kwh - seen
+                outcome.held_by_ptu[t] = outcome.held_by_ptu.get(t, 0.0) + more
+                if near_limit:
+                    near = outcome.held_near_limit_by_ptu
+                    near[t] = near.get(t, 0.0) + more
 
     def judge_visits(self) -> None:
-        """After the run: how much of what each EV was held back fell in PTUs at the limits."""
+        """After the run: how much of what each EV was held back was for the limits: all of it
+        in PTUs at a limit, and in the others what came within the guard's hold of a reading
+        at one."""
         for outcome in self.outcomes:
-            outcome.held_at_limit_kwh = sum(kwh for t, kwh in outcome.held_by_ptu.items()
-                                            if self.recorder.at_limit(t))
+            outcome.held_at_limit_kwh = sum(
+                kwh if self.recorder.at_limit(t) else outcome.held_near_limit_by_ptu.get(t, 0.0)
+                for t, kwh in outcome.held_by_ptu.items())
 
     async def _sample(self) -> None:
         while not self.stop_event.is_set():
