@@ -81,14 +81,15 @@ def test_demo_runs_the_whole_site_within_its_limits(tmp_path: Path) -> None:
     assert summary["ev_left"] >= 5
     assert summary["ev_missed"] <= 2, summary["ev_missed_by_cem"]
     assert summary["ev_targets_met"] + summary["ev_left_early"] \
-        + summary["ev_ev_limited"] + summary["ev_stay_limited"] + summary["ev_missed"] \
+        + summary["ev_ev_limited"] + summary["ev_stay_limited"] + summary["ev_site_limited"] \
+        + summary["ev_missed"] \
         == summary["ev_left"]
     with (report / "ev_visits.csv").open() as handle:
         visits = [v for v in csv.DictReader(handle) if v["left"] == "True" and v["ocpp"]]
     assert len(visits) == summary["ev_left"]
     assert sum(v["outcome"] == "met" for v in visits) == summary["ev_targets_met"]
     for visit in visits:
-        assert visit["outcome"] in ("met", "left-early", "ev-limited", "stay-limited",
+        assert visit["outcome"] in ("met", "left-early", "ev-limited", "stay-limited", "site-limited",
                                     "missed"), visit
         assert (visit["outcome"] == "met") == (visit["reason"] == ""), visit
         if visit["outcome"] == "missed":

@@ -100,6 +100,23 @@ def test_a_stay_too_short_counts_only_with_full_current_from_the_first_offer() -
     assert _outcome(4, 3.0, feasible=5.2).outcome == "missed"  # the need was reachable
 
 
+def test_a_miss_the_site_limits_explain_is_the_sites_not_the_cems() -> None:
+    # 12 kWh reachable in the stay; 11.5 delivered, 2.2 held back while the site was at its
+    # limits (a congestion window) and 0.2 otherwise: without the limits it had been met
+    congested = _outcome(12, 11.5, held=2.4)
+    congested.held_at_limit_kwh = 2.2
+    assert congested.outcome == "site-limited"
+    assert "the site's limits held it 2.20 kWh below full current" in congested.reason(1440)
+    # held back as much when the site was not at its limits: the CEM's miss
+    free = _outcome(12, 11.5, held=4.4)
+    free.held_at_limit_kwh = 2.2
+    assert free.outcome == "missed"
+    # the limits held it back less than it lacked: the CEM's miss too
+    short = _outcome(12, 10.0, held=1.0)
+    short.held_at_limit_kwh = 0.9
+    assert short.outcome == "missed"
+
+
 def test_leaving_before_the_departure_the_cem_knew_is_said_as_such() -> None:
     early = _outcome(20, 2.0, stay_h=2, cem_stay_h=8)
     assert early.left_early and early.outcome == "left-early"

@@ -183,6 +183,16 @@ class VisitOutcome:
                 and self.held_kwh - self.held_at_limit_kwh <= 0.02 * self.feasible_kwh + 0.05)
 
     @property
+    def site_limited(self) -> bool:
+        """Missed, but by less than the site's limits held it back (`held_at_limit_kwh`: in
+        PTUs at 85 % of a limit, or under the guard's cap after a reading at one), and held
+        back hardly at all otherwise: the fuse, the GTV or a congestion window left too
+        little, with other EVs to share it."""
+        return (not self.met and self.held_at_limit_kwh >= 0.01
+                and self.delivered_kwh + self.held_at_limit_kwh >= self._met_at
+                and self.held_kwh - self.held_at_limit_kwh <= 0.02 * self.target_kwh + 0.05)
+
+    @property
     def _met_at(self) -> float:
         return self.target_kwh * 0.98 - 0.05
 
@@ -190,7 +200,8 @@ class VisitOutcome:
     def outcome(self) -> str:
         """Why the visit ended as it did: met; left-early (before the departure the CEM
         knew); ev-limited (the EV took less than offered); stay-limited (the need was more
-        than full power for the stay gives, and full power was offered); missed (the CEM)."""
+        than full power for the stay gives, and full power was offered); site-limited (the
+        site's limits held it back by more than it lacked); missed (the CEM)."""
         if self.met:
             return "met"
         if self.left_early:
@@ -199,6 +210,8 @@ class VisitOutcome:
             return "ev-limited"
         if self.stay_limited:
             return "stay-limited"
+        if self.site_limited:
+            return "site-limited"
         return "missed"
 
     def reason(self, speed: float) -> str:
@@ -222,6 +235,12 @@ class VisitOutcome:
                           "limits")
             return (f"full power for the whole stay gives {self.feasible_kwh:.2f} kWh, less "
                     f"than the need; full current was offered from the {wait}{limits}")
+        if kind == "site-limited":
+            return (f"the site's limits held it {self.held_at_limit_kwh:.2f} kWh below full "
+                    f"current (a PTU at 85 % of its fuse or import limit, or under the guard's "
+                    f"cap), more than the {self._met_at - self.delivered_kwh:.2f} kWh it "
+                    f"lacked; {self.held_kwh - self.held_at_limit_kwh:.2f} kWh held otherwise, "
+                    f"after the {wait or 'first instruction'}")
         return (f"offered {self.offered_kwh:.2f} kWh, {self.held_kwh:.2f} kWh below full "
                 f"current after the {wait or 'first instruction'}; "
                 f"{self.held_at_limit_kwh:.2f} kWh of that while the site ran at 85 % or more "

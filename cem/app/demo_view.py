@@ -371,6 +371,7 @@ def summarise(demo: DemoSite) -> dict[str, Any]:
         "ev_left_early": sum(o.outcome == "left-early" for o in left),
         "ev_ev_limited": sum(o.outcome == "ev-limited" for o in left),
         "ev_stay_limited": sum(o.outcome == "stay-limited" for o in left),
+        "ev_site_limited": sum(o.outcome == "site-limited" for o in left),
         "ev_missed": sum(o.outcome == "missed" for o in left),
         "ev_missed_by_cem": [f"{o.visit.id_tag}: {o.reason(demo.settings.speed)}"
                              for o in left if o.outcome == "missed"],
@@ -434,6 +435,7 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
         ("... the others: why", f"{summary['ev_left_early']} left before the "
                                 f"CEM's departure, {summary['ev_ev_limited']} EV-limited, "
                                 f"{summary['ev_stay_limited']} stay too short, "
+                                f"{summary['ev_site_limited']} held by the site's limits, "
                                 f"{summary['ev_missed']} missed by the CEM"),
         ("EV energy delivered", f"{summary['ev_energy_kwh']:.1f} kWh"),
         ("charging profiles sent", f"{summary['charging_profiles']} (max "
