@@ -38,7 +38,7 @@ less stops drawing and is dropped from the next plan. Its asset still ends at th
 default departure; the shares of the departure scenarios that fall at or after it go on its
 last PTU free of another milestone, not dropped (round 8, second part: with the default 8 h
 most of a JPL morning's learned stays end later, and such an EV was worth 0.15 EUR a kWh above
-its default need where a driver who types was worth up to the full value).
+its default need, where the need a driver types is the EV's target).
 
 Two floors per driver (round 5): every EV that wants energy is asked its first
 `planner.ev_front_load_kwh` within `planner.ev_front_load_minutes` of its arrival (a milestone
