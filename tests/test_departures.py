@@ -523,3 +523,29 @@ async def test_an_ev_that_plugs_in_before_the_cems_first_plan_is_an_arrival_it_s
     finally:
         await controller.stop()
         await store.close()
+
+
+def test_an_ev_that_tells_no_departure_keeps_the_value_of_the_stays_past_its_chargers_default() -> None:
+    """An OCPP 1.6 EV is planned to its charger's default departure (here 2.5 h after it
+    came), but comparable visits stayed 2-4 h: half of them longer than that default. The
+    drivers who leave later are still drivers who would miss a kWh not charged by then, so
+    their share of the value goes on its last PTU instead of being dropped: with a kWh at
+    0.60 EUR, dearer than the shares before the default (0.45 EUR), the plan charges it."""
+    from cem.control.departures import OpenVisit
+
+    arrival = MONDAY_8 + timedelta(hours=3)  # EVSE C's Mondays at 11:00 stayed 2, 3 or 4 h
+    learning = _learning_from_the_fixture(ev_open_need_kwh=10, value_of_undelivered_kwh_eur=1.0)
+    learning.open["rm"] = OpenVisit("C", arrival, None, None, 21000.0, 150000.0, defaults=True)
+    price = np.full(40, 0.60)
+    ev = StorageAsset(id="ev", kind="ev", charge_max_w=7360, charge_min_w=1380,
+                      level_wh=21000, level_max_wh=150000, target_wh=20000,
+                      available_from=0, available_until=10)
+    problem = _one_ev_problem(price, ev)
+    problem.start = arrival
+    assert learning.apply(problem, {"rm": ["ev"]}) == 1
+    power = np.asarray(plan_site(problem, time_limit_s=2.0, workers=1).power_w["ev"], dtype=float)
+    assert float(power.sum()) * 0.25 == pytest.approx(10000, abs=300)  # the open need, charged
+    assert power[10:].sum() == 0  # gone by its default departure as far as the plan knows
+    asked = problem.storage[0]
+    assert sum(asked.milestone_eur_per_wh.values()) * 1000 == pytest.approx(0.95)
+    assert max(m[0] for m in asked.target_profile if m[1] == 31000) == 9

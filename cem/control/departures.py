@@ -34,7 +34,11 @@ An EV whose charger says its departure and need are only its site defaults (the 
 recorded and planned without a typed departure: its milestones come from the stays of
 comparable visits, and their target is the most those visits took (their 0.99 quantile,
 `DepartureModel.energy`) when that is more than the charger's default need: an EV that takes
-less stops drawing and is dropped from the next plan.
+less stops drawing and is dropped from the next plan. Its asset still ends at the charger's
+default departure; the shares of the departure scenarios that fall at or after it go on its
+last PTU free of another milestone, not dropped (round 8, second part: with the default 8 h
+most of a JPL morning's learned stays end later, and such an EV was worth 0.15 EUR a kWh above
+its default need, where the need a driver types is the EV's target).
 
 Two floors per driver (round 5): every EV that wants energy is asked its first
 `planner.ev_front_load_kwh` within `planner.ev_front_load_minutes` of its arrival (a milestone
@@ -438,17 +442,32 @@ class DepartureLearning:
                 self._finish_earlier(asset, shift)
                 self.tapered += 1
             ours: set[int] = set()
+            carried = 0.0
             for safe, price in zip(found, self._prices(found[0].early_share), strict=True):
                 ptu = math.floor((safe.at - problem.start) / step) - shift
                 ptu = max(ptu, asset.available_from + 1)
                 if ptu in ours:  # two quantiles in one PTU: one milestone, both shares
                     asset.milestone_eur_per_wh[ptu] += price
                     continue
-                if ptu >= asset.available_until or any(m[0] == ptu for m in asset.target_profile):
-                    continue  # at the departure, or a milestone at full weight is already there
+                if ptu >= asset.available_until:
+                    carried += price
+                    continue
+                if any(m[0] == ptu for m in asset.target_profile):
+                    continue  # a milestone at full weight is already there
                 asset.target_profile.append((ptu, target, int(asset.level_max_wh)))
                 asset.milestone_eur_per_wh[ptu] = price
                 ours.add(ptu)
+            if carried > 0 and visit.defaults:
+                last = asset.available_until - 1
+                while last > asset.available_from and last not in ours \
+                        and any(m[0] == last for m in asset.target_profile):
+                    last -= 1
+                if last in ours:
+                    asset.milestone_eur_per_wh[last] += carried
+                elif last > asset.available_from:
+                    asset.target_profile.append((last, target, int(asset.level_max_wh)))
+                    asset.milestone_eur_per_wh[last] = carried
+                    ours.add(last)
             floors.append((asset, visit, target))
             count += bool(ours)
         self._front_load(problem, floors)
