@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import random
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,16 +26,23 @@ def fields(asset: StorageAsset) -> dict[str, object]:
                      else copy.deepcopy(v)) for f in dataclasses.fields(asset)}
 
 
-def test_assets_of_rms_with_nothing_new_are_the_same_and_new_levels_are_seen() -> None:
+def _bench_site(evs: int, seed: int) -> tuple[dict[str, datetime], TimedRegistry,
+                                             list[BenchCharger], Any, dict[str, Any]]:
+    """The replan bench's site of `evs` chargers, each told to the CEM once: its clock, the
+    registry, the chargers, the config and the RMs' states."""
     clock = {"now": NOW}
     registry = TimedRegistry(clock=lambda: clock["now"])
-    rng = random.Random(3)
-    chargers = [BenchCharger(i, NOW, rng) for i in range(6)]
+    rng = random.Random(seed)
+    chargers = [BenchCharger(i, NOW, rng) for i in range(evs)]
     for charger in chargers:
         registry.connect(charger)
         charger.tell(registry, NOW)
-    config = site_for(6)
     states = {rm_id: entry.state for rm_id, entry in registry.rms().items()}
+    return clock, registry, chargers, site_for(evs), states
+
+
+def test_assets_of_rms_with_nothing_new_are_the_same_and_new_levels_are_seen() -> None:
+    clock, registry, chargers, config, states = _bench_site(6, seed=3)
     first, _ = build_problem(states, config, None, [], NOW)
     before = {a.id: fields(a) for a in first.storage}
     for asset in first.storage:  # what the EV modes do to a problem's assets
@@ -56,15 +64,7 @@ def test_an_ev_that_reports_only_a_new_level_gets_what_a_fresh_build_gives_witho
     fill level, the finish margin's milestone, which reads the level), not made again; the
     problem and the instructions are those a build from nothing gives."""
     import cem.control_types.frbc as frbc_plugin
-    clock = {"now": NOW}
-    registry = TimedRegistry(clock=lambda: clock["now"])
-    rng = random.Random(5)
-    chargers = [BenchCharger(i, NOW, rng) for i in range(8)]
-    for charger in chargers:
-        registry.connect(charger)
-        charger.tell(registry, NOW)
-    config = site_for(8)
-    states = {rm_id: entry.state for rm_id, entry in registry.rms().items()}
+    clock, registry, chargers, config, states = _bench_site(8, seed=5)
     first, _ = build_problem(states, config, None, [], NOW)
     clock["now"] = NOW + timedelta(minutes=1)
     chargers[0].charged(registry, clock["now"], 1.5)

@@ -45,6 +45,18 @@ def test_a_cold_mixed_site_whose_lp_cannot_finish_gets_a_plan_near_its_bound() -
     assert plan.objective_eur < 0.2 * fallback.objective_eur
 
 
+def _site(storage: list[StorageAsset], price: np.ndarray, *, fuse_a: float,
+          limit_w: float) -> Problem:
+    """A 3-phase site of N PTUs from 06:00 with these assets, an import price (no feed-in
+    pay) and the same import and export limit."""
+    return Problem(start=datetime(2026, 12, 7, 6, tzinfo=UTC), ptu_minutes=15, n_ptus=N,
+                   limits=SiteLimits(fuse_a=fuse_a, phases=3, voltage_v=230,
+                                     import_limit_w=np.full(N, limit_w),
+                                     export_limit_w=np.full(N, limit_w)),
+                   prices=Prices(import_eur_per_kwh=price, export_eur_per_kwh=price * 0),
+                   storage=storage)
+
+
 def _nearly_full_ev_beside_one_that_charges() -> Problem:
     """Two EVs with the live milestones: one needs 1032 Wh to be full, less than a PTU at its
     6 A minimum (4140 W x 0.25 h = 1035 Wh); the other needs 20 kWh."""
@@ -55,13 +67,7 @@ def _nearly_full_ev_beside_one_that_charges() -> Problem:
             level_wh=0, level_max_wh=full, target_wh=need, available_from=2,
             available_until=20,
             target_profile=[(20, 0, full), (20, need, full), (19, need, full)]))
-    price = np.linspace(0.30, 0.10, N)
-    return Problem(start=datetime(2026, 12, 7, 6, tzinfo=UTC), ptu_minutes=15, n_ptus=N,
-                   limits=SiteLimits(fuse_a=100, phases=3, voltage_v=230,
-                                     import_limit_w=np.full(N, 60000.0),
-                                     export_limit_w=np.full(N, 60000.0)),
-                   prices=Prices(import_eur_per_kwh=price, export_eur_per_kwh=price * 0),
-                   storage=storage)
+    return _site(storage, np.linspace(0.30, 0.10, N), fuse_a=100, limit_w=60000.0)
 
 
 def test_an_ev_that_one_ptu_at_its_minimum_would_overfill_is_a_shortfall_in_the_bound_too() -> None:
@@ -90,13 +96,7 @@ def _evs_a_sliver_short_beside_a_battery() -> Problem:
             level_wh=0, level_max_wh=49708, target_wh=49708, available_from=first,
             available_until=last,
             target_profile=[(last, 0, 49708), (last, 49708, 49708), (last - 1, 49708, 49708)]))
-    price = np.full(N, 0.2)
-    return Problem(start=datetime(2026, 12, 7, 6, tzinfo=UTC), ptu_minutes=15, n_ptus=N,
-                   limits=SiteLimits(fuse_a=200, phases=3, voltage_v=230,
-                                     import_limit_w=np.full(N, 120000.0),
-                                     export_limit_w=np.full(N, 120000.0)),
-                   prices=Prices(import_eur_per_kwh=price, export_eur_per_kwh=price * 0),
-                   storage=storage)
+    return _site(storage, np.full(N, 0.2), fuse_a=200, limit_w=120000.0)
 
 
 def test_a_sliver_below_the_minimum_power_is_left_out_rather_than_a_ptu_lowered_for_it() -> None:

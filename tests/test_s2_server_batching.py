@@ -280,17 +280,24 @@ async def test_an_rm_that_does_not_read_its_answers_is_not_read_until_it_does(
         assert {status for _, status in rm.statuses} == {"OK"}
 
 
-async def test_reads_taken_in_batches_still_answer_every_rm_in_order(tmp_path: Path) -> None:
-    """`server.read_batch_ms`: the CEM pauses between reads so that several RMs' messages are
-    read in one wake-up; each RM still gets every answer, in order, and all is stored."""
+async def _server_reading_in_batches(tmp_path: Path, read_batch_ms: int
+                                     ) -> tuple[Store, S2Server]:
+    """A started CEM server with `server.read_batch_ms` and its store in `tmp_path`."""
     config = SiteConfig.model_validate({
         "site": {"name": "Test site"},
-        "server": {"host": "127.0.0.1", "port": 0, "read_batch_ms": 30},
+        "server": {"host": "127.0.0.1", "port": 0, "read_batch_ms": read_batch_ms},
         "store": {"path": str(tmp_path / "cem.db")},
     })
     store = await Store.open(config.store.path)
     server = S2Server(config, store)
     await server.start()
+    return store, server
+
+
+async def test_reads_taken_in_batches_still_answer_every_rm_in_order(tmp_path: Path) -> None:
+    """`server.read_batch_ms`: the CEM pauses between reads so that several RMs' messages are
+    read in one wake-up; each RM still gets every answer, in order, and all is stored."""
+    store, server = await _server_reading_in_batches(tmp_path, 30)
     rms = [BurstRm(f"ws://127.0.0.1:{server.port}") for _ in range(3)]
     ids = {rm: [str(uuid.uuid4()) for _ in range(20)] for rm in rms}
     try:
@@ -319,14 +326,7 @@ async def test_reads_taken_in_batches_leave_the_timers_of_the_event_loop_on_time
     still answered in order."""
     import statistics
 
-    config = SiteConfig.model_validate({
-        "site": {"name": "Test site"},
-        "server": {"host": "127.0.0.1", "port": 0, "read_batch_ms": 40},
-        "store": {"path": str(tmp_path / "cem.db")},
-    })
-    store = await Store.open(config.store.path)
-    server = S2Server(config, store)
-    await server.start()
+    store, server = await _server_reading_in_batches(tmp_path, 40)
     rm = BurstRm(f"ws://127.0.0.1:{server.port}")
     lateness: list[float] = []
 
