@@ -51,6 +51,7 @@ from cem.flex.frbc import (
     FrbcBinding,
     description_phase_share,
     frbc_storage_asset,
+    in_fill_range,
     mode_range,
     normal_modes,
     storage_kind,
@@ -390,6 +391,7 @@ class FrbcPlugin(PluginBase[FrbcState]):
             state._assets_made = None
             return None
         timers = list(state.timer_statuses().values())
+        leakage = state.leakage_behaviour(site.now)
         details = rm.details
         described = state._described
         if described is None or described[0] is not sd or described[1] is not details \
@@ -405,10 +407,9 @@ class FrbcPlugin(PluginBase[FrbcState]):
         asset, binding = frbc_storage_asset(
             rm_id, sd, site.grid, site.now,
             storage_status=state.storage_status, actuator_statuses=state.actuator_statuses(),
-            leakage=state.leakage_behaviour(site.now), usage_forecast=state.usage_forecast,
+            leakage=leakage, usage_forecast=state.usage_forecast,
             target_profile=state.fill_level_target_profile, timer_statuses=timers,
             kind=kind, priority=priority, share=share)
-        leakage = state.leakage_behaviour(site.now)
         # nothing but the level reads the fill level (one element per mode, no leakage by
         # level, no timer): a new level alone is taken into the kept asset (`new_level`)
         level_free = fresh_copy(asset) if binding.held_load is None \
@@ -482,11 +483,9 @@ def new_level(made: AssetsMade, state: FrbcState, margin_minutes: int, ptu_minut
     if base is None or status is None:
         return
     kept = made.binding
-    storage = kept.system_description.storage
-    bottom = storage.fill_level_range.start_of_range
-    fill = min(max(status.present_fill_level, bottom), storage.fill_level_range.end_of_range)
+    fill = in_fill_range(kept.system_description.storage, status.present_fill_level)
     base = fresh_copy(base)
-    base.level_wh = round((fill - bottom) * kept.wh_per_unit)
+    base.level_wh = kept.wh_from_units(fill)
     asset = fresh_copy(base)
     if asset.kind == "ev":
         finish_early(asset, margin_minutes, ptu_minutes)

@@ -45,6 +45,7 @@ from s2python.frbc import (
     FRBCLeakageBehaviour,
     FRBCOperationMode,
     FRBCOperationModeElement,
+    FRBCStorageDescription,
     FRBCStorageStatus,
     FRBCSystemDescription,
     FRBCTimerStatus,
@@ -146,6 +147,10 @@ class FrbcBinding:
 
     def units_from_wh(self, level_wh: float) -> float:
         return self.fill_offset + level_wh / self.wh_per_unit
+
+    def wh_from_units(self, fill_level: float) -> int:
+        """The planner's level (Wh above the range's bottom) of a fill level in the range."""
+        return round((fill_level - self.fill_offset) * self.wh_per_unit)
 
     def split(self, power_w: float, fill_level: float) -> list[tuple[str, list[ModeRange], float]]:
         """(actuator id, its normal mode ranges, its share of `power_w`) per actuator.
@@ -412,8 +417,8 @@ def frbc_storage_asset(
     storage = system_description.storage
     bottom = storage.fill_level_range.start_of_range
     top = storage.fill_level_range.end_of_range
-    fill = storage_status.present_fill_level if storage_status is not None else bottom
-    fill = min(max(fill, bottom), top)
+    fill = in_fill_range(storage, storage_status.present_fill_level
+                         if storage_status is not None else bottom)
     actuator_statuses = actuator_statuses or {}
     active = {k: sid(v.active_operation_mode_id) for k, v in actuator_statuses.items()}
 
@@ -550,6 +555,13 @@ def frbc_storage_asset(
         held_load=held_load,
     )
     return asset, binding
+
+
+def in_fill_range(storage: FRBCStorageDescription, fill_level: float) -> float:
+    """A reported fill level within the storage's fill level range (storages stray outside
+    their band: the planner takes the nearest end)."""
+    return min(max(fill_level, storage.fill_level_range.start_of_range),
+               storage.fill_level_range.end_of_range)
 
 
 def description_phase_share(system_description: FRBCSystemDescription) -> PhaseShare:
