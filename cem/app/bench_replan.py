@@ -202,16 +202,10 @@ async def _time_alone(problems: list[Any], time_limit_s: float, warmup: int, *,
     from concurrent.futures import ThreadPoolExecutor
 
     alone = SitePlanner()
-    running = beside_ticker
-
-    woke: list[float] = []
-
-    async def ticker() -> None:
-        while running:
-            await asyncio.sleep(0.001)
-            woke.append(time.perf_counter())
-
-    tick = asyncio.create_task(ticker())
+    stop = asyncio.Event()
+    if not beside_ticker:
+        stop.set()
+    tick = asyncio.create_task(_lag_ticker([], stop))
     loop = asyncio.get_running_loop()
     seconds: list[float] = []
     try:
@@ -223,9 +217,18 @@ async def _time_alone(problems: list[Any], time_limit_s: float, warmup: int, *,
                 if k > warmup:  # the cold one is reported apart and the warm-up not
                     seconds.append(time.perf_counter() - began)
     finally:
-        running = False
+        stop.set()
         await tick
     return seconds
+
+
+async def _lag_ticker(lags: list[float], stop: asyncio.Event) -> None:
+    """Wake every millisecond until `stop`, noting how late each wake-up was (ms): the event
+    loop's lag, and the bench's instrument."""
+    while not stop.is_set():
+        began = time.perf_counter()
+        await asyncio.sleep(0.001)
+        lags.append((time.perf_counter() - began - 0.001) * 1000)
 
 
 async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float | None = None,
@@ -253,22 +256,16 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         tune_garbage_collector()
     lags: list[float] = []
     replan_s: list[float] = []
-    running = True
+    stop_ticker = asyncio.Event()
     full_gc = FullCollections()
     gc.callbacks.append(full_gc)
-
-    async def ticker() -> None:
-        while running:
-            began = time.perf_counter()
-            await asyncio.sleep(0.001)
-            lags.append((time.perf_counter() - began - 0.001) * 1000)
 
     # the CEM starts: its first replan is a cold one (no basis to start from yet)
     began = time.perf_counter()
     await controller.replan(["the CEM started"])
     cold_s = time.perf_counter() - began
     sent_before = registry.messages  # set again before the first timed replan
-    tick = asyncio.create_task(ticker())
+    tick = asyncio.create_task(_lag_ticker(lags, stop_ticker))
     try:
         for number in range(warmup + replans):
             if number == warmup:  # the timed replans' messages, not the cold start's or warm-up's
@@ -330,7 +327,7 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
                     if _within_1pct(final) else None)
     finally:
         gc.callbacks.remove(full_gc)
-        running = False
+        stop_ticker.set()
         await tick
         await controller.stop()
         if gc_freeze:
