@@ -184,26 +184,11 @@ class Dispatcher:
 
     def unchanged_among(self, keys: Mapping[str, Hashable | None],
                         live: Collection[str]) -> set[str]:
-        """The RMs of `keys` in `live` that are `unchanged` with their key: one pass over a
-        site's RMs (5000 a replan), names looked up once."""
-        kept_key, settled_key = self.keys.get, self.settled.get
-        seen_of, entry_of = self._statuses_seen.get, self.registry.get
-        out: set[str] = set()
-        for rm_id, key in keys.items():
-            if key is None or rm_id not in live \
-                    or (kept_key(rm_id) != key and settled_key(rm_id) != key):
-                continue
-            entry = entry_of(rm_id)
-            if entry is None:
-                continue
-            state = entry.state
-            seen = seen_of(rm_id)
-            if seen is not None and seen[0] is state \
-                    and seen[1] == getattr(state, "statuses_version", None):
-                out.add(rm_id)  # no status reported since they were read
-            elif self._stands(rm_id, state):
-                out.add(rm_id)
-        return out
+        """The RMs of `keys` in `live` that are `unchanged` with their key (5000 a replan:
+        an RM that reported no instruction status since they were last read is not read
+        again, `_stands`)."""
+        unchanged = self.unchanged
+        return {rm_id for rm_id, key in keys.items() if rm_id in live and unchanged(rm_id, key)}
 
     def _stands(self, rm_id: str, state: Any) -> bool:
         """Whether none of the RM's kept instructions was refused, aborted or revoked (else
