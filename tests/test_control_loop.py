@@ -241,8 +241,8 @@ async def test_ev_connects_and_gets_an_frbc_instruction_within_the_limits(
     assert str(first.actuator_id) == str(ev.actuator.id)
     assert str(first.operation_mode) == str(ev.charge.id)
     assert ev.power_of(first) <= 22080
-    assert any("replan: " in r.message and "EV charger ev-3" in r.message and "connected (FRBC)"
-               in r.message and "1 EV" in r.message for r in caplog.records)
+    assert any("replan: " in r.getMessage() and "EV charger ev-3" in r.getMessage() and "connected (FRBC)"
+               in r.getMessage() and "1 EV" in r.getMessage() for r in caplog.records)
     await store.flush()
     plans = await store.query("SELECT status, reason FROM plans")
     assert plans and plans[-1][0] == "FALLBACK"
@@ -260,7 +260,7 @@ async def test_congestion_added_with_the_cli_is_picked_up_and_revoked_when_remov
     start = controller.problem.start + timedelta(minutes=15)
     await asyncio.to_thread(add_congestion_command, controller.db_path, start.isoformat(),
                             (start + timedelta(hours=1)).isoformat(), 10.0, None)
-    await until(lambda: any("congestion window" in r.message and "was added" in r.message
+    await until(lambda: any("congestion window" in r.getMessage() and "was added" in r.getMessage()
                             for r in caplog.records))
     await until(lambda: any(m.execution_time == start for m in ev.instructions()))
     capped = [m for m in ev.instructions() if m.execution_time == start][-1]
@@ -287,11 +287,11 @@ async def test_rejected_instruction_and_disconnect_trigger_replans(
         message_id=uid(), instruction_id=str(instruction.id),
         status_type=InstructionStatus.REJECTED, timestamp=now()))
     await until(lambda: controller.replans > before)
-    assert any("rejected instruction" in r.message for r in caplog.records)
+    assert any("rejected instruction" in r.getMessage() for r in caplog.records)
     before = controller.replans
     registry.disconnect("ev-2")
     await until(lambda: controller.replans > before)
-    assert any("disconnected" in r.message and "no devices" in r.message for r in caplog.records)
+    assert any("disconnected" in r.getMessage() and "no devices" in r.getMessage() for r in caplog.records)
     assert "ev-2" not in controller.dispatcher.sent
 
 
@@ -320,8 +320,8 @@ async def test_guard_caps_an_ev_within_a_second_when_the_meter_nears_the_fuse(
     assert took < 1.0
     # L1 may carry 8740 W: the EV's share on L1 must drop by 4620 W, i.e. 13860 W in total
     assert ev.power_of(capped) <= 22080 - 3 * (13360 - 0.95 * 40 * 230) + 1
-    assert any(r.message.startswith("guard: L1 at") for r in caplog.records)
-    await until(lambda: any("the guard acted" in r.message for r in caplog.records))
+    assert any(r.getMessage().startswith("guard: L1 at") for r in caplog.records)
+    await until(lambda: any("the guard acted" in r.getMessage() for r in caplog.records))
 
 
 async def test_deviation_from_the_plan_triggers_one_replan(
@@ -334,7 +334,7 @@ async def test_deviation_from_the_plan_triggers_one_replan(
     before = controller.replans
     ev.measure(7000)  # the car takes only 7 kW
     await until(lambda: controller.replans > before)
-    assert any("draws 7.0 kW instead of the planned 22.1 kW" in r.message
+    assert any("draws 7.0 kW instead of the planned 22.1 kW" in r.getMessage()
                for r in caplog.records)
 
 
@@ -390,7 +390,7 @@ async def test_price_update_triggers_a_replan(caplog: pytest.LogCaptureFixture) 
         before = controller.replans
         prices.eur_per_mwh = 250.0
         await until(lambda: controller.replans > before)
-        assert any("day-ahead prices changed" in r.message for r in caplog.records)
+        assert any("day-ahead prices changed" in r.getMessage() for r in caplog.records)
         assert abs(controller.problem.prices.import_eur_per_kwh[0] - 0.25) < 1e-9
     finally:
         stop.set()

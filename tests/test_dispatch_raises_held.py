@@ -61,7 +61,7 @@ async def test_a_raise_is_sent_at_its_boundary_not_ahead(
         assert raise_.execution_time == boundary  # the plan's own instruction for that PTU
         # (the RM has the raise once it acknowledged it; the loop logs it when the dispatch
         # returns, a moment later on a busy machine)
-        await until(lambda: any(r.message.startswith(
+        await until(lambda: any(r.getMessage().startswith(
             f"PTU {boundary:%H:%M}: the plan's raises for it: 1 instruction(s) to 1 RM(s)")
             for r in caplog.records), within=5)
     finally:

@@ -81,8 +81,8 @@ async def test_limits_appear_change_and_go_and_the_plan_keeps_under_them(
         # the grid operator limits import to 10 kW from the next PTU on, for an hour
         start = floor_to_ptu(datetime.now(UTC), 15) + timedelta(minutes=15)
         server.events = [server.event("evt-1", start, [10.0] * 4)]
-        await until(lambda: any("OpenADR event evt-1: import 10 kW" in r.message
-                                and "replan:" in r.message for r in caplog.records), within=10)
+        await until(lambda: any("OpenADR event evt-1: import 10 kW" in r.getMessage()
+                                and "replan:" in r.getMessage() for r in caplog.records), within=10)
         await until(lambda: planned_import_within(controller, 10_000, 1, 5), within=10)
         assert [(w.source, w.ref) for w in controller.congestion] == [("openadr", "evt-1")] * 4
         # the event changes: 6 kW in its second half
@@ -91,7 +91,7 @@ async def test_limits_appear_change_and_go_and_the_plan_keeps_under_them(
         assert planned_import_within(controller, 10_000, 1, 3)
         # and is deleted: the limit goes, the EV may charge at full power again
         server.events = []
-        await until(lambda: any("event evt-1 was deleted" in r.message for r in caplog.records),
+        await until(lambda: any("event evt-1 was deleted" in r.getMessage() for r in caplog.records),
                     within=10)
         await until(lambda: controller.problem is not None and
                     min(controller.problem.limits.import_limit_w) > 20_000, within=10)
@@ -136,7 +136,7 @@ async def test_bad_events_are_refused_with_a_reason(vtn: tuple[Vtn, str],
         "order": "interval 1 starts before the one before it ends: intervals must be in "
                  "time order"}
     for event_id in ven.rejected:
-        assert any(f"event {event_id}" in r.message and "refused" in r.message
+        assert any(f"event {event_id}" in r.getMessage() and "refused" in r.getMessage()
                    for r in caplog.records)
     state = ven.state()
     assert not state.ok and "4 event(s) refused" in state.detail

@@ -144,7 +144,7 @@ async def test_feed_caches_falls_back_and_says_so(tmp_path: Path,
             # the flat 0.30 EUR/kWh all-in as a day-ahead price: (0.30 / 1.2 - 0.1) * 1000
             assert after and all(p == pytest.approx(150.0) for p in after)
             assert fallback.prices.points[-1][0] >= now[0] + timedelta(hours=23)
-            assert any("fetch failed: ENTSO-E answered HTTP 503" in r.message
+            assert any("fetch failed: ENTSO-E answered HTTP 503" in r.getMessage()
                        for r in caplog.records)
         # a restart with the VTN... the provider still gone: the cache is published at once
         again = DayAheadFeed(entsoe("http://127.0.0.1:9"), config, horizon=timedelta(hours=24),
@@ -197,7 +197,7 @@ async def test_the_loop_replans_when_new_prices_arrive(
             await until(lambda: controller.replans > before and controller.problem is not None
                         and list(controller.problem.prices.import_eur_per_kwh) == doubled,
                         within=10)
-            assert any("day-ahead prices changed" in r.message for r in caplog.records)
+            assert any("day-ahead prices changed" in r.getMessage() for r in caplog.records)
         finally:
             stop.set()
             await task

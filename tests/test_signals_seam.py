@@ -56,7 +56,7 @@ async def test_a_new_source_class_limits_the_plan_and_gives_its_reason(
         feed.publish(SignalUpdate(source="operator", reason="operator limit 7 kW", congestion=(
             CongestionLimit(start, start + timedelta(hours=2), import_limit_kw=7.0,
                             source="operator", ref="event-1"),)))
-        await until(lambda: any("replan: operator limit 7 kW" in r.message
+        await until(lambda: any("replan: operator limit 7 kW" in r.getMessage()
                                 for r in caplog.records))
         await until(lambda: ev.power_of(ev.instructions()[-1]) <= 7000)
         assert controller.problem.limits.import_limit_w[0] <= 7000
@@ -67,7 +67,7 @@ async def test_a_new_source_class_limits_the_plan_and_gives_its_reason(
                                   congestion=tuple(controller.congestion)))
         await asyncio.sleep(0.3)
         assert controller.replans == before
-        assert not any("operator again" in r.message for r in caplog.records)
+        assert not any("operator again" in r.getMessage() for r in caplog.records)
     finally:
         stop.set()
         await task
