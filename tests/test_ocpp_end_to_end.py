@@ -150,9 +150,11 @@ priority = 1
         found: list[tuple[int, int]] = []
 
         def competing() -> bool:
-            """Whether a plan in which the two EVs compete (the staff EV left short) is there."""
+            """Whether a plan in which the two EVs compete (the staff EV left kWh short) is there;
+            a plan made before the VIP's EV told its target may leave the staff EV a few hundred
+            Wh short against its own window, which is not the competition this test is about."""
             latest = shortfalls()
-            if latest is not None and latest[0] > 0:
+            if latest is not None and latest[0] > 5000:
                 found.append(latest)
             return bool(found)
 
@@ -163,7 +165,6 @@ priority = 1
         # VIP gets its 30 kWh, but for what the planner's gap tolerance leaves: 70 Wh in a plan
         # made with the card's 3 h before its EV said 4 h, 99 Wh with both known at once (when
         # events come in one batch, no later plan follows within the test's time)
-        assert staff_short_wh > 5000
         assert vip_short_wh <= 0.01 * 30_000, (staff_short_wh, vip_short_wh)
         db.close()
         limits = [c.limit_a(c.evses[1]) for c in (staff, vip)]
