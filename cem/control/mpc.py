@@ -770,9 +770,11 @@ class SiteController:
             await self.guard_check()
         if rm_id == meter:
             return
+        planned = self.planned_w(rm_id)   # first: most RMs have nothing planned to deviate from
+        if planned is None:
+            return
         measured = measured_w(entry.state)
-        planned = self.planned_w(rm_id)
-        if measured is None or planned is None:
+        if measured is None:
             return
         deviation = measured - planned
         if abs(deviation) > self.config.planner.deviation_threshold_w:
