@@ -377,11 +377,11 @@ class S2Session:
         self._subject = NIL_UUID
         self._subject_type = ""
         self.accepted = None
-        if type(data) is str and _MEASUREMENT_MARK in data:
-            quick = self._measurement_text(data)
-            if quick is not None:
-                return quick
         try:
+            if type(data) is str and _MEASUREMENT_MARK in data:
+                quick = self._measurement_text(data)
+                if quick is not None:
+                    return quick
             return self._receive(data, now)
         except Exception as exc:  # a bug here must not kill the connection
             self.log.exception("internal error while handling a %s message",
