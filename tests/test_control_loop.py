@@ -324,6 +324,35 @@ async def test_guard_caps_an_ev_within_a_second_when_the_meter_nears_the_fuse(
     await until(lambda: any("the guard acted" in r.getMessage() for r in caplog.records))
 
 
+async def test_without_a_meter_the_guard_sums_the_rms_measurements_as_they_come(
+        loop_parts: tuple[FakeRegistry, SiteController, Store],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """No grid meter: the guard checks the sum of every RM's measurement (at most every
+    guard_interval_s) while measurements stream in, and caps an EV within a second when the
+    sum nears the fuse; measurements that come between its checks are still read for the
+    plan's deviation."""
+    registry, controller, _ = loop_parts
+    caplog.set_level(logging.INFO, logger="cem.control")
+    evs = [EvRm(registry, f"ev-g{i}") for i in range(2)]
+    await until(lambda: all(ev.instructions() for ev in evs) and controller.mapping is not None
+                and controller.mapping.meter_rm is None)
+    for ev in evs:
+        ev.measure(0)
+    await asyncio.sleep(0.3)   # the guard's interval passes with nothing to do
+    sent_before = [len(ev.instructions()) for ev in evs]
+    began = time.monotonic()
+    # both at full power: 2 x 7360 W a phase, against 0.95 x 40 A x 230 V = 8740 W
+    for _ in range(5):
+        for ev in evs:
+            ev.measure(22080)
+        await asyncio.sleep(0.01)
+    await until(lambda: any(len(ev.instructions()) > n for ev, n in zip(evs, sent_before,
+                                                                        strict=True)),
+                within=1.0)
+    assert time.monotonic() - began < 1.0
+    assert any(r.message.startswith("guard: L1 at") for r in caplog.records)
+
+
 async def test_deviation_from_the_plan_triggers_one_replan(
         loop_parts: tuple[FakeRegistry, SiteController, Store],
         caplog: pytest.LogCaptureFixture) -> None:

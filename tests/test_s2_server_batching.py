@@ -361,3 +361,47 @@ def test_a_read_batch_beyond_50_ms_is_refused() -> None:
 
     with pytest.raises(pydantic.ValidationError, match="read_batch_ms"):
         SiteConfig.model_validate({"server": {"read_batch_ms": 200}})
+
+
+async def test_measurements_between_logged_ones_are_counted_published_and_answered(
+        tmp_path: Path) -> None:
+    """With a log interval, an RM's first measurement is logged (with its measurement row) and
+    the next ones within the interval only counted; each is answered OK, each reaches a
+    subscriber as a measurement event of that RM, and the RM's row counts them all."""
+    config = site(tmp_path)
+    store = await Store.open(config.store.path, measurement_log_interval_s=3600)
+    server = S2Server(config, store, snapshot_interval_s=0)
+    await server.start()
+    rm = BurstRm(f"ws://127.0.0.1:{server.port}")
+    ids = [str(uuid.uuid4()) for _ in range(40)]
+    try:
+        await asyncio.wait_for(rm.open(), 10)
+        queue = server.subscribe()
+        rm.expected = len(ids)
+        rm.write_at_once([frame(MEASUREMENT % (m, 100 + i)) for i, m in enumerate(ids[:20])])
+        for i, m in enumerate(ids[20:]):   # and one a read
+            rm.write_at_once([frame(MEASUREMENT % (m, 120 + i))])
+            await asyncio.sleep(0.002)
+        await asyncio.wait_for(rm.answered.wait(), 10)
+        assert rm.statuses == [(m, "OK") for m in ids]
+        events = [queue.get_nowait() for _ in range(queue.qsize())]
+        measured = [e for e in events if getattr(e, "rm_id", None) == rm.resource_id
+                    and getattr(getattr(e, "event", None), "kind", None) == "measurement"]
+        assert len(measured) == len(ids)
+        live = server.get(rm.resource_id)
+        assert live is not None
+        assert live.state.measured_power()[
+            next(iter(live.state.measured_power()))].value_w == 139
+    finally:
+        await rm.close()
+        await server.stop()
+        await store.close()
+    assert stored(tmp_path, "SELECT message_id FROM s2_messages WHERE message_type = "
+                            "'PowerMeasurement'") == [(ids[0],)]
+    assert stored(tmp_path, "SELECT rm_id, value FROM measurements") == [
+        (rm.resource_id, 100.0)]
+    [(counted, snapshot)] = stored(tmp_path, "SELECT messages_in, snapshot FROM rms")
+    assert counted == len(ids) + 2   # with the Handshake and the details
+    import json
+
+    assert json.loads(snapshot)["measurements"]["ELECTRIC.POWER.L1"]["value_w"] == 139

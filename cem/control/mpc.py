@@ -308,7 +308,20 @@ class SiteController:
             while not queue.empty():
                 burst.append(queue.get_nowait())
             for server_event in coalesce_measurements(burst) if len(burst) > 1 else burst:
-                await self.handle_event(server_event)
+                rm_id = _measured_rm(server_event)
+                if rm_id is not None and not self._guard_due(rm_id):
+                    self._measured_quietly(rm_id)   # (nearly every event: no await for it)
+                else:
+                    await self.handle_event(server_event)
+
+    def _measured_quietly(self, rm_id: str) -> None:
+        """What `handle_event` does for a measurement that does not call for the guard."""
+        try:
+            entry = self.registry.get(rm_id)
+            if entry is not None:
+                self._check_deviation(rm_id, entry)
+        except Exception:
+            logger.exception("handling RmEvent failed")
 
     async def handle_event(self, server_event: RegistryEvent) -> None:
         """React to one server event as the running loop does (replan requests, the guard)."""
@@ -760,19 +773,35 @@ class SiteController:
         entry = self.registry.get(rm_id)
         if entry is None:
             return
-        meter = self.mapping.meter_rm if self.mapping is not None else None
-        if rm_id == meter:
+        if self._guard_due(rm_id):
+            if rm_id != self._meter_rm():
+                # no meter: the sum of all RMs, checked at most every guard_interval_s (1000
+                # RMs measuring every second must not cost 1000 sums a second)
+                self._last_guard = self.monotonic()
             await self.guard_check()
-        elif meter is None and self.monotonic() - self._last_guard >= self.guard_interval_s:
-            # no meter: the sum of all RMs, checked at most every guard_interval_s (1000 RMs
-            # measuring every second must not cost 1000 sums a second)
-            self._last_guard = self.monotonic()
-            await self.guard_check()
+        self._check_deviation(rm_id, entry)
+
+    def _meter_rm(self) -> str | None:
+        return self.mapping.meter_rm if self.mapping is not None else None
+
+    def _guard_due(self, rm_id: str) -> bool:
+        """Whether this RM's measurement calls for the guard now: the meter's every time,
+        without a meter any RM's once guard_interval_s has passed since the last check."""
+        meter = self._meter_rm()
         if rm_id == meter:
+            return True
+        return meter is None and self.monotonic() - self._last_guard >= self.guard_interval_s
+
+    def _check_deviation(self, rm_id: str, entry: Any) -> None:
+        """Ask for a replan when an RM's measured power left its plan (once, until it is back
+        within `planner.deviation_threshold_w`)."""
+        if rm_id == self._meter_rm():
+            return
+        planned = self.planned_w(rm_id)   # first: most RMs have nothing planned to deviate from
+        if planned is None:
             return
         measured = measured_w(entry.state)
-        planned = self.planned_w(rm_id)
-        if measured is None or planned is None:
+        if measured is None:
             return
         deviation = measured - planned
         if abs(deviation) > self.config.planner.deviation_threshold_w:

@@ -75,7 +75,14 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from cem.control_types import PLUGINS
-from cem.ports import Connected, Disconnected, InstructionResult, RegistryEvent, RmEvent
+from cem.ports import (
+    Connected,
+    Disconnected,
+    InstructionResult,
+    RegistryEvent,
+    RmEvent,
+    StateChanged,
+)
 from cem.s2.session import CloseRequest, Outgoing, S2Session
 from cem.site.config import ServerConfig, SiteConfig
 from cem.store import Store
@@ -878,17 +885,22 @@ class S2Server:
         """One received message: the session judges it, its answers are framed for sending
         (written after the read), its events handled, the store told. Synchronous: called from
         the connection's `data_received` (see `S2Connection`) or from its task."""
-        if entry.session.close is not None or not entry.open:
+        session = entry.session
+        if session.close is not None or not entry.open:
             return  # the session ends: what the RM still sends is not read
         try:
             now = clock.now()   # (utc_now, one call less: once per message)
             self.messages_in += 1
             try:
-                outs = entry.session.receive(data, now)
+                outs = session.receive(data, now)
             except Exception:
                 logger.exception("S2 session of %s could not handle a message; it stays open",
                                  entry.label)
                 outs = []
+            accepted = session.accepted
+            if accepted is not None and accepted[0] == "PowerMeasurement" \
+                    and self._measured(entry, data, outs, now, accepted[1]):
+                return
             # first: ResourceManagerDetails names the RM for the log
             self._handle_events(entry, now)
             if self.store is not None:
@@ -909,6 +921,51 @@ class S2Server:
             if entry.close_task is None:
                 entry.close_task = asyncio.get_running_loop().create_task(
                     self._close_ws(entry, 1011, "CEM error"))
+
+    def _measured(self, entry: LiveSession, data: str | bytes, outs: list[Outgoing],
+                  now: datetime, message_id: str) -> bool:
+        """An accepted PowerMeasurement, most of what RMs send, in one step: what
+        `_handle_events`, `_log_incoming` and `_send_now` do for it (the store's count or
+        rows, the RM's snapshot now and then, the event published, the OK framed), in their
+        order. False, with nothing done, unless it is that plain case (a store, a known RM,
+        the session's one measurement event, one answer, an `S2Connection`)."""
+        store = self.store
+        rm_id = entry.rm_id
+        session = entry.session
+        events = session.events
+        ws = entry.ws
+        if store is None or rm_id is None or len(events) != 1 or len(outs) != 1 \
+                or type(ws) is not S2Connection:
+            return False
+        event = events[0]
+        if type(event) is not StateChanged or event.kind != "measurement":
+            return False
+        session.events = []
+        at = now.timestamp()
+        try:
+            if not store.measurement_due(rm_id, at):
+                store.count_message(rm_id, at)   # between logged ones
+            else:
+                measurement = session.state.latest_measurement()
+                if measurement is not None:
+                    store.record_measurements(
+                        rm_id, measurement.measurement_timestamp.timestamp(),
+                        [(v.commodity_quantity.value, v.value) for v in measurement.values])
+                text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+                store.log_message(direction="in", message_type="PowerMeasurement",
+                                  message_id=message_id, text=text,
+                                  session_id=entry.connection_id, rm_id=rm_id,
+                                  reception_status="OK", at=at)
+            moment = time.monotonic()
+            if moment - entry.last_snapshot_at >= self.snapshot_interval_s:
+                entry.last_snapshot_at = moment
+                store.touch_rm(rm_id, snapshot=session.state.snapshot)
+        except Exception:
+            logger.exception("handling StateChanged of %s failed", entry.label)
+        self._publish(RmEvent(rm_id, entry.connection_id, event, now))
+        if entry.open and ws.send_now(outs[0].text):
+            self.messages_out += 1
+        return True
 
     def _send_now(self, entry: LiveSession, outs: Sequence[Outgoing]) -> None:
         """Frame texts for sending, in order, without waiting: answers to what the RM sent.

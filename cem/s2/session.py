@@ -116,6 +116,7 @@ from cem.s2.ids import (
     IdTranslator,
     generated_model,
     id_key,
+    is_canonical_uuid,
     is_valid_id,
     iter_ids,
     map_ids,
@@ -242,6 +243,11 @@ _HANDLERS = {
 }
 """The session's own handler (a method name) per message type; the others go to the active
 control type's plug-in. Names, not bound methods kept per session: 1000 sessions, 1000 dicts."""
+
+_MEASUREMENT_MARK = '"PowerMeasurement"'
+"""In the text of every PowerMeasurement (a cheap test before `_measurement_text`)."""
+_STRICT_MEASUREMENT = PowerMeasurement.model_validate_json
+_ID_MARK = '"message_id":"'
 
 _OK_STATUS = '{"message_type":"ReceptionStatus","subject_message_id":"%s","status":"OK"}'
 """The OK ReceptionStatus exactly as json.dumps writes it, for ids that need no escaping."""
@@ -372,6 +378,10 @@ class S2Session:
         self._subject_type = ""
         self.accepted = None
         try:
+            if type(data) is str and _MEASUREMENT_MARK in data:
+                quick = self._measurement_text(data)
+                if quick is not None:
+                    return quick
             return self._receive(data, now)
         except Exception as exc:  # a bug here must not kill the connection
             self.log.exception("internal error while handling a %s message",
@@ -640,6 +650,50 @@ class S2Session:
         for value in message.values:
             if value.commodity_quantity not in advertised:
                 return None
+        self.state._add_measurement(message)
+        self.events.append(StateChanged("measurement", "PowerMeasurement"))
+        if logger.isEnabledFor(logging.DEBUG):
+            self.log.debug("accepted PowerMeasurement %s", message_id)
+        self.accepted = ("PowerMeasurement", message_id)
+        return [Outgoing(_OK_STATUS % message_id, None, "ReceptionStatus", False)]
+
+    def _measurement_text(self, text: str) -> list[Outgoing] | None:
+        """The common PowerMeasurement judged straight from its text: None unless it is
+        accepted, and then `_receive` judges it from the start (the full path, its statuses).
+
+        Accepted here only what the full path accepts, with the same answer: s2-python's model
+        validated in strict JSON mode (numbers must be JSON numbers, the time an aware
+        date-time, no extra fields; a key given twice counts as its last, as the standard
+        parser has it), its message id written as the canonical UUID the model read (so the
+        RM's spelling is the CEM's: nothing to translate, the answer names it as written), no
+        escapes in the text, every value a finite number within the plausible range and of a
+        quantity the RM advertised, and a session past its handshake, with details, not
+        closing. Nothing changes before it is accepted.
+        """
+        details = self.state.details
+        if details is None or not self._handshake_done or self.close is not None \
+                or "\\" in text:
+            return None
+        try:
+            message = _STRICT_MEASUREMENT(text, strict=True)
+        except Exception:   # refused (or pydantic's own error): the full path says which
+            return None
+        # the id as written: the one "message_id" in a text without escapes is the key, so its
+        # string is what the model read; canonical, it is the CEM's id as it stands
+        at = text.find(_ID_MARK) + len(_ID_MARK)
+        end = text.find('"', at)
+        message_id = text[at:end]
+        if at == len(_ID_MARK) - 1 or text.count('"message_id"') != 1 \
+                or not is_canonical_uuid(message_id):
+            return None   # spelt otherwise (or twice): translated, or refused
+        if self._advertised[0] is not details:
+            self._advertised = (details, frozenset(details.provides_power_measurement_types))
+        advertised = self._advertised[1]
+        for value in message.values:
+            number = value.value
+            if not -MAX_MAGNITUDE <= number <= MAX_MAGNITUDE \
+                    or value.commodity_quantity not in advertised:
+                return None   # (NaN fails both comparisons)
         self.state._add_measurement(message)
         self.events.append(StateChanged("measurement", "PowerMeasurement"))
         if logger.isEnabledFor(logging.DEBUG):
