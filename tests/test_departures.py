@@ -526,11 +526,11 @@ async def test_an_ev_that_plugs_in_before_the_cems_first_plan_is_an_arrival_it_s
 
 
 def test_an_ev_that_tells_no_departure_keeps_the_value_of_the_stays_past_its_chargers_default() -> None:
-    """An OCPP 1.6 EV is planned to its charger's default departure (here 2.5 h after it
-    came), but comparable visits stayed 2-4 h: half of them longer than that default. The
-    drivers who leave later are still drivers who would miss a kWh not charged by then, so
-    their share of the value goes on its last PTU instead of being dropped: with a kWh at
-    0.60 EUR, dearer than the shares before the default (0.45 EUR), the plan charges it."""
+    """An OCPP 1.6 EV whose charger's default departure is 2.5 h after it came, where
+    comparable visits stayed 2-4 h: its asset ends at their median stay (3 h), and the share
+    of the drivers who leave after that still goes on its last PTU instead of being dropped:
+    with a kWh at 0.60 EUR, dearer than the shares before the default (0.45 EUR), the plan
+    charges it."""
     from cem.control.departures import OpenVisit
 
     arrival = MONDAY_8 + timedelta(hours=3)  # EVSE C's Mondays at 11:00 stayed 2, 3 or 4 h
@@ -545,7 +545,35 @@ def test_an_ev_that_tells_no_departure_keeps_the_value_of_the_stays_past_its_cha
     assert learning.apply(problem, {"rm": ["ev"]}) == 1
     power = np.asarray(plan_site(problem, time_limit_s=2.0, workers=1).power_w["ev"], dtype=float)
     assert float(power.sum()) * 0.25 == pytest.approx(10000, abs=300)  # the open need, charged
-    assert power[10:].sum() == 0  # gone by its default departure as far as the plan knows
+    assert power[12:].sum() == 0  # gone by its learned median stay as far as the plan knows
     asked = problem.storage[0]
     assert sum(asked.milestone_eur_per_wh.values()) * 1000 == pytest.approx(0.95)
-    assert max(m[0] for m in asked.target_profile if m[1] == 31000) == 9
+    assert max(m[0] for m in asked.target_profile if m[1] == 31000) == 12
+
+
+def test_an_ev_that_tells_no_departure_is_charged_after_its_chargers_default_while_comparable_drivers_stay() -> None:
+    """An OCPP 1.6 EV's charger says it leaves 2.5 h after it came (its default), but half of
+    the comparable visits (EVSE C's Mondays at 11:00: 2, 3 or 4 h) stayed 3 h or more. Power
+    costs 0.60 EUR a kWh until that default and 0.05 EUR after it: the plan charges the EV in
+    the cheap half hour after the default, up to the median stay, and the rest before it
+    (before, it ended at the default and all of it was bought at 0.60 EUR)."""
+    from cem.control.departures import OpenVisit
+
+    arrival = MONDAY_8 + timedelta(hours=3)
+    learning = _learning_from_the_fixture(ev_open_need_kwh=10, value_of_undelivered_kwh_eur=1.0)
+    learning.open["rm"] = OpenVisit("C", arrival, None, None, 21000.0, 150000.0, defaults=True)
+    price = np.where(np.arange(40) < 10, 0.60, 0.05)
+    ev = StorageAsset(id="ev", kind="ev", charge_max_w=7360, charge_min_w=1380,
+                      level_wh=21000, level_max_wh=150000, target_wh=20000,
+                      available_from=0, available_until=10,
+                      target_profile=[(10, 20000, 150000), (6, 20000, 150000)])
+    problem = _one_ev_problem(price, ev)
+    problem.start = arrival
+    assert learning.apply(problem, {"rm": ["ev"]}) == 1
+    plan = plan_site(problem, time_limit_s=2.0, workers=1)
+    power = np.asarray(plan.power_w["ev"], dtype=float)
+    assert float(power.sum()) * 0.25 == pytest.approx(10000, abs=300)  # the open need
+    assert power[10:12].min() == pytest.approx(7360, abs=50)  # after the default, cheap
+    assert power[12:].sum() == 0  # gone by the median stay as far as the plan knows
+    assert float(power[:10].sum()) * 0.25 == pytest.approx(10000 - 2 * 7360 * 0.25, abs=300)
+    assert learning.stretched == 1

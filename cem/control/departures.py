@@ -34,11 +34,14 @@ An EV whose charger says its departure and need are only its site defaults (the 
 recorded and planned without a typed departure: its milestones come from the stays of
 comparable visits, and their target is the most those visits took (their 0.99 quantile,
 `DepartureModel.energy`) when that is more than the charger's default need: an EV that takes
-less stops drawing and is dropped from the next plan. Its asset still ends at the charger's
-default departure; the shares of the departure scenarios that fall at or after it go on its
-last PTU free of another milestone, not dropped (round 8, second part: with the default 8 h
-most of a JPL morning's learned stays end later, and such an EV was worth 0.15 EUR a kWh above
-its default need, where the need a driver types is the EV's target).
+less stops drawing and is dropped from the next plan. Its asset ends at the later of
+the charger's default departure and the learned median stay (`STAY_QUANTILE`; round 9: with
+the default 8 h half of a JPL morning's learned stays end later, and the plan could not use
+the hours after the default); the charger's default need by its default departure stays
+asked as it was. The shares of the departure scenarios that still fall at or after the end go
+on its last PTU free of another milestone, not dropped (round 8, second part: such an EV was
+worth 0.15 EUR a kWh above its default need, where the need a driver types is the EV's
+target).
 
 Two floors per driver (round 5): every EV that wants energy is asked its first
 `planner.ev_front_load_kwh` within `planner.ev_front_load_minutes` of its arrival (a milestone
@@ -91,6 +94,9 @@ DEFAULTS = "needs from site defaults"  # the OCPP RM's label when neither EV nor
 # to this share of its maximum at 100 % SoC (a common shape for Li-ion cars; the twin's EVs
 # taper the same way, so the twin measures this with the curve right)
 TAPER_END_SHARE = 0.15
+# an EV whose charger gives only its default departure is planned to this quantile of the
+# stays of comparable visits where that is later than the default (round 9)
+STAY_QUANTILE = 0.5
 T = TypeVar("T")
 
 
@@ -239,6 +245,9 @@ class DepartureLearning:
         self.recorded = 0  # visits recorded (this run)
         self.planned = 0  # safe-departure milestones added (this run, summed over plans)
         self.tapered = 0  # EVs whose milestones moved earlier for the taper (summed over plans)
+        # EVs that tell no departure planned to their learned stay past the charger's default
+        # (summed over plans)
+        self.stretched = 0
         # visits whose charger gave only its defaults (OCPP 1.6), planned by their stay: with
         # any learned departure, and with a learned energy above the charger's default need
         self.by_stay: set[tuple[str, datetime]] = set()
@@ -370,6 +379,7 @@ class DepartureLearning:
         self.safe.pop(rm_id, None)
         self._asked.pop((rm_id, "energy"), None)
         self._asked.pop((rm_id, "departures"), None)
+        self._asked.pop((rm_id, "stay"), None)
         if not visit.arrival_seen:
             self.unseen_arrivals += 1
             return
@@ -437,6 +447,7 @@ class DepartureLearning:
             self.safe[rm_id] = found[0]
             if visit.defaults:
                 self.by_stay.add((rm_id, visit.arrival))
+                self._to_learned_stay(problem, asset, rm_id, visit)
             shift = taper_ptus(asset, self.taper_knee, problem.ptu_minutes) if visit.soc else 0
             if shift:
                 self._finish_earlier(asset, shift)
@@ -458,7 +469,8 @@ class DepartureLearning:
                 asset.milestone_eur_per_wh[ptu] = price
                 ours.add(ptu)
             if carried > 0 and visit.defaults:
-                last = asset.available_until - 1
+                # its last level: the end of its asset, unless the charger's target is there
+                last = asset.available_until
                 while last > asset.available_from and last not in ours \
                         and any(m[0] == last for m in asset.target_profile):
                     last -= 1
@@ -473,6 +485,23 @@ class DepartureLearning:
         self._front_load(problem, floors)
         self.planned += count
         return count
+
+    def _to_learned_stay(self, problem: Problem, asset: StorageAsset, rm_id: str,
+                         visit: OpenVisit) -> None:
+        """End the asset of an EV whose charger gives only its default departure at the
+        learned `STAY_QUANTILE` stay of comparable visits when that is later: the plan may
+        then charge it after the default, where half of such drivers are still there. The
+        charger's default need by its default departure stays asked as it was."""
+        until = asset.available_until
+        stay = self._ask(rm_id, "stay", self.model.departures, visit.evse, visit.arrival, None,
+                         [STAY_QUANTILE], visit.driver)
+        if until is None or not stay:
+            return
+        step = timedelta(minutes=problem.ptu_minutes)
+        end = min(math.ceil((stay[0].at - problem.start) / step), problem.n_ptus)
+        if end > until:
+            asset.available_until = end
+            self.stretched += 1
 
     def _ask(self, rm_id: str, what: str, answer: Callable[..., T],
              *args: Any) -> T:
