@@ -116,6 +116,17 @@ class OpenVisit:
     arrival_seen: bool = True  # its charger was seen without an EV first: `arrival` is when it came
 
 
+def first_evs(problem: Problem, rm_assets: Mapping[str, list[str]]) -> dict[str, StorageAsset]:
+    """Per RM with one, its first EV asset in `problem` (as `SiteMapping.evs` holds them)."""
+    storage = {s.id: s for s in problem.storage}
+    out: dict[str, StorageAsset] = {}
+    for rm_id, ids in rm_assets.items():
+        asset = next((storage[a] for a in ids if a in storage and storage[a].kind == "ev"), None)
+        if asset is not None:
+            out[rm_id] = asset
+    return out
+
+
 def no_ev(asset: StorageAsset, state: Any, now: datetime) -> bool:
     """The charger describes no EV: nothing to charge and an empty fill-level range (0 .. 0).
 
@@ -288,25 +299,25 @@ class DepartureLearning:
             logger.info("departure learning: %d earlier EV visits", len(rows))
 
     def observe(self, problem: Problem, rm_assets: dict[str, list[str]], states: dict[str, Any],
-                names: dict[str, str], now: datetime,
-                bindings: Mapping[str, Any] | None = None) -> list[Visit]:
+                names: Mapping[str, str], now: datetime,
+                bindings: Mapping[str, Any] | None = None,
+                evs: Mapping[str, StorageAsset] | None = None) -> list[Visit]:
         """Open and close visits from the EV assets of a new problem; returns the closed ones.
 
         `bindings` (asset id -> the binding it was built with, `SiteMapping.bindings`) give
-        each FRBC asset's system description without a look-up in the RM's state."""
-        storage = {s.id: s for s in problem.storage}
+        each FRBC asset's system description without a look-up in the RM's state; `evs`
+        (`SiteMapping.evs`) each RM's EV asset without a search through its assets."""
         bindings = bindings or {}
         closed: list[Visit] = []
-        for rm_id, ids in rm_assets.items():
-            asset = next((storage[a] for a in ids if a in storage and storage[a].kind == "ev"),
-                         None)
-            if asset is None:
-                continue
-            description = getattr(bindings.get(asset.id), "system_description", None)
-            visit = self.open.get(rm_id)
+        seen_of, open_of = self._seen, self.open
+        for rm_id, asset in (first_evs(problem, rm_assets) if evs is None else evs).items():
+            binding = bindings.get(asset.id)
+            description = None if binding is None \
+                else getattr(binding, "system_description", None)
+            visit = open_of.get(rm_id)
             seen = (asset.level_wh, asset.level_max_wh, asset.charge_max_w,
                     asset.available_until, problem.start)
-            last = self._seen.get(rm_id)
+            last = seen_of.get(rm_id)
             if last is not None and last[0] is visit and last[1] is description \
                     and last[2] == seen:
                 continue  # the same visit, description and numbers: nothing to take in
@@ -408,20 +419,20 @@ class DepartureLearning:
         return [self.value_eur_per_wh * (bounds[k + 1] - bounds[k])
                 for k in range(len(self.quantiles))]
 
-    def apply(self, problem: Problem, rm_assets: dict[str, list[str]]) -> int:
-        """Add the safe-departure milestone to every open visit's EV; returns how many."""
+    def apply(self, problem: Problem, rm_assets: dict[str, list[str]],
+              evs: Mapping[str, StorageAsset] | None = None) -> int:
+        """Add the safe-departure milestone to every open visit's EV; returns how many.
+        (`evs`: each RM's EV asset, `SiteMapping.evs`.)"""
         if self.quantile <= 0:
             return 0
-        storage = {s.id: s for s in problem.storage}
+        ev_of = first_evs(problem, rm_assets) if evs is None else evs
         step = timedelta(minutes=problem.ptu_minutes)
         count = 0
         floors: list[tuple[StorageAsset, OpenVisit, int]] = []
         for rm_id, visit in self.open.items():
-            evs = [storage[a] for a in rm_assets.get(rm_id, []) if a in storage
-                   and storage[a].kind == "ev"]
-            if not evs:
+            asset = ev_of.get(rm_id)
+            if asset is None:
                 continue
-            asset = evs[0]
             if asset.charge_max_w <= 0 or asset.target_wh is None \
                     or asset.available_until is None:
                 continue

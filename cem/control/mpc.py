@@ -42,7 +42,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -655,11 +655,10 @@ class SiteController:
                 await learning.load(now)
             except Exception:
                 logger.exception("reading the finished EV visits failed")
-        names = {rm_id: str(getattr(entry, "name", None) or rm_id) for rm_id, entry in rms.items()}
-        closed = learning.observe(problem, mapping.rm_assets, states, names, now,
-                                  mapping.bindings)
+        closed = learning.observe(problem, mapping.rm_assets, states, _Names(rms), now,
+                                  mapping.bindings, mapping.evs)
         await learning.record(closed)
-        learning.apply(problem, mapping.rm_assets)
+        learning.apply(problem, mapping.rm_assets, mapping.evs)
         if self.config.planner.commit_started_charging:
             self.committed += commit_started(problem, self.problem, self.plan,
                                              learning.value_eur_per_wh)
@@ -930,6 +929,23 @@ class SiteController:
                        report.describe())
         self.request_replan(f"the guard acted ({decision.reason})")
         return decision
+
+
+class _Names(Mapping[str, str]):
+    """The RMs' names for the log, each read only when asked for (a visit opens): a replan
+    asks for a few of 5000."""
+
+    def __init__(self, rms: Mapping[str, Any]) -> None:
+        self._rms = rms
+
+    def __getitem__(self, rm_id: str) -> str:
+        return str(getattr(self._rms[rm_id], "name", None) or rm_id)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rms)
+
+    def __len__(self) -> int:
+        return len(self._rms)
 
 
 def coalesce_measurements(events: list[RegistryEvent]) -> list[RegistryEvent]:

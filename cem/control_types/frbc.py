@@ -219,6 +219,8 @@ class FrbcPlugin(PluginBase[FrbcState]):
     instruction_types = frozenset({"FRBC.Instruction"})
     referable_types = frozenset({SYSTEM_DESCRIPTION})
     state_class = FrbcState
+    # the last site build's PTU grid and config values (`add_assets`)
+    _grid: tuple[Any, ...] | None = None
 
     # --- session rules ------------------------------------------------------------------------
 
@@ -337,9 +339,14 @@ class FrbcPlugin(PluginBase[FrbcState]):
         state: FrbcState = rm.of(self.control_type)
         grid = site.memo.get(GRID_MEMO)
         if grid is None:  # (once per site build: 5000 RMs ask)
-            grid = site.memo[GRID_MEMO] = (
-                site.grid.start, site.grid.ptu_minutes, site.grid.n_ptus,
-                site.config.ev_defaults.priority, site.config.planner.ev_finish_margin_minutes)
+            grid = (site.grid.start, site.grid.ptu_minutes, site.grid.n_ptus,
+                    site.config.ev_defaults.priority, site.config.planner.ev_finish_margin_minutes)
+            # the same object as the last build's when equal: the kept assets' grid is then
+            # told by identity, not compared field by field 5000 times
+            last = self._grid
+            if last is not None and last == grid:
+                grid = last
+            site.memo[GRID_MEMO] = self._grid = grid
         made = state._assets_made
         details = rm.details
         # nothing the asset is made of changed since it was made (the state's version, the PTU
@@ -347,14 +354,18 @@ class FrbcPlugin(PluginBase[FrbcState]):
         # taken as it was, a copy (the EV modes and the departures change it in place). 5000
         # RMs' assets took 0.2-0.3 s of CPU a replan, and between two replans most RMs say
         # nothing new
-        if made is not None and made.grid == grid and made.details is details \
-                and (made.until is None or site.now < made.until) \
-                and made.version != state.version and made.level_free is not None \
-                and state.version - made.version == state.levels_version - made.levels_version:
-            new_level(made, state, site.config.planner.ev_finish_margin_minutes,
-                      site.problem.ptu_minutes)  # only the fill level is new
-        if made is not None and made.version == state.version and made.grid == grid \
+        if made is not None and (made.grid is grid or made.grid == grid) \
                 and made.details is details and (made.until is None or site.now < made.until):
+            if made.version != state.version and made.level_free is not None \
+                    and state.version - made.version \
+                    == state.levels_version - made.levels_version:
+                new_level(made, state, site.config.planner.ev_finish_margin_minutes,
+                          site.problem.ptu_minutes)  # only the fill level is new
+            if made.version != state.version:
+                made = None
+        else:
+            made = None
+        if made is not None:
             asset = fresh_copy(made.asset)
             if made.actuators_version != state.actuators_version:
                 # only the actuators' statuses are new (an instruction was taken): without

@@ -41,6 +41,8 @@ class SiteMapping:
     meter_rm: str | None = None
     notes: list[str] = field(default_factory=list)
     kinds: Counter[str] = field(default_factory=Counter)
+    # rm id -> its first EV asset in the problem (the departures and EV modes read these)
+    evs: dict[str, StorageAsset] = field(default_factory=dict)
 
     def add(self, rm_id: str, asset_id: str, binding: FlexBinding | None, kind: str) -> None:
         self.rm_assets.setdefault(rm_id, []).append(asset_id)
@@ -139,15 +141,21 @@ def build_problem(states: Mapping[str, Any], config: SiteConfig, prices: Any,
     mapping = SiteMapping()
     site = SiteBuild(problem, mapping, grid, config, now)
     planned = []
+    storage, evs = problem.storage, mapping.evs
     for rm_id, state in states.items():
         if is_grid_meter(state):
             mapping.meter_rm = rm_id
             continue
+        before = len(storage)
         try:
             _add_rm(site, rm_id, state)
             planned.append(state)
         except Exception as exc:  # one RM's odd data must not stop the site's plan
             mapping.notes.append(f"{rm_id}: left out of the plan ({type(exc).__name__}: {exc})")
+        for asset in storage[before:]:
+            if asset.kind == "ev":
+                evs[rm_id] = asset
+                break
     if mapping.meter_rm is not None:
         grid_w = measured_w(states[mapping.meter_rm])
         if grid_w is not None:
