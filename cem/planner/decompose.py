@@ -602,7 +602,8 @@ def integer_values(blocks: EvBlocks, lam: np.ndarray, cmin_kw: np.ndarray,
     rounds = 0
     while True:
         rounds += 1
-        vals, power = ev_values(nodes, lam)
+        # (the roots' answers are the EVs' own, known already)
+        vals, power = (lp_vals[root], power[root]) if rounds == 1 else ev_values(nodes, lam)
         vals = vals + const
         low = (power > eps) & (power < cmin_kw[owner][:, None] - eps) & ~forced
         leaf = ~low.any(axis=1)
