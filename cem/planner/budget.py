@@ -22,10 +22,11 @@ from contextlib import contextmanager
 COST_S_PER_CELL: dict[str, float] = {
     "layout": 2.5e-7,  # build_layout (5000 EVs: 0.03 s)
     "LP arrays": 5.5e-7,  # BuiltLp.of (5000 EVs: 0.07 s)
-    # the master's point laid out, `laxity.least_laxity_plan` and its scoring (5000 EVs: 0.32 s)
-    "plan from the point": 2.5e-6,
-    # the plan sent: `to_plan`, its scoring and `check_plan` (5000 EVs: 0.11 s, 1000: 0.05 s)
-    "plan and check": 1.0e-6,
+    # the master's point laid out, `laxity.least_laxity_plan` and its scoring (5000 EVs:
+    # 0.24-0.32 s)
+    "plan from the point": 2.0e-6,
+    # the plan sent: `to_plan`, its scoring and `check_plan` (5000 EVs: 0.07-0.11 s)
+    "plan and check": 8e-7,
     "repair": 3.5e-6,  # `hint.round_and_repair` of an LP answer (1000 EVs: 0.07-0.13 s)
     # the branch and bound of the EVs' minimum power in the bound: its first two rounds, which
     # it always takes (5000 EVs: 0.06-0.1 s at load 5, 4421 of the 4423 EUR it adds in 0.15 s)
@@ -34,6 +35,9 @@ COST_S_PER_CELL: dict[str, float] = {
     # (1000 EVs: 0.06 s)
     "min power at the LP's prices": 2.5e-6,
     "CP-SAT model": 5.5e-5,  # `model.build_model` (1000 EVs: 1.5 s; 100: 0.13 s)
+    # one answer of the EVs' problems at new prices and the master's next prices
+    # (`decompose.lagrangian_bound`: 0.044 s at 2000 EVs, 0.07 s at 5000)
+    "price step": 3.4e-7,
 }
 # the stages that always run to their end: their wall seconds against their estimate set the
 # pace (the others stop at a deadline of their own and would read faster than they are)
@@ -41,6 +45,7 @@ PACE_STAGES = frozenset({"layout", "LP arrays", "plan from the point", "plan and
                          "repair", "CP-SAT model"})
 # what any stage costs besides its size (Python's and numpy's calls), s
 COST_S_FIXED = 0.01
+COST_S_FIXED_OF = {"price step": 0.026}  # (HiGHS's two small LPs)
 # an estimate is this many times the measured cost at the current pace: the pace itself is
 # known only from the stages so far, and the load moves within a plan
 SAFETY = 1.15
@@ -70,10 +75,18 @@ class Budget:
         """Seconds to the deadline (negative past it)."""
         return self.deadline - time.perf_counter()
 
+    def _quiet(self, stage: str) -> float:
+        """A stage's seconds at load ~2."""
+        return COST_S_PER_CELL[stage] * self.cells + COST_S_FIXED_OF.get(stage, COST_S_FIXED)
+
     def cost(self, *stages: str) -> float:
         """The estimated seconds of `stages` one after the other, now."""
-        return sum(SAFETY * self.pace * (COST_S_PER_CELL[s] * self.cells + COST_S_FIXED)
-                   for s in stages)
+        return sum(SAFETY * self.pace * self._quiet(s) for s in stages)
+
+    def in_steps(self, step: str, *after: str) -> float:
+        """The time of `after` as a number of `step`s (each as long as it measures itself):
+        what a stage of many steps keeps for what follows it, at its own pace."""
+        return SAFETY * sum(self._quiet(s) for s in after) / self._quiet(step)
 
     def until(self, *after: str) -> float:
         """The moment by which a stage must end to leave `after` their time."""
@@ -91,7 +104,7 @@ class Budget:
         """Keep a stage's wall seconds; one of `PACE_STAGES` also sets the pace."""
         self.stage_s[stage] = self.stage_s.get(stage, 0.0) + seconds
         if stage in PACE_STAGES:
-            self._expected += COST_S_PER_CELL[stage] * self.cells + COST_S_FIXED
+            self._expected += self._quiet(stage)
             self._taken += seconds
 
     @contextmanager

@@ -453,11 +453,13 @@ UNBOX_DELTA = 1e4
 
 def lagrangian_bound(lay: Layout, built: BuiltLp | None = None, lam0: np.ndarray | None = None,
                      steps: int = 100, deadline: float | None = None, tol: float = 1e-4,
-                     point: bool = False, look_ahead: bool = False) -> DecomposedBound | None:
+                     point: bool = False, look_ahead: float | None = None
+                     ) -> DecomposedBound | None:
     """max of L(lam) by a box-step bundle (`Master`) from `lam0` ((groups, n), the last
     replan's prices) or from the import prices, until the master's prediction is within `tol`
     of the best value, `steps` answers or the `deadline` (`time.perf_counter`; with
-    `look_ahead` no step is begun that the last step's time says would end past it; the first
+    `look_ahead` no step is begun unless the time left covers it and `look_ahead` more steps
+    as long, each as long as the steps so far: the time of what follows, in steps; the first
     answer is always taken). None without
     EVs to decompose or when the rest of the LP could not be solved. `point`: keep every
     answer's powers, for the master's point (`DecomposedBound.dispatch`; memory grows with
@@ -487,6 +489,7 @@ def lagrangian_bound(lay: Layout, built: BuiltLp | None = None, lam0: np.ndarray
                    power.astype(np.float32) if point else None)
         return r_val + total, per_cell, power
 
+    first_began = time.perf_counter()
     got = value(lam)
     if got is None:
         return None
@@ -497,12 +500,14 @@ def lagrangian_bound(lay: Layout, built: BuiltLp | None = None, lam0: np.ndarray
     master_eur: float | None = None
     last_weights: np.ndarray | None = None
     count = 1
-    step_s = time.perf_counter() - began  # the last step's wall seconds (the first: all so far)
+    # the steps' wall seconds (the first answer's until there are others)
+    first_s = time.perf_counter() - first_began
+    later_s: list[float] = []
     timed_out = False
     for _ in range(steps - 1):
-        # (`look_ahead`) no step begun that the last one's time says would end past it
-        if deadline is not None \
-                and time.perf_counter() + (step_s if look_ahead else 0.0) > deadline:
+        step_s = sum(later_s) / len(later_s) if later_s else first_s
+        if deadline is not None and time.perf_counter() + (
+                0.0 if look_ahead is None else (1.0 + look_ahead) * step_s) > deadline:
             timed_out = True
             break
         step_began = time.perf_counter()
@@ -520,7 +525,7 @@ def lagrangian_bound(lay: Layout, built: BuiltLp | None = None, lam0: np.ndarray
             continue
         got = value(y)
         count += 1
-        step_s = time.perf_counter() - step_began
+        later_s.append(time.perf_counter() - step_began)
         if got is None:
             break
         power_mix = got[2]
@@ -530,7 +535,7 @@ def lagrangian_bound(lay: Layout, built: BuiltLp | None = None, lam0: np.ndarray
             centre, best = y, got[0]
         else:
             delta *= 0.5
-    if point and (last_weights is not None or look_ahead):
+    if point and (last_weights is not None or look_ahead is not None):
         # the master without the box: the best mix of the answers that meets the site rows
         # (the boxed one buys its way out of them while the prices still move: at 5000 EVs
         # cut short after 8-14 answers its point was 2-9 % above the bound, the plan from

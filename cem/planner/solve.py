@@ -106,6 +106,8 @@ CHECK_S_PER_CELL = 2e-6
 # replan, one or two answers and no point to plan from, and the plan is then the fallback
 # (43 % above the bound after a congestion window); three answers gave 0.16 %
 DECOMPOSE_MIN_SHARE = 0.4
+# what follows the price steps in a plan no replan follows (`Budget`'s stages)
+AFTER_PRICE_STEPS = ("min power", "plan from the point", "plan and check")
 # the last plan keeps a limit of the next problem within this (W): rounding, not a new limit
 LIMIT_FIT_W = 1.0
 # a cold LP (no basis to start from) takes about COLD_LP_S x cells ** COLD_LP_POWER seconds
@@ -381,7 +383,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             # is left; a live replan's get at least a share of the time limit
             decomposed = _decompose(
                 lay, built, memory,
-                budget.until("min power", "plan from the point", "plan and check") if alone
+                budget.until(*AFTER_PRICE_STEPS) if alone
                 else max(deadline - AFTER_LP_S - GUIDED_S_PER_CELL * cells,
                          time.perf_counter() + DECOMPOSE_MIN_SHARE * time_limit_s),
                 point=True, budget=budget if alone else None)
@@ -491,7 +493,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                 # first answer is always taken, it is all the plan there is)
                 decomposed = _decompose(
                     lay, None, memory if memory is not None else PlanMemory(),
-                    budget.until("min power", "plan from the point", "plan and check") if alone
+                    budget.until(*AFTER_PRICE_STEPS) if alone
                     else max(deadline, time.perf_counter() + 0.25 * time_limit_s),
                     point=True, budget=budget if alone else None)
                 if decomposed is not None and alone:
@@ -676,14 +678,19 @@ def _decompose(lay: Layout, built: BuiltLp | None, memory: PlanMemory, deadline:
                point: bool = False, budget: Budget | None = None) -> DecomposedBound | None:
     """`decompose.lagrangian_bound` from the last replan's site-row prices, until `deadline`
     (`point`: with its master's point); its prices are kept for the next. None when it gives
-    no bound (or fails: logged). With a `budget` (a plan no replan follows) no price step is
-    begun that would end past `deadline` by the last one's time, and the stage is timed and
-    said when cut short."""
+    no bound (or fails: logged). With a `budget` (a plan no replan follows) the price steps
+    stop by the budget's deadline less the time of `AFTER_PRICE_STEPS`, counted in steps as
+    long as their own (`deadline` is then not used); the stage is timed, and said when cut
+    short."""
     began = time.perf_counter()
+    # (a plan no replan follows: until the deadline less what follows, in price steps as
+    # long as those so far; 5000 EVs: about 7)
+    look_ahead = None if budget is None else budget.in_steps("price step", *AFTER_PRICE_STEPS)
     try:
         # to a tenth of the gap tolerance: more answers tighten it by less than they cost
-        found = lagrangian_bound(lay, built, lam0=memory.prices(lay), deadline=deadline,
-                                 tol=GAP_TOL / 10, point=point, look_ahead=budget is not None)
+        found = lagrangian_bound(lay, built, lam0=memory.prices(lay),
+                                 deadline=deadline if budget is None else budget.deadline,
+                                 tol=GAP_TOL / 10, point=point, look_ahead=look_ahead)
     except Exception:
         log.exception("bound from the EVs' own problems failed")
         return None
