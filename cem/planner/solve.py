@@ -108,6 +108,9 @@ CHECK_S_PER_CELL = 2e-6
 DECOMPOSE_MIN_SHARE = 0.4
 # what follows the price steps in a plan no replan follows (`Budget`'s stages)
 AFTER_PRICE_STEPS = ("min power", "plan from the point", "plan and check")
+# a plan no replan follows keeps this many price steps' time from its LP (`Budget`: 0.24 s at
+# 1000 EVs, load ~2), for the plan from the EVs' problems should the LP not finish
+RESCUE_STEPS = 5
 # the last plan keeps a limit of the next problem within this (W): rounding, not a new limit
 LIMIT_FIT_W = 1.0
 # a cold LP (no basis to start from) takes about COLD_LP_S x cells ** COLD_LP_POWER seconds
@@ -416,6 +419,11 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             lp_s = deadline - time.perf_counter() - after_lp_s - polish_s
             if alone and decomposed is not None:  # its answer is repaired and sent, and checked
                 lp_s = min(lp_s, budget.until("repair", "plan and check") - time.perf_counter())
+            elif alone and cells >= NUMPY_FALLBACK_CELLS:
+                # should it not finish, the plan comes from the EVs' problems: their price
+                # steps need a few answers for a point worth planning from (one answer: 92 %
+                # above the bound at 300 EVs)
+                lp_s -= budget.cost(*["price step"] * RESCUE_STEPS, *AFTER_PRICE_STEPS)
             if guided_good:
                 lp = LpResult("not run: the plan from the EVs' problems is good enough", None,
                               None, index=built.index if built is not None else None)
@@ -426,9 +434,13 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                 budget.skip("LP", f"{max(lp_s, 0.0):.2f} s left for it after the bound "
                             "and the plan from the EVs' problems")
             else:
+                # (no bound from row prices on a large site no replan follows: should the LP
+                # not finish, the EVs' problems give a better one, and the row prices' took
+                # 1.4-1.5 s at 1000 EVs past the LP's time limit)
                 with budget.timed("LP"):
                     lp = solve_lp(lay, time_limit_s=max(lp_s, 0.01), memory=lp_memory,
-                                  built=built, price_bound=decomposed is None)
+                                  built=built, price_bound=decomposed is None and not (
+                                      alone and cells >= NUMPY_FALLBACK_CELLS))
         if memory is not None:
             memory.lp_solved = lp.dispatch is not None
         build_s += lp.build_s
