@@ -27,6 +27,9 @@ COST_S_PER_CELL: dict[str, float] = {
     "plan from the point": 2.0e-6,
     # the plan sent: `to_plan`, its scoring and `check_plan` (5000 EVs: 0.07-0.11 s)
     "plan and check": 8e-7,
+    # `hint.refill` of the plan from the point: its least (its set-up and the scoring of what
+    # it refilled, 0.1-0.14 s at 5000 EVs at load ~5 when cut short at once)
+    "refill": 4e-7,
     "repair": 3.5e-6,  # `hint.round_and_repair` of an LP answer (1000 EVs: 0.07-0.13 s)
     # the branch and bound of the EVs' minimum power in the bound: its first two rounds, which
     # it always takes (5000 EVs: 0.06-0.1 s at load 5, 4421 of the 4423 EUR it adds in 0.15 s)

@@ -506,8 +506,10 @@ def lagrangian_bound(lay: Layout, built: BuiltLp | None = None, lam0: np.ndarray
     timed_out = False
     for _ in range(steps - 1):
         step_s = sum(later_s) / len(later_s) if later_s else first_s
+        # (the next step, the master without the box for the point: about a step, and then
+        # `look_ahead` steps)
         if deadline is not None and time.perf_counter() + (
-                0.0 if look_ahead is None else (1.0 + look_ahead) * step_s) > deadline:
+                0.0 if look_ahead is None else (1.0 + point + look_ahead) * step_s) > deadline:
             timed_out = True
             break
         step_began = time.perf_counter()

@@ -400,7 +400,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                         budget.until("plan from the point", "plan and check"),
                         time.perf_counter() + budget.cost("min power")), budget)
                 guided = _guided(lay, built.index, decomposed, gap_tol,
-                                 last_call if alone
+                                 budget.until("refill", "plan and check") if alone
                                  else deadline - AFTER_LP_S - CHECK_S_PER_CELL * cells, budget)
                 guided_good = guided is not None \
                     and _within_tolerance(guided[0], decomposed.bound_eur, gap_tol)
@@ -459,6 +459,8 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                 shave_peak(lay, candidate, last_call)
             best = evaluate(lay, candidate)
             left = last_call - time.perf_counter()
+            if alone and cells >= NUMPY_FALLBACK_CELLS:  # what the minimum power adds below
+                left -= budget.cost("min power at the LP's prices")
             with budget.timed("polish"):
                 polished = polish_plan(lay, lp, candidate, time_limit_s=left) if left > 0 else None
             unpolished = polished is None
@@ -513,7 +515,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                         budget.until("plan from the point", "plan and check"),
                         time.perf_counter() + budget.cost("min power")), budget)
                 guided = _guided(lay, lp.index, decomposed, gap_tol,
-                                 last_call if alone
+                                 budget.until("refill", "plan and check") if alone
                                  else deadline - AFTER_LP_S - CHECK_S_PER_CELL * cells, budget)
             if lp.dual_bound_eur is not None:
                 bound, bound_from = lp.dual_bound_eur, "prices"
@@ -767,7 +769,8 @@ def _guided(lay: Layout, index: LpIndex | None, decomposed: DecomposedBound | No
         if budget is not None:
             budget.took("plan from the point", time.perf_counter() - began)
         wanted = not ev_only(lay) and not _within_tolerance(best, decomposed.bound_eur, gap_tol)
-        if wanted and stop_at is not None and time.perf_counter() >= stop_at:
+        least = budget.cost("refill") if budget is not None else 0.0
+        if wanted and stop_at is not None and time.perf_counter() + least >= stop_at:
             if budget is not None:
                 budget.skip("refill", "no time left after the plan from the point")
         elif wanted:
