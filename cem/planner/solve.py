@@ -24,6 +24,12 @@
    0.01-0.05 % above the bound on the bench's EV-only 1000-5000 EVs, 0.8-1.3 % on its mixed
    site at 5000) come first, and the LP runs only when that plan is not within the
    tolerance; on other sites the fallback is made beside the LP (`_lp_beside_fallback`).
+A plan no replan follows (no `memory`: the bench's, `cem plan`) shares its time out by a
+`budget.Budget`: each stage that does not stop by itself is started only when its estimate
+(its cost per storage-PTU measured on the 2-core machine, times the pace of the stages timed
+so far) and those of what must follow it fit, the price steps stop when the next step and
+what follows no longer fit, and what was skipped or cut short for time is said
+(`Plan.skipped`, `Plan.stage_s`; docs/adr/0007 round 9).
 Every returned plan is scored by `layout.evaluate` (`objective_eur`, comparable with the bound;
 `cost_eur` is the money: energy at the true prices + peak) and keeps the hard limits
 (`check_plan`). `level_wh` holds each storage level at the end of every PTU.
