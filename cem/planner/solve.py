@@ -392,7 +392,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             # is left; a live replan's get at least a share of the time limit
             decomposed = _decompose(
                 lay, built, memory,
-                budget.until(*AFTER_PRICE_STEPS) if alone
+                deadline if alone
                 else max(deadline - AFTER_LP_S - GUIDED_S_PER_CELL * cells,
                          time.perf_counter() + DECOMPOSE_MIN_SHARE * time_limit_s),
                 point=True, budget=budget if alone else None)
@@ -509,11 +509,11 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                 # a quarter of the time limit past the deadline at most (on any large site,
                 # with memory or without: the fallback there is an asset at a time, 6-8 s and
                 # 98-99 % above the bound on the bench's mixed site at 1000-5000 EVs)
-                # (a plan no replan follows: until what must follow is left, as above; the
-                # first answer is always taken, it is all the plan there is)
+                # (a plan no replan follows: until what must follow is left, as above, with
+                # at least `decompose.LOOK_AHEAD_AFTER` answers before the deadline itself)
                 decomposed = _decompose(
                     lay, None, memory if memory is not None else PlanMemory(),
-                    budget.until(*AFTER_PRICE_STEPS) if alone
+                    deadline if alone
                     else max(deadline, time.perf_counter() + 0.25 * time_limit_s),
                     point=True, budget=budget if alone else None)
                 if decomposed is not None and alone:
@@ -699,17 +699,14 @@ def _decompose(lay: Layout, built: BuiltLp | None, memory: PlanMemory, deadline:
     """`decompose.lagrangian_bound` from the last replan's site-row prices, until `deadline`
     (`point`: with its master's point); its prices are kept for the next. None when it gives
     no bound (or fails: logged). With a `budget` (a plan no replan follows) the price steps
-    stop by the budget's deadline less the time of `AFTER_PRICE_STEPS`, counted in steps as
-    long as their own (`deadline` is then not used); the stage is timed, and said when cut
-    short."""
+    stop by `deadline` less the time of `AFTER_PRICE_STEPS`, counted in steps as long as
+    their own (`lagrangian_bound`'s look-ahead); the stage is timed, and said when cut short."""
     began = time.perf_counter()
-    # (a plan no replan follows: until the deadline less what follows, in price steps as
-    # long as those so far; 5000 EVs: about 7)
+    # (what follows them, in price steps: 7.9 at 5000 EVs, 5.6 at 2000, 4.0 at 1000)
     look_ahead = None if budget is None else budget.in_steps("price step", *AFTER_PRICE_STEPS)
     try:
         # to a tenth of the gap tolerance: more answers tighten it by less than they cost
-        found = lagrangian_bound(lay, built, lam0=memory.prices(lay),
-                                 deadline=deadline if budget is None else budget.deadline,
+        found = lagrangian_bound(lay, built, lam0=memory.prices(lay), deadline=deadline,
                                  tol=GAP_TOL / 10, point=point, look_ahead=look_ahead)
     except Exception:
         log.exception("bound from the EVs' own problems failed")
