@@ -512,7 +512,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                 # (a plan no replan follows: until what must follow is left, as above, with
                 # at least `decompose.LOOK_AHEAD_AFTER` answers before the deadline itself)
                 decomposed = _decompose(
-                    lay, None, memory if memory is not None else PlanMemory(),
+                    lay, lp.built if alone else None, memory if memory is not None else PlanMemory(),
                     deadline if alone
                     else max(deadline, time.perf_counter() + 0.25 * time_limit_s),
                     point=True, budget=budget if alone else None)
