@@ -23,7 +23,10 @@ problems of one shape.
 
 For each instance: build the Problem (timed as `scenario_s`), call `plan_site`, check the plan
 with `check_plan` (violations are printed in red and counted), and report per N the p50/p95 of
-build/solve/total seconds and the mean cost, bound and gap.
+build/solve/total seconds and the mean cost, bound and gap. Each run also says how far its
+wall time went past the time limit (`over_limit_s`, negative within it; per N the most,
+`over_limit_s_max`), which stages the planner skipped or cut short to keep it (`skipped`) and
+the wall seconds of each stage it timed (`stage_s`).
 """
 
 from __future__ import annotations
@@ -208,6 +211,10 @@ def run_instance(n_evs: int, seed: int, ptus: int, time_limit: float,
     return {
         "seed": seed, "status": plan.status, "scenario_s": scenario_s, "build_s": plan.build_s,
         "lp_solve_s": plan.lp_solve_s, "solve_s": plan.solve_s, "total_s": total_s,
+        # the plan's wall time past its time limit (negative: within it), and what the
+        # planner skipped or cut short to keep it
+        "over_limit_s": total_s - time_limit, "skipped": list(getattr(plan, "skipped", [])),
+        "stage_s": {k: round(v, 4) for k, v in getattr(plan, "stage_s", {}).items()},
         "cost_eur": plan.cost_eur, "objective_eur": getattr(plan, "objective_eur", None),
         "lp_bound_eur": plan.lp_bound_eur, "gap": plan.gap,
         "peak_kw": plan.peak_w / 1000, "unmet_kwh": unmet_wh / 1000,
@@ -226,6 +233,7 @@ def summarise(n_evs: int, ptus: int, runs: list[dict[str, Any]]) -> dict[str, An
         values = [r[key] for r in runs if r[key] is not None]
         out[key] = round(statistics.fmean(values), 4) if values else None
     out["gap_max"] = max((r["gap"] for r in runs if r["gap"] is not None), default=None)
+    out["over_limit_s_max"] = round(max(r["over_limit_s"] for r in runs), 4) if runs else None
     statuses: dict[str, int] = {}
     for r in runs:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
@@ -291,7 +299,7 @@ def print_table(report: dict[str, Any]) -> None:
     shape = "live EV milestones" if report.get("live_shape") else "no milestones"
     times = Table(title=f"cem bench planner: times in s (p50/p95), time limit {report['time_limit_s']} s, "
                         f"{shape}, {report['machine']['cpus']} CPUs", title_justify="left")
-    for col in ("EVs", "status", "build", "LP", "solve", "total"):
+    for col in ("EVs", "status", "build", "LP", "solve", "total", "over limit"):
         times.add_column(col, justify="left" if col == "status" else "right", no_wrap=True)
     quality = Table(title="plan quality (means over instances, EUR)", title_justify="left")
     for col in ("EVs", "cost", "objective", "LP bound", "gap", "max gap", "unmet kWh", "viol."):
@@ -301,7 +309,8 @@ def print_table(report: dict[str, Any]) -> None:
         times.add_row(str(r["evs"]), status, f"{r['build_s_p50']:.2f}/{r['build_s_p95']:.2f}",
                       f"{r['lp_solve_s_p50']:.2f}/{r['lp_solve_s_p95']:.2f}",
                       f"{r['solve_s_p50']:.2f}/{r['solve_s_p95']:.2f}",
-                      f"{r['total_s_p50']:.2f}/{r['total_s_p95']:.2f}")
+                      f"{r['total_s_p50']:.2f}/{r['total_s_p95']:.2f}",
+                      "-" if r.get("over_limit_s_max") is None else f"{r['over_limit_s_max']:+.2f}")
         gap = "-" if r["gap"] is None else f"{r['gap']:.1%}"
         gap_max = "-" if r["gap_max"] is None else f"{r['gap_max']:.1%}"
 

@@ -3,7 +3,8 @@
 Output conventions (`--json`, one object): power in kW per PTU, positive = consumption;
 `grid_import_kw` = base load - (PV - curtailed) + sum of `assets`, + import / - export.
 `unmet_kwh` lists every EV (0 when its target is met); `shortfall` gives the planner's reason
-for each asset that misses its target.
+for each asset that misses its target; `skipped` the planner's stages skipped or cut short to keep
+the time limit ("stage: why"), and `wall_s` the seconds the planner took.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ def plan_to_json(built: BuiltScenario, plan: Plan, violations: list[str] | None 
         "assets": {asset_id: _kw(plan.power_w.get(asset_id), n) for asset_id in built.kinds},
         "level_kwh": {k: _kw(v, len(v)) for k, v in plan.level_wh.items()},
         "notes": [*built.notes, *plan.notes],
+        # the planner's stages skipped or cut short to keep the time limit ("stage: why")
+        "skipped": list(getattr(plan, "skipped", [])),
         "violations": violations or [],
     }
 
@@ -153,6 +156,8 @@ def print_summary(out: Console, name: str, built: BuiltScenario, plan: Plan, dat
         out.print(evs)
     for note in data["notes"]:
         out.print(f"[dim]note:[/] {note}", highlight=False, soft_wrap=True)
+    for skipped in data["skipped"]:
+        out.print(f"[dim]skipped for time:[/] {skipped}", highlight=False, soft_wrap=True)
     for violation in data["violations"]:
         out.print(f"[bold red]violation:[/] {violation}", highlight=False, soft_wrap=True)
 

@@ -232,5 +232,8 @@ class Plan:
     lp_iterations: int = 0  # simplex iterations of the LP relaxation
     lp_warm: bool = False  # the LP started from the previous replan's basis
     notes: list[str] = field(default_factory=list)
+    # the stages skipped or cut short to keep the time limit, each "stage: why"
+    skipped: list[str] = field(default_factory=list)
+    stage_s: dict[str, float] = field(default_factory=dict)  # wall seconds per stage timed
     # cost_eur + unmet-target penalties + tie-breaks: the objective the LP bound and gap refer to
     objective_eur: float = 0.0

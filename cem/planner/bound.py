@@ -171,7 +171,8 @@ class LpResult:
     # (for `polish` on an instance of its own)
     dual_bound_eur: float | None = None
     model: highspy.HighsLp | None = None
-    built: BuiltLp | None = None  # the LP as built (solved: for a bound at its prices)
+    built: BuiltLp | None = None  # the LP as built (for a bound at its prices, or from the
+    # EVs' own problems after it)
 
 
 # HighsBasisStatus values as numbers
@@ -869,7 +870,7 @@ def solve_lp(lay: Layout, time_limit_s: float = 10.0, threads: int = 1,
         return LpResult(h.modelStatusToString(status), None, None, build_s=build_s, solve_s=solve_s,
                         warm=warm, iterations=iterations, index=index, model=model,
                         dual_bound_eur=_bound_unsolved(h, model, row_key, memory)
-                        if price_bound else None)
+                        if price_bound else None, built=built)
     solution = h.getSolution()
     if memory is not None and solution.dual_valid and len(solution.row_dual) == len(row_key):
         memory.keep_prices(row_key, np.asarray(solution.row_dual))

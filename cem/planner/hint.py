@@ -481,6 +481,8 @@ def refill(lay: Layout, disp: Dispatch, *, by_price: bool = True, deadline_first
     caps.append(lay.import_lim)
     active = np.asarray(todo)
     for cap in caps:
+        if stop_at is not None and time.perf_counter() > stop_at:
+            return False
         room = _can_take(lay, disp, active, g, ph, cap)
         done = np.zeros(len(active), dtype=bool)
         for k in np.flatnonzero(room):

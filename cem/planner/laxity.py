@@ -76,9 +76,15 @@ def _upper(lay: Layout) -> np.ndarray:
     """(S, n) the most energy (Wh since the start) an EV may have by the end of each PTU:
     its level maximum, and the upper side of each milestone before it."""
     cap = np.broadcast_to((lay.lmax - lay.level0)[:, None], (lay.s, lay.n)).copy()
-    for k in np.flatnonzero(np.isfinite(lay.ms_hi)).tolist():
-        i, ptu = int(lay.ms_asset[k]), int(lay.ms_ptu[k])
-        cap[i, :ptu] = np.minimum(cap[i, :ptu], lay.ms_hi[k] - lay.level0[i])
+    k = np.flatnonzero(np.isfinite(lay.ms_hi))
+    if len(k):
+        # each milestone's upper side at its PTU, then the least of those at or after each
+        # PTU: the cap of every PTU before them (in numpy: 0.026 s a loop at 5000 EVs)
+        at = np.full((lay.s, lay.n + 1), np.inf)
+        i = lay.ms_asset[k]
+        np.minimum.at(at, (i, lay.ms_ptu[k]), lay.ms_hi[k] - lay.level0[i])
+        after = np.minimum.accumulate(at[:, ::-1], axis=1)[:, ::-1]
+        cap = np.minimum(cap, after[:, 1:])
     return cap
 
 

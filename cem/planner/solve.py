@@ -24,6 +24,12 @@
    0.01-0.05 % above the bound on the bench's EV-only 1000-5000 EVs, 0.8-1.3 % on its mixed
    site at 5000) come first, and the LP runs only when that plan is not within the
    tolerance; on other sites the fallback is made beside the LP (`_lp_beside_fallback`).
+A plan no replan follows (no `memory`: the bench's, `cem plan`) shares its time out by a
+`budget.Budget`: each stage that does not stop by itself is started only when its estimate
+(its cost per storage-PTU measured on the 2-core machine, times the pace of the stages timed
+so far) and those of what must follow it fit, the price steps stop when the next step and
+what follows no longer fit, and what was skipped or cut short for time is said
+(`Plan.skipped`, `Plan.stage_s`; docs/adr/0007 round 9).
 Every returned plan is scored by `layout.evaluate` (`objective_eur`, comparable with the bound;
 `cost_eur` is the money: energy at the true prices + peak) and keeps the hard limits
 (`check_plan`). `level_wh` holds each storage level at the end of every PTU.
@@ -41,6 +47,7 @@ import numpy as np
 
 from cem.planner.assets import ModeAsset, Plan, Problem, ShiftableProfile, Shortfall, StorageAsset
 from cem.planner.bound import BuiltLp, LpIndex, LpMemory, LpResult, solve_lp
+from cem.planner.budget import Budget
 from cem.planner.check import check_plan
 from cem.planner.decompose import DecomposedBound, lagrangian_bound
 from cem.planner.fallback import (
@@ -105,6 +112,11 @@ CHECK_S_PER_CELL = 2e-6
 # replan, one or two answers and no point to plan from, and the plan is then the fallback
 # (43 % above the bound after a congestion window); three answers gave 0.16 %
 DECOMPOSE_MIN_SHARE = 0.4
+# what follows the price steps in a plan no replan follows (`Budget`'s stages)
+AFTER_PRICE_STEPS = ("min power", "plan from the point", "plan and check")
+# a plan no replan follows keeps this many price steps' time from its LP (`Budget`: 0.24 s at
+# 1000 EVs, load ~2), for the plan from the EVs' problems should the LP not finish
+RESCUE_STEPS = 5
 # the last plan keeps a limit of the next problem within this (W): rounding, not a new limit
 LIMIT_FIT_W = 1.0
 # a cold LP (no basis to start from) takes about COLD_LP_S x cells ** COLD_LP_POWER seconds
@@ -332,6 +344,8 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     best: Evaluation | None = None
     unpolished = False
     cells = int(lay.avail.sum())
+    budget = Budget(deadline, cells)
+    budget.took("layout", build_s)
     after_lp_s = AFTER_LP_S + AFTER_LP_S_PER_CELL * cells
     lp: LpResult | None = None
     rules: Dispatch | None = None  # the fallback plan, once made
@@ -345,6 +359,10 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     # its time only there (live replans are 0.02-0.06 % above their bound already, and at
     # 5000 EVs it took the planner's p50 in `cem bench replan` from 0.92-1.52 to 1.26-1.87 s)
     alone = memory is None
+    # the moment the plan sent must be chosen by: on a plan no replan follows, the deadline
+    # less the time of making and checking it (`Budget`); a live replan's stages keep the
+    # deadline itself, as before
+    last_call = budget.until("plan and check") if alone else deadline
     if use_lp:
         # an LP that was not solved last time will likely not be now: keep the time the
         # anytime plan (the fallback, polished) needs
@@ -356,7 +374,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         # basis it leaves, solved or not, is where the next replans go on from; without it
         # the bench's timed replans at 1000 EVs were 0.45 % above their bound, not 0.05 %)
         cold = memory is None and cells >= NUMPY_FALLBACK_CELLS \
-            and COLD_LP_S * cells ** COLD_LP_POWER > time_limit_s - after_lp_s
+            and COLD_LP_S * cells ** COLD_LP_POWER * budget.pace > time_limit_s - after_lp_s
         if cold:
             memory = PlanMemory()  # for this plan only: the decomposition keeps its prices
         if memory is not None and cells >= NUMPY_FALLBACK_CELLS and (
@@ -367,20 +385,29 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             # the LP gets what is left only when that plan is not good enough (on a site
             # with other flexible assets there is no numpy fallback: None)
             rules = deadline_first(lay)
-            built = BuiltLp.of(lay)
-            decomposed = _decompose(lay, built, memory, max(
-                deadline - AFTER_LP_S - GUIDED_S_PER_CELL * cells,
-                time.perf_counter() + DECOMPOSE_MIN_SHARE * time_limit_s), point=True)
+            with budget.timed("LP arrays"):
+                built = BuiltLp.of(lay)
+            # a plan no replan follows: the price steps until what must follow them (the
+            # minimum power's least, the plan from the point, the plan sent and its check)
+            # is left; a live replan's get at least a share of the time limit
+            decomposed = _decompose(
+                lay, built, memory,
+                deadline if alone
+                else max(deadline - AFTER_LP_S - GUIDED_S_PER_CELL * cells,
+                         time.perf_counter() + DECOMPOSE_MIN_SHARE * time_limit_s),
+                point=True, budget=budget if alone else None)
             beside = False  # the fallback is made
             if decomposed is not None:
                 # (its time is the refill's below, which a plan within the tolerance of the
                 # raised bound no longer needs; not the price steps': a decomposition cut
                 # short leaves a point far from the optimum, at 5000 EVs once 57 % above)
-                if alone:
-                    _with_min_power(lay, decomposed,
-                                    deadline - AFTER_LP_S - CHECK_S_PER_CELL * cells)
+                if alone:  # (its first rounds give nearly all of it: `Budget`)
+                    _with_min_power(lay, decomposed, min(
+                        budget.until("plan from the point", "plan and check"),
+                        time.perf_counter() + budget.cost("min power")), budget)
                 guided = _guided(lay, built.index, decomposed, gap_tol,
-                                 deadline - AFTER_LP_S - CHECK_S_PER_CELL * cells)
+                                 budget.until("refill", "plan and check") if alone
+                                 else deadline - AFTER_LP_S - CHECK_S_PER_CELL * cells, budget)
                 guided_good = guided is not None \
                     and _within_tolerance(guided[0], decomposed.bound_eur, gap_tol)
         # only when it fits twice over: beside the LP it takes the LP a third of its
@@ -396,6 +423,13 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             # with the fallback made first, its polish's time is kept from the LP's
             polish_s = ANYTIME_S_PER_CELL * cells if decomposed is not None else 0.0
             lp_s = deadline - time.perf_counter() - after_lp_s - polish_s
+            if alone and decomposed is not None:  # its answer is repaired and sent, and checked
+                lp_s = min(lp_s, budget.until("repair", "plan and check") - time.perf_counter())
+            elif alone and cells >= NUMPY_FALLBACK_CELLS:
+                # should it not finish, the plan comes from the EVs' problems: their price
+                # steps need a few answers for a point worth planning from (one answer: 92 %
+                # above the bound at 300 EVs)
+                lp_s -= budget.cost(*["price step"] * RESCUE_STEPS, *AFTER_PRICE_STEPS)
             if guided_good:
                 lp = LpResult("not run: the plan from the EVs' problems is good enough", None,
                               None, index=built.index if built is not None else None)
@@ -403,9 +437,16 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                 # no time for it (at 5000 EVs on a busy machine): not even built for HiGHS
                 lp = LpResult("not run: no time left after the bound", None,
                               None, index=built.index if built is not None else None)
+                budget.skip("LP", f"{max(lp_s, 0.0):.2f} s left for it after the bound "
+                            "and the plan from the EVs' problems")
             else:
-                lp = solve_lp(lay, time_limit_s=max(lp_s, 0.01), memory=lp_memory, built=built,
-                              price_bound=decomposed is None)
+                # (no bound from row prices on a large site no replan follows: should the LP
+                # not finish, the EVs' problems give a better one, and the row prices' took
+                # 1.4-1.5 s at 1000 EVs past the LP's time limit)
+                with budget.timed("LP"):
+                    lp = solve_lp(lay, time_limit_s=max(lp_s, 0.01), memory=lp_memory,
+                                  built=built, price_bound=decomposed is None and not (
+                                      alone and cells >= NUMPY_FALLBACK_CELLS))
         if memory is not None:
             memory.lp_solved = lp.dispatch is not None
         build_s += lp.build_s
@@ -416,30 +457,43 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             if memory is not None and lp.highs is not None and lp.index is not None \
                     and lp.index.agg_rows is not None:  # before the polish re-runs it
                 memory.keep_prices(lay, np.asarray(lp.highs.getSolution().row_dual)[lp.index.agg_rows])
-            candidate = round_and_repair(lay, lp.dispatch)
+            with budget.timed("repair"):
+                candidate = round_and_repair(lay, lp.dispatch)
             status = "FEASIBLE"
             small = int(lay.avail.sum()) <= SHAVE_BEFORE_POLISH_COLUMNS
             if small:  # cheap here, and a shaved on/off pattern polishes better
-                shave_peak(lay, candidate, deadline)
+                shave_peak(lay, candidate, last_call)
             best = evaluate(lay, candidate)
-            left = deadline - time.perf_counter()
-            polished = polish_plan(lay, lp, candidate, time_limit_s=left) if left > 0 else None
+            left = last_call - time.perf_counter()
+            if alone and cells >= NUMPY_FALLBACK_CELLS:  # what the minimum power adds below
+                left -= budget.cost("min power at the LP's prices")
+            with budget.timed("polish"):
+                polished = polish_plan(lay, lp, candidate, time_limit_s=left) if left > 0 else None
             unpolished = polished is None
             if unpolished:
                 notes.append("the repaired LP plan was not polished ("
                              + ("no time left)" if left <= 0 else "HiGHS did not finish it)"))
+                budget.skip("polish", "no time left" if left <= 0
+                            else f"not finished in the {left:.2f} s left")
             if polished is not None:
                 ev = evaluate(lay, polished)
                 if ev.objective < best.objective:
                     candidate, best = polished, ev
             elif not small:  # no polish: at least take charging out of the kW-max PTUs
-                shave_peak(lay, candidate, deadline)
+                shave_peak(lay, candidate, last_call)
                 best = evaluate(lay, candidate)
+            at_lp_prices = "min power at the LP's prices"
             if alone and cells >= NUMPY_FALLBACK_CELLS \
+                    and not _within_tolerance(best, bound, gap_tol) \
+                    and not budget.fits(at_lp_prices, "plan and check"):
+                budget.skip(at_lp_prices, f"{budget.cost(at_lp_prices):.2f} s estimated, "
+                            f"{budget.left():.2f} s left")
+            elif alone and cells >= NUMPY_FALLBACK_CELLS \
                     and not _within_tolerance(best, bound, gap_tol):
                 # a plan with no replan after it (the bench's, `cem plan`), not within the
                 # tolerance of the LP optimum: how much of the gap is the EVs' minimum power
-                raised = _lp_with_min_power(lay, lp, deadline)
+                with budget.timed(at_lp_prices):
+                    raised = _lp_with_min_power(lay, lp, last_call)
                 if raised is not None and bound is not None and raised.bound_eur > bound:
                     bound = raised.bound_eur
                     notes.append(f"bound: the LP optimum and what the EVs' minimum power adds "
@@ -455,13 +509,20 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                 # a quarter of the time limit past the deadline at most (on any large site,
                 # with memory or without: the fallback there is an asset at a time, 6-8 s and
                 # 98-99 % above the bound on the bench's mixed site at 1000-5000 EVs)
-                decomposed = _decompose(lay, None, memory if memory is not None else PlanMemory(),
-                                        max(deadline, time.perf_counter() + 0.25 * time_limit_s),
-                                        point=True)
-                guided = _guided(lay, lp.index, decomposed, gap_tol,
-                                 deadline - AFTER_LP_S - CHECK_S_PER_CELL * cells)
+                # (a plan no replan follows: until what must follow is left, as above, with
+                # at least `decompose.LOOK_AHEAD_AFTER` answers before the deadline itself)
+                decomposed = _decompose(
+                    lay, lp.built if alone else None, memory if memory is not None else PlanMemory(),
+                    deadline if alone
+                    else max(deadline, time.perf_counter() + 0.25 * time_limit_s),
+                    point=True, budget=budget if alone else None)
                 if decomposed is not None and alone:
-                    _with_min_power(lay, decomposed, deadline - AFTER_LP_S)
+                    _with_min_power(lay, decomposed, min(
+                        budget.until("plan from the point", "plan and check"),
+                        time.perf_counter() + budget.cost("min power")), budget)
+                guided = _guided(lay, lp.index, decomposed, gap_tol,
+                                 budget.until("refill", "plan and check") if alone
+                                 else deadline - AFTER_LP_S - CHECK_S_PER_CELL * cells, budget)
             if lp.dual_bound_eur is not None:
                 bound, bound_from = lp.dual_bound_eur, "prices"
                 notes.append("bound from row prices (Lagrangian), not the LP optimum")
@@ -504,20 +565,22 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         pattern = None if rules is None or not rules_whole else (scored[-1][0], rules)
         if guided is not None and (pattern is None or guided[0].objective < pattern[0].objective):
             pattern = guided
-        model = lp.model if lp is not None and lp.model is not None \
-            else built.model if built is not None and pattern is guided else None
         # (not the plan from the EVs' problems on other sites: on the bench's mixed site its
-        # polish was worse once snapped at 1000 EVs and did not finish in 14 s at 5000)
-        if not good and pattern is not None and rules_polished is None \
+        # polish was worse once snapped at 1000 EVs and did not finish in 14 s at 5000; its
+        # HiGHS model is then not made either, 0.08 s at 5000 EVs)
+        polish_it = pattern is not None and (pattern is not guided or ev_only(lay))
+        model = lp.model if lp is not None and lp.model is not None \
+            else built.model if built is not None and pattern is guided and polish_it else None
+        if not good and polish_it and pattern is not None and rules_polished is None \
                 and lp is not None and model is not None \
-                and (pattern is not guided or ev_only(lay)) \
                 and (bound is None or pattern[0].objective - bound
                      > 0.1 * _good_enough_eur(pattern[0], gap_tol)) \
-                and deadline - time.perf_counter() >= ANYTIME_S_PER_CELL * cells:
+                and last_call - time.perf_counter() >= ANYTIME_S_PER_CELL * cells:
             # polished while the deadline leaves time for it, unless it is within a tenth of
             # the tolerance already (0.2-0.27 s of CPU at 1000 EVs: the fallback from 0.6 %
             # above the bound to 0.003-0.014 %)
-            rules_polished = _polish_unsolved(lay, model, lp.index, pattern[1], deadline)
+            with budget.timed("polish"):
+                rules_polished = _polish_unsolved(lay, model, lp.index, pattern[1], last_call)
             if rules_polished is not None:
                 good = score("the plan from the EVs' problems, polished" if pattern is guided
                              else "the fallback plan, polished", "FEASIBLE", rules_polished) or good
@@ -541,16 +604,20 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         # when there is that much time left, or nothing else
         fallback_s = after_lp_s if ev_only(lay) and cells >= NUMPY_FALLBACK_CELLS \
             else max(after_lp_s, FALLBACK_S_PER_CELL * cells)
-        if not good and (rules is None or not rules_whole) \
-                and (not whole or deadline - time.perf_counter() >= fallback_s):
+        if not good and (rules is None or not rules_whole) and whole \
+                and last_call - time.perf_counter() < fallback_s:
+            budget.skip("fallback", f"{fallback_s:.2f} s estimated, "
+                        f"{max(last_call - time.perf_counter(), 0.0):.2f} s left")
+        elif not good and (rules is None or not rules_whole):
             began = time.perf_counter()
             rules = deadline_first(lay) if cells >= NUMPY_FALLBACK_CELLS else None
             rules = fallback_dispatch(lay) if rules is None else rules
+            budget.took("fallback", time.perf_counter() - began)
             if memory is not None:
                 memory.fallback_s_per_cell = (time.perf_counter() - began) / max(cells, 1)
             good = score("the fallback plan", "FALLBACK", rules)
             polished = None if good or lp is None else _polish_unsolved(lay, lp.model, lp.index,
-                                                                        rules, deadline)
+                                                                        rules, last_call)
             if polished is not None:
                 score("the fallback plan, polished", "FEASIBLE", polished)
         best, label, status, candidate = min(scored, key=lambda x: x[0].objective)
@@ -562,12 +629,15 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         status = "OPTIMAL"
     slack = _good_enough_eur(best, gap_tol)
     solve_s = 0.0
-    left = deadline - time.perf_counter()
-    # CP-SAT's model builds at roughly 10 us per variable (measured): start it only when it
-    # can also search
-    cp_build_estimate = 1.2e-5 * (int(lay.avail.sum()) + lay.n * 4)
-    if use_cpsat and (bound is None or best.objective - bound > slack) \
-            and left > 0.05 + 2 * cp_build_estimate:
+    left = last_call - time.perf_counter()
+    # CP-SAT's model build (`Budget`: 55 us per storage-PTU at load ~2, 1.5 s at 1000 EVs):
+    # started only when it can also search as long
+    cp_build_estimate = budget.cost("CP-SAT model")
+    wanted = use_cpsat and (bound is None or best.objective - bound > slack)
+    if wanted and left <= 0.05 + 2 * cp_build_estimate:
+        budget.skip("CP-SAT", f"its model {cp_build_estimate:.2f} s estimated, "
+                    f"{max(left, 0.0):.2f} s left")
+    elif wanted:
         from cem.planner.model import improve
 
         start = "fallback" if status == "FALLBACK" else "repaired LP"
@@ -575,6 +645,10 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         found, cp_status, cp_build_s = improve(lay, candidate, time_limit_s=left, workers=workers,
                                                    bound_eur=bound, slack_eur=slack)
         solve_s = time.perf_counter() - t1 - cp_build_s
+        budget.took("CP-SAT model", cp_build_s)
+        budget.took("CP-SAT", solve_s)
+        if cp_status == "NO_TIME":
+            budget.skip("CP-SAT", f"no time left after its model ({cp_build_s:.2f} s)")
         build_s += cp_build_s
         if found is not None:
             ev = evaluate(lay, found)
@@ -590,6 +664,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         notes.append("fallback plan: deadline first within the limits, battery idle")
     if memory is not None:
         memory.keep(lay, candidate)
+    sending = time.perf_counter()
     plan = to_plan(lay, candidate, status, notes)
     plan.lp_bound_eur = bound
     plan.lp_solved = lp is not None and lp.bound_eur is not None
@@ -602,7 +677,9 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
              plan.objective_eur, "-" if bound is None else f"{bound:.2f}",
              "-" if plan.gap is None else f"{plan.gap:.2%}", len(plan.shortfall), build_s,
              lp_solve_s, lp_iterations, ", warm" if lp_warm else "", solve_s)
+    plan.skipped, plan.stage_s = budget.skipped, budget.stage_s
     violations = check_plan(problem, plan)
+    budget.took("plan and check", time.perf_counter() - sending)
     if violations and status != "FALLBACK":
         fb = to_plan(lay, fallback_dispatch(lay), "FALLBACK",
                      [*notes, "the optimised plan failed the check: fallback plan"])
@@ -612,35 +689,50 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             fb.lp_solved, fb.bound_from = plan.lp_solved, plan.bound_from
             fb.build_s, fb.lp_solve_s, fb.solve_s = build_s, lp_solve_s, solve_s
             fb.lp_iterations, fb.lp_warm = lp_iterations, lp_warm
+            fb.skipped, fb.stage_s = budget.skipped, budget.stage_s
             return fb
     return plan
 
 
 def _decompose(lay: Layout, built: BuiltLp | None, memory: PlanMemory, deadline: float,
-               point: bool = False) -> DecomposedBound | None:
+               point: bool = False, budget: Budget | None = None) -> DecomposedBound | None:
     """`decompose.lagrangian_bound` from the last replan's site-row prices, until `deadline`
     (`point`: with its master's point); its prices are kept for the next. None when it gives
-    no bound (or fails: logged)."""
+    no bound (or fails: logged). With a `budget` (a plan no replan follows) the price steps
+    stop by `deadline` less the time of `AFTER_PRICE_STEPS`, counted in steps as long as
+    their own (`lagrangian_bound`'s look-ahead); the stage is timed, and said when cut short."""
+    began = time.perf_counter()
+    # (what follows them, in price steps: 7.9 at 5000 EVs, 5.6 at 2000, 4.0 at 1000)
+    look_ahead = None if budget is None else budget.in_steps("price step", *AFTER_PRICE_STEPS)
     try:
         # to a tenth of the gap tolerance: more answers tighten it by less than they cost
         found = lagrangian_bound(lay, built, lam0=memory.prices(lay), deadline=deadline,
-                                 tol=GAP_TOL / 10, point=point)
+                                 tol=GAP_TOL / 10, point=point, look_ahead=look_ahead)
     except Exception:
         log.exception("bound from the EVs' own problems failed")
         return None
+    if budget is not None:
+        budget.took("price steps", time.perf_counter() - began)
+        if found is not None and found.timed_out:
+            budget.skip("price steps", f"stopped for time after {found.steps} answers, "
+                        "not converged")
     if found is not None:
         memory.keep_prices(lay, found.lam)
     return found
 
 
-def _with_min_power(lay: Layout, decomposed: DecomposedBound, deadline: float) -> None:
+def _with_min_power(lay: Layout, decomposed: DecomposedBound, deadline: float,
+                    budget: Budget | None = None) -> None:
     """The bound from the EVs' own problems raised by their minimum power
     (`DecomposedBound.with_min_power`; the bench's mixed site at 5000 EVs: +0.6 %, 0.3 s);
-    left as it is when that fails (logged)."""
+    left as it is when that fails (logged). Timed into `budget` when given."""
+    began = time.perf_counter()
     try:
         decomposed.with_min_power(lay, deadline)
     except Exception:
         log.exception("the EVs' minimum power in the bound failed")
+    if budget is not None:
+        budget.took("min power", time.perf_counter() - began)
 
 
 def _lp_with_min_power(lay: Layout, lp: LpResult, deadline: float) -> DecomposedBound | None:
@@ -661,29 +753,42 @@ def _lp_with_min_power(lay: Layout, lp: LpResult, deadline: float) -> Decomposed
 
 
 def _guided(lay: Layout, index: LpIndex | None, decomposed: DecomposedBound | None,
-            gap_tol: float = GAP_TOL, stop_at: float | None = None
-            ) -> tuple[Evaluation, Dispatch] | None:
+            gap_tol: float = GAP_TOL, stop_at: float | None = None,
+            budget: Budget | None = None) -> tuple[Evaluation, Dispatch] | None:
     """The plan from the decomposition's master point (`laxity.least_laxity_plan`), scored;
     None when there is none (or making it failed: logged). On a site with other flexible
     assets one not within `gap_tol` of the bound gets what is short refilled where the limits
-    leave room (`hint.refill`, started for no asset after `stop_at`), when that is better."""
+    leave room (`hint.refill`, started for no asset after `stop_at`), when that is better.
+    The stages are timed into `budget`, and a refill skipped or cut short for time said."""
     if index is None or decomposed is None:
         return None
     try:
+        began = time.perf_counter()
         point = decomposed.dispatch(lay, index)
         plan = least_laxity_plan(lay, point) if point is not None else None
         if plan is None:
             return None
         best = evaluate(lay, plan)
-        if not ev_only(lay) and not _within_tolerance(best, decomposed.bound_eur, gap_tol) \
-                and (stop_at is None or time.perf_counter() < stop_at):
+        if budget is not None:
+            budget.took("plan from the point", time.perf_counter() - began)
+        wanted = not ev_only(lay) and not _within_tolerance(best, decomposed.bound_eur, gap_tol)
+        least = budget.cost("refill") if budget is not None else 0.0
+        if wanted and stop_at is not None and time.perf_counter() + least >= stop_at:
+            if budget is not None:
+                budget.skip("refill", "no time left after the plan from the point")
+        elif wanted:
             # every target and milestone as far as the limits allow, the kW-max raised only
             # in steps (the bench's mixed site: 1.6-2.5 -> 0.9-1.4 % above the bound at 1000
             # EVs, 1.2-1.6 -> 1.1-1.3 % at 5000 in 0.8-1.2 s)
+            began = time.perf_counter()
             more = plan.copy()
-            refill(lay, more, by_price=True, peak_cap=best.peak_w + 0.5, allowed_wh=lay.tol_wh,
-                   stop_at=stop_at)
+            whole = refill(lay, more, by_price=True, peak_cap=best.peak_w + 0.5,
+                           allowed_wh=lay.tol_wh, stop_at=stop_at)
             scored = evaluate(lay, more)
+            if budget is not None:
+                budget.took("refill", time.perf_counter() - began)
+                if not whole:
+                    budget.skip("refill", "cut short for time")
             if scored.objective < best.objective:
                 plan, best = more, scored
     except Exception:
