@@ -94,6 +94,26 @@ def test_optimum_objective_is_a_lower_bound_for_levels_4_and_5(run: tuple[dict[s
         assert optimum["objective_bound_eur"] <= levels[name]["objective_eur"]
 
 
+def test_the_optimum_states_how_close_its_plan_is_to_its_bound(
+        run: tuple[dict[str, Any], Path]) -> None:
+    """A reader sees whether the reference is optimal: the plan's status, its own objective,
+    the bound, the gap between them and the time limit, in the JSON and the report."""
+    data, report = run
+    optimum = data["levels"]["optimum"]
+    assert optimum["plan_status"] in ("OPTIMAL", "FEASIBLE")
+    assert optimum["bound_from"] in ("LP", "prices", "EVs")
+    assert optimum["time_limit_s"] == 5.0  # 10 x 0.2 s x 2 days, at least 5 s
+    bound, objective = optimum["objective_bound_eur"], optimum["plan_objective_eur"]
+    assert bound <= objective + 0.01
+    assert optimum["plan_gap"] == pytest.approx((objective - bound) / max(abs(objective), 1.0),
+                                                abs=1e-4)
+    assert optimum["plan_status"] in optimum["plan_statuses"]
+    text = (report / "report.md").read_text()
+    assert f"{optimum['plan_status']}" in text and "(limit 5 s)" in text
+    assert f"plan objective {objective:.2f} EUR" in text
+    assert f"bound {bound:.2f} EUR, gap {100 * optimum['plan_gap']:.4f} %" in text
+
+
 def test_cost_per_day_adds_up_to_the_cost(run: tuple[dict[str, Any], Path]) -> None:
     for level in run[0]["levels"].values():
         assert len(level["cost_per_day_eur"]) == 2

@@ -324,8 +324,20 @@ class PerfectForesight:
         self.departure = np.array([s.departure_ptu for s in inputs.sessions])
         self.battery_wh = np.array([s.battery_wh for s in inputs.sessions], dtype=float)
         self.arrival_soc = np.array([s.arrival_soc for s in inputs.sessions], dtype=float)
+        self.time_limit_s = time_limit_s
         self.notes = [f"one plan of {len(assets)} sessions x {inputs.n_ptus} PTUs: "
-                      f"{self.plan.status}, {self.replan_s[0]:.1f} s"]
+                      f"{self.plan.status}, {self.replan_s[0]:.1f} s (limit {time_limit_s:g} s)"
+                      + self.gap_note()]
+
+    def gap_note(self) -> str:
+        """The plan's own objective against its bound: how far from optimal the reference is
+        (the realised run's `objective_eur` lies further above the bound by what the EV taper
+        keeps from the plan, which no solver time changes)."""
+        plan = self.plan
+        if plan.lp_bound_eur is None or plan.gap is None:
+            return "; no bound"
+        return (f"; plan objective {plan.objective_eur:.2f} EUR, {plan.bound_from} bound "
+                f"{plan.lp_bound_eur:.2f} EUR, gap {100 * plan.gap:.4f} %")
 
     def setpoints(self, t: int, present: np.ndarray, state: SimState) -> np.ndarray:
         """The plan's setpoints; with the EV taper, an EV behind its plan (the taper gave it
