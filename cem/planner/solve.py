@@ -401,13 +401,8 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                 # (its time is the refill's below, which a plan within the tolerance of the
                 # raised bound no longer needs; not the price steps': a decomposition cut
                 # short leaves a point far from the optimum, at 5000 EVs once 57 % above)
-                if alone:  # (its first rounds give nearly all of it: `Budget`)
-                    _with_min_power(lay, decomposed, min(
-                        budget.until("plan from the point", "plan and check"),
-                        time.perf_counter() + budget.cost("min power")), budget)
-                guided = _guided(lay, built.index, decomposed, gap_tol,
-                                 budget.until("refill", "plan and check") if alone
-                                 else deadline - AFTER_LP_S - CHECK_S_PER_CELL * cells, budget)
+                guided = _from_point(lay, built.index, decomposed, gap_tol, budget, alone,
+                                     deadline - AFTER_LP_S - CHECK_S_PER_CELL * cells)
                 guided_good = guided is not None \
                     and _within_tolerance(guided[0], decomposed.bound_eur, gap_tol)
         # only when it fits twice over: beside the LP it takes the LP a third of its
@@ -516,13 +511,8 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                     deadline if alone
                     else max(deadline, time.perf_counter() + 0.25 * time_limit_s),
                     point=True, budget=budget if alone else None)
-                if decomposed is not None and alone:
-                    _with_min_power(lay, decomposed, min(
-                        budget.until("plan from the point", "plan and check"),
-                        time.perf_counter() + budget.cost("min power")), budget)
-                guided = _guided(lay, lp.index, decomposed, gap_tol,
-                                 budget.until("refill", "plan and check") if alone
-                                 else deadline - AFTER_LP_S - CHECK_S_PER_CELL * cells, budget)
+                guided = _from_point(lay, lp.index, decomposed, gap_tol, budget, alone,
+                                     deadline - AFTER_LP_S - CHECK_S_PER_CELL * cells)
             if lp.dual_bound_eur is not None:
                 bound, bound_from = lp.dual_bound_eur, "prices"
                 notes.append("bound from row prices (Lagrangian), not the LP optimum")
@@ -750,6 +740,21 @@ def _lp_with_min_power(lay: Layout, lp: LpResult, deadline: float) -> Decomposed
     if found is not None:
         _with_min_power(lay, found, deadline)
     return found
+
+
+def _from_point(lay: Layout, index: LpIndex | None, decomposed: DecomposedBound | None,
+                gap_tol: float, budget: Budget, alone: bool,
+                stop_at: float) -> tuple[Evaluation, Dispatch] | None:
+    """The plan from the decomposition's point (`_guided`). A plan no replan follows (`alone`)
+    first raises the bound by the EVs' minimum power, in the time its `budget` gives that (its
+    first rounds give nearly all of it), and refills until the budget's time for it; a live
+    replan refills until `stop_at`."""
+    if decomposed is not None and alone:
+        _with_min_power(lay, decomposed, min(
+            budget.until("plan from the point", "plan and check"),
+            time.perf_counter() + budget.cost("min power")), budget)
+    return _guided(lay, index, decomposed, gap_tol,
+                   budget.until("refill", "plan and check") if alone else stop_at, budget)
 
 
 def _guided(lay: Layout, index: LpIndex | None, decomposed: DecomposedBound | None,
