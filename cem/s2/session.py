@@ -644,12 +644,21 @@ class S2Session:
             return None
         # what `_on_measurement` checks, without its exceptions: s2-python's model refused a
         # commodity quantity given twice already
-        if self._advertised[0] is not details:
-            self._advertised = (details, frozenset(details.provides_power_measurement_types))
-        advertised = self._advertised[1]
+        advertised = self._advertised_quantities(details)
         for value in message.values:
             if value.commodity_quantity not in advertised:
                 return None
+        return self._measurement_accepted(message, message_id)
+
+    def _advertised_quantities(self, details: Any) -> frozenset[Any]:
+        """The power quantities the RM's details advertise (kept until new details come)."""
+        if self._advertised[0] is not details:
+            self._advertised = (details, frozenset(details.provides_power_measurement_types))
+        return self._advertised[1]
+
+    def _measurement_accepted(self, message: PowerMeasurement,
+                              message_id: str) -> list[Outgoing]:
+        """Take in a judged PowerMeasurement: the state, its event, the OK answer."""
         self.state._add_measurement(message)
         self.events.append(StateChanged("measurement", "PowerMeasurement"))
         if logger.isEnabledFor(logging.DEBUG):
@@ -686,20 +695,13 @@ class S2Session:
         if at == len(_ID_MARK) - 1 or text.count('"message_id"') != 1 \
                 or not is_canonical_uuid(message_id):
             return None   # spelt otherwise (or twice): translated, or refused
-        if self._advertised[0] is not details:
-            self._advertised = (details, frozenset(details.provides_power_measurement_types))
-        advertised = self._advertised[1]
+        advertised = self._advertised_quantities(details)
         for value in message.values:
             number = value.value
             if not -MAX_MAGNITUDE <= number <= MAX_MAGNITUDE \
                     or value.commodity_quantity not in advertised:
                 return None   # (NaN fails both comparisons)
-        self.state._add_measurement(message)
-        self.events.append(StateChanged("measurement", "PowerMeasurement"))
-        if logger.isEnabledFor(logging.DEBUG):
-            self.log.debug("accepted PowerMeasurement %s", message_id)
-        self.accepted = ("PowerMeasurement", message_id)
-        return [Outgoing(_OK_STATUS % message_id, None, "ReceptionStatus", False)]
+        return self._measurement_accepted(message, message_id)
 
     def _on_reception_status(self, raw: dict[str, Any]) -> None:
         try:
@@ -824,9 +826,7 @@ class S2Session:
         details = self.state.details
         if details is None:
             raise content("PowerMeasurement before ResourceManagerDetails")
-        if self._advertised[0] is not details:
-            self._advertised = (details, frozenset(details.provides_power_measurement_types))
-        advertised = self._advertised[1]
+        advertised = self._advertised_quantities(details)
         seen: set[Any] = set()
         for value in message.values:
             if value.commodity_quantity not in advertised:
