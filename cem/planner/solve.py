@@ -359,6 +359,8 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     # its time only there (live replans are 0.02-0.06 % above their bound already, and at
     # 5000 EVs it took the planner's p50 in `cem bench replan` from 0.92-1.52 to 1.26-1.87 s)
     alone = memory is None
+    # one large enough for the numpy fallback and the EVs' own problems (the bench's 1000+ EVs)
+    large_alone = alone and cells >= NUMPY_FALLBACK_CELLS
     # the moment the plan sent must be chosen by: on a plan no replan follows, the deadline
     # less the time of making and checking it (`Budget`); a live replan's stages keep the
     # deadline itself, as before
@@ -420,7 +422,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             lp_s = deadline - time.perf_counter() - after_lp_s - polish_s
             if alone and decomposed is not None:  # its answer is repaired and sent, and checked
                 lp_s = min(lp_s, budget.until("repair", "plan and check") - time.perf_counter())
-            elif alone and cells >= NUMPY_FALLBACK_CELLS:
+            elif large_alone:
                 # should it not finish, the plan comes from the EVs' problems: their price
                 # steps need a few answers for a point worth planning from (one answer: 92 %
                 # above the bound at 300 EVs)
@@ -440,8 +442,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                 # 1.4-1.5 s at 1000 EVs past the LP's time limit)
                 with budget.timed("LP"):
                     lp = solve_lp(lay, time_limit_s=max(lp_s, 0.01), memory=lp_memory,
-                                  built=built, price_bound=decomposed is None and not (
-                                      alone and cells >= NUMPY_FALLBACK_CELLS))
+                                  built=built, price_bound=decomposed is None and not large_alone)
         if memory is not None:
             memory.lp_solved = lp.dispatch is not None
         build_s += lp.build_s
@@ -460,7 +461,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                 shave_peak(lay, candidate, last_call)
             best = evaluate(lay, candidate)
             left = last_call - time.perf_counter()
-            if alone and cells >= NUMPY_FALLBACK_CELLS:  # what the minimum power adds below
+            if large_alone:  # what the minimum power adds below
                 left -= budget.cost("min power at the LP's prices")
             with budget.timed("polish"):
                 polished = polish_plan(lay, lp, candidate, time_limit_s=left) if left > 0 else None
@@ -478,21 +479,19 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                 shave_peak(lay, candidate, last_call)
                 best = evaluate(lay, candidate)
             at_lp_prices = "min power at the LP's prices"
-            if alone and cells >= NUMPY_FALLBACK_CELLS \
-                    and not _within_tolerance(best, bound, gap_tol) \
-                    and not budget.fits(at_lp_prices, "plan and check"):
-                budget.skip(at_lp_prices, f"{budget.cost(at_lp_prices):.2f} s estimated, "
-                            f"{budget.left():.2f} s left")
-            elif alone and cells >= NUMPY_FALLBACK_CELLS \
-                    and not _within_tolerance(best, bound, gap_tol):
-                # a plan with no replan after it (the bench's, `cem plan`), not within the
-                # tolerance of the LP optimum: how much of the gap is the EVs' minimum power
-                with budget.timed(at_lp_prices):
-                    raised = _lp_with_min_power(lay, lp, last_call)
-                if raised is not None and bound is not None and raised.bound_eur > bound:
-                    bound = raised.bound_eur
-                    notes.append(f"bound: the LP optimum and what the EVs' minimum power adds "
-                                 f"at its prices, {raised.min_power_eur:.2f} EUR")
+            # a large plan with no replan after it (the bench's, `cem plan`), not within the
+            # tolerance of the LP optimum: how much of the gap is the EVs' minimum power
+            if large_alone and not _within_tolerance(best, bound, gap_tol):
+                if not budget.fits(at_lp_prices, "plan and check"):
+                    budget.skip(at_lp_prices, f"{budget.cost(at_lp_prices):.2f} s estimated, "
+                                f"{budget.left():.2f} s left")
+                else:
+                    with budget.timed(at_lp_prices):
+                        raised = _lp_with_min_power(lay, lp, last_call)
+                    if raised is not None and bound is not None and raised.bound_eur > bound:
+                        bound = raised.bound_eur
+                        notes.append(f"bound: the LP optimum and what the EVs' minimum power "
+                                     f"adds at its prices, {raised.min_power_eur:.2f} EUR")
         else:
             notes.append(f"LP {lp.status}" if guided_good
                          else f"LP relaxation not solved ({lp.status})")
