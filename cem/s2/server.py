@@ -946,20 +946,9 @@ class S2Server:
             if not store.measurement_due(rm_id, at):
                 store.count_message(rm_id, at)   # between logged ones
             else:
-                measurement = session.state.latest_measurement()
-                if measurement is not None:
-                    store.record_measurements(
-                        rm_id, measurement.measurement_timestamp.timestamp(),
-                        [(v.commodity_quantity.value, v.value) for v in measurement.values])
-                text = data if isinstance(data, str) else data.decode("utf-8", "replace")
-                store.log_message(direction="in", message_type="PowerMeasurement",
-                                  message_id=message_id, text=text,
-                                  session_id=entry.connection_id, rm_id=rm_id,
-                                  reception_status="OK", at=at)
-            moment = time.monotonic()
-            if moment - entry.last_snapshot_at >= self.snapshot_interval_s:
-                entry.last_snapshot_at = moment
-                store.touch_rm(rm_id, snapshot=session.state.snapshot)
+                _store_measurement(store, entry, rm_id)
+                _log_accepted(store, entry, data, "PowerMeasurement", message_id, at)
+            self._snapshot_now_and_then(store, entry, rm_id)
         except Exception:
             logger.exception("handling StateChanged of %s failed", entry.label)
         self._publish(RmEvent(rm_id, entry.connection_id, event, now))
@@ -1034,13 +1023,10 @@ class S2Server:
         if unlogged and accepted is not None and entry.rm_id is not None:
             self.store.count_message(entry.rm_id, now.timestamp())  # between logged ones
             return
-        text = data if isinstance(data, str) else data.decode("utf-8", "replace")
         if accepted is not None:  # answered OK: the session read its type and id already
-            self.store.log_message(direction="in", message_type=accepted[0],
-                                   message_id=accepted[1], text=text,
-                                   session_id=entry.connection_id, rm_id=entry.rm_id,
-                                   reception_status="OK", at=now.timestamp())
+            _log_accepted(self.store, entry, data, accepted[0], accepted[1], now.timestamp())
             return
+        text = data if isinstance(data, str) else data.decode("utf-8", "replace")
         message_type, message_id, status = _peek(text, outs)
         if message_type == "ReceptionStatus" and message_id is None:
             return  # logged on the CEM message it answers (ReceptionConfirmed/Failed events)
@@ -1069,22 +1055,25 @@ class S2Server:
                 logger.exception("handling %s of %s failed", type(event).__name__, entry.label)
             self._publish(RmEvent(entry.rm_id, entry.connection_id, event, now))
 
+    def _snapshot_now_and_then(self, store: Store, entry: LiveSession, rm_id: str) -> None:
+        """The RM's snapshot into the store, at most every `snapshot_interval_s`."""
+        moment = time.monotonic()
+        if moment - entry.last_snapshot_at >= self.snapshot_interval_s:
+            entry.last_snapshot_at = moment
+            store.touch_rm(rm_id, snapshot=entry.session.state.snapshot)
+
     def _on_event(self, entry: LiveSession, event: Any, now: datetime) -> None:
         kind = type(event).__name__
         store = self.store
         if kind == "StateChanged":  # first: nearly every event (a measurement)
-            if event.kind == "measurement" and store is not None and entry.rm_id is not None:
-                if not store.measurement_due(entry.rm_id, now.timestamp()):
-                    entry.unlogged_measurement = True   # counted, not logged (_log_incoming)
-                elif (measurement := entry.session.state.latest_measurement()) is not None:
-                    store.record_measurements(
-                        entry.rm_id, measurement.measurement_timestamp.timestamp(),
-                        [(v.commodity_quantity.value, v.value) for v in measurement.values])
-            moment = time.monotonic()
-            if (store is not None and entry.rm_id is not None
-                    and moment - entry.last_snapshot_at >= self.snapshot_interval_s):
-                entry.last_snapshot_at = moment
-                store.touch_rm(entry.rm_id, snapshot=entry.session.state.snapshot)
+            rm_id = entry.rm_id
+            if store is not None and rm_id is not None:
+                if event.kind == "measurement":
+                    if not store.measurement_due(rm_id, now.timestamp()):
+                        entry.unlogged_measurement = True   # counted, not logged (_log_incoming)
+                    else:
+                        _store_measurement(store, entry, rm_id)
+                self._snapshot_now_and_then(store, entry, rm_id)
         elif kind == "RmDetails":
             entry.details = event.details
             entry.name = event.name or event.details.name
@@ -1299,3 +1288,22 @@ _STATUS_MARK = '"status":"'
 def _log_task_error(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.error("an S2 event listener failed", exc_info=task.exception())
+
+
+def _store_measurement(store: Store, entry: LiveSession, rm_id: str) -> None:
+    """The RM's latest PowerMeasurement into the store's measurement rows."""
+    measurement = entry.session.state.latest_measurement()
+    if measurement is not None:
+        store.record_measurements(
+            rm_id, measurement.measurement_timestamp.timestamp(),
+            [(v.commodity_quantity.value, v.value) for v in measurement.values])
+
+
+def _log_accepted(store: Store, entry: LiveSession, data: str | bytes, message_type: str,
+                  message_id: str, at: float) -> None:
+    """An RM message the session answered OK into the message log (its type and id as the
+    session read them)."""
+    text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+    store.log_message(direction="in", message_type=message_type, message_id=message_id,
+                      text=text, session_id=entry.connection_id, rm_id=entry.rm_id,
+                      reception_status="OK", at=at)
