@@ -589,8 +589,8 @@ class SiteController:
         await self._learn_departures(problem, mapping, rms, states, now)
         follow_up = bool(reasons) and all(r.startswith(FOLLOW_UP) for r in reasons)
         deadline_s = self.config.planner.time_limit_s * (FOLLOW_UP_TIME_FACTOR if follow_up else 1)
-        plan = await self._solve(problem, self.planner_time_s(
-            deadline_s, time.monotonic() - began))
+        plan = await self._solve(problem, deadline_s if self.plan is None  # (the first plan)
+                                 else self.planner_time_s(deadline_s, time.monotonic() - began))
         solved = time.monotonic()
         async with self._dispatch_lock:  # after a fast path dispatching now, never beside it
             taken = await self._take_plan(problem, mapping, plan, reasons, rms, now, start,
@@ -605,7 +605,9 @@ class SiteController:
         start's dispatch to every RM is not the usual), when those are at least
         `RESERVE_MIN_SHARE` of it (a small site plans to the full limit, as before), and at
         least `PLANNER_MIN_SHARE` of it. At 5000 EVs the work around the planner is 0.3-0.6 s
-        of a 1 s deadline: a planner given the whole second ended every replan past it."""
+        of a 1 s deadline: a planner given the whole second ended every replan past it. (The
+        first plan, with nothing in force before it, has the whole limit: its dispatch to
+        every RM misses the deadline whatever the planner does.)"""
         after_s = min(self._after_solve_s) if self._after_solve_s else 0.0
         reserve_s = spent_s + after_s
         if reserve_s < RESERVE_MIN_SHARE * deadline_s:
