@@ -31,6 +31,10 @@ def test_bench_replan_plans_every_charger_through_s2_and_reports_figures() -> No
                    in zip(run["replan_solves_s"], run["replans_s"], strict=True))
         assert run["deadlines_kept"] == sum(1 for x in run["replans_s"]
                                             if x <= run["time_limit_s"])
+        # the planner's time limit in each: the deadline, or less by the work around it
+        assert len(run["replan_planner_limits_s"]) == 2
+        assert all(0.5 * run["time_limit_s"] <= limit <= run["time_limit_s"]
+                   for limit in run["replan_planner_limits_s"])
         assert run["loop_lag_max_ms"] is not None and run["loop_lag_max_ms"] >= 0
         # the timed replans only: two gaps, each against the LP optimum
         assert len(run["gaps"]) == 2 and run["bounds"] == ["LP", "LP"]

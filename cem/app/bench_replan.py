@@ -166,11 +166,13 @@ class RecordingPlanner:
         self.problems: list[Problem] = []
         self.plans: list[Plan] = []
         self.seconds: list[float] = []  # each call's wall time
+        self.limits: list[float | None] = []  # each call's time limit (the controller's)
 
     def __call__(self, problem: Problem, **kwargs: Any) -> Plan:
         began = time.perf_counter()
         plan = self.planner(problem, **kwargs)
         self.seconds.append(time.perf_counter() - began)
+        self.limits.append(kwargs.get("time_limit_s"))
         self.problems.append(problem)
         self.plans.append(plan)
         return plan
@@ -357,6 +359,10 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         # made, instructions acknowledged) within the planner's time limit: the live deadline
         "replans_s": [round(x, 3) for x in replan_s],
         "replan_solves_s": [round(x, 3) for x in planner.seconds[warmup + 1:warmup + replans + 1]],
+        # the time limit the controller gave the planner in each: the deadline less the work
+        # around the planner in the replan (`SiteController.planner_time_s`)
+        "replan_planner_limits_s": [None if x is None else round(x, 3)
+                                    for x in planner.limits[warmup + 1:warmup + replans + 1]],
         "deadlines_kept": sum(1 for x in replan_s if x <= config.planner.time_limit_s),
         # full collections (generation 2) inside the timed replans: how many, their seconds
         "full_gcs_in_replans": len(full_gc.inside()),

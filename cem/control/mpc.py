@@ -110,6 +110,11 @@ FOLLOW_UP_GAP = 0.01
 # a follow-up alone gives the planner this many times its time limit: the plan in force keeps
 # every limit meanwhile (the congestion fast path saw to that), and the LP needs the time
 FOLLOW_UP_TIME_FACTOR = 3
+# a replan's deadline is its planner's time limit; the planner gets the deadline less the work
+# around it in the replan once that work is at least this share of it, and never less than
+# `PLANNER_MIN_SHARE` of it (`SiteController.planner_time_s`)
+RESERVE_MIN_SHARE = 0.05
+PLANNER_MIN_SHARE = 0.5
 
 
 def utc_now() -> datetime:
@@ -185,6 +190,9 @@ class SiteController:
         self.limit_cut_count = 0
         self.limit_cut_rms = 0  # RMs whose plan the last fast path changed (sent or revoked)
         self.follow_ups = 0  # replans asked for in a row because the last plan was far from its bound
+        # wall seconds from the plan to its instructions taken, in the last replans (the
+        # planner's time limit leaves room for them: `planner_time_s`)
+        self._after_solve_s: deque[float] = deque(maxlen=3)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -580,11 +588,31 @@ class SiteController:
             await self.ev_modes.forget(self.ev_modes.apply(problem, mapping.rm_assets))
         await self._learn_departures(problem, mapping, rms, states, now)
         follow_up = bool(reasons) and all(r.startswith(FOLLOW_UP) for r in reasons)
-        plan = await self._solve(problem, self.config.planner.time_limit_s
-                                 * (FOLLOW_UP_TIME_FACTOR if follow_up else 1))
+        deadline_s = self.config.planner.time_limit_s * (FOLLOW_UP_TIME_FACTOR if follow_up else 1)
+        plan = await self._solve(problem, deadline_s if self.plan is None  # (the first plan)
+                                 else self.planner_time_s(deadline_s, time.monotonic() - began))
+        solved = time.monotonic()
         async with self._dispatch_lock:  # after a fast path dispatching now, never beside it
-            return await self._take_plan(problem, mapping, plan, reasons, rms, now, start,
-                                         began, limits_seen)
+            taken = await self._take_plan(problem, mapping, plan, reasons, rms, now, start,
+                                          began, limits_seen)
+        self._after_solve_s.append(time.monotonic() - solved)
+        return taken
+
+    def planner_time_s(self, deadline_s: float, spent_s: float) -> float:
+        """The planner's time limit in a replan that must end within `deadline_s` (wall s from
+        its start) and has spent `spent_s` before the planner: the deadline less that and
+        what the replan took after its plan lately (the least of the last three: the cold
+        start's dispatch to every RM is not the usual), when those are at least
+        `RESERVE_MIN_SHARE` of it (a small site plans to the full limit, as before), and at
+        least `PLANNER_MIN_SHARE` of it. At 5000 EVs the work around the planner is 0.3-0.6 s
+        of a 1 s deadline: a planner given the whole second ended every replan past it. (The
+        first plan, with nothing in force before it, has the whole limit: its dispatch to
+        every RM misses the deadline whatever the planner does.)"""
+        after_s = min(self._after_solve_s) if self._after_solve_s else 0.0
+        reserve_s = spent_s + after_s
+        if reserve_s < RESERVE_MIN_SHARE * deadline_s:
+            return deadline_s
+        return max(PLANNER_MIN_SHARE * deadline_s, deadline_s - reserve_s)
 
     async def _take_plan(self, problem: Problem, mapping: SiteMapping, plan: Plan,
                          reasons: list[str], rms: dict[str, Any], now: datetime, start: datetime,
