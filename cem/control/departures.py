@@ -29,6 +29,16 @@ unless waiting saves more than that per kWh; the target at the typed departure a
 limit stay as they were. Once the safe departure has passed the EV is asked for its target in
 the next PTU (as soon as the limits allow, at the same price).
 
+A typed departure the site's history says is too early (round 10, `planner.late_departure_quantile`,
+0 = off): where even that quantile of comparable drivers' real stay over their typed one (the
+model's groups, with the typed stay's always: `DepartureModel.late_departure`) ends after the
+typed departure, the EV's asset ends at that later time instead, whose milestone asks the
+target at the value of an undelivered kWh; what the typed departure asked at the unmet-target
+weight (the charger's target, the finish margin's milestone) becomes
+`planner.late_departure_floor_share` of the typed need, so a driver who does leave then is
+not left empty. Such an EV gets no early departure milestones (the history says it stays);
+only arrivals so far, the typed values and the store's history go into it.
+
 An EV whose charger says its departure and need are only its site defaults (the OCPP RM's
 "needs from site defaults": an OCPP 1.6 EV reports neither SoC nor departure nor energy) is
 recorded and planned without a typed departure: its milestones come from the stays of

@@ -169,14 +169,15 @@ class DepartureModel:
                  "typed": "arrival hour and typed stay", "hour": "arrival hour",
                  "all": "all visits"}
         for key in self._keys(evse, arrival, driver, typed, by_typed_stay=True):
-            values = [r for v in self._groups.get(key, []) if (r := v.stay_ratio) is not None]
-            if len(values) < self.min_visits:
+            group = [v for v in self._groups.get(key, []) if v.stay_ratio is not None]
+            if len(group) < self.min_visits:
                 continue
-            ratio = float(np.quantile(values, quantile))
+            ratio = float(np.quantile([v.stay_ratio for v in group], quantile))
             if ratio <= 1.0:
                 return None
+            early = float(np.mean([(v.early_h or 0.0) > EARLY_H for v in group]))
             return SafeDeparture(arrival + ratio * (typed - arrival), names[str(key[0])],
-                                 len(values), float(np.mean(np.asarray(values) < 1.0)))
+                                 len(group), early)
         return None
 
     def departures(self, evse: str, arrival: datetime, typed: datetime | None,
