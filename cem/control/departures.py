@@ -30,14 +30,15 @@ limit stay as they were. Once the safe departure has passed the EV is asked for 
 the next PTU (as soon as the limits allow, at the same price).
 
 A typed departure the site's history says is too early (round 10, `planner.late_departure_quantile`,
-0 = off): where even that quantile of comparable drivers' real stay over their typed one (the
+off by default: ADR 0009 round 10 has the figures): where even that quantile of comparable drivers' real stay over their typed one (the
 model's groups, with the typed stay's always: `DepartureModel.late_departure`) ends after the
 typed departure, the EV's asset ends at that later time instead, whose milestone asks the
 target at the value of an undelivered kWh; what the typed departure asked at the unmet-target
 weight (the charger's target, the finish margin's milestone) becomes
 `planner.late_departure_floor_share` of the typed need, so a driver who does leave then is
-not left empty. Such an EV gets no early departure milestones (the history says it stays);
-only arrivals so far, the typed values and the store's history go into it.
+not left empty. Such an EV gets no early departure milestones (the history says it stays),
+and a started charge is kept (`commit_started`) only up to that floor; only arrivals so far,
+the typed values and the store's history go into it.
 
 An EV whose charger says its departure and need are only its site defaults (the OCPP RM's
 "needs from site defaults": an OCPP 1.6 EV reports neither SoC nor departure nor energy) is
@@ -690,10 +691,8 @@ def commit_started(problem: Problem, previous: Problem | None, plan: Plan | None
             continue
         watts = min(float(power[k]), float(asset.charge_max_w))
         goal = min(asset.level_wh + watts * hours * asset.charge_efficiency, asset.level_max_wh)
-        if asset.target_wh is not None:  # (or the highest milestone: one planned past its
-            # typed departure asks its target there, `_past_typed`)
-            wanted = max([asset.target_wh, *(m[1] for m in asset.target_profile)])
-            goal = min(goal, max(wanted, asset.level_wh))
+        if asset.target_wh is not None:
+            goal = min(goal, max(asset.target_wh, asset.level_wh))
         if goal <= asset.level_wh + 1:
             continue
         asset.target_profile.append((1, int(goal), int(asset.level_max_wh)))

@@ -283,7 +283,7 @@ class PlannerConfig(Section):
         False, description="learn the departures of an arrival hour per typed stay too (0-3, "
         "3-6, 6-9, 9+ h) before all of that hour's visits")
     late_departure_quantile: float = Field(
-        0.05, ge=0, le=0.5, description="where even this quantile of the real departure that "
+        0.0, ge=0, le=0.5, description="where even this quantile of the real departure that "
         "comparable drivers' visits give for a typed one lies after the typed departure, plan "
         "the target to that later time, each kWh short then at the value of an undelivered kWh, "
         "and only `late_departure_floor_share` of the typed need by the typed departure (0: "
