@@ -577,3 +577,49 @@ def test_an_ev_that_tells_no_departure_is_charged_after_its_chargers_default_whi
     assert power[12:].sum() == 0  # gone by the median stay as far as the plan knows
     assert float(power[:10].sum()) * 0.25 == pytest.approx(10000 - 2 * 7360 * 0.25, abs=300)
     assert learning.stretched == 1
+
+
+def test_a_typed_departure_the_history_says_is_too_early_is_planned_past() -> None:
+    """EVSE D's Mondays at 09:00: drivers typed a 4 h stay and stayed 7.5-8.5 h, every one of
+    them (EVSE A's: 2-4.5 h). A new driver there types 13:00 and 20 kWh; power costs 0.30 EUR a kWh until 14:00
+    and 0.05 after. With `late_departure_quantile` the plan gives half the need by the typed
+    departure (the floor, by its finish margin) and the rest in the cheap hours after it,
+    before the learned late departure (the 0.05 quantile: 09:00 + 1.9 x 4 h); without it,
+    and for a driver on EVSE A, whose history says its typed departure is late, not early,
+    all of it comes before the typed departure."""
+    from cem.control.departures import OpenVisit
+
+    arrival = MONDAY_8 + timedelta(hours=1)
+    typed = arrival + timedelta(hours=4)  # PTU 20 of the problem
+
+    def case(evse: str, quantile: float) -> tuple[np.ndarray, Any]:
+        learning = _learning_from_the_fixture(late_departure_quantile=quantile,
+                                              late_departure_floor_share=0.5)
+        for week in range(4):
+            day = arrival - timedelta(days=7 * (week + 1))
+            for k, stay in enumerate((7.5, 7.75, 8.0, 8.25, 8.5)):
+                learning.model.add(visit("D", day + timedelta(minutes=k), stay, 4.0))
+            for k, stay in enumerate((2.0, 3.0, 3.5, 4.0, 4.5)):
+                learning.model.add(visit("A", day + timedelta(minutes=k), stay, 4.0))
+        learning.open["rm"] = OpenVisit(evse, arrival, typed, 20000.0, 0.0, 60000.0,
+                                        typed_latest=typed)
+        ev = StorageAsset(id="ev", kind="ev", charge_max_w=7360, charge_min_w=1380,
+                          level_wh=0, level_max_wh=60000, target_wh=20000,
+                          available_from=4, available_until=20,
+                          target_profile=[(20, 20000, 60000), (16, 20000, 60000)])
+        problem = _one_ev_problem(np.where(np.arange(40) < 24, 0.30, 0.05), ev)
+        learning.apply(problem, {"rm": ["ev"]})
+        plan = plan_site(problem, time_limit_s=2.0, workers=1)
+        return np.asarray(plan.power_w["ev"], dtype=float), learning
+
+    power, learning = case("D", 0.05)
+    assert float(power.sum()) * 0.25 == pytest.approx(20000, abs=300)  # the whole need
+    assert float(power[:16].sum()) * 0.25 == pytest.approx(10000, abs=300)  # the floor in time
+    assert float(power[24:35].sum()) * 0.25 == pytest.approx(10000, abs=300)  # cheap, late
+    assert power[35:].sum() == 0  # not after the learned late departure
+    assert learning.past_typed == 1
+    for evse, quantile in (("D", 0.0), ("A", 0.05)):  # off; a history that says early
+        power, learning = case(evse, quantile)
+        assert float(power[:16].sum()) * 0.25 == pytest.approx(20000, abs=300), evse
+        assert power[20:].sum() == 0, evse
+        assert learning.past_typed == 0

@@ -29,6 +29,17 @@ unless waiting saves more than that per kWh; the target at the typed departure a
 limit stay as they were. Once the safe departure has passed the EV is asked for its target in
 the next PTU (as soon as the limits allow, at the same price).
 
+A typed departure the site's history says is too early (round 10, `planner.late_departure_quantile`,
+off by default: ADR 0009 round 10 has the figures): where even that quantile of comparable drivers' real stay over their typed one (the
+model's groups, with the typed stay's always: `DepartureModel.late_departure`) ends after the
+typed departure, the EV's asset ends at that later time instead, whose milestone asks the
+target at the value of an undelivered kWh; what the typed departure asked at the unmet-target
+weight (the charger's target, the finish margin's milestone) becomes
+`planner.late_departure_floor_share` of the typed need, so a driver who does leave then is
+not left empty. Such an EV gets no early departure milestones (the history says it stays),
+and a started charge is kept (`commit_started`) only up to that floor; only arrivals so far,
+the typed values and the store's history go into it.
+
 An EV whose charger says its departure and need are only its site defaults (the OCPP RM's
 "needs from site defaults": an OCPP 1.6 EV reports neither SoC nor departure nor energy) is
 recorded and planned without a typed departure: its milestones come from the stays of
@@ -247,6 +258,10 @@ class DepartureLearning:
                                  else float(front_eur) / 1000)
         self.front_loaded = 0  # EVs given a front-load milestone (summed over plans)
         self.open_need_wh = float(planner.ev_open_need_kwh) * 1000
+        self.late_quantile = float(planner.late_departure_quantile)
+        self.late_floor_share = float(planner.late_departure_floor_share)
+        self.past_typed = 0  # EVs planned past their typed departure (summed over plans)
+        self.by_late: set[tuple[str, datetime]] = set()  # visits planned past it at least once
         self.store = store
         self.model = DepartureModel([], config.site.timezone,
                                     relative=bool(planner.departures_relative),
@@ -391,6 +406,7 @@ class DepartureLearning:
         self._asked.pop((rm_id, "energy"), None)
         self._asked.pop((rm_id, "departures"), None)
         self._asked.pop((rm_id, "stay"), None)
+        self._asked.pop((rm_id, "late"), None)
         if not visit.arrival_seen:
             self.unseen_arrivals += 1
             return
@@ -450,6 +466,11 @@ class DepartureLearning:
                                              int(asset.level_max_wh)))
             if target <= asset.level_wh:
                 continue
+            if self.late_quantile > 0 and visit.typed_departure is not None \
+                    and self._past_typed(problem, asset, rm_id, visit, target):
+                floors.append((asset, visit, target))
+                count += 1
+                continue
             found = self._ask(rm_id, "departures", self.model.departures, visit.evse,
                               visit.arrival, visit.typed_departure, self.quantiles, visit.driver)
             if not found:
@@ -496,6 +517,55 @@ class DepartureLearning:
         self._front_load(problem, floors)
         self.planned += count
         return count
+
+    def _past_typed(self, problem: Problem, asset: StorageAsset, rm_id: str, visit: OpenVisit,
+                    target: int) -> bool:
+        """Plan a typed EV past its typed departure where the site's history says it is too
+        early: where even the `late_departure_quantile` of comparable drivers' real stay
+        against their typed one ends after it (`DepartureModel.late_departure`), the asset
+        ends at that later time, whose milestone asks the target at the value of an
+        undelivered kWh; by the typed departure (and the finish margin before it) only
+        `late_departure_floor_share` of the typed need is asked at the unmet-target weight,
+        so a driver who does leave then is not left empty. Also while the EV overstays (its
+        charger's next-hour target). False (the asset unchanged) where the history does not
+        say so."""
+        typed = visit.typed_departure
+        until = asset.available_until
+        if typed is None or until is None:
+            return False
+        late = self._ask(rm_id, "late", self.model.late_departure, visit.evse, visit.arrival,
+                         typed, self.late_quantile, visit.driver)
+        if late is None:
+            return False
+        step = timedelta(minutes=problem.ptu_minutes)
+        shift = taper_ptus(asset, self.taper_knee, problem.ptu_minutes) if visit.soc else 0
+        end = min(math.floor((late.at - problem.start) / step), problem.n_ptus)
+        if end - shift <= until or end - shift <= asset.available_from + 1:
+            return False
+        need = visit.need_wh if visit.need_wh is not None else target - asset.level_wh
+        floor = int(max(asset.level_wh, target - (1.0 - self.late_floor_share) * need))
+        # what the typed departure asked at full weight (the charger's target, the finish
+        # margin's milestone) becomes the floor; milestones priced below it stay as they are
+        kept: list[tuple[int, int, int]] = []
+        for ptu, lo, hi in asset.target_profile:
+            if ptu <= until and ptu not in asset.milestone_eur_per_wh and lo > floor:
+                lo = floor
+            kept.append((ptu, lo, hi))
+        if not any(m[0] == until for m in kept):
+            kept.append((until, floor, int(asset.level_max_wh)))
+        asset.target_profile[:] = kept
+        asset.target_wh = floor
+        asset.available_until = end
+        if shift:
+            self._finish_earlier(asset, shift)
+            self.tapered += 1
+        ptu = end - shift
+        asset.target_profile.append((ptu, target, int(asset.level_max_wh)))
+        asset.milestone_eur_per_wh[ptu] = self.value_eur_per_wh
+        self.safe[rm_id] = late
+        self.past_typed += 1
+        self.by_late.add((rm_id, visit.arrival))
+        return True
 
     def _to_learned_stay(self, problem: Problem, asset: StorageAsset, rm_id: str,
                          visit: OpenVisit) -> None:

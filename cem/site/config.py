@@ -282,6 +282,15 @@ class PlannerConfig(Section):
     departures_by_typed_stay: bool = Field(
         False, description="learn the departures of an arrival hour per typed stay too (0-3, "
         "3-6, 6-9, 9+ h) before all of that hour's visits")
+    late_departure_quantile: float = Field(
+        0.0, ge=0, le=0.5, description="where even this quantile of the real departure that "
+        "comparable drivers' visits give for a typed one lies after the typed departure, plan "
+        "the target to that later time, each kWh short then at the value of an undelivered kWh, "
+        "and only `late_departure_floor_share` of the typed need by the typed departure (0: "
+        "off; never after the typed departure)")
+    late_departure_floor_share: float = Field(
+        0.5, ge=0, le=1, description="the share of the typed need still asked by the typed "
+        "departure (at the unmet-target weight) of an EV planned past it")
     ev_taper_from_soc: float = Field(
         80.0, ge=50, le=100, description="EVs that report their SoC are assumed to take less "
         "above this SoC (%): their milestones move earlier by the extra time (100: off)")

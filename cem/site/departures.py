@@ -72,6 +72,14 @@ class Visit:
         return min(1.0, max(0.0, self.stay_h / typed_h))
 
     @property
+    def stay_ratio(self) -> float | None:
+        """Its real stay over its typed stay, not capped (above 1: it stayed longer; None
+        without a typed departure)."""
+        if self.typed_departure is None or self.typed_departure <= self.arrival:
+            return None
+        return self.stay_h / ((self.typed_departure - self.arrival).total_seconds() / 3600)
+
+    @property
     def early_h(self) -> float | None:
         """Hours the EV left before its typed departure (0 if it stayed as long or longer)."""
         if self.typed_departure is None:
@@ -108,13 +116,15 @@ class DepartureModel:
         return len(self.visits)
 
     def _keys(self, evse: str, arrival: datetime, driver: str | None,
-              typed: datetime | None = None) -> list[tuple[object, ...]]:
+              typed: datetime | None = None, by_typed_stay: bool | None = None,
+              ) -> list[tuple[object, ...]]:
         local = arrival.astimezone(self.zone)
         keys: list[tuple[object, ...]] = []
         if driver:
             keys.append(("driver", driver))
         keys.append(("evse", evse, local.weekday(), local.hour))
-        if self.by_typed_stay and typed is not None and typed > arrival:
+        typed_stay = self.by_typed_stay if by_typed_stay is None else by_typed_stay
+        if typed_stay and typed is not None and typed > arrival:
             typed_h = (typed - arrival).total_seconds() / 3600
             keys.append(("typed", local.hour, min(int(typed_h // TYPED_BUCKET_H), 3)))
         keys += [("hour", local.hour), ("all",)]
@@ -122,7 +132,10 @@ class DepartureModel:
 
     def add(self, visit: Visit) -> None:
         self.visits.append(visit)
-        for key in self._keys(visit.evse, visit.arrival, visit.driver, visit.typed_departure):
+        # (the typed-stay groups are kept whether `by_typed_stay` asks them or not:
+        # `late_departure` always does)
+        for key in self._keys(visit.evse, visit.arrival, visit.driver, visit.typed_departure,
+                              by_typed_stay=True):
             self._groups.setdefault(key, []).append(visit)
 
     def energy(self, evse: str, arrival: datetime, driver: str | None = None,
@@ -142,6 +155,30 @@ class DepartureModel:
             return None
         found = self.departures(evse, arrival, typed, [quantile], driver)
         return found[0] if found else None
+
+    def late_departure(self, evse: str, arrival: datetime, typed: datetime, quantile: float,
+                       driver: str | None = None) -> SafeDeparture | None:
+        """The departure at `quantile` of how long comparable drivers really stayed against
+        their typed stay (not capped at it), when that is after `typed`: even that share of
+        them was still there. None when it is not, or without history. The groups are those
+        of `departures` with the typed stay's always (a short typed stay is overstayed by
+        far more than a long one)."""
+        if quantile <= 0 or typed <= arrival:
+            return None
+        names = {"driver": "driver", "evse": "EVSE, weekday and hour",
+                 "typed": "arrival hour and typed stay", "hour": "arrival hour",
+                 "all": "all visits"}
+        for key in self._keys(evse, arrival, driver, typed, by_typed_stay=True):
+            group = [v for v in self._groups.get(key, []) if v.stay_ratio is not None]
+            if len(group) < self.min_visits:
+                continue
+            ratio = float(np.quantile([v.stay_ratio for v in group], quantile))
+            if ratio <= 1.0:
+                return None
+            early = float(np.mean([(v.early_h or 0.0) > EARLY_H for v in group]))
+            return SafeDeparture(arrival + ratio * (typed - arrival), names[str(key[0])],
+                                 len(group), early)
+        return None
 
     def departures(self, evse: str, arrival: datetime, typed: datetime | None,
                    quantiles: list[float], driver: str | None = None) -> list[SafeDeparture]:
