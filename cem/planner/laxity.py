@@ -32,12 +32,14 @@ difference taken from (or given to) the EVs' room.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from cem.planner.bound import lp_level_assets
 from cem.planner.fallback import ev_only
 from cem.planner.hint import round_and_repair
-from cem.planner.layout import Dispatch, Layout, empty_dispatch, grid_and_phases
+from cem.planner.layout import Dispatch, Layout, build_layout, empty_dispatch, grid_and_phases
 
 NOISE_WH = 5.0  # energy an EV still needs below this is rounding, not a need
 # the point's own choice counts too: an EV the point charges at full power in a PTU has this
@@ -105,10 +107,7 @@ def least_laxity_plan(lay: Layout, point: Dispatch, follow: float = FOLLOW_PTUS)
         out = empty_dispatch(lay)
         frac = Dispatch(x, np.zeros_like(x), np.zeros((lay.k, n)))
     else:  # the other assets rounded on their own, the EVs idle meanwhile
-        idle = point.copy()
-        idle.charge = np.where(evs[:, None], 0.0, point.charge)
-        out = round_and_repair(lay, idle)
-        out.charge[evs] = 0.0
+        out = _others_rounded(lay, point, evs)
         frac = out.copy()
         frac.charge[evs] = x[evs]
     groups, grp = np.unique(np.round(lay.share, 9), axis=0, return_inverse=True)
@@ -148,6 +147,29 @@ def least_laxity_plan(lay: Layout, point: Dispatch, follow: float = FOLLOW_PTUS)
             ph_head[:, t] -= share * used
             out.charge[m, t] = p
             got[m] += p * wh_per_w[m, t]
+    return out
+
+
+def _others_rounded(lay: Layout, point: Dispatch, evs: np.ndarray) -> Dispatch:
+    """The point's powers of every asset but the EVs `evs` rounded and repaired on their own
+    (`hint.round_and_repair`), the EVs idle. On a layout of those assets alone: the EVs, idle,
+    change nothing there, and rounding a battery and a heat pump beside 5000 idle EVs took
+    0.22 s, nearly all of it passes over the EVs' rows."""
+    keep = np.flatnonzero(~evs)
+    if len(keep) == 0 or len(keep) == lay.s:
+        idle = point.copy()
+        idle.charge = np.where(evs[:, None], 0.0, point.charge)
+        out = round_and_repair(lay, idle)
+        out.charge[evs] = 0.0
+        return out
+    pr = lay.problem
+    sub = build_layout(dataclasses.replace(pr, storage=[pr.storage[i] for i in keep]))
+    idle = point.copy()
+    idle.charge, idle.discharge = point.charge[keep], point.discharge[keep]
+    done = round_and_repair(sub, idle)
+    out = done.copy()
+    out.charge, out.discharge = np.zeros((lay.s, lay.n)), np.zeros((lay.s, lay.n))
+    out.charge[keep], out.discharge[keep] = done.charge, done.discharge
     return out
 
 
