@@ -200,7 +200,95 @@ def _split_at(eff: np.ndarray, amt: np.ndarray, member: np.ndarray, where: np.nd
 
 def ev_values(blocks: EvBlocks, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each EV's own LP with `lam` ((groups, n) EUR per kW in the PTU) added to its charge
-    columns' cost: the optimum (E,) and the powers (E, W) kW that reach it."""
+    columns' cost: the optimum (E,) and the powers (E, W) kW that reach it.
+
+    EVs with at most one milestone, a lower side only (a live EV's finish margin: every EV of
+    the bench's car park), take one sort of their columns (`_one_milestone`); the others, and
+    any whose milestone's kWh are not all cheaper than the rest, the general greedy
+    (`_ev_values_general`). Both give the same answer (tests/test_planner_decompose.py)."""
+    E, W = blocks.e_coef.shape
+    M = blocks.ms_col.shape[1]
+    if E == 0:
+        return np.zeros(0), np.zeros((0, W))
+    has_lo = np.isfinite(blocks.ms_lo) & (blocks.ms_lo > 0)
+    simple = ~np.isfinite(blocks.ms_hi).any(axis=1) & (has_lo.sum(axis=1) <= 1)
+    if not simple.any():
+        return _ev_values_general(blocks, lam)
+    rows = np.flatnonzero(simple)
+    part = blocks if len(rows) == E else _take(blocks, rows)
+    lam_kw = lam.ravel()[part.group[:, None] * blocks.n + part.ptu]
+    power, done = _one_milestone(part, lam_kw, has_lo[rows] if M else np.zeros((len(rows), 0), bool))
+    if len(rows) == E and done.all():
+        return _ev_objective(part, lam_kw, power), power
+    values = np.zeros(E)
+    out = np.zeros((E, W))
+    values[rows[done]] = _ev_objective(_take(part, np.flatnonzero(done)), lam_kw[done], power[done])
+    out[rows[done]] = power[done]
+    rest = np.setdiff1d(np.arange(E), rows[done], assume_unique=True)
+    values[rest], out[rest] = _ev_values_general(_take(blocks, rest), lam)
+    return values, out
+
+
+def _one_milestone(blocks: EvBlocks, lam_kw: np.ndarray, has_lo: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The powers (E, W) of EVs with at most one milestone, a lower side only (`has_lo`: (E, M)
+    which), and whether each is solved here (E,): the columns sorted once by their price per
+    kWh; the cheapest `lo` kWh before the milestone are worth its weight more (they come
+    first, when all of them are then cheaper than every other kWh and below 0 EUR: else not
+    solved here), the rest follow in price order, and every kWh is taken while its price is
+    below the target's reward for it (the tranches), up to the level cap."""
+    E, W = blocks.e_coef.shape
+    ok = blocks.ub_kw > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eff = np.where(ok, (blocks.price_kw + lam_kw) / blocks.e_coef, np.inf)
+    amt = np.where(ok, blocks.e_coef * blocks.ub_kw, 0.0)
+    order = np.argsort(eff, axis=1, kind="stable")
+    flat = (order + (np.arange(E) * W)[:, None]).ravel()
+    p = eff.ravel().take(flat).reshape(E, W)
+    a = amt.ravel().take(flat).reshape(E, W)
+    # the milestone: the prefix of columns before it, its lower side and weight per EV
+    m = np.argmax(has_lo, axis=1) if has_lo.shape[1] else np.zeros(E, dtype=np.int64)
+    has = has_lo[np.arange(E), m] if has_lo.shape[1] else np.zeros(E, dtype=bool)
+    lo = np.where(has, blocks.ms_lo[np.arange(E), m] if has_lo.shape[1] else 0.0, 0.0)
+    w = blocks.ms_w[np.arange(E), m] if has_lo.shape[1] else np.zeros(E)
+    c = blocks.ms_col[np.arange(E), m] if has_lo.shape[1] else np.zeros(E, dtype=np.int64)
+    member = (order < c[:, None]) & has[:, None] & (a > 0)
+    am = np.where(member, a, 0.0)
+    cm_end = np.cumsum(am, axis=1)
+    cm_start = cm_end - am
+    lo_c = lo[:, None]
+    shifted = member & (cm_end <= lo_c)
+    inside = member & (cm_start < lo_c) & (cm_end > lo_c)
+    s_amt = np.where(shifted, a, np.where(inside, lo_c - cm_start, 0.0))
+    u = np.where(shifted, 0.0, np.where(inside, cm_end - lo_c, a))
+    first = np.minimum(lo, cm_end[:, -1])  # the kWh worth the milestone's weight more
+    u_end = first[:, None] + np.cumsum(u, axis=1)
+    u_start = u_end - u
+    # solved here when the milestone's kWh (their price less its weight) are all cheaper than
+    # every other kWh and than 0 (then taken whole, up to the cap)
+    dearest = np.where(shifted | inside, p + (-w)[:, None], -np.inf).max(axis=1)
+    cheapest = np.where(u > 0, p, np.inf).min(axis=1)
+    done = (dearest < 0) & (dearest < cheapest)
+    # the kWh whose reward is above p: the tranches rewarded more, all of it when p < 0
+    reach = np.zeros((E, W))
+    for j in range(blocks.tranche_kwh.shape[1]):
+        reach += np.where(blocks.tranche_eur[:, j:j + 1] > p, blocks.tranche_kwh[:, j:j + 1], 0.0)
+    reach = np.where(p < 0, np.inf, reach)
+    cap = blocks.cap_kwh[:, None]
+    taken = np.maximum(np.minimum(first, blocks.cap_kwh),
+                       np.minimum(np.minimum(reach, cap), u_end).max(axis=1))
+    t = taken[:, None]
+    take = np.clip(t - cm_start, 0.0, s_amt) + np.clip(t - u_start, 0.0, u)
+    energy = np.zeros(E * W)
+    energy[flat] = take.ravel()
+    energy = energy.reshape(E, W)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        power = np.where(ok, energy / np.where(ok, blocks.e_coef, 1.0), 0.0)
+    return np.minimum(power, blocks.ub_kw), done
+
+
+def _ev_values_general(blocks: EvBlocks, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`ev_values` for any nested milestones, lower and upper sides (a sort per side)."""
     E, W = blocks.e_coef.shape
     M = blocks.ms_col.shape[1]
     P = W + 2 * M
