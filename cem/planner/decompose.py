@@ -410,7 +410,7 @@ class RestLp:
     def solve(self, lam: np.ndarray) -> tuple[float, np.ndarray] | None:
         """R(lam) and the `s` that reaches it ((groups, n) kW), None when HiGHS did not solve it."""
         self.h.changeColsCost(self.cells, self.s_cols, -lam[self.where])
-        self.h.run()
+        _run(self.h)
         if self.h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
             return None
         s = np.zeros((self.groups, self.n))
@@ -435,11 +435,19 @@ def _highs_lp(cost: np.ndarray, lower: np.ndarray, upper: np.ndarray, row_lower:
     return lp
 
 
-# HiGHS's primal simplex: between the price steps the rest LP and the master change only
-# their costs and gain columns (at 0), so the last basis stays primal feasible and the primal
-# simplex goes on from it, where the dual simplex starts over from a dual infeasible one (the
-# master at 1000-5000 EVs: 18-28 -> 5-8 ms a solve on the 2-core machine)
+# HiGHS's primal simplex after the first solve: between the price steps the rest LP and the
+# master change only their costs and gain columns (at 0), so the last basis stays primal
+# feasible and the primal simplex goes on from it, where the dual simplex starts over from a
+# dual infeasible one (the master at 1000-5000 EVs: 18-28 -> 5-8 ms a solve on the 2-core
+# machine). The first, cold, solve is the dual simplex's (at 300 EVs the primal one took the
+# rest LP's first solve from ~3 to ~15 ms)
 PRIMAL_SIMPLEX = 4
+
+
+def _run(h: highspy.Highs) -> None:
+    """Solve, then leave `h` to the primal simplex for the solves after this one."""
+    h.run()
+    h.setOptionValue("simplex_strategy", PRIMAL_SIMPLEX)
 
 
 def _highs(lp: highspy.HighsLp) -> highspy.Highs:
@@ -447,7 +455,6 @@ def _highs(lp: highspy.HighsLp) -> highspy.Highs:
     h.setOptionValue("output_flag", False)
     h.setOptionValue("presolve", "off")
     h.setOptionValue("threads", 1)
-    h.setOptionValue("simplex_strategy", PRIMAL_SIMPLEX)
     h.passModel(lp)
     return h
 
@@ -488,7 +495,7 @@ class Master:
         dl = np.broadcast_to(np.asarray(delta, dtype=float), lam.shape)
         self.h.changeColsCost(len(self.up), self.up, -(lam - dl))
         self.h.changeColsCost(len(self.down), self.down, lam + dl)
-        self.h.run()
+        _run(self.h)
         if self.h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
             return None
         sol = self.h.getSolution()
