@@ -144,23 +144,24 @@ def ev_blocks(lay: Layout) -> EvBlocks:
         fill = np.clip(nd[:, None] - before, 0.0, ubs)
         tranche_kwh[tgt] = fill[:, ::-1]
         tranche_eur[tgt] = cost[:, ::-1]
-    # milestones per EV, by PTU
+    # milestones per EV, by PTU (then lo, hi, weight)
     pos = np.full(lay.s, -1, dtype=np.int64)
     pos[asset] = np.arange(E)
-    per: list[list[tuple[int, float, float, float]]] = [[] for _ in range(E)]
-    for a, t, lo, hi, w in milestones:
-        per[pos[a]].append((t, lo, hi, w))
-    M = max((len(p) for p in per), default=0)
+    m_asset, m_ptu, m_lo, m_hi, m_w = milestones
+    e_of = pos[m_asset]
+    order = np.lexsort((m_w, m_hi, m_lo, m_ptu, e_of))
+    e_of, m_ptu, m_lo, m_hi, m_w = e_of[order], m_ptu[order], m_lo[order], m_hi[order], m_w[order]
+    count = np.bincount(e_of, minlength=E) if len(e_of) else np.zeros(E, dtype=np.int64)
+    M = int(count.max()) if E else 0
+    slot = np.arange(len(e_of)) - np.repeat(np.cumsum(count) - count, count)
     ms_col = np.full((E, M), W + 1, dtype=np.int64)
     ms_lo = np.full((E, M), -np.inf)
     ms_hi = np.full((E, M), np.inf)
     ms_w = np.zeros((E, M))
-    for e, rows_e in enumerate(per):
-        for m, (t, lo, hi, w) in enumerate(sorted(rows_e)):
-            ms_col[e, m] = t - first[e]
-            ms_lo[e, m] = lo if lo > -INF else -np.inf
-            ms_hi[e, m] = hi if hi < INF else np.inf
-            ms_w[e, m] = w * 1000
+    ms_col[e_of, slot] = m_ptu - first[e_of]
+    ms_lo[e_of, slot] = np.where(m_lo > -INF, m_lo, -np.inf)
+    ms_hi[e_of, slot] = np.where(m_hi < INF, m_hi, np.inf)
+    ms_w[e_of, slot] = m_w * 1000
     return EvBlocks(asset=asset, group=grp_of[asset], ptu=ptu, price_kw=price_kw, e_coef=e_coef,
                     ub_kw=ub_kw, cap_kwh=cap_kwh[asset], tranche_kwh=tranche_kwh[asset],
                     tranche_eur=tranche_eur[asset], ms_col=ms_col, ms_lo=ms_lo, ms_hi=ms_hi,
