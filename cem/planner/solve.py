@@ -58,7 +58,7 @@ from cem.planner.fallback import (
     idle_modes,
 )
 from cem.planner.hint import polish_plan, refill, round_and_repair, shave_peak
-from cem.planner.laxity import least_laxity_plan
+from cem.planner.laxity import laxity_assets, least_laxity_plan
 from cem.planner.layout import (
     NOISE_WH,
     Dispatch,
@@ -125,6 +125,9 @@ LIMIT_FIT_W = 1.0
 # more than the time there is, the bound and the plan come from the EVs' own problems first
 COLD_LP_S = 2.8e-8
 COLD_LP_POWER = 1.7
+# and at least this long: the other assets' columns and rows (the bench's car park at 10-100
+# EVs: 0.02-0.065 s at load ~5, where the power law alone says 0.001-0.02 s)
+COLD_LP_FIXED_S = 0.02
 
 
 def _gap(objective: float, bound: float | None) -> float | None:
@@ -361,6 +364,13 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     alone = memory is None
     # one large enough for the numpy fallback and the EVs' own problems (the bench's 1000+ EVs)
     large_alone = alone and cells >= NUMPY_FALLBACK_CELLS
+    # one with EVs to share out, of any size: below NUMPY_FALLBACK_CELLS too the EVs' own
+    # problems stand in for an LP that cannot finish in time (100 EVs with 0.1 s: the LP,
+    # its bound from row prices and the asset-at-a-time fallback took 0.32-0.47 s, 99.7 %
+    # above the bound)
+    evs_alone = alone and bool(laxity_assets(lay).any())
+    # what a cold LP likely takes now (its build and HiGHS)
+    lp_estimate = (COLD_LP_S * cells ** COLD_LP_POWER + COLD_LP_FIXED_S) * budget.pace
     # the moment the plan sent must be chosen by: on a plan no replan follows, the deadline
     # less the time of making and checking it (`Budget`); a live replan's stages keep the
     # deadline itself, as before
@@ -375,11 +385,11 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         # above the bound, after 13-95 s. (A site's first replan still runs its LP: the
         # basis it leaves, solved or not, is where the next replans go on from; without it
         # the bench's timed replans at 1000 EVs were 0.45 % above their bound, not 0.05 %)
-        cold = memory is None and cells >= NUMPY_FALLBACK_CELLS \
-            and COLD_LP_S * cells ** COLD_LP_POWER * budget.pace > time_limit_s - after_lp_s
+        cold = memory is None and (cells >= NUMPY_FALLBACK_CELLS or evs_alone) \
+            and lp_estimate > time_limit_s - after_lp_s
         if cold:
             memory = PlanMemory()  # for this plan only: the decomposition keeps its prices
-        if memory is not None and cells >= NUMPY_FALLBACK_CELLS and (
+        if memory is not None and (cells >= NUMPY_FALLBACK_CELLS or cold) and (
                 cold or (ev_only(lay) and (beside or not memory.last_plan_fits(lay)))):
             # the LP will likely not finish (the last did not, or a new limit moved the
             # optimum far): first what needs no LP, the fallback's rule in numpy, a bound from
@@ -422,27 +432,38 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             lp_s = deadline - time.perf_counter() - after_lp_s - polish_s
             if alone and decomposed is not None:  # its answer is repaired and sent, and checked
                 lp_s = min(lp_s, budget.until("repair", "plan and check") - time.perf_counter())
-            elif large_alone:
+            elif evs_alone:
                 # should it not finish, the plan comes from the EVs' problems: their price
                 # steps need a few answers for a point worth planning from (one answer: 92 %
-                # above the bound at 300 EVs)
-                lp_s -= budget.cost(*["price step"] * RESCUE_STEPS, *AFTER_PRICE_STEPS)
+                # above the bound at 300 EVs). On a small site only when that leaves the LP
+                # what it likely needs (at 100 EVs those steps take longer than the LP)
+                rescue = budget.cost(*["price step"] * RESCUE_STEPS, *AFTER_PRICE_STEPS)
+                if large_alone or lp_s - rescue >= lp_estimate:
+                    lp_s -= rescue
             if guided_good:
                 lp = LpResult("not run: the plan from the EVs' problems is good enough", None,
                               None, index=built.index if built is not None else None)
-            elif decomposed is not None and lp_s < MIN_LP_S:
+            elif (decomposed is not None and lp_s < MIN_LP_S) \
+                    or (decomposed is None and evs_alone and lp_s < min(MIN_LP_S, lp_estimate)):
                 # no time for it (at 5000 EVs on a busy machine): not even built for HiGHS
-                lp = LpResult("not run: no time left after the bound", None,
-                              None, index=built.index if built is not None else None)
-                budget.skip("LP", f"{max(lp_s, 0.0):.2f} s left for it after the bound "
-                            "and the plan from the EVs' problems")
+                # (its arrays are, for the plan from the EVs' problems after it)
+                if built is None:
+                    with budget.timed("LP arrays"):
+                        built = BuiltLp.of(lay)
+                after = "after the bound" if decomposed is not None else "for it"
+                lp = LpResult(f"not run: no time left {after}", None, None, index=built.index,
+                              built=built)
+                budget.skip("LP", f"{max(lp_s, 0.0):.2f} s left for it" + (
+                    " after the bound and the plan from the EVs' problems"
+                    if decomposed is not None else ""))
             else:
                 # (no bound from row prices on a large site no replan follows: should the LP
                 # not finish, the EVs' problems give a better one, and the row prices' took
                 # 1.4-1.5 s at 1000 EVs past the LP's time limit)
                 with budget.timed("LP"):
                     lp = solve_lp(lay, time_limit_s=max(lp_s, 0.01), memory=lp_memory,
-                                  built=built, price_bound=decomposed is None and not large_alone)
+                                  built=built, price_bound=decomposed is None and not large_alone
+                                  and not evs_alone)
         if memory is not None:
             memory.lp_solved = lp.dispatch is not None
         build_s += lp.build_s
@@ -498,7 +519,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             if not guided_good:
                 log.warning("LP relaxation not solved (%s)", lp.status)
             if decomposed is None and ((memory is not None and ev_only(lay))
-                                       or cells >= NUMPY_FALLBACK_CELLS):
+                                       or cells >= NUMPY_FALLBACK_CELLS or evs_alone):
                 # (a cold start) the bound from the EVs' own problems: late already, it gets
                 # a quarter of the time limit past the deadline at most (on any large site,
                 # with memory or without: the fallback there is an asset at a time, 6-8 s and
