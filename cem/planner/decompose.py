@@ -26,6 +26,7 @@ target's marginal reward (`ev_values`; checked against HiGHS on random EVs in th
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -69,6 +70,11 @@ class EvBlocks:
     ms_hi: np.ndarray  # (E, M) kWh it should not pass (inf: no upper side)
     ms_w: np.ndarray  # (E, M) EUR per kWh missed
     n: int = 0  # PTUs of the horizon
+    # rows by window length (first row, end row, the longest window among them), the EVs
+    # sorted so: `ev_values` solves each bucket on its own width, not every EV on the
+    # longest window (at 5000 EVs the windows fill 43 % of E x W; four buckets 73 %). Empty:
+    # one bucket
+    buckets: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def count(self) -> int:
@@ -108,7 +114,9 @@ def ev_blocks(lay: Layout) -> EvBlocks:
     exact = np.zeros(lay.s, dtype=bool)
     exact[tgt] = np.abs(cap[tgt] - need[tgt]) < 1e-6
     milestones, folded = _milestone_sides(lay, mono, tgt, e_coef_all, full_c)
+    # the EVs by window length (`EvBlocks.buckets`)
     asset = np.flatnonzero(mono)
+    asset = asset[np.argsort(lay.last[asset] - lay.first[asset], kind="stable")]
     E = len(asset)
     _groups, grp_of = np.unique(np.round(lay.share, 9), axis=0, return_inverse=True)
     grp_of = np.asarray(grp_of).reshape(-1)
@@ -162,10 +170,30 @@ def ev_blocks(lay: Layout) -> EvBlocks:
     ms_lo[e_of, slot] = np.where(m_lo > -INF, m_lo, -np.inf)
     ms_hi[e_of, slot] = np.where(m_hi < INF, m_hi, np.inf)
     ms_w[e_of, slot] = m_w * 1000
+    span = np.maximum(lay.last[asset] - first, 1)
+    count = min(BUCKETS, E // BUCKET_MIN_ROWS)
+    cuts = [E * k // count for k in range(count + 1)] if count > 1 else []
+    buckets = tuple((a, b, int(span[b - 1])) for a, b in itertools.pairwise(cuts))
     return EvBlocks(asset=asset, group=grp_of[asset], ptu=ptu, price_kw=price_kw, e_coef=e_coef,
                     ub_kw=ub_kw, cap_kwh=cap_kwh[asset], tranche_kwh=tranche_kwh[asset],
                     tranche_eur=tranche_eur[asset], ms_col=ms_col, ms_lo=ms_lo, ms_hi=ms_hi,
-                    ms_w=ms_w, n=n)
+                    ms_w=ms_w, n=n, buckets=buckets)
+
+
+# `EvBlocks.buckets`: at most this many, of at least this many EVs each
+BUCKETS = 4
+BUCKET_MIN_ROWS = 500
+
+
+def _rows(blocks: EvBlocks, start: int, end: int, width: int) -> EvBlocks:
+    """The EVs `start:end` on their first `width` columns (every column they have), as views."""
+    return EvBlocks(asset=blocks.asset[start:end], group=blocks.group[start:end],
+                    ptu=blocks.ptu[start:end, :width], price_kw=blocks.price_kw[start:end, :width],
+                    e_coef=blocks.e_coef[start:end, :width], ub_kw=blocks.ub_kw[start:end, :width],
+                    cap_kwh=blocks.cap_kwh[start:end], tranche_kwh=blocks.tranche_kwh[start:end],
+                    tranche_eur=blocks.tranche_eur[start:end], ms_col=blocks.ms_col[start:end],
+                    ms_lo=blocks.ms_lo[start:end], ms_hi=blocks.ms_hi[start:end],
+                    ms_w=blocks.ms_w[start:end], n=blocks.n)
 
 
 def _split_at(eff: np.ndarray, amt: np.ndarray, member: np.ndarray, where: np.ndarray,
@@ -211,6 +239,12 @@ def ev_values(blocks: EvBlocks, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray
     M = blocks.ms_col.shape[1]
     if E == 0:
         return np.zeros(0), np.zeros((0, W))
+    if blocks.buckets:  # each bucket of EVs on its own width
+        values, out = np.zeros(E), np.zeros((E, W))
+        for start, end, width in blocks.buckets:
+            values[start:end], out[start:end, :width] = ev_values(
+                _rows(blocks, start, end, width), lam)
+        return values, out
     has_lo = np.isfinite(blocks.ms_lo) & (blocks.ms_lo > 0)
     simple = ~np.isfinite(blocks.ms_hi).any(axis=1) & (has_lo.sum(axis=1) <= 1)
     if not simple.any():
