@@ -247,18 +247,21 @@ def test_after_an_unsolved_lp_the_plan_is_within_1pct_of_a_bound_from_the_evs_pr
     assert again.gap <= 0.01
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_the_bench_car_parks_evs_get_the_general_greedys_answer_from_one_sort(seed: int) -> None:
+@pytest.mark.parametrize(("evs", "seed"), [(300, 0), (1000, 1)])
+def test_the_bench_car_parks_evs_get_the_general_greedys_answer_from_one_sort(evs: int,
+                                                                             seed: int) -> None:
     """The bench's car park with live milestones (one lower side per EV, solved with one sort
-    of its columns): at the grid's prices, at prices moved at random and at prices so high
-    that the milestone's kWh are no longer all cheaper than the rest (those EVs go to the
-    general greedy), and with a second milestone on some EVs, every EV's optimum and powers
-    are the general greedy's (a sort per milestone side), EV by EV."""
-    problem = scenario_to_problem(bench_scenario(300, seed)).problem
+    of its columns; at 1000 EVs in buckets by window length): at the grid's prices, at prices
+    moved at random and at prices so high that the milestone's kWh are no longer all cheaper
+    than the rest (those EVs go to the general greedy), and with a second milestone on some
+    EVs, every EV's optimum and powers are the general greedy's (a sort per milestone side,
+    every EV on the longest window), EV by EV."""
+    problem = scenario_to_problem(bench_scenario(evs, seed)).problem
     with_live_milestones(problem)
     for pr in (problem, _with_milestones(problem, seed)):
         lay = build_layout(pr)
         blocks = ev_blocks(lay)
+        assert len(blocks.buckets) == (2 if evs == 1000 else 0)
         groups = int(blocks.group.max()) + 1
         grid = np.broadcast_to(lay.p_imp * lay.ptu_h, (groups, lay.n))
         rng = np.random.default_rng(seed)
