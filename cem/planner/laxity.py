@@ -229,7 +229,8 @@ def _share_out(lay: Layout, t: int, m: np.ndarray, got: np.ndarray, frac_sum: fl
     at = req_at[m]
     spare = full[m[:, None], at] - full[m, t][:, None] - ask
     spare = np.where((ask > NOISE_WH) & (at > t), spare, np.inf)
-    lax = spare.min(axis=1) / (cmax * h)
+    least = spare.min(axis=1)
+    lax = least / (cmax * h)
     room = np.maximum(upper[m, t] - got[m], 0.0)
     cap = np.minimum(cmax, np.floor(room / h / step + 1e-9) * step)
     want = np.minimum(cap, np.ceil(need / h / step - 1e-9) * step)
@@ -265,7 +266,7 @@ def _share_out(lay: Layout, t: int, m: np.ndarray, got: np.ndarray, frac_sum: fl
     want = np.where(fits, whole, np.where(defer, lower, want))
     # what cannot wait: the energy a requirement asks beyond what full power after this PTU
     # still gives (at least the minimum power, at most what the EV wants now)
-    must = np.maximum(cmax * h - spare.min(axis=1), 0.0) / h
+    must = np.maximum(cmax * h - least, 0.0) / h
     must = np.where(must > NOISE_WH / h, np.maximum(np.ceil(must / step - 1e-9) * step, cmin), 0.0)
     must = np.minimum(must, want)
     p = np.zeros(len(m))
@@ -292,8 +293,18 @@ def _top_up(want: np.ndarray, order: np.ndarray, budget: float, step: np.ndarray
     k = int(np.searchsorted(cum, budget + 1e-6, side="right"))
     p[order[:k]] += inc[:k]
     left = budget - (float(cum[k - 1]) if k > 0 else 0.0)
-    for j in range(k, len(order)):  # the rest: partial raises while they fit
-        if left < float(step[order[j]]):
+    # the rest: partial raises while they fit, in order, until the budget is below an EV's
+    # step. The budget only shrinks, so one that cannot take its least now never can: only
+    # the others are walked, each after the largest step of those passed over before it
+    rest = np.arange(k, len(order))
+    st = step[order[rest]]
+    first = np.minimum(np.floor(left / st + 1e-9) * st, inc[rest])
+    may = np.flatnonzero((first >= low[rest]) & (first > 0))
+    if len(may) == 0:
+        return left
+    passed = np.maximum.reduceat(st[:may[-1] + 1], np.concatenate([[0], may[:-1] + 1]))
+    for j, largest in zip(rest[may], passed, strict=True):
+        if left < float(largest):
             break
         part = min(np.floor(left / step[order[j]] + 1e-9) * step[order[j]], inc[j])
         if part >= low[j] and part > 0:
