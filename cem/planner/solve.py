@@ -19,11 +19,13 @@
    CP-SAT improves it; in numpy on EV-only sites; an asset at a time elsewhere, made only
    when nothing else exists or there is time for it) and the fallback polished. On EV-only
    sites at scale, after a replan whose LP was not solved or when a new limit cuts the last
-   plan, and on any large site planned without memory whose cold LP cannot finish in time
-   (`COLD_LP_S`), that bound and a plan from its master's point (`laxity.least_laxity_plan`,
+   plan, and on any site with EVs planned without memory whose cold LP does not fit its
+   time three times over (`COLD_LP_S`, `COLD_LP_MARGIN`; an LP that does not finish there
+   leaves this too), that bound and a plan from its master's point (`laxity.least_laxity_plan`,
    0.01-0.05 % above the bound on the bench's EV-only 1000-5000 EVs, 0.8-1.3 % on its mixed
    site at 5000) come first, and the LP runs only when that plan is not within the
-   tolerance; on other sites the fallback is made beside the LP (`_lp_beside_fallback`).
+   tolerance (and its plan is kept when it beats the LP's); on other sites the fallback is
+   made beside the LP (`_lp_beside_fallback`).
 A plan no replan follows (no `memory`: the bench's, `cem plan`) shares its time out by a
 `budget.Budget`: each stage that does not stop by itself is started only when its estimate
 (its cost per storage-PTU measured on the 2-core machine, times the pace of the stages timed
