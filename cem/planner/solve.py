@@ -130,10 +130,12 @@ COLD_LP_POWER = 1.7
 # and at least this long: the other assets' columns and rows (the bench's car park at 10-100
 # EVs: 0.02-0.065 s at load ~5, where the power law alone says 0.001-0.02 s)
 COLD_LP_FIXED_S = 0.02
-# a plan no replan follows goes to the EVs' own problems first unless its LP fits this many
-# times over: with a core taken the LP at 1000 EVs took 2.4-2.6 s of its 3 s and did not
-# finish (the plan then 2.3-5.7 % above the bound after 4 price steps); first, the EVs'
-# problems take 0.3-0.6 s there and the LP still finishes after them on a quiet machine
+# a large plan no replan follows goes to the EVs' own problems first unless its LP fits this
+# many times over: with a core taken the LP at 1000 EVs took 2.4-2.6 s of its 3 s and did
+# not finish (the plan then 2.3-5.7 % above the bound after 4 price steps); first, the EVs'
+# problems take 0.3-0.6 s there and the LP still finishes after them on a quiet machine.
+# (Not below NUMPY_FALLBACK_CELLS: at 10 EVs with 0.1 s their four first answers took 0.34 s
+# where the LP, repaired and polished, took 0.07 s)
 COLD_LP_MARGIN = 3.0
 
 
@@ -393,7 +395,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         # basis it leaves, solved or not, is where the next replans go on from; without it
         # the bench's timed replans at 1000 EVs were 0.45 % above their bound, not 0.05 %)
         cold = memory is None and (cells >= NUMPY_FALLBACK_CELLS or evs_alone) \
-            and COLD_LP_MARGIN * lp_estimate > time_limit_s - after_lp_s
+            and (COLD_LP_MARGIN if large_alone else 1.0) * lp_estimate > time_limit_s - after_lp_s
         if cold:
             memory = PlanMemory()  # for this plan only: the decomposition keeps its prices
         if memory is not None and (cells >= NUMPY_FALLBACK_CELLS or cold) and (
@@ -439,14 +441,13 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             lp_s = deadline - time.perf_counter() - after_lp_s - polish_s
             if alone and decomposed is not None:  # its answer is repaired and sent, and checked
                 lp_s = min(lp_s, budget.until("repair", "plan and check") - time.perf_counter())
-            elif evs_alone:
+            elif large_alone:
                 # should it not finish, the plan comes from the EVs' problems: their price
                 # steps need a few answers for a point worth planning from (one answer: 92 %
-                # above the bound at 300 EVs). On a small site only when that leaves the LP
-                # what it likely needs (at 100 EVs those steps take longer than the LP)
-                rescue = budget.cost(*["price step"] * RESCUE_STEPS, *AFTER_PRICE_STEPS)
-                if large_alone or lp_s - rescue >= lp_estimate:
-                    lp_s -= rescue
+                # above the bound at 300 EVs). (Not on a small site: at 100 EVs with 0.3 s on
+                # a busy machine the LP then got too little to finish, and the plan took 0.36 s
+                # where the LP given all of it took 0.19-0.22)
+                lp_s -= budget.cost(*["price step"] * RESCUE_STEPS, *AFTER_PRICE_STEPS)
             if guided_good:
                 lp = LpResult("not run: the plan from the EVs' problems is good enough", None,
                               None, index=built.index if built is not None else None)
