@@ -134,8 +134,8 @@ COLD_LP_FIXED_S = 0.02
 # many times over: with a core taken the LP at 1000 EVs took 2.4-2.6 s of its 3 s and did
 # not finish (the plan then 2.3-5.7 % above the bound after 4 price steps); first, the EVs'
 # problems take 0.3-0.6 s there and the LP still finishes after them on a quiet machine.
-# (Not below NUMPY_FALLBACK_CELLS: at 10 EVs with 0.1 s their four first answers took 0.34 s
-# where the LP, repaired and polished, took 0.07 s)
+# (Not below NUMPY_FALLBACK_CELLS: at 10 EVs with 0.1 s their four first answers took
+# 0.31-0.34 s where the LP, repaired and polished, took 0.07-0.08 s)
 COLD_LP_MARGIN = 3.0
 
 
@@ -394,11 +394,12 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         # above the bound, after 13-95 s. (A site's first replan still runs its LP: the
         # basis it leaves, solved or not, is where the next replans go on from; without it
         # the bench's timed replans at 1000 EVs were 0.45 % above their bound, not 0.05 %)
-        cold = memory is None and (cells >= NUMPY_FALLBACK_CELLS or evs_alone) \
-            and (COLD_LP_MARGIN if large_alone else 1.0) * lp_estimate > time_limit_s - after_lp_s
+        # (below NUMPY_FALLBACK_CELLS the LP first: an LP without the time it needs is not
+        # run below, and the EVs' problems follow it)
+        cold = large_alone and COLD_LP_MARGIN * lp_estimate > time_limit_s - after_lp_s
         if cold:
             memory = PlanMemory()  # for this plan only: the decomposition keeps its prices
-        if memory is not None and (cells >= NUMPY_FALLBACK_CELLS or cold) and (
+        if memory is not None and cells >= NUMPY_FALLBACK_CELLS and (
                 cold or (ev_only(lay) and (beside or not memory.last_plan_fits(lay)))):
             # the LP will likely not finish (the last did not, or a new limit moved the
             # optimum far): first what needs no LP, the fallback's rule in numpy, a bound from
