@@ -171,8 +171,8 @@ def ev_blocks(lay: Layout) -> EvBlocks:
     ms_hi[e_of, slot] = np.where(m_hi < INF, m_hi, np.inf)
     ms_w[e_of, slot] = m_w * 1000
     span = np.maximum(lay.last[asset] - first, 1)
-    count = min(BUCKETS, E // BUCKET_MIN_ROWS)
-    cuts = [E * k // count for k in range(count + 1)] if count > 1 else []
+    n_buckets = min(BUCKETS, E // BUCKET_MIN_ROWS)
+    cuts = [E * k // n_buckets for k in range(n_buckets + 1)] if n_buckets > 1 else []
     buckets = tuple((a, b, int(span[b - 1])) for a, b in itertools.pairwise(cuts))
     return EvBlocks(asset=asset, group=grp_of[asset], ptu=ptu, price_kw=price_kw, e_coef=e_coef,
                     ub_kw=ub_kw, cap_kwh=cap_kwh[asset], tranche_kwh=tranche_kwh[asset],
