@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from test_planner_properties import N, small_sites
 from test_planner_warm_start import a_ptu_later, site
 
+from cem.app.bench_planner import bench_scenario, with_live_milestones
+from cem.app.scenario import scenario_to_problem
 from cem.planner.assets import (
     THREE_PHASE,
     FixedLoad,
@@ -29,7 +31,7 @@ from cem.planner.assets import (
     single_phase,
 )
 from cem.planner.bound import BuiltLp, solve_lp
-from cem.planner.decompose import lagrangian_bound
+from cem.planner.decompose import _ev_values_general, ev_blocks, ev_values, lagrangian_bound
 from cem.planner.fallback import deadline_first, fallback_dispatch
 from cem.planner.layout import build_layout, evaluate
 from cem.planner.solve import SitePlanner, check_plan, to_plan
@@ -243,3 +245,29 @@ def test_after_an_unsolved_lp_the_plan_is_within_1pct_of_a_bound_from_the_evs_pr
         assert again.bound_from == "EVs"
         assert any("bound from the EVs' own problems" in note for note in again.notes)
     assert again.gap <= 0.01
+
+
+@pytest.mark.parametrize(("evs", "seed"), [(300, 0), (1000, 1)])
+def test_the_bench_car_parks_evs_get_the_general_greedys_answer_from_one_sort(evs: int,
+                                                                             seed: int) -> None:
+    """The bench's car park with live milestones (one lower side per EV, solved with one sort
+    of its columns; at 1000 EVs in buckets by window length): at the grid's prices, at prices
+    moved at random and at prices so high that the milestone's kWh are no longer all cheaper
+    than the rest (those EVs go to the general greedy), and with a second milestone on some
+    EVs, every EV's optimum and powers are the general greedy's (a sort per milestone side,
+    every EV on the longest window), EV by EV."""
+    problem = scenario_to_problem(bench_scenario(evs, seed)).problem
+    with_live_milestones(problem)
+    for pr in (problem, _with_milestones(problem, seed)):
+        lay = build_layout(pr)
+        blocks = ev_blocks(lay)
+        assert len(blocks.buckets) == (2 if evs == 1000 else 0)
+        groups = int(blocks.group.max()) + 1
+        grid = np.broadcast_to(lay.p_imp * lay.ptu_h, (groups, lay.n))
+        rng = np.random.default_rng(seed)
+        for lam in (grid.copy(), grid * rng.uniform(0.2, 3.0, grid.shape),
+                    grid + rng.normal(0.0, 0.5, grid.shape), grid + 1e3 * rng.random(grid.shape)):
+            values, power = ev_values(blocks, lam)
+            general_values, general_power = _ev_values_general(blocks, lam)
+            np.testing.assert_allclose(values, general_values, rtol=1e-12, atol=1e-9)
+            np.testing.assert_allclose(power, general_power, rtol=0, atol=1e-9)

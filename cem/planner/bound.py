@@ -628,24 +628,20 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
         lp.coef(rmap[ci[sel]], c_idx[ci[sel], ct[sel]], e_coef[ci[sel], ct[sel]])
     # milestones of monotone assets (an EV's target before its departure): partial sums, only
     # the sides that can bind (`_milestone_sides`)
-    if milestones:
-        m_asset = np.array([m[0] for m in milestones], dtype=np.int64)
-        m_ptu = np.array([m[1] for m in milestones], dtype=np.int64)
-        m_lo = np.array([m[2] for m in milestones])
-        m_hi = np.array([m[3] for m in milestones])
-        m_w = np.array([m[4] for m in milestones])
+    m_asset, m_ptu, m_lo, m_hi, m_w = milestones
+    if len(m_asset):
         side = np.isfinite(m_lo).astype(np.int64)
-        r = lp.rows(m_lo, m_hi, len(milestones), lp_key(R_MILESTONE, ent[m_asset], side, t_abs[0] + m_ptu))
+        r = lp.rows(m_lo, m_hi, len(m_asset), lp_key(R_MILESTONE, ent[m_asset], side, t_abs[0] + m_ptu))
         # each row sums the asset's charge columns before its milestone PTU
         length = m_ptu - lay.first[m_asset]
-        rows_of = np.repeat(np.arange(len(milestones)), length)
+        rows_of = np.repeat(np.arange(len(m_asset)), length)
         ii = m_asset[rows_of]
         tt = lay.first[ii] + np.arange(len(rows_of)) - np.repeat(np.cumsum(length) - length, length)
         cc = c_idx[ii, tt]
         ok = cc >= 0
         lp.coef(r[rows_of[ok]], cc[ok], e_coef[ii[ok], tt[ok]])
         # a missed side costs the asset's weight per Wh: below lo (+1) or above hi (-1)
-        u = lp.cols(0.0, INF, m_w * 1000, len(milestones),
+        u = lp.cols(0.0, INF, m_w * 1000, len(m_asset),
                     lp_key(C_MILESTONE, ent[m_asset], side, t_abs[0] + m_ptu))
         lp.coef(r, u, np.where(side == 1, 1.0, -1.0))
     for i in np.flatnonzero(levels):
@@ -723,12 +719,13 @@ def _unmet_cols(lp: _LpArrays, lay: Layout, rows: np.ndarray, assets: np.ndarray
 
 def _milestone_sides(lay: Layout, mono: np.ndarray, tgt: np.ndarray, e_coef: np.ndarray,
                      full_c: np.ndarray
-                     ) -> tuple[list[tuple[int, int, float, float, float]], np.ndarray]:
+                     ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+                                np.ndarray]:
     """The milestone rows of monotone assets that can bind, and the milestones folded away.
 
-    Returns (asset, PTU, lo, hi, EUR per Wh missed) per row, in kWh charged since the window opened (one side
-    per row, the other infinite), and per asset the EUR per Wh added to its unmet-target
-    columns. A monotone asset only fills up, so of a milestone (ptu, lo, hi):
+    Returns the rows as arrays (asset, PTU, lo, hi, EUR per Wh missed), in kWh charged since
+    the window opened (one side per row, the other infinite; the lower sides first), and per
+    asset the EUR per Wh added to its unmet-target columns. A monotone asset only fills up, so of a milestone (ptu, lo, hi):
     - the lower side cannot bind when lo is at or below the starting level;
     - the upper side cannot bind when hi is at or above what the asset can reach by then
       (full power all along, or its level cap, which another row keeps);
@@ -753,10 +750,12 @@ def _milestone_sides(lay: Layout, mono: np.ndarray, tgt: np.ndarray, e_coef: np.
     reach = np.cumsum(e_coef * full_c, axis=1) * lay.cmax[:, None] / 1000  # kWh by PTU end
     cap = np.maximum(lay.lmax - lay.level0, 0.0) / 1000
     upper = hi < np.minimum(reach[i, ptu - 1], cap[i]) - 1e-9
-    out = [(int(a), int(t), float(v), INF, float(w))
-           for a, t, v, w in zip(i[lower], ptu[lower], lo[lower], w_lo[lower], strict=True)]
-    out += [(int(a), int(t), -INF, float(v), float(lay.weight[a]))
-            for a, t, v in zip(i[upper], ptu[upper], hi[upper], strict=True)]
+    nl, nu = int(lower.sum()), int(upper.sum())
+    out = (np.concatenate([i[lower], i[upper]]).astype(np.int64),
+           np.concatenate([ptu[lower], ptu[upper]]).astype(np.int64),
+           np.concatenate([lo[lower], np.full(nu, -INF)]),
+           np.concatenate([np.full(nl, INF), hi[upper]]),
+           np.concatenate([w_lo[lower], lay.weight[i[upper]]]).astype(float))
     return out, folded
 
 

@@ -23,8 +23,8 @@ COST_S_PER_CELL: dict[str, float] = {
     "layout": 2.5e-7,  # build_layout (5000 EVs: 0.03 s)
     "LP arrays": 5.5e-7,  # BuiltLp.of (5000 EVs: 0.07 s)
     # the master's point laid out, `laxity.least_laxity_plan` and its scoring (5000 EVs:
-    # 0.24-0.32 s)
-    "plan from the point": 2.0e-6,
+    # 0.24-0.32 s; round 10: the other assets rounded on their own layout, 0.7 x that)
+    "plan from the point": 1.4e-6,
     # the plan sent: `to_plan`, its scoring and `check_plan` (5000 EVs: 0.07-0.11 s)
     "plan and check": 8e-7,
     # `hint.refill` of the plan from the point: its least (its set-up and the scoring of what
@@ -39,8 +39,10 @@ COST_S_PER_CELL: dict[str, float] = {
     "min power at the LP's prices": 2.5e-6,
     "CP-SAT model": 5.5e-5,  # `model.build_model` (1000 EVs: 1.5 s; 100: 0.13 s)
     # one answer of the EVs' problems at new prices and the master's next prices
-    # (`decompose.lagrangian_bound`: 0.044 s at 2000 EVs, 0.07 s at 5000)
-    "price step": 3.4e-7,
+    # (`decompose.lagrangian_bound`: 0.044 s at 2000 EVs, 0.07 s at 5000; round 10, the
+    # primal simplex, one sort per EV and the EVs in buckets by window: 0.35-0.45 x that,
+    # measured beside the old in the same minutes)
+    "price step": 1.6e-7,
 }
 # the stages that always run to their end: their wall seconds against their estimate set the
 # pace (the others stop at a deadline of their own and would read faster than they are)
@@ -48,7 +50,7 @@ PACE_STAGES = frozenset({"layout", "LP arrays", "plan from the point", "plan and
                          "repair", "CP-SAT model"})
 # what any stage costs besides its size (Python's and numpy's calls), s
 COST_S_FIXED = 0.01
-COST_S_FIXED_OF = {"price step": 0.026}  # (HiGHS's two small LPs)
+COST_S_FIXED_OF = {"price step": 0.012}  # (HiGHS's two small LPs)
 # an estimate is this many times the measured cost at the current pace: the pace itself is
 # known only from the stages so far, and the load moves within a plan
 SAFETY = 1.15

@@ -26,6 +26,7 @@ target's marginal reward (`ev_values`; checked against HiGHS on random EVs in th
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -69,6 +70,11 @@ class EvBlocks:
     ms_hi: np.ndarray  # (E, M) kWh it should not pass (inf: no upper side)
     ms_w: np.ndarray  # (E, M) EUR per kWh missed
     n: int = 0  # PTUs of the horizon
+    # rows by window length (first row, end row, the longest window among them), the EVs
+    # sorted so: `ev_values` solves each bucket on its own width, not every EV on the
+    # longest window (at 5000 EVs the windows fill 43 % of E x W; four buckets 73 %). Empty:
+    # one bucket
+    buckets: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def count(self) -> int:
@@ -108,7 +114,9 @@ def ev_blocks(lay: Layout) -> EvBlocks:
     exact = np.zeros(lay.s, dtype=bool)
     exact[tgt] = np.abs(cap[tgt] - need[tgt]) < 1e-6
     milestones, folded = _milestone_sides(lay, mono, tgt, e_coef_all, full_c)
+    # the EVs by window length (`EvBlocks.buckets`)
     asset = np.flatnonzero(mono)
+    asset = asset[np.argsort(lay.last[asset] - lay.first[asset], kind="stable")]
     E = len(asset)
     _groups, grp_of = np.unique(np.round(lay.share, 9), axis=0, return_inverse=True)
     grp_of = np.asarray(grp_of).reshape(-1)
@@ -144,27 +152,48 @@ def ev_blocks(lay: Layout) -> EvBlocks:
         fill = np.clip(nd[:, None] - before, 0.0, ubs)
         tranche_kwh[tgt] = fill[:, ::-1]
         tranche_eur[tgt] = cost[:, ::-1]
-    # milestones per EV, by PTU
+    # milestones per EV, by PTU (then lo, hi, weight)
     pos = np.full(lay.s, -1, dtype=np.int64)
     pos[asset] = np.arange(E)
-    per: list[list[tuple[int, float, float, float]]] = [[] for _ in range(E)]
-    for a, t, lo, hi, w in milestones:
-        per[pos[a]].append((t, lo, hi, w))
-    M = max((len(p) for p in per), default=0)
+    m_asset, m_ptu, m_lo, m_hi, m_w = milestones
+    e_of = pos[m_asset]
+    order = np.lexsort((m_w, m_hi, m_lo, m_ptu, e_of))
+    e_of, m_ptu, m_lo, m_hi, m_w = e_of[order], m_ptu[order], m_lo[order], m_hi[order], m_w[order]
+    count = np.bincount(e_of, minlength=E) if len(e_of) else np.zeros(E, dtype=np.int64)
+    M = int(count.max()) if E else 0
+    slot = np.arange(len(e_of)) - np.repeat(np.cumsum(count) - count, count)
     ms_col = np.full((E, M), W + 1, dtype=np.int64)
     ms_lo = np.full((E, M), -np.inf)
     ms_hi = np.full((E, M), np.inf)
     ms_w = np.zeros((E, M))
-    for e, rows_e in enumerate(per):
-        for m, (t, lo, hi, w) in enumerate(sorted(rows_e)):
-            ms_col[e, m] = t - first[e]
-            ms_lo[e, m] = lo if lo > -INF else -np.inf
-            ms_hi[e, m] = hi if hi < INF else np.inf
-            ms_w[e, m] = w * 1000
+    ms_col[e_of, slot] = m_ptu - first[e_of]
+    ms_lo[e_of, slot] = np.where(m_lo > -INF, m_lo, -np.inf)
+    ms_hi[e_of, slot] = np.where(m_hi < INF, m_hi, np.inf)
+    ms_w[e_of, slot] = m_w * 1000
+    span = np.maximum(lay.last[asset] - first, 1)
+    n_buckets = min(BUCKETS, E // BUCKET_MIN_ROWS)
+    cuts = [E * k // n_buckets for k in range(n_buckets + 1)] if n_buckets > 1 else []
+    buckets = tuple((a, b, int(span[b - 1])) for a, b in itertools.pairwise(cuts))
     return EvBlocks(asset=asset, group=grp_of[asset], ptu=ptu, price_kw=price_kw, e_coef=e_coef,
                     ub_kw=ub_kw, cap_kwh=cap_kwh[asset], tranche_kwh=tranche_kwh[asset],
                     tranche_eur=tranche_eur[asset], ms_col=ms_col, ms_lo=ms_lo, ms_hi=ms_hi,
-                    ms_w=ms_w, n=n)
+                    ms_w=ms_w, n=n, buckets=buckets)
+
+
+# `EvBlocks.buckets`: at most this many, of at least this many EVs each
+BUCKETS = 4
+BUCKET_MIN_ROWS = 500
+
+
+def _rows(blocks: EvBlocks, start: int, end: int, width: int) -> EvBlocks:
+    """The EVs `start:end` on their first `width` columns (every column they have), as views."""
+    return EvBlocks(asset=blocks.asset[start:end], group=blocks.group[start:end],
+                    ptu=blocks.ptu[start:end, :width], price_kw=blocks.price_kw[start:end, :width],
+                    e_coef=blocks.e_coef[start:end, :width], ub_kw=blocks.ub_kw[start:end, :width],
+                    cap_kwh=blocks.cap_kwh[start:end], tranche_kwh=blocks.tranche_kwh[start:end],
+                    tranche_eur=blocks.tranche_eur[start:end], ms_col=blocks.ms_col[start:end],
+                    ms_lo=blocks.ms_lo[start:end], ms_hi=blocks.ms_hi[start:end],
+                    ms_w=blocks.ms_w[start:end], n=blocks.n)
 
 
 def _split_at(eff: np.ndarray, amt: np.ndarray, member: np.ndarray, where: np.ndarray,
@@ -200,7 +229,101 @@ def _split_at(eff: np.ndarray, amt: np.ndarray, member: np.ndarray, where: np.nd
 
 def ev_values(blocks: EvBlocks, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each EV's own LP with `lam` ((groups, n) EUR per kW in the PTU) added to its charge
-    columns' cost: the optimum (E,) and the powers (E, W) kW that reach it."""
+    columns' cost: the optimum (E,) and the powers (E, W) kW that reach it.
+
+    EVs with at most one milestone, a lower side only (a live EV's finish margin: every EV of
+    the bench's car park), take one sort of their columns (`_one_milestone`); the others, and
+    any whose milestone's kWh are not all cheaper than the rest, the general greedy
+    (`_ev_values_general`). Both give the same answer (tests/test_planner_decompose.py)."""
+    E, W = blocks.e_coef.shape
+    M = blocks.ms_col.shape[1]
+    if E == 0:
+        return np.zeros(0), np.zeros((0, W))
+    if blocks.buckets:  # each bucket of EVs on its own width
+        values, out = np.zeros(E), np.zeros((E, W))
+        for start, end, width in blocks.buckets:
+            values[start:end], out[start:end, :width] = ev_values(
+                _rows(blocks, start, end, width), lam)
+        return values, out
+    has_lo = np.isfinite(blocks.ms_lo) & (blocks.ms_lo > 0)
+    simple = ~np.isfinite(blocks.ms_hi).any(axis=1) & (has_lo.sum(axis=1) <= 1)
+    if not simple.any():
+        return _ev_values_general(blocks, lam)
+    rows = np.flatnonzero(simple)
+    part = blocks if len(rows) == E else _take(blocks, rows)
+    lam_kw = lam.ravel()[part.group[:, None] * blocks.n + part.ptu]
+    power, done = _one_milestone(part, lam_kw, has_lo[rows] if M else np.zeros((len(rows), 0), bool))
+    if len(rows) == E and done.all():
+        return _ev_objective(part, lam_kw, power), power
+    values = np.zeros(E)
+    out = np.zeros((E, W))
+    values[rows[done]] = _ev_objective(_take(part, np.flatnonzero(done)), lam_kw[done], power[done])
+    out[rows[done]] = power[done]
+    rest = np.setdiff1d(np.arange(E), rows[done], assume_unique=True)
+    values[rest], out[rest] = _ev_values_general(_take(blocks, rest), lam)
+    return values, out
+
+
+def _one_milestone(blocks: EvBlocks, lam_kw: np.ndarray, has_lo: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The powers (E, W) of EVs with at most one milestone, a lower side only (`has_lo`: (E, M)
+    which), and whether each is solved here (E,): the columns sorted once by their price per
+    kWh; the cheapest `lo` kWh before the milestone are worth its weight more (they come
+    first, when all of them are then cheaper than every other kWh and below 0 EUR: else not
+    solved here), the rest follow in price order, and every kWh is taken while its price is
+    below the target's reward for it (the tranches), up to the level cap."""
+    E, W = blocks.e_coef.shape
+    ok = blocks.ub_kw > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eff = np.where(ok, (blocks.price_kw + lam_kw) / blocks.e_coef, np.inf)
+    amt = np.where(ok, blocks.e_coef * blocks.ub_kw, 0.0)
+    order = np.argsort(eff, axis=1, kind="stable")
+    flat = (order + (np.arange(E) * W)[:, None]).ravel()
+    p = eff.ravel().take(flat).reshape(E, W)
+    a = amt.ravel().take(flat).reshape(E, W)
+    # the milestone: the prefix of columns before it, its lower side and weight per EV
+    m = np.argmax(has_lo, axis=1) if has_lo.shape[1] else np.zeros(E, dtype=np.int64)
+    has = has_lo[np.arange(E), m] if has_lo.shape[1] else np.zeros(E, dtype=bool)
+    lo = np.where(has, blocks.ms_lo[np.arange(E), m] if has_lo.shape[1] else 0.0, 0.0)
+    w = blocks.ms_w[np.arange(E), m] if has_lo.shape[1] else np.zeros(E)
+    c = blocks.ms_col[np.arange(E), m] if has_lo.shape[1] else np.zeros(E, dtype=np.int64)
+    member = (order < c[:, None]) & has[:, None] & (a > 0)
+    am = np.where(member, a, 0.0)
+    cm_end = np.cumsum(am, axis=1)
+    cm_start = cm_end - am
+    lo_c = lo[:, None]
+    shifted = member & (cm_end <= lo_c)
+    inside = member & (cm_start < lo_c) & (cm_end > lo_c)
+    s_amt = np.where(shifted, a, np.where(inside, lo_c - cm_start, 0.0))
+    u = np.where(shifted, 0.0, np.where(inside, cm_end - lo_c, a))
+    first = np.minimum(lo, cm_end[:, -1])  # the kWh worth the milestone's weight more
+    u_end = first[:, None] + np.cumsum(u, axis=1)
+    u_start = u_end - u
+    # solved here when the milestone's kWh (their price less its weight) are all cheaper than
+    # every other kWh and than 0 (then taken whole, up to the cap)
+    dearest = np.where(shifted | inside, p + (-w)[:, None], -np.inf).max(axis=1)
+    cheapest = np.where(u > 0, p, np.inf).min(axis=1)
+    done = (dearest < 0) & (dearest < cheapest)
+    # the kWh whose reward is above p: the tranches rewarded more, all of it when p < 0
+    reach = np.zeros((E, W))
+    for j in range(blocks.tranche_kwh.shape[1]):
+        reach += np.where(blocks.tranche_eur[:, j:j + 1] > p, blocks.tranche_kwh[:, j:j + 1], 0.0)
+    reach = np.where(p < 0, np.inf, reach)
+    cap = blocks.cap_kwh[:, None]
+    taken = np.maximum(np.minimum(first, blocks.cap_kwh),
+                       np.minimum(np.minimum(reach, cap), u_end).max(axis=1))
+    t = taken[:, None]
+    take = np.clip(t - cm_start, 0.0, s_amt) + np.clip(t - u_start, 0.0, u)
+    energy = np.zeros(E * W)
+    energy[flat] = take.ravel()
+    energy = energy.reshape(E, W)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        power = np.where(ok, energy / np.where(ok, blocks.e_coef, 1.0), 0.0)
+    return np.minimum(power, blocks.ub_kw), done
+
+
+def _ev_values_general(blocks: EvBlocks, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`ev_values` for any nested milestones, lower and upper sides (a sort per side)."""
     E, W = blocks.e_coef.shape
     M = blocks.ms_col.shape[1]
     P = W + 2 * M
@@ -322,7 +445,7 @@ class RestLp:
     def solve(self, lam: np.ndarray) -> tuple[float, np.ndarray] | None:
         """R(lam) and the `s` that reaches it ((groups, n) kW), None when HiGHS did not solve it."""
         self.h.changeColsCost(self.cells, self.s_cols, -lam[self.where])
-        self.h.run()
+        _run(self.h)
         if self.h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
             return None
         s = np.zeros((self.groups, self.n))
@@ -345,6 +468,21 @@ def _highs_lp(cost: np.ndarray, lower: np.ndarray, upper: np.ndarray, row_lower:
     lp.a_matrix_.value_ = v[order].astype(float)
     lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = len(cost), len(row_lower)
     return lp
+
+
+# HiGHS's primal simplex after the first solve: between the price steps the rest LP and the
+# master change only their costs and gain columns (at 0), so the last basis stays primal
+# feasible and the primal simplex goes on from it, where the dual simplex starts over from a
+# dual infeasible one (the master at 1000-5000 EVs: 18-28 -> 5-8 ms a solve on the 2-core
+# machine). The first, cold, solve is the dual simplex's (at 300 EVs the primal one took the
+# rest LP's first solve from ~3 to ~15 ms)
+PRIMAL_SIMPLEX = 4
+
+
+def _run(h: highspy.Highs) -> None:
+    """Solve, then leave `h` to the primal simplex for the solves after this one."""
+    h.run()
+    h.setOptionValue("simplex_strategy", PRIMAL_SIMPLEX)
 
 
 def _highs(lp: highspy.HighsLp) -> highspy.Highs:
@@ -392,7 +530,7 @@ class Master:
         dl = np.broadcast_to(np.asarray(delta, dtype=float), lam.shape)
         self.h.changeColsCost(len(self.up), self.up, -(lam - dl))
         self.h.changeColsCost(len(self.down), self.down, lam + dl)
-        self.h.run()
+        _run(self.h)
         if self.h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
             return None
         sol = self.h.getSolution()

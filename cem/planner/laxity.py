@@ -32,12 +32,14 @@ difference taken from (or given to) the EVs' room.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from cem.planner.bound import lp_level_assets
 from cem.planner.fallback import ev_only
 from cem.planner.hint import round_and_repair
-from cem.planner.layout import Dispatch, Layout, empty_dispatch, grid_and_phases
+from cem.planner.layout import Dispatch, Layout, build_layout, empty_dispatch, grid_and_phases
 
 NOISE_WH = 5.0  # energy an EV still needs below this is rounding, not a need
 # the point's own choice counts too: an EV the point charges at full power in a PTU has this
@@ -105,10 +107,7 @@ def least_laxity_plan(lay: Layout, point: Dispatch, follow: float = FOLLOW_PTUS)
         out = empty_dispatch(lay)
         frac = Dispatch(x, np.zeros_like(x), np.zeros((lay.k, n)))
     else:  # the other assets rounded on their own, the EVs idle meanwhile
-        idle = point.copy()
-        idle.charge = np.where(evs[:, None], 0.0, point.charge)
-        out = round_and_repair(lay, idle)
-        out.charge[evs] = 0.0
+        out = _others_rounded(lay, point, evs)
         frac = out.copy()
         frac.charge[evs] = x[evs]
     groups, grp = np.unique(np.round(lay.share, 9), axis=0, return_inverse=True)
@@ -148,6 +147,29 @@ def least_laxity_plan(lay: Layout, point: Dispatch, follow: float = FOLLOW_PTUS)
             ph_head[:, t] -= share * used
             out.charge[m, t] = p
             got[m] += p * wh_per_w[m, t]
+    return out
+
+
+def _others_rounded(lay: Layout, point: Dispatch, evs: np.ndarray) -> Dispatch:
+    """The point's powers of every asset but the EVs `evs` rounded and repaired on their own
+    (`hint.round_and_repair`), the EVs idle. On a layout of those assets alone: the EVs, idle,
+    change nothing there, and rounding a battery and a heat pump beside 5000 idle EVs took
+    0.22 s, nearly all of it passes over the EVs' rows."""
+    keep = np.flatnonzero(~evs)
+    if len(keep) == 0 or len(keep) == lay.s:
+        idle = point.copy()
+        idle.charge = np.where(evs[:, None], 0.0, point.charge)
+        out = round_and_repair(lay, idle)
+        out.charge[evs] = 0.0
+        return out
+    pr = lay.problem
+    sub = build_layout(dataclasses.replace(pr, storage=[pr.storage[i] for i in keep]))
+    idle = point.copy()
+    idle.charge, idle.discharge = point.charge[keep], point.discharge[keep]
+    done = round_and_repair(sub, idle)
+    out = done.copy()
+    out.charge, out.discharge = np.zeros((lay.s, lay.n)), np.zeros((lay.s, lay.n))
+    out.charge[keep], out.discharge[keep] = done.charge, done.discharge
     return out
 
 
@@ -207,7 +229,8 @@ def _share_out(lay: Layout, t: int, m: np.ndarray, got: np.ndarray, frac_sum: fl
     at = req_at[m]
     spare = full[m[:, None], at] - full[m, t][:, None] - ask
     spare = np.where((ask > NOISE_WH) & (at > t), spare, np.inf)
-    lax = spare.min(axis=1) / (cmax * h)
+    least = spare.min(axis=1)
+    lax = least / (cmax * h)
     room = np.maximum(upper[m, t] - got[m], 0.0)
     cap = np.minimum(cmax, np.floor(room / h / step + 1e-9) * step)
     want = np.minimum(cap, np.ceil(need / h / step - 1e-9) * step)
@@ -243,7 +266,7 @@ def _share_out(lay: Layout, t: int, m: np.ndarray, got: np.ndarray, frac_sum: fl
     want = np.where(fits, whole, np.where(defer, lower, want))
     # what cannot wait: the energy a requirement asks beyond what full power after this PTU
     # still gives (at least the minimum power, at most what the EV wants now)
-    must = np.maximum(cmax * h - spare.min(axis=1), 0.0) / h
+    must = np.maximum(cmax * h - least, 0.0) / h
     must = np.where(must > NOISE_WH / h, np.maximum(np.ceil(must / step - 1e-9) * step, cmin), 0.0)
     must = np.minimum(must, want)
     p = np.zeros(len(m))
@@ -270,8 +293,18 @@ def _top_up(want: np.ndarray, order: np.ndarray, budget: float, step: np.ndarray
     k = int(np.searchsorted(cum, budget + 1e-6, side="right"))
     p[order[:k]] += inc[:k]
     left = budget - (float(cum[k - 1]) if k > 0 else 0.0)
-    for j in range(k, len(order)):  # the rest: partial raises while they fit
-        if left < float(step[order[j]]):
+    # the rest: partial raises while they fit, in order, until the budget is below an EV's
+    # step. The budget only shrinks, so one that cannot take its least now never can: only
+    # the others are walked, each after the largest step of those passed over before it
+    rest = np.arange(k, len(order))
+    st = step[order[rest]]
+    first = np.minimum(np.floor(left / st + 1e-9) * st, inc[rest])
+    may = np.flatnonzero((first >= low[rest]) & (first > 0))
+    if len(may) == 0:
+        return left
+    passed = np.maximum.reduceat(st[:may[-1] + 1], np.concatenate([[0], may[:-1] + 1]))
+    for j, largest in zip(rest[may], passed, strict=True):
+        if left < float(largest):
             break
         part = min(np.floor(left / step[order[j]] + 1e-9) * step[order[j]], inc[j])
         if part >= low[j] and part > 0:

@@ -19,11 +19,13 @@
    CP-SAT improves it; in numpy on EV-only sites; an asset at a time elsewhere, made only
    when nothing else exists or there is time for it) and the fallback polished. On EV-only
    sites at scale, after a replan whose LP was not solved or when a new limit cuts the last
-   plan, and on any large site planned without memory whose cold LP cannot finish in time
-   (`COLD_LP_S`), that bound and a plan from its master's point (`laxity.least_laxity_plan`,
+   plan, and on any site with EVs planned without memory whose cold LP does not fit its
+   time three times over (`COLD_LP_S`, `COLD_LP_MARGIN`; an LP that does not finish there
+   leaves this too), that bound and a plan from its master's point (`laxity.least_laxity_plan`,
    0.01-0.05 % above the bound on the bench's EV-only 1000-5000 EVs, 0.8-1.3 % on its mixed
    site at 5000) come first, and the LP runs only when that plan is not within the
-   tolerance; on other sites the fallback is made beside the LP (`_lp_beside_fallback`).
+   tolerance (and its plan is kept when it beats the LP's); on other sites the fallback is
+   made beside the LP (`_lp_beside_fallback`).
 A plan no replan follows (no `memory`: the bench's, `cem plan`) shares its time out by a
 `budget.Budget`: each stage that does not stop by itself is started only when its estimate
 (its cost per storage-PTU measured on the 2-core machine, times the pace of the stages timed
@@ -58,7 +60,7 @@ from cem.planner.fallback import (
     idle_modes,
 )
 from cem.planner.hint import polish_plan, refill, round_and_repair, shave_peak
-from cem.planner.laxity import least_laxity_plan
+from cem.planner.laxity import laxity_assets, least_laxity_plan
 from cem.planner.layout import (
     NOISE_WH,
     Dispatch,
@@ -125,6 +127,16 @@ LIMIT_FIT_W = 1.0
 # more than the time there is, the bound and the plan come from the EVs' own problems first
 COLD_LP_S = 2.8e-8
 COLD_LP_POWER = 1.7
+# and at least this long: the other assets' columns and rows (the bench's car park at 10-100
+# EVs: 0.02-0.065 s at load ~5, where the power law alone says 0.001-0.02 s)
+COLD_LP_FIXED_S = 0.02
+# a large plan no replan follows goes to the EVs' own problems first unless its LP fits this
+# many times over: with a core taken the LP at 1000 EVs took 2.4-2.6 s of its 3 s and did
+# not finish (the plan then 2.3-5.7 % above the bound after 4 price steps); first, the EVs'
+# problems take 0.3-0.6 s there and the LP still finishes after them on a quiet machine.
+# (Not below NUMPY_FALLBACK_CELLS: at 10 EVs with 0.1 s their four first answers took
+# 0.31-0.34 s where the LP, repaired and polished, took 0.07-0.08 s)
+COLD_LP_MARGIN = 3.0
 
 
 def _gap(objective: float, bound: float | None) -> float | None:
@@ -361,6 +373,13 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     alone = memory is None
     # one large enough for the numpy fallback and the EVs' own problems (the bench's 1000+ EVs)
     large_alone = alone and cells >= NUMPY_FALLBACK_CELLS
+    # one with EVs to share out, of any size: below NUMPY_FALLBACK_CELLS too the EVs' own
+    # problems stand in for an LP that cannot finish in time (100 EVs with 0.1 s: the LP,
+    # its bound from row prices and the asset-at-a-time fallback took 0.32-0.47 s, 99.7 %
+    # above the bound)
+    evs_alone = alone and bool(laxity_assets(lay).any())
+    # what a cold LP likely takes now (its build and HiGHS)
+    lp_estimate = (COLD_LP_S * cells ** COLD_LP_POWER + COLD_LP_FIXED_S) * budget.pace
     # the moment the plan sent must be chosen by: on a plan no replan follows, the deadline
     # less the time of making and checking it (`Budget`); a live replan's stages keep the
     # deadline itself, as before
@@ -375,8 +394,9 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         # above the bound, after 13-95 s. (A site's first replan still runs its LP: the
         # basis it leaves, solved or not, is where the next replans go on from; without it
         # the bench's timed replans at 1000 EVs were 0.45 % above their bound, not 0.05 %)
-        cold = memory is None and cells >= NUMPY_FALLBACK_CELLS \
-            and COLD_LP_S * cells ** COLD_LP_POWER * budget.pace > time_limit_s - after_lp_s
+        # (below NUMPY_FALLBACK_CELLS the LP first: an LP without the time it needs is not
+        # run below, and the EVs' problems follow it)
+        cold = large_alone and COLD_LP_MARGIN * lp_estimate > time_limit_s - after_lp_s
         if cold:
             memory = PlanMemory()  # for this plan only: the decomposition keeps its prices
         if memory is not None and cells >= NUMPY_FALLBACK_CELLS and (
@@ -425,24 +445,34 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             elif large_alone:
                 # should it not finish, the plan comes from the EVs' problems: their price
                 # steps need a few answers for a point worth planning from (one answer: 92 %
-                # above the bound at 300 EVs)
+                # above the bound at 300 EVs). (Not on a small site: at 100 EVs with 0.3 s on
+                # a busy machine the LP then got too little to finish, and the plan took 0.36 s
+                # where the LP given all of it took 0.19-0.22)
                 lp_s -= budget.cost(*["price step"] * RESCUE_STEPS, *AFTER_PRICE_STEPS)
             if guided_good:
                 lp = LpResult("not run: the plan from the EVs' problems is good enough", None,
                               None, index=built.index if built is not None else None)
-            elif decomposed is not None and lp_s < MIN_LP_S:
+            elif (decomposed is not None and lp_s < MIN_LP_S) \
+                    or (decomposed is None and evs_alone and lp_s < min(MIN_LP_S, lp_estimate)):
                 # no time for it (at 5000 EVs on a busy machine): not even built for HiGHS
-                lp = LpResult("not run: no time left after the bound", None,
-                              None, index=built.index if built is not None else None)
-                budget.skip("LP", f"{max(lp_s, 0.0):.2f} s left for it after the bound "
-                            "and the plan from the EVs' problems")
+                # (its arrays are, for the plan from the EVs' problems after it)
+                if built is None:
+                    with budget.timed("LP arrays"):
+                        built = BuiltLp.of(lay)
+                after = "after the bound" if decomposed is not None else "for it"
+                lp = LpResult(f"not run: no time left {after}", None, None, index=built.index,
+                              built=built)
+                budget.skip("LP", f"{max(lp_s, 0.0):.2f} s left for it" + (
+                    " after the bound and the plan from the EVs' problems"
+                    if decomposed is not None else ""))
             else:
                 # (no bound from row prices on a large site no replan follows: should the LP
                 # not finish, the EVs' problems give a better one, and the row prices' took
                 # 1.4-1.5 s at 1000 EVs past the LP's time limit)
                 with budget.timed("LP"):
                     lp = solve_lp(lay, time_limit_s=max(lp_s, 0.01), memory=lp_memory,
-                                  built=built, price_bound=decomposed is None and not large_alone)
+                                  built=built, price_bound=decomposed is None and not large_alone
+                                  and not evs_alone)
         if memory is not None:
             memory.lp_solved = lp.dispatch is not None
         build_s += lp.build_s
@@ -450,6 +480,14 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         lp_iterations, lp_warm = lp.iterations, lp.warm
         if lp.dispatch is not None:
             bound, bound_from = lp.bound_eur, "LP"
+            if decomposed is not None and bound is not None \
+                    and decomposed.bound_eur > bound + 1e-6 * max(abs(bound), 1.0):
+                # the EVs' problems with their minimum power, made before the LP, bound every
+                # plan too, and higher (the bench's 1000 EVs: 1.27 % above the LP optimum,
+                # 0.27 % above this, when the minimum power at the LP's prices had no time)
+                bound, bound_from = decomposed.bound_eur, "EVs"
+                notes.append("bound: the EVs' own problems with their minimum power, above "
+                             "the LP optimum")
             if memory is not None and lp.highs is not None and lp.index is not None \
                     and lp.index.agg_rows is not None:  # before the polish re-runs it
                 memory.keep_prices(lay, np.asarray(lp.highs.getSolution().row_dual)[lp.index.agg_rows])
@@ -492,13 +530,18 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
                         bound = raised.bound_eur
                         notes.append(f"bound: the LP optimum and what the EVs' minimum power "
                                      f"adds at its prices, {raised.min_power_eur:.2f} EUR")
+            # the plan from the EVs' problems made before the LP, when it is the better one
+            # (the bench's 1000 EVs, seed 0: 0.37 % above the bound, the LP's repaired 5.7 %)
+            if guided is not None and guided[0].objective < best.objective:
+                candidate, best = guided[1], guided[0]
+                notes.append("the plan from the EVs' problems: better than the repaired LP plan")
         else:
             notes.append(f"LP {lp.status}" if guided_good
                          else f"LP relaxation not solved ({lp.status})")
             if not guided_good:
                 log.warning("LP relaxation not solved (%s)", lp.status)
             if decomposed is None and ((memory is not None and ev_only(lay))
-                                       or cells >= NUMPY_FALLBACK_CELLS):
+                                       or cells >= NUMPY_FALLBACK_CELLS or evs_alone):
                 # (a cold start) the bound from the EVs' own problems: late already, it gets
                 # a quarter of the time limit past the deadline at most (on any large site,
                 # with memory or without: the fallback there is an asset at a time, 6-8 s and
@@ -691,7 +734,7 @@ def _decompose(lay: Layout, built: BuiltLp | None, memory: PlanMemory, deadline:
     stop by `deadline` less the time of `AFTER_PRICE_STEPS`, counted in steps as long as
     their own (`lagrangian_bound`'s look-ahead); the stage is timed, and said when cut short."""
     began = time.perf_counter()
-    # (what follows them, in price steps: 7.9 at 5000 EVs, 5.6 at 2000, 4.0 at 1000)
+    # (what follows them, in price steps: 14.2 at 5000 EVs, 10.2 at 2000, 7.5 at 1000)
     look_ahead = None if budget is None else budget.in_steps("price step", *AFTER_PRICE_STEPS)
     try:
         # to a tenth of the gap tolerance: more answers tighten it by less than they cost
