@@ -245,7 +245,7 @@ _HANDLERS = {
 control type's plug-in. Names, not bound methods kept per session: 1000 sessions, 1000 dicts."""
 
 _MEASUREMENT_MARK = '"PowerMeasurement"'
-"""In the text of every PowerMeasurement (a cheap test before `_measurement_text`)."""
+"""In the text of every PowerMeasurement (a cheap test before `measurement_text`)."""
 _STRICT_MEASUREMENT = PowerMeasurement.model_validate_json
 _ID_MARK = '"message_id":"'
 
