@@ -246,7 +246,9 @@ control type's plug-in. Names, not bound methods kept per session: 1000 sessions
 
 _MEASUREMENT_MARK = '"PowerMeasurement"'
 """In the text of every PowerMeasurement (a cheap test before `measurement_text`)."""
-_STRICT_MEASUREMENT = PowerMeasurement.model_validate_json
+PowerMeasurement.model_rebuild()   # built now, not at the first measurement: read below
+_STRICT_MEASUREMENT = PowerMeasurement.__pydantic_validator__.validate_json
+"""`PowerMeasurement.model_validate_json` without its Python frame (~0.6 µs a message)."""
 _ID_MARK = '"message_id":"'
 
 _OK_STATUS = '{"message_type":"ReceptionStatus","subject_message_id":"%s","status":"OK"}'
