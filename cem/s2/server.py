@@ -336,10 +336,12 @@ class S2Connection(ServerConnection):
         # an earlier message still in websockets' queue (or a fragmented one under way): this
         # one queues behind it; only websockets' parser, fed below, changes that
         queued = protocol.current_size is not None or len(self.recv_messages.frames) > 0
+        # (only websockets' parser, fed below, closes the protocol while this loop runs)
+        is_open = protocol.state is State.OPEN
         size = len(view)
         at = 0
         while size - at >= 2:
-            if protocol.state is not State.OPEN:
+            if not is_open:
                 break
             first, second = view[at], view[at + 1]
             length, head = second & 0x7F, at + 2
@@ -347,7 +349,7 @@ class S2Connection(ServerConnection):
                 if size - at < 4:
                     self._partial = view[at:]
                     return
-                length, head = int.from_bytes(view[at + 2:at + 4], "big"), at + 4
+                length, head = view[at + 2] << 8 | view[at + 3], at + 4
             elif length == 127:
                 if size - at < 10:
                     self._partial = view[at:]
@@ -378,6 +380,7 @@ class S2Connection(ServerConnection):
                     continue
             super().data_received(view[at:end])
             queued = protocol.current_size is not None or len(self.recv_messages.frames) > 0
+            is_open = protocol.state is State.OPEN
             at = end
         else:
             if at < size:
