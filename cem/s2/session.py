@@ -329,6 +329,8 @@ class S2Session:
         self.accepted: tuple[str, str] | None = None
         self._advertised: tuple[Any, frozenset[Any]] = (None, frozenset())  # details, its types
         self._refused_text: str | None = None   # the last text `measurement_text` refused
+        self._subject = NIL_UUID   # the id and type of the message being judged (`receive`)
+        self._subject_type = ""
         self._pending: dict[str, _Pending] = {}
 
     # --- public API ----------------------------------------------------------------------------
