@@ -169,10 +169,10 @@ class TokenAuthorizer:
 
 # --- the connection: messages handled as they are read ----------------------------------------
 
-# what S2Connection reads of websockets' protocol to cut and frame frames itself (websockets
-# 17; with an older one without them, websockets parses and frames every frame itself)
 _MEASUREMENT_MARK = '"PowerMeasurement"'   # in the text of every PowerMeasurement
 
+# what S2Connection reads of websockets' protocol to cut and frame frames itself (websockets
+# 17; with an older one without them, websockets parses and frames every frame itself)
 _CUTS_FRAMES = all(hasattr(ServerProtocol(), name)
                    for name in ("current_size", "max_message_size", "reader", "writes",
                                 "extensions", "expect_continuation_frame"))
@@ -260,8 +260,9 @@ class S2Connection(ServerConnection):
     `data_received` parses what one read brought; each complete text or binary frame goes to
     `on_message` at once (no task switch, no queue), unless websockets' queue still holds an
     earlier message (then it queues behind it: order is kept) or it is a fragment or not UTF-8
-    text (websockets' own path decides). Whatever the handlers framed (`send_now`) is written
-    after the read in one socket write.
+    text (websockets' own path decides); a text with a PowerMeasurement in it goes to
+    `on_measurement` instead, when one is set. Whatever the handlers framed (`send_now`) is
+    written after the read in one socket write.
     """
 
     # slots: new attributes in the instance dict would grow it by ~1.5 kB per connection
