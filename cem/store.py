@@ -420,8 +420,11 @@ class Store:
         self.snapshots_per_flush = 100
         #: an RM row whose only news is its message counters and last message time is written
         #: at most once per this interval (1000 RMs each sending 5 messages a second made one
-        #: row upsert per message); anything else about it, and an awaited flush, write it now
-        self.rm_row_interval_s = 1.0
+        #: row upsert per message); anything else about it, and an awaited flush, write it now.
+        #: 5 s: the S2 server's snapshot interval, so a busy RM's counters ride with its
+        #: snapshot (each upsert rewrites the whole row, snapshot text included: at 1 s, 1000
+        #: busy RMs cost ~13 µs of CPU per message, docs/adr/0010 round 10)
+        self.rm_row_interval_s = 5.0
         self._rm_written: dict[str, float] = {}   # rm id -> when its row was last written
         #: an RM's accepted PowerMeasurements are logged at most once per this many seconds
         #: (`measurement_due`); 0: every one

@@ -60,3 +60,33 @@ async def test_snapshots_of_many_rms_are_spread_over_flushes(tmp_path: Path) -> 
         assert len(made) == 10
     finally:
         await store.close()
+
+
+async def test_a_busy_rms_counters_ride_with_its_snapshot_and_are_complete_when_flushed(
+        tmp_path: Path) -> None:
+    """While an RM only sends measurements its row is not rewritten for its counters alone
+    (at most once per `rm_row_interval_s`, 5 s: with the server's snapshot), and an awaited
+    flush writes them all."""
+    store = await Store.open(tmp_path / "cem.db", flush_interval_s=0.05)
+    try:
+        store.touch_rm("rm-1", name="EV 1", connected=True)
+        store.count_message("rm-1", 1.0)
+        await store.flush()
+        for i in range(40):   # 2 s of measurements, 20 a second, flushed every 50 ms
+            store.count_message("rm-1", 2.0 + i)
+            await asyncio.sleep(0.05)
+        assert await _messages_in(tmp_path) == 1   # not rewritten for its counters
+        await store.flush()
+        assert await _messages_in(tmp_path) == 41
+    finally:
+        await store.close()
+
+
+async def _messages_in(tmp_path: Path) -> int:
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "cem.db")
+    try:
+        return int(db.execute("SELECT messages_in FROM rms WHERE rm_id = 'rm-1'").fetchone()[0])
+    finally:
+        db.close()

@@ -83,7 +83,7 @@ from cem.ports import (
     RmEvent,
     StateChanged,
 )
-from cem.s2.session import CloseRequest, Outgoing, S2Session
+from cem.s2.session import OK_STATUS, CloseRequest, Outgoing, S2Session
 from cem.site.config import ServerConfig, SiteConfig
 from cem.store import Store
 from sitekit import clock
@@ -168,6 +168,8 @@ class TokenAuthorizer:
 
 
 # --- the connection: messages handled as they are read ----------------------------------------
+
+_MEASUREMENT_MARK = '"PowerMeasurement"'   # in the text of every PowerMeasurement
 
 # what S2Connection reads of websockets' protocol to cut and frame frames itself (websockets
 # 17; with an older one without them, websockets parses and frames every frame itself)
@@ -258,15 +260,19 @@ class S2Connection(ServerConnection):
     `data_received` parses what one read brought; each complete text or binary frame goes to
     `on_message` at once (no task switch, no queue), unless websockets' queue still holds an
     earlier message (then it queues behind it: order is kept) or it is a fragment or not UTF-8
-    text (websockets' own path decides). Whatever the handlers framed (`send_now`) is written
-    after the read in one socket write.
+    text (websockets' own path decides); a text with a PowerMeasurement in it goes to
+    `on_measurement` instead, when one is set. Whatever the handlers framed (`send_now`) is
+    written after the read in one socket write.
     """
 
     # slots: new attributes in the instance dict would grow it by ~1.5 kB per connection
-    __slots__ = ("_batching", "_framing", "_partial", "_reading_paused", "on_message", "pacer")
+    __slots__ = ("_batching", "_framing", "_partial", "_reading_paused", "on_measurement",
+                 "on_message", "pacer")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.on_message: Callable[[str | bytes], None] | None = None
+        #: a text frame with a PowerMeasurement in it goes here instead of `on_message`
+        self.on_measurement: Callable[[str], None] | None = None
         self.pacer: ReadPacer | None = None
         self._batching = False
         self._reading_paused = False
@@ -327,10 +333,16 @@ class S2Connection(ServerConnection):
         protocol = self.protocol
         limit = protocol.max_message_size
         handler = self.on_message
+        measured = self.on_measurement
+        # an earlier message still in websockets' queue (or a fragmented one under way): this
+        # one queues behind it; only websockets' parser, fed below, changes that
+        queued = protocol.current_size is not None or len(self.recv_messages.frames) > 0
+        # (only websockets' parser, fed below, closes the protocol while this loop runs)
+        is_open = protocol.state is State.OPEN
         size = len(view)
         at = 0
         while size - at >= 2:
-            if protocol.state is not State.OPEN:
+            if not is_open:
                 break
             first, second = view[at], view[at + 1]
             length, head = second & 0x7F, at + 2
@@ -338,7 +350,7 @@ class S2Connection(ServerConnection):
                 if size - at < 4:
                     self._partial = view[at:]
                     return
-                length, head = int.from_bytes(view[at + 2:at + 4], "big"), at + 4
+                length, head = view[at + 2] << 8 | view[at + 3], at + 4
             elif length == 127:
                 if size - at < 10:
                     self._partial = view[at:]
@@ -350,8 +362,7 @@ class S2Connection(ServerConnection):
             if end > size:
                 self._partial = view[at:]
                 return
-            if (first == 0x81 or first == 0x82) and handler is not None \
-                    and protocol.current_size is None and not len(self.recv_messages.frames):
+            if (first == 0x81 or first == 0x82) and handler is not None and not queued:
                 payload = apply_mask(view[head + 4:end], view[head:head + 4])
                 if first == 0x82:
                     handler(payload)
@@ -362,10 +373,15 @@ class S2Connection(ServerConnection):
                 except UnicodeDecodeError:
                     pass
                 else:
-                    handler(text)
+                    if measured is not None and _MEASUREMENT_MARK in text:
+                        measured(text)
+                    else:
+                        handler(text)
                     at = end
                     continue
             super().data_received(view[at:end])
+            queued = protocol.current_size is not None or len(self.recv_messages.frames) > 0
+            is_open = protocol.state is State.OPEN
             at = end
         else:
             if at < size:
@@ -860,6 +876,8 @@ class S2Server:
             await self._after_session_call(entry, session.start(utc_now()))
             if isinstance(ws, S2Connection):
                 ws.on_message = functools.partial(self._receive_now, entry)
+                if type(session).receive is S2Session.receive:   # (not a session of its own)
+                    ws.on_measurement = functools.partial(self._measurement_now, entry)
                 ws.pacer = self._pacer
             # what the connection could not hand over at once (see S2Connection) comes here
             async for data in ws:
@@ -921,6 +939,48 @@ class S2Server:
             if entry.close_task is None:
                 entry.close_task = asyncio.get_running_loop().create_task(
                     self._close_ws(entry, 1011, "CEM error"))
+
+    def _measurement_now(self, entry: LiveSession, text: str) -> None:
+        """A text frame with a PowerMeasurement in it, straight from the connection's read
+        (`S2Connection.on_measurement`): when the session accepts it from its text
+        (`S2Session.measurement_text`), its books in one step, as `_measured` keeps them (the
+        store's count or rows, the RM's snapshot now and then, the event published, the OK
+        framed). Anything else goes the full way (`_receive_now`): a session not past its
+        RM's details, with events not handed on yet, ending, or without a store, and every
+        text the session refuses here (judged from the start there, with its status)."""
+        store = self.store
+        rm_id = entry.rm_id
+        session = entry.session
+        ws = entry.ws
+        if store is None or rm_id is None or session.events or session.close is not None \
+                or not entry.open or type(ws) is not S2Connection:
+            self._receive_now(entry, text)
+            return
+        try:
+            message_id = session.measurement_text(text)
+        except Exception:
+            logger.exception("S2 session of %s could not judge a measurement; the full path "
+                             "judges it", entry.label)
+            message_id = None
+        if message_id is None:
+            self._receive_now(entry, text)   # (the session does not try its text again)
+            return
+        self.messages_in += 1
+        now = clock.now()
+        at = now.timestamp()
+        try:
+            if not store.measurement_due(rm_id, at):
+                store.count_message(rm_id, at)   # between logged ones
+            else:
+                _store_measurement(store, entry, rm_id)
+                _log_accepted(store, entry, text, "PowerMeasurement", message_id, at)
+            self._snapshot_now_and_then(store, entry, rm_id)
+        except Exception:
+            logger.exception("handling StateChanged of %s failed", entry.label)
+        self._publish(RmEvent(rm_id, entry.connection_id,
+                              StateChanged("measurement", "PowerMeasurement"), now))
+        if ws.send_now(OK_STATUS % message_id):
+            self.messages_out += 1
 
     def _measured(self, entry: LiveSession, data: str | bytes, outs: list[Outgoing],
                   now: datetime, message_id: str) -> bool:

@@ -159,3 +159,28 @@ def test_the_common_measurement_is_judged_from_its_text(monkeypatch: pytest.Monk
     assert json.loads(text())["message_id"] == ID
     assert session.state.measured_power()[
         next(iter(session.state.measured_power()))].value_w == 2500.5
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_measurement_text_takes_only_what_the_full_path_answers_ok(case: str) -> None:
+    """`S2Session.measurement_text` (the server's measurement lane): the id as written for
+    a measurement the full path accepts under that same id, the state as the full path leaves
+    it, and no event or answer of its own; None and nothing changed for every other text,
+    which `receive` then judges the full way (once) with the full path's answer."""
+    session, _ = connect([FRBC], measures=["ELECTRIC.POWER.L1"])
+    session.drain_events()
+    full, _ = connect([FRBC], measures=["ELECTRIC.POWER.L1"])
+    full.drain_events()
+    expected = statuses(feed(full, CASES[case]))
+    taken = session.measurement_text(CASES[case])
+    if taken is not None:
+        assert expected == [{"message_type": "ReceptionStatus", "subject_message_id": taken,
+                             "status": "OK"}]
+        assert session.accepted == ("PowerMeasurement", taken)
+        assert session.events == []
+        assert session.state.latest_measurement() == full.state.latest_measurement()
+        assert session.state.measured_power() == full.state.measured_power()
+    else:
+        assert session.state.latest_measurement() is None
+        assert statuses(feed(session, CASES[case])) == expected
+    assert case != "canonical" or taken == ID
