@@ -967,16 +967,7 @@ class S2Server:
             return
         self.messages_in += 1
         now = clock.now()
-        at = now.timestamp()
-        try:
-            if not store.measurement_due(rm_id, at):
-                store.count_message(rm_id, at)   # between logged ones
-            else:
-                _store_measurement(store, entry, rm_id)
-                _log_accepted(store, entry, text, "PowerMeasurement", message_id, at)
-            self._snapshot_now_and_then(store, entry, rm_id)
-        except Exception:
-            logger.exception("handling StateChanged of %s failed", entry.label)
+        self._book_measurement(store, entry, rm_id, text, message_id, now.timestamp())
         self._publish(RmEvent(rm_id, entry.connection_id,
                               StateChanged("measurement", "PowerMeasurement"), now))
         if ws.send_now(OK_STATUS % message_id):
@@ -1001,7 +992,16 @@ class S2Server:
         if type(event) is not StateChanged or event.kind != "measurement":
             return False
         session.events = []
-        at = now.timestamp()
+        self._book_measurement(store, entry, rm_id, data, message_id, now.timestamp())
+        self._publish(RmEvent(rm_id, entry.connection_id, event, now))
+        if entry.open and ws.send_now(outs[0].text):
+            self.messages_out += 1
+        return True
+
+    def _book_measurement(self, store: Store, entry: LiveSession, rm_id: str,
+                          data: str | bytes, message_id: str, at: float) -> None:
+        """An accepted PowerMeasurement's books: the store's count (between logged ones) or
+        its rows and log row, and the RM's snapshot now and then."""
         try:
             if not store.measurement_due(rm_id, at):
                 store.count_message(rm_id, at)   # between logged ones
@@ -1011,10 +1011,6 @@ class S2Server:
             self._snapshot_now_and_then(store, entry, rm_id)
         except Exception:
             logger.exception("handling StateChanged of %s failed", entry.label)
-        self._publish(RmEvent(rm_id, entry.connection_id, event, now))
-        if entry.open and ws.send_now(outs[0].text):
-            self.messages_out += 1
-        return True
 
     def _send_now(self, entry: LiveSession, outs: Sequence[Outgoing]) -> None:
         """Frame texts for sending, in order, without waiting: answers to what the RM sent.
