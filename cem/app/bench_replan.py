@@ -140,6 +140,15 @@ class TimedRegistry(TwinRegistry):
         self.acked: dict[str, list[float]] = {}  # RM -> perf_counter of each OK, in order
         self.instructed_w: dict[str, float] = {}  # RM -> power of its instruction for now
         self.total_w: list[tuple[float, float]] = []  # (perf_counter, site total) per OK
+        self.revokes = 0  # RevokeObject messages delivered to the RMs
+        self.instructions = 0  # FRBC.Instruction messages delivered to the RMs
+
+    def _deliver(self, entry: Any, text: str, message_id: str | None) -> InstructionResult:
+        if '"RevokeObject"' in text:
+            self.revokes += 1
+        elif '"FRBC.Instruction"' in text:
+            self.instructions += 1
+        return super()._deliver(entry, text, message_id)
 
     async def send_instruction(self, rm_id: str, message: S2Message, *,
                                timeout_s: float | None = None,
@@ -267,11 +276,13 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
     await controller.replan(["the CEM started"])
     cold_s = time.perf_counter() - began
     sent_before = registry.messages  # set again before the first timed replan
+    revokes_before, instructions_before = 0, 0
     tick = asyncio.create_task(_lag_ticker(lags, stop_ticker))
     try:
         for number in range(warmup + replans):
             if number == warmup:  # the timed replans' messages, not the cold start's or warm-up's
                 sent_before = registry.messages
+                revokes_before, instructions_before = registry.revokes, registry.instructions
             # a minute later, some EVs say what they took meanwhile
             clock["now"] += timedelta(seconds=STEP_S)
             for charger in rng.sample(chargers, max(1, round(MOVED_SHARE * evs))):
@@ -285,6 +296,8 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
                 replan_s.append(time.perf_counter() - began)
                 full_gc.windows.append((began, time.perf_counter()))
         messages = registry.messages - sent_before
+        revokes = registry.revokes - revokes_before
+        instructions = registry.instructions - instructions_before
         # a new congestion limit: from now for two hours, half of what the plan imports now
         plan = planner.plans[-1]
         clock["now"] += timedelta(seconds=STEP_S)
@@ -383,6 +396,9 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         "loop_lag_p99_ms": round(lags[int(0.99 * (len(lags) - 1))], 1) if lags else None,
         "loop_lag_max_ms": round(lags[-1], 1) if lags else None,
         "s2_messages_during_replans": messages,
+        # what the timed replans sent the RMs, per replan (the clock moves STEP_S between them)
+        "revokes_per_replan": round(revokes / max(replans, 1), 1),
+        "instructions_per_replan": round(instructions / max(replans, 1), 1),
         "limit_kw": round(cap_kw, 1),
         "limit_to_ack_p99_s": p99(first_acks),
         "limit_to_replan_ack_p99_s": p99(acks),
