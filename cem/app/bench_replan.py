@@ -11,7 +11,9 @@ the planner shows as `replan_p50_s` against `solve_p50_s` (`solve_bare_p50_s`: t
 without the ticker; ADR 0007, round 8, has both).
 
 The site moves between replans as a live one does: a minute passes and 5 % of the EVs report
-what they charged meanwhile (StorageStatus, PowerMeasurement). After the timed replans a
+what they charged meanwhile (StorageStatus, PowerMeasurement); `revokes_per_replan` and
+`instructions_per_replan` count the RevokeObject and FRBC.Instruction messages each timed
+replan sends the RMs (ADR 0007, round 10 second part). After the timed replans a
 congestion window arrives (import capped at half of what the plan drew, from now for two
 hours), and the replan it asks for runs as a live one would. Every instruction the CEM sends
 after the limit keeps it (the congestion fast path caps the plan in force at once, ADR 0011);
