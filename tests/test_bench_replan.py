@@ -23,6 +23,10 @@ def test_bench_replan_plans_every_charger_through_s2_and_reports_figures() -> No
         assert run["plan_status"] and set(run["plan_status"]) <= {"OPTIMAL", "FEASIBLE"}
         # the timed replans' S2 traffic: the moved EV's reports (2 a replan) and what changed
         assert run["s2_messages_during_replans"] >= 2 * run["replans"]
+        # and of those, the revokes and instructions the CEM sent the RMs per replan
+        sent = run["revokes_per_replan"] + run["instructions_per_replan"]
+        assert run["revokes_per_replan"] >= 0 and run["instructions_per_replan"] >= 0
+        assert sent * run["replans"] <= run["s2_messages_during_replans"]
         assert 0 < run["replan_p50_s"] <= run["replan_max_s"]
         # each timed replan, the planner's part of it, and those within the deadline
         assert len(run["replans_s"]) == len(run["replan_solves_s"]) == 2

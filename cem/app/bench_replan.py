@@ -11,7 +11,9 @@ the planner shows as `replan_p50_s` against `solve_p50_s` (`solve_bare_p50_s`: t
 without the ticker; ADR 0007, round 8, has both).
 
 The site moves between replans as a live one does: a minute passes and 5 % of the EVs report
-what they charged meanwhile (StorageStatus, PowerMeasurement). After the timed replans a
+what they charged meanwhile (StorageStatus, PowerMeasurement); `revokes_per_replan` and
+`instructions_per_replan` count the RevokeObject and FRBC.Instruction messages each timed
+replan sends the RMs (ADR 0007, round 10 second part). After the timed replans a
 congestion window arrives (import capped at half of what the plan drew, from now for two
 hours), and the replan it asks for runs as a live one would. Every instruction the CEM sends
 after the limit keeps it (the congestion fast path caps the plan in force at once, ADR 0011);
@@ -140,6 +142,15 @@ class TimedRegistry(TwinRegistry):
         self.acked: dict[str, list[float]] = {}  # RM -> perf_counter of each OK, in order
         self.instructed_w: dict[str, float] = {}  # RM -> power of its instruction for now
         self.total_w: list[tuple[float, float]] = []  # (perf_counter, site total) per OK
+        self.revokes = 0  # RevokeObject messages delivered to the RMs
+        self.instructions = 0  # FRBC.Instruction messages delivered to the RMs
+
+    def _deliver(self, entry: Any, text: str, message_id: str | None) -> InstructionResult:
+        if '"RevokeObject"' in text:
+            self.revokes += 1
+        elif '"FRBC.Instruction"' in text:
+            self.instructions += 1
+        return super()._deliver(entry, text, message_id)
 
     async def send_instruction(self, rm_id: str, message: S2Message, *,
                                timeout_s: float | None = None,
@@ -267,11 +278,13 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
     await controller.replan(["the CEM started"])
     cold_s = time.perf_counter() - began
     sent_before = registry.messages  # set again before the first timed replan
+    revokes_before, instructions_before = 0, 0
     tick = asyncio.create_task(_lag_ticker(lags, stop_ticker))
     try:
         for number in range(warmup + replans):
             if number == warmup:  # the timed replans' messages, not the cold start's or warm-up's
                 sent_before = registry.messages
+                revokes_before, instructions_before = registry.revokes, registry.instructions
             # a minute later, some EVs say what they took meanwhile
             clock["now"] += timedelta(seconds=STEP_S)
             for charger in rng.sample(chargers, max(1, round(MOVED_SHARE * evs))):
@@ -285,6 +298,8 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
                 replan_s.append(time.perf_counter() - began)
                 full_gc.windows.append((began, time.perf_counter()))
         messages = registry.messages - sent_before
+        revokes = registry.revokes - revokes_before
+        instructions = registry.instructions - instructions_before
         # a new congestion limit: from now for two hours, half of what the plan imports now
         plan = planner.plans[-1]
         clock["now"] += timedelta(seconds=STEP_S)
@@ -383,6 +398,9 @@ async def measure(evs: int, replans: int, gc_freeze: bool, time_limit_s: float |
         "loop_lag_p99_ms": round(lags[int(0.99 * (len(lags) - 1))], 1) if lags else None,
         "loop_lag_max_ms": round(lags[-1], 1) if lags else None,
         "s2_messages_during_replans": messages,
+        # what the timed replans sent the RMs, per replan (the clock moves STEP_S between them)
+        "revokes_per_replan": round(revokes / max(replans, 1), 1),
+        "instructions_per_replan": round(instructions / max(replans, 1), 1),
         "limit_kw": round(cap_kw, 1),
         "limit_to_ack_p99_s": p99(first_acks),
         "limit_to_replan_ack_p99_s": p99(acks),

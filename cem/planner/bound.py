@@ -27,6 +27,7 @@ from cem.planner.layout import (
     TOL_EUR_PER_WH,
     Dispatch,
     Layout,
+    charge_price,
     ptu_epoch,
     start_options,
 )
@@ -205,12 +206,15 @@ class LpMemory:
         self._turn = 0  # which solve may write the basis (the latest one)
         # the last LP, when its time ran out before it was solved: (HiGHS, keys, model, turn)
         self.unfinished: tuple[highspy.Highs, np.ndarray, np.ndarray, highspy.HighsLp, int] | None = None
+        # the last LP was solved by `finish` after its replan: its basis is the optimum
+        self.finished = False
 
     def claim(self) -> int:
         """A new solve starts: only its basis is kept from now on (not an older one's)."""
         with self._lock:
             self._turn += 1
             self.unfinished = None
+            self.finished = False
             return self._turn
 
     def finish(self, stop: threading.Event, slice_s: float = 0.2, cap_s: float = 120.0) -> bool:
@@ -235,6 +239,7 @@ class LpMemory:
                 with self._lock:
                     if self.unfinished is job:
                         self.unfinished = None
+                        self.finished = True
                 return True
         return False
 
@@ -461,7 +466,7 @@ def build_lp(lay: Layout, keep: np.ndarray | None = None) -> tuple[_LpArrays, Lp
     d_mask = lay.avail & (lay.dmax[:, None] > 0)
     grid_key = lp_key(C_CHARGE, ent[:, None], 0, t_abs[None, :])
     c_idx = _grid_index(c_mask, lp, 0 * ones, lay.cmax[:, None] / 1000 * ones,
-                        np.broadcast_to(lay.tie * hours, (S, n)) * ones, grid_key)
+                        charge_price(lay) * hours, grid_key)
     d_idx = _grid_index(d_mask, lp, 0 * ones, lay.dmax[:, None] / 1000 * ones, 0 * ones,
                         grid_key + (np.int64(C_DISCHARGE - C_CHARGE) << 57))
     cur_mask = lay.pv_curtailable[:, None] & (lay.pv > 0) if K else np.zeros((0, n), dtype=bool)

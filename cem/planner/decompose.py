@@ -48,7 +48,7 @@ from cem.planner.bound import (
     entity_key,
     lp_level_assets,
 )
-from cem.planner.layout import SEGMENT_FACTORS, TOL_EUR_PER_WH, Dispatch, Layout
+from cem.planner.layout import SEGMENT_FACTORS, TOL_EUR_PER_WH, Dispatch, Layout, charge_price
 
 
 @dataclass
@@ -127,7 +127,7 @@ def ev_blocks(lay: Layout) -> EvBlocks:
     fc = full_c[asset[:, None], ptu] & (first[:, None] + np.arange(W) < n)
     e_coef = np.where(fc, e_coef_all[asset[:, None], ptu], 0.0)
     ub_kw = np.where(fc, lay.cmax[asset, None] / 1000, 0.0)
-    price_kw = np.where(fc, (lay.tie * hours)[ptu], 0.0)
+    price_kw = np.where(fc, (charge_price(lay) * hours)[asset[:, None], ptu], 0.0)
     del rows
     # the level cap: an exact target row stands for it; without a cap row the cap cannot bind
     max_energy = (full_c * lay.part).sum(axis=1) * lay.cmax * (lay.dt_h * lay.eta_c)

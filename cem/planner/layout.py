@@ -28,6 +28,9 @@ PRIORITY_FACTOR = 3.0
 SEGMENT_FACTORS = (1.0, 1.15, 1.3, 1.5)  # rising cost per quarter of the need missed
 TOL_EUR_PER_WH = 0.002  # 2 EUR/kWh: above any price, so met when the limits allow it
 TIE_EUR_PER_KWH = 1e-4  # at the horizon end; 0 at its start
+# a replan's reward for charging where the last plan charged (the same at any power there):
+# among equally good plans the LP and the EVs' price steps keep the last one
+KEEP_EUR_PER_KWH = 1e-4
 STEP_FLOOR_W = 10  # power resolution used when an asset allows finer steps
 # a target missed by less than this is rounding, not a shortfall worth a log line: about a
 # second of an EV charger, and the room CP-SAT's gap-based early stop leaves when the
@@ -126,6 +129,9 @@ class Layout:
     ms_lo: np.ndarray = field(default_factory=lambda: np.zeros(0))
     ms_hi: np.ndarray = field(default_factory=lambda: np.zeros(0))
     ms_w_lo: np.ndarray = field(default_factory=lambda: np.zeros(0))  # EUR per Wh below lo
+    # (S, n) EUR/kWh taken off charging where the last plan charged (`keep_last`), or None:
+    # in the LP's and the price steps' costs only, never in `evaluate` (what a plan costs)
+    keep: np.ndarray | None = None
 
     @property
     def s(self) -> int:
@@ -139,6 +145,22 @@ class Layout:
     @property
     def k(self) -> int:
         return len(self.pv_ids)
+
+
+def keep_last(lay: Layout, last_charge: np.ndarray) -> None:
+    """Reward charging where the last plan charged (`last_charge`, (S, n) W laid onto this
+    layout) by `KEEP_EUR_PER_KWH`, the same at any power there (a reward in proportion to
+    the last power moved energy to an EV's fuller PTUs: more churn, not less). An LP or
+    price-step bound with it is a bound still (no cost rises), at most `KEEP_EUR_PER_KWH` x
+    the energy charged in those cells below the one without it."""
+    lay.keep = KEEP_EUR_PER_KWH * ((last_charge > 0) & lay.avail)
+
+
+def charge_price(lay: Layout) -> np.ndarray:
+    """(S, n) EUR/kWh the LP and the EVs' price steps put on charging beside the grid's:
+    the tie-break towards earlier PTUs, less the reward for keeping the last plan."""
+    tie = np.broadcast_to(lay.tie, (lay.s, lay.n))
+    return tie - lay.keep if lay.keep is not None else tie
 
 
 def share_vector(phase_share: tuple[float, float, float]) -> np.ndarray:

@@ -70,6 +70,7 @@ from cem.planner.layout import (
     empty_dispatch,
     evaluate,
     grid_and_phases,
+    keep_last,
     per_ptu,
     profile_row,
     ptu_epoch,
@@ -345,6 +346,13 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     t_start = time.perf_counter()
     deadline = t_start + max(time_limit_s, 0.05)
     lay = build_layout(problem)
+    # among equally good plans, the last one (fewer instructions); not when the last LP was
+    # finished in the background (its basis is the optimum without the reward: the next LP
+    # starts there and moves nothing, where the reward would cost it iterations)
+    if memory is not None and not memory.lp.finished:
+        kept = memory.last_plan(lay)
+        if kept is not None:
+            keep_last(lay, kept.charge)
     build_s = time.perf_counter() - t_start
     notes = list(lay.notes)
     bound: float | None = None
