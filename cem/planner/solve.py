@@ -419,7 +419,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             # a plan no replan follows: the price steps until what must follow them (the
             # minimum power's least, the plan from the point, the plan sent and its check)
             # is left; a live replan's until what followed them last time is left
-            # (`PlanMemory.after_steps_s`), and at least a share of the time limit
+            # (`PlanMemory.after_steps_s_per_cell`), and at least a share of the time limit
             decomposed = _decompose(
                 lay, built, memory,
                 deadline if alone
@@ -709,8 +709,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     if memory is not None:
         memory.keep(lay, candidate)
     sending = time.perf_counter()
-
-    plan = to_plan(lay, candidate, status, notes)
+    plan = to_plan(lay, candidate, status, notes, best)
     plan.lp_bound_eur = bound
     plan.lp_solved = lp is not None and lp.bound_eur is not None
     plan.bound_from = bound_from if bound is not None else None
@@ -964,9 +963,11 @@ def _reason(lay: Layout, i: int, status: str) -> str:
     return "site limits bind (fuse, import limit or congestion) or higher priorities come first"
 
 
-def to_plan(lay: Layout, disp: Dispatch, status: str, notes: list[str]) -> Plan:
-    """The Plan of a dispatch, with costs, levels and per-asset shortfalls."""
-    ev = evaluate(lay, disp)
+def to_plan(lay: Layout, disp: Dispatch, status: str, notes: list[str],
+            ev: Evaluation | None = None) -> Plan:
+    """The Plan of a dispatch, with costs, levels and per-asset shortfalls (from `ev`, the
+    dispatch's evaluation, when the caller has it)."""
+    ev = evaluate(lay, disp) if ev is None else ev
     pr = lay.problem
     n = lay.n
     power: dict[str, np.ndarray] = {}
