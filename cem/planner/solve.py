@@ -49,7 +49,7 @@ import numpy as np
 
 from cem.planner.assets import ModeAsset, Plan, Problem, ShiftableProfile, Shortfall, StorageAsset
 from cem.planner.bound import BuiltLp, LpIndex, LpMemory, LpResult, solve_lp
-from cem.planner.budget import Budget
+from cem.planner.budget import SAFETY, Budget
 from cem.planner.check import check_plan
 from cem.planner.decompose import DecomposedBound, lagrangian_bound
 from cem.planner.fallback import (
@@ -110,11 +110,12 @@ GUIDED_S_PER_CELL = 4e-6
 # (0.07 s at 5000 EVs, load 10; twice that kept): a refill of the plan from the EVs'
 # problems starts no asset later
 CHECK_S_PER_CELL = 2e-6
-# the decomposition gets at least this share of the time limit, past the deadline if need
-# be: at 5000 EVs the layout, the fallback and the LP's arrays leave it 0-0.25 s of a 1 s
-# replan, one or two answers and no point to plan from, and the plan is then the fallback
-# (43 % above the bound after a congestion window); three answers gave 0.16 %
-DECOMPOSE_MIN_SHARE = 0.4
+# a live replan's price steps (from the last replan's prices) stop where what followed them
+# last time is left (`_live_after_steps_s`), but get at least this share of the time limit,
+# past the deadline if need be (round 4: with 0-0.25 s of a 1 s replan, one or two answers
+# after a congestion window left the fallback, 43 % above the bound; three gave 0.16 %;
+# until round 10 the share was 0.4, which at a 0.5 s limit at 5000 EVs overran it by 0.1 s)
+DECOMPOSE_MIN_SHARE = 0.15
 # what follows the price steps in a plan no replan follows (`Budget`'s stages)
 AFTER_PRICE_STEPS = ("min power", "plan from the point", "plan and check")
 # a plan no replan follows keeps this many price steps' time from its LP (`Budget`: 0.24 s at
@@ -178,6 +179,9 @@ class PlanMemory:
         # that was cut short at the deadline counts as twice what it had taken by then, and
         # each replan that leaves it out for this lowers it by a fifth (tried again later)
         self.fallback_s_per_cell = 0.0
+        # wall seconds per storage-PTU from the end of the last live price steps to the plan
+        # checked (0: not known yet): what the next replan's steps leave (`plan_site`)
+        self.after_steps_s_per_cell = 0.0
         # the site rows' prices of the last bound from the EVs' own problems (or of the last
         # LP solved), with the PTU number of their column 0: the next one starts from them
         self._lam: tuple[int, np.ndarray] | None = None
@@ -372,6 +376,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     rules_polished: Dispatch | None = None  # and polished, when made beside the LP
     rules_whole = True  # False: made beside the LP and cut short at the deadline
     decomposed: DecomposedBound | None = None
+    steps_ended: float | None = None  # when the live replan's price steps ended
     guided: tuple[Evaluation, Dispatch] | None = None  # the plan from the EVs' problems
     guided_good = False
     built: BuiltLp | None = None
@@ -414,19 +419,23 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
             # the EVs' own problems and a plan from its master's point (least laxity first);
             # the LP gets what is left only when that plan is not good enough (on a site
             # with other flexible assets there is no numpy fallback: None)
-            rules = deadline_first(lay)
+            # (a live replan makes the fallback only when nothing better is found, below: at
+            # 5000 EVs its making and scoring took 0.03-0.1 s of a 0.5-0.8 s limit)
+            rules = deadline_first(lay) if alone else None
             with budget.timed("LP arrays"):
                 built = BuiltLp.of(lay)
             # a plan no replan follows: the price steps until what must follow them (the
             # minimum power's least, the plan from the point, the plan sent and its check)
-            # is left; a live replan's get at least a share of the time limit
+            # is left; a live replan's until what followed them last time is left
+            # (`PlanMemory.after_steps_s_per_cell`), and at least a share of the time limit
             decomposed = _decompose(
                 lay, built, memory,
                 deadline if alone
-                else max(deadline - AFTER_LP_S - GUIDED_S_PER_CELL * cells,
+                else max(deadline - _live_after_steps_s(memory, budget, cells),
                          time.perf_counter() + DECOMPOSE_MIN_SHARE * time_limit_s),
-                point=True, budget=budget if alone else None)
-            beside = False  # the fallback is made
+                point=True, budget=budget, live=not alone)
+            steps_ended = time.perf_counter()
+            beside = False  # the fallback is made (or, live, made below when needed)
             if decomposed is not None:
                 # (its time is the refill's below, which a plan within the tolerance of the
                 # raised bound no longer needs; not the price steps': a decomposition cut
@@ -609,7 +618,10 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
         # polish was worse once snapped at 1000 EVs and did not finish in 14 s at 5000; its
         # HiGHS model is then not made either, 0.08 s at 5000 EVs)
         polish_it = pattern is not None and (pattern is not guided or ev_only(lay))
-        model = lp.model if lp is not None and lp.model is not None \
+        # (read only for a polish that may run: `built.model` makes the whole LP for HiGHS,
+        # 0.06-0.1 s at 5000 EVs, where a plan from the EVs' problems within the tolerance is
+        # good already)
+        model = None if good else lp.model if lp is not None and lp.model is not None \
             else built.model if built is not None and pattern is guided and polish_it else None
         if not good and polish_it and pattern is not None and rules_polished is None \
                 and lp is not None and model is not None \
@@ -705,7 +717,7 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     if memory is not None:
         memory.keep(lay, candidate)
     sending = time.perf_counter()
-    plan = to_plan(lay, candidate, status, notes)
+    plan = to_plan(lay, candidate, status, notes, best)
     plan.lp_bound_eur = bound
     plan.lp_solved = lp is not None and lp.bound_eur is not None
     plan.bound_from = bound_from if bound is not None else None
@@ -720,6 +732,10 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
     plan.skipped, plan.stage_s = budget.skipped, budget.stage_s
     violations = check_plan(problem, plan)
     budget.took("plan and check", time.perf_counter() - sending)
+    if steps_ended is not None and guided_good and memory is not None and not alone:
+        # what followed the live price steps, the check included: the next replan's steps
+        # leave that much (`_live_after_steps_s`)
+        memory.after_steps_s_per_cell = (time.perf_counter() - steps_ended) / cells
     if violations and status != "FALLBACK":
         fb = to_plan(lay, fallback_dispatch(lay), "FALLBACK",
                      [*notes, "the optimised plan failed the check: fallback plan"])
@@ -735,15 +751,19 @@ def _plan_site(problem: Problem, *, time_limit_s: float, workers: int, use_lp: b
 
 
 def _decompose(lay: Layout, built: BuiltLp | None, memory: PlanMemory, deadline: float,
-               point: bool = False, budget: Budget | None = None) -> DecomposedBound | None:
+               point: bool = False, budget: Budget | None = None,
+               live: bool = False) -> DecomposedBound | None:
     """`decompose.lagrangian_bound` from the last replan's site-row prices, until `deadline`
     (`point`: with its master's point); its prices are kept for the next. None when it gives
     no bound (or fails: logged). With a `budget` (a plan no replan follows) the price steps
     stop by `deadline` less the time of `AFTER_PRICE_STEPS`, counted in steps as long as
-    their own (`lagrangian_bound`'s look-ahead); the stage is timed, and said when cut short."""
+    their own (`lagrangian_bound`'s look-ahead); a `live` replan's `deadline` already leaves
+    what follows, and from the fourth answer on a step is begun only when it and the point
+    fit before it. The stage is timed into `budget`, and said when cut short."""
     began = time.perf_counter()
     # (what follows them, in price steps: 14.2 at 5000 EVs, 10.2 at 2000, 7.5 at 1000)
-    look_ahead = None if budget is None else budget.in_steps("price step", *AFTER_PRICE_STEPS)
+    look_ahead = 0.0 if live else None if budget is None \
+        else budget.in_steps("price step", *AFTER_PRICE_STEPS)
     try:
         # to a tenth of the gap tolerance: more answers tighten it by less than they cost
         found = lagrangian_bound(lay, built, lam0=memory.prices(lay), deadline=deadline,
@@ -759,6 +779,15 @@ def _decompose(lay: Layout, built: BuiltLp | None, memory: PlanMemory, deadline:
     if found is not None:
         memory.keep_prices(lay, found.lam)
     return found
+
+
+def _live_after_steps_s(memory: PlanMemory, budget: Budget, cells: int) -> float:
+    """What a live replan keeps after its price steps: what followed them in the last one
+    (the plan from the point, the choice and the plan's check; `PlanMemory`), per storage-PTU
+    at this size, times `budget.SAFETY`; before one was measured, the budget's estimate."""
+    if memory.after_steps_s_per_cell > 0:
+        return SAFETY * memory.after_steps_s_per_cell * cells
+    return budget.cost("plan from the point", "plan and check")
 
 
 def _with_min_power(lay: Layout, decomposed: DecomposedBound, deadline: float,
@@ -942,9 +971,11 @@ def _reason(lay: Layout, i: int, status: str) -> str:
     return "site limits bind (fuse, import limit or congestion) or higher priorities come first"
 
 
-def to_plan(lay: Layout, disp: Dispatch, status: str, notes: list[str]) -> Plan:
-    """The Plan of a dispatch, with costs, levels and per-asset shortfalls."""
-    ev = evaluate(lay, disp)
+def to_plan(lay: Layout, disp: Dispatch, status: str, notes: list[str],
+            ev: Evaluation | None = None) -> Plan:
+    """The Plan of a dispatch, with costs, levels and per-asset shortfalls (from `ev`, the
+    dispatch's evaluation, when the caller has it)."""
+    ev = evaluate(lay, disp) if ev is None else ev
     pr = lay.problem
     n = lay.n
     power: dict[str, np.ndarray] = {}
