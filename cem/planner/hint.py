@@ -234,7 +234,12 @@ def _up(value: float, step: float) -> float:
 
 
 def fix_levels(lay: Layout, disp: Dispatch) -> None:
-    """Keep each asset's level <= level_max and >= level_min by trimming its power (in place)."""
+    """Keep each asset's level <= level_max and >= level_min by trimming its power (in place).
+
+    What a trim at level_max takes goes into the asset's next PTUs that charge, as far as
+    their maximum power and level_max allow (a heat pump whose buffer the plan fills to the
+    top: else it stays that much short until its next trough, under level_min there).
+    """
     lv = levels(lay, disp)
     over = (lv[:, 1:] > lay.lmax[:, None] + 1e-6)
     under = (lv[:, 1:] < lay.lmin[:, None] - 1e-6) & (disp.discharge > 0)
@@ -245,22 +250,26 @@ def fix_levels(lay: Layout, disp: Dispatch) -> None:
             continue
         level = lay.level0[i]
         st = float(lay.step[i])
+        owed = 0.0  # Wh (stored) trims at level_max took, for the next PTUs that charge
         for t in range(lay.first[i], lay.last[i]):
             dt = float(lay.ptu_h[t])
             c, d = disp.charge[i, t], disp.discharge[i, t]
+            if owed > EPS and c > 0 and dt > 0:
+                c = min(c + _up(owed / (dt * lay.eta_c[i]), st), float(lay.cmax[i]))
             nxt = level + dt * (lay.eta_c[i] * c - d / lay.eta_d[i]) - lay.usage[i, t]
             if nxt > lay.lmax[i] + 1e-6 and c > 0:
                 room = lay.lmax[i] - (level - lay.usage[i, t] - dt * d / lay.eta_d[i])
                 c = max(_down(room / (dt * lay.eta_c[i]), st), 0.0)
                 if c < lay.cmin[i]:
                     c = 0.0
-                disp.charge[i, t] = c
             elif nxt < lay.lmin[i] - 1e-6 and d > 0:
                 room = (level - lay.usage[i, t] + dt * lay.eta_c[i] * c) - lay.lmin[i]
                 d = max(_down(room * lay.eta_d[i] / dt, st), 0.0)
                 if d < lay.dmin[i]:
                     d = 0.0
                 disp.discharge[i, t] = d
+            owed = max(owed - dt * lay.eta_c[i] * (c - disp.charge[i, t]), 0.0)
+            disp.charge[i, t] = c
             level = level + dt * (lay.eta_c[i] * disp.charge[i, t] - disp.discharge[i, t] / lay.eta_d[i]) - lay.usage[i, t]
 
 
