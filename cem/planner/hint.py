@@ -59,7 +59,9 @@ def snap(lay: Layout, disp: Dispatch) -> Dispatch:
     _move_below_min(lay, c, np.where(mono, cmin[:, 0], 0.0), busy, head_imp, head_ph)
     rows = np.flatnonzero(~mono & ((lay.cmin > 0) | (lay.dmin > 0)))
     if len(rows):
-        c[rows], d[rows] = _sigma_delta(lay, rows, c[rows] - d[rows])
+        # from the fractional powers, not the step-rounded ones above (their running sum,
+        # floored, is up to a step below: a heat pump's buffer a few Wh under its minimum)
+        c[rows], d[rows] = _sigma_delta(lay, rows, (net * lay.avail)[rows])
     c = np.where(c < cmin / 2, 0.0, np.maximum(c, cmin))
     d = np.where(d < dmin / 2, 0.0, np.maximum(d, dmin))
     c = np.where(c > 0, np.maximum(c, cmin), 0.0)
@@ -94,7 +96,11 @@ def hold_min_on(mode_index: np.ndarray, min_on: int) -> np.ndarray:
 def _sigma_delta(lay: Layout, rows: np.ndarray, net: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Round level assets' net power PTU by PTU into their domain, carrying the energy error.
 
-    The rounded level then stays close to the fractional one all along (no early deficits).
+    The rounded level then stays close to the fractional one all along (no early deficits),
+    and within [level_min, level_max]: a power that would take it past either is cut to what
+    fits, or to 0 where that is below the minimum power, and the energy is carried on (a heat
+    pump whose LP plan sits at its buffer's top charges a few PTUs later, rather than a
+    PTU that `fix_levels` then switches off for good, leaving the buffer short all day).
     `rows` are the assets, `net` their fractional net power (len(rows), n); all assets are
     rounded together, one PTU at a time.
     """
@@ -107,14 +113,29 @@ def _sigma_delta(lay: Layout, rows: np.ndarray, net: np.ndarray) -> tuple[np.nda
     dmin, dmax = lay.dmin[rows], lay.dmax[rows]
     first, last = lay.first[rows], lay.last[rows]
     part = lay.part
+    level = lay.level0[rows].astype(float)
+    lmin, lmax = lay.lmin[rows], lay.lmax[rows]
+    eta_c, eta_d = lay.eta_c[rows], lay.eta_d[rows]
+    levelled = lay.needs_levels[rows]
     for t in range(n):
         on = (first <= t) & (t < last)
         if not on.any():
             continue
+        h, use = float(lay.ptu_h[t]), lay.usage[rows, t]
         want = net[:, t] + carry / part[t]
-        up = np.where(cmax > 0, np.minimum(np.maximum(np.floor(want / st + 0.5) * st, cmin), cmax), np.nan)
-        down = np.where(dmax > 0, -np.minimum(np.maximum(np.floor(-want / st + 0.5) * st, dmin), dmax),
-                        np.nan)
+        # to the nearest step; levelled assets' towards charging (a level never a step below
+        # the fractional one: under level_min each Wh is a penalty)
+        half = np.where(levelled, 1.0 - EPS, 0.5)
+        up = np.minimum(np.maximum(np.floor(want / st + half) * st, cmin), cmax)
+        down = np.minimum(np.maximum(np.floor(-want / st + 1.0 - half) * st, dmin), dmax)
+        if h > 0:  # what keeps the level within its bounds (levelled assets)
+            fits_up = np.floor((lmax - level + use) / (h * eta_c) / st + EPS) * st
+            fits_down = np.floor((level - use - lmin) * eta_d / h / st + EPS) * st
+            up = np.where(levelled & (up > fits_up), np.where(fits_up >= cmin, fits_up, np.nan), up)
+            down = np.where(levelled & (down > fits_down),
+                            np.where(fits_down >= dmin, fits_down, np.nan), down)
+        up = np.where(cmax > 0, up, np.nan)
+        down = np.where(dmax > 0, -down, np.nan)
         options = np.stack([np.zeros(k), up, down])  # nan: not an option for that asset
         above = np.where(options >= want - 1e-6, options, np.inf)  # never below the fractional level
         pick = np.min(above, axis=0)
@@ -123,6 +144,7 @@ def _sigma_delta(lay: Layout, rows: np.ndarray, net: np.ndarray) -> tuple[np.nda
         carry = np.where(on, (want - pick) * part[t], carry)
         c[:, t] = np.where(on & (pick > 0), pick, 0.0)
         d[:, t] = np.where(on & (pick < 0), -pick, 0.0)
+        level = level + h * (eta_c * c[:, t] - d[:, t] / eta_d) - use
     return c, d
 
 
@@ -212,7 +234,12 @@ def _up(value: float, step: float) -> float:
 
 
 def fix_levels(lay: Layout, disp: Dispatch) -> None:
-    """Keep each asset's level <= level_max and >= level_min by trimming its power (in place)."""
+    """Keep each asset's level <= level_max and >= level_min by trimming its power (in place).
+
+    What a trim at level_max takes goes into the asset's next PTUs that charge, as far as
+    their maximum power and level_max allow (a heat pump whose buffer the plan fills to the
+    top: else it stays that much short until its next trough, under level_min there).
+    """
     lv = levels(lay, disp)
     over = (lv[:, 1:] > lay.lmax[:, None] + 1e-6)
     under = (lv[:, 1:] < lay.lmin[:, None] - 1e-6) & (disp.discharge > 0)
@@ -223,22 +250,26 @@ def fix_levels(lay: Layout, disp: Dispatch) -> None:
             continue
         level = lay.level0[i]
         st = float(lay.step[i])
+        owed = 0.0  # Wh (stored) trims at level_max took, for the next PTUs that charge
         for t in range(lay.first[i], lay.last[i]):
             dt = float(lay.ptu_h[t])
             c, d = disp.charge[i, t], disp.discharge[i, t]
+            if owed > EPS and c > 0 and dt > 0:
+                c = min(c + _up(owed / (dt * lay.eta_c[i]), st), float(lay.cmax[i]))
             nxt = level + dt * (lay.eta_c[i] * c - d / lay.eta_d[i]) - lay.usage[i, t]
             if nxt > lay.lmax[i] + 1e-6 and c > 0:
                 room = lay.lmax[i] - (level - lay.usage[i, t] - dt * d / lay.eta_d[i])
                 c = max(_down(room / (dt * lay.eta_c[i]), st), 0.0)
                 if c < lay.cmin[i]:
                     c = 0.0
-                disp.charge[i, t] = c
             elif nxt < lay.lmin[i] - 1e-6 and d > 0:
                 room = (level - lay.usage[i, t] + dt * lay.eta_c[i] * c) - lay.lmin[i]
                 d = max(_down(room * lay.eta_d[i] / dt, st), 0.0)
                 if d < lay.dmin[i]:
                     d = 0.0
                 disp.discharge[i, t] = d
+            owed = max(owed - dt * lay.eta_c[i] * (c - disp.charge[i, t]), 0.0)
+            disp.charge[i, t] = c
             level = level + dt * (lay.eta_c[i] * disp.charge[i, t] - disp.discharge[i, t] / lay.eta_d[i]) - lay.usage[i, t]
 
 
