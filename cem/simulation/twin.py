@@ -696,9 +696,10 @@ class LiveControlLoop:
                           f"{len(learning.by_stay)} EV(s) whose charger told only the site "
                           f"defaults planned by the stay of comparable visits, "
                           f"{len(learning.by_learned_energy)} to the energy those took")
-        self.notes.append(f"departure learning: {len(learning.by_late)} typed EV(s) planned "
-                          f"past a typed departure the site's history says is too early "
-                          f"(late departure quantile {learning.late_quantile:g})")
+        if learning.late_quantile > 0:  # (`planner.late_departure_quantile`, off by default)
+            self.notes.append(f"departure learning: {len(learning.by_late)} typed EV(s) planned "
+                              f"past a typed departure the site's history says is too early "
+                              f"(late departure quantile {learning.late_quantile:g})")
         refusals = self.registry.cem_refusals + self.registry.rm_refusals
         self.notes[:0] = [f"the live control loop (SiteController) over "
                           f"{len(self.registry.entries)} S2 sessions: {self.registry.messages} "
