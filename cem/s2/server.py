@@ -83,7 +83,7 @@ from cem.ports import (
     RmEvent,
     StateChanged,
 )
-from cem.s2.session import OK_STATUS, CloseRequest, Outgoing, S2Session
+from cem.s2.session import MEASUREMENT_MARK, OK_STATUS, CloseRequest, Outgoing, S2Session
 from cem.site.config import ServerConfig, SiteConfig
 from cem.store import Store
 from sitekit import clock
@@ -168,8 +168,6 @@ class TokenAuthorizer:
 
 
 # --- the connection: messages handled as they are read ----------------------------------------
-
-_MEASUREMENT_MARK = '"PowerMeasurement"'   # in the text of every PowerMeasurement
 
 # what S2Connection reads of websockets' protocol to cut and frame frames itself (websockets
 # 17; with an older one without them, websockets parses and frames every frame itself)
@@ -373,7 +371,7 @@ class S2Connection(ServerConnection):
                 except UnicodeDecodeError:
                     pass
                 else:
-                    if measured is not None and _MEASUREMENT_MARK in text:
+                    if measured is not None and MEASUREMENT_MARK in text:
                         measured(text)
                     else:
                         handler(text)

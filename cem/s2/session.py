@@ -244,17 +244,18 @@ _HANDLERS = {
 """The session's own handler (a method name) per message type; the others go to the active
 control type's plug-in. Names, not bound methods kept per session: 1000 sessions, 1000 dicts."""
 
-_MEASUREMENT_MARK = '"PowerMeasurement"'
-"""In the text of every PowerMeasurement (a cheap test before `measurement_text`)."""
+MEASUREMENT_MARK = '"PowerMeasurement"'
+"""In the text of every PowerMeasurement (a cheap test before `measurement_text`; the server's
+connection routes text frames by it too)."""
 PowerMeasurement.model_rebuild()   # built now, not at the first measurement: read below
 _STRICT_MEASUREMENT = PowerMeasurement.__pydantic_validator__.validate_json
 """`PowerMeasurement.model_validate_json` without its Python frame (~0.6 µs a message)."""
 _ID_MARK = '"message_id":"'
 
-_OK_STATUS = '{"message_type":"ReceptionStatus","subject_message_id":"%s","status":"OK"}'
-"""The OK ReceptionStatus exactly as json.dumps writes it, for ids that need no escaping."""
-OK_STATUS = _OK_STATUS
-"""`OK_STATUS % message_id`: the answer to a measurement `S2Session.measurement_text` accepted."""
+OK_STATUS = '{"message_type":"ReceptionStatus","subject_message_id":"%s","status":"OK"}'
+"""The OK ReceptionStatus exactly as json.dumps writes it, for ids that need no escaping
+(`OK_STATUS % message_id`: also the server's answer to a measurement `S2Session.measurement_text`
+accepted)."""
 
 
 def _describe_errors(exc: BaseException) -> str:
@@ -385,14 +386,14 @@ class S2Session:
         self._subject_type = ""
         self.accepted = None
         try:
-            if type(data) is str and _MEASUREMENT_MARK in data:
+            if type(data) is str and MEASUREMENT_MARK in data:
                 if data is self._refused_text:   # refused there already: the full path
                     self._refused_text = None
                 else:
                     message_id = self.measurement_text(data)
                     if message_id is not None:
                         self.events.append(StateChanged("measurement", "PowerMeasurement"))
-                        return [Outgoing(_OK_STATUS % message_id, None, "ReceptionStatus",
+                        return [Outgoing(OK_STATUS % message_id, None, "ReceptionStatus",
                                          False)]
             return self._receive(data, now)
         except Exception as exc:  # a bug here must not kill the connection
@@ -676,7 +677,7 @@ class S2Session:
         if logger.isEnabledFor(logging.DEBUG):
             self.log.debug("accepted PowerMeasurement %s", message_id)
         self.accepted = ("PowerMeasurement", message_id)
-        return [Outgoing(_OK_STATUS % message_id, None, "ReceptionStatus", False)]
+        return [Outgoing(OK_STATUS % message_id, None, "ReceptionStatus", False)]
 
     def measurement_text(self, text: str) -> str | None:
         """The common PowerMeasurement judged straight from its text: its message id (as
@@ -987,7 +988,7 @@ class S2Session:
     def _status(self, subject: str, status: ReceptionStatusValues,
                 label: str | None) -> Outgoing:
         if status is ReceptionStatusValues.OK and not label and is_valid_id(subject):
-            return Outgoing(_OK_STATUS % subject, None, "ReceptionStatus", False)
+            return Outgoing(OK_STATUS % subject, None, "ReceptionStatus", False)
         data: dict[str, Any] = {"message_type": "ReceptionStatus",
                                 "subject_message_id": subject, "status": status.value}
         if label:

@@ -78,7 +78,7 @@ CASES: dict[str, str] = {
 
 
 def _session(text_path: bool, monkeypatch: pytest.MonkeyPatch) -> S2Session:
-    monkeypatch.setattr(session_module, "_MEASUREMENT_MARK",
+    monkeypatch.setattr(session_module, "MEASUREMENT_MARK",
                         '"PowerMeasurement"' if text_path else "\x00 (full path only)")
     session, _ = connect([FRBC], measures=["ELECTRIC.POWER.L1"])
     session.drain_events()
@@ -128,7 +128,7 @@ def test_a_measurement_before_details_or_while_closing_is_not_taken(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Before ResourceManagerDetails, and once the session is closing, the full path's answer."""
     for text_path in (True, False):
-        monkeypatch.setattr(session_module, "_MEASUREMENT_MARK",
+        monkeypatch.setattr(session_module, "MEASUREMENT_MARK",
                             '"PowerMeasurement"' if text_path else "\x00")
         session = S2Session()
         session.start(T0)
