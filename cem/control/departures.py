@@ -480,10 +480,8 @@ class DepartureLearning:
             if visit.defaults:
                 self.by_stay.add((rm_id, visit.arrival))
                 self._to_learned_stay(problem, asset, rm_id, visit)
-            shift = taper_ptus(asset, self.taper_knee, problem.ptu_minutes) if visit.soc else 0
-            if shift:
-                self._finish_earlier(asset, shift)
-                self.tapered += 1
+            shift = self._taper_shift(problem, asset, visit)
+            self._for_taper(asset, shift)
             ours: set[int] = set()
             carried = 0.0
             for safe, price in zip(found, self._prices(found[0].early_share), strict=True):
@@ -518,6 +516,17 @@ class DepartureLearning:
         self.planned += count
         return count
 
+    def _taper_shift(self, problem: Problem, asset: StorageAsset, visit: OpenVisit) -> int:
+        """PTUs the last part of the target takes longer under the assumed taper (an EV that
+        reports its SoC; `taper_ptus`), 0 otherwise."""
+        return taper_ptus(asset, self.taper_knee, problem.ptu_minutes) if visit.soc else 0
+
+    def _for_taper(self, asset: StorageAsset, shift: int) -> None:
+        """Every milestone of the asset `shift` PTUs earlier (`_finish_earlier`), counted."""
+        if shift:
+            self._finish_earlier(asset, shift)
+            self.tapered += 1
+
     def _past_typed(self, problem: Problem, asset: StorageAsset, rm_id: str, visit: OpenVisit,
                     target: int) -> bool:
         """Plan a typed EV past its typed departure where the site's history says it is too
@@ -538,7 +547,7 @@ class DepartureLearning:
         if late is None:
             return False
         step = timedelta(minutes=problem.ptu_minutes)
-        shift = taper_ptus(asset, self.taper_knee, problem.ptu_minutes) if visit.soc else 0
+        shift = self._taper_shift(problem, asset, visit)
         end = min(math.floor((late.at - problem.start) / step), problem.n_ptus)
         if end - shift <= until or end - shift <= asset.available_from + 1:
             return False
@@ -556,9 +565,7 @@ class DepartureLearning:
         asset.target_profile[:] = kept
         asset.target_wh = floor
         asset.available_until = end
-        if shift:
-            self._finish_earlier(asset, shift)
-            self.tapered += 1
+        self._for_taper(asset, shift)
         ptu = end - shift
         asset.target_profile.append((ptu, target, int(asset.level_max_wh)))
         asset.milestone_eur_per_wh[ptu] = self.value_eur_per_wh

@@ -97,6 +97,12 @@ class SafeDeparture:
     early_share: float = 1.0  # share of the group that left more than a PTU before typed
 
 
+# what each group of comparable visits is called in a learned departure (`SafeDeparture`)
+GROUP_NAMES = {"driver": "driver", "evse": "EVSE, weekday and hour",
+               "typed": "arrival hour and typed stay", "hour": "arrival hour",
+               "all": "all visits"}
+
+
 class DepartureModel:
     """The visits of the site, grouped for quick look-ups (rebuild it when visits are added)."""
 
@@ -165,9 +171,6 @@ class DepartureModel:
         far more than a long one)."""
         if quantile <= 0 or typed <= arrival:
             return None
-        names = {"driver": "driver", "evse": "EVSE, weekday and hour",
-                 "typed": "arrival hour and typed stay", "hour": "arrival hour",
-                 "all": "all visits"}
         for key in self._keys(evse, arrival, driver, typed, by_typed_stay=True):
             group = [v for v in self._groups.get(key, []) if v.stay_ratio is not None]
             if len(group) < self.min_visits:
@@ -176,16 +179,13 @@ class DepartureModel:
             if ratio <= 1.0:
                 return None
             early = float(np.mean([(v.early_h or 0.0) > EARLY_H for v in group]))
-            return SafeDeparture(arrival + ratio * (typed - arrival), names[str(key[0])],
+            return SafeDeparture(arrival + ratio * (typed - arrival), GROUP_NAMES[str(key[0])],
                                  len(group), early)
         return None
 
     def departures(self, evse: str, arrival: datetime, typed: datetime | None,
                    quantiles: list[float], driver: str | None = None) -> list[SafeDeparture]:
         """The departure at each quantile (ascending), from one group; [] without history."""
-        names = {"driver": "driver", "evse": "EVSE, weekday and hour",
-                 "typed": "arrival hour and typed stay", "hour": "arrival hour",
-                 "all": "all visits"}
         for key in self._keys(evse, arrival, driver, typed):
             group = self._groups.get(key, [])
             if typed is not None and self.relative:
@@ -196,7 +196,7 @@ class DepartureModel:
                 values = [v.stay_h for v in group]
             if len(values) < self.min_visits:
                 continue
-            name = names[str(key[0])]
+            name = GROUP_NAMES[str(key[0])]
             if typed is not None and self.relative:
                 early_share = float(np.mean([(v.early_h or 0.0) > EARLY_H for v in group
                                              if v.stayed_share is not None]))
